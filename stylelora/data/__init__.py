@@ -1,0 +1,1 @@
+"""Training data: folder scan, captions, image checks, buckets, latent cache, Dataset."""

@@ -1,0 +1,1 @@
+"""LoRA injection (peft), kohya/diffusers key formats, adapter file io and metadata."""

@@ -1,0 +1,1 @@
+"""Base model loading: toy | hub id | diffusers folder | single-file checkpoint."""
