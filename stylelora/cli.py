@@ -1,0 +1,99 @@
+"""The `stylelora` command line: argument parsing and dispatch only; heavy libraries are imported inside handlers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_base_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="toy", help="toy (default) | hub id | diffusers folder | single .safetensors file")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle .ckpt base (runs code: only for files you trust)")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .toy.evaluate import EvalSettings, evaluate_pipeline
+    from .toy.judge import load_judge
+    from .models.load import load_base
+
+    pipe = load_base(args.base, precision=args.precision, allow_pickle=args.allow_pickle)
+    if args.lora:
+        from .generate.stack import apply_adapters  # noqa: F401  (lands with the generation issue)
+    settings = EvalSettings(samples=args.samples, seed=args.seed, steps=args.steps, guidance_scale=args.cfg)
+    metrics, images = evaluate_pipeline(pipe, load_judge(), settings)
+    if args.save_grid:
+        from .toy.grid import save_grid
+
+        save_grid(images, Path(args.save_grid), columns=args.samples)
+    print(json.dumps(metrics) if args.json else _format_metrics(metrics))
+    return 0
+
+
+def _format_metrics(metrics: dict) -> str:
+    lines = [f"shape accuracy {metrics['shape_accuracy']:.3f}   color accuracy {metrics['color_accuracy']:.3f}",
+             f"stripes rate {metrics['stripes_rate']:.3f}   pastel rate {metrics['pastel_rate']:.3f}   zorb rate {metrics['zorb_rate']:.3f}"]
+    for name, row in metrics["by_prompt_set"].items():
+        lines.append(f"  {name:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
+    return "\n".join(lines)
+
+
+def _cmd_toy(args: argparse.Namespace) -> int:
+    if args.toy_command == "datasets":
+        from .toy.datasets import write_all
+
+        for path in write_all(Path(args.root)):
+            print(path)
+    elif args.toy_command == "build-base":
+        from .toy.base_build import TOY_BASE_DIR, build_base
+
+        out = build_base(Path(args.work_dir), Path(args.out) if args.out else TOY_BASE_DIR, seed=args.seed,
+                         vae_steps=args.vae_steps, denoiser_steps=args.steps)
+        print(out)
+    elif args.toy_command == "train-judge":
+        from .toy.judge_train import train_judge
+
+        print(train_judge(Path(args.out) if args.out else None, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stylelora", description="Train and blend LoRA adapters for Stable Diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="score a base (+ adapters) with the toy-world judge")
+    _add_base_args(ev)
+    ev.add_argument("--lora", action="append", default=[], metavar="FILE[:W]")
+    ev.add_argument("--samples", type=int, default=32, help="prompts per prompt set (plain, stripes, pastel, zorb)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--steps", type=int, default=25)
+    ev.add_argument("--cfg", type=float, default=5.0)
+    ev.add_argument("--save-grid", metavar="PNG", help="also save every generated image in one grid")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(handler=_cmd_evaluate)
+
+    toy = sub.add_parser("toy", help="the toy world: datasets, judge, toy base")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    ds = toy_sub.add_parser("datasets", help="(re)write datasets/toy-* bit-identically")
+    ds.add_argument("--root", default="datasets")
+    bb = toy_sub.add_parser("build-base", help="train the embedded toy base (VAE, then UNet + text encoder)")
+    bb.add_argument("--work-dir", default="outputs/toy-base-build")
+    bb.add_argument("--out", help="where the diffusers folder goes (default: inside the package)")
+    bb.add_argument("--seed", type=int, default=0)
+    bb.add_argument("--vae-steps", type=int, default=3000)
+    bb.add_argument("--steps", type=int, default=8000, help="UNet + text-encoder steps")
+    tj = toy_sub.add_parser("train-judge", help="train the judge classifier")
+    tj.add_argument("--out")
+    tj.add_argument("--seed", type=int, default=0)
+    toy.set_defaults(handler=_cmd_toy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

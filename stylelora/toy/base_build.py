@@ -1,0 +1,85 @@
+"""`stylelora toy build-base`: the seeded recipe that trains the embedded toy base and writes it as a diffusers folder."""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+from .world import STYLE_TRIGGERS, caption, random_scene
+
+TOY_BASE_DIR = Path(__file__).resolve().parents[1] / "models" / "toy" / "base"
+
+
+def tokenizer_captions(n: int = 20_000, seed: int = 0) -> list[str]:
+    """The text the tokenizer's BPE is learned from: plain captions plus the style trigger words."""
+    rng = random.Random(seed)
+    captions = [caption(random_scene(rng)) for _ in range(n)]
+    return captions + [f"{t}, {c}" for t in STYLE_TRIGGERS.values() for c in captions[:200]]
+
+
+def build_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    from .tokenizer import train_clip_tokenizer
+
+    if not (folder / "vocab.json").exists():
+        train_clip_tokenizer(tokenizer_captions(), folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def build_vae(folder: Path, steps: int, seed: int, log):
+    from diffusers import AutoencoderKL
+
+    from .vae_train import train_vae
+
+    if (folder / "config.json").exists():
+        log(f"reusing the VAE in {folder}")
+        return AutoencoderKL.from_pretrained(folder)
+    return train_vae(folder, steps=steps, seed=seed, log=log)
+
+
+def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
+    """Write a StableDiffusionPipeline folder (fp16 weights: the base ships under 20 MB) atomically."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .denoiser_train import SCHEDULER_CONFIG
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 3000,
+               denoiser_steps: int = 8000, log=print) -> Path:
+    """Tokenizer → VAE → UNet + text encoder → pipeline folder. Stages found in work_dir are reused."""
+    from .denoiser_train import train_denoiser
+
+    tokenizer = build_tokenizer(work_dir / "tokenizer")
+    vae = build_vae(work_dir / "vae", vae_steps, seed, log)
+    unet, text_encoder = train_denoiser(vae, tokenizer, work_dir / "denoiser", steps=denoiser_steps, seed=seed, log=log)
+    final = work_dir / "denoiser" / f"step_{denoiser_steps:06d}"
+    return assemble_from_snapshot(work_dir, final, out_dir)
+
+
+def assemble_from_snapshot(work_dir: Path, snapshot: Path, out_dir: Path = TOY_BASE_DIR) -> Path:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return assemble(
+        AutoencoderKL.from_pretrained(work_dir / "vae"),
+        CLIPTextModel.from_pretrained(snapshot / "text_encoder"),
+        CLIPTokenizer.from_pretrained(work_dir / "tokenizer"),
+        UNet2DConditionModel.from_pretrained(snapshot / "unet"),
+        out_dir,
+    )

@@ -1,0 +1,155 @@
+"""Training the toy base's UNet and CLIP text encoder jointly on cached latents of plain captioned renders."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .render import render
+from .world import caption, random_scene
+
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(64, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=128,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TEXT_ENCODER_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=128,
+)
+# Stable Diffusion 1.x's noise schedule, so the toy base behaves like the real thing under every scheduler.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def text_encoder_config(tokenizer):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEXT_ENCODER_CONFIG,
+    )
+
+
+def plain_pool(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """The base's pretraining set: n seeded plain renders and their captions."""
+    rng = random.Random(seed)
+    scenes = [random_scene(rng) for _ in range(n)]
+    pixels = np.stack([np.asarray(render(s)) for s in scenes]).transpose(0, 3, 1, 2).copy()
+    return pixels, [caption(s) for s in scenes]
+
+
+def encode_latents(vae, pixels_uint8, batch: int = 512):
+    """Scaled VAE posterior means for the whole pool (computed once: the UNet never waits on the VAE)."""
+    import torch
+
+    from .vae_train import to_unit
+
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(pixels_uint8), batch):
+            chunks.append(vae.encode(to_unit(pixels_uint8[i:i + batch])).latent_dist.mode())
+    return torch.cat(chunks) * vae.config.scaling_factor
+
+
+def tokenize(tokenizer, captions: list[str]):
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def min_snr_weights(scheduler, timesteps, gamma: float):
+    """min(SNR, γ)/SNR per sample for epsilon prediction (Hang et al. 2023): stops easy steps dominating."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
+
+
+def denoise_loss(unet, text_encoder, scheduler, latents, input_ids, generator, snr_gamma: float = 5.0):
+    import torch
+
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    hidden = text_encoder(input_ids)[0]
+    pred = unet(noisy, timesteps, hidden).sample
+    per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()
+
+
+def train_denoiser(vae, tokenizer, out_dir: Path, *, steps: int, batch: int = 64, lr: float = 1e-3,
+                   seed: int = 0, pool_size: int = 40_000, caption_dropout: float = 0.1,
+                   ema_decay: float = 0.999, save_every: int = 1000, log=print):
+    """Joint UNet + text-encoder training; writes EMA weights to out_dir/step_N/ every `save_every` steps."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    pixels, captions = plain_pool(pool_size, seed)
+    latents = encode_latents(vae, pixels)
+    input_ids = tokenize(tokenizer, captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=0.75)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    warmup = min(300, steps // 10)
+    lr_lambda = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    gen = torch.Generator().manual_seed(seed)
+    t0, running = time.time(), None
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, pool_size, (batch,), generator=gen)
+        ids = input_ids[idx].clone()
+        ids[torch.rand(batch, generator=gen) < caption_dropout] = empty_ids  # unconditional half of CFG
+        loss = denoise_loss(unet, text_encoder, scheduler, latents[idx], ids, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(params)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0:
+            log(f"denoiser step {step}/{steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
+        if step % save_every == 0 or step == steps:
+            save_ema_snapshot(ema, params, unet, text_encoder, out_dir / f"step_{step:06d}")
+    return unet, text_encoder
+
+
+def save_ema_snapshot(ema, params, unet, text_encoder, folder: Path) -> None:
+    """Save the EMA weights (what ships) without disturbing the live training weights."""
+    ema.store(params)
+    ema.copy_to(params)
+    unet.save_pretrained(folder / "unet")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    ema.restore(params)

@@ -1,0 +1,112 @@
+"""`stylelora evaluate`: generate from a fixed toy-world prompt set and score the images with the judge."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .world import BACKGROUNDS, CHARACTER, COLORS, SHAPES, STYLE_TRIGGERS
+
+PROMPT_SETS = ("plain", "stripes", "pastel", "zorb")  # plain = no trigger; the others carry their trigger word
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    prompt_set: str
+    prompt: str
+    shape: str
+    color: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    samples: int = 32  # prompts per prompt set
+    seed: int = 0
+    steps: int = 25
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+
+
+def _content(shape: str, color: str, background: str) -> str:
+    article = "an" if color[0] in "aeiou" else "a"
+    return f"{article} {color} {shape} on a {background} background"
+
+
+def build_prompts(samples: int, seed: int) -> list[EvalPrompt]:
+    """The same seed gives the same prompts and per-image seeds; content is shared across prompt sets."""
+    rng = random.Random(seed)
+    facts = [(rng.choice(SHAPES), rng.choice(sorted(COLORS)), rng.choice(sorted(BACKGROUNDS))) for _ in range(samples)]
+    image_seeds = [rng.randrange(2**31) for _ in range(samples)]
+    prompts = []
+    for prompt_set in PROMPT_SETS:
+        for (shape, color, background), image_seed in zip(facts, image_seeds):
+            if prompt_set == "zorb":
+                text = f"{STYLE_TRIGGERS['zorb']}, {_content(CHARACTER, color, background)}"
+                shape = CHARACTER
+            elif prompt_set == "plain":
+                text = _content(shape, color, background)
+            else:
+                text = f"{STYLE_TRIGGERS[prompt_set]}, {_content(shape, color, background)}"
+            prompts.append(EvalPrompt(prompt_set, text, shape, color, image_seed))
+    return prompts
+
+
+def generate_images(pipe, prompts: list[EvalPrompt], settings: EvalSettings, batch: int = 64):
+    """Images for every prompt, each from its own seeded generator (so batching does not change results)."""
+    import torch
+
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        generators = [torch.Generator("cpu").manual_seed(p.seed) for p in chunk]
+        out = pipe(
+            [p.prompt for p in chunk],
+            negative_prompt=[settings.negative_prompt] * len(chunk),
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generators,
+            output_type="pil",
+        )
+        images.extend(out.images)
+    return images
+
+
+def score(prompts: list[EvalPrompt], predictions: list[dict]) -> dict:
+    """Shape/color accuracy over the shape prompts, and the rate at which each prompt set shows each style."""
+    shape_hits = [pred["shape"] == p.shape for p, pred in zip(prompts, predictions) if p.shape != CHARACTER]
+    color_hits = [pred["color"] == p.color for p, pred in zip(prompts, predictions)]
+    result = {
+        "shape_accuracy": _mean(shape_hits),
+        "color_accuracy": _mean(color_hits),
+        "stripes_rate": _rate(prompts, predictions, "stripes", "stripes"),
+        "pastel_rate": _rate(prompts, predictions, "pastel", "pastel"),
+        "zorb_rate": _rate(prompts, predictions, "zorb", "zorb"),
+        "by_prompt_set": {},
+    }
+    for prompt_set in PROMPT_SETS:
+        pairs = [(p, pred) for p, pred in zip(prompts, predictions) if p.prompt_set == prompt_set]
+        result["by_prompt_set"][prompt_set] = {
+            "shape_accuracy": _mean([pred["shape"] == p.shape for p, pred in pairs if p.shape != CHARACTER]),
+            "color_accuracy": _mean([pred["color"] == p.color for p, pred in pairs]),
+            **{f"{head}_rate": _mean([bool(pred[head]) for _, pred in pairs]) for head in ("stripes", "pastel", "zorb")},
+        }
+    return result
+
+
+def _rate(prompts, predictions, prompt_set: str, head: str) -> float | None:
+    return _mean([bool(pred[head]) for p, pred in zip(prompts, predictions) if p.prompt_set == prompt_set])
+
+
+def _mean(values: list[bool]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def evaluate_pipeline(pipe, judge, settings: EvalSettings = EvalSettings()) -> tuple[dict, list]:
+    """Generate the prompt set with `pipe` (adapters already applied) and score it; returns (metrics, images)."""
+    prompts = build_prompts(settings.samples, settings.seed)
+    pipe.set_progress_bar_config(disable=True)
+    images = generate_images(pipe, prompts, settings)
+    metrics = score(prompts, judge.predict(images))
+    metrics["settings"] = {"samples": settings.samples, "seed": settings.seed, "steps": settings.steps,
+                           "guidance_scale": settings.guidance_scale, "images": len(images)}
+    return metrics, images

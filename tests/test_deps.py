@@ -1,0 +1,28 @@
+"""The pinned ML stack works together: versions in range and the transformers<->peft integration actually runs."""
+import pytest
+
+from stylelora.deps import version_problems
+
+
+def test_installed_versions_are_in_the_tested_ranges():
+    assert version_problems() == []
+
+
+def test_transformers_accepts_this_peft_for_adapters():
+    # transformers refuses a too-old peft at add_adapter time; this is where a bad pair shows up.
+    from peft import LoraConfig
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=8))
+    model.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_version_check_reports_a_bad_pair(monkeypatch):
+    import stylelora.deps as deps
+
+    installed = {"diffusers": "0.42.1", "transformers": "5.24.0", "peft": "0.21.2", "accelerate": "1.15.0"}
+    monkeypatch.setattr(deps, "version", installed.__getitem__)
+    problems = deps.version_problems()
+    assert problems == ["transformers 5.24.0 is outside the tested range >=5.20,<5.24"]
