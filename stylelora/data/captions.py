@@ -1,0 +1,103 @@
+"""Owns per-sample caption processing (tag shuffle, keep_tokens, caption and tag dropout) and tag counting.
+
+Captions are comma-separated tags ("zorb, red, on a yellow background"). Each epoch a sample's caption
+may be changed, as kohya does: with probability `caption_dropout` it becomes "" (this teaches the
+unconditional prediction classifier-free guidance needs); otherwise the first `keep_tokens` tags stay
+in place (the trigger word), each other tag is dropped with probability `tag_dropout`, and the rest are
+shuffled so the model does not learn a tag order. All randomness comes from the generator passed in,
+so a (seed, epoch, sample) triple always gives the same caption; `sample_rng` builds that generator.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+import torch
+
+from stylelora.data.scan import TrainItem
+
+Generator = Union[random.Random, torch.Generator]
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    shuffle_tags: bool = False
+    keep_tokens: int = 0  # leading tags never shuffled nor dropped
+    caption_dropout: float = 0.0  # probability the whole caption becomes ""
+    tag_dropout: float = 0.0  # probability each non-kept tag is dropped
+    separator: str = ","
+
+    def __post_init__(self) -> None:
+        for name in ("caption_dropout", "tag_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability: use a value between 0 and 1, not {getattr(self, name)}")
+        if self.keep_tokens < 0:
+            raise ValueError(f"keep_tokens counts leading tags: use 0 or more, not {self.keep_tokens}")
+
+    @property
+    def is_static(self) -> bool:
+        """True when a caption is always the same text (or ""), so text-encoder outputs can be cached."""
+        return not self.shuffle_tags and self.tag_dropout == 0.0
+
+
+def split_tags(caption: str, separator: str = ",") -> list[str]:
+    """Tags of a caption, stripped, empty ones removed."""
+    return [tag.strip() for tag in caption.split(separator) if tag.strip()]
+
+
+def join_tags(tags: Iterable[str], separator: str = ",") -> str:
+    return f"{separator} ".join(tags)
+
+
+def process_caption(caption: str, options: CaptionOptions, rng: Generator) -> str:
+    """The caption one sample is trained with this time (see the module docstring)."""
+    draws = _Draws(rng)
+    if options.caption_dropout > 0 and draws.uniform() < options.caption_dropout:
+        return ""
+    if not options.shuffle_tags and options.tag_dropout == 0:
+        return caption  # untouched text: no re-joining that would normalise the user's spacing
+    tags = split_tags(caption, options.separator)
+    kept, free = tags[: options.keep_tokens], tags[options.keep_tokens:]
+    if options.tag_dropout > 0:
+        free = [tag for tag in free if draws.uniform() >= options.tag_dropout]
+    if options.shuffle_tags:
+        free = draws.shuffled(free)
+    return join_tags(kept + free, options.separator)
+
+
+def sample_rng(seed: int, epoch: int, index: int, purpose: str = "caption") -> random.Random:
+    """A generator private to one sample, epoch and purpose ("caption", "flip", "crop"): independent of
+    worker count and sample order, and turning flips on does not change the captions."""
+    return random.Random(f"stylelora:{seed}:{epoch}:{index}:{purpose}")  # str seeds hash with SHA-512: stable
+
+
+def tag_frequency(items: Iterable[TrainItem], separator: str = ",") -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: {folder: {tag: number of images whose caption has it}}."""
+    counts: dict[str, Counter] = {}
+    for item in items:
+        counts.setdefault(item.folder, Counter()).update(set(split_tags(item.caption, separator)))
+    return {folder: dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))) for folder, counter in counts.items()}
+
+
+class _Draws:
+    """The two random operations captions need, from either a `random.Random` or a `torch.Generator`."""
+
+    def __init__(self, rng: Generator):
+        if not isinstance(rng, (random.Random, torch.Generator)):
+            raise TypeError(f"pass a random.Random or torch.Generator for reproducible captions, not {type(rng)}")
+        self.rng = rng
+
+    def uniform(self) -> float:
+        if isinstance(self.rng, random.Random):
+            return self.rng.random()
+        return float(torch.rand((), generator=self.rng))
+
+    def shuffled(self, values: list[str]) -> list[str]:
+        if isinstance(self.rng, random.Random):
+            values = list(values)
+            self.rng.shuffle(values)
+            return values
+        return [values[i] for i in torch.randperm(len(values), generator=self.rng).tolist()]

@@ -1,0 +1,265 @@
+"""Owns checking every image before training and loading it as upright 8-bit RGB; bad files are skipped with a reason.
+
+A file is kept only if it is non-empty, is an image, its header size is under the pixel limit (checked
+BEFORE decoding, so a decompression bomb costs nothing), it decodes fully (truncated files fail here, not
+mid-run), it converts to RGB and it is at least `min_side` pixels on its short side. `load_rgb_image` is
+the one function that turns a file into training pixels, so the Dataset sees exactly what was checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stylelora.data.errors import DataError
+from stylelora.data.scan import TrainItem
+
+DEFAULT_MIN_SIDE = 16  # toy scale; use ~256 for SD-scale data
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's own bomb threshold (≈ 89 MP)
+WHITE = (255, 255, 255)
+# First bytes of formats, to tell "a broken PNG" from "not an image at all".
+MAGIC_NUMBERS = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP",
+                 b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An item whose image passed every check; width/height are after EXIF orientation."""
+
+    item: TrainItem
+    width: int
+    height: int
+    sha256: str  # of the file bytes: the latent cache key, so an edited image is never served stale
+    source_format: str
+    source_mode: str
+
+    @property
+    def path(self) -> Path:
+        return self.item.path
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    path: Path
+    reason: str  # short and specific: "truncated PNG", "too small (1×1 < 16 px)"
+
+
+@dataclass
+class CheckResult:
+    kept: list[CheckedImage]
+    skipped: list[SkippedImage]
+
+    @property
+    def total(self) -> int:
+        return len(self.kept) + len(self.skipped)
+
+
+class _Refused(Exception):
+    """Internal: carries the skip reason out of the nested checks."""
+
+
+def check_items(items: list[TrainItem], *, min_side: int = DEFAULT_MIN_SIDE,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckResult:
+    """Check every item's image; raise DataError if none is usable (before any model is loaded)."""
+    kept, skipped = [], []
+    for item in items:
+        outcome = check_image(item, min_side=min_side, max_pixels=max_pixels)
+        (kept if isinstance(outcome, CheckedImage) else skipped).append(outcome)
+    if not kept:
+        raise DataError(_nothing_usable_message(skipped, min_side))
+    return CheckResult(kept=kept, skipped=skipped)
+
+
+def check_image(item: TrainItem, *, min_side: int = DEFAULT_MIN_SIDE,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckedImage | SkippedImage:
+    """Fully decode and convert one image; a SkippedImage says why it cannot be trained on."""
+    try:
+        data = _read_bytes(item.path)
+        image = _open_checked(data, max_pixels)
+        if min(image.size) < min_side:  # rotation keeps the short side, so the header suffices
+            raise _Refused(f"too small ({image.width}×{image.height} < {min_side} px)")
+        _decode_fully(image)
+        rgb = to_rgb(_upright(image))
+    except _Refused as refused:
+        return SkippedImage(item.path, str(refused))
+    return CheckedImage(item=item, width=rgb.width, height=rgb.height, sha256=hashlib.sha256(data).hexdigest(),
+                        source_format=image.format or "?", source_mode=image.mode)
+
+
+def load_rgb_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The training pixels of a file: decoded, EXIF-upright, 8-bit RGB (alpha on white).
+
+    Raises DataError if the file no longer passes the checks (e.g. it was replaced mid-run).
+    """
+    try:
+        image = _open_checked(_read_bytes(Path(path)), max_pixels)
+        _decode_fully(image)
+        return to_rgb(_upright(image))
+    except _Refused as refused:
+        raise DataError(f"{path}: {refused}; it passed the checks before training, so it changed since") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, as every viewer does, so the model trains on what the user saw."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block should not cost the image
+        return image  # viewers that cannot parse the tag show it unrotated too
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode: alpha composited on white, 16-bit and float scaled, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(image), image.mode), mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")  # L, P, 1, CMYK, YCbCr, ...
+    except (ValueError, OSError) as error:
+        raise _Refused(f"unsupported color mode {image.mode} ({error})") from None
+
+
+def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Map high-bit-depth values onto 0..255 by their range; clipping would turn most of the image white."""
+    values = values.astype(np.float64)
+    if mode.startswith("I;16"):
+        full_scale = 65535.0
+    elif mode == "F" and values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        full_scale = 1.0  # float images are usually stored in 0..1
+    else:
+        # 32-bit "I" (old 16-bit PNG/TIFF readers) and other floats: the smallest usual range that fits.
+        peak = float(values.max()) if values.size else 0.0
+        full_scale = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    return np.clip(np.round(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _Refused("file not found (deleted after the scan?)") from None
+    except OSError as error:
+        raise _Refused(f"unreadable ({error.strerror or error})") from None
+    if not data:
+        raise _Refused("zero bytes")
+    return data
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open the header only and refuse a too-large claimed size before any pixel is allocated."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        # Pillow refuses above 2 × its own limit before we see the size; report it the same way.
+        raise _Refused(_too_many_pixels(_header_size(data), min(max_pixels, 2 * DEFAULT_MAX_PIXELS))) from None
+    except UnidentifiedImageError:
+        raise _Refused(_unidentified_reason(data)) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _Refused(f"corrupt {_magic_format(data) or 'image'} header ({error})") from None
+    if image.width * image.height > max_pixels:
+        raise _Refused(_too_many_pixels(image.size, max_pixels))
+    return image
+
+
+def _decode_fully(image: Image.Image) -> None:
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        kind = "truncated" if "truncated" in str(error).lower() else "corrupt"
+        detail = "" if kind == "truncated" else f" ({error})"
+        raise _Refused(f"{kind} {image.format or 'image'}{detail}") from None
+
+
+def _too_many_pixels(size: tuple[int, int] | None, limit: int) -> str:
+    claimed = f"{size[0]}×{size[1]} px" if size else "too many pixels"
+    return f"header claims {claimed} (over the {limit // 1_000_000} MP limit)"
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """The size a header claims, read with Pillow's format parsers but without its bomb check."""
+    Image.init()
+    for format_id in Image.ID:
+        factory, accept = Image.OPEN[format_id]
+        accepted = accept(data[:16]) if accept else True
+        if accepted is True or (accepted and not isinstance(accepted, str)):
+            try:
+                return factory(io.BytesIO(data), "").size  # parses the header, decodes nothing
+            except Exception:  # noqa: BLE001 - any parser failure just means "not this format"
+                continue
+    return None
+
+
+def _magic_format(data: bytes) -> str | None:
+    return next((name for magic, name in MAGIC_NUMBERS.items() if data.startswith(magic)), None)
+
+
+def _unidentified_reason(data: bytes) -> str:
+    looks_like = _magic_format(data)
+    return f"corrupt {looks_like} (starts like one but cannot be read)" if looks_like else "not an image"
+
+
+def _nothing_usable_message(skipped: list[SkippedImage], min_side: int) -> str:
+    if not skipped:
+        return "no images to train on: the scan found none"
+    reasons = "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:8])
+    more = f" (+{len(skipped) - 8} more)" if len(skipped) > 8 else ""
+    return (f"none of the {len(skipped)} images can be used for training ({reasons}{more}). Fix or replace "
+            f"these files: they must be readable PNG/JPEG/WEBP images at least {min_side} px on each side.")
+
+
+def write_skip_report(run_dir: str | Path, skipped: list[SkippedImage]) -> Path:
+    """Write `run_dir/skipped.txt` (one `path<TAB>reason` line per skipped file) atomically; return its path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"{s.path}\t{s.reason}" for s in sorted(skipped, key=lambda s: str(s.path))]
+    text = "# images skipped before training: path<TAB>reason\n" + "".join(line + "\n" for line in lines)
+    return write_text_atomic(run_dir / "skipped.txt", text)
+
+
+def skip_summary(skipped: list[SkippedImage], total: int, report_path: str | Path | None = None,
+                 *, max_names: int = 6) -> str:
+    """One line: '3 of 312 images skipped (truncated PNG: a.png; not an image: notes.txt) — see …/skipped.txt'."""
+    if not skipped:
+        return f"all {total} images passed the checks"
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for s in skipped:
+        by_reason[s.reason].append(s.path.name)
+    shown, groups = 0, []
+    for reason, names in by_reason.items():
+        if shown >= max_names:
+            break
+        take = names[: max_names - shown]
+        shown += len(take)
+        groups.append(f"{reason}: {', '.join(take)}")
+    more = f"; +{len(skipped) - shown} more" if shown < len(skipped) else ""
+    see = f" — see {report_path}" if report_path else ""
+    return f"{len(skipped)} of {total} images skipped ({'; '.join(groups)}{more}){see}"
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write via a temp file in the same folder + rename: readers see the old file or the new one."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+

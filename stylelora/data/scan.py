@@ -1,0 +1,293 @@
+"""Owns finding training items in a folder: kohya `N_trigger/` layout, flat folder, or metadata.jsonl.
+
+Three layouts are understood, checked in this order:
+
+1. `DATA/metadata.jsonl`: one JSON object per line with `file_name` (relative to DATA) and `text`
+   (the caption; `caption` is accepted too). This is the diffusers / Hugging Face imagefolder layout.
+2. kohya layout: `DATA/<repeats>_<trigger words>/img.png` with an optional `img.txt` (or `img.caption`)
+   next to it. `10_zorb creature` means every image in it is seen 10 times per epoch and its trigger
+   words are "zorb creature". DATA may also *be* such a folder.
+3. flat folder: images + same-name `.txt` / `.caption` files directly in DATA, each seen once per epoch.
+
+An image without a caption uses its folder's trigger words (and is listed in the report). Nothing is
+opened here beyond caption text: whether an image decodes is `checks.py`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stylelora.data.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+CAPTION_EXTENSIONS = (".txt", ".caption")  # first one found wins, as in kohya's caption_extension
+# Formats people drop into folders that Pillow cannot read: say so instead of ignoring them silently.
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".psd", ".raw", ".cr2", ".nef", ".svg"})
+# Operating-system litter that is not worth a line in the report.
+JUNK_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+METADATA_FILE = "metadata.jsonl"
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One training image and the caption it is trained with."""
+
+    path: Path
+    caption: str
+    repeats: int = 1
+    folder: str = ""  # kohya folder name ("10_zorb"), the key of ss_tag_frequency / ss_dataset_dirs
+
+    @property
+    def key(self) -> str:
+        """Stable, human-readable id of the image: folder/name."""
+        return f"{self.folder}/{self.path.name}" if self.folder else self.path.name
+
+
+@dataclass(frozen=True)
+class IgnoredFile:
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class FolderSummary:
+    name: str
+    repeats: int
+    trigger: str
+    image_count: int
+
+
+@dataclass
+class ScanReport:
+    """What the scan found and every decision it made on the user's behalf."""
+
+    root: Path
+    layout: str  # "kohya", "flat" or "metadata.jsonl"
+    folders: list[FolderSummary] = field(default_factory=list)
+    uncaptioned: list[tuple[Path, str]] = field(default_factory=list)  # (image, caption used instead)
+    ignored: list[IgnoredFile] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def image_count(self) -> int:
+        return sum(f.image_count for f in self.folders)
+
+    def summary(self) -> str:
+        """A few human lines: what will be trained, and what was filled in or left out."""
+        parts = ", ".join(
+            f"{f.name} ({f.image_count} images × {f.repeats} repeats"
+            + (f", trigger '{f.trigger}')" if f.trigger else ")")
+            for f in self.folders
+        )
+        lines = [f"Found {self.image_count} images in {self.root} ({self.layout} layout): {parts}."]
+        if self.uncaptioned:
+            shown = "; ".join(f"{p.name} → '{c}'" for p, c in self.uncaptioned[:5])
+            more = f" (+{len(self.uncaptioned) - 5} more)" if len(self.uncaptioned) > 5 else ""
+            lines.append(f"{len(self.uncaptioned)} images have no caption and use their folder's trigger words: "
+                         f"{shown}{more}.")
+        if self.ignored:
+            shown = "; ".join(f"{i.path.name} ({i.reason})" for i in self.ignored[:5])
+            more = f" (+{len(self.ignored) - 5} more)" if len(self.ignored) > 5 else ""
+            lines.append(f"Ignored {len(self.ignored)} files: {shown}{more}.")
+        lines.extend(self.warnings)
+        return "\n".join(lines)
+
+
+def scan_folder(root: str | Path, *, extra_trigger: str | None = None) -> tuple[list[TrainItem], ScanReport]:
+    """Find the training items under `root` (see the module docstring for the layouts).
+
+    `extra_trigger` is put in front of every caption that does not already contain it (as whole words),
+    so that `keep_tokens=1` keeps it in place when tags are shuffled.
+    Raises DataError when `root` is missing or holds no images at all.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"training data folder {root} does not exist or is not a folder")
+    if (root / METADATA_FILE).is_file():
+        items, report = _scan_metadata(root)
+    elif _kohya_folders(root) or (KOHYA_FOLDER.match(root.name) and _list_images(root, [])):
+        items, report = _scan_kohya(root)
+    else:
+        items, report = _scan_flat(root)
+    if not items:
+        raise DataError(_no_images_message(root, report))
+    if extra_trigger and extra_trigger.strip():
+        items = [_with_trigger(item, extra_trigger.strip()) for item in items]
+    return items, report
+
+
+def add_trigger(caption: str, trigger: str) -> str:
+    """`trigger, caption` unless the caption already contains the trigger as whole words."""
+    if not trigger:
+        return caption
+    if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, flags=re.IGNORECASE):
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def dataset_dirs(items: list[TrainItem]) -> dict[str, dict[str, int]]:
+    """kohya's `ss_dataset_dirs` metadata: {folder: {"n_repeats": r, "img_count": n}}."""
+    dirs: dict[str, dict[str, int]] = {}
+    for item in items:
+        entry = dirs.setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs
+
+
+def read_caption(image: Path, report: ScanReport) -> str | None:
+    """The caption next to `image` (`.txt`, else `.caption`), or None when there is none or it is empty."""
+    found = [image.with_suffix(ext) for ext in CAPTION_EXTENSIONS if image.with_suffix(ext).is_file()]
+    if not found:
+        return None
+    texts = [_read_text(path) for path in found]
+    if len(set(texts)) > 1:
+        report.warnings.append(f"{image.name} has both {found[0].name} and {found[1].name} with different "
+                               f"text; using {found[0].name}.")
+    return texts[0] or None
+
+
+def _read_text(path: Path) -> str:
+    # utf-8-sig drops the BOM Windows editors add; non-empty lines are tags or phrases, so they are
+    # joined like tags rather than glued into one word.
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    return ", ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _scan_kohya(root: Path) -> tuple[list[TrainItem], ScanReport]:
+    report = ScanReport(root=root, layout="kohya")
+    folders = _kohya_folders(root) or [root]  # DATA may itself be "10_name"
+    if folders != [root]:
+        _report_kohya_root_leftovers(root, folders, report)
+    items: list[TrainItem] = []
+    for folder in folders:
+        repeats_text, trigger = KOHYA_FOLDER.match(folder.name).groups()
+        repeats = int(repeats_text)
+        if repeats < 1:
+            report.ignored.append(IgnoredFile(folder, "0 repeats: the folder would never be trained on"))
+            continue
+        found = _scan_images_with_captions(folder, trigger.strip(), repeats, report)
+        report.folders.append(FolderSummary(folder.name, repeats, trigger.strip(), len(found)))
+        items.extend(found)
+    return items, report
+
+
+def _report_kohya_root_leftovers(root: Path, folders: list[Path], report: ScanReport) -> None:
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and entry not in folders:
+            report.ignored.append(IgnoredFile(entry, "folder name does not start with '<repeats>_', "
+                                                     f"e.g. rename it to 10_{entry.name}"))
+        elif entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            report.ignored.append(IgnoredFile(entry, "image directly in the data folder: in the kohya layout "
+                                                     "images go in a <repeats>_<trigger> folder"))
+
+
+def _scan_flat(root: Path) -> tuple[list[TrainItem], ScanReport]:
+    report = ScanReport(root=root, layout="flat")
+    items = _scan_images_with_captions(root, "", 1, report)
+    report.folders.append(FolderSummary(root.name, 1, "", len(items)))
+    return items, report
+
+
+def _scan_images_with_captions(folder: Path, trigger: str, repeats: int, report: ScanReport) -> list[TrainItem]:
+    images = _list_images(folder, report.ignored)
+    image_stems = {path.with_suffix("") for path in images}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in CAPTION_EXTENSIONS and path.with_suffix("") not in image_stems:
+            report.ignored.append(IgnoredFile(path, "caption without an image of the same name"))
+    items = []
+    for image in images:
+        caption = read_caption(image, report)
+        if caption is None:
+            caption = trigger
+            report.uncaptioned.append((image, trigger))
+        items.append(TrainItem(path=image, caption=caption, repeats=repeats, folder=folder.name))
+    return items
+
+
+def _list_images(folder: Path, ignored: list[IgnoredFile]) -> list[Path]:
+    """Image files directly in `folder`, sorted; unusable non-caption files are added to `ignored`."""
+    images = []
+    for path in sorted(folder.iterdir()):
+        suffix = path.suffix.lower()
+        if path.name.startswith(".") or path.name.lower() in JUNK_FILE_NAMES:
+            continue
+        if path.is_dir():
+            ignored.append(IgnoredFile(path, "subfolder, not scanned: put its images directly in a "
+                                             "<repeats>_<trigger> folder or give it its own"))
+            continue
+        if suffix in IMAGE_EXTENSIONS:
+            images.append(path)
+        elif suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
+            ignored.append(IgnoredFile(path, f"{suffix} images cannot be read: convert them to PNG or JPEG"))
+        elif suffix not in CAPTION_EXTENSIONS and path.name != METADATA_FILE:
+            ignored.append(IgnoredFile(path, "not an image or caption file"))
+    return images
+
+
+def _kohya_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and KOHYA_FOLDER.match(p.name))
+
+
+def _scan_metadata(root: Path) -> tuple[list[TrainItem], ScanReport]:
+    report = ScanReport(root=root, layout="metadata.jsonl")
+    items: dict[Path, TrainItem] = {}
+    for line_number, record in _read_metadata(root / METADATA_FILE):
+        path = (root / record["file_name"]).resolve()
+        if path in items:
+            report.warnings.append(f"{METADATA_FILE} line {line_number}: {record['file_name']} is listed twice; "
+                                   "the first entry is used.")
+            continue
+        if not path.is_file():
+            report.ignored.append(IgnoredFile(path, f"listed in {METADATA_FILE} line {line_number} but missing"))
+            continue
+        caption = str(record.get("text", record.get("caption", "")) or "").strip()
+        if not caption:
+            report.uncaptioned.append((path, ""))
+        folder = str(Path(record["file_name"]).parent).replace("\\", "/")
+        items[path] = TrainItem(path=path, caption=caption, repeats=1, folder=root.name if folder == "." else folder)
+    listed = set(items)
+    for path in _list_images(root, []):
+        if path.resolve() not in listed:
+            report.ignored.append(IgnoredFile(path, f"not listed in {METADATA_FILE}"))
+    report.folders.extend(_folders_of(list(items.values())))
+    return list(items.values()), report
+
+
+def _read_metadata(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs; a malformed line stops the scan, since guessing would train on junk."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {number} is not valid JSON ({error.msg}); each line must look like "
+                            '{"file_name": "img.png", "text": "a caption"}') from None
+        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+            raise DataError(f'{path} line {number} has no "file_name": each line must look like '
+                            '{"file_name": "img.png", "text": "a caption"}')
+        records.append((number, record))
+    return records
+
+
+def _folders_of(items: list[TrainItem]) -> list[FolderSummary]:
+    return [FolderSummary(name, d["n_repeats"], "", d["img_count"]) for name, d in dataset_dirs(items).items()]
+
+
+def _with_trigger(item: TrainItem, trigger: str) -> TrainItem:
+    return TrainItem(path=item.path, caption=add_trigger(item.caption, trigger), repeats=item.repeats,
+                     folder=item.folder)
+
+
+def _no_images_message(root: Path, report: ScanReport) -> str:
+    hint = ("Expected one of: DATA/<repeats>_<trigger>/img.png (+ img.txt), a flat folder of images "
+            "(+ same-name .txt captions), or DATA/metadata.jsonl with file_name and text.")
+    ignored = "; ".join(f"{i.path.name}: {i.reason}" for i in report.ignored[:5])
+    return f"no training images found in {root}. {hint}" + (f" Ignored: {ignored}." if ignored else "")

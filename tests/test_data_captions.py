@@ -1,0 +1,76 @@
+"""Caption processing: keep_tokens, shuffle, caption and tag dropout, determinism, tag frequency."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from stylelora.data.captions import CaptionOptions, process_caption, sample_rng, split_tags, tag_frequency
+from stylelora.data.scan import TrainItem
+
+CAPTION = "zorb, red, circle, yellow background, smiling, small"
+
+
+def _many(options: CaptionOptions, n: int = 200) -> list[str]:
+    return [process_caption(CAPTION, options, random.Random(seed)) for seed in range(n)]
+
+
+def test_default_options_leave_the_caption_untouched():
+    assert process_caption("a  red circle,blue", CaptionOptions(), random.Random(0)) == "a  red circle,blue"
+    assert CaptionOptions().is_static and not CaptionOptions(shuffle_tags=True).is_static
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2])
+def test_shuffle_keeps_the_first_tags_and_permutes_the_rest(keep):
+    results = _many(CaptionOptions(shuffle_tags=True, keep_tokens=keep))
+    original = split_tags(CAPTION)
+    for result in results:
+        tags = split_tags(result)
+        assert tags[:keep] == original[:keep] and sorted(tags) == sorted(original)
+    assert len(set(results)) > 20  # really shuffled
+
+
+def test_caption_dropout_replaces_the_whole_caption():
+    assert set(_many(CaptionOptions(caption_dropout=1.0), 20)) == {""}
+    dropped = _many(CaptionOptions(caption_dropout=0.25), 400).count("")
+    assert 60 < dropped < 140
+
+
+def test_tag_dropout_never_drops_kept_tags():
+    assert set(_many(CaptionOptions(tag_dropout=1.0, keep_tokens=1), 20)) == {"zorb"}
+    results = _many(CaptionOptions(tag_dropout=0.5, keep_tokens=1), 400)
+    assert all(r.startswith("zorb") for r in results)
+    kept_per_caption = sum(len(split_tags(r)) - 1 for r in results) / len(results)
+    assert 2.0 < kept_per_caption < 3.0  # 5 droppable tags at p=0.5
+
+
+@pytest.mark.parametrize("make_rng", [lambda: random.Random(7), lambda: torch.Generator().manual_seed(7)])
+def test_same_generator_state_gives_the_same_caption(make_rng):
+    options = CaptionOptions(shuffle_tags=True, keep_tokens=1, tag_dropout=0.3, caption_dropout=0.1)
+    first = [process_caption(CAPTION, options, rng) for rng in [make_rng()] for _ in range(10)]
+    second = [process_caption(CAPTION, options, rng) for rng in [make_rng()] for _ in range(10)]
+    assert first == second and len(set(first)) > 1
+
+
+def test_sample_rng_is_private_to_seed_epoch_index_and_purpose():
+    draw = lambda *args: sample_rng(*args).random()  # noqa: E731
+    assert draw(1, 2, 3) == draw(1, 2, 3)
+    assert len({draw(1, 2, 3), draw(1, 2, 4), draw(1, 3, 3), draw(2, 2, 3), draw(1, 2, 3, "flip")}) == 5
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(caption_dropout=1.5), "between 0 and 1"),
+    (dict(tag_dropout=-0.1), "between 0 and 1"),
+    (dict(keep_tokens=-1), "0 or more"),
+])
+def test_invalid_options_explain_themselves(options, message):
+    with pytest.raises(ValueError, match=message):
+        CaptionOptions(**options)
+
+
+def test_tag_frequency_per_folder():
+    items = [TrainItem(Path("a.png"), "zorb, red, red", 10, "10_zorb"),
+             TrainItem(Path("b.png"), "zorb, blue", 10, "10_zorb"),
+             TrainItem(Path("c.png"), "pastel,  red ", 1, "1_pastel")]
+    assert tag_frequency(items) == {"10_zorb": {"zorb": 2, "blue": 1, "red": 1}, "1_pastel": {"pastel": 1, "red": 1}}
