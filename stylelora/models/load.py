@@ -1,0 +1,357 @@
+"""Base model loading: turns "toy" | hub id | diffusers folder | single checkpoint file into a StableDiffusionPipeline.
+
+One code path for the shipped toy base and real Stable Diffusion models. Everything runs offline: hub ids and
+single-file configs are looked up in the local Hugging Face cache only. Every refusal says what to do instead.
+torch and diffusers are imported inside functions so that importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+TOY_BASE_DIR = Path(__file__).parent / "toy" / "base"
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SAFETENSORS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# "owner/name", as the hub spells repo ids; anything else that does not exist on disk is reported as a missing path.
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Files from_single_file reads from a config folder to build each pipeline component.
+REQUIRED_CONFIG_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+)
+# Key prefix of the UNet in original-layout (CompVis / A1111) single-file checkpoints.
+ORIGINAL_UNET_PREFIX = "model.diffusion_model."
+# Checkpoint families (as diffusers names them) a StableDiffusionPipeline can hold, and the hub repos whose
+# configs describe them, tried in order in the local cache. The first of each is diffusers' own default.
+SINGLE_FILE_CONFIG_REPOS = {
+    "v1": (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "runwayml/stable-diffusion-v1-5",
+        "CompVis/stable-diffusion-v1-4",
+    ),
+    "v2": ("stabilityai/stable-diffusion-2-1",),
+}
+
+
+class BaseModelError(Exception):
+    """The base model could not be loaded; the message says why and what to do about it."""
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """Where a base model comes from, decided from the spec with filesystem checks only (no heavy imports)."""
+
+    kind: str  # "folder" | "single_file" | "hub"
+    location: str  # folder or file path, or hub repo id
+
+
+def load_base(
+    spec: str = "toy",
+    *,
+    precision: str = "fp32",
+    device: str | None = None,
+    allow_pickle: bool = False,
+    config_dir: str | None = None,
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion base model as a StableDiffusionPipeline (safety checker off) on `device`.
+
+    spec: "toy" (the shipped toy base), a local diffusers folder, a single `.safetensors` checkpoint, a pickle
+    checkpoint (`.ckpt`/`.pt`/`.pth`/`.bin`, only with allow_pickle=True) or a hub id already in the local cache.
+    config_dir: for single files, a diffusers folder (or cached hub id) with the matching architecture's configs.
+    """
+    _check_precision(precision)
+    source = resolve_base_source(spec, allow_pickle=allow_pickle)
+    if config_dir is not None and source.kind != "single_file":
+        raise BaseModelError(
+            f"config_dir only applies to single-file checkpoints; {spec!r} is a diffusers model (folder or hub id) "
+            "that carries its own configs. Drop config_dir."
+        )
+    device = _resolve_device(device, precision)
+    import torch
+
+    dtype = getattr(torch, PRECISIONS[precision])
+    if source.kind == "folder":
+        pipe = _load_diffusers_folder(source.location, dtype)
+    elif source.kind == "hub":
+        pipe = _load_cached_hub_model(source.location, dtype)
+    else:
+        pipe = _load_single_file(Path(source.location), config_dir, dtype)
+    return pipe.to(device)
+
+
+def resolve_base_source(spec: str, *, allow_pickle: bool = False) -> BaseSource:
+    """Classify `spec` and refuse what cannot work, before anything heavy is imported or read."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise BaseModelError('No base model given: pass "toy", a diffusers folder, a .safetensors file or a hub id.')
+    if spec == "toy":
+        if not (TOY_BASE_DIR / "model_index.json").is_file():
+            raise BaseModelError(
+                f"The toy base model is not built yet (expected a diffusers folder at {TOY_BASE_DIR}). "
+                "Build it once with `stylelora toy build-base`, then retry."
+            )
+        return BaseSource("folder", str(TOY_BASE_DIR))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BaseModelError(
+                f"{path} is a folder but not a diffusers model folder (it has no model_index.json). Pass the folder "
+                "written by `save_pretrained`, a single .safetensors checkpoint, or a hub id."
+            )
+        return BaseSource("folder", str(path))
+    if path.is_file():
+        return BaseSource("single_file", str(_check_checkpoint_suffix(path, allow_pickle)))
+    if HUB_ID_PATTERN.match(spec) and not spec.startswith("."):
+        return BaseSource("hub", spec)
+    raise BaseModelError(
+        f"Base model not found: {path.resolve()} does not exist. Check the path, or pass \"toy\", a diffusers folder, "
+        'a .safetensors file or a hub id like "stable-diffusion-v1-5/stable-diffusion-v1-5".'
+    )
+
+
+def _check_checkpoint_suffix(path: Path, allow_pickle: bool) -> Path:
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        return path
+    if suffix in PICKLE_SUFFIXES:
+        if allow_pickle:
+            return path
+        raise BaseModelError(
+            f"Refusing to load {path.name}: {suffix} files are Python pickles, and unpickling a file can run "
+            "arbitrary code from whoever made it. Prefer a .safetensors version of this model. If you trust the "
+            "file, pass allow_pickle=True (CLI: --allow-pickle); it is then read with torch's weights_only loader, "
+            "which accepts tensors only."
+        )
+    raise BaseModelError(
+        f"Unsupported checkpoint file {path.name}: expected a .safetensors file (or, with --allow-pickle, "
+        f"one of {', '.join(PICKLE_SUFFIXES)}), or a diffusers folder."
+    )
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise BaseModelError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
+
+
+def _resolve_device(device: str | None, precision: str) -> str:
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, ValueError) as error:
+        raise BaseModelError(f"Unknown device {device!r}: use cpu, cuda or cuda:N.") from error
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError(f"Device {device!r} requested but this torch build sees no CUDA GPU; use device cpu.")
+    if device_type == "cpu" and precision == "fp16":
+        raise BaseModelError(
+            "fp16 on CPU is refused: many CPU kernels have no half-precision version, so it is slow or fails "
+            "mid-run. Use precision bf16 (half the memory, supported on CPU) or fp32."
+        )
+    return device
+
+
+def _load_diffusers_folder(folder: str, dtype: Any) -> StableDiffusionPipeline:
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=True
+    )
+
+
+def _load_cached_hub_model(repo_id: str, dtype: Any) -> StableDiffusionPipeline:
+    from diffusers import StableDiffusionPipeline
+
+    if _cached_snapshot(repo_id) is None:
+        raise BaseModelError(
+            f"{repo_id} is not in the local Hugging Face cache, and stylelora works offline. On a machine with "
+            f"internet run `hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`) "
+            "and copy the cache folder (~/.cache/huggingface/hub) here, or pass a local diffusers folder or "
+            f".safetensors file instead. If you meant a local path, {Path(repo_id).resolve()} does not exist."
+        )
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            repo_id, safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=True
+        )
+    except OSError as error:
+        raise BaseModelError(
+            f"{repo_id} is only partly in the local Hugging Face cache ({error}). Re-run `hf download {repo_id}` "
+            "on a machine with internet and copy the cache here, or pass a local diffusers folder."
+        ) from error
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of `repo_id` (main revision) holding model_index.json, or None; never downloads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _load_single_file(path: Path, config_dir: str | None, dtype: Any) -> StableDiffusionPipeline:
+    from diffusers import StableDiffusionPipeline
+
+    model_type = _single_file_model_type(path)
+    config_folder = _single_file_config(path, model_type, config_dir)
+    # With a local config folder and local_files_only, diffusers neither downloads nor guesses configs.
+    # Pickle files are read by diffusers' load_state_dict with torch.load(weights_only=True).
+    return StableDiffusionPipeline.from_single_file(
+        str(path),
+        config=str(config_folder),
+        local_files_only=True,
+        dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+
+
+def _single_file_model_type(path: Path) -> str:
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        with _open_safetensors(path) as handle:
+            return _checkpoint_model_type(path, _LazySafetensors(handle))
+    return _checkpoint_model_type(path, _load_pickle_weights_only(path))
+
+
+def _checkpoint_model_type(path: Path, checkpoint: Mapping) -> str:
+    """Which checkpoint family the file holds (diffusers' detection), refusing what this pipeline cannot hold."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    if not any(name.startswith(ORIGINAL_UNET_PREFIX) for name in checkpoint):
+        # A LoRA passed as the base is a likely mix-up in a LoRA app; diffusers would fail with a vague error.
+        looks_like_lora = any("lora" in name.lower() for name in checkpoint)
+        hint = " It looks like a LoRA adapter: load it on top of a base model instead." if looks_like_lora else ""
+        raise BaseModelError(
+            f"{path.name} is not a full Stable Diffusion checkpoint: it has no UNet weights "
+            f"({ORIGINAL_UNET_PREFIX}* keys).{hint}"
+        )
+    model_type = infer_diffusers_model_type(checkpoint)
+    if model_type not in SINGLE_FILE_CONFIG_REPOS:
+        raise BaseModelError(
+            f"{path.name} looks like a {model_type!r} checkpoint; stylelora trains Stable Diffusion 1.x/2.x "
+            "(UNet + CLIP text encoder) bases only. Pass an SD 1.5-family checkpoint or diffusers folder."
+        )
+    return model_type
+
+
+def _open_safetensors(path: Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise BaseModelError(
+            f"{path} is not a readable .safetensors file ({error}). It may be truncated: download it again."
+        ) from error
+
+
+class _LazySafetensors(Mapping):
+    """A .safetensors file's tensors by name, each read only when asked: type detection needs a few, not GBs."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._names = list(handle.keys())
+        self._name_set = set(self._names)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._name_set:
+            raise KeyError(name)
+        return self._handle.get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._name_set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _load_pickle_weights_only(path: Path) -> Mapping:
+    """Read a pickle checkpoint with torch's weights_only unpickler, which accepts only tensors and containers."""
+    import pickle
+
+    import torch
+
+    try:
+        # mmap keeps this inspection cheap for zip-format checkpoints (torch >= 1.6 saves); old formats can't mmap.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        raise BaseModelError(
+            f"Refusing {path.name}: it holds Python objects besides tensors, which the safe weights_only loader "
+            f"will not unpickle ({error}). Convert it to .safetensors on a machine you trust, or use another copy."
+        ) from error
+    except (RuntimeError, OSError, EOFError) as error:
+        raise BaseModelError(f"{path} is not a readable checkpoint ({error}). It may be truncated.") from error
+    # Training checkpoints nest the weights under "state_dict" (diffusers unwraps it the same way).
+    while isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, Mapping):
+        raise BaseModelError(f"{path.name} does not hold a state dict (name -> tensor); it is not a model checkpoint.")
+    return checkpoint
+
+
+def _single_file_config(path: Path, model_type: str, config_dir: str | None) -> Path:
+    """The folder of diffusers configs that tells from_single_file how to build each component."""
+    if config_dir is not None:
+        return _check_config_folder(_config_dir_folder(config_dir))
+    candidates = SINGLE_FILE_CONFIG_REPOS[model_type]
+    for repo_id in candidates:
+        snapshot = _cached_snapshot(repo_id)
+        if snapshot is not None:
+            return _check_config_folder(snapshot)
+    raise BaseModelError(
+        f"{path.name} is a single-file SD {model_type} checkpoint. Building a pipeline from it needs the matching "
+        f"diffusers config files, and none are in the local Hugging Face cache (looked for {', '.join(candidates)}). "
+        "Either pass config_dir=<diffusers folder of the same architecture> (CLI: --base-config DIR), or on a "
+        f'machine with internet run `hf download {candidates[0]} --include "*.json" --include "*.txt"` and copy the '
+        "Hugging Face cache folder (~/.cache/huggingface/hub) here."
+    )
+
+
+def _config_dir_folder(config_dir: str) -> Path:
+    folder = Path(config_dir).expanduser()
+    if folder.is_dir():
+        return folder
+    snapshot = _cached_snapshot(config_dir) if HUB_ID_PATTERN.match(config_dir) else None
+    if snapshot is not None:
+        return snapshot
+    raise BaseModelError(
+        f"Config folder not found: {folder.resolve()} does not exist (nor is {config_dir!r} a hub id in the local "
+        "cache). Pass a diffusers model folder (with model_index.json) of the same architecture as the checkpoint."
+    )
+
+
+def _check_config_folder(folder: Path) -> Path:
+    missing = [name for name in REQUIRED_CONFIG_FILES if not (folder / name).is_file()]
+    tokenizer = folder / "tokenizer"
+    if not any((tokenizer / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+        missing.append("tokenizer/vocab.json (or tokenizer.json)")
+    if missing:
+        raise BaseModelError(
+            f"Config folder {folder} is incomplete: missing {', '.join(missing)}. Use a full diffusers folder "
+            "(as written by save_pretrained, or a hub download of the base model's *.json and *.txt files)."
+        )
+    _check_pipeline_class(folder)
+    return folder
+
+
+def _check_pipeline_class(folder: Path) -> None:
+    pipeline_class = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    if pipeline_class not in (None, "StableDiffusionPipeline"):
+        raise BaseModelError(
+            f"Config folder {folder} describes a {pipeline_class}, not a StableDiffusionPipeline; pass the configs "
+            "of an SD 1.x/2.x base."
+        )
