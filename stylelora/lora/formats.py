@@ -1,0 +1,218 @@
+"""Converts LoRA weights between peft state dicts and kohya/A1111 keys, naming modules from the live model.
+
+kohya sd-scripts names a LoRA module `<prefix>_<module path with "." -> "_">`, where the path is the
+*diffusers* layout for SD1.x (sd-scripts trains SD1.x on a diffusers-compatible UNet), e.g.
+`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`, and the transformers CLIP layout
+with its `text_model.` root for the text encoder, e.g. `lora_te_text_model_encoder_layers_0_self_attn_q_proj`.
+Each module has `.lora_down.weight` (= peft lora_A), `.lora_up.weight` (= peft lora_B) and `.alpha`
+(a 0-d tensor holding the real alpha; the applied scale is alpha / rank, as in peft).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stylelora.lora.layers import adaptable_layers
+
+UNET_PREFIX = "lora_unet"
+TEXT_ENCODER_PREFIX = "lora_te"
+# kohya suffix -> peft suffix, per LoRA module
+KOHYA_TO_PEFT_SUFFIX = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+PEFT_TO_KOHYA_SUFFIX = {peft: kohya for kohya, peft in KOHYA_TO_PEFT_SUFFIX.items()}
+ALPHA_SUFFIX = "alpha"
+# Tensor kinds other trainers write that plain LoRA cannot represent, with what they are.
+FOREIGN_SUFFIX_HINTS = {
+    "hada_": "LyCORIS LoHa",
+    "lokr_": "LyCORIS LoKr",
+    "lora_mid": "LyCORIS LoCon with Tucker decomposition",
+    "dora_scale": "DoRA",
+    "diff": "LyCORIS full-weight diff",
+    "on_input": "LyCORIS (IA)^3",
+}
+
+
+@dataclass(frozen=True)
+class KohyaNames:
+    """Two-way map between one model's module paths and their kohya names (prefix included)."""
+
+    prefix: str
+    by_path: dict[str, str]
+    by_name: dict[str, str]
+    ambiguous: dict[str, tuple[str, ...]]
+    layers: dict[str, nn.Module]
+
+    def name_of(self, path: str) -> str:
+        if path not in self.by_path:
+            raise KeyError(path)
+        name = self.by_path[path]
+        if name in self.ambiguous:
+            raise ValueError(f"kohya name {name} is ambiguous: modules {', '.join(self.ambiguous[name])} share it.")
+        return name
+
+
+def kohya_path_root(model: nn.Module) -> str:
+    """The path root kohya names include but this model lacks (transformers >= 5 flattened CLIPTextModel.text_model)."""
+    is_flat_clip_text = type(model).__name__.startswith("CLIPTextModel") and not hasattr(model, "text_model")
+    return "text_model." if is_flat_clip_text else ""
+
+
+def kohya_names(model: nn.Module, prefix: str) -> KohyaNames:
+    """Map every Linear/Conv2d of `model` (peft wrappers resolved) to its kohya name, and back."""
+    root = kohya_path_root(model)
+    layers = dict(adaptable_layers(model))
+    by_path = {path: f"{prefix}_{(root + path).replace('.', '_')}" for path in layers}
+    paths_per_name: dict[str, list[str]] = defaultdict(list)
+    for path, name in by_path.items():
+        paths_per_name[name].append(path)
+    ambiguous = {name: tuple(paths) for name, paths in paths_per_name.items() if len(paths) > 1}
+    by_name = {name: paths[0] for name, paths in paths_per_name.items() if len(paths) == 1}
+    return KohyaNames(prefix=prefix, by_path=by_path, by_name=by_name, ambiguous=ambiguous, layers=layers)
+
+
+def _examples(items, limit: int = 3) -> str:
+    items = sorted(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def split_peft_key(key: str) -> tuple[str, str]:
+    for suffix in PEFT_TO_KOHYA_SUFFIX:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    raise ValueError(key)
+
+
+def peft_to_kohya(peft_state: dict[str, torch.Tensor], ranks: dict[str, tuple[int, float]],
+                  names: KohyaNames) -> dict[str, torch.Tensor]:
+    """peft state (`<path>.lora_A.weight`, ...) + per-path (rank, alpha) -> kohya state with `.alpha` tensors."""
+    kohya: dict[str, torch.Tensor] = {}
+    unknown_kind, unknown_path = [], []
+    for key, tensor in peft_state.items():
+        try:
+            path, suffix = split_peft_key(key)
+        except ValueError:
+            unknown_kind.append(key)
+            continue
+        if path not in names.by_path or path not in ranks:
+            unknown_path.append(key)
+            continue
+        name = names.name_of(path)
+        kohya[f"{name}.{PEFT_TO_KOHYA_SUFFIX[suffix]}"] = tensor
+        kohya[f"{name}.{ALPHA_SUFFIX}"] = torch.tensor(float(ranks[path][1]), dtype=torch.float32)
+    if unknown_kind or unknown_path:
+        raise ValueError(
+            f"Cannot write {len(unknown_kind) + len(unknown_path)} of {len(peft_state)} peft tensors as kohya LoRA: "
+            f"{len(unknown_kind)} are not lora_A/lora_B weights (e.g. {_examples(unknown_kind)}; DoRA, biases and "
+            f"embeddings have no kohya LoRA key), {len(unknown_path)} name no Linear/Conv2d adapter of the "
+            f"{names.prefix} model (e.g. {_examples(unknown_path)})."
+        )
+    return kohya
+
+
+def _foreign_kind(suffix: str) -> str | None:
+    for marker, kind in FOREIGN_SUFFIX_HINTS.items():
+        if suffix.startswith(marker):
+            return kind
+    return None
+
+
+def _group_by_module(kohya_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {suffix: tensor}}; refuses tensor kinds plain LoRA cannot load, naming what they are."""
+    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    foreign: dict[str, list[str]] = defaultdict(list)
+    for key, tensor in kohya_state.items():
+        name, _, suffix = key.partition(".")
+        if suffix in KOHYA_TO_PEFT_SUFFIX or suffix == ALPHA_SUFFIX:
+            modules[name][suffix] = tensor
+        else:
+            foreign[_foreign_kind(suffix) or f"unknown tensor kind '.{suffix}'"].append(key)
+    if foreign:
+        kinds = "; ".join(f"{kind}: {len(keys)} keys (e.g. {_examples(keys, 2)})" for kind, keys in foreign.items())
+        raise ValueError(
+            "Not a plain LoRA file: only <module>.lora_down.weight / .lora_up.weight / .alpha can be loaded. "
+            f"Found {kinds}."
+        )
+    return modules
+
+
+def _module_rank_alpha(name: str, parts: dict[str, torch.Tensor]) -> tuple[int, float]:
+    if set(KOHYA_TO_PEFT_SUFFIX) - set(parts):
+        raise ValueError(f"LoRA module {name} has {sorted(parts)} but needs both lora_down.weight and lora_up.weight.")
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    rank = down.shape[0]
+    if up.shape[1] != rank:
+        raise ValueError(
+            f"LoRA module {name}: lora_down has rank {rank} but lora_up {tuple(up.shape)} expects {up.shape[1]}."
+        )
+    # kohya convention: a file without .alpha means alpha == rank (scale 1).
+    alpha = float(parts[ALPHA_SUFFIX].item()) if ALPHA_SUFFIX in parts else float(rank)
+    return rank, alpha
+
+
+def _fit_to_layer(tensor: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Reshape between 2-d and (.., 1, 1) weights: some trainers store a Linear LoRA as 1x1 conv or the reverse."""
+    if isinstance(layer, nn.Linear) and tensor.dim() == 4 and tuple(tensor.shape[2:]) == (1, 1):
+        return tensor.flatten(1)
+    if isinstance(layer, nn.Conv2d) and tensor.dim() == 2:
+        return tensor[:, :, None, None]
+    return tensor
+
+
+def kohya_to_peft(kohya_state: dict[str, torch.Tensor],
+                  names: KohyaNames) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+    """kohya state of ONE model (keys `<names.prefix>_...`) -> (peft state, per-path (rank, alpha))."""
+    modules = _group_by_module(kohya_state)
+    unknown = [name for name in modules if name not in names.by_name and name not in names.ambiguous]
+    ambiguous = [name for name in modules if name in names.ambiguous]
+    if unknown or ambiguous:
+        raise ValueError(
+            f"{len(unknown) + len(ambiguous)} of {len(modules)} LoRA modules in the file do not match exactly one "
+            f"layer of this {names.prefix} model: {len(unknown)} unknown (e.g. {_examples(unknown)}), "
+            f"{len(ambiguous)} ambiguous (e.g. {_examples(ambiguous)}). Was it trained for another base "
+            f"architecture (SDXL files use lora_te1_/lora_te2_ and input_blocks)?"
+        )
+    peft_state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, tuple[int, float]] = {}
+    for name, parts in modules.items():
+        path = names.by_name[name]
+        ranks[path] = _module_rank_alpha(name, parts)
+        for kohya_suffix, peft_suffix in KOHYA_TO_PEFT_SUFFIX.items():
+            peft_state[f"{path}.{peft_suffix}"] = _fit_to_layer(parts[kohya_suffix], names.layers[path])
+    return peft_state, ranks
+
+
+def split_kohya_state(kohya_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{UNET_PREFIX: {...}, TEXT_ENCODER_PREFIX: {...}} by key prefix; refuses other models' keys (SDXL te1/te2)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {UNET_PREFIX: {}, TEXT_ENCODER_PREFIX: {}}
+    other = []
+    for key, tensor in kohya_state.items():
+        for prefix in parts:
+            if key.startswith(prefix + "_"):
+                parts[prefix][key] = tensor
+                break
+        else:
+            other.append(key)
+    # lora_te1_/lora_te2_ also start with "lora_te" but not "lora_te_": they are SDXL's two text encoders.
+    if other:
+        raise ValueError(
+            f"{len(other)} of {len(kohya_state)} keys are neither {UNET_PREFIX}_* nor {TEXT_ENCODER_PREFIX}_* "
+            f"(e.g. {_examples(other)}): not an SD1.x kohya LoRA (lora_te1_/lora_te2_ mean SDXL)."
+        )
+    return parts
+
+
+def kohya_state_for_models(unet_peft: dict[str, torch.Tensor], unet_ranks: dict[str, tuple[int, float]],
+                           unet: nn.Module, te_peft: dict[str, torch.Tensor] | None = None,
+                           te_ranks: dict[str, tuple[int, float]] | None = None,
+                           text_encoder: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """One kohya state dict for a UNet adapter and an optional text-encoder adapter."""
+    kohya = peft_to_kohya(unet_peft, unet_ranks, kohya_names(unet, UNET_PREFIX))
+    if te_peft:
+        if text_encoder is None or te_ranks is None:
+            raise ValueError("Text-encoder LoRA weights given without the text encoder and its ranks.")
+        kohya.update(peft_to_kohya(te_peft, te_ranks, kohya_names(text_encoder, TEXT_ENCODER_PREFIX)))
+    return kohya

@@ -1,0 +1,322 @@
+"""Reads/writes adapter .safetensors files (kohya or diffusers layout) atomically, with kohya/modelspec metadata."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save, save_file
+from torch import nn
+
+from stylelora.lora import formats
+from stylelora.lora.inject import add_lora_from_state, module_ranks
+
+FORMATS = ("kohya", "diffusers")
+# diffusers keeps the peft LoraConfig of each model in this metadata entry (loaders/lora_base.py).
+DIFFUSERS_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+DIFFUSERS_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder"}
+
+
+# ----------------------------------------------------------------------------- hashes
+
+
+def _hash_after_header(buffer: io.BufferedIOBase) -> str:
+    """sha256 of a safetensors stream's tensor bytes, i.e. everything after the 8-byte size + JSON header."""
+    header_size = int.from_bytes(buffer.read(8), "little")
+    buffer.seek(8 + header_size)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: buffer.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safetensors_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) the way kohya's train_util.precalculate_safetensors_hashes computes them.
+
+    The model hash covers only the tensor bytes, so editing metadata later keeps it valid (A1111's
+    additional-networks "addnet" hash). The legacy hash is sha256 of 64 KiB at offset 1 MiB of the file as
+    serialised with only the ss_* metadata, first 8 hex digits (empty-read hash for files under 1 MiB).
+    """
+    training_metadata = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    serialised = save(state, training_metadata)
+    model_hash = _hash_after_header(io.BytesIO(serialised))
+    legacy_hash = hashlib.sha256(serialised[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def file_model_hash(path: str | os.PathLike) -> str:
+    """sshs_model_hash recomputed from a file on disk (what A1111 shows for the file)."""
+    with open(path, "rb") as handle:
+        return _hash_after_header(handle)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def kohya_metadata(*, rank: int, alpha: float, output_name: str, tag_frequency: dict[str, dict[str, int]],
+                   dataset_dirs: dict[str, dict[str, int]], num_train_images: int, steps: int,
+                   learning_rate: float, unet_lr: float | None, text_encoder_lr: float | None,
+                   resolution: tuple[int, int] | int, training_started_at: float, title: str | None = None,
+                   trigger_phrase: str | None = None, conv_rank: int | None = None, conv_alpha: float | None = None,
+                   implementation: str = "diffusers", extra: dict[str, str] | None = None) -> dict[str, str]:
+    """kohya sd-scripts' ss_* training metadata + Stability modelspec keys for an SD1.x LoRA, all as strings.
+
+    tag_frequency: {dataset dir: {tag: count}}; dataset_dirs: {dataset dir: {"n_repeats": r, "img_count": n}}.
+    A text_encoder_lr of None means the text encoder was not trained.
+    """
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    date = datetime.datetime.fromtimestamp(int(training_started_at)).isoformat()
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_output_name": output_name,
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_dataset_dirs": json.dumps(dataset_dirs),
+        "ss_num_train_images": str(num_train_images),
+        "ss_steps": str(steps),
+        "ss_max_train_steps": str(steps),
+        "ss_learning_rate": str(learning_rate),
+        "ss_unet_lr": str(unet_lr if unet_lr is not None else learning_rate),
+        "ss_text_encoder_lr": str(text_encoder_lr if text_encoder_lr is not None else 0.0),
+        "ss_network_train_unet_only": str(text_encoder_lr is None),
+        # kohya writes the resolution as a Python tuple string.
+        "ss_resolution": str((width, height)),
+        "ss_training_started_at": str(training_started_at),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": implementation,
+        "modelspec.title": title or output_name,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": date,
+        "modelspec.prediction_type": "epsilon",
+    }
+    if trigger_phrase:
+        metadata["modelspec.trigger_phrase"] = trigger_phrase
+    if conv_rank is not None:
+        conv_alpha = alpha if conv_alpha is None else conv_alpha
+        metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})
+    metadata.update(extra or {})
+    return metadata
+
+
+def _check_metadata(metadata: dict[str, str]) -> None:
+    wrong = [f"{key}={type(value).__name__}" for key, value in metadata.items() if not isinstance(value, str)]
+    if wrong or not all(isinstance(key, str) for key in metadata):
+        raise TypeError(
+            f"safetensors metadata keys and values must be str; {len(wrong)} are not: {', '.join(wrong[:5])}."
+        )
+
+
+# ----------------------------------------------------------------------------- model -> tensors
+
+
+def _has_adapter(model: nn.Module | None, adapter_name: str) -> bool:
+    return model is not None and adapter_name in (getattr(model, "peft_config", None) or {})
+
+
+def _peft_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+def kohya_state_from_models(unet: nn.Module, text_encoder: nn.Module | None,
+                            adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The kohya state dict of one adapter on the UNet (and on the text encoder when it has one)."""
+    if not _has_adapter(unet, adapter_name):
+        raise ValueError(f"The UNet has no LoRA adapter named {adapter_name!r}; call add_lora first.")
+    with_te = _has_adapter(text_encoder, adapter_name)
+    return formats.kohya_state_for_models(
+        _peft_state(unet, adapter_name), module_ranks(unet, adapter_name), unet,
+        _peft_state(text_encoder, adapter_name) if with_te else None,
+        module_ranks(text_encoder, adapter_name) if with_te else None,
+        text_encoder if with_te else None,
+    )
+
+
+def _portable_lora_config(ranks: dict[str, tuple[int, float]], model: nn.Module, adapter_name: str) -> dict:
+    """The LoraConfig fields diffusers needs to rebuild the adapter, without fields newer peft versions added."""
+    config = model.peft_config[adapter_name]
+    return {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+    }
+
+
+def diffusers_state_from_models(unet: nn.Module, text_encoder: nn.Module | None,
+                                adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
+    """(`unet.<path>.lora_A.weight`-style state, {"unet.r": ..., "text_encoder.r": ...} adapter metadata).
+
+    Same layout as StableDiffusionPipeline.save_lora_weights given peft state dicts. Text-encoder keys keep
+    the `text_model.` root of the classic CLIP layout: diffusers strips it for a flattened transformers 5
+    CLIPTextModel, and older diffusers/transformers need it.
+    """
+    if not _has_adapter(unet, adapter_name):
+        raise ValueError(f"The UNet has no LoRA adapter named {adapter_name!r}; call add_lora first.")
+    state, config = {}, {}
+    models = {"unet": unet, "text_encoder": text_encoder if _has_adapter(text_encoder, adapter_name) else None}
+    for component, model in models.items():
+        if model is None:
+            continue
+        root = formats.kohya_path_root(model)
+        prefix = DIFFUSERS_PREFIXES[component]
+        state.update({f"{prefix}.{root}{k}": v for k, v in _peft_state(model, adapter_name).items()})
+        portable = _portable_lora_config(module_ranks(model, adapter_name), model, adapter_name)
+        config.update({f"{prefix}.{k}": v for k, v in portable.items()})
+    return state, config
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_safetensors_atomic(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write `state` to `path` so that readers see the old file or the new one, never a partial one."""
+    _check_metadata(metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target, so os.replace is a rename on one filesystem (atomic), not a copy.
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(state, temp_name, metadata=metadata)
+        with open(temp_name, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _tensors_for_file(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """CPU, contiguous copies; weights cast to `dtype` when given, alphas kept fp32 (an fp16 alpha would round)."""
+    def file_dtype(key: str, tensor: torch.Tensor) -> torch.dtype:
+        return tensor.dtype if dtype is None or key.endswith(".alpha") else dtype
+
+    return {key: t.detach().to("cpu", dtype=file_dtype(key, t)).contiguous() for key, t in state.items()}
+
+
+def save_adapter(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None, *,
+                 metadata: dict[str, str], fmt: str = "kohya", adapter_name: str = "default",
+                 dtype: torch.dtype | None = None) -> Path:
+    """Save one adapter of the UNet (+ text encoder, when it has that adapter) as a .safetensors file.
+
+    fmt "kohya": lora_unet_*/lora_te_* keys that A1111, ComfyUI, kohya and diffusers load. fmt "diffusers":
+    peft keys under unet./text_encoder. with the LoraConfig in `lora_adapter_metadata`. Both get the
+    kohya sshs_model_hash / sshs_legacy_hash of the tensors actually written. dtype: e.g. torch.float16 to
+    halve the file (default: the adapter's own dtype, fp32).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown adapter format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"Adapter files must end in .safetensors, got {Path(path).name}.")
+    _check_metadata(metadata)
+    metadata = dict(metadata)
+    if fmt == "kohya":
+        state = _tensors_for_file(kohya_state_from_models(unet, text_encoder, adapter_name), dtype)
+    else:
+        raw_state, adapter_config = diffusers_state_from_models(unet, text_encoder, adapter_name)
+        state = _tensors_for_file(raw_state, dtype)
+        metadata[DIFFUSERS_ADAPTER_METADATA_KEY] = json.dumps(adapter_config, indent=2, sort_keys=True)
+    metadata.setdefault("format", "pt")
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
+    return write_safetensors_atomic(path, state, metadata)
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def _read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        if path.suffix in PICKLE_SUFFIXES:
+            why = "it is a pickle file, and unpickling can run arbitrary code hidden in it"
+        else:
+            why = "only .safetensors files are read, because they hold plain tensors and cannot run code"
+        raise ValueError(
+            f"Refusing to load {path.name}: {why}. Convert it to .safetensors with a tool you trust, then load that."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"Adapter file not found: {path}")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    return load_file(str(path)), metadata
+
+
+def _diffusers_to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Our/diffusers peft layout (`unet.<path>.lora_A.weight`) -> kohya keys, alphas from `lora_adapter_metadata`."""
+    from peft.utils.other import get_pattern_key
+
+    config = json.loads(metadata.get(DIFFUSERS_ADAPTER_METADATA_KEY, "{}"))
+    kohya_prefixes = {"unet": formats.UNET_PREFIX, "text_encoder": formats.TEXT_ENCODER_PREFIX}
+    kohya: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        path, suffix = formats.split_peft_key(rest)
+        if component == "text_encoder" and not path.startswith("text_model."):
+            path = "text_model." + path
+        name = f"{kohya_prefixes[component]}_{path.replace('.', '_')}"
+        kohya[f"{name}.{formats.PEFT_TO_KOHYA_SUFFIX[suffix]}"] = tensor
+        if suffix == "lora_A.weight":
+            rank = tensor.shape[0]
+            alpha = config.get(f"{component}.lora_alpha", rank)
+            patterns = config.get(f"{component}.alpha_pattern", {})
+            pattern = get_pattern_key(list(patterns), path)
+            kohya[f"{name}.{formats.ALPHA_SUFFIX}"] = torch.tensor(float(patterns.get(pattern, alpha)))
+    return kohya
+
+
+def _is_diffusers_peft_layout(state: dict[str, torch.Tensor]) -> bool:
+    prefixes = tuple(f"{prefix}." for prefix in DIFFUSERS_PREFIXES.values())
+    suffixes = tuple(f".{suffix}" for suffix in formats.PEFT_TO_KOHYA_SUFFIX)
+    return bool(state) and all(key.startswith(prefixes) and key.endswith(suffixes) for key in state)
+
+
+def load_adapter_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(kohya state dict, metadata) of an adapter file in kohya or our diffusers layout. Refuses pickles."""
+    state, metadata = _read_safetensors(path)
+    if state and all(key.startswith(("lora_unet_", "lora_te")) for key in state):
+        return state, metadata
+    if _is_diffusers_peft_layout(state):
+        return _diffusers_to_kohya(state, metadata), metadata
+    sample = ", ".join(sorted(state)[:3])
+    raise ValueError(
+        f"{Path(path).name} is not a LoRA in kohya (lora_unet_*/lora_te_*) or diffusers-peft "
+        f"(unet.*.lora_A.weight) layout; {len(state)} tensors, e.g. {sample}. Older diffusers layouts "
+        f"(.lora.down.weight, lora_linear_layer) load through diffusers' pipe.load_lora_weights."
+    )
+
+
+def load_adapter_into(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None, *,
+                      adapter_name: str = "default") -> dict[str, str]:
+    """Our own loader: attach the file's LoRA to the UNet / text encoder as peft adapter `adapter_name`.
+
+    Returns the file's metadata. Both halves are converted (and checked) before either model is touched.
+    """
+    state, metadata = load_adapter_state(path)
+    parts = formats.split_kohya_state(state)
+    unet_names = formats.kohya_names(unet, formats.UNET_PREFIX)
+    unet_peft, unet_ranks = formats.kohya_to_peft(parts[formats.UNET_PREFIX], unet_names)
+    te_state = parts[formats.TEXT_ENCODER_PREFIX]
+    if te_state and text_encoder is None:
+        raise ValueError(f"{Path(path).name} has text-encoder LoRA weights but no text encoder was given.")
+    if te_state:
+        te_names = formats.kohya_names(text_encoder, formats.TEXT_ENCODER_PREFIX)
+        te_peft, te_ranks = formats.kohya_to_peft(te_state, te_names)
+    if unet_peft:
+        add_lora_from_state(unet, unet_peft, unet_ranks, adapter_name)
+    if te_state:
+        add_lora_from_state(text_encoder, te_peft, te_ranks, adapter_name)
+    return metadata
