@@ -1,0 +1,478 @@
+"""Owns the typed, frozen description of a training run: defaults, TOML load/save, and validation with clear errors.
+
+A run is one `TrainConfig` with four sections, each a frozen dataclass:
+
+    data     where the images are and how they become training samples (captions, buckets, cache)
+    network  the LoRA: rank, alpha, which UNet layers, whether the text encoder gets one
+    optim    optimizer, learning rates, LR schedule, accumulation, clipping
+    train    base model, output, steps, batch, precision, loss options, checkpoints, samples, resume
+
+`load_config(toml_path, overrides)` is the only way in: defaults < TOML file < overrides (CLI flags), then
+every field is checked once and every problem is reported together, each naming the field and how to fix it.
+The result is never mutated; settings that depend on the base model (resolution, bucket step) are filled in
+later by `with_model_defaults`, which returns a new config. No torch import here: `stylelora --help` and
+config errors stay instant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+DATA_CACHES = ("ram", "disk", "none")
+UNET_TARGETS = ("attn", "kohya", "locon")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+PRECISIONS = ("fp32", "fp16", "bf16")
+FORMATS = ("kohya", "diffusers")
+TRIGGER_PLACEHOLDER = "{trigger}"
+# Learning rates when none is given. AdamW: what learns a style on the toy base in minutes (real SD 1.5 style
+# LoRAs use ~1e-4 / 5e-5: pass them explicitly). Prodigy finds its own step size; its lr is a multiplier.
+DEFAULT_LRS = {"adamw": (1e-3, 2e-4), "adamw8bit": (1e-3, 2e-4), "prodigy": (1.0, 1.0)}
+DEFAULT_SAMPLE_PROMPTS = (
+    "{trigger}, a red circle on a white background",
+    "{trigger}, a blue square on a black background",
+    "{trigger}, a green triangle on a gray background",
+    "a yellow star on a beige background",
+)
+
+
+class ConfigError(ValueError):
+    """A run option is wrong; the message names each bad field and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = ""  # kohya `<repeats>_<trigger>/` folders, a flat folder, or metadata.jsonl
+    trigger: str = ""  # extra trigger word(s) put in front of every caption ("" = none)
+    shuffle_tags: bool = False
+    keep_tokens: int = 1  # leading comma-separated tags that shuffling and tag dropout leave alone
+    caption_dropout: float = 0.0
+    tag_dropout: float = 0.0
+    resolution: int | None = None  # None: the base's native size (unet.sample_size × VAE factor)
+    bucketing: bool = True
+    bucket_step: int | None = None  # None: the base's downsampling factor (8 for the toy base, 64 for SD)
+    min_side: int | None = None  # None: resolution / 2
+    max_side: int | None = None  # None: resolution × 2
+    no_upscale: bool = False
+    flip: bool = False
+    random_crop: bool = False
+    cache: str = "ram"  # latents (and frozen text-encoder outputs): "ram", "disk" or "none"
+    cache_dir: str | None = None  # disk cache folder; None: OUTPUT/cache
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    unet_targets: str = "kohya"
+    train_text_encoder: bool = True
+    conv_rank: int | None = None  # LoCon only
+    conv_alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adamw"
+    unet_lr: float | None = None  # None: DEFAULT_LRS[optimizer]
+    text_encoder_lr: float | None = None
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "cosine"
+    warmup_steps: int | None = None  # None: a tenth of train.steps, at most 50
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 = no clipping
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    base: str = "toy"
+    base_config: str | None = None  # diffusers config folder for a single-file base
+    allow_pickle: bool = False
+    output: str | None = None  # None: outputs/<output_name>
+    output_name: str | None = None  # None: the data folder's name
+    steps: int = 1000
+    batch_size: int = 16
+    seed: int = 0
+    precision: str = "fp32"
+    min_snr_gamma: float = 5.0  # 0 = plain MSE
+    noise_offset: float = 0.0
+    gradient_checkpointing: bool = False
+    save_every: int = 250  # checkpoint every N steps (0 = none; the final adapter is always written)
+    keep_checkpoints: int = 3
+    sample_every: int = 250  # sample grid every N steps (0 = only at the end)
+    sample_prompts: tuple[str, ...] = DEFAULT_SAMPLE_PROMPTS
+    sample_seed: int = 0
+    sample_steps: int = 20
+    sample_guidance: float = 5.0
+    resume: str | None = None  # checkpoint folder, or "latest" (newest in OUTPUT/checkpoints)
+    format: str = "kohya"
+    overwrite: bool = False  # allow a new run into a folder that already holds one
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output or Path("outputs") / (self.train.output_name or "run"))
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.output_dir / f"{self.train.output_name}.safetensors"
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+SECTION_CLASSES = {"data": DataConfig, "network": NetworkConfig, "optim": OptimConfig, "train": TrainSection}
+
+# The CLI flag of each field (stylelora.train.command builds its parser from this), so errors can name it.
+CLI_FLAGS = {
+    "data.dir": "DATA_DIR", "data.trigger": "--trigger", "data.resolution": "--resolution",
+    "data.cache": "--cache", "data.flip": "--flip", "data.caption_dropout": "--caption-dropout",
+    "data.shuffle_tags": "--shuffle-tags", "data.keep_tokens": "--keep-tokens",
+    "network.rank": "--rank", "network.alpha": "--alpha", "network.unet_targets": "--unet-targets",
+    "network.train_text_encoder": "--no-text-encoder", "network.conv_rank": "--conv-rank",
+    "optim.optimizer": "--optimizer", "optim.unet_lr": "--unet-lr", "optim.text_encoder_lr": "--text-encoder-lr",
+    "optim.lr_scheduler": "--lr-scheduler", "optim.warmup_steps": "--warmup-steps",
+    "optim.grad_accum": "--grad-accum", "optim.max_grad_norm": "--max-grad-norm",
+    "train.base": "--base", "train.output": "--output", "train.output_name": "--output-name",
+    "train.steps": "--steps", "train.batch_size": "--batch-size", "train.seed": "--seed",
+    "train.precision": "--precision", "train.min_snr_gamma": "--min-snr-gamma",
+    "train.noise_offset": "--noise-offset", "train.gradient_checkpointing": "--gradient-checkpointing",
+    "train.save_every": "--save-every", "train.keep_checkpoints": "--keep-checkpoints",
+    "train.sample_every": "--sample-every", "train.resume": "--resume", "train.format": "--format",
+    "train.overwrite": "--overwrite",
+}
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load_config(toml_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < TOML file < overrides ({"optim.unet_lr": 1e-4, ...}; None values are "not given"), validated once."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    problems: list[str] = []
+    if toml_path is not None:
+        _merge(values, _read_toml(Path(toml_path), problems))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or key not in _field_names(section):
+            raise ConfigError(f"unknown setting {dotted!r}; valid ones: {', '.join(all_field_names())}")
+        values[section][key] = value
+    return config_from_dict(values, problems=problems)
+
+
+def config_from_dict(values: dict[str, dict[str, Any]], *, problems: list[str] | None = None) -> TrainConfig:
+    """Build and validate a TrainConfig from {section: {key: value}}; raise one ConfigError listing every problem."""
+    problems = list(problems or [])
+    sections = {}
+    for name, cls in SECTION_CLASSES.items():
+        given = values.get(name, {})
+        unknown = sorted(set(given) - set(_field_names(name)))
+        for key in unknown:
+            problems.append(f"unknown key {key!r} in [{name}]; valid keys: {', '.join(_field_names(name))}")
+        typed = {key: _typed(name, key, value, problems) for key, value in given.items() if key not in unknown}
+        sections[name] = cls(**{k: v for k, v in typed.items() if v is not _INVALID})
+    config = TrainConfig(**sections)
+    if not problems:
+        problems.extend(_value_problems(config))
+    if problems:
+        raise ConfigError("invalid training settings:\n  - " + "\n  - ".join(problems))
+    return _with_derived_defaults(config)
+
+
+def _read_toml(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; check the --config path") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML ({error}); see https://toml.io for the syntax") from None
+    sections = {}
+    for name, table in document.items():
+        if name not in SECTIONS:
+            problems.append(f"{path.name}: unknown section or key {name!r} at the top level; settings go in the "
+                            f"sections [{'], ['.join(SECTIONS)}]")
+        elif not isinstance(table, dict):
+            problems.append(f"{path.name}: {name!r} must be a [{name}] section, not a value")
+        else:
+            sections[name] = table
+    return sections
+
+
+def _merge(into: dict[str, dict[str, Any]], sections: dict[str, dict[str, Any]]) -> None:
+    for name, table in sections.items():
+        into[name].update(table)
+
+
+def _field_names(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTION_CLASSES[section])]
+
+
+def all_field_names() -> list[str]:
+    return [f"{section}.{name}" for section in SECTION_CLASSES for name in _field_names(section)]
+
+
+# ----------------------------------------------------------------------------- types
+
+_INVALID = object()
+_HINTS = {name: typing.get_type_hints(cls) for name, cls in SECTION_CLASSES.items()}
+
+
+def _typed(section: str, key: str, value: Any, problems: list[str]) -> Any:
+    """`value` converted to the field's type (int → float, list → tuple), or _INVALID with a problem recorded."""
+    hint = _HINTS[section][key]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if value is None and optional:
+        return None
+    converted = _convert(base, value)
+    if converted is _INVALID:
+        problems.append(f"{section}.{key} must be {_type_name(base)}{' (or left out)' if optional else ''} "
+                        f"(got {value!r}){_example(f'{section}.{key}')}")
+    return converted
+
+
+def _convert(base: Any, value: Any) -> Any:
+    if base is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if base is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else _INVALID
+    if base is str:
+        return value if isinstance(value, str) else _INVALID
+    if typing.get_origin(base) is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return tuple(value) if ok else _INVALID
+    raise TypeError(f"no conversion for {base}")  # a new field type: add it here
+
+
+def _type_name(base: Any) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    return names.get(base, "a list of text")
+
+
+# ----------------------------------------------------------------------------- values
+
+EXAMPLES = {
+    "data.dir": "datasets/toy-stripes", "data.keep_tokens": "1", "data.caption_dropout": "0.05",
+    "data.tag_dropout": "0.1", "data.resolution": "32", "data.bucket_step": "8", "data.min_side": "16",
+    "data.max_side": "64", "data.cache": "ram", "network.rank": "16", "network.alpha": "16",
+    "network.unet_targets": "kohya", "network.conv_rank": "8", "network.conv_alpha": "4",
+    "optim.optimizer": "adamw", "optim.unet_lr": "1e-4", "optim.text_encoder_lr": "5e-5",
+    "optim.weight_decay": "0.01", "optim.lr_scheduler": "cosine", "optim.warmup_steps": "50",
+    "optim.grad_accum": "1", "optim.max_grad_norm": "1.0", "train.base": "toy", "train.output_name": "my-style",
+    "train.steps": "1000", "train.batch_size": "16", "train.seed": "0", "train.precision": "bf16",
+    "train.min_snr_gamma": "5", "train.noise_offset": "0.05", "train.save_every": "250",
+    "train.keep_checkpoints": "3", "train.sample_every": "250", "train.sample_steps": "20",
+    "train.sample_guidance": "5.0", "train.format": "kohya", "train.resume": "latest",
+}
+
+
+def _example(dotted: str) -> str:
+    example = EXAMPLES.get(dotted)
+    if example is None:
+        return ""
+    flag = CLI_FLAGS.get(dotted)
+    section, _, key = dotted.partition(".")
+    toml = f"{key} = {example if _is_toml_literal(example) else repr(example)} under [{section}]"
+    if flag and flag.startswith("--") and flag != "--no-text-encoder":
+        return f"; e.g. {flag} {example} (or {toml} in the --config file)"
+    return f"; e.g. {toml} in the --config file"
+
+
+def _is_toml_literal(text: str) -> bool:
+    return bool(re.fullmatch(r"-?[\d.e+-]+|true|false", text))
+
+
+def _choice(dotted: str, value: str, choices: tuple[str, ...]) -> str | None:
+    if value in choices:
+        return None
+    return f"{dotted} must be one of {', '.join(choices)} (got {value!r}){_example(dotted)}"
+
+
+def _rule(dotted: str, ok: bool, requirement: str, value: Any) -> str | None:
+    return None if ok else f"{dotted} {requirement} (got {value!r}){_example(dotted)}"
+
+
+def _value_problems(config: TrainConfig) -> list[str]:
+    problems = _data_problems(config.data) + _network_problems(config.network)
+    problems += _optim_problems(config.optim, config.network) + _train_problems(config.train, config.optim)
+    return [p for p in problems if p]
+
+
+def _data_problems(d: DataConfig) -> list[str | None]:
+    positive_or_auto = "must be a positive multiple of data.bucket_step, or left out to use the base model's"
+    problems = [
+        _rule("data.dir", bool(d.dir.strip()), "is required: the folder of training images", d.dir),
+        _rule("data.keep_tokens", d.keep_tokens >= 0, "must be 0 or more", d.keep_tokens),
+        _rule("data.caption_dropout", 0 <= d.caption_dropout <= 1, "is a probability between 0 and 1",
+              d.caption_dropout),
+        _rule("data.tag_dropout", 0 <= d.tag_dropout <= 1, "is a probability between 0 and 1", d.tag_dropout),
+        _choice("data.cache", d.cache, DATA_CACHES),
+    ]
+    for name in ("resolution", "bucket_step", "min_side", "max_side"):
+        value = getattr(d, name)
+        problems.append(_rule(f"data.{name}", value is None or value > 0, positive_or_auto, value))
+    if d.random_crop and d.cache != "none":
+        problems.append("data.random_crop needs data.cache = 'none': a cached latent is one fixed crop. "
+                        "Use --cache none with random crops, or keep center crops (the default) and the cache")
+    if d.cache_dir is not None and d.cache != "disk":
+        problems.append(f"data.cache_dir is only used with data.cache = 'disk' (got cache = {d.cache!r}); "
+                        "set --cache disk or drop cache_dir")
+    return problems
+
+
+def _network_problems(n: NetworkConfig) -> list[str | None]:
+    problems = [
+        _rule("network.rank", n.rank >= 1, "must be at least 1", n.rank),
+        _rule("network.alpha", n.alpha > 0, "must be > 0 (scale = alpha / rank)", n.alpha),
+        _choice("network.unet_targets", n.unet_targets, UNET_TARGETS),
+    ]
+    if (n.conv_rank is not None or n.conv_alpha is not None) and n.unet_targets != "locon":
+        problems.append(f"network.conv_rank / conv_alpha only apply to network.unet_targets = 'locon' "
+                        f"(got {n.unet_targets!r}); add --unet-targets locon or drop them")
+    if n.conv_rank is not None:
+        problems.append(_rule("network.conv_rank", n.conv_rank >= 1, "must be at least 1", n.conv_rank))
+    if n.conv_alpha is not None:
+        problems.append(_rule("network.conv_alpha", n.conv_alpha > 0, "must be > 0", n.conv_alpha))
+    return problems
+
+
+def _optim_problems(o: OptimConfig, n: NetworkConfig) -> list[str | None]:
+    problems = [
+        _choice("optim.optimizer", o.optimizer, OPTIMIZERS),
+        _choice("optim.lr_scheduler", o.lr_scheduler, LR_SCHEDULERS),
+        _rule("optim.weight_decay", o.weight_decay >= 0, "must be 0 or more", o.weight_decay),
+        _rule("optim.grad_accum", o.grad_accum >= 1, "must be at least 1 (1 = no accumulation)", o.grad_accum),
+        _rule("optim.max_grad_norm", o.max_grad_norm >= 0, "must be 0 (no clipping) or more", o.max_grad_norm),
+    ]
+    if o.unet_lr is not None:
+        problems.append(_rule("optim.unet_lr", o.unet_lr > 0, "must be > 0", o.unet_lr))
+    if o.text_encoder_lr is not None:
+        if not n.train_text_encoder:
+            problems.append("optim.text_encoder_lr is set but network.train_text_encoder is false "
+                            "(--no-text-encoder); drop one of them")
+        problems.append(_rule("optim.text_encoder_lr", o.text_encoder_lr > 0,
+                              "must be > 0; to freeze the text encoder use --no-text-encoder", o.text_encoder_lr))
+    return problems
+
+
+def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
+    problems = [
+        _rule("train.base", bool(t.base.strip()), "is required: toy, a diffusers folder, a .safetensors file "
+              "or a hub id", t.base),
+        _rule("train.steps", t.steps >= 1, "must be at least 1", t.steps),
+        _rule("train.batch_size", t.batch_size >= 1, "must be at least 1", t.batch_size),
+        _rule("train.seed", t.seed >= 0, "must be 0 or more", t.seed),
+        _choice("train.precision", t.precision, PRECISIONS),
+        _choice("train.format", t.format, FORMATS),
+        _rule("train.min_snr_gamma", t.min_snr_gamma >= 0, "must be 0 (off) or more; 5 is the usual value",
+              t.min_snr_gamma),
+        _rule("train.noise_offset", 0 <= t.noise_offset < 1, "must be in [0, 1); 0.05 is typical",
+              t.noise_offset),
+        _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),
+        _rule("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1", t.keep_checkpoints),
+        _rule("train.sample_every", t.sample_every >= 0, "must be 0 (only at the end) or more", t.sample_every),
+        _rule("train.sample_steps", t.sample_steps >= 1, "must be at least 1", t.sample_steps),
+        _rule("train.sample_guidance", t.sample_guidance >= 1, "must be 1 (no guidance) or more", t.sample_guidance),
+    ]
+    if o.warmup_steps is not None:
+        problems.append(_rule("optim.warmup_steps", 0 <= o.warmup_steps < max(1, t.steps),
+                              f"must be 0 or more and smaller than train.steps = {t.steps}", o.warmup_steps))
+    if t.output_name is not None:
+        ok = bool(t.output_name.strip()) and not re.search(r"[\\/:*?\"<>|]", t.output_name)
+        problems.append(_rule("train.output_name", ok, "must be a plain file name (no / \\ : * ? \" < > |)",
+                              t.output_name))
+    if t.resume is not None:
+        problems.append(_rule("train.resume", bool(t.resume.strip()), "must be a checkpoint folder or 'latest'",
+                              t.resume))
+    return problems
+
+
+def _with_derived_defaults(config: TrainConfig) -> TrainConfig:
+    """Fill what follows from other fields alone: output name and folder, learning rates, warmup."""
+    name = config.train.output_name or Path(config.data.dir.rstrip("/\\")).name or "run"
+    output = config.train.output or str(Path("outputs") / name)
+    unet_lr, te_lr = DEFAULT_LRS[config.optim.optimizer]
+    optim = dataclasses.replace(
+        config.optim,
+        unet_lr=config.optim.unet_lr if config.optim.unet_lr is not None else unet_lr,
+        text_encoder_lr=(config.optim.text_encoder_lr if config.optim.text_encoder_lr is not None else te_lr)
+        if config.network.train_text_encoder else None,
+        warmup_steps=config.optim.warmup_steps if config.optim.warmup_steps is not None
+        else min(50, config.train.steps // 10),
+    )
+    train = dataclasses.replace(config.train, output_name=name, output=output)
+    return dataclasses.replace(config, optim=optim, train=train)
+
+
+def with_model_defaults(config: TrainConfig, *, native_resolution: int, downsample_factor: int) -> TrainConfig:
+    """A new config with resolution and bucket sides filled from the base model; raises ConfigError if they clash."""
+    d = config.data
+    step = d.bucket_step or downsample_factor
+    resolution = d.resolution or native_resolution
+    min_side = d.min_side or max(step, resolution // 2 // step * step)
+    max_side = d.max_side or max(resolution, resolution * 2 // step * step)
+    problems = []
+    if step % downsample_factor:
+        problems.append(f"data.bucket_step = {step} must be a multiple of {downsample_factor}, this base model's "
+                        f"downsampling factor (VAE × UNet); e.g. --config with bucket_step = {downsample_factor}")
+    for name, value in (("resolution", resolution), ("min_side", min_side), ("max_side", max_side)):
+        if value % step:
+            problems.append(f"data.{name} = {value} must be a multiple of the bucket step {step}; e.g. "
+                            f"{max(step, value // step * step)}")
+    if not min_side <= resolution <= max_side:
+        problems.append(f"data sides must satisfy min_side ≤ resolution ≤ max_side (got {min_side} ≤ {resolution} "
+                        f"≤ {max_side})")
+    if problems:
+        raise ConfigError("invalid training settings for this base model:\n  - " + "\n  - ".join(problems))
+    data = dataclasses.replace(d, resolution=resolution, bucket_step=step, min_side=min_side, max_side=max_side)
+    return dataclasses.replace(config, data=data)
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} with TOML-able values; unset (None) options are left out, as TOML has no null."""
+    result = {}
+    for name in SECTION_CLASSES:
+        section = dataclasses.asdict(getattr(config, name))
+        result[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items() if v is not None}
+    return result
+
+
+def config_to_toml(config: TrainConfig) -> str:
+    return tomli_w.dumps(config_to_dict(config))
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
+    """Write the config as TOML via a temp file + rename (readers see the old file or the new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(config_to_toml(config))
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path

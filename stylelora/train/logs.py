@@ -1,0 +1,141 @@
+"""Owns what a run reports while it trains: the progress bar, metrics.csv, loss.png and TensorBoard (when installed).
+
+Only the main process writes or prints; the others get a RunLog that does nothing. Files are rewritten whole via
+temp + rename, so a reader (or a crash) never sees half a CSV or PNG. On resume the rows after the checkpoint's
+step are dropped, so the CSV describes the weights that exist.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+METRICS_FILE = "metrics.csv"
+LOSS_PLOT_FILE = "loss.png"
+COLUMNS = ("step", "loss", "loss_smoothed", "lr_unet", "lr_text_encoder", "grad_norm", "step_seconds", "elapsed_seconds")
+SMOOTHING = 0.95  # exponential moving average of the loss for the bar and the plot
+CSV_EVERY = 25  # steps between metrics.csv rewrites (cheap: a few KB)
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.rows: list[dict] = _read_rows(run_dir / METRICS_FILE, up_to=start_step) if enabled else []
+        self.smoothed = float(self.rows[-1]["loss_smoothed"]) if self.rows else None
+        self.started = time.perf_counter() - (float(self.rows[-1]["elapsed_seconds"]) if self.rows else 0.0)
+        self.bar = _progress_bar(total_steps, start_step) if enabled else None
+        self.tensorboard = _tensorboard(run_dir) if enabled else None
+
+    def say(self, message: str) -> None:
+        """A line for the user, printed above the progress bar (main process only)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def record(self, step: int, loss: float, lrs: list[float], grad_norm: float | None, step_seconds: float) -> None:
+        if not self.enabled:
+            return
+        self.smoothed = loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
+        row = {"step": step, "loss": loss, "loss_smoothed": self.smoothed, "lr_unet": lrs[0],
+               "lr_text_encoder": lrs[1] if len(lrs) > 1 else "", "grad_norm": "" if grad_norm is None else grad_norm,
+               "step_seconds": step_seconds, "elapsed_seconds": time.perf_counter() - self.started}
+        self.rows.append(row)
+        self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lrs[0]:.1e}", refresh=False)
+        self.bar.update(1)
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss", loss, step)
+            self.tensorboard.add_scalar("lr/unet", lrs[0], step)
+        if step % CSV_EVERY == 0:
+            self.write_csv()
+
+    def write_csv(self) -> None:
+        if self.enabled:
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+            _write_atomic(self.run_dir / METRICS_FILE, buffer.getvalue().encode())
+
+    def flush(self) -> None:
+        """Write metrics.csv and loss.png now (at checkpoints, samples, the end, or when stopping)."""
+        if not self.enabled:
+            return
+        self.write_csv()
+        if self.rows:
+            plot_loss(self.rows, self.run_dir / LOSS_PLOT_FILE)
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.flush()
+            self.bar.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    # tqdm computes it/s and the ETA itself; the postfix adds loss and LR.
+    return tqdm(total=total, initial=initial, unit="step", desc="training", dynamic_ncols=True, smoothing=0.05)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: `pip install tensorboard` to get it
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _read_rows(path: Path, up_to: int) -> list[dict]:
+    if up_to == 0 or not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to]
+
+
+def plot_loss(rows: list[dict], path: Path) -> Path:
+    """Raw loss (faint) and its moving average against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    steps = [int(r["step"]) for r in rows]
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    axis.plot(steps, [float(r["loss"]) for r in rows], alpha=0.3, linewidth=0.8, label="loss")
+    axis.plot(steps, [float(r["loss_smoothed"]) for r in rows], linewidth=1.6, label="moving average")
+    losses = [float(r["loss"]) for r in rows if math.isfinite(float(r["loss"])) and float(r["loss"]) > 0]
+    if losses and max(losses) / min(losses) > 20:
+        axis.set_yscale("log")  # a few huge early losses would flatten the rest
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return _write_atomic(path, buffer.getvalue())
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,446 @@
+"""Owns a training run, from a validated config to the adapter file; `run_training` reads top to bottom.
+
+    1. data        scan + check every image (fails in seconds, before any model loads); skip report
+    2. models      base model, resolution from it, LoRA on the UNet (+ text encoder)
+    3. batches     dataset with the latent cache (and text cache for a frozen TE), one-bucket batch sampler
+    4. optimizer   optimizer + LR schedule; accelerate wraps what trains (DDP under `accelerate launch`/`torchrun`)
+    5. resume      weights, optimizer, schedule, RNGs and sampler position from a checkpoint
+    6. train       loss_step → backward → clip → step, logged; samples and checkpoints every N steps
+    7. adapter     OUTPUT/NAME.safetensors with full metadata, OUTPUT/config.toml
+
+Only the main process writes files or prints; every process computes, and all of them stop together.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from stylelora.config import ConfigError, TrainConfig, config_to_dict, save_config, with_model_defaults
+from stylelora.data.buckets import BucketBatchSampler, BucketConfig
+from stylelora.data.captions import CaptionOptions
+from stylelora.data.checks import CheckResult, check_items, skip_summary, write_skip_report
+from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
+from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
+from stylelora.data.scan import ScanReport, TrainItem, scan_folder
+from stylelora.train import checkpoint
+from stylelora.train.metadata import RunFacts, adapter_metadata
+from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
+from stylelora.train.optim import build_lr_scheduler, build_optimizer
+from stylelora.train.samples import fill_trigger, sample_path, save_samples
+from stylelora.train.step import loss_step, prediction_type
+
+CONFIG_FILE = "config.toml"
+CACHE_ENCODE_BATCH = 64
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stopped being finite numbers; the message names the step and what to do."""
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    items: tuple[TrainItem, ...]
+    checked: CheckResult
+    report: ScanReport
+    trigger: str
+
+
+@dataclass
+class Run:
+    """Everything the training steps share (one object instead of a dozen arguments)."""
+
+    config: TrainConfig
+    accelerator: object
+    run_dir: Path
+    pipe: object
+    models: TrainModels
+    trainable: dict[str, torch.nn.Parameter]
+    dataset: TrainingDataset
+    sampler: BucketBatchSampler
+    loader: torch.utils.data.DataLoader
+    noise_scheduler: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    generator: torch.Generator
+    facts: RunFacts
+    log: object = None
+    epoch: int = 0
+    position: int = 0  # batches of the current epoch consumed (the sampler position saved in checkpoints)
+    last_checkpoint: Path | None = None
+    trained_modules: list = field(default_factory=list)
+
+
+def run_training(config: TrainConfig) -> Path:
+    """Train a LoRA as `config` says and return the path of the adapter file (the same on every process)."""
+    accelerator = _accelerator(config)
+    say = _printer(accelerator)
+    run_dir = config.output_dir
+    resume_from = checkpoint.resolve_resume(config.train.resume, run_dir) if config.train.resume else None
+    _check_output_dir(config, run_dir, resume_from, accelerator)
+
+    # 1. Data, checked before any model loads: a folder with nothing usable fails in seconds.
+    data = prepare_data(config, run_dir, accelerator, say)
+
+    # 2. Base model and LoRA.
+    pipe = _load_base(config, accelerator)
+    config = with_model_defaults(config, **model_geometry(pipe))
+    from accelerate.utils import set_seed
+
+    set_seed(config.train.seed)  # identical LoRA initialisation on every process
+    lora = _add_lora(config, pipe)
+
+    # 3. Batches: cached latents (and text embeddings for a frozen text encoder), one bucket per batch.
+    dataset, text_cache = build_dataset(config, data, pipe, accelerator)
+    sampler = BucketBatchSampler(dataset.buckets, config.train.batch_size, seed=config.train.seed,
+                                 num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=0)
+
+    # 4. Optimizer and schedule; accelerate wraps what trains (DDP when launched with several processes).
+    run = _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sampler, loader, data)
+
+    # 5. Resume exactly where a checkpoint left off.
+    start_step = restore(run, resume_from) if resume_from else 0
+
+    # 6. Train.
+    if accelerator.is_main_process:
+        save_config(config, run_dir / CONFIG_FILE)  # first, so even a killed run documents itself
+    say(describe_run(run, start_step))
+    from stylelora.train.logs import RunLog
+
+    run.log = RunLog(run_dir, total_steps=config.train.steps, start_step=start_step,
+                     enabled=accelerator.is_main_process)
+    try:
+        train(run, start_step)
+    except TrainingDiverged as diverged:
+        run.log.close()
+        raise TrainingDiverged(f"{diverged} {_after_divergence(run)}") from None
+
+    # 7. The adapter people share, and the config that made it.
+    adapter = finish(run)
+    run.log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return adapter
+
+
+# ----------------------------------------------------------------------------- 0. process and output folder
+
+
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    mixed = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[config.train.precision]
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.optim.grad_accum)
+
+
+def _printer(accelerator):
+    def say(message: str) -> None:
+        if accelerator.is_main_process and message:
+            print(message, file=sys.stderr, flush=True)  # stdout carries only the adapter path
+
+    return say
+
+
+def _check_output_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None, accelerator) -> None:
+    """Refuse to start a new run on top of another one's files unless asked to (--resume or --overwrite)."""
+    if accelerator.is_main_process:
+        checkpoint.remove_temp_checkpoints(run_dir)
+    if resume_from is not None:
+        return
+    existing = [p.name for p in (config.adapter_path,) if p.exists()]
+    existing += [f"{checkpoint.CHECKPOINTS_DIR}/{p.name}" for p in checkpoint.complete_checkpoints(run_dir)]
+    if not existing:
+        return
+    if not config.train.overwrite:
+        raise ConfigError(f"{run_dir} already holds a training run ({', '.join(existing[:3])}). Continue it with "
+                          "--resume latest, choose another --output, or pass --overwrite to start over there "
+                          "(its checkpoints are deleted).")
+    if accelerator.is_main_process:
+        shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- 1. data
+
+
+def prepare_data(config: TrainConfig, run_dir: Path, accelerator, say) -> DataPlan:
+    """Scan and check every image; write the skip report; DataError (before any model loads) if none is usable."""
+    items, report = scan_folder(config.data.dir, extra_trigger=config.data.trigger or None)
+    say(report.summary())
+    checked = check_items(items)
+    if accelerator.is_main_process:
+        report_path = write_skip_report(run_dir, checked.skipped)
+        say(skip_summary(checked.skipped, checked.total, report_path if checked.skipped else None))
+    triggers = [config.data.trigger] + [folder.trigger for folder in report.folders]
+    trigger = ", ".join(dict.fromkeys(t.strip() for t in triggers if t and t.strip()))
+    return DataPlan(items=tuple(c.item for c in checked.kept), checked=checked, report=report, trigger=trigger)
+
+
+# ----------------------------------------------------------------------------- 2. models
+
+
+def _load_base(config: TrainConfig, accelerator):
+    from stylelora.models.load import load_base
+
+    if not accelerator.is_main_process:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # one loading bar, not one per process
+    return load_base(config.train.base, precision=config.train.precision, device=str(accelerator.device),
+                     allow_pickle=config.train.allow_pickle, config_dir=config.train.base_config)
+
+
+def model_geometry(pipe) -> dict[str, int]:
+    """Native image size (UNet sample size × VAE factor) and the downsampling factor image sides must divide by."""
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    sample_size = pipe.unet.config.sample_size
+    sample_size = sample_size if isinstance(sample_size, int) else min(sample_size)
+    unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    return {"native_resolution": sample_size * vae_factor, "downsample_factor": vae_factor * unet_factor}
+
+
+def _add_lora(config: TrainConfig, pipe):
+    from stylelora.lora.inject import add_lora
+
+    n = config.network
+    lora = add_lora(pipe.unet, pipe.text_encoder, rank=n.rank, alpha=n.alpha, unet_targets=n.unet_targets,
+                    train_text_encoder=n.train_text_encoder, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha)
+    pipe.vae.requires_grad_(False).eval()
+    pipe.unet.train()
+    pipe.text_encoder.train(n.train_text_encoder)
+    if config.train.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if n.train_text_encoder:
+            pipe.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lora
+
+
+# ----------------------------------------------------------------------------- 3. batches
+
+
+def dataset_options(config: TrainConfig) -> DatasetOptions:
+    d = config.data
+    min_side, max_side = (d.min_side, d.max_side) if d.bucketing else (d.resolution, d.resolution)
+    buckets = BucketConfig(resolution=d.resolution, step=d.bucket_step, min_side=min_side, max_side=max_side,
+                           no_upscale=d.no_upscale)
+    captions = CaptionOptions(shuffle_tags=d.shuffle_tags, keep_tokens=d.keep_tokens,
+                              caption_dropout=d.caption_dropout, tag_dropout=d.tag_dropout)
+    return DatasetOptions(buckets=buckets, captions=captions, random_crop=d.random_crop, flip=d.flip,
+                          seed=config.train.seed)
+
+
+def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
+    """The dataset with its latents encoded once up front, and a text-embedding cache when the TE is frozen."""
+    d, device = config.data, accelerator.device
+    cache_root = Path(d.cache_dir) if d.cache_dir else config.output_dir / "cache"
+    options = dataset_options(config)
+    latent_cache = None
+    if d.cache != "none":
+        latent_cache = LatentCache(lambda pixels: encode_pixels(pipe.vae, pixels.to(device)),
+                                   model_identity("vae", pipe.vae), cache_root / "latents" if d.cache == "disk" else None)
+    dataset = TrainingDataset(list(data.checked.kept), options, latent_cache=latent_cache)
+    if latent_cache is not None:
+        # With a shared disk cache the main process encodes and the others then find every entry.
+        if d.cache == "disk":
+            with accelerator.main_process_first():
+                dataset.cache_latents(batch_size=CACHE_ENCODE_BATCH)
+        else:
+            dataset.cache_latents(batch_size=CACHE_ENCODE_BATCH)
+    text_cache = None
+    if not config.network.train_text_encoder and options.captions.is_static and d.cache != "none":
+        identity = model_identity("text_encoder", pipe.text_encoder) + f"+vocab{len(pipe.tokenizer)}"
+        text_cache = TextEmbeddingCache(text_encode_fn(pipe.text_encoder, pipe.tokenizer, device), identity,
+                                        cache_root / "text" if d.cache == "disk" else None)
+    return dataset, text_cache
+
+
+# ----------------------------------------------------------------------------- 4. optimizer and accelerate
+
+
+def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sampler, loader, data) -> Run:
+    from diffusers import DDPMScheduler
+
+    optimizer = build_optimizer(config, lora)
+    lr_scheduler = build_lr_scheduler(config, optimizer)  # stepped by us once per optimizer step, not prepared
+    if lora.text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(pipe.unet, pipe.text_encoder, optimizer)
+        trained_modules = [unet, text_encoder]
+    else:
+        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        text_encoder, trained_modules = pipe.text_encoder, [unet]
+    models = TrainModels(unet=unet, text_encoder=text_encoder, tokenizer=pipe.tokenizer,
+                         vae=None if dataset.latent_cache is not None else pipe.vae, device=accelerator.device,
+                         dtype=pipe.unet.dtype, text_cache=text_cache)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same noise schedule as the base's sampler
+    # Each process draws its own noise; the seed makes every run (and every resume) draw the same.
+    generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)
+    trainable = checkpoint.trainable_tensors({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    facts = RunFacts(items=data.items, num_train_images=len(dataset), trigger=data.trigger,
+                     prediction_type=prediction_type(noise_scheduler), started_at=time.time(),
+                     world_size=accelerator.num_processes, batches_per_epoch=len(sampler))
+    return Run(config=config, accelerator=accelerator, run_dir=run_dir, pipe=pipe, models=models, trainable=trainable,
+               dataset=dataset, sampler=sampler, loader=loader, noise_scheduler=noise_scheduler, optimizer=optimizer,
+               lr_scheduler=lr_scheduler, generator=generator, facts=facts, trained_modules=trained_modules)
+
+
+def describe_run(run: Run, start_step: int) -> str:
+    c, acc = run.config, run.accelerator
+    per_step = c.train.batch_size * c.optim.grad_accum * acc.num_processes
+    epochs = c.train.steps * c.optim.grad_accum / max(1, len(run.sampler))
+    lora_params = sum(p.numel() for p in run.trainable.values())
+    lines = [
+        f"base {c.train.base} ({c.data.resolution} px, {run.facts.prediction_type} prediction); LoRA rank "
+        f"{c.network.rank} alpha {c.network.alpha:g} on the UNet ({c.network.unet_targets})"
+        + (" and text encoder" if c.network.train_text_encoder else "") + f": {lora_params / 1e6:.2f} M trainable",
+        f"{len(run.dataset)} samples per epoch in {len(set(run.dataset.buckets))} bucket(s), "
+        f"{len(run.sampler)} batches per epoch per process; cache: {c.data.cache}",
+        f"world size {acc.num_processes} ({acc.device}, {c.train.precision}): {c.train.steps} steps × batch "
+        f"{c.train.batch_size} × accumulation {c.optim.grad_accum} × {acc.num_processes} process(es) = "
+        f"{per_step} samples per step, {epochs:.1f} epochs",
+    ]
+    if start_step:
+        lines.append(f"resuming at step {start_step} from {run.last_checkpoint}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- 5. resume
+
+
+def restore(run: Run, path: Path) -> int:
+    """Load checkpoint `path` into the run (refusing one made with other settings); returns its step."""
+    state = checkpoint.read_state(path)
+    checkpoint.check_resumable(state["config"], config_to_dict(run.config), path)
+    try:
+        run.sampler.load_state_dict(state["sampler"])
+    except ValueError as error:
+        raise checkpoint.ResumeError(f"cannot resume from {path}: {error}") from None
+    checkpoint.restore_weights_and_rng(path, process_index=run.accelerator.process_index, trainable=run.trainable,
+                                       generator=run.generator)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if run.accelerator.scaler is not None and state.get("grad_scaler"):
+        run.accelerator.scaler.load_state_dict(state["grad_scaler"])
+    run.epoch, run.position = state["sampler"]["epoch"], state["sampler"]["position"]
+    run.last_checkpoint = path
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- 6. train
+
+
+def train(run: Run, start_step: int) -> None:
+    batches = endless_batches(run)
+    t = run.config.train
+    for step in range(start_step + 1, t.steps + 1):
+        started = time.perf_counter()
+        lrs = [group["lr"] for group in run.optimizer.param_groups]
+        loss, grad_norm = optimizer_step(run, batches, step)
+        run.lr_scheduler.step()
+        run.log.record(step, loss, lrs, grad_norm, time.perf_counter() - started)
+        if step == t.steps or (t.sample_every and step % t.sample_every == 0):
+            write_samples(run, step)
+        if t.save_every and step % t.save_every == 0:
+            save(run, step)
+
+
+def endless_batches(run: Run) -> Iterator[dict]:
+    """Batches epoch after epoch, tracking the epoch and position a checkpoint must record."""
+    while True:
+        run.sampler.set_epoch(run.epoch)  # keeps a resumed position when the epoch is the checkpoint's
+        run.dataset.set_epoch(run.epoch)
+        for batch in run.loader:
+            run.position += 1
+            yield batch
+        run.epoch, run.position = run.epoch + 1, 0
+
+
+def optimizer_step(run: Run, batches: Iterator[dict], step: int) -> tuple[float, float | None]:
+    """One optimizer step over `grad_accum` batches; returns (mean loss over processes, gradient norm)."""
+    acc, losses, grad_norm = run.accelerator, [], None
+    for _ in range(run.config.optim.grad_accum):
+        batch = next(batches)
+        with acc.accumulate(*run.trained_modules):
+            with acc.autocast():
+                loss = loss_step(batch, run.models, run.noise_scheduler, run.config, run.generator)
+            # Averaged over processes so every process sees the same value and all stop together on NaN.
+            mean_loss = acc.reduce(loss.detach().float(), reduction="mean").item()
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(f"Training stopped at step {step}: the loss became {mean_loss}.")
+            acc.backward(loss)
+            if acc.sync_gradients:
+                grad_norm = _clip_gradients(run, step)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        losses.append(mean_loss)
+    return sum(losses) / len(losses), grad_norm
+
+
+def _clip_gradients(run: Run, step: int) -> float:
+    max_norm = run.config.optim.max_grad_norm or math.inf  # inf: measure the norm, clip nothing
+    norm = float(run.accelerator.clip_grad_norm_(list(run.trainable.values()), max_norm))
+    # Under fp16 the grad scaler expects the odd inf and skips that step itself; elsewhere it means divergence.
+    if not math.isfinite(norm) and run.accelerator.scaler is None:
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"Training stopped at step {step}: the gradient norm became {norm}.")
+    return norm
+
+
+def _after_divergence(run: Run) -> str:
+    lr = run.config.optim.unet_lr
+    where = (f"The last good checkpoint is {run.last_checkpoint}; resume from it with --resume latest"
+             if run.last_checkpoint else "No checkpoint was saved before it (--save-every N saves them); start again")
+    return (f"The weights were not updated with it. {where} after lowering the learning rate (e.g. --unet-lr "
+            f"{lr / 10:g}), or try --max-grad-norm 1 / --precision fp32. No adapter was written for this run.")
+
+
+def write_samples(run: Run, step: int) -> None:
+    if not run.config.train.sample_prompts:
+        return
+    if run.accelerator.is_main_process:
+        prompts = fill_trigger(run.config.train.sample_prompts, run.facts.trigger)
+        with run.accelerator.autocast():
+            path = save_samples(run.pipe, prompts, run.config, sample_path(run.run_dir, step))
+        run.log.say(f"step {step}: samples {path}")
+        run.log.flush()
+    run.accelerator.wait_for_everyone()
+
+
+def save(run: Run, step: int) -> None:
+    acc = run.accelerator
+    state = {"step": step, "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
+             "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+             "sampler": run.sampler.state_dict(position=run.position), "config": config_to_dict(run.config)}
+    name = f"{run.config.train.output_name}-step{step:06d}.safetensors"
+    run.last_checkpoint = checkpoint.save_checkpoint(
+        run.run_dir, step, accelerator=acc, trainable=run.trainable, training_state=state,
+        rng_state=checkpoint.capture_rng(run.generator), keep=run.config.train.keep_checkpoints,
+        write_adapter=lambda folder: write_adapter(run, folder / name, step))
+    run.log.flush()
+
+
+# ----------------------------------------------------------------------------- 7. adapter
+
+
+def write_adapter(run: Run, path: Path, step: int) -> Path:
+    from stylelora.lora.io import save_adapter
+
+    return save_adapter(path, run.pipe.unet, run.pipe.text_encoder, metadata=adapter_metadata(run.config, run.facts, step),
+                        fmt=run.config.train.format)
+
+
+def finish(run: Run) -> Path:
+    """Write OUTPUT/NAME.safetensors (main process) and return its path on every process."""
+    path = run.config.adapter_path
+    if run.accelerator.is_main_process:
+        write_adapter(run, path, run.config.train.steps)
+        save_config(run.config, run.run_dir / CONFIG_FILE)
+        run.log.say(f"adapter written: {path}")
+    run.accelerator.wait_for_everyone()
+    return path

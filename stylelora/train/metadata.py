@@ -1,0 +1,70 @@
+"""Owns the metadata written into every adapter a run saves: kohya ss_* keys, modelspec keys, the full config."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from stylelora.config import TrainConfig, config_to_dict
+from stylelora.data.captions import tag_frequency
+from stylelora.data.scan import TrainItem, dataset_dirs
+from stylelora.lora.io import kohya_metadata
+
+PRECISION_NAMES = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # kohya's ss_mixed_precision values
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the metadata says about the data and the run that the config alone does not know."""
+
+    items: tuple[TrainItem, ...]  # the images actually trained on (after the checks)
+    num_train_images: int  # images × repeats, as kohya counts them
+    trigger: str
+    prediction_type: str
+    started_at: float
+    world_size: int
+    batches_per_epoch: int
+
+
+def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[str, str]:
+    """All-string metadata for the adapter at `step`; `ss_training_args` is the run's whole config as JSON."""
+    d, n, o, t = config.data, config.network, config.optim, config.train
+    samples_per_step = t.batch_size * o.grad_accum * facts.world_size
+    extra = {
+        "ss_training_args": json.dumps(config_to_dict(config), sort_keys=True),
+        "ss_sd_model_name": t.base,
+        "ss_seed": str(t.seed),
+        "ss_optimizer": o.optimizer,
+        "ss_lr_scheduler": o.lr_scheduler,
+        "ss_lr_warmup_steps": str(o.warmup_steps),
+        "ss_batch_size_per_device": str(t.batch_size),
+        "ss_total_batch_size": str(samples_per_step),
+        "ss_gradient_accumulation_steps": str(o.grad_accum),
+        "ss_max_grad_norm": str(o.max_grad_norm),
+        "ss_min_snr_gamma": str(t.min_snr_gamma),
+        "ss_noise_offset": str(t.noise_offset),
+        "ss_mixed_precision": PRECISION_NAMES[t.precision],
+        "ss_gradient_checkpointing": str(t.gradient_checkpointing),
+        "ss_enable_bucket": str(d.bucketing),
+        "ss_min_bucket_reso": str(d.min_side),
+        "ss_max_bucket_reso": str(d.max_side),
+        "ss_bucket_reso_steps": str(d.bucket_step),
+        "ss_bucket_no_upscale": str(d.no_upscale),
+        "ss_caption_dropout_rate": str(d.caption_dropout),
+        "ss_caption_tag_dropout_rate": str(d.tag_dropout),
+        "ss_shuffle_caption": str(d.shuffle_tags),
+        "ss_keep_tokens": str(d.keep_tokens),
+        "ss_flip_aug": str(d.flip),
+        "ss_random_crop": str(d.random_crop),
+        "ss_cache_latents": str(d.cache != "none"),
+        "ss_num_batches_per_epoch": str(facts.batches_per_epoch),
+        "ss_epoch": str(step // max(1, facts.batches_per_epoch // o.grad_accum)),
+        "ss_network_unet_targets": n.unet_targets,
+        "modelspec.prediction_type": facts.prediction_type,
+    }
+    return kohya_metadata(
+        rank=n.rank, alpha=n.alpha, output_name=t.output_name, tag_frequency=tag_frequency(facts.items),
+        dataset_dirs=dataset_dirs(list(facts.items)), num_train_images=facts.num_train_images, steps=step,
+        learning_rate=o.unet_lr, unet_lr=o.unet_lr, text_encoder_lr=o.text_encoder_lr if n.train_text_encoder else None,
+        resolution=d.resolution, training_started_at=facts.started_at, title=t.output_name,
+        trigger_phrase=facts.trigger or None, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha, extra=extra,
+    )

@@ -1,0 +1,87 @@
+"""Owns the training step: one pure function from a batch to the diffusion loss.
+
+    latents   cached (already scaled) or VAE-encoded from pixels now
+    noise     N(0, I), plus `noise_offset` × a per-channel constant (helps very dark / bright images)
+    t         uniform over the scheduler's training timesteps
+    noisy     scheduler.add_noise(latents, noise, t)
+    text      cached text-encoder outputs (frozen TE, static captions) or TE(tokens) with gradients
+    target    noise for epsilon prediction, scheduler.get_velocity(...) for v_prediction (read from the scheduler)
+    loss      per-sample MSE × min-SNR-γ weight (Hang et al. 2023), averaged
+
+All randomness comes from the `generator` argument, so a (state, batch) pair always gives the same loss, which is
+what makes resuming exact. The loop owns everything else (optimizer, accumulation, autocast, logging).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from stylelora.config import TrainConfig
+    from stylelora.train.models import TrainModels
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainConfig,
+              generator: torch.Generator) -> torch.Tensor:
+    """The weighted diffusion loss of one batch (a scalar with gradients into the trainable LoRA weights)."""
+    latents = models.batch_latents(batch)
+    noise = sample_noise(latents, config.train.noise_offset, generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=generator).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    hidden = models.encode_captions(batch["caption"])
+    prediction = models.unet(noisy.to(models.dtype), timesteps, hidden.to(models.dtype)).sample
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)
+    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+    weights = min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma)
+    return (per_sample * weights).mean()
+
+
+def sample_noise(latents: torch.Tensor, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise shaped like `latents` (drawn on the generator's device, then moved: same noise on any device)."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if offset > 0:
+        # A shift shared by every pixel of a channel: lets the model change an image's mean brightness.
+        noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+    return noise.to(device=latents.device, dtype=latents.dtype)
+
+
+def prediction_type(noise_scheduler) -> str:
+    kind = noise_scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"The base model's scheduler predicts {kind!r}; stylelora trains {' or '.join(PREDICTION_TYPES)} "
+                         "models (SD 1.x / 2.x). Use a base whose scheduler_config.json has one of those.")
+    return kind
+
+
+def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should output: the noise (epsilon) or the velocity α·ε − σ·x₀ (v_prediction)."""
+    if prediction_type(noise_scheduler) == "epsilon":
+        return noise
+    return noise_scheduler.get_velocity(latents, noise, timesteps)
+
+
+def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) of each timestep."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights: min(SNR, γ)/SNR for epsilon, min(SNR, γ)/(SNR + 1) for v-prediction; 1 when γ = 0.
+
+    Without it the many nearly-clean timesteps (huge SNR, trivial to denoise) dominate the gradient; capping
+    their weight at γ makes training converge faster (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"). The v-prediction form accounts for v's target already scaling with 1/(SNR+1).
+    """
+    if gamma <= 0:
+        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    ratio = snr(noise_scheduler, timesteps)
+    capped = ratio.clamp(max=gamma)
+    if prediction_type(noise_scheduler) == "epsilon":
+        return capped / ratio
+    return capped / (ratio + 1.0)
