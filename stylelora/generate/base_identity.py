@@ -1,0 +1,71 @@
+"""Which base model a pipeline is: the `Model` name and `Model hash` that go into PNG parameters.
+
+A1111's model hash is the first 10 hex digits of sha256 over the checkpoint file. A diffusers folder has several
+weight files, so its hash is sha256 over the sorted (relative path, file sha256) pairs of the weights. Hashing a
+real base reads gigabytes, so it is done once per pipeline and cached on it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IDENTITY_ATTRIBUTE = "_stylelora_base_identity"
+A1111_MODEL_HASH_LENGTH = 10
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """Display name ("toy", a folder or file name) and A1111-style short hash (None for an in-memory pipeline)."""
+
+    name: str
+    hash: str | None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_hash(source: str | Path) -> str | None:
+    """Short hash of a checkpoint file or diffusers folder (None when the path does not exist)."""
+    source = Path(source)
+    if source.is_file():
+        return _file_sha256(source)[:A1111_MODEL_HASH_LENGTH]
+    if not source.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        digest.update(f"{path.relative_to(source).as_posix()}\0{_file_sha256(path)}\n".encode())
+    return digest.hexdigest()[:A1111_MODEL_HASH_LENGTH]
+
+
+def _display_name(source: Path) -> str:
+    from stylelora.models.load import TOY_BASE_DIR
+
+    if source.resolve() == TOY_BASE_DIR.resolve():
+        return "toy"
+    return source.stem if source.is_file() else source.name
+
+
+def base_identity(pipe: Any) -> BaseIdentity:
+    """The pipeline's BaseIdentity, computed on first use from where it was loaded (pipe.name_or_path)."""
+    identity = getattr(pipe, IDENTITY_ATTRIBUTE, None)
+    if identity is None:
+        source = getattr(pipe, "name_or_path", None)
+        if source and Path(source).exists():
+            identity = BaseIdentity(_display_name(Path(source)), source_hash(source))
+        else:
+            identity = BaseIdentity(str(source) if source else "unknown", None)
+        set_base_identity(pipe, identity)
+    return identity
+
+
+def set_base_identity(pipe: Any, identity: BaseIdentity) -> None:
+    """Record what a pipeline is, e.g. a hub id the loader resolved, or a hash known from elsewhere."""
+    object.__setattr__(pipe, IDENTITY_ATTRIBUTE, identity)

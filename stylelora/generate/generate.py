@@ -1,0 +1,225 @@
+"""Text-to-image with a fused adapter blend: one request in, images plus the exact parameters that made them out.
+
+`generate` resolves everything that could differ between two runs (random seed, default size and sampler,
+<lora:...> tags, trigger words) before sampling and records it, so the parameters written into a PNG are enough
+to make the same image again (`request_from_parameters`). Each image of a batch has its own seeded generator
+(seed, seed+1, ...), so image i of a batch is the image a batch-1 request with seed+i gives.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from stylelora.generate.pngmeta import GenerationParams, LoraUse, parse_parameters, save_png
+from stylelora.generate.stack import AdapterSpec, AdapterStack, as_specs
+
+MAX_SEED = 2**32 - 1  # A1111's seed range; -1 asks for a random one
+ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What the user asked for. None/-1 fields are resolved by `generate` and recorded in the results."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 25
+    cfg: float = 5.0
+    sampler: str | None = None  # None: the base's own scheduler
+    seed: int = -1
+    width: int | None = None  # None: the base's native size
+    height: int | None = None
+    batch_size: int = 1
+    loras: tuple[AdapterSpec, ...] = ()
+    adapters_dir: Path | None = None  # where <lora:name:w> tags in the prompt are looked up
+    add_triggers: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", as_specs(self.loras))
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One image and the parameters that reproduce it."""
+
+    image: Any  # PIL.Image.Image
+    params: GenerationParams
+
+    @property
+    def parameters_text(self) -> str:
+        return self.params.to_text()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return save_png(self.image, self.params, path)
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with nothing left to chance: cleaned prompt, specs, seed, size, sampler name."""
+
+    prompt: str
+    specs: tuple[AdapterSpec, ...]
+    seed: int
+    width: int
+    height: int
+    request: GenerateRequest
+    lora_names: tuple[str, ...] = field(default=())
+
+
+def native_size(pipe: Any) -> int:
+    """The base's training resolution: latent sample size times the VAE's downscale factor."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def _size_multiple(pipe: Any) -> int:
+    # Each UNet down block halves the latent; odd sizes break the skip connections of the up blocks.
+    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def _check_request(request: GenerateRequest, width: int, height: int, multiple: int) -> None:
+    problems = []
+    if request.steps < 1:
+        problems.append(f"steps must be >= 1 (got {request.steps})")
+    if request.batch_size < 1:
+        problems.append(f"batch size must be >= 1 (got {request.batch_size})")
+    if not -1 <= request.seed <= MAX_SEED:
+        problems.append(f"seed must be -1 (random) or 0..{MAX_SEED} (got {request.seed})")
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        problems.append(f"size {width}x{height} must be positive multiples of {multiple} for this base")
+    if problems:
+        raise ValueError("Cannot generate: " + "; ".join(problems) + ".")
+
+
+def _merge_specs(specs: list[AdapterSpec]) -> tuple[AdapterSpec, ...]:
+    """One spec per file: the same adapter twice (flag and tag) adds its weights, as two LoRAs would."""
+    merged: dict[Path, AdapterSpec] = {}
+    for spec in specs:
+        key = spec.path.resolve()
+        if key in merged:
+            old = merged[key]
+            spec = AdapterSpec(old.path, old.unet_weight + spec.unet_weight,
+                               old.text_encoder_weight + spec.text_encoder_weight)
+        merged[key] = spec
+    return tuple(merged.values())
+
+
+def _add_triggers(prompt: str, adapters: list) -> str:
+    from stylelora.generate.inspect import trigger_words
+
+    words = [word for adapter in adapters for word in trigger_words(adapter.metadata)]
+    missing = [word for word in dict.fromkeys(words) if word.lower() not in prompt.lower()]
+    return ", ".join([prompt, *missing]) if prompt else ", ".join(missing)
+
+
+def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) -> ResolvedRequest:
+    """Everything decided before sampling; files are loaded (and checked) here, the weights not yet touched."""
+    from stylelora.generate.prompt_tags import adapter_name, parse_prompt, resolve_tags
+
+    prompt, tags = parse_prompt(request.prompt)
+    specs = _merge_specs(list(request.loras) + resolve_tags(tags, request.adapters_dir))
+    adapters = [stack.load(spec.path) for spec in specs]
+    if request.add_triggers:
+        prompt = _add_triggers(prompt, [a for a, s in zip(adapters, specs) if s.unet_weight or s.te_weight])
+    size = native_size(pipe)
+    width, height = request.width or size, request.height or size
+    _check_request(request, width, height, _size_multiple(pipe))
+    seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
+    names = tuple(adapter_name(spec.path, request.adapters_dir) for spec in specs)
+    return ResolvedRequest(prompt, specs, seed, width, height, request, names)
+
+
+def _params(pipe: Any, stack: AdapterStack, resolved: ResolvedRequest, sampler: str) -> GenerationParams:
+    from stylelora.generate.base_identity import base_identity
+
+    identity = base_identity(pipe)
+    loras = tuple(
+        LoraUse(name, float(spec.unet_weight), spec.text_encoder_weight, stack.load(spec.path).short_hash)
+        for name, spec in zip(resolved.lora_names, resolved.specs)
+    )
+    request = resolved.request
+    return GenerationParams(
+        prompt=resolved.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+        cfg_scale=float(request.cfg), sampler=sampler, seed=resolved.seed, width=resolved.width,
+        height=resolved.height, model=identity.name, model_hash=identity.hash, loras=loras,
+    )
+
+
+def _step_callback(progress: ProgressCallback | None, total: int):
+    if progress is None:
+        return None
+
+    def on_step_end(pipe, step, timestep, callback_kwargs):
+        progress(step + 1, total)
+        return callback_kwargs
+
+    return on_step_end
+
+
+def generate(pipe: Any, stack: AdapterStack | None, request: GenerateRequest, *,
+             progress: ProgressCallback | None = None) -> list[GeneratedImage]:
+    """Images for `request` with its adapters fused; holds the stack's lock while sampling (requests queue)."""
+    import torch
+
+    from stylelora.generate.samplers import make_scheduler
+
+    stack = stack or AdapterStack.for_pipe(pipe)
+    resolved = resolve_request(pipe, stack, request)
+    seeds = [resolved.seed + i for i in range(request.batch_size)]
+    with stack.applied(resolved.specs):
+        # The pipeline's scheduler is shared too: swap in this request's under the same lock, then put it back.
+        original_scheduler = pipe.scheduler
+        scheduler, sampler_name = make_scheduler(original_scheduler, request.sampler)
+        pipe.scheduler = scheduler
+        try:
+            pipe.set_progress_bar_config(disable=True)
+            output = pipe(
+                prompt=[resolved.prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
+                num_inference_steps=request.steps, guidance_scale=request.cfg, width=resolved.width,
+                height=resolved.height, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                output_type="pil", callback_on_step_end=_step_callback(progress, request.steps),
+            )
+        finally:
+            pipe.scheduler = original_scheduler
+    params = _params(pipe, stack, resolved, sampler_name)
+    return [GeneratedImage(image, params.with_seed(seed)) for image, seed in zip(output.images, seeds)]
+
+
+def request_from_parameters(text: str, adapters_dir: str | os.PathLike | None, *,
+                            stack: AdapterStack | None = None) -> GenerateRequest:
+    """The request that makes the image described by A1111 `parameters` text again (its tags resolved in
+    adapters_dir). With a stack, each adapter's hash is checked against the recorded one."""
+    params = parse_parameters(text)
+    request = GenerateRequest(
+        prompt=params.prompt_with_tags, negative_prompt=params.negative_prompt, steps=params.steps,
+        cfg=params.cfg_scale, sampler=params.sampler, seed=params.seed, width=params.width, height=params.height,
+        adapters_dir=Path(adapters_dir) if adapters_dir is not None else None,
+    )
+    if stack is not None:
+        _check_lora_hashes(params, request, stack)
+    return request
+
+
+def _check_lora_hashes(params: GenerationParams, request: GenerateRequest, stack: AdapterStack) -> None:
+    from stylelora.generate.prompt_tags import resolve_adapter_name
+
+    changed = []
+    for lora in params.loras:
+        if not lora.hash or request.adapters_dir is None:
+            continue
+        found = stack.load(resolve_adapter_name(lora.name, request.adapters_dir)).short_hash
+        if not found.startswith(lora.hash) and not lora.hash.startswith(found):
+            changed.append(f"{lora.name} (recorded {lora.hash}, file {found})")
+    if changed:
+        raise ValueError(
+            "These adapters are not the files the image was made with, so it would not come out the same: "
+            + "; ".join(changed) + "."
+        )
+
+
+def with_overrides(request: GenerateRequest, **changes: Any) -> GenerateRequest:
+    """A copy of `request` with some fields changed (grids, the app's "same but seed+1")."""
+    return replace(request, **changes)

@@ -1,0 +1,168 @@
+"""`stylelora inspect`: what an adapter file is (layout, base family, ranks, modules, triggers, training, hashes).
+
+Works without a base model: everything comes from the file's keys, shapes and metadata. Trigger words are also
+what `--add-triggers` appends to prompts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+# Metadata that is big or shown elsewhere; every other ss_* key is listed as a training setting.
+NOT_TRAINING_SETTINGS = {"ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_datasets"}
+REPEATS_FOLDER = re.compile(r"^\d+_(.+)$")
+# Hidden size of the CLIP text encoder (q_proj input) per Stable Diffusion family.
+TEXT_ENCODER_WIDTHS = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2"}
+
+
+def _json(text: str | None, default: Any) -> Any:
+    try:
+        return json.loads(text) if text else default
+    except (json.JSONDecodeError, TypeError):
+        return default
+
+
+def trigger_words(metadata: dict[str, str]) -> list[str]:
+    """modelspec.trigger_phrase (comma-separated), else kohya dataset folder names `<repeats>_<trigger>`."""
+    phrase = metadata.get("modelspec.trigger_phrase", "")
+    if phrase.strip():
+        return [word.strip() for word in phrase.split(",") if word.strip()]
+    folders = list(_json(metadata.get("ss_dataset_dirs"), {})) or list(_json(metadata.get("ss_tag_frequency"), {}))
+    words = [match.group(1).strip() for folder in folders if (match := REPEATS_FOLDER.match(Path(folder).name))]
+    return list(dict.fromkeys(word for word in words if word))
+
+
+def tag_frequencies(metadata: dict[str, str]) -> dict[str, int]:
+    """{tag: count} over all dataset folders of ss_tag_frequency, most frequent first."""
+    total: Counter = Counter()
+    for tags in _json(metadata.get("ss_tag_frequency"), {}).values():
+        if isinstance(tags, dict):
+            total.update({str(tag).strip(): int(count) for tag, count in tags.items()})
+    return dict(total.most_common())
+
+
+def _module_shapes(state: dict) -> dict[str, dict[str, Any]]:
+    """{kohya module: {"rank", "alpha", "conv"}} from lora_down shapes and .alpha tensors."""
+    modules: dict[str, dict[str, Any]] = {}
+    for key, tensor in state.items():
+        name, _, suffix = key.partition(".")
+        entry = modules.setdefault(name, {})
+        if suffix == "lora_down.weight":
+            entry["rank"] = int(tensor.shape[0])
+            entry["conv"] = tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1)
+            entry["in"] = int(tensor.shape[1])
+        elif suffix == "alpha":
+            entry["alpha"] = float(tensor.item())
+    for entry in modules.values():
+        entry.setdefault("alpha", float(entry.get("rank", 0)))
+    return modules
+
+
+def _architecture(modules: dict[str, dict[str, Any]], metadata: dict[str, str]) -> str:
+    """The base family from the keys (SDXL names differ) and the text encoder's width; metadata as fallback."""
+    if any(name.startswith(("lora_te1_", "lora_te2_")) or "_input_blocks_" in name for name in modules):
+        return "stable-diffusion-xl-v1-base"
+    q_proj = next((entry for name, entry in modules.items() if name.endswith("self_attn_q_proj")), None)
+    if q_proj and q_proj.get("in") in TEXT_ENCODER_WIDTHS:
+        return TEXT_ENCODER_WIDTHS[q_proj["in"]]
+    declared = metadata.get("modelspec.architecture", "").removesuffix("/lora")
+    if q_proj:
+        return f"custom SD-architecture (text encoder width {q_proj.get('in')}){' — declares ' + declared if declared else ''}"
+    return declared or "unknown (UNet-only file: see base_model)"
+
+
+def _rank_summary(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    pairs = Counter((entry.get("rank"), entry["alpha"]) for entry in modules.values())
+    (rank, alpha), _ = pairs.most_common(1)[0] if pairs else ((None, None), 0)
+    summary = {"rank": rank, "alpha": alpha, "mixed": len(pairs) > 1}
+    if len(pairs) > 1:
+        summary["rank_alpha_counts"] = {f"{r}/{a:g}": n for (r, a), n in pairs.most_common()}
+    conv = [entry for entry in modules.values() if entry.get("conv")]
+    if conv:
+        summary["conv_modules"] = len(conv)
+    return summary
+
+
+def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything `stylelora inspect` shows, as a JSON-ready dict."""
+    from stylelora.generate.adapter_file import read_adapter_file
+    from stylelora.lora.io import file_model_hash
+
+    file = read_adapter_file(path)
+    metadata = file.metadata
+    modules = _module_shapes(file.state)
+    computed = file_model_hash(file.path)
+    stored = metadata.get("sshs_model_hash")
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for k, t in file.state.items() if not k.endswith(".alpha"))
+    return {
+        "file": str(file.path),
+        "file_size": file.file_size,
+        "format": file.layout,
+        "title": metadata.get("modelspec.title") or metadata.get("ss_output_name") or file.path.stem,
+        "architecture": _architecture(modules, metadata),
+        "base_model": {key: metadata[key] for key in ("ss_base_model_version", "modelspec.architecture",
+                                                      "ss_sd_model_name", "ss_v2") if key in metadata}
+                      or ({"peft.base_model_name_or_path": file.peft_config.get("base_model_name_or_path")}
+                          if file.peft_config else {}),
+        **_rank_summary(modules),
+        "modules": {"unet": sum(1 for n in modules if n.startswith("lora_unet_")),
+                    "text_encoder": sum(1 for n in modules if n.startswith("lora_te"))},
+        "dtypes": dict(dtypes),
+        "trigger_words": trigger_words(metadata),
+        "training": {key: _json(value, value) for key, value in sorted(metadata.items())
+                     if key.startswith("ss_") and key not in NOT_TRAINING_SETTINGS},
+        "tag_frequency": tag_frequencies(metadata),
+        "dataset_dirs": _json(metadata.get("ss_dataset_dirs"), {}),
+        "modelspec": {key.removeprefix("modelspec."): value for key, value in metadata.items()
+                      if key.startswith("modelspec.")},
+        "hash": {"sshs_model_hash": stored, "computed": computed, "a1111_short": computed[:12],
+                 "matches_metadata": None if stored is None else stored == computed,
+                 "sshs_legacy_hash": metadata.get("sshs_legacy_hash")},
+    }
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
+    """A human-readable report of inspect_adapter's dict."""
+    rank = f"rank {info['rank']}, alpha {info['alpha']:g}" if info["rank"] is not None else "no modules"
+    if info.get("mixed"):
+        rank += " (most modules; per module: " + ", ".join(f"{k}×{n}" for k, n in info["rank_alpha_counts"].items()) + ")"
+    hashes = info["hash"]
+    check = {None: "no sshs_model_hash in metadata", True: "matches metadata", False: "DIFFERS from metadata"}
+    lines = [
+        f"{info['title']}  ({Path(info['file']).name}, {_human_size(info['file_size'])}, {info['format']} layout)",
+        f"  architecture   {info['architecture']}",
+        f"  base model     {', '.join(f'{k}={v}' for k, v in info['base_model'].items()) or 'not recorded'}",
+        f"  network        {rank}" + (f", {info['conv_modules']} conv modules" if info.get("conv_modules") else ""),
+        f"  modules        UNet {info['modules']['unet']}, text encoder {info['modules']['text_encoder']}",
+        f"  dtypes         {', '.join(f'{k}×{n}' for k, n in info['dtypes'].items())}",
+        f"  trigger words  {', '.join(info['trigger_words']) or 'none recorded'}",
+        f"  hash           {hashes['a1111_short']} (sha256 {hashes['computed']}, {check[hashes['matches_metadata']]})",
+    ]
+    merged = info["modelspec"].get("merged_from")
+    if merged:
+        lines.append(f"  merged from    {merged}")
+    if info["training"]:
+        lines.append("  training")
+        lines += [f"    {key.removeprefix('ss_'):<24} {_short(value)}" for key, value in info["training"].items()]
+    if info["tag_frequency"]:
+        top = list(info["tag_frequency"].items())[:max_tags]
+        more = len(info["tag_frequency"]) - len(top)
+        lines.append("  tags           " + ", ".join(f"{tag} ({n})" for tag, n in top) + (f", +{more} more" if more > 0 else ""))
+    return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

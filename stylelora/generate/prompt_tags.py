@@ -1,0 +1,177 @@
+"""A1111 `<lora:name:weight>` prompt tags: parsing, writing, and resolving names safely inside an adapters folder.
+
+Weights follow A1111's Lora extension so PNG parameters mean the same in both tools: `<lora:name:W>` sets both
+weights; `<lora:name:TE:UNET>` is text encoder first, then UNet; `te=`/`unet=` name them explicitly. Names resolve
+only to `.safetensors` files inside the adapters folder: no absolute paths, no `..`, no symlinks leading out.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from stylelora.generate.stack import AdapterSpec
+
+TAG_PATTERN = re.compile(r"<lora:([^<>]*)>")
+OTHER_NETWORK_PATTERN = re.compile(r"<(lyco|hypernet|embedding|ti):[^<>]*>", re.IGNORECASE)
+ADAPTER_SUFFIX = ".safetensors"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class PromptTagError(ValueError):
+    """A <lora:...> tag cannot be used; the message names the tag and what to write instead."""
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    """One `<lora:...>` tag as written: the adapter name and its two weights."""
+
+    name: str
+    unet_weight: float = 1.0
+    te_weight: float = 1.0
+
+    def to_text(self) -> str:
+        return format_lora_tag(self.name, self.unet_weight, self.te_weight)
+
+
+def format_weight(value: float) -> str:
+    """Shortest text that reads back as the same float (1.0 -> "1", 0.35 -> "0.35")."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def format_lora_tag(name: str, unet_weight: float, te_weight: float | None = None) -> str:
+    """`<lora:name:W>`, or `<lora:name:te=T:unet=U>` when the weights differ (unambiguous in every tool)."""
+    te_weight = unet_weight if te_weight is None else te_weight
+    if float(te_weight) == float(unet_weight):
+        return f"<lora:{name}:{format_weight(unet_weight)}>"
+    return f"<lora:{name}:te={format_weight(te_weight)}:unet={format_weight(unet_weight)}>"
+
+
+def _number(text: str, tag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise PromptTagError(f"{tag}: weight {text!r} is not a number (write e.g. <lora:name:0.8>).") from None
+    if not math.isfinite(value):
+        raise PromptTagError(f"{tag}: weight {text!r} must be finite.")
+    return value
+
+
+def _parse_tag(body: str) -> LoraTag:
+    tag = f"<lora:{body}>"
+    name, *items = body.split(":")
+    if not name.strip():
+        raise PromptTagError(f"{tag} has no adapter name: write <lora:NAME:WEIGHT>.")
+    positional = [_number(item, tag) for item in items if "=" not in item]
+    named = dict(item.split("=", 1) for item in items if "=" in item)
+    unknown = sorted(set(named) - {"te", "unet"})
+    if unknown or len(positional) > 2:
+        raise PromptTagError(
+            f"{tag}: only <lora:NAME:W>, <lora:NAME:TE_W:UNET_W> and te=/unet= are supported "
+            f"(got {', '.join(unknown) or 'more than two weights'}; block weights and dyn are not)."
+        )
+    te_weight = positional[0] if positional else 1.0
+    te_weight = _number(named["te"], tag) if "te" in named else te_weight
+    unet_weight = positional[1] if len(positional) > 1 else te_weight
+    unet_weight = _number(named["unet"], tag) if "unet" in named else unet_weight
+    return LoraTag(name=name.strip(), unet_weight=unet_weight, te_weight=te_weight)
+
+
+def clean_prompt(prompt: str) -> str:
+    """Whitespace runs to one space, no dangling commas: what is left when tags are cut out of a prompt."""
+    text = re.sub(r"\s+", " ", prompt).strip()
+    text = re.sub(r"(\s*,\s*)+", ", ", text)
+    return text.strip(", ").strip()
+
+
+def parse_prompt(prompt: str) -> tuple[str, list[LoraTag]]:
+    """(prompt without tags, the tags in order). Refuses other tools' network tags rather than encode them as text."""
+    other = OTHER_NETWORK_PATTERN.search(prompt)
+    if other:
+        raise PromptTagError(f"{other.group(0)}: only <lora:...> tags are supported; remove it from the prompt.")
+    tags = [_parse_tag(match.group(1)) for match in TAG_PATTERN.finditer(prompt)]
+    return clean_prompt(TAG_PATTERN.sub(" ", prompt)), tags
+
+
+def prompt_with_tags(prompt: str, tags: list[LoraTag]) -> str:
+    """The prompt as A1111 records it: the text, then the tags (parse_prompt gives back `prompt` and `tags`)."""
+    return " ".join([prompt, *(tag.to_text() for tag in tags)]).strip()
+
+
+# ----------------------------------------------------------------------------- name resolution
+
+
+def _check_name(name: str) -> None:
+    parts = name.split("/")
+    if (
+        "\\" in name or "\x00" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name)
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise PromptTagError(
+            f"Adapter name {name!r} is not allowed: use a name relative to the adapters folder, like "
+            "'stripes' or 'styles/stripes', without '..', backslashes or absolute paths."
+        )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def list_adapters(folder: str | os.PathLike) -> dict[str, Path]:
+    """{name: file} for every adapter under `folder`: relative path without .safetensors (peft folders by name)."""
+    folder = Path(folder)
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.rglob(f"*{ADAPTER_SUFFIX}")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not _inside(path, folder):
+            continue  # temp files of atomic writes, hidden folders, symlinks out of the folder
+        key = relative.parent.as_posix() if path.name == PEFT_WEIGHTS_NAME else relative.with_suffix("").as_posix()
+        found[key] = path
+    return found
+
+
+def resolve_adapter_name(name: str, folder: str | os.PathLike) -> Path:
+    """The adapter file `name` means inside `folder`: exact relative name first, else a unique file of that stem."""
+    _check_name(name)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PromptTagError(f"Adapters folder {folder} does not exist; pass the folder holding your .safetensors adapters.")
+    stem = name.removesuffix(ADAPTER_SUFFIX)
+    for candidate in (folder / f"{stem}{ADAPTER_SUFFIX}", folder / stem / PEFT_WEIGHTS_NAME):
+        if candidate.is_file():
+            if not _inside(candidate, folder):
+                raise PromptTagError(f"Adapter {name!r} is a link leading outside {folder}; refusing to load it.")
+            return candidate
+    adapters = list_adapters(folder)
+    matches = [path for key, path in adapters.items() if key.rsplit("/", 1)[-1] == stem]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        names = ", ".join(sorted(k for k, p in adapters.items() if p in matches))
+        raise PromptTagError(f"<lora:{name}> is ambiguous in {folder}: {names}. Write the name with its subfolder.")
+    known = ", ".join(list(adapters)[:8]) or "none"
+    raise PromptTagError(f"No adapter named {name!r} in {folder} (found: {known}).")
+
+
+def resolve_tags(tags: list[LoraTag], folder: str | os.PathLike | None) -> list[AdapterSpec]:
+    """AdapterSpecs for the tags, every name resolved inside `folder` before anything is loaded."""
+    if tags and folder is None:
+        raise PromptTagError(
+            f"The prompt has {tags[0].to_text()} but no adapters folder was given to look names up in "
+            "(CLI: --adapters-dir)."
+        )
+    return [AdapterSpec(resolve_adapter_name(tag.name, folder), tag.unet_weight, tag.te_weight) for tag in tags]
+
+
+def adapter_name(path: str | os.PathLike, folder: str | os.PathLike | None) -> str:
+    """The name a tag uses for `path`: relative to the adapters folder when inside it, else the file stem."""
+    path = Path(path)
+    if folder is not None and Path(folder).is_dir() and _inside(path, Path(folder)):
+        relative = path.resolve().relative_to(Path(folder).resolve())
+        return relative.parent.as_posix() if path.name == PEFT_WEIGHTS_NAME else relative.with_suffix("").as_posix()
+    return path.parent.name if path.name == PEFT_WEIGHTS_NAME else path.stem

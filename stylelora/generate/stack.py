@@ -1,0 +1,370 @@
+"""The adapter stack: loaded adapters cached as low-rank factors, their weighted sum fused into the base weights.
+
+Fusing (W = W0 + sum_i w_i * alpha_i/r_i * up_i @ down_i) makes a blend cost nothing per denoising step, unlike
+running every LoRA branch at every layer. The original W0 of each touched layer is kept, so switching blends or
+clearing recomputes from W0 and restores it bit for bit. Fused weights are shared state: everything that changes
+or reads them under a blend goes through `stack.lock` (`with stack.applied(specs): ...`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stylelora.generate.adapter_file import AdapterFile, AdapterFileError, read_adapter_file, weights_path
+
+COMPONENTS = ("unet", "text_encoder")
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+STACK_ATTRIBUTE = "_stylelora_adapter_stack"
+A1111_SHORT_HASH_LENGTH = 12
+
+
+class AdapterStackError(ValueError):
+    """An adapter cannot be applied to this base; nothing was changed. The message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter in a blend: file and weights (UNet, text encoder; te_weight None means the UNet weight)."""
+
+    path: Path
+    unet_weight: float = 1.0
+    te_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        for label, weight in (("UNet", self.unet_weight), ("text-encoder", self.te_weight)):
+            if weight is not None and not math.isfinite(float(weight)):
+                raise ValueError(f"{label} weight of {self.path.name} must be a finite number, got {weight!r}.")
+
+    @property
+    def text_encoder_weight(self) -> float:
+        return float(self.unet_weight if self.te_weight is None else self.te_weight)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def weight_for(self, component: str) -> float:
+        return float(self.unet_weight) if component == "unet" else self.text_encoder_weight
+
+    def with_weights(self, unet_weight: float, te_weight: float | None = None) -> AdapterSpec:
+        return AdapterSpec(self.path, unet_weight, te_weight)
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_lora_arg(text: str) -> AdapterSpec:
+    """"FILE[:W[:TE_W]]" -> AdapterSpec. Weights are peeled off the right, so "C:\\x.safetensors:0.5" works."""
+    head, weights = text, []
+    for _ in range(2):
+        rest, sep, tail = head.rpartition(":")
+        value = _as_number(tail) if sep else None
+        if value is None:
+            if sep and rest.lower().endswith(WEIGHT_SUFFIXES):
+                raise ValueError(f"Bad weight {tail!r} in {text!r}: write FILE[:W[:TE_W]] with numbers, e.g. a.safetensors:0.8")
+            break
+        weights.insert(0, value)
+        head = rest
+    if not head:
+        raise ValueError(f"No file in --lora {text!r}: write FILE[:W[:TE_W]], e.g. styles/stripes.safetensors:0.8")
+    return AdapterSpec(Path(head), *weights)
+
+
+def as_specs(items: Iterable[AdapterSpec | str | os.PathLike]) -> tuple[AdapterSpec, ...]:
+    """AdapterSpecs from specs, "FILE[:W[:TE_W]]" strings or paths (weight 1)."""
+    specs = []
+    for item in items:
+        if isinstance(item, AdapterSpec):
+            specs.append(item)
+        elif isinstance(item, str):
+            specs.append(parse_lora_arg(item))
+        else:
+            specs.append(AdapterSpec(Path(item)))
+    return tuple(specs)
+
+
+# ----------------------------------------------------------------------------- loaded adapters
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """One module's LoRA as matrices: delta W = scale * up @ down, reshaped to the layer's weight shape."""
+
+    up: Any  # (out, rank) fp32
+    down: Any  # (rank, in * kh * kw) fp32
+    scale: float  # alpha / rank
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter file checked against this base and kept as per-layer low-rank factors."""
+
+    file: AdapterFile
+    modules: dict[tuple[str, str], LowRank] = field(repr=False)
+    signature: tuple[int, int]  # (mtime_ns, size) when read: a changed file is read again
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def name(self) -> str:
+        return self.file.path.stem if self.file.path.name != "adapter_model.safetensors" else self.file.path.parent.name
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.file.metadata
+
+    @property
+    def model_hash(self) -> str:
+        """sha256 of the tensor bytes (kohya sshs_model_hash / A1111 "addnet" hash), computed once."""
+        if self._hash is None:
+            from stylelora.lora.io import file_model_hash
+
+            self._hash = file_model_hash(self.path)
+        return self._hash
+
+    @property
+    def short_hash(self) -> str:
+        return self.model_hash[:A1111_SHORT_HASH_LENGTH]
+
+    def module_count(self, component: str) -> int:
+        return sum(1 for comp, _ in self.modules if comp == component)
+
+
+def _file_signature(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _examples(items, limit: int = 3) -> str:
+    items = sorted(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _delta_shape(up, down) -> tuple[int, ...] | None:
+    """Shape of up @ down as a layer weight, or None when up is not (out, r) / (out, r, 1, 1)."""
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        return None
+    return (up.shape[0],) + tuple(down.shape[1:])
+
+
+def _component_factors(file: AdapterFile, component: str, kohya_part: dict, names) -> dict:
+    """{(component, path): LowRank} for one model, or AdapterStackError listing every shape mismatch."""
+    from stylelora.lora import formats
+
+    try:
+        peft_state, ranks = formats.kohya_to_peft(kohya_part, names)
+    except ValueError as error:
+        raise AdapterStackError(f"{file.path.name} does not fit this base's {component}: {error} Nothing was applied.") from error
+    factors, mismatched = {}, []
+    for path, (rank, alpha) in ranks.items():
+        down, up = peft_state[f"{path}.lora_A.weight"], peft_state[f"{path}.lora_B.weight"]
+        weight = names.layers[path].weight
+        if _delta_shape(up, down) != tuple(weight.shape):
+            mismatched.append(f"{names.by_path[path]} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs layer {tuple(weight.shape)}")
+            continue
+        factors[(component, path)] = LowRank(
+            up=up.reshape(up.shape[0], rank).to(weight.device, dtype=_torch().float32),
+            down=down.reshape(rank, -1).to(weight.device, dtype=_torch().float32),
+            scale=alpha / rank,
+        )
+    if mismatched:
+        raise AdapterStackError(
+            f"{file.path.name} was made for a different base architecture: {len(mismatched)} of {len(ranks)} "
+            f"{component} LoRA modules have other shapes than this base's layers (e.g. {_examples(mismatched, 2)}). "
+            "Use a base of the family the adapter was trained on (see `stylelora inspect`). Nothing was applied."
+        )
+    return factors
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+# ----------------------------------------------------------------------------- the stack
+
+
+class AdapterStack:
+    """Adapters applied to one pipeline by fusing their weighted deltas into its UNet and text encoder.
+
+    One stack per pipeline (`AdapterStack.for_pipe`): the stack owns the backups of the original weights.
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self.models = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None)}
+        self.lock = threading.RLock()
+        self._names: dict[str, Any] = {}
+        self._cache: dict[Path, LoadedAdapter] = {}
+        self._backups: dict[tuple[str, str], Any] = {}
+        self._fused: dict[tuple[str, str], tuple] = {}
+        self._active: tuple[AdapterSpec, ...] = ()
+
+    @classmethod
+    def for_pipe(cls, pipe: Any) -> AdapterStack:
+        """The pipeline's stack, created on first use: a second stack would take fused weights for originals."""
+        stack = getattr(pipe, STACK_ATTRIBUTE, None)
+        if stack is None:
+            stack = cls(pipe)
+            setattr(pipe, STACK_ATTRIBUTE, stack)
+        return stack
+
+    @property
+    def active(self) -> tuple[AdapterSpec, ...]:
+        """The specs currently fused (empty: the base weights, exactly)."""
+        return self._active
+
+    @property
+    def fused_module_count(self) -> int:
+        return len(self._fused)
+
+    # -- loading
+
+    def _kohya_names(self, component: str):
+        from stylelora.lora import formats
+
+        if component not in self._names:
+            prefix = formats.UNET_PREFIX if component == "unet" else formats.TEXT_ENCODER_PREFIX
+            self._names[component] = formats.kohya_names(self.models[component], prefix)
+        return self._names[component]
+
+    def load(self, path: str | os.PathLike) -> LoadedAdapter:
+        """The adapter at `path`, read and checked once; read again only if the file changed on disk."""
+        path = weights_path(path).resolve()
+        if not path.is_file() and path.suffix == ".safetensors":
+            raise AdapterFileError(f"Adapter file not found: {path}")
+        with self.lock:
+            cached = self._cache.get(path)
+        if cached is not None and path.is_file() and cached.signature == _file_signature(path):
+            return cached
+        loaded = self._read(path)
+        with self.lock:
+            self._cache[path] = loaded
+        return loaded
+
+    def _read(self, path: Path) -> LoadedAdapter:
+        from stylelora.lora import formats
+
+        file = read_adapter_file(path)
+        signature = _file_signature(file.path)
+        try:
+            parts = formats.split_kohya_state(file.state)
+        except ValueError as error:
+            raise AdapterStackError(f"{path.name}: {error} Nothing was applied.") from error
+        modules: dict[tuple[str, str], LowRank] = {}
+        for component, prefix in (("unet", formats.UNET_PREFIX), ("text_encoder", formats.TEXT_ENCODER_PREFIX)):
+            if not parts[prefix]:
+                continue
+            if self.models[component] is None:
+                raise AdapterStackError(f"{path.name} has {component} weights but this pipeline has no {component}.")
+            modules.update(_component_factors(file, component, parts[prefix], self._kohya_names(component)))
+        if not modules:
+            raise AdapterStackError(f"{path.name} holds no LoRA modules.")
+        return LoadedAdapter(file=file, modules=modules, signature=signature)
+
+    def forget(self, path: str | os.PathLike) -> None:
+        """Drop a cached adapter (e.g. after deleting its file); an active one stays fused until the next apply."""
+        with self.lock:
+            self._cache.pop(weights_path(path).resolve(), None)
+
+    # -- fusing
+
+    def apply(self, specs: Iterable[AdapterSpec | str]) -> None:
+        """Fuse exactly this blend (replacing the previous one). All files are checked before any weight changes."""
+        specs = as_specs(specs)
+        with self.lock:
+            adapters = [self.load(spec.path) for spec in specs]
+            plan = self._plan(specs, adapters)
+            try:
+                self._fuse(plan)
+            except BaseException:
+                self._restore_all()
+                raise
+            self._active = specs
+
+    def clear(self) -> None:
+        """Back to the base weights, bit for bit."""
+        with self.lock:
+            self._restore_all()
+
+    @contextmanager
+    def applied(self, specs: Iterable[AdapterSpec | str]) -> Iterator[AdapterStack]:
+        """Hold the stack with this blend fused for the duration (other threads wait); stays fused afterwards."""
+        with self.lock:
+            self.apply(specs)
+            yield self
+
+    def _plan(self, specs, adapters) -> dict[tuple[str, str], list[tuple[Any, float, LowRank]]]:
+        """{layer: [(adapter identity, weight, factors), ...]} in spec order; zero weights contribute nothing."""
+        plan: dict[tuple[str, str], list] = {}
+        for spec, adapter in zip(specs, adapters):
+            identity = (adapter.path, adapter.signature)
+            for key, factors in adapter.modules.items():
+                weight = spec.weight_for(key[0])
+                if weight != 0.0:
+                    plan.setdefault(key, []).append((identity, weight, factors))
+        return plan
+
+    def _layer_weight(self, key: tuple[str, str]):
+        component, path = key
+        return self._kohya_names(component).layers[path].weight
+
+    def _fuse(self, plan) -> None:
+        torch = _torch()
+        with torch.no_grad():
+            for key in [key for key in self._fused if key not in plan]:
+                self._restore(key)
+            for key, terms in plan.items():
+                signature = tuple((identity, weight) for identity, weight, _ in terms)
+                if self._fused.get(key) == signature:
+                    continue  # this layer's contributions did not change: skip the matmul
+                weight = self._layer_weight(key)
+                original = self._backups.setdefault(key, weight.detach().clone())
+                delta = _weighted_delta(terms, original.device).reshape(original.shape)
+                weight.copy_((original.float() + delta).to(weight.dtype))
+                self._fused[key] = signature
+
+    def _restore(self, key) -> None:
+        self._layer_weight(key).data.copy_(self._backups.pop(key))
+        self._fused.pop(key, None)
+
+    def _restore_all(self) -> None:
+        with _torch().no_grad():
+            for key in list(self._backups):
+                self._restore(key)
+        self._fused.clear()
+        self._active = ()
+
+
+def _weighted_delta(terms, device):
+    """sum_i w_i * s_i * up_i @ down_i as one matmul over the concatenated ranks."""
+    torch = _torch()
+    ups = torch.cat([(weight * factors.scale) * factors.up.to(device) for _, weight, factors in terms], dim=1)
+    downs = torch.cat([factors.down.to(device) for _, _, factors in terms], dim=0)
+    return ups @ downs
+
+
+def apply_adapters(pipe: Any, specs: Iterable[AdapterSpec | str]) -> AdapterStack:
+    """Fuse adapters (specs or "FILE[:W[:TE_W]]" strings) into `pipe`; returns its stack (`.clear()` undoes it)."""
+    stack = AdapterStack.for_pipe(pipe)
+    stack.apply(specs)
+    return stack
