@@ -112,3 +112,77 @@ def tiny_overrides(data_dir: Path, output: Path, base: Path, **extra) -> dict:
 def write_json(path: Path, value) -> Path:
     path.write_text(json.dumps(value), encoding="utf-8")
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict:
+    """Environment for a trainer subprocess: this checkout importable, one thread (deterministic, and polite)."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def cli_args(overrides: dict, toml_dir: Path) -> list[str]:
+    """`stylelora train` arguments equal to config overrides: flags where one exists, the rest in a --config file."""
+    import tomli_w
+
+    from stylelora.train.command import build_parser
+
+    parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    args, in_toml = [str(overrides["data.dir"])], {}
+    for dotted, value in overrides.items():
+        if dotted == "data.dir":
+            continue
+        flag = flags.get(dotted)
+        if flag is None:
+            section, _, key = dotted.partition(".")
+            in_toml.setdefault(section, {})[key] = value
+        elif value is True:
+            args.append(flag)
+        elif value is False and dotted == "network.train_text_encoder":
+            args.append("--no-text-encoder")
+        else:
+            args += [flag, str(value)]
+    if in_toml:
+        toml_dir.mkdir(parents=True, exist_ok=True)
+        (toml_dir / "run.toml").write_text(tomli_w.dumps(in_toml), encoding="utf-8")
+        args += ["--config", str(toml_dir / "run.toml")]
+    return args
+
+
+def run_cli(overrides: dict, toml_dir: Path, *, prefix: list[str] | None = None, timeout: int = 120):
+    """Run `python -m stylelora.train.command train ...` (or `prefix` + module args) in a subprocess."""
+    import subprocess
+    import sys
+
+    args = cli_args(overrides, toml_dir)
+    command = (prefix or [sys.executable]) + ["-m", "stylelora.train.command", "train"] + args
+    return subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so the next in-process run can pick another precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def adapter_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def adapter_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})

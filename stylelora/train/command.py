@@ -106,13 +106,18 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any]) -> int:
     except (ConfigError, DataError, BaseModelError, ResumeError, OptimizerUnavailable, TrainingDiverged) as error:
         _report(f"stylelora train: error: {error}")
         return 1
-    print(adapter, flush=True)
+    if _is_main_process():
+        print(adapter, flush=True)
     return 0
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # set by torchrun / accelerate launch; absent in one process
 
 
 def _report(message: str) -> None:
     # Under torchrun / accelerate launch every process fails the same way: one copy of the message is enough.
-    if os.environ.get("RANK", "0") == "0":
+    if _is_main_process():
         print(message, file=sys.stderr, flush=True)
 
 

@@ -25,7 +25,8 @@ class RunLog:
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool):
         self.run_dir, self.enabled = run_dir, enabled
         self.rows: list[dict] = _read_rows(run_dir / METRICS_FILE, up_to=start_step) if enabled else []
-        self.smoothed = float(self.rows[-1]["loss_smoothed"]) if self.rows else None
+        # Bias-corrected EMA (as in Adam): without the correction the first hundred points hug the first loss.
+        self.ema = float(self.rows[-1]["loss_smoothed"]) * (1 - SMOOTHING ** len(self.rows)) if self.rows else 0.0
         self.started = time.perf_counter() - (float(self.rows[-1]["elapsed_seconds"]) if self.rows else 0.0)
         self.bar = _progress_bar(total_steps, start_step) if enabled else None
         self.tensorboard = _tensorboard(run_dir) if enabled else None
@@ -42,12 +43,13 @@ class RunLog:
     def record(self, step: int, loss: float, lrs: list[float], grad_norm: float | None, step_seconds: float) -> None:
         if not self.enabled:
             return
-        self.smoothed = loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
-        row = {"step": step, "loss": loss, "loss_smoothed": self.smoothed, "lr_unet": lrs[0],
+        self.ema = SMOOTHING * self.ema + (1 - SMOOTHING) * loss
+        smoothed = self.ema / (1 - SMOOTHING ** (len(self.rows) + 1))
+        row = {"step": step, "loss": loss, "loss_smoothed": smoothed, "lr_unet": lrs[0],
                "lr_text_encoder": lrs[1] if len(lrs) > 1 else "", "grad_norm": "" if grad_norm is None else grad_norm,
                "step_seconds": step_seconds, "elapsed_seconds": time.perf_counter() - self.started}
         self.rows.append(row)
-        self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lrs[0]:.1e}", refresh=False)
+        self.bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lrs[0]:.1e}", refresh=False)
         self.bar.update(1)
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, step)

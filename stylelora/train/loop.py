@@ -218,8 +218,17 @@ def _add_lora(config: TrainConfig, pipe):
     if config.train.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if n.train_text_encoder:
-            pipe.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_text_encoder_checkpointing(pipe.text_encoder)
     return lora
+
+
+def _enable_text_encoder_checkpointing(text_encoder) -> None:
+    # transformers 5.x renamed it; non-reentrant checkpointing works with a frozen base (inputs need no grad).
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ----------------------------------------------------------------------------- 3. batches

@@ -1,0 +1,169 @@
+"""Training config: defaults, validation messages that name the field and the fix, TOML in and out, CLI precedence."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stylelora.config import (
+    DEFAULT_SAMPLE_PROMPTS,
+    ConfigError,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+    with_model_defaults,
+)
+from stylelora.train.command import build_parser, overrides_from_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_a_valid_style_lora_setup():
+    config = load_config(None, {"data.dir": "datasets/toy-stripes"})
+    assert (config.network.rank, config.network.alpha, config.network.unet_targets) == (16, 16.0, "kohya")
+    assert config.network.train_text_encoder and config.data.bucketing and config.data.cache == "ram"
+    assert config.optim.unet_lr == 1e-3 and config.optim.text_encoder_lr == 2e-4
+    assert config.train.base == "toy" and config.train.format == "kohya" and config.train.precision == "fp32"
+    assert config.train.output_name == "toy-stripes"
+    assert config.output_dir == Path("outputs/toy-stripes")
+    assert config.adapter_path == Path("outputs/toy-stripes/toy-stripes.safetensors")
+    assert config.train.sample_prompts == DEFAULT_SAMPLE_PROMPTS
+    assert config.optim.warmup_steps == 50  # a tenth of the steps, at most 50
+
+
+def test_config_is_frozen():
+    config = load_config(None, {"data.dir": "d"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.optim.unet_lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"optim.unet_lr": -1}, ["optim.unet_lr must be > 0", "got -1", "--unet-lr 1e-4"]),
+    ({"optim.text_encoder_lr": 0.0}, ["optim.text_encoder_lr must be > 0", "--no-text-encoder"]),
+    ({"network.rank": 0}, ["network.rank must be at least 1", "--rank 16"]),
+    ({"network.rank": "big"}, ["network.rank must be a whole number", "'big'"]),
+    ({"network.rank": 4.5}, ["network.rank must be a whole number"]),
+    ({"network.unet_targets": "all"}, ["network.unet_targets must be one of attn, kohya, locon"]),
+    ({"network.conv_rank": 4}, ["conv_rank", "locon"]),
+    ({"optim.optimizer": "sgd"}, ["optim.optimizer must be one of adamw, adamw8bit, prodigy", "--optimizer adamw"]),
+    ({"optim.lr_scheduler": "step"}, ["optim.lr_scheduler must be one of"]),
+    ({"optim.grad_accum": 0}, ["optim.grad_accum must be at least 1"]),
+    ({"optim.warmup_steps": 2000}, ["optim.warmup_steps", "smaller than train.steps = 1000"]),
+    ({"train.steps": 0}, ["train.steps must be at least 1", "--steps 1000"]),
+    ({"train.batch_size": -2}, ["train.batch_size must be at least 1"]),
+    ({"train.precision": "fp8"}, ["train.precision must be one of fp32, fp16, bf16"]),
+    ({"train.format": "ckpt"}, ["train.format must be one of kohya, diffusers"]),
+    ({"train.noise_offset": 1.5}, ["train.noise_offset must be in [0, 1)"]),
+    ({"train.output_name": "a/b"}, ["train.output_name must be a plain file name"]),
+    ({"data.caption_dropout": 2.0}, ["data.caption_dropout is a probability"]),
+    ({"data.cache": "gpu"}, ["data.cache must be one of ram, disk, none"]),
+    ({"data.random_crop": True}, ["data.random_crop needs data.cache = 'none'"]),
+    ({"data.resolution": -32}, ["data.resolution must be a positive multiple"]),
+    ({"data.flip": "yes"}, ["data.flip must be true or false"]),
+    ({"data.dir": ""}, ["data.dir is required"]),
+])
+def test_bad_value_names_the_field_and_the_fix(overrides, expected):
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, {"data.dir": "d", **overrides})
+    for text in expected:
+        assert text in str(raised.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, {"data.dir": "d", "optim.unet_lr": -1, "train.steps": 0})
+    assert "optim.unet_lr" in str(raised.value) and "train.steps" in str(raised.value)
+
+
+def test_unknown_toml_key_lists_the_valid_ones(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[optim]\nlearning_rate = 1e-4\n[data]\ndir = "d"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, {})
+    message = str(raised.value)
+    assert "unknown key 'learning_rate' in [optim]" in message and "unet_lr" in message and "text_encoder_lr" in message
+
+
+def test_unknown_toml_section_and_malformed_toml(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[trainer]\nsteps = 3\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"unknown section or key 'trainer'.*\[data\], \[network\], \[optim\], \[train\]"):
+        load_config(path, {"data.dir": "d"})
+    path.write_text('[train\nsteps = 3\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path, {"data.dir": "d"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", {})
+
+
+def test_cli_flags_override_toml_and_toml_overrides_defaults(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\ndir = "from-toml"\n[network]\nrank = 8\nalpha = 4\n[train]\nsteps = 123\nseed = 7\n',
+                    encoding="utf-8")
+    args = build_parser().parse_args(["train", "cli-data", "--config", str(path), "--rank", "32", "--no-text-encoder"])
+    config = load_config(args.config, overrides_from_args(args))
+    assert config.data.dir == "cli-data"  # the positional DATA_DIR wins
+    assert config.network.rank == 32 and config.network.alpha == 4.0  # flag > TOML; TOML int → float
+    assert config.train.steps == 123 and config.train.seed == 7  # TOML > default
+    assert config.network.train_text_encoder is False and config.optim.text_encoder_lr is None
+    assert config.train.batch_size == 16  # default
+
+
+def test_flags_not_given_do_not_override(tmp_path):
+    args = build_parser().parse_args(["train", "d"])
+    assert overrides_from_args(args) == {"data.dir": "d"}
+
+
+def test_text_encoder_lr_and_no_text_encoder_are_exclusive():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "d", "--no-text-encoder", "--text-encoder-lr", "1e-5"])
+
+
+def test_saved_toml_loads_back_equal(tmp_path):
+    config = load_config(None, {"data.dir": "d", "network.rank": 8, "train.resume": "latest",
+                                "optim.optimizer": "prodigy", "data.resolution": 32})
+    path = save_config(config, tmp_path / "config.toml")
+    assert load_config(path, {}) == config
+    assert not list(tmp_path.glob(".*tmp"))  # written via temp + rename
+
+
+def test_prodigy_gets_multiplier_learning_rates():
+    config = load_config(None, {"data.dir": "d", "optim.optimizer": "prodigy"})
+    assert (config.optim.unet_lr, config.optim.text_encoder_lr) == (1.0, 1.0)
+
+
+def test_model_defaults_fill_resolution_and_bucket_sides():
+    config = load_config(None, {"data.dir": "d"})
+    filled = with_model_defaults(config, native_resolution=32, downsample_factor=8)
+    assert (filled.data.resolution, filled.data.bucket_step, filled.data.min_side, filled.data.max_side) == (32, 8, 16, 64)
+    sd = with_model_defaults(config, native_resolution=512, downsample_factor=64)
+    assert (sd.data.resolution, sd.data.bucket_step, sd.data.min_side, sd.data.max_side) == (512, 64, 256, 1024)
+    assert config.data.resolution is None  # the original is untouched
+
+
+def test_model_defaults_refuse_sizes_the_model_cannot_take():
+    config = load_config(None, {"data.dir": "d", "data.resolution": 36})
+    with pytest.raises(ConfigError, match=r"data.resolution = 36 must be a multiple of the bucket step 8; e.g. 32"):
+        with_model_defaults(config, native_resolution=32, downsample_factor=8)
+
+
+def test_unknown_override_is_a_programming_error_with_the_valid_names():
+    with pytest.raises(ConfigError, match="unknown setting 'optim.lr'.*optim.unet_lr"):
+        load_config(None, {"data.dir": "d", "optim.lr": 1e-4})
+
+
+def test_config_dict_has_no_none_and_lists_for_tuples():
+    values = config_to_dict(TrainConfig())
+    assert all(v is not None for section in values.values() for v in section.values())
+    assert isinstance(values["train"]["sample_prompts"], list)
+
+
+def test_config_and_train_command_import_without_torch():
+    code = ("import sys, stylelora.config, stylelora.train.command; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

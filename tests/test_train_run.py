@@ -1,0 +1,263 @@
+"""End-to-end trainer runs on a tiny random base: files written, adapter loadable, bad data, NaN, refusals."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stylelora.config import ConfigError, load_config
+from stylelora.data.errors import DataError
+from stylelora.train import loop
+from stylelora.train.checkpoint import ResumeError, complete_checkpoints
+from stylelora.train.loop import TrainingDiverged, run_training
+from train_fixtures import (
+    adapter_metadata,
+    adapter_tensors,
+    build_tiny_base,
+    reset_accelerate,
+    run_cli,
+    tiny_overrides,
+    write_bad_files,
+    write_kohya_dataset,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_kohya_dataset(tmp_path_factory.mktemp("data") / "stripes")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    yield
+    reset_accelerate()
+
+
+def train(data: Path, output: Path, base: Path, **extra) -> Path:
+    return run_training(load_config(None, tiny_overrides(data, output, base, **extra)))
+
+
+@contextlib.contextmanager
+def library_warnings():
+    """WARNING+ records of diffusers / transformers / peft, where unmatched LoRA keys are reported."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def test_cli_run_writes_every_artifact_and_the_adapter_loads_in_diffusers(tmp_path, tiny_base, dataset):
+    from diffusers import StableDiffusionPipeline
+
+    from stylelora.lora.inject import module_ranks
+    from stylelora.lora.io import load_adapter_into
+
+    output = tmp_path / "run"
+    overrides = tiny_overrides(dataset, output, tiny_base, **{"train.steps": 4, "train.sample_every": 2,
+                                                               "train.save_every": 2, "train.output_name": "stripes"})
+    started = time.perf_counter()
+    result = run_cli(overrides, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.perf_counter() - started < 60
+    adapter = output / "stripes.safetensors"
+    assert result.stdout.strip().splitlines()[-1] == str(adapter)  # the path, last on stdout
+    for name in ("config.toml", "loss.png", "metrics.csv", "samples/step-000002.png", "samples/step-000004.png",
+                 "checkpoints/step-000004/training_state.pt", "skipped.txt"):
+        assert (output / name).is_file(), name
+    assert "world size 1" in result.stderr
+    rows = (output / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and len(rows) == 5
+
+    tensors = adapter_tensors(adapter)
+    assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
+    assert any(k.endswith("lora_up.weight") and t.abs().max() > 0 for k, t in tensors.items())  # it trained
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None, requires_safety_checker=False)
+    with library_warnings() as warnings_logged:
+        pipe.load_lora_weights(str(adapter), adapter_name="stripes")
+    assert [r.getMessage() for r in warnings_logged] == []  # zero unmatched keys
+    modules = {k.rsplit(".", 1)[0].rsplit(".", 1)[0] for k in tensors}
+    assert len(module_ranks(pipe.unet, "stripes")) + len(module_ranks(pipe.text_encoder, "stripes")) == len(modules)
+    ours = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None, requires_safety_checker=False)
+    load_adapter_into(adapter, ours.unet, ours.text_encoder)
+    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        theirs_out = pipe.unet(latents, torch.tensor([10, 500]), context).sample
+        ours_out = ours.unet(latents, torch.tensor([10, 500]), context).sample
+    assert (theirs_out - ours_out).abs().max() <= 1e-4
+
+
+def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, dataset):
+    adapter = train(dataset, tmp_path / "run", tiny_base, **{"train.output_name": "meta"})
+    metadata = adapter_metadata(adapter)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4.0"
+    assert metadata["ss_steps"] == "4" and metadata["ss_output_name"] == "meta"
+    assert metadata["ss_unet_lr"] == "0.001" and metadata["ss_text_encoder_lr"] == "0.0002"
+    assert metadata["ss_resolution"] == "(32, 32)" and metadata["modelspec.resolution"] == "32x32"
+    assert metadata["modelspec.trigger_phrase"] == "stripestyle"
+    assert metadata["modelspec.prediction_type"] == "epsilon"
+    assert json.loads(metadata["ss_tag_frequency"])["2_stripestyle"]["stripestyle"] == 8
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"2_stripestyle": {"n_repeats": 2, "img_count": 8}}
+    assert metadata["ss_num_train_images"] == "16"
+    training_args = json.loads(metadata["ss_training_args"])
+    assert training_args["network"]["rank"] == 4 and training_args["data"]["resolution"] == 32
+    assert "sshs_model_hash" in metadata
+    saved = load_config(tmp_path / "run" / "config.toml", {})
+    assert saved.data.resolution == 32 and saved.network.rank == 4  # resolved from the base, saved for reuse
+
+
+def test_bad_images_are_skipped_and_listed(tmp_path, tiny_base, capsys):
+    data = write_kohya_dataset(tmp_path / "mixed", count=6)
+    bad = write_bad_files(data / "2_stripestyle")
+    adapter = train(data, tmp_path / "run", tiny_base, **{"train.steps": 2})
+    assert adapter.is_file()
+    report = (tmp_path / "run" / "skipped.txt").read_text()
+    for name, reason in bad.items():
+        assert name in report and reason in report
+    assert "4 of 10 images skipped" in capsys.readouterr().err
+    assert adapter_metadata(adapter)["ss_num_train_images"] == "12"  # 6 good images × 2 repeats
+
+
+def test_no_usable_image_fails_before_any_model_loads(tmp_path):
+    folder = tmp_path / "bad" / "2_stripestyle"
+    write_bad_files(folder)
+    # A base that does not exist proves the data error comes first (no model was looked at).
+    config = load_config(None, tiny_overrides(tmp_path / "bad", tmp_path / "run", tmp_path / "no-such-base"))
+    started = time.perf_counter()
+    with pytest.raises(DataError, match="none of the 4 images can be used for training"):
+        run_training(config)
+    assert time.perf_counter() - started < 5
+
+
+def test_cli_reports_data_and_config_errors_in_one_line(tmp_path):
+    write_bad_files(tmp_path / "bad" / "2_stripestyle")
+    result = run_cli(tiny_overrides(tmp_path / "bad", tmp_path / "run", tmp_path / "nowhere"), tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "stylelora train: error: none of the 4 images" in result.stderr and result.stdout == ""
+    result = run_cli(tiny_overrides(tmp_path / "bad", tmp_path / "run", tmp_path, **{"optim.unet_lr": -1}), tmp_path)
+    assert result.returncode == 2 and "optim.unet_lr must be > 0" in result.stderr
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, dataset,
+                                                                          monkeypatch):
+    real_step, calls = loop.loss_step, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "loss_step", poisoned)
+    output = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as raised:
+        train(dataset, output, tiny_base, **{"train.save_every": 2, "train.steps": 6})
+    message = str(raised.value)
+    assert "stopped at step 3" in message and "nan" in message
+    assert str(output / "checkpoints" / "step-000002") in message and "--resume latest" in message
+    assert [p.name for p in complete_checkpoints(output)] == ["step-000002"]
+    assert not (output / "data.safetensors").exists() and not (output / "stripes.safetensors").exists()
+    assert (output / "metrics.csv").read_text().count("\n") == 3  # header + steps 1, 2
+
+
+def test_absurd_learning_rate_diverges_with_a_clear_message(tmp_path, tiny_base, dataset):
+    with pytest.raises(TrainingDiverged, match=r"stopped at step \d+: the (loss|gradient norm) became"):
+        train(dataset, tmp_path / "run", tiny_base, **{"optim.unet_lr": 1e30, "optim.text_encoder_lr": 1e30,
+                                                      "optim.max_grad_norm": 0.0, "train.steps": 6})
+
+
+def test_existing_run_is_not_overwritten_by_accident(tmp_path, tiny_base, dataset):
+    output = tmp_path / "run"
+    train(dataset, output, tiny_base, **{"train.steps": 1})
+    reset_accelerate()
+    with pytest.raises(ConfigError, match="already holds a training run.*--resume latest.*--overwrite"):
+        train(dataset, output, tiny_base, **{"train.steps": 1})
+    reset_accelerate()
+    assert train(dataset, output, tiny_base, **{"train.steps": 1, "train.overwrite": True}).is_file()
+
+
+def test_frozen_text_encoder_uses_the_text_cache_and_writes_unet_only(tmp_path, tiny_base, dataset, monkeypatch):
+    seen = []
+    real_build = loop.build_dataset
+
+    def spy(*args, **kwargs):
+        dataset_, text_cache = real_build(*args, **kwargs)
+        seen.append(text_cache)
+        return dataset_, text_cache
+
+    monkeypatch.setattr(loop, "build_dataset", spy)
+    adapter = train(dataset, tmp_path / "run", tiny_base, **{"network.train_text_encoder": False})
+    assert seen[0] is not None and seen[0].stats.encoded >= 1 and seen[0].stats.hits > 0
+    assert not any(k.startswith("lora_te") for k in adapter_tensors(adapter))
+    assert adapter_metadata(adapter)["ss_network_train_unet_only"] == "True"
+
+
+def test_cache_modes_train_the_same_adapter(tmp_path, tiny_base, dataset):
+    """Cached latents are exactly what the VAE gives at training time: RAM, disk and no cache agree."""
+    results = {}
+    for cache in ("ram", "disk", "none"):
+        results[cache] = adapter_tensors(train(dataset, tmp_path / cache, tiny_base, **{"data.cache": cache}))
+        reset_accelerate()
+    assert list((tmp_path / "disk" / "cache" / "latents").glob("*/*.safetensors"))
+    for key, tensor in results["ram"].items():
+        assert torch.equal(tensor, results["disk"][key]), key
+        torch.testing.assert_close(tensor, results["none"][key], atol=1e-4, rtol=1e-3)  # VAE batch sizes differ
+
+
+def test_bf16_keeps_lora_weights_fp32_and_v_prediction_base_trains(tmp_path, dataset):
+    base = build_tiny_base(tmp_path / "vbase", prediction_type="v_prediction")
+    adapter = train(dataset, tmp_path / "run", base, **{"train.precision": "bf16", "train.sample_every": 2})
+    assert {t.dtype for k, t in adapter_tensors(adapter).items()} == {torch.float32}
+    assert adapter_metadata(adapter)["modelspec.prediction_type"] == "v_prediction"
+    assert adapter_metadata(adapter)["ss_mixed_precision"] == "bf16"
+
+
+def test_gradient_accumulation_and_checkpointing_and_locon_run(tmp_path, tiny_base, dataset):
+    adapter = train(dataset, tmp_path / "run", tiny_base, **{
+        "optim.grad_accum": 2, "train.gradient_checkpointing": True, "network.unet_targets": "locon",
+        "network.conv_rank": 2, "train.format": "diffusers", "train.steps": 2})
+    tensors = adapter_tensors(adapter)
+    assert all(k.startswith(("unet.", "text_encoder.")) for k in tensors)
+    assert any("conv" in k for k in tensors)
+
+
+def test_missing_optional_optimizer_names_the_install(tmp_path, tiny_base, dataset):
+    pytest.importorskip("torch")
+    try:
+        import prodigyopt  # noqa: F401
+        pytest.skip("prodigyopt is installed")
+    except ImportError:
+        pass
+    from stylelora.train.optim import OptimizerUnavailable
+
+    with pytest.raises(OptimizerUnavailable, match="pip install 'prodigyopt"):
+        train(dataset, tmp_path / "run", tiny_base, **{"optim.optimizer": "prodigy"})
+
+
+def test_resume_refuses_changed_network_settings(tmp_path, tiny_base, dataset):
+    output = tmp_path / "run"
+    train(dataset, output, tiny_base, **{"train.save_every": 2})
+    reset_accelerate()
+    with pytest.raises(ConfigError, match=r"network.rank: 4 → 8"):
+        train(dataset, output, tiny_base, **{"train.save_every": 2, "network.rank": 8, "train.resume": "latest"})
+    reset_accelerate()
+    shutil.rmtree(output / "checkpoints")
+    with pytest.raises(ResumeError, match="no complete checkpoint"):
+        train(dataset, output, tiny_base, **{"train.resume": "latest"})
