@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,10 +36,11 @@ class RunLog:
         """A line for the user, printed above the progress bar (main process only)."""
         if not self.enabled:
             return
+        # stderr, like the bar itself: stdout carries only the adapter path, for scripts.
         if self.bar is not None:
-            self.bar.write(message)
+            self.bar.write(message, file=sys.stderr)
         else:
-            print(message, flush=True)
+            print(message, file=sys.stderr, flush=True)
 
     def record(self, step: int, loss: float, lrs: list[float], grad_norm: float | None, step_seconds: float) -> None:
         if not self.enabled:

@@ -137,7 +137,16 @@ def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
     mixed = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[config.train.precision]
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.optim.grad_accum)
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.optim.grad_accum,
+                       cpu=_launched_on_cpus())
+
+
+def _launched_on_cpus() -> bool:
+    """True under torchrun / accelerate launch without a GPU: accelerate only sets up CPU (gloo) DDP when told."""
+    import os
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
+    return several and not torch.cuda.is_available()
 
 
 def _printer(accelerator):
