@@ -110,3 +110,30 @@ def make_peft_adapter(folder: Path, seed: int, component: str = "unet", **adapte
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     (folder / "adapter_config.json").write_text(json.dumps(config, default=str), encoding="utf-8")
     return folder / "adapter_model.safetensors"
+
+
+def load_tiny_base(folder: Path):
+    """The saved tiny base through the project's real loader (so Model/Model hash come from the folder)."""
+    from stylelora.models.load import load_base
+
+    pipe = load_base(str(folder), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def model_outputs(pipe) -> dict:
+    """Text-encoder hidden states for fixed tokens and the UNet prediction for fixed latents/context."""
+    generator = torch.Generator().manual_seed(1)
+    channels = pipe.unet.config.in_channels
+    latents = torch.randn(2, channels, 8, 8, generator=generator)
+    context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=generator)
+    tokens = pipe.tokenizer(["a red circle", "zorb 7"], padding="max_length", max_length=77, return_tensors="pt")
+    return {"te": pipe.text_encoder(tokens.input_ids)[0], "unet": pipe.unet(latents, torch.tensor([10, 500]), context).sample}
+
+
+def pixels(result) -> "numpy.ndarray":
+    """A GeneratedImage (or PIL image) as a uint8 array, for exact comparisons."""
+    import numpy
+
+    return numpy.asarray(getattr(result, "image", result))

@@ -16,6 +16,7 @@ from typing import Any
 NOT_TRAINING_SETTINGS = {"ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_datasets"}
 REPEATS_FOLDER = re.compile(r"^\d+_(.+)$")
 # Hidden size of the CLIP text encoder (q_proj input) per Stable Diffusion family.
+UNKNOWN_ARCHITECTURE = "unknown (UNet-only file without modelspec.architecture)"
 TEXT_ENCODER_WIDTHS = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2"}
 
 
@@ -62,6 +63,11 @@ def _module_shapes(state: dict) -> dict[str, dict[str, Any]]:
     return modules
 
 
+def adapter_architecture(state: dict, metadata: dict[str, str]) -> str:
+    """The base family an adapter (kohya keys) was made for, e.g. "stable-diffusion-v1"."""
+    return _architecture(_module_shapes(state), metadata)
+
+
 def _architecture(modules: dict[str, dict[str, Any]], metadata: dict[str, str]) -> str:
     """The base family from the keys (SDXL names differ) and the text encoder's width; metadata as fallback."""
     if any(name.startswith(("lora_te1_", "lora_te2_")) or "_input_blocks_" in name for name in modules):
@@ -69,10 +75,10 @@ def _architecture(modules: dict[str, dict[str, Any]], metadata: dict[str, str]) 
     q_proj = next((entry for name, entry in modules.items() if name.endswith("self_attn_q_proj")), None)
     if q_proj and q_proj.get("in") in TEXT_ENCODER_WIDTHS:
         return TEXT_ENCODER_WIDTHS[q_proj["in"]]
-    declared = metadata.get("modelspec.architecture", "").removesuffix("/lora")
     if q_proj:
-        return f"custom SD-architecture (text encoder width {q_proj.get('in')}){' — declares ' + declared if declared else ''}"
-    return declared or "unknown (UNet-only file: see base_model)"
+        return f"custom SD-architecture (text encoder width {q_proj.get('in')})"
+    declared = metadata.get("modelspec.architecture", "").removesuffix("/lora")
+    return declared or UNKNOWN_ARCHITECTURE
 
 
 def _rank_summary(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,246 @@
+"""`stylelora blend`: a weighted mix of adapters saved as one kohya-format adapter, exactly or at a chosen rank.
+
+Per module the blend is delta = sum_i w_i * alpha_i/r_i * up_i @ down_i (UNet weight for lora_unet_*, text-encoder
+weight for lora_te_*). `exact` stores that sum losslessly by concatenating ranks (weights folded into the up
+matrices, alpha = total rank so the scale is 1). `rank=R` stores the best rank-R approximation (truncated SVD) and
+reports the relative Frobenius error ||delta - approx|| / ||delta|| of every module.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stylelora.generate.stack import AdapterSpec, as_specs
+
+LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+BLEND_METADATA_KEY = "stylelora.blend"
+
+
+@dataclass
+class ModuleTerms:
+    """One module's contributions: (w * scale * up (out, r), down (r, n)) pairs, and the file layout to write."""
+
+    out_features: int
+    down_shape: tuple[int, ...]  # trailing shape of lora_down: (in,) or (in, kh, kw)
+    up_is_conv: bool
+    up_terms: list = field(default_factory=list)
+    down_terms: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BlendReport:
+    """What `blend` wrote: mode, rank, per-module relative Frobenius error (all 0 for exact)."""
+
+    path: Path
+    mode: str  # "exact" | "svd"
+    rank: int | None
+    module_errors: dict[str, float]
+    module_ranks: dict[str, int]
+
+    @property
+    def max_error(self) -> float:
+        return max(self.module_errors.values(), default=0.0)
+
+    @property
+    def mean_error(self) -> float:
+        return statistics.fmean(self.module_errors.values()) if self.module_errors else 0.0
+
+    def summary(self, worst: int = 5) -> str:
+        lines = [f"{len(self.module_errors)} modules, {self.mode}"
+                 + (f" rank {self.rank}" if self.rank else f" (ranks up to {max(self.module_ranks.values(), default=0)})")
+                 + f"; relative error max {self.max_error:.3e}, mean {self.mean_error:.3e}"]
+        if self.mode == "svd":
+            ranked = sorted(self.module_errors.items(), key=lambda item: -item[1])[:worst]
+            lines += [f"  {error:.3e}  {name}" for name, error in ranked]
+        return "\n".join(lines)
+
+
+def _group_modules(state: dict, file_name: str) -> dict[str, dict[str, Any]]:
+    modules: dict[str, dict[str, Any]] = {}
+    for key, tensor in state.items():
+        name, _, suffix = key.partition(".")
+        if suffix not in LORA_SUFFIXES:
+            raise ValueError(f"{file_name}: {key} is not plain LoRA (LyCORIS/DoRA tensors cannot be blended).")
+        modules.setdefault(name, {})[suffix] = tensor
+    incomplete = [name for name, parts in modules.items() if not {"lora_down.weight", "lora_up.weight"} <= set(parts)]
+    if incomplete:
+        raise ValueError(f"{file_name}: modules without both lora_down and lora_up: {', '.join(incomplete[:3])}.")
+    return modules
+
+
+def _add_terms(terms: dict[str, ModuleTerms], modules: dict, spec: AdapterSpec, file_name: str) -> None:
+    for name, parts in modules.items():
+        weight = spec.unet_weight if name.startswith("lora_unet_") else spec.text_encoder_weight
+        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+        rank = down.shape[0]
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
+        entry = terms.setdefault(name, ModuleTerms(out_features=up.shape[0], down_shape=tuple(down.shape[1:]),
+                                                   up_is_conv=up.dim() == 4))
+        # (r, in) and (r, in, 1, 1) are the same Linear; anything else is another architecture.
+        if (up.shape[0], _numel(tuple(down.shape[1:]))) != (entry.out_features, _numel(entry.down_shape)):
+            raise ValueError(
+                f"{file_name}: module {name} has shape {(up.shape[0],) + tuple(down.shape[1:])} but another input has "
+                f"{(entry.out_features,) + entry.down_shape}: the adapters were made for different base architectures."
+            )
+        if weight != 0.0:
+            entry.up_terms.append(up.reshape(up.shape[0], rank) * (float(weight) * alpha / rank))
+            entry.down_terms.append(down.reshape(rank, -1))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def _exact(entry: ModuleTerms):
+    import torch
+
+    return torch.cat(entry.up_terms, dim=1), torch.cat(entry.down_terms, dim=0), 0.0
+
+
+def _truncated_svd(entry: ModuleTerms, rank: int):
+    """Best rank-`rank` factors of (sum of ups) @ (sum of downs), and the relative Frobenius error.
+
+    The sum has rank K <= total input rank, so QR of both factors reduces the SVD to a K x K matrix:
+    delta = Qa (Ra Rb^T) Qb^T, and the singular values of Ra Rb^T are those of delta.
+    """
+    import torch
+
+    ups, downs = (torch.cat(entry.up_terms, dim=1).double(), torch.cat(entry.down_terms, dim=0).double())
+    q_up, r_up = torch.linalg.qr(ups)
+    q_down, r_down = torch.linalg.qr(downs.T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    keep = max(1, min(rank, int(s.numel())))
+    root = s[:keep].sqrt()
+    # Split the singular values evenly so neither factor carries all the magnitude (kinder to fp16 files).
+    new_up = (q_up @ u[:, :keep]) * root
+    new_down = root[:, None] * (vh[:keep] @ q_down.T)
+    total = float(s.square().sum())
+    error = (float(s[keep:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    return new_up.float(), new_down.float(), error
+
+
+def _module_tensors(name: str, entry: ModuleTerms, up, down, dtype) -> dict:
+    import torch
+
+    rank = up.shape[1]
+    up = up.reshape(up.shape[0], rank, 1, 1) if entry.up_is_conv else up
+    down = down.reshape(rank, *entry.down_shape)
+    return {
+        f"{name}.lora_down.weight": down.to(dtype).contiguous(),
+        f"{name}.lora_up.weight": up.to(dtype).contiguous(),
+        # alpha == rank: the scale is 1, the weights already sit in the up matrices.
+        f"{name}.alpha": torch.tensor(float(rank), dtype=torch.float32),
+    }
+
+
+def _read_inputs(specs):
+    from stylelora.generate.adapter_file import read_adapter_file
+    from stylelora.generate.inspect import UNKNOWN_ARCHITECTURE, adapter_architecture
+
+    files = [read_adapter_file(spec.path) for spec in specs]
+    families = {f.path.name: adapter_architecture(f.state, f.metadata) for f in files}
+    known = {family for family in families.values() if family != UNKNOWN_ARCHITECTURE}
+    if len(known) > 1:
+        raise ValueError(
+            "These adapters were made for different base models and cannot be blended: "
+            + ", ".join(f"{name} ({family})" for name, family in families.items()) + "."
+        )
+    return files
+
+
+def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bool = False,
+          dtype: Any = None) -> BlendReport:
+    """Write the weighted blend of `specs` (AdapterSpecs or "FILE:W[:TE_W]") to `out_path` in kohya format.
+
+    exact=True (or no rank): concatenated ranks, reproduces the live blend. rank=R: truncated SVD at rank R.
+    dtype: e.g. torch.float16 for a smaller file (default float32).
+    """
+    import torch
+
+    specs = as_specs(specs)
+    if not specs:
+        raise ValueError("Nothing to blend: give at least one adapter as FILE:WEIGHT.")
+    if exact and rank is not None:
+        raise ValueError("Choose --exact or --rank R, not both: exact keeps every rank, --rank R truncates.")
+    if rank is not None and rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {rank}.")
+    if Path(out_path).suffix != ".safetensors":
+        raise ValueError(f"The blend is written as .safetensors; got {Path(out_path).name}.")
+    files = _read_inputs(specs)
+    terms: dict[str, ModuleTerms] = {}
+    for spec, file in zip(specs, files):
+        _add_terms(terms, _group_modules(file.state, file.path.name), spec, file.path.name)
+    state, errors, ranks = {}, {}, {}
+    for name, entry in terms.items():
+        if not entry.up_terms:
+            continue  # every input that has this module has weight 0 there
+        up, down, error = _exact(entry) if rank is None else _truncated_svd(entry, rank)
+        state.update(_module_tensors(name, entry, up, down, dtype or torch.float32))
+        errors[name], ranks[name] = error, up.shape[1]
+    if not state:
+        raise ValueError("Every weight is 0: the blend would change nothing. Give at least one non-zero weight.")
+    mode = "exact" if rank is None else "svd"
+    metadata = _blend_metadata(specs, files, Path(out_path), mode, rank, ranks, errors)
+    _write(out_path, state, metadata)
+    return BlendReport(path=Path(out_path), mode=mode, rank=rank, module_errors=errors, module_ranks=ranks)
+
+
+def _write(out_path, state, metadata) -> None:
+    from stylelora.lora.io import safetensors_hashes, write_safetensors_atomic
+
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
+    write_safetensors_atomic(out_path, state, metadata)
+
+
+def _merged_tag_frequency(files) -> dict:
+    merged: dict[str, dict[str, int]] = {}
+    for file in files:
+        for folder, tags in json.loads(file.metadata.get("ss_tag_frequency") or "{}").items():
+            target = merged.setdefault(folder, {})
+            for tag, count in tags.items():
+                target[tag] = target.get(tag, 0) + int(count)
+    return merged
+
+
+def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors) -> dict[str, str]:
+    from stylelora.generate.inspect import trigger_words
+    from stylelora.lora.io import file_model_hash
+
+    first = files[0].metadata
+    titles = [f.metadata.get("modelspec.title") or f.path.stem for f in files]
+    triggers = [w for spec, f in zip(specs, files) if spec.unet_weight or spec.te_weight for w in trigger_words(f.metadata)]
+    top_rank = max(ranks.values())
+    inputs = [{"file": f.path.name, "title": t, "unet_weight": s.unet_weight, "te_weight": s.text_encoder_weight,
+               "sshs_model_hash": file_model_hash(f.path)} for s, f, t in zip(specs, files, titles)]
+    blend_info = {"mode": mode, "rank": rank, "inputs": inputs,
+                  "max_relative_error": max(errors.values()), "mean_relative_error": statistics.fmean(errors.values())}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(top_rank),
+        "ss_network_alpha": str(float(top_rank)),
+        "ss_output_name": out_path.stem,
+        "ss_tag_frequency": json.dumps(_merged_tag_frequency(files)),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": out_path.stem,
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.merged_from": ", ".join(titles),
+        "modelspec.description": "blend of " + ", ".join(
+            f"{t} (unet {s.unet_weight:g}, te {s.text_encoder_weight:g})" for s, t in zip(specs, titles)),
+        BLEND_METADATA_KEY: json.dumps(blend_info),
+        "format": "pt",
+    }
+    for key in ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "modelspec.architecture",
+                "modelspec.implementation", "modelspec.resolution", "modelspec.prediction_type"):
+        if key in first:
+            metadata[key] = first[key]
+    if triggers:
+        metadata["modelspec.trigger_phrase"] = ", ".join(dict.fromkeys(triggers))
+    return metadata

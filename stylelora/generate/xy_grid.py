@@ -1,0 +1,138 @@
+"""X/Y grids: one request varied along two axes (adapter, weight, seed, cfg, steps) into one labelled PNG.
+
+Axes: `adapter` adds one adapter per column/row ("none" for the base); `weight`, `unet_weight`, `te_weight` set
+the weight of the axis adapter, or of a named target, or of every adapter in the request; `seed`, `cfg`, `steps`
+replace the request's value. Every cell shares the request's (resolved) seed unless seed is an axis, so cells
+differ only by what the axes say.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from stylelora.generate.generate import MAX_SEED, GeneratedImage, GenerateRequest, ProgressCallback, generate
+from stylelora.generate.prompt_tags import format_weight
+from stylelora.generate.stack import AdapterSpec
+
+AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "seed", "cfg", "steps")
+NO_ADAPTER = "none"
+LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "seed": "seed", "cfg": "cfg", "steps": "steps"}
+
+
+@dataclass(frozen=True)
+class XYAxis:
+    """One grid axis: its kind, the values along it, and (weight axes) which adapter file it sets."""
+
+    kind: str
+    values: tuple
+    target: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in AXIS_KINDS:
+            raise ValueError(f"Unknown grid axis {self.kind!r}; choose one of {', '.join(AXIS_KINDS)}.")
+        if not self.values:
+            raise ValueError(f"Grid axis {self.kind} has no values.")
+        cast = {"seed": int, "steps": int, "adapter": str}.get(self.kind, float)
+        object.__setattr__(self, "values", tuple(cast(v) for v in self.values))
+
+    def label(self, value: Any) -> str:
+        if self.kind == "adapter":
+            return Path(value).stem if value != NO_ADAPTER else "base"
+        return f"{LABELS[self.kind]} {format_weight(value) if isinstance(value, float) else value}"
+
+
+def parse_axis(text: str) -> XYAxis:
+    """"KIND=V1,V2,..." (e.g. "seed=1,2,3", "weight=0,0.5,1", "adapter=a.safetensors,none")."""
+    kind, sep, values = text.partition("=")
+    if not sep or not values.strip():
+        raise ValueError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {', '.join(AXIS_KINDS)}.")
+    try:
+        return XYAxis(kind.strip(), tuple(v.strip() for v in values.split(",") if v.strip()))
+    except ValueError as error:
+        raise ValueError(f"Grid axis {text!r}: {error}") from error
+
+
+@dataclass(frozen=True)
+class XYGridResult:
+    """Every cell's image (row-major: y rows, x columns), the grid image and where it was saved."""
+
+    images: list[GeneratedImage]
+    grid: Any  # PIL.Image.Image
+    path: Path | None
+    columns: int
+
+
+def _adapter_path(value: str, request: GenerateRequest) -> Path | None:
+    from stylelora.generate.prompt_tags import resolve_adapter_name
+
+    if value == NO_ADAPTER:
+        return None
+    if Path(value).is_file() or request.adapters_dir is None:
+        return Path(value)
+    return resolve_adapter_name(value, request.adapters_dir)
+
+
+def _set_weights(specs: list[AdapterSpec], kind: str, value: float, target: Path | None) -> list[AdapterSpec]:
+    chosen = [s for s in specs if target is None or s.path.resolve() == target.resolve()]
+    if not chosen:
+        raise ValueError(f"A {kind} axis needs an adapter to act on: add --lora, an adapter axis, or fix its target.")
+    out = []
+    for spec in specs:
+        if spec in chosen:
+            unet = value if kind in ("weight", "unet_weight") else spec.unet_weight
+            te = value if kind in ("weight", "te_weight") else spec.text_encoder_weight
+            spec = AdapterSpec(spec.path, unet, te)
+        out.append(spec)
+    return out
+
+
+def cell_request(request: GenerateRequest, axes: list[tuple[XYAxis, Any]]) -> GenerateRequest:
+    """The request of one cell: the adapter axis first (so weight axes can target it), then the others."""
+    specs, changes = list(request.loras), {}
+    axis_adapter = None
+    for axis, value in sorted(axes, key=lambda pair: pair[0].kind != "adapter"):
+        if axis.kind == "adapter":
+            axis_adapter = _adapter_path(value, request)
+            specs += [AdapterSpec(axis_adapter)] if axis_adapter else []
+        elif axis.kind in ("seed", "cfg", "steps"):
+            changes[axis.kind] = value
+        elif axis.target is None and any(a.kind == "adapter" for a, _ in axes):
+            # The weight of the axis adapter; on the "none" cell there is nothing to weigh.
+            specs = _set_weights(specs, axis.kind, value, axis_adapter) if axis_adapter else specs
+        else:
+            specs = _set_weights(specs, axis.kind, value, axis.target)
+    return replace(request, loras=tuple(specs), batch_size=1, **changes)
+
+
+def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxis | None = None, *,
+            out_path: str | os.PathLike | None = None, progress: ProgressCallback | None = None) -> XYGridResult:
+    """Generate every cell (rows: y values, columns: x values) and tile them with labels into one PNG."""
+    from stylelora.generate.pngmeta import save_png
+    from stylelora.grid import make_grid
+
+    if y is not None and x.kind == y.kind:
+        raise ValueError(f"Both grid axes are {x.kind}: pick two different kinds.")
+    if request.seed == -1:
+        request = replace(request, seed=secrets.randbelow(MAX_SEED + 1))  # one seed for every cell
+    rows = y.values if y is not None else (None,)
+    cells = [[(x, xv)] + ([(y, yv)] if y is not None else []) for yv in rows for xv in x.values]
+    images: list[GeneratedImage] = []
+    for index, axes in enumerate(cells):
+        images += generate(pipe, stack, cell_request(request, axes))
+        if progress:
+            progress(index + 1, len(cells))
+    scale = 3 if images[0].image.width <= 64 else 1
+    grid = make_grid([g.image for g in images], len(x.values), scale=scale,
+                     column_labels=[x.label(v) for v in x.values],
+                     row_labels=[y.label(v) for v in y.values] if y is not None else None)
+    path = None
+    if out_path is not None:
+        params = images[0].params
+        extra = {"Script": "X/Y plot", "X Type": x.kind, "X Values": ", ".join(map(str, x.values))}
+        if y is not None:
+            extra.update({"Y Type": y.kind, "Y Values": ", ".join(map(str, y.values))})
+        path = save_png(grid, replace(params, extra={**params.extra, **extra}), out_path)
+    return XYGridResult(images=images, grid=grid, path=path, columns=len(x.values))
