@@ -140,9 +140,10 @@ def _guarded(handler):
 @_guarded
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate, save PNGs with A1111 parameters, print their paths."""
-    from stylelora.generate.generate import generate
+    from stylelora.generate.generate import generate, precheck_request
 
     request = request_from_args(args)
+    precheck_request(request)
     results = generate(_load_pipe(args), None, request)
     paths = output_paths(args.out, [r.params.seed for r in results], DEFAULT_IMAGES_DIR)
     for result, path in zip(results, paths):
@@ -156,9 +157,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 @_guarded
 def cmd_grid(args: argparse.Namespace) -> int:
     """Generate an X/Y grid into one labelled PNG, print its path."""
+    from stylelora.generate.generate import precheck_request
     from stylelora.generate.xy_grid import parse_axis, xy_grid
 
     request = request_from_args(args)
+    precheck_request(request)
     x_axis, y_axis = parse_axis(args.x), parse_axis(args.y) if args.y else None
     out = output_paths(args.out, [0], DEFAULT_GRIDS_DIR, suffix="grid")[0]
     result = xy_grid(_load_pipe(args), None, request, x_axis, y_axis, out_path=out)

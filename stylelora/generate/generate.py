@@ -7,6 +7,7 @@ to make the same image again (`request_from_parameters`). Each image of a batch 
 """
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -76,8 +77,8 @@ def native_size(pipe: Any) -> int:
 
 
 def _size_multiple(pipe: Any) -> int:
-    # Each UNet down block halves the latent; odd sizes break the skip connections of the up blocks.
-    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    # diffusers' SD pipeline wants multiples of 8, and the VAE maps vae_scale_factor pixels to one latent.
+    return math.lcm(8, int(pipe.vae_scale_factor))
 
 
 def _check_request(request: GenerateRequest, width: int, height: int, multiple: int) -> None:
@@ -113,6 +114,20 @@ def _add_triggers(prompt: str, adapters: list) -> str:
     words = [word for adapter in adapters for word in trigger_words(adapter.metadata)]
     missing = [word for word in dict.fromkeys(words) if word.lower() not in prompt.lower()]
     return ", ".join([prompt, *missing]) if prompt else ", ".join(missing)
+
+
+def precheck_request(request: GenerateRequest) -> None:
+    """Fail fast, before a base model is loaded: tags parse and resolve, adapter files exist and are safetensors."""
+    from stylelora.generate.adapter_file import read_header, weights_path
+    from stylelora.generate.prompt_tags import parse_prompt, resolve_tags
+    from stylelora.lora.io import load_adapter_state
+
+    _, tags = parse_prompt(request.prompt)
+    for spec in list(request.loras) + resolve_tags(tags, request.adapters_dir):
+        path = weights_path(spec.path)
+        if path.suffix != ".safetensors" or not path.is_file():
+            load_adapter_state(path)  # raises the loader's own refusal (pickle, not found)
+        read_header(path)
 
 
 def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) -> ResolvedRequest:

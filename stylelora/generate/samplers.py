@@ -26,7 +26,8 @@ class Sampler:
 _KARRAS = {"use_karras_sigmas": True}
 SAMPLERS = {s.key: s for s in (
     Sampler("ddim", "DDIM", "DDIMScheduler"),
-    Sampler("pndm", "PLMS", "PNDMScheduler"),
+    # PLMS proper: no Runge-Kutta warm-up steps (which also fail below 4 steps).
+    Sampler("pndm", "PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
     Sampler("euler", "Euler", "EulerDiscreteScheduler"),
     Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler"),
     Sampler("heun", "Heun", "HeunDiscreteScheduler"),
@@ -84,6 +85,9 @@ def make_scheduler(base_scheduler: Any, name: str | None) -> tuple[Any, str]:
     if name is None:
         scheduler = type(base_scheduler).from_config(base_scheduler.config)
         return scheduler, scheduler_display_name(base_scheduler)
+    if name.endswith("Scheduler") and isinstance(getattr(diffusers, name, None), type):
+        # A class name is what we record for a base scheduler no sampler matches: rebuild it as the base has it.
+        return getattr(diffusers, name).from_config(base_scheduler.config), name
     sampler = resolve_sampler(name)
     scheduler_class = getattr(diffusers, sampler.scheduler_class)
     overrides = dict(sampler.overrides)

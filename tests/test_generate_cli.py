@@ -1,0 +1,112 @@
+"""`stylelora generate | grid | blend | inspect` through their argparse parsers, on a tiny base in tmp_path."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gen_fixtures import make_adapter, save_tiny_base
+
+from stylelora.generate.command import add_generate_parsers, output_paths, parse_size
+from stylelora.generate.pngmeta import parse_parameters, read_png_parameters
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    adapters = root / "adapters"
+    return {
+        "root": root,
+        "base": save_tiny_base(root / "base"),
+        "adapters": adapters,
+        "a": make_adapter(adapters / "stripes.safetensors", 1, trigger="stripes"),
+        "b": make_adapter(adapters / "pastel.safetensors", 2),
+    }
+
+
+def run(argv: list[str], capsys) -> tuple[int, list[str], str]:
+    parser = argparse.ArgumentParser(prog="stylelora")
+    add_generate_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code = args.handler(args)
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err
+
+
+def common(world) -> list[str]:
+    return ["--base", str(world["base"]), "--device", "cpu", "--adapters-dir", str(world["adapters"]), "--steps", "2"]
+
+
+def test_generate_writes_numbered_pngs_with_parameters(world, tmp_path, capsys):
+    argv = ["generate", "a red circle <lora:pastel:0.5>", "--lora", f"{world['a']}:0.8:0.2", "--seed", "7",
+            "--batch", "2", "--add-triggers", "--out", str(tmp_path), "--sampler", "euler", *common(world)]
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    assert out == [str(tmp_path / "00000-7.png"), str(tmp_path / "00001-8.png")]
+    params = parse_parameters(read_png_parameters(out[1]))
+    assert (params.seed, params.steps, params.sampler, params.prompt) == (8, 2, "Euler", "a red circle, stripes, style")
+    assert [(l.name, l.unet_weight, l.te_weight) for l in params.loras] == [("stripes", 0.8, 0.2), ("pastel", 0.5, 0.5)]
+    code, out, _ = run(argv, capsys)  # numbering continues after the files already there
+    assert out[0] == str(tmp_path / "00002-7.png")
+
+
+def test_generate_reports_bad_input_in_one_line(world, tmp_path, capsys):
+    code, out, err = run(["generate", "x <lora:nope:1>", "--out", str(tmp_path), *common(world)], capsys)
+    assert code == 2 and out == [] and "error: No adapter named 'nope'" in err
+    code, _, err = run(["generate", "x", "--size", "big", *common(world)], capsys)
+    assert code == 2 and "WIDTHxHEIGHT" in err
+
+
+def test_grid_command_writes_one_labelled_png(world, tmp_path, capsys):
+    out_file = tmp_path / "grid.png"
+    argv = ["grid", "a cat", "--x", "weight=0,0.5,1", "--y", f"adapter={world['a']},pastel,none", "--seed", "3",
+            "--out", str(out_file), *common(world)]
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and out == [str(out_file)]
+    from PIL import Image
+
+    with Image.open(out_file) as grid:
+        assert grid.width > 3 * 16 * 3 and grid.height > 3 * 16 * 3  # 3x3 tiles, upscaled x3, plus labels
+        assert "X Type: weight" in grid.info["parameters"] and "Y Type: adapter" in grid.info["parameters"]
+
+
+def test_blend_and_inspect_commands(world, tmp_path, capsys):
+    out_file = tmp_path / "mix.safetensors"
+    code, out, _ = run(["blend", f"{world['a']}:0.7", f"{world['b']}:0.5:-0.5", "--out", str(out_file), "--rank", "2"],
+                       capsys)
+    assert code == 0 and out[-1] == str(out_file) and "relative error max" in out[0]
+    code, out, _ = run(["blend", f"{world['a']}:1", "--out", str(tmp_path / "x.safetensors"), "--json"], capsys)
+    assert code == 0 and json.loads(out[0])["mode"] == "exact"
+    code, out, _ = run(["inspect", str(out_file), "--json"], capsys)
+    info = json.loads("\n".join(out))
+    assert code == 0 and info["rank"] == 2 and info["modelspec"]["merged_from"] == "stripes, pastel"
+    code, out, _ = run(["inspect", str(out_file)], capsys)
+    assert code == 0 and "merged from    stripes, pastel" in "\n".join(out)
+    code, _, err = run(["inspect", str(tmp_path / "missing.safetensors")], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_blend_rank_and_exact_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        run(["blend", "a.safetensors:1", "--out", "b.safetensors", "--rank", "2", "--exact"], capsys)
+
+
+@pytest.mark.parametrize("text, size", [(None, (None, None)), ("32", (32, 32)), ("32x48", (32, 48)), (" 64 X 16 ", (64, 16))])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_output_paths(tmp_path):
+    assert output_paths(str(tmp_path / "a.png"), [5], "unused") == [tmp_path / "a.png"]
+    assert output_paths(str(tmp_path / "a.png"), [5, 6], "unused") == [tmp_path / "a-0.png", tmp_path / "a-1.png"]
+    assert output_paths(None, [9], str(tmp_path / "imgs")) == [tmp_path / "imgs" / "00000-9.png"]
+
+
+def test_importing_the_command_module_stays_light():
+    code = "import sys, stylelora.generate.command; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == "[]"

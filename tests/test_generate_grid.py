@@ -1,0 +1,52 @@
+"""X/Y grids: what each cell's request is, and that cells are exactly the images those requests give alone."""
+from __future__ import annotations
+
+import numpy
+import pytest
+from gen_fixtures import load_tiny_base, make_adapter, pixels, save_tiny_base
+
+from stylelora.generate.generate import GenerateRequest, generate
+from stylelora.generate.stack import AdapterSpec
+from stylelora.generate.xy_grid import XYAxis, cell_request, parse_axis, xy_grid
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    return {"base": save_tiny_base(root / "base"), "a": make_adapter(root / "a.safetensors", 1),
+            "b": make_adapter(root / "b.safetensors", 2)}
+
+
+def test_cell_requests(world):
+    request = GenerateRequest("x", seed=5, loras=(AdapterSpec(world["b"], 0.3),))
+    weight, adapter = XYAxis("weight", (0.5,)), XYAxis("adapter", (str(world["a"]),))
+    # With an adapter axis, the weight axis weighs that adapter only.
+    cell = cell_request(request, [(weight, 0.5), (adapter, str(world["a"]))])
+    assert cell.loras == (AdapterSpec(world["b"], 0.3), AdapterSpec(world["a"], 0.5, 0.5))
+    # Without one, it weighs every adapter of the request; te_weight leaves the UNet weight alone.
+    assert cell_request(request, [(weight, 0.5)]).loras == (AdapterSpec(world["b"], 0.5, 0.5),)
+    assert cell_request(request, [(XYAxis("te_weight", (2,)), 2.0)]).loras == (AdapterSpec(world["b"], 0.3, 2.0),)
+    cell = cell_request(request, [(XYAxis("seed", (9,)), 9), (XYAxis("cfg", (3,)), 3.0)])
+    assert (cell.seed, cell.cfg, cell.loras) == (9, 3.0, request.loras)
+    with pytest.raises(ValueError, match="needs an adapter"):
+        cell_request(GenerateRequest("x"), [(weight, 0.5)])
+
+
+@pytest.mark.parametrize("text", ["weight", "color=1,2", "seed=a", "seed="])
+def test_bad_axes_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_axis(text)
+
+
+def test_grid_cells_are_the_images_of_their_requests(world, tmp_path):
+    pipe = load_tiny_base(world["base"])
+    request = GenerateRequest("a cat", steps=2, seed=4)
+    x, y = parse_axis("weight=0,1"), parse_axis(f"adapter={world['a']},none")
+    result = xy_grid(pipe, None, request, x, y, out_path=tmp_path / "g.png")
+    assert len(result.images) == 4 and result.columns == 2 and result.path.is_file()
+    alone = generate(pipe, None, GenerateRequest("a cat", steps=2, seed=4, loras=(AdapterSpec(world["a"], 1.0),)))[0]
+    assert numpy.array_equal(pixels(result.images[1]), pixels(alone))
+    # Weight 0, and the "none" row, are the base image exactly.
+    assert numpy.array_equal(pixels(result.images[0]), pixels(result.images[2]))
+    assert numpy.array_equal(pixels(result.images[2]), pixels(result.images[3]))
+    assert not numpy.array_equal(pixels(result.images[0]), pixels(result.images[1]))

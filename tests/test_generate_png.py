@@ -1,0 +1,207 @@
+"""generate(): resolved parameters, A1111 `parameters` PNG text round trip, regenerating an image from its PNG,
+<lora:...> tags resolved safely, samplers by name."""
+from __future__ import annotations
+
+import os
+
+import numpy
+import pytest
+from gen_fixtures import NATIVE_SIZE, load_tiny_base, make_adapter, pixels, save_tiny_base
+
+from stylelora.generate.generate import GenerateRequest, generate, request_from_parameters
+from stylelora.generate.pngmeta import GenerationParams, LoraUse, parse_parameters, read_png_parameters, save_png
+from stylelora.generate.prompt_tags import (
+    LoraTag,
+    PromptTagError,
+    list_adapters,
+    parse_prompt,
+    resolve_adapter_name,
+    resolve_tags,
+)
+from stylelora.generate.samplers import available_samplers, make_scheduler, resolve_sampler
+from stylelora.generate.stack import AdapterSpec, AdapterStack
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    adapters = root / "adapters"
+    (adapters / "styles").mkdir(parents=True)
+    return {
+        "base": save_tiny_base(root / "base"),
+        "adapters": adapters,
+        "stripes": make_adapter(adapters / "stripes.safetensors", 1, trigger="stripes style"),
+        "pastel": make_adapter(adapters / "styles" / "pastel.safetensors", 2),
+    }
+
+
+@pytest.fixture
+def pipe(world):
+    return load_tiny_base(world["base"])
+
+
+# ----------------------------------------------------------------------------- parameters text
+
+
+def test_parameters_text_round_trips():
+    params = GenerationParams(
+        prompt="a red circle, on blue", negative_prompt="blurry,\nlow quality", steps=20, cfg_scale=6.5,
+        sampler="DPM++ 2M Karras", seed=4294967295, width=32, height=48, model="toy", model_hash="0123456789",
+        loras=(LoraUse("stripes", 0.8, 0.8, "aaaaaaaaaaaa"), LoraUse("styles/pastel", 1.0, -0.35, "bbbbbbbbbbbb")),
+    )
+    text = params.to_text()
+    assert text.splitlines()[0] == "a red circle, on blue <lora:stripes:0.8> <lora:styles/pastel:te=-0.35:unet=1>"
+    assert 'Lora hashes: "stripes: aaaaaaaaaaaa, styles/pastel: bbbbbbbbbbbb"' in text
+    assert "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 4294967295, Size: 32x48" in text
+    assert parse_parameters(text) == params
+
+
+def test_parses_a1111_text_with_fields_we_do_not_use():
+    text = ("masterpiece, <lora:detail:0.6>, a cat <lora:ink:1:0.5>\nNegative prompt: lowres\n"
+            "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 12, Size: 512x768, "
+            'Model hash: 529c72f6c3, Model: v1-5, Lora hashes: "detail: 0123456789ab, ink: ba9876543210", Version: v1.9.4')
+    params = parse_parameters(text)
+    assert params.prompt == "masterpiece, a cat"
+    assert params.sampler == "DPM++ 2M Karras" and resolve_sampler(params.sampler).key == "dpm++_2m_karras"
+    # A1111 order: <lora:name:TE:UNET>
+    assert params.loras == (LoraUse("detail", 0.6, 0.6, "0123456789ab"), LoraUse("ink", 0.5, 1.0, "ba9876543210"))
+    assert (params.width, params.height, params.cfg_scale, params.model_hash) == (512, 768, 7.0, "529c72f6c3")
+    assert params.extra == {"Version": "v1.9.4"}
+
+
+def test_png_carries_parameters_and_writes_atomically(tmp_path):
+    from PIL import Image
+
+    params = GenerationParams("x", "", 2, 5.0, "DDIM", 3, 16, 16)
+    path = save_png(Image.new("RGB", (16, 16)), params, tmp_path / "out" / "a.png")
+    assert read_png_parameters(path) == params.to_text()
+    assert [p.name for p in path.parent.iterdir()] == ["a.png"]
+
+
+# ----------------------------------------------------------------------------- generate + reproduce
+
+
+def test_generate_records_what_it_resolved(world, pipe):
+    results = generate(pipe, None, GenerateRequest(
+        "a red circle <lora:stripes:0.8>", steps=2, adapters_dir=world["adapters"], add_triggers=True, batch_size=2))
+    first, second = (r.params for r in results)
+    assert first.seed != -1 and second.seed == first.seed + 1
+    assert (first.width, first.height) == (NATIVE_SIZE, NATIVE_SIZE)
+    assert first.sampler == "DDIM"  # the base's own scheduler, by its A1111 name
+    assert first.prompt == "a red circle, stripes style"
+    assert first.model == "base" and len(first.model_hash) == 10
+    stack = AdapterStack.for_pipe(pipe)
+    assert first.loras == (LoraUse("stripes", 0.8, 0.8, stack.load(world["stripes"]).short_hash),)
+    assert results[0].image.size == (NATIVE_SIZE, NATIVE_SIZE)
+
+
+def test_generating_again_from_the_png_reproduces_the_pixels(tmp_path, world, pipe):
+    request = GenerateRequest("a blue square <lora:styles/pastel:te=0.5:unet=-0.7>", negative_prompt="stripes",
+                              steps=3, cfg=6.0, sampler="euler_a", batch_size=2, adapters_dir=world["adapters"],
+                              loras=(AdapterSpec(world["stripes"], 0.9),))
+    originals = generate(pipe, None, request)
+    saved = originals[1].save(tmp_path / "second.png")
+    generate(pipe, None, GenerateRequest("something else", steps=2))  # the pipe moves on to another blend
+    again = generate(pipe, None, request_from_parameters(read_png_parameters(saved), world["adapters"],
+                                                          stack=AdapterStack.for_pipe(pipe)))
+    assert len(again) == 1
+    assert numpy.array_equal(pixels(again[0]), pixels(originals[1]))
+    assert again[0].parameters_text == originals[1].parameters_text
+
+
+def test_regenerating_with_a_changed_adapter_is_refused(tmp_path, world, pipe):
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    path = make_adapter(adapters / "ink.safetensors", 5)
+    result = generate(pipe, None, GenerateRequest("x <lora:ink:1>", steps=1, adapters_dir=adapters))[0]
+    make_adapter(adapters / "other.safetensors", 6).replace(path)
+    with pytest.raises(ValueError, match="not the files the image was made with"):
+        request_from_parameters(result.parameters_text, adapters, stack=AdapterStack.for_pipe(pipe))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"width": 20, "height": 16}, "multiples of 8"),
+    ({"steps": 0}, "steps must be"),
+    ({"seed": -2}, "seed must be"),
+    ({"batch_size": 0}, "batch size"),
+    ({"sampler": "warp"}, "Unknown sampler"),
+    ({"prompt": "x <lora:stripes:1>"}, "no adapters folder"),
+])
+def test_bad_requests_are_refused_with_reasons(pipe, changes, message):
+    request = GenerateRequest(**{"prompt": "x", "steps": 1, **changes})
+    with pytest.raises(ValueError, match=message):
+        generate(pipe, None, request)
+
+
+# ----------------------------------------------------------------------------- <lora:...> tags
+
+
+@pytest.mark.parametrize("prompt, clean, tags", [
+    ("a cat <lora:ink:0.5>", "a cat", [LoraTag("ink", 0.5, 0.5)]),
+    ("<lora:ink>, a cat", "a cat", [LoraTag("ink", 1.0, 1.0)]),
+    ("a cat, <lora:ink:1:0.25>, red", "a cat, red", [LoraTag("ink", 0.25, 1.0)]),  # A1111: TE first, then UNet
+    ("a <lora:ink:unet=0.3> cat", "a cat", [LoraTag("ink", 0.3, 1.0)]),
+    ("<lora:sub/ink:te=-1:unet=2>", "", [LoraTag("sub/ink", 2.0, -1.0)]),
+    ("no tags,  here ", "no tags, here", []),
+])
+def test_parse_prompt(prompt, clean, tags):
+    assert parse_prompt(prompt) == (clean, tags)
+
+
+@pytest.mark.parametrize("prompt", ["<lora:ink:abc>", "<lora::1>", "<lora:ink:1:2:3>", "<lora:ink:lbw=1>",
+                                    "a <lyco:ink:1>"])
+def test_bad_tags_are_refused(prompt):
+    with pytest.raises(PromptTagError):
+        parse_prompt(prompt)
+
+
+def test_tag_names_resolve_inside_the_adapters_folder(world):
+    folder = world["adapters"]
+    assert resolve_adapter_name("stripes", folder) == world["stripes"]
+    assert resolve_adapter_name("styles/pastel", folder) == world["pastel"]
+    assert resolve_adapter_name("pastel", folder) == world["pastel"]  # unique stem anywhere below, as A1111 does
+    assert set(list_adapters(folder)) == {"stripes", "styles/pastel"}
+    specs = resolve_tags([LoraTag("stripes", 0.5, 0.25)], folder)
+    assert specs == [AdapterSpec(world["stripes"], 0.5, 0.25)]
+
+
+@pytest.mark.parametrize("name", ["../base/unet/diffusion_pytorch_model", "/etc/passwd", "styles/../../base",
+                                  "..\\stripes", "C:/loras/x", "styles//pastel", "./stripes"])
+def test_path_traversal_is_refused(world, name):
+    with pytest.raises(PromptTagError, match="not allowed"):
+        resolve_adapter_name(name, world["adapters"])
+
+
+def test_symlink_leading_out_of_the_folder_is_refused(tmp_path, world):
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    outside = make_adapter(tmp_path / "secret.safetensors", 3)
+    os.symlink(outside, folder / "escape.safetensors")
+    with pytest.raises(PromptTagError, match="outside"):
+        resolve_adapter_name("escape", folder)
+    assert "escape" not in list_adapters(folder)
+
+
+def test_unknown_and_ambiguous_names_say_what_exists(tmp_path):
+    for sub in ("a", "b"):
+        make_adapter(tmp_path / sub / "ink.safetensors", 1)
+    with pytest.raises(PromptTagError, match="ambiguous.*a/ink, b/ink"):
+        resolve_adapter_name("ink", tmp_path)
+    with pytest.raises(PromptTagError, match="found: a/ink, b/ink"):
+        resolve_adapter_name("nope", tmp_path)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+@pytest.mark.parametrize("key", available_samplers())
+def test_every_available_sampler_builds_from_the_base_config_and_runs(pipe, key):
+    sampler = resolve_sampler(key)
+    assert resolve_sampler(sampler.display).key == key  # A1111 display names read back
+    scheduler, display = make_scheduler(pipe.scheduler, key)
+    assert display == sampler.display
+    assert type(scheduler).__name__ == sampler.scheduler_class
+    assert scheduler.config.num_train_timesteps == pipe.scheduler.config.num_train_timesteps
+    result = generate(pipe, None, GenerateRequest("x", steps=2, seed=1, sampler=key))[0]
+    assert result.params.sampler == sampler.display
+    assert pixels(result).std() > 0

@@ -1,0 +1,86 @@
+"""inspect_adapter(): layout, architecture, rank/alpha, module counts, triggers, training settings, tags, hashes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from gen_fixtures import make_adapter, make_peft_adapter
+from safetensors.torch import save_file
+
+from stylelora.generate.inspect import format_inspect, inspect_adapter, trigger_words
+from stylelora.lora.io import file_model_hash
+
+TE_MODULES = 2 * 6  # 2 CLIP layers x q/k/v/out/fc1/fc2
+
+
+@pytest.mark.parametrize("layout, writer, unet, te", [
+    ("kohya", lambda tmp: make_adapter(tmp / "ink.safetensors", 1, trigger="ink style, ink"), True, True),
+    ("diffusers", lambda tmp: make_adapter(tmp / "ink.safetensors", 1, fmt="diffusers"), True, True),
+    ("peft", lambda tmp: make_peft_adapter(tmp / "ink", 1, "unet"), True, False),
+])
+def test_inspect_table(tmp_path, layout, writer, unet, te):
+    path = writer(tmp_path)
+    info = inspect_adapter(path)
+    assert info["format"] == layout
+    assert (info["rank"], info["alpha"], info["mixed"]) == (4, 2.0, False)
+    assert (info["modules"]["unet"] > 0) == unet
+    assert info["modules"]["text_encoder"] == (TE_MODULES if te else 0)
+    assert info["file_size"] == path.stat().st_size
+    assert info["hash"]["computed"] == file_model_hash(path) and info["hash"]["a1111_short"] == info["hash"]["computed"][:12]
+    assert info["architecture"].startswith("custom SD-architecture") if te else info["architecture"]
+    json.dumps(info)  # JSON-ready for --json
+    assert info["title"] in format_inspect(info)
+
+
+def test_inspect_reads_our_training_metadata(tmp_path):
+    path = make_adapter(tmp_path / "ink.safetensors", 1, trigger="ink style, ink")
+    info = inspect_adapter(path)
+    assert info["trigger_words"] == ["ink style", "ink"]
+    assert info["training"]["ss_steps"] == 500 and info["training"]["ss_network_dim"] == 4
+    assert info["tag_frequency"] == {"ink style, ink": 30, "circle": 12}
+    assert info["hash"]["matches_metadata"] is True
+    assert info["base_model"]["ss_base_model_version"] == "sd_v1"
+    assert info["modelspec"]["architecture"] == "stable-diffusion-v1/lora"
+    text = format_inspect(info)
+    for expected in ("kohya layout", "rank 4, alpha 2", f"text encoder {TE_MODULES}", "trigger words  ink style, ink",
+                     "matches metadata", "steps", "circle (12)"):
+        assert expected in text
+
+
+def test_mixed_ranks_are_listed_per_kind(tmp_path):
+    info = inspect_adapter(make_adapter(tmp_path / "locon.safetensors", 1, preset="locon", conv_rank=2, conv_alpha=1.0))
+    assert info["mixed"] and info["conv_modules"] > 0
+    assert set(info["rank_alpha_counts"]) == {"4/2", "2/1"}
+    assert "per module" in format_inspect(info)
+
+
+@pytest.mark.parametrize("keys, family", [
+    ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (4, 768)}, "stable-diffusion-v1"),
+    ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (4, 1024)}, "stable-diffusion-v2"),
+    ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (4, 768)}, "stable-diffusion-xl-v1-base"),
+    ({"lora_unet_input_blocks_1_1_proj_in": (4, 320)}, "stable-diffusion-xl-v1-base"),
+])
+def test_architecture_from_keys_and_shapes(tmp_path, keys, family):
+    state = {}
+    for name, (rank, width) in keys.items():
+        state[f"{name}.lora_down.weight"] = torch.zeros(rank, width)
+        state[f"{name}.lora_up.weight"] = torch.zeros(width, rank)
+        state[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(state, str(tmp_path / "x.safetensors"))
+    info = inspect_adapter(tmp_path / "x.safetensors")
+    assert info["architecture"] == family
+    assert info["hash"]["matches_metadata"] is None and "no sshs_model_hash" in format_inspect(info)
+
+
+def test_trigger_words_fall_back_to_kohya_folder_names():
+    metadata = {"ss_dataset_dirs": json.dumps({"10_zorb": {}, "img/5_toy pastel": {}, "reg": {}})}
+    assert trigger_words(metadata) == ["zorb", "toy pastel"]
+    assert trigger_words({}) == []
+
+
+def test_inspect_refuses_pickles(tmp_path):
+    path = tmp_path / "old.pt"
+    path.write_bytes(b"x")
+    with pytest.raises(ValueError, match="pickle"):
+        inspect_adapter(path)
