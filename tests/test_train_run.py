@@ -261,3 +261,25 @@ def test_resume_refuses_changed_network_settings(tmp_path, tiny_base, dataset):
     shutil.rmtree(output / "checkpoints")
     with pytest.raises(ResumeError, match="no complete checkpoint"):
         train(dataset, output, tiny_base, **{"train.resume": "latest"})
+
+
+def test_ctrl_c_says_how_to_continue(tmp_path, tiny_base, dataset, monkeypatch, capsys):
+    from stylelora.train.command import train_from_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "loss_step", interrupted)
+    code = train_from_cli(None, tiny_overrides(dataset, tmp_path / "run", tiny_base))
+    assert code == 130
+    assert "--resume latest" in capsys.readouterr().err
+
+
+def test_saved_config_reruns_as_a_new_run_not_a_resume(tmp_path, tiny_base, dataset):
+    output = tmp_path / "run"
+    train(dataset, output, tiny_base, **{"train.save_every": 2})
+    reset_accelerate()
+    adapter = train(dataset, output, tiny_base, **{"train.save_every": 2, "train.resume": "latest", "train.steps": 6})
+    saved = load_config(output / "config.toml", {})
+    assert saved.train.resume is None and saved.train.overwrite is False and saved.train.steps == 6
+    assert adapter_metadata(adapter)["ss_steps"] == "6"

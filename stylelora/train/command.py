@@ -106,6 +106,10 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any]) -> int:
     except (ConfigError, DataError, BaseModelError, ResumeError, OptimizerUnavailable, TrainingDiverged) as error:
         _report(f"stylelora train: error: {error}")
         return 1
+    except KeyboardInterrupt:
+        _report(f"stylelora train: interrupted. Run the same command with --resume latest to continue from the last "
+                f"checkpoint in {config.output_dir / 'checkpoints'} (one is written every --save-every steps).")
+        return 130
     if _is_main_process():
         print(adapter, flush=True)
     return 0

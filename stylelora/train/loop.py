@@ -12,6 +12,7 @@ Only the main process writes files or prints; every process computes, and all of
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate.utils import set_seed
 
 from stylelora.config import ConfigError, TrainConfig, config_to_dict, save_config, with_model_defaults
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
@@ -30,6 +32,7 @@ from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samp
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
 from stylelora.data.scan import ScanReport, TrainItem, scan_folder
 from stylelora.train import checkpoint
+from stylelora.train.logs import RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.optim import build_lr_scheduler, build_optimizer
@@ -70,7 +73,7 @@ class Run:
     lr_scheduler: object
     generator: torch.Generator
     facts: RunFacts
-    log: object = None
+    log: RunLog | None = None
     epoch: int = 0
     position: int = 0  # batches of the current epoch consumed (the sampler position saved in checkpoints)
     last_checkpoint: Path | None = None
@@ -90,9 +93,7 @@ def run_training(config: TrainConfig) -> Path:
 
     # 2. Base model and LoRA.
     pipe = _load_base(config, accelerator)
-    config = with_model_defaults(config, **model_geometry(pipe))
-    from accelerate.utils import set_seed
-
+    config = run_settings(with_model_defaults(config, **model_geometry(pipe)))
     set_seed(config.train.seed)  # identical LoRA initialisation on every process
     lora = _add_lora(config, pipe)
 
@@ -112,8 +113,6 @@ def run_training(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         save_config(config, run_dir / CONFIG_FILE)  # first, so even a killed run documents itself
     say(describe_run(run, start_step))
-    from stylelora.train.logs import RunLog
-
     run.log = RunLog(run_dir, total_steps=config.train.steps, start_step=start_step,
                      enabled=accelerator.is_main_process)
     try:
@@ -121,6 +120,9 @@ def run_training(config: TrainConfig) -> Path:
     except TrainingDiverged as diverged:
         run.log.close()
         raise TrainingDiverged(f"{diverged} {_after_divergence(run)}") from None
+    except KeyboardInterrupt:
+        run.log.close()  # the metrics so far stay readable; checkpoints are already whole
+        raise
 
     # 7. The adapter people share, and the config that made it.
     adapter = finish(run)
@@ -131,6 +133,15 @@ def run_training(config: TrainConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------- 0. process and output folder
+
+
+def run_settings(config: TrainConfig) -> TrainConfig:
+    """The config as saved with the run (config.toml, metadata, checkpoints): what it trains, not how it was started.
+
+    Without this, re-using a run's config.toml would silently resume or overwrite.
+    """
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, resume=None, overwrite=False))
+
 
 
 def _accelerator(config: TrainConfig):
