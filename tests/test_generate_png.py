@@ -95,18 +95,23 @@ def test_generate_records_what_it_resolved(world, pipe):
     assert results[0].image.size == (NATIVE_SIZE, NATIVE_SIZE)
 
 
-def test_generating_again_from_the_png_reproduces_the_pixels(tmp_path, world, pipe):
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_generating_again_from_the_png_reproduces_the_pixels(tmp_path, world, pipe, batch_size):
     request = GenerateRequest("a blue square <lora:styles/pastel:te=0.5:unet=-0.7>", negative_prompt="stripes",
-                              steps=3, cfg=6.0, sampler="euler_a", batch_size=2, adapters_dir=world["adapters"],
+                              steps=3, cfg=6.0, sampler="euler_a", batch_size=batch_size, adapters_dir=world["adapters"],
                               loras=(AdapterSpec(world["stripes"], 0.9),))
-    originals = generate(pipe, None, request)
-    saved = originals[1].save(tmp_path / "second.png")
+    original = generate(pipe, None, request)[-1]
+    saved = original.save(tmp_path / "last.png")
     generate(pipe, None, GenerateRequest("something else", steps=2))  # the pipe moves on to another blend
     again = generate(pipe, None, request_from_parameters(read_png_parameters(saved), world["adapters"],
                                                           stack=AdapterStack.for_pipe(pipe)))
-    assert len(again) == 1
-    assert numpy.array_equal(pixels(again[0]), pixels(originals[1]))
-    assert again[0].parameters_text == originals[1].parameters_text
+    assert len(again) == 1 and again[0].parameters_text == original.parameters_text
+    difference = numpy.abs(pixels(again[0]).astype(int) - pixels(original))
+    if batch_size == 1:
+        assert difference.max() == 0
+    else:
+        # Image i of a batch has its own generator (seed + i), so only batched kernels' rounding can differ.
+        assert difference.max() <= 1
 
 
 def test_regenerating_with_a_changed_adapter_is_refused(tmp_path, world, pipe):

@@ -84,3 +84,21 @@ def test_inspect_refuses_pickles(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(ValueError, match="pickle"):
         inspect_adapter(path)
+
+
+def test_upload_check_reads_only_the_header(tmp_path):
+    from stylelora.generate.adapter_file import AdapterFileError, check_adapter_file
+    from stylelora.generate.inspect import adapter_trigger_words
+
+    path = make_adapter(tmp_path / "ink.safetensors", 1, trigger="ink")
+    assert check_adapter_file(path, max_bytes=10 * 2**20) == "kohya"
+    assert check_adapter_file(make_adapter(tmp_path / "d.safetensors", 1, fmt="diffusers")) == "diffusers"
+    assert adapter_trigger_words(path) == ["ink"]
+    with pytest.raises(AdapterFileError, match="MiB"):
+        check_adapter_file(path, max_bytes=1000)
+    save_file({"model.weight": torch.zeros(2)}, str(tmp_path / "base.safetensors"))
+    with pytest.raises(AdapterFileError, match="not a LoRA"):
+        check_adapter_file(tmp_path / "base.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(AdapterFileError, match="not a readable"):
+        check_adapter_file(tmp_path / "junk.safetensors")

@@ -84,6 +84,30 @@ def read_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
         ) from error
 
 
+def check_adapter_file(path: str | os.PathLike, max_bytes: int | None = None) -> str:
+    """Cheap validation of a candidate adapter (e.g. an upload): size cap, safetensors header, LoRA layout.
+
+    Returns the layout ("kohya", "diffusers" or "peft"); reads only the header, never the tensors.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise AdapterFileError(
+            f"{path.name} is {size / 2**20:.1f} MiB; adapters up to {max_bytes / 2**20:.0f} MiB are accepted."
+        )
+    keys, _ = read_header(path)
+    if keys and all(key.startswith(PEFT_KEY_PREFIX) for key in keys):
+        return "peft"
+    if keys and all(key.startswith(("lora_unet_", "lora_te")) for key in keys):
+        return "kohya"
+    if keys and all(key.startswith(("unet.", "text_encoder.")) and ".lora_" in key for key in keys):
+        return "diffusers"
+    raise AdapterFileError(
+        f"{path.name} is a safetensors file but not a LoRA adapter ({len(keys)} tensors, e.g. "
+        f"{', '.join(sorted(keys)[:3]) or 'none'})."
+    )
+
+
 def _header_keys(path: Path) -> list[str]:
     return read_header(path)[0]
 

@@ -51,9 +51,9 @@ class BlendReport:
         return statistics.fmean(self.module_errors.values()) if self.module_errors else 0.0
 
     def summary(self, worst: int = 5) -> str:
-        lines = [f"{len(self.module_errors)} modules, {self.mode}"
-                 + (f" rank {self.rank}" if self.rank else f" (ranks up to {max(self.module_ranks.values(), default=0)})")
-                 + f"; relative error max {self.max_error:.3e}, mean {self.mean_error:.3e}"]
+        ranks = f" rank {self.rank}" if self.rank else f" (ranks up to {max(self.module_ranks.values(), default=0)})"
+        lines = [f"{len(self.module_errors)} modules, {self.mode}{ranks}; "
+                 f"relative error max {self.max_error:.3e}, mean {self.mean_error:.3e}"]
         if self.mode == "svd":
             ranked = sorted(self.module_errors.items(), key=lambda item: -item[1])[:worst]
             lines += [f"  {error:.3e}  {name}" for name, error in ranked]
@@ -216,7 +216,8 @@ def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors) -> 
 
     first = files[0].metadata
     titles = [f.metadata.get("modelspec.title") or f.path.stem for f in files]
-    triggers = [w for spec, f in zip(specs, files) if spec.unet_weight or spec.te_weight for w in trigger_words(f.metadata)]
+    used = [f for spec, f in zip(specs, files) if spec.unet_weight or spec.text_encoder_weight]
+    triggers = [word for f in used for word in trigger_words(f.metadata)]
     top_rank = max(ranks.values())
     inputs = [{"file": f.path.name, "title": t, "unet_weight": s.unet_weight, "te_weight": s.text_encoder_weight,
                "sshs_model_hash": file_model_hash(f.path)} for s, f, t in zip(specs, files, titles)]

@@ -25,9 +25,10 @@ def add_generate_parsers(subparsers) -> None:
     gen.add_argument("--out", help=f"PNG file or folder (default {DEFAULT_IMAGES_DIR}/NNNNN-SEED.png)")
     gen.set_defaults(handler=cmd_generate)
 
-    grid = subparsers.add_parser("grid", help="X/Y comparison grid: adapters x weights, or two of weight/seed/cfg/steps")
+    grid = subparsers.add_parser("grid", help="X/Y grid: adapters x weights, or two of weight/seed/cfg/steps")
     _add_generation_args(grid)
-    grid.add_argument("--x", required=True, metavar="KIND=V1,V2", help="adapter|weight|unet_weight|te_weight|seed|cfg|steps")
+    grid.add_argument("--x", required=True, metavar="KIND=V1,V2",
+                      help="columns; KIND: adapter|weight|unet_weight|te_weight|seed|cfg|steps")
     grid.add_argument("--y", metavar="KIND=V1,V2", help="second axis (rows)")
     grid.add_argument("--out", help=f"grid PNG (default {DEFAULT_GRIDS_DIR}/NNNNN-grid.png)")
     grid.set_defaults(handler=cmd_grid)
@@ -56,11 +57,13 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=-1, help="-1: random (the one used is recorded)")
-    parser.add_argument("--sampler", help="ddim, euler, euler_a, dpm++_2m, dpm++_2m_karras, unipc, ... (default: the base's)")
+    parser.add_argument("--sampler", help="ddim, euler, euler_a, dpm++_2m, dpm++_2m_karras, unipc, ... "
+                                           "(default: the base's own)")
     parser.add_argument("--size", help="WxH or N (default: the base's native size)")
     parser.add_argument("--add-triggers", action="store_true", help="append the adapters' trigger words to the prompt")
     parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="where <lora:NAME> tags are looked up")
-    parser.add_argument("--base", default="toy", help="toy (default) | hub id | diffusers folder | single .safetensors file")
+    parser.add_argument("--base", default="toy",
+                        help="toy (default) | hub id | diffusers folder | single .safetensors file")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow a pickle .ckpt base (only files you trust)")
@@ -98,7 +101,9 @@ def _load_pipe(args: argparse.Namespace):
 
 
 def _next_number(folder: Path) -> int:
-    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := IMAGE_NUMBER.match(p.name))] if folder.is_dir() else []
+    if not folder.is_dir():
+        return 0
+    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := IMAGE_NUMBER.match(p.name))]
     return max(numbers, default=-1) + 1
 
 

@@ -37,6 +37,13 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(word for word in words if word))
 
 
+def adapter_trigger_words(path: str | os.PathLike) -> list[str]:
+    """Trigger words of an adapter file, from its header only (for the app's "add triggers" button)."""
+    from stylelora.generate.adapter_file import read_header, weights_path
+
+    return trigger_words(read_header(weights_path(path))[1])
+
+
 def tag_frequencies(metadata: dict[str, str]) -> dict[str, int]:
     """{tag: count} over all dataset folders of ss_tag_frequency, most frequent first."""
     total: Counter = Counter()
@@ -143,7 +150,8 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
     """A human-readable report of inspect_adapter's dict."""
     rank = f"rank {info['rank']}, alpha {info['alpha']:g}" if info["rank"] is not None else "no modules"
     if info.get("mixed"):
-        rank += " (most modules; per module: " + ", ".join(f"{k}×{n}" for k, n in info["rank_alpha_counts"].items()) + ")"
+        counts = ", ".join(f"{pair}×{count}" for pair, count in info["rank_alpha_counts"].items())
+        rank += f" (most modules; per module rank/alpha: {counts})"
     hashes = info["hash"]
     check = {None: "no sshs_model_hash in metadata", True: "matches metadata", False: "DIFFERS from metadata"}
     lines = [
@@ -165,7 +173,8 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
     if info["tag_frequency"]:
         top = list(info["tag_frequency"].items())[:max_tags]
         more = len(info["tag_frequency"]) - len(top)
-        lines.append("  tags           " + ", ".join(f"{tag} ({n})" for tag, n in top) + (f", +{more} more" if more > 0 else ""))
+        shown = ", ".join(f"{tag} ({count})" for tag, count in top)
+        lines.append(f"  tags           {shown}" + (f", +{more} more" if more > 0 else ""))
     return "\n".join(lines)
 
 

@@ -140,7 +140,9 @@ def resolve_adapter_name(name: str, folder: str | os.PathLike) -> Path:
     _check_name(name)
     folder = Path(folder)
     if not folder.is_dir():
-        raise PromptTagError(f"Adapters folder {folder} does not exist; pass the folder holding your .safetensors adapters.")
+        raise PromptTagError(
+            f"Adapters folder {folder} does not exist; pass the folder holding your .safetensors adapters."
+        )
     stem = name.removesuffix(ADAPTER_SUFFIX)
     for candidate in (folder / f"{stem}{ADAPTER_SUFFIX}", folder / stem / PEFT_WEIGHTS_NAME):
         if candidate.is_file():

@@ -76,7 +76,9 @@ def parse_lora_arg(text: str) -> AdapterSpec:
         value = _as_number(tail) if sep else None
         if value is None:
             if sep and rest.lower().endswith(WEIGHT_SUFFIXES):
-                raise ValueError(f"Bad weight {tail!r} in {text!r}: write FILE[:W[:TE_W]] with numbers, e.g. a.safetensors:0.8")
+                raise ValueError(
+                    f"Bad weight {tail!r} in {text!r}: write FILE[:W[:TE_W]] with numbers, e.g. a.safetensors:0.8"
+                )
             break
         weights.insert(0, value)
         head = rest
@@ -173,13 +175,16 @@ def _component_factors(file: AdapterFile, component: str, kohya_part: dict, name
     try:
         peft_state, ranks = formats.kohya_to_peft(kohya_part, names)
     except ValueError as error:
-        raise AdapterStackError(f"{file.path.name} does not fit this base's {component}: {error} Nothing was applied.") from error
+        raise AdapterStackError(
+            f"{file.path.name} does not fit this base's {component}: {error} Nothing was applied."
+        ) from error
     factors, mismatched = {}, []
     for path, (rank, alpha) in ranks.items():
         down, up = peft_state[f"{path}.lora_A.weight"], peft_state[f"{path}.lora_B.weight"]
         weight = names.layers[path].weight
         if _delta_shape(up, down) != tuple(weight.shape):
-            mismatched.append(f"{names.by_path[path]} {tuple(up.shape[:1]) + tuple(down.shape[1:])} vs layer {tuple(weight.shape)}")
+            file_shape = tuple(up.shape[:1]) + tuple(down.shape[1:])
+            mismatched.append(f"{names.by_path[path]} {file_shape} vs layer {tuple(weight.shape)}")
             continue
         factors[(component, path)] = LowRank(
             up=up.reshape(up.shape[0], rank).to(weight.device, dtype=_torch().float32),
