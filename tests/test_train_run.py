@@ -283,3 +283,31 @@ def test_saved_config_reruns_as_a_new_run_not_a_resume(tmp_path, tiny_base, data
     saved = load_config(output / "config.toml", {})
     assert saved.train.resume is None and saved.train.overwrite is False and saved.train.steps == 6
     assert adapter_metadata(adapter)["ss_steps"] == "6"
+
+
+def test_mixed_aspect_ratios_train_in_several_buckets(tmp_path, tiny_base, capsys):
+    from train_fixtures import COLORS, render
+
+    folder = tmp_path / "data" / "1_stripestyle"
+    folder.mkdir(parents=True)
+    for i, size in enumerate([(64, 32), (64, 32), (32, 64), (32, 64), (32, 32), (32, 32)]):
+        render(COLORS["red"], striped=True, size=64, seed=i).resize(size).save(folder / f"{i}.png")
+    adapter = train(tmp_path / "data", tmp_path / "run", tiny_base, **{"train.batch_size": 2, "train.steps": 3})
+    assert adapter.is_file()
+    assert "in 3 bucket(s)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "stylelora/models/toy/base/model_index.json").is_file(),
+                    reason="the toy base is not built yet (stylelora toy build-base)")
+def test_trains_on_the_shipped_toy_base(tmp_path):
+    source = Path(__file__).resolve().parents[1] / "datasets" / "toy-stripes" / "10_stripestyle"
+    folder = tmp_path / "data" / "10_stripestyle"
+    folder.mkdir(parents=True)
+    for image in sorted(source.glob("*.png"))[:8]:
+        shutil.copy(image, folder)
+        shutil.copy(image.with_suffix(".txt"), folder)
+    adapter = run_training(load_config(None, {"data.dir": str(tmp_path / "data"), "train.output": str(tmp_path / "run"),
+                                              "train.steps": 2, "train.batch_size": 4, "train.sample_every": 0,
+                                              "train.sample_steps": 2}))
+    assert adapter_metadata(adapter)["ss_resolution"] == "(32, 32)"
+    assert {t.dtype for t in adapter_tensors(adapter).values()} == {torch.float32}  # fp16 base, fp32 LoRA

@@ -12,6 +12,8 @@ from torch import nn
 
 from stylelora.data.latent_cache import TextEmbeddingCache
 
+TOKEN_CACHE_LIMIT = 100_000  # distinct captions kept tokenized (~60 MB of ids)
+
 
 @dataclass
 class TrainModels:
@@ -41,6 +43,8 @@ class TrainModels:
     def token_ids(self, captions: list[str]) -> torch.Tensor:
         """(B, max_length) token ids; each distinct caption is tokenized once per run (captions repeat a lot)."""
         missing = [c for c in dict.fromkeys(captions) if c not in self._token_ids]
+        if len(self._token_ids) + len(missing) > TOKEN_CACHE_LIMIT:
+            self._token_ids.clear()  # shuffled tags can make endless distinct captions: keep memory bounded
         if missing:
             ids = tokenize(self.tokenizer, missing)
             self._token_ids.update(zip(missing, ids.to(self.device)))
