@@ -84,7 +84,7 @@ def test_blend_and_inspect_commands(world, tmp_path, capsys):
     info = json.loads("\n".join(out))
     assert code == 0 and info["rank"] == 2 and info["modelspec"]["merged_from"] == "stripes, pastel"
     code, out, _ = run(["inspect", str(out_file)], capsys)
-    assert code == 0 and "merged from    stripes, pastel" in "\n".join(out)
+    assert code == 0 and "merged from    stripes (unet 0.7, te 0.7), pastel (unet 0.5, te -0.5); rank 2 SVD" in "\n".join(out)
     code, _, err = run(["inspect", str(tmp_path / "missing.safetensors")], capsys)
     assert code == 2 and "not found" in err
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # Metadata that is big or shown elsewhere; every other ss_* key is listed as a training setting.
+BLEND_METADATA_KEY = "stylelora.blend"  # written by stylelora.generate.blend
 NOT_TRAINING_SETTINGS = {"ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_datasets"}
 REPEATS_FOLDER = re.compile(r"^\d+_(.+)$")
 # Hidden size of the CLIP text encoder (q_proj input) per Stable Diffusion family.
@@ -132,6 +133,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "dataset_dirs": _json(metadata.get("ss_dataset_dirs"), {}),
         "modelspec": {key.removeprefix("modelspec."): value for key, value in metadata.items()
                       if key.startswith("modelspec.")},
+        "blend": _json(metadata.get(BLEND_METADATA_KEY), None),
         "hash": {"sshs_model_hash": stored, "computed": computed, "a1111_short": computed[:12],
                  "matches_metadata": None if stored is None else stored == computed,
                  "sshs_legacy_hash": metadata.get("sshs_legacy_hash")},
@@ -165,7 +167,12 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         f"  hash           {hashes['a1111_short']} (sha256 {hashes['computed']}, {check[hashes['matches_metadata']]})",
     ]
     merged = info["modelspec"].get("merged_from")
-    if merged:
+    if info.get("blend"):
+        blend = info["blend"]
+        inputs = ", ".join(f"{i['title']} (unet {i['unet_weight']:g}, te {i['te_weight']:g})" for i in blend["inputs"])
+        how = f"rank {blend['rank']} SVD, max relative error {blend['max_relative_error']:.2e}" if blend["rank"] else "exact"
+        lines.append(f"  merged from    {inputs}; {how}")
+    elif merged:
         lines.append(f"  merged from    {merged}")
     if info["training"]:
         lines.append("  training")

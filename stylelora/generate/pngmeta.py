@@ -10,7 +10,7 @@ Format (what A1111, ComfyUI importers and civitai read):
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -167,8 +167,9 @@ def save_png(image: Any, params: GenerationParams | str, path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, params if isinstance(params, str) else params.to_text())
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    # A unique name in the same folder (rename stays atomic); created normally so the umask sets its mode
+    # (mkstemp would leave the PNG readable by its owner only).
+    temp_name = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         image.save(temp_name, format="PNG", pnginfo=info)
         os.replace(temp_name, path)
