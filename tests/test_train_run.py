@@ -106,7 +106,10 @@ def test_cli_run_writes_every_artifact_and_the_adapter_loads_in_diffusers(tmp_pa
 
 
 def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, dataset):
-    adapter = train(dataset, tmp_path / "run", tiny_base, **{"train.output_name": "meta"})
+    adapter = train(dataset, tmp_path / "run", tiny_base, **{"train.output_name": "meta", "train.save_every": 1,
+                                                            "train.keep_checkpoints": 2})
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-000003", "step-000004"]  # last K
+    assert adapter_metadata(tmp_path / "run/checkpoints/step-000003/meta-step000003.safetensors")["ss_steps"] == "3"
     metadata = adapter_metadata(adapter)
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4.0"
     assert metadata["ss_steps"] == "4" and metadata["ss_output_name"] == "meta"
@@ -238,17 +241,18 @@ def test_gradient_accumulation_and_checkpointing_and_locon_run(tmp_path, tiny_ba
     assert any("conv" in k for k in tensors)
 
 
-def test_missing_optional_optimizer_names_the_install(tmp_path, tiny_base, dataset):
-    pytest.importorskip("torch")
-    try:
-        import prodigyopt  # noqa: F401
-        pytest.skip("prodigyopt is installed")
-    except ImportError:
-        pass
+@pytest.mark.parametrize("optimizer, module, install", [("prodigy", "prodigyopt", "pip install 'prodigyopt"),
+                                                        ("adamw8bit", "bitsandbytes", "pip install 'bitsandbytes")])
+def test_optional_optimizer_trains_or_names_the_install(tmp_path, tiny_base, dataset, optimizer, module, install):
+    import importlib.util
+
     from stylelora.train.optim import OptimizerUnavailable
 
-    with pytest.raises(OptimizerUnavailable, match="pip install 'prodigyopt"):
-        train(dataset, tmp_path / "run", tiny_base, **{"optim.optimizer": "prodigy"})
+    if importlib.util.find_spec(module) is not None:
+        assert train(dataset, tmp_path / "run", tiny_base, **{"optim.optimizer": optimizer}).is_file()
+        return
+    with pytest.raises(OptimizerUnavailable, match=install):
+        train(dataset, tmp_path / "run", tiny_base, **{"optim.optimizer": optimizer})
 
 
 def test_resume_refuses_changed_network_settings(tmp_path, tiny_base, dataset):

@@ -6,7 +6,6 @@ milliseconds on one CPU core. Nothing here depends on files outside the reposito
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -107,11 +106,6 @@ def tiny_overrides(data_dir: Path, output: Path, base: Path, **extra) -> dict:
     }
     overrides.update(extra)
     return overrides
-
-
-def write_json(path: Path, value) -> Path:
-    path.write_text(json.dumps(value), encoding="utf-8")
-    return path
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.csv"
 LOSS_PLOT_FILE = "loss.png"
-COLUMNS = ("step", "loss", "loss_smoothed", "lr_unet", "lr_text_encoder", "grad_norm", "step_seconds", "elapsed_seconds")
+COLUMNS = ("step", "loss", "loss_smoothed", "lr_unet", "lr_text_encoder", "grad_norm", "step_seconds",
+           "elapsed_seconds")
 SMOOTHING = 0.95  # exponential moving average of the loss for the bar and the plot
 CSV_EVERY = 25  # steps between metrics.csv rewrites (cheap: a few KB)
 

@@ -35,7 +35,7 @@ from stylelora.train import checkpoint
 from stylelora.train.logs import RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
-from stylelora.train.optim import build_lr_scheduler, build_optimizer
+from stylelora.train.optim import build_lr_scheduler, build_optimizer, optimizer_class
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
 from stylelora.train.step import loss_step, prediction_type
 
@@ -87,6 +87,7 @@ def run_training(config: TrainConfig) -> Path:
     run_dir = config.output_dir
     resume_from = checkpoint.resolve_resume(config.train.resume, run_dir) if config.train.resume else None
     _check_output_dir(config, run_dir, resume_from, accelerator)
+    optimizer_class(config.optim.optimizer)  # a missing optional package fails now, not after loading everything
 
     # 1. Data, checked before any model loads: a folder with nothing usable fails in seconds.
     data = prepare_data(config, run_dir, accelerator, say)
@@ -141,7 +142,6 @@ def run_settings(config: TrainConfig) -> TrainConfig:
     Without this, re-using a run's config.toml would silently resume or overwrite.
     """
     return dataclasses.replace(config, train=dataclasses.replace(config.train, resume=None, overwrite=False))
-
 
 
 def _accelerator(config: TrainConfig):
@@ -273,7 +273,8 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
     latent_cache = None
     if d.cache != "none":
         latent_cache = LatentCache(lambda pixels: encode_pixels(pipe.vae, pixels.to(device)),
-                                   model_identity("vae", pipe.vae), cache_root / "latents" if d.cache == "disk" else None)
+                                   model_identity("vae", pipe.vae),
+                                   cache_root / "latents" if d.cache == "disk" else None)
     dataset = TrainingDataset(list(data.checked.kept), options, latent_cache=latent_cache)
     if latent_cache is not None:
         # With a shared disk cache the main process encodes and the others then find every entry.
@@ -460,8 +461,8 @@ def save(run: Run, step: int) -> None:
 def write_adapter(run: Run, path: Path, step: int) -> Path:
     from stylelora.lora.io import save_adapter
 
-    return save_adapter(path, run.pipe.unet, run.pipe.text_encoder, metadata=adapter_metadata(run.config, run.facts, step),
-                        fmt=run.config.train.format)
+    metadata = adapter_metadata(run.config, run.facts, step)
+    return save_adapter(path, run.pipe.unet, run.pipe.text_encoder, metadata=metadata, fmt=run.config.train.format)
 
 
 def finish(run: Run) -> Path:

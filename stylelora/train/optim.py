@@ -20,14 +20,18 @@ def param_groups(config: TrainConfig, params: LoraParameters) -> list[dict]:
 
 
 def build_optimizer(config: TrainConfig, params: LoraParameters) -> torch.optim.Optimizer:
-    groups = param_groups(config, params)
-    name, decay = config.optim.optimizer, config.optim.weight_decay
+    optimizer = optimizer_class(config.optim.optimizer)
+    return optimizer(param_groups(config, params), weight_decay=config.optim.weight_decay)
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer's class; OptimizerUnavailable (naming the install) when its optional package is missing."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=decay)
+        return torch.optim.AdamW
     if name == "adamw8bit":
-        return _bitsandbytes_adamw8bit()(groups, weight_decay=decay)
+        return _bitsandbytes_adamw8bit()
     if name == "prodigy":
-        return _prodigy()(groups, weight_decay=decay)
+        return _prodigy()
     raise ValueError(f"unknown optimizer {name!r}")  # config validation makes this unreachable
 
 

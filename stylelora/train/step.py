@@ -52,7 +52,8 @@ def sample_noise(latents: torch.Tensor, offset: float, generator: torch.Generato
 def prediction_type(noise_scheduler) -> str:
     kind = noise_scheduler.config.prediction_type
     if kind not in PREDICTION_TYPES:
-        raise ValueError(f"The base model's scheduler predicts {kind!r}; stylelora trains {' or '.join(PREDICTION_TYPES)} "
+        raise ValueError(f"The base model's scheduler predicts {kind!r}; stylelora trains "
+                         f"{' or '.join(PREDICTION_TYPES)} "
                          "models (SD 1.x / 2.x). Use a base whose scheduler_config.json has one of those.")
     return kind
 
