@@ -20,11 +20,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     pipe = load_base(args.base, precision=args.precision, allow_pickle=args.allow_pickle)
     if args.lora:
-        from .generate.stack import apply_adapters  # noqa: F401  (lands with the generation issue)
+        from .generate.stack import apply_adapters
+
+        apply_adapters(pipe, args.lora)
     settings = EvalSettings(samples=args.samples, seed=args.seed, steps=args.steps, guidance_scale=args.cfg)
     metrics, images = evaluate_pipeline(pipe, load_judge(), settings)
     if args.save_grid:
-        from .toy.grid import save_grid
+        from .grid import save_grid
 
         save_grid(images, Path(args.save_grid), columns=args.samples)
     print(json.dumps(metrics) if args.json else _format_metrics(metrics))
@@ -62,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stylelora", description="Train and blend LoRA adapters for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .generate.command import add_generate_parsers
+    from .train.command import add_train_parser
+
+    add_train_parser(sub)
+    add_generate_parsers(sub)
     ev = sub.add_parser("evaluate", help="score a base (+ adapters) with the toy-world judge")
     _add_base_args(ev)
     ev.add_argument("--lora", action="append", default=[], metavar="FILE[:W]")
@@ -81,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--work-dir", default="outputs/toy-base-build")
     bb.add_argument("--out", help="where the diffusers folder goes (default: inside the package)")
     bb.add_argument("--seed", type=int, default=0)
-    bb.add_argument("--vae-steps", type=int, default=3000)
+    bb.add_argument("--vae-steps", type=int, default=4000)
     bb.add_argument("--steps", type=int, default=8000, help="UNet + text-encoder steps")
     tj = toy_sub.add_parser("train-judge", help="train the judge classifier")
     tj.add_argument("--out")

@@ -60,7 +60,7 @@ def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
     return out_dir
 
 
-def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 3000,
+def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 4000,
                denoiser_steps: int = 8000, log=print) -> Path:
     """Tokenizer → VAE → UNet + text encoder → pipeline folder. Stages found in work_dir are reused."""
     from .denoiser_train import train_denoiser

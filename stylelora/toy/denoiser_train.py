@@ -13,8 +13,6 @@ from .world import caption, random_scene
 
 UNET_CONFIG = dict(
     sample_size=8,
-    in_channels=4,
-    out_channels=4,
     block_out_channels=(64, 128),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -112,9 +110,10 @@ def train_denoiser(vae, tokenizer, out_dir: Path, *, steps: int, batch: int = 64
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    channels = vae.config.latent_channels
+    unet = UNet2DConditionModel(in_channels=channels, out_channels=channels, **UNET_CONFIG)
     text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)  # from_config drops the DDIM-only keys
     pixels, captions = plain_pool(pool_size, seed)
     latents = encode_latents(vae, pixels)
     input_ids = tokenize(tokenizer, captions)
@@ -122,7 +121,7 @@ def train_denoiser(vae, tokenizer, out_dir: Path, *, steps: int, batch: int = 64
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=0.75)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    warmup = min(300, steps // 10)
+    warmup = max(1, min(300, steps // 10))
     lr_lambda = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     gen = torch.Generator().manual_seed(seed)

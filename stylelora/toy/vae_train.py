@@ -18,7 +18,9 @@ VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D",) * 3,
     block_out_channels=(32, 64, 64),
     layers_per_block=1,
-    latent_channels=4,
+    # 8 latent channels (SD uses 4): 6× compression instead of 12× lets a 1 M-parameter VAE reach clean
+    # (≥ 28 dB) reconstructions of sharp edges and stripes within minutes on 2 CPU cores.
+    latent_channels=8,
     norm_num_groups=32,
     sample_size=32,
 )
@@ -51,7 +53,7 @@ def psnr_by_style(vae, n_per_style: int = 96, seed: int = 10_000) -> dict[str, f
     return scores
 
 
-def train_vae(out_dir: Path, *, steps: int = 3000, batch: int = 32, lr: float = 1e-3, seed: int = 0,
+def train_vae(out_dir: Path, *, steps: int = 4000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
               pool_size: int = 16_000, target_psnr: float = 29.0, log=print):
     """Train until every style reconstructs at ≥ target_psnr dB (checked every 250 steps) or `steps` run out."""
     import torch
@@ -68,7 +70,9 @@ def train_vae(out_dir: Path, *, steps: int = 3000, batch: int = 32, lr: float = 
         idx = torch.randint(0, pool_size, (batch,), generator=gen)
         x = to_unit(pool[idx.numpy()])
         posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.sample(generator=gen)).sample
+        # Decode the posterior mean, not a sample: the sampling noise (std ≈ 1 at init) blurs sharp edges and
+        # stalled PSNR at ~23 dB; everything downstream encodes with the mean anyway (see encode_latents).
+        y = vae.decode(posterior.mode()).sample
         # MSE drives PSNR; a little L1 sharpens edges; a tiny KL keeps the latent scale bounded (SD-style).
         loss = (y - x).pow(2).mean() + 0.1 * (y - x).abs().mean() + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,41 @@
+"""Image grids: tiling PIL images (optionally labelled, optionally upscaled for small toy images) into one PNG."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+def make_grid(images: list[Image.Image], columns: int, *, scale: int = 1, gap: int = 2,
+              row_labels: list[str] | None = None, column_labels: list[str] | None = None,
+              label_width: int = 110, label_height: int = 14) -> Image.Image:
+    """Tile images row-major; nearest-neighbour upscaling keeps 32 px toy pixels crisp."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    w, h = images[0].width * scale, images[0].height * scale
+    rows = (len(images) + columns - 1) // columns
+    left = label_width if row_labels else 0
+    top = label_height if column_labels else 0
+    grid = Image.new("RGB", (left + columns * (w + gap) + gap, top + rows * (h + gap) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        tile = image.convert("RGB").resize((w, h), Image.Resampling.NEAREST)
+        grid.paste(tile, (left + gap + c * (w + gap), top + gap + r * (h + gap)))
+    for c, label in enumerate(column_labels or []):
+        draw.text((left + gap + c * (w + gap), 1), label, fill=(0, 0, 0))
+    for r, label in enumerate(row_labels or []):
+        draw.text((2, top + gap + r * (h + gap) + h // 2 - 5), label, fill=(0, 0, 0))
+    return grid
+
+
+def save_grid(images: list[Image.Image], path: Path, columns: int, **kwargs) -> Path:
+    """Write the grid atomically (temp name + rename) so a viewer never sees half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    scale = kwargs.pop("scale", 3 if images and images[0].width <= 64 else 1)
+    make_grid(images, columns, scale=scale, **kwargs).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
