@@ -7,7 +7,7 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -187,8 +187,9 @@ def write_safetensors_atomic(path: str | os.PathLike, state: dict[str, torch.Ten
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target, so os.replace is a rename on one filesystem (atomic), not a copy.
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    # A unique name opened with the umask's permissions (mkstemp would make shared adapters owner-only).
+    temp_name = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    open(temp_name, "xb").close()
     try:
         save_file(state, temp_name, metadata=metadata)
         with open(temp_name, "rb") as written:

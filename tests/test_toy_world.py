@@ -1,0 +1,65 @@
+"""The toy world: seeded renders are deterministic, captions state the facts, and the bundled datasets regenerate bit-identically."""
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stylelora.toy.datasets import DATASETS, IMAGES_PER_DATASET, write_dataset
+from stylelora.toy.evaluate import build_prompts
+from stylelora.toy.render import render
+from stylelora.toy.world import COLORS, SHAPES, STYLE_MIXES, caption, random_scene, random_styled_scene
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_same_seed_same_pixels_and_different_seed_differs():
+    a = [np.asarray(render(random_styled_scene(random.Random(7), mix))) for mix in STYLE_MIXES]
+    b = [np.asarray(render(random_styled_scene(random.Random(7), mix))) for mix in STYLE_MIXES]
+    c = [np.asarray(render(random_styled_scene(random.Random(8), mix))) for mix in STYLE_MIXES]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, z) for x, z in zip(a, c))
+
+
+def test_world_has_the_promised_vocabulary():
+    assert {"circle", "square", "triangle", "star"} <= set(SHAPES)
+    assert len(COLORS) >= 8
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_caption_names_every_object_and_the_background(n_objects):
+    scene = random_scene(random.Random(3), n_objects=n_objects)
+    text = caption(scene, trigger="stripestyle")
+    assert text.startswith("stripestyle, ")
+    for obj in scene.objects:
+        assert f"{obj.color} {obj.shape}" in text
+    assert text.endswith(f"on a {scene.background} background")
+
+
+def test_styles_change_pixels_where_the_object_is():
+    scene = random_scene(random.Random(5), n_objects=1)
+    plain = np.asarray(render(scene)).astype(int)
+    for style in ({"stripes": True}, {"pastel": True}):
+        styled = np.asarray(render(type(scene)(scene.objects, scene.background, **style))).astype(int)
+        assert np.abs(styled - plain).mean() > 3
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_bundled_dataset_regenerates_bit_identically(tmp_path, name):
+    fresh = write_dataset(name, tmp_path)
+    shipped = REPO / "datasets" / name
+    trigger = DATASETS[name][0]
+    files = sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".png"]) == IMAGES_PER_DATASET
+    assert all(f.parent.name == f"10_{trigger}" for f in files)  # kohya layout: <repeats>_<trigger>/
+    for rel in files:
+        assert hashlib.sha256((fresh / rel).read_bytes()).digest() == hashlib.sha256((shipped / rel).read_bytes()).digest(), rel
+    assert all(trigger in (shipped / f).read_text() for f in files if f.suffix == ".txt")
+
+
+def test_evaluate_prompt_set_is_fixed_by_seed():
+    assert build_prompts(8, 0) == build_prompts(8, 0)
+    assert build_prompts(8, 0) != build_prompts(8, 1)
+    sets = {p.prompt_set for p in build_prompts(4, 0)}
+    assert sets == {"plain", "stripes", "pastel", "zorb"}
