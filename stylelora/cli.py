@@ -53,6 +53,10 @@ def _cmd_toy(args: argparse.Namespace) -> int:
         out = build_base(Path(args.work_dir), Path(args.out) if args.out else TOY_BASE_DIR, seed=args.seed,
                          vae_steps=args.vae_steps, denoiser_steps=args.steps)
         print(out)
+    elif args.toy_command == "assemble":
+        from .toy.base_build import TOY_BASE_DIR, assemble_from_snapshot
+
+        print(assemble_from_snapshot(Path(args.work_dir), Path(args.snapshot), Path(args.out) if args.out else TOY_BASE_DIR))
     elif args.toy_command == "train-judge":
         from .toy.judge_train import train_judge
 
@@ -88,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--work-dir", default="outputs/toy-base-build")
     bb.add_argument("--out", help="where the diffusers folder goes (default: inside the package)")
     bb.add_argument("--seed", type=int, default=0)
-    bb.add_argument("--vae-steps", type=int, default=4000)
-    bb.add_argument("--steps", type=int, default=8000, help="UNet + text-encoder steps")
+    bb.add_argument("--vae-steps", type=int, default=1500)
+    bb.add_argument("--steps", type=int, default=2500, help="UNet + text-encoder steps")
+    asm = toy_sub.add_parser("assemble", help="write the toy base from one saved UNet + text-encoder snapshot of a build")
+    asm.add_argument("--work-dir", default="outputs/toy-base-build")
+    asm.add_argument("--snapshot", required=True, help="e.g. outputs/toy-base-build/denoiser/step_002000")
+    asm.add_argument("--out", help="where the diffusers folder goes (default: inside the package)")
     tj = toy_sub.add_parser("train-judge", help="train the judge classifier")
     tj.add_argument("--out")
     tj.add_argument("--seed", type=int, default=0)

@@ -60,8 +60,8 @@ def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
     return out_dir
 
 
-def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 4000,
-               denoiser_steps: int = 8000, log=print) -> Path:
+def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 1500,
+               denoiser_steps: int = 2500, log=print) -> Path:
     """Tokenizer → VAE → UNet + text encoder → pipeline folder. Stages found in work_dir are reused."""
     from .denoiser_train import train_denoiser
 
