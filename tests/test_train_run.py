@@ -301,8 +301,6 @@ def test_mixed_aspect_ratios_train_in_several_buckets(tmp_path, tiny_base, capsy
     assert "in 3 bucket(s)" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "stylelora/models/toy/base/model_index.json").is_file(),
-                    reason="the toy base is not built yet (stylelora toy build-base)")
 def test_trains_on_the_shipped_toy_base(tmp_path):
     source = Path(__file__).resolve().parents[1] / "datasets" / "toy-stripes" / "10_stripestyle"
     folder = tmp_path / "data" / "10_stripestyle"
