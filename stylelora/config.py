@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from stylelora.atomic import write_text_atomic
 
 DATA_CACHES = ("ram", "disk", "none")
 UNET_TARGETS = ("attn", "kohya", "locon")
@@ -465,14 +466,4 @@ def config_to_toml(config: TrainConfig) -> str:
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the config as TOML via a temp file + rename (readers see the old file or the new one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(config_to_toml(config))
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, config_to_toml(config))

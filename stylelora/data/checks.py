@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stylelora.atomic import write_text_atomic
 from stylelora.data.errors import DataError
 from stylelora.data.scan import TrainItem
 
@@ -251,15 +250,4 @@ def skip_summary(skipped: list[SkippedImage], total: int, report_path: str | Pat
     return f"{len(skipped)} of {total} images skipped ({'; '.join(groups)}{more}){see}"
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write via a temp file in the same folder + rename: readers see the old file or the new one."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from ..atomic import write_text_atomic
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"  # also CLIP's pad and unk token
@@ -100,20 +100,9 @@ def _write_tokenizer_folder(out_dir: Path, vocab: dict[str, int], merges: list[t
     }
     special_tokens = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False) + "\n")
-    _write_text_atomic(out_dir / "merges.txt", "\n".join([MERGES_HEADER] + [f"{a} {b}" for a, b in merges]) + "\n")
-    _write_text_atomic(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
-    _write_text_atomic(out_dir / "special_tokens_map.json", json.dumps(special_tokens, indent=2) + "\n")
+    write_text_atomic(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False) + "\n")
+    write_text_atomic(out_dir / "merges.txt", "\n".join([MERGES_HEADER] + [f"{a} {b}" for a, b in merges]) + "\n")
+    write_text_atomic(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+    write_text_atomic(out_dir / "special_tokens_map.json", json.dumps(special_tokens, indent=2) + "\n")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader sees the old file or the new one, never half."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as tmp:
-            tmp.write(text)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes owner-only files; these are shipped and read by everyone
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

@@ -9,11 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from stylelora.atomic import write_bytes_atomic
 
 METRICS_FILE = "metrics.csv"
 LOSS_PLOT_FILE = "loss.png"
@@ -66,7 +66,7 @@ class RunLog:
             writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(self.rows)
-            _write_atomic(self.run_dir / METRICS_FILE, buffer.getvalue().encode())
+            write_bytes_atomic(self.run_dir / METRICS_FILE, buffer.getvalue().encode())
 
     def flush(self) -> None:
         """Write metrics.csv and loss.png now (at checkpoints, samples, the end, or when stopping)."""
@@ -130,17 +130,6 @@ def plot_loss(rows: list[dict], path: Path) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    return _write_atomic(path, buffer.getvalue())
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path

@@ -47,7 +47,7 @@ def save_samples(pipe, prompts: list[str], config: TrainConfig, path: Path) -> P
 
 
 def _write_prompts(path: Path, prompts: list[str], config: TrainConfig) -> None:
-    from stylelora.data.checks import write_text_atomic
+    from stylelora.atomic import write_text_atomic
 
     lines = [f"column {i + 1} (seed {config.train.sample_seed + i}): {p}" for i, p in enumerate(prompts)]
     write_text_atomic(path, "\n".join(lines) + "\n")
