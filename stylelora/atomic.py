@@ -14,6 +14,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with open(temp, "xb") as file:
             file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
