@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
+import os
+import stat
 import string
 
 import pytest
@@ -294,23 +297,37 @@ def test_pickle_and_foreign_files_are_refused(tmp_path):
         formats.split_kohya_state({"lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)})
 
 
+class DiskFullFile(io.FileIO):
+    """A file that takes half of what is written to it, then fails like a full disk."""
+
+    def write(self, data):
+        super().write(bytes(data)[: len(data) // 2])
+        raise OSError("disk full")
+
+
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    import stylelora.lora.io as lora_io
+    import stylelora.atomic
 
     pipe = trained_pipeline()
     path = save_adapter(tmp_path / "style.safetensors", pipe.unet, pipe.text_encoder, metadata={})
     old_bytes = path.read_bytes()
 
-    def crash_mid_write(state, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(lora_io, "save_file", crash_mid_write)
+    monkeypatch.setattr(stylelora.atomic, "open", DiskFullFile, raising=False)  # the atomic writer's own open()
     with pytest.raises(OSError, match="disk full"):
         save_adapter(path, pipe.unet, pipe.text_encoder, metadata={})
     assert path.read_bytes() == old_bytes
     assert [p.name for p in tmp_path.iterdir()] == ["style.safetensors"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_adapter_file_gets_the_umask_permissions(tmp_path, umask, mode):
+    pipe = trained_pipeline()
+    previous = os.umask(umask)
+    try:
+        path = save_adapter(tmp_path / "style.safetensors", pipe.unet, pipe.text_encoder, metadata={})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
 def test_half_precision_file_keeps_fp32_alpha(tmp_path):

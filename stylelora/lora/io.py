@@ -7,13 +7,13 @@ import hashlib
 import io
 import json
 import os
-import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open, save, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
+from stylelora.atomic import write_bytes_atomic
 from stylelora.lora import formats
 from stylelora.lora.inject import add_lora_from_state, module_ranks
 
@@ -182,23 +182,13 @@ def diffusers_state_from_models(unet: nn.Module, text_encoder: nn.Module | None,
 
 
 def write_safetensors_atomic(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write `state` to `path` so that readers see the old file or the new one, never a partial one."""
+    """Write `state` to `path` so that readers see the old file or the new one, never a partial one.
+
+    Serialised in memory, then written by the project's one atomic writer: temp file in the same folder,
+    fsync, rename; the file gets the umask's permissions like every other file we write.
+    """
     _check_metadata(metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target, so os.replace is a rename on one filesystem (atomic), not a copy.
-    # A unique name opened with the umask's permissions (mkstemp would make shared adapters owner-only).
-    temp_name = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    open(temp_name, "xb").close()
-    try:
-        save_file(state, temp_name, metadata=metadata)
-        with open(temp_name, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, save(state, metadata))
 
 
 def _tensors_for_file(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
