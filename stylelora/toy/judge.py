@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,23 +81,12 @@ def network_logits(network, images) -> dict:
 
 
 def save_judge(network, spec: JudgeSpec, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write weights + spec atomically (temp file in the same folder, then rename) so readers never see half a file."""
-    from safetensors.torch import save_file
+    """Write weights + spec atomically (the adapter writer: old file or new one, umask permissions)."""
+    from stylelora.lora.io import write_safetensors_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in network.state_dict().items()}
     metadata = {**(extra_metadata or {}), **spec.to_metadata()}
-    handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(state, tmp_name, metadata=metadata)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the shipped file must be readable like any other
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_safetensors_atomic(path, state, metadata)
 
 
 def read_judge_metadata(path: str | os.PathLike | None = None) -> dict[str, str]:

@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from stylelora.config import ConfigError
+from stylelora.lora.io import write_safetensors_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "lora_weights.safetensors"
@@ -92,8 +93,7 @@ def save_checkpoint(run_dir: Path, step: int, *, accelerator, trainable: dict[st
     _save_torch(rng_state, temp / f"rng-rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         weights = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in trainable.items()}
-        save_file(weights, str(temp / WEIGHTS_FILE))
-        _fsync(temp / WEIGHTS_FILE)
+        write_safetensors_atomic(temp / WEIGHTS_FILE, weights, {})
         _save_torch(training_state, temp / STATE_FILE)
         write_adapter(temp)
     accelerator.wait_for_everyone()
