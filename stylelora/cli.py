@@ -14,16 +14,24 @@ def _add_base_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .toy.evaluate import EvalSettings, evaluate_pipeline
+    from .toy.evaluate import PROMPT_SETS, EvalSettings, evaluate_pipeline, prompt_set_styles
     from .toy.judge import load_judge
     from .models.load import load_base
 
+    prompt_sets = tuple(args.prompt_set or PROMPT_SETS)
+    try:  # a typo in a prompt-set name should fail before the model loads
+        for name in prompt_sets:
+            prompt_set_styles(name)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     pipe = load_base(args.base, precision=args.precision, allow_pickle=args.allow_pickle)
     if args.lora:
         from .generate.stack import apply_adapters
 
         apply_adapters(pipe, args.lora)
-    settings = EvalSettings(samples=args.samples, seed=args.seed, steps=args.steps, guidance_scale=args.cfg)
+    settings = EvalSettings(samples=args.samples, seed=args.seed, steps=args.steps, guidance_scale=args.cfg,
+                            prompt_sets=prompt_sets)
     metrics, images = evaluate_pipeline(pipe, load_judge(), settings)
     if args.save_grid:
         from .grid import save_grid
@@ -34,8 +42,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _format_metrics(metrics: dict) -> str:
-    lines = [f"shape accuracy {metrics['shape_accuracy']:.3f}   color accuracy {metrics['color_accuracy']:.3f}",
-             f"stripes rate {metrics['stripes_rate']:.3f}   pastel rate {metrics['pastel_rate']:.3f}   zorb rate {metrics['zorb_rate']:.3f}"]
+    def figure(key: str) -> str:
+        return "n/a" if metrics[key] is None else f"{metrics[key]:.3f}"
+
+    lines = [f"shape accuracy {figure('shape_accuracy')}   color accuracy {figure('color_accuracy')}",
+             f"stripes rate {figure('stripes_rate')}   pastel rate {figure('pastel_rate')}   zorb rate {figure('zorb_rate')}"]
     for name, row in metrics["by_prompt_set"].items():
         lines.append(f"  {name:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
     return "\n".join(lines)
@@ -80,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--steps", type=int, default=25)
     ev.add_argument("--cfg", type=float, default=5.0)
+    ev.add_argument("--prompt-set", action="append", metavar="NAME",
+                    help="prompt sets to generate (repeatable; default plain, stripes, pastel, zorb); a blend set "
+                         "such as stripes+pastel carries both triggers and reports all_styles_rate")
     ev.add_argument("--save-grid", metavar="PNG", help="also save every generated image in one grid")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(handler=_cmd_evaluate)

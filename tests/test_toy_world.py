@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stylelora.toy.datasets import DATASETS, IMAGES_PER_DATASET, write_dataset
-from stylelora.toy.evaluate import build_prompts
+from stylelora.toy.evaluate import build_prompts, score
 from stylelora.toy.render import render
 from stylelora.toy.world import COLORS, SHAPES, STYLE_MIXES, caption, random_scene, random_styled_scene
 
@@ -63,3 +63,32 @@ def test_evaluate_prompt_set_is_fixed_by_seed():
     assert build_prompts(8, 0) != build_prompts(8, 1)
     sets = {p.prompt_set for p in build_prompts(4, 0)}
     assert sets == {"plain", "stripes", "pastel", "zorb"}
+
+
+@pytest.mark.parametrize("name, triggers, subject", [
+    ("plain", [], "shape"),
+    ("stripes", ["stripestyle"], "shape"),
+    ("stripes+pastel", ["stripestyle", "pastelstyle"], "shape"),
+    ("zorb+stripes", ["zorb", "stripestyle"], "zorb"),
+])
+def test_prompt_sets_carry_their_triggers(name, triggers, subject):
+    prompts = build_prompts(6, 0, (name,))
+    assert len(prompts) == 6
+    for p in prompts:
+        assert p.prompt.startswith("".join(f"{t}, " for t in triggers))
+        assert (p.shape == "zorb") == (subject == "zorb")
+
+
+@pytest.mark.parametrize("name", ["stripe", "stripes+stripes", "plain+zorb", ""])
+def test_unknown_prompt_sets_are_refused(name):
+    with pytest.raises(ValueError, match="prompt set"):
+        build_prompts(2, 0, (name,))
+
+
+def test_blend_prompt_set_counts_images_with_every_style():
+    prompts = build_prompts(4, 0, ("stripes+pastel",))
+    verdict = lambda stripes, pastel: {"shape": "circle", "color": "red", "stripes": stripes, "pastel": pastel, "zorb": False}
+    predictions = [verdict(True, True), verdict(True, False), verdict(False, True), verdict(True, True)]
+    row = score(prompts, predictions)["by_prompt_set"]["stripes+pastel"]
+    assert row["all_styles_rate"] == 0.5
+    assert row["stripes_rate"] == 0.75 and row["pastel_rate"] == 0.75

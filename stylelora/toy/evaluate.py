@@ -7,6 +7,19 @@ from dataclasses import dataclass
 from .world import BACKGROUNDS, CHARACTER, COLORS, SHAPES, STYLE_TRIGGERS
 
 PROMPT_SETS = ("plain", "stripes", "pastel", "zorb")  # plain = no trigger; the others carry their trigger word
+STYLES = ("stripes", "pastel", "zorb")
+
+
+def prompt_set_styles(name: str) -> tuple[str, ...]:
+    """'plain' → (); 'stripes' → ('stripes',); a blend set 'stripes+pastel' → both. Unknown names are refused."""
+    if name == "plain":
+        return ()
+    styles = tuple(name.split("+"))
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown or len(set(styles)) != len(styles):
+        raise ValueError(f"unknown prompt set {name!r}: use plain, {', '.join(STYLES)} or a '+' combination "
+                         f"such as stripes+pastel")
+    return styles
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,7 @@ class EvalPrompt:
 class EvalSettings:
     samples: int = 32  # prompts per prompt set
     seed: int = 0
+    prompt_sets: tuple[str, ...] = PROMPT_SETS
     steps: int = 25
     guidance_scale: float = 5.0
     negative_prompt: str = ""
@@ -32,22 +46,19 @@ def _content(shape: str, color: str, background: str) -> str:
     return f"{article} {color} {shape} on a {background} background"
 
 
-def build_prompts(samples: int, seed: int) -> list[EvalPrompt]:
+def build_prompts(samples: int, seed: int, prompt_sets: tuple[str, ...] = PROMPT_SETS) -> list[EvalPrompt]:
     """The same seed gives the same prompts and per-image seeds; content is shared across prompt sets."""
     rng = random.Random(seed)
     facts = [(rng.choice(SHAPES), rng.choice(sorted(COLORS)), rng.choice(sorted(BACKGROUNDS))) for _ in range(samples)]
     image_seeds = [rng.randrange(2**31) for _ in range(samples)]
     prompts = []
-    for prompt_set in PROMPT_SETS:
+    for prompt_set in prompt_sets:
+        styles = prompt_set_styles(prompt_set)
+        triggers = "".join(f"{STYLE_TRIGGERS[style]}, " for style in styles)
         for (shape, color, background), image_seed in zip(facts, image_seeds):
-            if prompt_set == "zorb":
-                text = f"{STYLE_TRIGGERS['zorb']}, {_content(CHARACTER, color, background)}"
-                shape = CHARACTER
-            elif prompt_set == "plain":
-                text = _content(shape, color, background)
-            else:
-                text = f"{STYLE_TRIGGERS[prompt_set]}, {_content(shape, color, background)}"
-            prompts.append(EvalPrompt(prompt_set, text, shape, color, image_seed))
+            subject = CHARACTER if "zorb" in styles else shape
+            text = triggers + _content(subject, color, background)
+            prompts.append(EvalPrompt(prompt_set, text, subject, color, image_seed))
     return prompts
 
 
@@ -78,18 +89,20 @@ def score(prompts: list[EvalPrompt], predictions: list[dict]) -> dict:
     result = {
         "shape_accuracy": _mean(shape_hits),
         "color_accuracy": _mean(color_hits),
-        "stripes_rate": _rate(prompts, predictions, "stripes", "stripes"),
-        "pastel_rate": _rate(prompts, predictions, "pastel", "pastel"),
-        "zorb_rate": _rate(prompts, predictions, "zorb", "zorb"),
+        **{f"{style}_rate": _rate(prompts, predictions, style, style) for style in STYLES},
         "by_prompt_set": {},
     }
-    for prompt_set in PROMPT_SETS:
+    for prompt_set in dict.fromkeys(p.prompt_set for p in prompts):
         pairs = [(p, pred) for p, pred in zip(prompts, predictions) if p.prompt_set == prompt_set]
-        result["by_prompt_set"][prompt_set] = {
+        row = {
             "shape_accuracy": _mean([pred["shape"] == p.shape for p, pred in pairs if p.shape != CHARACTER]),
             "color_accuracy": _mean([pred["color"] == p.color for p, pred in pairs]),
-            **{f"{head}_rate": _mean([bool(pred[head]) for _, pred in pairs]) for head in ("stripes", "pastel", "zorb")},
+            **{f"{head}_rate": _mean([bool(pred[head]) for _, pred in pairs]) for head in STYLES},
         }
+        styles = prompt_set_styles(prompt_set)
+        if len(styles) > 1:  # a blend set: how often the judge finds every one of its styles in the same image
+            row["all_styles_rate"] = _mean([all(pred[style] for style in styles) for _, pred in pairs])
+        result["by_prompt_set"][prompt_set] = row
     return result
 
 
@@ -103,10 +116,11 @@ def _mean(values: list[bool]) -> float | None:
 
 def evaluate_pipeline(pipe, judge, settings: EvalSettings = EvalSettings()) -> tuple[dict, list]:
     """Generate the prompt set with `pipe` (adapters already applied) and score it; returns (metrics, images)."""
-    prompts = build_prompts(settings.samples, settings.seed)
+    prompts = build_prompts(settings.samples, settings.seed, settings.prompt_sets)
     pipe.set_progress_bar_config(disable=True)
     images = generate_images(pipe, prompts, settings)
     metrics = score(prompts, judge.predict(images))
     metrics["settings"] = {"samples": settings.samples, "seed": settings.seed, "steps": settings.steps,
-                           "guidance_scale": settings.guidance_scale, "images": len(images)}
+                           "guidance_scale": settings.guidance_scale, "prompt_sets": list(settings.prompt_sets),
+                           "images": len(images)}
     return metrics, images
