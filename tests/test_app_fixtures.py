@@ -1,0 +1,94 @@
+"""Shared helpers of the app tests: LoRA adapters for the shipped toy base, and a tiny training folder.
+
+The adapters are random but seeded (the same seed gives the same file), made with the project's own LoRA injection
+and writer, so they carry the kohya keys and metadata (trigger words) a trained adapter has. The single test here
+checks they do what the app tests rely on: each loads on the toy base and visibly changes its images.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STRIPES = REPO / "datasets" / "toy-stripes"
+PROMPT = "a red circle on a white background"
+_BASE_CACHE: dict = {}
+
+
+def toy_base():
+    """The toy base, loaded once per test process (tests that need their own copy load it themselves)."""
+    if "toy" not in _BASE_CACHE:
+        from stylelora.models.load import load_base
+
+        pipe = load_base("toy", device="cpu")
+        pipe.set_progress_bar_config(disable=True)
+        _BASE_CACHE["toy"] = pipe
+    return _BASE_CACHE["toy"]
+
+
+def make_toy_adapter(path: Path, seed: int, *, trigger: str = "style", rank: int = 4, scale: float = 0.15) -> Path:
+    """A seeded random LoRA (UNet + text encoder) for the toy base, written in kohya format with metadata."""
+    import copy
+
+    import torch
+
+    from stylelora.lora.inject import add_lora
+    from stylelora.lora.io import kohya_metadata, save_adapter
+
+    base = toy_base()
+    unet, text_encoder = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
+    torch.manual_seed(seed)
+    add_lora(unet, text_encoder, rank=rank, alpha=float(rank), unet_targets="kohya", train_text_encoder=True,
+             init_lora_weights=False)
+    with torch.no_grad():
+        for model in (unet, text_encoder):
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(scale)  # random init is as large as the weights: keep the images recognisable
+    folder = f"10_{trigger}"
+    metadata = kohya_metadata(
+        rank=rank, alpha=float(rank), output_name=Path(path).stem, tag_frequency={folder: {trigger: 30}},
+        dataset_dirs={folder: {"n_repeats": 10, "img_count": 30}}, num_train_images=300, steps=100,
+        learning_rate=1e-3, unet_lr=1e-3, text_encoder_lr=2e-4, resolution=32,
+        training_started_at=1700000000.0, trigger_phrase=trigger,
+    )
+    return save_adapter(Path(path), unet, text_encoder, metadata=metadata, fmt="kohya")
+
+
+def tiny_dataset(root: Path, count: int = 4) -> Path:
+    """A few images + captions copied from datasets/toy-stripes, in its kohya layout."""
+    source = next(p for p in sorted(STRIPES.iterdir()) if p.is_dir())
+    target = root / source.name
+    target.mkdir(parents=True)
+    for image in sorted(source.glob("*.png"))[:count]:
+        shutil.copy(image, target / image.name)
+        caption = image.with_suffix(".txt")
+        if caption.is_file():
+            shutil.copy(caption, target / caption.name)
+    return root
+
+
+def test_fixture_adapters_change_toy_images(tmp_path):
+    import numpy
+
+    from stylelora.generate.generate import GenerateRequest, generate
+
+    first = make_toy_adapter(tmp_path / "a.safetensors", seed=1, trigger="stripestyle")
+    again = make_toy_adapter(tmp_path / "again" / "a.safetensors", seed=1, trigger="stripestyle")
+    from safetensors.torch import load_file
+
+    tensors, tensors_again = load_file(str(first)), load_file(str(again))
+    assert tensors.keys() == tensors_again.keys() and all(tensors[k].equal(tensors_again[k]) for k in tensors)
+    pipe = toy_base()
+    request = GenerateRequest(PROMPT, steps=4, seed=3)
+    plain = numpy.asarray(generate(pipe, None, request)[0].image, dtype=float)
+    styled = numpy.asarray(generate(pipe, None, GenerateRequest(PROMPT, steps=4, seed=3, loras=(first,)))[0].image,
+                           dtype=float)
+    difference = numpy.abs(plain - styled).mean()
+    assert 2 < difference < 120, f"mean pixel change {difference:.1f}: the adapter should change, not wreck, images"
+    if not STRIPES.is_dir():
+        pytest.skip("datasets/toy-stripes is missing")
+    data = tiny_dataset(tmp_path / "data", count=3)
+    assert len(list(data.rglob("*.png"))) == 3
