@@ -1,10 +1,19 @@
 """Trainer speed vs. its floor, measured side by side in one run: time per step, ratios, peak RSS.
 
     floor            UNet + text-encoder forward and backward with LoRA on fixed, already-noised latents: the work
-                     no LoRA trainer can avoid (plus a variant with the AdamW step, which every trainer also does)
+                     no LoRA trainer can avoid (plus a variant with the AdamW step, which every trainer also does);
+                     with --no-text-encoder the frozen text encoder's output is computed once, as trainers cache it
     trainer (cache)  the full `stylelora train` loop with the latent cache: data, loss step, clip, optimizer,
                      schedule, logging; time between consecutive steps, so every per-step cost is counted
     trainer (none)   the same with --cache none: images decoded, resized and VAE-encoded every step
+    diffusers-example-style
+                     the per-step work of diffusers' examples/text_to_image/train_text_to_image_lora.py, reimplemented
+                     here (not that script, which needs torchvision, datasets and a hub model): a shuffled DataLoader
+                     reading each image (resize, center crop, no flip, scale to [-1, 1] with PIL + numpy) and
+                     tokenizing its caption, VAE encode and frozen text-encoder forward every step, UNet with peft
+                     LoRA on attention to_q/to_k/to_v/to_out.0, loss gathered for logging, backward, clip, AdamW,
+                     constant LR schedule, all through accelerate's Accelerator. It trains what that script trains
+                     (UNet attention, text encoder frozen), so it runs only with --unet-targets attn --no-text-encoder
 
 Each mode runs in its own subprocess (so its peak RSS is its own), one after the other with the same thread count.
 Steady-state medians exclude the first steps (allocator warm-up). Both the process CPU time per step and the wall
@@ -12,8 +21,14 @@ time per step are measured: on a shared machine other jobs stretch wall time at 
 this process's own work, so the CPU-time ratio is the one to trust there (with one thread they agree on an idle
 machine). Target: trainer (cache) / floor ≤ 1.10.
 
+Issue 3 measured, on a tiny SD pipeline at batch 4, 64 px, rank 4 on attention, the diffusers example at 1.7× the
+floor's time, and asks the trainer to be ≥ 1.5× faster than that script at the same settings. `--preset issue`
+runs every mode at those settings, except the image size: each base trains at its native size (32 px for the toy
+base), and prints trainer speed / diffusers-example-style speed next to trainer / floor.
+
     python benchmarks/train_speed.py                   # toy base if built, else a random base of the same shape
     python benchmarks/train_speed.py --base PATH --steps 40 --batch-size 16 --rank 16
+    python benchmarks/train_speed.py --preset issue --steps 20
 """
 from __future__ import annotations
 
@@ -25,53 +40,94 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 WARMUP_STEPS = 5
 TARGET_RATIO = 1.10
+# Issue 3: the trainer ≥ 1.5× the diffusers example's speed; it measured that example at 1.7× the floor's time.
+EXAMPLE_TARGET_SPEEDUP = 1.5
+ISSUE_EXAMPLE_OVER_FLOOR = 1.7
+PRESETS = {"issue": {"batch_size": 4, "rank": 4, "unet_targets": "attn", "text_encoder": False}}
+EXAMPLE_NAME = "diffusers-example-style"
+EXAMPLE_LABEL = "diffusers-example-style loop (reimplemented per-step work of train_text_to_image_lora.py)"
+EXAMPLE_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the example's UNet LoraConfig target_modules
 
 
 def main() -> int:
     args = parse_args()
     if args.worker:
-        result = {"floor": floor_worker, "trainer": trainer_worker}[args.worker](args)
-        print("RESULT " + json.dumps(result))
+        workers = {"floor": floor_worker, "trainer": trainer_worker, "example": example_worker}
+        print("RESULT " + json.dumps(workers[args.worker](args)))
         return 0
     with tempfile.TemporaryDirectory(prefix="stylelora-bench-") as scratch:
         base = args.base or default_base(Path(scratch))
-        print(f"base {base}; data {args.data}; batch {args.batch_size}; rank {args.rank}; {args.steps} timed steps; "
-              f"{os.environ.get('OMP_NUM_THREADS', 'default')} threads", flush=True)
-        results = {
-            "floor (UNet+TE fwd+bwd)": run_worker(args, base, "floor", ["--optimizer-step", "0"]),
-            "floor + AdamW step": run_worker(args, base, "floor", ["--optimizer-step", "1"]),
-            "trainer, latent cache": run_worker(args, base, "trainer", ["--cache", "ram"], scratch),
-            "trainer, no cache": run_worker(args, base, "trainer", ["--cache", "none"], scratch),
-        }
+        print(header(args, base), flush=True)
+        results = {}
+        for key, (label, worker, extra) in modes(args).items():
+            results[key] = {"label": label, **run_worker(args, base, worker, extra, scratch)}
     report(results)
     return 0
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="issue: batch 4, rank 4, UNet attention only, "
+                        "frozen text encoder (issue 3's comparison); explicit options still win")
     parser.add_argument("--base", help="base model (default: toy if built, else a random toy-shaped base)")
     parser.add_argument("--data", default=str(REPO / "datasets" / "toy-stripes"))
     parser.add_argument("--steps", type=int, default=40, help="timed steps per mode (after warm-up)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--worker", choices=["floor", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--unet-targets", default="kohya", choices=["attn", "kohya", "locon"])
+    parser.add_argument("--no-text-encoder", dest="text_encoder", action="store_false",
+                        help="freeze the text encoder (train the UNet LoRA only)")
+    parser.add_argument("--worker", choices=["floor", "trainer", "example"], help=argparse.SUPPRESS)
     parser.add_argument("--optimizer-step", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default="ram", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    preset = parser.parse_known_args()[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])  # defaults, so options given on the command line override them
     return parser.parse_args()
 
 
-def run_worker(args, base: str, mode: str, extra: list[str], scratch: str | None = None) -> dict:
+def example_comparable(args) -> bool:
+    """The diffusers example trains LoRA on UNet attention only, with the text encoder frozen."""
+    return args.unet_targets == "attn" and not args.text_encoder
+
+
+def modes(args) -> dict[str, tuple[str, str, list[str]]]:
+    """{key: (label, worker, extra worker options)} in the order they run."""
+    floor = "floor (UNet+TE fwd+bwd)" if args.text_encoder else "floor (UNet fwd+bwd)"
+    table = {
+        "floor": (floor, "floor", ["--optimizer-step", "0"]),
+        "floor_adamw": ("floor + AdamW step", "floor", ["--optimizer-step", "1"]),
+        "cached": ("trainer, latent cache", "trainer", ["--cache", "ram"]),
+        "uncached": ("trainer, no cache", "trainer", ["--cache", "none"]),
+    }
+    if example_comparable(args):
+        table["example"] = (EXAMPLE_NAME, "example", [])
+    return table
+
+
+def header(args, base: str) -> str:
+    lines = [f"base {base}; data {args.data}; batch {args.batch_size}; rank {args.rank}; UNet targets "
+             f"{args.unet_targets}; text encoder {'trained' if args.text_encoder else 'frozen'}; {args.steps} timed "
+             f"steps per mode; {os.environ.get('OMP_NUM_THREADS', 'default')} threads"]
+    if args.preset == "issue":
+        lines.append("preset issue: issue 3's comparison settings (batch 4, rank 4 on UNet attention, text encoder "
+                     "frozen) at the base's native size; the toy base is 32 px, so 32 px here, not the issue's 64 px")
+    return "\n".join(lines)
+
+
+def run_worker(args, base: str, mode: str, extra: list[str], scratch: str) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--base", base, "--data", args.data, "--steps",
-               str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank), *extra]
-    if scratch:
-        command += ["--scratch", scratch]
+               str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--unet-targets",
+               args.unet_targets, "--scratch", scratch, *extra, *([] if args.text_encoder else ["--no-text-encoder"])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -81,20 +137,44 @@ def run_worker(args, base: str, mode: str, extra: list[str], scratch: str | None
 
 
 def report(results: dict[str, dict]) -> None:
-    floor = results["floor (UNet+TE fwd+bwd)"]
-    print(f"\n{'mode':26s} {'CPU s/step':>10s} {'× floor':>8s} {'wall s/step':>11s} {'× floor':>8s} {'peak RSS':>10s}")
-    for name, r in results.items():
-        print(f"{name:26s} {r['cpu_median_s']:10.4f} {r['cpu_median_s'] / floor['cpu_median_s']:8.3f} "
+    floor = results["floor"]
+    width = max(len(r["label"]) for r in results.values())
+    print(f"\n{'mode':{width}s} {'CPU s/step':>10s} {'× floor':>8s} {'wall s/step':>11s} {'× floor':>8s} "
+          f"{'peak RSS':>10s}")
+    for r in results.values():
+        print(f"{r['label']:{width}s} {r['cpu_median_s']:10.4f} {r['cpu_median_s'] / floor['cpu_median_s']:8.3f} "
               f"{r['median_s']:11.4f} {r['median_s'] / floor['median_s']:8.3f} {r['peak_rss_mb']:7.0f} MB")
-    cached, uncached = results["trainer, latent cache"], results["trainer, no cache"]
+    cached, uncached = results["cached"], results["uncached"]
     ratio = cached["cpu_median_s"] / floor["cpu_median_s"]
-    with_optimizer = cached["cpu_median_s"] / results["floor + AdamW step"]["cpu_median_s"]
+    with_optimizer = cached["cpu_median_s"] / results["floor_adamw"]["cpu_median_s"]
     print(f"\ntrainer (cache) / floor = {ratio:.3f} CPU time, {cached['median_s'] / floor['median_s']:.3f} wall time "
           f"(target ≤ {TARGET_RATIO:.2f}: {'met' if ratio <= TARGET_RATIO else 'NOT met'}); "
           f"vs floor + AdamW: {with_optimizer:.3f}")
     print(f"trainer (no cache) / trainer (cache) = {uncached['cpu_median_s'] / cached['cpu_median_s']:.2f} CPU time")
     print(f"trainer (cache): mean {cached['cpu_mean_s']:.4f} CPU s/step incl. stalls; run wall time "
           f"{cached['wall_s']:.1f} s, of which {cached['startup_s']:.1f} s before the first step")
+    if "example" in results:
+        report_example(results)
+    else:
+        print(f"{EXAMPLE_NAME} not run: that script trains UNet attention LoRA only with a frozen text encoder; "
+              "compare with --unet-targets attn --no-text-encoder, or --preset issue")
+
+
+def report_example(results: dict[str, dict]) -> None:
+    """Issue 3's comparison. Speed is 1 / time per step: trainer speed / example speed = example time / trainer time."""
+    example, floor = results["example"], results["floor"]
+    print(f"\n{EXAMPLE_NAME} = {EXAMPLE_LABEL}: {example['images']} images at {example['resolution']} px, "
+          f"{example['trainable_params']:,} trainable LoRA parameters (floor: {floor['trainable_params']:,})")
+    for key in ("cached", "uncached"):
+        trainer = results[key]
+        speedup = example["cpu_median_s"] / trainer["cpu_median_s"]
+        verdict = "met" if speedup >= EXAMPLE_TARGET_SPEEDUP else "NOT met"
+        wall = example["median_s"] / trainer["median_s"]
+        print(f"stylelora trainer speed / {EXAMPLE_NAME} speed ({trainer['label']}) = {speedup:.2f} CPU time, "
+              f"{wall:.2f} wall time (CPU-time target ≥ {EXAMPLE_TARGET_SPEEDUP}: {verdict})")
+    print(f"{EXAMPLE_NAME} / floor = {example['cpu_median_s'] / floor['cpu_median_s']:.2f} CPU time, "
+          f"{example['median_s'] / floor['median_s']:.2f} wall time: the most a trainer at the floor could gain over "
+          f"it here (issue 3 measured the real script at {ISSUE_EXAMPLE_OVER_FLOOR} on its tiny SD pipeline)")
 
 
 # ----------------------------------------------------------------------------- workers
@@ -110,23 +190,29 @@ def floor_worker(args) -> dict:
 
     torch.manual_seed(0)
     pipe = load_base(args.base, device="cpu")
-    lora = add_lora(pipe.unet, pipe.text_encoder, rank=args.rank, alpha=args.rank, unet_targets="kohya")
+    lora = add_lora(pipe.unet, pipe.text_encoder, rank=args.rank, alpha=args.rank, unet_targets=args.unet_targets,
+                    train_text_encoder=args.text_encoder)
     optimizer = torch.optim.AdamW(lora.unet + lora.text_encoder, lr=1e-4)
     items, _ = scan_folder(args.data)
     ids = tokenize(pipe.tokenizer, [item.caption for item in items[: args.batch_size]])
+    with torch.no_grad():  # a frozen text encoder gives the same output every step: trainers cache it
+        frozen_context = None if args.text_encoder else pipe.text_encoder(ids)[0]
     size = pipe.unet.config.sample_size
     noisy = torch.randn(args.batch_size, pipe.unet.config.in_channels, size, size)
     target = torch.randn_like(noisy)
     timesteps = torch.randint(0, 1000, (args.batch_size,))
     clock = [(time.perf_counter(), time.process_time())]
     for _ in range(WARMUP_STEPS + args.steps):
-        prediction = pipe.unet(noisy, timesteps, pipe.text_encoder(ids)[0]).sample
+        context = pipe.text_encoder(ids)[0] if args.text_encoder else frozen_context
+        prediction = pipe.unet(noisy, timesteps, context).sample
         torch.nn.functional.mse_loss(prediction, target).backward()
         if args.optimizer_step:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.append((time.perf_counter(), time.process_time()))
-    return summary(clock[WARMUP_STEPS:], wall=clock[-1][0] - clock[0][0], startup=0.0)
+    trainable = sum(p.numel() for p in lora.unet + lora.text_encoder)
+    return {**summary(clock[WARMUP_STEPS:], wall=clock[-1][0] - clock[0][0], startup=0.0),
+            "trainable_params": trainable}
 
 
 def trainer_worker(args) -> dict:
@@ -146,7 +232,8 @@ def trainer_worker(args) -> dict:
     config = load_config(None, {
         "data.dir": args.data, "data.cache": args.cache, "train.base": args.base, "train.output": str(output),
         "train.steps": WARMUP_STEPS + args.steps, "train.batch_size": args.batch_size, "network.rank": args.rank,
-        "network.alpha": float(args.rank), "train.save_every": 0, "train.sample_every": 0,
+        "network.alpha": float(args.rank), "network.unet_targets": args.unet_targets,
+        "network.train_text_encoder": args.text_encoder, "train.save_every": 0, "train.sample_every": 0,
         "train.sample_prompts": [], "train.overwrite": True,
     })
     started = time.perf_counter()
@@ -154,6 +241,149 @@ def trainer_worker(args) -> dict:
     wall = time.perf_counter() - started
     # From one step's end to the next: everything the loop does per step (data, step, logging) is inside.
     return summary(clock[WARMUP_STEPS - 1:], wall=wall, startup=clock[0][0] - started)
+
+
+# ----------------------------------------------------------------------------- diffusers example, reimplemented
+
+
+@dataclass
+class ExampleRun:
+    """What the diffusers example holds during its loop, after `accelerator.prepare`."""
+
+    accelerator: Any
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    noise_scheduler: Any
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    params: list
+
+
+def example_worker(args) -> dict:
+    """The per-step work of train_text_to_image_lora.py (reimplemented), timed from one step's end to the next."""
+    started = time.perf_counter()
+    run = example_setup(args)
+    run.unet.train()
+    clock = []
+    for batch in endless(run.loader):  # the example's epoch loop: a fresh shuffle each pass over the data
+        example_step(run, batch)
+        clock.append((time.perf_counter(), time.process_time()))
+        if len(clock) == WARMUP_STEPS + args.steps:
+            break
+    dataset = run.loader.dataset
+    return {**summary(clock[WARMUP_STEPS - 1:], wall=time.perf_counter() - started, startup=clock[0][0] - started),
+            "trainable_params": sum(p.numel() for p in run.params), "images": len(dataset),
+            "resolution": dataset.resolution}
+
+
+def endless(loader):
+    while True:
+        yield from loader
+
+
+def example_setup(args) -> ExampleRun:
+    """Models frozen, peft LoRA on the UNet's attention, AdamW, constant LR, DataLoader; all prepared by accelerate."""
+    import torch
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+
+    from stylelora.models.load import load_base
+    from stylelora.train.loop import model_geometry
+
+    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision="no")
+    torch.manual_seed(0)
+    pipe = load_base(args.base, device=str(accelerator.device))
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)
+    pipe.unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                     target_modules=EXAMPLE_LORA_TARGETS))
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    dataset = ExampleImageFolder(args.data, pipe.tokenizer, model_geometry(pipe)["native_resolution"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                         collate_fn=collate_example, num_workers=0)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0,
+                                 num_training_steps=WARMUP_STEPS + args.steps)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, loader, lr_scheduler)
+    return ExampleRun(accelerator, unet, pipe.vae, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config),
+                      optimizer, lr_scheduler, loader, params)
+
+
+def example_step(run: ExampleRun, batch: dict) -> dict:
+    """One optimisation step as the example does it: nothing cached, epsilon target, plain MSE (no SNR weighting)."""
+    import torch
+
+    with run.accelerator.accumulate(run.unet):
+        latents = run.vae.encode(batch["pixel_values"]).latent_dist.sample() * run.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+        noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
+        context = run.text_encoder(batch["input_ids"], return_dict=False)[0]
+        prediction = run.unet(noisy, timesteps, context, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float(), reduction="mean")
+        train_loss = run.accelerator.gather(loss.repeat(latents.shape[0])).mean().item()  # logged each step
+        run.accelerator.backward(loss)
+        if run.accelerator.sync_gradients:
+            run.accelerator.clip_grad_norm_(run.params, 1.0)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+    return {"train_loss": train_loss, "step_loss": loss.detach().item(), "lr": run.lr_scheduler.get_last_lr()[0]}
+
+
+class ExampleImageFolder:
+    """The example's image dataset: every access reads the file, resizes the shorter side (bilinear), center-crops,
+    scales to [-1, 1] (torchvision's Resize/CenterCrop/ToTensor/Normalize, done with PIL + numpy) and tokenizes
+    the caption. One item per image, no repeats: the example has no kohya repeat counts."""
+
+    def __init__(self, data_dir: str, tokenizer, resolution: int):
+        from stylelora.data.scan import scan_folder
+
+        self.items, _ = scan_folder(data_dir)
+        self.tokenizer, self.resolution = tokenizer, resolution
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from stylelora.train.models import tokenize
+
+        item = self.items[index]
+        with Image.open(item.path) as image:
+            pixels = center_crop(resize_shorter_side(image.convert("RGB"), self.resolution), self.resolution)
+        array = np.asarray(pixels, dtype=np.float32) / 255.0
+        return {"pixel_values": torch.from_numpy(array).permute(2, 0, 1).sub(0.5).div(0.5),
+                "input_ids": tokenize(self.tokenizer, [item.caption])[0]}
+
+
+def resize_shorter_side(image, size: int):
+    from PIL import Image
+
+    width, height = image.size
+    scale = size / min(width, height)
+    return image.resize((max(size, int(width * scale)), max(size, int(height * scale))), Image.BILINEAR)
+
+
+def center_crop(image, size: int):
+    width, height = image.size
+    left, top = int(round((width - size) / 2)), int(round((height - size) / 2))
+    return image.crop((left, top, left + size, top + size))
+
+
+def collate_example(examples: list[dict]) -> dict:
+    import torch
+
+    pixels = torch.stack([example["pixel_values"] for example in examples])
+    return {"pixel_values": pixels.to(memory_format=torch.contiguous_format).float(),
+            "input_ids": torch.stack([example["input_ids"] for example in examples])}
 
 
 def summary(clock: list[tuple[float, float]], *, wall: float, startup: float) -> dict:
