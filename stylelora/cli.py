@@ -79,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stylelora", description="Train and blend LoRA adapters for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .app.launch import add_app_parser
     from .generate.command import add_generate_parsers
     from .train.command import add_train_parser
 
     add_train_parser(sub)
     add_generate_parsers(sub)
+    add_app_parser(sub)
     ev = sub.add_parser("evaluate", help="score a base (+ adapters) with the toy-world judge")
     _add_base_args(ev)
     ev.add_argument("--lora", action="append", default=[], metavar="FILE[:W]")

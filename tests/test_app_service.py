@@ -127,6 +127,12 @@ def test_generate_with_two_adapters_writes_pngs_that_reproduce_themselves(servic
     assert all(not numpy.array_equal(other, pixels(saved[0])) for other in alone)
 
 
+def test_progress_is_reported_step_by_step(service):
+    reports = []
+    service.generate(settings(("pastel", 1.0)), progress=lambda done, total: reports.append((done, total)))
+    assert reports == [(step, STEPS) for step in range(1, STEPS + 1)]
+
+
 def test_trigger_words_of_chosen_adapters_are_added_once(service):
     prompt = service.prompt_with_triggers(PROMPT, ["styles/stripes", "pastel"])
     assert prompt == f"{PROMPT}, stripestyle, pastelstyle"

@@ -1,0 +1,80 @@
+"""`stylelora app` / `python app.py`: arguments, and serving the Blocks with the app's safety settings.
+
+Importing this module is cheap (the parser is built on every `stylelora` call); gradio loads in `create_app`.
+Served: 127.0.0.1 unless --host says otherwise, a public link only with --share, files only from the app's
+images/ and grids/ folders (gradio's allowed_paths), uploads capped at --max-upload-mb by gradio and again by the
+service, requests queued.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_ADAPTERS_DIR = "outputs"
+DEFAULT_MAX_UPLOAD_MB = 512
+QUEUE_MAX_SIZE = 64
+
+
+def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to serve on (default {DEFAULT_HOST}: this machine only; 0.0.0.0: the network)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR,
+                        help=f"folder searched for *.safetensors adapters, where images, blends, uploads and "
+                             f"training runs go (default {DEFAULT_ADAPTERS_DIR})")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                        help=f"largest adapter upload accepted (default {DEFAULT_MAX_UPLOAD_MB} MiB)")
+    return parser
+
+
+def add_app_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `app` to the `stylelora` subcommands."""
+    parser = subparsers.add_parser("app", help="the web app: generate with blends, compare, blend, inspect, train")
+    add_app_arguments(parser)
+    parser.set_defaults(handler=handle_app)
+    return parser
+
+
+def create_app(adapters_dir: str | os.PathLike = DEFAULT_ADAPTERS_DIR, *, bases=None,
+               max_upload_bytes: int | None = None, device: str | None = None):
+    """(Blocks, AppService) for an adapters folder; nothing is served yet."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline machines: no phoning home
+    from stylelora.app.service import DEFAULT_BASES, DEFAULT_MAX_UPLOAD_BYTES, AppService
+    from stylelora.app.ui import build_ui
+
+    service = AppService(Path(adapters_dir), bases=tuple(bases or DEFAULT_BASES),
+                         max_upload_bytes=max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, device=device)
+    return build_ui(service), service
+
+
+def serve(demo, service, *, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT, share: bool = False,
+          prevent_thread_lock: bool = False, quiet: bool = False):
+    """Queue and launch `demo`; with prevent_thread_lock it returns at once (tests, notebooks)."""
+    from stylelora.app.ui import CSS
+
+    demo.queue(default_concurrency_limit=2, max_size=QUEUE_MAX_SIZE)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
+                allowed_paths=[str(path) for path in service.served_dirs], max_file_size=service.max_upload_bytes,
+                quiet=quiet, css=CSS)
+    return demo
+
+
+def handle_app(args: argparse.Namespace) -> int:
+    demo, service = create_app(args.adapters_dir, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    serve(demo, service, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python app.py [--host ...] [--port ...] [--share] [--adapters-dir ...]`."""
+    parser = add_app_arguments(argparse.ArgumentParser(prog="app.py", description="The stylelora web app."))
+    return handle_app(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

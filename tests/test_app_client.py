@@ -1,0 +1,172 @@
+"""The app served for real (in this process, on a free port) and driven over HTTP with gradio_client."""
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy
+import pytest
+from test_app_fixtures import PROMPT, STRIPES, make_toy_adapter, tiny_dataset, toy_base
+
+gradio_client = pytest.importorskip("gradio_client")
+
+STEPS = 4
+NO_WEIGHTS = [1.0, 1.0] * 2  # the unused adapter rows (4 rows in all)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from stylelora.app.launch import create_app, serve
+
+    folder = tmp_path_factory.mktemp("adapters")
+    make_toy_adapter(folder / "styles" / "stripes.safetensors", seed=1, trigger="stripestyle")
+    make_toy_adapter(folder / "pastel.safetensors", seed=2, trigger="pastelstyle")
+    demo, service = create_app(folder, max_upload_bytes=2 * 2**20)
+    service._pipes["toy"] = toy_base()  # the shipped toy base, loaded once per test process
+    serve(demo, service, port=free_port(), prevent_thread_lock=True, quiet=True)
+    client = gradio_client.Client(demo.local_url, verbose=False, analytics_enabled=False,
+                                  download_files=str(tmp_path_factory.mktemp("downloads")))
+    try:
+        yield demo, service, client
+    finally:
+        client.close()
+        demo.close()
+
+
+def choices(update: dict) -> list[str]:
+    """The names a dropdown offers after an update the server sent."""
+    return [value for _, value in update["choices"]]
+
+
+def generate_args(chosen, weights, seed, *, batch=1, prompt=PROMPT):
+    return ["toy", chosen, *weights, prompt, "", STEPS, 5.0, "base default", seed, "native", batch]
+
+
+def test_served_on_localhost_only_by_default(app):
+    demo, _, _ = app
+    assert demo.local_url.startswith("http://127.0.0.1:")
+    assert demo.share_url is None
+
+
+def test_generate_with_two_adapters_returns_pngs_with_their_parameters(app):
+    from stylelora.app.service import AdapterWeight, GenerateSettings
+    from stylelora.generate.pngmeta import read_png_parameters
+
+    demo, service, client = app
+    weights = [0.8, 0.5, 1.0, 1.0, *NO_WEIGHTS]
+    gallery, parameters = client.predict(*generate_args(["styles/stripes", "pastel"], weights, 21, batch=2),
+                                         api_name="/generate")
+    assert len(gallery) == 2
+    assert "<lora:styles/stripes:te=0.5:unet=0.8> <lora:pastel:1>" in parameters and "Seed: 21" in parameters
+    downloaded = [Path(item["image"]) for item in gallery]
+    assert read_png_parameters(downloaded[0]) == parameters  # the metadata survives the trip to the browser
+    assert "Seed: 22" in read_png_parameters(downloaded[1])
+    saved = sorted(service.images_dir.glob("*-21.png"))[-1]
+    assert downloaded[0].read_bytes() == saved.read_bytes()  # served as written, not re-encoded
+    # The same picture the service (and so the CLI's generate()) makes for these settings.
+    mix = (AdapterWeight("styles/stripes", 0.8, 0.5), AdapterWeight("pastel", 1.0, 1.0))
+    direct = service.generate(GenerateSettings(PROMPT, adapters=mix, steps=STEPS, seed=21))[0]
+    from PIL import Image
+
+    with Image.open(downloaded[0]) as image:
+        assert numpy.array_equal(numpy.asarray(image.convert("RGB")), numpy.asarray(direct.result.image))
+
+
+def test_add_trigger_words_button(app):
+    _, _, client = app
+    prompt = client.predict(PROMPT, ["styles/stripes", "pastel"], api_name="/add_triggers")
+    assert prompt == f"{PROMPT}, stripestyle, pastelstyle"
+
+
+def test_blend_then_inspect_the_new_adapter(app):
+    _, service, client = app
+    weights = [0.7, 0.7, -0.5, -0.5, *NO_WEIGHTS]
+    report, chosen, inspected = client.predict(["styles/stripes", "pastel"], *weights, "client-mix", "rank", 4,
+                                               False, False, api_name="/blend")
+    assert report.startswith("saved blends/client-mix") and "svd rank 4" in report
+    assert (service.adapters_dir / "blends" / "client-mix.safetensors").is_file()
+    assert inspected["value"] == "blends/client-mix"  # the new adapter is offered everywhere at once
+    assert "blends/client-mix" in choices(inspected) and "blends/client-mix" in choices(chosen)
+    text = client.predict("blends/client-mix", False, api_name="/inspect")
+    assert "client-mix" in text and "rank 4" in text and "stripestyle" in text and "pastelstyle" in text
+    with pytest.raises(gradio_client.exceptions.AppError, match="exists already"):
+        client.predict(["pastel"], *weights, "client-mix", "exact", 4, False, False, api_name="/blend")
+
+
+def test_bad_requests_come_back_as_messages(app):
+    _, _, client = app
+    with pytest.raises(gradio_client.exceptions.AppError, match="not allowed"):
+        client.predict("../../etc/passwd", False, api_name="/inspect")
+    with pytest.raises(gradio_client.exceptions.AppError, match="No adapter named"):
+        client.predict(*generate_args(["nope"], [1.0] * 8, 1), api_name="/generate")
+
+
+def test_upload_accepts_an_adapter_and_refuses_other_files(app, tmp_path):
+    from gradio_client import handle_file
+
+    _, service, client = app
+    good = make_toy_adapter(tmp_path / "uploaded.safetensors", seed=5, trigger="up")
+    chosen, _, cleared = client.predict(handle_file(str(good)), ["pastel"], api_name="/upload")
+    assert chosen["value"] == ["pastel", "uploads/uploaded"] and "uploads/uploaded" in choices(chosen)
+    assert cleared is None
+    assert service.adapter_path("uploads/uploaded").read_bytes() == good.read_bytes()
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(gradio_client.exceptions.AppError, match="not a readable .safetensors"):
+        client.predict(handle_file(str(fake)), [], api_name="/upload")
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * (3 * 2**20))  # over this app's 2 MiB cap: gradio refuses it before the service sees it
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 2097152 bytes"):
+        client.predict(handle_file(str(big)), [], api_name="/upload")  # the client reads the server's cap
+    import httpx
+
+    with big.open("rb") as handle:  # and the server enforces it for clients that do not
+        response = httpx.post(f"{app[0].local_url}gradio_api/upload", files={"files": ("big.safetensors", handle)})
+    assert response.status_code == 413, response.text
+
+
+def test_only_the_app_image_folders_are_served(app):
+    from stylelora.app.service import GenerateSettings
+
+    demo, service, client = app
+    image = service.generate(GenerateSettings(PROMPT, steps=2))[0].path
+
+    def status(path: Path) -> int:
+        try:
+            with urllib.request.urlopen(f"{demo.local_url}gradio_api/file={path}") as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert status(image) == 200
+    assert status(service.adapter_path("pastel")) == 403  # adapters are not downloadable
+    assert status(Path("/etc/passwd")) == 403
+    assert status(Path(__file__)) == 403
+
+
+@pytest.mark.skipif(not STRIPES.is_dir(), reason="datasets/toy-stripes is missing")
+def test_short_training_run_reports_progress_and_its_adapter_appears(app, tmp_path):
+    _, service, client = app
+    data = tiny_dataset(tmp_path / "data", count=4)
+    job = client.submit(str(data), "tiny-run", "toy", 3, 2, 2, 2.0, 0, 0, True, 0, "", False, [], None,
+                        api_name="/train")
+    status, plot, log, chosen, inspected = job.result(timeout=240)
+    updates = job.outputs()
+    assert any("training, step" in update[0] for update in updates[:-1])  # live progress before the end
+    assert "done" in status and "final loss" in status, status
+    assert "adapter written" in log
+    assert [step for step, _ in plot["data"]] == [1, 2, 3]  # the loss curve, one point per step
+    assert "tiny-run/tiny-run" in choices(chosen) and "tiny-run/tiny-run" in choices(inspected)
+    adapter = service.adapters_dir / "tiny-run" / "tiny-run.safetensors"
+    assert adapter.is_file()
+    assert "tiny-run/tiny-run" in service.adapter_names()
+    text = client.predict("tiny-run/tiny-run", False, api_name="/inspect")
+    assert "stripestyle" in text and "rank 2" in text
