@@ -30,7 +30,7 @@ def app(tmp_path_factory):
     make_toy_adapter(folder / "styles" / "stripes.safetensors", seed=1, trigger="stripestyle")
     make_toy_adapter(folder / "pastel.safetensors", seed=2, trigger="pastelstyle")
     demo, service = create_app(folder, max_upload_bytes=2 * 2**20)
-    service._pipes["toy"] = toy_base()  # the shipped toy base, loaded once per test process
+    service.preload("toy", toy_base())  # the shipped toy base, loaded once per test process
     serve(demo, service, port=free_port(), prevent_thread_lock=True, quiet=True)
     client = gradio_client.Client(demo.local_url, verbose=False, analytics_enabled=False,
                                   download_files=str(tmp_path_factory.mktemp("downloads")))
@@ -170,3 +170,47 @@ def test_short_training_run_reports_progress_and_its_adapter_appears(app, tmp_pa
     assert "tiny-run/tiny-run" in service.adapter_names()
     text = client.predict("tiny-run/tiny-run", False, api_name="/inspect")
     assert "stripestyle" in text and "rank 2" in text
+
+
+def test_compare_tab_makes_a_grid(app):
+    from PIL import Image
+
+    from stylelora.generate.pngmeta import read_png_parameters
+
+    _, service, client = app
+    path = client.predict("weight=0,1", "adapter=none,pastel", *generate_args(["styles/stripes"], [1.0] * 8, 3),
+                          api_name="/grid")
+    assert "X Type: weight" in read_png_parameters(path) and "Y Type: adapter" in read_png_parameters(path)
+    with Image.open(path) as grid:
+        assert grid.width > 2 * 96 and grid.height > 2 * 96  # 2x2 cells of 32 px shown at 3x, with labels
+    assert list(service.grids_dir.glob("*-grid.png"))
+
+
+def test_python_app_py_serves_on_localhost_by_default(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from test_app_fixtures import REPO
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--adapters-dir",
+                                str(tmp_path / "adapters")], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, page = time.time() + 90, None
+        while time.time() < deadline and page is None and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    page = response.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, f"app.py did not serve on 127.0.0.1:{port}"
+        assert "stylelora" in page
+        listening = [line for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"]
+        assert listening and all(line.split()[1].startswith("0100007F:") for line in listening)  # 127.0.0.1 only
+        assert (tmp_path / "adapters").is_dir()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -31,7 +31,7 @@ def adapters(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def service(adapters) -> AppService:
     app = AppService(adapters)
-    app._pipes["toy"] = toy_base()  # the same shipped toy base load_base("toy") gives, loaded once per process
+    app.preload("toy", toy_base())  # the shipped toy base, as load_base("toy") gives it, loaded once per process
     return app
 
 

@@ -65,7 +65,11 @@ def serve(demo, service, *, host: str = DEFAULT_HOST, port: int | None = DEFAULT
 
 
 def handle_app(args: argparse.Namespace) -> int:
+    import threading
+
     demo, service = create_app(args.adapters_dir, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    # Load the default base while the server starts, so the first Generate does not wait for it.
+    threading.Thread(target=service.preload, args=(service.bases[0],), daemon=True).start()
     serve(demo, service, host=args.host, port=args.port, share=args.share)
     return 0
 

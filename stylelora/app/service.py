@@ -210,10 +210,23 @@ class AppService:
 
     # ------------------------------------------------------------------ base models
 
-    def pipeline(self, base: str):
-        """The loaded base (one per name, loaded once, shared by every request: its adapter stack guards it)."""
+    def _check_base(self, base: str) -> None:
         if base not in self.bases:
             raise AppError(f"Base model {base!r} is not offered by this app (choose one of {', '.join(self.bases)}).")
+
+    def preload(self, base: str, pipe=None):
+        """Load a base now (or adopt an already loaded pipeline for it, e.g. in a notebook); returns it."""
+        if pipe is None:
+            return self.pipeline(base)
+        self._check_base(base)
+        pipe.set_progress_bar_config(disable=True)
+        with self._load_lock:
+            self._pipes[base] = pipe
+        return pipe
+
+    def pipeline(self, base: str):
+        """The loaded base (one per name, loaded once, shared by every request: its adapter stack guards it)."""
+        self._check_base(base)
         with self._load_lock:
             pipe = self._pipes.get(base)
             if pipe is None:
@@ -252,7 +265,7 @@ class AppService:
         request = self.request(settings)
         precheck_request(request)  # bad tags or files fail before a base loads
         results = generate(self.pipeline(settings.base), None, request, progress=progress)
-        return self._save([r for r in results], [r.params.seed for r in results], self.images_dir)
+        return self._save(results, [r.params.seed for r in results], self.images_dir)
 
     def _save(self, items: list, labels: list, folder: Path) -> list[SavedImage]:
         from stylelora.generate.command import output_paths
@@ -324,9 +337,7 @@ class AppService:
         """Start `stylelora train` on a folder (one run at a time); the adapter lands in the adapters folder."""
         from stylelora.app.training import TrainingJob
 
-        if settings.base not in self.bases:
-            raise AppError(f"Base model {settings.base!r} is not offered by this app (choose one of "
-                           f"{', '.join(self.bases)}).")
+        self._check_base(settings.base)
         current = self._training
         if current is not None and current.running:
             raise AppError(f"A training run ({current.name}) is in progress; wait for it or stop it first.")

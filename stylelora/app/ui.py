@@ -72,8 +72,9 @@ class GenerateInputs:
                                       label=f"Adapters (from {service.adapters_dir.name}/, up to {MAX_ADAPTER_ROWS})",
                                       elem_id="adapters")
             self.refresh = gr.Button("↻ Rescan", scale=0, min_width=90)
-        self.upload = gr.File(label="Add an adapter: upload a .safetensors file", file_types=[".safetensors"],
-                              type="filepath", height=90, elem_id="upload")
+        with gr.Accordion("Add an adapter: upload a .safetensors file", open=False):
+            self.upload = gr.File(label="Adapter file (.safetensors)", file_types=[".safetensors"],
+                                  type="filepath", elem_id="upload")
         self.rows, self.weights = [], []
         for i in range(MAX_ADAPTER_ROWS):
             with gr.Row(visible=False, elem_id=f"adapter-row-{i}") as row:
@@ -87,14 +88,14 @@ class GenerateInputs:
             self.triggers = gr.Button("Add trigger words", size="sm", scale=0, min_width=160)
         self.negative = gr.Textbox(label="Negative prompt", lines=1)
         with gr.Row():
-            self.steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+            self.steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
             self.cfg = gr.Slider(1, 15, value=5, step=0.5, label="CFG scale")
             self.sampler = gr.Dropdown([DEFAULT_SAMPLER, *available_samplers()], value=DEFAULT_SAMPLER,
                                        label="Sampler")
         with gr.Row():
             self.seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed")
-            self.random_seed = gr.Button("🎲 Random", size="sm", scale=0, min_width=90)
-            self.reuse_seed = gr.Button("♻ Last seed", size="sm", scale=0, min_width=90)
+            self.random_seed = gr.Button("Random seed", size="sm", scale=0, min_width=90)
+            self.reuse_seed = gr.Button("Last seed", size="sm", scale=0, min_width=90)
             self.size = gr.Dropdown(SIZES, value="native", allow_custom_value=True, label="Size (WxH)")
             self.batch = gr.Slider(1, 8, value=1, step=1, label="Batch")
 
