@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from test_app_fixtures import PROMPT, make_toy_adapter, toy_base
+from test_app_fixtures import PROMPT, STRIPES, make_toy_adapter, tiny_dataset, toy_base
 
 from stylelora.app.service import AdapterWeight, AppError, AppService, GenerateSettings
 from stylelora.generate.adapter_file import AdapterFileError
@@ -223,6 +223,8 @@ def test_grid_of_weights_by_adapters_is_one_png(service):
     assert "X Type: weight" in read_png_parameters(path)
     with Image.open(path) as grid:
         assert grid.width > 2 * 32 * 3 and grid.height > 2 * 32 * 3  # 2x2 cells of 32 px, shown 3x
+    with pytest.raises(AppError, match="choose adapters first"):
+        service.grid(settings(), "weight=0,1")
 
 
 def test_training_refuses_bad_settings_before_starting(service, tmp_path):
@@ -237,3 +239,28 @@ def test_training_refuses_bad_settings_before_starting(service, tmp_path):
         service.start_training(TrainSettings(data_dir=str(tmp_path), name="x", rank=0))
     assert service.training is None and not (service.adapters_dir / "x").exists()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not STRIPES.is_dir(), reason="datasets/toy-stripes is missing")
+def test_a_training_run_can_be_stopped_and_only_one_runs_at_a_time(service, tmp_path):
+    from stylelora.app.training import TrainSettings
+
+    data = tiny_dataset(tmp_path / "data", count=2)
+    run = TrainSettings(data_dir=str(data), name="stopped-run", steps=500, batch_size=2, rank=2, alpha=2.0)
+    job = service.start_training(run)
+    try:
+        with pytest.raises(AppError, match="in progress"):
+            service.start_training(TrainSettings(data_dir=str(data), name="second"))
+        for status in job.follow(interval=0.2):
+            if status.step >= 2:
+                break
+        assert status.running and status.loss is not None  # progress and loss while it runs
+        job.stop()
+        final = job.wait(timeout=60)
+    finally:
+        if job.running:
+            job.process.kill()
+    assert final.state == "stopped" and final.adapter is None
+    assert 2 <= final.step < 500
+    assert not (service.adapters_dir / "stopped-run" / "stopped-run.safetensors").exists()
+    assert "resume latest" in final.log  # the trainer said how to continue

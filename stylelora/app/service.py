@@ -295,6 +295,10 @@ class AppService:
             axes.append(axis)
         if axes[0] is None:
             raise AppError("Give the X axis, e.g. weight=0,0.5,1 or seed=1,2,3.")
+        kinds = {axis.kind for axis in axes if axis is not None}
+        if kinds & {"weight", "unet_weight", "te_weight"} and not settings.adapters and "adapter" not in kinds:
+            raise AppError("A weight axis sets the weights of the chosen adapters: choose adapters first "
+                           "(or add an adapter axis, e.g. adapter=none,NAME).")
         request = self.request(settings)
         precheck_request(request)
         pipe = self.pipeline(settings.base)

@@ -26,6 +26,7 @@ REQUEST_FILE = ".app-train.toml"
 BAR_LINE = re.compile(r"^training:.*?(\d+)/(\d+) \[(.*)\]\s*$")
 POSTFIX_LOSS = re.compile(r"loss=([-+0-9.eE]+|nan|inf)")
 LOG_LINES_KEPT = 200
+OTHER_BARS = re.compile(r"\d+%\|")  # loading bars of diffusers/transformers: noise in the log
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class TrainingJob:
         bar = BAR_LINE.match(line.strip())
         with self._lock:
             if bar is None:
-                if line.strip():
+                if line.strip() and not OTHER_BARS.search(line):
                     self.lines = (self.lines + [line])[-LOG_LINES_KEPT:]
                 return
             self.step, self.total = int(bar.group(1)), int(bar.group(2))

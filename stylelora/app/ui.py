@@ -323,7 +323,8 @@ def build_ui(service: AppService) -> gr.Blocks:
         train_button.click(on_train, [train_data, train_name, train_base, train_steps, train_batch, train_rank,
                                       train_alpha, train_seed, train_unet_lr, train_te, train_te_lr, train_trigger,
                                       train_overwrite, inputs.chosen, inspect_name],
-                           [train_status, loss_plot, train_log, *adapter_lists], api_name="train")
+                           [train_status, loss_plot, train_log, *adapter_lists], api_name="train",
+                           show_progress_on=[train_status])  # the loss curve and the log stay visible
 
         def on_stop():
             job = service.training
