@@ -80,6 +80,27 @@ def test_generate_with_two_adapters_returns_pngs_with_their_parameters(app):
         assert numpy.array_equal(numpy.asarray(image.convert("RGB")), numpy.asarray(direct.result.image))
 
 
+def test_eight_simultaneous_requests_with_different_blends_get_their_own_images(app):
+    from PIL import Image
+
+    from stylelora.app.service import AdapterWeight, GenerateSettings
+
+    _, service, client = app
+    blends = [(0, 0, 0), (1, 1, 0), (0, 0, 1), (0.5, 1, -1), (-1, 0, 0.5), (2, 2, 2), (-2, 1, 1), (1, -1, -0.5)]
+    jobs = [client.submit(*generate_args(["styles/stripes", "pastel"], [u, t, p, p, *NO_WEIGHTS], 8),
+                          api_name="/generate") for u, t, p in blends]
+    served = []
+    for job in jobs:
+        gallery, _ = job.result(timeout=120)
+        with Image.open(gallery[0]["image"]) as image:
+            served.append(numpy.asarray(image.convert("RGB")))
+    for (u, t, p), got in zip(blends, served):
+        mix = (AdapterWeight("styles/stripes", u, t), AdapterWeight("pastel", p, p))
+        alone = service.generate(GenerateSettings(PROMPT, adapters=mix, steps=STEPS, seed=8))[0]
+        assert numpy.array_equal(got, numpy.asarray(alone.result.image)), f"blend {(u, t, p)} got another image"
+    assert len({image.tobytes() for image in served}) == len(blends)
+
+
 def test_add_trigger_words_button(app):
     _, _, client = app
     prompt = client.predict(PROMPT, ["styles/stripes", "pastel"], api_name="/add_triggers")

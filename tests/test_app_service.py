@@ -44,6 +44,20 @@ def settings(*mix, seed: int = 7, **changes) -> GenerateSettings:
     return GenerateSettings(adapters=tuple(AdapterWeight(*m) for m in mix), **values)
 
 
+# ----------------------------------------------------------------------------- command line
+
+
+def test_stylelora_app_defaults_to_localhost_and_the_outputs_folder():
+    from stylelora.cli import build_parser
+
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port, args.share, args.adapters_dir, args.max_upload_mb) == (
+        "127.0.0.1", 7860, False, "outputs", 512)
+    args = build_parser().parse_args(["app", "--host", "0.0.0.0", "--port", "9000", "--share", "--adapters-dir",
+                                      "loras"])
+    assert (args.host, args.port, args.share, args.adapters_dir) == ("0.0.0.0", 9000, True, "loras")
+
+
 # ----------------------------------------------------------------------------- adapter names and uploads
 
 
