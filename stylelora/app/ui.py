@@ -20,7 +20,7 @@ CSS = ".mono textarea { font-family: ui-monospace, monospace; font-size: 0.85em;
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from stylelora.generate.command import _user_errors as library_user_errors
+    from stylelora.generate.command import user_errors as library_user_errors
 
     return (AppError, *library_user_errors())
 

@@ -123,7 +123,7 @@ def _fail(error: Exception) -> int:
     return 2
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (reported in one line), not a bug (which keeps its traceback)."""
     from stylelora.models.load import BaseModelError
 
@@ -134,7 +134,7 @@ def _guarded(handler):
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except _user_errors() as error:
+        except user_errors() as error:
             return _fail(error)
 
     run.__name__ = handler.__name__
