@@ -62,7 +62,7 @@ def _cmd_toy(args: argparse.Namespace) -> int:
         from .toy.base_build import TOY_BASE_DIR, build_base
 
         out = build_base(Path(args.work_dir), Path(args.out) if args.out else TOY_BASE_DIR, seed=args.seed,
-                         vae_steps=args.vae_steps, denoiser_steps=args.steps)
+                         vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, denoiser_steps=args.steps)
         print(out)
     elif args.toy_command == "assemble":
         from .toy.base_build import TOY_BASE_DIR, assemble_from_snapshot
@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--work-dir", default="outputs/toy-base-build")
     bb.add_argument("--out", help="where the diffusers folder goes (default: inside the package)")
     bb.add_argument("--seed", type=int, default=0)
-    bb.add_argument("--vae-steps", type=int, default=1500)
-    bb.add_argument("--steps", type=int, default=2500, help="UNet + text-encoder steps")
+    bb.add_argument("--vae-steps", type=int, default=4000, help="VAE steps (stops early at 29 dB on every style)")
+    bb.add_argument("--decoder-steps", type=int, default=2000, help="decoder-only fine-tune steps")
+    bb.add_argument("--steps", type=int, default=7000, help="UNet + text-encoder steps")
     asm = toy_sub.add_parser("assemble", help="write the toy base from one saved UNet + text-encoder snapshot of a build")
     asm.add_argument("--work-dir", default="outputs/toy-base-build")
     asm.add_argument("--snapshot", required=True, help="e.g. outputs/toy-base-build/denoiser/step_002000")

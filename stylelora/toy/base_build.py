@@ -27,15 +27,22 @@ def build_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def build_vae(folder: Path, steps: int, seed: int, log):
+def build_vae(work_dir: Path, steps: int, decoder_steps: int, seed: int, log):
+    """Stage 1 trains the whole VAE (work_dir/vae); stage 2 fine-tunes its decoder alone (work_dir/vae_decoder)."""
     from diffusers import AutoencoderKL
 
-    from .vae_train import train_vae
+    from .vae_train import finetune_decoder, train_vae
 
-    if (folder / "config.json").exists():
-        log(f"reusing the VAE in {folder}")
-        return AutoencoderKL.from_pretrained(folder)
-    return train_vae(folder, steps=steps, seed=seed, log=log)
+    first, second = work_dir / "vae", work_dir / "vae_decoder"
+    if (second / "config.json").exists():
+        log(f"reusing the VAE in {second}")
+        return AutoencoderKL.from_pretrained(second)
+    if (first / "config.json").exists():
+        log(f"reusing the first-stage VAE in {first}")
+        vae = AutoencoderKL.from_pretrained(first)
+    else:
+        vae = train_vae(first, steps=steps, seed=seed, log=log)
+    return finetune_decoder(vae, second, steps=decoder_steps, seed=seed + 1, log=log)
 
 
 def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
@@ -60,13 +67,17 @@ def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
     return out_dir
 
 
-def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 1500,
-               denoiser_steps: int = 2500, log=print) -> Path:
-    """Tokenizer → VAE → UNet + text encoder → pipeline folder. Stages found in work_dir are reused."""
+def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 4000,
+               decoder_steps: int = 2000, denoiser_steps: int = 7000, log=print) -> Path:
+    """Tokenizer → VAE → decoder fine-tune → UNet + text encoder → pipeline folder. Stages in work_dir are reused.
+
+    The decoder fine-tune leaves the encoder, hence every latent, bit-identical, so the UNet trains on the same
+    latents whether it runs before or after that stage.
+    """
     from .denoiser_train import train_denoiser
 
     tokenizer = build_tokenizer(work_dir / "tokenizer")
-    vae = build_vae(work_dir / "vae", vae_steps, seed, log)
+    vae = build_vae(work_dir, vae_steps, decoder_steps, seed, log)
     unet, text_encoder = train_denoiser(vae, tokenizer, work_dir / "denoiser", steps=denoiser_steps, seed=seed, log=log)
     final = work_dir / "denoiser" / f"step_{denoiser_steps:06d}"
     return assemble_from_snapshot(work_dir, final, out_dir)
@@ -76,8 +87,11 @@ def assemble_from_snapshot(work_dir: Path, snapshot: Path, out_dir: Path = TOY_B
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    vae_dir = work_dir / "vae_decoder"
+    if not (vae_dir / "config.json").exists():  # a build from before the decoder stage existed
+        vae_dir = work_dir / "vae"
     return assemble(
-        AutoencoderKL.from_pretrained(work_dir / "vae"),
+        AutoencoderKL.from_pretrained(vae_dir),
         CLIPTextModel.from_pretrained(snapshot / "text_encoder"),
         CLIPTokenizer.from_pretrained(work_dir / "tokenizer"),
         UNet2DConditionModel.from_pretrained(snapshot / "unet"),
