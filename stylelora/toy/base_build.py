@@ -27,7 +27,7 @@ def build_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def build_vae(work_dir: Path, steps: int, decoder_steps: int, seed: int, log):
+def build_vae(work_dir: Path, steps: int, decoder_steps: int, seed: int, log, pool: dict):
     """Stage 1 trains the whole VAE (work_dir/vae); stage 2 fine-tunes its decoder alone (work_dir/vae_decoder)."""
     from diffusers import AutoencoderKL
 
@@ -41,8 +41,8 @@ def build_vae(work_dir: Path, steps: int, decoder_steps: int, seed: int, log):
         log(f"reusing the first-stage VAE in {first}")
         vae = AutoencoderKL.from_pretrained(first)
     else:
-        vae = train_vae(first, steps=steps, seed=seed, log=log)
-    return finetune_decoder(vae, second, steps=decoder_steps, seed=seed + 1, log=log)
+        vae = train_vae(first, steps=steps, seed=seed, log=log, **pool)
+    return finetune_decoder(vae, second, steps=decoder_steps, seed=seed + 1, log=log, **pool)
 
 
 def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
@@ -68,17 +68,20 @@ def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
 
 
 def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 4000,
-               decoder_steps: int = 2000, denoiser_steps: int = 7000, log=print) -> Path:
+               decoder_steps: int = 2000, denoiser_steps: int = 7000, pool_size: int | None = None,
+               log=print) -> Path:
     """Tokenizer → VAE → decoder fine-tune → UNet + text encoder → pipeline folder. Stages in work_dir are reused.
 
     The decoder fine-tune leaves the encoder, hence every latent, bit-identical, so the UNet trains on the same
-    latents whether it runs before or after that stage.
+    latents whether it runs before or after that stage. pool_size (renders per stage) is for smoke tests only.
     """
     from .denoiser_train import train_denoiser
 
     tokenizer = build_tokenizer(work_dir / "tokenizer")
-    vae = build_vae(work_dir, vae_steps, decoder_steps, seed, log)
-    unet, text_encoder = train_denoiser(vae, tokenizer, work_dir / "denoiser", steps=denoiser_steps, seed=seed, log=log)
+    pool = {} if pool_size is None else {"pool_size": pool_size}
+    vae = build_vae(work_dir, vae_steps, decoder_steps, seed, log, pool)
+    unet, text_encoder = train_denoiser(vae, tokenizer, work_dir / "denoiser", steps=denoiser_steps, seed=seed,
+                                        log=log, **pool)
     final = work_dir / "denoiser" / f"step_{denoiser_steps:06d}"
     return assemble_from_snapshot(work_dir, final, out_dir)
 

@@ -75,15 +75,9 @@ def train_vae(out_dir: Path, *, steps: int = 4000, batch: int = 16, lr: float = 
         y = vae.decode(posterior.mode()).sample
         # MSE drives PSNR; a little L1 sharpens edges; a tiny KL keeps the latent scale bounded (SD-style).
         loss = (y - x).pow(2).mean() + 0.1 * (y - x).abs().mean() + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, vae.parameters())
         if step % 250 == 0 or step == steps:
-            vae.eval()
-            scores = psnr_by_style(vae)
-            vae.train()
+            scores = _held_out_psnr(vae)
             log(f"vae step {step} loss {loss.item():.5f} psnr min {min(scores.values()):.2f} dB "
                 f"{ {k: round(v, 1) for k, v in scores.items()} } {time.time() - t0:.0f}s")
             if min(scores.values()) >= target_psnr:
@@ -92,6 +86,24 @@ def train_vae(out_dir: Path, *, steps: int = 4000, batch: int = 16, lr: float = 
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, pool[:2048]))
     vae.save_pretrained(out_dir)
     return vae
+
+
+def _update(loss, opt, sched, params) -> None:
+    """One optimizer step with gradient clipping (both VAE stages)."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def _held_out_psnr(vae) -> dict[str, float]:
+    vae.eval()
+    scores = psnr_by_style(vae)
+    vae.train()
+    return scores
 
 
 def false_stripes_rate(vae, judge, n: int = 256, seed: int = 30_000) -> float:
@@ -123,7 +135,7 @@ def finetune_decoder(vae, out_dir: Path, *, steps: int = 2000, batch: int = 16, 
     pool = render_pool(pool_size, seed)
     vae.requires_grad_(False)
     vae.decoder.requires_grad_(True)
-    params = [p for p in vae.decoder.parameters()]
+    params = list(vae.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
@@ -134,15 +146,9 @@ def finetune_decoder(vae, out_dir: Path, *, steps: int = 2000, batch: int = 16, 
             latents = vae.encode(x).latent_dist.mode()
         y = vae.decode(latents).sample
         loss = (y - x).pow(2).mean() + 0.1 * (y - x).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, params)
         if step % 500 == 0 or step == steps:
-            vae.eval()
-            scores = psnr_by_style(vae)
-            vae.train()
+            scores = _held_out_psnr(vae)
             log(f"vae decoder step {step} loss {loss.item():.5f} psnr min {min(scores.values()):.2f} dB "
                 f"false stripes {false_stripes_rate(vae, judge):.3f} {time.time() - t0:.0f}s")
     vae.eval()
