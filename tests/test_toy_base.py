@@ -85,3 +85,16 @@ def test_build_base_recipe_runs_and_the_decoder_stage_keeps_the_encoder(tmp_path
     assert not torch.equal(first.decoder.conv_out.weight, second.decoder.conv_out.weight)
     pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
     assert pipe("a red circle on a white background", num_inference_steps=2).images[0].size == (32, 32)
+
+
+def test_shipped_vae_does_not_paint_stripes_into_plain_renders():
+    """The judge sees no stripes in plain renders; their reconstructions must stay (nearly) as clean, or the base
+    would show the stripes style without its trigger. Measured 0.066 after the decoder stage (0.13 before)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from stylelora.toy.judge import load_judge
+    from stylelora.toy.vae_train import false_stripes_rate
+
+    vae = AutoencoderKL.from_pretrained(TOY_BASE_DIR / "vae", torch_dtype=torch.float32).eval()
+    assert false_stripes_rate(vae, load_judge(), n=256) <= 0.10
