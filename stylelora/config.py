@@ -54,6 +54,9 @@ class ConfigError(ValueError):
 class DataConfig:
     dir: str = ""  # kohya `<repeats>_<trigger>/` folders, a flat folder, or metadata.jsonl
     trigger: str = ""  # extra trigger word(s) put in front of every caption ("" = none)
+    # Regularization ("class") images, kohya's reg folder: trained alongside, as many reg samples per epoch as
+    # training samples, so the adapter keeps what the base draws for prompts without the trigger.
+    reg_dir: str = ""
     shuffle_tags: bool = False
     keep_tokens: int = 1  # leading comma-separated tags that shuffling and tag dropout leave alone
     caption_dropout: float = 0.0
@@ -139,7 +142,8 @@ SECTION_CLASSES = {"data": DataConfig, "network": NetworkConfig, "optim": OptimC
 
 # The CLI flag of each field (stylelora.train.command builds its parser from this), so errors can name it.
 CLI_FLAGS = {
-    "data.dir": "DATA_DIR", "data.trigger": "--trigger", "data.resolution": "--resolution",
+    "data.dir": "DATA_DIR", "data.trigger": "--trigger", "data.reg_dir": "--reg-dir",
+    "data.resolution": "--resolution",
     "data.cache": "--cache", "data.flip": "--flip", "data.caption_dropout": "--caption-dropout",
     "data.shuffle_tags": "--shuffle-tags", "data.keep_tokens": "--keep-tokens",
     "network.rank": "--rank", "network.alpha": "--alpha", "network.unet_targets": "--unet-targets",
@@ -272,7 +276,8 @@ def _type_name(base: Any) -> str:
 # ----------------------------------------------------------------------------- values
 
 EXAMPLES = {
-    "data.dir": "datasets/toy-stripes", "data.keep_tokens": "1", "data.caption_dropout": "0.05",
+    "data.dir": "datasets/toy-stripes", "data.reg_dir": "datasets/toy-plain", "data.keep_tokens": "1",
+    "data.caption_dropout": "0.05",
     "data.tag_dropout": "0.1", "data.resolution": "32", "data.bucket_step": "8", "data.min_side": "16",
     "data.max_side": "64", "data.cache": "ram", "network.rank": "16", "network.alpha": "16",
     "network.unet_targets": "kohya", "network.conv_rank": "8", "network.conv_alpha": "4",

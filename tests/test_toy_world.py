@@ -9,7 +9,7 @@ import pytest
 from stylelora.toy.datasets import DATASETS, IMAGES_PER_DATASET, write_dataset
 from stylelora.toy.evaluate import build_prompts, score
 from stylelora.toy.render import render
-from stylelora.toy.world import COLORS, SHAPES, STYLE_MIXES, caption, random_scene, random_styled_scene
+from stylelora.toy.world import COLORS, SHAPES, STYLE_MIXES, STYLE_TRIGGERS, caption, random_scene, random_styled_scene
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,3 +92,16 @@ def test_blend_prompt_set_counts_images_with_every_style():
     row = score(prompts, predictions)["by_prompt_set"]["stripes+pastel"]
     assert row["all_styles_rate"] == 0.5
     assert row["stripes_rate"] == 0.75 and row["pastel_rate"] == 0.75
+
+
+def test_bundled_reg_dataset_regenerates_bit_identically(tmp_path):
+    from stylelora.toy.datasets import REG_DATASETS
+
+    for name, (class_word, _) in REG_DATASETS.items():
+        fresh, shipped = write_dataset(name, tmp_path), REPO / "datasets" / name
+        files = sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file())
+        assert len([f for f in files if f.suffix == ".png"]) == IMAGES_PER_DATASET
+        assert all(f.parent.name == f"1_{class_word}" for f in files)  # kohya reg layout
+        for rel in files:
+            assert (fresh / rel).read_bytes() == (shipped / rel).read_bytes(), rel
+        assert not any(t in (shipped / f).read_text() for f in files if f.suffix == ".txt" for t in STYLE_TRIGGERS.values())

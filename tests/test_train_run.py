@@ -313,3 +313,27 @@ def test_trains_on_the_shipped_toy_base(tmp_path):
                                               "train.sample_steps": 2}))
     assert adapter_metadata(adapter)["ss_resolution"] == "(32, 32)"
     assert {t.dtype for t in adapter_tensors(adapter).values()} == {torch.float32}  # fp16 base, fp32 LoRA
+
+
+def test_reg_images_fill_as_many_samples_per_epoch_as_the_training_images(tmp_path, tiny_base, dataset, capsys):
+    """kohya's rule: 3 reg images (1 repeat) against 8 images × 2 repeats → cycled to 16 reg samples per epoch;
+    reg captions and folders stay out of the adapter's tag frequency and trigger."""
+    reg = tmp_path / "reg" / "1_shapes"
+    reg.mkdir(parents=True)
+    for image in sorted((dataset / "2_stripestyle").glob("*.png"))[:3]:
+        shutil.copy(image, reg / image.name)
+        (reg / image.name).with_suffix(".txt").write_text("a red circle on a white background\n")
+    adapter = train(dataset, tmp_path / "run", tiny_base, **{"data.reg_dir": str(tmp_path / "reg")})
+    metadata = adapter_metadata(adapter)
+    assert metadata["ss_num_train_images"] == "16" and metadata["ss_num_reg_images"] == "16"
+    assert list(json.loads(metadata["ss_tag_frequency"])) == ["2_stripestyle"]
+    assert metadata["modelspec.trigger_phrase"] == "stripestyle"
+    captured = capsys.readouterr()
+    assert "regularization: " in captured.err + captured.out
+
+
+def test_reg_dir_without_usable_images_fails_before_training(tmp_path, tiny_base, dataset):
+    (tmp_path / "reg" / "1_shapes").mkdir(parents=True)
+    (tmp_path / "reg" / "1_shapes" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError):
+        train(dataset, tmp_path / "run", tiny_base, **{"data.reg_dir": str(tmp_path / "reg")})

@@ -221,13 +221,13 @@ def _nothing_usable_message(skipped: list[SkippedImage], min_side: int) -> str:
             f"these files: they must be readable PNG/JPEG/WEBP images at least {min_side} px on each side.")
 
 
-def write_skip_report(run_dir: str | Path, skipped: list[SkippedImage]) -> Path:
+def write_skip_report(run_dir: str | Path, skipped: list[SkippedImage], file_name: str = "skipped.txt") -> Path:
     """Write `run_dir/skipped.txt` (one `path<TAB>reason` line per skipped file) atomically; return its path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"{s.path}\t{s.reason}" for s in sorted(skipped, key=lambda s: str(s.path))]
     text = "# images skipped before training: path<TAB>reason\n" + "".join(line + "\n" for line in lines)
-    return write_text_atomic(run_dir / "skipped.txt", text)
+    return write_text_atomic(run_dir / file_name, text)
 
 
 def skip_summary(skipped: list[SkippedImage], total: int, report_path: str | Path | None = None,

@@ -43,6 +43,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("optim.grad_accum", {"type": int, "help": "gradient accumulation steps (default 1)"}),
     ("optim.max_grad_norm", {"type": float, "help": "gradient clipping norm (0 = off; default 1)"}),
     ("data.trigger", {"help": "trigger word(s) added in front of every caption"}),
+    ("data.reg_dir", {"help": "regularization images (kohya reg folder, same layouts): as many reg samples per "
+                              "epoch as training samples, so prompts without the trigger keep the base's look"}),
     ("data.resolution", {"type": int, "help": "training size (default: the base's native size)"}),
     ("data.cache", {"metavar": "{" + ",".join(DATA_CACHES) + "}", "help": "latent cache (default ram)"}),
     ("data.cache_dir", {"help": "folder of the disk cache (default OUTPUT/cache)"}),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 import shutil
 import sys
 import time
@@ -27,7 +28,8 @@ from accelerate.utils import set_seed
 from stylelora.config import ConfigError, TrainConfig, config_to_dict, save_config, with_model_defaults
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
 from stylelora.data.captions import CaptionOptions
-from stylelora.data.checks import CheckResult, check_items, skip_summary, write_skip_report
+from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
+from stylelora.data.errors import DataError
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
 from stylelora.data.scan import ScanReport, TrainItem, scan_folder
@@ -53,6 +55,7 @@ class DataPlan:
     checked: CheckResult
     report: ScanReport
     trigger: str
+    reg: tuple[CheckedImage, ...] = ()  # regularization images, repeats balanced against the training samples
 
 
 @dataclass
@@ -200,7 +203,27 @@ def prepare_data(config: TrainConfig, run_dir: Path, accelerator, say) -> DataPl
         say(skip_summary(checked.skipped, checked.total, report_path if checked.skipped else None))
     triggers = [config.data.trigger] + [folder.trigger for folder in report.folders]
     trigger = ", ".join(dict.fromkeys(t.strip() for t in triggers if t and t.strip()))
-    return DataPlan(items=tuple(c.item for c in checked.kept), checked=checked, report=report, trigger=trigger)
+    reg = prepare_reg_data(config, run_dir, checked.kept, accelerator, say) if config.data.reg_dir else ()
+    return DataPlan(items=tuple(c.item for c in checked.kept), checked=checked, report=report, trigger=trigger,
+                    reg=reg)
+
+
+def prepare_reg_data(config: TrainConfig, run_dir: Path, train: list[CheckedImage], accelerator, say):
+    """kohya's rule: reg images repeat (or are cut) so an epoch holds as many reg samples as training samples."""
+    items, report = scan_folder(config.data.reg_dir)
+    say("regularization: " + report.summary())
+    checked = check_items(items)
+    if accelerator.is_main_process and checked.skipped:
+        report_path = write_skip_report(run_dir, checked.skipped, file_name="skipped-reg.txt")
+        say("regularization: " + skip_summary(checked.skipped, checked.total, report_path))
+    if not checked.kept:
+        raise DataError(f"none of the {checked.total} regularization images in {config.data.reg_dir} is usable "
+                        f"— see {run_dir / 'skipped-reg.txt'}")
+    wanted = sum(c.item.repeats for c in train)
+    cycle = [c.item.key for c in checked.kept for _ in range(c.item.repeats)]
+    counts = Counter(cycle[k % len(cycle)] for k in range(wanted))
+    return tuple(dataclasses.replace(c, item=dataclasses.replace(c.item, repeats=counts[c.item.key]))
+                 for c in checked.kept if counts[c.item.key])
 
 
 # ----------------------------------------------------------------------------- 2. models
@@ -275,7 +298,7 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
         latent_cache = LatentCache(lambda pixels: encode_pixels(pipe.vae, pixels.to(device)),
                                    model_identity("vae", pipe.vae),
                                    cache_root / "latents" if d.cache == "disk" else None)
-    dataset = TrainingDataset(list(data.checked.kept), options, latent_cache=latent_cache)
+    dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), options, latent_cache=latent_cache)
     if latent_cache is not None:
         # With a shared disk cache the main process encodes and the others then find every entry.
         if d.cache == "disk":
@@ -312,7 +335,9 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
     # Each process draws its own noise; the seed makes every run (and every resume) draw the same.
     generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)
     trainable = checkpoint.trainable_tensors({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
-    facts = RunFacts(items=data.items, num_train_images=len(dataset), trigger=data.trigger,
+    num_reg = sum(c.item.repeats for c in data.reg)
+    facts = RunFacts(items=data.items, num_train_images=len(dataset) - num_reg, num_reg_images=num_reg,
+                     trigger=data.trigger,
                      prediction_type=prediction_type(noise_scheduler), started_at=time.time(),
                      world_size=accelerator.num_processes, batches_per_epoch=len(sampler))
     return Run(config=config, accelerator=accelerator, run_dir=run_dir, pipe=pipe, models=models, trainable=trainable,

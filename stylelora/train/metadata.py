@@ -18,6 +18,7 @@ class RunFacts:
 
     items: tuple[TrainItem, ...]  # the images actually trained on (after the checks)
     num_train_images: int  # images × repeats, as kohya counts them
+    num_reg_images: int  # regularization samples per epoch (0: none)
     trigger: str
     prediction_type: str
     started_at: float
@@ -57,6 +58,7 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_random_crop": str(d.random_crop),
         "ss_cache_latents": str(d.cache != "none"),
         "ss_num_batches_per_epoch": str(facts.batches_per_epoch),
+        "ss_num_reg_images": str(facts.num_reg_images),
         "ss_epoch": str(step // max(1, facts.batches_per_epoch // o.grad_accum)),
         "ss_network_unet_targets": n.unet_targets,
         "modelspec.prediction_type": facts.prediction_type,
