@@ -6,6 +6,7 @@ Handlers catch the library's user errors and show their message (gr.Error) inste
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -131,208 +132,254 @@ def _loss_table(losses):
 
 
 def build_ui(service: AppService) -> gr.Blocks:
-    """The app's Blocks: Generate, Compare, Blend, Adapters and Train tabs around one AppService."""
+    """The app's Blocks: Generate, Compare, Blend, Adapters and Train tabs around one AppService.
+
+    Each tab is laid out by its own function; the events are wired once every tab exists, because several of them
+    read the Generate tab's settings or refresh the adapter lists of other tabs.
+    """
     with gr.Blocks(title="stylelora") as demo:
         gr.Markdown("## stylelora: generate with LoRA blends, compare, blend, inspect, train")
-        last_seed = gr.State(-1)
-        previous_chosen = gr.State([])
         with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=3):
-                    inputs = GenerateInputs(service)
-                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Column(scale=2):
-                    gallery = gr.Gallery(label="Images (PNG with A1111 parameters)", format="png", columns=4,
-                                         height=360, object_fit="contain", elem_id="gallery")
-                    parameters = gr.Textbox(label="Parameters of the first image", lines=4, elem_classes="mono",
-                                            elem_id="parameters")
+            generate = _generate_tab(service)
         with gr.Tab("Compare"):
-            gr.Markdown("An X/Y grid of the Generate tab's settings. Axes: `KIND=V1,V2,...` with KIND one of "
-                        "adapter (names, or `none`), weight, unet_weight, te_weight, seed, cfg, steps.")
-            with gr.Row():
-                x_axis = gr.Textbox(value="weight=0,0.5,1", label="X axis (columns)")
-                y_axis = gr.Textbox(value="seed=1,2", label="Y axis (rows, optional)")
-            grid_button = gr.Button("Make grid", variant="primary")
-            grid_image = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid")
+            compare = _compare_tab()
         with gr.Tab("Blend"):
-            gr.Markdown("Save the Generate tab's current mix (adapters and weights) as one new adapter.")
-            mix_view = gr.Markdown("No adapters chosen.")
-            with gr.Row():
-                blend_name = gr.Textbox(label="New adapter name", value="my-blend")
-                blend_mode = gr.Radio(["exact", "rank"], value="exact", label="Mode",
-                                      info="exact keeps every rank; rank R re-factorises by SVD")
-                blend_rank = gr.Number(value=8, precision=0, minimum=1, label="Rank (mode rank)")
-            with gr.Row():
-                blend_fp16 = gr.Checkbox(label="float16 (half the size)")
-                blend_overwrite = gr.Checkbox(label="overwrite")
-            blend_button = gr.Button("Save blend", variant="primary")
-            blend_report = gr.Textbox(label="Result", lines=4, elem_classes="mono")
+            blend = _blend_tab()
         with gr.Tab("Adapters"):
-            with gr.Row():
-                inspect_name = gr.Dropdown(service.adapter_names(), value=None, label="Adapter", scale=4,
-                                           allow_custom_value=True)
-                inspect_json = gr.Checkbox(label="JSON", scale=0)
-                inspect_button = gr.Button("Inspect", scale=0)
-            inspect_text = gr.Textbox(label="inspect", lines=18, elem_classes="mono")
+            adapters = _adapters_tab(service)
         with gr.Tab("Train"):
-            with gr.Row():
-                train_data = gr.Textbox(value=DEFAULT_DATA_DIR, label="Training data folder (on the server)")
-                train_name = gr.Textbox(value="my-style", label="Adapter name")
-                train_base = gr.Dropdown(list(service.bases), value=service.bases[0], label="Base model")
-            with gr.Row():
-                train_steps = gr.Number(value=300, precision=0, minimum=1, label="Steps")
-                train_batch = gr.Number(value=8, precision=0, minimum=1, label="Batch size")
-                train_rank = gr.Number(value=8, precision=0, minimum=1, label="Rank")
-                train_alpha = gr.Number(value=8, minimum=0.01, label="Alpha")
-                train_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-            with gr.Row():
-                train_unet_lr = gr.Number(value=0, minimum=0, label="UNet LR (0 = default)")
-                train_te = gr.Checkbox(value=True, label="Train the text encoder")
-                train_te_lr = gr.Number(value=0, minimum=0, label="Text-encoder LR (0 = default)")
-                train_trigger = gr.Textbox(label="Extra trigger word (optional)")
-                train_overwrite = gr.Checkbox(label="overwrite a run of that name")
-            with gr.Row():
-                train_button = gr.Button("Start training", variant="primary")
-                stop_button = gr.Button("Stop", variant="stop")
-            train_status = gr.Markdown("No training run yet.")
-            loss_plot = gr.LinePlot(x="step", y="loss", title="loss (smoothed)", height=240)
-            train_log = gr.Textbox(label="Trainer output", lines=8, max_lines=8, elem_classes="mono")
-
-        adapter_lists = [inputs.chosen, inspect_name]
-
-        def refreshed_lists(chosen: Sequence[str] | None = None, inspected: str | None = None):
-            names = service.adapter_names()
-            keep = [name for name in (chosen or []) if name in names]
-            return (gr.update(choices=names, value=keep),
-                    gr.update(choices=names, value=inspected if inspected in names else None))
-
-        # -- Generate tab
-
-        def show_rows(chosen, previous, *weights):
-            chosen = list(chosen or [])[:MAX_ADAPTER_ROWS]
-            old = {name: weights[2 * i:2 * i + 2] for i, name in enumerate(previous or [])}
-            rows, sliders = [], []
-            for i in range(MAX_ADAPTER_ROWS):
-                name = chosen[i] if i < len(chosen) else None
-                unet, te = old.get(name, (1.0, 1.0))
-                rows.append(gr.update(visible=name is not None))
-                sliders += [gr.update(value=unet, label=f"{name} · UNet weight" if name else "UNet weight"),
-                            gr.update(value=te, label=f"{name} · text-encoder weight" if name else "TE weight")]
-            return [chosen, *rows, *sliders]
-
-        inputs.chosen.change(show_rows, [inputs.chosen, previous_chosen, *inputs.weights],
-                             [previous_chosen, *inputs.rows, *inputs.weights], api_visibility="private")
-
-        @_shown
-        def on_generate(progress=gr.Progress(), *values):
-            saved = service.generate(GenerateInputs.settings(values), _progress_callback(progress, "sampling"))
-            return [str(image.path) for image in saved], saved[0].parameters_text, saved[0].seed
-
-        generate_button.click(on_generate, inputs.settings_inputs, [gallery, parameters, last_seed],
-                              api_name="generate", concurrency_limit=4)
-
-        @_shown
-        def on_triggers(prompt, chosen):
-            if not chosen:
-                raise AppError("Choose adapters first: their trigger words are added to the prompt.")
-            return service.prompt_with_triggers(prompt, chosen)
-
-        inputs.triggers.click(on_triggers, [inputs.prompt, inputs.chosen], inputs.prompt, api_name="add_triggers")
-        inputs.random_seed.click(lambda: -1, None, inputs.seed, api_visibility="private")
-        inputs.reuse_seed.click(lambda seed: seed, last_seed, inputs.seed, api_visibility="private")
-
-        @_shown
-        def on_upload(path, chosen):
-            if not path:
-                return gr.update(), gr.update(), gr.update()
-            name = service.import_upload(path)
-            chosen = [*(chosen or []), name][:MAX_ADAPTER_ROWS]
-            gr.Info(f"Added {name}")
-            return *refreshed_lists(chosen), None
-
-        inputs.upload.upload(on_upload, [inputs.upload, inputs.chosen], [*adapter_lists, inputs.upload],
-                             api_name="upload")
-        inputs.refresh.click(refreshed_lists, [inputs.chosen, inspect_name], adapter_lists, api_name="adapters")
-
-        # -- Compare tab
-
-        @_shown
-        def on_grid(x, y, progress=gr.Progress(), *values):
-            path = service.grid(GenerateInputs.settings(values), x, y or None,
-                                _progress_callback(progress, "grid cells"))
-            return str(path)
-
-        grid_button.click(on_grid, [x_axis, y_axis, *inputs.settings_inputs], grid_image, api_name="grid",
-                          concurrency_limit=2)
-
-        # -- Blend tab
-
-        def describe_mix(chosen, *weights):
-            mix = mix_from_values(chosen, weights)
-            if not mix:
-                return "No adapters chosen: pick some in the Generate tab."
-            return "Current mix: " + ", ".join(f"**{m.name}** (UNet {m.unet:g}, TE {m.te:g})" for m in mix)
-
-        for widget in [inputs.chosen, *inputs.weights]:
-            widget.change(describe_mix, [inputs.chosen, *inputs.weights], mix_view, api_visibility="private")
-
-        @_shown
-        def on_blend(chosen, *values):
-            weights, (name, mode, rank, fp16, overwrite) = values[:-5], values[-5:]
-            result = service.blend(mix_from_values(chosen, weights), name, rank=int(rank) if mode == "rank" else None,
-                                   fp16=bool(fp16), overwrite=bool(overwrite))
-            return f"saved {result.name}\n{result.summary}", *refreshed_lists(chosen, result.name)
-
-        blend_button.click(on_blend, [inputs.chosen, *inputs.weights, blend_name, blend_mode, blend_rank, blend_fp16,
-                                      blend_overwrite], [blend_report, *adapter_lists], api_name="blend")
-
-        # -- Adapters tab
-
-        @_shown
-        def on_inspect(name, as_json):
-            return service.inspect(name, as_json=bool(as_json)) if name else ""
-
-        inspect_button.click(on_inspect, [inspect_name, inspect_json], inspect_text, api_name="inspect")
-        inspect_name.change(on_inspect, [inspect_name, inspect_json], inspect_text, api_visibility="private")
-
-        # -- Train tab
-
-        @_shown
-        def on_train(data, name, base, steps, batch, rank, alpha, seed, unet_lr, train_te, te_lr, trigger, overwrite,
-                     chosen, inspected, progress=gr.Progress()):
-            settings = TrainSettings(
-                data_dir=data, name=name, base=base, steps=int(steps), batch_size=int(batch), rank=int(rank),
-                alpha=float(alpha), seed=int(seed), unet_lr=float(unet_lr or 0) or None,
-                train_text_encoder=bool(train_te), text_encoder_lr=float(te_lr or 0) or None,
-                trigger=trigger or "", overwrite=bool(overwrite),
-            )
-            job = service.start_training(settings)
-            for status in job.follow():
-                if status.running:
-                    progress((status.step, status.total), desc="training", unit="steps")
-                    loss = f", loss {status.loss:.4f}" if status.loss is not None else ""
-                    text = f"**{status.name}**: training, step {status.step}/{status.total}{loss}"
-                    yield text, _loss_table(status.losses), status.log, gr.update(), gr.update()
-            if status.state == "failed":
-                raise AppError(f"Training {status.name} failed: {status.message}")
-            names = refreshed_lists(chosen, inspected)
-            loss = f"; final loss {status.loss:.4f}" if status.loss is not None else ""
-            yield (f"**{status.name}**: {status.state}{loss}. {status.message}", _loss_table(status.losses),
-                   status.log, *names)
-
-        train_button.click(on_train, [train_data, train_name, train_base, train_steps, train_batch, train_rank,
-                                      train_alpha, train_seed, train_unet_lr, train_te, train_te_lr, train_trigger,
-                                      train_overwrite, inputs.chosen, inspect_name],
-                           [train_status, loss_plot, train_log, *adapter_lists], api_name="train",
-                           show_progress_on=[train_status])  # the loss curve and the log stay visible
-
-        def on_stop():
-            job = service.training
-            if job is None or not job.running:
-                return "No training run in progress."
-            job.stop()
-            return f"Stopping {job.name}…"
-
-        stop_button.click(on_stop, None, train_status, api_name="stop_training")
-        demo.load(refreshed_lists, [inputs.chosen, inspect_name], adapter_lists, api_visibility="private")
+            train = _train_tab(service)
+        lists = AdapterLists(service, generate.inputs.chosen, adapters.name)
+        _wire_generate(service, generate, lists)
+        _wire_compare(service, generate.inputs, compare)
+        _wire_blend(service, generate.inputs, blend, lists)
+        _wire_adapters(service, adapters)
+        _wire_train(service, train, lists)
+        demo.load(lists.refreshed, lists.widgets, lists.widgets, api_visibility="private")
     return demo
+
+
+class AdapterLists:
+    """The dropdowns that list the adapters folder (Generate's choice, Adapters' inspect); refreshed together."""
+
+    def __init__(self, service: AppService, chosen, inspected) -> None:
+        self.service, self.widgets = service, [chosen, inspected]
+
+    def refreshed(self, chosen: Sequence[str] | None = None, inspected: str | None = None):
+        names = self.service.adapter_names()
+        keep = [name for name in (chosen or []) if name in names]
+        return (gr.update(choices=names, value=keep),
+                gr.update(choices=names, value=inspected if inspected in names else None))
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _generate_tab(service: AppService) -> SimpleNamespace:
+    with gr.Row():
+        with gr.Column(scale=3):
+            inputs = GenerateInputs(service)
+            button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=2):
+            gallery = gr.Gallery(label="Images (PNG with A1111 parameters)", format="png", columns=4,
+                                 height=360, object_fit="contain", elem_id="gallery")
+            parameters = gr.Textbox(label="Parameters of the first image", lines=4, elem_classes="mono",
+                                    elem_id="parameters")
+    return SimpleNamespace(inputs=inputs, button=button, gallery=gallery, parameters=parameters,
+                           last_seed=gr.State(-1), previous_chosen=gr.State([]))
+
+
+def _compare_tab() -> SimpleNamespace:
+    gr.Markdown("An X/Y grid of the Generate tab's settings. Axes: `KIND=V1,V2,...` with KIND one of "
+                "adapter (names, or `none`), weight, unet_weight, te_weight, seed, cfg, steps.")
+    with gr.Row():
+        x_axis = gr.Textbox(value="weight=0,0.5,1", label="X axis (columns)")
+        y_axis = gr.Textbox(value="seed=1,2", label="Y axis (rows, optional)")
+    button = gr.Button("Make grid", variant="primary")
+    image = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid")
+    return SimpleNamespace(x_axis=x_axis, y_axis=y_axis, button=button, image=image)
+
+
+def _blend_tab() -> SimpleNamespace:
+    gr.Markdown("Save the Generate tab's current mix (adapters and weights) as one new adapter.")
+    mix_view = gr.Markdown("No adapters chosen.")
+    with gr.Row():
+        name = gr.Textbox(label="New adapter name", value="my-blend")
+        mode = gr.Radio(["exact", "rank"], value="exact", label="Mode",
+                        info="exact keeps every rank; rank R re-factorises by SVD")
+        rank = gr.Number(value=8, precision=0, minimum=1, label="Rank (mode rank)")
+    with gr.Row():
+        fp16 = gr.Checkbox(label="float16 (half the size)")
+        overwrite = gr.Checkbox(label="overwrite")
+    button = gr.Button("Save blend", variant="primary")
+    report = gr.Textbox(label="Result", lines=4, elem_classes="mono")
+    return SimpleNamespace(mix_view=mix_view, options=[name, mode, rank, fp16, overwrite], button=button,
+                           report=report)
+
+
+def _adapters_tab(service: AppService) -> SimpleNamespace:
+    with gr.Row():
+        name = gr.Dropdown(service.adapter_names(), value=None, label="Adapter", scale=4, allow_custom_value=True)
+        as_json = gr.Checkbox(label="JSON", scale=0)
+        button = gr.Button("Inspect", scale=0)
+    text = gr.Textbox(label="inspect", lines=18, elem_classes="mono")
+    return SimpleNamespace(name=name, as_json=as_json, button=button, text=text)
+
+
+def _train_tab(service: AppService) -> SimpleNamespace:
+    with gr.Row():
+        data = gr.Textbox(value=DEFAULT_DATA_DIR, label="Training data folder (on the server)")
+        name = gr.Textbox(value="my-style", label="Adapter name")
+        base = gr.Dropdown(list(service.bases), value=service.bases[0], label="Base model")
+    with gr.Row():
+        numbers = [gr.Number(value=300, precision=0, minimum=1, label="Steps"),
+                   gr.Number(value=8, precision=0, minimum=1, label="Batch size"),
+                   gr.Number(value=8, precision=0, minimum=1, label="Rank"),
+                   gr.Number(value=8, minimum=0.01, label="Alpha"),
+                   gr.Number(value=0, precision=0, minimum=0, label="Seed")]
+    with gr.Row():
+        text_encoder = [gr.Number(value=0, minimum=0, label="UNet LR (0 = default)"),
+                        gr.Checkbox(value=True, label="Train the text encoder"),
+                        gr.Number(value=0, minimum=0, label="Text-encoder LR (0 = default)")]
+        trigger = gr.Textbox(label="Extra trigger word (optional)")
+        overwrite = gr.Checkbox(label="overwrite a run of that name")
+    with gr.Row():
+        button = gr.Button("Start training", variant="primary")
+        stop = gr.Button("Stop", variant="stop")
+    status = gr.Markdown("No training run yet.")
+    loss_plot = gr.LinePlot(x="step", y="loss", title="loss (smoothed)", height=240)
+    log = gr.Textbox(label="Trainer output", lines=8, max_lines=8, elem_classes="mono")
+    # In the order on_train reads them.
+    settings = [data, name, base, *numbers, *text_encoder, trigger, overwrite]
+    return SimpleNamespace(settings=settings, button=button, stop=stop, status=status, loss_plot=loss_plot, log=log)
+
+
+# ----------------------------------------------------------------------------- events
+
+
+def _show_rows(chosen, previous, *weights):
+    """One weight row per chosen adapter; an adapter that stays chosen keeps its weights."""
+    chosen = list(chosen or [])[:MAX_ADAPTER_ROWS]
+    old = {name: weights[2 * i:2 * i + 2] for i, name in enumerate(previous or [])}
+    rows, sliders = [], []
+    for i in range(MAX_ADAPTER_ROWS):
+        name = chosen[i] if i < len(chosen) else None
+        unet, te = old.get(name, (1.0, 1.0))
+        rows.append(gr.update(visible=name is not None))
+        sliders += [gr.update(value=unet, label=f"{name} · UNet weight" if name else "UNet weight"),
+                    gr.update(value=te, label=f"{name} · text-encoder weight" if name else "TE weight")]
+    return [chosen, *rows, *sliders]
+
+
+def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterLists) -> None:
+    inputs = tab.inputs
+    inputs.chosen.change(_show_rows, [inputs.chosen, tab.previous_chosen, *inputs.weights],
+                         [tab.previous_chosen, *inputs.rows, *inputs.weights], api_visibility="private")
+
+    @_shown
+    def on_generate(progress=gr.Progress(), *values):
+        saved = service.generate(GenerateInputs.settings(values), _progress_callback(progress, "sampling"))
+        return [str(image.path) for image in saved], saved[0].parameters_text, saved[0].seed
+
+    tab.button.click(on_generate, inputs.settings_inputs, [tab.gallery, tab.parameters, tab.last_seed],
+                     api_name="generate", concurrency_limit=4)
+
+    @_shown
+    def on_triggers(prompt, chosen):
+        if not chosen:
+            raise AppError("Choose adapters first: their trigger words are added to the prompt.")
+        return service.prompt_with_triggers(prompt, chosen)
+
+    inputs.triggers.click(on_triggers, [inputs.prompt, inputs.chosen], inputs.prompt, api_name="add_triggers")
+    inputs.random_seed.click(lambda: -1, None, inputs.seed, api_visibility="private")
+    inputs.reuse_seed.click(lambda seed: seed, tab.last_seed, inputs.seed, api_visibility="private")
+
+    @_shown
+    def on_upload(path, chosen):
+        if not path:
+            return gr.update(), gr.update(), gr.update()
+        name = service.import_upload(path)
+        chosen = [*(chosen or []), name][:MAX_ADAPTER_ROWS]
+        gr.Info(f"Added {name}")
+        return *lists.refreshed(chosen), None
+
+    inputs.upload.upload(on_upload, [inputs.upload, inputs.chosen], [*lists.widgets, inputs.upload],
+                         api_name="upload")
+    inputs.refresh.click(lists.refreshed, lists.widgets, lists.widgets, api_name="adapters")
+
+
+def _wire_compare(service: AppService, inputs: GenerateInputs, tab: SimpleNamespace) -> None:
+    @_shown
+    def on_grid(x, y, progress=gr.Progress(), *values):
+        path = service.grid(GenerateInputs.settings(values), x, y or None, _progress_callback(progress, "grid cells"))
+        return str(path)
+
+    tab.button.click(on_grid, [tab.x_axis, tab.y_axis, *inputs.settings_inputs], tab.image, api_name="grid",
+                     concurrency_limit=2)
+
+
+def _describe_mix(chosen, *weights):
+    mix = mix_from_values(chosen, weights)
+    if not mix:
+        return "No adapters chosen: pick some in the Generate tab."
+    return "Current mix: " + ", ".join(f"**{m.name}** (UNet {m.unet:g}, TE {m.te:g})" for m in mix)
+
+
+def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespace, lists: AdapterLists) -> None:
+    for widget in [inputs.chosen, *inputs.weights]:
+        widget.change(_describe_mix, [inputs.chosen, *inputs.weights], tab.mix_view, api_visibility="private")
+
+    @_shown
+    def on_blend(chosen, *values):
+        weights, (name, mode, rank, fp16, overwrite) = values[:-5], values[-5:]
+        result = service.blend(mix_from_values(chosen, weights), name, rank=int(rank) if mode == "rank" else None,
+                               fp16=bool(fp16), overwrite=bool(overwrite))
+        return f"saved {result.name}\n{result.summary}", *lists.refreshed(chosen, result.name)
+
+    tab.button.click(on_blend, [inputs.chosen, *inputs.weights, *tab.options], [tab.report, *lists.widgets],
+                     api_name="blend")
+
+
+def _wire_adapters(service: AppService, tab: SimpleNamespace) -> None:
+    @_shown
+    def on_inspect(name, as_json):
+        return service.inspect(name, as_json=bool(as_json)) if name else ""
+
+    tab.button.click(on_inspect, [tab.name, tab.as_json], tab.text, api_name="inspect")
+    tab.name.change(on_inspect, [tab.name, tab.as_json], tab.text, api_visibility="private")
+
+
+def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists) -> None:
+    @_shown
+    def on_train(data, name, base, steps, batch, rank, alpha, seed, unet_lr, train_te, te_lr, trigger, overwrite,
+                 chosen, inspected, progress=gr.Progress()):
+        settings = TrainSettings(
+            data_dir=data, name=name, base=base, steps=int(steps), batch_size=int(batch), rank=int(rank),
+            alpha=float(alpha), seed=int(seed), unet_lr=float(unet_lr or 0) or None,
+            train_text_encoder=bool(train_te), text_encoder_lr=float(te_lr or 0) or None,
+            trigger=trigger or "", overwrite=bool(overwrite),
+        )
+        job = service.start_training(settings)
+        for status in job.follow():
+            if status.running:
+                progress((status.step, status.total), desc="training", unit="steps")
+                loss = f", loss {status.loss:.4f}" if status.loss is not None else ""
+                text = f"**{status.name}**: training, step {status.step}/{status.total}{loss}"
+                yield text, _loss_table(status.losses), status.log, gr.update(), gr.update()
+        if status.state == "failed":
+            raise AppError(f"Training {status.name} failed: {status.message}")
+        loss = f"; final loss {status.loss:.4f}" if status.loss is not None else ""
+        yield (f"**{status.name}**: {status.state}{loss}. {status.message}", _loss_table(status.losses),
+               status.log, *lists.refreshed(chosen, inspected))
+
+    tab.button.click(on_train, [*tab.settings, *lists.widgets], [tab.status, tab.loss_plot, tab.log, *lists.widgets],
+                     api_name="train", show_progress_on=[tab.status])  # the loss curve and the log stay visible
+
+    def on_stop():
+        job = service.training
+        if job is None or not job.running:
+            return "No training run in progress."
+        job.stop()
+        return f"Stopping {job.name}…"
+
+    tab.stop.click(on_stop, None, tab.status, api_name="stop_training")
