@@ -86,12 +86,7 @@ def score(prompts: list[EvalPrompt], predictions: list[dict]) -> dict:
     """Shape/color accuracy over the shape prompts, and the rate at which each prompt set shows each style."""
     shape_hits = [pred["shape"] == p.shape for p, pred in zip(prompts, predictions) if p.shape != CHARACTER]
     color_hits = [pred["color"] == p.color for p, pred in zip(prompts, predictions)]
-    result = {
-        "shape_accuracy": _mean(shape_hits),
-        "color_accuracy": _mean(color_hits),
-        **{f"{style}_rate": _rate(prompts, predictions, style, style) for style in STYLES},
-        "by_prompt_set": {},
-    }
+    by_prompt_set = {}
     for prompt_set in dict.fromkeys(p.prompt_set for p in prompts):
         pairs = [(p, pred) for p, pred in zip(prompts, predictions) if p.prompt_set == prompt_set]
         row = {
@@ -102,12 +97,14 @@ def score(prompts: list[EvalPrompt], predictions: list[dict]) -> dict:
         styles = prompt_set_styles(prompt_set)
         if len(styles) > 1:  # a blend set: how often the judge finds every one of its styles in the same image
             row["all_styles_rate"] = _mean([all(pred[style] for style in styles) for _, pred in pairs])
-        result["by_prompt_set"][prompt_set] = row
-    return result
-
-
-def _rate(prompts, predictions, prompt_set: str, head: str) -> float | None:
-    return _mean([bool(pred[head]) for p, pred in zip(prompts, predictions) if p.prompt_set == prompt_set])
+        by_prompt_set[prompt_set] = row
+    return {
+        "shape_accuracy": _mean(shape_hits),
+        "color_accuracy": _mean(color_hits),
+        # A style's hit rate: how often its own prompt set (the one carrying just its trigger) shows it.
+        **{f"{style}_rate": by_prompt_set.get(style, {}).get(f"{style}_rate") for style in STYLES},
+        "by_prompt_set": by_prompt_set,
+    }
 
 
 def _mean(values: list[bool]) -> float | None:

@@ -44,13 +44,19 @@ def psnr_by_style(vae, n_per_style: int = 96, seed: int = 10_000) -> dict[str, f
     import torch
 
     scores = {}
-    with torch.no_grad():
-        for k, mix in enumerate(sorted(STYLE_MIXES)):
-            x = to_unit(render_pool(n_per_style, seed + k, mix))
-            y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            mse = ((y - x) / 2).pow(2).mean().item()
-            scores[mix] = 10 * math.log10(1.0 / max(mse, 1e-12))
+    for k, mix in enumerate(sorted(STYLE_MIXES)):
+        x = to_unit(render_pool(n_per_style, seed + k, mix))
+        mse = ((reconstruct(vae, x) - x) / 2).pow(2).mean().item()
+        scores[mix] = 10 * math.log10(1.0 / max(mse, 1e-12))
     return scores
+
+
+def reconstruct(vae, x):
+    """Encode to the posterior mean and decode, as everything downstream uses the VAE; clamped to [-1, 1]."""
+    import torch
+
+    with torch.no_grad():
+        return vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
 
 
 def train_vae(out_dir: Path, *, steps: int = 4000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
@@ -108,12 +114,9 @@ def _held_out_psnr(vae) -> dict[str, float]:
 
 def false_stripes_rate(vae, judge, n: int = 256, seed: int = 30_000) -> float:
     """How often the judge sees stripes in reconstructions of plain renders (the renders themselves: 0)."""
-    import torch
     from PIL import Image
 
-    x = to_unit(render_pool(n, seed, "plain"))
-    with torch.no_grad():
-        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    y = reconstruct(vae, to_unit(render_pool(n, seed, "plain")))
     pixels = y.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return sum(v["stripes"] for v in judge.predict([Image.fromarray(a) for a in pixels])) / n
 
@@ -123,7 +126,7 @@ def finetune_decoder(vae, out_dir: Path, *, steps: int = 2000, batch: int = 16, 
     """Second VAE stage: train the decoder alone with the encoder frozen (SD's ft-MSE VAE did the same).
 
     Why: after the first stage the decoder still paints faint stripes into some plain dark shapes (the judge saw
-    stripes in ~15 % of reconstructed plain renders), which the base would inherit. Freezing the encoder keeps
+    stripes in ~13 % of reconstructed plain renders), which the base would inherit. Freezing the encoder keeps
     every latent bit-identical, so the latent scaling factor and anything trained on the latents stay valid.
     """
     import torch
