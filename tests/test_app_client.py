@@ -6,11 +6,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import gradio_client
 import numpy
 import pytest
-from test_app_fixtures import PROMPT, STRIPES, make_toy_adapter, tiny_dataset, toy_base
-
-gradio_client = pytest.importorskip("gradio_client")
+from test_app_fixtures import PROMPT, make_toy_adapter, tiny_dataset, toy_base
 
 STEPS = 4
 NO_WEIGHTS = [1.0, 1.0] * 2  # the unused adapter rows (4 rows in all)
@@ -173,7 +172,6 @@ def test_only_the_app_image_folders_are_served(app):
     assert status(Path(__file__)) == 403
 
 
-@pytest.mark.skipif(not STRIPES.is_dir(), reason="datasets/toy-stripes is missing")
 def test_short_training_run_reports_progress_and_its_adapter_appears(app, tmp_path):
     _, service, client = app
     data = tiny_dataset(tmp_path / "data", count=4)

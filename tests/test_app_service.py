@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from test_app_fixtures import PROMPT, STRIPES, make_toy_adapter, tiny_dataset, toy_base
+from test_app_fixtures import PROMPT, make_toy_adapter, tiny_dataset, toy_base
 
 from stylelora.app.service import AdapterWeight, AppError, AppService, GenerateSettings
 from stylelora.generate.adapter_file import AdapterFileError
@@ -255,7 +255,6 @@ def test_training_refuses_bad_settings_before_starting(service, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(not STRIPES.is_dir(), reason="datasets/toy-stripes is missing")
 def test_a_training_run_can_be_stopped_and_only_one_runs_at_a_time(service, tmp_path):
     from stylelora.app.training import TrainSettings
 
