@@ -97,7 +97,8 @@ def report(figures: dict) -> None:
         base, full = entry["sweep"][0], entry["sweep"][-1]
         rates = [row[key] for row in entry["sweep"]]
         seconds = entry.get("train_seconds")
-        print(f"{style:8s} {seconds if seconds is None else round(seconds):>7}  "
+        trained = "reused" if seconds is None else f"{seconds:.0f}"  # --reuse measures an existing adapter
+        print(f"{style:8s} {trained:>7}  "
               f"{base['shape_accuracy']:.3f}/{base['color_accuracy']:.3f}       "
               f"{full['shape_accuracy']:.3f}/{full['color_accuracy']:.3f}      "
               f"{full[key]:.3f} (≥{target:.2f})      {monotonic(rates)}  {rates}")
