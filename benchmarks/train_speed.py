@@ -6,6 +6,11 @@
     trainer (cache)  the full `stylelora train` loop with the latent cache: data, loss step, clip, optimizer,
                      schedule, logging; time between consecutive steps, so every per-step cost is counted
     trainer (none)   the same with --cache none: images decoded, resized and VAE-encoded every step
+    trainer (preserve)
+                     the cached trainer with base preservation on (the default; the two modes above turn it off
+                     to compare like with like): half the batch once more through the UNet with gradients and once
+                     through the frozen base, so it costs more per step by design; its ratio to the cached trainer
+                     is printed
     diffusers-example-style
                      the per-step work of diffusers' examples/text_to_image/train_text_to_image_lora.py, reimplemented
                      here (not that script, which needs torchvision, datasets and a hub model): a shuffled DataLoader
@@ -88,6 +93,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--worker", choices=["floor", "trainer", "example"], help=argparse.SUPPRESS)
     parser.add_argument("--optimizer-step", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default="ram", help=argparse.SUPPRESS)
+    parser.add_argument("--preserve-base", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     preset = parser.parse_known_args()[0].preset
     if preset:
@@ -108,6 +114,7 @@ def modes(args) -> dict[str, tuple[str, str, list[str]]]:
         "floor_adamw": ("floor + AdamW step", "floor", ["--optimizer-step", "1"]),
         "cached": ("trainer, latent cache", "trainer", ["--cache", "ram"]),
         "uncached": ("trainer, no cache", "trainer", ["--cache", "none"]),
+        "preserve": ("trainer, latent cache, base preservation", "trainer", ["--cache", "ram", "--preserve-base", "1"]),
     }
     if example_comparable(args):
         table["example"] = (EXAMPLE_NAME, "example", [])
@@ -151,6 +158,8 @@ def report(results: dict[str, dict]) -> None:
           f"(target ≤ {TARGET_RATIO:.2f}: {'met' if ratio <= TARGET_RATIO else 'NOT met'}); "
           f"vs floor + AdamW: {with_optimizer:.3f}")
     print(f"trainer (no cache) / trainer (cache) = {uncached['cpu_median_s'] / cached['cpu_median_s']:.2f} CPU time")
+    print(f"trainer (base preservation) / trainer (cache) = "
+          f"{results['preserve']['cpu_median_s'] / cached['cpu_median_s']:.2f} CPU time (the price of the default)")
     print(f"trainer (cache): mean {cached['cpu_mean_s']:.4f} CPU s/step incl. stalls; run wall time "
           f"{cached['wall_s']:.1f} s, of which {cached['startup_s']:.1f} s before the first step")
     if "example" in results:
@@ -234,7 +243,7 @@ def trainer_worker(args) -> dict:
         "train.steps": WARMUP_STEPS + args.steps, "train.batch_size": args.batch_size, "network.rank": args.rank,
         "network.alpha": float(args.rank), "network.unet_targets": args.unet_targets,
         "network.train_text_encoder": args.text_encoder, "train.save_every": 0, "train.sample_every": 0,
-        "train.sample_prompts": [], "train.overwrite": True,
+        "train.sample_prompts": [], "train.overwrite": True, "train.preserve_base": args.preserve_base,
     })
     started = time.perf_counter()
     run_training(config)

@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from stylelora.data.captions import CaptionOptions, process_caption, sample_rng, split_tags, tag_frequency
+from stylelora.data.captions import (
+    CaptionOptions,
+    process_caption,
+    sample_rng,
+    split_tags,
+    tag_frequency,
+    without_triggers,
+)
 from stylelora.data.scan import TrainItem
 
 CAPTION = "zorb, red, circle, yellow background, smiling, small"
@@ -74,3 +81,16 @@ def test_tag_frequency_per_folder():
              TrainItem(Path("b.png"), "zorb, blue", 10, "10_zorb"),
              TrainItem(Path("c.png"), "pastel,  red ", 1, "1_pastel")]
     assert tag_frequency(items) == {"10_zorb": {"zorb": 2, "blue": 1, "red": 1}, "1_pastel": {"pastel": 1, "red": 1}}
+
+
+@pytest.mark.parametrize("caption, triggers, expected", [
+    ("zorb, a red zorb on a white background", ("zorb",), "a red on a white background"),
+    ("sks dog, sitting on grass", ("sks dog",), "sitting on grass"),
+    ("Stripestyle, a star", ("stripestyle",), "a star"),  # any case
+    ("zorbs and zorb", ("zorb",), "zorbs and"),  # whole words only
+    ("zorb", ("zorb",), ""),  # only the trigger: the empty (unconditional) caption
+    ("a red circle", ("zorb",), None),  # no trigger: not a caption to preserve
+    ("a, b", (), None),
+])
+def test_without_triggers(caption, triggers, expected):
+    assert without_triggers(caption, triggers) == expected

@@ -9,7 +9,15 @@ from diffusers import DDPMScheduler
 
 from stylelora.config import load_config
 from stylelora.train.models import TrainModels
-from stylelora.train.step import loss_step, min_snr_weights, prediction_target, sample_noise, snr
+from stylelora.train.step import (
+    loss_step,
+    min_snr_weights,
+    prediction_target,
+    preserved_samples,
+    sample_noise,
+    snr,
+    weighted_mse,
+)
 
 
 def scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -132,3 +140,114 @@ def test_pixels_are_encoded_when_latents_are_not_cached():
     models.vae = Vae()
     pixels = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(models.batch_latents({"pixels": pixels}), pixels[:, :1].repeat(1, 4, 1, 1) * 0.5)
+
+
+# ----------------------------------------------------------------------------- base preservation
+
+
+class AdapterUNet(torch.nn.Module):
+    """noisy × (base + lora), or × base alone while its adapters are disabled (the peft-integration methods)."""
+
+    peft_config = {"default": None}
+
+    def __init__(self, base: float, lora: float):
+        super().__init__()
+        self.base, self.lora = base, torch.nn.Parameter(torch.tensor(lora))
+        self.disabled = False
+        self.calls = []
+
+    def disable_adapters(self):
+        self.disabled = True
+
+    def enable_adapters(self):
+        self.disabled = False
+
+    def forward(self, noisy, timesteps, hidden):
+        self.calls.append({"batch": len(noisy), "disabled": self.disabled, "grad": torch.is_grad_enabled()})
+        return SimpleNamespace(sample=noisy * (self.base + (0.0 if self.disabled else self.lora)))
+
+
+class FakeTextEncoder(torch.nn.Module):
+    """Records the token ids it encodes; hidden states of zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, ids):
+        self.seen.append(ids)
+        return (torch.zeros(len(ids), 77, 8),)
+
+
+def preserving_models(unet: AdapterUNet, triggers=("sks",)) -> tuple[TrainModels, list]:
+    models = fake_models(unet)
+    models.triggers = triggers
+    seen: list = []
+    models.encode_captions = lambda captions: seen.append(list(captions)) or torch.zeros(len(captions), 77, 8)
+    models.text_encoder = FakeTextEncoder()
+    models.token_ids = lambda captions: seen.append(("base", list(captions))) or torch.zeros(len(captions), 77)
+    return models, seen
+
+
+CAPTIONS = ["sks, a red circle", "a blue star", "sks, a sks on gray", "sks", "plain"]
+
+
+@pytest.mark.parametrize("weight, triggers, expected", [
+    (1.0, ("sks",), [(0, "a red circle"), (2, "a on gray")]),  # half (rounded up) of the 3 with the trigger
+    (0.0, ("sks",), []),  # off
+    (1.0, (), []),  # no trigger words: nothing to tie the adapter to
+    (1.0, ("zorb",), []),  # no caption holds the trigger
+])
+def test_preserved_samples_are_half_of_the_triggered_ones_without_the_trigger(weight, triggers, expected):
+    assert preserved_samples(CAPTIONS, triggers, weight) == expected
+
+
+def test_preservation_adds_the_gap_to_the_frozen_base_on_trigger_free_captions():
+    data = {"latents": torch.randn(5, 4, 8, 8), "caption": CAPTIONS}
+    cfg = config(**{"train.preserve_base": 0.5})
+    unet = AdapterUNet(base=0.2, lora=0.3)
+    models, seen = preserving_models(unet)
+    loss = loss_step(data, models, scheduler(), cfg, torch.Generator().manual_seed(4))
+
+    generator = torch.Generator().manual_seed(4)
+    noise = sample_noise(data["latents"], 0.0, generator)
+    timesteps = torch.randint(0, 1000, (5,), generator=generator)
+    noisy = scheduler().add_noise(data["latents"], noise, timesteps)
+    weights = min_snr_weights(scheduler(), timesteps, cfg.train.min_snr_gamma)
+    main = weighted_mse(noisy * 0.5, noise, weights)
+    index = torch.tensor([0, 2])
+    gap = weighted_mse(noisy[index] * 0.5, noisy[index] * 0.2, weights[index])
+    torch.testing.assert_close(loss, main + 0.5 * gap)
+    # One UNet pass with gradients over the batch + its 2 trigger-free copies, one frozen-base pass without.
+    assert unet.calls == [{"batch": 2, "disabled": True, "grad": False}, {"batch": 7, "disabled": False, "grad": True}] \
+        or unet.calls == [{"batch": 7, "disabled": False, "grad": True}, {"batch": 2, "disabled": True, "grad": False}]
+    assert CAPTIONS + ["a red circle", "a on gray"] in seen and ("base", ["a red circle", "a on gray"]) in seen
+    assert not unet.disabled  # the adapter is back on after the base pass
+    loss.backward()
+    assert unet.lora.grad != 0
+
+
+def test_an_adapter_equal_to_the_base_pays_no_preservation_loss():
+    data = {"latents": torch.randn(5, 4, 8, 8), "caption": CAPTIONS}
+    losses = []
+    for weight in (0.0, 1.0):
+        models, _ = preserving_models(AdapterUNet(base=0.2, lora=0.0))
+        losses.append(loss_step(data, models, scheduler(), config(**{"train.preserve_base": weight}),
+                                torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_adapters_disabled_runs_a_peft_unet_as_its_base_and_restores_the_adapter():
+    from gen_fixtures import tiny_pipeline
+
+    from stylelora.lora.inject import adapters_disabled, add_lora
+
+    pipe = tiny_pipeline()
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32))
+    base = pipe.unet(*inputs).sample
+    add_lora(pipe.unet, pipe.text_encoder, rank=4, alpha=4, init_lora_weights=False)
+    adapted = pipe.unet(*inputs).sample
+    assert not torch.allclose(adapted, base)
+    with adapters_disabled(pipe.unet, pipe.text_encoder, None):
+        torch.testing.assert_close(pipe.unet(*inputs).sample, base)
+    torch.testing.assert_close(pipe.unet(*inputs).sample, adapted)

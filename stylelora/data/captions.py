@@ -11,6 +11,7 @@ so a (seed, epoch, sample) triple always gives the same caption; `sample_rng` bu
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Union
@@ -66,6 +67,17 @@ def process_caption(caption: str, options: CaptionOptions, rng: Generator) -> st
     if options.shuffle_tags:
         free = draws.shuffled(free)
     return join_tags(kept + free, options.separator)
+
+
+def without_triggers(caption: str, triggers: Iterable[str], separator: str = ",") -> str | None:
+    """The caption with every trigger phrase removed (whole words, any case) and emptied tags dropped; None when
+    it holds no trigger. "zorb, a red zorb on a white background" without "zorb" → "a red on a white background"."""
+    stripped = caption
+    for trigger in triggers:
+        stripped = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", "", stripped, flags=re.IGNORECASE)
+    if stripped == caption:
+        return None
+    return join_tags((" ".join(tag.split()) for tag in split_tags(stripped, separator)), separator)
 
 
 def sample_rng(seed: int, epoch: int, index: int, purpose: str = "caption") -> random.Random:

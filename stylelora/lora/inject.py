@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -217,3 +218,16 @@ def add_lora_from_state(model: nn.Module, peft_state: dict, ranks: dict[str, tup
             f"(e.g. {unexpected[:3]}) and {len(missing)} missing keys (e.g. {missing[:3]})."
         )
     return params
+
+
+@contextmanager
+def adapters_disabled(*models: nn.Module):
+    """Run the models as their frozen base inside the block (models without an adapter are left alone)."""
+    hosts = [m for m in models if m is not None and getattr(m, "peft_config", None)]
+    for model in hosts:
+        model.disable_adapters()  # diffusers / transformers PeftAdapterMixin: every peft layer bypasses its LoRA
+    try:
+        yield
+    finally:
+        for model in hosts:
+            model.enable_adapters()

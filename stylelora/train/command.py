@@ -30,6 +30,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("train.sample_every", {"type": int, "help": "sample grid every N steps (0 = only at the end; default 250)"}),
     ("train.min_snr_gamma", {"type": float, "help": "min-SNR loss weighting gamma (0 = off; default 5)"}),
     ("train.noise_offset", {"type": float, "help": "noise offset (default 0)"}),
+    ("train.preserve_base", {"type": float, "help": "weight of the loss that keeps the base model's output on "
+                                                    "captions with the trigger words removed, so the adapter acts "
+                                                    "only when its trigger is in the prompt (0 = off; default 1)"}),
     ("train.gradient_checkpointing", {"action": "store_true", "help": "trade compute for memory"}),
     ("train.overwrite", {"action": "store_true", "help": "start a new run in a folder that holds one"}),
     ("network.rank", {"type": int, "help": "LoRA rank (default 16)"}),

@@ -54,7 +54,7 @@ class DataPlan:
     items: tuple[TrainItem, ...]
     checked: CheckResult
     report: ScanReport
-    trigger: str
+    trigger: str  # the trigger phrases joined with ", " (metadata, sample prompts)
     reg: tuple[CheckedImage, ...] = ()  # regularization images, repeats balanced against the training samples
 
 
@@ -201,11 +201,17 @@ def prepare_data(config: TrainConfig, run_dir: Path, accelerator, say) -> DataPl
     if accelerator.is_main_process:
         report_path = write_skip_report(run_dir, checked.skipped)
         say(skip_summary(checked.skipped, checked.total, report_path if checked.skipped else None))
-    triggers = [config.data.trigger] + [folder.trigger for folder in report.folders]
-    trigger = ", ".join(dict.fromkeys(t.strip() for t in triggers if t and t.strip()))
+    triggers = trigger_phrases(config, report)
+    trigger = ", ".join(triggers)
     reg = prepare_reg_data(config, run_dir, checked.kept, accelerator, say) if config.data.reg_dir else ()
     return DataPlan(items=tuple(c.item for c in checked.kept), checked=checked, report=report, trigger=trigger,
                     reg=reg)
+
+
+def trigger_phrases(config: TrainConfig, report: ScanReport) -> tuple[str, ...]:
+    """--trigger and the kohya folders' trigger words, each once, in that order."""
+    triggers = [config.data.trigger] + [folder.trigger for folder in report.folders]
+    return tuple(dict.fromkeys(t.strip() for t in triggers if t and t.strip()))
 
 
 def prepare_reg_data(config: TrainConfig, run_dir: Path, train: list[CheckedImage], accelerator, say):
@@ -330,7 +336,9 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
         text_encoder, trained_modules = pipe.text_encoder, [unet]
     models = TrainModels(unet=unet, text_encoder=text_encoder, tokenizer=pipe.tokenizer,
                          vae=None if dataset.latent_cache is not None else pipe.vae, device=accelerator.device,
-                         dtype=pipe.unet.dtype, text_cache=text_cache)
+                         dtype=pipe.unet.dtype, text_cache=text_cache,
+                         triggers=trigger_phrases(config, data.report),
+                         unwrapped=(pipe.unet, pipe.text_encoder))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same noise schedule as the base's sampler
     # Each process draws its own noise; the seed makes every run (and every resume) draw the same.
     generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)
@@ -360,9 +368,20 @@ def describe_run(run: Run, start_step: int) -> str:
         f"{c.train.batch_size} × accumulation {c.optim.grad_accum} × {acc.num_processes} process(es) = "
         f"{per_step} samples per step, {epochs:.1f} epochs",
     ]
+    lines.append(_describe_preservation(c, run.models.triggers))
     if start_step:
         lines.append(f"resuming at step {start_step} from {run.last_checkpoint}")
     return "\n".join(lines)
+
+
+def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...]) -> str:
+    if config.train.preserve_base <= 0:
+        return "base preservation: off (--preserve-base 0): the adapter may act on prompts without its trigger"
+    if not triggers:
+        return ("base preservation: off, the captions have no trigger words (use a <repeats>_<trigger> folder or "
+                "--trigger WORD to tie the adapter to a word)")
+    return (f"base preservation: weight {config.train.preserve_base:g} on half of each batch, captions without "
+            f"{' / '.join(repr(t) for t in triggers)}")
 
 
 # ----------------------------------------------------------------------------- 5. resume

@@ -24,6 +24,10 @@ class TrainModels:
     device: torch.device
     dtype: torch.dtype  # dtype of the frozen base weights (fp32, fp16 or bf16)
     text_cache: TextEmbeddingCache | None = None  # set when the text encoder is frozen and captions static
+    triggers: tuple[str, ...] = ()  # the dataset's trigger phrases (base preservation strips them from captions)
+    # The same UNet and text encoder without accelerate/DDP wrappers, for gradient-free base predictions: a DDP
+    # module must see exactly one forward per backward. None: unet / text_encoder are not wrapped.
+    unwrapped: tuple[nn.Module, nn.Module] | None = None
     _token_ids: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
