@@ -34,6 +34,10 @@ base), and prints trainer speed / diffusers-example-style speed next to trainer 
     python benchmarks/train_speed.py                   # toy base if built, else a random base of the same shape
     python benchmarks/train_speed.py --base PATH --steps 40 --batch-size 16 --rank 16
     python benchmarks/train_speed.py --preset issue --steps 20
+    python benchmarks/train_speed.py --preset issue --base tiny-sd --steps 20    # the issue's 64 px tiny pipeline
+
+`--base tiny-sd` builds a random pipeline shaped like the "tiny SD pipeline" issue 3 measured on (diffusers'
+test pipeline: UNet 32/64 channels with cross-attention, VAE 32/64 with f=2, CLIP hidden 32 × 5 layers), 64 px.
 """
 from __future__ import annotations
 
@@ -70,6 +74,8 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="stylelora-bench-") as scratch:
         base = args.base or default_base(Path(scratch))
+        if base == "tiny-sd":
+            base = str(build_tiny_sd_base(Path(scratch) / "tiny-sd"))
         print(header(args, base), flush=True)
         results = {}
         for key, (label, worker, extra) in modes(args).items():
@@ -82,7 +88,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="issue: batch 4, rank 4, UNet attention only, "
                         "frozen text encoder (issue 3's comparison); explicit options still win")
-    parser.add_argument("--base", help="base model (default: toy if built, else a random toy-shaped base)")
+    parser.add_argument("--base", help="base model (default: toy if built, else a random toy-shaped base); "
+                        "tiny-sd: a random 64 px pipeline shaped like diffusers' tiny test pipeline")
     parser.add_argument("--data", default=str(REPO / "datasets" / "toy-stripes"))
     parser.add_argument("--steps", type=int, default=40, help="timed steps per mode (after warm-up)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -126,8 +133,10 @@ def header(args, base: str) -> str:
              f"{args.unet_targets}; text encoder {'trained' if args.text_encoder else 'frozen'}; {args.steps} timed "
              f"steps per mode; {os.environ.get('OMP_NUM_THREADS', 'default')} threads"]
     if args.preset == "issue":
+        size = ("64 px, as in the issue" if args.base == "tiny-sd" else
+                "the base's native size (the toy base is 32 px, not the issue's 64 px; --base tiny-sd runs 64 px)")
         lines.append("preset issue: issue 3's comparison settings (batch 4, rank 4 on UNet attention, text encoder "
-                     "frozen) at the base's native size; the toy base is 32 px, so 32 px here, not the issue's 64 px")
+                     f"frozen) at {size}")
     return "\n".join(lines)
 
 
@@ -438,6 +447,34 @@ def build_toy_shaped_base(out: Path) -> Path:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text_encoder_config(tokenizer)),
                                    tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
+def build_tiny_sd_base(out: Path) -> Path:
+    """Random weights in the layout of diffusers' tiny SD test pipeline (64 px), with the toy tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from stylelora.models.load import TOY_BASE_DIR
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE_DIR / "tokenizer")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4, layer_norm_eps=1e-5,
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.save_pretrained(out)
     return out
 

@@ -62,17 +62,37 @@ def _cmd_toy(args: argparse.Namespace) -> int:
         from .toy.base_build import TOY_BASE_DIR, build_base
 
         out = build_base(Path(args.work_dir), Path(args.out) if args.out else TOY_BASE_DIR, seed=args.seed,
-                         vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, denoiser_steps=args.steps)
+                         vae_steps=args.vae_steps, decoder_steps=args.decoder_steps, denoiser_steps=args.steps,
+                         tune=_tune_steps(args))
         print(out)
     elif args.toy_command == "assemble":
         from .toy.base_build import TOY_BASE_DIR, assemble_from_snapshot
 
-        print(assemble_from_snapshot(Path(args.work_dir), Path(args.snapshot), Path(args.out) if args.out else TOY_BASE_DIR))
+        print(assemble_from_snapshot(Path(args.work_dir), Path(args.snapshot), Path(args.out) if args.out else TOY_BASE_DIR,
+                                     tune=_tune_steps(args)))
+    elif args.toy_command == "tune-base":
+        from .toy.base_build import TOY_BASE_DIR
+        from .toy.base_tune import tune_base
+
+        base = Path(args.base) if args.base else TOY_BASE_DIR
+        print(tune_base(base, Path(args.out) if args.out else base, **_tune_steps(args)))
     elif args.toy_command == "train-judge":
         from .toy.judge_train import train_judge
 
         print(train_judge(Path(args.out) if args.out else None, seed=args.seed))
     return 0
+
+
+def _tune_steps(args: argparse.Namespace) -> dict:
+    return {"texture_steps": args.texture_steps, "denoiser_steps": args.tune_steps, "word_steps": args.word_steps}
+
+
+def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--texture-steps", type=int, default=1500, help="decoder tuning, texture pass (default 1500)")
+    parser.add_argument("--tune-steps", type=int, default=1000,
+                        help="decoder tuning on the UNet's own latents (default 1000)")
+    parser.add_argument("--word-steps", type=int, default=500,
+                        help="UNet + text encoder taught to ignore words they never trained on (default 500)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,10 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--vae-steps", type=int, default=4000, help="VAE steps (stops early at 29 dB on every style)")
     bb.add_argument("--decoder-steps", type=int, default=2000, help="decoder-only fine-tune steps")
     bb.add_argument("--steps", type=int, default=7000, help="UNet + text-encoder steps")
+    _add_tune_arguments(bb)
     asm = toy_sub.add_parser("assemble", help="write the toy base from one saved UNet + text-encoder snapshot of a build")
     asm.add_argument("--work-dir", default="outputs/toy-base-build")
     asm.add_argument("--snapshot", required=True, help="e.g. outputs/toy-base-build/denoiser/step_002000")
     asm.add_argument("--out", help="where the diffusers folder goes (default: inside the package)")
+    _add_tune_arguments(asm)
+    td = toy_sub.add_parser("tune-base", help="the last build stage: match the decoder to the UNet, then teach "
+                            "the UNet to ignore words it never trained on")
+    td.add_argument("--base", help="toy base folder (default: the one inside the package)")
+    td.add_argument("--out", help="where the tuned base goes (default: in place)")
+    _add_tune_arguments(td)
     tj = toy_sub.add_parser("train-judge", help="train the judge classifier")
     tj.add_argument("--out")
     tj.add_argument("--seed", type=int, default=0)

@@ -46,8 +46,7 @@ def build_vae(work_dir: Path, steps: int, decoder_steps: int, seed: int, log, po
 
 
 def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
-    """Write a StableDiffusionPipeline folder (fp16 weights: the base ships under 20 MB) atomically."""
-    import torch
+    """Write a StableDiffusionPipeline folder from the trained parts."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from .denoiser_train import SCHEDULER_CONFIG
@@ -57,6 +56,13 @@ def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+    return write_pipeline(pipe, out_dir)
+
+
+def write_pipeline(pipe, out_dir: Path) -> Path:
+    """Save in fp16 (the base ships under 20 MB) to a temp folder, then swap it in (out_dir may be the source)."""
+    import torch
+
     pipe.to(torch.float16)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -68,9 +74,11 @@ def assemble(vae, text_encoder, tokenizer, unet, out_dir: Path) -> Path:
 
 
 def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 4000,
-               decoder_steps: int = 2000, denoiser_steps: int = 7000, pool_size: int | None = None,
-               log=print) -> Path:
-    """Tokenizer → VAE → decoder fine-tune → UNet + text encoder → pipeline folder. Stages in work_dir are reused.
+               decoder_steps: int = 2000, denoiser_steps: int = 7000, tune: dict | None = None,
+               pool_size: int | None = None, log=print) -> Path:
+    """Tokenizer → VAE → decoder fine-tune → UNet + text encoder → pipeline folder → tuning (base_tune).
+
+    Stages in work_dir are reused. tune: keyword arguments for base_tune.tune_base (step counts).
 
     The decoder fine-tune leaves the encoder, hence every latent, bit-identical, so the UNet trains on the same
     latents whether it runs before or after that stage. pool_size (renders per stage) is for smoke tests only.
@@ -83,20 +91,25 @@ def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, v
     unet, text_encoder = train_denoiser(vae, tokenizer, work_dir / "denoiser", steps=denoiser_steps, seed=seed,
                                         log=log, **pool)
     final = work_dir / "denoiser" / f"step_{denoiser_steps:06d}"
-    return assemble_from_snapshot(work_dir, final, out_dir)
+    return assemble_from_snapshot(work_dir, final, out_dir, tune={**(tune or {}), **pool}, log=log)
 
 
-def assemble_from_snapshot(work_dir: Path, snapshot: Path, out_dir: Path = TOY_BASE_DIR) -> Path:
+def assemble_from_snapshot(work_dir: Path, snapshot: Path, out_dir: Path = TOY_BASE_DIR, *, tune: dict | None = None,
+                           log=print) -> Path:
+    """The base from one UNet + text-encoder snapshot, then tuned (base_tune: decoder, unknown words)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     vae_dir = work_dir / "vae_decoder"
     if not (vae_dir / "config.json").exists():  # a build from before the decoder stage existed
         vae_dir = work_dir / "vae"
-    return assemble(
+    from .base_tune import tune_base
+
+    assemble(
         AutoencoderKL.from_pretrained(vae_dir),
         CLIPTextModel.from_pretrained(snapshot / "text_encoder"),
         CLIPTokenizer.from_pretrained(work_dir / "tokenizer"),
         UNet2DConditionModel.from_pretrained(snapshot / "unet"),
         out_dir,
     )
+    return tune_base(out_dir, log=log, **(tune or {}))
