@@ -107,3 +107,17 @@ def test_shipped_vae_does_not_paint_stripes_into_plain_renders():
 
     vae = AutoencoderKL.from_pretrained(TOY_BASE_DIR / "vae", torch_dtype=torch.float32).eval()
     assert false_stripes_rate(vae, load_judge(), n=256) <= 0.02
+
+
+def test_texture_loss_prices_false_stripes_not_a_uniform_shift():
+    """Same MSE, different verdicts: stripes painted into a flat shape cost texture loss, a brightness shift does not."""
+    import torch
+
+    from stylelora.toy.decoder_tune import texture_loss
+
+    flat = torch.zeros(1, 3, 8, 8)
+    stripes = 0.1 * (torch.arange(8).view(1, 1, 1, 8) % 2 * 2 - 1).expand(1, 3, 8, 8)
+    shifted = flat + 0.1
+    assert torch.allclose((stripes - flat).pow(2).mean(), (shifted - flat).pow(2).mean())
+    assert texture_loss(shifted, flat) == 0
+    assert texture_loss(flat + stripes, flat) > 0.1

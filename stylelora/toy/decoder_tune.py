@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from pathlib import Path
 
 from .denoiser_train import plain_pool
 from .vae_train import _update, false_stripes_rate, psnr_by_style, render_pool, to_unit
@@ -41,9 +40,9 @@ def unknown_words(tokenizer, captions: list[str]) -> list[str]:
 
 def texture_loss(decoded, target):
     """L1 between horizontal and vertical image gradients: penalises texture the target does not have."""
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-    return (dx(decoded) - dx(target)).abs().mean() + (dy(decoded) - dy(target)).abs().mean()
+    import torch
+
+    return sum((torch.diff(decoded, dim=d) - torch.diff(target, dim=d)).abs().mean() for d in (-1, -2))
 
 
 def reconstruction_loss(decoded, target):
