@@ -183,9 +183,12 @@ def preserving_models(unet: AdapterUNet, triggers=("sks",)) -> tuple[TrainModels
     models = fake_models(unet)
     models.triggers = triggers
     seen: list = []
-    models.encode_captions = lambda captions: seen.append(list(captions)) or torch.zeros(len(captions), 77, 8)
+    def encode_captions(captions, text_encoder=None):  # the base pass names the unwrapped text encoder
+        seen.append(list(captions) if text_encoder is None else ("base", list(captions)))
+        return torch.zeros(len(captions), 77, 8)
+
+    models.encode_captions = encode_captions
     models.text_encoder = FakeTextEncoder()
-    models.token_ids = lambda captions: seen.append(("base", list(captions))) or torch.zeros(len(captions), 77)
     return models, seen
 
 

@@ -17,12 +17,11 @@ bit-identical:
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 
-from .denoiser_train import plain_pool
-from .vae_train import _update, false_stripes_rate, psnr_by_style, render_pool, to_unit
+from .denoiser_train import plain_pool, tokenize
+from .vae_train import _update, decoder_lr_schedule, false_stripes_rate, psnr_by_style, render_pool, to_unit
 
 TEXTURE_WEIGHT = 0.5
 GUIDANCE = 5.0
@@ -36,6 +35,15 @@ def unknown_words(tokenizer, captions: list[str]) -> list[str]:
     seen = {word for caption in captions for word in re.findall(r"[a-z]+", caption.lower())}
     vocab = (token[: -len("</w>")] for token in tokenizer.get_vocab() if token.endswith("</w>"))
     return sorted(word for word in vocab if re.fullmatch(r"[a-z]+", word) and word not in seen)
+
+
+def with_unknown_word(caption: str, words: list[str], generator, rate: float = UNKNOWN_WORD_RATE) -> str:
+    """`word, caption` with a random unknown word, with probability `rate`; else the caption unchanged."""
+    import torch
+
+    if float(torch.rand((), generator=generator)) >= rate:
+        return caption
+    return f"{words[int(torch.randint(0, len(words), (), generator=generator))]}, {caption}"
 
 
 def texture_loss(decoded, target):
@@ -63,9 +71,7 @@ class DenoiserLatents:
             self.empty = self.encode([""])
 
     def encode(self, captions):
-        ids = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
-        return self.pipe.text_encoder(ids)[0]
+        return self.pipe.text_encoder(tokenize(self.pipe.tokenizer, captions))[0]
 
     def __call__(self, latents, captions):
         """latents: the renders' unscaled posterior means; returns the UNet's result, unscaled likewise."""
@@ -89,8 +95,7 @@ def _train_decoder(vae, steps: int, lr: float, batch_fn, label: str, judge, log)
 
     params = list(vae.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = decoder_lr_schedule(opt, steps)
     t0 = time.time()
     for step in range(1, steps + 1):
         latents, target = batch_fn()
@@ -128,16 +133,12 @@ def tune_decoder(pipe, *, texture_steps: int = 1500, denoiser_steps: int = 1000,
 
     words = unknown_words(pipe.tokenizer, captions)
 
-    def prompt(i: int) -> str:
-        if float(torch.rand((), generator=gen)) >= UNKNOWN_WORD_RATE:
-            return captions[i]
-        return f"{words[int(torch.randint(0, len(words), (), generator=gen))]}, {captions[i]}"
-
     def mixed_batch():
         latents, x = exact_batch(8)
         idx = torch.randint(0, len(plain_pixels), (8,), generator=gen).numpy()
         plain = to_unit(plain_pixels[idx])
-        return torch.cat([latents, denoised(encode(plain), [prompt(i) for i in idx])]), torch.cat([x, plain])
+        prompts = [with_unknown_word(captions[i], words, gen) for i in idx]
+        return torch.cat([latents, denoised(encode(plain), prompts)]), torch.cat([x, plain])
 
     log(f"decoder: false stripes before tuning {false_stripes_rate(vae, judge):.3f}; {len(words)} unknown words")
     _train_decoder(vae, texture_steps, 3e-4, exact_batch, "texture", judge, log)

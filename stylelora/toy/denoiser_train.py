@@ -165,7 +165,7 @@ def teach_unknown_words(pipe, *, steps: int = 500, lr: float = 1e-4, seed: int =
     import torch
     from diffusers import DDPMScheduler
 
-    from .decoder_tune import unknown_words
+    from .decoder_tune import unknown_words, with_unknown_word
     from .vae_train import _update
 
     unet, text_encoder, tokenizer = pipe.unet.train(), pipe.text_encoder.train(), pipe.tokenizer
@@ -181,11 +181,7 @@ def teach_unknown_words(pipe, *, steps: int = 500, lr: float = 1e-4, seed: int =
     t0, running = time.time(), None
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(captions), (batch,), generator=gen)
-        texts = []
-        for i in idx.tolist():
-            prefixed = float(torch.rand((), generator=gen)) < unknown_word_rate
-            texts.append(f"{words[int(torch.randint(0, len(words), (), generator=gen))]}, {captions[i]}"
-                         if prefixed else captions[i])
+        texts = [with_unknown_word(captions[i], words, gen, unknown_word_rate) for i in idx.tolist()]
         ids = tokenize(tokenizer, texts)
         ids[torch.rand(batch, generator=gen) < caption_dropout] = empty_ids
         loss = denoise_loss(unet, text_encoder, scheduler, latents[idx], ids, gen)

@@ -140,7 +140,7 @@ def finetune_decoder(vae, out_dir: Path, *, steps: int = 2000, batch: int = 16, 
     vae.decoder.requires_grad_(True)
     params = list(vae.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = decoder_lr_schedule(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for step in range(1, steps + 1):
@@ -158,6 +158,14 @@ def finetune_decoder(vae, out_dir: Path, *, steps: int = 2000, batch: int = 16, 
     vae.requires_grad_(True)
     vae.save_pretrained(out_dir)
     return vae
+
+
+def decoder_lr_schedule(opt, steps: int):
+    """100 warmup steps, then cosine to 0: every decoder-only pass (here and in decoder_tune)."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
 def latent_scaling_factor(vae, pixels_uint8) -> float:

@@ -54,7 +54,7 @@ class DataPlan:
     items: tuple[TrainItem, ...]
     checked: CheckResult
     report: ScanReport
-    trigger: str  # the trigger phrases joined with ", " (metadata, sample prompts)
+    triggers: tuple[str, ...]  # --trigger and the kohya folders' trigger words, each once
     reg: tuple[CheckedImage, ...] = ()  # regularization images, repeats balanced against the training samples
 
 
@@ -201,11 +201,9 @@ def prepare_data(config: TrainConfig, run_dir: Path, accelerator, say) -> DataPl
     if accelerator.is_main_process:
         report_path = write_skip_report(run_dir, checked.skipped)
         say(skip_summary(checked.skipped, checked.total, report_path if checked.skipped else None))
-    triggers = trigger_phrases(config, report)
-    trigger = ", ".join(triggers)
     reg = prepare_reg_data(config, run_dir, checked.kept, accelerator, say) if config.data.reg_dir else ()
-    return DataPlan(items=tuple(c.item for c in checked.kept), checked=checked, report=report, trigger=trigger,
-                    reg=reg)
+    return DataPlan(items=tuple(c.item for c in checked.kept), checked=checked, report=report,
+                    triggers=trigger_phrases(config, report), reg=reg)
 
 
 def trigger_phrases(config: TrainConfig, report: ScanReport) -> tuple[str, ...]:
@@ -337,7 +335,7 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
     models = TrainModels(unet=unet, text_encoder=text_encoder, tokenizer=pipe.tokenizer,
                          vae=None if dataset.latent_cache is not None else pipe.vae, device=accelerator.device,
                          dtype=pipe.unet.dtype, text_cache=text_cache,
-                         triggers=trigger_phrases(config, data.report),
+                         triggers=data.triggers,
                          unwrapped=(pipe.unet, pipe.text_encoder))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same noise schedule as the base's sampler
     # Each process draws its own noise; the seed makes every run (and every resume) draw the same.
@@ -345,7 +343,7 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
     trainable = checkpoint.trainable_tensors({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     num_reg = sum(c.item.repeats for c in data.reg)
     facts = RunFacts(items=data.items, num_train_images=len(dataset) - num_reg, num_reg_images=num_reg,
-                     trigger=data.trigger,
+                     trigger=", ".join(data.triggers),
                      prediction_type=prediction_type(noise_scheduler), started_at=time.time(),
                      world_size=accelerator.num_processes, batches_per_epoch=len(sampler))
     return Run(config=config, accelerator=accelerator, run_dir=run_dir, pipe=pipe, models=models, trainable=trainable,

@@ -38,11 +38,12 @@ class TrainModels:
             raise RuntimeError("batch has pixels but no VAE was kept for encoding them (latent cache expected)")
         return encode_pixels(self.vae, batch["pixels"].to(self.device, non_blocking=True))
 
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states (B, tokens, width); with gradients unless they come from the cache."""
+    def encode_captions(self, captions: list[str], text_encoder: nn.Module | None = None) -> torch.Tensor:
+        """Text-encoder hidden states (B, tokens, width); with gradients unless they come from the cache.
+        text_encoder: another handle on the same encoder (the unwrapped one for base predictions)."""
         if self.text_cache is not None:
             return self.text_cache.get_or_encode(captions).to(self.device, non_blocking=True)
-        return self.text_encoder(self.token_ids(captions))[0]
+        return (text_encoder or self.text_encoder)(self.token_ids(captions))[0]
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
         """(B, max_length) token ids; each distinct caption is tokenized once per run (captions repeat a lot)."""

@@ -81,10 +81,7 @@ def base_prediction(models: TrainModels, noisy: torch.Tensor, timesteps: torch.T
     """What the frozen base (LoRA bypassed in the UNet and the text encoder) predicts for these inputs."""
     unet, text_encoder = models.unwrapped or (models.unet, models.text_encoder)
     with adapters_disabled(unet, text_encoder):
-        if models.text_cache is not None:
-            hidden = models.text_cache.get_or_encode(captions).to(models.device)
-        else:
-            hidden = text_encoder(models.token_ids(captions))[0]
+        hidden = models.encode_captions(captions, text_encoder)
         return unet(noisy.to(models.dtype), timesteps, hidden.to(models.dtype)).sample.float()
 
 
