@@ -66,7 +66,10 @@ def style_sweep(pipe, stack, judge, style: str, adapter: Path, samples: int) -> 
     rows = []
     for weight in WEIGHTS:
         metrics = measure(pipe, stack, judge, [(adapter, weight)], ("plain", style), samples)
-        rows.append({"weight": weight, **{k: metrics[k] for k in ("shape_accuracy", "color_accuracy", f"{style}_rate")}})
+        rows.append({"weight": weight, **{k: metrics[k] for k in ("shape_accuracy", "color_accuracy", f"{style}_rate")},
+                     # Where shapes go wrong tells a leak (plain prompts) from an over-strong style (its own prompts).
+                     "shape_by_prompt_set": {name: row["shape_accuracy"]
+                                             for name, row in metrics["by_prompt_set"].items()}})
         print(f"  {style} w={weight:<4} {rows[-1]}", flush=True)
     return rows
 
@@ -91,7 +94,7 @@ def monotonic(values: list[float]) -> bool:
 
 
 def report(figures: dict) -> None:
-    print("\nstyle    train s  base shape/color  w=1 shape/color  w=1 rate (target)  monotonic")
+    print("\nstyle    train s  base shape/color  w=1 shape/color  w=1 shape plain/trigger  w=1 rate (target)  monotonic")
     for style, entry in figures["styles"].items():
         key, target = TARGETS[style]
         base, full = entry["sweep"][0], entry["sweep"][-1]
@@ -101,11 +104,18 @@ def report(figures: dict) -> None:
         print(f"{style:8s} {trained:>7}  "
               f"{base['shape_accuracy']:.3f}/{base['color_accuracy']:.3f}       "
               f"{full['shape_accuracy']:.3f}/{full['color_accuracy']:.3f}      "
+              f"{_shapes_by_set(full, style):>21}  "
               f"{full[key]:.3f} (≥{target:.2f})      {monotonic(rates)}  {rates}")
     if "blend" in figures:
         blend = figures["blend"]
         print(f"blend stripes:1+pastel:1 both styles {blend['stripes:1+pastel:1']['all_styles_rate']:.3f} (≥0.80); "
               + "; ".join(f"{k} sweep monotonic {monotonic([r[f'{k}_rate'] for r in v])}" for k, v in blend["sweeps"].items()))
+
+
+def _shapes_by_set(row: dict, style: str) -> str:
+    """'plain/trigger' shape accuracy ('-' where a set has no shapes to score: zorb prompts draw the character)."""
+    by_set = row.get("shape_by_prompt_set", {})  # absent in figures.json files written before it was recorded
+    return "/".join("-" if by_set.get(name) is None else f"{by_set[name]:.3f}" for name in ("plain", style))
 
 
 def main() -> int:

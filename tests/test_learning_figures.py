@@ -1,0 +1,41 @@
+"""benchmarks/learning_figures.py's report: the figures quoted for the trainer issue, and where shapes went wrong."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_figures.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("learning_figures", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sweep(style: str, plain_shape: float, trigger_shape: float | None, rates: list[float]) -> list[dict]:
+    rows = [{"weight": w, "shape_accuracy": 1.0, "color_accuracy": 1.0, f"{style}_rate": r,
+             "shape_by_prompt_set": {"plain": 1.0, style: 1.0}} for w, r in zip((0, 0.25, 0.5, 0.75, 1.0), rates)]
+    rows[-1]["shape_by_prompt_set"] = {"plain": plain_shape, style: trigger_shape}
+    return rows
+
+
+def test_report_shows_plain_and_trigger_shape_accuracy_and_monotonicity(capsys):
+    figures = {"styles": {
+        "pastel": {"train_seconds": 325.0, "sweep": sweep("pastel", 0.8125, 0.875, [0, 0, 0, 0.16, 0.91])},
+        "zorb": {"train_seconds": None, "sweep": sweep("zorb", 0.969, None, [0, 0, 0.5, 0.4, 0.97])},
+    }}
+    load_script().report(figures)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "0.812/0.875" in lines["pastel"] and " 325 " in lines["pastel"] and "True" in lines["pastel"]
+    assert "0.969/-" in lines["zorb"]  # zorb prompts draw the character: no shape to score
+    assert "reused" in lines["zorb"] and "False" in lines["zorb"]  # 0.5 then 0.4 is not monotonic
+
+
+def test_report_reads_figures_written_before_the_breakdown_was_recorded(capsys):
+    rows = sweep("stripes", 1.0, 1.0, [0, 0, 0.2, 0.9, 1.0])
+    for row in rows:
+        del row["shape_by_prompt_set"]
+    load_script().report({"styles": {"stripes": {"train_seconds": 1.0, "sweep": rows}}})
+    assert "-/-" in capsys.readouterr().out
