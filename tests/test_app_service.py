@@ -6,6 +6,7 @@ Adapters are seeded random LoRAs for the shipped toy base (tests/test_app_fixtur
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -261,7 +262,13 @@ def test_a_training_run_can_be_stopped_and_only_one_runs_at_a_time(service, tmp_
     data = tiny_dataset(tmp_path / "data", count=2)
     # Far more steps than can run before the stop lands: on an idle machine 500 tiny steps finished first.
     run = TrainSettings(data_dir=str(data), name="stopped-run", steps=50_000, batch_size=2, rank=2, alpha=2.0)
-    job = service.start_training(run)
+    # The trainer inherits SIGINT as ignored, as it does when the app runs as a background job (`stylelora app &`):
+    # Stop must still work.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        job = service.start_training(run)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         with pytest.raises(AppError, match="in progress"):
             service.start_training(TrainSettings(data_dir=str(data), name="second"))

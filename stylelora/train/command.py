@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 from stylelora.config import CLI_FLAGS, DATA_CACHES, FORMATS, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS, UNET_TARGETS
@@ -96,6 +98,8 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any]) -> int:
     """Validate, train, print the adapter path last on stdout; user errors become one clear message and exit 1."""
     from stylelora.config import ConfigError, load_config
 
+    interruptible()
+
     try:
         config = load_config(config_path, overrides)
     except ConfigError as error:
@@ -119,6 +123,17 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any]) -> int:
     if _is_main_process():
         print(adapter, flush=True)
     return 0
+
+
+def interruptible() -> None:
+    """Ctrl-C (SIGINT) stops a run cleanly even when this process inherited SIGINT as ignored.
+
+    Why: a shell starts background jobs (`stylelora app &`, nohup, CI runners) with SIGINT ignored, Python then
+    installs no KeyboardInterrupt handler, and the app's Stop button (which sends SIGINT) did nothing: the run
+    went on to the end.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _is_main_process() -> bool:
