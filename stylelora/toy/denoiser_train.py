@@ -81,15 +81,10 @@ def tokenize(tokenizer, captions: list[str]):
                      truncation=True, return_tensors="pt").input_ids
 
 
-def min_snr_weights(scheduler, timesteps, gamma: float):
-    """min(SNR, γ)/SNR per sample for epsilon prediction (Hang et al. 2023): stops easy steps dominating."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    return snr.clamp(max=gamma) / snr
-
-
 def denoise_loss(unet, text_encoder, scheduler, latents, input_ids, generator, snr_gamma: float = 5.0):
     import torch
+
+    from stylelora.train.step import min_snr_weights  # the trainer's weighting: one definition for both
 
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
