@@ -21,7 +21,7 @@ import re
 import time
 
 from .denoiser_train import plain_pool, tokenize
-from .vae_train import _update, decoder_lr_schedule, false_stripes_rate, psnr_by_style, render_pool, to_unit
+from .vae_train import clipped_step, decoder_lr_schedule, false_stripes_rate, psnr_by_style, render_pool, to_unit
 
 TEXTURE_WEIGHT = 0.5
 GUIDANCE = 5.0
@@ -100,7 +100,7 @@ def _train_decoder(vae, steps: int, lr: float, batch_fn, label: str, judge, log)
     for step in range(1, steps + 1):
         latents, target = batch_fn()
         loss = reconstruction_loss(vae.decode(latents).sample, target)
-        _update(loss, opt, sched, params)
+        clipped_step(loss, opt, sched, params)
         if step % 250 == 0 or step == steps:
             scores = psnr_by_style(vae, 32, 20_000)
             log(f"decoder ({label}) step {step} loss {loss.item():.5f} psnr min {min(scores.values()):.2f} dB "

@@ -104,7 +104,7 @@ def train_denoiser(vae, tokenizer, out_dir: Path, *, steps: int, batch: int = 64
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTextModel
 
-    from .vae_train import _update
+    from .vae_train import clipped_step
 
     torch.manual_seed(seed)
     channels = vae.config.latent_channels
@@ -128,7 +128,7 @@ def train_denoiser(vae, tokenizer, out_dir: Path, *, steps: int, batch: int = 64
         ids = input_ids[idx].clone()
         ids[torch.rand(batch, generator=gen) < caption_dropout] = empty_ids  # unconditional half of CFG
         loss = denoise_loss(unet, text_encoder, scheduler, latents[idx], ids, gen)
-        _update(loss, opt, sched, params)
+        clipped_step(loss, opt, sched, params)
         ema.step(params)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0:
@@ -161,7 +161,7 @@ def teach_unknown_words(pipe, *, steps: int = 500, lr: float = 1e-4, seed: int =
     from diffusers import DDPMScheduler
 
     from .decoder_tune import unknown_words, with_unknown_word
-    from .vae_train import _update
+    from .vae_train import clipped_step
 
     unet, text_encoder, tokenizer = pipe.unet.train(), pipe.text_encoder.train(), pipe.tokenizer
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -180,7 +180,7 @@ def teach_unknown_words(pipe, *, steps: int = 500, lr: float = 1e-4, seed: int =
         ids = tokenize(tokenizer, texts)
         ids[torch.rand(batch, generator=gen) < caption_dropout] = empty_ids
         loss = denoise_loss(unet, text_encoder, scheduler, latents[idx], ids, gen)
-        _update(loss, opt, sched, params)
+        clipped_step(loss, opt, sched, params)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps:
             log(f"unknown words step {step}/{steps} loss {running:.4f} {time.time() - t0:.0f}s")

@@ -81,7 +81,7 @@ def train_vae(out_dir: Path, *, steps: int = 4000, batch: int = 16, lr: float = 
         y = vae.decode(posterior.mode()).sample
         # MSE drives PSNR; a little L1 sharpens edges; a tiny KL keeps the latent scale bounded (SD-style).
         loss = (y - x).pow(2).mean() + 0.1 * (y - x).abs().mean() + 1e-6 * posterior.kl().mean()
-        _update(loss, opt, sched, vae.parameters())
+        clipped_step(loss, opt, sched, vae.parameters())
         if step % 250 == 0 or step == steps:
             scores = _held_out_psnr(vae)
             log(f"vae step {step} loss {loss.item():.5f} psnr min {min(scores.values()):.2f} dB "
@@ -94,8 +94,8 @@ def train_vae(out_dir: Path, *, steps: int = 4000, batch: int = 16, lr: float = 
     return vae
 
 
-def _update(loss, opt, sched, params) -> None:
-    """One optimizer step with gradient clipping (both VAE stages)."""
+def clipped_step(loss, opt, sched, params) -> None:
+    """One optimizer step with gradient clipping to norm 1 (every toy-base training stage)."""
     import torch
 
     opt.zero_grad(set_to_none=True)
@@ -149,7 +149,7 @@ def finetune_decoder(vae, out_dir: Path, *, steps: int = 2000, batch: int = 16, 
             latents = vae.encode(x).latent_dist.mode()
         y = vae.decode(latents).sample
         loss = (y - x).pow(2).mean() + 0.1 * (y - x).abs().mean()
-        _update(loss, opt, sched, params)
+        clipped_step(loss, opt, sched, params)
         if step % 500 == 0 or step == steps:
             scores = _held_out_psnr(vae)
             log(f"vae decoder step {step} loss {loss.item():.5f} psnr min {min(scores.values()):.2f} dB "
