@@ -9,6 +9,7 @@ import torch
 from stylelora.data.captions import (
     CaptionOptions,
     process_caption,
+    replace_triggers,
     sample_rng,
     split_tags,
     tag_frequency,
@@ -94,3 +95,15 @@ def test_tag_frequency_per_folder():
 ])
 def test_without_triggers(caption, triggers, expected):
     assert without_triggers(caption, triggers) == expected
+
+
+@pytest.mark.parametrize("caption, triggers, word, expected", [
+    ("zorb, a red zorb on a white background", ("zorb",), "vadelo", "vadelo, a red vadelo on a white background"),
+    ("Stripestyle, a star", ("stripestyle",), "kuro", "kuro, a star"),  # any case
+    ("zorbs and zorb", ("zorb",), "x", "zorbs and x"),  # whole words only
+    ("sks dog, on grass", ("sks dog", "sks"), "toma", "toma, on grass"),  # the longer phrase first, as given
+    ("a red circle", ("zorb",), "x", "a red circle"),
+    (r"zorb", ("zorb",), r"a\1", r"a\1"),  # the word is text, not a regex template
+])
+def test_replace_triggers(caption, triggers, word, expected):
+    assert replace_triggers(caption, triggers, word) == expected

@@ -9,11 +9,11 @@ from diffusers import DDPMScheduler
 
 from stylelora.config import load_config
 from stylelora.train.models import TrainModels
+from stylelora.train.preservation import preserved_samples
 from stylelora.train.step import (
     loss_step,
     min_snr_weights,
     prediction_target,
-    preserved_samples,
     sample_noise,
     snr,
     weighted_mse,
@@ -228,6 +228,15 @@ def test_preservation_adds_the_gap_to_the_frozen_base_on_trigger_free_captions()
     assert not unet.disabled  # the adapter is back on after the base pass
     loss.backward()
     assert unet.lora.grad != 0
+
+
+def test_decoy_captions_go_to_the_adapted_and_the_base_pass_alike():
+    data = {"latents": torch.randn(5, 4, 8, 8), "caption": CAPTIONS}
+    models, seen = preserving_models(AdapterUNet(base=0.2, lora=0.3))
+    models.decoys = ("meadow",)
+    loss_step(data, models, scheduler(), config(**{"train.preserve_decoys": 1.0}), torch.Generator().manual_seed(4))
+    copies = ["meadow, a red circle", "meadow, a meadow on gray"]
+    assert CAPTIONS + copies in seen and ("base", copies) in seen
 
 
 def test_an_adapter_equal_to_the_base_pays_no_preservation_loss():

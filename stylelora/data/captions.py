@@ -72,12 +72,17 @@ def process_caption(caption: str, options: CaptionOptions, rng: Generator) -> st
 def without_triggers(caption: str, triggers: Iterable[str], separator: str = ",") -> str | None:
     """The caption with every trigger phrase removed (whole words, any case) and emptied tags dropped; None when
     it holds no trigger. "zorb, a red zorb on a white background" without "zorb" → "a red on a white background"."""
-    stripped = caption
-    for trigger in triggers:
-        stripped = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", "", stripped, flags=re.IGNORECASE)
+    stripped = replace_triggers(caption, triggers, "")
     if stripped == caption:
         return None
     return join_tags((" ".join(tag.split()) for tag in split_tags(stripped, separator)), separator)
+
+
+def replace_triggers(caption: str, triggers: Iterable[str], word: str) -> str:
+    """The caption with every trigger phrase (whole words, any case) replaced by `word`."""
+    for trigger in triggers:
+        caption = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", lambda _: word, caption, flags=re.IGNORECASE)
+    return caption
 
 
 def sample_rng(seed: int, epoch: int, index: int, purpose: str = "caption") -> random.Random:

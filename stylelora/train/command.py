@@ -35,6 +35,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("train.preserve_base", {"type": float, "help": "weight of the loss that keeps the base model's output on "
                                                     "captions with the trigger words removed, so the adapter acts "
                                                     "only when its trigger is in the prompt (0 = off; default 1)"}),
+    ("train.preserve_decoys", {"type": float, "help": "share of those trigger-free captions that get a random "
+                                                      "other word in the trigger's place, so the adapter answers "
+                                                      "its own trigger, not any new word (default 0.5)"}),
     ("train.gradient_checkpointing", {"action": "store_true", "help": "trade compute for memory"}),
     ("train.overwrite", {"action": "store_true", "help": "start a new run in a folder that holds one"}),
     ("network.rank", {"type": int, "help": "LoRA rank (default 16)"}),

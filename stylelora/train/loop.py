@@ -38,6 +38,7 @@ from stylelora.train.logs import RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, optimizer_class
+from stylelora.train.preservation import decoy_words
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
 from stylelora.train.step import loss_step, prediction_type
 
@@ -335,7 +336,7 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
     models = TrainModels(unet=unet, text_encoder=text_encoder, tokenizer=pipe.tokenizer,
                          vae=None if dataset.latent_cache is not None else pipe.vae, device=accelerator.device,
                          dtype=pipe.unet.dtype, text_cache=text_cache,
-                         triggers=data.triggers,
+                         triggers=data.triggers, decoys=_decoys(config, data, pipe.tokenizer),
                          unwrapped=(pipe.unet, pipe.text_encoder))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same noise schedule as the base's sampler
     # Each process draws its own noise; the seed makes every run (and every resume) draw the same.
@@ -349,6 +350,13 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
     return Run(config=config, accelerator=accelerator, run_dir=run_dir, pipe=pipe, models=models, trainable=trainable,
                dataset=dataset, sampler=sampler, loader=loader, noise_scheduler=noise_scheduler, optimizer=optimizer,
                lr_scheduler=lr_scheduler, generator=generator, facts=facts, trained_modules=trained_modules)
+
+
+def _decoys(config: TrainConfig, data: DataPlan, tokenizer) -> tuple[str, ...]:
+    if config.train.preserve_base <= 0 or config.train.preserve_decoys <= 0 or not data.triggers:
+        return ()
+    captions = [item.caption for item in data.items] + [checked.item.caption for checked in data.reg]
+    return decoy_words(tokenizer, captions, data.triggers)
 
 
 def describe_run(run: Run, start_step: int) -> str:
@@ -366,20 +374,26 @@ def describe_run(run: Run, start_step: int) -> str:
         f"{c.train.batch_size} × accumulation {c.optim.grad_accum} × {acc.num_processes} process(es) = "
         f"{per_step} samples per step, {epochs:.1f} epochs",
     ]
-    lines.append(_describe_preservation(c, run.models.triggers))
+    lines.append(_describe_preservation(c, run.models.triggers, run.models.decoys))
     if start_step:
         lines.append(f"resuming at step {start_step} from {run.last_checkpoint}")
     return "\n".join(lines)
 
 
-def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...]) -> str:
+def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoys: tuple[str, ...]) -> str:
     if config.train.preserve_base <= 0:
         return "base preservation: off (--preserve-base 0): the adapter may act on prompts without its trigger"
     if not triggers:
         return ("base preservation: off, the captions have no trigger words (use a <repeats>_<trigger> folder or "
                 "--trigger WORD to tie the adapter to a word)")
+    if decoys:
+        decoy_note = (f"{config.train.preserve_decoys:.0%} of them with one of {len(decoys)} decoy words in its place")
+    elif config.train.preserve_decoys > 0:
+        decoy_note = "no decoy words: the tokenizer has no whole word that the captions do not use"
+    else:
+        decoy_note = "no decoy words (--preserve-decoys 0)"
     return (f"base preservation: weight {config.train.preserve_base:g} on half of each batch, captions without "
-            f"{' / '.join(repr(t) for t in triggers)}")
+            f"{' / '.join(repr(t) for t in triggers)}, {decoy_note}")
 
 
 # ----------------------------------------------------------------------------- 5. resume

@@ -25,6 +25,7 @@ class TrainModels:
     dtype: torch.dtype  # dtype of the frozen base weights (fp32, fp16 or bf16)
     text_cache: TextEmbeddingCache | None = None  # set when the text encoder is frozen and captions static
     triggers: tuple[str, ...] = ()  # the dataset's trigger phrases (base preservation strips them from captions)
+    decoys: tuple[str, ...] = ()  # words base preservation may put where a trigger was (train/preservation.py)
     # The same UNet and text encoder without accelerate/DDP wrappers, for gradient-free base predictions: a DDP
     # module must see exactly one forward per backward. None: unet / text_encoder are not wrapped.
     unwrapped: tuple[nn.Module, nn.Module] | None = None

@@ -8,7 +8,8 @@
     target    noise for epsilon prediction, scheduler.get_velocity(...) for v_prediction (read from the scheduler)
     loss      per-sample MSE × min-SNR-γ weight (Hang et al. 2023), averaged
     preserve  + preserve_base × the same weighted MSE between the LoRA model and the frozen base, both given half
-              of the batch's noisy latents with their captions stripped of the trigger words (see base_preservation)
+              of the batch's noisy latents with their trigger words removed or replaced by a decoy word
+              (stylelora/train/preservation.py)
 
 All randomness comes from the `generator` argument, so a (state, batch) pair always gives the same loss, which is
 what makes resuming exact. The loop owns everything else (optimizer, accumulation, autocast, logging).
@@ -19,8 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stylelora.data.captions import without_triggers
-from stylelora.lora.inject import adapters_disabled
+from stylelora.train.preservation import base_prediction, preserved_samples
 
 if TYPE_CHECKING:
     from stylelora.config import TrainConfig
@@ -39,7 +39,8 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     weights = min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma)
     captions = list(batch["caption"])
-    preserved = preserved_samples(captions, models.triggers, config.train.preserve_base)
+    preserved = preserved_samples(captions, models.triggers, config.train.preserve_base, models.decoys,
+                                  config.train.preserve_decoys, generator)
     index = torch.tensor([i for i, _ in preserved], dtype=torch.long, device=latents.device)
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
     hidden = models.encode_captions(captions + [caption for _, caption in preserved])
@@ -54,35 +55,10 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     return loss
 
 
+
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
     return (per_sample * weights).mean()
-
-
-def preserved_samples(captions: list[str], triggers: tuple[str, ...], weight: float) -> list[tuple[int, str]]:
-    """Base preservation: (index, caption without its trigger words) for half of the samples that have a trigger.
-
-    Why: trained only on captions that all hold the trigger, a LoRA has no reason to tie what it learns to that
-    word, so a character leaks into every prompt (measured on toy-zorb: shape accuracy on prompts without the
-    trigger fell from 1.0 to 0.75). Asking the adapted model to match the frozen base on the same noisy latents
-    when the trigger is missing ties the change to the trigger — DreamBooth's prior preservation, with the base's
-    own predictions instead of generated class images. Half the batch keeps the extra cost near half a step.
-    """
-    if weight <= 0 or not triggers:
-        return []
-    stripped = [(i, without_triggers(caption, triggers)) for i, caption in enumerate(captions)]
-    with_trigger = [(i, caption) for i, caption in stripped if caption is not None]
-    return with_trigger[: (len(with_trigger) + 1) // 2]
-
-
-@torch.no_grad()
-def base_prediction(models: TrainModels, noisy: torch.Tensor, timesteps: torch.Tensor,
-                    captions: list[str]) -> torch.Tensor:
-    """What the frozen base (LoRA bypassed in the UNet and the text encoder) predicts for these inputs."""
-    unet, text_encoder = models.unwrapped or (models.unet, models.text_encoder)
-    with adapters_disabled(unet, text_encoder):
-        hidden = models.encode_captions(captions, text_encoder)
-        return unet(noisy.to(models.dtype), timesteps, hidden.to(models.dtype)).sample.float()
 
 
 def sample_noise(latents: torch.Tensor, offset: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""Owns base preservation: which samples of a batch get a trigger-free copy, what its caption is, and what the
+frozen base predicts for it.
+
+Why: trained only on captions that all hold the trigger, a LoRA has no reason to tie what it learns to that word,
+so a character leaks into every prompt (measured on toy-zorb: shape accuracy on prompts without the trigger fell
+from 1.0 to 0.75). Asking the adapted model to match the frozen base on the same noisy latents when the trigger is
+missing ties the change to the trigger — DreamBooth's prior preservation, with the base's own predictions instead
+of generated class images.
+
+Removing the trigger alone ties the change to "an unfamiliar word where the trigger stood", not to the trigger:
+the toy-zorb adapter drew its character on 41 % of the prompts that began with another adapter's trigger word.
+So part of the copies get a decoy word in the trigger's place ("zorb, a red zorb" → "meadow, a red meadow"), and
+the base's prediction for that caption is the target too.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+from stylelora.data.captions import replace_triggers, without_triggers
+from stylelora.lora.inject import adapters_disabled
+
+if TYPE_CHECKING:
+    from stylelora.train.models import TrainModels
+
+
+def preserved_samples(captions: list[str], triggers: tuple[str, ...], weight: float, decoys: tuple[str, ...] = (),
+                      decoy_rate: float = 0.0, generator: torch.Generator | None = None) -> list[tuple[int, str]]:
+    """(index, trigger-free caption) for half (rounded up) of the samples whose caption holds a trigger.
+
+    Each copy, with probability `decoy_rate`, has a random word of `decoys` where the trigger was; otherwise the
+    trigger is removed. The draws come from `generator`, so the same generator state gives the same copies.
+    """
+    if weight <= 0 or not triggers:
+        return []
+    triggered = [(i, caption) for i, caption in enumerate(captions) if without_triggers(caption, triggers) is not None]
+    chosen = triggered[: (len(triggered) + 1) // 2]
+    if decoy_rate <= 0 or not decoys:
+        return [(i, without_triggers(caption, triggers)) for i, caption in chosen]
+    if generator is None:
+        raise ValueError("decoy words are drawn at random: pass the step's generator")
+    draws = torch.rand(len(chosen), generator=generator).tolist()
+    picks = torch.randint(0, len(decoys), (len(chosen),), generator=generator).tolist()
+    return [(i, replace_triggers(caption, triggers, decoys[pick]) if draw < decoy_rate
+             else without_triggers(caption, triggers))
+            for (i, caption), draw, pick in zip(chosen, draws, picks)]
+
+
+def decoy_words(tokenizer, captions: Iterable[str], triggers: Iterable[str]) -> tuple[str, ...]:
+    """Words to put where the trigger was: the tokenizer's whole-word tokens (letters only, 3+ long) that no
+    training caption or trigger uses. Sorted: the same inputs give the same pool, which exact resume needs.
+
+    Why vocabulary words and not made-up ones: the target is the base's prediction for the decoy caption, which
+    is only meaningful for text the base knows. Measured on toy-zorb with 2,000 made-up words (several tokens
+    each, never seen by the base): the character leaked into 16 % of plain prompts and shape accuracy fell to
+    0.69, worse than without decoys; with vocabulary words it stayed at 0.97 on plain prompts.
+    """
+    taken = {word for text in [*captions, *triggers] for word in re.findall(r"[a-z]+", text.lower())}
+    vocabulary = {token[: -len("</w>")] for token in tokenizer.get_vocab() if token.endswith("</w>")}
+    return tuple(sorted(word for word in vocabulary if re.fullmatch(r"[a-z]{3,}", word) and word not in taken))
+
+
+@torch.no_grad()
+def base_prediction(models: TrainModels, noisy: torch.Tensor, timesteps: torch.Tensor,
+                    captions: list[str]) -> torch.Tensor:
+    """What the frozen base (LoRA bypassed in the UNet and the text encoder) predicts for these inputs."""
+    unet, text_encoder = models.unwrapped or (models.unet, models.text_encoder)
+    with adapters_disabled(unet, text_encoder):
+        hidden = models.encode_captions(captions, text_encoder)
+        return unet(noisy.to(models.dtype), timesteps, hidden.to(models.dtype)).sample.float()

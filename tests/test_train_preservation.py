@@ -1,0 +1,50 @@
+"""Base preservation's trigger-free copies: which samples, trigger removed or replaced by a decoy, the decoy pool."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stylelora.train.preservation import decoy_words, preserved_samples
+
+CAPTIONS = ["sks, a red circle", "a blue star", "sks, a sks on gray", "sks", "plain"]
+
+
+@pytest.mark.parametrize("decoy_rate, expected", [
+    (0.0, [(0, "a red circle"), (2, "a on gray")]),  # trigger removed
+    (1.0, [(0, "meadow, a red circle"), (2, "meadow, a meadow on gray")]),  # every copy gets the decoy
+])
+def test_copies_lose_their_trigger_or_get_a_decoy_in_its_place(decoy_rate, expected):
+    copies = preserved_samples(CAPTIONS, ("sks",), 1.0, ("meadow",), decoy_rate, torch.Generator().manual_seed(0))
+    assert copies == expected
+
+
+def test_half_the_copies_get_decoys_drawn_from_the_pool_reproducibly():
+    captions = [f"sks, shape {i}" for i in range(400)]
+    pool = ("kuro", "meadow", "bimu")
+
+    def copies(seed):
+        return preserved_samples(captions, ("sks",), 1.0, pool, 0.5, torch.Generator().manual_seed(seed))
+
+    first = copies(3)
+    assert first == copies(3) and first != copies(4)
+    assert [i for i, _ in first] == list(range(200))  # half of the triggered samples, as without decoys
+    decoyed = [caption.split(",")[0] for _, caption in first if "," in caption]
+    assert 80 <= len(decoyed) <= 120 and set(decoyed) == set(pool)
+    assert all("sks" not in caption for _, caption in first)
+
+
+def test_decoys_need_the_steps_generator():
+    with pytest.raises(ValueError, match="generator"):
+        preserved_samples(CAPTIONS, ("sks",), 1.0, ("meadow",), 0.5)
+
+
+class VocabTokenizer:
+    def get_vocab(self):
+        return {token: i for i, token in enumerate(
+            ["zorb</w>", "circle</w>", "ack</w>", "ab</w>", "red</w>", "x1</w>", "meadow</w>", "mead", "stripestyle</w>"])}
+
+
+def test_the_decoy_pool_is_the_vocabularys_whole_words_that_no_caption_uses():
+    # caption words (any case), triggers, too-short, non-letter and word-piece tokens never stand in for a trigger
+    assert decoy_words(VocabTokenizer(), ["zorb, a red circle", "a Stripestyle square"], ["zorb"]) == ("ack", "meadow")
+    assert decoy_words(VocabTokenizer(), ["a red circle"], ["sks"]) == ("ack", "meadow", "stripestyle", "zorb")
