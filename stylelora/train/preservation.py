@@ -36,17 +36,17 @@ def preserved_samples(captions: list[str], triggers: tuple[str, ...], weight: fl
     """
     if weight <= 0 or not triggers:
         return []
-    triggered = [(i, caption) for i, caption in enumerate(captions) if without_triggers(caption, triggers) is not None]
+    stripped = [(i, caption, without_triggers(caption, triggers)) for i, caption in enumerate(captions)]
+    triggered = [copy for copy in stripped if copy[2] is not None]
     chosen = triggered[: (len(triggered) + 1) // 2]
     if decoy_rate <= 0 or not decoys:
-        return [(i, without_triggers(caption, triggers)) for i, caption in chosen]
+        return [(i, without) for i, _, without in chosen]
     if generator is None:
         raise ValueError("decoy words are drawn at random: pass the step's generator")
     draws = torch.rand(len(chosen), generator=generator).tolist()
     picks = torch.randint(0, len(decoys), (len(chosen),), generator=generator).tolist()
-    return [(i, replace_triggers(caption, triggers, decoys[pick]) if draw < decoy_rate
-             else without_triggers(caption, triggers))
-            for (i, caption), draw, pick in zip(chosen, draws, picks)]
+    return [(i, replace_triggers(caption, triggers, decoys[pick]) if draw < decoy_rate else without)
+            for (i, caption, without), draw, pick in zip(chosen, draws, picks)]
 
 
 def decoy_words(tokenizer, captions: Iterable[str], triggers: Iterable[str]) -> tuple[str, ...]:
