@@ -387,7 +387,7 @@ def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoy
         return ("base preservation: off, the captions have no trigger words (use a <repeats>_<trigger> folder or "
                 "--trigger WORD to tie the adapter to a word)")
     if decoys:
-        decoy_note = (f"{config.train.preserve_decoys:.0%} of them with one of {len(decoys)} decoy words in its place")
+        decoy_note = f"{config.train.preserve_decoys:.0%} of them with one of {len(decoys)} decoy words in its place"
     elif config.train.preserve_decoys > 0:
         decoy_note = "no decoy words: the tokenizer has no whole word that the captions do not use"
     else:
