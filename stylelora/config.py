@@ -109,7 +109,8 @@ class TrainSection:
     min_snr_gamma: float = 5.0  # 0 = plain MSE
     noise_offset: float = 0.0
     # Weight of the loss that keeps the base's behaviour on captions without the trigger words (0 = off); see
-    # stylelora/train/preservation.py. On by default: a character or style should show up when asked for, not everywhere.
+    # stylelora/train/preservation.py. On by default: a character or style should show up when asked for, not
+    # everywhere.
     preserve_base: float = 1.0
     # Share of those trigger-free copies that get a decoy word where the trigger was, so the adapter answers its
     # own trigger, not any unfamiliar word in that place (see stylelora/train/preservation.py).

@@ -41,7 +41,8 @@ def test_decoys_need_the_steps_generator():
 class VocabTokenizer:
     def get_vocab(self):
         return {token: i for i, token in enumerate(
-            ["zorb</w>", "circle</w>", "ack</w>", "ab</w>", "red</w>", "x1</w>", "meadow</w>", "mead", "stripestyle</w>"])}
+            ["zorb</w>", "circle</w>", "ack</w>", "ab</w>", "red</w>", "x1</w>", "meadow</w>", "mead",
+             "stripestyle</w>"])}
 
 
 def test_the_decoy_pool_is_the_vocabularys_whole_words_that_no_caption_uses():
