@@ -5,7 +5,7 @@ Why: trained only on captions that all hold the trigger, a LoRA has no reason to
 so a character leaks into every prompt (measured on toy-zorb: shape accuracy on prompts without the trigger fell
 from 1.0 to 0.75). Asking the adapted model to match the frozen base on the same noisy latents when the trigger is
 missing ties the change to the trigger — DreamBooth's prior preservation, with the base's own predictions instead
-of generated class images.
+of generated class images. Half the batch keeps the extra cost near half a step.
 
 Removing the trigger alone ties the change to "an unfamiliar word where the trigger stood", not to the trigger:
 the toy-zorb adapter drew its character on 41 % of the prompts that began with another adapter's trigger word.

@@ -55,7 +55,6 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     return loss
 
 
-
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
     return (per_sample * weights).mean()
