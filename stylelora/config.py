@@ -59,7 +59,12 @@ class DataConfig:
     reg_dir: str = ""
     shuffle_tags: bool = False
     keep_tokens: int = 1  # leading comma-separated tags that shuffling and tag dropout leave alone
-    caption_dropout: float = 0.0
+    # Share of samples trained with the empty caption, as the base was trained for guidance. On by default because
+    # otherwise nothing moves the unconditional prediction (where guidance starts) toward the new images: base
+    # preservation keeps trigger-free prompts at the base, so guidance multiplies the whole style difference by the
+    # CFG scale. Measured on toy-pastel: with 0 its soft edges came out so soft that squares read as circles
+    # (shape accuracy 0.84); with 0.1, 0.93 (README, "What the trainer learns").
+    caption_dropout: float = 0.1
     tag_dropout: float = 0.0
     resolution: int | None = None  # None: the base's native size (unet.sample_size × VAE factor)
     bucketing: bool = True

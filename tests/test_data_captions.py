@@ -91,6 +91,7 @@ def test_tag_frequency_per_folder():
     ("zorbs and zorb", ("zorb",), "zorbs and"),  # whole words only
     ("zorb", ("zorb",), ""),  # only the trigger: the empty (unconditional) caption
     ("a red circle", ("zorb",), None),  # no trigger: not a caption to preserve
+    ("", ("zorb",), None),  # dropped by caption dropout: it trains the unconditional prediction
     ("a, b", (), None),
 ])
 def test_without_triggers(caption, triggers, expected):

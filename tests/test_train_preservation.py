@@ -33,6 +33,12 @@ def test_half_the_copies_get_decoys_drawn_from_the_pool_reproducibly():
     assert all("sks" not in caption for _, caption in first)
 
 
+def test_captions_emptied_by_caption_dropout_get_no_copy():
+    # Their target stays the data: that is what moves the unconditional prediction (the one guidance starts from).
+    copies = preserved_samples(["", "sks, a star", ""], ("sks",), 1.0, ("meadow",), 1.0, torch.Generator())
+    assert copies == [(1, "meadow, a star")]
+
+
 def test_decoys_need_the_steps_generator():
     with pytest.raises(ValueError, match="generator"):
         preserved_samples(CAPTIONS, ("sks",), 1.0, ("meadow",), 0.5)

@@ -59,7 +59,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("data.flip", {"action": "store_true", "help": "random horizontal flips"}),
     ("data.shuffle_tags", {"action": "store_true", "help": "shuffle comma-separated caption tags"}),
     ("data.keep_tokens", {"type": int, "help": "leading tags kept in place when shuffling (default 1)"}),
-    ("data.caption_dropout", {"type": float, "help": "probability of training a sample with an empty caption"}),
+    ("data.caption_dropout", {"type": float, "help": "probability of training a sample with an empty caption "
+                                                     "(default 0.1: guidance then does not exaggerate the style)"}),
 ]
 
 
