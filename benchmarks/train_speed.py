@@ -19,6 +19,12 @@
                      LoRA on attention to_q/to_k/to_v/to_out.0, loss gathered for logging, backward, clip, AdamW,
                      constant LR schedule, all through accelerate's Accelerator. It trains what that script trains
                      (UNet attention, text encoder frozen), so it runs only with --unet-targets attn --no-text-encoder
+    diffusers example script
+                     with --diffusers-script PATH: that script itself, unmodified, at the same settings (its data as
+                     the imagefolder + metadata.jsonl it reads; the step clock is read at its "Steps" progress bar).
+                     It needs torchvision and datasets, which stylelora does not: give --python an interpreter whose
+                     environment has them (and stylelora's dependencies), and every mode runs under it, so both
+                     sides use the same torch build
 
 Each mode runs in its own subprocess (so its peak RSS is its own), one after the other with the same thread count.
 Steady-state medians exclude the first steps (allocator warm-up). Both the process CPU time per step and the wall
@@ -35,6 +41,8 @@ base), and prints trainer speed / diffusers-example-style speed next to trainer 
     python benchmarks/train_speed.py --base PATH --steps 40 --batch-size 16 --rank 16
     python benchmarks/train_speed.py --preset issue --steps 20
     python benchmarks/train_speed.py --preset issue --base tiny-sd --steps 20    # the issue's 64 px tiny pipeline
+    ENV/bin/python benchmarks/train_speed.py --preset issue --base tiny-sd --steps 30 --rounds 3 \
+        --python ENV/bin/python --diffusers-script diffusers/examples/text_to_image/train_text_to_image_lora.py
 
 `--base tiny-sd` builds a random pipeline shaped like the "tiny SD pipeline" issue 3 measured on (diffusers'
 test pipeline: UNet 32/64 channels with cross-attention, VAE 32/64 with f=2, CLIP hidden 32 × 5 layers), 64 px.
@@ -64,12 +72,15 @@ PRESETS = {"issue": {"batch_size": 4, "rank": 4, "unet_targets": "attn", "text_e
 EXAMPLE_NAME = "diffusers-example-style"
 EXAMPLE_LABEL = "diffusers-example-style loop (reimplemented per-step work of train_text_to_image_lora.py)"
 EXAMPLE_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the example's UNet LoraConfig target_modules
+SCRIPT_NAME = "diffusers example script"
+SCRIPT_STEPS_BAR = "Steps"  # the description of the script's training progress bar, updated once per step
 
 
 def main() -> int:
     args = parse_args()
     if args.worker:
-        workers = {"floor": floor_worker, "trainer": trainer_worker, "example": example_worker}
+        workers = {"floor": floor_worker, "trainer": trainer_worker, "example": example_worker,
+                   "script": script_worker}
         print("RESULT " + json.dumps(workers[args.worker](args)))
         return 0
     with tempfile.TemporaryDirectory(prefix="stylelora-bench-") as scratch:
@@ -77,11 +88,18 @@ def main() -> int:
         if base == "tiny-sd":
             base = str(build_tiny_sd_base(Path(scratch) / "tiny-sd"))
         print(header(args, base), flush=True)
-        results = {}
-        for key, (label, worker, extra) in modes(args).items():
-            results[key] = {"label": label, **run_worker(args, base, worker, extra, scratch)}
-    report(results)
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.rounds):  # modes interleaved, so a slow spell of the machine hits all of them alike
+            for key, (label, worker, extra) in modes(args).items():
+                runs.setdefault(key, []).append({"label": label, **run_worker(args, base, worker, extra, scratch)})
+    report({key: median_of_rounds(rounds) for key, rounds in runs.items()})
     return 0
+
+
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """One mode's result: each number the median over the rounds (the first round's for the rest)."""
+    return {key: statistics.median(r[key] for r in rounds) if isinstance(value, (int, float)) else value
+            for key, value in rounds[0].items()}
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,12 +110,20 @@ def parse_args() -> argparse.Namespace:
                         "tiny-sd: a random 64 px pipeline shaped like diffusers' tiny test pipeline")
     parser.add_argument("--data", default=str(REPO / "datasets" / "toy-stripes"))
     parser.add_argument("--steps", type=int, default=40, help="timed steps per mode (after warm-up)")
+    parser.add_argument("--rounds", type=int, default=1, help="run every mode this many times, interleaved, and "
+                        "report the median of the rounds (steadier figures on a busy or noisy machine)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--unet-targets", default="kohya", choices=["attn", "kohya", "locon"])
     parser.add_argument("--no-text-encoder", dest="text_encoder", action="store_false",
                         help="freeze the text encoder (train the UNet LoRA only)")
-    parser.add_argument("--worker", choices=["floor", "trainer", "example"], help=argparse.SUPPRESS)
+    parser.add_argument("--diffusers-script", help="path to diffusers' examples/text_to_image/"
+                        "train_text_to_image_lora.py: also time that script itself, unmodified (it needs "
+                        "torchvision and datasets; see --python)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter every mode runs under (default: "
+                        "this one); give one whose environment also has torchvision and datasets to run "
+                        "--diffusers-script, so that both sides run on the same torch build")
+    parser.add_argument("--worker", choices=["floor", "trainer", "example", "script"], help=argparse.SUPPRESS)
     parser.add_argument("--optimizer-step", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default="ram", help=argparse.SUPPRESS)
     parser.add_argument("--preserve-base", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -125,13 +151,18 @@ def modes(args) -> dict[str, tuple[str, str, list[str]]]:
     }
     if example_comparable(args):
         table["example"] = (EXAMPLE_NAME, "example", [])
+        if args.diffusers_script:
+            table["script"] = (SCRIPT_NAME, "script", ["--diffusers-script", args.diffusers_script])
+    elif args.diffusers_script:
+        raise SystemExit("--diffusers-script trains UNet attention LoRA with a frozen text encoder: add "
+                         "--preset issue (or --unet-targets attn --no-text-encoder) to compare like with like")
     return table
 
 
 def header(args, base: str) -> str:
     lines = [f"base {base}; data {args.data}; batch {args.batch_size}; rank {args.rank}; UNet targets "
              f"{args.unet_targets}; text encoder {'trained' if args.text_encoder else 'frozen'}; {args.steps} timed "
-             f"steps per mode; {os.environ.get('OMP_NUM_THREADS', 'default')} threads"]
+             f"steps per mode, {args.rounds} round(s); {os.environ.get('OMP_NUM_THREADS', 'default')} threads"]
     if args.preset == "issue":
         size = ("64 px, as in the issue" if args.base == "tiny-sd" else
                 "the base's native size (the toy base is 32 px, not the issue's 64 px; --base tiny-sd runs 64 px)")
@@ -141,7 +172,7 @@ def header(args, base: str) -> str:
 
 
 def run_worker(args, base: str, mode: str, extra: list[str], scratch: str) -> dict:
-    command = [sys.executable, __file__, "--worker", mode, "--base", base, "--data", args.data, "--steps",
+    command = [args.python, __file__, "--worker", mode, "--base", base, "--data", args.data, "--steps",
                str(args.steps), "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--unet-targets",
                args.unet_targets, "--scratch", scratch, *extra, *([] if args.text_encoder else ["--no-text-encoder"])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -180,19 +211,24 @@ def report(results: dict[str, dict]) -> None:
 
 def report_example(results: dict[str, dict]) -> None:
     """Issue 3's comparison. Speed is 1 / time per step: trainer speed / example speed = example time / trainer time."""
-    example, floor = results["example"], results["floor"]
-    print(f"\n{EXAMPLE_NAME} = {EXAMPLE_LABEL}: {example['images']} images at {example['resolution']} px, "
-          f"{example['trainable_params']:,} trainable LoRA parameters (floor: {floor['trainable_params']:,})")
-    for key in ("cached", "uncached"):
-        trainer = results[key]
-        speedup = example["cpu_median_s"] / trainer["cpu_median_s"]
-        verdict = "met" if speedup >= EXAMPLE_TARGET_SPEEDUP else "NOT met"
-        wall = example["median_s"] / trainer["median_s"]
-        print(f"stylelora trainer speed / {EXAMPLE_NAME} speed ({trainer['label']}) = {speedup:.2f} CPU time, "
-              f"{wall:.2f} wall time (CPU-time target ≥ {EXAMPLE_TARGET_SPEEDUP}: {verdict})")
-    print(f"{EXAMPLE_NAME} / floor = {example['cpu_median_s'] / floor['cpu_median_s']:.2f} CPU time, "
-          f"{example['median_s'] / floor['median_s']:.2f} wall time: the most a trainer at the floor could gain over "
-          f"it here (issue 3 measured the real script at {ISSUE_EXAMPLE_OVER_FLOOR} on its tiny SD pipeline)")
+    floor = results["floor"]
+    for key, name in (("example", EXAMPLE_NAME), ("script", SCRIPT_NAME)):
+        if key not in results:
+            continue
+        example = results[key]
+        label = EXAMPLE_LABEL if key == "example" else f"{SCRIPT_NAME} (unmodified, run as is)"
+        print(f"\n{name} = {label}: {example['images']} images at {example['resolution']} px, "
+              f"{example['trainable_params']:,} trainable LoRA parameters (floor: {floor['trainable_params']:,})")
+        for mode in ("cached", "uncached"):
+            trainer = results[mode]
+            speedup = example["cpu_median_s"] / trainer["cpu_median_s"]
+            verdict = "met" if speedup >= EXAMPLE_TARGET_SPEEDUP else "NOT met"
+            wall = example["median_s"] / trainer["median_s"]
+            print(f"stylelora trainer speed / {name} speed ({trainer['label']}) = {speedup:.2f} CPU time, "
+                  f"{wall:.2f} wall time (CPU-time target ≥ {EXAMPLE_TARGET_SPEEDUP}: {verdict})")
+        print(f"{name} / floor = {example['cpu_median_s'] / floor['cpu_median_s']:.2f} CPU time, "
+              f"{example['median_s'] / floor['median_s']:.2f} wall time: the most a trainer at the floor could gain "
+              f"over it here (issue 3 measured the real script at {ISSUE_EXAMPLE_OVER_FLOOR} on its tiny SD pipeline)")
 
 
 # ----------------------------------------------------------------------------- workers
@@ -402,6 +438,72 @@ def collate_example(examples: list[dict]) -> dict:
     pixels = torch.stack([example["pixel_values"] for example in examples])
     return {"pixel_values": pixels.to(memory_format=torch.contiguous_format).float(),
             "input_ids": torch.stack([example["input_ids"] for example in examples])}
+
+
+# ----------------------------------------------------------------------------- the diffusers example script itself
+
+
+def script_worker(args) -> dict:
+    """Run diffusers' train_text_to_image_lora.py unmodified, in this process, at the issue's settings.
+
+    Its data goes in as the `imagefolder` layout it reads (links to the images + metadata.jsonl with their
+    captions). Nothing in the script is changed: the only hook is on its "Steps" progress bar, whose `update(1)`
+    it calls once after each optimisation step, which is where the step clock is read.
+    """
+    import runpy
+
+    from tqdm.auto import tqdm
+
+    from stylelora.models.load import load_base
+    from stylelora.train.loop import model_geometry
+
+    pipe = load_base(args.base, device="cpu")
+    resolution = model_geometry(pipe)["native_resolution"]
+    del pipe
+    data = imagefolder_copy(args.data, Path(tempfile.mkdtemp(prefix="script-data-", dir=args.scratch)))
+    clock, update = [], tqdm.update
+
+    def timed_update(self, n=1):
+        if getattr(self, "desc", "") == SCRIPT_STEPS_BAR:
+            clock.append((time.perf_counter(), time.process_time()))
+        return update(self, n)
+
+    tqdm.update = timed_update
+    output = Path(tempfile.mkdtemp(prefix="script-output-", dir=args.scratch))
+    sys.argv = [args.diffusers_script, "--pretrained_model_name_or_path", args.base, "--train_data_dir", str(data),
+                "--resolution", str(resolution), "--center_crop", "--train_batch_size", str(args.batch_size),
+                "--rank", str(args.rank), "--max_train_steps", str(WARMUP_STEPS + args.steps), "--learning_rate",
+                "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--output_dir", str(output),
+                "--checkpointing_steps", "1000000", "--seed", "0", "--dataloader_num_workers", "0"]
+    started = time.perf_counter()
+    runpy.run_path(args.diffusers_script, run_name="__main__")
+    if len(clock) < WARMUP_STEPS + args.steps:
+        raise SystemExit(f"the script reported {len(clock)} steps, not {WARMUP_STEPS + args.steps}: has its "
+                         f"{SCRIPT_STEPS_BAR!r} progress bar changed?")
+    trainable = sum(t.numel() for t in load_file_tensors(output / "pytorch_lora_weights.safetensors"))
+    return {**summary(clock[WARMUP_STEPS - 1:], wall=time.perf_counter() - started, startup=clock[0][0] - started),
+            "trainable_params": trainable, "images": sum(1 for _ in data.glob("*.png")), "resolution": resolution}
+
+
+def imagefolder_copy(data_dir: str, out: Path) -> Path:
+    """The dataset as datasets' `imagefolder` reads it: the images (linked) and metadata.jsonl with their captions."""
+    from stylelora.data.scan import scan_folder
+
+    items, _ = scan_folder(data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for number, item in enumerate(items):
+        name = f"{number:05d}{item.path.suffix}"
+        (out / name).symlink_to(item.path.resolve())
+        lines.append(json.dumps({"file_name": name, "text": item.caption}))
+    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def load_file_tensors(path: Path) -> list:
+    from safetensors.torch import load_file
+
+    return list(load_file(str(path)).values())
 
 
 def summary(clock: list[tuple[float, float]], *, wall: float, startup: float) -> dict:
