@@ -120,6 +120,10 @@ class TrainSection:
     # Share of those trigger-free copies that get a decoy word where the trigger was, so the adapter answers its
     # own trigger, not any unfamiliar word in that place (see stylelora/train/preservation.py).
     preserve_decoys: float = 0.5
+    # Share of the samples trained toward the data whose caption gets a decoy word beside its trigger, so the
+    # style still shows when a prompt also names other adapters' triggers (stacking; see preservation.py). Off by
+    # default: it weakens a character (toy-zorb's rate 0.81 → 0.78 at 0.25, 0.63 at 0.5).
+    decoy_company: float = 0.0
     gradient_checkpointing: bool = False
     save_every: int = 250  # checkpoint every N steps (0 = none; the final adapter is always written)
     keep_checkpoints: int = 3
@@ -167,7 +171,7 @@ CLI_FLAGS = {
     "train.steps": "--steps", "train.batch_size": "--batch-size", "train.seed": "--seed",
     "train.precision": "--precision", "train.min_snr_gamma": "--min-snr-gamma",
     "train.noise_offset": "--noise-offset", "train.preserve_base": "--preserve-base",
-    "train.preserve_decoys": "--preserve-decoys",
+    "train.preserve_decoys": "--preserve-decoys", "train.decoy_company": "--decoy-company",
     "train.gradient_checkpointing": "--gradient-checkpointing",
     "train.save_every": "--save-every", "train.keep_checkpoints": "--keep-checkpoints",
     "train.sample_every": "--sample-every", "train.resume": "--resume", "train.format": "--format",
@@ -300,7 +304,7 @@ EXAMPLES = {
     "optim.grad_accum": "1", "optim.max_grad_norm": "1.0", "train.base": "toy", "train.output_name": "my-style",
     "train.steps": "1000", "train.batch_size": "16", "train.seed": "0", "train.precision": "bf16",
     "train.min_snr_gamma": "5", "train.noise_offset": "0.05", "train.preserve_base": "1.0",
-    "train.preserve_decoys": "0.5",
+    "train.preserve_decoys": "0.5", "train.decoy_company": "0.5",
     "train.save_every": "250",
     "train.keep_checkpoints": "3", "train.sample_every": "250", "train.sample_steps": "20",
     "train.sample_guidance": "5.0", "train.format": "kohya", "train.resume": "latest",
@@ -414,6 +418,9 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.preserve_decoys", 0 <= t.preserve_decoys <= 1,
               "is a share between 0 (triggers only removed) and 1 (always a decoy word); 0.5 is the default",
               t.preserve_decoys),
+        _rule("train.decoy_company", 0 <= t.decoy_company <= 1,
+              "is a share between 0 (captions as written, the default) and 1 (always a decoy word beside the "
+              "trigger); 0.5 for a style you will stack with others", t.decoy_company),
         _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),
         _rule("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1", t.keep_checkpoints),
         _rule("train.sample_every", t.sample_every >= 0, "must be 0 (only at the end) or more", t.sample_every),

@@ -13,6 +13,7 @@ from stylelora.data.captions import (
     sample_rng,
     split_tags,
     tag_frequency,
+    with_word_beside_trigger,
     without_triggers,
 )
 from stylelora.data.scan import TrainItem
@@ -108,3 +109,15 @@ def test_without_triggers(caption, triggers, expected):
 ])
 def test_replace_triggers(caption, triggers, word, expected):
     assert replace_triggers(caption, triggers, word) == expected
+
+
+@pytest.mark.parametrize("caption, after, expected", [
+    ("zorb, a red zorb on a white background", False, "meadow, zorb, a red zorb on a white background"),
+    ("zorb, a red zorb on a white background", True, "zorb, meadow, a red zorb on a white background"),
+    ("a star, Stripestyle", True, "a star, Stripestyle, meadow"),  # any case, wherever the trigger tag is
+    ("sks dog, on grass", False, "meadow, sks dog, on grass"),  # a tag holding the trigger phrase
+    ("zorbs, a star", False, "zorbs, a star"),  # whole words only: no trigger, unchanged
+    ("", True, ""),  # emptied by caption dropout: stays empty
+])
+def test_a_word_goes_beside_the_trigger_as_its_own_tag(caption, after, expected):
+    assert with_word_beside_trigger(caption, ("zorb", "stripestyle", "sks dog"), "meadow", after=after) == expected

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stylelora.train.preservation import decoy_words, preserved_samples
+from stylelora.train.preservation import accompanied_captions, decoy_words, preserved_samples
 
 CAPTIONS = ["sks, a red circle", "a blue star", "sks, a sks on gray", "sks", "plain"]
 
@@ -42,6 +42,39 @@ def test_captions_emptied_by_caption_dropout_get_no_copy():
 def test_decoys_need_the_steps_generator():
     with pytest.raises(ValueError, match="generator"):
         preserved_samples(CAPTIONS, ("sks",), 1.0, ("meadow",), 0.5)
+
+
+def test_at_rate_one_every_caption_with_the_trigger_gets_a_decoy_beside_it():
+    captions = accompanied_captions(CAPTIONS, ("sks",), ("meadow",), 1.0, torch.Generator().manual_seed(0))
+    assert [c for c in captions if c not in CAPTIONS] == [c for c in captions if "meadow" in c]
+    assert captions[1] == "a blue star" and captions[4] == "plain"  # no trigger: untouched
+    assert all(set(c.split(", ")) - {"meadow"} == set(original.split(", "))
+               for c, original in zip(captions, CAPTIONS) if "sks" in original)
+    generator = torch.Generator().manual_seed(5)
+    before = generator.get_state()
+    assert accompanied_captions(CAPTIONS, ("sks",), ("meadow",), 0.0, generator) == CAPTIONS
+    # Off (the default) draws nothing, so a run trains exactly as it did before the option existed.
+    assert torch.equal(generator.get_state(), before)
+
+
+def test_a_quarter_of_the_triggered_captions_get_company_on_either_side_reproducibly():
+    captions = [f"sks, shape {i}" for i in range(400)]
+    pool = ("kuro", "meadow", "bimu")
+
+    def company(seed):
+        return accompanied_captions(captions, ("sks",), pool, 0.25, torch.Generator().manual_seed(seed))
+
+    first = company(3)
+    assert first == company(3) and first != company(4)
+    changed = [c for c, original in zip(first, captions) if c != original]
+    assert 70 <= len(changed) <= 130
+    assert {c.split(", ")[0] for c in changed} == set(pool) | {"sks"}  # decoy before the trigger, or after it
+    assert {word for c in changed for word in c.split(", ")[:2]} - {"sks"} == set(pool)
+
+
+def test_company_needs_the_steps_generator():
+    with pytest.raises(ValueError, match="generator"):
+        accompanied_captions(CAPTIONS, ("sks",), ("meadow",), 0.25)
 
 
 class VocabTokenizer:

@@ -230,13 +230,27 @@ def test_preservation_adds_the_gap_to_the_frozen_base_on_trigger_free_captions()
     assert unet.lora.grad != 0
 
 
-def test_decoy_captions_go_to_the_adapted_and_the_base_pass_alike():
+def captions_seen_with_decoys(**overrides) -> list:
+    """What the text encoder was asked to encode in one step whose decoy pool is just "meadow"."""
     data = {"latents": torch.randn(5, 4, 8, 8), "caption": CAPTIONS}
     models, seen = preserving_models(AdapterUNet(base=0.2, lora=0.3))
     models.decoys = ("meadow",)
-    loss_step(data, models, scheduler(), config(**{"train.preserve_decoys": 1.0}), torch.Generator().manual_seed(4))
+    loss_step(data, models, scheduler(), config(**overrides), torch.Generator().manual_seed(4))
+    return seen
+
+
+def test_decoy_captions_go_to_the_adapted_and_the_base_pass_alike():
+    seen = captions_seen_with_decoys(**{"train.preserve_decoys": 1.0, "train.decoy_company": 0.0})
     copies = ["meadow, a red circle", "meadow, a meadow on gray"]
     assert CAPTIONS + copies in seen and ("base", copies) in seen
+
+
+def test_company_changes_what_the_adapted_pass_reads_but_copies_come_from_the_captions_as_written():
+    seen = captions_seen_with_decoys(**{"train.preserve_decoys": 0.0, "train.decoy_company": 1.0})
+    adapted = next(captions for captions in seen if isinstance(captions, list))
+    assert all("meadow" in adapted[i].split(", ") and "sks" in adapted[i] for i in (0, 2, 3))
+    assert (adapted[1], adapted[4]) == ("a blue star", "plain")  # no trigger: as written
+    assert adapted[5:] == ["a red circle", "a on gray"] and ("base", ["a red circle", "a on gray"]) in seen
 
 
 def test_an_adapter_equal_to_the_base_pays_no_preservation_loss():

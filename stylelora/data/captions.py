@@ -85,6 +85,18 @@ def replace_triggers(caption: str, triggers: Iterable[str], word: str) -> str:
     return caption
 
 
+def with_word_beside_trigger(caption: str, triggers: Iterable[str], word: str, *, after: bool,
+                             separator: str = ",") -> str:
+    """The caption with `word` as an extra tag just before (or `after`) the first tag that holds a trigger;
+    unchanged when none does. "zorb, a red zorb" + "meadow" → "meadow, zorb, a red zorb" or "zorb, meadow, a red zorb"."""
+    tags = split_tags(caption, separator)
+    patterns = [re.compile(rf"(?<!\w){re.escape(t)}(?!\w)", re.IGNORECASE) for t in triggers]
+    for index, tag in enumerate(tags):
+        if any(pattern.search(tag) for pattern in patterns):
+            return join_tags(tags[: index + after] + [word] + tags[index + after:], separator)
+    return caption
+
+
 def sample_rng(seed: int, epoch: int, index: int, purpose: str = "caption") -> random.Random:
     """A generator private to one sample, epoch and purpose ("caption", "flip", "crop"): independent of
     worker count and sample order, and turning flips on does not change the captions."""

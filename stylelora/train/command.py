@@ -38,6 +38,10 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("train.preserve_decoys", {"type": float, "help": "share of those trigger-free captions that get a random "
                                                       "other word in the trigger's place, so the adapter answers "
                                                       "its own trigger, not any new word (default 0.5)"}),
+    ("train.decoy_company", {"type": float, "help": "share of the captions with the trigger that also get a "
+                                                    "random other word beside it, so the adapter still acts when "
+                                                    "a prompt names other adapters' triggers too (default 0; 0.5 "
+                                                    "for a style to stack; it weakens a character)"}),
     ("train.gradient_checkpointing", {"action": "store_true", "help": "trade compute for memory"}),
     ("train.overwrite", {"action": "store_true", "help": "start a new run in a folder that holds one"}),
     ("network.rank", {"type": int, "help": "LoRA rank (default 16)"}),

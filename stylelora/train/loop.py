@@ -353,7 +353,9 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
 
 
 def _decoys(config: TrainConfig, data: DataPlan, tokenizer) -> tuple[str, ...]:
-    if config.train.preserve_base <= 0 or config.train.preserve_decoys <= 0 or not data.triggers:
+    t = config.train
+    wanted = (t.preserve_base > 0 and t.preserve_decoys > 0) or t.decoy_company > 0
+    if not wanted or not data.triggers:
         return ()
     captions = [item.caption for item in data.items] + [checked.item.caption for checked in data.reg]
     return decoy_words(tokenizer, captions, data.triggers)
@@ -392,8 +394,10 @@ def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoy
         decoy_note = "no decoy words: the tokenizer has no whole word that the captions do not use"
     else:
         decoy_note = "no decoy words (--preserve-decoys 0)"
+    company = (f"; {config.train.decoy_company:.0%} of the samples with a decoy word beside the trigger"
+               if decoys and config.train.decoy_company > 0 else "")
     return (f"base preservation: weight {config.train.preserve_base:g} on half of each batch, captions without "
-            f"{' / '.join(repr(t) for t in triggers)}, {decoy_note}")
+            f"{' / '.join(repr(t) for t in triggers)}, {decoy_note}{company}")
 
 
 # ----------------------------------------------------------------------------- 5. resume

@@ -11,6 +11,12 @@ Removing the trigger alone ties the change to "an unfamiliar word where the trig
 the toy-zorb adapter drew its character on 41 % of the prompts that began with another adapter's trigger word.
 So part of the copies get a decoy word in the trigger's place ("zorb, a red zorb" → "meadow, a red meadow"), and
 the base's prediction for that caption is the target too.
+
+Decoys alone teach "another word at the head → the base", and another adapter's trigger is just such a word: in
+a stacked prompt ("stripestyle, pastelstyle, a red circle") each toy adapter alone drew its style on 0.13 and 0.0
+of the images. With `decoy_company` part of the samples trained toward the data also get a decoy word as an extra
+tag beside their trigger ("meadow, zorb, a red zorb"), so the trigger, not the words around it, turns the style
+on (at 0.5: 0.94 and 1.0 alone on stacked prompts). It is off by default because it weakens a character.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stylelora.data.captions import replace_triggers, without_triggers
+from stylelora.data.captions import replace_triggers, with_word_beside_trigger, without_triggers
 from stylelora.lora.inject import adapters_disabled
 
 if TYPE_CHECKING:
@@ -47,6 +53,21 @@ def preserved_samples(captions: list[str], triggers: tuple[str, ...], weight: fl
     picks = torch.randint(0, len(decoys), (len(chosen),), generator=generator).tolist()
     return [(i, replace_triggers(caption, triggers, decoys[pick]) if draw < decoy_rate else without)
             for (i, caption, without), draw, pick in zip(chosen, draws, picks)]
+
+
+def accompanied_captions(captions: list[str], triggers: tuple[str, ...], decoys: tuple[str, ...], rate: float,
+                         generator: torch.Generator | None = None) -> list[str]:
+    """The batch's captions, each holding a trigger getting, with probability `rate`, a random decoy word as an
+    extra tag just before or after its trigger (see the module docstring). Draws come from `generator`."""
+    if rate <= 0 or not decoys or not triggers:
+        return captions
+    if generator is None:
+        raise ValueError("decoy words are drawn at random: pass the step's generator")
+    draws = torch.rand(len(captions), generator=generator).tolist()
+    picks = torch.randint(0, len(decoys), (len(captions),), generator=generator).tolist()
+    sides = torch.randint(0, 2, (len(captions),), generator=generator).tolist()
+    return [with_word_beside_trigger(caption, triggers, decoys[pick], after=bool(side)) if draw < rate else caption
+            for caption, draw, pick, side in zip(captions, draws, picks, sides)]
 
 
 def decoy_words(tokenizer, captions: Iterable[str], triggers: Iterable[str]) -> tuple[str, ...]:

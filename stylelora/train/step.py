@@ -9,7 +9,8 @@
     loss      per-sample MSE × min-SNR-γ weight (Hang et al. 2023), averaged
     preserve  + preserve_base × the same weighted MSE between the LoRA model and the frozen base, both given half
               of the batch's noisy latents with their trigger words removed or replaced by a decoy word
-              (stylelora/train/preservation.py)
+              (stylelora/train/preservation.py); with `decoy_company`, part of the samples keep their trigger
+              with a decoy word beside it, trained toward the data as usual, so stacked prompts turn it on
 
 All randomness comes from the `generator` argument, so a (state, batch) pair always gives the same loss, which is
 what makes resuming exact. The loop owns everything else (optimizer, accumulation, autocast, logging).
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stylelora.train.preservation import base_prediction, preserved_samples
+from stylelora.train.preservation import accompanied_captions, base_prediction, preserved_samples
 
 if TYPE_CHECKING:
     from stylelora.config import TrainConfig
@@ -38,9 +39,10 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
                               generator=generator).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     weights = min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma)
-    captions = list(batch["caption"])
-    preserved = preserved_samples(captions, models.triggers, config.train.preserve_base, models.decoys,
+    preserved = preserved_samples(list(batch["caption"]), models.triggers, config.train.preserve_base, models.decoys,
                                   config.train.preserve_decoys, generator)
+    captions = accompanied_captions(list(batch["caption"]), models.triggers, models.decoys,
+                                    config.train.decoy_company, generator)
     index = torch.tensor([i for i, _ in preserved], dtype=torch.long, device=latents.device)
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
     hidden = models.encode_captions(captions + [caption for _, caption in preserved])
