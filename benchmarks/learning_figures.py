@@ -3,7 +3,8 @@
 For each style dataset (toy-stripes, toy-pastel, toy-zorb) this trains an adapter with `stylelora train`'s defaults
 (wall time measured), then scores it with the judge at weights 0, 0.25, 0.5, 0.75, 1.0 on the plain prompts and the
 prompts carrying its trigger (weight 0 is the base itself). Then the blend: stripes:1 + pastel:1 on prompts carrying
-both triggers (all_styles_rate = images where the judge finds both), and each weight swept with the other held at 1.
+both triggers (all_styles_rate = images where the judge finds both), each adapter alone on those stacked prompts
+(does it still answer its trigger with the other trigger beside it?), and each weight swept with the other at 1.
 
     python benchmarks/learning_figures.py                        # train all three, then measure (~25 min on 2 cores)
     python benchmarks/learning_figures.py --reuse                # measure adapters already in --out
@@ -78,6 +79,11 @@ def blend_figures(pipe, stack, judge, stripes: Path, pastel: Path, samples: int)
     both = ("stripes+pastel",)
     full = measure(pipe, stack, judge, [(stripes, 1.0), (pastel, 1.0)], both, samples)["by_prompt_set"]["stripes+pastel"]
     print(f"  stripes:1 + pastel:1 {full}", flush=True)
+    alone = {}
+    for style, adapter in (("stripes", stripes), ("pastel", pastel)):
+        row = measure(pipe, stack, judge, [(adapter, 1.0)], both, samples)["by_prompt_set"]["stripes+pastel"]
+        alone[style] = row[f"{style}_rate"]
+        print(f"  {style}:1 alone on the stacked prompts: {style}_rate {alone[style]}", flush=True)
     sweeps = {}
     for swept, held in (("stripes", pastel), ("pastel", stripes)):
         moving = stripes if swept == "stripes" else pastel
@@ -86,7 +92,7 @@ def blend_figures(pipe, stack, judge, stripes: Path, pastel: Path, samples: int)
             row = measure(pipe, stack, judge, [(moving, weight), (held, 1.0)], both, samples)["by_prompt_set"]["stripes+pastel"]
             sweeps[swept].append({"weight": weight, f"{swept}_rate": row[f"{swept}_rate"]})
             print(f"  sweep {swept} w={weight:<4} (other at 1) {swept}_rate {row[f'{swept}_rate']}", flush=True)
-    return {"stripes:1+pastel:1": full, "sweeps": sweeps}
+    return {"stripes:1+pastel:1": full, "alone_on_stacked_prompts": alone, "sweeps": sweeps}
 
 
 def monotonic(values: list[float]) -> bool:
@@ -110,6 +116,10 @@ def report(figures: dict) -> None:
         blend = figures["blend"]
         print(f"blend stripes:1+pastel:1 both styles {blend['stripes:1+pastel:1']['all_styles_rate']:.3f} (≥0.80); "
               + "; ".join(f"{k} sweep monotonic {monotonic([r[f'{k}_rate'] for r in v])}" for k, v in blend["sweeps"].items()))
+        alone = blend.get("alone_on_stacked_prompts")  # absent in figures.json files written before it was measured
+        if alone:
+            print("each alone on the stacked prompts (both triggers): "
+                  + ", ".join(f"{style} rate {rate:.3f}" for style, rate in alone.items()))
 
 
 def _shapes_by_set(row: dict, style: str) -> str:

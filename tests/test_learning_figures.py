@@ -39,3 +39,17 @@ def test_report_reads_figures_written_before_the_breakdown_was_recorded(capsys):
         del row["shape_by_prompt_set"]
     load_script().report({"styles": {"stripes": {"train_seconds": 1.0, "sweep": rows}}})
     assert "-/-" in capsys.readouterr().out
+
+
+def test_report_shows_the_blend_and_each_adapter_alone_on_the_stacked_prompts(capsys):
+    blend = {"stripes:1+pastel:1": {"all_styles_rate": 0.406},
+             "sweeps": {"stripes": [{"stripes_rate": r} for r in (0, 0.5, 1.0)],
+                        "pastel": [{"pastel_rate": r} for r in (0, 0.6, 0.4)]}}
+    styles = {"stripes": {"train_seconds": 1.0, "sweep": sweep("stripes", 1.0, 1.0, [0, 0, 0, 0, 1.0])}}
+    load_script().report({"styles": styles, "blend": {**blend, "alone_on_stacked_prompts": {"stripes": 1.0,
+                                                                                         "pastel": 0.969}}})
+    out = capsys.readouterr().out
+    assert "both styles 0.406 (≥0.80)" in out and "stripes sweep monotonic True; pastel sweep monotonic False" in out
+    assert "each alone on the stacked prompts (both triggers): stripes rate 1.000, pastel rate 0.969" in out
+    load_script().report({"styles": styles, "blend": blend})  # figures.json written before it was measured
+    assert "alone on the stacked" not in capsys.readouterr().out
