@@ -104,8 +104,6 @@ def train_denoiser(vae, tokenizer, out_dir: Path, *, steps: int, batch: int = 64
     from diffusers.training_utils import EMAModel
     from transformers import CLIPTextModel
 
-    from .vae_train import clipped_step
-
     torch.manual_seed(seed)
     channels = vae.config.latent_channels
     unet = UNet2DConditionModel(in_channels=channels, out_channels=channels, **UNET_CONFIG)
@@ -123,19 +121,36 @@ def train_denoiser(vae, tokenizer, out_dir: Path, *, steps: int, batch: int = 64
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     gen = torch.Generator().manual_seed(seed)
     t0, running = time.time(), None
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, pool_size, (batch,), generator=gen)
-        ids = input_ids[idx].clone()
-        ids[torch.rand(batch, generator=gen) < caption_dropout] = empty_ids  # unconditional half of CFG
-        loss = denoise_loss(unet, text_encoder, scheduler, latents[idx], ids, gen)
-        clipped_step(loss, opt, sched, params)
+    steps_done = denoiser_steps(unet, text_encoder, scheduler, latents, lambda idx: input_ids[idx].clone(), empty_ids,
+                                opt, sched, params, steps=steps, batch=batch, caption_dropout=caption_dropout, gen=gen)
+    for step, loss in steps_done:
         ema.step(params)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = loss if running is None else 0.98 * running + 0.02 * loss
         if step % 100 == 0:
             log(f"denoiser step {step}/{steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
         if step % save_every == 0 or step == steps:
             save_ema_snapshot(ema, params, unet, text_encoder, out_dir / f"step_{step:06d}")
     return unet, text_encoder
+
+
+def denoiser_steps(unet, text_encoder, scheduler, latents, ids_for, empty_ids, opt, sched, params, *, steps: int,
+                   batch: int, caption_dropout: float, gen):
+    """The optimisation steps both toy-base passes share; yields (step, loss) after each one.
+
+    Each step draws a batch of `latents`, takes its token ids from `ids_for(indices)` (which may draw from `gen`
+    too), empties `caption_dropout` of the captions (the unconditional half of CFG), and takes one clipped step.
+    """
+    import torch
+
+    from .vae_train import clipped_step
+
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(latents), (batch,), generator=gen)
+        ids = ids_for(idx)
+        ids[torch.rand(batch, generator=gen) < caption_dropout] = empty_ids
+        loss = denoise_loss(unet, text_encoder, scheduler, latents[idx], ids, gen)
+        clipped_step(loss, opt, sched, params)
+        yield step, loss.item()
 
 
 def save_ema_snapshot(ema, params, unet, text_encoder, folder: Path) -> None:
@@ -161,7 +176,6 @@ def teach_unknown_words(pipe, *, steps: int = 500, lr: float = 1e-4, seed: int =
     from diffusers import DDPMScheduler
 
     from .decoder_tune import unknown_words, with_unknown_word
-    from .vae_train import clipped_step
 
     unet, text_encoder, tokenizer = pipe.unet.train(), pipe.text_encoder.train(), pipe.tokenizer
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -173,15 +187,14 @@ def teach_unknown_words(pipe, *, steps: int = 500, lr: float = 1e-4, seed: int =
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     empty_ids = tokenize(tokenizer, [""])[0]
+
+    def ids_for(idx):
+        return tokenize(tokenizer, [with_unknown_word(captions[i], words, gen, unknown_word_rate) for i in idx.tolist()])
+
     t0, running = time.time(), None
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(captions), (batch,), generator=gen)
-        texts = [with_unknown_word(captions[i], words, gen, unknown_word_rate) for i in idx.tolist()]
-        ids = tokenize(tokenizer, texts)
-        ids[torch.rand(batch, generator=gen) < caption_dropout] = empty_ids
-        loss = denoise_loss(unet, text_encoder, scheduler, latents[idx], ids, gen)
-        clipped_step(loss, opt, sched, params)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+    for step, loss in denoiser_steps(unet, text_encoder, scheduler, latents, ids_for, empty_ids, opt, sched, params,
+                                     steps=steps, batch=batch, caption_dropout=caption_dropout, gen=gen):
+        running = loss if running is None else 0.98 * running + 0.02 * loss
         if step % 100 == 0 or step == steps:
             log(f"unknown words step {step}/{steps} loss {running:.4f} {time.time() - t0:.0f}s")
     unet.eval(), text_encoder.eval()
