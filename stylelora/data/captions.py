@@ -81,8 +81,13 @@ def without_triggers(caption: str, triggers: Iterable[str], separator: str = ","
 def replace_triggers(caption: str, triggers: Iterable[str], word: str) -> str:
     """The caption with every trigger phrase (whole words, any case) replaced by `word`."""
     for trigger in triggers:
-        caption = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", lambda _: word, caption, flags=re.IGNORECASE)
+        caption = trigger_pattern(trigger).sub(lambda _: word, caption)
     return caption
+
+
+def trigger_pattern(trigger: str) -> re.Pattern:
+    """The trigger phrase as whole words, any case ("zorb" matches "Zorb," but not "zorbs")."""
+    return re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)", re.IGNORECASE)
 
 
 def with_word_beside_trigger(caption: str, triggers: Iterable[str], word: str, *, after: bool,
@@ -90,7 +95,7 @@ def with_word_beside_trigger(caption: str, triggers: Iterable[str], word: str, *
     """The caption with `word` as an extra tag just before (or `after`) the first tag that holds a trigger;
     unchanged when none does. "zorb, a red zorb" + "meadow" → "meadow, zorb, a red zorb" or "zorb, meadow, a red zorb"."""
     tags = split_tags(caption, separator)
-    patterns = [re.compile(rf"(?<!\w){re.escape(t)}(?!\w)", re.IGNORECASE) for t in triggers]
+    patterns = [trigger_pattern(trigger) for trigger in triggers]
     for index, tag in enumerate(tags):
         if any(pattern.search(tag) for pattern in patterns):
             return join_tags(tags[: index + after] + [word] + tags[index + after:], separator)

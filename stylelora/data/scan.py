@@ -122,9 +122,11 @@ def scan_folder(root: str | Path, *, extra_trigger: str | None = None) -> tuple[
 
 def add_trigger(caption: str, trigger: str) -> str:
     """`trigger, caption` unless the caption already contains the trigger as whole words."""
+    from stylelora.data.captions import trigger_pattern  # here: captions imports this module
+
     if not trigger:
         return caption
-    if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, flags=re.IGNORECASE):
+    if trigger_pattern(trigger).search(caption):
         return caption
     return f"{trigger}, {caption}" if caption else trigger
 
