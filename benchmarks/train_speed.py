@@ -452,6 +452,7 @@ def script_worker(args) -> dict:
     """
     import runpy
 
+    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     from stylelora.models.load import load_base
@@ -480,9 +481,10 @@ def script_worker(args) -> dict:
     if len(clock) < WARMUP_STEPS + args.steps:
         raise SystemExit(f"the script reported {len(clock)} steps, not {WARMUP_STEPS + args.steps}: has its "
                          f"{SCRIPT_STEPS_BAR!r} progress bar changed?")
-    trainable = sum(t.numel() for t in load_file_tensors(output / "pytorch_lora_weights.safetensors"))
+    trainable = sum(t.numel() for t in load_file(str(output / "pytorch_lora_weights.safetensors")).values())
+    images = len((data / "metadata.jsonl").read_text(encoding="utf-8").splitlines())
     return {**summary(clock[WARMUP_STEPS - 1:], wall=time.perf_counter() - started, startup=clock[0][0] - started),
-            "trainable_params": trainable, "images": sum(1 for _ in data.glob("*.png")), "resolution": resolution}
+            "trainable_params": trainable, "images": images, "resolution": resolution}
 
 
 def imagefolder_copy(data_dir: str, out: Path) -> Path:
@@ -498,12 +500,6 @@ def imagefolder_copy(data_dir: str, out: Path) -> Path:
         lines.append(json.dumps({"file_name": name, "text": item.caption}))
     (out / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
-
-
-def load_file_tensors(path: Path) -> list:
-    from safetensors.torch import load_file
-
-    return list(load_file(str(path)).values())
 
 
 def summary(clock: list[tuple[float, float]], *, wall: float, startup: float) -> dict:
