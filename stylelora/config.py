@@ -50,91 +50,147 @@ class ConfigError(ValueError):
     """A run option is wrong; the message names each bad field and says how to fix it."""
 
 
+# ----------------------------------------------------------------------------- the one home of each option
+#
+# Every option is declared once, below, as a dataclass field with an `Option` in its metadata: default, help,
+# CLI flag, TOML key (section + field name), an example for error messages and, when the app shows it, its widget.
+# The `stylelora train` parser, the validation messages, the options table in docs/training.md and the app's Train
+# tab are all derived from these declarations.
+
+
+@dataclass(frozen=True)
+class Widget:
+    """How the app's Train tab shows an option: its label and the range of the number box."""
+
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    help: str
+    flag: str | None = None  # None: "--" + the field name with dashes; "" for the positional DATA_DIR
+    example: str | None = None  # a valid value, shown in error messages ("e.g. --rank 16")
+    choices: tuple[str, ...] = ()
+    widget: Widget | None = None  # shown in the app's Train tab when set
+    group: str | None = None  # flags in the same group are mutually exclusive on the command line
+    cli: bool = True  # False: set in the TOML file only
+
+
+def option(default: Any, help: str, **details: Any) -> Any:
+    """A dataclass field carrying its `Option` (see the comment above)."""
+    return field(default=default, metadata={"option": Option(help=help, **details)})
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dir: str = ""  # kohya `<repeats>_<trigger>/` folders, a flat folder, or metadata.jsonl
-    trigger: str = ""  # extra trigger word(s) put in front of every caption ("" = none)
-    # Regularization ("class") images, kohya's reg folder: trained alongside, as many reg samples per epoch as
-    # training samples, so the adapter keeps what the base draws for prompts without the trigger.
-    reg_dir: str = ""
-    shuffle_tags: bool = False
-    keep_tokens: int = 1  # leading comma-separated tags that shuffling and tag dropout leave alone
-    # Share of samples trained with the empty caption, as the base was trained for guidance. On by default because
-    # otherwise nothing moves the unconditional prediction (where guidance starts) toward the new images: base
-    # preservation keeps trigger-free prompts at the base, so guidance multiplies the whole style difference by the
-    # CFG scale. Measured on toy-pastel: with 0 its soft edges came out so soft that squares read as circles
-    # (shape accuracy 0.84); with 0.1, 0.93 (README, "What the trainer learns").
-    caption_dropout: float = 0.1
-    tag_dropout: float = 0.0
-    resolution: int | None = None  # None: the base's native size (unet.sample_size × VAE factor)
-    bucketing: bool = True
-    bucket_step: int | None = None  # None: the base's downsampling factor (8 for the toy base, 64 for SD)
-    min_side: int | None = None  # None: resolution / 2
-    max_side: int | None = None  # None: resolution × 2
-    no_upscale: bool = False
-    flip: bool = False
-    random_crop: bool = False
-    cache: str = "ram"  # latents (and frozen text-encoder outputs): "ram", "disk" or "none"
-    cache_dir: str | None = None  # disk cache folder; None: OUTPUT/cache
+    dir: str = option("", "training images: kohya `<repeats>_<trigger>/` folders, a flat folder of images + .txt "
+                          "captions, or a folder with metadata.jsonl", flag="", example="datasets/toy-stripes")
+    trigger: str = option("", "trigger word(s) added in front of every caption (\"\" = none)",
+                          widget=Widget("Extra trigger word (optional)"))
+    # kohya's reg folder: trained alongside, as many reg samples per epoch as training samples, so the adapter keeps
+    # what the base draws for prompts without the trigger.
+    reg_dir: str = option("", "regularization images (kohya reg folder, same layouts): as many reg samples per "
+                              "epoch as training samples, so prompts without the trigger keep the base's look",
+                          example="datasets/toy-plain")
+    shuffle_tags: bool = option(False, "shuffle comma-separated caption tags")
+    keep_tokens: int = option(1, "leading comma-separated tags that shuffling and tag dropout leave alone",
+                              example="1")
+    # On by default because otherwise nothing moves the unconditional prediction (where guidance starts) toward the
+    # new images: base preservation keeps trigger-free prompts at the base, so guidance multiplies the whole style
+    # difference by the CFG scale. Measured on toy-pastel: with 0 its soft edges came out so soft that squares read
+    # as circles (shape accuracy 0.84); with 0.1, 0.93 (docs/results.md).
+    caption_dropout: float = option(0.1, "probability of training a sample with an empty caption (guidance then "
+                                         "does not exaggerate the style)", example="0.05")
+    tag_dropout: float = option(0.0, "probability of dropping each caption tag", example="0.1")
+    resolution: int | None = option(None, "training size in pixels (unset: the base's native size)", example="32",
+                                    widget=Widget("Resolution (empty = the base's)", minimum=8))
+    bucketing: bool = option(True, "aspect-ratio buckets (--no-bucketing: every image center-cropped square)",
+                             flag="--no-bucketing")
+    bucket_step: int | None = option(None, "bucket side step (unset: the base's downsampling factor, 8 for the toy "
+                                           "base, 64 for SD)", example="8")
+    min_side: int | None = option(None, "smallest bucket side (unset: resolution / 2)", example="16")
+    max_side: int | None = option(None, "largest bucket side (unset: resolution × 2)", example="64")
+    no_upscale: bool = option(False, "never upscale an image to fit a bucket")
+    flip: bool = option(False, "random horizontal flips")
+    random_crop: bool = option(False, "random crops instead of center crops (needs --cache none)")
+    cache: str = option("ram", "latent (and frozen text-encoder output) cache", choices=DATA_CACHES, example="ram")
+    cache_dir: str | None = option(None, "folder of the disk cache (unset: OUTPUT/cache)")
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    rank: int = 16
-    alpha: float = 16.0
-    unet_targets: str = "kohya"
-    train_text_encoder: bool = True
-    conv_rank: int | None = None  # LoCon only
-    conv_alpha: float | None = None
+    rank: int = option(16, "LoRA rank", example="16", widget=Widget("Rank", minimum=1))
+    alpha: float = option(16.0, "LoRA alpha; scale = alpha / rank", example="16", widget=Widget("Alpha", minimum=0.01))
+    unet_targets: str = option("kohya", "UNet layers: attn (attention projections), kohya (what sd-scripts "
+                                        "trains), locon (plus the 3x3 convs)", choices=UNET_TARGETS, example="kohya")
+    train_text_encoder: bool = option(True, "a LoRA on the text encoder too (--no-text-encoder: the UNet only)",
+                                      flag="--no-text-encoder", group="text_encoder",
+                                      widget=Widget("Train the text encoder"))
+    conv_rank: int | None = option(None, "rank of the conv layers with --unet-targets locon", example="8")
+    conv_alpha: float | None = option(None, "alpha of the conv layers (unset: network.alpha)", example="4")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adamw"
-    unet_lr: float | None = None  # None: DEFAULT_LRS[optimizer]
-    text_encoder_lr: float | None = None
-    weight_decay: float = 1e-2
-    lr_scheduler: str = "cosine"
-    warmup_steps: int | None = None  # None: a tenth of train.steps, at most 50
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0  # 0 = no clipping
+    optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS, example="adamw")
+    unet_lr: float | None = option(None, "UNet learning rate (unset: 1e-3 at toy scale, ~1e-4 for SD 1.5; a "
+                                         "multiplier for prodigy)", example="1e-4",
+                                   widget=Widget("UNet LR (empty = default)", minimum=0))
+    text_encoder_lr: float | None = option(None, "text-encoder learning rate (unset: 2e-4 at toy scale, ~5e-5 for "
+                                                 "SD 1.5)", example="5e-5", group="text_encoder",
+                                           widget=Widget("Text-encoder LR (empty = default)", minimum=0))
+    weight_decay: float = option(1e-2, "AdamW weight decay", example="0.01")
+    lr_scheduler: str = option("cosine", "learning-rate schedule", choices=LR_SCHEDULERS, example="cosine")
+    warmup_steps: int | None = option(None, "LR warmup steps (unset: a tenth of the steps, at most 50)", example="50")
+    grad_accum: int = option(1, "gradient accumulation steps", example="1")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = no clipping)", example="1.0")
 
 
 @dataclass(frozen=True)
 class TrainSection:
-    base: str = "toy"
-    base_config: str | None = None  # diffusers config folder for a single-file base
-    allow_pickle: bool = False
-    output: str | None = None  # None: outputs/<output_name>
-    output_name: str | None = None  # None: the data folder's name
-    steps: int = 1000
-    batch_size: int = 16
-    seed: int = 0
-    precision: str = "fp32"
-    min_snr_gamma: float = 5.0  # 0 = plain MSE
-    noise_offset: float = 0.0
-    # Weight of the loss that keeps the base's behaviour on captions without the trigger words (0 = off); see
-    # stylelora/train/preservation.py. On by default: a character or style should show up when asked for, not
+    base: str = option("toy", "base model: toy | diffusers folder | .safetensors file | cached hub id", example="toy")
+    base_config: str | None = option(None, "diffusers config folder for a single-file base")
+    allow_pickle: bool = option(False, "allow a pickle .ckpt base (only for files you trust)")
+    output: str | None = option(None, "run folder (unset: outputs/NAME); gets NAME.safetensors, config.toml, "
+                                      "samples, logs")
+    output_name: str | None = option(None, "adapter file name without .safetensors (unset: the data folder's name)",
+                                     example="my-style")
+    steps: int = option(1000, "optimizer steps", example="1000", widget=Widget("Steps", minimum=1))
+    batch_size: int = option(16, "images per batch per process", example="16", widget=Widget("Batch size", minimum=1))
+    seed: int = option(0, "seed for LoRA init, batch order and noise", example="0", widget=Widget("Seed", minimum=0))
+    precision: str = option("fp32", "base weights / autocast; LoRA weights stay fp32", choices=PRECISIONS,
+                            example="bf16")
+    min_snr_gamma: float = option(5.0, "min-SNR loss weighting gamma (0 = plain MSE)", example="5")
+    noise_offset: float = option(0.0, "noise offset", example="0.05")
+    # See stylelora/train/preservation.py. On by default: a character or style should show up when asked for, not
     # everywhere.
-    preserve_base: float = 1.0
-    # Share of those trigger-free copies that get a decoy word where the trigger was, so the adapter answers its
-    # own trigger, not any unfamiliar word in that place (see stylelora/train/preservation.py).
-    preserve_decoys: float = 0.5
-    # Share of the samples trained toward the data whose caption gets a decoy word beside its trigger, so the
-    # style still shows when a prompt also names other adapters' triggers (stacking; see preservation.py). Off by
-    # default: it weakens a character (toy-zorb's rate 0.81 → 0.78 at 0.25, 0.63 at 0.5).
-    decoy_company: float = 0.0
-    gradient_checkpointing: bool = False
-    save_every: int = 250  # checkpoint every N steps (0 = none; the final adapter is always written)
-    keep_checkpoints: int = 3
-    sample_every: int = 250  # sample grid every N steps (0 = only at the end)
-    sample_prompts: tuple[str, ...] = DEFAULT_SAMPLE_PROMPTS
-    sample_seed: int = 0
-    sample_steps: int = 20
-    sample_guidance: float = 5.0
-    resume: str | None = None  # checkpoint folder, or "latest" (newest in OUTPUT/checkpoints)
-    format: str = "kohya"
-    overwrite: bool = False  # allow a new run into a folder that already holds one
+    preserve_base: float = option(1.0, "weight of the loss that keeps the base model's output on captions with the "
+                                       "trigger words removed, so the adapter acts only when its trigger is in the "
+                                       "prompt (0 = off)", example="1.0")
+    preserve_decoys: float = option(0.5, "share of those trigger-free captions that get a random other word in the "
+                                         "trigger's place, so the adapter answers its own trigger, not any new word",
+                                    example="0.5")
+    # Off by default: it weakens a character (toy-zorb's rate 0.81 → 0.78 at 0.25, 0.63 at 0.5).
+    decoy_company: float = option(0.0, "share of the captions with the trigger that also get a random other word "
+                                       "beside it, so the adapter still acts when a prompt names other adapters' "
+                                       "triggers too (0.5 for a style to stack; it weakens a character)",
+                                  example="0.5")
+    gradient_checkpointing: bool = option(False, "trade compute for memory")
+    save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",
+                             example="250", widget=Widget("Checkpoint every N steps (0 = none)", minimum=0))
+    keep_checkpoints: int = option(3, "keep the last K checkpoints", example="3")
+    sample_every: int = option(250, "sample grid every N steps (0 = only at the end)", example="250",
+                               widget=Widget("Sample grid every N steps (0 = at the end)", minimum=0))
+    sample_prompts: tuple[str, ...] = option(DEFAULT_SAMPLE_PROMPTS, "sample grid prompts; {trigger} is replaced "
+                                                                     "by the trigger words", cli=False)
+    sample_seed: int = option(0, "seed of the first sample column", example="0")
+    sample_steps: int = option(20, "sampling steps of the sample grid", example="20")
+    sample_guidance: float = option(5.0, "CFG scale of the sample grid", example="5.0")
+    resume: str | None = option(None, "continue a run exactly from a checkpoint folder, or latest", example="latest")
+    format: str = option("kohya", "adapter key layout", choices=FORMATS, example="kohya")
+    overwrite: bool = option(False, "start a new run in a folder that already holds one")
 
 
 @dataclass(frozen=True)
@@ -156,27 +212,56 @@ class TrainConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 SECTION_CLASSES = {"data": DataConfig, "network": NetworkConfig, "optim": OptimConfig, "train": TrainSection}
 
-# The CLI flag of each field (stylelora.train.command builds its parser from this), so errors can name it.
-CLI_FLAGS = {
-    "data.dir": "DATA_DIR", "data.trigger": "--trigger", "data.reg_dir": "--reg-dir",
-    "data.resolution": "--resolution",
-    "data.cache": "--cache", "data.flip": "--flip", "data.caption_dropout": "--caption-dropout",
-    "data.shuffle_tags": "--shuffle-tags", "data.keep_tokens": "--keep-tokens",
-    "network.rank": "--rank", "network.alpha": "--alpha", "network.unet_targets": "--unet-targets",
-    "network.train_text_encoder": "--no-text-encoder", "network.conv_rank": "--conv-rank",
-    "optim.optimizer": "--optimizer", "optim.unet_lr": "--unet-lr", "optim.text_encoder_lr": "--text-encoder-lr",
-    "optim.lr_scheduler": "--lr-scheduler", "optim.warmup_steps": "--warmup-steps",
-    "optim.grad_accum": "--grad-accum", "optim.max_grad_norm": "--max-grad-norm",
-    "train.base": "--base", "train.output": "--output", "train.output_name": "--output-name",
-    "train.steps": "--steps", "train.batch_size": "--batch-size", "train.seed": "--seed",
-    "train.precision": "--precision", "train.min_snr_gamma": "--min-snr-gamma",
-    "train.noise_offset": "--noise-offset", "train.preserve_base": "--preserve-base",
-    "train.preserve_decoys": "--preserve-decoys", "train.decoy_company": "--decoy-company",
-    "train.gradient_checkpointing": "--gradient-checkpointing",
-    "train.save_every": "--save-every", "train.keep_checkpoints": "--keep-checkpoints",
-    "train.sample_every": "--sample-every", "train.resume": "--resume", "train.format": "--format",
-    "train.overwrite": "--overwrite",
-}
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One declared option, flattened: where it lives (section.key), its Python type and default, its `Option`."""
+
+    dotted: str
+    type: Any  # the field's type without `| None`
+    optional: bool  # None is allowed (unset: derived from other settings or the base model)
+    default: Any
+    option: Option
+
+    @property
+    def key(self) -> str:
+        return self.dotted.partition(".")[2]
+
+    @property
+    def section(self) -> str:
+        return self.dotted.partition(".")[0]
+
+    @property
+    def flag(self) -> str | None:
+        """The command-line flag ("DATA_DIR" for the positional data folder), or None for a TOML-only option."""
+        if not self.option.cli:
+            return None
+        if self.option.flag == "":
+            return "DATA_DIR"  # the one positional argument
+        return self.option.flag or "--" + self.key.replace("_", "-")
+
+
+def _spec(section: str, f: dataclasses.Field, hints: dict[str, Any]) -> OptionSpec:
+    hint = hints[f.name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    return OptionSpec(f"{section}.{f.name}", base, optional, f.default, f.metadata["option"])
+
+
+OPTION_SPECS: tuple[OptionSpec, ...] = tuple(
+    _spec(name, f, typing.get_type_hints(cls)) for name, cls in SECTION_CLASSES.items() for f in dataclasses.fields(cls)
+)
+OPTIONS_BY_NAME = {spec.dotted: spec for spec in OPTION_SPECS}
+CLI_FLAGS = {spec.dotted: spec.flag for spec in OPTION_SPECS if spec.flag}
+
+
+def default_text(spec: OptionSpec) -> str:
+    """The default as help and docs show it ("" when there is nothing to show: unset, empty, or a flag's off)."""
+    value = spec.default
+    if value is None or value == "" or spec.type is bool or isinstance(value, tuple):
+        return ""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------- load
@@ -252,15 +337,11 @@ def all_field_names() -> list[str]:
 # ----------------------------------------------------------------------------- types
 
 _INVALID = object()
-_HINTS = {name: typing.get_type_hints(cls) for name, cls in SECTION_CLASSES.items()}
-
 
 def _typed(section: str, key: str, value: Any, problems: list[str]) -> Any:
     """`value` converted to the field's type (int → float, list → tuple), or _INVALID with a problem recorded."""
-    hint = _HINTS[section][key]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    spec = OPTIONS_BY_NAME[f"{section}.{key}"]
+    base, optional = spec.type, spec.optional
     if value is None and optional:
         return None
     converted = _convert(base, value)
@@ -293,22 +374,7 @@ def _type_name(base: Any) -> str:
 
 # ----------------------------------------------------------------------------- values
 
-EXAMPLES = {
-    "data.dir": "datasets/toy-stripes", "data.reg_dir": "datasets/toy-plain", "data.keep_tokens": "1",
-    "data.caption_dropout": "0.05",
-    "data.tag_dropout": "0.1", "data.resolution": "32", "data.bucket_step": "8", "data.min_side": "16",
-    "data.max_side": "64", "data.cache": "ram", "network.rank": "16", "network.alpha": "16",
-    "network.unet_targets": "kohya", "network.conv_rank": "8", "network.conv_alpha": "4",
-    "optim.optimizer": "adamw", "optim.unet_lr": "1e-4", "optim.text_encoder_lr": "5e-5",
-    "optim.weight_decay": "0.01", "optim.lr_scheduler": "cosine", "optim.warmup_steps": "50",
-    "optim.grad_accum": "1", "optim.max_grad_norm": "1.0", "train.base": "toy", "train.output_name": "my-style",
-    "train.steps": "1000", "train.batch_size": "16", "train.seed": "0", "train.precision": "bf16",
-    "train.min_snr_gamma": "5", "train.noise_offset": "0.05", "train.preserve_base": "1.0",
-    "train.preserve_decoys": "0.5", "train.decoy_company": "0.5",
-    "train.save_every": "250",
-    "train.keep_checkpoints": "3", "train.sample_every": "250", "train.sample_steps": "20",
-    "train.sample_guidance": "5.0", "train.format": "kohya", "train.resume": "latest",
-}
+EXAMPLES = {spec.dotted: spec.option.example for spec in OPTION_SPECS if spec.option.example}
 
 
 def _example(dotted: str) -> str:
@@ -318,7 +384,7 @@ def _example(dotted: str) -> str:
     flag = CLI_FLAGS.get(dotted)
     section, _, key = dotted.partition(".")
     toml = f"{key} = {example if _is_toml_literal(example) else repr(example)} under [{section}]"
-    if flag and flag.startswith("--") and flag != "--no-text-encoder":
+    if flag and flag.startswith("--") and OPTIONS_BY_NAME[dotted].type is not bool:
         return f"; e.g. {flag} {example} (or {toml} in the --config file)"
     return f"; e.g. {toml} in the --config file"
 

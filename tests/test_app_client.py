@@ -172,11 +172,19 @@ def test_only_the_app_image_folders_are_served(app):
     assert status(Path(__file__)) == 403
 
 
+def train_tab_values(chosen: dict) -> list:
+    """The Train tab's option values in its widget order (stylelora.config's), each option's default unless chosen."""
+    from stylelora.config import OPTION_SPECS
+
+    return [chosen.get(spec.dotted, spec.default) for spec in OPTION_SPECS if spec.option.widget is not None]
+
+
 def test_short_training_run_reports_progress_and_its_adapter_appears(app, tmp_path):
     _, service, client = app
     data = tiny_dataset(tmp_path / "data", count=4)
-    job = client.submit(str(data), "tiny-run", "toy", 3, 2, 2, 2.0, 0, 0, True, 0, "", False, [], None,
-                        api_name="/train")
+    options = train_tab_values({"train.steps": 3, "train.batch_size": 2, "network.rank": 2, "network.alpha": 2.0,
+                                "train.save_every": 0, "train.sample_every": 0})
+    job = client.submit(str(data), "tiny-run", "toy", False, *options, [], None, api_name="/train")
     status, plot, log, chosen, inspected = job.result(timeout=240)
     updates = job.outputs()
     assert any("training, step" in update[0] for update in updates[:-1])  # live progress before the end

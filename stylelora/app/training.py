@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylelora.app.service import AppError, plain_name
@@ -31,24 +31,17 @@ OTHER_BARS = re.compile(r"\d+%\|")  # loading bars of diffusers/transformers: no
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The Train tab's options; None means the trainer's default (learning rates scale with the optimizer)."""
+    """What the Train tab sends: the data folder, the adapter name and base, and the options it shows.
+
+    `options` maps config fields ("train.steps", "network.rank", ...: the ones stylelora.config gives a widget) to
+    the values entered; a value left empty (None or "") means the option's own default, as an absent CLI flag does.
+    """
 
     data_dir: str
     name: str
     base: str = "toy"
-    steps: int = 500
-    rank: int = 8
-    alpha: float = 8.0
-    batch_size: int = 8
-    unet_lr: float | None = None
-    text_encoder_lr: float | None = None
-    train_text_encoder: bool = True
-    trigger: str = ""
-    seed: int = 0
-    resolution: int | None = None
-    save_every: int = 0
-    sample_every: int = 0
     overwrite: bool = False
+    options: dict = field(default_factory=dict)
 
     def overrides(self, adapters_dir: Path) -> dict:
         """Config overrides as `stylelora train` flags give them; the run folder is adapters_dir/NAME."""
@@ -57,17 +50,11 @@ class TrainSettings:
         if not str(self.data_dir or "").strip() or not data.is_dir():
             raise AppError(f"Training data folder {self.data_dir!r} does not exist on the server; give the folder "
                            "of images (+ .txt captions), e.g. datasets/toy-stripes.")
-        overrides = {
-            "data.dir": str(data.absolute()), "train.base": self.base, "train.output_name": name,
-            "train.output": str(adapters_dir / name), "train.steps": int(self.steps),
-            "train.batch_size": int(self.batch_size), "train.seed": int(self.seed), "network.rank": int(self.rank),
-            "network.alpha": float(self.alpha), "network.train_text_encoder": bool(self.train_text_encoder),
-            "train.save_every": int(self.save_every), "train.sample_every": int(self.sample_every),
-            "train.overwrite": bool(self.overwrite), "data.trigger": (self.trigger or "").strip(),
-        }
-        optional = {"optim.unet_lr": self.unet_lr, "data.resolution": self.resolution,
-                    "optim.text_encoder_lr": self.text_encoder_lr if self.train_text_encoder else None}
-        overrides.update({key: value for key, value in optional.items() if value not in (None, 0, "")})
+        overrides = {key: value for key, value in self.options.items() if value is not None and value != ""}
+        if overrides.get("network.train_text_encoder") is False:
+            overrides.pop("optim.text_encoder_lr", None)  # the box may still hold a value; the config would refuse it
+        overrides.update({"data.dir": str(data.absolute()), "train.base": self.base, "train.output_name": name,
+                          "train.output": str(adapters_dir / name), "train.overwrite": bool(self.overwrite)})
         return overrides
 
 

@@ -226,23 +226,30 @@ def _adapters_tab(service: AppService) -> SimpleNamespace:
     return SimpleNamespace(name=name, as_json=as_json, button=button, text=text)
 
 
+def _option_widget(spec):
+    """The Train tab's widget for a config option, with the option's own default (stylelora.config declares both)."""
+    widget = spec.option.widget
+    if spec.type is bool:
+        return gr.Checkbox(value=spec.default, label=widget.label, info=spec.option.help)
+    if spec.option.choices:
+        return gr.Dropdown(list(spec.option.choices), value=spec.default, label=widget.label, info=spec.option.help)
+    if spec.type in (int, float):
+        return gr.Number(value=spec.default, precision=0 if spec.type is int else None, minimum=widget.minimum,
+                         maximum=widget.maximum, label=widget.label, info=spec.option.help)
+    return gr.Textbox(value=spec.default or "", label=widget.label, info=spec.option.help)
+
+
 def _train_tab(service: AppService) -> SimpleNamespace:
+    from stylelora.config import OPTION_SPECS
+
+    specs = [spec for spec in OPTION_SPECS if spec.option.widget is not None]
     with gr.Row():
         data = gr.Textbox(value=DEFAULT_DATA_DIR, label="Training data folder (on the server)")
         name = gr.Textbox(value="my-style", label="Adapter name")
         base = gr.Dropdown(list(service.bases), value=service.bases[0], label="Base model")
-    with gr.Row():
-        numbers = [gr.Number(value=300, precision=0, minimum=1, label="Steps"),
-                   gr.Number(value=8, precision=0, minimum=1, label="Batch size"),
-                   gr.Number(value=8, precision=0, minimum=1, label="Rank"),
-                   gr.Number(value=8, minimum=0.01, label="Alpha"),
-                   gr.Number(value=0, precision=0, minimum=0, label="Seed")]
-    with gr.Row():
-        text_encoder = [gr.Number(value=0, minimum=0, label="UNet LR (0 = default)"),
-                        gr.Checkbox(value=True, label="Train the text encoder"),
-                        gr.Number(value=0, minimum=0, label="Text-encoder LR (0 = default)")]
-        trigger = gr.Textbox(label="Extra trigger word (optional)")
         overwrite = gr.Checkbox(label="overwrite a run of that name")
+    with gr.Row(equal_height=True):
+        options = [_option_widget(spec) for spec in specs]
     with gr.Row():
         button = gr.Button("Start training", variant="primary")
         stop = gr.Button("Stop", variant="stop")
@@ -250,8 +257,15 @@ def _train_tab(service: AppService) -> SimpleNamespace:
     loss_plot = gr.LinePlot(x="step", y="loss", title="loss (smoothed)", height=240)
     log = gr.Textbox(label="Trainer output", lines=8, max_lines=8, elem_classes="mono")
     # In the order on_train reads them.
-    settings = [data, name, base, *numbers, *text_encoder, trigger, overwrite]
-    return SimpleNamespace(settings=settings, button=button, stop=stop, status=status, loss_plot=loss_plot, log=log)
+    settings = [data, name, base, overwrite, *options]
+    return SimpleNamespace(settings=settings, option_keys=[spec.dotted for spec in specs], button=button, stop=stop,
+                           status=status, loss_plot=loss_plot, log=log)
+
+
+def train_settings(data, name, base, overwrite, option_keys: Sequence[str], option_values: Sequence) -> TrainSettings:
+    """TrainSettings from the Train tab's values; text is stripped and an empty box means the option's default."""
+    values = {key: value.strip() if isinstance(value, str) else value for key, value in zip(option_keys, option_values)}
+    return TrainSettings(data_dir=data, name=name, base=base, overwrite=bool(overwrite), options=values)
 
 
 # ----------------------------------------------------------------------------- events
@@ -350,15 +364,13 @@ def _wire_adapters(service: AppService, tab: SimpleNamespace) -> None:
 
 
 def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists) -> None:
+    count = len(tab.settings)
+
     @_shown
-    def on_train(data, name, base, steps, batch, rank, alpha, seed, unet_lr, train_te, te_lr, trigger, overwrite,
-                 chosen, inspected, progress=gr.Progress()):
-        settings = TrainSettings(
-            data_dir=data, name=name, base=base, steps=int(steps), batch_size=int(batch), rank=int(rank),
-            alpha=float(alpha), seed=int(seed), unet_lr=float(unet_lr or 0) or None,
-            train_text_encoder=bool(train_te), text_encoder_lr=float(te_lr or 0) or None,
-            trigger=trigger or "", overwrite=bool(overwrite),
-        )
+    def on_train(progress=gr.Progress(), *values):
+        data, name, base, overwrite, *option_values = values[:count]
+        chosen, inspected = values[count:]
+        settings = train_settings(data, name, base, overwrite, tab.option_keys, option_values)
         job = service.start_training(settings)
         for status in job.follow():
             if status.running:

@@ -1,0 +1,82 @@
+"""Each training option is declared once (stylelora.config); the CLI, the docs table and the app's Train tab follow it."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from stylelora.config import OPTION_SPECS, OPTIONS_BY_NAME, load_config
+from stylelora.options_doc import DOC, options_table, with_table
+from stylelora.train.command import build_parser, overrides_from_args
+
+WIDGET_SPECS = [spec for spec in OPTION_SPECS if spec.option.widget is not None]
+
+
+def test_docs_options_table_is_the_generated_one():
+    text = DOC.read_text(encoding="utf-8")
+    assert with_table(text) == text, "docs/training.md is stale: run `python -m stylelora.options_doc`"
+
+
+def test_every_option_has_a_flag_or_is_toml_only_and_reads_back_from_the_command_line():
+    parser = build_parser()
+    for spec in OPTION_SPECS:
+        if spec.flag is None or spec.type is tuple:
+            continue
+        if spec.type is bool:
+            args = [] if spec.flag == "DATA_DIR" else [spec.flag]
+            expected = not spec.default
+        else:
+            example = spec.option.example or ("x" if spec.type is str else "3")
+            args, expected = [spec.flag, example], spec.type(example)
+        if spec.flag == "DATA_DIR":
+            continue
+        overrides = overrides_from_args(parser.parse_args(["train", "data", *args]))
+        assert overrides[spec.dotted] == expected, spec.dotted
+
+
+@pytest.mark.parametrize("spec", [s for s in OPTION_SPECS if s.flag and s.flag.startswith("--")],
+                         ids=lambda s: s.dotted)
+def test_cli_help_shows_the_declared_default(spec, capsys):
+    from stylelora.config import default_text
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert spec.flag in help_text
+    if default_text(spec):
+        assert f"(default {default_text(spec)})" in help_text
+
+
+def test_a_changed_default_shows_in_cli_docs_and_app(monkeypatch):
+    """One edit to a declaration is the whole change: parser, docs table and app widget all read it."""
+    gr = pytest.importorskip("gradio")
+    from stylelora.app import ui
+
+    spec = OPTIONS_BY_NAME["train.steps"]
+    changed = dataclasses.replace(spec, default=1234)
+    specs = tuple(changed if s is spec else s for s in OPTION_SPECS)
+    monkeypatch.setattr("stylelora.config.OPTION_SPECS", specs)
+    monkeypatch.setattr("stylelora.train.command.OPTION_SPECS", specs)
+    monkeypatch.setattr("stylelora.options_doc.OPTION_SPECS", specs)
+    parser_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "(default 1234)" in " ".join(parser_help.split())
+    assert "| `[train]` `steps` | `--steps` | `1234` |" in options_table()
+    with gr.Blocks():
+        assert ui._option_widget(changed).value == 1234
+
+
+def test_app_defaults_are_the_cli_defaults(tmp_path):
+    """The Train tab's widgets start at the declared defaults, and sending them unchanged trains what the CLI does."""
+    gr = pytest.importorskip("gradio")
+    from stylelora.app import ui
+    from stylelora.app.training import TrainSettings
+
+    with gr.Blocks():
+        values = [ui._option_widget(spec).value for spec in WIDGET_SPECS]
+    for spec, value in zip(WIDGET_SPECS, values):
+        assert value == (spec.default if spec.default is not None or spec.type in (int, float) else ""), spec.dotted
+    settings = ui.train_settings(str(tmp_path), "style", "toy", False, [s.dotted for s in WIDGET_SPECS], values)
+    from_app = load_config(None, TrainSettings.overrides(settings, tmp_path / "adapters"))
+    from_cli = load_config(None, {"data.dir": str(tmp_path.absolute()), "train.output_name": "style",
+                                  "train.output": str(tmp_path / "adapters" / "style")})
+    assert from_app == from_cli
