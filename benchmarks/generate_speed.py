@@ -113,7 +113,7 @@ def main() -> int:
     transformers.utils.logging.set_verbosity_error()
 
     from stylelora.generate.generate import GenerateRequest, generate
-    from stylelora.generate.stack import AdapterSpec
+    from stylelora.lora.spec import AdapterSpec
     from stylelora.models.load import load_base
 
     with tempfile.TemporaryDirectory(prefix="stylelora-genbench-") as scratch:

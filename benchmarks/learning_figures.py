@@ -54,7 +54,7 @@ def train(style: str, out: Path, base: str, extra: list[str]) -> float:
 
 
 def measure(pipe, stack, judge, adapters: list[tuple[Path, float]], prompt_sets: tuple[str, ...], samples: int) -> dict:
-    from stylelora.generate.stack import AdapterSpec
+    from stylelora.lora.spec import AdapterSpec
     from stylelora.toy.evaluate import EvalSettings, evaluate_pipeline
 
     stack.apply([AdapterSpec(path, weight) for path, weight in adapters if weight != 0.0])

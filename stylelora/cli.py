@@ -2,9 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def report_user_errors(user_errors: Callable[[], tuple[type[Exception], ...]]) -> Callable[[Handler], Handler]:
+    """Decorate a subcommand handler: an exception of `user_errors()` (bad input, not a bug) becomes one
+    `error: ...` line on stderr and exit status 2; any other exception keeps its traceback."""
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return handler(args)
+            except user_errors() as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return decorate
 
 
 def _add_base_args(parser: argparse.ArgumentParser) -> None:
@@ -101,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .app.launch import add_app_parser
     from .generate.command import add_generate_parsers
+    from .lora.command import add_lora_parsers
     from .train.command import add_train_parser
 
     add_train_parser(sub)
     add_generate_parsers(sub)
+    add_lora_parsers(sub)
     add_app_parser(sub)
     ev = sub.add_parser("evaluate", help="score a base (+ adapters) with the toy-world judge")
     _add_base_args(ev)

@@ -15,8 +15,8 @@ import pytest
 from test_app_fixtures import PROMPT, make_toy_adapter, tiny_dataset, toy_base
 
 from stylelora.app.service import AdapterWeight, AppError, AppService, GenerateSettings
-from stylelora.generate.adapter_file import AdapterFileError
 from stylelora.generate.prompt_tags import PromptTagError
+from stylelora.lora.adapter_file import AdapterFileError
 
 STEPS = 4
 

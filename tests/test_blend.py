@@ -8,9 +8,10 @@ import torch
 from gen_fixtures import load_tiny_base, make_adapter, model_outputs, save_tiny_base, tiny_pipeline
 from safetensors.torch import load_file
 
-from stylelora.generate.blend import BLEND_METADATA_KEY, blend
-from stylelora.generate.stack import AdapterSpec, AdapterStack
+from stylelora.generate.stack import AdapterStack
+from stylelora.lora.blend import BLEND_METADATA_KEY, blend
 from stylelora.lora.io import file_model_hash, load_adapter_state
+from stylelora.lora.spec import AdapterSpec
 
 LIVE_TOLERANCE = 1e-5
 

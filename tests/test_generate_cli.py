@@ -12,6 +12,7 @@ from gen_fixtures import make_adapter, save_tiny_base
 
 from stylelora.generate.command import add_generate_parsers, output_paths, parse_size
 from stylelora.generate.pngmeta import parse_parameters, read_png_parameters
+from stylelora.lora.command import add_lora_parsers
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,9 @@ def world(tmp_path_factory):
 
 def run(argv: list[str], capsys) -> tuple[int, list[str], str]:
     parser = argparse.ArgumentParser(prog="stylelora")
-    add_generate_parsers(parser.add_subparsers(dest="command", required=True))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_generate_parsers(subparsers)
+    add_lora_parsers(subparsers)
     args = parser.parse_args(argv)
     code = args.handler(args)
     captured = capsys.readouterr()

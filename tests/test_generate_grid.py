@@ -6,8 +6,8 @@ import pytest
 from gen_fixtures import load_tiny_base, make_adapter, pixels, save_tiny_base
 
 from stylelora.generate.generate import GenerateRequest, generate
-from stylelora.generate.stack import AdapterSpec
 from stylelora.generate.xy_grid import XYAxis, cell_request, parse_axis, xy_grid
+from stylelora.lora.spec import AdapterSpec
 
 
 @pytest.fixture(scope="module")

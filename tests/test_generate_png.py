@@ -19,7 +19,8 @@ from stylelora.generate.prompt_tags import (
     resolve_tags,
 )
 from stylelora.generate.samplers import available_samplers, make_scheduler, resolve_sampler
-from stylelora.generate.stack import AdapterSpec, AdapterStack
+from stylelora.generate.stack import AdapterStack
+from stylelora.lora.spec import AdapterSpec
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 import stylelora.generate.stack as stack_module
 from stylelora.generate.generate import GenerateRequest, generate
-from stylelora.generate.stack import AdapterSpec, AdapterStack, apply_adapters, parse_lora_arg
+from stylelora.generate.stack import AdapterStack, apply_adapters
+from stylelora.lora.spec import AdapterSpec, parse_lora_arg
 
 SEED_A, SEED_B = 11, 22
 

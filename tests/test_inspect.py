@@ -8,7 +8,7 @@ import torch
 from gen_fixtures import make_adapter, make_peft_adapter
 from safetensors.torch import save_file
 
-from stylelora.generate.inspect import format_inspect, inspect_adapter, trigger_words
+from stylelora.lora.inspect import format_inspect, inspect_adapter, trigger_words
 from stylelora.lora.io import file_model_hash
 
 TE_MODULES = 2 * 6  # 2 CLIP layers x q/k/v/out/fc1/fc2
@@ -87,8 +87,8 @@ def test_inspect_refuses_pickles(tmp_path):
 
 
 def test_upload_check_reads_only_the_header(tmp_path):
-    from stylelora.generate.adapter_file import AdapterFileError, check_adapter_file
-    from stylelora.generate.inspect import adapter_trigger_words
+    from stylelora.lora.adapter_file import AdapterFileError, check_adapter_file
+    from stylelora.lora.inspect import adapter_trigger_words
 
     path = make_adapter(tmp_path / "ink.safetensors", 1, trigger="ink")
     assert check_adapter_file(path, max_bytes=10 * 2**20) == "kohya"

@@ -155,7 +155,7 @@ class AppService:
     def import_upload(self, upload: str | Path, original_name: str | None = None) -> str:
         """Check an uploaded file (size cap, LoRA safetensors) and copy it into uploads/; returns its name."""
         from stylelora.atomic import write_bytes_atomic
-        from stylelora.generate.adapter_file import check_adapter_file
+        from stylelora.lora.adapter_file import check_adapter_file
 
         source = Path(upload)
         label = Path(original_name or source.name).name
@@ -181,14 +181,14 @@ class AppService:
 
     def inspect(self, name: str, as_json: bool = False) -> str:
         """What `stylelora inspect` prints for the adapter: layout, base family, ranks, triggers, training."""
-        from stylelora.generate.inspect import format_inspect, inspect_adapter
+        from stylelora.lora.inspect import format_inspect, inspect_adapter
 
         info = inspect_adapter(self.adapter_path(name))
         return json.dumps(info, indent=2) if as_json else format_inspect(info)
 
     def prompt_with_triggers(self, prompt: str, names: Sequence[str]) -> str:
         """The prompt with the chosen adapters' trigger words appended (those not in it already)."""
-        from stylelora.generate.inspect import adapter_trigger_words
+        from stylelora.lora.inspect import adapter_trigger_words
 
         words = [word for name in names for word in adapter_trigger_words(self.adapter_path(name))]
         missing = [w for w in dict.fromkeys(words) if w.lower() not in (prompt or "").lower()]
@@ -196,7 +196,7 @@ class AppService:
 
     def specs(self, adapters: Sequence[AdapterWeight]):
         """AdapterSpecs for the blend, every name resolved inside the adapters folder."""
-        from stylelora.generate.stack import AdapterSpec
+        from stylelora.lora.spec import AdapterSpec
 
         specs = []
         for adapter in adapters:
@@ -317,7 +317,7 @@ class AppService:
     def blend(self, adapters: Sequence[AdapterWeight], name: str, rank: int | None = None,
               fp16: bool = False, overwrite: bool = False) -> BlendResult:
         """Save the mix as blends/NAME.safetensors: exact (rank None) or truncated to `rank` by SVD."""
-        from stylelora.generate.blend import blend
+        from stylelora.lora.blend import blend
 
         specs = self.specs(adapters)
         if not specs:

@@ -1,4 +1,5 @@
-"""Generation and blending: the fused adapter stack, prompts with <lora:...> tags, PNG metadata, grids, blend, inspect.
+"""Generation: the pipeline, the fused adapter stack, prompts with <lora:...> tags, samplers, PNG metadata, X/Y grids.
 
+Adapter files themselves (reading, naming, inspecting, blending) live in stylelora.lora; this package applies them.
 Submodules import torch/diffusers lazily where they can, so `stylelora --help` and the app's startup stay fast.
 """

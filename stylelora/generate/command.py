@@ -1,4 +1,4 @@
-"""CLI for generation: `stylelora generate | grid | blend | inspect` parsers and handlers.
+"""CLI for generation: `stylelora generate | grid` parsers and handlers.
 
 Handlers turn argparse results into the library's request dataclasses and print the written paths last.
 Everything heavy (torch, diffusers) is imported inside handlers so `stylelora --help` stays instant.
@@ -6,10 +6,11 @@ Everything heavy (torch, diffusers) is imported inside handlers so `stylelora --
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
+
+from stylelora.cli import report_user_errors
 
 DEFAULT_ADAPTERS_DIR = "outputs"
 DEFAULT_IMAGES_DIR = "outputs/images"
@@ -18,7 +19,7 @@ IMAGE_NUMBER = re.compile(r"^(\d{5})-")
 
 
 def add_generate_parsers(subparsers) -> None:
-    """Add generate, grid, blend and inspect to the `stylelora` subcommands."""
+    """Add generate and grid to the `stylelora` subcommands."""
     gen = subparsers.add_parser("generate", help="text-to-image with adapters fused at chosen weights")
     _add_generation_args(gen)
     gen.add_argument("--batch", type=int, default=1, help="images per run, seeds SEED, SEED+1, ... (default 1)")
@@ -32,21 +33,6 @@ def add_generate_parsers(subparsers) -> None:
     grid.add_argument("--y", metavar="KIND=V1,V2", help="second axis (rows)")
     grid.add_argument("--out", help=f"grid PNG (default {DEFAULT_GRIDS_DIR}/NNNNN-grid.png)")
     grid.set_defaults(handler=cmd_grid)
-
-    blend = subparsers.add_parser("blend", help="save a weighted mix of adapters as one new adapter")
-    blend.add_argument("adapters", nargs="+", metavar="FILE[:W[:TE_W]]")
-    blend.add_argument("--out", required=True, help="new .safetensors file (kohya format)")
-    mode = blend.add_mutually_exclusive_group()
-    mode.add_argument("--rank", type=int, help="re-factorise to this rank by SVD (reports the error per module)")
-    mode.add_argument("--exact", action="store_true", help="concatenate ranks: reproduces the blend exactly (default)")
-    blend.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
-    blend.add_argument("--json", action="store_true", help="print the report as JSON")
-    blend.set_defaults(handler=cmd_blend)
-
-    inspect = subparsers.add_parser("inspect", help="show an adapter's format, base, rank, modules, triggers, training")
-    inspect.add_argument("file")
-    inspect.add_argument("--json", action="store_true", help="print one JSON object")
-    inspect.set_defaults(handler=cmd_inspect)
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +69,7 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
 def request_from_args(args: argparse.Namespace):
     """The GenerateRequest these command-line arguments describe."""
     from stylelora.generate.generate import GenerateRequest
-    from stylelora.generate.stack import parse_lora_arg
+    from stylelora.lora.spec import parse_lora_arg
 
     width, height = parse_size(args.size)
     return GenerateRequest(
@@ -118,11 +104,6 @@ def output_paths(out: str | None, seeds: list[int], default_dir: str, suffix: st
     return [target / f"{start + i:05d}-{suffix or seed}.png" for i, seed in enumerate(seeds)]
 
 
-def _fail(error: Exception) -> int:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-
-
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (reported in one line), not a bug (which keeps its traceback)."""
     from stylelora.models.load import BaseModelError
@@ -130,19 +111,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ValueError, FileNotFoundError, BaseModelError)
 
 
-def _guarded(handler):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except user_errors() as error:
-            return _fail(error)
-
-    run.__name__ = handler.__name__
-    run.__doc__ = handler.__doc__
-    return run
-
-
-@_guarded
+@report_user_errors(user_errors)
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate, save PNGs with A1111 parameters, print their paths."""
     from stylelora.generate.generate import generate, precheck_request
@@ -159,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@report_user_errors(user_errors)
 def cmd_grid(args: argparse.Namespace) -> int:
     """Generate an X/Y grid into one labelled PNG, print its path."""
     from stylelora.generate.generate import precheck_request
@@ -171,34 +140,4 @@ def cmd_grid(args: argparse.Namespace) -> int:
     out = output_paths(args.out, [0], DEFAULT_GRIDS_DIR, suffix="grid")[0]
     result = xy_grid(_load_pipe(args), None, request, x_axis, y_axis, out_path=out)
     print(result.path)
-    return 0
-
-
-@_guarded
-def cmd_blend(args: argparse.Namespace) -> int:
-    """Write the blend, print the error report and the new file's path."""
-    import torch
-
-    from stylelora.generate.blend import blend
-    from stylelora.generate.stack import parse_lora_arg
-
-    specs = [parse_lora_arg(text) for text in args.adapters]
-    report = blend(specs, args.out, rank=args.rank, exact=args.exact, dtype=torch.float16 if args.fp16 else None)
-    if args.json:
-        print(json.dumps({"path": str(report.path), "mode": report.mode, "rank": report.rank,
-                          "max_error": report.max_error, "mean_error": report.mean_error,
-                          "module_errors": report.module_errors, "module_ranks": report.module_ranks}))
-    else:
-        print(report.summary())
-        print(report.path)
-    return 0
-
-
-@_guarded
-def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print what an adapter file is."""
-    from stylelora.generate.inspect import format_inspect, inspect_adapter
-
-    info = inspect_adapter(args.file)
-    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
     return 0

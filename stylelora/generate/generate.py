@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from stylelora.generate.pngmeta import GenerationParams, LoraUse, parse_parameters, save_png
-from stylelora.generate.stack import AdapterSpec, AdapterStack, as_specs
+from stylelora.generate.stack import AdapterStack
+from stylelora.lora.spec import AdapterSpec, as_specs
 
 MAX_SEED = 2**32 - 1  # A1111's seed range; -1 asks for a random one
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
@@ -109,7 +110,7 @@ def _merge_specs(specs: list[AdapterSpec]) -> tuple[AdapterSpec, ...]:
 
 
 def _add_triggers(prompt: str, adapters: list) -> str:
-    from stylelora.generate.inspect import trigger_words
+    from stylelora.lora.inspect import trigger_words
 
     words = [word for adapter in adapters for word in trigger_words(adapter.metadata)]
     missing = [word for word in dict.fromkeys(words) if word.lower() not in prompt.lower()]
@@ -118,7 +119,7 @@ def _add_triggers(prompt: str, adapters: list) -> str:
 
 def precheck_request(request: GenerateRequest) -> None:
     """Fail fast, before a base model is loaded: tags parse and resolve, adapter files exist and are safetensors."""
-    from stylelora.generate.adapter_file import read_header, weights_path
+    from stylelora.lora.adapter_file import read_header, weights_path
     from stylelora.generate.prompt_tags import parse_prompt, resolve_tags
     from stylelora.lora.io import load_adapter_state
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stylelora.generate.stack import AdapterSpec
+from stylelora.lora.spec import AdapterSpec
 
 TAG_PATTERN = re.compile(r"<lora:([^<>]*)>")
 OTHER_NETWORK_PATTERN = re.compile(r"<(lyco|hypernet|embedding|ti):[^<>]*>", re.IGNORECASE)

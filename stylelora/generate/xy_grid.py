@@ -15,7 +15,7 @@ from typing import Any
 
 from stylelora.generate.generate import MAX_SEED, GeneratedImage, GenerateRequest, ProgressCallback, generate
 from stylelora.generate.prompt_tags import format_weight
-from stylelora.generate.stack import AdapterSpec
+from stylelora.lora.spec import AdapterSpec
 
 AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "seed", "cfg", "steps")
 NO_ADAPTER = "none"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stylelora.generate.stack import AdapterSpec, as_specs
+from stylelora.lora.spec import AdapterSpec, as_specs
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 BLEND_METADATA_KEY = "stylelora.blend"
@@ -142,8 +142,8 @@ def _module_tensors(name: str, entry: ModuleTerms, up, down, dtype) -> dict:
 
 
 def _read_inputs(specs):
-    from stylelora.generate.adapter_file import read_adapter_file
-    from stylelora.generate.inspect import UNKNOWN_ARCHITECTURE, adapter_architecture
+    from stylelora.lora.adapter_file import read_adapter_file
+    from stylelora.lora.inspect import UNKNOWN_ARCHITECTURE, adapter_architecture
 
     files = [read_adapter_file(spec.path) for spec in specs]
     families = {f.path.name: adapter_architecture(f.state, f.metadata) for f in files}
@@ -211,7 +211,7 @@ def _merged_tag_frequency(files) -> dict:
 
 
 def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors) -> dict[str, str]:
-    from stylelora.generate.inspect import trigger_words
+    from stylelora.lora.inspect import trigger_words
     from stylelora.lora.io import file_model_hash
 
     first = files[0].metadata

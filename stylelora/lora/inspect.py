@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # Metadata that is big or shown elsewhere; every other ss_* key is listed as a training setting.
-BLEND_METADATA_KEY = "stylelora.blend"  # written by stylelora.generate.blend
+BLEND_METADATA_KEY = "stylelora.blend"  # written by stylelora.lora.blend
 NOT_TRAINING_SETTINGS = {"ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_datasets"}
 REPEATS_FOLDER = re.compile(r"^\d+_(.+)$")
 # Hidden size of the CLIP text encoder (q_proj input) per Stable Diffusion family.
@@ -40,7 +40,7 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
 
 def adapter_trigger_words(path: str | os.PathLike) -> list[str]:
     """Trigger words of an adapter file, from its header only (for the app's "add triggers" button)."""
-    from stylelora.generate.adapter_file import read_header, weights_path
+    from stylelora.lora.adapter_file import read_header, weights_path
 
     return trigger_words(read_header(weights_path(path))[1])
 
@@ -103,7 +103,7 @@ def _rank_summary(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     """Everything `stylelora inspect` shows, as a JSON-ready dict."""
-    from stylelora.generate.adapter_file import read_adapter_file
+    from stylelora.lora.adapter_file import read_adapter_file
     from stylelora.lora.io import file_model_hash
 
     file = read_adapter_file(path)

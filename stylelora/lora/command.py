@@ -1,0 +1,64 @@
+"""CLI for adapter files: `stylelora blend | inspect` parsers and handlers.
+
+Handlers print the written path (or the report) last. torch is imported inside handlers so `stylelora --help`
+stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from stylelora.cli import report_user_errors
+
+
+def add_lora_parsers(subparsers) -> None:
+    """Add blend and inspect to the `stylelora` subcommands."""
+    blend = subparsers.add_parser("blend", help="save a weighted mix of adapters as one new adapter")
+    blend.add_argument("adapters", nargs="+", metavar="FILE[:W[:TE_W]]")
+    blend.add_argument("--out", required=True, help="new .safetensors file (kohya format)")
+    mode = blend.add_mutually_exclusive_group()
+    mode.add_argument("--rank", type=int, help="re-factorise to this rank by SVD (reports the error per module)")
+    mode.add_argument("--exact", action="store_true", help="concatenate ranks: reproduces the blend exactly (default)")
+    blend.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+    blend.add_argument("--json", action="store_true", help="print the report as JSON")
+    blend.set_defaults(handler=cmd_blend)
+
+    inspect = subparsers.add_parser("inspect", help="show an adapter's format, base, rank, modules, triggers, training")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(handler=cmd_inspect)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean a bad adapter file or argument (reported in one line), not a bug."""
+    return (ValueError, FileNotFoundError)
+
+
+@report_user_errors(user_errors)
+def cmd_blend(args: argparse.Namespace) -> int:
+    """Write the blend, print the error report and the new file's path."""
+    import torch
+
+    from stylelora.lora.blend import blend
+    from stylelora.lora.spec import parse_lora_arg
+
+    specs = [parse_lora_arg(text) for text in args.adapters]
+    report = blend(specs, args.out, rank=args.rank, exact=args.exact, dtype=torch.float16 if args.fp16 else None)
+    if args.json:
+        print(json.dumps({"path": str(report.path), "mode": report.mode, "rank": report.rank,
+                          "max_error": report.max_error, "mean_error": report.mean_error,
+                          "module_errors": report.module_errors, "module_ranks": report.module_ranks}))
+    else:
+        print(report.summary())
+        print(report.path)
+    return 0
+
+
+@report_user_errors(user_errors)
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print what an adapter file is."""
+    from stylelora.lora.inspect import format_inspect, inspect_adapter
+
+    info = inspect_adapter(args.file)
+    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
