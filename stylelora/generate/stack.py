@@ -18,7 +18,6 @@ from typing import Any
 from stylelora.lora.adapter_file import AdapterFile, AdapterFileError, read_adapter_file, weights_path
 from stylelora.lora.spec import AdapterSpec, as_specs
 
-COMPONENTS = ("unet", "text_encoder")
 STACK_ATTRIBUTE = "_stylelora_adapter_stack"
 A1111_SHORT_HASH_LENGTH = 12
 
@@ -175,8 +174,7 @@ class AdapterStack:
         from stylelora.lora import formats
 
         if component not in self._names:
-            prefix = formats.UNET_PREFIX if component == "unet" else formats.TEXT_ENCODER_PREFIX
-            self._names[component] = formats.kohya_names(self.models[component], prefix)
+            self._names[component] = formats.kohya_names(self.models[component], formats.COMPONENT_PREFIXES[component])
         return self._names[component]
 
     def load(self, path: str | os.PathLike) -> LoadedAdapter:
@@ -203,7 +201,7 @@ class AdapterStack:
         except ValueError as error:
             raise AdapterStackError(f"{path.name}: {error} Nothing was applied.") from error
         modules: dict[tuple[str, str], LowRank] = {}
-        for component, prefix in (("unet", formats.UNET_PREFIX), ("text_encoder", formats.TEXT_ENCODER_PREFIX)):
+        for component, prefix in formats.COMPONENT_PREFIXES.items():
             if not parts[prefix]:
                 continue
             if self.models[component] is None:

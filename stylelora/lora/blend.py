@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stylelora.lora import formats
+from stylelora.lora.inspect import BLEND_METADATA_KEY, UNKNOWN_ARCHITECTURE, adapter_architecture, trigger_words
 from stylelora.lora.spec import AdapterSpec, as_specs
-
-LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
-BLEND_METADATA_KEY = "stylelora.blend"
 
 
 @dataclass
@@ -61,21 +60,19 @@ class BlendReport:
 
 
 def _group_modules(state: dict, file_name: str) -> dict[str, dict[str, Any]]:
-    modules: dict[str, dict[str, Any]] = {}
-    for key, tensor in state.items():
-        name, _, suffix = key.partition(".")
-        if suffix not in LORA_SUFFIXES:
-            raise ValueError(f"{file_name}: {key} is not plain LoRA (LyCORIS/DoRA tensors cannot be blended).")
-        modules.setdefault(name, {})[suffix] = tensor
-    incomplete = [name for name, parts in modules.items() if not {"lora_down.weight", "lora_up.weight"} <= set(parts)]
+    grouped = formats.group_kohya_modules(state)
+    if grouped.foreign_keys:
+        key = grouped.foreign_keys[0]
+        raise ValueError(f"{file_name}: {key} is not plain LoRA (LyCORIS/DoRA tensors cannot be blended).")
+    incomplete = grouped.incomplete()
     if incomplete:
         raise ValueError(f"{file_name}: modules without both lora_down and lora_up: {', '.join(incomplete[:3])}.")
-    return modules
+    return grouped.modules
 
 
 def _add_terms(terms: dict[str, ModuleTerms], modules: dict, spec: AdapterSpec, file_name: str) -> None:
     for name, parts in modules.items():
-        weight = spec.unet_weight if name.startswith("lora_unet_") else spec.text_encoder_weight
+        weight = spec.weight_for(formats.module_component(name))
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         rank = down.shape[0]
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
@@ -143,7 +140,6 @@ def _module_tensors(name: str, entry: ModuleTerms, up, down, dtype) -> dict:
 
 def _read_inputs(specs):
     from stylelora.lora.adapter_file import read_adapter_file
-    from stylelora.lora.inspect import UNKNOWN_ARCHITECTURE, adapter_architecture
 
     files = [read_adapter_file(spec.path) for spec in specs]
     families = {f.path.name: adapter_architecture(f.state, f.metadata) for f in files}
@@ -211,7 +207,6 @@ def _merged_tag_frequency(files) -> dict:
 
 
 def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors) -> dict[str, str]:
-    from stylelora.lora.inspect import trigger_words
     from stylelora.lora.io import file_model_hash
 
     first = files[0].metadata

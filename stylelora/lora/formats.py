@@ -20,6 +20,8 @@ from stylelora.lora.layers import adaptable_layers
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
+# SD1.x/2.x: which model of the pipeline each kohya prefix names (SDXL adds lora_te1 / lora_te2).
+COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
 # kohya suffix -> peft suffix, per LoRA module
 KOHYA_TO_PEFT_SUFFIX = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 PEFT_TO_KOHYA_SUFFIX = {peft: kohya for kohya, peft in KOHYA_TO_PEFT_SUFFIX.items()}
@@ -120,23 +122,42 @@ def _foreign_kind(suffix: str) -> str | None:
     return None
 
 
-def _group_by_module(kohya_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {suffix: tensor}}; refuses tensor kinds plain LoRA cannot load, naming what they are."""
-    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    foreign: dict[str, list[str]] = defaultdict(list)
-    for key, tensor in kohya_state.items():
-        name, _, suffix = key.partition(".")
-        if suffix in KOHYA_TO_PEFT_SUFFIX or suffix == ALPHA_SUFFIX:
-            modules[name][suffix] = tensor
-        else:
+@dataclass(frozen=True)
+class KohyaModules:
+    """A kohya state dict grouped by LoRA module, in file order (see group_kohya_modules)."""
+
+    modules: dict[str, dict[str, torch.Tensor]]  # {module name: {suffix: tensor}}, every key of the file
+    foreign_keys: tuple[str, ...]  # keys plain LoRA cannot load (not .lora_down.weight / .lora_up.weight / .alpha)
+
+    def incomplete(self) -> list[str]:
+        """Modules that lack lora_down.weight or lora_up.weight."""
+        return [name for name, parts in self.modules.items() if not set(KOHYA_TO_PEFT_SUFFIX) <= set(parts)]
+
+    def refuse_foreign(self) -> None:
+        """Raise naming what the foreign tensors are (LyCORIS, DoRA, ...) when the file is not plain LoRA."""
+        if not self.foreign_keys:
+            return
+        foreign: dict[str, list[str]] = defaultdict(list)
+        for key in self.foreign_keys:
+            suffix = key.partition(".")[2]
             foreign[_foreign_kind(suffix) or f"unknown tensor kind '.{suffix}'"].append(key)
-    if foreign:
         kinds = "; ".join(f"{kind}: {len(keys)} keys (e.g. {_examples(keys, 2)})" for kind, keys in foreign.items())
         raise ValueError(
             "Not a plain LoRA file: only <module>.lora_down.weight / .lora_up.weight / .alpha can be loaded. "
             f"Found {kinds}."
         )
-    return modules
+
+
+def group_kohya_modules(kohya_state: dict[str, torch.Tensor]) -> KohyaModules:
+    """Group kohya keys `<module>.<suffix>` by module; nothing is refused here, callers choose what to check."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    foreign = []
+    for key, tensor in kohya_state.items():
+        name, _, suffix = key.partition(".")
+        modules.setdefault(name, {})[suffix] = tensor
+        if suffix not in KOHYA_TO_PEFT_SUFFIX and suffix != ALPHA_SUFFIX:
+            foreign.append(key)
+    return KohyaModules(modules=modules, foreign_keys=tuple(foreign))
 
 
 def _module_rank_alpha(name: str, parts: dict[str, torch.Tensor]) -> tuple[int, float]:
@@ -165,7 +186,9 @@ def _fit_to_layer(tensor: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 def kohya_to_peft(kohya_state: dict[str, torch.Tensor],
                   names: KohyaNames) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
     """kohya state of ONE model (keys `<names.prefix>_...`) -> (peft state, per-path (rank, alpha))."""
-    modules = _group_by_module(kohya_state)
+    grouped = group_kohya_modules(kohya_state)
+    grouped.refuse_foreign()
+    modules = grouped.modules
     unknown = [name for name in modules if name not in names.by_name and name not in names.ambiguous]
     ambiguous = [name for name in modules if name in names.ambiguous]
     if unknown or ambiguous:
@@ -185,9 +208,16 @@ def kohya_to_peft(kohya_state: dict[str, torch.Tensor],
     return peft_state, ranks
 
 
+def module_component(name: str) -> str | None:
+    """"unet" or "text_encoder" for a kohya module name (any text encoder: lora_te_, SDXL's lora_te1_/lora_te2_)."""
+    if name.startswith(UNET_PREFIX + "_"):
+        return "unet"
+    return "text_encoder" if name.startswith(TEXT_ENCODER_PREFIX) else None
+
+
 def split_kohya_state(kohya_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{UNET_PREFIX: {...}, TEXT_ENCODER_PREFIX: {...}} by key prefix; refuses other models' keys (SDXL te1/te2)."""
-    parts: dict[str, dict[str, torch.Tensor]] = {UNET_PREFIX: {}, TEXT_ENCODER_PREFIX: {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in COMPONENT_PREFIXES.values()}
     other = []
     for key, tensor in kohya_state.items():
         for prefix in parts:

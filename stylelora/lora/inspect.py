@@ -56,18 +56,17 @@ def tag_frequencies(metadata: dict[str, str]) -> dict[str, int]:
 
 def _module_shapes(state: dict) -> dict[str, dict[str, Any]]:
     """{kohya module: {"rank", "alpha", "conv"}} from lora_down shapes and .alpha tensors."""
+    from stylelora.lora.formats import group_kohya_modules
+
     modules: dict[str, dict[str, Any]] = {}
-    for key, tensor in state.items():
-        name, _, suffix = key.partition(".")
-        entry = modules.setdefault(name, {})
-        if suffix == "lora_down.weight":
-            entry["rank"] = int(tensor.shape[0])
-            entry["conv"] = tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1)
-            entry["in"] = int(tensor.shape[1])
-        elif suffix == "alpha":
-            entry["alpha"] = float(tensor.item())
-    for entry in modules.values():
-        entry.setdefault("alpha", float(entry.get("rank", 0)))
+    for name, parts in group_kohya_modules(state).modules.items():
+        entry = modules[name] = {}
+        down = parts.get("lora_down.weight")
+        if down is not None:
+            entry["rank"] = int(down.shape[0])
+            entry["conv"] = down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
+            entry["in"] = int(down.shape[1])
+        entry["alpha"] = float(parts["alpha"].item()) if "alpha" in parts else float(entry.get("rank", 0))
     return modules
 
 
@@ -104,6 +103,7 @@ def _rank_summary(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     """Everything `stylelora inspect` shows, as a JSON-ready dict."""
     from stylelora.lora.adapter_file import read_adapter_file
+    from stylelora.lora.formats import module_component
     from stylelora.lora.io import file_model_hash
 
     file = read_adapter_file(path)
@@ -123,8 +123,8 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
                       or ({"peft.base_model_name_or_path": file.peft_config.get("base_model_name_or_path")}
                           if file.peft_config else {}),
         **_rank_summary(modules),
-        "modules": {"unet": sum(1 for n in modules if n.startswith("lora_unet_")),
-                    "text_encoder": sum(1 for n in modules if n.startswith("lora_te"))},
+        "modules": {component: sum(1 for n in modules if module_component(n) == component)
+                    for component in ("unet", "text_encoder")},
         "dtypes": dict(dtypes),
         "trigger_words": trigger_words(metadata),
         "training": {key: _json(value, value) for key, value in sorted(metadata.items())
