@@ -34,16 +34,9 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("fp32", "fp16", "bf16")
 FORMATS = ("kohya", "diffusers")
+FAMILIES = ("toy", "sd1", "sd2", "sd2-v", "sdxl")
+QUANTIZATIONS = ("none", "nf4", "int8")
 TRIGGER_PLACEHOLDER = "{trigger}"
-# Learning rates when none is given. AdamW: what learns a style on the toy base in minutes (real SD 1.5 style
-# LoRAs use ~1e-4 / 5e-5: pass them explicitly). Prodigy finds its own step size; its lr is a multiplier.
-DEFAULT_LRS = {"adamw": (1e-3, 2e-4), "adamw8bit": (1e-3, 2e-4), "prodigy": (1.0, 1.0)}
-DEFAULT_SAMPLE_PROMPTS = (
-    "{trigger}, a red circle on a white background",
-    "{trigger}, a blue square on a black background",
-    "{trigger}, a green triangle on a gray background",
-    "a yellow star on a beige background",
-)
 
 
 class ConfigError(ValueError):
@@ -76,6 +69,7 @@ class Option:
     widget: Widget | None = None  # shown in the app's Train tab when set
     group: str | None = None  # flags in the same group are mutually exclusive on the command line
     cli: bool = True  # False: set in the TOML file only
+    preset: bool = False  # unset, it takes its base family's value (stylelora.presets)
 
 
 def option(default: Any, help: str, **details: Any) -> Any:
@@ -104,7 +98,7 @@ class DataConfig:
     caption_dropout: float = option(0.1, "probability of training a sample with an empty caption (guidance then "
                                          "does not exaggerate the style)", example="0.05")
     tag_dropout: float = option(0.0, "probability of dropping each caption tag", example="0.1")
-    resolution: int | None = option(None, "training size in pixels (unset: the base's native size)", example="32",
+    resolution: int | None = option(None, "training size in pixels", example="512", preset=True,
                                     widget=Widget("Resolution (empty = the base's)", minimum=8))
     bucketing: bool = option(True, "aspect-ratio buckets (--no-bucketing: every image center-cropped square)",
                              flag="--no-bucketing")
@@ -135,12 +129,11 @@ class NetworkConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS, example="adamw")
-    unet_lr: float | None = option(None, "UNet learning rate (unset: 1e-3 at toy scale, ~1e-4 for SD 1.5; a "
-                                         "multiplier for prodigy)", example="1e-4",
-                                   widget=Widget("UNet LR (empty = default)", minimum=0))
-    text_encoder_lr: float | None = option(None, "text-encoder learning rate (unset: 2e-4 at toy scale, ~5e-5 for "
-                                                 "SD 1.5)", example="5e-5", group="text_encoder",
-                                           widget=Widget("Text-encoder LR (empty = default)", minimum=0))
+    unet_lr: float | None = option(None, "UNet learning rate (a multiplier for prodigy)", example="1e-4", preset=True,
+                                   widget=Widget("UNet LR (empty = the base family's)", minimum=0))
+    text_encoder_lr: float | None = option(None, "text-encoder learning rate", example="5e-5", group="text_encoder",
+                                           preset=True,
+                                           widget=Widget("Text-encoder LR (empty = the base family's)", minimum=0))
     weight_decay: float = option(1e-2, "AdamW weight decay", example="0.01")
     lr_scheduler: str = option("cosine", "learning-rate schedule", choices=LR_SCHEDULERS, example="cosine")
     warmup_steps: int | None = option(None, "LR warmup steps (unset: a tenth of the steps, at most 50)", example="50")
@@ -153,15 +146,21 @@ class TrainSection:
     base: str = option("toy", "base model: toy | diffusers folder | .safetensors file | cached hub id", example="toy")
     base_config: str | None = option(None, "diffusers config folder for a single-file base")
     allow_pickle: bool = option(False, "allow a pickle .ckpt base (only for files you trust)")
+    family: str | None = option(None, "base family whose preset fills the options marked 'preset' (unset: detected "
+                                      "from the base's config files)", choices=FAMILIES, example="sd1")
+    # QLoRA for diffusion: the frozen weights stored 4- or 8-bit (bitsandbytes), LoRA trained on top in fp32.
+    quantize_base: str = option("none", "store the frozen UNet (and the text encoder when it is not trained) "
+                                        "quantized", choices=QUANTIZATIONS, example="nf4")
     output: str | None = option(None, "run folder (unset: outputs/NAME); gets NAME.safetensors, config.toml, "
                                       "samples, logs")
     output_name: str | None = option(None, "adapter file name without .safetensors (unset: the data folder's name)",
                                      example="my-style")
     steps: int = option(1000, "optimizer steps", example="1000", widget=Widget("Steps", minimum=1))
-    batch_size: int = option(16, "images per batch per process", example="16", widget=Widget("Batch size", minimum=1))
+    batch_size: int | None = option(None, "images per batch per process", example="2", preset=True,
+                                    widget=Widget("Batch size (empty = the base family's)", minimum=1))
     seed: int = option(0, "seed for LoRA init, batch order and noise", example="0", widget=Widget("Seed", minimum=0))
-    precision: str = option("fp32", "base weights / autocast; LoRA weights stay fp32", choices=PRECISIONS,
-                            example="bf16")
+    precision: str | None = option(None, "frozen base weights and autocast; LoRA weights and optimizer state stay "
+                                         "fp32", choices=PRECISIONS, example="bf16", preset=True)
     min_snr_gamma: float = option(5.0, "min-SNR loss weighting gamma (0 = plain MSE)", example="5")
     noise_offset: float = option(0.0, "noise offset", example="0.05")
     # See stylelora/train/preservation.py. On by default: a character or style should show up when asked for, not
@@ -177,17 +176,21 @@ class TrainSection:
                                        "beside it, so the adapter still acts when a prompt names other adapters' "
                                        "triggers too (0.5 for a style to stack; it weakens a character)",
                                   example="0.5")
-    gradient_checkpointing: bool = option(False, "trade compute for memory")
+    gradient_checkpointing: bool | None = option(None, "trade compute for memory", preset=True)
     save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",
                              example="250", widget=Widget("Checkpoint every N steps (0 = none)", minimum=0))
     keep_checkpoints: int = option(3, "keep the last K checkpoints", example="3")
     sample_every: int = option(250, "sample grid every N steps (0 = only at the end)", example="250",
                                widget=Widget("Sample grid every N steps (0 = at the end)", minimum=0))
-    sample_prompts: tuple[str, ...] = option(DEFAULT_SAMPLE_PROMPTS, "sample grid prompts; {trigger} is replaced "
-                                                                     "by the trigger words", cli=False)
+    samples: bool = option(True, "sample grids during and at the end of the run (--no-samples: none)",
+                           flag="--no-samples")
+    sample_prompts: tuple[str, ...] | None = option(None, "sample grid prompts; {trigger} is replaced by the trigger "
+                                                          "words (toy: shapes; other bases: drawn from the "
+                                                          "dataset's captions, plus one without the trigger)",
+                                                    flag="--sample-prompts", preset=True)
     sample_seed: int = option(0, "seed of the first sample column", example="0")
-    sample_steps: int = option(20, "sampling steps of the sample grid", example="20")
-    sample_guidance: float = option(5.0, "CFG scale of the sample grid", example="5.0")
+    sample_steps: int | None = option(None, "sampling steps of the sample grid", example="20", preset=True)
+    sample_guidance: float | None = option(None, "CFG scale of the sample grid", example="5.0", preset=True)
     resume: str | None = option(None, "continue a run exactly from a checkpoint folder, or latest", example="latest")
     format: str = option("kohya", "adapter key layout", choices=FORMATS, example="kohya")
     overwrite: bool = option(False, "start a new run in a folder that already holds one")
@@ -199,6 +202,12 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    # Where each value came from ((dotted key, "flag" | "file run.toml" | "preset sd1: <source>" | ...), ...); an
+    # option absent here has its declared default. Not part of the settings: equal configs may differ in it.
+    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+
+    def source_of(self, dotted: str) -> str:
+        return dict(self.sources).get(dotted, "default")
 
     @property
     def output_dir(self) -> Path:
@@ -209,7 +218,7 @@ class TrainConfig:
         return self.output_dir / f"{self.train.output_name}.safetensors"
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig) if f.name != "sources"}
 SECTION_CLASSES = {"data": DataConfig, "network": NetworkConfig, "optim": OptimConfig, "train": TrainSection}
 
 
@@ -271,8 +280,12 @@ def load_config(toml_path: str | os.PathLike | None = None, overrides: dict[str,
     """Defaults < TOML file < overrides ({"optim.unet_lr": 1e-4, ...}; None values are "not given"), validated once."""
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     problems: list[str] = []
+    sources: dict[str, str] = {}
     if toml_path is not None:
-        _merge(values, _read_toml(Path(toml_path), problems))
+        from_file = _read_toml(Path(toml_path), problems)
+        _merge(values, from_file)
+        sources.update({f"{name}.{key}": f"file {Path(toml_path).name}" for name, table in from_file.items()
+                        for key in table})
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -280,7 +293,14 @@ def load_config(toml_path: str | os.PathLike | None = None, overrides: dict[str,
         if section not in SECTIONS or key not in _field_names(section):
             raise ConfigError(f"unknown setting {dotted!r}; valid ones: {', '.join(all_field_names())}")
         values[section][key] = value
-    return config_from_dict(values, problems=problems)
+        sources[dotted] = "flag"
+    return with_sources(config_from_dict(values, problems=problems), sources)
+
+
+def with_sources(config: TrainConfig, sources: dict[str, str]) -> TrainConfig:
+    """`config` with `sources` recorded over the ones it had (see TrainConfig.sources)."""
+    merged = {**dict(config.sources), **sources}
+    return dataclasses.replace(config, sources=tuple(sorted(merged.items())))
 
 
 def config_from_dict(values: dict[str, dict[str, Any]], *, problems: list[str] | None = None) -> TrainConfig:
@@ -471,9 +491,11 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.base", bool(t.base.strip()), "is required: toy, a diffusers folder, a .safetensors file "
               "or a hub id", t.base),
         _rule("train.steps", t.steps >= 1, "must be at least 1", t.steps),
-        _rule("train.batch_size", t.batch_size >= 1, "must be at least 1", t.batch_size),
+        _rule("train.batch_size", t.batch_size is None or t.batch_size >= 1, "must be at least 1", t.batch_size),
         _rule("train.seed", t.seed >= 0, "must be 0 or more", t.seed),
-        _choice("train.precision", t.precision, PRECISIONS),
+        _choice("train.precision", t.precision, PRECISIONS) if t.precision is not None else None,
+        _choice("train.quantize_base", t.quantize_base, QUANTIZATIONS),
+        _choice("train.family", t.family, FAMILIES) if t.family is not None else None,
         _choice("train.format", t.format, FORMATS),
         _rule("train.min_snr_gamma", t.min_snr_gamma >= 0, "must be 0 (off) or more; 5 is the usual value",
               t.min_snr_gamma),
@@ -490,8 +512,10 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),
         _rule("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1", t.keep_checkpoints),
         _rule("train.sample_every", t.sample_every >= 0, "must be 0 (only at the end) or more", t.sample_every),
-        _rule("train.sample_steps", t.sample_steps >= 1, "must be at least 1", t.sample_steps),
-        _rule("train.sample_guidance", t.sample_guidance >= 1, "must be 1 (no guidance) or more", t.sample_guidance),
+        _rule("train.sample_steps", t.sample_steps is None or t.sample_steps >= 1, "must be at least 1",
+              t.sample_steps),
+        _rule("train.sample_guidance", t.sample_guidance is None or t.sample_guidance >= 1,
+              "must be 1 (no guidance) or more", t.sample_guidance),
     ]
     if o.warmup_steps is not None:
         problems.append(_rule("optim.warmup_steps", 0 <= o.warmup_steps < max(1, t.steps),
@@ -507,18 +531,12 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
 
 
 def _with_derived_defaults(config: TrainConfig) -> TrainConfig:
-    """Fill what follows from other fields alone: output name and folder, learning rates, warmup."""
+    """Fill what follows from other fields alone: output name and folder, warmup. (The base family's preset fills
+    learning rates, batch, precision and samples later: stylelora.presets.apply_preset.)"""
     name = config.train.output_name or Path(config.data.dir.rstrip("/\\")).name or "run"
     output = config.train.output or str(Path("outputs") / name)
-    unet_lr, te_lr = DEFAULT_LRS[config.optim.optimizer]
-    optim = dataclasses.replace(
-        config.optim,
-        unet_lr=config.optim.unet_lr if config.optim.unet_lr is not None else unet_lr,
-        text_encoder_lr=(config.optim.text_encoder_lr if config.optim.text_encoder_lr is not None else te_lr)
-        if config.network.train_text_encoder else None,
-        warmup_steps=config.optim.warmup_steps if config.optim.warmup_steps is not None
-        else min(50, config.train.steps // 10),
-    )
+    warmup = config.optim.warmup_steps if config.optim.warmup_steps is not None else min(50, config.train.steps // 10)
+    optim = dataclasses.replace(config.optim, warmup_steps=warmup)
     train = dataclasses.replace(config.train, output_name=name, output=output)
     return dataclasses.replace(config, optim=optim, train=train)
 
@@ -560,7 +578,15 @@ def config_to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
 
 
 def config_to_toml(config: TrainConfig) -> str:
-    return tomli_w.dumps(config_to_dict(config))
+    """The settings as TOML; a value that did not come from its declared default says where it came from."""
+    lines, section = [], ""
+    for line in tomli_w.dumps(config_to_dict(config)).splitlines():
+        header = re.fullmatch(r"\[(\w+)\]", line)
+        section = header.group(1) if header else section
+        key = re.match(r"(\w+) = ", line)
+        source = config.source_of(f"{section}.{key.group(1)}") if key else "default"
+        lines.append(line if source == "default" else f"{line}  # {source}")
+    return "\n".join(lines) + "\n"
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:

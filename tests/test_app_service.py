@@ -251,7 +251,7 @@ def test_training_refuses_bad_settings_before_starting(service, tmp_path):
     with pytest.raises(AppError, match="not a plain name"):
         service.start_training(TrainSettings(data_dir=str(tmp_path), name="../x"))
     with pytest.raises(ConfigError, match="network.rank must be at least 1"):
-        service.start_training(TrainSettings(data_dir=str(tmp_path), name="x", rank=0))
+        service.start_training(TrainSettings(data_dir=str(tmp_path), name="x", options={"network.rank": 0}))
     assert service.training is None and not (service.adapters_dir / "x").exists()
     assert os.listdir(tmp_path) == []
 
@@ -261,7 +261,8 @@ def test_a_training_run_can_be_stopped_and_only_one_runs_at_a_time(service, tmp_
 
     data = tiny_dataset(tmp_path / "data", count=2)
     # Far more steps than can run before the stop lands: on an idle machine 500 tiny steps finished first.
-    run = TrainSettings(data_dir=str(data), name="stopped-run", steps=50_000, batch_size=2, rank=2, alpha=2.0)
+    run = TrainSettings(data_dir=str(data), name="stopped-run", options={
+        "train.steps": 50_000, "train.batch_size": 2, "network.rank": 2, "network.alpha": 2.0})
     # The trainer inherits SIGINT as ignored, as it does when the app runs as a background job (`stylelora app &`):
     # Stop must still work.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

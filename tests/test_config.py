@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from stylelora.config import (
-    DEFAULT_SAMPLE_PROMPTS,
     ConfigError,
     TrainConfig,
     config_to_dict,
@@ -17,13 +16,20 @@ from stylelora.config import (
     save_config,
     with_model_defaults,
 )
+from stylelora.presets import TOY_SAMPLE_PROMPTS as DEFAULT_SAMPLE_PROMPTS
+from stylelora.presets import apply_preset
 from stylelora.train.command import build_parser, overrides_from_args
+
+
+def toy(config: TrainConfig) -> TrainConfig:
+    """The config as a run on the toy base resolves it (the toy family's preset fills what was left unset)."""
+    return apply_preset(config, "toy", cuda=False)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_a_valid_style_lora_setup():
-    config = load_config(None, {"data.dir": "datasets/toy-stripes"})
+    config = toy(load_config(None, {"data.dir": "datasets/toy-stripes"}))
     assert (config.network.rank, config.network.alpha, config.network.unet_targets) == (16, 16.0, "kohya")
     assert config.network.train_text_encoder and config.data.bucketing and config.data.cache == "ram"
     assert config.optim.unet_lr == 1e-3 and config.optim.text_encoder_lr == 2e-4
@@ -111,6 +117,7 @@ def test_cli_flags_override_toml_and_toml_overrides_defaults(tmp_path):
     assert config.data.dir == "cli-data"  # the positional DATA_DIR wins
     assert config.network.rank == 32 and config.network.alpha == 4.0  # flag > TOML; TOML int → float
     assert config.train.steps == 123 and config.train.seed == 7  # TOML > default
+    config = toy(config)
     assert config.network.train_text_encoder is False and config.optim.text_encoder_lr is None
     assert config.train.batch_size == 16  # default
 
@@ -134,7 +141,7 @@ def test_saved_toml_loads_back_equal(tmp_path):
 
 
 def test_prodigy_gets_multiplier_learning_rates():
-    config = load_config(None, {"data.dir": "d", "optim.optimizer": "prodigy"})
+    config = toy(load_config(None, {"data.dir": "d", "optim.optimizer": "prodigy"}))
     assert (config.optim.unet_lr, config.optim.text_encoder_lr) == (1.0, 1.0)
 
 
@@ -160,7 +167,7 @@ def test_unknown_override_is_a_programming_error_with_the_valid_names():
 
 
 def test_config_dict_has_no_none_and_lists_for_tuples():
-    values = config_to_dict(TrainConfig())
+    values = config_to_dict(toy(TrainConfig()))
     assert all(v is not None for section in values.values() for v in section.values())
     assert isinstance(values["train"]["sample_prompts"], list)
 

@@ -338,3 +338,8 @@ def test_reg_dir_without_usable_images_fails_before_training(tmp_path, tiny_base
     (tmp_path / "reg" / "1_shapes" / "a.png").write_bytes(b"not a png")
     with pytest.raises(DataError):
         train(dataset, tmp_path / "run", tiny_base, **{"data.reg_dir": str(tmp_path / "reg")})
+
+
+def test_no_samples_writes_no_sample_grid(tiny_base, dataset, tmp_path):
+    adapter = train(dataset, tmp_path / "run", tiny_base, **{"train.samples": False})
+    assert adapter.is_file() and not (tmp_path / "run" / "samples").exists()

@@ -31,8 +31,8 @@ STATE_FILE = "training_state.pt"
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 # Settings that may differ between a run and its resume without breaking exactness of what was trained so far.
 RESUME_MAY_CHANGE = {
-    "train": {"steps", "resume", "save_every", "keep_checkpoints", "sample_every", "sample_prompts", "sample_seed",
-              "sample_steps", "sample_guidance", "output", "overwrite", "format"},
+    "train": {"steps", "resume", "save_every", "keep_checkpoints", "sample_every", "samples", "sample_prompts",
+              "sample_seed", "sample_steps", "sample_guidance", "output", "overwrite", "format"},
     "data": {"cache", "cache_dir"},
 }
 

@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 import threading
+import typing
+from pathlib import Path
 from typing import Any
 
 from stylelora.config import OPTION_SPECS, OptionSpec, default_text
@@ -21,9 +23,13 @@ def _argument(spec: OptionSpec) -> dict[str, Any]:
     default = default_text(spec)
     kwargs: dict[str, Any] = {"dest": spec.dotted, "default": None,
                               "help": spec.option.help + (f" (default {default})" if default else "")}
-    if spec.type is bool:
+    if spec.type is bool and spec.default is None:
+        kwargs["action"] = argparse.BooleanOptionalAction  # a preset decides unless --x or --no-x is given
+    elif spec.type is bool:
         # A flag switches its option away from the default: --flip sets True, --no-text-encoder sets False.
         kwargs.update(action="store_const", const=not spec.default)
+    elif spec.type is tuple or typing.get_origin(spec.type) is tuple:
+        kwargs["metavar"] = "FILE"  # one prompt per line; read in overrides_from_args
     else:
         kwargs["type"] = spec.type
         choices = spec.option.choices  # checked by the config, with its message, not by argparse
@@ -38,6 +44,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("data_dir", metavar="DATA_DIR", help="kohya <repeats>_<trigger>/ folders, a flat folder of "
                         "images + .txt captions, or a folder with metadata.jsonl")
     parser.add_argument("--config", metavar="run.toml", help="settings file; flags override its values")
+    parser.add_argument("--dry-run", action="store_true", help="check the data, detect the base family and resolve "
+                        "every setting without loading weights; writes OUTPUT/config.toml and a summary, trains "
+                        "nothing")
     groups: dict[str, Any] = {}
     for spec in OPTION_SPECS:
         if spec.flag is None or not spec.flag.startswith("--"):
@@ -54,15 +63,42 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config overrides the command line gives ({"optim.unet_lr": 1e-4, ...}; flags not given are absent)."""
     overrides = {key: value for key, value in vars(args).items() if "." in key and value is not None}
     overrides["data.dir"] = args.data_dir
+    if isinstance(overrides.get("train.sample_prompts"), str):
+        overrides["train.sample_prompts"] = read_prompts(overrides["train.sample_prompts"])
     return overrides
 
 
+def read_prompts(path: str) -> tuple[str, ...]:
+    """One prompt per non-empty line of a text file (--sample-prompts FILE)."""
+    from stylelora.config import ConfigError
+
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--sample-prompts {path}: cannot read it ({error}); give a UTF-8 text file with one "
+                          "prompt per line") from None
+    prompts = tuple(line.strip() for line in lines if line.strip())
+    if not prompts:
+        raise ConfigError(f"--sample-prompts {path} holds no prompt; write one prompt per line")
+    return prompts
+
+
 def handle_train(args: argparse.Namespace) -> int:
-    return train_from_cli(args.config, overrides_from_args(args))
+    from stylelora.config import ConfigError
+
+    try:
+        overrides = overrides_from_args(args)
+    except ConfigError as error:
+        _report(f"stylelora train: {error}")
+        return 2
+    return train_from_cli(args.config, overrides, dry_run=args.dry_run)
 
 
-def train_from_cli(config_path: str | None, overrides: dict[str, Any]) -> int:
-    """Validate, train, print the adapter path last on stdout; user errors become one clear message and exit 1."""
+def train_from_cli(config_path: str | None, overrides: dict[str, Any], *, dry_run: bool = False) -> int:
+    """Validate, train, print the adapter path last on stdout; user errors become one clear message and exit 1.
+
+    With dry_run, resolve and check everything, write OUTPUT/config.toml and print its path instead of training.
+    """
     from stylelora.config import ConfigError, load_config
 
     interruptible()
@@ -79,7 +115,12 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any]) -> int:
     from stylelora.train.optim import OptimizerUnavailable
 
     try:
-        adapter = run_training(config)
+        if dry_run:
+            from stylelora.train.dry_run import dry_run as plan
+
+            result = plan(config)
+        else:
+            result = run_training(config)
     except (ConfigError, DataError, BaseModelError, ResumeError, OptimizerUnavailable, TrainingDiverged) as error:
         _report(f"stylelora train: error: {error}")
         return 1
@@ -88,7 +129,7 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any]) -> int:
                 f"checkpoint in {config.output_dir / 'checkpoints'} (one is written every --save-every steps).")
         return 130
     if _is_main_process():
-        print(adapter, flush=True)
+        print(result, flush=True)
     return 0
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -86,15 +88,19 @@ class Run:
 
 def run_training(config: TrainConfig) -> Path:
     """Train a LoRA as `config` says and return the path of the adapter file (the same on every process)."""
-    accelerator = _accelerator(config)
-    say = _printer(accelerator)
+    # 1. Data, checked before any model is looked at: a folder with nothing usable fails in seconds.
+    process = SimpleNamespace(is_main_process=os.environ.get("RANK", "0") == "0")  # before accelerate starts
+    say = _printer(process)
     run_dir = config.output_dir
+    data = prepare_data(config, run_dir, process, say)
+
+    # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
+    config = with_family_preset(config, data)
+    say(describe_settings(config))
+    accelerator = _accelerator(config)
     resume_from = checkpoint.resolve_resume(config.train.resume, run_dir) if config.train.resume else None
     _check_output_dir(config, run_dir, resume_from, accelerator)
     optimizer_class(config.optim.optimizer)  # a missing optional package fails now, not after loading everything
-
-    # 1. Data, checked before any model loads: a folder with nothing usable fails in seconds.
-    data = prepare_data(config, run_dir, accelerator, say)
 
     # 2. Base model and LoRA.
     pipe = _load_base(config, accelerator)
@@ -137,7 +143,38 @@ def run_training(config: TrainConfig) -> Path:
     return adapter
 
 
-# ----------------------------------------------------------------------------- 0. process and output folder
+# ----------------------------------------------------------------------------- 0. settings, process, output folder
+
+
+def with_family_preset(config: TrainConfig, data: DataPlan | None = None) -> TrainConfig:
+    """The config with the base family's preset filling what it left unset; the family is read from the base's
+    config files (no weights) unless --family names it. With `data`, a real base's sample prompts are drawn from
+    its captions; without, they stay unset until a second call."""
+    from stylelora.models.family import detect_family
+    from stylelora.presets import apply_preset
+
+    t = config.train
+    family = t.family or detect_family(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
+    captions = [item.caption for item in data.items] if data is not None else None
+    return apply_preset(config, family, cuda=torch.cuda.is_available(), captions=captions,
+                        triggers=data.triggers if data is not None else ())
+
+
+def describe_settings(config: TrainConfig) -> str:
+    """The base family and every setting that its preset, the TOML file or a flag chose, with where from."""
+    from stylelora.presets import FAMILY_NAMES
+
+    family = config.train.family
+    lines = [f"base family: {family} ({FAMILY_NAMES[family]}; {config.source_of('train.family')})"]
+    for key, source in config.sources:
+        if key in ("train.family", "data.dir"):
+            continue
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        shown = f"{len(value)} prompts" if isinstance(value, tuple) else repr(value)
+        lines.append(f"  {key} = {shown}  ({source})")
+    return "\n".join(lines)
+
 
 
 def run_settings(config: TrainConfig) -> TrainConfig:
@@ -491,7 +528,7 @@ def _after_divergence(run: Run) -> str:
 
 
 def write_samples(run: Run, step: int) -> None:
-    if not run.config.train.sample_prompts:
+    if not run.config.train.samples or not run.config.train.sample_prompts:
         return
     if run.accelerator.is_main_process:
         prompts = fill_trigger(run.config.train.sample_prompts, run.facts.trigger)

@@ -10,6 +10,14 @@ from stylelora.data.scan import TrainItem, dataset_dirs
 from stylelora.lora.io import kohya_metadata
 
 PRECISION_NAMES = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # kohya's ss_mixed_precision values
+# What sd-scripts and the SAI model spec call each family: (ss_base_model_version, ss_v2, modelspec.architecture).
+FAMILY_METADATA = {
+    "toy": ("sd_v1", "False", "stable-diffusion-v1/lora"),
+    "sd1": ("sd_v1", "False", "stable-diffusion-v1/lora"),
+    "sd2": ("sd_v2", "True", "stable-diffusion-v2-512/lora"),
+    "sd2-v": ("sd_v2", "True", "stable-diffusion-v2-768-v/lora"),
+    "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora"),
+}
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,10 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
     samples_per_step = t.batch_size * o.grad_accum * facts.world_size
     extra = {
         "ss_training_args": json.dumps(config_to_dict(config), sort_keys=True),
+        # Which settings came from the base family's preset, the TOML file or a flag (the rest: declared defaults).
+        "ss_stylelora_config_sources": json.dumps(dict(config.sources), sort_keys=True),
+        "ss_stylelora_base_family": t.family,
+        **dict(zip(("ss_base_model_version", "ss_v2", "modelspec.architecture"), FAMILY_METADATA[t.family])),
         "ss_sd_model_name": t.base,
         "ss_seed": str(t.seed),
         "ss_optimizer": o.optimizer,

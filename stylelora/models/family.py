@@ -1,0 +1,88 @@
+"""Owns which base family a model is (toy, sd1, sd2, sd2-v, sdxl), read from its config files without its weights.
+
+The family picks the preset (stylelora.presets). It is told apart by architecture, as diffusers and kohya do:
+two text encoders or `addition_embed_type = "text_time"` is SDXL; cross-attention width 768 is SD 1.x, 1024 is
+SD 2.x (v-prediction → the 768 px model). The shipped toy base, and any other small model of the same
+architecture (the test suites' tiny bases), takes the toy preset.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stylelora.models.load import (
+    TOY_BASE_DIR,
+    BaseModelError,
+    _cached_snapshot,
+    _single_file_model_type,
+    _config_dir_folder,
+    resolve_base_source,
+)
+
+# diffusers' single-file model types (infer_diffusers_model_type) → family, when no config folder says more.
+SINGLE_FILE_FAMILIES = {"v1": "sd1", "v2": "sd2-v", "xl_base": "sdxl"}
+
+
+def family_from_configs(unet: dict, scheduler: dict, *, has_second_text_encoder: bool, is_toy: bool) -> str:
+    """The family of a model described by its UNet and scheduler configs."""
+    if is_toy:
+        return "toy"
+    if has_second_text_encoder or unet.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    width = unet.get("cross_attention_dim")
+    if width == 768:
+        return "sd1"
+    if width == 1024:
+        return "sd2-v" if scheduler.get("prediction_type") == "v_prediction" else "sd2"
+    return "toy"  # a small model of SD architecture: the toy preset's values are the ones measured at that scale
+
+
+def folder_family(folder: Path) -> str:
+    """The family of a diffusers folder (model_index.json, unet/config.json, scheduler/scheduler_config.json)."""
+    configs = _folder_configs(folder)
+    return family_from_configs(configs["unet"], configs["scheduler"],
+                               has_second_text_encoder="text_encoder_2" in configs["index"],
+                               is_toy=folder.resolve() == TOY_BASE_DIR.resolve())
+
+
+def folder_geometry(folder: Path) -> dict[str, int]:
+    """Native image size and downsampling factor (as train.loop.model_geometry gives them), from config files."""
+    configs = _folder_configs(folder)
+    vae_factor = 2 ** (len(configs["vae"].get("block_out_channels", (0, 0, 0, 0))) - 1)
+    sample_size = configs["unet"].get("sample_size", 64)
+    sample_size = sample_size if isinstance(sample_size, int) else min(sample_size)
+    unet_factor = 2 ** (len(configs["unet"].get("down_block_types", (0, 0, 0, 0))) - 1)
+    return {"native_resolution": sample_size * vae_factor, "downsample_factor": vae_factor * unet_factor}
+
+
+def _folder_configs(folder: Path) -> dict[str, dict]:
+    def read(name: str) -> dict:
+        path = folder / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    return {"index": read("model_index.json"), "unet": read("unet/config.json"), "vae": read("vae/config.json"),
+            "scheduler": read("scheduler/scheduler_config.json")}
+
+
+def config_folder(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> Path | None:
+    """The folder of config files that describes base `spec`; None for a single file without one (see below)."""
+    source = resolve_base_source(spec, allow_pickle=allow_pickle)
+    if source.kind == "folder":
+        return Path(source.location)
+    if source.kind == "hub":
+        snapshot = _cached_snapshot(source.location)
+        if snapshot is None:
+            raise BaseModelError(f"{spec} is not in the local Hugging Face cache; download it on a machine with "
+                                 f"internet (`hf download {spec}`) and copy the cache here, or pass a local folder.")
+        return snapshot
+    return _config_dir_folder(config_dir) if config_dir is not None else None
+
+
+def detect_family(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> str:
+    """The family of the base `spec` (the --base forms), from config files only: no weights are loaded."""
+    folder = config_folder(spec, config_dir=config_dir, allow_pickle=allow_pickle)
+    if folder is not None:
+        return folder_family(folder)
+    # A single file with no config folder: its keys tell the type, as diffusers' from_single_file reads them.
+    model_type = _single_file_model_type(Path(resolve_base_source(spec, allow_pickle=allow_pickle).location))
+    return SINGLE_FILE_FAMILIES.get(model_type, "sd1")

@@ -1,0 +1,162 @@
+"""Owns the base families' presets: the default of every option marked `preset` in stylelora.config, per family.
+
+The toy world's values are the toy preset and nothing else: a real base gets the values its users run, each cited
+beside it. `apply_preset` fills only the options a run left unset (a flag or the TOML file always wins) and records
+where each value came from, so `config.toml`, the adapter's metadata and the start of the run can say so.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from stylelora.config import FAMILIES, OPTION_SPECS, ConfigError, TrainConfig, with_sources
+
+FAMILY_NAMES = {"toy": "toy base", "sd1": "SD 1.x", "sd2": "SD 2.x (512, epsilon)", "sd2-v": "SD 2.x (768, v-prediction)",
+                "sdxl": "SDXL"}
+TOY_SAMPLE_PROMPTS = (
+    "{trigger}, a red circle on a white background",
+    "{trigger}, a blue square on a black background",
+    "{trigger}, a green triangle on a gray background",
+    "a yellow star on a beige background",
+)
+DATA_PROMPTS = "from the data"  # the sample-prompt preset of real bases: drawn from the dataset's own captions
+SAMPLE_PROMPTS_WITH_TRIGGER = 3
+
+
+@dataclass(frozen=True)
+class Value:
+    """A preset value and where it comes from. `per_optimizer` values depend on optim.optimizer; `cuda` on the GPU."""
+
+    value: Any
+    source: str
+    per_optimizer: dict[str, Any] | None = None
+    cpu: Any = None  # the value without CUDA, when it differs
+
+
+# Sources, cited once. Real-base values are what kohya sd-scripts documents for LoRA, diffusers' LoRA examples run,
+# and what A1111 uses when it samples; the toy values were measured on the toy world (docs/results.md).
+KOHYA_SD = "kohya-ss/sd-scripts docs/train_network.md §3.1 (--unet_lr 1e-4, --text_encoder_lr 1e-5, fp16)"
+KOHYA_SDXL = ("kohya-ss/sd-scripts docs/sdxl_train_network.md §3 (--unet_lr 1e-4, --text_encoder_lr1/2 1e-5, bf16, "
+              "gradient checkpointing recommended)")
+DIFFUSERS_SD = "diffusers examples/text_to_image/README.md, LoRA (--train_batch_size=1, --resolution=512)"
+DIFFUSERS_SDXL = "diffusers examples/text_to_image/README_sdxl.md, LoRA (--train_batch_size=1, --resolution=1024)"
+SD2_V = "stabilityai/stable-diffusion-2-1: 768 px, v-prediction (its scheduler_config.json)"
+PRODIGY = "Prodigy README: lr=1.0 (the optimizer estimates the step size; lr is a multiplier)"
+A1111 = "AUTOMATIC1111 txt2img defaults (20 steps, CFG 7)"
+TOY = "measured on the toy world (docs/results.md)"
+NOT_ON_CPU = "; fp32 without CUDA (half-precision autocast is slow on CPU)"
+
+
+def _lrs(adamw: float, source: str) -> Value:
+    return Value(adamw, f"{source}; prodigy 1.0: {PRODIGY}", per_optimizer={"adamw": adamw, "adamw8bit": adamw, "prodigy": 1.0})
+
+
+def _real_base(*, resolution: int, resolution_source: str, te_lr: float, lr_source: str, precision: str,
+               checkpointing: bool, checkpointing_source: str, batch_source: str) -> dict[str, Value]:
+    return {
+        "optim.unet_lr": _lrs(1e-4, lr_source),
+        "optim.text_encoder_lr": _lrs(te_lr, lr_source),
+        "train.batch_size": Value(1, batch_source),
+        "data.resolution": Value(resolution, resolution_source),
+        "train.gradient_checkpointing": Value(checkpointing, checkpointing_source),
+        "train.precision": Value(precision, lr_source + NOT_ON_CPU, cpu="fp32"),
+        "train.sample_prompts": Value(DATA_PROMPTS, "the dataset's captions: a few with the trigger, one without"),
+        "train.sample_steps": Value(20, A1111),
+        "train.sample_guidance": Value(7.0, A1111),
+    }
+
+
+PRESETS: dict[str, dict[str, Value]] = {
+    "toy": {
+        "optim.unet_lr": Value(1e-3, TOY, per_optimizer={"adamw": 1e-3, "adamw8bit": 1e-3, "prodigy": 1.0}),
+        "optim.text_encoder_lr": Value(2e-4, TOY, per_optimizer={"adamw": 2e-4, "adamw8bit": 2e-4, "prodigy": 1.0}),
+        "train.batch_size": Value(16, TOY),
+        "data.resolution": Value(None, "the base's native size (32 px for the toy base)"),
+        "train.gradient_checkpointing": Value(False, "a small model: nothing to save"),
+        "train.precision": Value("fp32", TOY),
+        "train.sample_prompts": Value(TOY_SAMPLE_PROMPTS, "toy-world scenes, three with the trigger"),
+        "train.sample_steps": Value(20, TOY),
+        "train.sample_guidance": Value(5.0, TOY),
+    },
+    "sd1": _real_base(resolution=512, resolution_source=DIFFUSERS_SD, te_lr=1e-5, lr_source=KOHYA_SD,
+                      precision="fp16", checkpointing=False,
+                      checkpointing_source="kohya-ss/sd-scripts docs/train_network.md: optional, for tight memory",
+                      batch_source=DIFFUSERS_SD),
+    "sd2": _real_base(resolution=512, resolution_source="stabilityai/stable-diffusion-2-1-base: 512 px",
+                      te_lr=1e-5, lr_source=KOHYA_SD, precision="fp16", checkpointing=False,
+                      checkpointing_source="kohya-ss/sd-scripts docs/train_network.md: optional, for tight memory",
+                      batch_source=DIFFUSERS_SD),
+    "sd2-v": _real_base(resolution=768, resolution_source=SD2_V, te_lr=1e-5, lr_source=KOHYA_SD, precision="fp16",
+                        checkpointing=True, checkpointing_source="768 px activations: kohya-ss/sd-scripts "
+                        "docs/train_network.md recommends it when memory is tight", batch_source=DIFFUSERS_SD),
+    "sdxl": _real_base(resolution=1024, resolution_source=DIFFUSERS_SDXL, te_lr=1e-5, lr_source=KOHYA_SDXL,
+                       precision="bf16", checkpointing=True, checkpointing_source=KOHYA_SDXL,
+                       batch_source=DIFFUSERS_SDXL),
+}
+PRESET_KEYS = tuple(spec.dotted for spec in OPTION_SPECS if spec.option.preset)
+
+
+def preset_value(family: str, dotted: str, *, optimizer: str = "adamw", cuda: bool = False) -> Any:
+    """The preset's value of one option (None for the toy resolution: the base's native size)."""
+    entry = PRESETS[family][dotted]
+    if entry.per_optimizer is not None:
+        return entry.per_optimizer[optimizer]
+    return entry.cpu if entry.cpu is not None and not cuda else entry.value
+
+
+def apply_preset(config: TrainConfig, family: str, *, cuda: bool, captions: Sequence[str] | None = None,
+                 triggers: Sequence[str] = ()) -> TrainConfig:
+    """`config` with every preset option it left unset taken from `family`'s preset, and the sources recorded.
+
+    captions/triggers: the dataset's, for a real base's sample prompts (a few with the trigger, one without); while
+    they are None (before the data is scanned) those prompts stay unset, and a second call fills them.
+    """
+    if family not in PRESETS:
+        raise ConfigError(f"train.family must be one of {', '.join(FAMILIES)} (got {family!r}); e.g. --family sd1")
+    filled: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for dotted in PRESET_KEYS:
+        section, key = dotted.split(".")
+        if getattr(getattr(config, section), key) is not None:
+            continue
+        value = preset_value(family, dotted, optimizer=config.optim.optimizer, cuda=cuda)
+        if dotted == "optim.text_encoder_lr" and not config.network.train_text_encoder:
+            continue
+        if value == DATA_PROMPTS:
+            if captions is None:
+                continue
+            value = prompts_from_captions(captions, triggers)
+        filled[dotted] = value
+        sources[dotted] = f"preset {family}: {PRESETS[family][dotted].source}"
+    sections = {name: dataclasses.replace(getattr(config, name), **{k.split(".")[1]: v for k, v in filled.items()
+                                                                      if k.startswith(name + ".")})
+                for name in ("data", "network", "optim", "train")}
+    train = dataclasses.replace(sections["train"], family=family)
+    resolved = dataclasses.replace(config, **{**sections, "train": train})
+    if config.train.family is None:
+        sources["train.family"] = "detected from the base's config files"
+    return with_sources(resolved, sources)
+
+
+def prompts_from_captions(captions: Sequence[str], triggers: Sequence[str]) -> tuple[str, ...]:
+    """A few of the dataset's captions that carry a trigger, plus one with the trigger removed (leak check).
+
+    Without trigger words, the first few distinct captions. Chosen deterministically (every 'nth' caption), so the
+    grids of one dataset compare across runs.
+    """
+    from stylelora.data.captions import without_triggers
+
+    distinct = list(dict.fromkeys(c.strip() for c in captions if c and c.strip()))
+    if not distinct:
+        return ()
+    with_trigger = [c for c in distinct if triggers and without_triggers(c, triggers) is not None]
+    pool = with_trigger or distinct
+    stride = max(1, len(pool) // SAMPLE_PROMPTS_WITH_TRIGGER)
+    chosen = pool[::stride][:SAMPLE_PROMPTS_WITH_TRIGGER]
+    if with_trigger:
+        stripped = without_triggers(chosen[0], triggers)
+        if stripped:
+            chosen.append(stripped)
+    return tuple(chosen)

@@ -1,0 +1,64 @@
+"""Owns `stylelora train --dry-run`: everything a run decides before it loads weights, saved and summarised.
+
+It scans and checks the data (the skip report as a real run writes it), reads the base's config files to detect
+its family, resolves every setting (preset, file, flag), writes OUTPUT/config.toml and prints images, buckets,
+steps and epochs. No weights are loaded, nothing is trained, no adapter is written.
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+from stylelora.config import TrainConfig, save_config, with_model_defaults
+from stylelora.presets import FAMILY_NAMES
+
+
+def dry_run(config: TrainConfig) -> Path:
+    """Resolve and check everything for `config`; write OUTPUT/config.toml and return its path."""
+    from stylelora.data.buckets import BucketBatchSampler
+    from stylelora.data.dataset import TrainingDataset
+    from stylelora.models.family import config_folder, folder_geometry
+    from stylelora.train.loop import (CONFIG_FILE, dataset_options, describe_settings, prepare_data, run_settings,
+                                      with_family_preset)
+
+    def say(message: str) -> None:
+        if message:
+            print(message, file=sys.stderr, flush=True)
+
+    run_dir = config.output_dir
+    data = prepare_data(config, run_dir, SimpleNamespace(is_main_process=True), say)
+    config = with_family_preset(config, data)
+    t = config.train
+    folder = config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
+    geometry = folder_geometry(folder) if folder is not None else _family_geometry(t.family)
+    config = run_settings(with_model_defaults(config, **geometry))
+    dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), dataset_options(config))
+    batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed))
+    path = save_config(config, run_dir / CONFIG_FILE)
+    say(describe_settings(config))
+    say(summary(config, dataset.buckets, batches, len(data.items)))
+    say(f"dry run: nothing trained, no adapter written; the settings are in {path}")
+    return path
+
+
+def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: int) -> str:
+    c = config
+    per_bucket = Counter(buckets)
+    shown = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(per_bucket.items())[:8])
+    epochs = c.train.steps * c.optim.grad_accum / max(1, batches_per_epoch)
+    return "\n".join([
+        f"family {c.train.family} ({FAMILY_NAMES[c.train.family]}), preset values marked above",
+        f"{images} images, {len(buckets)} samples per epoch (with repeats) in {len(per_bucket)} bucket(s): {shown}",
+        f"{c.train.steps} steps × batch {c.train.batch_size} × accumulation {c.optim.grad_accum}: "
+        f"{batches_per_epoch} batches per epoch, {epochs:.1f} epochs",
+        f"resolution {c.data.resolution} px, precision {c.train.precision}, gradient checkpointing "
+        f"{'on' if c.train.gradient_checkpointing else 'off'}, quantized base: {c.train.quantize_base}",
+    ])
+
+
+def _family_geometry(family: str) -> dict[str, int]:
+    # A single-file base with no config folder: the family's published sizes (VAE ×8; UNet ×8, SDXL ×4).
+    native = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}.get(family, 512)
+    return {"native_resolution": native, "downsample_factor": 32 if family == "sdxl" else 64}

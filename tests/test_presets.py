@@ -1,0 +1,126 @@
+"""Base families and their presets: detection from config files, flags winning, sources kept, dry run, samples."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from stylelora.config import load_config
+from stylelora.models.family import detect_family, folder_family
+from stylelora.models.load import TOY_BASE_DIR
+from stylelora.presets import PRESET_KEYS, PRESETS, apply_preset, prompts_from_captions
+from train_fixtures import REPO, subprocess_env, write_kohya_dataset
+
+CONFIGS = REPO / "stylelora" / "models" / "configs"
+
+
+def config_only_base(folder: Path, unet: dict, *, scheduler: dict | None = None, second_encoder: bool = False) -> Path:
+    """A diffusers folder holding only config files: family detection and --dry-run read no weights."""
+    index = {"_class_name": "StableDiffusionXLPipeline" if second_encoder else "StableDiffusionPipeline",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    if second_encoder:
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    files = {"model_index.json": index, "unet/config.json": unet,
+             "scheduler/scheduler_config.json": scheduler or {"prediction_type": "epsilon"},
+             "vae/config.json": {"block_out_channels": [128, 256, 512, 512]}}
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(content), encoding="utf-8")
+    return folder
+
+
+SD15_UNET = json.loads((CONFIGS / "sd15" / "unet.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("unet, scheduler, second_encoder, family", [
+    (SD15_UNET, None, False, "sd1"),
+    ({**SD15_UNET, "cross_attention_dim": 1024}, None, False, "sd2"),
+    ({**SD15_UNET, "cross_attention_dim": 1024}, {"prediction_type": "v_prediction"}, False, "sd2-v"),
+    ({**SD15_UNET, "cross_attention_dim": 2048, "addition_embed_type": "text_time"}, None, True, "sdxl"),
+    ({**SD15_UNET, "cross_attention_dim": 32}, None, False, "toy"),  # a tiny test base: the small-model preset
+])
+def test_family_is_read_from_config_files(tmp_path, unet, scheduler, second_encoder, family):
+    base = config_only_base(tmp_path, unet, scheduler=scheduler, second_encoder=second_encoder)
+    assert folder_family(base) == family
+    assert detect_family(str(base)) == family
+
+
+def test_the_shipped_toy_base_is_the_toy_family():
+    assert detect_family("toy") == "toy" and folder_family(TOY_BASE_DIR) == "toy"
+
+
+def test_every_family_has_every_preset_option_with_a_source():
+    for family, values in PRESETS.items():
+        assert set(values) == set(PRESET_KEYS), family
+        assert all(value.source for value in values.values()), family
+
+
+def test_real_bases_do_not_get_toy_values():
+    config = apply_preset(load_config(None, {"data.dir": "d"}), "sd1", cuda=True, captions=["a"], triggers=())
+    assert config.optim.unet_lr <= 3e-4 and config.train.batch_size <= 4 and config.data.resolution == 512
+    assert config.train.precision == "fp16"  # on CUDA; fp32 without it
+    assert apply_preset(load_config(None, {"data.dir": "d"}), "sd1", cuda=False).train.precision == "fp32"
+
+
+def test_flags_and_file_win_over_the_preset_and_sources_say_so(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nbatch_size = 3\n", encoding="utf-8")
+    config = apply_preset(load_config(path, {"data.dir": "d", "optim.unet_lr": 5e-5}), "sdxl", cuda=False)
+    assert (config.train.batch_size, config.optim.unet_lr, config.data.resolution) == (3, 5e-5, 1024)
+    assert config.source_of("train.batch_size") == "file run.toml"
+    assert config.source_of("optim.unet_lr") == "flag"
+    assert config.source_of("data.resolution").startswith("preset sdxl: ")
+    assert config.source_of("train.family") == "detected from the base's config files"
+
+
+def test_real_base_sample_prompts_come_from_the_captions_with_one_leak_check():
+    captions = [f"zorb, a {c} zorb on a white background" for c in ("red", "blue", "green", "pink")] + ["a cat"]
+    prompts = prompts_from_captions(captions, ("zorb",))
+    assert len(prompts) == 4 and all("zorb" in p for p in prompts[:3])
+    assert "zorb" not in prompts[3]  # the same scene without the trigger shows any leak
+    config = apply_preset(load_config(None, {"data.dir": "d"}), "sd1", cuda=False)
+    assert config.train.sample_prompts is None  # not before the data is scanned
+    config = apply_preset(config, "sd1", cuda=False, captions=captions, triggers=("zorb",))
+    assert config.train.sample_prompts == prompts
+
+
+def run_train(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stylelora.cli", "train", *args], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_on_an_sd15_base_resolves_sd_defaults_and_writes_no_adapter(tmp_path):
+    base = config_only_base(tmp_path / "sd15", SD15_UNET)  # config files only: a dry run loads no weights
+    data = write_kohya_dataset(tmp_path / "data", count=4, size=64)
+    out = tmp_path / "out"
+    result = run_train(str(data), "--base", str(base), "--output", str(out), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    settings = tomllib.loads((out / "config.toml").read_text(encoding="utf-8"))
+    assert settings["train"]["family"] == "sd1"
+    assert settings["optim"]["unet_lr"] <= 3e-4 and settings["train"]["batch_size"] <= 4
+    assert settings["data"]["resolution"] == 512
+    assert "stripestyle" in settings["train"]["sample_prompts"][0]
+    assert not list(out.glob("*.safetensors")) and not (out / "samples").exists()
+    assert "4 images" in result.stderr and "epochs" in result.stderr and "family sd1" in result.stderr
+    assert "# preset sd1: kohya-ss/sd-scripts" in (out / "config.toml").read_text(encoding="utf-8")
+    assert result.stdout.strip().endswith("config.toml")
+
+
+def test_sample_prompts_file_and_its_errors(tmp_path):
+    from stylelora.train.command import build_parser, overrides_from_args
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a castle\n\n  a dog  \n", encoding="utf-8")
+    args = build_parser().parse_args(["train", "d", "--sample-prompts", str(prompts), "--no-samples"])
+    overrides = overrides_from_args(args)
+    assert overrides["train.sample_prompts"] == ("a castle", "a dog") and overrides["train.samples"] is False
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    result = run_train("d", "--sample-prompts", str(empty))
+    assert result.returncode == 2 and "holds no prompt" in result.stderr
