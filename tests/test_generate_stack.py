@@ -17,7 +17,6 @@ from gen_fixtures import (
     make_peft_adapter,
     model_outputs,
     pixels,
-    save_tiny_base,
     tiny_pipeline,
 )
 from safetensors.torch import load_file, save_file
@@ -31,10 +30,10 @@ SEED_A, SEED_B = 11, 22
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_sd_base):
     root = tmp_path_factory.mktemp("stack")
     return {
-        "base": save_tiny_base(root / "base"),
+        "base": tiny_sd_base,
         "a": make_adapter(root / "a.safetensors", SEED_A, trigger="stripes"),
         "b": make_adapter(root / "b.safetensors", SEED_B, preset="locon", conv_rank=2, conv_alpha=1.0),
         "root": root,
@@ -147,13 +146,33 @@ REFUSALS = {
                            r"different base architecture: \d+ of \d+ unet LoRA modules"),
     "sdxl-keys": (lambda tmp, src: _kohya_variant(tmp, src, "xl.safetensors",
                   lambda s: {**s, "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}), "SDXL"),
-    "unknown-modules": (lambda tmp, src: _kohya_variant(tmp, src, "sd15.safetensors",
-                        lambda s: _rename_first_module(s, "lora_unet_up_blocks_3_attentions_2_proj_in")), "1 unknown"),
+    "mostly-unknown-modules": (lambda tmp, src: _kohya_variant(tmp, src, "sd15.safetensors", _rename_unet_modules),
+                               r"\d+ unknown"),
     "loha": (lambda tmp, src: _kohya_variant(tmp, src, "loha.safetensors",
              lambda s: {**s, "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}), "LoHa"),
     "not-a-lora": (lambda tmp, src: _kohya_variant(tmp, src, "model.safetensors", lambda s: {"model.weight": torch.zeros(2)}),
                    "not a LoRA"),
 }
+
+
+def _rename_unet_modules(state):
+    """Every UNet module renamed to a layer this base lacks: the file clearly targets another base."""
+    def renamed(key):
+        name, _, suffix = key.partition(".")
+        return f"{name}_of_another_base.{suffix}" if name.startswith("lora_unet_") else key
+
+    return {renamed(k): v for k, v in state.items()}
+
+
+def test_a_few_modules_the_base_lacks_are_skipped_with_a_warning_and_the_rest_applied(files, pipe, tmp_path):
+    """As A1111 and ComfyUI do: one extra module does not throw the whole file away."""
+    extra = _kohya_variant(tmp_path, files["a"], "extra.safetensors",
+                           lambda s: _rename_first_module(s, "lora_unet_up_blocks_3_attentions_2_proj_in"))
+    with pytest.warns(UserWarning, match=r"1 of \d+ unet LoRA modules have no layer in this base and are skipped "
+                                         r"\(e.g. lora_unet_up_blocks_3_attentions_2_proj_in\)"):
+        loaded = AdapterStack.for_pipe(pipe).load(extra)
+    full = AdapterStack.for_pipe(load_tiny_base(files["base"])).load(files["a"])
+    assert len(loaded.modules) == len(full.modules) - 1
 
 
 def _write_bytes(path: Path) -> Path:

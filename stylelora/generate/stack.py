@@ -99,11 +99,18 @@ def _component_factors(file: AdapterFile, component: str, kohya_part: dict, name
     from stylelora.lora import formats
 
     try:
-        peft_state, ranks = formats.kohya_to_peft(kohya_part, names)
+        peft_state, ranks, unmatched = formats.kohya_to_peft_matching(kohya_part, names)
     except ValueError as error:
         raise AdapterStackError(
             f"{file.path.name} does not fit this base's {component}: {error} Nothing was applied."
         ) from error
+    if unmatched:
+        import warnings
+
+        # A1111 and ComfyUI apply what matches; refusing the whole file for a few extra modules helps nobody.
+        warnings.warn(f"{file.path.name}: {len(unmatched)} of {len(unmatched) + len(ranks)} {component} LoRA modules "
+                      f"have no layer in this base and are skipped (e.g. {_examples(unmatched, 3)}); the other "
+                      f"{len(ranks)} are applied.", stacklevel=2)
     factors, mismatched = {}, []
     for path, (rank, alpha) in ranks.items():
         down, up = peft_state[f"{path}.lora_A.weight"], peft_state[f"{path}.lora_B.weight"]

@@ -186,12 +186,21 @@ def _fit_to_layer(tensor: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 def kohya_to_peft(kohya_state: dict[str, torch.Tensor],
                   names: KohyaNames) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
     """kohya state of ONE model (keys `<names.prefix>_...`) -> (peft state, per-path (rank, alpha))."""
+    peft_state, ranks, _ = kohya_to_peft_matching(kohya_state, names, max_unmatched=0.0)
+    return peft_state, ranks
+
+
+def kohya_to_peft_matching(kohya_state: dict[str, torch.Tensor], names: KohyaNames, *, max_unmatched: float = 0.5
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]], list[str]]:
+    """Like kohya_to_peft, but the modules this model lacks are left out and listed, as A1111 and ComfyUI apply
+    the rest of a file: (peft state, ranks, unmatched module names). Refuses (ValueError) when more than
+    `max_unmatched` of the file's modules have no layer here: then the file targets another base."""
     grouped = group_kohya_modules(kohya_state)
     grouped.refuse_foreign()
     modules = grouped.modules
     unknown = [name for name in modules if name not in names.by_name and name not in names.ambiguous]
     ambiguous = [name for name in modules if name in names.ambiguous]
-    if unknown or ambiguous:
+    if len(unknown) + len(ambiguous) > max_unmatched * len(modules):
         raise ValueError(
             f"{len(unknown) + len(ambiguous)} of {len(modules)} LoRA modules in the file do not match exactly one "
             f"layer of this {names.prefix} model: {len(unknown)} unknown (e.g. {_examples(unknown)}), "
@@ -200,12 +209,15 @@ def kohya_to_peft(kohya_state: dict[str, torch.Tensor],
         )
     peft_state: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
+    unmatched = set(unknown) | set(ambiguous)
     for name, parts in modules.items():
+        if name in unmatched:
+            continue
         path = names.by_name[name]
         ranks[path] = _module_rank_alpha(name, parts)
         for kohya_suffix, peft_suffix in KOHYA_TO_PEFT_SUFFIX.items():
             peft_state[f"{path}.{peft_suffix}"] = _fit_to_layer(parts[kohya_suffix], names.layers[path])
-    return peft_state, ranks
+    return peft_state, ranks, sorted(unmatched)
 
 
 def module_component(name: str) -> str | None:
