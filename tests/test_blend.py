@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from gen_fixtures import load_tiny_base, make_adapter, model_outputs, save_tiny_base, tiny_pipeline
+from gen_fixtures import load_tiny_base, make_adapter, model_outputs, tiny_pipeline
 from safetensors.torch import load_file
 
 from stylelora.generate.stack import AdapterStack
@@ -17,11 +17,11 @@ LIVE_TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_sd_base):
     root = tmp_path_factory.mktemp("blend")
     return {
         "root": root,
-        "base": save_tiny_base(root / "base"),
+        "base": tiny_sd_base,
         "a": make_adapter(root / "stripes.safetensors", 1, trigger="stripes"),
         "b": make_adapter(root / "pastel.safetensors", 2, trigger="pastel", preset="locon", conv_rank=2, conv_alpha=1.0),
     }

@@ -2,7 +2,6 @@
 
 import io
 import struct
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -83,13 +82,10 @@ def test_missing_file_is_skipped(tmp_path):
 def test_huge_header_is_refused_fast_without_allocating(tmp_path, width, height):
     item = _write(tmp_path, "bomb.png", _png_with_header_size(width, height))
     tracemalloc.start()
-    started = time.perf_counter()
     outcome = check_image(item)
-    elapsed = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert isinstance(outcome, SkippedImage) and outcome.reason.startswith(f"header claims {width}×{height} px")
-    assert elapsed < 1.0
     assert peak < 5_000_000  # bytes: nowhere near a decoded image
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from gen_fixtures import make_adapter, save_tiny_base
+from gen_fixtures import make_adapter
 
 from stylelora.generate.command import add_generate_parsers, output_paths, parse_size
 from stylelora.generate.pngmeta import parse_parameters, read_png_parameters
@@ -16,12 +16,12 @@ from stylelora.lora.command import add_lora_parsers
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_sd_base):
     root = tmp_path_factory.mktemp("cli")
     adapters = root / "adapters"
     return {
         "root": root,
-        "base": save_tiny_base(root / "base"),
+        "base": tiny_sd_base,
         "adapters": adapters,
         "a": make_adapter(adapters / "stripes.safetensors", 1, trigger="stripes"),
         "b": make_adapter(adapters / "pastel.safetensors", 2),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy
 import pytest
-from gen_fixtures import load_tiny_base, make_adapter, pixels, save_tiny_base
+from gen_fixtures import load_tiny_base, make_adapter, pixels
 
 from stylelora.generate.generate import GenerateRequest, generate
 from stylelora.generate.xy_grid import XYAxis, cell_request, parse_axis, xy_grid
@@ -11,9 +11,9 @@ from stylelora.lora.spec import AdapterSpec
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_sd_base):
     root = tmp_path_factory.mktemp("grid")
-    return {"base": save_tiny_base(root / "base"), "a": make_adapter(root / "a.safetensors", 1),
+    return {"base": tiny_sd_base, "a": make_adapter(root / "a.safetensors", 1),
             "b": make_adapter(root / "b.safetensors", 2)}
 
 

@@ -6,7 +6,7 @@ import os
 
 import numpy
 import pytest
-from gen_fixtures import NATIVE_SIZE, load_tiny_base, make_adapter, pixels, save_tiny_base
+from gen_fixtures import NATIVE_SIZE, load_tiny_base, make_adapter, pixels
 
 from stylelora.generate.generate import GenerateRequest, generate, request_from_parameters
 from stylelora.generate.pngmeta import GenerationParams, LoraUse, parse_parameters, read_png_parameters, save_png
@@ -24,12 +24,12 @@ from stylelora.lora.spec import AdapterSpec
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_sd_base):
     root = tmp_path_factory.mktemp("gen")
     adapters = root / "adapters"
     (adapters / "styles").mkdir(parents=True)
     return {
-        "base": save_tiny_base(root / "base"),
+        "base": tiny_sd_base,
         "adapters": adapters,
         "stripes": make_adapter(adapters / "stripes.safetensors", 1, trigger="stripes style"),
         "pastel": make_adapter(adapters / "styles" / "pastel.safetensors", 2),

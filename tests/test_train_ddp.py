@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,9 @@ import pytest
 from train_fixtures import (
     REPO,
     adapter_metadata,
-    build_tiny_base,
     cli_args,
     subprocess_env,
     tiny_overrides,
-    write_kohya_dataset,
 )
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -24,19 +21,16 @@ DDP_TIMEOUT_S = 50  # the whole 2-process run, launch included: ~10 s on 2 cores
 
 
 @pytest.mark.skipif(not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_two_process_torchrun_trains_and_writes_one_adapter(tmp_path):
-    base = build_tiny_base(tmp_path / "base")
-    data = write_kohya_dataset(tmp_path / "data", count=8, repeats=2)
+def test_two_process_torchrun_trains_and_writes_one_adapter(tmp_path, tiny_base, stripes_dataset):
+    base, data = tiny_base, stripes_dataset
     output = tmp_path / "run"
     overrides = tiny_overrides(data, output, base, **{"train.batch_size": 2, "train.steps": 4, "train.save_every": 2,
                                                       "train.sample_every": 4, "train.output_name": "ddp"})
     command = [str(TORCHRUN if TORCHRUN.exists() else shutil.which("torchrun")), "--standalone",
                "--nproc_per_node", "2", "-m", "stylelora.train.command", "train", *cli_args(overrides, tmp_path)]
-    started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                             timeout=DDP_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert time.perf_counter() - started < DDP_TIMEOUT_S
 
     assert sorted(p.name for p in output.glob("*.safetensors")) == ["ddp.safetensors"]
     assert result.stdout.strip().splitlines() == [str(output / "ddp.safetensors")]  # printed once, by rank 0

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from stylelora.train.checkpoint import complete_checkpoints, resolve_resume
-from train_fixtures import REPO, adapter_tensors, build_tiny_base, cli_args, subprocess_env, tiny_overrides, \
-    write_kohya_dataset
+from train_fixtures import REPO, adapter_tensors, cli_args, subprocess_env, tiny_overrides
 
 KILL_AT_LOSS_CALL = """
 import os, signal, sys
@@ -29,11 +28,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
-
-
 def run_train(overrides: dict, toml_dir: Path, kill_at: int | None = None) -> subprocess.CompletedProcess:
     args = ["train"] + cli_args(overrides, toml_dir)
     if kill_at is None:
@@ -48,8 +42,8 @@ def losses(run_dir: Path) -> list[tuple[str, str]]:
         return [(row["step"], row["loss"]) for row in csv.DictReader(handle)]
 
 
-def test_resume_after_sigkill_is_tensor_exact(tmp_path, tiny_base):
-    data = write_kohya_dataset(tmp_path / "data", count=8, repeats=2)
+def test_resume_after_sigkill_is_tensor_exact(tmp_path, tiny_base, stripes_dataset):
+    data = stripes_dataset
     settings = {"train.steps": 7, "train.save_every": 3, "train.sample_every": 3, "optim.grad_accum": 2,
                 "train.batch_size": 3, "data.flip": True, "data.shuffle_tags": True, "data.caption_dropout": 0.2,
                 "train.noise_offset": 0.05, "train.output_name": "style"}

@@ -5,7 +5,6 @@ import contextlib
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -26,16 +25,6 @@ from train_fixtures import (
     write_bad_files,
     write_kohya_dataset,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return write_kohya_dataset(tmp_path_factory.mktemp("data") / "stripes")
 
 
 @pytest.fixture(autouse=True)
@@ -64,19 +53,17 @@ def library_warnings():
             logger.removeHandler(handler)
 
 
-def test_cli_run_writes_every_artifact_and_the_adapter_loads_in_diffusers(tmp_path, tiny_base, dataset):
+def test_cli_run_writes_every_artifact_and_the_adapter_loads_in_diffusers(tmp_path, tiny_base, stripes_dataset):
     from diffusers import StableDiffusionPipeline
 
     from stylelora.lora.inject import module_ranks
     from stylelora.lora.io import load_adapter_into
 
     output = tmp_path / "run"
-    overrides = tiny_overrides(dataset, output, tiny_base, **{"train.steps": 4, "train.sample_every": 2,
+    overrides = tiny_overrides(stripes_dataset, output, tiny_base, **{"train.steps": 4, "train.sample_every": 2,
                                                                "train.save_every": 2, "train.output_name": "stripes"})
-    started = time.perf_counter()
     result = run_cli(overrides, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert time.perf_counter() - started < 60
     adapter = output / "stripes.safetensors"
     assert result.stdout.strip().splitlines()[-1] == str(adapter)  # the path, last on stdout
     for name in ("config.toml", "loss.png", "metrics.csv", "samples/step-000002.png", "samples/step-000004.png",
@@ -105,8 +92,8 @@ def test_cli_run_writes_every_artifact_and_the_adapter_loads_in_diffusers(tmp_pa
     assert (theirs_out - ours_out).abs().max() <= 1e-4
 
 
-def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, dataset):
-    adapter = train(dataset, tmp_path / "run", tiny_base, **{"train.output_name": "meta", "train.save_every": 1,
+def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, stripes_dataset):
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.output_name": "meta", "train.save_every": 1,
                                                             "train.keep_checkpoints": 2})
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-000003", "step-000004"]  # last K
     assert adapter_metadata(tmp_path / "run/checkpoints/step-000003/meta-step000003.safetensors")["ss_steps"] == "3"
@@ -145,10 +132,8 @@ def test_no_usable_image_fails_before_any_model_loads(tmp_path):
     write_bad_files(folder)
     # A base that does not exist proves the data error comes first (no model was looked at).
     config = load_config(None, tiny_overrides(tmp_path / "bad", tmp_path / "run", tmp_path / "no-such-base"))
-    started = time.perf_counter()
     with pytest.raises(DataError, match="none of the 4 images can be used for training"):
         run_training(config)
-    assert time.perf_counter() - started < 5
 
 
 def test_cli_reports_data_and_config_errors_in_one_line(tmp_path):
@@ -160,7 +145,7 @@ def test_cli_reports_data_and_config_errors_in_one_line(tmp_path):
     assert result.returncode == 2 and "optim.unet_lr must be > 0" in result.stderr
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, dataset,
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, stripes_dataset,
                                                                           monkeypatch):
     real_step, calls = loop.loss_step, []
 
@@ -172,7 +157,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     monkeypatch.setattr(loop, "loss_step", poisoned)
     output = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as raised:
-        train(dataset, output, tiny_base, **{"train.save_every": 2, "train.steps": 6})
+        train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.steps": 6})
     message = str(raised.value)
     assert "stopped at step 3" in message and "nan" in message
     assert str(output / "checkpoints" / "step-000002") in message and "--resume latest" in message
@@ -181,23 +166,23 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert (output / "metrics.csv").read_text().count("\n") == 3  # header + steps 1, 2
 
 
-def test_absurd_learning_rate_diverges_with_a_clear_message(tmp_path, tiny_base, dataset):
+def test_absurd_learning_rate_diverges_with_a_clear_message(tmp_path, tiny_base, stripes_dataset):
     with pytest.raises(TrainingDiverged, match=r"stopped at step \d+: the (loss|gradient norm) became"):
-        train(dataset, tmp_path / "run", tiny_base, **{"optim.unet_lr": 1e30, "optim.text_encoder_lr": 1e30,
+        train(stripes_dataset, tmp_path / "run", tiny_base, **{"optim.unet_lr": 1e30, "optim.text_encoder_lr": 1e30,
                                                       "optim.max_grad_norm": 0.0, "train.steps": 6})
 
 
-def test_existing_run_is_not_overwritten_by_accident(tmp_path, tiny_base, dataset):
+def test_existing_run_is_not_overwritten_by_accident(tmp_path, tiny_base, stripes_dataset):
     output = tmp_path / "run"
-    train(dataset, output, tiny_base, **{"train.steps": 1})
+    train(stripes_dataset, output, tiny_base, **{"train.steps": 1})
     reset_accelerate()
     with pytest.raises(ConfigError, match="already holds a training run.*--resume latest.*--overwrite"):
-        train(dataset, output, tiny_base, **{"train.steps": 1})
+        train(stripes_dataset, output, tiny_base, **{"train.steps": 1})
     reset_accelerate()
-    assert train(dataset, output, tiny_base, **{"train.steps": 1, "train.overwrite": True}).is_file()
+    assert train(stripes_dataset, output, tiny_base, **{"train.steps": 1, "train.overwrite": True}).is_file()
 
 
-def test_frozen_text_encoder_uses_the_text_cache_and_writes_unet_only(tmp_path, tiny_base, dataset, monkeypatch):
+def test_frozen_text_encoder_uses_the_text_cache_and_writes_unet_only(tmp_path, tiny_base, stripes_dataset, monkeypatch):
     seen = []
     real_build = loop.build_dataset
 
@@ -207,17 +192,17 @@ def test_frozen_text_encoder_uses_the_text_cache_and_writes_unet_only(tmp_path, 
         return dataset_, text_cache
 
     monkeypatch.setattr(loop, "build_dataset", spy)
-    adapter = train(dataset, tmp_path / "run", tiny_base, **{"network.train_text_encoder": False})
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"network.train_text_encoder": False})
     assert seen[0] is not None and seen[0].stats.encoded >= 1 and seen[0].stats.hits > 0
     assert not any(k.startswith("lora_te") for k in adapter_tensors(adapter))
     assert adapter_metadata(adapter)["ss_network_train_unet_only"] == "True"
 
 
-def test_cache_modes_train_the_same_adapter(tmp_path, tiny_base, dataset):
+def test_cache_modes_train_the_same_adapter(tmp_path, tiny_base, stripes_dataset):
     """Cached latents are exactly what the VAE gives at training time: RAM, disk and no cache agree."""
     results = {}
     for cache in ("ram", "disk", "none"):
-        results[cache] = adapter_tensors(train(dataset, tmp_path / cache, tiny_base, **{"data.cache": cache}))
+        results[cache] = adapter_tensors(train(stripes_dataset, tmp_path / cache, tiny_base, **{"data.cache": cache}))
         reset_accelerate()
     assert list((tmp_path / "disk" / "cache" / "latents").glob("*/*.safetensors"))
     for key, tensor in results["ram"].items():
@@ -225,16 +210,16 @@ def test_cache_modes_train_the_same_adapter(tmp_path, tiny_base, dataset):
         torch.testing.assert_close(tensor, results["none"][key], atol=1e-4, rtol=1e-3)  # VAE batch sizes differ
 
 
-def test_bf16_keeps_lora_weights_fp32_and_v_prediction_base_trains(tmp_path, dataset):
+def test_bf16_keeps_lora_weights_fp32_and_v_prediction_base_trains(tmp_path, stripes_dataset):
     base = build_tiny_base(tmp_path / "vbase", prediction_type="v_prediction")
-    adapter = train(dataset, tmp_path / "run", base, **{"train.precision": "bf16", "train.sample_every": 2})
+    adapter = train(stripes_dataset, tmp_path / "run", base, **{"train.precision": "bf16", "train.sample_every": 2})
     assert {t.dtype for k, t in adapter_tensors(adapter).items()} == {torch.float32}
     assert adapter_metadata(adapter)["modelspec.prediction_type"] == "v_prediction"
     assert adapter_metadata(adapter)["ss_mixed_precision"] == "bf16"
 
 
-def test_gradient_accumulation_and_checkpointing_and_locon_run(tmp_path, tiny_base, dataset):
-    adapter = train(dataset, tmp_path / "run", tiny_base, **{
+def test_gradient_accumulation_and_checkpointing_and_locon_run(tmp_path, tiny_base, stripes_dataset):
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{
         "optim.grad_accum": 2, "train.gradient_checkpointing": True, "network.unet_targets": "locon",
         "network.conv_rank": 2, "train.format": "diffusers", "train.steps": 2})
     tensors = adapter_tensors(adapter)
@@ -244,47 +229,47 @@ def test_gradient_accumulation_and_checkpointing_and_locon_run(tmp_path, tiny_ba
 
 @pytest.mark.parametrize("optimizer, module, install", [("prodigy", "prodigyopt", "pip install 'prodigyopt"),
                                                         ("adamw8bit", "bitsandbytes", "pip install 'bitsandbytes")])
-def test_optional_optimizer_trains_or_names_the_install(tmp_path, tiny_base, dataset, optimizer, module, install):
+def test_optional_optimizer_trains_or_names_the_install(tmp_path, tiny_base, stripes_dataset, optimizer, module, install):
     import importlib.util
 
     from stylelora.train.optim import OptimizerUnavailable
 
     if importlib.util.find_spec(module) is not None:
-        assert train(dataset, tmp_path / "run", tiny_base, **{"optim.optimizer": optimizer}).is_file()
+        assert train(stripes_dataset, tmp_path / "run", tiny_base, **{"optim.optimizer": optimizer}).is_file()
         return
     with pytest.raises(OptimizerUnavailable, match=install):
-        train(dataset, tmp_path / "run", tiny_base, **{"optim.optimizer": optimizer})
+        train(stripes_dataset, tmp_path / "run", tiny_base, **{"optim.optimizer": optimizer})
 
 
-def test_resume_refuses_changed_network_settings(tmp_path, tiny_base, dataset):
+def test_resume_refuses_changed_network_settings(tmp_path, tiny_base, stripes_dataset):
     output = tmp_path / "run"
-    train(dataset, output, tiny_base, **{"train.save_every": 2})
+    train(stripes_dataset, output, tiny_base, **{"train.save_every": 2})
     reset_accelerate()
     with pytest.raises(ConfigError, match=r"network.rank: 4 → 8"):
-        train(dataset, output, tiny_base, **{"train.save_every": 2, "network.rank": 8, "train.resume": "latest"})
+        train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "network.rank": 8, "train.resume": "latest"})
     reset_accelerate()
     shutil.rmtree(output / "checkpoints")
     with pytest.raises(ResumeError, match="no complete checkpoint"):
-        train(dataset, output, tiny_base, **{"train.resume": "latest"})
+        train(stripes_dataset, output, tiny_base, **{"train.resume": "latest"})
 
 
-def test_ctrl_c_says_how_to_continue(tmp_path, tiny_base, dataset, monkeypatch, capsys):
+def test_ctrl_c_says_how_to_continue(tmp_path, tiny_base, stripes_dataset, monkeypatch, capsys):
     from stylelora.train.command import train_from_cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "loss_step", interrupted)
-    code = train_from_cli(None, tiny_overrides(dataset, tmp_path / "run", tiny_base))
+    code = train_from_cli(None, tiny_overrides(stripes_dataset, tmp_path / "run", tiny_base))
     assert code == 130
     assert "--resume latest" in capsys.readouterr().err
 
 
-def test_saved_config_reruns_as_a_new_run_not_a_resume(tmp_path, tiny_base, dataset):
+def test_saved_config_reruns_as_a_new_run_not_a_resume(tmp_path, tiny_base, stripes_dataset):
     output = tmp_path / "run"
-    train(dataset, output, tiny_base, **{"train.save_every": 2})
+    train(stripes_dataset, output, tiny_base, **{"train.save_every": 2})
     reset_accelerate()
-    adapter = train(dataset, output, tiny_base, **{"train.save_every": 2, "train.resume": "latest", "train.steps": 6})
+    adapter = train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.resume": "latest", "train.steps": 6})
     saved = load_config(output / "config.toml", {})
     assert saved.train.resume is None and saved.train.overwrite is False and saved.train.steps == 6
     assert adapter_metadata(adapter)["ss_steps"] == "6"
@@ -316,15 +301,15 @@ def test_trains_on_the_shipped_toy_base(tmp_path):
     assert {t.dtype for t in adapter_tensors(adapter).values()} == {torch.float32}  # fp16 base, fp32 LoRA
 
 
-def test_reg_images_fill_as_many_samples_per_epoch_as_the_training_images(tmp_path, tiny_base, dataset, capsys):
+def test_reg_images_fill_as_many_samples_per_epoch_as_the_training_images(tmp_path, tiny_base, stripes_dataset, capsys):
     """kohya's rule: 3 reg images (1 repeat) against 8 images × 2 repeats → cycled to 16 reg samples per epoch;
     reg captions and folders stay out of the adapter's tag frequency and trigger."""
     reg = tmp_path / "reg" / "1_shapes"
     reg.mkdir(parents=True)
-    for image in sorted((dataset / "2_stripestyle").glob("*.png"))[:3]:
+    for image in sorted((stripes_dataset / "2_stripestyle").glob("*.png"))[:3]:
         shutil.copy(image, reg / image.name)
         (reg / image.name).with_suffix(".txt").write_text("a red circle on a white background\n")
-    adapter = train(dataset, tmp_path / "run", tiny_base, **{"data.reg_dir": str(tmp_path / "reg")})
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"data.reg_dir": str(tmp_path / "reg")})
     metadata = adapter_metadata(adapter)
     assert metadata["ss_num_train_images"] == "16" and metadata["ss_num_reg_images"] == "16"
     assert list(json.loads(metadata["ss_tag_frequency"])) == ["2_stripestyle"]
@@ -333,13 +318,13 @@ def test_reg_images_fill_as_many_samples_per_epoch_as_the_training_images(tmp_pa
     assert "regularization: " in captured.err + captured.out
 
 
-def test_reg_dir_without_usable_images_fails_before_training(tmp_path, tiny_base, dataset):
+def test_reg_dir_without_usable_images_fails_before_training(tmp_path, tiny_base, stripes_dataset):
     (tmp_path / "reg" / "1_shapes").mkdir(parents=True)
     (tmp_path / "reg" / "1_shapes" / "a.png").write_bytes(b"not a png")
     with pytest.raises(DataError):
-        train(dataset, tmp_path / "run", tiny_base, **{"data.reg_dir": str(tmp_path / "reg")})
+        train(stripes_dataset, tmp_path / "run", tiny_base, **{"data.reg_dir": str(tmp_path / "reg")})
 
 
-def test_no_samples_writes_no_sample_grid(tiny_base, dataset, tmp_path):
-    adapter = train(dataset, tmp_path / "run", tiny_base, **{"train.samples": False})
+def test_no_samples_writes_no_sample_grid(tiny_base, stripes_dataset, tmp_path):
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.samples": False})
     assert adapter.is_file() and not (tmp_path / "run" / "samples").exists()

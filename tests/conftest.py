@@ -1,0 +1,34 @@
+"""Shared, session-scoped fixtures: built once per test run, read-only to every test that uses them.
+
+Only things no test writes into live here (a test that needs to change a base or a data folder builds its own with
+the helpers in train_fixtures.py / gen_fixtures.py). The builders stay in those helper modules.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """train_fixtures.build_tiny_base: the toy base's layout at a fraction of its width (32 px, 8x8 latents)."""
+    from train_fixtures import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="session")
+def stripes_dataset(tmp_path_factory) -> Path:
+    """train_fixtures.write_kohya_dataset with its defaults: 8 striped 32 px images in 2_stripestyle/."""
+    from train_fixtures import write_kohya_dataset
+
+    return write_kohya_dataset(tmp_path_factory.mktemp("data") / "stripes")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_base(tmp_path_factory) -> Path:
+    """gen_fixtures.save_tiny_base: the tiny random SD1.x pipeline (16 px images) saved as a folder named `base`."""
+    from gen_fixtures import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("tiny_sd") / "base")
