@@ -20,7 +20,7 @@ from stylelora.lora.layers import adaptable_layers
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
-# SD1.x/2.x: which model of the pipeline each kohya prefix names (SDXL adds lora_te1 / lora_te2).
+# SD1.x/2.x: which model of the pipeline each kohya prefix names (SDXL's: lora/components.py).
 COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
 # kohya suffix -> peft suffix, per LoRA module
 KOHYA_TO_PEFT_SUFFIX = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
@@ -227,34 +227,27 @@ def module_component(name: str) -> str | None:
     return "text_encoder" if name.startswith(TEXT_ENCODER_PREFIX) else None
 
 
-def split_kohya_state(kohya_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{UNET_PREFIX: {...}, TEXT_ENCODER_PREFIX: {...}} by key prefix; refuses other models' keys (SDXL te1/te2)."""
-    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in COMPONENT_PREFIXES.values()}
+def split_kohya_state(kohya_state: dict[str, torch.Tensor],
+                      prefixes: dict[str, str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """{prefix: {...}} for each of `prefixes`' kohya prefixes (default SD1.x/2.x: lora_unet, lora_te); refuses keys
+    of other models (lora_te1_/lora_te2_ for SD1.x, lora_te_ for SDXL's prefixes)."""
+    prefixes = COMPONENT_PREFIXES if prefixes is None else prefixes
+    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in prefixes.values()}
     other = []
     for key, tensor in kohya_state.items():
         for prefix in parts:
+            # lora_te1_/lora_te2_ start with "lora_te" but not "lora_te_": they are SDXL's two text encoders.
             if key.startswith(prefix + "_"):
                 parts[prefix][key] = tensor
                 break
         else:
             other.append(key)
-    # lora_te1_/lora_te2_ also start with "lora_te" but not "lora_te_": they are SDXL's two text encoders.
     if other:
+        sdxl = "lora_te1" in parts
+        hint = "not an SDXL kohya LoRA (lora_te_ means SD1.x/2.x)" if sdxl else \
+            "not an SD1.x kohya LoRA (lora_te1_/lora_te2_ mean SDXL)"
         raise ValueError(
-            f"{len(other)} of {len(kohya_state)} keys are neither {UNET_PREFIX}_* nor {TEXT_ENCODER_PREFIX}_* "
-            f"(e.g. {_examples(other)}): not an SD1.x kohya LoRA (lora_te1_/lora_te2_ mean SDXL)."
+            f"{len(other)} of {len(kohya_state)} keys are none of {', '.join(p + '_*' for p in parts)} "
+            f"(e.g. {_examples(other)}): {hint}."
         )
     return parts
-
-
-def kohya_state_for_models(unet_peft: dict[str, torch.Tensor], unet_ranks: dict[str, tuple[int, float]],
-                           unet: nn.Module, te_peft: dict[str, torch.Tensor] | None = None,
-                           te_ranks: dict[str, tuple[int, float]] | None = None,
-                           text_encoder: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """One kohya state dict for a UNet adapter and an optional text-encoder adapter."""
-    kohya = peft_to_kohya(unet_peft, unet_ranks, kohya_names(unet, UNET_PREFIX))
-    if te_peft:
-        if text_encoder is None or te_ranks is None:
-            raise ValueError("Text-encoder LoRA weights given without the text encoder and its ranks.")
-        kohya.update(peft_to_kohya(te_peft, te_ranks, kohya_names(text_encoder, TEXT_ENCODER_PREFIX)))
-    return kohya

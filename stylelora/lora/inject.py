@@ -1,4 +1,4 @@
-"""Attaches peft LoRA adapters to a diffusers UNet and a CLIP text encoder: presets, ranks, fp32, frozen base."""
+"""Attaches peft LoRA adapters to a diffusers UNet and its CLIP text encoder(s): presets, ranks, fp32, frozen base."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class LoraParameters:
 
     unet: list[nn.Parameter] = field(default_factory=list)
     text_encoder: list[nn.Parameter] = field(default_factory=list)
+    text_encoder_2: list[nn.Parameter] = field(default_factory=list)  # SDXL's second (OpenCLIP bigG) encoder
 
 
 def _split_by_kernel(layers: dict[str, nn.Module]) -> LoraTargets:
@@ -174,9 +175,10 @@ def attach_adapter(model: nn.Module, config, adapter_name: str = "default") -> l
 def add_lora(unet: nn.Module, text_encoder: nn.Module | None, *, rank: int, alpha: float,
              unet_targets: str = "kohya", train_text_encoder: bool = True, conv_rank: int | None = None,
              conv_alpha: float | None = None, adapter_name: str = "default",
-             init_lora_weights: bool | str = True) -> LoraParameters:
-    """Add a LoRA adapter to the UNet (and the text encoder unless train_text_encoder is False); bases stay frozen.
+             init_lora_weights: bool | str = True, text_encoder_2: nn.Module | None = None) -> LoraParameters:
+    """Add a LoRA adapter to the UNet (and the text encoders unless train_text_encoder is False); bases stay frozen.
 
+    text_encoder_2: SDXL's second text encoder, adapted like the first (same projections, rank and alpha).
     `init_lora_weights=True` is the usual zero-initialised up (B) matrix; False makes both matrices random
     (tests use it so the adapter changes outputs from the first step).
     """
@@ -187,14 +189,17 @@ def add_lora(unet: nn.Module, text_encoder: nn.Module | None, *, rank: int, alph
     # Both configs are built before touching either model, so a bad argument leaves both models as they were.
     unet_config = lora_config(unet_lora_targets(unet, unet_targets), rank=rank, alpha=alpha, conv_rank=conv_rank,
                               conv_alpha=conv_alpha, init_lora_weights=init_lora_weights)
-    train_te = text_encoder is not None and train_text_encoder
-    te_config = lora_config(text_encoder_lora_targets(text_encoder), rank=rank, alpha=alpha,
-                            init_lora_weights=init_lora_weights) if train_te else None
+    encoders = {name: model for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+                if model is not None}
+    te_configs = {name: lora_config(text_encoder_lora_targets(model), rank=rank, alpha=alpha,
+                                    init_lora_weights=init_lora_weights)
+                  for name, model in encoders.items()} if train_text_encoder else {}
     params = LoraParameters(unet=attach_adapter(unet, unet_config, adapter_name))
-    if train_te:
-        params.text_encoder = attach_adapter(text_encoder, te_config, adapter_name)
-    elif text_encoder is not None:
-        text_encoder.requires_grad_(False)
+    for name, model in encoders.items():
+        if name in te_configs:
+            setattr(params, name, attach_adapter(model, te_configs[name], adapter_name))
+        else:
+            model.requires_grad_(False)
     return params
 
 

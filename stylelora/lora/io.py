@@ -14,13 +14,13 @@ from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from stylelora.atomic import write_bytes_atomic
-from stylelora.lora import formats
+from stylelora.lora import components, formats
 from stylelora.lora.inject import add_lora_from_state, module_ranks
 
 FORMATS = ("kohya", "diffusers")
 # diffusers keeps the peft LoraConfig of each model in this metadata entry (loaders/lora_base.py).
 DIFFUSERS_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-DIFFUSERS_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder"}
+DIFFUSERS_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 
 
 # ----------------------------------------------------------------------------- hashes
@@ -129,18 +129,22 @@ def _peft_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model, adapter_name=adapter_name)
 
 
-def kohya_state_from_models(unet: nn.Module, text_encoder: nn.Module | None,
-                            adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The kohya state dict of one adapter on the UNet (and on the text encoder when it has one)."""
+def kohya_state_from_models(unet: nn.Module, text_encoder: nn.Module | None, adapter_name: str = "default", *,
+                            text_encoder_2: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The kohya state dict of one adapter on the UNet (and on each text encoder that has one).
+
+    SD1.x/2.x: lora_unet_<diffusers path>, lora_te_; SDXL (text_encoder_2 given, or a text_time UNet) as sd-scripts
+    writes it: lora_unet_<SAI/SGM path>, lora_te1_, lora_te2_ (see stylelora.lora.components).
+    """
     if not _has_adapter(unet, adapter_name):
         raise ValueError(f"The UNet has no LoRA adapter named {adapter_name!r}; call add_lora first.")
-    with_te = _has_adapter(text_encoder, adapter_name)
-    return formats.kohya_state_for_models(
-        _peft_state(unet, adapter_name), module_ranks(unet, adapter_name), unet,
-        _peft_state(text_encoder, adapter_name) if with_te else None,
-        module_ranks(text_encoder, adapter_name) if with_te else None,
-        text_encoder if with_te else None,
-    )
+    models = components.models_dict(unet, text_encoder, text_encoder_2)
+    kohya: dict[str, torch.Tensor] = {}
+    for component, model in models.items():
+        if _has_adapter(model, adapter_name):
+            kohya.update(formats.peft_to_kohya(_peft_state(model, adapter_name), module_ranks(model, adapter_name),
+                                               components.component_names(models, component)))
+    return kohya
 
 
 def _portable_lora_config(ranks: dict[str, tuple[int, float]], model: nn.Module, adapter_name: str) -> dict:
@@ -155,20 +159,19 @@ def _portable_lora_config(ranks: dict[str, tuple[int, float]], model: nn.Module,
     }
 
 
-def diffusers_state_from_models(unet: nn.Module, text_encoder: nn.Module | None,
-                                adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
+def diffusers_state_from_models(unet: nn.Module, text_encoder: nn.Module | None, adapter_name: str = "default", *,
+                                text_encoder_2: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(`unet.<path>.lora_A.weight`-style state, {"unet.r": ..., "text_encoder.r": ...} adapter metadata).
 
-    Same layout as StableDiffusionPipeline.save_lora_weights given peft state dicts. Text-encoder keys keep
+    Same layout as StableDiffusion(XL)Pipeline.save_lora_weights given peft state dicts. Text-encoder keys keep
     the `text_model.` root of the classic CLIP layout: diffusers strips it for a flattened transformers 5
     CLIPTextModel, and older diffusers/transformers need it.
     """
     if not _has_adapter(unet, adapter_name):
         raise ValueError(f"The UNet has no LoRA adapter named {adapter_name!r}; call add_lora first.")
     state, config = {}, {}
-    models = {"unet": unet, "text_encoder": text_encoder if _has_adapter(text_encoder, adapter_name) else None}
-    for component, model in models.items():
-        if model is None:
+    for component, model in components.models_dict(unet, text_encoder, text_encoder_2).items():
+        if not _has_adapter(model, adapter_name):
             continue
         root = formats.kohya_path_root(model)
         prefix = DIFFUSERS_PREFIXES[component]
@@ -201,11 +204,12 @@ def _tensors_for_file(state: dict[str, torch.Tensor], dtype: torch.dtype | None)
 
 def save_adapter(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None, *,
                  metadata: dict[str, str], fmt: str = "kohya", adapter_name: str = "default",
-                 dtype: torch.dtype | None = None) -> Path:
-    """Save one adapter of the UNet (+ text encoder, when it has that adapter) as a .safetensors file.
+                 dtype: torch.dtype | None = None, text_encoder_2: nn.Module | None = None) -> Path:
+    """Save one adapter of the UNet (+ text encoders, when they have that adapter) as a .safetensors file.
 
-    fmt "kohya": lora_unet_*/lora_te_* keys that A1111, ComfyUI, kohya and diffusers load. fmt "diffusers":
-    peft keys under unet./text_encoder. with the LoraConfig in `lora_adapter_metadata`. Both get the
+    fmt "kohya": lora_unet_*/lora_te_* keys (SDXL: SAI UNet names, lora_te1_*/lora_te2_*) that A1111, ComfyUI,
+    kohya and diffusers load. fmt "diffusers": peft keys under unet./text_encoder./text_encoder_2. with the
+    LoraConfig in `lora_adapter_metadata`. Both get the
     kohya sshs_model_hash / sshs_legacy_hash of the tensors actually written. dtype: e.g. torch.float16 to
     halve the file (default: the adapter's own dtype, fp32).
     """
@@ -216,9 +220,11 @@ def save_adapter(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modu
     _check_metadata(metadata)
     metadata = dict(metadata)
     if fmt == "kohya":
-        state = _tensors_for_file(kohya_state_from_models(unet, text_encoder, adapter_name), dtype)
+        state = _tensors_for_file(kohya_state_from_models(unet, text_encoder, adapter_name,
+                                                          text_encoder_2=text_encoder_2), dtype)
     else:
-        raw_state, adapter_config = diffusers_state_from_models(unet, text_encoder, adapter_name)
+        raw_state, adapter_config = diffusers_state_from_models(unet, text_encoder, adapter_name,
+                                                                text_encoder_2=text_encoder_2)
         state = _tensors_for_file(raw_state, dtype)
         metadata[DIFFUSERS_ADAPTER_METADATA_KEY] = json.dumps(adapter_config, indent=2, sort_keys=True)
     metadata.setdefault("format", "pt")
@@ -251,12 +257,15 @@ def _diffusers_to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str]
     from peft.utils.other import get_pattern_key
 
     config = json.loads(metadata.get(DIFFUSERS_ADAPTER_METADATA_KEY, "{}"))
-    kohya_prefixes = {"unet": formats.UNET_PREFIX, "text_encoder": formats.TEXT_ENCODER_PREFIX}
+    # A second text encoder means SDXL: its encoders are lora_te1/lora_te2 and its UNet keeps diffusers paths here
+    # (lora_unet_down_blocks_…), which the SDXL readers accept besides SAI names.
+    sdxl = any(key.startswith("text_encoder_2.") for key in state)
+    kohya_prefixes = components.SDXL_PREFIXES if sdxl else components.SD_PREFIXES
     kohya: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         component, _, rest = key.partition(".")
         path, suffix = formats.split_peft_key(rest)
-        if component == "text_encoder" and not path.startswith("text_model."):
+        if component in components.TEXT_ENCODERS and not path.startswith("text_model."):
             path = "text_model." + path
         name = f"{kohya_prefixes[component]}_{path.replace('.', '_')}"
         kohya[f"{name}.{formats.PEFT_TO_KOHYA_SUFFIX[suffix]}"] = tensor
@@ -291,23 +300,24 @@ def load_adapter_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
 
 
 def load_adapter_into(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None, *,
-                      adapter_name: str = "default") -> dict[str, str]:
-    """Our own loader: attach the file's LoRA to the UNet / text encoder as peft adapter `adapter_name`.
+                      adapter_name: str = "default", text_encoder_2: nn.Module | None = None) -> dict[str, str]:
+    """Our own loader: attach the file's LoRA to the UNet / text encoder(s) as peft adapter `adapter_name`.
 
-    Returns the file's metadata. Both halves are converted (and checked) before either model is touched.
+    Returns the file's metadata. A file of the other family (SD1.x/2.x vs SDXL) is refused in one sentence; every
+    part is converted (and checked) before any model is touched.
     """
     state, metadata = load_adapter_state(path)
-    parts = formats.split_kohya_state(state)
-    unet_names = formats.kohya_names(unet, formats.UNET_PREFIX)
-    unet_peft, unet_ranks = formats.kohya_to_peft(parts[formats.UNET_PREFIX], unet_names)
-    te_state = parts[formats.TEXT_ENCODER_PREFIX]
-    if te_state and text_encoder is None:
-        raise ValueError(f"{Path(path).name} has text-encoder LoRA weights but no text encoder was given.")
-    if te_state:
-        te_names = formats.kohya_names(text_encoder, formats.TEXT_ENCODER_PREFIX)
-        te_peft, te_ranks = formats.kohya_to_peft(te_state, te_names)
-    if unet_peft:
-        add_lora_from_state(unet, unet_peft, unet_ranks, adapter_name)
-    if te_state:
-        add_lora_from_state(text_encoder, te_peft, te_ranks, adapter_name)
+    models = components.models_dict(unet, text_encoder, text_encoder_2)
+    components.check_adapter_family(Path(path).name, state, metadata, models)
+    prefixes = components.component_prefixes(models)
+    parts = formats.split_kohya_state(state, prefixes)
+    converted = {}
+    for component, prefix in prefixes.items():
+        if not parts[prefix]:
+            continue
+        if models.get(component) is None:
+            raise ValueError(f"{Path(path).name} has {component} LoRA weights but no {component} was given.")
+        converted[component] = formats.kohya_to_peft(parts[prefix], components.component_names(models, component))
+    for component, (peft_state, ranks) in converted.items():
+        add_lora_from_state(models[component], peft_state, ranks, adapter_name)
     return metadata

@@ -1,4 +1,5 @@
-"""Base model loading: turns "toy" | hub id | diffusers folder | single checkpoint file into a StableDiffusionPipeline.
+"""Base model loading: turns "toy" | hub id | diffusers folder | single checkpoint file into a StableDiffusionPipeline
+(SD 1.x/2.x and the toy base) or a StableDiffusionXLPipeline (SDXL: two text encoders), chosen by the model's family.
 
 One code path for the shipped toy base and real Stable Diffusion models. Everything runs offline: hub ids and
 single-file configs are looked up in the local Hugging Face cache only. Every refusal says what to do instead.
@@ -31,9 +32,18 @@ REQUIRED_CONFIG_FILES = (
     "text_encoder/config.json",
     "scheduler/scheduler_config.json",
 )
+SDXL_CONFIG_FILES = ("text_encoder_2/config.json",)  # and a tokenizer_2 folder
+SD_PIPELINE = "StableDiffusionPipeline"
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+# The pipeline classes a base can be, with the arguments each is built with: no safety checker (SD), no invisible
+# watermark (SDXL; diffusers adds one when the invisible-watermark package happens to be installed).
+PIPELINE_ARGUMENTS = {
+    SD_PIPELINE: {"safety_checker": None, "requires_safety_checker": False},
+    SDXL_PIPELINE: {"add_watermarker": False},
+}
 # Key prefix of the UNet in original-layout (CompVis / A1111) single-file checkpoints.
 ORIGINAL_UNET_PREFIX = "model.diffusion_model."
-# Checkpoint families (as diffusers names them) a StableDiffusionPipeline can hold, and the hub repos whose
+# Checkpoint families (as diffusers names them) stylelora loads, and the hub repos whose
 # configs describe them, tried in order in the local cache. The first of each is diffusers' own default.
 SINGLE_FILE_CONFIG_REPOS = {
     "v1": (
@@ -42,7 +52,9 @@ SINGLE_FILE_CONFIG_REPOS = {
         "CompVis/stable-diffusion-v1-4",
     ),
     "v2": ("stabilityai/stable-diffusion-2-1",),
+    "xl_base": ("stabilityai/stable-diffusion-xl-base-1.0",),
 }
+SDXL_MODEL_TYPES = ("xl_base",)
 
 
 class BaseModelError(Exception):
@@ -65,7 +77,8 @@ def load_base(
     allow_pickle: bool = False,
     config_dir: str | None = None,
 ) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion base model as a StableDiffusionPipeline (safety checker off) on `device`.
+    """Load a Stable Diffusion base model on `device`: a StableDiffusionPipeline (safety checker off) for SD 1.x/2.x
+    and the toy base, a StableDiffusionXLPipeline (no watermark) for SDXL.
 
     spec: "toy" (the shipped toy base), a local diffusers folder, a single `.safetensors` checkpoint, a pickle
     checkpoint (`.ckpt`/`.pt`/`.pth`/`.bin`, only with allow_pickle=True) or a hub id already in the local cache.
@@ -163,28 +176,46 @@ def _resolve_device(device: str | None, precision: str) -> str:
     return device
 
 
-def _load_diffusers_folder(folder: str, dtype: Any) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=True
+def pipeline_class_name(folder: Path) -> str:
+    """SD_PIPELINE or SDXL_PIPELINE for a diffusers folder, from its model_index.json; refuses other pipelines."""
+    index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    name = index.get("_class_name")
+    has_text_encoder = (index.get("text_encoder") or [None])[0] is not None
+    if name == SDXL_PIPELINE or ("text_encoder_2" in index and has_text_encoder and "unet" in index):
+        return SDXL_PIPELINE
+    if name in (None, SD_PIPELINE):
+        return SD_PIPELINE
+    raise BaseModelError(
+        f"{folder} holds a {name}; stylelora trains and generates with Stable Diffusion 1.x/2.x "
+        f"({SD_PIPELINE}) and SDXL base ({SDXL_PIPELINE}) models. Pass one of those."
     )
 
 
-def _load_cached_hub_model(repo_id: str, dtype: Any) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
+def _pipeline_class(name: str) -> Any:
+    import diffusers
 
-    if _cached_snapshot(repo_id) is None:
+    return getattr(diffusers, name)
+
+
+def _load_diffusers_folder(folder: str, dtype: Any) -> StableDiffusionPipeline:
+    name = pipeline_class_name(Path(folder))
+    return _pipeline_class(name).from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                 **PIPELINE_ARGUMENTS[name])
+
+
+def _load_cached_hub_model(repo_id: str, dtype: Any) -> StableDiffusionPipeline:
+    snapshot = _cached_snapshot(repo_id)
+    if snapshot is None:
         raise BaseModelError(
             f"{repo_id} is not in the local Hugging Face cache, and stylelora works offline. On a machine with "
             f"internet run `hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`) "
             "and copy the cache folder (~/.cache/huggingface/hub) here, or pass a local diffusers folder or "
             f".safetensors file instead. If you meant a local path, {Path(repo_id).resolve()} does not exist."
         )
+    name = pipeline_class_name(snapshot)
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            repo_id, safety_checker=None, requires_safety_checker=False, dtype=dtype, local_files_only=True
-        )
+        return _pipeline_class(name).from_pretrained(repo_id, dtype=dtype, local_files_only=True,
+                                                     **PIPELINE_ARGUMENTS[name])
     except OSError as error:
         raise BaseModelError(
             f"{repo_id} is only partly in the local Hugging Face cache ({error}). Re-run `hf download {repo_id}` "
@@ -201,19 +232,13 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 
 
 def _load_single_file(path: Path, config_dir: str | None, dtype: Any) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
-
     model_type = _single_file_model_type(path)
     config_folder = _single_file_config(path, model_type, config_dir)
+    name = SDXL_PIPELINE if model_type in SDXL_MODEL_TYPES else SD_PIPELINE
     # With a local config folder and local_files_only, diffusers neither downloads nor guesses configs.
     # Pickle files are read by diffusers' load_state_dict with torch.load(weights_only=True).
-    return StableDiffusionPipeline.from_single_file(
-        str(path),
-        config=str(config_folder),
-        local_files_only=True,
-        dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
+    return _pipeline_class(name).from_single_file(
+        str(path), config=str(config_folder), local_files_only=True, dtype=dtype, **PIPELINE_ARGUMENTS[name]
     )
 
 
@@ -240,7 +265,7 @@ def _checkpoint_model_type(path: Path, checkpoint: Mapping) -> str:
     if model_type not in SINGLE_FILE_CONFIG_REPOS:
         raise BaseModelError(
             f"{path.name} looks like a {model_type!r} checkpoint; stylelora trains Stable Diffusion 1.x/2.x "
-            "(UNet + CLIP text encoder) bases only. Pass an SD 1.5-family checkpoint or diffusers folder."
+            "and SDXL base bases only. Pass an SD 1.5, SD 2.x or SDXL base checkpoint, or a diffusers folder."
         )
     return model_type
 
@@ -306,12 +331,12 @@ def _load_pickle_weights_only(path: Path) -> Mapping:
 def _single_file_config(path: Path, model_type: str, config_dir: str | None) -> Path:
     """The folder of diffusers configs that tells from_single_file how to build each component."""
     if config_dir is not None:
-        return _check_config_folder(_config_dir_folder(config_dir))
+        return _check_config_folder(_config_dir_folder(config_dir), model_type)
     candidates = SINGLE_FILE_CONFIG_REPOS[model_type]
     for repo_id in candidates:
         snapshot = _cached_snapshot(repo_id)
         if snapshot is not None:
-            return _check_config_folder(snapshot)
+            return _check_config_folder(snapshot, model_type)
     raise BaseModelError(
         f"{path.name} is a single-file SD {model_type} checkpoint. Building a pipeline from it needs the matching "
         f"diffusers config files, and none are in the local Hugging Face cache (looked for {', '.join(candidates)}). "
@@ -334,24 +359,27 @@ def _config_dir_folder(config_dir: str) -> Path:
     )
 
 
-def _check_config_folder(folder: Path) -> Path:
-    missing = [name for name in REQUIRED_CONFIG_FILES if not (folder / name).is_file()]
-    tokenizer = folder / "tokenizer"
-    if not any((tokenizer / name).is_file() for name in ("vocab.json", "tokenizer.json")):
-        missing.append("tokenizer/vocab.json (or tokenizer.json)")
+def _check_config_folder(folder: Path, model_type: str = "v1") -> Path:
+    sdxl = model_type in SDXL_MODEL_TYPES
+    missing = [name for name in REQUIRED_CONFIG_FILES + (SDXL_CONFIG_FILES if sdxl else ()) if not (folder / name).is_file()]
+    for tokenizer in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        if not any((folder / tokenizer / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+            missing.append(f"{tokenizer}/vocab.json (or tokenizer.json)")
     if missing:
         raise BaseModelError(
             f"Config folder {folder} is incomplete: missing {', '.join(missing)}. Use a full diffusers folder "
             "(as written by save_pretrained, or a hub download of the base model's *.json and *.txt files)."
         )
-    _check_pipeline_class(folder)
+    _check_pipeline_class(folder, sdxl)
     return folder
 
 
-def _check_pipeline_class(folder: Path) -> None:
+def _check_pipeline_class(folder: Path, sdxl: bool) -> None:
     pipeline_class = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-    if pipeline_class not in (None, "StableDiffusionPipeline"):
+    wanted = SDXL_PIPELINE if sdxl else SD_PIPELINE
+    if pipeline_class not in (None, wanted):
+        checkpoint = "an SDXL base checkpoint" if sdxl else "an SD 1.x/2.x checkpoint"
         raise BaseModelError(
-            f"Config folder {folder} describes a {pipeline_class}, not a StableDiffusionPipeline; pass the configs "
-            "of an SD 1.x/2.x base."
+            f"Config folder {folder} describes a {pipeline_class}, but the file is {checkpoint}; pass the "
+            f"configs of a {wanted} of the same architecture."
         )

@@ -1,0 +1,118 @@
+"""Owns which models of a pipeline carry LoRA, the kohya prefix of each, the names their modules go by, and the
+refusal of an adapter made for the other family (SD 1.x/2.x vs SDXL).
+
+    SD 1.x/2.x, toy   unet → `lora_unet_` + diffusers module paths    text_encoder → `lora_te_`
+    SDXL              unet → `lora_unet_` + SAI/SGM paths (sai_names)  text_encoder (CLIP ViT-L) → `lora_te1_`,
+                                                                       text_encoder_2 (OpenCLIP bigG) → `lora_te2_`
+
+That is how kohya sd-scripts writes each family and what A1111, ComfyUI and diffusers read. Reading an SDXL file,
+UNet modules under diffusers paths (`lora_unet_down_blocks_…`, as some converters write them) are accepted too.
+A model counts as SDXL when the pipeline has a second text encoder or its UNet takes `text_time` added conditioning.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from stylelora.lora import formats
+from stylelora.lora.sdxl import TEXT_ENCODER_1_PREFIX, TEXT_ENCODER_2_PREFIX
+
+SD_PREFIXES = dict(formats.COMPONENT_PREFIXES)
+SDXL_PREFIXES = {"unet": formats.UNET_PREFIX, "text_encoder": TEXT_ENCODER_1_PREFIX,
+                 "text_encoder_2": TEXT_ENCODER_2_PREFIX}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+# How people name the families (A1111's "SD1"/"SDXL", kohya's docs), by modelspec architecture without "/lora".
+FAMILY_LABELS = {"stable-diffusion-v1": "SD 1.x", "stable-diffusion-v2": "SD 2.x",
+                 "stable-diffusion-v2-512": "SD 2.x", "stable-diffusion-v2-768-v": "SD 2.x", SDXL_ARCHITECTURE: "SDXL"}
+TEXT_ENCODER_WIDTH_LABELS = {768: "SD 1.x", 1024: "SD 2.x"}
+OTHER_SD_LABEL = "SD 1.x/2.x-architecture"
+
+
+class AdapterFamilyError(ValueError):
+    """An adapter made for one base family (SD 1.x/2.x or SDXL) was given to a base of the other."""
+
+
+def models_dict(unet: nn.Module, text_encoder: nn.Module | None = None,
+                text_encoder_2: nn.Module | None = None) -> dict[str, nn.Module | None]:
+    """{"unet", "text_encoder"[, "text_encoder_2"]}: the second text encoder only when there is one."""
+    models = {"unet": unet, "text_encoder": text_encoder}
+    if text_encoder_2 is not None:
+        models["text_encoder_2"] = text_encoder_2
+    return models
+
+
+def pipeline_models(pipe: Any) -> dict[str, nn.Module | None]:
+    """The models of a diffusers pipeline that LoRA adapts, by pipeline attribute name."""
+    return models_dict(pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+
+
+def is_sdxl(models: Mapping[str, nn.Module | None]) -> bool:
+    if models.get("text_encoder_2") is not None:
+        return True
+    config = getattr(models["unet"], "config", None) or {}
+    return config.get("addition_embed_type") == "text_time"
+
+
+def component_prefixes(models: Mapping[str, nn.Module | None]) -> dict[str, str]:
+    """{component: kohya prefix} of this model family."""
+    return dict(SDXL_PREFIXES if is_sdxl(models) else SD_PREFIXES)
+
+
+def component_names(models: Mapping[str, nn.Module | None], component: str) -> formats.KohyaNames:
+    """The kohya names of one component's Linear/Conv2d layers (SAI/SGM ones for an SDXL UNet)."""
+    model = models[component]
+    if model is None:
+        raise ValueError(f"This pipeline has no {component}.")
+    prefix = component_prefixes(models)[component]
+    if component != "unet" or not is_sdxl(models):
+        return formats.kohya_names(model, prefix)
+    from stylelora.lora.sai_names import sai_kohya_names
+
+    sai = sai_kohya_names(model, prefix)
+    diffusers_named = formats.kohya_names(model, prefix)
+    # The two name sets never overlap (input_blocks/middle_block/output_blocks vs down_blocks/mid_block/up_blocks),
+    # so a file in either reads; what we write is always the SAI name.
+    by_name = {**diffusers_named.by_name, **sai.by_name}
+    return dataclasses.replace(sai, by_name=by_name, ambiguous={**diffusers_named.ambiguous, **sai.ambiguous})
+
+
+# ----------------------------------------------------------------------------- families
+
+
+def base_family_label(models: Mapping[str, nn.Module | None]) -> str:
+    """"SDXL", "SD 1.x", "SD 2.x" or OTHER_SD_LABEL (a small model of SD layout, e.g. the toy base)."""
+    if is_sdxl(models):
+        return "SDXL"
+    text_encoder = models.get("text_encoder")
+    width = text_encoder.config.hidden_size if text_encoder is not None else models["unet"].config.cross_attention_dim
+    return TEXT_ENCODER_WIDTH_LABELS.get(width, OTHER_SD_LABEL)
+
+
+def adapter_family_label(architecture: str) -> str:
+    """The family an adapter's architecture (inspect.adapter_architecture) names, as base_family_label does."""
+    if architecture.startswith(SDXL_ARCHITECTURE):
+        return "SDXL"
+    return FAMILY_LABELS.get(architecture, OTHER_SD_LABEL)
+
+
+def check_adapter_family(file_name: str, state: dict, metadata: dict[str, str],
+                         models: Mapping[str, nn.Module | None]) -> None:
+    """AdapterFamilyError, in one sentence naming both families, when the file is SDXL and the base not (or the
+    reverse); a file whose family cannot be told (UNet-only, no metadata) is left to the key matching."""
+    from stylelora.lora.inspect import UNKNOWN_ARCHITECTURE, adapter_architecture
+
+    architecture = adapter_architecture(state, metadata)
+    if architecture == UNKNOWN_ARCHITECTURE:
+        return
+    adapter_sdxl = architecture.startswith(SDXL_ARCHITECTURE)
+    if adapter_sdxl == is_sdxl(models):
+        return
+    adapter, base = adapter_family_label(architecture), base_family_label(models)
+    raise AdapterFamilyError(
+        f"{file_name} is an {adapter} LoRA and cannot be used with this {base} base model: use a LoRA trained "
+        f"for {base}, or an {adapter} base."
+    )
