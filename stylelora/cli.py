@@ -73,6 +73,19 @@ def _format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_share(args: argparse.Namespace) -> int:
+    from .share import pack
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir.parent / f"{run_dir.resolve().name}.zip"
+    try:
+        print(pack(run_dir, out))
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_toy(args: argparse.Namespace) -> int:
     if args.toy_command == "datasets":
         from .toy.datasets import write_all
@@ -142,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-grid", metavar="PNG", help="also save every generated image in one grid")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(handler=_cmd_evaluate)
+
+    share = sub.add_parser("share", help="pack a run's adapter, preview, A1111 sidecar and model card into a zip")
+    share.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `stylelora train` (or a blend's)")
+    share.add_argument("--out", metavar="NAME.zip", help="the zip to write (default: RUN_DIR/../NAME.zip)")
+    share.set_defaults(handler=_cmd_share)
 
     toy = sub.add_parser("toy", help="the toy world: datasets, judge, toy base")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)

@@ -193,6 +193,10 @@ class TrainSection:
     sample_guidance: float | None = option(None, "CFG scale of the sample grid", example="5.0", preset=True)
     resume: str | None = option(None, "continue a run exactly from a checkpoint folder, or latest", example="latest")
     format: str = option("kohya", "adapter key layout", choices=FORMATS, example="kohya")
+    license: str = option("unspecified", "license named in the adapter's metadata and model card (e.g. "
+                                         "CC-BY-4.0, openrail++)", example="CC-BY-4.0")
+    description: str = option("", "one-line description in the adapter's metadata, sidecar and model card (\"\" = "
+                                   "written from the family, trigger words and dataset size)")
     overwrite: bool = option(False, "start a new run in a folder that already holds one")
 
 

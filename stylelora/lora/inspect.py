@@ -164,6 +164,7 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         f"  modules        UNet {info['modules']['unet']}, text encoder {info['modules']['text_encoder']}",
         f"  dtypes         {', '.join(f'{k}×{n}' for k, n in info['dtypes'].items())}",
         f"  trigger words  {', '.join(info['trigger_words']) or 'none recorded'}",
+        *_model_spec_lines(info["modelspec"]),
         f"  hash           {hashes['a1111_short']} (sha256 {hashes['computed']}, {check[hashes['matches_metadata']]})",
     ]
     merged = info["modelspec"].get("merged_from")
@@ -183,6 +184,19 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         shown = ", ".join(f"{tag} ({count})" for tag, count in top)
         lines.append(f"  tags           {shown}" + (f", +{more} more" if more > 0 else ""))
     return "\n".join(lines)
+
+
+SHARED_SPEC_FIELDS = ("description", "license", "date", "resolution")
+
+
+def _model_spec_lines(spec: dict[str, str]) -> list[str]:
+    """The model-spec fields model sites show (the thumbnail by its size, not its base64 text)."""
+    lines = [f"  {key:<14} {_short(spec[key])}" for key in SHARED_SPEC_FIELDS if spec.get(key)]
+    thumbnail = spec.get("thumbnail", "")
+    if thumbnail:
+        kind = thumbnail.partition(";")[0].removeprefix("data:")
+        lines.append(f"  thumbnail      {kind}, {len(thumbnail) * 3 // 4 // 1024} KiB (data URI)")
+    return lines
 
 
 def _short(value: Any, limit: int = 100) -> str:

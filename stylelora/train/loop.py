@@ -562,12 +562,23 @@ def write_adapter(run: Run, path: Path, step: int) -> Path:
     return save_adapter(path, run.pipe.unet, run.pipe.text_encoder, metadata=metadata, fmt=run.config.train.format)
 
 
+def write_share_bundle(run: Run, adapter: Path) -> None:
+    """NAME.preview.png, NAME.json (A1111 sidecar) and README.md (model card) beside the adapter."""
+    from stylelora.share import PREVIEW_NAME, write_bundle
+    from stylelora.train.samples import SAMPLES_DIR
+
+    samples = run.run_dir / SAMPLES_DIR
+    grid = sample_path(run.run_dir, run.config.train.steps)
+    write_bundle(adapter, preview=samples / PREVIEW_NAME if run.config.train.samples else None, grid=grid)
+
+
 def finish(run: Run) -> Path:
     """Write OUTPUT/NAME.safetensors (main process) and return its path on every process."""
     path = run.config.adapter_path
     if run.accelerator.is_main_process:
         write_adapter(run, path, run.config.train.steps)
         save_config(run.config, run.run_dir / CONFIG_FILE)
+        write_share_bundle(run, path)
         run.log.say(f"adapter written: {path}")
     run.accelerator.wait_for_everyone()
     return path

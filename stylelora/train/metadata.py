@@ -34,6 +34,23 @@ class RunFacts:
     batches_per_epoch: int
 
 
+def share_fields(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
+    """The SAI model-spec fields model sites read: description, license and a thumbnail of the newest preview."""
+    from stylelora.presets import FAMILY_NAMES
+    from stylelora.share import PREVIEW_NAME, thumbnail_data_uri
+    from stylelora.train.samples import SAMPLES_DIR
+
+    t = config.train
+    trigger = f", trigger '{facts.trigger}'" if facts.trigger else ""
+    description = t.description or (f"LoRA for {FAMILY_NAMES[t.family]} bases{trigger}, trained with stylelora "
+                                    f"on {len(facts.items)} images.")
+    fields = {"modelspec.description": description, "modelspec.license": t.license}
+    preview = config.output_dir / SAMPLES_DIR / PREVIEW_NAME
+    if t.samples and preview.is_file():
+        fields["modelspec.thumbnail"] = thumbnail_data_uri(preview)
+    return fields
+
+
 def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[str, str]:
     """All-string metadata for the adapter at `step`; `ss_training_args` is the run's whole config as JSON."""
     d, n, o, t = config.data, config.network, config.optim, config.train
@@ -44,6 +61,7 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_stylelora_config_sources": json.dumps(dict(config.sources), sort_keys=True),
         "ss_stylelora_base_family": t.family,
         **dict(zip(("ss_base_model_version", "ss_v2", "modelspec.architecture"), FAMILY_METADATA[t.family])),
+        **share_fields(config, facts),
         "ss_sd_model_name": t.base,
         "ss_seed": str(t.seed),
         "ss_optimizer": o.optimizer,

@@ -7,6 +7,7 @@ import torch
 
 from stylelora.config import TRIGGER_PLACEHOLDER, TrainConfig
 from stylelora.grid import save_grid
+from stylelora.share import PREVIEW_NAME
 
 SAMPLES_DIR = "samples"
 
@@ -42,8 +43,18 @@ def save_samples(pipe, prompts: list[str], config: TrainConfig, path: Path) -> P
         pipe.text_encoder.train(te_was_training)
     # Prompts are too long to label 32 px tiles legibly: they go next to the grids, one per column.
     grid = save_grid(images, path, columns=len(images))
+    # The first prompt carries the trigger: its image is the adapter's preview (stylelora.share).
+    _save_preview(images[0], path.parent / PREVIEW_NAME)
     _write_prompts(path.parent / "prompts.txt", prompts, config)
     return grid
+
+
+def _save_preview(image, path: Path) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def _write_prompts(path: Path, prompts: list[str], config: TrainConfig) -> None:

@@ -1,0 +1,155 @@
+"""Owns the share bundle of an adapter: what people post beside NAME.safetensors, and `stylelora share`.
+
+    NAME.preview.png   the preview image A1111's and ComfyUI's LoRA browsers and model sites look for
+    NAME.json          A1111's extra-networks sidecar: activation text, preferred weight, SD version, description
+    README.md          a model card: base and family, triggers, how to use it in A1111/ComfyUI/diffusers/stylelora,
+                       training settings, dataset size, the sample grid, the license
+
+Everything is derived from the adapter file's own metadata (kohya ss_* and SAI modelspec.*), so a trained adapter
+and a saved blend get the same bundle. Files are written atomically.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+from stylelora.atomic import write_text_atomic
+
+PREVIEW_NAME = "preview.png"  # the first sample of the newest grid, kept by train/samples.py
+THUMBNAIL_SIDE = 256
+# A1111's "sd version" choices in its LoRA metadata editor, by modelspec.architecture.
+SD_VERSIONS = {"stable-diffusion-v1": "SD1", "stable-diffusion-v2-512": "SD2", "stable-diffusion-v2-768-v": "SD2",
+               "stable-diffusion-xl-v1-base": "SDXL"}
+
+
+def thumbnail_data_uri(image_path: Path, side: int = THUMBNAIL_SIDE) -> str:
+    """A small JPEG of the image as a data URI (modelspec.thumbnail); tiny toy images are upscaled crisply."""
+    from PIL import Image
+
+    with Image.open(image_path) as image:
+        image = image.convert("RGB")
+        scale = side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+        buffer = io.BytesIO()
+        image.resize(size, resample).save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def sd_version(metadata: dict[str, str]) -> str:
+    architecture = metadata.get("modelspec.architecture", "").removesuffix("/lora")
+    return SD_VERSIONS.get(architecture, "Unknown")
+
+
+def trigger_words(metadata: dict[str, str]) -> list[str]:
+    from stylelora.lora.inspect import trigger_words as from_metadata
+
+    return from_metadata(metadata)
+
+
+def a1111_sidecar(metadata: dict[str, str]) -> dict[str, object]:
+    """NAME.json as A1111's extra-networks metadata editor writes it for a LoRA."""
+    return {
+        "description": metadata.get("modelspec.description", ""),
+        "sd version": sd_version(metadata),
+        "activation text": ", ".join(trigger_words(metadata)),
+        "preferred weight": 1.0,
+        "negative text": "",
+        "notes": f"Trained with stylelora. License: {metadata.get('modelspec.license', 'unspecified')}.",
+    }
+
+
+def model_card(name: str, metadata: dict[str, str], *, grid: str | None) -> str:
+    """README.md for the bundle: what it is, how to use it everywhere, how it was trained."""
+    triggers = trigger_words(metadata)
+    trigger_text = ", ".join(triggers) or "(none: the adapter acts on every prompt)"
+    prompt = f"{triggers[0]}, " if triggers else ""
+    args = json.loads(metadata.get("ss_training_args", "{}") or "{}")
+    train, network, optim = args.get("train", {}), args.get("network", {}), args.get("optim", {})
+    lines = [
+        f"# {metadata.get('modelspec.title', name)}",
+        "",
+        metadata.get("modelspec.description", ""),
+        "",
+        f"- Base model: `{metadata.get('ss_sd_model_name', 'unknown')}` (family "
+        f"{metadata.get('ss_stylelora_base_family', sd_version(metadata))}, "
+        f"`{metadata.get('modelspec.architecture', 'unknown')}`)",
+        f"- Trigger words: {trigger_text}",
+        f"- Resolution: {metadata.get('modelspec.resolution', 'unknown')}",
+        f"- License: {metadata.get('modelspec.license', 'unspecified')}",
+        "",
+        "## Use it",
+        "",
+        f"- A1111 / Forge: put `{name}.safetensors` (with `{name}.preview.png` and `{name}.json`) in `models/Lora`, then "
+        f"prompt `{prompt}... <lora:{name}:1>`.",
+        f"- ComfyUI: put it in `models/loras` and use a *Load LoRA* node (strength 1.0); prompt `{prompt}...`.",
+        f"- diffusers: `pipe.load_lora_weights(\".\", weight_name=\"{name}.safetensors\")`.",
+        f"- stylelora: `stylelora generate \"{prompt}...\" --lora {name}.safetensors:1`.",
+        "",
+        "## Training",
+        "",
+        f"- Dataset: {_image_count(metadata)} images ({metadata.get('ss_num_train_images', '?')} samples per epoch "
+        f"with repeats), {metadata.get('ss_steps', '?')} steps, batch {train.get('batch_size', '?')}",
+        f"- LoRA rank {metadata.get('ss_network_dim', '?')}, alpha {metadata.get('ss_network_alpha', '?')}; "
+        f"UNet LR {optim.get('unet_lr', '?')}, text-encoder LR {optim.get('text_encoder_lr', 'not trained')}",
+        f"- Seed {train.get('seed', '?')}, precision {train.get('precision', '?')}; "
+        f"network {network.get('unet_targets', '?')}",
+    ]
+    if grid:
+        lines += ["", "## Samples", "", f"![sample grid]({grid})"]
+    return "\n".join(lines) + "\n"
+
+
+def _image_count(metadata: dict[str, str]) -> str:
+    try:
+        folders = json.loads(metadata.get("ss_dataset_dirs", "{}"))
+        return str(sum(int(folder.get("img_count", 0)) for folder in folders.values())) if folders else "?"
+    except (ValueError, AttributeError, TypeError):
+        return "?"
+
+
+def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = None) -> list[Path]:
+    """Write NAME.preview.png (when there is a preview), NAME.json and README.md beside the adapter."""
+    from stylelora.lora.adapter_file import read_header
+
+    adapter = Path(adapter)
+    name = adapter.stem
+    _, metadata = read_header(adapter)
+    written = []
+    if preview is not None and preview.is_file():
+        target = adapter.with_name(f"{name}.preview.png")
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(preview, tmp)
+        os.replace(tmp, target)
+        written.append(target)
+    sidecar = adapter.with_name(f"{name}.json")
+    written.append(write_text_atomic(sidecar, json.dumps(a1111_sidecar(metadata), indent=4) + "\n"))
+    grid_link = os.path.relpath(grid, adapter.parent) if grid is not None and grid.is_file() else None
+    written.append(write_text_atomic(adapter.with_name("README.md"), model_card(name, metadata, grid=grid_link)))
+    return written
+
+
+def pack(run_dir: Path, out: Path) -> Path:
+    """Zip the bundle of the run in `run_dir` (adapter, preview, sidecar, README, newest sample grid) into `out`."""
+    run_dir = Path(run_dir)
+    adapters = sorted(p for p in run_dir.glob("*.safetensors"))
+    if len(adapters) != 1:
+        raise FileNotFoundError(f"{run_dir} must hold exactly one adapter .safetensors to share (found "
+                                f"{len(adapters)}); pass a run folder written by `stylelora train` or `blend`")
+    adapter = adapters[0]
+    members = [adapter] + [adapter.with_name(f"{adapter.stem}{suffix}") for suffix in (".preview.png", ".json")]
+    members += [run_dir / "README.md"] + sorted((run_dir / "samples").glob("step-*.png"))[-1:]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for member in members:
+            if member.is_file():
+                archive.write(member, member.relative_to(run_dir).as_posix())
+    os.replace(tmp, out)
+    return out

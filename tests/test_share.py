@@ -1,0 +1,66 @@
+"""The share bundle: every run writes NAME.preview.png, A1111's NAME.json sidecar and a README model card, the
+adapter carries the model-spec fields sites read, and `stylelora share` zips it all."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from PIL import Image
+
+from stylelora.config import load_config
+from stylelora.lora.adapter_file import read_header
+from stylelora.train.loop import run_training
+from train_fixtures import REPO, build_tiny_base, reset_accelerate, subprocess_env, tiny_overrides, write_kohya_dataset
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("share")
+    base = build_tiny_base(root / "base")
+    data = write_kohya_dataset(root / "data" / "stripes")
+    out = root / "run"
+    run_training(load_config(None, tiny_overrides(data, out, base, **{"train.license": "CC-BY-4.0", "train.output_name": "run"})))
+    reset_accelerate()
+    return out
+
+
+def test_a_run_writes_preview_sidecar_and_model_card(run_dir):
+    preview = Image.open(run_dir / "run.preview.png")
+    assert preview.size == (32, 32)
+    sidecar = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    assert sidecar["activation text"] == "stripestyle" and sidecar["preferred weight"] == 1.0
+    assert sidecar["sd version"] == "SD1" and "stripestyle" in sidecar["description"]
+    card = (run_dir / "README.md").read_text(encoding="utf-8")
+    for text in ("Trigger words: stripestyle", "<lora:run:1>", "load_lora_weights", "License: CC-BY-4.0",
+                 "Dataset: 8 images", "![sample grid](samples/step-000004.png)"):
+        assert text in card, text
+
+
+def test_the_adapter_carries_the_model_spec_fields_sites_read(run_dir):
+    _, metadata = read_header(run_dir / "run.safetensors")
+    assert metadata["modelspec.title"] == "run" and metadata["modelspec.trigger_phrase"] == "stripestyle"
+    assert metadata["modelspec.license"] == "CC-BY-4.0" and "stripestyle" in metadata["modelspec.description"]
+    assert metadata["modelspec.resolution"] == "32x32" and metadata["modelspec.date"]
+    kind, _, data = metadata["modelspec.thumbnail"].partition(";base64,")
+    assert kind == "data:image/jpeg"
+    assert Image.open(io.BytesIO(base64.b64decode(data))).size == (256, 256)
+    shown = subprocess.run([sys.executable, "-m", "stylelora.cli", "inspect", str(run_dir / "run.safetensors")],
+                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert "license        CC-BY-4.0" in shown.stdout and "thumbnail      image/jpeg" in shown.stdout
+
+
+def test_share_packs_the_bundle(run_dir, tmp_path):
+    out = tmp_path / "run.zip"
+    result = subprocess.run([sys.executable, "-m", "stylelora.cli", "share", str(run_dir), "--out", str(out)],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    names = set(zipfile.ZipFile(out).namelist())
+    assert {"run.safetensors", "run.preview.png", "run.json", "README.md", "samples/step-000004.png"} <= names
+    empty = subprocess.run([sys.executable, "-m", "stylelora.cli", "share", str(tmp_path)], cwd=REPO,
+                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "exactly one adapter" in empty.stderr
