@@ -56,6 +56,29 @@ def make_toy_adapter(path: Path, seed: int, *, trigger: str = "style", rank: int
     return save_adapter(Path(path), unet, text_encoder, metadata=metadata, fmt="kohya")
 
 
+def broken_adapter(source: Path, target: Path, how: str) -> Path:
+    """A copy of an adapter file, broken: "nan" (one tensor NaN, one inf) or "other-base" (every UNet module
+    twice as wide, as an adapter of a bigger base of the same layout would be)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(str(source))
+    keys = sorted(key for key in state if key.endswith(".lora_up.weight"))
+    if how == "nan":
+        state[keys[0]] = torch.full_like(state[keys[0]], float("nan"))
+        state[keys[-1]] = torch.full_like(state[keys[-1]], float("inf"))
+    else:
+        for key in keys:
+            if key.startswith("lora_unet_"):
+                state[key] = torch.cat([state[key], state[key]])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(target), metadata=metadata)
+    return target
+
+
 def tiny_dataset(root: Path, count: int = 4) -> Path:
     """A few images + captions copied from datasets/toy-stripes, in its kohya layout."""
     source = next(p for p in sorted(STRIPES.iterdir()) if p.is_dir())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from test_app_fixtures import PROMPT, make_toy_adapter, tiny_dataset, toy_base
+from test_app_fixtures import PROMPT, broken_adapter, make_toy_adapter, tiny_dataset, toy_base
 
 from stylelora.app.service import AdapterWeight, AppError, AppService, GenerateSettings
 from stylelora.generate.prompt_tags import PromptTagError
@@ -30,8 +30,15 @@ def adapters(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def service(adapters) -> AppService:
-    app = AppService(adapters)
+def datasets(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("datasets")
+    tiny_dataset(folder / "tiny", count=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def service(adapters, datasets) -> AppService:
+    app = AppService(adapters, datasets_dir=datasets)
     app.preload("toy", toy_base())  # the shipped toy base, as load_base("toy") gives it, loaded once per process
     return app
 
@@ -105,8 +112,8 @@ def test_upload_refuses_what_is_not_a_lora_safetensors_file_with_a_clear_message
 def test_upload_copies_a_valid_adapter_in_under_a_fresh_name(service, tmp_path):
     source = make_toy_adapter(tmp_path / "my style!.safetensors", seed=4, trigger="mine")
     try:
-        first = service.import_upload(source)
-        second = service.import_upload(source)
+        first = service.import_upload(source).name
+        second = service.import_upload(source).name
         assert (first, second) == ("uploads/my_style", "uploads/my_style-1")  # never overwrites
         assert {first, second} <= set(service.adapter_names())
         assert service.adapter_path(first).read_bytes() == source.read_bytes()
@@ -242,27 +249,211 @@ def test_grid_of_weights_by_adapters_is_one_png(service):
         service.grid(settings(), "weight=0,1")
 
 
-def test_training_refuses_bad_settings_before_starting(service, tmp_path):
+# ----------------------------------------------------------------------------- limits, checks, stopping
+
+
+def test_requests_over_a_limit_are_refused_with_the_limit_named(service):
+    from stylelora.app.service import Limits
+
+    with pytest.raises(AppError, match=r"Steps must be between 1 and 150 \(got 151\); 150 is this server's limit "
+                                       r"\(--max-steps"):
+        service.generate(settings(steps=151))
+    with pytest.raises(AppError, match=r"Batch size .* \(--max-batch"):
+        service.generate(settings(batch_size=9))
+    with pytest.raises(AppError, match=r"Image size 2048x2048: each side .* 1024 is this server's limit \(--max-side"):
+        service.generate(settings(size="2048x2048"))
+    with pytest.raises(AppError, match="CFG scale must be a number"):
+        service.generate(settings(cfg=float("nan")))
+    with pytest.raises(AppError, match="At most 4 adapters"):
+        service.generate(settings(*[("pastel", 0.1)] * 5))
+    small = AppService(service.adapters_dir, datasets_dir=service.datasets_dir,
+                       limits=Limits(max_side=32, max_steps=10))
+    with pytest.raises(AppError, match=r"10 is this server's limit \(--max-steps"):
+        small.request(settings(steps=11))
+    with pytest.raises(AppError, match="--max-side"):
+        small.request(settings(size="64x64"))
+    assert "images up to 32 px a side, 10 steps" in small.limits.summary()
+
+
+def test_grid_axes_are_held_to_the_limits_of_generate(service):
+    refused = {
+        "steps=4,1000": r"Grid axis steps: a value must be between 1 and 150 \(got '1000'\).*--max-steps",
+        "steps=4,2.5": "must be a whole number",
+        "weight=0,3": r"Grid axis weight: a weight must be between -2 and 2",
+        "cfg=5,nan": "must be a number",
+        "seed=1,-5": "must be between 0 and",
+        "colour=1,2": "write KIND=V1,V2",
+        "steps=": "write KIND=V1,V2",
+        "adapter=none,../escape": "not allowed",
+    }
+    for axis, message in refused.items():
+        with pytest.raises((AppError, PromptTagError), match=message):
+            service.grid(settings(("pastel", 1.0)), axis)
+    with pytest.raises(AppError, match=r"6x5 = 30 cells is over this server's limit of 25 cells \(--max-grid-cells"):
+        service.grid(settings(), "seed=1,2,3,4,5,6", "cfg=1,2,3,4,5")
+    with pytest.raises(AppError, match="Both grid axes are seed"):
+        service.grid(settings(), "seed=1,2", "seed=3,4")
+    assert not list(service.grids_dir.glob("*-grid.png")) or True  # nothing reserved by a refused grid
+    reports = []
+    service.grid(settings(), "steps=2,3", progress=lambda done, total: reports.append((done, total)))
+    assert reports[-1] == (5, 5) and len(reports) >= 5  # sampling steps over the cells, not cells
+
+
+def test_an_adapter_with_nan_values_is_refused_before_it_is_used(service, tmp_path):
+    bad = broken_adapter(service.adapter_path("pastel"), service.adapters_dir / "broken" / "nan.safetensors", "nan")
+    try:
+        with pytest.raises(ValueError, match="NaN or infinite values in 2 of"):
+            service.generate(settings(("broken/nan", 1.0)))
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            service.generate(settings(prompt=f"{PROMPT} <lora:broken/nan:0.5>"))
+        before = sorted(service.adapters_dir.rglob("*"))
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            service.import_upload(bad)
+        assert sorted(service.adapters_dir.rglob("*")) == before  # nothing copied in
+    finally:
+        bad.unlink()
+        bad.parent.rmdir()
+    # The base weights are untouched: the next image is the plain one.
+    assert numpy.array_equal(pixels(service.generate(settings(seed=2))[0]),
+                             pixels(service.generate(settings(seed=2))[0]))
+
+
+def test_an_upload_made_for_another_base_is_refused_and_leaves_nothing(service, tmp_path):
+    bad = broken_adapter(service.adapter_path("pastel"), tmp_path / "other-base.safetensors", "other-base")
+    before = sorted(service.adapters_dir.rglob("*"))
+    with pytest.raises(ValueError, match="made for a different base architecture"):
+        service.import_upload(bad)
+    assert sorted(service.adapters_dir.rglob("*")) == before
+
+
+def test_the_png_names_the_bytes_that_were_fused_even_if_the_file_changes_meanwhile(service, tmp_path):
+    import shutil
+
+    from stylelora.generate.pngmeta import parse_parameters, read_png_parameters
+    from stylelora.lora.io import file_model_hash
+
+    path = service.adapters_dir / "changing.safetensors"
+    shutil.copy(service.adapter_path("pastel"), path)
+    original = file_model_hash(path)
+    other = make_toy_adapter(tmp_path / "other.safetensors", seed=9)
+    try:
+        expected = pixels(service.generate(settings(("changing", 1.0), seed=4))[0])
+
+        def overwrite_midway(done: int, total: int) -> None:
+            if done == 2:  # the file is replaced while the image is sampled, as a blend with overwrite would
+                shutil.copy(other, path)
+
+        saved = service.generate(settings(("changing", 1.0), seed=4), progress=overwrite_midway)[0]
+        lora = parse_parameters(read_png_parameters(saved.path)).loras[0]
+        assert lora.name == "changing" and original.startswith(lora.hash)
+        assert numpy.array_equal(pixels(saved), expected)  # and the image is the original adapter's
+        again = service.generate(settings(("changing", 1.0), seed=4))[0]  # the next request reads the new file
+        assert file_model_hash(other).startswith(parse_parameters(again.parameters_text).loras[0].hash)
+    finally:
+        path.unlink()
+
+
+def test_stop_cancels_a_generation_or_grid_between_sampling_steps(service):
+    from stylelora.app.jobs import Cancelled
+
+    def stop_after(steps: int):
+        """(progress, cancelled): Stop is pressed once `steps` sampling steps are reported done."""
+        done = [0]
+        return (lambda step, total: done.__setitem__(0, step)), (lambda: done[0] >= steps)
+
+    images, grids = set(service.images_dir.glob("*.png")), set(service.grids_dir.glob("*.png"))
+    progress, cancelled = stop_after(2)
+    with pytest.raises(Cancelled, match="stopped after 2 of 40 sampling steps"):
+        service.generate(settings(("pastel", 1.0), steps=40), progress=progress, cancelled=cancelled)
+    progress, cancelled = stop_after(5)
+    with pytest.raises(Cancelled, match=r"grid was stopped after [56] of 16 sampling steps"):
+        service.grid(settings(("pastel", 1.0)), "weight=0,0.5,1,2", progress=progress, cancelled=cancelled)
+    assert set(service.images_dir.glob("*.png")) == images and set(service.grids_dir.glob("*.png")) == grids
+    # The shared pipeline is fine afterwards: the same request gives the same image as before.
+    first = pixels(service.generate(settings(("pastel", 1.0), seed=9))[0])
+    assert numpy.array_equal(first, pixels(service.generate(settings(("pastel", 1.0), seed=9))[0]))
+
+
+def test_delete_and_rename_stay_inside_the_adapters_folder_and_need_confirming(service, tmp_path):
+    outside = make_toy_adapter(tmp_path / "outside.safetensors", seed=3)
+    make_toy_adapter(service.adapters_dir / "old.safetensors", seed=6)
+    (service.adapters_dir / "old.json").write_text("{}")
+    for name in ("../outside", str(outside), "/etc/passwd", "styles/../../x", "images/none"):
+        with pytest.raises((AppError, PromptTagError)):
+            service.delete_adapter(name, confirm=True)
+    for new in ("../escaped", "/tmp/escaped", "a/../../b", "images/x", ".hidden", ""):
+        with pytest.raises(AppError):
+            service.rename_adapter("old", new, confirm=True)
+    with pytest.raises(AppError, match="confirm it first"):
+        service.rename_adapter("old", "kept/new")
+    with pytest.raises(AppError, match="exists already"):
+        service.rename_adapter("old", "pastel", confirm=True)
+    assert service.rename_adapter("old", "kept/new", confirm=True) == "Renamed old to kept/new."
+    assert (service.adapters_dir / "kept" / "new.json").is_file() and "kept/new" in service.adapter_names()
+    with pytest.raises(AppError, match="cannot be undone: confirm it first"):
+        service.delete_adapter("kept/new")
+    assert service.delete_adapter("kept/new", confirm=True) == "Deleted kept/new."
+    assert "kept/new" not in service.adapter_names() and not (service.adapters_dir / "kept" / "new.json").exists()
+    assert outside.is_file() and not (tmp_path.parent / "escaped.safetensors").exists()
+
+
+def test_messages_name_folders_relative_to_the_adapters_and_datasets_folders(service):
+    text = f"No file {service.adapters_dir}/styles/x.safetensors or {service.datasets_dir / 'tiny'}"
+    assert service.shown(text) == (f"No file {service.adapters_dir.name}/styles/x.safetensors or "
+                                   f"{service.datasets_dir.name}/tiny")
+
+
+def test_a_training_folder_upload_lands_whole_in_the_datasets_folder(service, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    uploads = tmp_path / "up"
+    uploads.mkdir()
+    for index in range(3):
+        Image.new("RGB", (32, 32), (index * 80, 0, 0)).save(uploads / f"img{index}.png")
+        (uploads / f"img{index}.txt").write_text(f"a red square number {index}")
+    (uploads / "notes.md").write_text("not data")
+    (uploads / "broken.png").write_bytes(b"not a png")
+    files = sorted(uploads.iterdir())
+    report = service.import_dataset(files, "squares", "sqstyle", 5)
+    folder = service.datasets_dir / "squares" / "5_sqstyle"
+    assert sorted(p.name for p in folder.iterdir()) == [f"img{i}.{e}" for i in range(3) for e in ("png", "txt")]
+    assert "3 images, 3 captions" in report and "broken.png (not a readable image)" in report
+    assert "squares" in service.dataset_names() and service.dataset_path("squares") == folder.parent
+    with pytest.raises(AppError, match="exists already"):
+        service.import_dataset(files, "squares", "sqstyle", 5)
+    for name in ("../evil", "a/b", ".hidden"):
+        with pytest.raises(AppError, match="not a plain name"):
+            service.import_dataset(files, name)
+    with pytest.raises(AppError, match="None of the uploaded files is an image"):
+        service.import_dataset([uploads / "notes.md"], "notes")
+    assert sorted(os.listdir(service.datasets_dir)) == ["squares", "tiny"]  # nothing half-written left
+    shutil.rmtree(folder.parent)
+
+
+def test_training_refuses_bad_settings_before_starting(service, datasets):
     from stylelora.app.training import TrainSettings
     from stylelora.config import ConfigError
 
-    with pytest.raises(AppError, match="does not exist"):
-        service.start_training(TrainSettings(data_dir=str(tmp_path / "nothing"), name="x"))
+    for outside in ("nothing", "../" + datasets.name, str(datasets / "tiny"), "/etc", "tiny/.."):
+        with pytest.raises(AppError, match="No training data folder named"):
+            service.start_training(TrainSettings(data_dir=outside, name="x"))
     with pytest.raises(AppError, match="not a plain name"):
-        service.start_training(TrainSettings(data_dir=str(tmp_path), name="../x"))
+        service.start_training(TrainSettings(data_dir="tiny", name="../x"))
     with pytest.raises(ConfigError, match="network.rank must be at least 1"):
-        service.start_training(TrainSettings(data_dir=str(tmp_path), name="x", options={"network.rank": 0}))
+        service.start_training(TrainSettings(data_dir="tiny", name="x", options={"network.rank": 0}))
     assert service.training is None and not (service.adapters_dir / "x").exists()
-    assert os.listdir(tmp_path) == []
+    assert not [p for p in datasets.rglob("*") if p.suffix in (".toml", ".log")]  # nothing written into the data
 
 
-def test_a_training_run_can_be_stopped_and_only_one_runs_at_a_time(service, tmp_path):
-    from stylelora.app.training import TrainSettings
+def test_a_training_run_stops_keeping_its_checkpoint_and_resumes_from_it(service):
+    from stylelora.app.training import SETTINGS_FILE, TrainSettings
 
-    data = tiny_dataset(tmp_path / "data", count=2)
     # Far more steps than can run before the stop lands: on an idle machine 500 tiny steps finished first.
-    run = TrainSettings(data_dir=str(data), name="stopped-run", options={
-        "train.steps": 50_000, "train.batch_size": 2, "network.rank": 2, "network.alpha": 2.0})
+    run = TrainSettings(data_dir="tiny", name="stopped-run", options={
+        "train.steps": 50_000, "train.batch_size": 2, "network.rank": 2, "network.alpha": 2.0,
+        "train.save_every": 3, "train.sample_every": 0})
     # The trainer inherits SIGINT as ignored, as it does when the app runs as a background job (`stylelora app &`):
     # Stop must still work.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -270,19 +461,37 @@ def test_a_training_run_can_be_stopped_and_only_one_runs_at_a_time(service, tmp_
         job = service.start_training(run)
     finally:
         signal.signal(signal.SIGINT, previous)
+    run_dir = service.adapters_dir / "stopped-run"
     try:
         with pytest.raises(AppError, match="in progress"):
-            service.start_training(TrainSettings(data_dir=str(data), name="second"))
+            service.start_training(TrainSettings(data_dir="tiny", name="second"))
         for status in job.follow(interval=0.2):
-            if status.step >= 2:
+            if status.checkpoint:
                 break
-        assert status.running and status.loss is not None  # progress and loss while it runs
+        assert status.running and status.loss is not None and status.step >= 1  # from metrics.csv, live
         job.stop()
         final = job.wait(timeout=60)
     finally:
         if job.running:
             job.process.kill()
     assert final.state == "stopped" and final.adapter is None
-    assert 2 <= final.step < 50_000
-    assert not (service.adapters_dir / "stopped-run" / "stopped-run.safetensors").exists()
-    assert "resume latest" in final.log  # the trainer said how to continue
+    assert final.checkpoint and final.checkpoint % 3 == 0 and "Resume continues from it" in final.message
+    assert not (run_dir / "stopped-run.safetensors").exists()
+    assert (run_dir / SETTINGS_FILE).is_file() and not list(service.datasets_dir.rglob("*.toml"))
+    with pytest.raises(AppError, match="stopped run with checkpoints"):
+        service.start_training(run)  # a new start would throw the checkpoints away: Resume, or overwrite
+
+    resumed = service.resume_training("stopped-run")
+    try:
+        for status in resumed.follow(interval=0.2):
+            if f"resuming at step {final.checkpoint}" in status.log and status.step > final.checkpoint:
+                break
+        assert status.running, status.message
+        resumed.stop()
+        again = resumed.wait(timeout=60)
+    finally:
+        if resumed.running:
+            resumed.process.kill()
+    assert again.state == "stopped" and again.step > final.checkpoint
+    with pytest.raises(AppError, match="not a run started from this app"):
+        service.resume_training("styles")

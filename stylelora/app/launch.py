@@ -3,7 +3,8 @@
 Importing this module is cheap (the parser is built on every `stylelora` call); gradio loads in `create_app`.
 Served: 127.0.0.1 unless --host says otherwise, a public link only with --share, files only from the app's
 images/ and grids/ folders (gradio's allowed_paths), uploads capped at --max-upload-mb by gradio and again by the
-service, requests queued.
+service, requests queued (--queue-size waiting, --concurrency running) and held to the limits below, gradio's file
+cache emptied of files older than --cache-minutes.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_ADAPTERS_DIR = "outputs"
 DEFAULT_MAX_UPLOAD_MB = 512
-QUEUE_MAX_SIZE = 64
+DEFAULT_CACHE_MINUTES = 60
 
 
 def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -27,8 +28,27 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR,
                         help=f"folder searched for *.safetensors adapters, where images, blends, uploads and "
                              f"training runs go (default {DEFAULT_ADAPTERS_DIR})")
+    parser.add_argument("--datasets-dir", default=None,
+                        help="folder whose subfolders the Train tab offers as training data, and where uploaded "
+                             "training folders go (default: the project's datasets/)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
-                        help=f"largest adapter upload accepted (default {DEFAULT_MAX_UPLOAD_MB} MiB)")
+                        help=f"largest upload accepted, per file (default {DEFAULT_MAX_UPLOAD_MB} MiB)")
+    from stylelora.app.service import Limits
+
+    defaults = Limits()
+    limits = parser.add_argument_group("limits", "what one request may ask for (shown in the app)")
+    for name, flag, help_text in (
+            ("max_side", "--max-side", "largest image side in pixels"),
+            ("max_steps", "--max-steps", "most sampling steps per image (also each value of a steps grid axis)"),
+            ("max_batch", "--max-batch", "most images per Generate"),
+            ("max_grid_cells", "--max-grid-cells", "most cells in a Compare grid"),
+            ("queue_size", "--queue-size", "requests that may wait in the queue; more are refused"),
+            ("concurrency", "--concurrency", "generations and grids running at once (they share the base)")):
+        default = getattr(defaults, name)
+        limits.add_argument(flag, type=int, default=default, dest=name, help=f"{help_text} (default {default})")
+    parser.add_argument("--cache-minutes", type=int, default=DEFAULT_CACHE_MINUTES,
+                        help="delete gradio's copies of served and uploaded files after this many minutes (default "
+                             f"{DEFAULT_CACHE_MINUTES}; all are deleted when the app stops)")
     return parser
 
 
@@ -41,15 +61,25 @@ def add_app_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def create_app(adapters_dir: str | os.PathLike = DEFAULT_ADAPTERS_DIR, *, bases=None,
-               max_upload_bytes: int | None = None, device: str | None = None):
+               max_upload_bytes: int | None = None, device: str | None = None,
+               datasets_dir: str | os.PathLike | None = None, limits=None,
+               cache_minutes: int | None = DEFAULT_CACHE_MINUTES):
     """(Blocks, AppService) for an adapters folder; nothing is served yet."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline machines: no phoning home
-    from stylelora.app.service import DEFAULT_BASES, DEFAULT_MAX_UPLOAD_BYTES, AppService
+    from stylelora.app.service import (
+        DEFAULT_BASES,
+        DEFAULT_MAX_UPLOAD_BYTES,
+        PROJECT_DATASETS_DIR,
+        AppService,
+        Limits,
+    )
     from stylelora.app.ui import build_ui
 
     service = AppService(Path(adapters_dir), bases=tuple(bases or DEFAULT_BASES),
-                         max_upload_bytes=max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, device=device)
-    return build_ui(service), service
+                         max_upload_bytes=max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES, device=device,
+                         datasets_dir=Path(datasets_dir) if datasets_dir else PROJECT_DATASETS_DIR,
+                         limits=limits or Limits())
+    return build_ui(service, cache_seconds=cache_minutes * 60 if cache_minutes else None), service
 
 
 def serve(demo, service, *, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT, share: bool = False,
@@ -57,7 +87,7 @@ def serve(demo, service, *, host: str = DEFAULT_HOST, port: int | None = DEFAULT
     """Queue and launch `demo`; with prevent_thread_lock it returns at once (tests, notebooks)."""
     from stylelora.app.ui import CSS
 
-    demo.queue(default_concurrency_limit=2, max_size=QUEUE_MAX_SIZE)
+    demo.queue(default_concurrency_limit=service.limits.concurrency, max_size=service.limits.queue_size)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
                 allowed_paths=[str(path) for path in service.served_dirs], max_file_size=service.max_upload_bytes,
                 quiet=quiet, css=CSS)
@@ -67,7 +97,15 @@ def serve(demo, service, *, host: str = DEFAULT_HOST, port: int | None = DEFAULT
 def handle_app(args: argparse.Namespace) -> int:
     import threading
 
-    demo, service = create_app(args.adapters_dir, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    from stylelora.app.service import AppError, Limits
+
+    try:
+        limits = Limits(**{name: getattr(args, name) for name in Limits.FLAGS})
+    except AppError as error:
+        print(f"stylelora app: {error}", file=sys.stderr)
+        return 2
+    demo, service = create_app(args.adapters_dir, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                               datasets_dir=args.datasets_dir, limits=limits, cache_minutes=args.cache_minutes)
     # Load the default base while the server starts, so the first Generate does not wait for it.
     threading.Thread(target=service.preload, args=(service.bases[0],), daemon=True).start()
     serve(demo, service, host=args.host, port=args.port, share=args.share)

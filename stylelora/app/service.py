@@ -3,19 +3,23 @@
 The UI (stylelora.app.ui) only turns widget values into these calls and their results into widget updates; tests
 call the service directly. Safety by construction:
 - adapters are named relative to the adapters folder and resolved only inside it (no `..`, absolute paths or
-  symlinks leading out), by the same resolver `<lora:name>` prompt tags use;
-- uploads are size-capped and must parse as a LoRA safetensors file before they are copied in;
-- every file the app writes goes into the adapters folder (images/, grids/, uploads/, blends, training runs),
-  atomically.
+  symlinks leading out), by the same resolver `<lora:name>` prompt tags use; deleting and renaming stay inside it;
+- training data folders are named relative to the datasets folder and resolved only inside it;
+- uploads are size-capped and must load on the base as generation would (layout, modules and shapes, finite
+  values) before they are copied in;
+- every request is held to the server's Limits (max side, steps, batch, grid cells), with the limit named;
+- every file the app writes goes into the adapters or datasets folder, atomically.
 Generation is serialised where it must be: the adapter stack fuses a blend into the shared pipeline's weights and
 holds its lock while sampling (`generate()` does this), so concurrent requests with different blends each get
-exactly the image they would get alone.
+exactly the image they would get alone. A request can be stopped between sampling steps (`cancelled`).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,21 +28,65 @@ from typing import Any
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20
 DEFAULT_BASES = ("toy",)
+PROJECT_DATASETS_DIR = Path(__file__).resolve().parents[2] / "datasets"
 IMAGES_FOLDER = "images"
 GRIDS_FOLDER = "grids"
 UPLOADS_FOLDER = "uploads"
 BLENDS_FOLDER = "blends"
-MAX_STEPS = 150
-MAX_BATCH = 16
-MAX_SIDE = 2048
+MAX_ADAPTERS = 4  # adapters in one blend (the Generate tab's rows)
 WEIGHT_LIMIT = 2.0  # the sliders' range; the library itself accepts any finite weight
+CFG_LIMIT = 30.0
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIXES = (".txt", ".caption")
+MAX_DATASET_FILES = 10_000
 
 Progress = Callable[[int, int], None]
 
 
 class AppError(ValueError):
     """A request the app refuses; the message says why and what to do instead (shown to the user as is)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for on this server (`stylelora app --max-side ...`); shown in the UI."""
+
+    max_side: int = 1024
+    max_steps: int = 150
+    max_batch: int = 8
+    max_grid_cells: int = 25
+    queue_size: int = 32
+    concurrency: int = 2
+
+    FLAGS = {"max_side": "--max-side", "max_steps": "--max-steps", "max_batch": "--max-batch",
+             "max_grid_cells": "--max-grid-cells", "queue_size": "--queue-size", "concurrency": "--concurrency"}
+
+    def __post_init__(self) -> None:
+        for name in self.FLAGS:
+            if int(getattr(self, name)) < 1:
+                raise AppError(f"{self.FLAGS[name]} must be at least 1 (got {getattr(self, name)}).")
+
+    def summary(self) -> str:
+        return (f"Server limits: images up to {self.max_side} px a side, {self.max_steps} steps, batch "
+                f"{self.max_batch}, grids of {self.max_grid_cells} cells; {self.concurrency} jobs run at a time and "
+                f"{self.queue_size} can wait (each waiting request shows its place in the queue).")
+
+    def check(self, label: str, value: Any, low: float, limit: str | float, *, whole: bool = True) -> float:
+        """`value` as a number in [low, limit] (limit: a field of these Limits, or a fixed bound); AppError naming
+        the limit otherwise."""
+        high = getattr(self, limit) if isinstance(limit, str) else limit
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise AppError(f"{label} must be a number (got {value!r}).") from None
+        if not math.isfinite(number) or (whole and number != int(number)):
+            raise AppError(f"{label} must be a {'whole ' if whole else ''}number (got {value!r}).")
+        if not low <= number <= high:
+            where = (f"; {high:g} is this server's limit ({self.FLAGS[limit]} when starting the app)"
+                     if isinstance(limit, str) else "")
+            raise AppError(f"{label} must be between {low:g} and {high:g} (got {value!r}){where}.")
+        return int(number) if whole else number
 
 
 @dataclass(frozen=True)
@@ -98,15 +146,25 @@ def plain_name(text: str, what: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Upload:
+    """An adapter copied in: its name, and what the check noted (modules the base lacks, skipped)."""
+
+    name: str
+    notes: tuple[str, ...] = ()
+
+
 @dataclass
 class AppService:
-    """The app's state (adapters folder, loaded base models) and every action its tabs offer."""
+    """The app's state (adapters and datasets folders, loaded base models) and every action its tabs offer."""
 
     adapters_dir: Path = Path("outputs")
     bases: Sequence[str] = DEFAULT_BASES
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     device: str | None = None
     precision: str = "fp32"
+    datasets_dir: Path = PROJECT_DATASETS_DIR
+    limits: Limits = field(default_factory=Limits)
     _pipes: dict = field(default_factory=dict, repr=False)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _save_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -115,6 +173,8 @@ class AppService:
     def __post_init__(self) -> None:
         self.adapters_dir = Path(self.adapters_dir).absolute()
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        self.datasets_dir = Path(self.datasets_dir).absolute()
+        self.datasets_dir.mkdir(parents=True, exist_ok=True)
         self.bases = tuple(self.bases)
         if not self.bases:
             raise AppError("The app needs at least one base model to offer (e.g. 'toy').")
@@ -136,6 +196,14 @@ class AppService:
             folder.mkdir(parents=True, exist_ok=True)
         return [self.images_dir, self.grids_dir]
 
+    def shown(self, text: str) -> str:
+        """A message with the server's absolute folders written as the adapters/datasets folder's own name."""
+        roots = sorted({(str(root), root.name) for folder in (self.adapters_dir, self.datasets_dir)
+                        for root in (folder, folder.resolve())}, key=lambda pair: -len(pair[0]))
+        for root, name in roots:
+            text = text.replace(root + os.sep, name + "/").replace(root, name)
+        return text
+
     # ------------------------------------------------------------------ adapters
 
     def adapter_names(self) -> list[str]:
@@ -152,8 +220,12 @@ class AppService:
             raise AppError("Choose an adapter first.")
         return resolve_adapter_name(name.strip(), self.adapters_dir)
 
-    def import_upload(self, upload: str | Path, original_name: str | None = None) -> str:
-        """Check an uploaded file (size cap, LoRA safetensors) and copy it into uploads/; returns its name."""
+    def import_upload(self, upload: str | Path, original_name: str | None = None, base: str | None = None) -> Upload:
+        """Check an uploaded file and copy it into uploads/; nothing is written unless every check passes.
+
+        Checks: .safetensors, the size cap, a LoRA layout, and that it loads on `base` (the first offered by
+        default) as generation would load it: modules and shapes of this base's family, finite values.
+        """
         from stylelora.atomic import write_bytes_atomic
         from stylelora.lora.adapter_file import check_adapter_file
 
@@ -165,19 +237,88 @@ class AppService:
         size = source.stat().st_size
         if size > self.max_upload_bytes:
             raise AppError(f"{label} is {size / 2**20:.1f} MiB; uploads up to "
-                           f"{self.max_upload_bytes / 2**20:g} MiB are accepted.")
+                           f"{self.max_upload_bytes / 2**20:g} MiB are accepted (--max-upload-mb).")
         layout = check_adapter_file(source, self.max_upload_bytes)
         if layout == "peft":
             raise AppError(f"{label} is a plain peft adapter, whose strength lives in adapter_config.json beside "
                            "it; copy the folder into the adapters folder, or convert it to a kohya file first.")
+        base = base or self.bases[0]
+        data = source.read_bytes()
+        notes = self.stack(base).check(source)  # raises when it does not fit this base or is not finite
         folder = self.adapters_dir / UPLOADS_FOLDER
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(label).stem).strip("._") or "adapter"
         with self._save_lock:
             target, number = folder / f"{stem}.safetensors", 1
             while target.exists():
                 target, number = folder / f"{stem}-{number}.safetensors", number + 1
-            write_bytes_atomic(target, source.read_bytes())
-        return target.relative_to(self.adapters_dir).with_suffix("").as_posix()
+            write_bytes_atomic(target, data)
+        return Upload(target.relative_to(self.adapters_dir).with_suffix("").as_posix(), tuple(notes))
+
+    def own_adapter(self, name: str) -> Path:
+        """The file of an adapter listed under exactly this name (for changes: no stem guessing, no links)."""
+        from stylelora.generate.prompt_tags import list_adapters
+        from stylelora.lora.adapter_file import PEFT_WEIGHTS_NAME
+
+        path = self.adapter_path(name)  # refuses traversal, absolute paths and links out, with the tags' message
+        found = list_adapters(self.adapters_dir).get(str(name).strip())
+        if found is None or found != path:
+            raise AppError(f"No adapter named {name!r} in the adapters folder: choose one from the list.")
+        if path.is_symlink() or path.name == PEFT_WEIGHTS_NAME:
+            raise AppError(f"{name} is a link or a peft folder; change it on the server itself.")
+        return path
+
+    def delete_adapter(self, name: str, confirm: bool = False) -> str:
+        """Delete an adapter file of the adapters folder (with its .json / .preview.png beside it)."""
+        path = self.own_adapter(name)
+        if not confirm:
+            raise AppError(f"Deleting {name} cannot be undone: confirm it first.")
+        with self._save_lock:
+            for sidecar in _sidecars(path):
+                sidecar.unlink(missing_ok=True)
+            path.unlink()
+        self._forget(path)
+        return f"Deleted {name}."
+
+    def plan_rename(self, name: str, new_name: str) -> tuple[Path, str]:
+        """(target file, its adapter name) for renaming `name` to `new_name`; AppError if that is not allowed."""
+        self.own_adapter(name)
+        parts = [part.strip() for part in str(new_name or "").strip().removesuffix(".safetensors").split("/")]
+        parts = [plain_name(part, "New name") for part in parts]
+        if len(parts) > 3 or parts[0] in (IMAGES_FOLDER, GRIDS_FOLDER):
+            raise AppError(f"New name {new_name!r}: use NAME or FOLDER/NAME (at most 3 levels), outside the "
+                           f"{IMAGES_FOLDER}/ and {GRIDS_FOLDER}/ folders.")
+        target = self.adapters_dir.joinpath(*parts[:-1], parts[-1] + ".safetensors")
+        relative = "/".join(parts)
+        if target.exists() or target.is_symlink():
+            raise AppError(f"{relative} exists already: choose another name.")
+        for folder in target.parents:  # no existing link on the way may lead out
+            if folder == self.adapters_dir:
+                break
+            if folder.exists() and not folder.resolve().is_relative_to(self.adapters_dir.resolve()):
+                raise AppError(f"New name {new_name!r} leads outside the adapters folder.")
+        return target, relative
+
+    def rename_adapter(self, name: str, new_name: str, confirm: bool = False) -> str:
+        """Rename (or move into a subfolder) an adapter, inside the adapters folder only; never over another file."""
+        path = self.own_adapter(name)
+        target, relative = self.plan_rename(name, new_name)
+        if not confirm:
+            raise AppError(f"Renaming {name} to {relative}: confirm it first.")
+        with self._save_lock:
+            if target.exists() or target.is_symlink():
+                raise AppError(f"{relative} exists already: choose another name.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
+            for sidecar in _sidecars(path):
+                os.rename(sidecar, target.with_name(target.stem + sidecar.name[len(path.stem):]))
+        self._forget(path)
+        return f"Renamed {name} to {relative}."
+
+    def _forget(self, path: Path) -> None:
+        with self._load_lock:
+            pipes = list(self._pipes.values())
+        for pipe in pipes:
+            self.stack(pipe).forget(path)
 
     def inspect(self, name: str, as_json: bool = False) -> str:
         """What `stylelora inspect` prints for the adapter: layout, base family, ranks, triggers, training."""
@@ -198,6 +339,9 @@ class AppService:
         """AdapterSpecs for the blend, every name resolved inside the adapters folder."""
         from stylelora.lora.spec import AdapterSpec
 
+        if len(adapters) > MAX_ADAPTERS:
+            raise AppError(f"At most {MAX_ADAPTERS} adapters can be blended at once (got {len(adapters)}): remove "
+                           f"{len(adapters) - MAX_ADAPTERS}, or save a blend of some of them first (Blend tab).")
         specs = []
         for adapter in adapters:
             for label, weight in (("UNet", adapter.unet), ("text-encoder", adapter.te)):
@@ -219,7 +363,7 @@ class AppService:
         if pipe is None:
             return self.pipeline(base)
         self._check_base(base)
-        pipe.set_progress_bar_config(disable=True)
+        self._adopt(pipe)
         with self._load_lock:
             self._pipes[base] = pipe
         return pipe
@@ -233,38 +377,74 @@ class AppService:
                 from stylelora.models.load import load_base
 
                 pipe = load_base(base, precision=self.precision, device=self.device)
-                pipe.set_progress_bar_config(disable=True)
+                self._adopt(pipe)
                 self._pipes[base] = pipe
         return pipe
+
+    @staticmethod
+    def _adopt(pipe) -> None:
+        """The app's adapter stack (checks, pinned hashes) and step hook (Stop) on a pipeline."""
+        from stylelora.app.adapters import AppAdapterStack
+        from stylelora.app.jobs import install_step_hook
+
+        pipe.set_progress_bar_config(disable=True)
+        AppAdapterStack.install(pipe)
+        install_step_hook(pipe)
+
+    def stack(self, base_or_pipe):
+        """The app's adapter stack of a base (by name) or of a loaded pipeline."""
+        from stylelora.app.adapters import AppAdapterStack
+
+        pipe = self.pipeline(base_or_pipe) if isinstance(base_or_pipe, str) else base_or_pipe
+        return AppAdapterStack.install(pipe)
 
     # ------------------------------------------------------------------ generation
 
     def request(self, settings: GenerateSettings):
         """The library's GenerateRequest for these settings, checked against the app's limits."""
         from stylelora.generate.command import parse_size
-        from stylelora.generate.generate import GenerateRequest
+        from stylelora.generate.generate import MAX_SEED, GenerateRequest
 
-        if not 1 <= int(settings.steps) <= MAX_STEPS:
-            raise AppError(f"Steps must be between 1 and {MAX_STEPS} (got {settings.steps}).")
-        if not 1 <= int(settings.batch_size) <= MAX_BATCH:
-            raise AppError(f"Batch size must be between 1 and {MAX_BATCH} (got {settings.batch_size}).")
-        width, height = parse_size(settings.size.strip() if settings.size and settings.size != "native" else None)
-        if max(width or 0, height or 0) > MAX_SIDE:
-            raise AppError(f"Images up to {MAX_SIDE}x{MAX_SIDE} are offered (got {settings.size}).")
+        limits = self.limits
+        steps = limits.check("Steps", settings.steps, 1, "max_steps")
+        batch = limits.check("Batch size", settings.batch_size, 1, "max_batch")
+        cfg = limits.check("CFG scale", settings.cfg, 0, CFG_LIMIT, whole=False)
+        seed = limits.check("Seed", settings.seed, -1, MAX_SEED)
+        size = (settings.size or "").strip()
+        width, height = parse_size(size if size and size != "native" else None)
+        for side in (width, height):
+            if side is not None:
+                limits.check(f"Image size {size}: each side", side, 8, "max_side")
         return GenerateRequest(
-            prompt=settings.prompt or "", negative_prompt=settings.negative_prompt or "", steps=int(settings.steps),
-            cfg=float(settings.cfg), sampler=settings.sampler or None, seed=int(settings.seed), width=width,
-            height=height, batch_size=int(settings.batch_size), loras=self.specs(settings.adapters),
+            prompt=settings.prompt or "", negative_prompt=settings.negative_prompt or "", steps=steps,
+            cfg=cfg, sampler=settings.sampler or None, seed=seed, width=width,
+            height=height, batch_size=batch, loras=self.specs(settings.adapters),
             adapters_dir=self.adapters_dir,  # <lora:name> tags in the prompt resolve here, and only here
         )
 
-    def generate(self, settings: GenerateSettings, progress: Progress | None = None) -> list[SavedImage]:
-        """Generate and save each image as a PNG carrying its A1111 parameters (images/NNNNN-SEED.png)."""
+    def generate(self, settings: GenerateSettings, progress: Progress | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> list[SavedImage]:
+        """Generate and save each image as a PNG carrying its A1111 parameters (images/NNNNN-SEED.png).
+
+        `cancelled`: asked before every sampling step; once it says True the request stops there (Cancelled) and
+        nothing is saved.
+        """
+        from stylelora.app.jobs import Watch, watching
         from stylelora.generate.generate import generate, precheck_request
 
         request = self.request(settings)
         precheck_request(request)  # bad tags or files fail before a base loads
-        results = generate(self.pipeline(settings.base), None, request, progress=progress)
+        pipe = self.pipeline(settings.base)
+        watch = Watch(cancelled, None, request.steps, "generation")
+
+        def on_step(done: int, total: int) -> None:
+            watch.done = done
+            watch.check()
+            if progress is not None:
+                progress(done, total)
+
+        with self.stack(pipe).pinned(), watching(watch):
+            results = generate(pipe, None, request, progress=on_step)
         return self._save(results, [r.params.seed for r in results], self.images_dir)
 
     def _save(self, items: list, labels: list, folder: Path) -> list[SavedImage]:
@@ -274,43 +454,76 @@ class AppService:
             paths = output_paths(None, labels, str(folder))
             return [SavedImage(item, item.save(path)) for item, path in zip(items, paths)]
 
-    def grid(self, settings: GenerateSettings, x: str, y: str | None = None,
-             progress: Progress | None = None) -> Path:
-        """An X/Y grid ("KIND=V1,V2,..." axes; adapter axes name adapters in the folder) saved in grids/."""
-        from dataclasses import replace
+    def grid_axis(self, text: str | None, settings: GenerateSettings):
+        """One grid axis ("KIND=V1,V2,..."), each value held to the limits Generate applies; None when empty."""
+        from stylelora.generate.generate import MAX_SEED
+        from stylelora.generate.xy_grid import AXIS_KINDS, NO_ADAPTER, XYAxis
 
+        if not text or not text.strip():
+            return None
+        kind, sep, values = text.partition("=")
+        kind = kind.strip()
+        values = [value.strip() for value in values.split(",") if value.strip()]
+        if not sep or kind not in AXIS_KINDS or not values:
+            raise AppError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {', '.join(AXIS_KINDS)} "
+                           "(e.g. weight=0,0.5,1 or seed=1,2,3).")
+        checks = {
+            "steps": lambda v: self.limits.check("Grid axis steps: a value", v, 1, "max_steps"),
+            "seed": lambda v: self.limits.check("Grid axis seed: a value", v, 0, MAX_SEED),
+            "cfg": lambda v: self.limits.check("Grid axis cfg: a value", v, 0, CFG_LIMIT, whole=False),
+            "adapter": lambda v: v if v == NO_ADAPTER else str(self.adapter_path(v)),
+        }
+        weight = lambda v: self.limits.check(f"Grid axis {kind}: a weight", v, -WEIGHT_LIMIT, WEIGHT_LIMIT,  # noqa: E731
+                                             whole=False)
+        values = [checks.get(kind, weight)(value) for value in values]
+        if kind == "adapter" and len(settings.adapters) + 1 > MAX_ADAPTERS:
+            raise AppError(f"An adapter axis adds one adapter to the {len(settings.adapters)} chosen: choose at most "
+                           f"{MAX_ADAPTERS - 1} adapters for it.")
+        return XYAxis(kind, tuple(values))
+
+    def grid(self, settings: GenerateSettings, x: str, y: str | None = None,
+             progress: Progress | None = None, cancelled: Callable[[], bool] | None = None) -> Path:
+        """An X/Y grid ("KIND=V1,V2,..." axes; adapter axes name adapters in the folder) saved in grids/.
+
+        progress counts sampling steps over every cell; `cancelled` stops it between steps, as for generate.
+        """
+        from stylelora.app.jobs import Watch, watching
         from stylelora.generate.command import output_paths
         from stylelora.generate.generate import precheck_request
-        from stylelora.generate.xy_grid import NO_ADAPTER, parse_axis, xy_grid
+        from stylelora.generate.xy_grid import xy_grid
 
-        axes = []
-        for text in (x, y):
-            if not text or not text.strip():
-                axes.append(None)
-                continue
-            axis = parse_axis(text)
-            if axis.kind == "adapter":  # names -> files inside the folder, before the grid sees them
-                values = tuple(v if v == NO_ADAPTER else str(self.adapter_path(v)) for v in axis.values)
-                axis = replace(axis, values=values)
-            axes.append(axis)
+        axes = [self.grid_axis(x, settings), self.grid_axis(y, settings)]
         if axes[0] is None:
             raise AppError("Give the X axis, e.g. weight=0,0.5,1 or seed=1,2,3.")
+        if axes[1] is not None and axes[1].kind == axes[0].kind:
+            raise AppError(f"Both grid axes are {axes[0].kind}: pick two different kinds.")
         kinds = {axis.kind for axis in axes if axis is not None}
         if kinds & {"weight", "unet_weight", "te_weight"} and not settings.adapters and "adapter" not in kinds:
             raise AppError("A weight axis sets the weights of the chosen adapters: choose adapters first "
                            "(or add an adapter axis, e.g. adapter=none,NAME).")
+        cells = [len(axis.values) if axis is not None else 1 for axis in axes]
+        if cells[0] * cells[1] > self.limits.max_grid_cells:
+            raise AppError(f"A grid of {cells[0]}x{cells[1]} = {cells[0] * cells[1]} cells is over this server's "
+                           f"limit of {self.limits.max_grid_cells} cells (--max-grid-cells): use fewer values.")
         request = self.request(settings)
         precheck_request(request)
+        steps_axis = next((axis for axis in axes if axis is not None and axis.kind == "steps"), None)
+        total = (sum(steps_axis.values) * (cells[0] * cells[1] // len(steps_axis.values)) if steps_axis
+                 else request.steps * cells[0] * cells[1])
         pipe = self.pipeline(settings.base)
         with self._save_lock:
             out = output_paths(None, [0], str(self.grids_dir), suffix="grid")[0]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.touch()  # reserve the number; the grid replaces it atomically
         try:
-            return xy_grid(pipe, None, request, axes[0], axes[1], out_path=out, progress=progress).path
+            with self.stack(pipe).pinned(), watching(Watch(cancelled, progress, total, "grid")):
+                path = xy_grid(pipe, None, request, axes[0], axes[1], out_path=out).path
         except BaseException:
             out.unlink(missing_ok=True)
             raise
+        if progress is not None:
+            progress(total, total)
+        return path
 
     # ------------------------------------------------------------------ blend
 
@@ -335,20 +548,120 @@ class AppService:
         saved = out.relative_to(self.adapters_dir).with_suffix("").as_posix()
         return BlendResult(saved, out, report.summary())
 
+    # ------------------------------------------------------------------ training data
+
+    def dataset_names(self) -> list[str]:
+        """The training folders offered: the datasets folder's subfolders (hidden ones and links out excluded)."""
+        root = self.datasets_dir.resolve()
+        return sorted(path.name for path in self.datasets_dir.iterdir()
+                      if path.is_dir() and not path.name.startswith(".") and path.resolve().is_relative_to(root))
+
+    def dataset_path(self, name: str) -> Path:
+        """The folder a dataset name means, inside the datasets folder only; AppError otherwise."""
+        text = str(name or "").strip()
+        if not text:
+            raise AppError("Choose a training data folder first (or upload one below).")
+        if text not in self.dataset_names():
+            known = ", ".join(self.dataset_names()[:8]) or "none yet"
+            raise AppError(f"No training data folder named {text!r} in {self.datasets_dir.name}/ (found: {known}). "
+                           "Choose one from the list, or upload a folder of images and captions.")
+        return self.datasets_dir / text
+
+    def import_dataset(self, files: Sequence[str | Path], name: str, trigger: str = "", repeats: int = 10,
+                       original_names: Sequence[str] | None = None) -> str:
+        """Copy uploaded images (+ .txt captions) into DATASETS/NAME/REPEATS_TRIGGER/ (kohya layout), all or nothing.
+
+        Other files are skipped and reported; images must open as images. Returns a one-paragraph report.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        folder_name = plain_name(name, "Dataset name")
+        word = (trigger or "").strip()
+        if word and not re.fullmatch(r"[A-Za-z0-9_-]{1,50}", word):
+            raise AppError(f"Trigger word {word!r}: use one word of letters, digits, '_' or '-' (e.g. 'zorbstyle').")
+        count = int(self.limits.check("Repeats", repeats, 1, 100))
+        target = self.datasets_dir / folder_name
+        if target.exists():
+            raise AppError(f"{self.datasets_dir.name}/{folder_name} exists already: choose another dataset name.")
+        names = list(original_names or [Path(f).name for f in files])
+        if not files:
+            raise AppError("Choose a folder (or files) of images with their .txt captions to upload.")
+        if len(files) > MAX_DATASET_FILES:
+            raise AppError(f"{len(files)} files: upload at most {MAX_DATASET_FILES} at once.")
+        images, captions, skipped = [], [], []
+        for path, label in zip(files, names):
+            path, label = Path(path), Path(label).name
+            suffix = Path(label).suffix.lower()
+            if path.stat().st_size > self.max_upload_bytes:
+                skipped.append(f"{label} (over {self.max_upload_bytes / 2**20:g} MiB)")
+            elif suffix in IMAGE_SUFFIXES:
+                try:
+                    with Image.open(path) as image:
+                        image.verify()
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                    skipped.append(f"{label} (not a readable image)")
+                    continue
+                images.append((path, label))
+            elif suffix in CAPTION_SUFFIXES:
+                captions.append((path, label))
+            else:
+                skipped.append(f"{label} (not an image or caption)")
+        if not images:
+            raise AppError("None of the uploaded files is an image (png, jpg, webp, bmp); nothing was copied.")
+        subfolder = f"{count}_{word}" if word else f"{count}_{folder_name.replace(' ', '_')}"
+        staging = self.datasets_dir / f".{folder_name}.upload"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            (staging / subfolder).mkdir(parents=True)
+            image_stems = {Path(label).stem for _, label in images}
+            for path, label in images + [c for c in captions if Path(c[1]).stem in image_stems]:
+                shutil.copyfile(path, staging / subfolder / label)
+            os.rename(staging, target)  # the dataset appears whole, or not at all
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        captioned = sum(1 for _, label in captions if Path(label).stem in image_stems)
+        report = (f"Added {self.datasets_dir.name}/{folder_name}/{subfolder}: {len(images)} images, {captioned} "
+                  "captions.")
+        if captioned < len(images):
+            report += f" {len(images) - captioned} images have no caption (their file name is used)."
+        if skipped:
+            report += f" Skipped {len(skipped)}: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}."
+        return report
+
     # ------------------------------------------------------------------ training
 
     def start_training(self, settings):
-        """Start `stylelora train` on a folder (one run at a time); the adapter lands in the adapters folder."""
+        """Start `stylelora train` on a dataset (one run at a time); the adapter lands in the adapters folder."""
         from stylelora.app.training import TrainingJob
 
         self._check_base(settings.base)
+        self._check_idle()
+        data = self.dataset_path(settings.data_dir)
+        self._training = TrainingJob.start(settings, self.adapters_dir, data)
+        return self._training
+
+    def resume_training(self, name: str):
+        """Continue a stopped app run from its last checkpoint (`stylelora train ... --resume latest`)."""
+        from stylelora.app.training import TrainingJob
+
+        self._check_idle()
+        run_dir = self.adapters_dir / plain_name(name, "Adapter name")
+        self._training = TrainingJob.resume(run_dir, self.datasets_dir)
+        return self._training
+
+    def _check_idle(self) -> None:
         current = self._training
         if current is not None and current.running:
             raise AppError(f"A training run ({current.name}) is in progress; wait for it or stop it first.")
-        self._training = TrainingJob.start(settings, self.adapters_dir)
-        return self._training
 
     @property
     def training(self):
         """The current (or last) training run, or None."""
         return self._training
+
+
+def _sidecars(adapter: Path) -> list[Path]:
+    """The files kept beside an adapter: NAME.json (A1111's card) and NAME.preview.png."""
+    return [path for path in (adapter.with_suffix(".json"), adapter.with_name(adapter.stem + ".preview.png"))
+            if path.is_file()]

@@ -1,10 +1,12 @@
-"""A training run started from the app: `stylelora train` in a child process, followed through its output.
+"""A training run started from the app: `stylelora train` in a child process, followed through its run folder.
 
 The settings become a TrainConfig through stylelora.config (validated here, so a bad value is refused at once with
-the config's own message), saved as TOML and handed to `python -m stylelora.train.command train DATA --config`:
-the exact CLI path, in its own process, so a run neither blocks nor slows the app's generation lock, cannot take
-the app down, and can be stopped with Ctrl-C semantics (SIGINT: logs flushed, checkpoints whole). Progress and the
-(smoothed) loss are read from the trainer's progress bar on stderr; the adapter path is the last stdout line.
+the config's own message), saved as TOML in the run's own folder (OUTPUT/app-settings.toml, never in the dataset)
+and handed to `python -m stylelora.train.command train DATA --config`: the exact CLI path, in its own process, so a
+run neither blocks nor slows the app's generation lock, cannot take the app down, checkpoints as a CLI run does,
+and can be stopped with Ctrl-C semantics (SIGINT: logs flushed, checkpoints whole) and resumed from its last
+checkpoint (`--resume latest`). Progress and loss are read from the run's metrics.csv (stylelora.train.logs), the
+newest sample grid from its samples/ folder, and the log is the trainer's own lines (its progress bars left out).
 """
 from __future__ import annotations
 
@@ -21,13 +23,10 @@ from pathlib import Path
 
 from stylelora.app.service import AppError, plain_name
 
-REQUEST_FILE = ".app-train.toml"
-# tqdm's line: "training:  50%|█████     | 2/4 [00:01<00:01,  1.50step/s, loss=0.1234, lr=1.0e-03]"
-BAR_LINE = re.compile(r"^training:.*?(\d+)/(\d+) \[(.*)\]\s*$")
-POSTFIX_LOSS = re.compile(r"loss=([-+0-9.eE]+|nan|inf)")
+SETTINGS_FILE = "app-settings.toml"  # in the run folder: what the app started, so Resume can continue it
+LOG_FILE = "app-train.log"  # the trainer's output, kept beside its metrics
 LOG_LINES_KEPT = 200
-OTHER_BARS = re.compile(r"\d+%\|")  # loading bars of diffusers/transformers: noise in the log
-
+OTHER_BARS = re.compile(r"\d+%\|")  # tqdm bars (training and model loading): the metrics file says the same
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -43,24 +42,20 @@ class TrainSettings:
     overwrite: bool = False
     options: dict = field(default_factory=dict)
 
-    def overrides(self, adapters_dir: Path) -> dict:
+    def overrides(self, adapters_dir: Path, data: Path) -> dict:
         """Config overrides as `stylelora train` flags give them; the run folder is adapters_dir/NAME."""
         name = plain_name(self.name, "Adapter name")
-        data = Path(self.data_dir or "").expanduser()
-        if not str(self.data_dir or "").strip() or not data.is_dir():
-            raise AppError(f"Training data folder {self.data_dir!r} does not exist on the server; give the folder "
-                           "of images (+ .txt captions), e.g. datasets/toy-stripes.")
         overrides = {key: value for key, value in self.options.items() if value is not None and value != ""}
         if overrides.get("network.train_text_encoder") is False:
             overrides.pop("optim.text_encoder_lr", None)  # the box may still hold a value; the config would refuse it
-        overrides.update({"data.dir": str(data.absolute()), "train.base": self.base, "train.output_name": name,
+        overrides.update({"data.dir": str(Path(data).absolute()), "train.base": self.base, "train.output_name": name,
                           "train.output": str(adapters_dir / name), "train.overwrite": bool(self.overwrite)})
         return overrides
 
 
 @dataclass(frozen=True)
 class TrainingStatus:
-    """One look at a run: state ("running", "done", "failed", "stopped"), progress, loss, log, adapter."""
+    """One look at a run: state ("running", "done", "failed", "stopped"), progress, loss, log, adapter, sample."""
 
     name: str
     state: str
@@ -70,6 +65,8 @@ class TrainingStatus:
     log: str
     adapter: Path | None
     message: str
+    sample: Path | None = None
+    checkpoint: int | None = None  # the step of the newest complete checkpoint
 
     @property
     def running(self) -> bool:
@@ -81,35 +78,67 @@ class TrainingStatus:
 
 
 class TrainingJob:
-    """One `stylelora train` child process and what its output said so far."""
+    """One `stylelora train` child process, its run folder, and what it printed so far."""
 
-    def __init__(self, name: str, config, process: subprocess.Popen) -> None:
-        self.name, self.config, self.process = name, config, process
+    def __init__(self, name: str, config, process: subprocess.Popen, *, resumed: bool = False) -> None:
+        self.name, self.config, self.process, self.resumed = name, config, process, resumed
         self.total = config.train.steps
-        self.step = 0
-        self.losses: list[tuple[int, float]] = []
         self.lines: list[str] = []
         self.stdout: list[str] = []
         self.stopped = False
         self._lock = threading.Lock()
+        self._metrics: tuple[tuple[int, int] | None, tuple[tuple[int, float], ...]] = (None, ())
+        self._log = (config.output_dir / LOG_FILE).open("a" if resumed else "w", encoding="utf-8")
         self._readers = [threading.Thread(target=self._read, args=(process.stderr, self._on_stderr), daemon=True),
                          threading.Thread(target=self._read, args=(process.stdout, self.stdout.append), daemon=True)]
         for reader in self._readers:
             reader.start()
 
     @classmethod
-    def start(cls, settings: TrainSettings, adapters_dir: Path) -> TrainingJob:
+    def start(cls, settings: TrainSettings, adapters_dir: Path, data: Path) -> TrainingJob:
         from stylelora.config import load_config, save_config
 
-        config = load_config(None, settings.overrides(Path(adapters_dir)))
+        config = load_config(None, settings.overrides(Path(adapters_dir), data))
         if config.adapter_path.exists() and not config.train.overwrite:
-            raise AppError(f"{config.adapter_path.name} exists already in {config.output_dir}: choose another name "
-                           "or tick 'overwrite'.")
-        request = save_config(config, config.output_dir / REQUEST_FILE)
-        command = [sys.executable, "-m", "stylelora.train.command", "train", config.data.dir, "--config", str(request)]
+            raise AppError(f"{config.output_dir.name}/{config.adapter_path.name} exists already: choose another "
+                           "name or tick 'overwrite'.")
+        from stylelora.train.checkpoint import complete_checkpoints
+
+        if complete_checkpoints(config.output_dir) and not config.train.overwrite:
+            raise AppError(f"{config.output_dir.name} holds a stopped run with checkpoints: press Resume to continue "
+                           "it, tick 'overwrite' to start it over, or choose another name.")
+        from stylelora.train.logs import METRICS_FILE
+
+        (config.output_dir / METRICS_FILE).unlink(missing_ok=True)  # an earlier run's curve is not this one's
+        return cls._launch(config, save_config(config, config.output_dir / SETTINGS_FILE), resume=False)
+
+    @classmethod
+    def resume(cls, run_dir: Path, datasets_dir: Path) -> TrainingJob:
+        """Continue the app run in `run_dir` from its newest checkpoint, with the settings it was started with."""
+        from stylelora.config import load_config
+        from stylelora.train.checkpoint import complete_checkpoints
+
+        settings = run_dir / SETTINGS_FILE
+        if not settings.is_file():
+            raise AppError(f"{run_dir.name} is not a run started from this app (no {SETTINGS_FILE} in it); continue "
+                           f"it with `stylelora train DATA --output {run_dir.name} --resume latest`.")
+        config = load_config(settings, {"train.resume": "latest", "train.overwrite": False})
+        if not Path(config.data.dir).resolve().is_relative_to(Path(datasets_dir).resolve()):
+            raise AppError(f"{run_dir.name} trains on a folder outside {Path(datasets_dir).name}/; continue it from the "
+                           "command line.")
+        if not complete_checkpoints(run_dir):
+            raise AppError(f"{run_dir.name} has no checkpoint to resume from (one is written every "
+                           f"{config.train.save_every} steps); start it again instead.")
+        return cls._launch(config, settings, resume=True)
+
+    @classmethod
+    def _launch(cls, config, settings: Path, *, resume: bool) -> TrainingJob:
+        command = [sys.executable, "-m", "stylelora.train.command", "train", config.data.dir, "--config", str(settings)]
+        if resume:
+            command += ["--resume", "latest"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    encoding="utf-8", errors="replace", env=_child_env())
-        return cls(config.train.output_name, config, process)
+        return cls(config.train.output_name, config, process, resumed=resume)
 
     # -- reading the child's output
 
@@ -121,16 +150,46 @@ class TrainingJob:
         stream.close()
 
     def _on_stderr(self, line: str) -> None:
-        bar = BAR_LINE.match(line.strip())
+        if not line.strip() or OTHER_BARS.search(line):
+            return
         with self._lock:
-            if bar is None:
-                if line.strip() and not OTHER_BARS.search(line):
-                    self.lines = (self.lines + [line])[-LOG_LINES_KEPT:]
-                return
-            self.step, self.total = int(bar.group(1)), int(bar.group(2))
-            loss = POSTFIX_LOSS.search(bar.group(3))
-            if loss and (not self.losses or self.losses[-1][0] != self.step):
-                self.losses.append((self.step, float(loss.group(1))))
+            self.lines = (self.lines + [line])[-LOG_LINES_KEPT:]
+            if not self._log.closed:
+                self._log.write(line + "\n")
+                self._log.flush()
+
+    # -- the run folder
+
+    def metrics(self) -> tuple[tuple[int, float], ...]:
+        """(step, smoothed loss) of every step the run's metrics.csv holds (re-read only when it changed)."""
+        from stylelora.train.logs import METRICS_FILE
+
+        path = self.config.output_dir / METRICS_FILE
+        try:
+            stat = path.stat()
+        except OSError:
+            return self._metrics[1]
+        signature = (stat.st_mtime_ns, stat.st_size)
+        if signature != self._metrics[0]:
+            try:
+                with path.open(newline="", encoding="utf-8") as handle:
+                    rows = tuple((int(row["step"]), float(row["loss_smoothed"])) for row in csv.DictReader(handle))
+            except (OSError, ValueError, KeyError):
+                return self._metrics[1]  # written atomically, so this is rare: keep the last good read
+            self._metrics = (signature, rows)
+        return self._metrics[1]
+
+    def latest_sample(self) -> Path | None:
+        from stylelora.train.samples import SAMPLES_DIR
+
+        grids = sorted((self.config.output_dir / SAMPLES_DIR).glob("step-*.png"))
+        return grids[-1] if grids else None
+
+    def latest_checkpoint(self) -> int | None:
+        from stylelora.train.checkpoint import complete_checkpoints
+
+        found = complete_checkpoints(self.config.output_dir)
+        return int(found[-1].name.split("-")[-1]) if found else None
 
     # -- state
 
@@ -152,38 +211,36 @@ class TrainingJob:
         return self.status()
 
     def stop(self) -> None:
-        """Interrupt the run as Ctrl-C would (checkpoints stay whole; `--resume latest` continues it)."""
+        """Interrupt the run as Ctrl-C would (checkpoints stay whole; Resume continues from the newest)."""
         if self.running:
             self.stopped = True
             self.process.send_signal(signal.SIGINT)
 
     def status(self) -> TrainingStatus:
         code = self.process.poll()
+        if code is not None:
+            for reader in self._readers:
+                reader.join(timeout=5)
+            with self._lock:
+                self._log.close()
         with self._lock:
-            log, losses, step = "\n".join(self.lines), tuple(self.losses), self.step
+            log = "\n".join(self.lines)
+        losses = self.metrics()
+        step = losses[-1][0] if losses else 0
+        checkpoint = self.latest_checkpoint()
+        kept = (f"the last checkpoint (step {checkpoint}) is kept: Resume continues from it" if checkpoint else
+                f"no checkpoint was written yet (one every {self.config.train.save_every} steps), so Resume has "
+                "nothing to continue")
         if code is None:
             state, message = "running", f"step {step}/{self.total}"
         elif code == 0:
-            for reader in self._readers:
-                reader.join(timeout=5)
-            state, message = "done", f"adapter written: {self.adapter}"
-            losses = self.final_losses() or losses
-            step = self.total
+            state, message = "done", f"adapter written: {self.config.output_dir.name}/{self.config.adapter_path.name}"
         elif self.stopped:
-            state, message = "stopped", f"stopped at step {step}; the run folder is {self.config.output_dir}"
+            state, message = "stopped", f"stopped at step {step}; {kept}"
         else:
-            state, message = "failed", _last_error(log) or f"the trainer exited with code {code}"
-        return TrainingStatus(self.name, state, step, self.total, losses, log, self.adapter, message)
-
-    def final_losses(self) -> tuple[tuple[int, float], ...]:
-        """Every step's smoothed loss from the run's metrics.csv (written whole when a run ends)."""
-        from stylelora.train.logs import METRICS_FILE
-
-        path = self.config.output_dir / METRICS_FILE
-        if not path.is_file():
-            return ()
-        with path.open(newline="", encoding="utf-8") as handle:
-            return tuple((int(row["step"]), float(row["loss_smoothed"])) for row in csv.DictReader(handle))
+            state, message = "failed", f"{_last_error(log) or f'the trainer exited with code {code}'} ({kept})"
+        return TrainingStatus(self.name, state, step, self.total, losses, log, self.adapter, message,
+                              self.latest_sample(), checkpoint)
 
     def follow(self, interval: float = 0.5):
         """TrainingStatus every `interval` seconds while the run lasts, then the final one."""

@@ -1,23 +1,35 @@
 """The Gradio layout: tabs, widgets, and handlers that turn widget values into AppService calls and back.
 
 No ML here: every action is one service call (stylelora.app.service), the same library functions the CLI uses.
-Handlers catch the library's user errors and show their message (gr.Error) instead of a traceback.
+Handlers catch the library's user errors and show their message (gr.Error) instead of a traceback: as plain text
+(escaped for the browser, whose toasts render HTML) with the server's folders written relative. Endpoints take
+their widgets as named parameters (`prompt`, `seed`, ...), so a gradio_client user sees the same names.
 """
 from __future__ import annotations
 
+import html
+import logging
+import re
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import gradio as gr
 
-from stylelora.app.service import AdapterWeight, AppError, AppService, GenerateSettings
+from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppError, AppService, GenerateSettings
 from stylelora.app.training import TrainSettings
 
-MAX_ADAPTER_ROWS = 4
-SIZES = ["native", "32x32", "48x48", "64x64", "32x48", "48x32", "512x512", "512x768", "768x512"]
+MAX_ADAPTER_ROWS = MAX_ADAPTERS
+SIZES = ["native", "32x32", "48x48", "64x64", "32x48", "48x32", "512x512", "512x768", "768x512", "1024x1024"]
 DEFAULT_SAMPLER = "base default"
-DEFAULT_DATA_DIR = "datasets/toy-stripes"
-CSS = ".mono textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }"
+DEFAULT_DATASET = "toy-stripes"
+TRAIN_REFRESH_SECONDS = 1.0
+LOG_LINES_SHOWN = 12
+# Small images (the toy base's 32 px) are scaled up to fill their box: nearest-neighbour keeps them crisp.
+CSS = """
+.mono textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
+#gallery img, #grid img, #train-sample img { image-rendering: pixelated; }
+"""
+log = logging.getLogger(__name__)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -26,20 +38,43 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (AppError, *library_user_errors())
 
 
-def _shown(function: Callable) -> Callable:
-    """The handler with user errors (bad names, files, values) shown as a message box instead of a traceback."""
+def _from_browser() -> bool:
+    """Whether the current event came from the app's own page (whose toasts render HTML), not an API client."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    try:
+        return request is not None and request.headers.get("x-gradio-user") == "app"
+    except AttributeError:
+        return False
+
+
+def _error(service: AppService, message: str) -> gr.Error:
+    text = service.shown(message)
+    return gr.Error(html.escape(text) if _from_browser() else text, print_exception=False)
+
+
+def _shown(service: AppService, function: Callable) -> Callable:
+    """The handler with errors shown as a plain-text message box: user errors (bad names, files, values) as
+    they are, anything else as what it was, with the details in the server log."""
     import functools
     import inspect
 
-    def report(error: BaseException):
-        return gr.Error(str(error), print_exception=False)
+    def report(error: BaseException) -> gr.Error:
+        if isinstance(error, gr.Error):
+            return error
+        if isinstance(error, _user_errors()):
+            return _error(service, str(error))
+        log.exception("unexpected error in %s", function.__name__)
+        return _error(service, f"Something went wrong ({type(error).__name__}: {error}). The details are in the "
+                               "server's log; please report it.")
 
     if inspect.isgeneratorfunction(function):
         @functools.wraps(function)
         def wrapped_generator(*args, **kwargs):
             try:
                 yield from function(*args, **kwargs)
-            except _user_errors() as error:
+            except Exception as error:
                 raise report(error) from None
         return wrapped_generator
 
@@ -47,14 +82,52 @@ def _shown(function: Callable) -> Callable:
     def wrapped(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except _user_errors() as error:
+        except Exception as error:
             raise report(error) from None
     return wrapped
 
 
+def _cancel_check() -> Callable[[], bool] | None:
+    """For the running gradio event: a callable that turns True once the event stops being wanted: its client
+    pressed Stop or called job.cancel() (gradio drops it from the running jobs) or went away (gradio marks it no
+    longer alive). None outside a queued event (direct calls)."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
+        return None
+    mine = [event for job in queue.active_jobs if job for event in job if event._id == event_id]
+    if not mine:
+        return None
+    event = mine[0]
+
+    def cancelled() -> bool:
+        return not event.alive or not any(job and event in job for job in queue.active_jobs)
+
+    return cancelled
+
+
+def _named(widgets: Sequence, names: dict | None = None) -> dict:
+    """{parameter name: widget}: the names API clients use (`names` by widget id, else elem_id, else label)."""
+    named: dict = {}
+    for widget in widgets:
+        given = (names or {}).get(id(widget)) or widget.elem_id or widget.label or "value"
+        name = re.sub(r"\W+", "_", str(given)).strip("_").lower()
+        base, number = name, 2
+        while name in named:
+            name, number = f"{base}_{number}", number + 1
+        named[name] = widget
+    return named
+
+
 def mix_from_values(chosen: Sequence[str] | None, weights: Sequence[float]) -> tuple[AdapterWeight, ...]:
-    """The chosen adapters with the weights of their rows ([unet0, te0, unet1, te1, ...])."""
-    chosen = list(chosen or [])[:MAX_ADAPTER_ROWS]
+    """The chosen adapters with the weights of their rows ([unet0, te0, unet1, te1, ...]); more adapters than
+    rows are refused, not dropped."""
+    chosen = list(chosen or [])
+    if len(chosen) > MAX_ADAPTER_ROWS:
+        raise AppError(f"At most {MAX_ADAPTER_ROWS} adapters can be blended at once (got {len(chosen)}): remove "
+                       f"{len(chosen) - MAX_ADAPTER_ROWS}, or save a blend of some of them first (Blend tab).")
     return tuple(AdapterWeight(name, float(weights[2 * i]), float(weights[2 * i + 1])) for i, name in enumerate(chosen))
 
 
@@ -66,7 +139,8 @@ class GenerateInputs:
 
         names = service.adapter_names()
         with gr.Row():
-            self.base = gr.Dropdown(list(service.bases), value=service.bases[0], label="Base model", scale=1)
+            self.base = gr.Dropdown(list(service.bases), value=service.bases[0], label="Base model", scale=1,
+                                    elem_id="base")
             # Custom values are safe: every name is resolved inside the adapters folder, or refused.
             self.chosen = gr.Dropdown(names, value=[], multiselect=True, max_choices=MAX_ADAPTER_ROWS, scale=4,
                                       allow_custom_value=True,
@@ -79,26 +153,32 @@ class GenerateInputs:
         self.rows, self.weights = [], []
         for i in range(MAX_ADAPTER_ROWS):
             with gr.Row(visible=False, elem_id=f"adapter-row-{i}") as row:
-                unet = gr.Slider(-2, 2, value=1, step=0.05, label="UNet weight", elem_id=f"unet-weight-{i}")
-                te = gr.Slider(-2, 2, value=1, step=0.05, label="Text-encoder weight", elem_id=f"te-weight-{i}")
+                unet = _lenient(gr.Slider(-2, 2, value=1, step=0.05, label="UNet weight", elem_id=f"unet-weight-{i}"))
+                te = _lenient(gr.Slider(-2, 2, value=1, step=0.05, label="Text-encoder weight",
+                                        elem_id=f"te-weight-{i}"))
             self.rows.append(row)
             self.weights += [unet, te]
         self.prompt = gr.Textbox(label="Prompt", lines=2, value="a red circle on a white background",
                                  placeholder="may carry <lora:name:weight> tags", elem_id="prompt")
         with gr.Row():
             self.triggers = gr.Button("Add trigger words", size="sm", scale=0, min_width=160)
-        self.negative = gr.Textbox(label="Negative prompt", lines=1)
+        self.negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt")
         with gr.Row():
-            self.steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
-            self.cfg = gr.Slider(1, 15, value=5, step=0.5, label="CFG scale")
+            limits = service.limits
+            self.steps = _lenient(gr.Slider(1, limits.max_steps, value=min(20, limits.max_steps), step=1,
+                                            label=f"Steps (up to {limits.max_steps})", elem_id="steps"))
+            self.cfg = _lenient(gr.Slider(1, 15, value=5, step=0.5, label="CFG scale", elem_id="cfg"))
             self.sampler = gr.Dropdown([DEFAULT_SAMPLER, *available_samplers()], value=DEFAULT_SAMPLER,
-                                       label="Sampler")
+                                       label="Sampler", elem_id="sampler")
         with gr.Row():
             self.seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed")
             self.random_seed = gr.Button("Random seed", size="sm", scale=0, min_width=90)
             self.reuse_seed = gr.Button("Last seed", size="sm", scale=0, min_width=90)
-            self.size = gr.Dropdown(SIZES, value="native", allow_custom_value=True, label="Size (WxH)")
-            self.batch = gr.Slider(1, 8, value=1, step=1, label="Batch")
+            sizes = [size for size in SIZES if size == "native" or max(map(int, size.split("x"))) <= limits.max_side]
+            self.size = gr.Dropdown(sizes, value="native", allow_custom_value=True, elem_id="size",
+                                    label=f"Size (WxH, up to {limits.max_side} a side)")
+            self.batch = _lenient(gr.Slider(1, limits.max_batch, value=1, step=1, elem_id="batch-size",
+                                            label=f"Batch (up to {limits.max_batch})"))
 
     @property
     def settings_inputs(self) -> list:
@@ -118,6 +198,16 @@ class GenerateInputs:
         )
 
 
+def _lenient(slider: gr.Slider) -> gr.Slider:
+    """The slider without gradio's own range check, so an API value out of range reaches the service, which
+    refuses it with the field and the server's limit named (gradio's message names neither)."""
+    def preprocess(payload):
+        return payload if payload is None else gr.Number.round_to_precision(payload, slider.precision)
+
+    slider.preprocess = preprocess
+    return slider
+
+
 def _progress_callback(progress: gr.Progress, label: str):
     def report(done: int, total: int) -> None:
         progress((done, total), desc=label, unit="steps")
@@ -131,14 +221,17 @@ def _loss_table(losses):
     return pandas.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
 
 
-def build_ui(service: AppService) -> gr.Blocks:
+def build_ui(service: AppService, *, cache_seconds: int | None = 3600) -> gr.Blocks:
     """The app's Blocks: Generate, Compare, Blend, Adapters and Train tabs around one AppService.
 
     Each tab is laid out by its own function; the events are wired once every tab exists, because several of them
-    read the Generate tab's settings or refresh the adapter lists of other tabs.
+    read the Generate tab's settings or refresh the adapter lists of other tabs. Gradio's copies of served and
+    uploaded files are deleted once `cache_seconds` old (and all of them when the server stops).
     """
-    with gr.Blocks(title="stylelora") as demo:
+    cache = (max(60, cache_seconds // 4), cache_seconds) if cache_seconds else None
+    with gr.Blocks(title="stylelora", delete_cache=cache) as demo:
         gr.Markdown("## stylelora: generate with LoRA blends, compare, blend, inspect, train")
+        gr.Markdown(service.limits.summary(), elem_id="limits")
         with gr.Tab("Generate"):
             generate = _generate_tab(service)
         with gr.Tab("Compare"):
@@ -153,8 +246,8 @@ def build_ui(service: AppService) -> gr.Blocks:
         _wire_generate(service, generate, lists)
         _wire_compare(service, generate.inputs, compare)
         _wire_blend(service, generate.inputs, blend, lists)
-        _wire_adapters(service, adapters)
-        _wire_train(service, train, lists)
+        _wire_adapters(service, adapters, lists)
+        _wire_train(service, train, lists, demo)
         demo.load(lists.refreshed, lists.widgets, lists.widgets, api_visibility="private")
     return demo
 
@@ -179,13 +272,15 @@ def _generate_tab(service: AppService) -> SimpleNamespace:
     with gr.Row():
         with gr.Column(scale=3):
             inputs = GenerateInputs(service)
-            button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Row():
+                button = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                stop = gr.Button("Stop", variant="stop", elem_id="stop-generate", scale=1)
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Images (PNG with A1111 parameters)", format="png", columns=4,
                                  height=360, object_fit="contain", elem_id="gallery")
             parameters = gr.Textbox(label="Parameters of the first image", lines=4, elem_classes="mono",
                                     elem_id="parameters")
-    return SimpleNamespace(inputs=inputs, button=button, gallery=gallery, parameters=parameters,
+    return SimpleNamespace(inputs=inputs, button=button, stop=stop, gallery=gallery, parameters=parameters,
                            last_seed=gr.State(-1), previous_chosen=gr.State([]))
 
 
@@ -193,11 +288,13 @@ def _compare_tab() -> SimpleNamespace:
     gr.Markdown("An X/Y grid of the Generate tab's settings. Axes: `KIND=V1,V2,...` with KIND one of "
                 "adapter (names, or `none`), weight, unet_weight, te_weight, seed, cfg, steps.")
     with gr.Row():
-        x_axis = gr.Textbox(value="weight=0,0.5,1", label="X axis (columns)")
-        y_axis = gr.Textbox(value="seed=1,2", label="Y axis (rows, optional)")
-    button = gr.Button("Make grid", variant="primary")
+        x_axis = gr.Textbox(value="weight=0,0.5,1", label="X axis (columns)", elem_id="x-axis")
+        y_axis = gr.Textbox(value="seed=1,2", label="Y axis (rows, optional)", elem_id="y-axis")
+    with gr.Row():
+        button = gr.Button("Make grid", variant="primary", elem_id="make-grid", scale=3)
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-grid", scale=1)
     image = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid")
-    return SimpleNamespace(x_axis=x_axis, y_axis=y_axis, button=button, image=image)
+    return SimpleNamespace(x_axis=x_axis, y_axis=y_axis, button=button, stop=stop, image=image)
 
 
 def _blend_tab() -> SimpleNamespace:
@@ -219,11 +316,24 @@ def _blend_tab() -> SimpleNamespace:
 
 def _adapters_tab(service: AppService) -> SimpleNamespace:
     with gr.Row():
-        name = gr.Dropdown(service.adapter_names(), value=None, label="Adapter", scale=4, allow_custom_value=True)
+        name = gr.Dropdown(service.adapter_names(), value=None, label="Adapter", scale=4, allow_custom_value=True,
+                           elem_id="adapter-name")
         as_json = gr.Checkbox(label="JSON", scale=0)
         button = gr.Button("Inspect", scale=0)
+    with gr.Row():
+        new_name = gr.Textbox(label="New name (NAME or FOLDER/NAME, inside the adapters folder)", scale=4,
+                              elem_id="new-name")
+        rename = gr.Button("Rename…", scale=0, min_width=110, elem_id="rename")
+        delete = gr.Button("Delete…", variant="stop", scale=0, min_width=110, elem_id="delete")
+    with gr.Row(visible=False, elem_id="confirm-row") as confirm_row:
+        question = gr.Markdown(elem_id="confirm-question")
+        confirm = gr.Button("Confirm", variant="stop", scale=0, min_width=110, elem_id="confirm")
+        cancel = gr.Button("Cancel", scale=0, min_width=110, elem_id="cancel")
+    done = gr.Markdown(elem_id="adapter-change")
     text = gr.Textbox(label="inspect", lines=18, elem_classes="mono")
-    return SimpleNamespace(name=name, as_json=as_json, button=button, text=text)
+    return SimpleNamespace(name=name, as_json=as_json, button=button, text=text, new_name=new_name, rename=rename,
+                           delete=delete, confirm_row=confirm_row, question=question, confirm=confirm, cancel=cancel,
+                           done=done, pending=gr.State(None))
 
 
 def _option_widget(spec):
@@ -243,23 +353,75 @@ def _train_tab(service: AppService) -> SimpleNamespace:
     from stylelora.config import OPTION_SPECS
 
     specs = [spec for spec in OPTION_SPECS if spec.option.widget is not None]
+    datasets = service.dataset_names()
+    gr.Markdown(f"Training data: a folder in the server's `{service.datasets_dir.name}/` folder (kohya layout "
+                "`REPEATS_TRIGGER/` of images + .txt captions), or upload one below. Runs are saved in the adapters "
+                "folder as NAME/, with checkpoints: Stop keeps the last one and Resume continues from it.")
     with gr.Row():
-        data = gr.Textbox(value=DEFAULT_DATA_DIR, label="Training data folder (on the server)")
-        name = gr.Textbox(value="my-style", label="Adapter name")
-        base = gr.Dropdown(list(service.bases), value=service.bases[0], label="Base model")
-        overwrite = gr.Checkbox(label="overwrite a run of that name")
+        data = gr.Dropdown(datasets, value=DEFAULT_DATASET if DEFAULT_DATASET in datasets else None,
+                           label=f"Training data folder (in {service.datasets_dir.name}/)", elem_id="data", scale=3)
+        rescan = gr.Button("↻ Rescan", scale=0, min_width=90)
+        name = gr.Textbox(value="my-style", label="Adapter name", elem_id="name", scale=2)
+        base = gr.Dropdown(list(service.bases), value=service.bases[0], label="Base model", elem_id="base", scale=1)
+        overwrite = gr.Checkbox(label="overwrite a run of that name", elem_id="overwrite", scale=1)
+    with gr.Accordion("Upload a training folder: images + .txt captions", open=False):
+        files = gr.File(file_count="directory", type="filepath", label="Folder of images and captions",
+                        elem_id="dataset-files")
+        with gr.Row():
+            dataset_name = gr.Textbox(label="Dataset name", elem_id="dataset-name")
+            trigger = gr.Textbox(label="Trigger word (optional)", elem_id="trigger")
+            repeats = gr.Number(value=10, precision=0, minimum=1, maximum=100, label="Repeats", elem_id="repeats")
+            add = gr.Button("Add to datasets", scale=0, min_width=150)
+        added = gr.Markdown()
     with gr.Row(equal_height=True):
         options = [_option_widget(spec) for spec in specs]
+    family = gr.Markdown(_family_text(service.bases[0]), elem_id="family-defaults")
     with gr.Row():
-        button = gr.Button("Start training", variant="primary")
-        stop = gr.Button("Stop", variant="stop")
-    status = gr.Markdown("No training run yet.")
-    loss_plot = gr.LinePlot(x="step", y="loss", title="loss (smoothed)", height=240)
-    log = gr.Textbox(label="Trainer output", lines=8, max_lines=8, elem_classes="mono")
-    # In the order on_train reads them.
+        button = gr.Button("Start training", variant="primary", elem_id="train")
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-training")
+        resume = gr.Button("Resume", elem_id="resume-training")
+    status = gr.Markdown("No training run yet.", elem_id="train-status")
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="loss", title="loss (smoothed)", height=240, scale=2)
+        sample = gr.Image(label="Latest sample grid", type="filepath", format="png", height=240, scale=1,
+                          elem_id="train-sample", interactive=False)
+    log_box = gr.Textbox(label=f"Trainer output (newest {LOG_LINES_SHOWN} lines)", lines=LOG_LINES_SHOWN,
+                         max_lines=LOG_LINES_SHOWN, autoscroll=True, elem_classes="mono", elem_id="train-log")
+    # In the order train_settings reads them.
     settings = [data, name, base, overwrite, *options]
-    return SimpleNamespace(settings=settings, option_keys=[spec.dotted for spec in specs], button=button, stop=stop,
-                           status=status, loss_plot=loss_plot, log=log)
+    return SimpleNamespace(settings=settings, option_keys=[spec.dotted for spec in specs], specs=specs,
+                           button=button, stop=stop, resume=resume, status=status, loss_plot=loss_plot,
+                           log=log_box, sample=sample, family=family, data=data, rescan=rescan, name=name, base=base,
+                           files=files, dataset_name=dataset_name, trigger=trigger, repeats=repeats, add=add,
+                           added=added, timer=gr.Timer(TRAIN_REFRESH_SECONDS, active=False),
+                           shown_sample=gr.State(None))
+
+
+def _family_text(base: str) -> str:
+    """What an empty option box means for this base: its family's preset values (stylelora.presets)."""
+    from stylelora.config import OPTION_SPECS
+    from stylelora.models.family import detect_family
+    from stylelora.presets import FAMILY_NAMES, PRESET_KEYS, preset_value
+
+    try:
+        family = detect_family(base)
+    except Exception as error:  # a base that cannot be read yet: say so instead of guessing
+        return f"Base family of {base}: not detected ({type(error).__name__}); empty boxes take its preset."
+    labels = {spec.dotted: spec.option.widget.label.split(" (")[0] for spec in OPTION_SPECS
+              if spec.option.widget is not None}
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    shown = []
+    for dotted in PRESET_KEYS:
+        if dotted in labels:
+            value = preset_value(family, dotted, cuda=cuda)
+            shown.append(f"{labels[dotted]} {'native size' if value is None else f'{value:g}' if isinstance(value, float) else value}")
+    return (f"**Base family: {FAMILY_NAMES.get(family, family)}** ({family}). Empty boxes take its preset: "
+            + ", ".join(shown) + ". Other options: the CLI's defaults (the same as `stylelora train`).")
 
 
 def train_settings(data, name, base, overwrite, option_keys: Sequence[str], option_values: Sequence) -> TrainSettings:
@@ -290,108 +452,240 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
     inputs.chosen.change(_show_rows, [inputs.chosen, tab.previous_chosen, *inputs.weights],
                          [tab.previous_chosen, *inputs.rows, *inputs.weights], api_visibility="private")
 
-    @_shown
-    def on_generate(progress=gr.Progress(), *values):
-        saved = service.generate(GenerateInputs.settings(values), _progress_callback(progress, "sampling"))
+    def on_generate(progress=gr.Progress(), **values):
+        saved = service.generate(GenerateInputs.settings(list(values.values())),
+                                 _progress_callback(progress, "sampling"), cancelled=_cancel_check())
         return [str(image.path) for image in saved], saved[0].parameters_text, saved[0].seed
 
-    tab.button.click(on_generate, inputs.settings_inputs, [tab.gallery, tab.parameters, tab.last_seed],
-                     api_name="generate", concurrency_limit=4)
+    event = tab.button.click(_shown(service, on_generate), inputs_kwargs=_named(inputs.settings_inputs),
+                             outputs=[tab.gallery, tab.parameters, tab.last_seed], api_name="generate",
+                             concurrency_limit=service.limits.concurrency)
+    tab.stop.click(None, None, None, cancels=[event], api_visibility="private")
 
-    @_shown
-    def on_triggers(prompt, chosen):
-        if not chosen:
+    def on_triggers(prompt, adapters):
+        if not adapters:
             raise AppError("Choose adapters first: their trigger words are added to the prompt.")
-        return service.prompt_with_triggers(prompt, chosen)
+        return service.prompt_with_triggers(prompt, adapters)
 
-    inputs.triggers.click(on_triggers, [inputs.prompt, inputs.chosen], inputs.prompt, api_name="add_triggers")
+    inputs.triggers.click(_shown(service, on_triggers), [inputs.prompt, inputs.chosen], inputs.prompt,
+                          api_name="add_triggers")
     inputs.random_seed.click(lambda: -1, None, inputs.seed, api_visibility="private")
     inputs.reuse_seed.click(lambda seed: seed, tab.last_seed, inputs.seed, api_visibility="private")
 
-    @_shown
-    def on_upload(path, chosen):
-        if not path:
+    def on_upload(file, adapters, base):
+        if not file:
             return gr.update(), gr.update(), gr.update()
-        name = service.import_upload(path)
-        chosen = [*(chosen or []), name][:MAX_ADAPTER_ROWS]
-        gr.Info(f"Added {name}")
+        from pathlib import Path
+
+        try:
+            upload = service.import_upload(file, base=base)
+        finally:
+            Path(file).unlink(missing_ok=True)  # gradio's copy: a rejected (or accepted) upload leaves nothing
+        chosen = [*(adapters or []), upload.name][:MAX_ADAPTER_ROWS]
+        notes = " ".join(service.shown(note) for note in upload.notes)
+        (gr.Warning if notes else gr.Info)(_plain(f"Added {upload.name}. {notes}".strip()))
         return *lists.refreshed(chosen), None
 
-    inputs.upload.upload(on_upload, [inputs.upload, inputs.chosen], [*lists.widgets, inputs.upload],
-                         api_name="upload")
+    uploaded = inputs.upload.upload(_shown(service, on_upload), inputs_kwargs={
+        "file": inputs.upload, "adapters": inputs.chosen, "base": inputs.base}, outputs=[*lists.widgets, inputs.upload],
+        api_name="upload")
+    uploaded.failure(lambda: None, None, inputs.upload, api_visibility="private")  # the refused file leaves the box
     inputs.refresh.click(lists.refreshed, lists.widgets, lists.widgets, api_name="adapters")
 
 
+def _plain(text: str) -> str:
+    """Text for an info toast (which renders HTML in the browser), shown as written."""
+    return html.escape(text) if _from_browser() else text
+
+
 def _wire_compare(service: AppService, inputs: GenerateInputs, tab: SimpleNamespace) -> None:
-    @_shown
-    def on_grid(x, y, progress=gr.Progress(), *values):
-        path = service.grid(GenerateInputs.settings(values), x, y or None, _progress_callback(progress, "grid cells"))
+    def on_grid(x_axis, y_axis, progress=gr.Progress(), **values):
+        path = service.grid(GenerateInputs.settings(list(values.values())), x_axis, y_axis or None,
+                            _progress_callback(progress, "sampling (grid)"), cancelled=_cancel_check())
         return str(path)
 
-    tab.button.click(on_grid, [tab.x_axis, tab.y_axis, *inputs.settings_inputs], tab.image, api_name="grid",
-                     concurrency_limit=2)
+    event = tab.button.click(_shown(service, on_grid), inputs_kwargs={
+        "x_axis": tab.x_axis, "y_axis": tab.y_axis, **_named(inputs.settings_inputs)}, outputs=tab.image,
+        api_name="grid", concurrency_limit=service.limits.concurrency)
+    tab.stop.click(None, None, None, cancels=[event], api_visibility="private")
 
 
 def _describe_mix(chosen, *weights):
-    mix = mix_from_values(chosen, weights)
+    try:
+        mix = mix_from_values(chosen, weights)
+    except AppError as error:
+        return html.escape(str(error))
     if not mix:
         return "No adapters chosen: pick some in the Generate tab."
-    return "Current mix: " + ", ".join(f"**{m.name}** (UNet {m.unet:g}, TE {m.te:g})" for m in mix)
+    return "Current mix: " + ", ".join(f"**{html.escape(m.name)}** (UNet {m.unet:g}, TE {m.te:g})" for m in mix)
 
 
 def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespace, lists: AdapterLists) -> None:
     for widget in [inputs.chosen, *inputs.weights]:
         widget.change(_describe_mix, [inputs.chosen, *inputs.weights], tab.mix_view, api_visibility="private")
+    count = len(tab.options)
 
-    @_shown
-    def on_blend(chosen, *values):
-        weights, (name, mode, rank, fp16, overwrite) = values[:-5], values[-5:]
+    def on_blend(**values):
+        chosen, *values = list(values.values())
+        weights, (name, mode, rank, fp16, overwrite) = values[:-count], values[-count:][:5]
         result = service.blend(mix_from_values(chosen, weights), name, rank=int(rank) if mode == "rank" else None,
                                fp16=bool(fp16), overwrite=bool(overwrite))
         return f"saved {result.name}\n{result.summary}", *lists.refreshed(chosen, result.name)
 
-    tab.button.click(on_blend, [inputs.chosen, *inputs.weights, *tab.options], [tab.report, *lists.widgets],
-                     api_name="blend")
+    names = {id(widget): key for widget, key in zip(tab.options, ["name", "mode", "rank", "fp16", "overwrite"])}
+    tab.button.click(_shown(service, on_blend), inputs_kwargs=_named([inputs.chosen, *inputs.weights, *tab.options],
+                                                                     names),
+                     outputs=[tab.report, *lists.widgets], api_name="blend")
 
 
-def _wire_adapters(service: AppService, tab: SimpleNamespace) -> None:
-    @_shown
+def _wire_adapters(service: AppService, tab: SimpleNamespace, lists: AdapterLists) -> None:
     def on_inspect(name, as_json):
         return service.inspect(name, as_json=bool(as_json)) if name else ""
 
-    tab.button.click(on_inspect, [tab.name, tab.as_json], tab.text, api_name="inspect")
-    tab.name.change(on_inspect, [tab.name, tab.as_json], tab.text, api_visibility="private")
+    tab.button.click(_shown(service, on_inspect), [tab.name, tab.as_json], tab.text, api_name="inspect")
+    tab.name.change(_shown(service, on_inspect), [tab.name, tab.as_json], tab.text, api_visibility="private")
+
+    # API: each change needs confirm=True; the page asks with a Confirm button instead.
+    def delete_adapter(name: str, confirm: bool = False) -> str:
+        """Delete an adapter of the adapters folder (confirm=True: it cannot be undone)."""
+        return service.delete_adapter(name, confirm=confirm)
+
+    def rename_adapter(name: str, new_name: str, confirm: bool = False) -> str:
+        """Rename an adapter inside the adapters folder (confirm=True); never over another file."""
+        return service.rename_adapter(name, new_name, confirm=confirm)
+
+    gr.api(_shown(service, delete_adapter), api_name="delete_adapter")
+    gr.api(_shown(service, rename_adapter), api_name="rename_adapter")
+
+    def ask(action: str):
+        def on_ask(name, new_name):
+            if action == "delete":
+                service.own_adapter(name)
+                question = f"Delete **{html.escape(name)}**? This cannot be undone."
+            else:
+                relative = service.plan_rename(name, new_name)[1]
+                question = f"Rename **{html.escape(name)}** to **{html.escape(relative)}**?"
+            return gr.update(visible=True), question, (action, name, new_name), ""
+        return on_ask
+
+    ask_outputs = [tab.confirm_row, tab.question, tab.pending, tab.done]
+    tab.delete.click(_shown(service, ask("delete")), [tab.name, tab.new_name], ask_outputs, api_visibility="private")
+    tab.rename.click(_shown(service, ask("rename")), [tab.name, tab.new_name], ask_outputs, api_visibility="private")
+
+    def on_confirm(pending, chosen, inspected):
+        if not pending:
+            return gr.update(visible=False), None, "", gr.update(), gr.update()
+        action, name, new_name = pending
+        if action == "delete":
+            message, inspected = service.delete_adapter(name, confirm=True), None
+        else:
+            inspected = service.plan_rename(name, new_name)[1]
+            message = service.rename_adapter(name, new_name, confirm=True)
+        return gr.update(visible=False), None, html.escape(message), *lists.refreshed(chosen, inspected)
+
+    tab.confirm.click(_shown(service, on_confirm), [tab.pending, *lists.widgets],
+                      [tab.confirm_row, tab.pending, tab.done, *lists.widgets], api_visibility="private")
+    tab.cancel.click(lambda: (gr.update(visible=False), None), None, [tab.confirm_row, tab.pending],
+                     api_visibility="private")
 
 
-def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists) -> None:
+def _training_view(service: AppService, status, shown_sample: str | None = None) -> tuple:
+    """(status text, loss table, log tail, sample grid, its path) of a run's status, or of no run. The grid is sent
+    only when it is another file than the one shown (each one sent is a file in gradio's cache)."""
+    if status is None:
+        return "No training run yet.", _loss_table(()), "", None, None
+    loss = f", loss {status.loss:.4f}" if status.loss is not None else ""
+    if status.running:
+        text = f"**{html.escape(status.name)}**: training, step {status.step}/{status.total}{loss}"
+    else:
+        text = f"**{html.escape(status.name)}**: {status.state}{loss}. {html.escape(service.shown(status.message))}"
+    tail = "\n".join(service.shown(status.log).splitlines()[-LOG_LINES_SHOWN:])
+    sample, path = gr.update(), str(status.sample) if status.sample else None
+    if path != shown_sample:
+        # The run folder is not served (adapters are not downloadable): the grid goes out as an image.
+        sample = _read_image(path) if path else None
+    return text, _loss_table(status.losses), tail, sample, path
+
+
+def _read_image(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.copy()
+
+
+def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, demo: gr.Blocks) -> None:
     count = len(tab.settings)
+    view = [tab.status, tab.loss_plot, tab.log, tab.sample]
 
-    @_shown
-    def on_train(progress=gr.Progress(), *values):
-        data, name, base, overwrite, *option_values = values[:count]
-        chosen, inspected = values[count:]
-        settings = train_settings(data, name, base, overwrite, tab.option_keys, option_values)
-        job = service.start_training(settings)
-        for status in job.follow():
-            if status.running:
-                progress((status.step, status.total), desc="training", unit="steps")
-                loss = f", loss {status.loss:.4f}" if status.loss is not None else ""
-                text = f"**{status.name}**: training, step {status.step}/{status.total}{loss}"
-                yield text, _loss_table(status.losses), status.log, gr.update(), gr.update()
-        if status.state == "failed":
-            raise AppError(f"Training {status.name} failed: {status.message}")
-        loss = f"; final loss {status.loss:.4f}" if status.loss is not None else ""
-        yield (f"**{status.name}**: {status.state}{loss}. {status.message}", _loss_table(status.losses),
-               status.log, *lists.refreshed(chosen, inspected))
+    def on_train(**values):
+        data, name, base, overwrite, *option_values = list(values.values())[:count]
+        job = service.start_training(train_settings(data, name, base, overwrite, tab.option_keys, option_values))
+        return f"**{html.escape(job.name)}**: starting…"
 
-    tab.button.click(on_train, [*tab.settings, *lists.widgets], [tab.status, tab.loss_plot, tab.log, *lists.widgets],
-                     api_name="train", show_progress_on=[tab.status])  # the loss curve and the log stay visible
+    def on_resume(name):
+        return f"**{html.escape(service.resume_training(name).name)}**: resuming from its last checkpoint…"
 
     def on_stop():
         job = service.training
         if job is None or not job.running:
             return "No training run in progress."
         job.stop()
-        return f"Stopping {job.name}…"
+        return f"Stopping {job.name}… (its last checkpoint is kept)"
 
+    follow = dict(fn=lambda: gr.Timer(active=True), inputs=None, outputs=tab.timer, api_visibility="private")
+    names = {id(tab.data): "dataset", id(tab.name): "name", id(tab.base): "base", id(tab.settings[3]): "overwrite"}
+    names.update({id(widget): spec.dotted for widget, spec in zip(tab.settings[4:], tab.specs)})
+    tab.button.click(_shown(service, on_train), inputs_kwargs=_named(tab.settings, names), outputs=tab.status,
+                     api_name="train").success(**follow)
+    tab.resume.click(_shown(service, on_resume), inputs_kwargs={"name": tab.name}, outputs=tab.status,
+                     api_name="resume_training").success(**follow)
     tab.stop.click(on_stop, None, tab.status, api_name="stop_training")
+
+    def on_tick(shown_sample, chosen, inspected):
+        job = service.training
+        status = job.status() if job is not None else None
+        if status is not None and status.running:
+            return *_training_view(service, status, shown_sample), gr.update(), gr.update(), gr.Timer(active=True)
+        # The run ended: the last view, the new adapter in the lists, and no more ticks.
+        return (*_training_view(service, status, shown_sample), *lists.refreshed(chosen, inspected),
+                gr.Timer(active=False))
+
+    # Every page (a reload, a second browser) follows the current run from its start or its first load.
+    tick = dict(fn=on_tick, inputs=[tab.shown_sample, *lists.widgets],
+                outputs=[*view, tab.shown_sample, *lists.widgets, tab.timer], show_progress="hidden",
+                api_visibility="private", queue=False)
+    tab.timer.tick(**tick)
+    demo.load(**tick)
+
+    def training_status() -> dict:
+        """The current (or last) training run: state, step, total, loss, message, the log's newest lines."""
+        job = service.training
+        if job is None:
+            return {"state": "none"}
+        status = job.status()
+        return {"name": status.name, "state": status.state, "step": status.step, "total": status.total,
+                "loss": status.loss, "checkpoint": status.checkpoint, "message": service.shown(status.message),
+                "log": "\n".join(service.shown(status.log).splitlines()[-LOG_LINES_SHOWN:]),
+                "sample": bool(status.sample)}
+
+    gr.api(training_status, api_name="training_status")
+
+    tab.base.change(_family_text, tab.base, tab.family, api_visibility="private")
+    tab.rescan.click(lambda value: gr.update(choices=service.dataset_names(), value=value), tab.data, tab.data,
+                     api_visibility="private")
+
+    def add_dataset(files, dataset_name, trigger, repeats):
+        from pathlib import Path
+
+        try:
+            report = service.import_dataset(files or [], dataset_name, trigger, repeats)
+        finally:
+            for file in files or []:
+                Path(file).unlink(missing_ok=True)  # gradio's copies
+        return html.escape(report) if _from_browser() else report, gr.update(
+            choices=service.dataset_names(), value=dataset_name.strip()), None
+
+    tab.add.click(_shown(service, add_dataset), inputs_kwargs={
+        "files": tab.files, "dataset_name": tab.dataset_name, "trigger": tab.trigger, "repeats": tab.repeats},
+        outputs=[tab.added, tab.data, tab.files], api_name="upload_dataset")

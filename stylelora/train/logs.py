@@ -21,6 +21,7 @@ COLUMNS = ("step", "loss", "loss_smoothed", "lr_unet", "lr_text_encoder", "grad_
            "elapsed_seconds")
 SMOOTHING = 0.95  # exponential moving average of the loss for the bar and the plot
 CSV_EVERY = 25  # steps between metrics.csv rewrites (cheap: a few KB)
+CSV_SECONDS = 2.0  # ... or sooner when steps are slow, so a follower (the app) sees the loss within seconds
 
 
 class RunLog:
@@ -32,6 +33,7 @@ class RunLog:
         self.started = time.perf_counter() - (float(self.rows[-1]["elapsed_seconds"]) if self.rows else 0.0)
         self.bar = _progress_bar(total_steps, start_step) if enabled else None
         self.tensorboard = _tensorboard(run_dir) if enabled else None
+        self.csv_written = time.perf_counter()
 
     def say(self, message: str) -> None:
         """A line for the user, printed above the progress bar (main process only)."""
@@ -57,7 +59,7 @@ class RunLog:
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, step)
             self.tensorboard.add_scalar("lr/unet", lrs[0], step)
-        if step % CSV_EVERY == 0:
+        if step % CSV_EVERY == 0 or time.perf_counter() - self.csv_written >= CSV_SECONDS:
             self.write_csv()
 
     def write_csv(self) -> None:
@@ -67,6 +69,7 @@ class RunLog:
             writer.writeheader()
             writer.writerows(self.rows)
             write_bytes_atomic(self.run_dir / METRICS_FILE, buffer.getvalue().encode())
+            self.csv_written = time.perf_counter()
 
     def flush(self) -> None:
         """Write metrics.csv and loss.png now (at checkpoints, samples, the end, or when stopping)."""
