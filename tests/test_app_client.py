@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio_client
 import numpy
 import pytest
-from test_app_fixtures import PROMPT, make_toy_adapter, tiny_dataset, toy_base
+from test_app_fixtures import PROMPT, broken_adapter, make_toy_adapter, tiny_dataset, toy_base
 
 STEPS = 4
 NO_WEIGHTS = [1.0, 1.0] * 2  # the unused adapter rows (4 rows in all)
@@ -28,7 +28,9 @@ def app(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
     make_toy_adapter(folder / "styles" / "stripes.safetensors", seed=1, trigger="stripestyle")
     make_toy_adapter(folder / "pastel.safetensors", seed=2, trigger="pastelstyle")
-    demo, service = create_app(folder, max_upload_bytes=2 * 2**20)
+    datasets = tmp_path_factory.mktemp("datasets")
+    tiny_dataset(datasets / "tiny", count=4)
+    demo, service = create_app(folder, max_upload_bytes=2 * 2**20, datasets_dir=datasets)
     service.preload("toy", toy_base())  # the shipped toy base, loaded once per test process
     serve(demo, service, port=free_port(), prevent_thread_lock=True, quiet=True)
     client = gradio_client.Client(demo.local_url, verbose=False, analytics_enabled=False,
@@ -134,18 +136,18 @@ def test_upload_accepts_an_adapter_and_refuses_other_files(app, tmp_path):
 
     _, service, client = app
     good = make_toy_adapter(tmp_path / "uploaded.safetensors", seed=5, trigger="up")
-    chosen, _, cleared = client.predict(handle_file(str(good)), ["pastel"], api_name="/upload")
+    chosen, _, cleared = client.predict(handle_file(str(good)), ["pastel"], "toy", api_name="/upload")
     assert chosen["value"] == ["pastel", "uploads/uploaded"] and "uploads/uploaded" in choices(chosen)
     assert cleared is None
     assert service.adapter_path("uploads/uploaded").read_bytes() == good.read_bytes()
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     with pytest.raises(gradio_client.exceptions.AppError, match="not a readable .safetensors"):
-        client.predict(handle_file(str(fake)), [], api_name="/upload")
+        client.predict(handle_file(str(fake)), [], "toy", api_name="/upload")
     big = tmp_path / "big.safetensors"
     big.write_bytes(b"\0" * (3 * 2**20))  # over this app's 2 MiB cap: gradio refuses it before the service sees it
     with pytest.raises(ValueError, match="exceeds the maximum file size of 2097152 bytes"):
-        client.predict(handle_file(str(big)), [], api_name="/upload")  # the client reads the server's cap
+        client.predict(handle_file(str(big)), [], "toy", api_name="/upload")  # the client reads the server's cap
     import httpx
 
     with big.open("rb") as handle:  # and the server enforces it for clients that do not
@@ -179,21 +181,29 @@ def train_tab_values(chosen: dict) -> list:
     return [chosen.get(spec.dotted, spec.default) for spec in OPTION_SPECS if spec.option.widget is not None]
 
 
-def test_short_training_run_reports_progress_and_its_adapter_appears(app, tmp_path):
+def test_short_training_run_reports_progress_and_its_adapter_appears(app):
+    import time
+
     _, service, client = app
-    data = tiny_dataset(tmp_path / "data", count=4)
     options = train_tab_values({"train.steps": 3, "train.batch_size": 2, "network.rank": 2, "network.alpha": 2.0,
                                 "train.save_every": 0, "train.sample_every": 0})
-    job = client.submit(str(data), "tiny-run", "toy", False, *options, [], None, api_name="/train")
-    status, plot, log, chosen, inspected = job.result(timeout=240)
-    updates = job.outputs()
-    assert any("training, step" in update[0] for update in updates[:-1])  # live progress before the end
-    assert "done" in status and "final loss" in status, status
-    assert "adapter written" in log
-    assert [step for step, _ in plot["data"]] == [1, 2, 3]  # the loss curve, one point per step
-    assert "tiny-run/tiny-run" in choices(chosen) and "tiny-run/tiny-run" in choices(inspected)
+    with pytest.raises(gradio_client.exceptions.AppError, match="No training data folder named '../tiny'"):
+        client.predict("../tiny", "tiny-run", "toy", False, *options, api_name="/train")
+    started = client.predict("tiny", "tiny-run", "toy", False, *options, api_name="/train")
+    assert "tiny-run" in started and "starting" in started
+    deadline, seen = time.time() + 240, []
+    while time.time() < deadline:
+        status = client.predict(api_name="/training_status")
+        seen.append(status)
+        if status["state"] != "running":
+            break
+        time.sleep(0.5)
+    assert status["state"] == "done", status
+    assert status["step"] == status["total"] == 3 and status["loss"] is not None
+    assert "adapter written: tiny-run/tiny-run.safetensors" in status["message"]  # relative to the adapters folder
+    assert "%|" not in status["log"]  # the trainer's lines, without its progress bars
     adapter = service.adapters_dir / "tiny-run" / "tiny-run.safetensors"
-    assert adapter.is_file()
+    assert adapter.is_file() and (adapter.parent / "app-settings.toml").is_file()
     assert "tiny-run/tiny-run" in service.adapter_names()
     text = client.predict("tiny-run/tiny-run", False, api_name="/inspect")
     assert "stripestyle" in text and "rank 2" in text
@@ -211,6 +221,107 @@ def test_compare_tab_makes_a_grid(app):
     with Image.open(path) as grid:
         assert grid.width > 2 * 96 and grid.height > 2 * 96  # 2x2 cells of 32 px shown at 3x, with labels
     assert list(service.grids_dir.glob("*-grid.png"))
+
+
+def test_endpoints_take_named_parameters(app):
+    _, _, client = app
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+
+    def names(endpoint: str) -> list[str]:
+        return [parameter["parameter_name"] for parameter in endpoints[endpoint]["parameters"]]
+
+    generate = names("/generate")
+    assert generate[:2] == ["base", "adapters"] and "unet_weight_0" in generate and "te_weight_3" in generate
+    assert {"prompt", "negative_prompt", "steps", "cfg", "sampler", "seed", "size", "batch_size"} <= set(generate)
+    assert names("/grid")[:2] == ["x_axis", "y_axis"] and "prompt" in names("/grid")
+    assert {"name", "mode", "rank", "fp16", "overwrite"} <= set(names("/blend"))
+    assert names("/train")[:4] == ["dataset", "name", "base", "overwrite"] and "train_steps" in names("/train")
+    assert names("/delete_adapter") == ["name", "confirm"] and names("/rename_adapter") == ["name", "new_name", "confirm"]
+    assert not [name for endpoint in endpoints for name in names(endpoint) if name.startswith("param_")]
+    # Called by name, as a script would.
+    gallery, parameters = client.predict(prompt=PROMPT, seed=12, steps=2, adapters=["pastel"], api_name="/generate")
+    assert "Seed: 12" in parameters and "Steps: 2" in parameters and "<lora:pastel:1>" in parameters
+
+
+def test_limits_and_grid_axes_are_refused_with_the_limit_named(app):
+    _, _, client = app
+    refused = [
+        (generate_args([], NO_WEIGHTS * 2, 1)[:12] + [1000] + generate_args([], [], 1)[11:], "/generate",
+         r"Steps must be between 1 and 150 \(got 1000\); 150 is this server's limit \(--max-steps"),
+    ]
+    for args, endpoint, message in refused:
+        with pytest.raises(gradio_client.exceptions.AppError, match=message):
+            client.predict(*args, api_name=endpoint)
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"each side must be between 8 and 1024.*--max-side"):
+        client.predict(prompt=PROMPT, size="2048x2048", api_name="/generate")
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"Batch size .*--max-batch"):
+        client.predict(prompt=PROMPT, batch_size=64, api_name="/generate")
+    with pytest.raises(gradio_client.exceptions.AppError, match="At most 4 adapters"):
+        client.predict(prompt=PROMPT, adapters=["pastel", "styles/stripes", "a", "b", "c"], api_name="/generate")
+    axes = {"steps=4,1000": r"Grid axis steps: a value must be between 1 and 150.*--max-steps",
+            "weight=0,5": "Grid axis weight: a weight must be between -2 and 2",
+            "seed=1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26": "--max-grid-cells"}
+    for axis, message in axes.items():
+        with pytest.raises(gradio_client.exceptions.AppError, match=message):
+            client.predict(x_axis=axis, y_axis="", adapters=["pastel"], prompt=PROMPT, api_name="/grid")
+    # The message is plain text for an API client: a tag in it reads as typed.
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"<lora:nope:1>|No adapter named 'nope'"):
+        client.predict(prompt=f"{PROMPT} <lora:nope:1>", api_name="/generate")
+
+
+def test_a_nan_adapter_and_one_for_another_base_are_refused_on_upload_leaving_nothing(app, tmp_path):
+    from gradio_client import handle_file
+
+    _, service, client = app
+    before = sorted(service.adapters_dir.rglob("*"))
+    nan = broken_adapter(service.adapter_path("pastel"), tmp_path / "nan.safetensors", "nan")
+    with pytest.raises(gradio_client.exceptions.AppError, match="NaN or infinite values"):
+        client.predict(handle_file(str(nan)), [], "toy", api_name="/upload")
+    other = broken_adapter(service.adapter_path("pastel"), tmp_path / "other.safetensors", "other-base")
+    with pytest.raises(gradio_client.exceptions.AppError, match="made for a different base architecture"):
+        client.predict(handle_file(str(other)), [], "toy", api_name="/upload")
+    assert sorted(service.adapters_dir.rglob("*")) == before  # nothing copied in
+    cached = [p for p in Path(app[0].GRADIO_CACHE).rglob("*.safetensors") if p.name in ("nan.safetensors",
+                                                                                          "other.safetensors")]
+    assert cached == []  # and gradio's copies of the refused uploads are gone
+
+
+def test_rename_and_delete_stay_inside_the_adapters_folder(app, tmp_path):
+    _, service, client = app
+    outside = make_toy_adapter(tmp_path / "outside.safetensors", seed=3)
+    make_toy_adapter(service.adapters_dir / "to-rename.safetensors", seed=7)
+    for name in ("../" + outside.stem, str(outside), "/etc/passwd", "styles/../../x"):
+        with pytest.raises(gradio_client.exceptions.AppError):
+            client.predict(name, True, api_name="/delete_adapter")
+    for new_name in ("../escaped", "/tmp/escaped", "a/../../b", "images/x"):
+        with pytest.raises(gradio_client.exceptions.AppError):
+            client.predict("to-rename", new_name, True, api_name="/rename_adapter")
+    with pytest.raises(gradio_client.exceptions.AppError, match="confirm it first"):
+        client.predict("to-rename", "moved/renamed", False, api_name="/rename_adapter")
+    assert client.predict("to-rename", "moved/renamed", True, api_name="/rename_adapter") == \
+        "Renamed to-rename to moved/renamed."
+    with pytest.raises(gradio_client.exceptions.AppError, match="cannot be undone: confirm it first"):
+        client.predict("moved/renamed", False, api_name="/delete_adapter")
+    assert client.predict(name="moved/renamed", confirm=True, api_name="/delete_adapter") == "Deleted moved/renamed."
+    assert "moved/renamed" not in service.adapter_names() and outside.is_file()
+    assert not (tmp_path.parent / "escaped.safetensors").exists()
+
+
+def test_a_client_that_cancels_stops_its_generation(app):
+    import time
+
+    _, service, client = app
+    images = set(service.images_dir.glob("*.png"))
+    job = client.submit(prompt=PROMPT, steps=150, seed=31, api_name="/generate")
+    deadline = time.time() + 30
+    while time.time() < deadline and not (job.status().progress_data or []):
+        time.sleep(0.05)  # until it samples
+    job.cancel()
+    # The next request samples once the first lets go of the shared base: at once, as it stopped between steps.
+    _, parameters = client.predict(prompt=PROMPT, steps=2, seed=32, api_name="/generate")
+    assert "Seed: 32" in parameters
+    new = set(service.images_dir.glob("*.png")) - images
+    assert [path.name.endswith("-32.png") for path in new] == [True]  # the cancelled one saved nothing
 
 
 def test_python_app_py_serves_on_localhost_by_default(tmp_path):

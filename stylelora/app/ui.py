@@ -162,7 +162,7 @@ class GenerateInputs:
                                  placeholder="may carry <lora:name:weight> tags", elem_id="prompt")
         with gr.Row():
             self.triggers = gr.Button("Add trigger words", size="sm", scale=0, min_width=160)
-        self.negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt")
+        self.negative = gr.Textbox("", label="Negative prompt", lines=1, elem_id="negative-prompt")
         with gr.Row():
             limits = service.limits
             self.steps = _lenient(gr.Slider(1, limits.max_steps, value=min(20, limits.max_steps), step=1,
@@ -358,7 +358,9 @@ def _train_tab(service: AppService) -> SimpleNamespace:
                 "`REPEATS_TRIGGER/` of images + .txt captions), or upload one below. Runs are saved in the adapters "
                 "folder as NAME/, with checkpoints: Stop keeps the last one and Resume continues from it.")
     with gr.Row():
+        # Custom values are safe: a name is resolved inside the datasets folder, or refused.
         data = gr.Dropdown(datasets, value=DEFAULT_DATASET if DEFAULT_DATASET in datasets else None,
+                           allow_custom_value=True,
                            label=f"Training data folder (in {service.datasets_dir.name}/)", elem_id="data", scale=3)
         rescan = gr.Button("↻ Rescan", scale=0, min_width=90)
         name = gr.Textbox(value="my-style", label="Adapter name", elem_id="name", scale=2)
