@@ -1,4 +1,6 @@
-"""The app in a real headless Chromium: pick two adapters, set their weights, generate, see the image."""
+"""The app in a real headless Chromium: what a person sees. Pick two adapters, set their weights, generate, see the
+image (crisp); an error message quoting a <lora:...> tag shows the tag; Stop ends a generation; a reload (or a
+second browser) finds the running training again."""
 from __future__ import annotations
 
 import io
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_app_client import free_port
-from test_app_fixtures import make_toy_adapter, toy_base
+from test_app_fixtures import make_toy_adapter, tiny_dataset, toy_base
 
 CHROMIUM = Path("/usr/bin/chromium")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
@@ -17,19 +19,30 @@ if not CHROMIUM.is_file() and shutil.which("chromium") is None:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def served(tmp_path_factory):
+    """The app served on a free port: (url, service)."""
     from stylelora.app.launch import create_app, serve
 
     folder = tmp_path_factory.mktemp("adapters")
     make_toy_adapter(folder / "styles" / "stripes.safetensors", seed=1, trigger="stripestyle")
     make_toy_adapter(folder / "pastel.safetensors", seed=2, trigger="pastelstyle")
-    demo, service = create_app(folder)
+    datasets = tmp_path_factory.mktemp("datasets")
+    tiny_dataset(datasets / "tiny", count=2)
+    demo, service = create_app(folder, datasets_dir=datasets)
     service.preload("toy", toy_base())
     serve(demo, service, port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        yield demo.local_url
+        yield demo.local_url, service
     finally:
+        job = service.training
+        if job is not None and job.running:
+            job.process.kill()
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(served) -> str:
+    return served[0]
 
 
 @pytest.fixture
@@ -77,6 +90,9 @@ def test_pick_two_adapters_set_weights_generate_and_see_the_image(app_url, page,
     expect(parameters).to_have_value(re.compile(r"<lora:styles/stripes:te=0\.3:unet=0\.6> <lora:pastel:te=1:unet=-0\.5>"))
     assert "Steps: 100" in parameters.input_value() and "Seed: 5" in parameters.input_value()
     assert image.evaluate("img => img.complete && img.naturalWidth") == 32  # the toy base's 32 px image loaded
+    # Shown larger than its 32 px, scaled nearest-neighbour: crisp pixels, not a blur.
+    assert image.evaluate("img => getComputedStyle(img).imageRendering") == "pixelated"
+    assert image.evaluate("img => img.getBoundingClientRect().width") > 64
 
     # What the browser was served is the PNG with its A1111 parameters, as written.
     served = page.request.get(image.get_attribute("src"))
@@ -87,3 +103,65 @@ def test_pick_two_adapters_set_weights_generate_and_see_the_image(app_url, page,
     screenshot = tmp_path / "generate-tab.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_an_error_quoting_a_lora_tag_shows_the_tag_as_typed(app_url, page):
+    expect = sync_api.expect
+    page.goto(app_url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    prompt = page.locator("#prompt textarea")
+    prompt.fill("a red circle <lora:pastel:abc>")
+    page.locator("#generate").click()
+    # The toast's text, as text: the tags in it are not swallowed as HTML elements.
+    expect(page.get_by_text("<lora:pastel:abc>: weight 'abc' is not a number (write e.g. <lora:name:0.8>)")
+           ).to_be_visible(timeout=30_000)
+    assert page.locator("lora\\:pastel\\:abc").count() == 0
+
+
+def test_stop_ends_a_running_generation_and_saves_nothing(served, page):
+    expect = sync_api.expect
+    app_url, service = served
+    before = set(service.images_dir.glob("*.png"))
+    page.goto(app_url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    set_number(page, "#steps", "150")
+    page.locator("#seed input").fill("77")
+    page.locator("#seed input").press("Enter")
+    page.locator("#generate").click()
+    expect(page.get_by_text(re.compile(r"\d+/150 steps")).first).to_be_visible(timeout=30_000)
+    page.locator("#stop-generate").click()
+    expect(page.get_by_text(re.compile(r"\d+/150 steps"))).to_have_count(0, timeout=10_000)
+    from stylelora.app.service import GenerateSettings
+
+    # A request that needs the shared base waits for the stopped one to let go of it: had it kept sampling, its
+    # image would be saved by then.
+    service.generate(GenerateSettings("a circle", steps=1, seed=1))
+    assert not [p for p in set(service.images_dir.glob("*.png")) - before if p.name.endswith("-77.png")]
+    assert page.locator("#gallery img").count() == 0
+
+
+def test_a_reload_or_second_browser_finds_the_running_training(served, page):
+    from stylelora.app.training import TrainSettings
+
+    expect = sync_api.expect
+    app_url, service = served
+    job = service.start_training(TrainSettings(data_dir="tiny", name="watched", options={
+        "train.steps": 50_000, "train.batch_size": 2, "network.rank": 2, "network.alpha": 2.0,
+        "train.save_every": 0, "train.sample_every": 3, "train.sample_steps": 2}))
+    try:
+        page.goto(app_url)
+        page.get_by_role("tab", name="Train").click()
+        status = page.locator("#train-status")
+        expect(status).to_contain_text(re.compile(r"watched: training, step \d+/50000, loss"), timeout=90_000)
+        expect(page.locator("#train-sample img")).to_be_visible(timeout=60_000)  # the newest sample grid
+        assert page.locator("#train-log textarea").input_value().strip()  # the trainer's newest lines
+        page.reload()  # a reload (as a second browser would) follows the same run
+        page.get_by_role("tab", name="Train").click()
+        expect(status).to_contain_text(re.compile(r"watched: training, step \d+/50000"), timeout=30_000)
+        first = int(re.search(r"step (\d+)/", status.inner_text()).group(1))
+        expect(status).not_to_contain_text(f"step {first}/", timeout=30_000)  # live
+        page.locator("#stop-training").click()
+        expect(status).to_contain_text("watched: stopped", timeout=60_000)
+    finally:
+        if job.running:
+            job.process.kill()

@@ -397,6 +397,16 @@ def test_delete_and_rename_stay_inside_the_adapters_folder_and_need_confirming(s
     assert outside.is_file() and not (tmp_path.parent / "escaped.safetensors").exists()
 
 
+def test_the_train_tab_shows_the_base_familys_preset_for_empty_boxes():
+    from stylelora.app.ui import _family_text
+    from stylelora.presets import preset_value
+
+    text = _family_text("toy")
+    assert text.startswith("**Base family: toy base** (toy)")
+    assert f"UNet LR {preset_value('toy', 'optim.unet_lr'):g}" in text and "Batch size 16" in text
+    assert "native size" in text  # the toy preset's resolution: the base's own
+
+
 def test_messages_name_folders_relative_to_the_adapters_and_datasets_folders(service):
     text = f"No file {service.adapters_dir}/styles/x.safetensors or {service.datasets_dir / 'tiny'}"
     assert service.shown(text) == (f"No file {service.adapters_dir.name}/styles/x.safetensors or "
