@@ -1,11 +1,13 @@
 """Generation speed with adapters, measured side by side in one run: what fusing costs and what it saves.
 
     base alone        generate() with no adapters
+    fused (1)         generate() with the first adapter alone fused
     fused (2)         generate() with 2 adapters fused into the weights (our stack)      target: / base <= 1.05
+    fused (2), MODE   the same blend in each interference-aware blend mode (--blend-mode)  target: / fused (1) <= 1.1
     unfused (2)       diffusers' own path: pipe.load_lora_weights(...) for both files + set_adapters, LoRA branches
                       running at every layer and step (a second pipeline, same base, same files)
     weight change     time from a request with new weights to the first UNet call of its image (the fuse, the
-                      request checks and the prompt encoding)                              target: <= 0.3 s
+                      request checks and the prompt encoding), in sum and in each mode     target: <= 0.3 s
 
 Per-image figures are medians over --images images (after one warm-up image each) at --steps steps. Both wall time and
 process CPU time are shown: on a shared machine other jobs stretch wall time at random, CPU time counts only this
@@ -27,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 FUSED_TARGET = 1.05
+BLEND_TARGET = 1.1  # a blend in any mode / a single fused adapter, per image (issue 18)
 WEIGHT_CHANGE_TARGET_S = 0.3
 
 
@@ -39,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=5, help="timed images per mode")
     parser.add_argument("--weight-changes", type=int, default=8)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--modes", nargs="*", default=None,
+                        help="blend modes to time besides sum (default: every mode in stylelora.lora.blend_modes)")
     return parser.parse_args()
 
 
@@ -126,17 +131,38 @@ def main() -> int:
               f"{args.images} images per mode; torch threads {torch.get_num_threads()} "
               f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})", flush=True)
 
-        def request(weights=(0.8, 0.6)):
+        def request(weights=(0.8, 0.6), mode="sum"):
             specs = tuple(AdapterSpec(path, w) for path, w in zip(loras, weights))
             return GenerateRequest("a red circle on a blue background", steps=args.steps, seed=0, sampler="ddim",
-                                   loras=specs if weights else ())
+                                   loras=specs if weights else (), blend_mode=mode)
 
+        from stylelora.lora.blend_modes import MODES
+
+        modes = [m for m in (MODES if args.modes is None else args.modes) if m != "sum"]
         base_time = time_images(lambda: generate(pipe, None, request(())), args.images)
+        single_time = time_images(lambda: generate(pipe, None, request((0.8,))), args.images)
         fused_time = time_images(lambda: generate(pipe, None, request()), args.images)
+        mode_times = {m: time_images(lambda: generate(pipe, None, request(mode=m)), args.images) for m in modes}
         latencies = weight_change_latency(pipe, lambda w: request((w, 1.0 - w)), args.weight_changes)
+        mode_latencies = {m: weight_change_latency(pipe, lambda w, m=m: request((w, 1.0 - w), m), args.weight_changes)
+                          for m in modes}
         unfused_time = time_unfused(base, loras, args, request())
     report(base_time, fused_time, unfused_time, latencies)
+    report_modes(single_time, {"sum": fused_time, **mode_times}, mode_latencies)
     return 0
+
+
+def report_modes(single_time, blend_times: dict, mode_latencies: dict) -> None:
+    """Per image, each blend mode against one fused adapter; and what a weight change costs in each mode."""
+    print(f"\n{'2-adapter blend / 1 fused adapter':34s} {'wall':>7s} {'cpu':>7s}   (target <= {BLEND_TARGET}x)")
+    for mode, (wall, cpu) in blend_times.items():
+        verdict = "OK" if cpu / single_time[1] <= BLEND_TARGET else "ABOVE TARGET"
+        print(f"  {mode:32s} {wall / single_time[0]:6.3f}x {cpu / single_time[1]:6.3f}x   {verdict}")
+    for mode, latencies in mode_latencies.items():
+        worst, median = max(latencies), statistics.median(latencies)
+        verdict = "OK" if worst <= WEIGHT_CHANGE_TARGET_S else "ABOVE TARGET"
+        print(f"weight change -> next image, {mode}: median {median:.3f} s, max {worst:.3f} s "
+              f"(target <= {WEIGHT_CHANGE_TARGET_S} s: {verdict})")
 
 
 def time_unfused(base: str, loras: list[Path], args, request) -> tuple[float, float]:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from stylelora.cli import report_user_errors
+from stylelora.lora.blend_modes import mode_help
 
 DEFAULT_ADAPTERS_DIR = "outputs"
 DEFAULT_IMAGES_DIR = "outputs/images"
@@ -47,6 +48,8 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
                                            "(default: the base's own)")
     parser.add_argument("--size", help="WxH or N (default: the base's native size)")
     parser.add_argument("--add-triggers", action="store_true", help="append the adapters' trigger words to the prompt")
+    parser.add_argument("--blend-mode", default=None, metavar="MODE",
+                        help="how 2+ adapters combine where they share a layer: " + mode_help())
     parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="where <lora:NAME> tags are looked up")
     parser.add_argument("--base", default="toy",
                         help="toy (default) | hub id | diffusers folder | single .safetensors file")
@@ -76,7 +79,7 @@ def request_from_args(args: argparse.Namespace):
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
         seed=args.seed, width=width, height=height, batch_size=getattr(args, "batch", 1),
         loras=tuple(parse_lora_arg(text) for text in args.lora), adapters_dir=Path(args.adapters_dir),
-        add_triggers=args.add_triggers,
+        add_triggers=args.add_triggers, blend_mode=args.blend_mode,
     )
 
 

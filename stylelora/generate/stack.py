@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stylelora.lora import blend_modes
 from stylelora.lora.adapter_file import AdapterFile, AdapterFileError, read_adapter_file, weights_path
 from stylelora.lora.spec import AdapterSpec, as_specs
 
@@ -156,6 +157,7 @@ class AdapterStack:
         self._backups: dict[tuple[str, str], Any] = {}
         self._fused: dict[tuple[str, str], tuple] = {}
         self._active: tuple[AdapterSpec, ...] = ()
+        self._mode = blend_modes.DEFAULT_MODE
 
     @classmethod
     def for_pipe(cls, pipe: Any) -> AdapterStack:
@@ -170,6 +172,11 @@ class AdapterStack:
     def active(self) -> tuple[AdapterSpec, ...]:
         """The specs currently fused (empty: the base weights, exactly)."""
         return self._active
+
+    @property
+    def mode(self) -> str:
+        """The blend mode of the fused blend (see stylelora.lora.blend_modes)."""
+        return self._mode
 
     @property
     def fused_module_count(self) -> int:
@@ -225,18 +232,22 @@ class AdapterStack:
 
     # -- fusing
 
-    def apply(self, specs: Iterable[AdapterSpec | str]) -> None:
-        """Fuse exactly this blend (replacing the previous one). All files are checked before any weight changes."""
+    def apply(self, specs: Iterable[AdapterSpec | str], mode: str | None = None) -> None:
+        """Fuse exactly this blend (replacing the previous one). All files are checked before any weight changes.
+
+        mode: how layers that several adapters touch combine (blend_modes.MODES; None: blend_modes.DEFAULT_MODE).
+        """
         specs = as_specs(specs)
+        mode = blend_modes.check_mode(mode)
         with self.lock:
             adapters = [self.load(spec.path) for spec in specs]
             plan = self._plan(specs, adapters)
             try:
-                self._fuse(plan)
+                self._fuse(plan, mode)
             except BaseException:
                 self._restore_all()
                 raise
-            self._active = specs
+            self._active, self._mode = specs, mode
 
     def clear(self) -> None:
         """Back to the base weights, bit for bit."""
@@ -244,10 +255,10 @@ class AdapterStack:
             self._restore_all()
 
     @contextmanager
-    def applied(self, specs: Iterable[AdapterSpec | str]) -> Iterator[AdapterStack]:
+    def applied(self, specs: Iterable[AdapterSpec | str], mode: str | None = None) -> Iterator[AdapterStack]:
         """Hold the stack with this blend fused for the duration (other threads wait); stays fused afterwards."""
         with self.lock:
-            self.apply(specs)
+            self.apply(specs, mode)
             yield self
 
     def _plan(self, specs, adapters) -> dict[tuple[str, str], list[tuple[Any, float, LowRank]]]:
@@ -265,18 +276,20 @@ class AdapterStack:
         component, path = key
         return self._kohya_names(component).layers[path].weight
 
-    def _fuse(self, plan) -> None:
+    def _fuse(self, plan, mode: str = blend_modes.DEFAULT_MODE) -> None:
         torch = _torch()
         with torch.no_grad():
             for key in [key for key in self._fused if key not in plan]:
                 self._restore(key)
             for key, terms in plan.items():
                 signature = tuple((identity, weight) for identity, weight, _ in terms)
+                if len(terms) > 1 and mode != "sum":
+                    signature += (mode,)  # a layer one adapter touches is the same in every mode
                 if self._fused.get(key) == signature:
                     continue  # this layer's contributions did not change: skip the matmul
                 weight = self._layer_weight(key)
                 original = self._backups.setdefault(key, weight.detach().clone())
-                delta = _weighted_delta(terms, original.device).reshape(original.shape)
+                delta = _layer_delta(terms, original.device, mode).reshape(original.shape)
                 weight.copy_((original.float() + delta).to(weight.dtype))
                 self._fused[key] = signature
 
@@ -300,8 +313,17 @@ def _weighted_delta(terms, device):
     return ups @ downs
 
 
-def apply_adapters(pipe: Any, specs: Iterable[AdapterSpec | str]) -> AdapterStack:
+def _layer_delta(terms, device, mode: str):
+    """The layer's delta: the plain weighted sum (bit for bit what "sum" always gave), or the blend mode's merge."""
+    if mode == "sum" or len(terms) == 1:
+        return _weighted_delta(terms, device)
+    return blend_modes.merged_delta(
+        [((weight * factors.scale) * factors.up.to(device), factors.down.to(device)) for _, weight, factors in terms],
+        mode)
+
+
+def apply_adapters(pipe: Any, specs: Iterable[AdapterSpec | str], mode: str | None = None) -> AdapterStack:
     """Fuse adapters (specs or "FILE[:W[:TE_W]]" strings) into `pipe`; returns its stack (`.clear()` undoes it)."""
     stack = AdapterStack.for_pipe(pipe)
-    stack.apply(specs)
+    stack.apply(specs, mode)
     return stack

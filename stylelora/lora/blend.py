@@ -3,7 +3,8 @@
 Per module the blend is delta = sum_i w_i * alpha_i/r_i * up_i @ down_i (UNet weight for lora_unet_*, text-encoder
 weight for lora_te_*). `exact` stores that sum losslessly by concatenating ranks (weights folded into the up
 matrices, alpha = total rank so the scale is 1). `rank=R` stores the best rank-R approximation (truncated SVD) and
-reports the relative Frobenius error ||delta - approx|| / ||delta|| of every module.
+reports the relative Frobenius error ||delta - approx|| / ||delta|| of every module. `blend_mode` (see
+`stylelora.lora.blend_modes`) replaces the sum where several inputs share a module; the file stays a plain kohya LoRA.
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import datetime
 import json
 import os
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stylelora.lora import formats
+from stylelora.lora import blend_modes, formats
 from stylelora.lora.inspect import BLEND_METADATA_KEY, UNKNOWN_ARCHITECTURE, adapter_architecture, trigger_words
 from stylelora.lora.spec import AdapterSpec, as_specs
 
@@ -40,6 +41,7 @@ class BlendReport:
     rank: int | None
     module_errors: dict[str, float]
     module_ranks: dict[str, int]
+    blend_mode: str = "sum"  # how modules that several inputs share were combined (blend_modes.MODES)
 
     @property
     def max_error(self) -> float:
@@ -51,7 +53,8 @@ class BlendReport:
 
     def summary(self, worst: int = 5) -> str:
         ranks = f" rank {self.rank}" if self.rank else f" (ranks up to {max(self.module_ranks.values(), default=0)})"
-        lines = [f"{len(self.module_errors)} modules, {self.mode}{ranks}; "
+        how = "" if self.blend_mode == "sum" else f", blend mode {self.blend_mode}"
+        lines = [f"{len(self.module_errors)} modules, {self.mode}{ranks}{how}; "
                  f"relative error max {self.max_error:.3e}, mean {self.mean_error:.3e}"]
         if self.mode == "svd":
             ranked = sorted(self.module_errors.items(), key=lambda item: -item[1])[:worst]
@@ -153,15 +156,17 @@ def _read_inputs(specs):
 
 
 def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bool = False,
-          dtype: Any = None) -> BlendReport:
+          dtype: Any = None, blend_mode: str | None = None) -> BlendReport:
     """Write the weighted blend of `specs` (AdapterSpecs or "FILE:W[:TE_W]") to `out_path` in kohya format.
 
-    exact=True (or no rank): concatenated ranks, reproduces the live blend. rank=R: truncated SVD at rank R.
-    dtype: e.g. torch.float16 for a smaller file (default float32).
+    exact=True (or no rank): reproduces the live blend (sum: concatenated ranks). rank=R: truncated SVD at rank R.
+    dtype: e.g. torch.float16 for a smaller file (default float32). blend_mode: as `generate --blend-mode`
+    (None: blend_modes.DEFAULT_MODE); a mode that cannot be a static file is refused with the reason.
     """
     import torch
 
     specs = as_specs(specs)
+    blend_mode = blend_modes.check_static(blend_mode or blend_modes.DEFAULT_MODE)
     if not specs:
         raise ValueError("Nothing to blend: give at least one adapter as FILE:WEIGHT.")
     if exact and rank is not None:
@@ -178,15 +183,21 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     for name, entry in terms.items():
         if not entry.up_terms:
             continue  # every input that has this module has weight 0 there
+        if blend_mode != "sum" and len(entry.up_terms) > 1:
+            up, down, _ = blend_modes.merged_factors(list(zip(entry.up_terms, entry.down_terms)), blend_mode)
+            entry = replace(entry, up_terms=[up], down_terms=[down])
         up, down, error = _exact(entry) if rank is None else _truncated_svd(entry, rank)
         state.update(_module_tensors(name, entry, up, down, dtype or torch.float32))
         errors[name], ranks[name] = error, up.shape[1]
     if not state:
         raise ValueError("Every weight is 0: the blend would change nothing. Give at least one non-zero weight.")
+    if blend_mode != "sum":
+        blend_modes.uniform_alpha(state, float(max(ranks.values())))  # ranks differ per module: see uniform_alpha
     mode = "exact" if rank is None else "svd"
-    metadata = _blend_metadata(specs, files, Path(out_path), mode, rank, ranks, errors)
+    metadata = _blend_metadata(specs, files, Path(out_path), mode, rank, ranks, errors, blend_mode)
     _write(out_path, state, metadata)
-    return BlendReport(path=Path(out_path), mode=mode, rank=rank, module_errors=errors, module_ranks=ranks)
+    return BlendReport(path=Path(out_path), mode=mode, rank=rank, module_errors=errors, module_ranks=ranks,
+                       blend_mode=blend_mode)
 
 
 def _write(out_path, state, metadata) -> None:
@@ -206,7 +217,7 @@ def _merged_tag_frequency(files) -> dict:
     return merged
 
 
-def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors) -> dict[str, str]:
+def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors, blend_mode="sum") -> dict[str, str]:
     from stylelora.lora.io import file_model_hash
 
     first = files[0].metadata
@@ -216,7 +227,7 @@ def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors) -> 
     top_rank = max(ranks.values())
     inputs = [{"file": f.path.name, "title": t, "unet_weight": s.unet_weight, "te_weight": s.text_encoder_weight,
                "sshs_model_hash": file_model_hash(f.path)} for s, f, t in zip(specs, files, titles)]
-    blend_info = {"mode": mode, "rank": rank, "inputs": inputs,
+    blend_info = {"mode": mode, "rank": rank, "blend_mode": blend_mode, "inputs": inputs,
                   "max_relative_error": max(errors.values()), "mean_relative_error": statistics.fmean(errors.values())}
     metadata = {
         "ss_network_module": "networks.lora",
@@ -229,7 +240,8 @@ def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors) -> 
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.merged_from": ", ".join(titles),
         "modelspec.description": "blend of " + ", ".join(
-            f"{t} (unet {s.unet_weight:g}, te {s.text_encoder_weight:g})" for s, t in zip(specs, titles)),
+            f"{t} (unet {s.unet_weight:g}, te {s.text_encoder_weight:g})" for s, t in zip(specs, titles))
+        + ("" if blend_mode == "sum" else f", blend mode {blend_mode}"),
         BLEND_METADATA_KEY: json.dumps(blend_info),
         "format": "pt",
     }

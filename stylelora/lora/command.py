@@ -9,6 +9,7 @@ import argparse
 import json
 
 from stylelora.cli import report_user_errors
+from stylelora.lora.blend_modes import mode_help
 
 
 def add_lora_parsers(subparsers) -> None:
@@ -20,6 +21,9 @@ def add_lora_parsers(subparsers) -> None:
     mode.add_argument("--rank", type=int, help="re-factorise to this rank by SVD (reports the error per module)")
     mode.add_argument("--exact", action="store_true", help="concatenate ranks: reproduces the blend exactly (default)")
     blend.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+    blend.add_argument("--blend-mode", default=None, metavar="MODE",
+                       help="how adapters combine where they share a layer, as `generate --blend-mode`: "
+                            + mode_help())
     blend.add_argument("--json", action="store_true", help="print the report as JSON")
     blend.set_defaults(handler=cmd_blend)
 
@@ -43,9 +47,11 @@ def cmd_blend(args: argparse.Namespace) -> int:
     from stylelora.lora.spec import parse_lora_arg
 
     specs = [parse_lora_arg(text) for text in args.adapters]
-    report = blend(specs, args.out, rank=args.rank, exact=args.exact, dtype=torch.float16 if args.fp16 else None)
+    report = blend(specs, args.out, rank=args.rank, exact=args.exact, dtype=torch.float16 if args.fp16 else None,
+                   blend_mode=args.blend_mode)
     if args.json:
         print(json.dumps({"path": str(report.path), "mode": report.mode, "rank": report.rank,
+                          "blend_mode": report.blend_mode,
                           "max_error": report.max_error, "mean_error": report.mean_error,
                           "module_errors": report.module_errors, "module_ranks": report.module_ranks}))
     else:

@@ -1,0 +1,229 @@
+"""How well blends keep both adapters, every blend mode side by side in one run (issue 18), scored by the toy judge.
+
+For each pair (stripes+pastel, stripes+zorb, pastel+zorb) on the prompts carrying both triggers:
+    blend A:1 + B:1 in each mode   both-present rate, A's rate, B's rate, shape and color fidelity, mean probabilities
+    each adapter alone             on the same stacked prompts, and on the prompts carrying only its own trigger
+    weight sweep                   both adapters at w (--sweep), and one at w with the other at 1 (--sweep-one)
+and for each adapter alone on its own prompts the weight dial: rate and the judge's mean probability at w = 0..1.
+The goal rows (both >= 0.85; each own rate, shape and color within 0.05 of that adapter alone on its own prompts;
+each alone on the stacked prompts >= 0.9, a character >= 0.8) are checked and printed.
+
+    python benchmarks/blend_quality.py --adapters-dir outputs/blend                 # toy-NAME/toy-NAME.safetensors
+    python benchmarks/blend_quality.py --adapters-dir outputs/blend --samples 16 --modes sum ties --json out.json
+
+Use OMP_NUM_THREADS=1 on a shared machine: with 2 threads and other jobs running, torch spends its time waiting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+STYLES = ("stripes", "pastel", "zorb")
+PAIRS = (("stripes", "pastel"), ("stripes", "zorb"), ("pastel", "zorb"))
+DIAL = (0.0, 0.25, 0.5, 0.75, 1.0)
+BOTH_GOAL, CLOSE_GOAL = 0.85, 0.05
+ALONE_GOAL = {"stripes": 0.9, "pastel": 0.9, "zorb": 0.8}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from stylelora.lora.blend_modes import MODES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"),
+                        help="folder with toy-stripes/toy-stripes.safetensors etc. (stylelora train's layout)")
+    for style in STYLES:
+        parser.add_argument(f"--{style}", help=f"the {style} adapter file (default: from --adapters-dir)")
+    parser.add_argument("--base", default="toy")
+    parser.add_argument("--samples", type=int, default=96, help="prompts per prompt set (default 96)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt-set seed (stylelora evaluate's)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--pairs", nargs="+", default=["+".join(p) for p in PAIRS],
+                        choices=["+".join(p) for p in PAIRS])
+    parser.add_argument("--sweep", default="0.25,0.5,0.75", help="both adapters at each of these weights ('' = none)")
+    parser.add_argument("--sweep-one", default="0.5", help="one adapter at each weight, the other at 1 ('' = none)")
+    parser.add_argument("--no-dial", action="store_true", help="skip the single-adapter weight dial")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+    return parser.parse_args(argv)
+
+
+def _weights(text: str) -> list[float]:
+    return [float(w) for w in text.split(",") if w.strip()]
+
+
+class Scorer:
+    """Generates a prompt set with a blend fused and scores it; prompts and seeds are stylelora evaluate's."""
+
+    def __init__(self, base: str, samples: int, seed: int):
+        from stylelora.generate.stack import AdapterStack
+        from stylelora.models.load import load_base
+        from stylelora.toy.judge import load_judge
+
+        self.pipe, self.judge = load_base(base), load_judge()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.stack = AdapterStack.for_pipe(self.pipe)
+        self.samples, self.seed = samples, seed
+        self.images = 0
+
+    def __call__(self, adapters: list[tuple[Path, float]], prompt_sets: tuple[str, ...], mode: str = "sum") -> dict:
+        """{prompt set: row} with the rates, accuracies and the judge's mean probability per style head."""
+        from stylelora.lora.spec import AdapterSpec
+        from stylelora.toy.evaluate import EvalSettings, build_prompts, generate_images, score
+
+        settings = EvalSettings(samples=self.samples, seed=self.seed, prompt_sets=prompt_sets)
+        prompts = build_prompts(settings.samples, settings.seed, settings.prompt_sets)
+        self.stack.apply([AdapterSpec(path, weight) for path, weight in adapters if weight != 0.0], mode)
+        try:
+            predictions = self.judge.predict(generate_images(self.pipe, prompts, settings))
+        finally:
+            self.stack.clear()
+        self.images += len(prompts)
+        rows = score(prompts, predictions)["by_prompt_set"]
+        for name, row in rows.items():
+            chosen = [pred for prompt, pred in zip(prompts, predictions) if prompt.prompt_set == name]
+            for style in STYLES:
+                row[f"{style}_prob"] = round(sum(p[f"{style}_prob"] for p in chosen) / len(chosen), 4)
+        return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    paths = {style: Path(getattr(args, style) or Path(args.adapters_dir) / f"toy-{style}" / f"toy-{style}.safetensors")
+             for style in STYLES}
+    pairs = [tuple(p.split("+")) for p in args.pairs]
+    used = sorted({s for pair in pairs for s in pair}, key=STYLES.index)
+    missing = [str(paths[s]) for s in used if not paths[s].is_file()]
+    if missing:
+        raise SystemExit(f"adapter files not found: {', '.join(missing)} (train them with `stylelora train`)")
+    scorer = Scorer(args.base, args.samples, args.seed)
+    start = time.perf_counter()
+    figures: dict = {"samples": args.samples, "seed": args.seed, "modes": args.modes,
+                     "adapters": {s: str(paths[s]) for s in used}, "alone": {}, "dial": {}, "pairs": {}}
+    pair_sets = tuple("+".join(p) for p in pairs)
+
+    def log(text: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {text}", flush=True)
+
+    base = scorer([], tuple(used) + pair_sets)
+    figures["base"] = base
+    for style in used:
+        own_sets = (style,) + tuple(s for s in pair_sets if style in s.split("+"))
+        figures["alone"][style] = scorer([(paths[style], 1.0)], own_sets)
+        log(f"{style}:1 alone " + ", ".join(f"{k} {v[f'{style}_rate']}" for k, v in figures["alone"][style].items()))
+        if not args.no_dial:
+            dial = []
+            for weight in DIAL:
+                row = base[style] if weight == 0 else figures["alone"][style][style] if weight == 1 else \
+                    scorer([(paths[style], weight)], (style,))[style]
+                dial.append({"weight": weight, "rate": row[f"{style}_rate"], "prob": row[f"{style}_prob"],
+                             "shape": row["shape_accuracy"], "color": row["color_accuracy"]})
+            figures["dial"][style] = dial
+            log(f"{style} dial " + ", ".join(f"w={d['weight']}: {d['rate']}/{d['prob']}" for d in dial))
+    for a, b in pairs:
+        name = f"{a}+{b}"
+        entry = figures["pairs"][name] = {"modes": {}}
+        for mode in args.modes:
+            result = entry["modes"][mode] = {"1:1": scorer([(paths[a], 1.0), (paths[b], 1.0)], (name,), mode)[name]}
+            log(f"{name} {mode} 1:1 {_short(result['1:1'], a, b)}")
+            result["sweep_both"] = []
+            for weight in _weights(args.sweep):
+                row = scorer([(paths[a], weight), (paths[b], weight)], (name,), mode)[name]
+                result["sweep_both"].append({"weight": weight, **row})
+                log(f"{name} {mode} both at {weight}: {_short(row, a, b)}")
+            result["sweep_one"] = []
+            for weight in _weights(args.sweep_one):
+                for moving, held in ((a, b), (b, a)):
+                    row = scorer([(paths[moving], weight), (paths[held], 1.0)], (name,), mode)[name]
+                    result["sweep_one"].append({"moving": moving, "weight": weight, **row})
+                    log(f"{name} {mode} {moving} at {weight}, {held} at 1: {_short(row, a, b)}")
+    figures["goals"] = goals(figures, pairs)
+    figures["seconds"] = round(time.perf_counter() - start, 1)
+    figures["images"] = scorer.images
+    return figures
+
+
+def _short(row: dict, a: str, b: str) -> str:
+    return (f"both {row['all_styles_rate']} {a} {row[f'{a}_rate']} {b} {row[f'{b}_rate']} "
+            f"shape {row['shape_accuracy']} color {row['color_accuracy']}")
+
+
+def goals(figures: dict, pairs) -> dict:
+    """Per pair and mode: the issue's goal rows, each with its figures and met/not met."""
+    out = {}
+    for a, b in pairs:
+        name = f"{a}+{b}"
+        for mode, result in figures["pairs"][name]["modes"].items():
+            row, checks = result["1:1"], {}
+            checks["both >= 0.85"] = (row["all_styles_rate"], row["all_styles_rate"] >= BOTH_GOAL)
+            for style in (a, b):
+                alone = figures["alone"][style][style]
+                diff = row[f"{style}_rate"] - alone[f"{style}_rate"]
+                checks[f"{style} rate within 0.05 of alone"] = (round(diff, 4), diff >= -CLOSE_GOAL)
+                for key in ("shape_accuracy", "color_accuracy"):
+                    if row[key] is not None and alone[key] is not None:
+                        diff = row[key] - alone[key]
+                        checks[f"{key.split('_')[0]} within 0.05 of {style} alone"] = (round(diff, 4), diff >= -CLOSE_GOAL)
+            out[f"{name} {mode}"] = checks
+    for style, rows in figures["alone"].items():
+        for prompt_set, row in rows.items():
+            if "+" in prompt_set:
+                rate = row[f"{style}_rate"]
+                out.setdefault("alone on stacked prompts", {})[f"{style} on {prompt_set} >= {ALONE_GOAL[style]}"] = (
+                    rate, rate >= ALONE_GOAL[style])
+    return out
+
+
+def report(figures: dict) -> None:
+    print(f"\nblend quality: {figures['samples']} prompts per set, seed {figures['seed']}, "
+          f"{figures['images']} images, {figures['seconds']:.0f} s")
+    print("\nadapter alone (w=1): own rate / shape / color on its own prompts; own rate on each stacked set")
+    for style, rows in figures["alone"].items():
+        own = rows[style]
+        stacked = ", ".join(f"{k} {v[f'{style}_rate']:.3f}" for k, v in rows.items() if "+" in k)
+        print(f"  {style:8s} {own[f'{style}_rate']:.3f} / {_fmt(own['shape_accuracy'])} / "
+              f"{_fmt(own['color_accuracy'])}; stacked: {stacked}")
+    if figures["dial"]:
+        print("\nweight dial, adapter alone on its own prompts: rate / judge mean probability")
+        print("  " + " " * 8 + "".join(f"  w={d:<11}" for d in DIAL))
+        for style, dial in figures["dial"].items():
+            print(f"  {style:8s}" + "".join(f"  {d['rate']:.2f} / {d['prob']:.3f} " for d in dial))
+    print("\npair            mode    both   rate A  rate B  shape  color | both-at-w sweep: both (A/B) ...")
+    for name, entry in figures["pairs"].items():
+        a, b = name.split("+")
+        for mode, result in entry["modes"].items():
+            row = result["1:1"]
+            sweep = "  ".join(f"w{s['weight']}: {s['all_styles_rate']:.2f} ({s[f'{a}_rate']:.2f}/{s[f'{b}_rate']:.2f})"
+                              for s in result["sweep_both"])
+            print(f"{name:15s} {mode:7s} {row['all_styles_rate']:.3f}  {row[f'{a}_rate']:.3f}   "
+                  f"{row[f'{b}_rate']:.3f}   {_fmt(row['shape_accuracy'])}  {_fmt(row['color_accuracy'])} | {sweep}")
+            for s in result["sweep_one"]:
+                print(f"{'':15s} {'':7s} {s['moving']} at {s['weight']}, other at 1: both {s['all_styles_rate']:.3f} "
+                      f"({s[f'{a}_rate']:.2f}/{s[f'{b}_rate']:.2f}); mean prob {a} {s[f'{a}_prob']:.3f} "
+                      f"{b} {s[f'{b}_prob']:.3f}")
+    print("\ngoals (figure, met)")
+    for group, checks in figures["goals"].items():
+        failed = [f"{k} ({v[0]})" for k, v in checks.items() if not v[1]]
+        print(f"  {group}: " + ("all met" if not failed else "NOT met: " + "; ".join(failed)))
+
+
+def _fmt(value) -> str:
+    return "  -  " if value is None else f"{value:.3f}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    figures = run(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    report(figures)
+    if args.json:
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
