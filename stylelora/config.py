@@ -134,6 +134,10 @@ class OptimConfig:
     text_encoder_lr: float | None = option(None, "text-encoder learning rate", example="5e-5", group="text_encoder",
                                            preset=True,
                                            widget=Widget("Text-encoder LR (empty = the base family's)", minimum=0))
+    # SDXL's second text encoder (OpenCLIP bigG); --text-encoder-lr alone sets both, as sd-scripts' --text_encoder_lr.
+    text_encoder_2_lr: float | None = option(None, "learning rate of SDXL's second text encoder (unset: the "
+                                                   "text-encoder learning rate when one is given, else the base "
+                                                   "family's)", example="5e-5", group="text_encoder", preset=True)
     weight_decay: float = option(1e-2, "AdamW weight decay", example="0.01")
     lr_scheduler: str = option("cosine", "learning-rate schedule", choices=LR_SCHEDULERS, example="cosine")
     warmup_steps: int | None = option(None, "LR warmup steps (unset: a tenth of the steps, at most 50)", example="50")
@@ -481,12 +485,15 @@ def _optim_problems(o: OptimConfig, n: NetworkConfig) -> list[str | None]:
     ]
     if o.unet_lr is not None:
         problems.append(_rule("optim.unet_lr", o.unet_lr > 0, "must be > 0", o.unet_lr))
-    if o.text_encoder_lr is not None:
+    for key in ("text_encoder_lr", "text_encoder_2_lr"):  # SDXL's second encoder has its own
+        lr = getattr(o, key)
+        if lr is None:
+            continue
         if not n.train_text_encoder:
-            problems.append("optim.text_encoder_lr is set but network.train_text_encoder is false "
+            problems.append(f"optim.{key} is set but network.train_text_encoder is false "
                             "(--no-text-encoder); drop one of them")
-        problems.append(_rule("optim.text_encoder_lr", o.text_encoder_lr > 0,
-                              "must be > 0; to freeze the text encoder use --no-text-encoder", o.text_encoder_lr))
+        problems.append(_rule(f"optim.{key}", lr > 0, "must be > 0; to freeze the text encoder use --no-text-encoder",
+                              lr))
     return problems
 
 

@@ -58,6 +58,7 @@ def _real_base(*, resolution: int, resolution_source: str, te_lr: float, lr_sour
     return {
         "optim.unet_lr": _lrs(1e-4, lr_source),
         "optim.text_encoder_lr": _lrs(te_lr, lr_source),
+        "optim.text_encoder_2_lr": _lrs(te_lr, lr_source),
         "train.batch_size": Value(1, batch_source),
         "data.resolution": Value(resolution, resolution_source),
         "train.gradient_checkpointing": Value(checkpointing, checkpointing_source),
@@ -72,6 +73,8 @@ PRESETS: dict[str, dict[str, Value]] = {
     "toy": {
         "optim.unet_lr": Value(1e-3, TOY, per_optimizer={"adamw": 1e-3, "adamw8bit": 1e-3, "prodigy": 1.0}),
         "optim.text_encoder_lr": Value(2e-4, TOY, per_optimizer={"adamw": 2e-4, "adamw8bit": 2e-4, "prodigy": 1.0}),
+        # The toy base has one text encoder; the value only matters for a small SDXL-architecture base.
+        "optim.text_encoder_2_lr": Value(2e-4, TOY, per_optimizer={"adamw": 2e-4, "adamw8bit": 2e-4, "prodigy": 1.0}),
         "train.batch_size": Value(16, TOY),
         "data.resolution": Value(None, "the base's native size (32 px for the toy base)"),
         "train.gradient_checkpointing": Value(False, "a small model: nothing to save"),
@@ -96,6 +99,7 @@ PRESETS: dict[str, dict[str, Value]] = {
                        batch_source=DIFFUSERS_SDXL),
 }
 PRESET_KEYS = tuple(spec.dotted for spec in OPTION_SPECS if spec.option.preset)
+TEXT_ENCODER_LRS = ("optim.text_encoder_lr", "optim.text_encoder_2_lr")
 
 
 def preset_value(family: str, dotted: str, *, optimizer: str = "adamw", cuda: bool = False) -> Any:
@@ -122,7 +126,12 @@ def apply_preset(config: TrainConfig, family: str, *, cuda: bool, captions: Sequ
         if getattr(getattr(config, section), key) is not None:
             continue
         value = preset_value(family, dotted, optimizer=config.optim.optimizer, cuda=cuda)
-        if dotted == "optim.text_encoder_lr" and not config.network.train_text_encoder:
+        if dotted in TEXT_ENCODER_LRS and not config.network.train_text_encoder:
+            continue
+        if dotted == "optim.text_encoder_2_lr" and config.optim.text_encoder_lr is not None:
+            # --text-encoder-lr alone sets both of SDXL's encoders, as sd-scripts' --text_encoder_lr does.
+            filled[dotted] = config.optim.text_encoder_lr
+            sources[dotted] = f"optim.text_encoder_lr ({config.source_of('optim.text_encoder_lr')})"
             continue
         if value == DATA_PROMPTS:
             if captions is None:

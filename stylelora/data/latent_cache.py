@@ -4,7 +4,8 @@ A latent is stored under a digest of everything that determines it: the image fi
 size, the crop box, the flip, the VAE's identity string and the version of our pixel pipeline. Change
 any of them and the key changes, so an edited image or another VAE is encoded afresh. Text-encoder
 outputs are keyed by (caption, text-encoder identity); cache them only while the text encoder is frozen
-and captions are static (`CaptionOptions.is_static`).
+and captions are static (`CaptionOptions.is_static`). An entry is one tensor, or a tuple of them (SDXL's hidden
+states and pooled embedding of one caption).
 
 Entries live in RAM (a dict) or on disk, one `.safetensors` file per key under `cache_dir/ab/`, written
 to a temp file and renamed into place (a crash leaves the old entry or none, never half of one) and read
@@ -31,7 +32,9 @@ from safetensors.torch import load_file, save_file
 PIXEL_PIPELINE_VERSION = "pixels-v1"
 
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
-TextEncodeFn = Callable[[list[str]], torch.Tensor]
+Value = torch.Tensor | tuple[torch.Tensor, ...]
+TextEncodeFn = Callable[[list[str]], Value]  # a tuple: several tensors per caption, each batched (B, ...)
+SINGLE_KEY = "value"
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,11 @@ class CacheStats:
 
 
 class TensorStore:
-    """digest → tensor, in a dict (cache_dir None) or as one safetensors file per digest on disk."""
+    """digest → tensor (or tuple of tensors), in a dict (cache_dir None) or as one safetensors file per digest."""
 
     def __init__(self, cache_dir: str | Path | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._memory: dict[str, torch.Tensor] = {}
+        self._memory: dict[str, Value] = {}
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -79,21 +82,25 @@ class TensorStore:
     def __contains__(self, digest: str) -> bool:
         return digest in self._memory if self.cache_dir is None else self.path_for(digest).is_file()
 
-    def get(self, digest: str) -> torch.Tensor | None:
+    def get(self, digest: str) -> Value | None:
         if self.cache_dir is None:
             cached = self._memory.get(digest)
-            return None if cached is None else cached.clone()  # callers may scale latents in place
+            return None if cached is None else _map(cached, torch.Tensor.clone)  # callers may scale latents in place
         path = self.path_for(digest)
         try:
-            return load_file(path)["value"]
+            tensors = load_file(path)
+            if SINGLE_KEY in tensors:
+                return tensors[SINGLE_KEY]
+            return tuple(tensors[f"{SINGLE_KEY}{i}"] for i in range(len(tensors)))
         except FileNotFoundError:
             return None
         except (SafetensorError, OSError, KeyError):
             path.unlink(missing_ok=True)  # unreadable entry (disk trouble, foreign file): recompute it
             return None
 
-    def put(self, digest: str, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
-        tensor = tensor.detach().to("cpu").contiguous().clone()  # own storage: no view into a batch
+    def put(self, digest: str, tensor: Value, metadata: dict[str, str]) -> None:
+        # own storage: no view into a batch
+        tensor = _map(tensor, lambda part: part.detach().to("cpu").contiguous().clone())
         if self.cache_dir is None:
             self._memory[digest] = tensor
             return
@@ -102,7 +109,9 @@ class TensorStore:
         handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:8]}.", suffix=".tmp")
         os.close(handle)
         try:
-            save_file({"value": tensor}, temp, metadata=metadata)
+            parts = {SINGLE_KEY: tensor} if isinstance(tensor, torch.Tensor) else \
+                {f"{SINGLE_KEY}{i}": part for i, part in enumerate(tensor)}
+            save_file(parts, temp, metadata=metadata)
             os.replace(temp, path)  # atomic: concurrent writers of one key both write whole files
         except BaseException:
             Path(temp).unlink(missing_ok=True)
@@ -174,8 +183,9 @@ class TextEmbeddingCache:
     def digest(self, caption: str) -> str:
         return _digest({"caption": caption, "text_encoder": self.text_encoder_id})
 
-    def get_or_encode(self, captions: Sequence[str]) -> torch.Tensor:
-        """Embeddings for `captions`, stacked (B, ...); the missing ones are encoded in one call."""
+    def get_or_encode(self, captions: Sequence[str]) -> Value:
+        """Embeddings for `captions`, stacked (B, ...) (a tuple of such when the encoder gives several); the missing
+        ones are encoded in one call."""
         found = {caption: self.store.get(self.digest(caption)) for caption in dict.fromkeys(captions)}
         missing = [caption for caption, value in found.items() if value is None]
         self.stats.hits += len(captions) - sum(1 for c in captions if c in missing)
@@ -184,10 +194,14 @@ class TextEmbeddingCache:
                 encoded = self.encode_fn(missing)
             self.stats.encode_calls += 1
             self.stats.encoded += len(missing)
-            for caption, value in zip(missing, encoded):
+            rows = list(zip(*encoded)) if isinstance(encoded, tuple) else list(encoded)
+            for caption, value in zip(missing, rows):
                 self.store.put(self.digest(caption), value, {"caption": caption, "text_encoder": self.text_encoder_id})
-                found[caption] = value.detach().to("cpu")
-        return torch.stack([found[caption] for caption in captions])
+                found[caption] = _map(value, lambda part: part.detach().to("cpu"))
+        values = [found[caption] for caption in captions]
+        if isinstance(values[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*values))
+        return torch.stack(values)
 
 
 def model_identity(name: str, module: torch.nn.Module) -> str:
@@ -198,6 +212,10 @@ def model_identity(name: str, module: torch.nn.Module) -> str:
         hasher.update(f"{param_name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return f"{name}@{hasher.hexdigest()[:16]}"
+
+
+def _map(value: Value, function: Callable[[torch.Tensor], torch.Tensor]) -> Value:
+    return function(value) if isinstance(value, torch.Tensor) else tuple(function(part) for part in value)
 
 
 def _digest(fields: dict) -> str:

@@ -52,7 +52,8 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
                         help="how 2+ adapters combine where they share a layer: " + mode_help())
     parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="where <lora:NAME> tags are looked up")
     parser.add_argument("--base", default="toy",
-                        help="toy (default) | hub id | diffusers folder | single .safetensors file")
+                        help="toy (default) | hub id | diffusers folder | single .safetensors file (SD 1.x/2.x, SDXL)")
+    parser.add_argument("--base-config", help="diffusers config folder (or cached hub id) for a single-file base")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow a pickle .ckpt base (only files you trust)")
@@ -86,7 +87,8 @@ def request_from_args(args: argparse.Namespace):
 def _load_pipe(args: argparse.Namespace):
     from stylelora.models.load import load_base
 
-    return load_base(args.base, precision=args.precision, device=args.device, allow_pickle=args.allow_pickle)
+    return load_base(args.base, precision=args.precision, device=args.device, allow_pickle=args.allow_pickle,
+                     config_dir=args.base_config)
 
 
 def _next_number(folder: Path) -> int:

@@ -150,7 +150,9 @@ class AdapterStack:
     """
 
     def __init__(self, pipe: Any) -> None:
-        self.models = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None)}
+        from stylelora.lora.components import pipeline_models
+
+        self.models = pipeline_models(pipe)  # SDXL adds text_encoder_2
         self.lock = threading.RLock()
         self._names: dict[str, Any] = {}
         self._cache: dict[Path, LoadedAdapter] = {}
@@ -185,10 +187,10 @@ class AdapterStack:
     # -- loading
 
     def _kohya_names(self, component: str):
-        from stylelora.lora import formats
+        from stylelora.lora.components import component_names
 
-        if component not in self._names:
-            self._names[component] = formats.kohya_names(self.models[component], formats.COMPONENT_PREFIXES[component])
+        if component not in self._names:  # SDXL: SAI/SGM UNet names, lora_te1_ / lora_te2_
+            self._names[component] = component_names(self.models, component)
         return self._names[component]
 
     def load(self, path: str | os.PathLike) -> LoadedAdapter:
@@ -207,15 +209,21 @@ class AdapterStack:
 
     def _read(self, path: Path) -> LoadedAdapter:
         from stylelora.lora import formats
+        from stylelora.lora.components import check_adapter_family, component_prefixes
 
         file = read_adapter_file(path)
         signature = _file_signature(file.path)
+        prefixes = component_prefixes(self.models)
         try:
-            parts = formats.split_kohya_state(file.state)
+            check_adapter_family(path.name, file.state, file.metadata, self.models)  # one sentence, both families
+        except ValueError as error:
+            raise AdapterStackError(f"{error} Nothing was applied.") from error
+        try:
+            parts = formats.split_kohya_state(file.state, prefixes)
         except ValueError as error:
             raise AdapterStackError(f"{path.name}: {error} Nothing was applied.") from error
         modules: dict[tuple[str, str], LowRank] = {}
-        for component, prefix in formats.COMPONENT_PREFIXES.items():
+        for component, prefix in prefixes.items():
             if not parts[prefix]:
                 continue
             if self.models[component] is None:

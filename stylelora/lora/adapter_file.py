@@ -100,7 +100,7 @@ def check_adapter_file(path: str | os.PathLike, max_bytes: int | None = None) ->
         return "peft"
     if keys and all(key.startswith(("lora_unet_", "lora_te")) for key in keys):
         return "kohya"
-    if keys and all(key.startswith(("unet.", "text_encoder.")) and ".lora_" in key for key in keys):
+    if keys and all(key.startswith(("unet.", "text_encoder.", "text_encoder_2.")) and ".lora_" in key for key in keys):
         return "diffusers"
     raise AdapterFileError(
         f"{path.name} is a safetensors file but not a LoRA adapter ({len(keys)} tensors, e.g. "

@@ -19,6 +19,7 @@ REPEATS_FOLDER = re.compile(r"^\d+_(.+)$")
 # Hidden size of the CLIP text encoder (q_proj input) per Stable Diffusion family.
 UNKNOWN_ARCHITECTURE = "unknown (UNet-only file without modelspec.architecture)"
 TEXT_ENCODER_WIDTHS = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2"}
+SDXL_TEXT_ENCODER_PREFIXES = {"text_encoder_1": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 def _json(text: str | None, default: Any) -> Any:
@@ -123,8 +124,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
                       or ({"peft.base_model_name_or_path": file.peft_config.get("base_model_name_or_path")}
                           if file.peft_config else {}),
         **_rank_summary(modules),
-        "modules": {component: sum(1 for n in modules if module_component(n) == component)
-                    for component in ("unet", "text_encoder")},
+        "modules": _module_counts(modules, module_component),
         "dtypes": dict(dtypes),
         "trigger_words": trigger_words(metadata),
         "training": {key: _json(value, value) for key, value in sorted(metadata.items())
@@ -138,6 +138,24 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
                  "matches_metadata": None if stored is None else stored == computed,
                  "sshs_legacy_hash": metadata.get("sshs_legacy_hash")},
     }
+
+
+def _module_counts(modules: dict[str, Any], module_component) -> dict[str, int]:
+    """{"unet": n, "text_encoder": n} (every text encoder); SDXL files add "text_encoder_1" / "text_encoder_2"."""
+    counts = {component: sum(1 for n in modules if module_component(n) == component)
+              for component in ("unet", "text_encoder")}
+    for key, prefix in SDXL_TEXT_ENCODER_PREFIXES.items():
+        count = sum(1 for name in modules if name.startswith(prefix))
+        if count:
+            counts[key] = count
+    return counts
+
+
+def _text_encoder_counts(counts: dict[str, int]) -> str:
+    if not any(key in counts for key in SDXL_TEXT_ENCODER_PREFIXES):
+        return f"text encoder {counts['text_encoder']}"
+    return (f"text encoders {counts['text_encoder']} ({counts.get('text_encoder_1', 0)} lora_te1, "
+            f"{counts.get('text_encoder_2', 0)} lora_te2)")
 
 
 def _human_size(size: int) -> str:
@@ -161,7 +179,7 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         f"  architecture   {info['architecture']}",
         f"  base model     {', '.join(f'{k}={v}' for k, v in info['base_model'].items()) or 'not recorded'}",
         f"  network        {rank}" + (f", {info['conv_modules']} conv modules" if info.get("conv_modules") else ""),
-        f"  modules        UNet {info['modules']['unet']}, text encoder {info['modules']['text_encoder']}",
+        f"  modules        UNet {info['modules']['unet']}, {_text_encoder_counts(info['modules'])}",
         f"  dtypes         {', '.join(f'{k}×{n}' for k, n in info['dtypes'].items())}",
         f"  trigger words  {', '.join(info['trigger_words']) or 'none recorded'}",
         *_model_spec_lines(info["modelspec"]),

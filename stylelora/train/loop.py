@@ -104,6 +104,7 @@ def run_training(config: TrainConfig) -> Path:
 
     # 2. Base model and LoRA.
     pipe = _load_base(config, accelerator)
+    check_family(config, pipe)
     config = run_settings(with_model_defaults(config, **model_geometry(pipe)))
     set_seed(config.train.seed)  # identical LoRA initialisation on every process
     lora = _add_lora(config, pipe)
@@ -187,10 +188,15 @@ def run_settings(config: TrainConfig) -> TrainConfig:
 
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     mixed = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}[config.train.precision]
+    # SDXL reads text encoder 1's penultimate layer, so the LoRA of its last layer gets no gradient (kohya trains
+    # and writes it all the same): DDP must be told that some parameters sit out.
+    unused = config.train.family == "sdxl" and config.network.train_text_encoder
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.optim.grad_accum,
-                       cpu=_launched_on_cpus())
+                       cpu=_launched_on_cpus(), kwargs_handlers=handlers)
 
 
 def _launched_on_cpus() -> bool:
@@ -282,6 +288,19 @@ def _load_base(config: TrainConfig, accelerator):
                      allow_pickle=config.train.allow_pickle, config_dir=config.train.base_config)
 
 
+def check_family(config: TrainConfig, pipe) -> None:
+    """Refuse a --family that names SDXL for a base that is not, or the reverse: the file's names, metadata and
+    conditioning all follow the loaded model."""
+    from stylelora.lora.components import base_family_label, is_sdxl, pipeline_models
+    from stylelora.presets import FAMILY_NAMES
+
+    family, models = config.train.family, pipeline_models(pipe)
+    if (family == "sdxl") != is_sdxl(models):
+        raise ConfigError(f"train.family is {family!r} ({config.source_of('train.family')}) but the base "
+                          f"{config.train.base} is an {base_family_label(models)} model; drop --family to use the "
+                          f"detected one, or pass a {FAMILY_NAMES[family]} base.")
+
+
 def model_geometry(pipe) -> dict[str, int]:
     """Native image size (UNet sample size × VAE factor) and the downsampling factor image sides must divide by."""
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -295,16 +314,27 @@ def _add_lora(config: TrainConfig, pipe):
     from stylelora.lora.inject import add_lora
 
     n = config.network
+    encoders = _text_encoders(pipe)
     lora = add_lora(pipe.unet, pipe.text_encoder, rank=n.rank, alpha=n.alpha, unet_targets=n.unet_targets,
-                    train_text_encoder=n.train_text_encoder, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha)
+                    train_text_encoder=n.train_text_encoder, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha,
+                    text_encoder_2=encoders.get("text_encoder_2"))
     pipe.vae.requires_grad_(False).eval()
     pipe.unet.train()
-    pipe.text_encoder.train(n.train_text_encoder)
+    for encoder in encoders.values():
+        encoder.train(n.train_text_encoder)
     if config.train.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if n.train_text_encoder:
-            _enable_text_encoder_checkpointing(pipe.text_encoder)
+            for encoder in encoders.values():
+                _enable_text_encoder_checkpointing(encoder)
     return lora
+
+
+def _text_encoders(pipe) -> dict[str, torch.nn.Module]:
+    """{"text_encoder": ...} and, for SDXL, "text_encoder_2"."""
+    from stylelora.lora.components import TEXT_ENCODERS
+
+    return {name: getattr(pipe, name) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None}
 
 
 def _enable_text_encoder_checkpointing(text_encoder) -> None:
@@ -350,9 +380,13 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
             dataset.cache_latents(batch_size=CACHE_ENCODE_BATCH)
     text_cache = None
     if not config.network.train_text_encoder and options.captions.is_static and d.cache != "none":
+        # Frozen encoders (both of SDXL's, as kohya's sdxl_train_network caches them): each caption encoded once.
+        te_2, tokenizer_2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
         identity = model_identity("text_encoder", pipe.text_encoder) + f"+vocab{len(pipe.tokenizer)}"
-        text_cache = TextEmbeddingCache(text_encode_fn(pipe.text_encoder, pipe.tokenizer, device), identity,
-                                        cache_root / "text" if d.cache == "disk" else None)
+        if te_2 is not None:
+            identity += "+" + model_identity("text_encoder_2", te_2) + f"+vocab{len(tokenizer_2)}"
+        text_cache = TextEmbeddingCache(text_encode_fn(pipe.text_encoder, pipe.tokenizer, device, te_2, tokenizer_2),
+                                        identity, cache_root / "text" if d.cache == "disk" else None)
     return dataset, text_cache
 
 
@@ -364,21 +398,21 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
 
     optimizer = build_optimizer(config, lora)
     lr_scheduler = build_lr_scheduler(config, optimizer)  # stepped by us once per optimizer step, not prepared
-    if lora.text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(pipe.unet, pipe.text_encoder, optimizer)
-        trained_modules = [unet, text_encoder]
-    else:
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
-        text_encoder, trained_modules = pipe.text_encoder, [unet]
-    models = TrainModels(unet=unet, text_encoder=text_encoder, tokenizer=pipe.tokenizer,
+    encoders = _text_encoders(pipe)
+    trained = {"unet": pipe.unet, **{name: model for name, model in encoders.items() if getattr(lora, name)}}
+    *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
+    wrapped = {**encoders, **dict(zip(trained, prepared))}
+    trained_modules = list(prepared)
+    models = TrainModels(unet=wrapped["unet"], text_encoder=wrapped["text_encoder"], tokenizer=pipe.tokenizer,
                          vae=None if dataset.latent_cache is not None else pipe.vae, device=accelerator.device,
                          dtype=pipe.unet.dtype, text_cache=text_cache,
                          triggers=data.triggers, decoys=_decoys(config, data, pipe.tokenizer),
-                         unwrapped=(pipe.unet, pipe.text_encoder))
+                         unwrapped=(pipe.unet, *encoders.values()), sdxl="text_encoder_2" in encoders,
+                         text_encoder_2=wrapped.get("text_encoder_2"), tokenizer_2=getattr(pipe, "tokenizer_2", None))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same noise schedule as the base's sampler
     # Each process draws its own noise; the seed makes every run (and every resume) draw the same.
     generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)
-    trainable = checkpoint.trainable_tensors({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    trainable = checkpoint.trainable_tensors({"unet": pipe.unet, **encoders})
     num_reg = sum(c.item.repeats for c in data.reg)
     facts = RunFacts(items=data.items, num_train_images=len(dataset) - num_reg, num_reg_images=num_reg,
                      trigger=", ".join(data.triggers),
@@ -406,7 +440,8 @@ def describe_run(run: Run, start_step: int) -> str:
     lines = [
         f"base {c.train.base} ({c.data.resolution} px, {run.facts.prediction_type} prediction); LoRA rank "
         f"{c.network.rank} alpha {c.network.alpha:g} on the UNet ({c.network.unet_targets})"
-        + (" and text encoder" if c.network.train_text_encoder else "") + f": {lora_params / 1e6:.2f} M trainable",
+        + (_text_encoders_trained(run.pipe) if c.network.train_text_encoder else "")
+        + f": {lora_params / 1e6:.2f} M trainable",
         f"{len(run.dataset)} samples per epoch in {len(set(run.dataset.buckets))} bucket(s), "
         f"{len(run.sampler)} batches per epoch per process; cache: {c.data.cache}",
         f"world size {acc.num_processes} ({acc.device}, {c.train.precision}): {c.train.steps} steps × batch "
@@ -417,6 +452,10 @@ def describe_run(run: Run, start_step: int) -> str:
     if start_step:
         lines.append(f"resuming at step {start_step} from {run.last_checkpoint}")
     return "\n".join(lines)
+
+
+def _text_encoders_trained(pipe) -> str:
+    return " and both text encoders" if len(_text_encoders(pipe)) > 1 else " and text encoder"
 
 
 def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoys: tuple[str, ...]) -> str:
@@ -559,7 +598,8 @@ def write_adapter(run: Run, path: Path, step: int) -> Path:
     from stylelora.lora.io import save_adapter
 
     metadata = adapter_metadata(run.config, run.facts, step)
-    return save_adapter(path, run.pipe.unet, run.pipe.text_encoder, metadata=metadata, fmt=run.config.train.format)
+    return save_adapter(path, run.pipe.unet, run.pipe.text_encoder, metadata=metadata, fmt=run.config.train.format,
+                        text_encoder_2=getattr(run.pipe, "text_encoder_2", None))
 
 
 def write_share_bundle(run: Run, adapter: Path) -> None:

@@ -1,6 +1,12 @@
-"""Owns the bundle of models one training step uses, and the two encoders (images → latents, captions → embeddings).
+"""Owns the bundle of models one training step uses, the encoders (images → latents, captions → embeddings) and
+the UNet call with the conditioning its family needs.
 
-The UNet and text encoder held here may be accelerate/DDP wrappers: this module only *calls* them, never reads
+SD 1.x/2.x condition the UNet on the text encoder's last hidden states. SDXL, as it was trained (and as diffusers'
+pipeline and kohya's sdxl_train_network encode prompts): the penultimate hidden states of both text encoders side
+by side, the pooled projection of encoder 2, and `add_time_ids` = each image's original size (h, w), its crop's
+top-left offset and the bucket's target size (h, w), which the dataset records per sample.
+
+The UNet and text encoders held here may be accelerate/DDP wrappers: this module only *calls* them, never reads
 their attributes, so the same code runs in one process or many.
 """
 from __future__ import annotations
@@ -13,6 +19,16 @@ from torch import nn
 from stylelora.data.latent_cache import TextEmbeddingCache
 
 TOKEN_CACHE_LIMIT = 100_000  # distinct captions kept tokenized (~60 MB of ids)
+SDXL_SIZE_KEYS = ("original_size", "crops_coords_top_left", "target_size")  # the order of SDXL's add_time_ids
+
+
+@dataclass(frozen=True)
+class SdxlText:
+    """SDXL's text conditioning of a batch: both encoders' penultimate hidden states concatenated (B, 77, w1 + w2)
+    and encoder 2's pooled projection (B, projection width)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
 
 
 @dataclass
@@ -26,10 +42,13 @@ class TrainModels:
     text_cache: TextEmbeddingCache | None = None  # set when the text encoder is frozen and captions static
     triggers: tuple[str, ...] = ()  # the dataset's trigger phrases (base preservation strips them from captions)
     decoys: tuple[str, ...] = ()  # words base preservation may put where a trigger was (train/preservation.py)
-    # The same UNet and text encoder without accelerate/DDP wrappers, for gradient-free base predictions: a DDP
+    # The same UNet and text encoder(s) without accelerate/DDP wrappers, for gradient-free base predictions: a DDP
     # module must see exactly one forward per backward. None: unet / text_encoder are not wrapped.
-    unwrapped: tuple[nn.Module, nn.Module] | None = None
-    _token_ids: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    unwrapped: tuple[nn.Module, ...] | None = None
+    sdxl: bool = False  # two text encoders, pooled embeddings and add_time_ids (see the module docstring)
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: object = None
+    _token_ids: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
         """Scaled latents of a batch: from the cache when the batch carries them, else VAE-encoded now."""
@@ -39,22 +58,48 @@ class TrainModels:
             raise RuntimeError("batch has pixels but no VAE was kept for encoding them (latent cache expected)")
         return encode_pixels(self.vae, batch["pixels"].to(self.device, non_blocking=True))
 
-    def encode_captions(self, captions: list[str], text_encoder: nn.Module | None = None) -> torch.Tensor:
-        """Text-encoder hidden states (B, tokens, width); with gradients unless they come from the cache.
-        text_encoder: another handle on the same encoder (the unwrapped one for base predictions)."""
+    def encode_captions(self, captions: list[str],
+                        text_encoders: tuple[nn.Module, ...] | None = None) -> torch.Tensor | SdxlText:
+        """Text-encoder hidden states (B, tokens, width), or SdxlText for SDXL; with gradients unless they come from
+        the cache. text_encoders: other handles on the same encoders (the unwrapped ones for base predictions)."""
         if self.text_cache is not None:
-            return self.text_cache.get_or_encode(captions).to(self.device, non_blocking=True)
-        return (text_encoder or self.text_encoder)(self.token_ids(captions))[0]
+            cached = self.text_cache.get_or_encode(captions)
+            if isinstance(cached, tuple):
+                return SdxlText(*(part.to(self.device, non_blocking=True) for part in cached))
+            return cached.to(self.device, non_blocking=True)
+        encoders = text_encoders or (self.text_encoder, self.text_encoder_2)
+        if self.sdxl:
+            return sdxl_text(encoders[0], encoders[1], self.token_ids(captions), self.token_ids(captions, second=True))
+        return encoders[0](self.token_ids(captions))[0]
 
-    def token_ids(self, captions: list[str]) -> torch.Tensor:
-        """(B, max_length) token ids; each distinct caption is tokenized once per run (captions repeat a lot)."""
-        missing = [c for c in dict.fromkeys(captions) if c not in self._token_ids]
-        if len(self._token_ids) + len(missing) > TOKEN_CACHE_LIMIT:
-            self._token_ids.clear()  # shuffled tags can make endless distinct captions: keep memory bounded
+    def token_ids(self, captions: list[str], *, second: bool = False) -> torch.Tensor:
+        """(B, max_length) token ids (of SDXL's second tokenizer with `second`); each distinct caption is tokenized
+        once per run (captions repeat a lot)."""
+        known = self._token_ids.setdefault(int(second), {})
+        missing = [c for c in dict.fromkeys(captions) if c not in known]
+        if len(known) + len(missing) > TOKEN_CACHE_LIMIT:
+            known.clear()  # shuffled tags can make endless distinct captions: keep memory bounded
         if missing:
-            ids = tokenize(self.tokenizer, missing)
-            self._token_ids.update(zip(missing, ids.to(self.device)))
-        return torch.stack([self._token_ids[c] for c in captions])
+            ids = tokenize(self.tokenizer_2 if second else self.tokenizer, missing)
+            known.update(zip(missing, ids.to(self.device)))
+        return torch.stack([known[c] for c in captions])
+
+    def time_ids(self, batch: dict) -> torch.Tensor | None:
+        """SDXL's add_time_ids (B, 6) of a batch; None for the other families."""
+        if not self.sdxl:
+            return None
+        rows = [[*map(int, original), *map(int, crop), *map(int, target)]
+                for original, crop, target in zip(*(batch[key] for key in SDXL_SIZE_KEYS))]
+        return torch.tensor(rows, dtype=torch.float32, device=self.device)
+
+    def denoise(self, unet: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor | SdxlText,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction (fp32) in the base's dtype, with SDXL's added conditioning when `text` is SdxlText."""
+        if isinstance(text, SdxlText):
+            added = {"text_embeds": text.pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
+            return unet(noisy.to(self.dtype), timesteps, text.hidden.to(self.dtype),
+                        added_cond_kwargs=added).sample.float()
+        return unet(noisy.to(self.dtype), timesteps, text.to(self.dtype)).sample.float()
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -71,10 +116,22 @@ def encode_pixels(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return ((latents.float() - shift) * vae.config.scaling_factor)
 
 
-def text_encode_fn(text_encoder: nn.Module, tokenizer, device: torch.device):
-    """captions → hidden states, no gradients: the encode function of a TextEmbeddingCache."""
+def sdxl_text(text_encoder: nn.Module, text_encoder_2: nn.Module, ids: torch.Tensor, ids_2: torch.Tensor) -> SdxlText:
+    """SDXL's conditioning from both encoders' token ids (see the module docstring)."""
+    out = text_encoder(ids, output_hidden_states=True)
+    out_2 = text_encoder_2(ids_2, output_hidden_states=True)
+    return SdxlText(hidden=torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), pooled=out_2[0])
+
+
+def text_encode_fn(text_encoder: nn.Module, tokenizer, device: torch.device, text_encoder_2: nn.Module | None = None,
+                   tokenizer_2=None):
+    """captions → hidden states (SDXL: (hidden, pooled)), no gradients: the encode function of a TextEmbeddingCache."""
     @torch.no_grad()
-    def encode(captions: list[str]) -> torch.Tensor:
-        return text_encoder(tokenize(tokenizer, captions).to(device))[0].float()
+    def encode(captions: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        ids = tokenize(tokenizer, captions).to(device)
+        if text_encoder_2 is None:
+            return text_encoder(ids)[0].float()
+        text = sdxl_text(text_encoder, text_encoder_2, ids, tokenize(tokenizer_2, captions).to(device))
+        return text.hidden.float(), text.pooled.float()
 
     return encode

@@ -13,9 +13,13 @@ class OptimizerUnavailable(RuntimeError):
 
 def param_groups(config: TrainConfig, params: LoraParameters) -> list[dict]:
     """One group per trained model, each with its own learning rate (text-encoder LoRAs want a lower one)."""
-    groups = [{"params": params.unet, "lr": config.optim.unet_lr, "name": "unet"}]
+    o = config.optim
+    groups = [{"params": params.unet, "lr": o.unet_lr, "name": "unet"}]
     if params.text_encoder:
-        groups.append({"params": params.text_encoder, "lr": config.optim.text_encoder_lr, "name": "text_encoder"})
+        groups.append({"params": params.text_encoder, "lr": o.text_encoder_lr, "name": "text_encoder"})
+    if params.text_encoder_2:  # SDXL's second encoder; without its own rate it follows the first's
+        lr = o.text_encoder_2_lr if o.text_encoder_2_lr is not None else o.text_encoder_lr
+        groups.append({"params": params.text_encoder_2, "lr": lr, "name": "text_encoder_2"})
     return groups
 
 

@@ -85,10 +85,11 @@ def decoy_words(tokenizer, captions: Iterable[str], triggers: Iterable[str]) -> 
 
 
 @torch.no_grad()
-def base_prediction(models: TrainModels, noisy: torch.Tensor, timesteps: torch.Tensor,
-                    captions: list[str]) -> torch.Tensor:
-    """What the frozen base (LoRA bypassed in the UNet and the text encoder) predicts for these inputs."""
-    unet, text_encoder = models.unwrapped or (models.unet, models.text_encoder)
-    with adapters_disabled(unet, text_encoder):
-        hidden = models.encode_captions(captions, text_encoder)
-        return unet(noisy.to(models.dtype), timesteps, hidden.to(models.dtype)).sample.float()
+def base_prediction(models: TrainModels, noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str],
+                    time_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """What the frozen base (LoRA bypassed in the UNet and the text encoders) predicts for these inputs
+    (time_ids: SDXL's add_time_ids of these samples)."""
+    unet, *text_encoders = models.unwrapped or (models.unet, models.text_encoder, models.text_encoder_2)
+    with adapters_disabled(unet, *text_encoders):
+        text = models.encode_captions(captions, tuple(text_encoders))
+        return models.denoise(unet, noisy, timesteps, text, time_ids)

@@ -4,7 +4,8 @@
     noise     N(0, I), plus `noise_offset` × a per-channel constant (helps very dark / bright images)
     t         uniform over the scheduler's training timesteps
     noisy     scheduler.add_noise(latents, noise, t)
-    text      cached text-encoder outputs (frozen TE, static captions) or TE(tokens) with gradients
+    text      cached text-encoder outputs (frozen TE, static captions) or TE(tokens) with gradients; SDXL: both
+              encoders, pooled embeddings and add_time_ids (stylelora/train/models.py)
     target    noise for epsilon prediction, scheduler.get_velocity(...) for v_prediction (read from the scheduler)
     loss      per-sample MSE × min-SNR-γ weight (Hang et al. 2023), averaged
     preserve  + preserve_base × the same weighted MSE between the LoRA model and the frozen base, both given half
@@ -45,14 +46,16 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
                                     config.train.decoy_company, generator)
     index = torch.tensor([i for i, _ in preserved], dtype=torch.long, device=latents.device)
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
-    hidden = models.encode_captions(captions + [caption for _, caption in preserved])
-    prediction = models.unet(torch.cat([noisy, noisy[index]]).to(models.dtype), torch.cat([timesteps, timesteps[index]]),
-                             hidden.to(models.dtype)).sample.float()
+    text = models.encode_captions(captions + [caption for _, caption in preserved])
+    time_ids = models.time_ids(batch)
+    prediction = models.denoise(models.unet, torch.cat([noisy, noisy[index]]), torch.cat([timesteps, timesteps[index]]),
+                                text, None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
     prediction, preserved_prediction = prediction[:len(captions)], prediction[len(captions):]
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     loss = weighted_mse(prediction, target, weights)
     if preserved:
-        base = base_prediction(models, noisy[index], timesteps[index], [caption for _, caption in preserved])
+        base = base_prediction(models, noisy[index], timesteps[index], [caption for _, caption in preserved],
+                               None if time_ids is None else time_ids[index])
         loss = loss + config.train.preserve_base * weighted_mse(preserved_prediction, base, weights[index])
     return loss
 
