@@ -473,8 +473,9 @@ class AppService:
             "cfg": lambda v: self.limits.check("Grid axis cfg: a value", v, 0, CFG_LIMIT, whole=False),
             "adapter": lambda v: v if v == NO_ADAPTER else str(self.adapter_path(v)),
         }
-        weight = lambda v: self.limits.check(f"Grid axis {kind}: a weight", v, -WEIGHT_LIMIT, WEIGHT_LIMIT,  # noqa: E731
-                                             whole=False)
+        def weight(value):
+            return self.limits.check(f"Grid axis {kind}: a weight", value, -WEIGHT_LIMIT, WEIGHT_LIMIT, whole=False)
+
         values = [checks.get(kind, weight)(value) for value in values]
         if kind == "adapter" and len(settings.adapters) + 1 > MAX_ADAPTERS:
             raise AppError(f"An adapter axis adds one adapter to the {len(settings.adapters)} chosen: choose at most "

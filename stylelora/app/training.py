@@ -124,8 +124,8 @@ class TrainingJob:
                            f"it with `stylelora train DATA --output {run_dir.name} --resume latest`.")
         config = load_config(settings, {"train.resume": "latest", "train.overwrite": False})
         if not Path(config.data.dir).resolve().is_relative_to(Path(datasets_dir).resolve()):
-            raise AppError(f"{run_dir.name} trains on a folder outside {Path(datasets_dir).name}/; continue it from the "
-                           "command line.")
+            raise AppError(f"{run_dir.name} trains on a folder outside {Path(datasets_dir).name}/; continue it from "
+                           "the command line.")
         if not complete_checkpoints(run_dir):
             raise AppError(f"{run_dir.name} has no checkpoint to resume from (one is written every "
                            f"{config.train.save_every} steps); start it again instead.")

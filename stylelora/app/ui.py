@@ -421,7 +421,8 @@ def _family_text(base: str) -> str:
     for dotted in PRESET_KEYS:
         if dotted in labels:
             value = preset_value(family, dotted, cuda=cuda)
-            shown.append(f"{labels[dotted]} {'native size' if value is None else f'{value:g}' if isinstance(value, float) else value}")
+            text = "native size" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+            shown.append(f"{labels[dotted]} {text}")
     return (f"**Base family: {FAMILY_NAMES.get(family, family)}** ({family}). Empty boxes take its preset: "
             + ", ".join(shown) + ". Other options: the CLI's defaults (the same as `stylelora train`).")
 
