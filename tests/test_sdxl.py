@@ -142,6 +142,42 @@ def test_sdxl_file_loads_in_diffusers_with_no_warning_and_gives_our_image(tmp_pa
     assert numpy.abs(image(base) - reference).max() < 1e-3 < numpy.abs(plain - reference).max()
 
 
+def test_third_party_sdxl_layouts_fuse_to_the_same_image(tmp_path, sdxl_base, lora_pipe):
+    """diffusers' own save_lora_weights output, and a kohya file with diffusers-path UNet names (as some converters
+    write them), apply as our SAI-named file does."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from stylelora.generate.stack import AdapterStack
+    from stylelora.lora import formats
+    from stylelora.lora.components import component_names, pipeline_models
+
+    ours = save_adapter(tmp_path / "ours.safetensors", lora_pipe.unet, lora_pipe.text_encoder,
+                        text_encoder_2=lora_pipe.text_encoder_2, metadata=SDXL_METADATA)
+    models = {"unet": lora_pipe.unet, "text_encoder": lora_pipe.text_encoder, "text_encoder_2": lora_pipe.text_encoder_2}
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "diffusers", weight_name="theirs.safetensors",
+        **{f"{name}_lora_layers": get_peft_model_state_dict(model) for name, model in models.items()},
+        **{f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict() for name, model in models.items()})
+    diffusers_names = formats.kohya_names(lora_pipe.unet, "lora_unet").by_path
+    paths = component_names(pipeline_models(lora_pipe), "unet").by_name
+    renamed = {}
+    for key, tensor in adapter_tensors(ours).items():
+        module, _, suffix = key.partition(".")
+        module = diffusers_names[paths[module]] if module.startswith("lora_unet_") else module
+        renamed[f"{module}.{suffix}"] = tensor
+    assert any(key.startswith("lora_unet_down_blocks_") for key in renamed)
+    save_file(renamed, str(tmp_path / "converted.safetensors"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_base)
+    stack = AdapterStack.for_pipe(pipe)
+    images = []
+    for path in (ours, tmp_path / "diffusers" / "theirs.safetensors", tmp_path / "converted.safetensors"):
+        stack.apply([str(path)])
+        images.append(image(pipe))
+    assert numpy.abs(images[1] - images[0]).max() < 1e-5 and numpy.abs(images[2] - images[0]).max() < 1e-5
+
+
 def test_a_lora_of_the_other_family_is_refused_in_one_sentence(tmp_path, sdxl_base, lora_pipe):
     from diffusers import StableDiffusionXLPipeline
 
@@ -204,11 +240,26 @@ def test_cli_trains_sdxl_then_generates_blends_and_inspects(tmp_path, sdxl_base,
     assert main([*generate, "--lora", str(exact), "--out", str(tmp_path / "blend.png")]) == 0
     blended, live = (numpy.asarray(Image.open(file), dtype=float) for file in (tmp_path / "blend.png", png))
     assert numpy.abs(blended - live).max() <= 2  # the exact blend of 0.5 + 0.3 is the adapter at 0.8
+    grid = tmp_path / "grid.png"
+    assert main(["grid", "stripestyle, a red circle", "--base", str(sdxl_base), "--device", "cpu", "--steps", "2",
+                 "--lora", str(adapter), "--x", "weight=0,1", "--out", str(grid)]) == 0
+    assert Image.open(grid).size[0] >= 2 * SDXL_NATIVE_SIZE
     capsys.readouterr()
     assert main(["inspect", str(ranked), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["architecture"] == "stable-diffusion-xl-v1-base" and info["rank"] == 2
     assert info["modules"]["text_encoder_1"] > 0 and info["modules"]["text_encoder_2"] > 0
+
+    # Frozen text encoders: both are encoded once per caption into the cache, and the file is UNet-only.
+    try:
+        assert main(["train", str(data), "--base", str(sdxl_base), "--resolution", str(SDXL_NATIVE_SIZE),
+                     "--steps", "1", "--batch-size", "2", "--output", str(tmp_path / "frozen"), "--no-samples",
+                     "--no-text-encoder", "--cache", "disk"]) == 0
+    finally:
+        reset_accelerate()
+    assert len(list((tmp_path / "frozen" / "cache" / "text").glob("*/*.safetensors"))) >= 2
+    frozen = next((tmp_path / "frozen").glob("*.safetensors"))
+    assert {key.split("_")[1] for key in adapter_tensors(frozen)} == {"unet"}
 
 
 def test_second_text_encoder_lr_follows_the_first_unless_given():

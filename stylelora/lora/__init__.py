@@ -12,4 +12,8 @@ Modules:
     blend         a weighted mix of adapters written as one kohya file, exact or truncated-SVD at a chosen rank
     command       the `stylelora blend | inspect` CLI
     sd15          SD1.5's published architecture on the meta device, and the kohya key sets of each preset
+    sdxl          the same for SDXL (UNet, CLIP-L, OpenCLIP bigG); lora_te1 / lora_te2 prefixes
+    sai_names     diffusers <-> SAI/SGM UNet module names (input_blocks / middle_block / output_blocks), from config
+    components    which pipeline models carry LoRA and under which prefix and names (SD1.x/2.x vs SDXL), and the
+                  one-sentence refusal of an adapter made for the other family
 """
