@@ -4,6 +4,7 @@ sentence, and the CLI from training to generate / blend / inspect."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import warnings
@@ -106,6 +107,15 @@ def test_training_conditions_the_unet_as_the_sdxl_pipeline_does(tmp_path, sdxl_b
     expected = [pipe._get_add_time_ids(o, c, t, torch.float32, text_encoder_projection_dim=pooled.shape[-1])[0]
                 for o, c, t in zip(*batch.values())]
     assert torch.equal(models.time_ids(batch), torch.stack(expected))
+
+
+def test_an_fp16_sdxl_vae_encodes_in_fp32():
+    from stylelora.train.models import encode_pixels
+
+    vae = tiny_sdxl_pipeline().vae.to(torch.float16)
+    pixels = torch.rand(1, 3, SDXL_NATIVE_SIZE, SDXL_NATIVE_SIZE) * 2 - 1
+    expected = encode_pixels(copy.deepcopy(vae).float(), pixels)  # the same fp16 weights, run in fp32
+    assert torch.equal(encode_pixels(vae, pixels, upcast=True), expected) and vae.dtype == torch.float16
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])

@@ -367,7 +367,8 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
     options = dataset_options(config)
     latent_cache = None
     if d.cache != "none":
-        latent_cache = LatentCache(lambda pixels: encode_pixels(pipe.vae, pixels.to(device)),
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        latent_cache = LatentCache(lambda pixels: encode_pixels(pipe.vae, pixels.to(device), upcast=sdxl),
                                    model_identity("vae", pipe.vae),
                                    cache_root / "latents" if d.cache == "disk" else None)
     dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), options, latent_cache=latent_cache)

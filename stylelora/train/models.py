@@ -56,7 +56,7 @@ class TrainModels:
             return batch["latents"].to(self.device, dtype=torch.float32, non_blocking=True)
         if self.vae is None:
             raise RuntimeError("batch has pixels but no VAE was kept for encoding them (latent cache expected)")
-        return encode_pixels(self.vae, batch["pixels"].to(self.device, non_blocking=True))
+        return encode_pixels(self.vae, batch["pixels"].to(self.device, non_blocking=True), upcast=self.sdxl)
 
     def encode_captions(self, captions: list[str],
                         text_encoders: tuple[nn.Module, ...] | None = None) -> torch.Tensor | SdxlText:
@@ -109,8 +109,17 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_pixels(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """Scaled latents of (B,3,H,W) pixels in [-1, 1]: the posterior mean, so cached and live latents agree."""
+def encode_pixels(vae: nn.Module, pixels: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
+    """Scaled latents of (B,3,H,W) pixels in [-1, 1]: the posterior mean, so cached and live latents agree.
+
+    upcast (SDXL): an fp16 VAE whose config says force_upcast encodes in fp32, as diffusers' SDXL pipeline decodes:
+    SDXL's VAE overflows to NaN in fp16 (kohya's --no_half_vae)."""
+    if upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)
+        try:
+            return encode_pixels(vae, pixels)
+        finally:
+            vae.to(torch.float16)
     latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents.float() - shift) * vae.config.scaling_factor)
