@@ -113,13 +113,13 @@ def _read_rows(path: Path, up_to: int) -> list[dict]:
 
 def plot_loss(rows: list[dict], path: Path) -> Path:
     """Raw loss (faint) and its moving average against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
+    # matplotlib's Figure API, not pyplot: no global state and no GUI backend, so a Ctrl-C that lands in the
+    # middle of the first plot cannot leave a half-imported pyplot behind for the plot written on the way out.
+    from matplotlib.figure import Figure
 
     steps = [int(r["step"]) for r in rows]
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axis = figure.subplots()
     axis.plot(steps, [float(r["loss"]) for r in rows], alpha=0.3, linewidth=0.8, label="loss")
     axis.plot(steps, [float(r["loss_smoothed"]) for r in rows], linewidth=1.6, label="moving average")
     losses = [float(r["loss"]) for r in rows if math.isfinite(float(r["loss"])) and float(r["loss"]) > 0]
@@ -132,7 +132,6 @@ def plot_loss(rows: list[dict], path: Path) -> Path:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    plt.close(figure)
     return write_bytes_atomic(path, buffer.getvalue())
 
 
