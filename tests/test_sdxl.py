@@ -38,14 +38,18 @@ def sdxl_base(tmp_path_factory) -> Path:
     return save_tiny_sdxl_base(tmp_path_factory.mktemp("sdxl") / "base")
 
 
-@pytest.fixture(scope="module")
-def lora_pipe():
+def random_lora_pipeline(preset: str = "kohya"):
     """The tiny SDXL pipeline with a random, non-zero LoRA on the UNet and both text encoders."""
     pipe = tiny_sdxl_pipeline()
     torch.manual_seed(5)
     add_lora(pipe.unet, pipe.text_encoder, text_encoder_2=pipe.text_encoder_2, rank=2, alpha=1.0,
-             init_lora_weights=False)
+             unet_targets=preset, init_lora_weights=False)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def lora_pipe():
+    return random_lora_pipeline()
 
 
 @contextlib.contextmanager
@@ -118,12 +122,15 @@ def test_an_fp16_sdxl_vae_encodes_in_fp32():
     assert torch.equal(encode_pixels(vae, pixels, upcast=True), expected) and vae.dtype == torch.float16
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-def test_sdxl_file_loads_in_diffusers_with_no_warning_and_gives_our_image(tmp_path, sdxl_base, lora_pipe, fmt):
+@pytest.mark.parametrize("fmt, preset", [("kohya", "kohya"), ("diffusers", "kohya"), ("kohya", "locon")])
+def test_sdxl_file_loads_in_diffusers_with_no_warning_and_gives_our_image(tmp_path, sdxl_base, lora_pipe, fmt,
+                                                                          preset):
     from diffusers import StableDiffusionXLPipeline
 
     from stylelora.generate.stack import AdapterStack
 
+    if preset != "kohya":  # LoCon: the resnets' and samplers' convs too, under their SAI names
+        lora_pipe = random_lora_pipeline(preset)
     path = save_adapter(tmp_path / f"{fmt}.safetensors", lora_pipe.unet, lora_pipe.text_encoder,
                         text_encoder_2=lora_pipe.text_encoder_2, metadata=SDXL_METADATA, fmt=fmt)
     keys = {key.split(".")[0] for key in adapter_tensors(path)}
