@@ -42,11 +42,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=96, help="prompts per prompt set (default 96)")
     parser.add_argument("--seed", type=int, default=0, help="prompt-set seed (stylelora evaluate's)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--pairs", nargs="+", default=["+".join(p) for p in PAIRS],
+    parser.add_argument("--pairs", nargs="*", default=["+".join(p) for p in PAIRS],
                         choices=["+".join(p) for p in PAIRS])
     parser.add_argument("--sweep", default="0.25,0.5,0.75", help="both adapters at each of these weights ('' = none)")
     parser.add_argument("--sweep-one", default="0.5", help="one adapter at each weight, the other at 1 ('' = none)")
     parser.add_argument("--no-dial", action="store_true", help="skip the single-adapter weight dial")
+    parser.add_argument("--dial-te-weight", type=float, default=None,
+                        help="hold the text-encoder weight here in the dial and turn only the UNet weight "
+                             "(default: both, as A1111's <lora:name:w>)")
+    parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=list(STYLES),
+                        help="adapters measured alone (and in the dial) besides those of --pairs")
     parser.add_argument("--json", help="write every figure to this JSON file")
     return parser.parse_args(argv)
 
@@ -69,14 +74,15 @@ class Scorer:
         self.samples, self.seed = samples, seed
         self.images = 0
 
-    def __call__(self, adapters: list[tuple[Path, float]], prompt_sets: tuple[str, ...], mode: str = "sum") -> dict:
-        """{prompt set: row} with the rates, accuracies and the judge's mean probability per style head."""
+    def __call__(self, adapters: list[tuple], prompt_sets: tuple[str, ...], mode: str = "sum") -> dict:
+        """{prompt set: row} with the rates, accuracies and the judge's mean probability per style head.
+        adapters: (path, weight) or (path, UNet weight, text-encoder weight)."""
         from stylelora.lora.spec import AdapterSpec
         from stylelora.toy.evaluate import EvalSettings, build_prompts, generate_images, score
 
         settings = EvalSettings(samples=self.samples, seed=self.seed, prompt_sets=prompt_sets)
         prompts = build_prompts(settings.samples, settings.seed, settings.prompt_sets)
-        self.stack.apply([AdapterSpec(path, weight) for path, weight in adapters if weight != 0.0], mode)
+        self.stack.apply([AdapterSpec(*adapter) for adapter in adapters if any(adapter[1:])], mode)
         try:
             predictions = self.judge.predict(generate_images(self.pipe, prompts, settings))
         finally:
@@ -94,14 +100,15 @@ def run(args: argparse.Namespace) -> dict:
     paths = {style: Path(getattr(args, style) or Path(args.adapters_dir) / f"toy-{style}" / f"toy-{style}.safetensors")
              for style in STYLES}
     pairs = [tuple(p.split("+")) for p in args.pairs]
-    used = sorted({s for pair in pairs for s in pair}, key=STYLES.index)
+    used = sorted({s for pair in pairs for s in pair} | set(args.styles if not pairs else ()), key=STYLES.index)
     missing = [str(paths[s]) for s in used if not paths[s].is_file()]
     if missing:
         raise SystemExit(f"adapter files not found: {', '.join(missing)} (train them with `stylelora train`)")
     scorer = Scorer(args.base, args.samples, args.seed)
     start = time.perf_counter()
     figures: dict = {"samples": args.samples, "seed": args.seed, "modes": args.modes,
-                     "adapters": {s: str(paths[s]) for s in used}, "alone": {}, "dial": {}, "pairs": {}}
+                     "dial_te_weight": args.dial_te_weight, "adapters": {s: str(paths[s]) for s in used},
+                     "alone": {}, "dial": {}, "pairs": {}}
     pair_sets = tuple("+".join(p) for p in pairs)
 
     def log(text: str) -> None:
@@ -116,8 +123,9 @@ def run(args: argparse.Namespace) -> dict:
         if not args.no_dial:
             dial = []
             for weight in DIAL:
-                row = base[style] if weight == 0 else figures["alone"][style][style] if weight == 1 else \
-                    scorer([(paths[style], weight)], (style,))[style]
+                te = weight if args.dial_te_weight is None else args.dial_te_weight
+                row = base[style] if weight == te == 0 else figures["alone"][style][style] if weight == te == 1 else \
+                    scorer([(paths[style], weight, te)], (style,))[style]
                 dial.append({"weight": weight, "rate": row[f"{style}_rate"], "prob": row[f"{style}_prob"],
                              "shape": row["shape_accuracy"], "color": row["color_accuracy"]})
             figures["dial"][style] = dial
@@ -165,7 +173,8 @@ def goals(figures: dict, pairs) -> dict:
                 for key in ("shape_accuracy", "color_accuracy"):
                     if row[key] is not None and alone[key] is not None:
                         diff = row[key] - alone[key]
-                        checks[f"{key.split('_')[0]} within 0.05 of {style} alone"] = (round(diff, 4), diff >= -CLOSE_GOAL)
+                        label = f"{key.split('_')[0]} within 0.05 of {style} alone"
+                        checks[label] = (round(diff, 4), diff >= -CLOSE_GOAL)
             out[f"{name} {mode}"] = checks
     for style, rows in figures["alone"].items():
         for prompt_set, row in rows.items():
@@ -186,7 +195,9 @@ def report(figures: dict) -> None:
         print(f"  {style:8s} {own[f'{style}_rate']:.3f} / {_fmt(own['shape_accuracy'])} / "
               f"{_fmt(own['color_accuracy'])}; stacked: {stacked}")
     if figures["dial"]:
-        print("\nweight dial, adapter alone on its own prompts: rate / judge mean probability")
+        held = figures["dial_te_weight"]
+        print("\nweight dial, adapter alone on its own prompts: rate / judge mean probability "
+              + ("(UNet and text encoder at w)" if held is None else f"(UNet at w, text encoder held at {held:g})"))
         print("  " + " " * 8 + "".join(f"  w={d:<11}" for d in DIAL))
         for style, dial in figures["dial"].items():
             print(f"  {style:8s}" + "".join(f"  {d['rate']:.2f} / {d['prob']:.3f} " for d in dial))

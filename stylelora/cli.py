@@ -34,15 +34,24 @@ def _add_base_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle .ckpt base (runs code: only for files you trust)")
 
 
+def _blend_mode_help() -> str:
+    from .lora.blend_modes import mode_help
+
+    return mode_help()
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .toy.evaluate import PROMPT_SETS, EvalSettings, evaluate_pipeline, prompt_set_styles
     from .toy.judge import load_judge
     from .models.load import load_base
 
     prompt_sets = tuple(args.prompt_set or PROMPT_SETS)
-    try:  # a typo in a prompt-set name should fail before the model loads
+    try:  # a typo in a prompt-set name or a mode should fail before the model loads
         for name in prompt_sets:
             prompt_set_styles(name)
+        from .lora.blend_modes import check_mode
+
+        blend_mode = check_mode(args.blend_mode)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -50,7 +59,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.lora:
         from .generate.stack import apply_adapters
 
-        apply_adapters(pipe, args.lora)
+        apply_adapters(pipe, args.lora, blend_mode)
     settings = EvalSettings(samples=args.samples, seed=args.seed, steps=args.steps, guidance_scale=args.cfg,
                             prompt_sets=prompt_sets)
     metrics, images = evaluate_pipeline(pipe, load_judge(), settings)
@@ -145,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score a base (+ adapters) with the toy-world judge")
     _add_base_args(ev)
     ev.add_argument("--lora", action="append", default=[], metavar="FILE[:W]")
+    ev.add_argument("--blend-mode", default=None, metavar="MODE",
+                    help="how 2+ adapters combine, as `generate --blend-mode`: " + _blend_mode_help())
     ev.add_argument("--samples", type=int, default=32, help="prompts per prompt set (plain, stripes, pastel, zorb)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--steps", type=int, default=25)

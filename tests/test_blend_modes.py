@@ -35,12 +35,6 @@ def test_ties_keeps_the_winning_side_of_each_conflict_whole():
     assert torch.equal(blend_modes.merged_delta(terms(D1, -D1), "ties"), torch.zeros(2, 2))  # exact cancel: nothing
 
 
-def test_select_keeps_the_adapter_with_the_largest_top_entries():
-    assert blend_modes.select_index(terms(D1, D2)) == 0  # top-1 of 4 entries: |3| > |2|
-    assert torch.equal(blend_modes.merged_delta(terms(D1, D2), "select"), D1)
-    assert torch.equal(blend_modes.merged_delta(terms(D1, 2 * D2), "select"), 2 * D2)  # the weight counts: |4| > |3|
-
-
 @pytest.mark.parametrize("mode", blend_modes.MODES)
 def test_one_term_is_the_same_in_every_mode(mode):
     up, down = torch.randn(5, 3), torch.randn(3, 7)
@@ -56,7 +50,7 @@ def test_factors_for_a_file_reproduce_the_mode(mode):
 
 
 def test_unknown_mode_is_refused_with_the_choices():
-    with pytest.raises(blend_modes.BlendModeError, match="sum, ties, select"):
+    with pytest.raises(blend_modes.BlendModeError, match="sum, ties"):
         blend_modes.check_mode("average")
     with pytest.raises(ValueError, match="Unknown blend mode"):
         GenerateRequest("x", blend_mode="nope")
@@ -164,7 +158,7 @@ def test_cli_generate_grid_and_blend_with_a_mode(world, tmp_path, capsys):
     assert "Blend mode: ties" in text
     assert request_from_parameters(text, world["adapters"]).blend_mode == "ties"  # the PNG reproduces the mode
     code, out, _ = _run(["grid", "a cat", "--lora", str(world["a"]), "--lora", str(world["b"]), "--x",
-                         "weight=0.5,1", "--blend-mode", "select", "--out", str(tmp_path / "grid.png"), *common], capsys)
+                         "weight=0.5,1", "--blend-mode", "ties", "--out", str(tmp_path / "grid.png"), *common], capsys)
     assert code == 0 and out == [str(tmp_path / "grid.png")]
     code, out, _ = _run(["blend", f"{world['a']}:0.9:0.6", f"{world['b']}:1.1:-0.4", "--blend-mode", "ties",
                          "--out", str(tmp_path / "mix.safetensors"), "--json"], capsys)
@@ -172,3 +166,23 @@ def test_cli_generate_grid_and_blend_with_a_mode(world, tmp_path, capsys):
     code, out, err = _run(["blend", str(world["a"]), "--blend-mode", "mean", "--out",
                            str(tmp_path / "x.safetensors")], capsys)
     assert code == 2 and out == [] and "Unknown blend mode 'mean'" in err
+
+
+def test_app_passes_the_mode_to_generation_and_to_the_saved_blend(world, tmp_path):
+    from stylelora.app.service import AdapterWeight, AppService, GenerateSettings
+    from stylelora.app.ui import DEFAULT_SAMPLER, MAX_ADAPTER_ROWS, GenerateInputs
+
+    service = AppService(world["adapters"], datasets_dir=tmp_path)
+    mix = (AdapterWeight("stripes", 0.9, 0.6), AdapterWeight("pastel", 1.1, -0.4))
+    assert service.request(GenerateSettings("a cat", adapters=mix, blend_mode="ties")).blend_mode == "ties"
+    assert service.request(GenerateSettings("a cat", adapters=mix)).blend_mode == blend_modes.DEFAULT_MODE
+    widgets = ["toy", [], *[1.0] * (2 * MAX_ADAPTER_ROWS), "a cat", "", 20, 5.0, DEFAULT_SAMPLER, -1, "native", 1]
+    assert GenerateInputs.settings(widgets + ["ties"]).blend_mode == "ties"
+    assert GenerateInputs.settings(widgets).blend_mode is None  # an API client that does not send it
+    result = service.blend(mix, "mix-ties", blend_mode="ties")
+    assert "blend mode ties" in result.summary
+    expected = blend(_specs(world), tmp_path / "cli.safetensors", blend_mode="ties")
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(str(result.path)), load_file(str(expected.path))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

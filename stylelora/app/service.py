@@ -112,6 +112,7 @@ class GenerateSettings:
     seed: int = -1
     size: str = ""
     batch_size: int = 1
+    blend_mode: str | None = None  # how 2+ adapters combine (stylelora.lora.blend_modes; None: its default)
 
 
 @dataclass(frozen=True)
@@ -420,6 +421,7 @@ class AppService:
             cfg=cfg, sampler=settings.sampler or None, seed=seed, width=width,
             height=height, batch_size=batch, loras=self.specs(settings.adapters),
             adapters_dir=self.adapters_dir,  # <lora:name> tags in the prompt resolve here, and only here
+            blend_mode=settings.blend_mode,
         )
 
     def generate(self, settings: GenerateSettings, progress: Progress | None = None,
@@ -529,7 +531,7 @@ class AppService:
     # ------------------------------------------------------------------ blend
 
     def blend(self, adapters: Sequence[AdapterWeight], name: str, rank: int | None = None,
-              fp16: bool = False, overwrite: bool = False) -> BlendResult:
+              fp16: bool = False, overwrite: bool = False, blend_mode: str | None = None) -> BlendResult:
         """Save the mix as blends/NAME.safetensors: exact (rank None) or truncated to `rank` by SVD."""
         from stylelora.lora.blend import blend
 
@@ -545,7 +547,7 @@ class AppService:
             import torch
 
             dtype = torch.float16
-        report = blend(specs, out, rank=int(rank) if rank else None, dtype=dtype)
+        report = blend(specs, out, rank=int(rank) if rank else None, dtype=dtype, blend_mode=blend_mode)
         saved = out.relative_to(self.adapters_dir).with_suffix("").as_posix()
         return BlendResult(saved, out, report.summary())
 

@@ -17,6 +17,8 @@ import gradio as gr
 
 from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppError, AppService, GenerateSettings
 from stylelora.app.training import TrainSettings
+from stylelora.lora.blend_modes import DEFAULT_MODE as DEFAULT_BLEND_MODE
+from stylelora.lora.blend_modes import MODES as BLEND_MODES
 
 MAX_ADAPTER_ROWS = MAX_ADAPTERS
 SIZES = ["native", "32x32", "48x48", "64x64", "32x48", "48x32", "512x512", "512x768", "768x512", "1024x1024"]
@@ -179,22 +181,25 @@ class GenerateInputs:
                                     label=f"Size (WxH, up to {limits.max_side} a side)")
             self.batch = _lenient(gr.Slider(1, limits.max_batch, value=1, step=1, elem_id="batch-size",
                                             label=f"Batch (up to {limits.max_batch})"))
+            self.blend_mode = gr.Dropdown(list(BLEND_MODES), value=DEFAULT_BLEND_MODE, label="Blend mode",
+                                          elem_id="blend-mode", info="how 2+ adapters combine; sum = A1111/ComfyUI")
 
     @property
     def settings_inputs(self) -> list:
         """Widgets in the order `settings()` reads them."""
         return [self.base, self.chosen, *self.weights, self.prompt, self.negative, self.steps, self.cfg,
-                self.sampler, self.seed, self.size, self.batch]
+                self.sampler, self.seed, self.size, self.batch, self.blend_mode]
 
     @staticmethod
     def settings(values: Sequence) -> GenerateSettings:
         base, chosen = values[0], values[1]
         weights = values[2:2 + 2 * MAX_ADAPTER_ROWS]
-        prompt, negative, steps, cfg, sampler, seed, size, batch = values[2 + 2 * MAX_ADAPTER_ROWS:]
+        prompt, negative, steps, cfg, sampler, seed, size, batch, *mode = values[2 + 2 * MAX_ADAPTER_ROWS:]
         return GenerateSettings(
             prompt=prompt or "", negative_prompt=negative or "", adapters=mix_from_values(chosen, weights),
             base=base, steps=int(steps), cfg=float(cfg), sampler=None if sampler == DEFAULT_SAMPLER else sampler,
             seed=-1 if seed is None else int(seed), size=size or "native", batch_size=int(batch),
+            blend_mode=(mode or [None])[0] or None,
         )
 
 
@@ -308,9 +313,11 @@ def _blend_tab() -> SimpleNamespace:
     with gr.Row():
         fp16 = gr.Checkbox(label="float16 (half the size)")
         overwrite = gr.Checkbox(label="overwrite")
+        blend_mode = gr.Dropdown(list(BLEND_MODES), value=DEFAULT_BLEND_MODE, label="Blend mode",
+                                 info="saved as a plain kohya LoRA")
     button = gr.Button("Save blend", variant="primary")
     report = gr.Textbox(label="Result", lines=4, elem_classes="mono")
-    return SimpleNamespace(mix_view=mix_view, options=[name, mode, rank, fp16, overwrite], button=button,
+    return SimpleNamespace(mix_view=mix_view, options=[name, mode, rank, fp16, overwrite, blend_mode], button=button,
                            report=report)
 
 
@@ -530,12 +537,13 @@ def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespac
 
     def on_blend(**values):
         chosen, *values = list(values.values())
-        weights, (name, mode, rank, fp16, overwrite) = values[:-count], values[-count:][:5]
+        weights, (name, mode, rank, fp16, overwrite, blend_mode) = values[:-count], values[-count:][:6]
         result = service.blend(mix_from_values(chosen, weights), name, rank=int(rank) if mode == "rank" else None,
-                               fp16=bool(fp16), overwrite=bool(overwrite))
+                               fp16=bool(fp16), overwrite=bool(overwrite), blend_mode=blend_mode or None)
         return f"saved {result.name}\n{result.summary}", *lists.refreshed(chosen, result.name)
 
-    names = {id(widget): key for widget, key in zip(tab.options, ["name", "mode", "rank", "fp16", "overwrite"])}
+    names = {id(widget): key for widget, key in zip(tab.options,
+                                                    ["name", "mode", "rank", "fp16", "overwrite", "blend_mode"])}
     tab.button.click(_shown(service, on_blend), inputs_kwargs=_named([inputs.chosen, *inputs.weights, *tab.options],
                                                                      names),
                      outputs=[tab.report, *lists.widgets], api_name="blend")

@@ -1,4 +1,5 @@
-"""Blend modes: how several adapters' weighted low-rank deltas on one layer become that layer's one delta (sum, and the interference-aware modes); used by the adapter stack (generation) and `stylelora blend` (files)."""
+"""Blend modes: how the weighted low-rank deltas of several adapters on one layer become that layer's one delta
+(sum, and the interference-aware modes); used by the adapter stack (generation) and `stylelora blend` (files)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,16 +8,14 @@ from typing import Any
 # Every mode is a function of one layer's weighted deltas only, so every mode is static: the stack fuses it into the
 # weights and `stylelora blend` writes it as a plain kohya LoRA. A layer that only one adapter touches always gets
 # that adapter's delta unchanged, so a single adapter is the same in every mode.
-MODES = ("sum", "ties", "select")
+MODES = ("sum", "ties")
 STATIC_MODES = frozenset(MODES)  # modes a saved file can hold (a step-dependent mode would be left out of this)
 DEFAULT_MODE = "sum"  # what A1111, ComfyUI and diffusers do; see docs/results.md "Blending" for the measurements
 DESCRIPTIONS = {
     "sum": "plain weighted sum of the deltas (A1111/ComfyUI/diffusers)",
     "ties": "TIES-style sign election per weight entry: where the adapters push an entry in opposite directions, "
             "only the side that wins the sum is kept (no cancelling); agreeing entries add up",
-    "select": "K-LoRA-style: in each layer only the adapter with the largest top-K |delta| entries acts",
 }
-SELECT_TOP_FRACTION = 0.05  # K of K-LoRA: the share of a layer's entries whose magnitude ranks an adapter
 
 
 class BlendModeError(ValueError):
@@ -40,8 +39,9 @@ def check_static(mode: str) -> str:
     """The mode, if a saved kohya file can hold it; otherwise BlendModeError saying why."""
     mode = check_mode(mode)
     if mode not in STATIC_MODES:
+        static = ", ".join(sorted(STATIC_MODES))
         raise BlendModeError(f"Blend mode {mode!r} changes with the denoising step and cannot be saved as a static "
-                             f"LoRA file; generate with it live, or save with one of {', '.join(sorted(STATIC_MODES))}.")
+                             f"LoRA file; generate with it live, or save with one of {static}.")
     return mode
 
 
@@ -60,15 +60,13 @@ def merged_delta(terms: Sequence[Term], mode: str):
     mode = check_mode(mode)
     if mode == "sum" or len(terms) == 1:
         return sum_delta(terms)
-    if mode == "select":
-        return sum_delta([terms[select_index(terms)]])
     return ties_delta([up @ down for up, down in terms])
 
 
 def merged_factors(terms: Sequence[Term], mode: str) -> tuple[Any, Any, bool]:
     """(up, down, exact) with up @ down the layer's delta under `mode`, for a file.
 
-    sum and select stay low rank (concatenated or chosen factors: exact). ties is a full matrix in general: it is
+    sum stays low rank (concatenated factors: exact). ties is a full matrix in general: it is
     factored by SVD, keeping every singular value above float noise, so it is exact to float precision too.
     """
     import torch
@@ -76,9 +74,6 @@ def merged_factors(terms: Sequence[Term], mode: str) -> tuple[Any, Any, bool]:
     mode = check_static(mode)
     if mode == "sum" or len(terms) == 1:
         return torch.cat([up for up, _ in terms], dim=1), torch.cat([down for _, down in terms], dim=0), True
-    if mode == "select":
-        up, down = terms[select_index(terms)]
-        return up, down, True
     delta = merged_delta(terms, mode).double()
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     keep = max(1, int((s > s[0] * 1e-7).sum())) if s.numel() and s[0] > 0 else 1
@@ -99,18 +94,6 @@ def ties_delta(deltas: Sequence[Any]):
     stacked = torch.stack(list(deltas))
     elected = torch.sign(stacked.sum(dim=0))
     return torch.where(torch.sign(stacked) == elected, stacked, torch.zeros_like(stacked)).sum(dim=0)
-
-
-def select_index(terms: Sequence[Term]) -> int:
-    """K-LoRA's choice for one layer: the adapter whose top-K |delta| entries sum highest (first on a tie)."""
-    import torch
-
-    scores = []
-    for up, down in terms:
-        values = (up @ down).abs().flatten()
-        k = max(1, int(values.numel() * SELECT_TOP_FRACTION))
-        scores.append(float(torch.topk(values, k).values.sum()))
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
 def uniform_alpha(state: dict, alpha: float) -> None:
