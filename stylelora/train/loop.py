@@ -278,14 +278,21 @@ def prepare_reg_data(config: TrainConfig, run_dir: Path, train: list[CheckedImag
 
 
 def _load_base(config: TrainConfig, accelerator):
-    from stylelora.models.load import load_base
+    from stylelora.models.load import PRECISIONS, load_base
+    from stylelora.models.quantize import check_quantization, quantize_frozen_base
 
+    quantize = config.train.quantize_base
+    check_quantization(quantize)  # a missing bitsandbytes fails before anything loads
     if not accelerator.is_main_process:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # one loading bar, not one per process
-    return load_base(config.train.base, precision=config.train.precision, device=str(accelerator.device),
+    pipe = load_base(config.train.base, precision=config.train.precision, device=str(accelerator.device),
                      allow_pickle=config.train.allow_pickle, config_dir=config.train.base_config)
+    if quantize != "none":  # before LoRA is added, so peft wraps the quantized layers with its bitsandbytes LoRA ones
+        quantize_frozen_base(pipe, quantize, getattr(torch, PRECISIONS[config.train.precision]),
+                             text_encoders=not config.network.train_text_encoder)
+    return pipe
 
 
 def check_family(config: TrainConfig, pipe) -> None:
