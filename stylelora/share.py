@@ -130,8 +130,15 @@ def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = Non
     sidecar = adapter.with_name(f"{name}.json")
     written.append(write_text_atomic(sidecar, json.dumps(a1111_sidecar(metadata), indent=4) + "\n"))
     grid_link = os.path.relpath(grid, adapter.parent) if grid is not None and grid.is_file() else None
-    written.append(write_text_atomic(adapter.with_name("README.md"), model_card(name, metadata, grid=grid_link)))
+    written.append(write_text_atomic(card_path(adapter), model_card(name, metadata, grid=grid_link)))
     return written
+
+
+def card_path(adapter: Path) -> Path:
+    """README.md in a folder that holds only this adapter (a run folder), else NAME.md: a folder of several adapters
+    (the app's blends/, an outputs folder) keeps one card per adapter and never overwrites another's."""
+    others = [p for p in adapter.parent.glob("*.safetensors") if p.name != adapter.name]
+    return adapter.with_name("README.md" if not others else f"{adapter.stem}.md")
 
 
 def pack(run_dir: Path, out: Path) -> Path:
@@ -143,7 +150,7 @@ def pack(run_dir: Path, out: Path) -> Path:
                                 f"{len(adapters)}); pass a run folder written by `stylelora train` or `blend`")
     adapter = adapters[0]
     members = [adapter] + [adapter.with_name(f"{adapter.stem}{suffix}") for suffix in (".preview.png", ".json")]
-    members += [run_dir / "README.md"] + sorted((run_dir / "samples").glob("step-*.png"))[-1:]
+    members += [card_path(adapter)] + sorted((run_dir / "samples").glob("step-*.png"))[-1:]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

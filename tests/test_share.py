@@ -64,3 +64,34 @@ def test_share_packs_the_bundle(run_dir, tmp_path):
     empty = subprocess.run([sys.executable, "-m", "stylelora.cli", "share", str(tmp_path)], cwd=REPO,
                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert empty.returncode == 2 and "exactly one adapter" in empty.stderr
+
+
+def test_blend_writes_the_same_bundle(run_dir, tmp_path):
+    """A saved blend gets preview, sidecar and card; a second blend in the same folder keeps the first one's card."""
+    import shutil
+
+    inputs = [shutil.copyfile(run_dir / "run.safetensors", tmp_path / f"{name}.safetensors") for name in "ab"]
+    out = tmp_path / "mix" / "mix.safetensors"
+
+    def blend(target, *extra):
+        return subprocess.run([sys.executable, "-m", "stylelora.cli", "blend", f"{inputs[0]}:1", f"{inputs[1]}:0.5",
+                               "--out", str(target), *extra], cwd=REPO, env=subprocess_env(), capture_output=True,
+                              text=True, timeout=120)
+
+    result = blend(out, "--preview", str(run_dir / "run.preview.png"))
+    assert result.returncode == 0, result.stderr
+    assert (out.parent / "mix.preview.png").read_bytes() == (run_dir / "run.preview.png").read_bytes()
+    sidecar = json.loads((out.parent / "mix.json").read_text(encoding="utf-8"))
+    assert sidecar["activation text"] == "stripestyle" and sidecar["sd version"] == "SD1"
+    card = (out.parent / "README.md").read_text(encoding="utf-8")
+    assert "<lora:mix:1>" in card and "License: CC-BY-4.0" in card  # both inputs carry CC-BY-4.0
+    _, metadata = read_header(out)
+    assert metadata["modelspec.license"] == "CC-BY-4.0" and metadata["modelspec.thumbnail"].startswith("data:image/")
+
+    second = blend(out.with_name("mix2.safetensors"), "--license", "CC0-1.0")
+    assert second.returncode == 0, second.stderr
+    assert "License: CC0-1.0" in (out.parent / "mix2.md").read_text(encoding="utf-8")
+    assert (out.parent / "README.md").read_text(encoding="utf-8") == card
+    missing = blend(out.with_name("mix3.safetensors"), "--preview", str(tmp_path / "nope.png"))
+    assert missing.returncode != 0 and "no such image" in missing.stderr
+    assert not out.with_name("mix3.safetensors").exists()  # bad input is refused before anything is written

@@ -534,6 +534,7 @@ class AppService:
               fp16: bool = False, overwrite: bool = False, blend_mode: str | None = None) -> BlendResult:
         """Save the mix as blends/NAME.safetensors: exact (rank None) or truncated to `rank` by SVD."""
         from stylelora.lora.blend import blend
+        from stylelora.share import write_bundle
 
         specs = self.specs(adapters)
         if not specs:
@@ -548,6 +549,7 @@ class AppService:
 
             dtype = torch.float16
         report = blend(specs, out, rank=int(rank) if rank else None, dtype=dtype, blend_mode=blend_mode)
+        write_bundle(out, preview=None)  # A1111's NAME.json sidecar and the NAME.md model card, as the CLI writes
         saved = out.relative_to(self.adapters_dir).with_suffix("").as_posix()
         return BlendResult(saved, out, report.summary())
 
@@ -665,6 +667,6 @@ class AppService:
 
 
 def _sidecars(adapter: Path) -> list[Path]:
-    """The files kept beside an adapter: NAME.json (A1111's card) and NAME.preview.png."""
-    return [path for path in (adapter.with_suffix(".json"), adapter.with_name(adapter.stem + ".preview.png"))
-            if path.is_file()]
+    """The files kept beside an adapter: NAME.json (A1111's card), NAME.preview.png and NAME.md (its model card)."""
+    return [path for path in (adapter.with_suffix(".json"), adapter.with_name(adapter.stem + ".preview.png"),
+                              adapter.with_suffix(".md")) if path.is_file()]

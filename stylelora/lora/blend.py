@@ -156,12 +156,15 @@ def _read_inputs(specs):
 
 
 def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bool = False,
-          dtype: Any = None, blend_mode: str | None = None) -> BlendReport:
+          dtype: Any = None, blend_mode: str | None = None, license: str | None = None,
+          thumbnail: str | None = None) -> BlendReport:
     """Write the weighted blend of `specs` (AdapterSpecs or "FILE:W[:TE_W]") to `out_path` in kohya format.
 
     exact=True (or no rank): reproduces the live blend (sum: concatenated ranks). rank=R: truncated SVD at rank R.
     dtype: e.g. torch.float16 for a smaller file (default float32). blend_mode: as `generate --blend-mode`
     (None: blend_modes.DEFAULT_MODE); a mode that cannot be a static file is refused with the reason.
+    license: modelspec.license (None: the inputs' license when they all share one, else "unspecified").
+    thumbnail: modelspec.thumbnail, a data-URI image (share.thumbnail_data_uri).
     """
     import torch
 
@@ -195,6 +198,9 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
         blend_modes.uniform_alpha(state, float(max(ranks.values())))  # ranks differ per module: see uniform_alpha
     mode = "exact" if rank is None else "svd"
     metadata = _blend_metadata(specs, files, Path(out_path), mode, rank, ranks, errors, blend_mode)
+    metadata["modelspec.license"] = license or _shared_license(files)
+    if thumbnail:
+        metadata["modelspec.thumbnail"] = thumbnail
     _write(out_path, state, metadata)
     return BlendReport(path=Path(out_path), mode=mode, rank=rank, module_errors=errors, module_ranks=ranks,
                        blend_mode=blend_mode)
@@ -215,6 +221,12 @@ def _merged_tag_frequency(files) -> dict:
             for tag, count in tags.items():
                 target[tag] = target.get(tag, 0) + int(count)
     return merged
+
+
+def _shared_license(files) -> str:
+    """The inputs' license when every input names the same one; a mix of licenses is not ours to pick."""
+    licenses = {f.metadata.get("modelspec.license") or "unspecified" for f in files}
+    return licenses.pop() if len(licenses) == 1 else "unspecified"
 
 
 def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors, blend_mode="sum") -> dict[str, str]:

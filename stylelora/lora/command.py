@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from stylelora.cli import report_user_errors
 from stylelora.lora.blend_modes import mode_help
@@ -24,6 +25,11 @@ def add_lora_parsers(subparsers) -> None:
     blend.add_argument("--blend-mode", default=None, metavar="MODE",
                        help="how adapters combine where they share a layer, as `generate --blend-mode`: "
                             + mode_help())
+    blend.add_argument("--preview", metavar="IMAGE",
+                       help="an image made with the blend (e.g. by `stylelora generate`): saved as NAME.preview.png "
+                            "and as the file's thumbnail")
+    blend.add_argument("--license", help="license named in the file and the model card (default: the inputs' "
+                                         "license when they share one, else unspecified)")
     blend.add_argument("--json", action="store_true", help="print the report as JSON")
     blend.set_defaults(handler=cmd_blend)
 
@@ -45,17 +51,26 @@ def cmd_blend(args: argparse.Namespace) -> int:
 
     from stylelora.lora.blend import blend
     from stylelora.lora.spec import parse_lora_arg
+    from stylelora.share import thumbnail_data_uri, write_bundle
 
     specs = [parse_lora_arg(text) for text in args.adapters]
+    preview = Path(args.preview) if args.preview else None
+    if preview is not None and not preview.is_file():
+        raise FileNotFoundError(f"--preview {preview}: no such image; make one with `stylelora generate ... --lora "
+                                f"{args.out}`, then blend again with --preview")
     report = blend(specs, args.out, rank=args.rank, exact=args.exact, dtype=torch.float16 if args.fp16 else None,
-                   blend_mode=args.blend_mode)
+                   blend_mode=args.blend_mode, license=args.license,
+                   thumbnail=thumbnail_data_uri(preview) if preview else None)
+    bundle = write_bundle(report.path, preview=preview)
     if args.json:
         print(json.dumps({"path": str(report.path), "mode": report.mode, "rank": report.rank,
                           "blend_mode": report.blend_mode,
                           "max_error": report.max_error, "mean_error": report.mean_error,
-                          "module_errors": report.module_errors, "module_ranks": report.module_ranks}))
+                          "module_errors": report.module_errors, "module_ranks": report.module_ranks,
+                          "bundle": [str(path) for path in bundle]}))
     else:
         print(report.summary())
+        print("share bundle: " + ", ".join(path.name for path in bundle))
         print(report.path)
     return 0
 
