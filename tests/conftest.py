@@ -32,3 +32,15 @@ def tiny_sd_base(tmp_path_factory) -> Path:
     from gen_fixtures import save_tiny_base
 
     return save_tiny_base(tmp_path_factory.mktemp("tiny_sd") / "base")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests (use with pytest.mark.usefixtures): on a shared 2-core machine
+    a second thread makes each small op wait on the other, many times slower; subprocess tests run one thread too."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,13 +28,7 @@ def fresh_accelerate():
     reset_accelerate()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the subprocess tests run: tiny layers gain nothing from more, and lose on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(data: Path, output: Path, base: Path, **extra) -> Path:
