@@ -105,6 +105,16 @@ def test_second_pass_does_not_call_the_encoder(tmp_path):
     assert encoder.calls == 3 and cache.stats.hits == len(dataset)
 
 
+@pytest.mark.parametrize("images_per_batch, calls", [(1, 4), (2, 3)])
+def test_a_pixel_budget_bounds_how_many_images_the_vae_sees_at_once(tmp_path, images_per_batch, calls):
+    """Large images are encoded a few (or one) at a time: the VAE's activations grow with the pixels it sees."""
+    encoder = CountingEncoder()
+    dataset = _dataset(_folder(tmp_path), LatentCache(encoder, vae_id="toy-vae@1"))
+    largest = max(width * height for width, height in dataset.buckets)
+    assert dataset.cache_latents(batch_size=8, max_pixels=images_per_batch * largest) == 4
+    assert encoder.samples == 4 and encoder.calls == calls  # the two square images share a batch only at 2
+
+
 def test_disk_cache_persists_atomically_and_is_read_lazily(tmp_path):
     root, cache_dir = _folder(tmp_path / "data"), tmp_path / "cache"
     first = CountingEncoder()

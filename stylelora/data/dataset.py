@@ -121,11 +121,11 @@ class TrainingDataset(Dataset):
                     requests.append((key, lambda i=index, p=plan, f=flipped: self.pixels(i, p, f)))
         return requests
 
-    def cache_latents(self, batch_size: int = 8) -> int:
+    def cache_latents(self, batch_size: int = 8, max_pixels: int | None = None) -> int:
         """Encode every latent not cached yet, before training; returns how many were encoded."""
         if self.latent_cache is None:
             raise ValueError("this dataset has no latent cache; pass latent_cache=LatentCache(...)")
-        return self.latent_cache.fill(self.latent_requests(), batch_size=batch_size)
+        return self.latent_cache.fill(self.latent_requests(), batch_size=batch_size, max_pixels=max_pixels)
 
 
 def collate_samples(items: list[dict]) -> dict:

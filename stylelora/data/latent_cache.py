@@ -144,8 +144,12 @@ class LatentCache:
             return cached
         return self._encode_and_store([(key, load_pixels)])[0]
 
-    def fill(self, requests: Iterable[tuple[LatentKey, Callable[[], torch.Tensor]]], batch_size: int = 8) -> int:
-        """Encode every request not cached yet, batching same-size ones; returns how many were encoded."""
+    def fill(self, requests: Iterable[tuple[LatentKey, Callable[[], torch.Tensor]]], batch_size: int = 8,
+             max_pixels: int | None = None) -> int:
+        """Encode every request not cached yet, batching same-size ones; returns how many were encoded.
+
+        A batch holds at most `batch_size` images and, when `max_pixels` is given, at most that many pixels (at least
+        one image): the VAE encoder's activations grow with the pixels it sees at once."""
         missing: dict[str, tuple[LatentKey, Callable]] = {}
         for key, load_pixels in requests:
             digest = key.digest()
@@ -154,9 +158,10 @@ class LatentCache:
         by_size: dict[tuple[int, int], list] = {}
         for key, load_pixels in missing.values():
             by_size.setdefault(key.bucket, []).append((key, load_pixels))
-        for group in by_size.values():
-            for start in range(0, len(group), batch_size):
-                self._encode_and_store(group[start: start + batch_size])
+        for (width, height), group in by_size.items():
+            size = batch_size if max_pixels is None else max(1, min(batch_size, max_pixels // (width * height)))
+            for start in range(0, len(group), size):
+                self._encode_and_store(group[start: start + size])
         return len(missing)
 
     def _encode_and_store(self, batch: Sequence[tuple[LatentKey, Callable]]) -> list[torch.Tensor]:
