@@ -4,9 +4,10 @@
                    (fp32), the VAE encoding each batch; a small loop in this file, written independently of
                    stylelora's trainer, as diffusers' examples/text_to_image/train_text_to_image.py does it
     lora           `stylelora train`: LoRA rank 16 (alpha 16) on the UNet (kohya targets) and the text encoder(s),
-                   fp32 base (--precision fp32): the default on CPU
+                   fp32 base (--precision fp32): the default on CPU, with the family preset's gradient
+                   checkpointing (on for SD 1.x/2.x and SDXL)
+    no-checkpointing  lora with --no-gradient-checkpointing
     bf16           the same with --precision bf16: frozen weights in bf16, LoRA weights and AdamW state in fp32
-    checkpointing  lora + --gradient-checkpointing (fp32 base)
     nf4            lora + --quantize-base nf4 --precision bf16: the frozen UNet's Linear layers stored 4-bit
                    (bitsandbytes), everything else frozen in bf16 (QLoRA)
 
@@ -78,10 +79,10 @@ class Mode:
 
 MODES: dict[str, Mode] = {
     "full": Mode("full UNet fine-tune (AdamW, fp32)", None),
-    "lora": Mode("LoRA r16 UNet+TE, fp32 base", ("--precision", "fp32")),
+    "lora": Mode("LoRA r16 UNet+TE, fp32 base, preset (checkpointing)", ("--precision", "fp32")),
+    "no-checkpointing": Mode("LoRA r16 UNet+TE, fp32, --no-gradient-checkpointing",
+                             ("--precision", "fp32", "--no-gradient-checkpointing")),
     "bf16": Mode("LoRA r16 UNet+TE, --precision bf16", ("--precision", "bf16")),
-    "checkpointing": Mode("LoRA r16 UNet+TE, fp32, --gradient-checkpointing",
-                          ("--precision", "fp32", "--gradient-checkpointing")),
     "nf4": Mode("LoRA r16 UNet+TE, --quantize-base nf4 --precision bf16",
                 ("--precision", "bf16", "--quantize-base", "nf4")),
 }

@@ -66,6 +66,10 @@ def test_real_bases_do_not_get_toy_values():
     assert config.optim.unet_lr <= 3e-4 and config.train.batch_size <= 4 and config.data.resolution == 512
     assert config.train.precision == "fp16"  # on CUDA; fp32 without it
     assert apply_preset(load_config(None, {"data.dir": "d"}), "sd1", cuda=False).train.precision == "fp32"
+    # Checkpointing is what keeps a default SD run at a third of a full fine-tune's memory (docs/benchmarks.md).
+    assert config.train.gradient_checkpointing and "OneTrainer" in config.source_of("train.gradient_checkpointing")
+    toy = apply_preset(load_config(None, {"data.dir": "d"}), "toy", cuda=False)
+    assert toy.train.gradient_checkpointing is False
 
 
 def test_flags_and_file_win_over_the_preset_and_sources_say_so(tmp_path):
