@@ -42,7 +42,7 @@ def share_fields(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
 
     t = config.train
     trigger = f", trigger '{facts.trigger}'" if facts.trigger else ""
-    description = t.description or (f"LoRA for {FAMILY_NAMES[t.family]} bases{trigger}, trained with stylelora "
+    description = t.description or (f"{FAMILY_NAMES[t.family]} LoRA{trigger}, trained with stylelora "
                                     f"on {len(facts.items)} images.")
     fields = {"modelspec.description": description, "modelspec.license": t.license}
     preview = config.output_dir / SAMPLES_DIR / PREVIEW_NAME
