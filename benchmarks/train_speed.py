@@ -32,19 +32,19 @@ time per step are measured: on a shared machine other jobs stretch wall time at 
 this process's own work, so the CPU-time ratio is the one to trust there (with one thread they agree on an idle
 machine). Target: trainer (cache) / floor ≤ 1.10.
 
-Issue 3 measured, on a tiny SD pipeline at batch 4, 64 px, rank 4 on attention, the diffusers example at 1.7× the
-floor's time, and asks the trainer to be ≥ 1.5× faster than that script at the same settings. `--preset issue`
-runs every mode at those settings, except the image size: each base trains at its native size (32 px for the toy
-base), and prints trainer speed / diffusers-example-style speed next to trainer / floor.
+The diffusers example's comparison settings are batch 4, 64 px, rank 4 on attention on a tiny SD pipeline (where
+the example was measured at 1.7× the floor's time; the aim is a trainer ≥ 1.5× faster than that script).
+`--preset example` runs every mode at those settings, except the image size: each base trains at its native size
+(32 px for the toy base), and prints trainer speed / diffusers-example-style speed next to trainer / floor.
 
     python benchmarks/train_speed.py                   # toy base if built, else a random base of the same shape
     python benchmarks/train_speed.py --base PATH --steps 40 --batch-size 16 --rank 16
-    python benchmarks/train_speed.py --preset issue --steps 20
-    python benchmarks/train_speed.py --preset issue --base tiny-sd --steps 20    # the issue's 64 px tiny pipeline
-    ENV/bin/python benchmarks/train_speed.py --preset issue --base tiny-sd --steps 30 --rounds 3 \
+    python benchmarks/train_speed.py --preset example --steps 20
+    python benchmarks/train_speed.py --preset example --base tiny-sd --steps 20    # the 64 px tiny pipeline
+    ENV/bin/python benchmarks/train_speed.py --preset example --base tiny-sd --steps 30 --rounds 3 \
         --python ENV/bin/python --diffusers-script diffusers/examples/text_to_image/train_text_to_image_lora.py
 
-`--base tiny-sd` builds a random pipeline shaped like the "tiny SD pipeline" issue 3 measured on (diffusers'
+`--base tiny-sd` builds a random pipeline shaped like the "tiny SD pipeline" of that comparison (diffusers'
 test pipeline: UNet 32/64 channels with cross-attention, VAE 32/64 with f=2, CLIP hidden 32 × 5 layers), 64 px.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ TARGET_RATIO = 1.10
 # Issue 3: the trainer ≥ 1.5× the diffusers example's speed; it measured that example at 1.7× the floor's time.
 EXAMPLE_TARGET_SPEEDUP = 1.5
 ISSUE_EXAMPLE_OVER_FLOOR = 1.7
-PRESETS = {"issue": {"batch_size": 4, "rank": 4, "unet_targets": "attn", "text_encoder": False}}
+PRESETS = {"example": {"batch_size": 4, "rank": 4, "unet_targets": "attn", "text_encoder": False}}
 EXAMPLE_NAME = "diffusers-example-style"
 EXAMPLE_LABEL = "diffusers-example-style loop (reimplemented per-step work of train_text_to_image_lora.py)"
 EXAMPLE_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the example's UNet LoraConfig target_modules
@@ -104,8 +104,8 @@ def median_of_rounds(rounds: list[dict]) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="issue: batch 4, rank 4, UNet attention only, "
-                        "frozen text encoder (issue 3's comparison); explicit options still win")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="example: batch 4, rank 4, UNet attention only, "
+                        "frozen text encoder (the diffusers example's comparison); explicit options still win")
     parser.add_argument("--base", help="base model (default: toy if built, else a random toy-shaped base); "
                         "tiny-sd: a random 64 px pipeline shaped like diffusers' tiny test pipeline")
     parser.add_argument("--data", default=str(REPO / "datasets" / "toy-stripes"))
@@ -155,7 +155,7 @@ def modes(args) -> dict[str, tuple[str, str, list[str]]]:
             table["script"] = (SCRIPT_NAME, "script", ["--diffusers-script", args.diffusers_script])
     elif args.diffusers_script:
         raise SystemExit("--diffusers-script trains UNet attention LoRA with a frozen text encoder: add "
-                         "--preset issue (or --unet-targets attn --no-text-encoder) to compare like with like")
+                         "--preset example (or --unet-targets attn --no-text-encoder) to compare like with like")
     return table
 
 
@@ -163,11 +163,11 @@ def header(args, base: str) -> str:
     lines = [f"base {base}; data {args.data}; batch {args.batch_size}; rank {args.rank}; UNet targets "
              f"{args.unet_targets}; text encoder {'trained' if args.text_encoder else 'frozen'}; {args.steps} timed "
              f"steps per mode, {args.rounds} round(s); {os.environ.get('OMP_NUM_THREADS', 'default')} threads"]
-    if args.preset == "issue":
-        size = ("64 px, as in the issue" if args.base == "tiny-sd" else
-                "the base's native size (the toy base is 32 px, not the issue's 64 px; --base tiny-sd runs 64 px)")
-        lines.append("preset issue: issue 3's comparison settings (batch 4, rank 4 on UNet attention, text encoder "
-                     f"frozen) at {size}")
+    if args.preset == "example":
+        size = ("64 px, as in the comparison" if args.base == "tiny-sd" else
+                "the base's native size (the toy base is 32 px, not the comparison's 64 px; --base tiny-sd runs 64 px)")
+        lines.append("preset example: the diffusers example's comparison settings (batch 4, rank 4 on UNet "
+                     f"attention, text encoder frozen) at {size}")
     return "\n".join(lines)
 
 
@@ -206,7 +206,7 @@ def report(results: dict[str, dict]) -> None:
         report_example(results)
     else:
         print(f"{EXAMPLE_NAME} not run: that script trains UNet attention LoRA only with a frozen text encoder; "
-              "compare with --unet-targets attn --no-text-encoder, or --preset issue")
+              "compare with --unet-targets attn --no-text-encoder, or --preset example")
 
 
 def report_example(results: dict[str, dict]) -> None:
@@ -228,7 +228,7 @@ def report_example(results: dict[str, dict]) -> None:
                   f"{wall:.2f} wall time (CPU-time target ≥ {EXAMPLE_TARGET_SPEEDUP}: {verdict})")
         print(f"{name} / floor = {example['cpu_median_s'] / floor['cpu_median_s']:.2f} CPU time, "
               f"{example['median_s'] / floor['median_s']:.2f} wall time: the most a trainer at the floor could gain "
-              f"over it here (issue 3 measured the real script at {ISSUE_EXAMPLE_OVER_FLOOR} on its tiny SD pipeline)")
+              f"over it here (the real script measured {ISSUE_EXAMPLE_OVER_FLOOR} on its tiny SD pipeline elsewhere)")
 
 
 # ----------------------------------------------------------------------------- workers
@@ -444,7 +444,7 @@ def collate_example(examples: list[dict]) -> dict:
 
 
 def script_worker(args) -> dict:
-    """Run diffusers' train_text_to_image_lora.py unmodified, in this process, at the issue's settings.
+    """Run diffusers' train_text_to_image_lora.py unmodified, in this process, at the comparison's settings.
 
     Its data goes in as the `imagefolder` layout it reads (links to the images + metadata.jsonl with their
     captions). Nothing in the script is changed: the only hook is on its "Steps" progress bar, whose `update(1)`
