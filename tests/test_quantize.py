@@ -167,3 +167,19 @@ def test_missing_bitsandbytes_is_named_before_any_model_loads(tmp_path, tiny_bas
     with pytest.raises(QuantizationUnavailable, match=r"--quantize-base nf4 needs bitsandbytes.*pip install "
                                                       r"bitsandbytes==0\.50\.2"):
         train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.quantize_base": "nf4"})
+
+
+def test_the_cli_reports_a_missing_bitsandbytes_in_one_line(tmp_path, tiny_base, stripes_dataset, monkeypatch, capsys):
+    """`stylelora train --quantize-base nf4` without bitsandbytes: exit 1 and the install to run, not a traceback."""
+    from stylelora.models import load
+    from stylelora.train.command import main
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setattr(load, "load_base", lambda *args, **kwargs: pytest.fail("the base loaded before the check"))
+    code = main(["train", str(stripes_dataset), "--base", str(tiny_base), "--output", str(tmp_path / "run"),
+                 "--steps", "2", "--no-samples", "--quantize-base", "nf4"])
+    printed = capsys.readouterr().err.strip()
+    message = printed.splitlines()[-1]
+    assert code == 1 and "Traceback" not in printed, printed
+    assert message.startswith("stylelora train: error: --quantize-base nf4 needs bitsandbytes")
+    assert "pip install bitsandbytes==0.50.2" in message and not (tmp_path / "run" / "run.safetensors").exists()

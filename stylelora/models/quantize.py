@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from stylelora.models.heap import return_freed_memory
+from stylelora.optional import MissingPackage, import_optional
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +22,7 @@ QUANTIZED = ("nf4", "int8")
 INT8_OUTLIER_THRESHOLD = 6.0  # LLM.int8()'s default: larger input features take the 16-bit path
 
 
-class QuantizationUnavailable(RuntimeError):
+class QuantizationUnavailable(MissingPackage):
     """--quantize-base cannot run here (bitsandbytes missing or unusable); the message says what to do."""
 
 
@@ -35,15 +36,8 @@ def check_quantization(mode: str) -> None:
 
 
 def _bitsandbytes(mode: str):
-    try:
-        import bitsandbytes
-    except Exception as error:  # noqa: BLE001 - bitsandbytes fails with many error types when its binary can't load
-        raise QuantizationUnavailable(
-            f"--quantize-base {mode} needs bitsandbytes, which could not be imported ({type(error).__name__}: "
-            f"{error}). Install it with `pip install bitsandbytes==0.50.2` (or `pip install 'stylelora[extras]'`), "
-            "or train without --quantize-base."
-        ) from error
-    return bitsandbytes
+    return import_optional("bitsandbytes", option=f"--quantize-base {mode}", install="bitsandbytes==0.50.2",
+                           instead="train without --quantize-base", error=QuantizationUnavailable)
 
 
 def quantize_frozen_base(pipe, mode: str, compute_dtype: torch.dtype, *, text_encoders: bool) -> dict[str, int]:

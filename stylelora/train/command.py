@@ -111,8 +111,8 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any], *, dry_ru
     from stylelora.data.errors import DataError
     from stylelora.models.load import BaseModelError
     from stylelora.train.checkpoint import ResumeError
+    from stylelora.optional import MissingPackage
     from stylelora.train.loop import TrainingDiverged, run_training
-    from stylelora.train.optim import OptimizerUnavailable
 
     try:
         if dry_run:
@@ -121,7 +121,7 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any], *, dry_ru
             result = plan(config)
         else:
             result = run_training(config)
-    except (ConfigError, DataError, BaseModelError, ResumeError, OptimizerUnavailable, TrainingDiverged) as error:
+    except (ConfigError, DataError, BaseModelError, ResumeError, MissingPackage, TrainingDiverged) as error:
         _report(f"stylelora train: error: {error}")
         return 1
     except KeyboardInterrupt:

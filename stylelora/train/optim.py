@@ -5,9 +5,10 @@ import torch
 
 from stylelora.config import TrainConfig
 from stylelora.lora.inject import LoraParameters
+from stylelora.optional import MissingPackage, import_optional
 
 
-class OptimizerUnavailable(RuntimeError):
+class OptimizerUnavailable(MissingPackage):
     """The chosen optimizer's package is not installed or cannot load; the message names the install."""
 
 
@@ -40,26 +41,13 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 
 
 def _bitsandbytes_adamw8bit():
-    try:
-        import bitsandbytes
-    except Exception as error:  # noqa: BLE001 - bitsandbytes fails with many error types when its binary can't load
-        raise OptimizerUnavailable(
-            f"--optimizer adamw8bit needs bitsandbytes, which could not be imported ({type(error).__name__}: "
-            f"{error}). Install it with `pip install 'bitsandbytes>=0.45'` (or `pip install 'stylelora[extras]'`; "
-            "it needs a supported GPU or CPU build), or use --optimizer adamw."
-        ) from error
-    return bitsandbytes.optim.AdamW8bit
+    return import_optional("bitsandbytes", option="--optimizer adamw8bit", install="'bitsandbytes>=0.45'",
+                           instead="use --optimizer adamw", error=OptimizerUnavailable).optim.AdamW8bit
 
 
 def _prodigy():
-    try:
-        from prodigyopt import Prodigy
-    except ImportError as error:
-        raise OptimizerUnavailable(
-            "--optimizer prodigy needs the prodigyopt package: `pip install 'prodigyopt>=1.1'` (or "
-            "`pip install 'stylelora[extras]'`), or use --optimizer adamw."
-        ) from error
-    return Prodigy
+    return import_optional("prodigyopt", option="--optimizer prodigy", install="'prodigyopt>=1.1'",
+                           instead="use --optimizer adamw", error=OptimizerUnavailable).Prodigy
 
 
 def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
