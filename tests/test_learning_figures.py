@@ -1,18 +1,13 @@
 """benchmarks/learning_figures.py's report: the figures quoted for the trainer issue, and where shapes went wrong."""
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_figures.py"
+from train_fixtures import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("learning_figures", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("learning_figures")
 
 
 def sweep(style: str, plain_shape: float, trigger_shape: float | None, rates: list[float]) -> list[dict]:

@@ -1,22 +1,14 @@
 """benchmarks/memory.py without training: its options, its modes' trainer flags, and its table and verdicts."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+from train_fixtures import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def memory():
-    spec = importlib.util.spec_from_file_location("memory_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory")
 
 
 def test_modes_bases_and_json_options(memory):

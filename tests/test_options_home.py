@@ -70,7 +70,6 @@ def test_app_defaults_are_the_cli_defaults(tmp_path):
     """The Train tab's widgets start at the declared defaults, and sending them unchanged trains what the CLI does."""
     gr = pytest.importorskip("gradio")
     from stylelora.app import ui
-    from stylelora.app.training import TrainSettings
 
     with gr.Blocks():
         values = [ui._option_widget(spec).value for spec in WIDGET_SPECS]

@@ -1,23 +1,17 @@
 """benchmarks/train_speed.py: the diffusers example script's data, the rounds' medians, and the side-by-side report."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
+from train_fixtures import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves its annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_speed")
 
 
 def test_the_example_script_reads_every_image_with_its_caption_as_an_imagefolder(tmp_path):

@@ -6,7 +6,9 @@ milliseconds on one CPU core. Nothing here depends on files outside the reposito
 """
 from __future__ import annotations
 
+import importlib.util
 import random
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -109,6 +111,16 @@ def tiny_overrides(data_dir: Path, output: Path, base: Path, **extra) -> dict:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py imported as a module, registered in sys.modules (its dataclasses resolve their
+    annotations there)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def subprocess_env() -> dict:
