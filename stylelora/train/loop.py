@@ -12,6 +12,7 @@ Only the main process writes files or prints; every process computes, and all of
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -387,10 +388,7 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
     dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), options, latent_cache=latent_cache)
     if latent_cache is not None:
         # With a shared disk cache the main process encodes and the others then find every entry.
-        if d.cache == "disk":
-            with accelerator.main_process_first():
-                dataset.cache_latents(batch_size=CACHE_ENCODE_BATCH, max_pixels=CACHE_ENCODE_PIXELS)
-        else:
+        with accelerator.main_process_first() if d.cache == "disk" else contextlib.nullcontext():
             dataset.cache_latents(batch_size=CACHE_ENCODE_BATCH, max_pixels=CACHE_ENCODE_PIXELS)
         if not config.train.samples:
             release_vae(pipe)
