@@ -113,8 +113,10 @@ def _image_count(metadata: dict[str, str]) -> str:
         return "?"
 
 
-def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = None) -> list[Path]:
-    """Write NAME.preview.png (when there is a preview), NAME.json and README.md beside the adapter."""
+def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = None,
+                 card: Path | None = None) -> list[Path]:
+    """Write NAME.preview.png (when there is a preview), NAME.json and the model card (`card`, default
+    card_path(adapter)) beside the adapter."""
     from stylelora.lora.adapter_file import read_header
 
     adapter = Path(adapter)
@@ -130,7 +132,7 @@ def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = Non
     sidecar = adapter.with_name(f"{name}.json")
     written.append(write_text_atomic(sidecar, json.dumps(a1111_sidecar(metadata), indent=4) + "\n"))
     grid_link = os.path.relpath(grid, adapter.parent) if grid is not None and grid.is_file() else None
-    written.append(write_text_atomic(card_path(adapter), model_card(name, metadata, grid=grid_link)))
+    written.append(write_text_atomic(card or card_path(adapter), model_card(name, metadata, grid=grid_link)))
     return written
 
 

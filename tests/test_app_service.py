@@ -212,6 +212,9 @@ def test_blend_saves_the_mix_as_an_adapter_that_makes_the_same_image(service):
     result = service.blend(mix, "stripes-pastel")
     assert result.name == "blends/stripes-pastel" and result.name in service.adapter_names()
     assert "exact" in result.summary
+    card = result.path.with_suffix(".md")  # the card of a blend alone in blends/ is NAME.md too, never README.md
+    assert "<lora:stripes-pastel:1>" in card.read_text(encoding="utf-8") and result.path.with_suffix(".json").is_file()
+    assert not (result.path.parent / "README.md").exists()
     live = pixels(service.generate(settings(*[(m.name, m.unet, m.te) for m in mix]))[0]).astype(int)
     blended = pixels(service.generate(settings((result.name, 1.0)))[0]).astype(int)
     assert numpy.abs(live - blended).max() <= 2  # the same picture, up to float rounding

@@ -549,7 +549,9 @@ class AppService:
 
             dtype = torch.float16
         report = blend(specs, out, rank=int(rank) if rank else None, dtype=dtype, blend_mode=blend_mode)
-        write_bundle(out, preview=None)  # A1111's NAME.json sidecar and the NAME.md model card, as the CLI writes
+        # A1111's NAME.json sidecar and the model card, always NAME.md: blends/ holds many adapters, and delete and
+        # rename carry NAME.md with the file (a README.md would outlive the blend it describes).
+        write_bundle(out, preview=None, card=out.with_suffix(".md"))
         saved = out.relative_to(self.adapters_dir).with_suffix("").as_posix()
         return BlendResult(saved, out, report.summary())
 
