@@ -175,10 +175,12 @@ class TrainSection:
     preserve_decoys: float = option(0.5, "share of those trigger-free captions that get a random other word in the "
                                          "trigger's place, so the adapter answers its own trigger, not any new word",
                                     example="0.5")
-    # Off by default: it weakens a character (toy-zorb's rate 0.81 → 0.78 at 0.25, 0.63 at 0.5).
-    decoy_company: float = option(0.0, "share of the captions with the trigger that also get a random other word "
-                                       "beside it, so the adapter still acts when a prompt names other adapters' "
-                                       "triggers too (0.5 for a style to stack; it weakens a character)",
+    # Off by default: it lowers every adapter's own rate, a character's most (toy-zorb 0.79 → 0.65 at 0.5;
+    # docs/results.md "Stacked prompts").
+    decoy_company: float = option(0.0, "share of the captions with the trigger that also get another word beside "
+                                       "it, one the base barely reads (as another adapter's trigger), so the adapter "
+                                       "still acts when a prompt names other adapters' triggers too (0.5 for a style "
+                                       "to stack; it weakens a character)",
                                   example="0.5")
     gradient_checkpointing: bool | None = option(None, "trade compute for memory", preset=True)
     save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stylelora.train.preservation import accompanied_captions, decoy_words, preserved_samples
+from stylelora.train.preservation import accompanied_captions, company_words, decoy_words, preserved_samples
 
 CAPTIONS = ["sks, a red circle", "a blue star", "sks, a sks on gray", "sks", "plain"]
 
@@ -88,3 +88,23 @@ def test_the_decoy_pool_is_the_vocabularys_whole_words_that_no_caption_uses():
     # caption words (any case), triggers, too-short, non-letter and word-piece tokens never stand in for a trigger
     assert decoy_words(VocabTokenizer(), ["zorb, a red circle", "a Stripestyle square"], ["zorb"]) == ("ack", "meadow")
     assert decoy_words(VocabTokenizer(), ["a red circle"], ["sks"]) == ("ack", "meadow", "stripestyle", "zorb")
+
+
+def test_company_words_are_the_decoys_the_base_reads_least():
+    """On the shipped toy base, toy-zorb's decoy pool holds shape words and the other styles' triggers, which the
+    base reads (or was tuned on); company keeps them out, so a zorb adapter is never taught to ignore 'circle'."""
+    from pathlib import Path
+
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = Path(__file__).resolve().parents[1] / "stylelora" / "models" / "toy" / "base"
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").float().eval()
+    zorb_captions = sorted((Path(__file__).resolve().parents[1] / "datasets" / "toy-zorb").glob("*/*.txt"))[:8]
+    captions = [path.read_text().strip() for path in zorb_captions]
+    pool = decoy_words(tokenizer, captions, ("zorb",))
+    quiet = company_words(text_encoder, tokenizer, captions, ("zorb",), pool)
+    assert {"circle", "square", "star", "triangle"} <= set(pool)
+    assert len(quiet) == len(pool) // 2 and set(quiet) < set(pool)
+    assert not {"circle", "square", "star", "triangle", "and", "stripestyle", "pastelstyle"} & set(quiet)
+    assert company_words(text_encoder, tokenizer, captions, ("zorb",), pool) == quiet  # same pool, same words

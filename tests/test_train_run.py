@@ -301,6 +301,22 @@ def test_trains_on_the_shipped_toy_base(tmp_path):
     assert {t.dtype for t in adapter_tensors(adapter).values()} == {torch.float32}  # fp16 base, fp32 LoRA
 
 
+def test_company_words_on_the_toy_base_leave_out_words_the_base_reads(tmp_path, capsys):
+    source = Path(__file__).resolve().parents[1] / "datasets" / "toy-zorb" / "10_zorb"
+    folder = tmp_path / "data" / "10_zorb"
+    folder.mkdir(parents=True)
+    for image in sorted(source.glob("*.png"))[:8]:
+        shutil.copy(image, folder)
+        shutil.copy(image.with_suffix(".txt"), folder)
+    run_training(load_config(None, {"data.dir": str(tmp_path / "data"), "train.output": str(tmp_path / "run"),
+                                    "train.steps": 1, "train.batch_size": 4, "train.samples": False,
+                                    "train.decoy_company": 0.5}))
+    line = next(line for line in capsys.readouterr().err.splitlines() if "base preservation" in line)
+    named = line.split("beside the trigger (")[1].rstrip(")").split(", ")
+    assert "50% of the samples with one of" in line and len(named) >= 6
+    assert not {"circle", "square", "star", "triangle", "and", "stripestyle", "pastelstyle"} & set(named)
+
+
 def test_reg_images_fill_as_many_samples_per_epoch_as_the_training_images(tmp_path, tiny_base, stripes_dataset, capsys):
     """kohya's rule: 3 reg images (1 repeat) against 8 images × 2 repeats → cycled to 16 reg samples per epoch;
     reg captions and folders stay out of the adapter's tag frequency and trigger."""

@@ -231,10 +231,10 @@ def test_preservation_adds_the_gap_to_the_frozen_base_on_trigger_free_captions()
 
 
 def captions_seen_with_decoys(**overrides) -> list:
-    """What the text encoder was asked to encode in one step whose decoy pool is just "meadow"."""
+    """What the text encoder was asked to encode in one step whose decoy pool and company words are just "meadow"."""
     data = {"latents": torch.randn(5, 4, 8, 8), "caption": CAPTIONS}
     models, seen = preserving_models(AdapterUNet(base=0.2, lora=0.3))
-    models.decoys = ("meadow",)
+    models.decoys = models.company = ("meadow",)
     loss_step(data, models, scheduler(), config(**overrides), torch.Generator().manual_seed(4))
     return seen
 

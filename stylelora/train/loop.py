@@ -36,13 +36,14 @@ from stylelora.data.errors import DataError
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
 from stylelora.data.scan import ScanReport, TrainItem, scan_folder
+from stylelora.lora.inject import adapters_disabled
 from stylelora.models.heap import return_freed_memory
 from stylelora.train import checkpoint
 from stylelora.train.logs import RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, optimizer_class
-from stylelora.train.preservation import decoy_words
+from stylelora.train.preservation import company_words, decoy_words
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
 from stylelora.train.step import loss_step, prediction_type
 
@@ -53,6 +54,7 @@ CONFIG_FILE = "config.toml"
 # the run's peak memory.
 CACHE_ENCODE_BATCH = 64
 CACHE_ENCODE_PIXELS = 64 * 32 * 32
+COMPANY_WORDS_SHOWN = 12  # company words named in the run's opening lines
 
 
 class TrainingDiverged(RuntimeError):
@@ -424,10 +426,11 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
     wrapped = {**encoders, **dict(zip(trained, prepared))}
     trained_modules = list(prepared)
+    decoys = _decoys(config, data, pipe.tokenizer)
     models = TrainModels(unet=wrapped["unet"], text_encoder=wrapped["text_encoder"], tokenizer=pipe.tokenizer,
                          vae=None if dataset.latent_cache is not None else pipe.vae, device=accelerator.device,
                          dtype=pipe.unet.dtype, text_cache=text_cache,
-                         triggers=data.triggers, decoys=_decoys(config, data, pipe.tokenizer),
+                         triggers=data.triggers, decoys=decoys, company=_company(config, data, pipe, decoys),
                          unwrapped=(pipe.unet, *encoders.values()), sdxl="text_encoder_2" in encoders,
                          text_encoder_2=wrapped.get("text_encoder_2"), tokenizer_2=getattr(pipe, "tokenizer_2", None))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same noise schedule as the base's sampler
@@ -453,6 +456,14 @@ def _decoys(config: TrainConfig, data: DataPlan, tokenizer) -> tuple[str, ...]:
     return decoy_words(tokenizer, captions, data.triggers)
 
 
+def _company(config: TrainConfig, data: DataPlan, pipe, decoys: tuple[str, ...]) -> tuple[str, ...]:
+    if config.train.decoy_company <= 0 or not decoys:
+        return ()
+    with adapters_disabled(pipe.text_encoder):  # the base's reading of each word, whatever the LoRA holds
+        return company_words(pipe.text_encoder, pipe.tokenizer, [item.caption for item in data.items], data.triggers,
+                             decoys)
+
+
 def describe_run(run: Run, start_step: int) -> str:
     c, acc = run.config, run.accelerator
     per_step = c.train.batch_size * c.optim.grad_accum * acc.num_processes
@@ -469,7 +480,7 @@ def describe_run(run: Run, start_step: int) -> str:
         f"{c.train.batch_size} × accumulation {c.optim.grad_accum} × {acc.num_processes} process(es) = "
         f"{per_step} samples per step, {epochs:.1f} epochs",
     ]
-    lines.append(_describe_preservation(c, run.models.triggers, run.models.decoys))
+    lines.append(_describe_preservation(c, run.models.triggers, run.models.decoys, run.models.company))
     if start_step:
         lines.append(f"resuming at step {start_step} from {run.last_checkpoint}")
     return "\n".join(lines)
@@ -479,7 +490,8 @@ def _text_encoders_trained(pipe) -> str:
     return " and both text encoders" if len(_text_encoders(pipe)) > 1 else " and text encoder"
 
 
-def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoys: tuple[str, ...]) -> str:
+def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoys: tuple[str, ...],
+                           company_pool: tuple[str, ...] = ()) -> str:
     if config.train.preserve_base <= 0:
         return "base preservation: off (--preserve-base 0): the adapter may act on prompts without its trigger"
     if not triggers:
@@ -491,8 +503,10 @@ def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoy
         decoy_note = "no decoy words: the tokenizer has no whole word that the captions do not use"
     else:
         decoy_note = "no decoy words (--preserve-decoys 0)"
-    company = (f"; {config.train.decoy_company:.0%} of the samples with a decoy word beside the trigger"
-               if decoys and config.train.decoy_company > 0 else "")
+    shown = ", ".join(company_pool[:COMPANY_WORDS_SHOWN]) + (" …" if len(company_pool) > COMPANY_WORDS_SHOWN else "")
+    company = (f"; {config.train.decoy_company:.0%} of the samples with one of the {len(company_pool)} decoy words "
+               f"the base reads least beside the trigger ({shown})" if company_pool and config.train.decoy_company > 0
+               else "")
     return (f"base preservation: weight {config.train.preserve_base:g} on half of each batch, captions without "
             f"{' / '.join(repr(t) for t in triggers)}, {decoy_note}{company}")
 

@@ -42,6 +42,7 @@ class TrainModels:
     text_cache: TextEmbeddingCache | None = None  # set when the text encoder is frozen and captions static
     triggers: tuple[str, ...] = ()  # the dataset's trigger phrases (base preservation strips them from captions)
     decoys: tuple[str, ...] = ()  # words base preservation may put where a trigger was (train/preservation.py)
+    company: tuple[str, ...] = ()  # words `decoy_company` puts beside a trigger: the decoys the base reacts to least
     # The same UNet and text encoder(s) without accelerate/DDP wrappers, for gradient-free base predictions: a DDP
     # module must see exactly one forward per backward. None: unet / text_encoder are not wrapped.
     unwrapped: tuple[nn.Module, ...] | None = None

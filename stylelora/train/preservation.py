@@ -15,8 +15,9 @@ the base's prediction for that caption is the target too.
 Decoys alone teach "another word at the head → the base", and another adapter's trigger is just such a word: in
 a stacked prompt ("stripestyle, pastelstyle, a red circle") each toy adapter alone drew its style on 0.13 and 0.0
 of the images. With `decoy_company` part of the samples trained toward the data also get a decoy word as an extra
-tag beside their trigger ("meadow, zorb, a red zorb"), so the trigger, not the words around it, turns the style
-on (at 0.5: 0.94 and 1.0 alone on stacked prompts). It is off by default because it weakens a character.
+tag beside their trigger ("ack, zorb, a red zorb"), so the trigger, not the words around it, turns the style
+on. Company words are the decoys the base reads least (`company_words`): a word the base reads as content ("circle")
+would be taught as something to ignore beside the trigger.
 """
 from __future__ import annotations
 
@@ -82,6 +83,49 @@ def decoy_words(tokenizer, captions: Iterable[str], triggers: Iterable[str]) -> 
     taken = {word for text in [*captions, *triggers] for word in re.findall(r"[a-z]+", text.lower())}
     vocabulary = {token[: -len("</w>")] for token in tokenizer.get_vocab() if token.endswith("</w>")}
     return tuple(sorted(word for word in vocabulary if re.fullmatch(r"[a-z]{3,}", word) and word not in taken))
+
+
+COMPANY_CANDIDATES = 128  # decoy words scored for company (evenly spread over the pool: same pool, same words)
+COMPANY_CAPTIONS = 4  # trigger-free captions each candidate is scored on
+COMPARED_TOKENS = 20  # leading caption tokens whose hidden states are compared
+
+
+@torch.no_grad()
+def company_words(text_encoder, tokenizer, captions: Iterable[str], triggers: tuple[str, ...],
+                  decoys: tuple[str, ...]) -> tuple[str, ...]:
+    """The half of the decoy pool (at most COMPANY_CANDIDATES of it) that the frozen base's text encoder reacts to
+    least: put before a training caption, these words move the caption's own hidden states the least.
+
+    Why: a company word is trained to be ignored beside the trigger, and a word the base reads as content (a shape,
+    a color, another adapter's trigger it was tuned on) then gets ignored too. The words the base barely reads are
+    what another adapter's made-up trigger looks like to this one. Measured on the toy base: the quiet half of
+    toy-zorb's pool is BPE fragments ('ack', 'cle', ...); 'circle', 'square', 'star', 'and' and the other two
+    styles' triggers are in the loud half; adapters trained with the quiet half still act beside triggers they never
+    saw (docs/results.md, "Decoy company").
+    """
+    stride = max(1, len(decoys) // COMPANY_CANDIDATES)
+    candidates = decoys[::stride][:COMPANY_CANDIDATES]
+    plain = [text for text in (without_triggers(c, triggers) for c in captions) if text][:COMPANY_CAPTIONS]
+    if len(candidates) < 2 or not plain:
+        return candidates
+    device = next(text_encoder.parameters()).device
+
+    def hidden(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        return text_encoder(ids)[0].float()
+
+    lengths = [min(COMPARED_TOKENS, len(tokenizer.tokenize(text))) for text in plain]
+    reference = hidden(plain)
+    scores = []
+    for word in candidates:
+        shift = len(tokenizer.tokenize(f"{word},"))
+        moved = hidden([f"{word}, {text}" for text in plain])
+        change = [((reference[i, 1:1 + n] - moved[i, 1 + shift:1 + shift + n]).norm(dim=-1)
+                   / reference[i, 1:1 + n].norm(dim=-1)).mean().item() for i, n in enumerate(lengths)]
+        scores.append((sum(change) / len(change), word))
+    quiet = sorted(scores)[: len(scores) // 2]
+    return tuple(sorted(word for _, word in quiet))
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     weights = min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma)
     preserved = preserved_samples(list(batch["caption"]), models.triggers, config.train.preserve_base, models.decoys,
                                   config.train.preserve_decoys, generator)
-    captions = accompanied_captions(list(batch["caption"]), models.triggers, models.decoys,
+    captions = accompanied_captions(list(batch["caption"]), models.triggers, models.company,
                                     config.train.decoy_company, generator)
     index = torch.tensor([i for i, _ in preserved], dtype=torch.long, device=latents.device)
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
