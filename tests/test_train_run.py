@@ -287,13 +287,18 @@ def test_mixed_aspect_ratios_train_in_several_buckets(tmp_path, tiny_base, capsy
     assert "in 3 bucket(s)" in capsys.readouterr().err
 
 
-def test_trains_on_the_shipped_toy_base(tmp_path):
-    source = Path(__file__).resolve().parents[1] / "datasets" / "toy-stripes" / "10_stripestyle"
-    folder = tmp_path / "data" / "10_stripestyle"
+def copy_toy_images(dataset: str, folder_name: str, tmp_path: Path, count: int = 8) -> None:
+    """The first `count` images (+ captions) of a bundled toy dataset, as tmp_path/data/<folder_name>."""
+    source = Path(__file__).resolve().parents[1] / "datasets" / dataset / folder_name
+    folder = tmp_path / "data" / folder_name
     folder.mkdir(parents=True)
-    for image in sorted(source.glob("*.png"))[:8]:
+    for image in sorted(source.glob("*.png"))[:count]:
         shutil.copy(image, folder)
         shutil.copy(image.with_suffix(".txt"), folder)
+
+
+def test_trains_on_the_shipped_toy_base(tmp_path):
+    copy_toy_images("toy-stripes", "10_stripestyle", tmp_path)
     adapter = run_training(load_config(None, {"data.dir": str(tmp_path / "data"), "train.output": str(tmp_path / "run"),
                                               "train.steps": 2, "train.batch_size": 4, "train.sample_every": 0,
                                               "train.sample_steps": 2}))
@@ -302,12 +307,7 @@ def test_trains_on_the_shipped_toy_base(tmp_path):
 
 
 def test_company_words_on_the_toy_base_leave_out_words_the_base_reads(tmp_path, capsys):
-    source = Path(__file__).resolve().parents[1] / "datasets" / "toy-zorb" / "10_zorb"
-    folder = tmp_path / "data" / "10_zorb"
-    folder.mkdir(parents=True)
-    for image in sorted(source.glob("*.png"))[:8]:
-        shutil.copy(image, folder)
-        shutil.copy(image.with_suffix(".txt"), folder)
+    copy_toy_images("toy-zorb", "10_zorb", tmp_path)
     run_training(load_config(None, {"data.dir": str(tmp_path / "data"), "train.output": str(tmp_path / "run"),
                                     "train.steps": 1, "train.batch_size": 4, "train.samples": False,
                                     "train.decoy_company": 0.5}))
