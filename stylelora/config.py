@@ -175,8 +175,8 @@ class TrainSection:
     preserve_decoys: float = option(0.5, "share of those trigger-free captions that get a random other word in the "
                                          "trigger's place, so the adapter answers its own trigger, not any new word",
                                     example="0.5")
-    # Off by default: it lowers every adapter's own rate, a character's most (toy-zorb 0.79 → 0.65 at 0.5;
-    # docs/results.md "Stacked prompts").
+    # Off by default: it lowers every adapter's own rate, a character's most (toy-zorb 0.76 → 0.66 at 0.5;
+    # docs/results.md "Decoy company and blend modes together").
     decoy_company: float = option(0.0, "share of the captions with the trigger that also get another word beside "
                                        "it, one the base barely reads (as another adapter's trigger), so the adapter "
                                        "still acts when a prompt names other adapters' triggers too (0.5 for a style "
