@@ -97,14 +97,17 @@ def test_company_words_are_the_decoys_the_base_reads_least():
 
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    base = Path(__file__).resolve().parents[1] / "stylelora" / "models" / "toy" / "base"
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").float().eval()
+    from stylelora.models.load import TOY_BASE_DIR
+    from stylelora.train.models import text_encode_fn
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE_DIR / "tokenizer")
+    encode = text_encode_fn(CLIPTextModel.from_pretrained(TOY_BASE_DIR / "text_encoder").float().eval(), tokenizer,
+                            torch.device("cpu"))
     zorb_captions = sorted((Path(__file__).resolve().parents[1] / "datasets" / "toy-zorb").glob("*/*.txt"))[:8]
     captions = [path.read_text().strip() for path in zorb_captions]
     pool = decoy_words(tokenizer, captions, ("zorb",))
-    quiet = company_words(text_encoder, tokenizer, captions, ("zorb",), pool)
+    quiet = company_words(encode, tokenizer, captions, ("zorb",), pool)
     assert {"circle", "square", "star", "triangle"} <= set(pool)
     assert len(quiet) == len(pool) // 2 and set(quiet) < set(pool)
     assert not {"circle", "square", "star", "triangle", "and", "stripestyle", "pastelstyle"} & set(quiet)
-    assert company_words(text_encoder, tokenizer, captions, ("zorb",), pool) == quiet  # same pool, same words
+    assert company_words(encode, tokenizer, captions, ("zorb",), pool) == quiet  # same pool, same words

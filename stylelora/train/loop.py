@@ -459,9 +459,9 @@ def _decoys(config: TrainConfig, data: DataPlan, tokenizer) -> tuple[str, ...]:
 def _company(config: TrainConfig, data: DataPlan, pipe, decoys: tuple[str, ...]) -> tuple[str, ...]:
     if config.train.decoy_company <= 0 or not decoys:
         return ()
+    encode = text_encode_fn(pipe.text_encoder, pipe.tokenizer, next(pipe.text_encoder.parameters()).device)
     with adapters_disabled(pipe.text_encoder):  # the base's reading of each word, whatever the LoRA holds
-        return company_words(pipe.text_encoder, pipe.tokenizer, [item.caption for item in data.items], data.triggers,
-                             decoys)
+        return company_words(encode, pipe.tokenizer, [item.caption for item in data.items], data.triggers, decoys)
 
 
 def describe_run(run: Run, start_step: int) -> str:
@@ -491,7 +491,7 @@ def _text_encoders_trained(pipe) -> str:
 
 
 def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoys: tuple[str, ...],
-                           company_pool: tuple[str, ...] = ()) -> str:
+                           company_pool: tuple[str, ...]) -> str:
     if config.train.preserve_base <= 0:
         return "base preservation: off (--preserve-base 0): the adapter may act on prompts without its trigger"
     if not triggers:

@@ -22,7 +22,7 @@ would be taught as something to ignore beside the trigger.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -90,11 +90,11 @@ COMPANY_CAPTIONS = 4  # trigger-free captions each candidate is scored on
 COMPARED_TOKENS = 20  # leading caption tokens whose hidden states are compared
 
 
-@torch.no_grad()
-def company_words(text_encoder, tokenizer, captions: Iterable[str], triggers: tuple[str, ...],
-                  decoys: tuple[str, ...]) -> tuple[str, ...]:
+def company_words(encode: Callable[[list[str]], torch.Tensor], tokenizer, captions: Iterable[str],
+                  triggers: tuple[str, ...], decoys: tuple[str, ...]) -> tuple[str, ...]:
     """The half of the decoy pool (at most COMPANY_CANDIDATES of it) that the frozen base's text encoder reacts to
     least: put before a training caption, these words move the caption's own hidden states the least.
+    encode: captions → the base's hidden states (train.models.text_encode_fn of the first text encoder).
 
     Why: a company word is trained to be ignored beside the trigger, and a word the base reads as content (a shape,
     a color, another adapter's trigger it was tuned on) then gets ignored too. The words the base barely reads are
@@ -108,19 +108,12 @@ def company_words(text_encoder, tokenizer, captions: Iterable[str], triggers: tu
     plain = [text for text in (without_triggers(c, triggers) for c in captions) if text][:COMPANY_CAPTIONS]
     if len(candidates) < 2 or not plain:
         return candidates
-    device = next(text_encoder.parameters()).device
-
-    def hidden(texts: list[str]) -> torch.Tensor:
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        return text_encoder(ids)[0].float()
-
     lengths = [min(COMPARED_TOKENS, len(tokenizer.tokenize(text))) for text in plain]
-    reference = hidden(plain)
+    reference = encode(plain)
     scores = []
     for word in candidates:
         shift = len(tokenizer.tokenize(f"{word},"))
-        moved = hidden([f"{word}, {text}" for text in plain])
+        moved = encode([f"{word}, {text}" for text in plain])
         change = [((reference[i, 1:1 + n] - moved[i, 1 + shift:1 + shift + n]).norm(dim=-1)
                    / reference[i, 1:1 + n].norm(dim=-1)).mean().item() for i, n in enumerate(lengths)]
         scores.append((sum(change) / len(change), word))
