@@ -3,10 +3,13 @@
 For each pair (stripes+pastel, stripes+zorb, pastel+zorb) on the prompts carrying both triggers:
     blend A:1 + B:1 in each mode   both-present rate, A's rate, B's rate, shape and color fidelity, mean probabilities
     each adapter alone             on the same stacked prompts, and on the prompts carrying only its own trigger
+    blend on single-trigger prompts  the same blend on the prompts carrying only A's trigger, then only B's: does each
+                                   adapter keep its own look, and does the other one stay off (--no-single: skip)
     weight sweep                   both adapters at w (--sweep), and one at w with the other at 1 (--sweep-one)
 and for each adapter alone on its own prompts the weight dial: rate and the judge's mean probability at w = 0..1.
 The goal rows (both >= 0.85; each own rate, shape and color within 0.05 of that adapter alone on its own prompts;
-each alone on the stacked prompts >= 0.9, a character >= 0.8) are checked and printed.
+each alone on the stacked prompts >= 0.9, a character >= 0.8) are checked and printed, and on the single-trigger
+prompts: the named adapter's rate, shape and color within 0.05 of it alone, the other's style within 0.05 of the base.
 
     python benchmarks/blend_quality.py --adapters-dir outputs/blend                 # toy-NAME/toy-NAME.safetensors
     python benchmarks/blend_quality.py --adapters-dir outputs/blend --samples 16 --modes sum ties --json out.json
@@ -47,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep", default="0.25,0.5,0.75", help="both adapters at each of these weights ('' = none)")
     parser.add_argument("--sweep-one", default="0.5", help="one adapter at each weight, the other at 1 ('' = none)")
     parser.add_argument("--no-dial", action="store_true", help="skip the single-adapter weight dial")
+    parser.add_argument("--no-single", action="store_true",
+                        help="skip the blends on the prompts carrying only one of the two triggers")
     parser.add_argument("--dial-te-weight", type=float, default=None,
                         help="hold the text-encoder weight here in the dial and turn only the UNet weight "
                              "(default: both, as A1111's <lora:name:w>)")
@@ -134,8 +139,11 @@ def run(args: argparse.Namespace) -> dict:
         name = f"{a}+{b}"
         entry = figures["pairs"][name] = {"modes": {}}
         for mode in args.modes:
-            result = entry["modes"][mode] = {"1:1": scorer([(paths[a], 1.0), (paths[b], 1.0)], (name,), mode)[name]}
+            rows = scorer([(paths[a], 1.0), (paths[b], 1.0)], (name,) if args.no_single else (name, a, b), mode)
+            result = entry["modes"][mode] = {"1:1": rows[name], "single": {s: rows[s] for s in (a, b) if s in rows}}
             log(f"{name} {mode} 1:1 {_short(result['1:1'], a, b)}")
+            for style, row in result["single"].items():
+                log(f"{name} {mode} 1:1 on {style}'s prompts: {_short(row, a, b)}")
             result["sweep_both"] = []
             for weight in _weights(args.sweep):
                 row = scorer([(paths[a], weight), (paths[b], weight)], (name,), mode)[name]
@@ -154,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _short(row: dict, a: str, b: str) -> str:
-    return (f"both {row['all_styles_rate']} {a} {row[f'{a}_rate']} {b} {row[f'{b}_rate']} "
+    return (f"both {row.get('all_styles_rate', '-')} {a} {row[f'{a}_rate']} {b} {row[f'{b}_rate']} "
             f"shape {row['shape_accuracy']} color {row['color_accuracy']}")
 
 
@@ -176,6 +184,8 @@ def goals(figures: dict, pairs) -> dict:
                         label = f"{key.split('_')[0]} within 0.05 of {style} alone"
                         checks[label] = (round(diff, 4), diff >= -CLOSE_GOAL)
             out[f"{name} {mode}"] = checks
+            if result.get("single"):
+                out[f"{name} {mode} on single-trigger prompts"] = single_trigger_checks(figures, result["single"], a, b)
     for style, rows in figures["alone"].items():
         for prompt_set, row in rows.items():
             if "+" in prompt_set:
@@ -183,6 +193,23 @@ def goals(figures: dict, pairs) -> dict:
                 out.setdefault("alone on stacked prompts", {})[f"{style} on {prompt_set} >= {ALONE_GOAL[style]}"] = (
                     rate, rate >= ALONE_GOAL[style])
     return out
+
+
+def single_trigger_checks(figures: dict, single: dict, a: str, b: str) -> dict:
+    """The blend on prompts naming one adapter: that adapter as alone (within 0.05), the other as the base (its style
+    on at most 0.05 more of the images than the base draws it)."""
+    checks = {}
+    for style, row in single.items():
+        other = b if style == a else a
+        alone = figures["alone"][style][style]
+        for key in (f"{style}_rate", "shape_accuracy", "color_accuracy"):
+            if row[key] is not None and alone[key] is not None:
+                diff = round(row[key] - alone[key], 4)  # rounded: 0.97 - 1.02 must read as -0.05
+                label = "rate" if key.endswith("_rate") else key.split("_")[0]
+                checks[f"{label} on {style} prompts within 0.05 of {style} alone"] = (diff, diff >= -CLOSE_GOAL)
+        leak = round(row[f"{other}_rate"] - figures["base"][style][f"{other}_rate"], 4)
+        checks[f"{other} off on {style} prompts (vs base)"] = (leak, leak <= CLOSE_GOAL)
+    return checks
 
 
 def report(figures: dict) -> None:
@@ -214,6 +241,17 @@ def report(figures: dict) -> None:
                 print(f"{'':15s} {'':7s} {s['moving']} at {s['weight']}, other at 1: both {s['all_styles_rate']:.3f} "
                       f"({s[f'{a}_rate']:.2f}/{s[f'{b}_rate']:.2f}); mean prob {a} {s[f'{a}_prob']:.3f} "
                       f"{b} {s[f'{b}_prob']:.3f}")
+    singles = [(name, mode, result["single"]) for name, entry in figures["pairs"].items()
+               for mode, result in entry["modes"].items() if result.get("single")]
+    if singles:
+        print("\nblend 1:1 on single-trigger prompts: named adapter's rate / shape / color (alone), other's rate")
+        for name, mode, single in singles:
+            a, b = name.split("+")
+            for style, row in single.items():
+                alone, other = figures["alone"][style][style], b if style == a else a
+                print(f"{name:15s} {mode:7s} {style:8s} {row[f'{style}_rate']:.3f} / {_fmt(row['shape_accuracy'])} / "
+                      f"{_fmt(row['color_accuracy'])} ({alone[f'{style}_rate']:.3f} / {_fmt(alone['shape_accuracy'])} / "
+                      f"{_fmt(alone['color_accuracy'])}), {other} {row[f'{other}_rate']:.3f}")
     print("\ngoals (figure, met)")
     for group, checks in figures["goals"].items():
         failed = [f"{k} ({v[0]})" for k, v in checks.items() if not v[1]]

@@ -1,0 +1,35 @@
+"""benchmarks/blend_quality.py's goal checks on the prompts carrying only one of a blend's two triggers."""
+from __future__ import annotations
+
+import pytest
+
+from train_fixtures import load_benchmark
+
+
+def row(stripes: float, zorb: float, shape: float | None = None, color: float = 1.0) -> dict:
+    return {"stripes_rate": stripes, "pastel_rate": 0.0, "zorb_rate": zorb, "shape_accuracy": shape,
+            "color_accuracy": color}
+
+
+FIGURES = {
+    "base": {"stripes": row(0.0, 0.0, 1.0), "zorb": row(0.02, 0.0)},
+    "alone": {"stripes": {"stripes": row(0.97, 0.0, 1.0)}, "zorb": {"zorb": row(0.0, 0.76)}},
+}
+
+
+@pytest.mark.parametrize("single, failed", [
+    # each adapter as alone on its own prompts, the other off: nothing fails
+    ({"stripes": row(0.97, 0.0, 0.98), "zorb": row(0.05, 0.75)}, []),
+    # the character leaks onto the style's prompts (a user who asked only for stripes gets zorbs)
+    ({"stripes": row(0.97, 0.30, 0.98), "zorb": row(0.0, 0.76)}, ["zorb off on stripes prompts (vs base)"]),
+    # the style draws worse shapes in the blend, and the character is weaker than alone
+    ({"stripes": row(0.97, 0.0, 0.90), "zorb": row(0.0, 0.60)},
+     ["shape on stripes prompts within 0.05 of stripes alone", "rate on zorb prompts within 0.05 of zorb alone"]),
+    # the style's leak is measured against what the base draws there (0.02), not against 0
+    ({"stripes": row(0.97, 0.0, 1.0), "zorb": row(0.07, 0.76)}, []),
+    ({"stripes": row(0.97, 0.0, 1.0), "zorb": row(0.08, 0.76)}, ["stripes off on zorb prompts (vs base)"]),
+])
+def test_single_trigger_checks_name_what_a_user_of_the_blend_would_notice(single, failed):
+    checks = load_benchmark("blend_quality").single_trigger_checks(FIGURES, single, "stripes", "zorb")
+    assert sorted(label for label, (_, met) in checks.items() if not met) == sorted(failed)
+    assert "shape on zorb prompts within 0.05 of zorb alone" not in checks  # the character has no shape to score
