@@ -1,0 +1,203 @@
+"""Two blend merges measured on the toy world and not adopted as blend modes (docs/results.md, "Recipes and
+generation-time merges tried"), each scored beside the plain sum on the same prompts: the set carrying both triggers
+and each adapter's own set.
+
+    learned  ZipLoRA-style (Shah et al. 2023, arXiv 2311.13600): one coefficient per output row of each adapter's
+             delta on every layer both touch, fitted (Adam, 1e-2) so the merged model predicts what each adapter
+             alone predicts on its own prompts, conditional and unconditional, on noised copies of that adapter's
+             own generations; then fused and scored
+    concat   each adapter's text-encoder LoRA encodes the prompt on its own; the UNet (both UNet LoRAs summed)
+             attends to the two encodings concatenated (the negative prompt likewise); not a static file
+
+    python benchmarks/blend_experiments.py --adapters-dir outputs/blend-dc50 --samples 48
+
+Use OMP_NUM_THREADS=1 on a shared machine. Uses stylelora.generate.stack internals (this is an experiment).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PAIRS = ("stripes+pastel", "stripes+zorb", "pastel+zorb")
+TRAIN_PROMPTS, NOISE_COPIES, BATCH = 16, 8, 16
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"))
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--merges", nargs="+", default=["learned", "concat"], choices=["learned", "concat"])
+    parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the learned merge")
+    return parser.parse_args(argv)
+
+
+class Bench:
+    def __init__(self, adapters_dir: str, samples: int):
+        from stylelora.generate.stack import AdapterStack
+        from stylelora.models.load import load_base
+        from stylelora.toy.judge import load_judge
+
+        self.pipe, self.judge = load_base("toy"), load_judge()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.stack = AdapterStack.for_pipe(self.pipe)
+        self.dir, self.samples = Path(adapters_dir), samples
+
+    def spec(self, style: str):
+        from stylelora.lora.spec import AdapterSpec
+
+        return AdapterSpec(str(self.dir / f"toy-{style}" / f"toy-{style}.safetensors"), 1.0)
+
+    def ids(self, texts: list[str]):
+        tokenizer = self.pipe.tokenizer
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+
+    def score(self, sets: tuple[str, ...], embeds=None) -> dict:
+        """Rows per prompt set for what is fused now; embeds(texts) -> (prompt, negative) encodings overrides the
+        pipeline's own text encoding."""
+        import torch
+
+        from stylelora.toy.evaluate import EvalSettings, build_prompts, generate_images, score
+
+        prompts = build_prompts(self.samples, 0, sets)
+        if embeds is None:
+            images = generate_images(self.pipe, prompts, EvalSettings(samples=self.samples, prompt_sets=sets))
+        else:
+            images = []
+            for start in range(0, len(prompts), 48):
+                chunk = prompts[start:start + 48]
+                positive, negative = embeds([p.prompt for p in chunk])
+                images += self.pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=25,
+                                    guidance_scale=5.0, output_type="pil",
+                                    generator=[torch.Generator("cpu").manual_seed(p.seed) for p in chunk]).images
+        return score(prompts, self.judge.predict(images))["by_prompt_set"]
+
+
+def fitting_data(bench: Bench, style: str, noise_scheduler):
+    """Noised copies of `style`'s own generations (its prompts, and the empty prompt) and what it alone predicts."""
+    import torch
+
+    from stylelora.toy.evaluate import build_prompts
+
+    prompts = build_prompts(TRAIN_PROMPTS, 1, (style,))  # seed 1: not the scored prompts
+    texts = [p.prompt for p in prompts]
+    bench.stack.apply([bench.spec(style)])
+    latents = bench.pipe(texts, num_inference_steps=25, guidance_scale=5.0, output_type="latent",
+                         generator=[torch.Generator("cpu").manual_seed(p.seed) for p in prompts]).images
+    generator = torch.Generator().manual_seed(1)
+    clean = latents.repeat(2 * NOISE_COPIES, 1, 1, 1)
+    ids = torch.cat([bench.ids(texts).repeat(NOISE_COPIES, 1), bench.ids([""] * len(texts)).repeat(NOISE_COPIES, 1)])
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(clean),), generator=generator)
+    noisy = noise_scheduler.add_noise(clean, torch.randn(clean.shape, generator=generator), t)
+    with torch.no_grad():
+        target = bench.pipe.unet(noisy, t, encoder_hidden_states=bench.pipe.text_encoder(ids)[0]).sample
+    bench.stack.clear()
+    return noisy, t, ids, target
+
+
+def learned_merge(bench: Bench, a: str, b: str, steps: int) -> float:
+    """Fuse A + B with fitted per-row coefficients on the layers both touch; returns the final fitting loss."""
+    import torch
+    from diffusers import DDPMScheduler
+    from torch.func import functional_call
+
+    from stylelora.generate.stack import _weighted_delta
+
+    noise_scheduler = DDPMScheduler.from_config(bench.pipe.scheduler.config)
+    data = [fitting_data(bench, style, noise_scheduler) for style in (a, b)]
+    specs = [bench.spec(a), bench.spec(b)]
+    bench.stack.apply(specs)
+    models = {"unet": bench.pipe.unet, "text_encoder": bench.pipe.text_encoder}
+    names = {id(p): (c, n) for c, m in models.items() for n, p in m.named_parameters()}
+    layers = []
+    for key, terms in bench.stack._plan(specs, [bench.stack.load(s.path) for s in specs]).items():
+        if len(terms) == 2:
+            weight = bench.stack._layer_weight(key)
+            deltas = [_weighted_delta(terms[i:i + 1], "cpu") for i in range(2)]
+            layers.append((*names[id(weight)], weight, bench.stack._backups[key].float(), deltas,
+                           [torch.ones(d.shape[0], requires_grad=True) for d in deltas]))
+    for model in models.values():
+        model.requires_grad_(False)
+
+    def merged() -> dict:
+        out = {"unet": {}, "text_encoder": {}}
+        for component, name, _, original, deltas, coefficients in layers:
+            delta = sum(m[:, None] * d for m, d in zip(coefficients, deltas))
+            out[component][name] = original + delta.reshape(original.shape)
+        return out
+
+    optimizer = torch.optim.Adam([m for *_, coefficients in layers for m in coefficients], lr=1e-2)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        weights, loss = merged(), 0.0
+        for noisy, t, ids, target in data:
+            pick = torch.randint(0, len(noisy), (BATCH,), generator=generator)
+            text = functional_call(models["text_encoder"], weights["text_encoder"], (ids[pick],))[0]
+            prediction = functional_call(models["unet"], weights["unet"], (noisy[pick], t[pick]),
+                                         {"encoder_hidden_states": text}).sample
+            loss = loss + torch.nn.functional.mse_loss(prediction, target[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        weights = merged()
+        for component, name, weight, *_ in layers:
+            weight.copy_(weights[component][name].to(weight.dtype))
+    return loss.item()
+
+
+def concat_encoder(bench: Bench, a: str, b: str):
+    """embeds(texts) for Bench.score: each adapter's text encoder alone, the encodings concatenated; leaves A + B
+    fused (the UNet sum) afterwards."""
+    import torch
+
+    def encode(texts):
+        positives, negatives = [], []
+        for style in (a, b):
+            bench.stack.apply([bench.spec(style)])
+            with torch.no_grad():
+                positives.append(bench.pipe.text_encoder(bench.ids(texts))[0])
+                negatives.append(bench.pipe.text_encoder(bench.ids([""] * len(texts)))[0])
+        bench.stack.apply([bench.spec(a), bench.spec(b)])
+        return torch.cat(positives, dim=1), torch.cat(negatives, dim=1)
+
+    return encode
+
+
+def line(rows: dict, a: str, b: str) -> str:
+    stacked, own_a, own_b = rows[f"{a}+{b}"], rows[a], rows[b]
+    return (f"both {stacked['all_styles_rate']:.2f} ({a} {stacked[f'{a}_rate']:.2f}, {b} {stacked[f'{b}_rate']:.2f}) | "
+            f"{a} prompts: {a} {own_a[f'{a}_rate']:.2f}, {b} {own_a[f'{b}_rate']:.2f}, shape {_fmt(own_a['shape_accuracy'])} | "
+            f"{b} prompts: {b} {own_b[f'{b}_rate']:.2f}, {a} {own_b[f'{a}_rate']:.2f}, shape {_fmt(own_b['shape_accuracy'])}")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    bench, start = Bench(args.adapters_dir, args.samples), time.perf_counter()
+    print(f"{args.samples} prompts per set, seed 0; both-present (each rate) | each adapter's own prompts in the blend")
+    for pair in args.pairs:
+        a, b = pair.split("+")
+        sets = (pair, a, b)
+        bench.stack.apply([bench.spec(a), bench.spec(b)])
+        print(f"{pair:15s} sum      {line(bench.score(sets), a, b)}", flush=True)
+        if "concat" in args.merges:
+            print(f"{pair:15s} concat   {line(bench.score(sets, concat_encoder(bench, a, b)), a, b)}", flush=True)
+        if "learned" in args.merges:
+            loss = learned_merge(bench, a, b, args.steps)
+            print(f"{pair:15s} learned  {line(bench.score(sets), a, b)} (fit loss {loss:.4f})", flush=True)
+        bench.stack.clear()
+    print(f"{time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
