@@ -53,9 +53,9 @@ class Bench:
         return AdapterSpec(str(self.dir / f"toy-{style}" / f"toy-{style}.safetensors"), 1.0)
 
     def ids(self, texts: list[str]):
-        tokenizer = self.pipe.tokenizer
-        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
+        from stylelora.train.models import tokenize
+
+        return tokenize(self.pipe.tokenizer, texts)
 
     def score(self, sets: tuple[str, ...], embeds=None) -> dict:
         """Rows per prompt set for what is fused now; embeds(texts) -> (prompt, negative) encodings overrides the
@@ -64,16 +64,17 @@ class Bench:
 
         from stylelora.toy.evaluate import EvalSettings, build_prompts, generate_images, score
 
-        prompts = build_prompts(self.samples, 0, sets)
+        settings = EvalSettings(samples=self.samples, prompt_sets=sets)
+        prompts = build_prompts(self.samples, settings.seed, sets)
         if embeds is None:
-            images = generate_images(self.pipe, prompts, EvalSettings(samples=self.samples, prompt_sets=sets))
+            images = generate_images(self.pipe, prompts, settings)
         else:
             images = []
             for start in range(0, len(prompts), 48):
                 chunk = prompts[start:start + 48]
                 positive, negative = embeds([p.prompt for p in chunk])
-                images += self.pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=25,
-                                    guidance_scale=5.0, output_type="pil",
+                images += self.pipe(prompt_embeds=positive, negative_prompt_embeds=negative, output_type="pil",
+                                    num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                                     generator=[torch.Generator("cpu").manual_seed(p.seed) for p in chunk]).images
         return score(prompts, self.judge.predict(images))["by_prompt_set"]
 
@@ -82,12 +83,14 @@ def fitting_data(bench: Bench, style: str, noise_scheduler):
     """Noised copies of `style`'s own generations (its prompts, and the empty prompt) and what it alone predicts."""
     import torch
 
-    from stylelora.toy.evaluate import build_prompts
+    from stylelora.toy.evaluate import EvalSettings, build_prompts
 
+    settings = EvalSettings()
     prompts = build_prompts(TRAIN_PROMPTS, 1, (style,))  # seed 1: not the scored prompts
     texts = [p.prompt for p in prompts]
     bench.stack.apply([bench.spec(style)])
-    latents = bench.pipe(texts, num_inference_steps=25, guidance_scale=5.0, output_type="latent",
+    latents = bench.pipe(texts, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                         output_type="latent",
                          generator=[torch.Generator("cpu").manual_seed(p.seed) for p in prompts]).images
     generator = torch.Generator().manual_seed(1)
     clean = latents.repeat(2 * NOISE_COPIES, 1, 1, 1)
@@ -156,13 +159,16 @@ def concat_encoder(bench: Bench, a: str, b: str):
     fused (the UNet sum) afterwards."""
     import torch
 
+    from stylelora.train.models import text_encode_fn
+
+    encode_text = text_encode_fn(bench.pipe.text_encoder, bench.pipe.tokenizer, bench.pipe.device)
+
     def encode(texts):
         positives, negatives = [], []
         for style in (a, b):
-            bench.stack.apply([bench.spec(style)])
-            with torch.no_grad():
-                positives.append(bench.pipe.text_encoder(bench.ids(texts))[0])
-                negatives.append(bench.pipe.text_encoder(bench.ids([""] * len(texts)))[0])
+            bench.stack.apply([bench.spec(style)])  # fused in place: encode_text reads this adapter's text encoder
+            positives.append(encode_text(texts))
+            negatives.append(encode_text([""] * len(texts)))
         bench.stack.apply([bench.spec(a), bench.spec(b)])
         return torch.cat(positives, dim=1), torch.cat(negatives, dim=1)
 

@@ -503,10 +503,12 @@ def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoy
         decoy_note = "no decoy words: the tokenizer has no whole word that the captions do not use"
     else:
         decoy_note = "no decoy words (--preserve-decoys 0)"
-    shown = ", ".join(company_pool[:COMPANY_WORDS_SHOWN]) + (" …" if len(company_pool) > COMPANY_WORDS_SHOWN else "")
-    company = (f"; {config.train.decoy_company:.0%} of the samples with one of the {len(company_pool)} decoy words "
-               f"the base reads least beside the trigger ({shown})" if company_pool and config.train.decoy_company > 0
-               else "")
+    company = ""
+    if company_pool:  # empty unless --decoy-company is on (_company)
+        more = " …" if len(company_pool) > COMPANY_WORDS_SHOWN else ""
+        shown = ", ".join(company_pool[:COMPANY_WORDS_SHOWN]) + more
+        company = (f"; {config.train.decoy_company:.0%} of the samples with one of the {len(company_pool)} decoy "
+                   f"words the base reads least beside the trigger ({shown})")
     return (f"base preservation: weight {config.train.preserve_base:g} on half of each batch, captions without "
             f"{' / '.join(repr(t) for t in triggers)}, {decoy_note}{company}")
 
