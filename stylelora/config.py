@@ -182,10 +182,6 @@ class TrainSection:
                                        "still acts when a prompt names other adapters' triggers too (0.5 for a style "
                                        "to stack; it weakens a character)",
                                   example="0.5")
-    # Off by default until measured on every toy adapter (docs/results.md "The weight as a dial").
-    partial_weight: float = option(0.0, "share of the steps trained at a random adapter weight w in (0, 1), toward "
-                                        "w of the way from the base's prediction to the data, so a weight below 1 "
-                                        "softens the adapter instead of switching it off (0 = off)", example="0.5")
     gradient_checkpointing: bool | None = option(None, "trade compute for memory", preset=True)
     save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",
                              example="250", widget=Widget("Checkpoint every N steps (0 = none)", minimum=0))
@@ -526,8 +522,6 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.decoy_company", 0 <= t.decoy_company <= 1,
               "is a share between 0 (captions as written, the default) and 1 (always a decoy word beside the "
               "trigger); 0.5 for a style you will stack with others", t.decoy_company),
-        _rule("train.partial_weight", 0 <= t.partial_weight <= 1,
-              "is a share of the steps between 0 (every step at weight 1, the default) and 1", t.partial_weight),
         _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),
         _rule("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1", t.keep_checkpoints),
         _rule("train.sample_every", t.sample_every >= 0, "must be 0 (only at the end) or more", t.sample_every),

@@ -16,7 +16,6 @@ from stylelora.train.step import (
     prediction_target,
     sample_noise,
     snr,
-    step_adapter_weight,
     weighted_mse,
 )
 
@@ -206,29 +205,18 @@ def test_preserved_samples_are_half_of_the_triggered_ones_without_the_trigger(we
     assert preserved_samples(CAPTIONS, triggers, weight) == expected
 
 
-def preservation_step(**overrides):
-    """One loss_step on CAPTIONS (UNet: noisy × (0.2 + 0.3 adapter); no decoys, no company, seed 4), and its
-    random draws made again by hand in loss_step's order: noise, noisy latents, min-SNR weights, adapter weight."""
-    latents = torch.randn(5, 4, 8, 8)
-    cfg = config(**overrides)
+def test_preservation_adds_the_gap_to_the_frozen_base_on_trigger_free_captions():
+    data = {"latents": torch.randn(5, 4, 8, 8), "caption": CAPTIONS}
+    cfg = config(**{"train.preserve_base": 0.5})
     unet = AdapterUNet(base=0.2, lora=0.3)
     models, seen = preserving_models(unet)
-    loss = loss_step({"latents": latents, "caption": CAPTIONS}, models, scheduler(), cfg,
-                     torch.Generator().manual_seed(4))
+    loss = loss_step(data, models, scheduler(), cfg, torch.Generator().manual_seed(4))
+
     generator = torch.Generator().manual_seed(4)
-    noise = sample_noise(latents, 0.0, generator)
-    timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)
-    adapter_weight = 1.0
-    if cfg.train.partial_weight > 0:
-        draw, adapter_weight = torch.rand(2, generator=generator).tolist()
-        assert draw < cfg.train.partial_weight  # these tests use share 1: every step partial
-    noisy = scheduler().add_noise(latents, noise, timesteps)
+    noise = sample_noise(data["latents"], 0.0, generator)
+    timesteps = torch.randint(0, 1000, (5,), generator=generator)
+    noisy = scheduler().add_noise(data["latents"], noise, timesteps)
     weights = min_snr_weights(scheduler(), timesteps, cfg.train.min_snr_gamma)
-    return loss, unet, seen, (noise, noisy, weights, adapter_weight)
-
-
-def test_preservation_adds_the_gap_to_the_frozen_base_on_trigger_free_captions():
-    loss, unet, seen, (noise, noisy, weights, _) = preservation_step(**{"train.preserve_base": 0.5})
     main = weighted_mse(noisy * 0.5, noise, weights)
     index = torch.tensor([0, 2])
     gap = weighted_mse(noisy[index] * 0.5, noisy[index] * 0.2, weights[index])
@@ -289,63 +277,3 @@ def test_adapters_disabled_runs_a_peft_unet_as_its_base_and_restores_the_adapter
     with adapters_disabled(pipe.unet, pipe.text_encoder, None):
         torch.testing.assert_close(pipe.unet(*inputs).sample, base)
     torch.testing.assert_close(pipe.unet(*inputs).sample, adapted)
-
-
-# ----------------------------------------------------------------------------- partial adapter weights
-
-
-@pytest.mark.parametrize("share, expected", [(0.0, [1.0] * 20), (1.0, "all below 1")])
-def test_step_adapter_weight_is_one_unless_a_share_of_steps_asks_for_less(share, expected):
-    generator = torch.Generator().manual_seed(0)
-    weights = [step_adapter_weight(share, generator) for _ in range(20)]
-    if expected == "all below 1":
-        assert all(0 <= w < 1 for w in weights) and len(set(weights)) == 20
-    else:
-        assert weights == expected
-        # No draw at share 0: runs without the option keep the random stream they had before it existed.
-        assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
-
-
-def test_a_half_share_trains_about_half_the_steps_at_a_partial_weight():
-    generator = torch.Generator().manual_seed(1)
-    partial = sum(step_adapter_weight(0.5, generator) < 1 for _ in range(400))
-    assert 160 < partial < 240
-
-
-def test_partial_weight_steps_aim_that_far_from_the_base_toward_the_data():
-    loss, unet, seen, (noise, noisy, weights, w) = preservation_step(**{"train.partial_weight": 1.0})
-    base = noisy * 0.2
-    main = weighted_mse(noisy * 0.5, base + w * (noise - base), weights)
-    index = torch.tensor([0, 2])
-    gap = weighted_mse(noisy[index] * 0.5, base[index], weights[index])
-    torch.testing.assert_close(loss, main + gap)
-    # The frozen base reads the captions with their trigger (the data's target) and the trigger-free copies at once.
-    assert ("base", CAPTIONS + ["a red circle", "a on gray"]) in seen
-    assert {"batch": 7, "disabled": True, "grad": False} in unet.calls
-
-
-def test_adapters_scaled_matches_diffusers_adapter_weights_and_restores_the_adapter():
-    from gen_fixtures import tiny_pipeline
-
-    from stylelora.lora.inject import adapters_scaled, add_lora
-
-    pipe = tiny_pipeline()
-    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32))
-    add_lora(pipe.unet, pipe.text_encoder, rank=4, alpha=4, init_lora_weights=False)
-    adapted = pipe.unet(*inputs).sample
-    with adapters_scaled(0.3, pipe.unet, None):
-        scaled = pipe.unet(*inputs).sample
-    assert torch.equal(pipe.unet(*inputs).sample, adapted)  # exactly back to weight 1
-    pipe.unet.set_adapters(["default"], weights=[0.3])  # diffusers' own adapter weight: the generation-time dial
-    torch.testing.assert_close(scaled, pipe.unet(*inputs).sample)
-    assert not torch.allclose(scaled, adapted)
-
-
-def test_partial_weight_refuses_gradient_checkpointing_before_any_model_loads():
-    from stylelora.config import ConfigError
-    from stylelora.train.loop import with_family_preset
-
-    cfg = config(**{"train.family": "toy", "train.partial_weight": 0.5, "train.gradient_checkpointing": True})
-    with pytest.raises(ConfigError, match="--no-gradient-checkpointing"):
-        with_family_preset(cfg)
-    with_family_preset(config(**{"train.family": "toy", "train.partial_weight": 0.5}))  # the toy preset leaves it off

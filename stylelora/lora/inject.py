@@ -236,24 +236,3 @@ def adapters_disabled(*models: nn.Module):
     finally:
         for model in hosts:
             model.enable_adapters()
-
-
-@contextmanager
-def adapters_scaled(weight: float, *models: nn.Module):
-    """Run the models with every LoRA layer's output multiplied by `weight` inside the block, as a generation-time
-    adapter weight does (models without an adapter, and weight 1, are left alone)."""
-    if weight == 1:
-        yield
-        return
-    from peft.tuners.lora import LoraLayer
-
-    layers = [layer for model in models if model is not None for layer in model.modules()
-              if isinstance(layer, LoraLayer)]
-    saved = [dict(layer.scaling) for layer in layers]
-    for layer in layers:
-        layer.scale_layer(weight)
-    try:
-        yield
-    finally:
-        for layer, scaling in zip(layers, saved):
-            layer.scaling.update(scaling)  # exact: no division that could drift over thousands of steps

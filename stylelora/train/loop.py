@@ -166,14 +166,8 @@ def with_family_preset(config: TrainConfig, data: DataPlan | None = None) -> Tra
     t = config.train
     family = t.family or detect_family(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
     captions = [item.caption for item in data.items] if data is not None else None
-    resolved = apply_preset(config, family, cuda=torch.cuda.is_available(), captions=captions,
-                            triggers=data.triggers if data is not None else ())
-    if resolved.train.partial_weight > 0 and resolved.train.gradient_checkpointing:
-        # Checkpointing recomputes the forward during backward, after the step's adapter weight is undone.
-        raise ConfigError(f"train.partial_weight ({resolved.train.partial_weight}) needs gradient checkpointing off "
-                          f"(on from {resolved.source_of('train.gradient_checkpointing')}): add "
-                          "--no-gradient-checkpointing, or drop --partial-weight")
-    return resolved
+    return apply_preset(config, family, cuda=torch.cuda.is_available(), captions=captions,
+                        triggers=data.triggers if data is not None else ())
 
 
 def describe_settings(config: TrainConfig) -> str:

@@ -12,8 +12,6 @@
               of the batch's noisy latents with their trigger words removed or replaced by a decoy word
               (stylelora/train/preservation.py); with `decoy_company`, part of the samples keep their trigger
               with a decoy word beside it, trained toward the data as usual, so stacked prompts turn it on
-    weight    with `partial_weight`, part of the steps run every LoRA layer at a random weight w < 1 and aim w of the
-              way from the frozen base's prediction to the target above (preservation still aims at the base)
 
 All randomness comes from the `generator` argument, so a (state, batch) pair always gives the same loss, which is
 what makes resuming exact. The loop owns everything else (optimizer, accumulation, autocast, logging).
@@ -24,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stylelora.lora.inject import adapters_scaled
 from stylelora.train.preservation import accompanied_captions, base_prediction, preserved_samples
 
 if TYPE_CHECKING:
@@ -48,41 +45,19 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     captions = accompanied_captions(list(batch["caption"]), models.triggers, models.company,
                                     config.train.decoy_company, generator)
     index = torch.tensor([i for i, _ in preserved], dtype=torch.long, device=latents.device)
-    preserved_captions = [caption for _, caption in preserved]
-    time_ids = models.time_ids(batch)
-    adapter_weight = step_adapter_weight(config.train.partial_weight, generator)
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
-    with adapters_scaled(adapter_weight, models.unet, models.text_encoder, models.text_encoder_2):
-        text = models.encode_captions(captions + preserved_captions)
-        prediction = models.denoise(models.unet, torch.cat([noisy, noisy[index]]),
-                                    torch.cat([timesteps, timesteps[index]]), text,
-                                    None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
+    text = models.encode_captions(captions + [caption for _, caption in preserved])
+    time_ids = models.time_ids(batch)
+    prediction = models.denoise(models.unet, torch.cat([noisy, noisy[index]]), torch.cat([timesteps, timesteps[index]]),
+                                text, None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
     prediction, preserved_prediction = prediction[:len(captions)], prediction[len(captions):]
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
-    if adapter_weight < 1:
-        # At weight w the adapter should predict w of the way from the base to the data (the base's and the learned
-        # score interpolated), so the weight a user sets is a dial rather than a switch near 1.
-        everything = base_prediction(models, torch.cat([noisy, noisy[index]]), torch.cat([timesteps, timesteps[index]]),
-                                     captions + preserved_captions,
-                                     None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
-        base_for_data, base = everything[:len(captions)], everything[len(captions):]
-        target = base_for_data + adapter_weight * (target - base_for_data)
-    elif preserved:
-        base = base_prediction(models, noisy[index], timesteps[index], preserved_captions,
-                               None if time_ids is None else time_ids[index])
     loss = weighted_mse(prediction, target, weights)
     if preserved:
+        base = base_prediction(models, noisy[index], timesteps[index], [caption for _, caption in preserved],
+                               None if time_ids is None else time_ids[index])
         loss = loss + config.train.preserve_base * weighted_mse(preserved_prediction, base, weights[index])
     return loss
-
-
-def step_adapter_weight(share: float, generator: torch.Generator) -> float:
-    """The adapter weight this step trains at: 1, or with probability `share` a uniform draw from (0, 1).
-    Draws only when `share` > 0, so runs without it see the same random stream as before it existed."""
-    if share <= 0:
-        return 1.0
-    draw, weight = torch.rand(2, generator=generator).tolist()
-    return weight if draw < share else 1.0
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
