@@ -8,6 +8,9 @@ and each adapter's own set.
              own generations; then fused and scored
     concat   each adapter's text-encoder LoRA encodes the prompt on its own; the UNet (both UNet LoRAs summed)
              attends to the two encodings concatenated (the negative prompt likewise); not a static file
+    compose  each adapter's text-encoder LoRA encodes the prompt on its own, and the UNet (both UNet LoRAs summed)
+             attends to the base's encoding plus each adapter's change to it, h0 + (hA - h0) + (hB - h0); not a
+             static file
 
     python benchmarks/blend_experiments.py --adapters-dir outputs/blend-dc50 --samples 48
 
@@ -30,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"))
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--merges", nargs="+", default=["learned", "concat"], choices=["learned", "concat"])
+    parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
+                        choices=["learned", "concat", "compose"])
     parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the learned merge")
     return parser.parse_args(argv)
@@ -175,6 +179,27 @@ def concat_encoder(bench: Bench, a: str, b: str):
     return encode
 
 
+def compose_encoder(bench: Bench, a: str, b: str):
+    """embeds(texts) for Bench.score: the base's encoding plus each adapter's text-encoder change to it, each adapter
+    encoding the prompt alone; leaves A + B fused (the UNet sum) afterwards."""
+    from stylelora.train.models import text_encode_fn
+
+    encode_text = text_encode_fn(bench.pipe.text_encoder, bench.pipe.tokenizer, bench.pipe.device)
+
+    def encode(texts):
+        bench.stack.clear()
+        base_pos, base_neg = encode_text(texts), encode_text([""] * len(texts))
+        positive, negative = base_pos.clone(), base_neg.clone()
+        for style in (a, b):
+            bench.stack.apply([bench.spec(style)])
+            positive += encode_text(texts) - base_pos
+            negative += encode_text([""] * len(texts)) - base_neg
+        bench.stack.apply([bench.spec(a), bench.spec(b)])
+        return positive, negative
+
+    return encode
+
+
 def line(rows: dict, a: str, b: str) -> str:
     stacked, own_a, own_b = rows[f"{a}+{b}"], rows[a], rows[b]
     return (f"both {stacked['all_styles_rate']:.2f} ({a} {stacked[f'{a}_rate']:.2f}, {b} {stacked[f'{b}_rate']:.2f}) | "
@@ -197,6 +222,8 @@ def main(argv=None) -> int:
         print(f"{pair:15s} sum      {line(bench.score(sets), a, b)}", flush=True)
         if "concat" in args.merges:
             print(f"{pair:15s} concat   {line(bench.score(sets, concat_encoder(bench, a, b)), a, b)}", flush=True)
+        if "compose" in args.merges:
+            print(f"{pair:15s} compose  {line(bench.score(sets, compose_encoder(bench, a, b)), a, b)}", flush=True)
         if "learned" in args.merges:
             loss = learned_merge(bench, a, b, args.steps)
             print(f"{pair:15s} learned  {line(bench.score(sets), a, b)} (fit loss {loss:.4f})", flush=True)

@@ -91,12 +91,13 @@ class DataConfig:
     shuffle_tags: bool = option(False, "shuffle comma-separated caption tags")
     keep_tokens: int = option(1, "leading comma-separated tags that shuffling and tag dropout leave alone",
                               example="1")
-    # On by default because otherwise nothing moves the unconditional prediction (where guidance starts) toward the
-    # new images: base preservation keeps trigger-free prompts at the base, so guidance multiplies the whole style
-    # difference by the CFG scale. Measured on toy-pastel: with 0 its soft edges came out so soft that squares read
-    # as circles (shape accuracy 0.84); with 0.1, 0.93 (docs/results.md).
-    caption_dropout: float = option(0.1, "probability of training a sample with an empty caption (guidance then "
-                                         "does not exaggerate the style)", example="0.05")
+    # Per base family (stylelora.presets). Real bases: 0, kohya's and diffusers' default; a dropped caption puts part
+    # of the style into the unconditional prediction, which guidance subtracts wherever a prompt reads the trigger
+    # only partly (a weight below 1, another trigger beside it). The toy base: 0.1, measured (docs/results.md).
+    caption_dropout: float | None = option(None, "probability of training a sample with an empty caption (more: "
+                                                 "guidance exaggerates the style less, but the style fades sooner "
+                                                 "at weights below 1 and beside other triggers)", example="0.05",
+                                           preset=True)
     tag_dropout: float = option(0.0, "probability of dropping each caption tag", example="0.1")
     resolution: int | None = option(None, "training size in pixels", example="512", preset=True,
                                     widget=Widget("Resolution (empty = the base's)", minimum=8))
@@ -444,7 +445,8 @@ def _data_problems(d: DataConfig) -> list[str | None]:
     problems = [
         _rule("data.dir", bool(d.dir.strip()), "is required: the folder of training images", d.dir),
         _rule("data.keep_tokens", d.keep_tokens >= 0, "must be 0 or more", d.keep_tokens),
-        _rule("data.caption_dropout", 0 <= d.caption_dropout <= 1, "is a probability between 0 and 1",
+        _rule("data.caption_dropout", d.caption_dropout is None or 0 <= d.caption_dropout <= 1,
+              "is a probability between 0 and 1",
               d.caption_dropout),
         _rule("data.tag_dropout", 0 <= d.tag_dropout <= 1, "is a probability between 0 and 1", d.tag_dropout),
         _choice("data.cache", d.cache, DATA_CACHES),

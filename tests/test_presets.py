@@ -70,6 +70,9 @@ def test_real_bases_do_not_get_toy_values():
     assert config.train.gradient_checkpointing and "OneTrainer" in config.source_of("train.gradient_checkpointing")
     toy = apply_preset(load_config(None, {"data.dir": "d"}), "toy", cuda=False)
     assert toy.train.gradient_checkpointing is False
+    # Caption dropout as kohya and diffusers run it on real bases; the toy base's 0.1 is a toy measurement.
+    assert config.data.caption_dropout == 0 and "kohya" in config.source_of("data.caption_dropout")
+    assert toy.data.caption_dropout == 0.1
 
 
 def test_flags_and_file_win_over_the_preset_and_sources_say_so(tmp_path):
