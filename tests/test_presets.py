@@ -111,7 +111,7 @@ def test_dry_run_on_an_sd15_base_resolves_sd_defaults_and_writes_no_adapter(tmp_
     settings = tomllib.loads((out / "config.toml").read_text(encoding="utf-8"))
     assert settings["train"]["family"] == "sd1"
     assert settings["optim"]["unet_lr"] <= 3e-4 and settings["train"]["batch_size"] <= 4
-    assert settings["data"]["resolution"] == 512
+    assert settings["data"]["resolution"] == 512 and settings["data"]["caption_dropout"] == 0
     assert "stripestyle" in settings["train"]["sample_prompts"][0]
     assert not list(out.glob("*.safetensors")) and not (out / "samples").exists()
     assert "4 images" in result.stderr and "epochs" in result.stderr and "family sd1" in result.stderr
