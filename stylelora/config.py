@@ -176,13 +176,14 @@ class TrainSection:
     preserve_decoys: float = option(0.5, "share of those trigger-free captions that get a random other word in the "
                                          "trigger's place, so the adapter answers its own trigger, not any new word",
                                     example="0.5")
-    # Off by default: it lowers every adapter's own rate, a character's most (toy-zorb 0.76 → 0.66 at 0.5;
-    # docs/results.md "Decoy company and blend modes together").
+    # Off by default. With caption dropout 0 (real bases' default), 0.25 makes every toy adapter act beside another
+    # trigger and keeps its own rate, but a plain-sum blend then loses a soft style (toy-pastel); with the toy base's
+    # dropout 0.1 it weakens a character (toy-zorb 0.76 → 0.66 at 0.5). docs/results.md "Blending".
     decoy_company: float = option(0.0, "share of the captions with the trigger that also get another word beside "
                                        "it, one the base barely reads (as another adapter's trigger), so the adapter "
-                                       "still acts when a prompt names other adapters' triggers too (0.5 for a style "
-                                       "to stack; it weakens a character)",
-                                  example="0.5")
+                                       "still acts when a prompt names other adapters' triggers too (0.25 for an "
+                                       "adapter to stack, with caption dropout 0)",
+                                  example="0.25")
     gradient_checkpointing: bool | None = option(None, "trade compute for memory", preset=True)
     save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",
                              example="250", widget=Widget("Checkpoint every N steps (0 = none)", minimum=0))
@@ -523,7 +524,7 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
               t.preserve_decoys),
         _rule("train.decoy_company", 0 <= t.decoy_company <= 1,
               "is a share between 0 (captions as written, the default) and 1 (always a decoy word beside the "
-              "trigger); 0.5 for a style you will stack with others", t.decoy_company),
+              "trigger); 0.25 for an adapter you will stack with others", t.decoy_company),
         _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),
         _rule("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1", t.keep_checkpoints),
         _rule("train.sample_every", t.sample_every >= 0, "must be 0 (only at the end) or more", t.sample_every),
