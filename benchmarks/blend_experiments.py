@@ -158,23 +158,24 @@ def learned_merge(bench: Bench, a: str, b: str, steps: int) -> float:
     return loss.item()
 
 
+def encodings(bench: Bench, styles: tuple[str, ...], texts: list[str]):
+    """(prompt, empty-prompt) text encodings with only `styles` fused (none: the base); the stack is left so."""
+    from stylelora.train.models import text_encode_fn
+
+    bench.stack.apply([bench.spec(style) for style in styles])  # fused in place: the text encoder is this blend's
+    encode_text = text_encode_fn(bench.pipe.text_encoder, bench.pipe.tokenizer, bench.pipe.device)
+    return encode_text(texts), encode_text([""] * len(texts))
+
+
 def concat_encoder(bench: Bench, a: str, b: str):
     """embeds(texts) for Bench.score: each adapter's text encoder alone, the encodings concatenated; leaves A + B
     fused (the UNet sum) afterwards."""
     import torch
 
-    from stylelora.train.models import text_encode_fn
-
-    encode_text = text_encode_fn(bench.pipe.text_encoder, bench.pipe.tokenizer, bench.pipe.device)
-
     def encode(texts):
-        positives, negatives = [], []
-        for style in (a, b):
-            bench.stack.apply([bench.spec(style)])  # fused in place: encode_text reads this adapter's text encoder
-            positives.append(encode_text(texts))
-            negatives.append(encode_text([""] * len(texts)))
+        (pos_a, neg_a), (pos_b, neg_b) = encodings(bench, (a,), texts), encodings(bench, (b,), texts)
         bench.stack.apply([bench.spec(a), bench.spec(b)])
-        return torch.cat(positives, dim=1), torch.cat(negatives, dim=1)
+        return torch.cat([pos_a, pos_b], dim=1), torch.cat([neg_a, neg_b], dim=1)
 
     return encode
 
@@ -182,20 +183,12 @@ def concat_encoder(bench: Bench, a: str, b: str):
 def compose_encoder(bench: Bench, a: str, b: str):
     """embeds(texts) for Bench.score: the base's encoding plus each adapter's text-encoder change to it, each adapter
     encoding the prompt alone; leaves A + B fused (the UNet sum) afterwards."""
-    from stylelora.train.models import text_encode_fn
-
-    encode_text = text_encode_fn(bench.pipe.text_encoder, bench.pipe.tokenizer, bench.pipe.device)
 
     def encode(texts):
-        bench.stack.clear()
-        base_pos, base_neg = encode_text(texts), encode_text([""] * len(texts))
-        positive, negative = base_pos.clone(), base_neg.clone()
-        for style in (a, b):
-            bench.stack.apply([bench.spec(style)])
-            positive += encode_text(texts) - base_pos
-            negative += encode_text([""] * len(texts)) - base_neg
+        (pos_0, neg_0), (pos_a, neg_a), (pos_b, neg_b) = (encodings(bench, styles, texts)
+                                                         for styles in ((), (a,), (b,)))
         bench.stack.apply([bench.spec(a), bench.spec(b)])
-        return positive, negative
+        return pos_a + pos_b - pos_0, neg_a + neg_b - neg_0
 
     return encode
 
