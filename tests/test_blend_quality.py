@@ -33,3 +33,12 @@ def test_single_trigger_checks_name_what_a_user_of_the_blend_would_notice(single
     checks = load_benchmark("blend_quality").single_trigger_checks(FIGURES, single, "stripes", "zorb")
     assert sorted(label for label, (_, met) in checks.items() if not met) == sorted(failed)
     assert "shape on zorb prompts within 0.05 of zorb alone" not in checks  # the character has no shape to score
+
+
+def test_text_encoder_reach_is_each_tokens_rms_change():
+    import torch
+
+    base = torch.zeros(3, 4)
+    adapted = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
+    changes = load_benchmark("text_encoder_reach").token_changes(base, adapted, ["<s>", "stripestyle", ","])
+    assert changes == [("<s>", 0.0), ("stripestyle", 1.0), (",", 1.0)]  # sqrt(4/4) for the last
