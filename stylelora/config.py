@@ -184,9 +184,6 @@ class TrainSection:
                                        "still acts when a prompt names other adapters' triggers too (0.25 for an "
                                        "adapter to stack, with caption dropout 0)",
                                   example="0.25")
-    company_reading: float = option(0.0, "weight of a loss that keeps the text encoder's reading of the company "
-                                         "words at the base's, so this adapter's text-encoder LoRA leaves other "
-                                         "adapters' triggers alone in a stacked prompt (0 = off)", example="1.0")
     gradient_checkpointing: bool | None = option(None, "trade compute for memory", preset=True)
     save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",
                              example="250", widget=Widget("Checkpoint every N steps (0 = none)", minimum=0))
@@ -525,8 +522,6 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.preserve_decoys", 0 <= t.preserve_decoys <= 1,
               "is a share between 0 (triggers only removed) and 1 (always a decoy word); 0.5 is the default",
               t.preserve_decoys),
-        _rule("train.company_reading", t.company_reading >= 0, "is a loss weight, 0 or more (0 = off)",
-              t.company_reading),
         _rule("train.decoy_company", 0 <= t.decoy_company <= 1,
               "is a share between 0 (captions as written, the default) and 1 (always a decoy word beside the "
               "trigger); 0.25 for an adapter you will stack with others", t.decoy_company),

@@ -111,33 +111,3 @@ def test_company_words_are_the_decoys_the_base_reads_least():
     assert len(quiet) == len(pool) // 2 and set(quiet) < set(pool)
     assert not {"circle", "square", "star", "triangle", "and", "stripestyle", "pastelstyle"} & set(quiet)
     assert company_words(encode, tokenizer, captions, ("zorb",), pool) == quiet  # same pool, same words
-
-
-class CompanyModels:
-    """Just what company_reading_loss reads: token ids, a tokenizer with the company words, the base's encoding."""
-
-    def __init__(self, ids: torch.Tensor, base: torch.Tensor):
-        self.ids, self.base, self.company, self.device = ids, base, ("ack", "meadow"), torch.device("cpu")
-        self.unwrapped = (None, None, None)
-        self.tokenizer = type("Tok", (), {"convert_tokens_to_ids": lambda _, tokens: [
-            {"ack</w>": 7, "meadow</w>": 9}[t] for t in tokens]})()
-
-    def token_ids(self, captions):
-        return self.ids[: len(captions)]
-
-    def encode_captions(self, captions, text_encoders=None):
-        return self.base[: len(captions)]
-
-
-def test_company_reading_is_the_mean_squared_change_at_the_company_words_tokens():
-    from stylelora.train.preservation import company_reading_loss
-
-    ids = torch.tensor([[1, 7, 3, 0], [1, 3, 9, 0], [1, 3, 3, 0]])  # ack at 0/1, meadow at 1/2, none in the third
-    base = torch.zeros(3, 4, 2)
-    adapted = torch.ones(3, 4, 2)
-    adapted[0, 1] = torch.tensor([2.0, 0.0])  # squared changes 4, 0
-    adapted[1, 2] = torch.tensor([1.0, 3.0])  # 1, 9
-    loss = company_reading_loss(CompanyModels(ids, base), ["a", "b", "c"], adapted)
-    assert loss.item() == pytest.approx((4 + 0 + 1 + 9) / 4)  # every other token's change (1 each) is free
-    none = company_reading_loss(CompanyModels(ids[2:], base[2:]), ["c"], adapted[2:].requires_grad_())
-    assert none.item() == 0 and none.requires_grad

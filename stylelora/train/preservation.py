@@ -121,38 +121,6 @@ def company_words(encode: Callable[[list[str]], torch.Tensor], tokenizer, captio
     return tuple(sorted(word for _, word in quiet))
 
 
-def company_reading_loss(models: TrainModels, captions: list[str], text) -> torch.Tensor:
-    """Mean squared difference between the adapted and the frozen text encoder's hidden states at the company
-    words' tokens of `captions` (zero when none holds one). text: the adapted encoding of `captions`.
-
-    Why: in a stacked prompt the other adapter's trigger sits where company words sit in training, and this
-    adapter's text-encoder LoRA would otherwise re-read it (attention to the changed trigger, LoRA on every token),
-    so the other adapter's UNet no longer finds the reading it learned. Keeping company words at the base's reading
-    teaches the text-encoder change to stay on this adapter's own trigger.
-    """
-    hidden = text.hidden if hasattr(text, "hidden") else text
-    ids = models.token_ids(captions)
-    mask = torch.isin(ids, company_token_ids(models))
-    import os
-    if os.environ.get("READING_MASK") == "all":  # EXPERIMENT
-        trigger_ids = [i for t in models.triggers for i in models.tokenizer(t).input_ids[1:-1]]
-        mask = ~torch.isin(ids, torch.tensor(trigger_ids, device=ids.device))
-        mask[:, 0] = False
-    if not mask.any():
-        return hidden.sum() * 0.0  # keeps the graph (DDP) with a zero loss
-    unet, *text_encoders = models.unwrapped or (models.unet, models.text_encoder, models.text_encoder_2)
-    with torch.no_grad(), adapters_disabled(*text_encoders):
-        base = models.encode_captions(captions, tuple(text_encoders))
-    base = base.hidden if hasattr(base, "hidden") else base
-    return (hidden[mask].float() - base[mask].float()).pow(2).mean()
-
-
-def company_token_ids(models: TrainModels) -> torch.Tensor:
-    """Token ids of the company words (each a whole-word vocabulary token: decoy_words)."""
-    ids = models.tokenizer.convert_tokens_to_ids([f"{word}</w>" for word in models.company])
-    return torch.tensor(ids, dtype=torch.long, device=models.device)
-
-
 @torch.no_grad()
 def base_prediction(models: TrainModels, noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str],
                     time_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stylelora.train.preservation import (accompanied_captions, base_prediction, company_reading_loss,
-                                          preserved_samples)
+from stylelora.train.preservation import accompanied_captions, base_prediction, preserved_samples
 
 if TYPE_CHECKING:
     from stylelora.config import TrainConfig
@@ -58,16 +57,7 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
         base = base_prediction(models, noisy[index], timesteps[index], [caption for _, caption in preserved],
                                None if time_ids is None else time_ids[index])
         loss = loss + config.train.preserve_base * weighted_mse(preserved_prediction, base, weights[index])
-    if config.train.company_reading > 0 and (models.company or True) and models.text_cache is None:
-        loss = loss + config.train.company_reading * company_reading_loss(models, captions, _rows(text, len(captions)))
     return loss
-
-
-def _rows(text, count: int):
-    """The first `count` samples of an encoding (a tensor or SdxlText)."""
-    if hasattr(text, "hidden"):
-        return type(text)(hidden=text.hidden[:count], pooled=text.pooled[:count])
-    return text[:count]
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
