@@ -47,11 +47,6 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     index = torch.tensor([i for i, _ in preserved], dtype=torch.long, device=latents.device)
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
     text = models.encode_captions(captions + [caption for _, caption in preserved])
-    import os
-    if os.environ.get("TEXT_NOISE"):  # EXPERIMENT
-        std = float(os.environ["TEXT_NOISE"])
-        main_rows = torch.randn(text[:len(captions)].shape, generator=generator).to(text.device) * std
-        text = torch.cat([text[:len(captions)] + main_rows, text[len(captions):]])
     time_ids = models.time_ids(batch)
     prediction = models.denoise(models.unet, torch.cat([noisy, noisy[index]]), torch.cat([timesteps, timesteps[index]]),
                                 text, None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
