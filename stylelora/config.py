@@ -184,6 +184,11 @@ class TrainSection:
                                        "still acts when a prompt names other adapters' triggers too (0.25 for an "
                                        "adapter to stack, with caption dropout 0)",
                                   example="0.25")
+    # Off by default: measured only with the stacking recipe (caption dropout 0, company 0.25), where 0.2 keeps a
+    # soft style beside another adapter's text encoder (toy stripes+pastel 0.10 → 0.73). docs/results.md "Blending".
+    text_noise: float = option(0.0, "std of Gaussian noise added to the text encoder's hidden states while training "
+                                    "(0 = off), so the adapter still acts when another adapter's text-encoder LoRA "
+                                    "moves its prompt (0.2 for an adapter to stack)", example="0.2")
     gradient_checkpointing: bool | None = option(None, "trade compute for memory", preset=True)
     save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",
                              example="250", widget=Widget("Checkpoint every N steps (0 = none)", minimum=0))
@@ -525,6 +530,9 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.decoy_company", 0 <= t.decoy_company <= 1,
               "is a share between 0 (captions as written, the default) and 1 (always a decoy word beside the "
               "trigger); 0.25 for an adapter you will stack with others", t.decoy_company),
+        _rule("train.text_noise", 0 <= t.text_noise <= 1,
+              "is a noise std between 0 (off, the default) and 1; 0.2 for an adapter you will stack with others",
+              t.text_noise),
         _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),
         _rule("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1", t.keep_checkpoints),
         _rule("train.sample_every", t.sample_every >= 0, "must be 0 (only at the end) or more", t.sample_every),

@@ -17,6 +17,7 @@ from stylelora.train.step import (
     sample_noise,
     snr,
     weighted_mse,
+    with_text_noise,
 )
 
 
@@ -277,3 +278,20 @@ def test_adapters_disabled_runs_a_peft_unet_as_its_base_and_restores_the_adapter
     with adapters_disabled(pipe.unet, pipe.text_encoder, None):
         torch.testing.assert_close(pipe.unet(*inputs).sample, base)
     torch.testing.assert_close(pipe.unet(*inputs).sample, adapted)
+
+
+def test_text_noise_reaches_only_the_samples_trained_toward_the_data():
+    """The preservation copies after them keep the exact text their base target came from."""
+    text = torch.zeros(5, 77, 64)
+    noisy = with_text_noise(text, 3, 0.2, torch.Generator().manual_seed(1))
+    assert noisy[:3].std().item() == pytest.approx(0.2, rel=0.05) and torch.equal(noisy[3:], text[3:])
+    assert torch.equal(noisy, with_text_noise(text, 3, 0.2, torch.Generator().manual_seed(1)))  # exact resume
+    assert with_text_noise(text, 3, 0.0, torch.Generator()) is text
+
+
+def test_text_noise_on_sdxl_moves_the_hidden_states_not_the_pooled_embedding():
+    from stylelora.train.models import SdxlText
+
+    text = SdxlText(hidden=torch.zeros(2, 77, 32), pooled=torch.ones(2, 16))
+    noisy = with_text_noise(text, 2, 0.2, torch.Generator().manual_seed(0))
+    assert isinstance(noisy, SdxlText) and noisy.hidden.abs().sum() > 0 and torch.equal(noisy.pooled, text.pooled)

@@ -12,6 +12,8 @@
               of the batch's noisy latents with their trigger words removed or replaced by a decoy word
               (stylelora/train/preservation.py); with `decoy_company`, part of the samples keep their trigger
               with a decoy word beside it, trained toward the data as usual, so stacked prompts turn it on
+    text noise  with `text_noise`, N(0, σ²) on the hidden states of the samples trained toward the data, so the
+              adapter still reads its trigger after another adapter's text encoder has moved it (with_text_noise)
 
 All randomness comes from the `generator` argument, so a (state, batch) pair always gives the same loss, which is
 what makes resuming exact. The loop owns everything else (optimizer, accumulation, autocast, logging).
@@ -47,6 +49,7 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     index = torch.tensor([i for i, _ in preserved], dtype=torch.long, device=latents.device)
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
     text = models.encode_captions(captions + [caption for _, caption in preserved])
+    text = with_text_noise(text, len(captions), config.train.text_noise, generator)
     time_ids = models.time_ids(batch)
     prediction = models.denoise(models.unet, torch.cat([noisy, noisy[index]]), torch.cat([timesteps, timesteps[index]]),
                                 text, None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
@@ -58,6 +61,24 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
                                None if time_ids is None else time_ids[index])
         loss = loss + config.train.preserve_base * weighted_mse(preserved_prediction, base, weights[index])
     return loss
+
+
+def with_text_noise(text, count: int, std: float, generator: torch.Generator):
+    """`text` with N(0, std²) added to the hidden states of its first `count` samples (those trained toward the
+    data; the preservation copies after them keep the exact text the base's target was computed from). SDXL: to
+    the hidden states, not the pooled embedding.
+
+    Why: in a blend, another adapter's text-encoder LoRA moves the tokens around this adapter's trigger (by about
+    the hidden states' own size on the toy base: benchmarks/text_encoder_reach.py), and an adapter whose UNet only
+    ever saw its own text encoder's reading loses its style there. Trained through noisy readings, it keeps it
+    (docs/results.md, "Blending"). Noise on embeddings while fine-tuning, as NEFTune (arXiv 2310.05914) does.
+    """
+    if std <= 0:
+        return text
+    hidden = text.hidden if hasattr(text, "hidden") else text
+    noise = torch.randn(hidden[:count].shape, generator=generator).to(device=hidden.device, dtype=hidden.dtype)
+    noisy = torch.cat([hidden[:count] + std * noise, hidden[count:]])
+    return type(text)(hidden=noisy, pooled=text.pooled) if hasattr(text, "hidden") else noisy
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
