@@ -37,26 +37,21 @@ def token_changes(base, adapted, tokens: list[str]) -> list[tuple[str, float]]:
 
 
 def main(argv=None) -> None:
-    import torch
-
     from stylelora.generate.stack import AdapterStack
     from stylelora.lora.spec import AdapterSpec
     from stylelora.models.load import load_base
-    from stylelora.train.models import tokenize
+    from stylelora.train.models import text_encode_fn, tokenize
 
     args = parse_args(argv)
     pipe = load_base("toy")
     stack = AdapterStack.for_pipe(pipe)
     ids = tokenize(pipe.tokenizer, list(PROMPTS))
+    encode = text_encode_fn(pipe.text_encoder, pipe.tokenizer, pipe.device)  # reads whatever the stack has fused
 
-    @torch.no_grad()
-    def encode():
-        return pipe.text_encoder(ids)[0].float()
-
-    base = encode()
+    base = encode(list(PROMPTS))
     for style in args.styles:
         stack.apply([AdapterSpec(Path(args.adapters_dir) / f"toy-{style}" / f"toy-{style}.safetensors", 0.0, 1.0)])
-        adapted = encode()
+        adapted = encode(list(PROMPTS))
         for row, prompt in enumerate(PROMPTS):
             tokens = [token.removesuffix("</w>") for token in pipe.tokenizer.convert_ids_to_tokens(ids[row])]
             shown = token_changes(base[row, :SHOWN_TOKENS], adapted[row, :SHOWN_TOKENS], tokens[:SHOWN_TOKENS])

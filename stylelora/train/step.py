@@ -20,10 +20,12 @@ what makes resuming exact. The loop owns everything else (optimizer, accumulatio
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
+from stylelora.train.models import SdxlText
 from stylelora.train.preservation import accompanied_captions, base_prediction, preserved_samples
 
 if TYPE_CHECKING:
@@ -75,10 +77,10 @@ def with_text_noise(text, count: int, std: float, generator: torch.Generator):
     """
     if std <= 0:
         return text
-    hidden = text.hidden if hasattr(text, "hidden") else text
-    noise = torch.randn(hidden[:count].shape, generator=generator).to(device=hidden.device, dtype=hidden.dtype)
-    noisy = torch.cat([hidden[:count] + std * noise, hidden[count:]])
-    return type(text)(hidden=noisy, pooled=text.pooled) if hasattr(text, "hidden") else noisy
+    if isinstance(text, SdxlText):
+        return replace(text, hidden=with_text_noise(text.hidden, count, std, generator))
+    noise = torch.randn(text[:count].shape, generator=generator).to(device=text.device, dtype=text.dtype)
+    return torch.cat([text[:count] + std * noise, text[count:]])
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
