@@ -91,9 +91,9 @@ class DataConfig:
     shuffle_tags: bool = option(False, "shuffle comma-separated caption tags")
     keep_tokens: int = option(1, "leading comma-separated tags that shuffling and tag dropout leave alone",
                               example="1")
-    # Per base family (stylelora.presets). Real bases: 0, kohya's and diffusers' default; a dropped caption puts part
+    # Per base family (stylelora.presets): 0 everywhere, kohya's and diffusers' default. A dropped caption puts part
     # of the style into the unconditional prediction, which guidance subtracts wherever a prompt reads the trigger
-    # only partly (a weight below 1, another trigger beside it). The toy base: 0.1, measured (docs/results.md).
+    # only partly (a weight below 1, another trigger beside it): measured on the toy base (docs/results.md).
     caption_dropout: float | None = option(None, "probability of training a sample with an empty caption (more: "
                                                  "guidance exaggerates the style less, but the style fades sooner "
                                                  "at weights below 1 and beside other triggers)", example="0.05",
@@ -176,19 +176,20 @@ class TrainSection:
     preserve_decoys: float = option(0.5, "share of those trigger-free captions that get a random other word in the "
                                          "trigger's place, so the adapter answers its own trigger, not any new word",
                                     example="0.5")
-    # Off by default. With caption dropout 0 (real bases' default), 0.25 makes every toy adapter act beside another
-    # trigger and keeps its own rate, but a plain-sum blend then loses a soft style (toy-pastel); with the toy base's
-    # dropout 0.1 it weakens a character (toy-zorb 0.76 → 0.66 at 0.5). docs/results.md "Blending".
-    decoy_company: float = option(0.0, "share of the captions with the trigger that also get another word beside "
-                                       "it, one the base barely reads (as another adapter's trigger), so the adapter "
-                                       "still acts when a prompt names other adapters' triggers too (0.25 for an "
-                                       "adapter to stack, with caption dropout 0)",
+    # On by default, as base preservation is: its decoys teach "another word where the trigger goes means the base",
+    # and a stacked prompt has another adapter's trigger there. 0.25 (with caption dropout 0) makes every toy adapter
+    # act beside another trigger and keeps its own rate; 0.5 weakens a character. docs/results.md "Blending".
+    decoy_company: float = option(0.25, "share of the captions with the trigger that also get another word beside "
+                                        "it, one the base barely reads (as another adapter's trigger), so the "
+                                        "adapter still acts when a prompt names other adapters' triggers too "
+                                        "(0 = captions as written)",
                                   example="0.25")
-    # Off by default: measured only with the stacking recipe (caption dropout 0, company 0.25), where 0.2 keeps a
-    # soft style beside another adapter's text encoder (toy stripes+pastel 0.10 → 0.73). docs/results.md "Blending".
-    text_noise: float = option(0.0, "std of Gaussian noise added to the text encoder's hidden states while training "
-                                    "(0 = off), so the adapter still acts when another adapter's text-encoder LoRA "
-                                    "moves its prompt (0.2 for an adapter to stack)", example="0.2")
+    # Per base family (stylelora.presets): the toy base 0.2, measured (it keeps a soft style beside another adapter's
+    # text encoder: toy stripes+pastel 0.10 -> 0.73); real bases 0 until measured on their text encoders, whose
+    # hidden states have another scale. docs/results.md "Blending".
+    text_noise: float | None = option(None, "std of Gaussian noise added to the text encoder's hidden states while "
+                                            "training (0 = off), so the adapter still acts when another adapter's "
+                                            "text-encoder LoRA moves its prompt", example="0.2", preset=True)
     gradient_checkpointing: bool | None = option(None, "trade compute for memory", preset=True)
     save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",
                              example="250", widget=Widget("Checkpoint every N steps (0 = none)", minimum=0))
@@ -528,11 +529,10 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
               "is a share between 0 (triggers only removed) and 1 (always a decoy word); 0.5 is the default",
               t.preserve_decoys),
         _rule("train.decoy_company", 0 <= t.decoy_company <= 1,
-              "is a share between 0 (captions as written, the default) and 1 (always a decoy word beside the "
-              "trigger); 0.25 for an adapter you will stack with others", t.decoy_company),
-        _rule("train.text_noise", 0 <= t.text_noise <= 1,
-              "is a noise std between 0 (off, the default) and 1; 0.2 for an adapter you will stack with others",
-              t.text_noise),
+              "is a share between 0 (captions as written) and 1 (always a decoy word beside the trigger); 0.25 is "
+              "the default", t.decoy_company),
+        _rule("train.text_noise", t.text_noise is None or 0 <= t.text_noise <= 1,
+              "is a noise std between 0 (off) and 1; 0.2 is the toy base's default", t.text_noise),
         _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),
         _rule("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1", t.keep_checkpoints),
         _rule("train.sample_every", t.sample_every >= 0, "must be 0 (only at the end) or more", t.sample_every),

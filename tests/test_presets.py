@@ -70,9 +70,12 @@ def test_real_bases_do_not_get_toy_values():
     assert config.train.gradient_checkpointing and "OneTrainer" in config.source_of("train.gradient_checkpointing")
     toy = apply_preset(load_config(None, {"data.dir": "d"}), "toy", cuda=False)
     assert toy.train.gradient_checkpointing is False
-    # Caption dropout as kohya and diffusers run it on real bases; the toy base's 0.1 is a toy measurement.
+    # Caption dropout as kohya and diffusers run it on real bases. Text noise is measured on the toy base's text
+    # encoder only, so a real base trains without it; the toy base gets the recipe whose adapters stack.
     assert config.data.caption_dropout == 0 and "kohya" in config.source_of("data.caption_dropout")
-    assert toy.data.caption_dropout == 0.1
+    assert config.train.text_noise == 0 and "kohya" in config.source_of("train.text_noise")
+    assert (toy.data.caption_dropout, toy.train.text_noise) == (0, 0.2)
+    assert "stacked" in toy.source_of("train.text_noise")
 
 
 def test_flags_and_file_win_over_the_preset_and_sources_say_so(tmp_path):
