@@ -52,11 +52,6 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
     text = models.encode_captions(captions + [caption for _, caption in preserved])
     text = with_text_noise(text, len(captions), config.train.text_noise, generator)
-    import os  # EXPERIMENT: noise on the preservation copies' reading too (target: the base on clean text)
-    if float(os.environ.get("PRES_NOISE", "0")) > 0 and preserved:
-        n, m = len(captions), len(preserved)
-        rotated = with_text_noise(torch.cat([text[n:], text[:n]]), m, float(os.environ["PRES_NOISE"]), generator)
-        text = torch.cat([rotated[m:], rotated[:m]])  # the preservation rows noised, back in their place
     time_ids = models.time_ids(batch)
     prediction = models.denoise(models.unet, torch.cat([noisy, noisy[index]]), torch.cat([timesteps, timesteps[index]]),
                                 text, None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
