@@ -190,13 +190,6 @@ class TrainSection:
     text_noise: float | None = option(None, "std of Gaussian noise added to the text encoder's hidden states while "
                                             "training (0 = off), so the adapter still acts when another adapter's "
                                             "text-encoder LoRA moves its prompt", example="0.2", preset=True)
-    # Per base family (stylelora.presets), as text_noise. A character's UNet LoRA otherwise draws its own look onto
-    # the words another adapter's text encoder has moved (toy pastel+zorb). docs/results.md "Blending".
-    preserve_noise: float | None = option(None, "std of Gaussian noise added to the text encoder's hidden states of "
-                                                "the base-preservation copies (0 = off; their target stays the "
-                                                "base's prediction for the clean caption), so the adapter stays off "
-                                                "where another adapter's text-encoder LoRA has moved the words",
-                                          example="1.0", preset=True)
     gradient_checkpointing: bool | None = option(None, "trade compute for memory", preset=True)
     save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",
                              example="250", widget=Widget("Checkpoint every N steps (0 = none)", minimum=0))
@@ -540,8 +533,6 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
               "the default", t.decoy_company),
         _rule("train.text_noise", t.text_noise is None or 0 <= t.text_noise <= 1,
               "is a noise std between 0 (off) and 1; 0.2 is the toy base's default", t.text_noise),
-        _rule("train.preserve_noise", t.preserve_noise is None or 0 <= t.preserve_noise <= 2,
-              "is a noise std between 0 (off) and 2; 1.0 is the toy base's default", t.preserve_noise),
         _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),
         _rule("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1", t.keep_checkpoints),
         _rule("train.sample_every", t.sample_every >= 0, "must be 0 (only at the end) or more", t.sample_every),

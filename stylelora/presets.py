@@ -55,7 +55,7 @@ NO_CAPTION_DROPOUT = ("kohya-ss/sd-scripts library/train_util.py (--caption_drop
 # saving is what fits a 512 px run on an 8 GB GPU, and it brings the default run's peak under the 0.35x of a full
 # fine-tune that docs/benchmarks.md measures (0.36x without it).
 NO_TEXT_NOISE = ("kohya-ss/sd-scripts and diffusers' LoRA scripts add no noise to the text encoder's output; the "
-                 "toy base's values are not measured on a real text encoder, whose hidden states have another scale")
+                 "toy base's 0.2 is not measured on a real text encoder, whose hidden states have another scale")
 ONETRAINER_CHECKPOINTING = "OneTrainer modules/util/config/TrainConfig.py: gradient_checkpointing on by default"
 NOT_ON_CPU = "; fp32 without CUDA (half-precision autocast is slow on CPU)"
 
@@ -79,7 +79,6 @@ def _real_base(*, resolution: int, resolution_source: str, te_lr: float, lr_sour
         "train.sample_guidance": Value(7.0, A1111),
         "data.caption_dropout": Value(0.0, NO_CAPTION_DROPOUT),
         "train.text_noise": Value(0.0, NO_TEXT_NOISE),
-        "train.preserve_noise": Value(0.0, NO_TEXT_NOISE),
     }
 
 
@@ -98,7 +97,6 @@ PRESETS: dict[str, dict[str, Value]] = {
         "train.sample_guidance": Value(5.0, TOY),
         "data.caption_dropout": Value(0.0, TOY_STACKING),
         "train.text_noise": Value(0.2, TOY_STACKING),
-        "train.preserve_noise": Value(1.0, TOY_STACKING),
     },
     "sd1": _real_base(resolution=512, resolution_source=DIFFUSERS_SD, te_lr=1e-5, lr_source=KOHYA_SD,
                       precision="fp16", checkpointing=True, checkpointing_source=ONETRAINER_CHECKPOINTING,

@@ -77,7 +77,6 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_preserve_decoys": str(t.preserve_decoys),
         "ss_decoy_company": str(t.decoy_company),
         "ss_text_noise": str(t.text_noise),
-        "ss_preserve_noise": str(t.preserve_noise),
         "ss_mixed_precision": PRECISION_NAMES[t.precision],
         "ss_gradient_checkpointing": str(t.gradient_checkpointing),
         "ss_enable_bucket": str(d.bucketing),

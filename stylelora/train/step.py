@@ -13,9 +13,7 @@
               (stylelora/train/preservation.py); with `decoy_company`, part of the samples keep their trigger
               with a decoy word beside it, trained toward the data as usual, so stacked prompts turn it on
     text noise  with `text_noise`, N(0, σ²) on the hidden states of the samples trained toward the data, so the
-              adapter still reads its trigger after another adapter's text encoder has moved it; with
-              `preserve_noise`, on those of the preservation copies too (their target stays the base's prediction
-              for the clean caption), so the adapter stays off where another adapter has moved the other words
+              adapter still reads its trigger after another adapter's text encoder has moved it (with_text_noise)
 
 All randomness comes from the `generator` argument, so a (state, batch) pair always gives the same loss, which is
 what makes resuming exact. The loop owns everything else (optimizer, accumulation, autocast, logging).
@@ -53,9 +51,7 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     index = torch.tensor([i for i, _ in preserved], dtype=torch.long, device=latents.device)
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
     text = models.encode_captions(captions + [caption for _, caption in preserved])
-    text = with_text_noise(text, slice(0, len(captions)), config.train.text_noise, generator)
-    if preserved:
-        text = with_text_noise(text, slice(len(captions), None), config.train.preserve_noise, generator)
+    text = with_text_noise(text, len(captions), config.train.text_noise, generator)
     time_ids = models.time_ids(batch)
     prediction = models.denoise(models.unet, torch.cat([noisy, noisy[index]]), torch.cat([timesteps, timesteps[index]]),
                                 text, None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
@@ -69,25 +65,22 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     return loss
 
 
-def with_text_noise(text, rows: slice, std: float, generator: torch.Generator):
-    """`text` with N(0, std²) added to the hidden states of `rows` (SDXL: to the hidden states, not the pooled
-    embedding).
+def with_text_noise(text, count: int, std: float, generator: torch.Generator):
+    """`text` with N(0, std²) added to the hidden states of its first `count` samples (those trained toward the
+    data; the preservation copies after them keep the exact text the base's target was computed from). SDXL: to
+    the hidden states, not the pooled embedding.
 
-    Why: in a blend, another adapter's text-encoder LoRA moves the tokens of the whole prompt (by about the hidden
-    states' own size on the toy base: benchmarks/text_encoder_reach.py). An adapter whose UNet only ever saw its own
-    text encoder's reading loses its style there (noise on the samples trained toward the data teaches it to keep
-    it), and a character's UNet LoRA acts on the moved words of a style's prompt (noise on the preservation copies,
-    whose target stays the base's prediction for the clean caption, teaches it to stay off). docs/results.md,
-    "Blending". Noise on embeddings while fine-tuning, as NEFTune (arXiv 2310.05914) does.
+    Why: in a blend, another adapter's text-encoder LoRA moves the tokens around this adapter's trigger (by about
+    the hidden states' own size on the toy base: benchmarks/text_encoder_reach.py), and an adapter whose UNet only
+    ever saw its own text encoder's reading loses its style there. Trained through noisy readings, it keeps it
+    (docs/results.md, "Blending"). Noise on embeddings while fine-tuning, as NEFTune (arXiv 2310.05914) does.
     """
     if std <= 0:
         return text
     if isinstance(text, SdxlText):
-        return replace(text, hidden=with_text_noise(text.hidden, rows, std, generator))
-    chosen = text[rows]
-    noise = torch.randn(chosen.shape, generator=generator).to(device=text.device, dtype=text.dtype)
-    start, stop, _ = rows.indices(text.shape[0])
-    return torch.cat([text[:start], chosen + std * noise, text[stop:]])
+        return replace(text, hidden=with_text_noise(text.hidden, count, std, generator))
+    noise = torch.randn(text[:count].shape, generator=generator).to(device=text.device, dtype=text.dtype)
+    return torch.cat([text[:count] + std * noise, text[count:]])
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
