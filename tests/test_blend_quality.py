@@ -42,3 +42,23 @@ def test_text_encoder_reach_is_each_tokens_rms_change():
     adapted = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
     changes = load_benchmark("text_encoder_reach").token_changes(base, adapted, ["<s>", "stripestyle", ","])
     assert changes == [("<s>", 0.0), ("stripestyle", 1.0), (",", 1.0)]  # sqrt(4/4) for the last
+
+
+def test_layer_cut_keeps_drops_and_scales_modules_by_name():
+    import torch
+
+    def module(name: str) -> dict:
+        return {f"{name}.lora_down.weight": torch.ones(2, 4), f"{name}.lora_up.weight": torch.ones(4, 2),
+                f"{name}.alpha": torch.tensor(2.0)}
+
+    names = ("lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k",
+             "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q")
+    tensors = {k: v for name in names for k, v in module(name).items()}
+    cut = load_benchmark("layer_cut").cut
+    kept = {key.split(".")[0] for key in cut(tensors, keep_unet="attn2_to_[kv]")}
+    assert kept == {names[0], names[1]}  # the text encoder stays unless a pattern names it
+    assert {key.split(".")[0] for key in cut(tensors, drop="attn2_to_[kv]")} == {names[0], names[2]}
+    scaled = cut(tensors, scale={"attn2_to_[kv]": 0.5})
+    assert torch.equal(scaled[f"{names[1]}.lora_up.weight"], torch.full((4, 2), 0.5))
+    assert torch.equal(scaled[f"{names[1]}.lora_down.weight"], torch.ones(2, 4))  # the delta halves once
+    assert torch.equal(scaled[f"{names[2]}.lora_up.weight"], torch.ones(4, 2))
