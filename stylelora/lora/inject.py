@@ -61,10 +61,6 @@ def unet_lora_targets(unet: nn.Module, preset: str = "kohya") -> LoraTargets:
         targets = LoraTargets(linear=_split_by_kernel(in_transformers).linear)
     else:
         targets = _split_by_kernel({**in_transformers, **layers_inside_blocks(unet, KOHYA_CONV_BLOCKS)})
-    import os  # EXPERIMENT: no LoRA on the cross-attention keys and values
-    if os.environ.get("NO_XKV"):
-        drop = lambda paths: tuple(p for p in paths if not p.endswith(("attn2.to_k", "attn2.to_v")))
-        targets = LoraTargets(linear=drop(targets.linear), conv=drop(targets.conv))
     if not targets.all:
         raise ValueError(
             f"UNet preset {preset!r} found no layers in {type(unet).__name__}: expected diffusers "
