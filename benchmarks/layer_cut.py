@@ -19,7 +19,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-UNET_PREFIX = "lora_unet_"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def cut(tensors: dict, *, keep_unet: str | None = None, drop: str | None = None,
         scale: dict[str, float] | None = None) -> dict:
     """The tensors of the modules kept, with `lora_up` scaled where a scale pattern matches (first match wins)."""
+    from stylelora.lora.formats import UNET_PREFIX
+
     result = {}
     for key, tensor in tensors.items():
         module = key.split(".", 1)[0]
@@ -49,8 +50,7 @@ def cut(tensors: dict, *, keep_unet: str | None = None, drop: str | None = None,
 
 
 def main(argv=None) -> int:
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from stylelora.lora.io import load_adapter_state, write_safetensors_atomic
 
     args = parse_args(argv)
     scale = {}
@@ -59,11 +59,9 @@ def main(argv=None) -> int:
         if not pattern:
             raise SystemExit(f"--scale takes PATTERN=F, e.g. attn2_to_[kv]=0.5 (got {item!r})")
         scale[pattern] = float(factor)
-    with safe_open(args.adapter, "pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(args.adapter)
+    tensors, metadata = load_adapter_state(args.adapter)
     kept = cut(tensors, keep_unet=args.keep_unet, drop=args.drop, scale=scale)
-    save_file(kept, args.out, metadata=metadata)
+    write_safetensors_atomic(args.out, kept, metadata)
     modules = {key.split(".", 1)[0] for key in kept}
     print(f"wrote {args.out}: {len(kept)} of {len(tensors)} tensors, {len(modules)} modules")
     return 0
