@@ -160,6 +160,7 @@ class AdapterStack:
         self._fused: dict[tuple[str, str], tuple] = {}
         self._active: tuple[AdapterSpec, ...] = ()
         self._mode = blend_modes.DEFAULT_MODE
+        self._split = False  # whether the text encoders and cross-attention run per adapter (mode "split")
 
     @classmethod
     def for_pipe(cls, pipe: Any) -> AdapterStack:
@@ -286,20 +287,70 @@ class AdapterStack:
 
     def _fuse(self, plan, mode: str = blend_modes.DEFAULT_MODE) -> None:
         torch = _torch()
+        plan, split = self._split_plan(plan, mode)
+        weight_mode = "sum" if mode == "split" else mode  # split: every other layer is the plain sum
         with torch.no_grad():
             for key in [key for key in self._fused if key not in plan]:
                 self._restore(key)
             for key, terms in plan.items():
                 signature = tuple((identity, weight) for identity, weight, _ in terms)
-                if len(terms) > 1 and mode != "sum":
-                    signature += (mode,)  # a layer one adapter touches is the same in every mode
+                if len(terms) > 1 and weight_mode != "sum":
+                    signature += (weight_mode,)  # a layer one adapter touches is the same in every mode
                 if self._fused.get(key) == signature:
                     continue  # this layer's contributions did not change: skip the matmul
                 weight = self._layer_weight(key)
                 original = self._backups.setdefault(key, weight.detach().clone())
-                delta = _layer_delta(terms, original.device, mode).reshape(original.shape)
+                delta = _layer_delta(terms, original.device, weight_mode).reshape(original.shape)
                 weight.copy_((original.float() + delta).to(weight.dtype))
                 self._fused[key] = signature
+            self._install_split(split)
+
+    def _split_plan(self, plan, mode: str):
+        """(the layers to fuse, the layers that run per adapter or None) for `mode`.
+
+        Under "split" with two or more adapters, every text-encoder layer and every UNet cross-attention projection
+        runs per adapter (split_attention), so none of them is fused: their weights stay the base's."""
+        from stylelora.generate import split_attention
+
+        identities = list(dict.fromkeys(identity for terms in plan.values() for identity, _, _ in terms))
+        if mode != "split" or len(identities) < 2 or self.models.get("unet") is None:
+            return plan, None
+        unet = self.models["unet"]
+        per_adapter = {key: terms for key, terms in plan.items()
+                       if key[0] != "unet" or split_attention.split_parts(unet, key[1])}
+        fused = {key: terms for key, terms in plan.items() if key not in per_adapter}
+        return fused, (identities, per_adapter)
+
+    def _install_split(self, split) -> None:
+        """Run the split mode's per-adapter layers (or, with None, take every split processor out again)."""
+        from stylelora.generate import split_attention
+
+        unet = self.models.get("unet")
+        text_encoders = [name for name in self.models if name != "unet" and self.models[name] is not None]
+        if split is None:
+            if self._split:
+                for name in text_encoders:
+                    split_attention.uninstall_text_encoder(self.models[name])
+                for parent in split_attention.cross_attention_modules(unet):
+                    split_attention.uninstall_attention(unet, parent)
+                self._split = False
+            return
+        identities, per_adapter = split
+        # variants[component or attention module][identity] = {submodule path: full weight}
+        variants: dict[str, dict[Any, dict[str, Any]]] = {}
+        for key, terms in per_adapter.items():
+            original = self._layer_weight(key)
+            owner, path = (key[0], key[1]) if key[0] != "unet" else split_attention.split_parts(unet, key[1])
+            for identity, weight, factors in terms:
+                delta = _weighted_delta([(identity, weight, factors)], original.device).reshape(original.shape)
+                variants.setdefault(owner, {}).setdefault(identity, {})[path] = \
+                    (original.float() + delta).to(original.dtype)
+        in_order = lambda owner: [variants.get(owner, {}).get(identity, {}) for identity in identities]  # noqa: E731
+        for name in text_encoders:
+            split_attention.install_text_encoder(self.models[name], in_order(name))
+        for parent in split_attention.cross_attention_modules(unet):
+            split_attention.install_attention(unet, parent, in_order(parent))
+        self._split = True
 
     def _restore(self, key) -> None:
         self._layer_weight(key).data.copy_(self._backups.pop(key))
@@ -309,6 +360,7 @@ class AdapterStack:
         with _torch().no_grad():
             for key in list(self._backups):
                 self._restore(key)
+        self._install_split(None)
         self._fused.clear()
         self._active = ()
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# Every mode is a function of one layer's weighted deltas only, so every mode is static: the stack fuses it into the
-# weights and `stylelora blend` writes it as a plain kohya LoRA. A layer that only one adapter touches always gets
-# that adapter's delta unchanged, so a single adapter is the same in every mode.
-MODES = ("sum", "ties")
-STATIC_MODES = frozenset(MODES)  # modes a saved file can hold (a step-dependent mode would be left out of this)
+# sum and ties are functions of one layer's weighted deltas only, so they are static: the stack fuses them into the
+# weights and `stylelora blend` writes them as a plain kohya LoRA. split runs each adapter's text encoder and
+# cross-attention on its own at generation (stylelora.generate.split_attention): it depends on the prompt's
+# activations, so no file can hold it. A layer that only one adapter touches gets that adapter's delta unchanged,
+# and a single adapter is the same in every mode.
+MODES = ("sum", "ties", "split")
+STATIC_MODES = frozenset({"sum", "ties"})  # modes a saved file can hold ("split" depends on the prompt's activations)
 DEFAULT_MODE = "sum"  # what A1111, ComfyUI and diffusers do; see docs/results.md "Blending" for the measurements
 DESCRIPTIONS = {
     "sum": "plain weighted sum of the deltas (A1111/ComfyUI/diffusers)",
     "ties": "TIES-style sign election per weight entry: where the adapters push an entry in opposite directions, "
             "only the side that wins the sum is kept (no cancelling); agreeing entries add up",
+    "split": "each adapter's cross-attention keys and values attend on their own and their changes to the "
+             "attention output add up, so a character no longer pulls the attention off a style's trigger; "
+             "other layers are summed; generation only (not a static file)",
 }
 
 
@@ -40,8 +45,10 @@ def check_static(mode: str) -> str:
     mode = check_mode(mode)
     if mode not in STATIC_MODES:
         static = ", ".join(sorted(STATIC_MODES))
-        raise BlendModeError(f"Blend mode {mode!r} changes with the denoising step and cannot be saved as a static "
-                             f"LoRA file; generate with it live, or save with one of {static}.")
+        raise BlendModeError(f"Blend mode {mode!r} runs each adapter's text encoder and cross-attention on their "
+                             "own at generation, which depends on the prompt, so no static LoRA file can hold it; "
+                             f"generate with it live (generate/grid --blend-mode {mode}, or the app's Generate tab), "
+                             f"or save with one of {static}.")
     return mode
 
 
