@@ -182,7 +182,9 @@ class GenerateInputs:
             self.batch = _lenient(gr.Slider(1, limits.max_batch, value=1, step=1, elem_id="batch-size",
                                             label=f"Batch (up to {limits.max_batch})"))
             self.blend_mode = gr.Dropdown(list(BLEND_MODES), value=DEFAULT_BLEND_MODE, label="Blend mode",
-                                          elem_id="blend-mode", info="how 2+ adapters combine; sum = A1111/ComfyUI")
+                                          elem_id="blend-mode",
+                                          info="how 2+ adapters combine; sum = A1111/ComfyUI; split: each adapter's "
+                                               "cross-attention apart (generation only)")
 
     @property
     def settings_inputs(self) -> list:
@@ -314,7 +316,7 @@ def _blend_tab() -> SimpleNamespace:
         fp16 = gr.Checkbox(label="float16 (half the size)")
         overwrite = gr.Checkbox(label="overwrite")
         blend_mode = gr.Dropdown(list(BLEND_MODES), value=DEFAULT_BLEND_MODE, label="Blend mode",
-                                 info="saved as a plain kohya LoRA")
+                                 info="sum and ties save as a plain kohya LoRA; split runs only at generation")
     button = gr.Button("Save blend", variant="primary")
     report = gr.Textbox(label="Result", lines=4, elem_classes="mono")
     return SimpleNamespace(mix_view=mix_view, options=[name, mode, rank, fp16, overwrite, blend_mode], button=button,

@@ -1,0 +1,105 @@
+"""What the split blend mode costs per denoising step on a real architecture, measured side by side in one run.
+
+The split mode (stylelora.generate.split_attention) runs every UNet cross-attention module once more per adapter; the
+text encoders run once more per adapter per image, which is small beside the steps. This times one UNet call (CFG
+batch of 2) of a random-init UNet built from the published config (stylelora/models/configs/FAMILY/unet.json) at
+the family's native size: the plain UNet (what a fused sum costs: the same weights, the same work) against the same
+UNet with every cross-attention module split for ADAPTERS adapters (each with its own q, k, v and out weights and
+its own reading of the prompt), alternating the two, median of --repeats calls each.
+
+    python benchmarks/split_cost.py --family sd15 --repeats 3
+    python benchmarks/split_cost.py --family sdxl --repeats 2 --adapters 2
+
+Figures: docs/results.md, "The split blend mode".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+NATIVE_LATENT = {"sd15": 64, "sdxl": 128}  # 512 px and 1024 px through the f=8 VAE
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(NATIVE_LATENT), default="sd15")
+    parser.add_argument("--adapters", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default: the family's native)")
+    return parser.parse_args(argv)
+
+
+def build_unet(family: str):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads((REPO / "stylelora" / "models" / "configs" / family / "unet.json").read_text())
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(config).eval()
+
+
+def split_every_cross_attention(unet, adapters: int) -> None:
+    """Install the split processor on every cross-attention module with `adapters` perturbed weight sets."""
+    from stylelora.generate import split_attention
+
+    for parent in split_attention.cross_attention_modules(unet):
+        attn = unet.get_submodule(parent)
+        variants = [{name: attn.get_submodule(name).weight.detach() * (1 + 0.01 * (i + 1))
+                     for name in split_attention.PROJECTIONS} for i in range(adapters)]
+        split_attention.install_attention(unet, parent, variants)
+
+
+def call_inputs(unet, latent: int, copies: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, latent, latent, generator=generator)
+    context = torch.randn(2, 77 * copies, unet.config.cross_attention_dim, generator=generator)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size/crop ids
+        pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=generator),
+                                       "time_ids": torch.zeros(2, 6)}
+    return sample, torch.tensor([500, 500]), context, kwargs
+
+
+def timed_call(unet, inputs) -> float:
+    import torch
+
+    sample, timestep, context, kwargs = inputs
+    start = time.perf_counter()
+    with torch.no_grad():
+        unet(sample, timestep, context, **kwargs)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    latent = args.latent or NATIVE_LATENT[args.family]
+    plain, split = build_unet(args.family), build_unet(args.family)
+    split_every_cross_attention(split, args.adapters)
+    plain_inputs, split_inputs = call_inputs(plain, latent, 1), call_inputs(split, latent, args.adapters + 1)
+    print(f"{args.family} UNet, latents {latent}x{latent}, CFG batch 2, {args.adapters} adapters split; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    timed_call(plain, plain_inputs), timed_call(split, split_inputs)  # warm-up
+    times = {"plain": [], "split": []}
+    for repeat in range(args.repeats):
+        times["plain"].append(timed_call(plain, plain_inputs))
+        times["split"].append(timed_call(split, split_inputs))
+        print(f"  call {repeat + 1}: plain {times['plain'][-1]:.2f} s, split {times['split'][-1]:.2f} s", flush=True)
+    plain_s, split_s = statistics.median(times["plain"]), statistics.median(times["split"])
+    print(f"UNet call: plain {plain_s:.2f} s, split {split_s:.2f} s, split / plain {split_s / plain_s:.3f}x "
+          f"(target for a blend <= 1.1x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

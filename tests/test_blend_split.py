@@ -1,0 +1,218 @@
+"""The split blend mode: its cross-attention against a hand-computed case, each text encoder's readings side by side,
+a silent second adapter leaving the first exactly as it is alone, clear() giving the base back, and the refusal to
+save it as a file (library, CLI and app)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from gen_fixtures import load_tiny_base, make_adapter, pixels
+from test_generate_cli import run as _run
+
+from stylelora.generate import split_attention
+from stylelora.generate.generate import GenerateRequest, generate, request_from_parameters
+from stylelora.generate.stack import AdapterStack
+from stylelora.lora import blend_modes
+from stylelora.lora.blend import blend
+from stylelora.lora.spec import AdapterSpec
+
+
+def _attention(q_w, k_w, v_w, out_w, out_b, hidden, context):
+    """softmax(q k^T / sqrt(d)) v, then the output projection: one head, written out."""
+    q, k, v = hidden @ q_w.T, context @ k_w.T, context @ v_w.T
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return (weights @ v) @ out_w.T + out_b
+
+
+def test_split_cross_attention_adds_each_adapters_change_to_the_base_output():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=4, cross_attention_dim=3, heads=1, dim_head=4)
+    base = {name: attn.get_submodule(name).weight.detach().clone() for name in split_attention.PROJECTIONS}
+    out_b = attn.to_out[0].bias.detach().clone()
+    # adapter a changes the keys and values, adapter b the queries and the output projection
+    a = {"to_k": base["to_k"] + torch.tensor([[1.0, 0, 0]] * 4), "to_v": base["to_v"] * 2}
+    b = {"to_q": base["to_q"] - 0.5, "to_out.0": base["to_out.0"] + torch.eye(4)}
+    hidden = torch.randn(1, 5, 4)
+    readings = [torch.randn(1, 2, 3) for _ in range(3)]  # the base's, a's and b's encoding of a 2-token prompt
+    split_attention.install_attention(attn, "", [a, b])  # "" is the module itself
+    with torch.no_grad():
+        got = attn(hidden, encoder_hidden_states=torch.cat(readings, dim=1))
+    full = lambda changes: [changes.get(name, base[name]) for name in split_attention.PROJECTIONS]  # noqa: E731
+    o_0 = _attention(*full({}), out_b, hidden, readings[0])
+    o_a = _attention(*full(a), out_b, hidden, readings[1])
+    o_b = _attention(*full(b), out_b, hidden, readings[2])
+    assert torch.allclose(got, o_0 + (o_a - o_0) + (o_b - o_0), atol=1e-5)
+    assert all(torch.equal(attn.get_submodule(n).weight, base[n]) for n in base)  # swapped back after the call
+
+
+def test_split_combine_is_the_base_plus_each_change():
+    base, first, second = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0]), torch.tensor([1.0, -1.0])
+    assert torch.equal(split_attention.combine(base, [first, second]), torch.tensor([3.0, -1.0]))
+    assert torch.equal(split_attention.combine(base, [first]), first)  # one adapter: exactly its output
+
+
+# ----------------------------------------------------------------------------- on a tiny pipeline
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_sd_base):
+    from safetensors.torch import load_file, save_file
+
+    adapters = tmp_path_factory.mktemp("split") / "adapters"
+    a = make_adapter(adapters / "stripes.safetensors", 1, trigger="stripes")
+    b = make_adapter(adapters / "pastel.safetensors", 2, trigger="pastel")
+    silent = adapters / "silent.safetensors"  # every module there, every delta zero
+    state = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in load_file(str(a)).items()}
+    save_file(state, str(silent), metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0"})
+    return {"base": tiny_sd_base, "adapters": adapters, "a": a, "b": b, "silent": silent}
+
+
+def _image(pipe, specs, mode, prompt="a red circle"):
+    request = GenerateRequest(prompt, steps=3, seed=5, sampler="ddim", loras=tuple(specs), blend_mode=mode)
+    return pixels(generate(pipe, AdapterStack.for_pipe(pipe), request)[0]).astype(int)
+
+
+def test_split_keeps_an_adapter_whole_beside_one_that_changes_nothing(world):
+    pipe = load_tiny_base(world["base"])
+    alone = _image(pipe, [AdapterSpec(world["a"], 1.0)], "sum")
+    split = _image(pipe, [AdapterSpec(world["a"], 1.0), AdapterSpec(world["silent"], 1.0)], "split")
+    assert AdapterStack.for_pipe(pipe)._split  # two adapters: the split path ran
+    assert abs(split - alone).max() <= 1
+    with_b = _image(pipe, [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0)], "split")
+    summed = _image(pipe, [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0)], "sum")
+    assert abs(with_b - summed).max() > 3 and abs(with_b - alone).max() > 3  # a real, different blend
+
+
+def test_split_single_adapter_is_the_adapter_and_clear_gives_the_base_back(world):
+    pipe = load_tiny_base(world["base"])
+    stack = AdapterStack.for_pipe(pipe)
+    processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    base_params = {n: p.detach().clone() for n, p in [*pipe.unet.named_parameters(),
+                                                       *pipe.text_encoder.named_parameters()]}
+    single = _image(pipe, [AdapterSpec(world["a"], 0.8)], "sum")
+    assert (_image(pipe, [AdapterSpec(world["a"], 0.8)], "split") == single).all()
+    base_image = _image(pipe, [], "sum")
+    _image(pipe, [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 0.7, 0.5)], "split")
+    tokens = pipe.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert pipe.text_encoder(tokens)[0].shape[1] == 3 * 77  # base, a's and b's readings side by side
+    stack.clear()
+    assert pipe.text_encoder(tokens)[0].shape[1] == 77 and "forward" not in vars(pipe.text_encoder)
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == processors
+    assert all(torch.equal(p, base_params[n]) for n, p in [*pipe.unet.named_parameters(),
+                                                          *pipe.text_encoder.named_parameters()])
+    assert (_image(pipe, [], "sum") == base_image).all()
+
+
+def test_switching_from_split_to_sum_is_the_plain_sum(world):
+    fresh = load_tiny_base(world["base"])
+    specs = [AdapterSpec(world["a"], 0.9, 0.6), AdapterSpec(world["b"], 1.1, -0.4)]
+    expected = _image(fresh, specs, "sum")
+    pipe = load_tiny_base(world["base"])
+    _image(pipe, specs, "split")
+    assert (_image(pipe, specs, "sum") == expected).all()
+
+
+def test_text_encoder_readings_side_by_side_and_pooled_composed(world):
+    pipe = load_tiny_base(world["base"])
+    model = pipe.text_encoder
+    tokens = pipe.tokenizer(["a cat", "zorb"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    layer = "text_model.encoder.layers.0.self_attn.q_proj" if hasattr(model, "text_model") else \
+        "encoder.layers.0.self_attn.q_proj"
+    weight = model.get_submodule(layer).weight.detach()
+    variant = {layer: weight * 3}
+    with torch.no_grad():
+        base = model(tokens)
+        with split_attention._weights(model, variant):
+            changed = model(tokens)
+        split_attention.install_text_encoder(model, [variant, {}])
+        try:
+            both = model(tokens)
+            padded = model(torch.cat([tokens] * 3, dim=1)[:, : 3 * 77])  # a negative prompt padded to 3 x 77
+        finally:
+            split_attention.uninstall_text_encoder(model)
+    readings = both.last_hidden_state.chunk(3, dim=1)
+    assert torch.equal(readings[0], base.last_hidden_state) and torch.equal(readings[2], base.last_hidden_state)
+    assert torch.equal(readings[1], changed.last_hidden_state)
+    assert torch.allclose(both.pooler_output, changed.pooler_output)  # p0 + (p_a - p0) + (p0 - p0)
+    assert torch.equal(padded.last_hidden_state, both.last_hidden_state)
+
+
+# ----------------------------------------------------------------------------- saving, CLI and app
+
+
+def test_split_cannot_be_saved_and_says_what_to_do(world, tmp_path, capsys):
+    specs = [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0)]
+    with pytest.raises(blend_modes.BlendModeError, match="no static LoRA file can hold it.*save with one of sum, ties"):
+        blend(specs, tmp_path / "mix.safetensors", blend_mode="split")
+    assert not (tmp_path / "mix.safetensors").exists()
+    code, out, err = _run(["blend", str(world["a"]), str(world["b"]), "--blend-mode", "split", "--out",
+                           str(tmp_path / "mix.safetensors")], capsys)
+    assert code == 2 and out == [] and "generate with it live" in err
+
+
+def test_cli_generate_and_grid_in_split_mode(world, tmp_path, capsys):
+    from stylelora.generate.pngmeta import read_png_parameters
+
+    common = ["--base", str(world["base"]), "--device", "cpu", "--adapters-dir", str(world["adapters"]),
+              "--steps", "2", "--seed", "4", "--sampler", "ddim"]
+    code, out, _ = _run(["generate", "a cat <lora:pastel:1>", "--lora", f"{world['a']}:0.9",
+                         "--blend-mode", "split", "--out", str(tmp_path / "split.png"), *common], capsys)
+    assert code == 0 and out == [str(tmp_path / "split.png")]
+    text = read_png_parameters(out[0])
+    assert "Blend mode: split" in text
+    assert request_from_parameters(text, world["adapters"]).blend_mode == "split"
+    code, out, _ = _run(["grid", "a cat", "--lora", str(world["a"]), "--lora", str(world["b"]), "--x",
+                         "weight=0.5,1", "--blend-mode", "split", "--out", str(tmp_path / "grid.png"), *common], capsys)
+    assert code == 0 and out == [str(tmp_path / "grid.png")]
+
+
+def test_app_generates_in_split_mode_and_refuses_to_save_it(world, tmp_path):
+    from stylelora.app.service import AdapterWeight, AppService, GenerateSettings
+
+    service = AppService(world["adapters"], datasets_dir=tmp_path)
+    mix = (AdapterWeight("stripes", 1.0, 1.0), AdapterWeight("pastel", 1.0, 1.0))
+    assert service.request(GenerateSettings("a cat", adapters=mix, blend_mode="split")).blend_mode == "split"
+    with pytest.raises(Exception, match="no static LoRA file can hold it"):
+        service.blend(mix, "mix-split", blend_mode="split")
+    assert not list(world["adapters"].glob("mix-split*"))
+
+
+def test_split_on_sdxl_keeps_an_adapter_beside_a_silent_one(tmp_path):
+    """SDXL: two text encoders (their readings side by side on the token axis, then joined on the feature axis by
+    the pipeline) and the pooled add-on embedding (composed)."""
+    from sdxl_fixtures import tiny_sdxl_pipeline
+
+    from stylelora.lora.inject import add_lora
+    from stylelora.lora.io import save_adapter
+
+    metadata = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "ss_base_model_version": "sdxl_base_v1-0"}
+    files = {}
+    for name, seed, scale in (("a", 5, 1.0), ("b", 6, 1.0), ("silent", 5, 0.0)):
+        source = tiny_sdxl_pipeline()
+        torch.manual_seed(seed)
+        add_lora(source.unet, source.text_encoder, text_encoder_2=source.text_encoder_2, rank=2, alpha=1.0,
+                 init_lora_weights=False)
+        with torch.no_grad():
+            for model in (source.unet, source.text_encoder, source.text_encoder_2):
+                for param_name, param in model.named_parameters():
+                    if "lora_B" in param_name:
+                        param.mul_(scale)
+        files[name] = save_adapter(tmp_path / f"{name}.safetensors", source.unet, source.text_encoder,
+                                   text_encoder_2=source.text_encoder_2, metadata=metadata)
+
+    def image(specs, mode):
+        pipe = tiny_sdxl_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        AdapterStack.for_pipe(pipe).apply(specs, mode)
+        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images[0]
+
+    alone = image([AdapterSpec(files["a"], 1.0)], "sum")
+    beside_silent = image([AdapterSpec(files["a"], 1.0), AdapterSpec(files["silent"], 1.0)], "split")
+    assert abs(beside_silent - alone).max() < 1e-3
+    both = image([AdapterSpec(files["a"], 1.0), AdapterSpec(files["b"], 1.0)], "split")
+    summed = image([AdapterSpec(files["a"], 1.0), AdapterSpec(files["b"], 1.0)], "sum")
+    assert abs(both - summed).max() > 1e-2 and abs(both - alone).max() > 1e-2
