@@ -1,11 +1,12 @@
 """What the split blend mode costs per denoising step on a real architecture, measured side by side in one run.
 
-The split mode (stylelora.generate.split_attention) runs every UNet cross-attention module once more per adapter; the
-text encoders run once more per adapter per image, which is small beside the steps. This times one UNet call (CFG
-batch of 2) of a random-init UNet built from the published config (stylelora/models/configs/FAMILY/unet.json) at
-the family's native size: the plain UNet (what a fused sum costs: the same weights, the same work) against the same
-UNet with every cross-attention module split for ADAPTERS adapters (each with its own q, k, v and out weights and
-its own reading of the prompt), alternating the two, median of --repeats calls each.
+The split mode (stylelora.generate.split_attention) runs the attention core of every UNet cross-attention module
+once more per adapter, plus each adapter's LoRA products; the text encoders run once more per adapter per image,
+which is small beside the steps. This times one UNet call (CFG batch of 2) of a random-init UNet built from the
+published config (stylelora/models/configs/FAMILY/unet.json) at the family's native size: the plain UNet (what a
+fused sum costs: the same weights, the same work) against the same UNet (one model, the processors swapped between
+calls) with every cross-attention module split for ADAPTERS adapters (each with a random rank-RANK LoRA on q, k, v
+and out, and its own reading of the prompt), alternating the two, median of --repeats calls each.
 
     python benchmarks/split_cost.py --family sd15 --repeats 3
     python benchmarks/split_cost.py --family sdxl --repeats 2 --adapters 2
@@ -31,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--family", choices=sorted(NATIVE_LATENT), default="sd15")
     parser.add_argument("--adapters", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of each adapter's q, k, v and out")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the family's native)")
     return parser.parse_args(argv)
 
@@ -44,14 +46,23 @@ def build_unet(family: str):
     return UNet2DConditionModel.from_config(config).eval()
 
 
-def split_every_cross_attention(unet, adapters: int) -> None:
-    """Install the split processor on every cross-attention module with `adapters` perturbed weight sets."""
+def set_split(unet, adapters: int, rank: int) -> None:
+    """Run every cross-attention module split for `adapters` adapters, each with a rank-`rank` LoRA on q, k, v and
+    out (0 adapters: the plain processors again)."""
+    import torch
+
     from stylelora.generate import split_attention
 
+    generator = torch.Generator().manual_seed(0)
     for parent in split_attention.cross_attention_modules(unet):
+        if not adapters:
+            split_attention.uninstall_attention(unet, parent)
+            continue
         attn = unet.get_submodule(parent)
-        variants = [{name: attn.get_submodule(name).weight.detach() * (1 + 0.01 * (i + 1))
-                     for name in split_attention.PROJECTIONS} for i in range(adapters)]
+        variants = [{name: (torch.randn(layer.out_features, rank, generator=generator) * 1e-3,
+                            torch.randn(rank, layer.in_features, generator=generator) * 1e-3)
+                     for name in split_attention.PROJECTIONS for layer in [attn.get_submodule(name)]}
+                    for _ in range(adapters)]
         split_attention.install_attention(unet, parent, variants)
 
 
@@ -69,9 +80,10 @@ def call_inputs(unet, latent: int, copies: int):
     return sample, torch.tensor([500, 500]), context, kwargs
 
 
-def timed_call(unet, inputs) -> float:
+def timed_call(unet, inputs, adapters: int, rank: int) -> float:
     import torch
 
+    set_split(unet, adapters, rank)
     sample, timestep, context, kwargs = inputs
     start = time.perf_counter()
     with torch.no_grad():
@@ -84,16 +96,15 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     latent = args.latent or NATIVE_LATENT[args.family]
-    plain, split = build_unet(args.family), build_unet(args.family)
-    split_every_cross_attention(split, args.adapters)
-    plain_inputs, split_inputs = call_inputs(plain, latent, 1), call_inputs(split, latent, args.adapters + 1)
+    unet = build_unet(args.family)
+    plain_inputs, split_inputs = call_inputs(unet, latent, 1), call_inputs(unet, latent, args.adapters + 1)
     print(f"{args.family} UNet, latents {latent}x{latent}, CFG batch 2, {args.adapters} adapters split; "
           f"torch threads {torch.get_num_threads()}", flush=True)
-    timed_call(plain, plain_inputs), timed_call(split, split_inputs)  # warm-up
+    timed_call(unet, plain_inputs, 0, args.rank), timed_call(unet, split_inputs, args.adapters, args.rank)  # warm-up
     times = {"plain": [], "split": []}
     for repeat in range(args.repeats):
-        times["plain"].append(timed_call(plain, plain_inputs))
-        times["split"].append(timed_call(split, split_inputs))
+        times["plain"].append(timed_call(unet, plain_inputs, 0, args.rank))
+        times["split"].append(timed_call(unet, split_inputs, args.adapters, args.rank))
         print(f"  call {repeat + 1}: plain {times['plain'][-1]:.2f} s, split {times['split'][-1]:.2f} s", flush=True)
     plain_s, split_s = statistics.median(times["plain"]), statistics.median(times["split"])
     print(f"UNet call: plain {plain_s:.2f} s, split {split_s:.2f} s, split / plain {split_s / plain_s:.3f}x "

@@ -25,27 +25,30 @@ def _attention(q_w, k_w, v_w, out_w, out_b, hidden, context):
     return (weights @ v) @ out_w.T + out_b
 
 
-def test_split_cross_attention_adds_each_adapters_change_to_the_base_output():
+@pytest.mark.parametrize("residual", [False, True], ids=["low-rank path", "generic path"])
+def test_split_cross_attention_adds_each_adapters_change_to_the_base_output(residual):
     from diffusers.models.attention_processor import Attention
 
     torch.manual_seed(0)
-    attn = Attention(query_dim=4, cross_attention_dim=3, heads=1, dim_head=4)
+    attn = Attention(query_dim=4, cross_attention_dim=3, heads=1, dim_head=4, residual_connection=residual)
     base = {name: attn.get_submodule(name).weight.detach().clone() for name in split_attention.PROJECTIONS}
     out_b = attn.to_out[0].bias.detach().clone()
-    # adapter a changes the keys and values, adapter b the queries and the output projection
-    a = {"to_k": base["to_k"] + torch.tensor([[1.0, 0, 0]] * 4), "to_v": base["to_v"] * 2}
-    b = {"to_q": base["to_q"] - 0.5, "to_out.0": base["to_out.0"] + torch.eye(4)}
+    column = lambda *values: torch.tensor(values).reshape(-1, 1)  # noqa: E731
+    # adapter a: rank-1 LoRA on the keys and values; adapter b: on the queries and the output projection
+    a = {"to_k": (column(1.0, 0, -1, 2), column(0.5, 1, 0).T), "to_v": (column(0, 2.0, 1, 0), column(1.0, 1, 1).T)}
+    b = {"to_q": (column(-1.0, 0, 0, 1), column(1.0, 0, 2, 0).T), "to_out.0": (column(1.0, 1, 0, 0), column(0, 0, 1.0, 1).T)}
     hidden = torch.randn(1, 5, 4)
     readings = [torch.randn(1, 2, 3) for _ in range(3)]  # the base's, a's and b's encoding of a 2-token prompt
     split_attention.install_attention(attn, "", [a, b])  # "" is the module itself
     with torch.no_grad():
         got = attn(hidden, encoder_hidden_states=torch.cat(readings, dim=1))
-    full = lambda changes: [changes.get(name, base[name]) for name in split_attention.PROJECTIONS]  # noqa: E731
+    full = lambda lora: [base[n] + (lora[n][0] @ lora[n][1] if n in lora else 0) for n in base]  # noqa: E731
     o_0 = _attention(*full({}), out_b, hidden, readings[0])
     o_a = _attention(*full(a), out_b, hidden, readings[1])
     o_b = _attention(*full(b), out_b, hidden, readings[2])
-    assert torch.allclose(got, o_0 + (o_a - o_0) + (o_b - o_0), atol=1e-5)
-    assert all(torch.equal(attn.get_submodule(n).weight, base[n]) for n in base)  # swapped back after the call
+    expected = o_0 + (o_a - o_0) + (o_b - o_0) + (hidden if residual else 0)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert all(torch.equal(attn.get_submodule(n).weight, base[n]) for n in base)  # the base weights, untouched
 
 
 def test_split_combine_is_the_base_plus_each_change():

@@ -60,27 +60,84 @@ def combine(base: Any, outputs: Sequence[Any]) -> Any:
     return total
 
 
+Factors = tuple[Any, Any]  # (up (out, r) with weight * alpha/rank folded in, down (r, in)), the layer's dtype
+STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")  # plain softmax attention: the low-rank path computes it
+
+
+def _low_rank(x: Any, factors: Factors | None) -> Any:
+    """x @ (up @ down)^T without forming the full matrix; 0 when the adapter has no LoRA on this projection."""
+    if factors is None:
+        return 0
+    up, down = factors
+    return (x @ down.T) @ up.T
+
+
 class SplitCrossAttention:
     """An attention processor for one cross-attention module under the split mode. The text states hold
-    len(variants) + 1 encodings side by side on the token axis, the base's first; the module's own processor runs
-    once on each, the variant's weights swapped in, and the adapters' changes to the output add up."""
+    len(variants) + 1 encodings side by side on the token axis, the base's first; each variant's attention runs on
+    its own encoding with its adapter's LoRA on q, k, v and out, and the adapters' changes to the output add up.
 
-    def __init__(self, inner: Any, variants: Sequence[Variant]) -> None:
+    A plain softmax attention module takes the low-rank path: one query and one output projection with the base
+    weights, the adapters' LoRA applied as low-rank products, and one attention call over all variants at once, so
+    an extra adapter costs its attention core and its LoRA products, not another pass through the module. Any other
+    module (custom processors, masks, norms) runs its own processor once per variant, the variant's full weights
+    swapped in."""
+
+    def __init__(self, inner: Any, variants: Sequence[Mapping[str, Factors]]) -> None:
         self.inner = inner  # the processor this one replaced; `uninstall` puts it back
-        self.variants = list(variants)
+        self.variants = list(variants)  # per adapter: {projection: low-rank factors}
+        self._full: list[dict[str, Any]] | None = None  # full weights for the generic path, made on first use
 
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, *args: Any,
                  **kwargs: Any) -> Any:
         contexts = encoder_hidden_states.chunk(len(self.variants) + 1, dim=1)
+        if not args and not kwargs and self._plain(attn, hidden_states):
+            return self._low_rank_path(attn, hidden_states, contexts)
         base = self.inner(attn, hidden_states, contexts[0], *args, **kwargs)
         outputs = []
-        for context, variant in zip(contexts[1:], self.variants):
+        for context, variant in zip(contexts[1:], self._full_weights(attn)):
             with _weights(attn, variant):
                 outputs.append(self.inner(attn, hidden_states, context, *args, **kwargs))
         return combine(base, outputs)
 
+    def _plain(self, attn: Any, hidden_states: Any) -> bool:
+        head_dim = attn.to_q.out_features // attn.heads
+        return (type(self.inner).__name__ in STANDARD_PROCESSORS and hidden_states.ndim == 3
+                and attn.spatial_norm is None and attn.group_norm is None and not attn.norm_cross
+                and attn.norm_q is None and attn.norm_k is None and not attn.residual_connection
+                and attn.rescale_output_factor == 1.0 and abs(attn.scale - head_dim ** -0.5) < 1e-12)
 
-def install_attention(unet: Any, parent: str, variants: Sequence[Variant]) -> None:
+    def _low_rank_path(self, attn: Any, hidden_states: Any, contexts: Sequence[Any]) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        query = attn.to_q(hidden_states)
+        queries = [query] + [query + _low_rank(hidden_states, v.get("to_q")) for v in self.variants]
+        keys = [attn.to_k(contexts[0])] + [attn.to_k(c) + _low_rank(c, v.get("to_k"))
+                                           for c, v in zip(contexts[1:], self.variants)]
+        values = [attn.to_v(contexts[0])] + [attn.to_v(c) + _low_rank(c, v.get("to_v"))
+                                             for c, v in zip(contexts[1:], self.variants)]
+
+        def by_head(parts):  # (variants * batch, heads, tokens, head_dim)
+            stacked = torch.cat(parts)
+            return stacked.view(stacked.shape[0], stacked.shape[1], attn.heads, -1).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(by_head(queries), by_head(keys), by_head(values))
+        attended = attended.transpose(1, 2).flatten(2).to(query.dtype).chunk(len(self.variants) + 1)
+        # out_i(a_i) = W a_i + b + delta_i a_i, so the sum of the changes needs one full projection
+        out = attn.to_out[0](combine(attended[0], attended[1:]))
+        for part, variant in zip(attended[1:], self.variants):
+            out = out + _low_rank(part, variant.get("to_out.0"))
+        return attn.to_out[1](out)
+
+    def _full_weights(self, attn: Any) -> list[dict[str, Any]]:
+        if self._full is None:
+            self._full = [{name: attn.get_submodule(name).weight.detach() + up @ down
+                           for name, (up, down) in variant.items()} for variant in self.variants]
+        return self._full
+
+
+def install_attention(unet: Any, parent: str, variants: Sequence[Mapping[str, Factors]]) -> None:
     """Run the cross-attention module at `parent` split (replacing the variants of an earlier install)."""
     attn = unet.get_submodule(parent)
     inner = attn.processor.inner if isinstance(attn.processor, SplitCrossAttention) else attn.processor

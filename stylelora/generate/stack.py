@@ -336,15 +336,19 @@ class AdapterStack:
                 self._split = False
             return
         identities, per_adapter = split
-        # variants[component or attention module][identity] = {submodule path: full weight}
+        # variants[component or attention module][identity] = {submodule path: full weight, or for the UNet's
+        # cross-attention projections low-rank factors (split_attention applies them without the full matrix)}
         variants: dict[str, dict[Any, dict[str, Any]]] = {}
         for key, terms in per_adapter.items():
             original = self._layer_weight(key)
             owner, path = (key[0], key[1]) if key[0] != "unet" else split_attention.split_parts(unet, key[1])
             for identity, weight, factors in terms:
-                delta = _weighted_delta([(identity, weight, factors)], original.device).reshape(original.shape)
-                variants.setdefault(owner, {}).setdefault(identity, {})[path] = \
-                    (original.float() + delta).to(original.dtype)
+                if key[0] == "unet":
+                    value = ((weight * factors.scale * factors.up).to(original), factors.down.to(original))
+                else:
+                    delta = _weighted_delta([(identity, weight, factors)], original.device).reshape(original.shape)
+                    value = (original.float() + delta).to(original.dtype)
+                variants.setdefault(owner, {}).setdefault(identity, {})[path] = value
         in_order = lambda owner: [variants.get(owner, {}).get(identity, {}) for identity in identities]  # noqa: E731
         for name in text_encoders:
             split_attention.install_text_encoder(self.models[name], in_order(name))
