@@ -27,7 +27,7 @@ def _attention(q_w, k_w, v_w, out_w, out_b, hidden, context):
 
 @pytest.mark.parametrize("residual", [False, True], ids=["low-rank path", "generic path"])
 def test_split_cross_attention_adds_each_adapters_change_to_the_base_output(residual):
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     torch.manual_seed(0)
     attn = Attention(query_dim=4, cross_attention_dim=3, heads=1, dim_head=4, residual_connection=residual)
@@ -40,8 +40,17 @@ def test_split_cross_attention_adds_each_adapters_change_to_the_base_output(resi
     hidden = torch.randn(1, 5, 4)
     readings = [torch.randn(1, 2, 3) for _ in range(3)]  # the base's, a's and b's encoding of a 2-token prompt
     split_attention.install_attention(attn, "", [a, b])  # "" is the module itself
+    calls = []
+
+    class Counted(AttnProcessor2_0):  # the module's own processor, counting its runs
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(*args, **kwargs)
+
+    attn.processor.inner = Counted()
     with torch.no_grad():
         got = attn(hidden, encoder_hidden_states=torch.cat(readings, dim=1))
+    assert len(calls) == (3 if residual else 0)  # the low-rank path never runs the module's processor
     full = lambda lora: [base[n] + (lora[n][0] @ lora[n][1] if n in lora else 0) for n in base]  # noqa: E731
     o_0 = _attention(*full({}), out_b, hidden, readings[0])
     o_a = _attention(*full(a), out_b, hidden, readings[1])

@@ -61,7 +61,6 @@ def combine(base: Any, outputs: Sequence[Any]) -> Any:
 
 
 Factors = tuple[Any, Any]  # (up (out, r) with weight * alpha/rank folded in, down (r, in)), the layer's dtype
-STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")  # plain softmax attention: the low-rank path computes it
 
 
 def _low_rank(x: Any, factors: Factors | None) -> Any:
@@ -88,11 +87,13 @@ class SplitCrossAttention:
         self.variants = list(variants)  # per adapter: {projection: low-rank factors}
         self._full: list[dict[str, Any]] | None = None  # full weights for the generic path, made on first use
 
-    def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, *args: Any,
-                 **kwargs: Any) -> Any:
+    def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
+                 *args: Any, **kwargs: Any) -> Any:
         contexts = encoder_hidden_states.chunk(len(self.variants) + 1, dim=1)
-        if not args and not kwargs and self._plain(attn, hidden_states):
+        if attention_mask is None and not args and kwargs.get("temb") is None and set(kwargs) <= {"temb"} \
+                and self._plain(attn, hidden_states):
             return self._low_rank_path(attn, hidden_states, contexts)
+        kwargs["attention_mask"] = attention_mask
         base = self.inner(attn, hidden_states, contexts[0], *args, **kwargs)
         outputs = []
         for context, variant in zip(contexts[1:], self._full_weights(attn)):
@@ -101,8 +102,11 @@ class SplitCrossAttention:
         return combine(base, outputs)
 
     def _plain(self, attn: Any, hidden_states: Any) -> bool:
+        """Whether the module is plain softmax attention, which the low-rank path computes exactly."""
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
         head_dim = attn.to_q.out_features // attn.heads
-        return (type(self.inner).__name__ in STANDARD_PROCESSORS and hidden_states.ndim == 3
+        return (isinstance(self.inner, (AttnProcessor2_0, AttnProcessor)) and hidden_states.ndim == 3
                 and attn.spatial_norm is None and attn.group_norm is None and not attn.norm_cross
                 and attn.norm_q is None and attn.norm_k is None and not attn.residual_connection
                 and attn.rescale_output_factor == 1.0 and abs(attn.scale - head_dim ** -0.5) < 1e-12)
