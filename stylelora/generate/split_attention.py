@@ -11,7 +11,8 @@ that is exactly that adapter (the stack never splits a single adapter). The outp
 combination is exact whichever projections an adapter has. Every other layer is the plain fused sum.
 
 The result depends on the prompt's activations, so it is no static weight delta and cannot be saved as a LoRA file.
-Cost: the text encoders run once per adapter more, and every cross-attention layer runs once per adapter more.
+Cost: the text encoders run once more per adapter, and every cross-attention module its attention core once more
+per adapter (plus the adapter's LoRA products); docs/results.md, "The split blend mode", has the measurements.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from typing import Any
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # a cross-attention module's layers that run per adapter
 POOLED_FIELDS = ("pooler_output", "text_embeds")  # one vector per prompt (SDXL's add-on embedding): composed instead
 
-Variant = Mapping[str, Any]  # {submodule path: the full weight (original + this adapter's delta), layer dtype}
+Factors = tuple[Any, Any]  # (up (out, r) with weight * alpha/rank folded in, down (r, in)), the layer's dtype
+Variant = Mapping[str, Factors]  # one adapter's LoRA on a model: {submodule path: factors}
 
 
 def cross_attention_modules(unet: Any) -> list[str]:
@@ -40,15 +42,22 @@ def split_parts(unet: Any, path: str) -> tuple[str, str] | None:
     return None
 
 
+def _low_rank(x: Any, factors: Factors | None) -> Any:
+    """x @ (up @ down)^T without forming the full matrix; 0 when the adapter has no LoRA on this projection."""
+    if factors is None:
+        return 0
+    up, down = factors
+    return (x @ down.T) @ up.T
+
+
 @contextmanager
-def _weights(model: Any, variant: Variant):
-    """The model's layers computing with the variant's weights for the duration (tensor swaps, no copies)."""
-    with ExitStack() as swaps:
-        for path, weight in variant.items():
-            layer = model.get_submodule(path)
-            original = layer.weight.data
-            layer.weight.data = weight
-            swaps.callback(setattr, layer.weight, "data", original)
+def _lora_added(model: Any, variant: Variant):
+    """The model's linear layers computing with the variant's LoRA added (forward hooks, removed afterwards)."""
+    with ExitStack() as hooks:
+        for path, factors in variant.items():
+            hook = model.get_submodule(path).register_forward_hook(
+                lambda _module, inputs, output, factors=factors: output + _low_rank(inputs[0], factors))
+            hooks.callback(hook.remove)
         yield
 
 
@@ -60,17 +69,6 @@ def combine(base: Any, outputs: Sequence[Any]) -> Any:
     return total
 
 
-Factors = tuple[Any, Any]  # (up (out, r) with weight * alpha/rank folded in, down (r, in)), the layer's dtype
-
-
-def _low_rank(x: Any, factors: Factors | None) -> Any:
-    """x @ (up @ down)^T without forming the full matrix; 0 when the adapter has no LoRA on this projection."""
-    if factors is None:
-        return 0
-    up, down = factors
-    return (x @ down.T) @ up.T
-
-
 class SplitCrossAttention:
     """An attention processor for one cross-attention module under the split mode. The text states hold
     len(variants) + 1 encodings side by side on the token axis, the base's first; each variant's attention runs on
@@ -79,13 +77,12 @@ class SplitCrossAttention:
     A plain softmax attention module takes the low-rank path: one query and one output projection with the base
     weights, the adapters' LoRA applied as low-rank products, and one attention call over all variants at once, so
     an extra adapter costs its attention core and its LoRA products, not another pass through the module. Any other
-    module (custom processors, masks, norms) runs its own processor once per variant, the variant's full weights
-    swapped in."""
+    module (custom processors, masks, norms) runs its own processor once per variant, the variant's LoRA added by
+    forward hooks."""
 
     def __init__(self, inner: Any, variants: Sequence[Mapping[str, Factors]]) -> None:
         self.inner = inner  # the processor this one replaced; `uninstall` puts it back
         self.variants = list(variants)  # per adapter: {projection: low-rank factors}
-        self._full: list[dict[str, Any]] | None = None  # full weights for the generic path, made on first use
 
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
                  *args: Any, **kwargs: Any) -> Any:
@@ -96,8 +93,8 @@ class SplitCrossAttention:
         kwargs["attention_mask"] = attention_mask
         base = self.inner(attn, hidden_states, contexts[0], *args, **kwargs)
         outputs = []
-        for context, variant in zip(contexts[1:], self._full_weights(attn)):
-            with _weights(attn, variant):
+        for context, variant in zip(contexts[1:], self.variants):
+            with _lora_added(attn, variant):
                 outputs.append(self.inner(attn, hidden_states, context, *args, **kwargs))
         return combine(base, outputs)
 
@@ -133,12 +130,6 @@ class SplitCrossAttention:
         for part, variant in zip(attended[1:], self.variants):
             out = out + _low_rank(part, variant.get("to_out.0"))
         return attn.to_out[1](out)
-
-    def _full_weights(self, attn: Any) -> list[dict[str, Any]]:
-        if self._full is None:
-            self._full = [{name: attn.get_submodule(name).weight.detach() + up @ down
-                           for name, (up, down) in variant.items()} for variant in self.variants]
-        return self._full
 
 
 def install_attention(unet: Any, parent: str, variants: Sequence[Mapping[str, Factors]]) -> None:
@@ -183,7 +174,7 @@ def install_text_encoder(model: Any, variants: Sequence[Variant]) -> None:
             if not variant:  # this adapter has no LoRA here: its reading is the base's
                 outputs.append(base)
                 continue
-            with _weights(model, variant):
+            with _lora_added(model, variant):
                 outputs.append(original(model, *args, **kwargs))
         fields = {}
         for key, value in base.items():

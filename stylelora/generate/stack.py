@@ -336,18 +336,14 @@ class AdapterStack:
                 self._split = False
             return
         identities, per_adapter = split
-        # variants[component or attention module][identity] = {submodule path: full weight, or for the UNet's
-        # cross-attention projections low-rank factors (split_attention applies them without the full matrix)}
+        # variants[text encoder or cross-attention module][identity] = {submodule path: low-rank factors, the
+        # weight and alpha/rank folded into up, in the layer's dtype (split_attention never forms the full matrix)}
         variants: dict[str, dict[Any, dict[str, Any]]] = {}
         for key, terms in per_adapter.items():
             original = self._layer_weight(key)
             owner, path = (key[0], key[1]) if key[0] != "unet" else split_attention.split_parts(unet, key[1])
             for identity, weight, factors in terms:
-                if key[0] == "unet":
-                    value = ((weight * factors.scale * factors.up).to(original), factors.down.to(original))
-                else:
-                    delta = _weighted_delta([(identity, weight, factors)], original.device).reshape(original.shape)
-                    value = (original.float() + delta).to(original.dtype)
+                value = ((weight * factors.scale * factors.up).to(original), factors.down.to(original))
                 variants.setdefault(owner, {}).setdefault(identity, {})[path] = value
         in_order = lambda owner: [variants.get(owner, {}).get(identity, {}) for identity in identities]  # noqa: E731
         for name in text_encoders:
