@@ -187,9 +187,13 @@ def test_cli_generate_and_grid_in_split_mode(world, tmp_path, capsys):
 def test_app_generates_in_split_mode_and_refuses_to_save_it(world, tmp_path):
     from stylelora.app.service import AdapterWeight, AppService, GenerateSettings
 
-    service = AppService(world["adapters"], datasets_dir=tmp_path)
+    service = AppService(world["adapters"], datasets_dir=tmp_path, bases=(str(world["base"]),))
     mix = (AdapterWeight("stripes", 1.0, 1.0), AdapterWeight("pastel", 1.0, 1.0))
     assert service.request(GenerateSettings("a cat", adapters=mix, blend_mode="split")).blend_mode == "split"
+    split, summed = (service.generate(GenerateSettings("a cat", adapters=mix, base=str(world["base"]), steps=2, seed=3,
+                                                       blend_mode=mode))[0] for mode in ("split", "sum"))
+    assert "Blend mode: split" in split.parameters_text
+    assert not (pixels(split) == pixels(summed)).all()
     with pytest.raises(Exception, match="no static LoRA file can hold it"):
         service.blend(mix, "mix-split", blend_mode="split")
     assert not list(world["adapters"].glob("mix-split*"))
