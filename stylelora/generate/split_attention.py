@@ -80,7 +80,7 @@ class SplitCrossAttention:
     module (custom processors, masks, norms) runs its own processor once per variant, the variant's LoRA added by
     forward hooks."""
 
-    def __init__(self, inner: Any, variants: Sequence[Mapping[str, Factors]]) -> None:
+    def __init__(self, inner: Any, variants: Sequence[Variant]) -> None:
         self.inner = inner  # the processor this one replaced; `uninstall` puts it back
         self.variants = list(variants)  # per adapter: {projection: low-rank factors}
 
@@ -132,7 +132,7 @@ class SplitCrossAttention:
         return attn.to_out[1](out)
 
 
-def install_attention(unet: Any, parent: str, variants: Sequence[Mapping[str, Factors]]) -> None:
+def install_attention(unet: Any, parent: str, variants: Sequence[Variant]) -> None:
     """Run the cross-attention module at `parent` split (replacing the variants of an earlier install)."""
     attn = unet.get_submodule(parent)
     inner = attn.processor.inner if isinstance(attn.processor, SplitCrossAttention) else attn.processor
