@@ -12,7 +12,7 @@ from gen_fixtures import load_tiny_base, make_adapter, pixels
 from test_generate_cli import run as _run
 
 from stylelora.generate import split_attention
-from stylelora.generate.generate import GenerateRequest, generate, request_from_parameters
+from stylelora.generate.generate import BLEND_MODE_FIELD, GenerateRequest, generate, request_from_parameters
 from stylelora.generate.stack import AdapterStack
 from stylelora.lora import blend_modes
 from stylelora.lora.blend import blend
@@ -182,6 +182,24 @@ def test_cli_generate_and_grid_in_split_mode(world, tmp_path, capsys):
     code, out, _ = _run(["grid", "a cat", "--lora", str(world["a"]), "--lora", str(world["b"]), "--x",
                          "weight=0.5,1", "--blend-mode", "split", "--out", str(tmp_path / "grid.png"), *common], capsys)
     assert code == 0 and out == [str(tmp_path / "grid.png")]
+
+
+def test_grid_compares_blend_modes_side_by_side(world, tmp_path):
+    from stylelora.generate.pngmeta import read_png_parameters
+    from stylelora.generate.xy_grid import parse_axis, xy_grid
+
+    pipe = load_tiny_base(world["base"])
+    request = GenerateRequest("a cat", steps=2, seed=4, sampler="ddim",
+                              loras=(AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0)))
+    result = xy_grid(pipe, AdapterStack.for_pipe(pipe), request, parse_axis("blend_mode=sum,split"),
+                     out_path=tmp_path / "modes.png")
+    assert [image.params.extra.get(BLEND_MODE_FIELD, "sum") for image in result.images] == ["sum", "split"]
+    assert not (pixels(result.images[0]) == pixels(result.images[1])).all()
+    fresh = load_tiny_base(world["base"])  # the sum cell is the plain request's image
+    assert (pixels(result.images[0]) == pixels(generate(fresh, AdapterStack.for_pipe(fresh), request)[0])).all()
+    assert "X Type: blend_mode" in read_png_parameters(result.path)
+    with pytest.raises(ValueError, match="Unknown blend mode 'mean'"):
+        parse_axis("blend_mode=sum,mean")
 
 
 def test_app_generates_in_split_mode_and_refuses_to_save_it(world, tmp_path):

@@ -1,8 +1,8 @@
-"""X/Y grids: one request varied along two axes (adapter, weight, seed, cfg, steps) into one labelled PNG.
+"""X/Y grids: one request varied along two axes (adapter, weight, seed, cfg, steps, blend mode) into one labelled PNG.
 
 Axes: `adapter` adds one adapter per column/row ("none" for the base); `weight`, `unet_weight`, `te_weight` set
 the weight of the axis adapter, or of a named target, or of every adapter in the request; `seed`, `cfg`, `steps`
-replace the request's value. Every cell shares the request's (resolved) seed unless seed is an axis, so cells
+and `blend_mode` (sum, ties, split: the same adapters combined each way) replace the request's value. Every cell shares the request's (resolved) seed unless seed is an axis, so cells
 differ only by what the axes say.
 """
 from __future__ import annotations
@@ -17,9 +17,11 @@ from stylelora.generate.generate import MAX_SEED, GeneratedImage, GenerateReques
 from stylelora.generate.prompt_tags import format_weight
 from stylelora.lora.spec import AdapterSpec
 
-AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "seed", "cfg", "steps")
+AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "seed", "cfg", "steps", "blend_mode")
 NO_ADAPTER = "none"
-LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "seed": "seed", "cfg": "cfg", "steps": "steps"}
+LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "seed": "seed", "cfg": "cfg", "steps": "steps",
+          "blend_mode": "mode"}
+REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode")  # axes that replace one request field
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,19 @@ class XYAxis:
             raise ValueError(f"Unknown grid axis {self.kind!r}; choose one of {', '.join(AXIS_KINDS)}.")
         if not self.values:
             raise ValueError(f"Grid axis {self.kind} has no values.")
-        cast = {"seed": int, "steps": int, "adapter": str}.get(self.kind, float)
+        cast = {"seed": int, "steps": int, "adapter": str, "blend_mode": _blend_mode}.get(self.kind, float)
         object.__setattr__(self, "values", tuple(cast(v) for v in self.values))
 
     def label(self, value: Any) -> str:
         if self.kind == "adapter":
             return Path(value).stem if value != NO_ADAPTER else "base"
         return f"{LABELS[self.kind]} {format_weight(value) if isinstance(value, float) else value}"
+
+
+def _blend_mode(value: str) -> str:
+    from stylelora.lora.blend_modes import check_mode
+
+    return check_mode(value)
 
 
 def parse_axis(text: str) -> XYAxis:
@@ -97,7 +105,7 @@ def cell_request(request: GenerateRequest, axes: list[tuple[XYAxis, Any]]) -> Ge
         if axis.kind == "adapter":
             axis_adapter = _adapter_path(value, request)
             specs += [AdapterSpec(axis_adapter)] if axis_adapter else []
-        elif axis.kind in ("seed", "cfg", "steps"):
+        elif axis.kind in REPLACED_FIELDS:
             changes[axis.kind] = value
         elif axis.target is None and any(a.kind == "adapter" for a, _ in axes):
             # The weight of the axis adapter; on the "none" cell there is nothing to weigh.
