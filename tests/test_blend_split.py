@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy
 import pytest
 import torch
 from gen_fixtures import load_tiny_base, make_adapter, pixels
@@ -19,15 +20,32 @@ from stylelora.lora.blend import blend
 from stylelora.lora.spec import AdapterSpec
 
 
-def _attention(q_w, k_w, v_w, out_w, out_b, hidden, context):
-    """softmax(q k^T / sqrt(d)) v, then the output projection: one head, written out."""
+def _attended(q_w, k_w, v_w, hidden, context):
+    """softmax(q k^T / sqrt(d)) v, one head, written out: the attention before the output projection."""
     q, k, v = hidden @ q_w.T, context @ k_w.T, context @ v_w.T
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-    return (weights @ v) @ out_w.T + out_b
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+def _merged_by_hand(base, first, second):
+    """Element by element: both changes the same sign -> the larger one; otherwise their sum."""
+    out = base.clone()
+    for index in numpy.ndindex(*base.shape):
+        a, b = float(first[index] - base[index]), float(second[index] - base[index])
+        same = (a > 0 and b > 0) or (a < 0 and b < 0) or (a == 0 and b == 0)
+        out[index] += (a if abs(a) >= abs(b) else b) if same else a + b
+    return out
+
+
+def test_merge_keeps_the_largest_agreeing_change_and_sums_disagreeing_ones():
+    base = torch.tensor([0.0, 0.0, 0.0, 1.0, 5.0])
+    first = torch.tensor([1.0, -1.0, 2.0, 1.0, 4.0])  # changes  1, -1,  2, 0, -1
+    second = torch.tensor([3.0, 2.0, -2.0, 1.0, 3.0])  # changes  3,  2, -2, 0, -2
+    assert torch.equal(split_attention.merge(base, [first, second]), torch.tensor([3.0, 1.0, 0.0, 1.0, 3.0]))
+    assert torch.equal(split_attention.merge(base, [first]), first)  # one adapter: exactly its output
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["low-rank path", "generic path"])
-def test_split_cross_attention_adds_each_adapters_change_to_the_base_output(residual):
+def test_split_cross_attention_merges_each_adapters_attention(residual):
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     torch.manual_seed(0)
@@ -37,7 +55,8 @@ def test_split_cross_attention_adds_each_adapters_change_to_the_base_output(resi
     column = lambda *values: torch.tensor(values).reshape(-1, 1)  # noqa: E731
     # adapter a: rank-1 LoRA on the keys and values; adapter b: on the queries and the output projection
     a = {"to_k": (column(1.0, 0, -1, 2), column(0.5, 1, 0).T), "to_v": (column(0, 2.0, 1, 0), column(1.0, 1, 1).T)}
-    b = {"to_q": (column(-1.0, 0, 0, 1), column(1.0, 0, 2, 0).T), "to_out.0": (column(1.0, 1, 0, 0), column(0, 0, 1.0, 1).T)}
+    b = {"to_q": (column(-1.0, 0, 0, 1), column(1.0, 0, 2, 0).T),
+         "to_out.0": (column(1.0, 1, 0, 0), column(0, 0, 1.0, 1).T)}
     hidden = torch.randn(1, 5, 4)
     readings = [torch.randn(1, 2, 3) for _ in range(3)]  # the base's, a's and b's encoding of a 2-token prompt
     split_attention.install_attention(attn, "", [a, b])  # "" is the module itself
@@ -51,20 +70,15 @@ def test_split_cross_attention_adds_each_adapters_change_to_the_base_output(resi
     attn.processor.inner = Counted()
     with torch.no_grad():
         got = attn(hidden, encoder_hidden_states=torch.cat(readings, dim=1))
-    assert len(calls) == (3 if residual else 0)  # the low-rank path never runs the module's processor
+    assert len(calls) == (4 if residual else 0)  # the low-rank path never runs the module's processor
     full = lambda lora: [base[n] + (lora[n][0] @ lora[n][1] if n in lora else 0) for n in base]  # noqa: E731
-    o_0 = _attention(*full({}), out_b, hidden, readings[0])
-    o_a = _attention(*full(a), out_b, hidden, readings[1])
-    o_b = _attention(*full(b), out_b, hidden, readings[2])
-    expected = o_0 + (o_a - o_0) + (o_b - o_0) + (hidden if residual else 0)
-    assert torch.allclose(got, expected, atol=1e-5)
+    a_0 = _attended(*full({})[:3], hidden, readings[0])
+    a_a = _attended(*full(a)[:3], hidden, readings[1])
+    a_b = _attended(*full(b)[:3], hidden, readings[2])
+    out_delta = b["to_out.0"][0] @ b["to_out.0"][1]
+    expected = _merged_by_hand(a_0, a_a, a_b) @ base["to_out.0"].T + out_b + a_b @ out_delta.T
+    assert torch.allclose(got, expected + (hidden if residual else 0), atol=1e-5)
     assert all(torch.equal(attn.get_submodule(n).weight, base[n]) for n in base)  # the base weights, untouched
-
-
-def test_split_combine_is_the_base_plus_each_change():
-    base, first, second = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0]), torch.tensor([1.0, -1.0])
-    assert torch.equal(split_attention.combine(base, [first, second]), torch.tensor([3.0, -1.0]))
-    assert torch.equal(split_attention.combine(base, [first]), first)  # one adapter: exactly its output
 
 
 # ----------------------------------------------------------------------------- on a tiny pipeline
@@ -150,7 +164,7 @@ def test_text_encoder_readings_side_by_side_and_pooled_composed(world):
     readings = both.last_hidden_state.chunk(3, dim=1)
     assert torch.equal(readings[0], base.last_hidden_state) and torch.equal(readings[2], base.last_hidden_state)
     assert torch.allclose(readings[1], changed.last_hidden_state, atol=1e-5)
-    assert torch.allclose(both.pooler_output, changed.pooler_output, atol=1e-5)  # p0 + (p_a - p0) + (p0 - p0)
+    assert torch.allclose(both.pooler_output, changed.pooler_output, atol=1e-5)  # p0 + the one change there is
     assert not torch.allclose(base.last_hidden_state, changed.last_hidden_state, atol=1e-3)  # the LoRA matters
     assert torch.equal(padded.last_hidden_state, both.last_hidden_state)
 

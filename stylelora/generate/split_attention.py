@@ -1,14 +1,15 @@
 """The "split" blend mode at generation: each adapter reads the prompt with its own text-encoder LoRA and runs
-its own cross-attention on that reading, and the changes each adapter makes to a cross-attention output add up.
+its own cross-attention on that reading, and the adapters' attention outputs are merged per element.
 
 Why: in a plain sum, two adapters' cross-attention compete for one softmax. A character's key delta pulls the
 image's attention onto its trigger and away from a style's trigger, so the style fades; and each text-encoder LoRA
 also moves the other adapter's trigger (docs/results.md, "Where the character collides", "The split blend mode").
-Here the text encoders return the base encoding and one encoding per adapter side by side on the token axis, and
-every UNet cross-attention module returns O_0 + sum_i (O_i - O_0): O_0 the base layer on the base encoding, O_i the
-layer with adapter i's projections (its LoRA on q, k, v and out, if any) on adapter i's encoding. With one adapter
-that is exactly that adapter (the stack never splits a single adapter). The output projection is affine, so the
-combination is exact whichever projections an adapter has. Every other layer is the plain fused sum.
+Here the text encoders return the base encoding and one encoding per adapter side by side on the token axis. Every
+UNet cross-attention module computes the attention a_0 of the base weights on the base encoding and a_i of adapter
+i's LoRA on q, k, v on adapter i's encoding, merges the changes a_i - a_0 per element (`merge`: where all agree in
+sign, the largest, so what the adapters agree on is not counted twice; elsewhere their sum), applies the output
+projection to the merged attention and adds each adapter's LoRA on it. With one adapter that is exactly that
+adapter (the stack never splits a single adapter). Every other layer is the plain fused sum.
 
 The result depends on the prompt's activations, so it is no static weight delta and cannot be saved as a LoRA file.
 Cost: the text encoders run once more per adapter, and every cross-attention module its attention core once more
@@ -61,12 +62,18 @@ def _lora_added(model: Any, variant: Variant):
         yield
 
 
-def combine(base: Any, outputs: Sequence[Any]) -> Any:
-    """base + sum_i (output_i - base): each adapter's change to the base output, added up."""
-    total = base
-    for output in outputs:
-        total = total + (output - base)
-    return total
+def merge(base: Any, outputs: Sequence[Any]) -> Any:
+    """base plus the adapters' changes (output_i - base), merged per element: where every change has the same sign,
+    the largest of them (what the adapters agree on is not counted twice); elsewhere their sum. One adapter: its
+    output exactly."""
+    import torch
+
+    if len(outputs) == 1:
+        return outputs[0]
+    changes = torch.stack([output - base for output in outputs])
+    agree = (torch.sign(changes) == torch.sign(changes[0])).all(dim=0)
+    largest = torch.gather(changes, 0, changes.abs().argmax(dim=0, keepdim=True))[0]
+    return base + torch.where(agree, largest, changes.sum(dim=0))
 
 
 class SplitCrossAttention:
@@ -91,12 +98,26 @@ class SplitCrossAttention:
                 and self._plain(attn, hidden_states):
             return self._low_rank_path(attn, hidden_states, contexts)
         kwargs["attention_mask"] = attention_mask
-        base = self.inner(attn, hidden_states, contexts[0], *args, **kwargs)
-        outputs = []
-        for context, variant in zip(contexts[1:], self.variants):
-            with _lora_added(attn, variant):
-                outputs.append(self.inner(attn, hidden_states, context, *args, **kwargs))
-        return combine(base, outputs)
+        return self._generic_path(attn, hidden_states, contexts, args, kwargs)
+
+    def _generic_path(self, attn: Any, hidden_states: Any, contexts: Sequence[Any], args: tuple, kwargs: dict) -> Any:
+        """The module's own processor once per reading, the variant's LoRA on q, k, v added by hooks, its output
+        projection's input captured; then once more with the merged input (and the out LoRA) put in its place."""
+        captured: list[Any] = []
+        grab = attn.to_out[0].register_forward_pre_hook(lambda _module, inputs: captured.append(inputs[0]))
+        try:
+            self.inner(attn, hidden_states, contexts[0], *args, **kwargs)
+            for context, variant in zip(contexts[1:], self.variants):
+                with _lora_added(attn, {k: v for k, v in variant.items() if k != "to_out.0"}):
+                    self.inner(attn, hidden_states, context, *args, **kwargs)
+        finally:
+            grab.remove()
+        merged = merge(captured[0], captured[1:])
+        out_lora = sum(_low_rank(part, v.get("to_out.0")) for part, v in zip(captured[1:], self.variants))
+        with ExitStack() as hooks:
+            hooks.callback(attn.to_out[0].register_forward_pre_hook(lambda _module, _inputs: (merged,)).remove)
+            hooks.callback(attn.to_out[0].register_forward_hook(lambda _m, _i, output: output + out_lora).remove)
+            return self.inner(attn, hidden_states, contexts[0], *args, **kwargs)
 
     def _plain(self, attn: Any, hidden_states: Any) -> bool:
         """Whether the module is plain softmax attention, which the low-rank path computes exactly."""
@@ -124,10 +145,9 @@ class SplitCrossAttention:
             return stacked.view(stacked.shape[0], stacked.shape[1], attn.heads, -1).transpose(1, 2)
 
         attended = F.scaled_dot_product_attention(by_head(queries), by_head(keys), by_head(values))
-        attended = attended.transpose(1, 2).flatten(2).to(query.dtype).chunk(len(self.variants) + 1)
-        # out_i(a_i) = W a_i + b + delta_i a_i, so the sum of the changes needs one full projection
-        out = attn.to_out[0](combine(attended[0], attended[1:]))
-        for part, variant in zip(attended[1:], self.variants):
+        parts = attended.transpose(1, 2).flatten(2).to(query.dtype).chunk(len(self.variants) + 1)
+        out = attn.to_out[0](merge(parts[0], parts[1:]))  # the base projection once, on the merged attention
+        for part, variant in zip(parts[1:], self.variants):
             out = out + _low_rank(part, variant.get("to_out.0"))
         return attn.to_out[1](out)
 
@@ -180,7 +200,7 @@ def install_text_encoder(model: Any, variants: Sequence[Variant]) -> None:
         for key, value in base.items():
             values = [value] + [output[key] for output in outputs]
             if key in POOLED_FIELDS:
-                fields[key] = combine(value, values[1:])
+                fields[key] = merge(value, values[1:])
             elif isinstance(value, tuple):
                 fields[key] = tuple(torch.cat(layer, dim=1) for layer in zip(*values))
             elif torch.is_tensor(value):

@@ -17,9 +17,10 @@ DESCRIPTIONS = {
     "sum": "plain weighted sum of the deltas (A1111/ComfyUI/diffusers)",
     "ties": "TIES-style sign election per weight entry: where the adapters push an entry in opposite directions, "
             "only the side that wins the sum is kept (no cancelling); agreeing entries add up",
-    "split": "each adapter's cross-attention keys and values attend on their own and their changes to the "
-             "attention output add up, so a character no longer pulls the attention off a style's trigger; "
-             "other layers are summed; generation only (not a static file)",
+    "split": "each adapter reads the prompt with its own text-encoder LoRA and runs its own cross-attention on "
+             "it, so a character no longer pulls the attention off a style's trigger; the attention outputs merge "
+             "per element (agreeing changes: the largest; others: the sum); other layers are summed; generation "
+             "only (not a static file)",
 }
 
 
