@@ -36,12 +36,15 @@ def _merged_by_hand(base, first, second):
     return out
 
 
-def test_merge_keeps_the_largest_agreeing_change_and_sums_disagreeing_ones():
+def test_merge_keeps_the_largest_push_each_way():
     base = torch.tensor([0.0, 0.0, 0.0, 1.0, 5.0])
     first = torch.tensor([1.0, -1.0, 2.0, 1.0, 4.0])  # changes  1, -1,  2, 0, -1
     second = torch.tensor([3.0, 2.0, -2.0, 1.0, 3.0])  # changes  3,  2, -2, 0, -2
     assert torch.equal(split_attention.merge(base, [first, second]), torch.tensor([3.0, 1.0, 0.0, 1.0, 3.0]))
     assert torch.equal(split_attention.merge(base, [first]), first)  # one adapter: exactly its output
+    third = torch.tensor([-1.0, 1.0, 1.0, 3.0, 5.0])  # changes -1,  1,  1, 2,  0
+    # three: the largest increase plus the largest decrease
+    assert torch.equal(split_attention.merge(base, [first, second, third]), torch.tensor([2.0, 1.0, 0.0, 3.0, 3.0]))
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["low-rank path", "generic path"])

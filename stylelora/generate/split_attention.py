@@ -6,8 +6,8 @@ image's attention onto its trigger and away from a style's trigger, so the style
 also moves the other adapter's trigger (docs/results.md, "Where the character collides", "The split blend mode").
 Here the text encoders return the base encoding and one encoding per adapter side by side on the token axis. Every
 UNet cross-attention module computes the attention a_0 of the base weights on the base encoding and a_i of adapter
-i's LoRA on q, k, v on adapter i's encoding, merges the changes a_i - a_0 per element (`merge`: where all agree in
-sign, the largest, so what the adapters agree on is not counted twice; elsewhere their sum), applies the output
+i's LoRA on q, k, v on adapter i's encoding, merges the changes a_i - a_0 per element (`merge`: the largest
+increase plus the largest decrease, so what the adapters agree on is not counted twice), applies the output
 projection to the merged attention and adds each adapter's LoRA on it. With one adapter that is exactly that
 adapter (the stack never splits a single adapter). Every other layer is the plain fused sum.
 
@@ -63,17 +63,15 @@ def _lora_added(model: Any, variant: Variant):
 
 
 def merge(base: Any, outputs: Sequence[Any]) -> Any:
-    """base plus the adapters' changes (output_i - base), merged per element: where every change has the same sign,
-    the largest of them (what the adapters agree on is not counted twice); elsewhere their sum. One adapter: its
-    output exactly."""
+    """base plus the adapters' changes (output_i - base), merged per element: the largest increase any adapter makes
+    plus the largest decrease. Where all push the same way that is the largest push (what they agree on is not
+    counted twice); where two push opposite ways it is their sum. One adapter: its output exactly."""
     import torch
 
     if len(outputs) == 1:
         return outputs[0]
-    changes = torch.stack([output - base for output in outputs])
-    agree = (torch.sign(changes) == torch.sign(changes[0])).all(dim=0)
-    largest = torch.gather(changes, 0, changes.abs().argmax(dim=0, keepdim=True))[0]
-    return base + torch.where(agree, largest, changes.sum(dim=0))
+    changes = torch.stack(list(outputs)) - base
+    return base + changes.amax(dim=0).clamp(min=0) + changes.amin(dim=0).clamp(max=0)
 
 
 class SplitCrossAttention:
