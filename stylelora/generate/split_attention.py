@@ -91,7 +91,12 @@ class SplitCrossAttention:
 
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
                  *args: Any, **kwargs: Any) -> Any:
-        contexts = encoder_hidden_states.chunk(len(self.variants) + 1, dim=1)
+        copies = len(self.variants) + 1
+        if encoder_hidden_states is None or encoder_hidden_states.shape[1] % copies:
+            raise ValueError("The split blend mode needs the text states its text encoders make (one reading per "
+                             "adapter side by side); encode the prompt with the pipeline while the blend is applied, "
+                             "or apply the blend with another mode.")
+        contexts = encoder_hidden_states.chunk(copies, dim=1)
         if attention_mask is None and not args and kwargs.get("temb") is None and set(kwargs) <= {"temb"} \
                 and self._plain(attn, hidden_states):
             return self._low_rank_path(attn, hidden_states, contexts)
