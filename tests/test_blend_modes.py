@@ -146,20 +146,24 @@ def test_saved_blend_gives_the_live_blend_here_and_in_diffusers(world, tmp_path,
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_generate_grid_and_blend_with_a_mode(world, tmp_path, capsys):
+@pytest.mark.parametrize("mode", [m for m in blend_modes.MODES if m != "sum"])
+def test_cli_generate_and_grid_with_a_mode(world, tmp_path, capsys, mode):
     from stylelora.generate.pngmeta import read_png_parameters
 
     common = ["--base", str(world["base"]), "--device", "cpu", "--adapters-dir", str(world["adapters"]),
               "--steps", "2", "--seed", "4", "--sampler", "ddim"]
     code, out, _ = _run(["generate", "a cat <lora:pastel:1.1:-0.4>", "--lora", f"{world['a']}:0.9:0.6",
-                         "--blend-mode", "ties", "--out", str(tmp_path / "ties.png"), *common], capsys)
-    assert code == 0 and out == [str(tmp_path / "ties.png")]
+                         "--blend-mode", mode, "--out", str(tmp_path / f"{mode}.png"), *common], capsys)
+    assert code == 0 and out == [str(tmp_path / f"{mode}.png")]
     text = read_png_parameters(out[0])
-    assert "Blend mode: ties" in text
-    assert request_from_parameters(text, world["adapters"]).blend_mode == "ties"  # the PNG reproduces the mode
+    assert f"Blend mode: {mode}" in text
+    assert request_from_parameters(text, world["adapters"]).blend_mode == mode  # the PNG reproduces the mode
     code, out, _ = _run(["grid", "a cat", "--lora", str(world["a"]), "--lora", str(world["b"]), "--x",
-                         "weight=0.5,1", "--blend-mode", "ties", "--out", str(tmp_path / "grid.png"), *common], capsys)
+                         "weight=0.5,1", "--blend-mode", mode, "--out", str(tmp_path / "grid.png"), *common], capsys)
     assert code == 0 and out == [str(tmp_path / "grid.png")]
+
+
+def test_cli_blend_with_a_mode(world, tmp_path, capsys):
     code, out, _ = _run(["blend", f"{world['a']}:0.9:0.6", f"{world['b']}:1.1:-0.4", "--blend-mode", "ties",
                          "--out", str(tmp_path / "mix.safetensors"), "--json"], capsys)
     assert code == 0 and json.loads(out[0])["blend_mode"] == "ties"

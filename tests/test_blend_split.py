@@ -13,7 +13,7 @@ from gen_fixtures import load_tiny_base, make_adapter, pixels
 from test_generate_cli import run as _run
 
 from stylelora.generate import split_attention
-from stylelora.generate.generate import BLEND_MODE_FIELD, GenerateRequest, generate, request_from_parameters
+from stylelora.generate.generate import BLEND_MODE_FIELD, GenerateRequest, generate
 from stylelora.generate.stack import AdapterStack
 from stylelora.lora import blend_modes
 from stylelora.lora.blend import blend
@@ -183,22 +183,6 @@ def test_split_cannot_be_saved_and_says_what_to_do(world, tmp_path, capsys):
     code, out, err = _run(["blend", str(world["a"]), str(world["b"]), "--blend-mode", "split", "--out",
                            str(tmp_path / "mix.safetensors")], capsys)
     assert code == 2 and out == [] and "generate with it live" in err
-
-
-def test_cli_generate_and_grid_in_split_mode(world, tmp_path, capsys):
-    from stylelora.generate.pngmeta import read_png_parameters
-
-    common = ["--base", str(world["base"]), "--device", "cpu", "--adapters-dir", str(world["adapters"]),
-              "--steps", "2", "--seed", "4", "--sampler", "ddim"]
-    code, out, _ = _run(["generate", "a cat <lora:pastel:1>", "--lora", f"{world['a']}:0.9",
-                         "--blend-mode", "split", "--out", str(tmp_path / "split.png"), *common], capsys)
-    assert code == 0 and out == [str(tmp_path / "split.png")]
-    text = read_png_parameters(out[0])
-    assert "Blend mode: split" in text
-    assert request_from_parameters(text, world["adapters"]).blend_mode == "split"
-    code, out, _ = _run(["grid", "a cat", "--lora", str(world["a"]), "--lora", str(world["b"]), "--x",
-                         "weight=0.5,1", "--blend-mode", "split", "--out", str(tmp_path / "grid.png"), *common], capsys)
-    assert code == 0 and out == [str(tmp_path / "grid.png")]
 
 
 def test_grid_compares_blend_modes_side_by_side(world, tmp_path):

@@ -27,7 +27,8 @@ def add_generate_parsers(subparsers) -> None:
     gen.add_argument("--out", help=f"PNG file or folder (default {DEFAULT_IMAGES_DIR}/NNNNN-SEED.png)")
     gen.set_defaults(handler=cmd_generate)
 
-    grid = subparsers.add_parser("grid", help="X/Y grid: adapters x weights, or two of weight/seed/cfg/steps/blend_mode")
+    grid = subparsers.add_parser("grid",
+                                 help="X/Y grid: adapters x weights, or two of weight/seed/cfg/steps/blend_mode")
     _add_generation_args(grid)
     grid.add_argument("--x", required=True, metavar="KIND=V1,V2",
                       help="columns; KIND: adapter|weight|unet_weight|te_weight|seed|cfg|steps|blend_mode")

@@ -77,7 +77,8 @@ def merge(base: Any, outputs: Sequence[Any]) -> Any:
 class SplitCrossAttention:
     """An attention processor for one cross-attention module under the split mode. The text states hold
     len(variants) + 1 encodings side by side on the token axis, the base's first; each variant's attention runs on
-    its own encoding with its adapter's LoRA on q, k, v and out, and the adapters' changes to the output add up.
+    its own encoding with its adapter's LoRA on q, k and v, the changes are merged (`merge`) before the output
+    projection, and each adapter's LoRA on that projection is added.
 
     A plain softmax attention module takes the low-rank path: one query and one output projection with the base
     weights, the adapters' LoRA applied as low-rank products, and one attention call over all variants at once, so
@@ -184,7 +185,7 @@ def _token_ids(model: Any, args: tuple, kwargs: dict, copies: int) -> tuple[tupl
 
 def install_text_encoder(model: Any, variants: Sequence[Variant]) -> None:
     """The text encoder returns the base encoding and each variant's side by side on the token axis (every layer's
-    hidden states likewise); pooled vectors are composed as p_0 + sum_i (p_i - p_0)."""
+    hidden states likewise); pooled vectors are merged as the attention is (`merge`)."""
     import torch
 
     original = type(model).forward

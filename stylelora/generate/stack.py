@@ -312,8 +312,10 @@ class AdapterStack:
         runs per adapter (split_attention), so none of them is fused: their weights stay the base's."""
         from stylelora.generate import split_attention
 
+        if mode != "split" or self.models.get("unet") is None:
+            return plan, None  # every other mode fuses every layer (no walk over the plan on each weight change)
         identities = list(dict.fromkeys(identity for terms in plan.values() for identity, _, _ in terms))
-        if mode != "split" or len(identities) < 2 or self.models.get("unet") is None:
+        if len(identities) < 2:
             return plan, None
         unet = self.models["unet"]
         per_adapter = {key: terms for key, terms in plan.items()

@@ -1,9 +1,9 @@
-"""X/Y grids: one request varied along two axes (adapter, weight, seed, cfg, steps, blend mode) into one labelled PNG.
+"""X/Y grids: one request varied along two axes (adapter, weight, seed, cfg, steps, blend mode) into one PNG.
 
 Axes: `adapter` adds one adapter per column/row ("none" for the base); `weight`, `unet_weight`, `te_weight` set
 the weight of the axis adapter, or of a named target, or of every adapter in the request; `seed`, `cfg`, `steps`
-and `blend_mode` (sum, ties, split: the same adapters combined each way) replace the request's value. Every cell shares the request's (resolved) seed unless seed is an axis, so cells
-differ only by what the axes say.
+and `blend_mode` (sum, ties, split: the same adapters combined each way) replace the request's value. Every cell
+shares the request's (resolved) seed unless seed is an axis, so cells differ only by what the axes say.
 """
 from __future__ import annotations
 

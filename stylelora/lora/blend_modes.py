@@ -19,7 +19,7 @@ DESCRIPTIONS = {
             "only the side that wins the sum is kept (no cancelling); agreeing entries add up",
     "split": "each adapter reads the prompt with its own text-encoder LoRA and runs its own cross-attention on "
              "it, so a character no longer pulls the attention off a style's trigger; the attention outputs merge "
-             "per element (agreeing changes: the largest; others: the sum); other layers are summed; generation "
+             "per element (the largest increase plus the largest decrease); other layers are summed; generation "
              "only (not a static file)",
 }
 
