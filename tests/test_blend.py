@@ -33,7 +33,7 @@ def specs(world):
 
 def test_exact_blend_file_equals_the_live_blend(world, tmp_path):
     live = load_tiny_base(world["base"])
-    AdapterStack.for_pipe(live).apply(specs(world))
+    AdapterStack.for_pipe(live).apply(specs(world), "sum")  # a file's default mode (split is live only)
     report = blend(specs(world), tmp_path / "mix.safetensors", exact=True)
     assert report.mode == "exact" and report.max_error == 0.0
     from_file = load_tiny_base(world["base"])

@@ -4,7 +4,9 @@ save it as a file (library, CLI and app)."""
 from __future__ import annotations
 
 import copy
+import gc
 import math
+from dataclasses import replace
 
 import numpy
 import pytest
@@ -136,6 +138,24 @@ def test_split_single_adapter_is_the_adapter_and_clear_gives_the_base_back(world
     assert (_image(pipe, [], "sum") == base_image).all()
 
 
+def test_split_computes_keys_and_values_once_per_image_and_keeps_none_after(world):
+    specs = [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 0.8)]
+    fresh = load_tiny_base(world["base"])
+    expected = _image(fresh, specs, "split", "a blue square")
+    pipe = load_tiny_base(world["base"])
+    _image(pipe, specs, "split")
+    parent = split_attention.cross_attention_modules(pipe.unet)[0]
+    calls = []
+    hook = pipe.unet.get_submodule(parent).to_k.register_forward_hook(lambda *_: calls.append(1))
+    again = _image(pipe, specs, "split", "a blue square")  # 3 steps, classifier-free guidance
+    hook.remove()
+    assert len(calls) == 3  # the base's and each adapter's reading once per image, not once per step
+    assert (again == expected).all()  # the new prompt's keys, not the last image's
+    gc.collect()
+    processors = [p for p in pipe.unet.attn_processors.values() if isinstance(p, split_attention.SplitCrossAttention)]
+    assert processors and all(p._keys_values is None for p in processors)  # freed with the image's text states
+
+
 def test_switching_from_split_to_sum_is_the_plain_sum(world):
     fresh = load_tiny_base(world["base"])
     specs = [AdapterSpec(world["a"], 0.9, 0.6), AdapterSpec(world["b"], 1.1, -0.4)]
@@ -196,8 +216,10 @@ def test_grid_compares_blend_modes_side_by_side(world, tmp_path):
                      out_path=tmp_path / "modes.png")
     assert [image.params.extra.get(BLEND_MODE_FIELD, "sum") for image in result.images] == ["sum", "split"]
     assert not (pixels(result.images[0]) == pixels(result.images[1])).all()
-    fresh = load_tiny_base(world["base"])  # the sum cell is the plain request's image
-    assert (pixels(result.images[0]) == pixels(generate(fresh, AdapterStack.for_pipe(fresh), request)[0])).all()
+    fresh = load_tiny_base(world["base"])  # each cell is the plain request's image in that mode
+    for image, mode in zip(result.images, ("sum", "split")):
+        alone = generate(fresh, AdapterStack.for_pipe(fresh), replace(request, blend_mode=mode))[0]
+        assert (pixels(image) == pixels(alone)).all()
     assert "X Type: blend_mode" in read_png_parameters(result.path)
     with pytest.raises(ValueError, match="Unknown blend mode 'mean'"):
         parse_axis("blend_mode=sum,mean")

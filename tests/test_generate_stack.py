@@ -115,7 +115,7 @@ def test_each_layout_fuses_peft_deltas_at_unet_and_te_weights(tmp_path, files, p
 
 
 def test_fused_blend_matches_diffusers_set_adapters(files, pipe):
-    apply_adapters(pipe, [AdapterSpec(files["a"], 0.8), AdapterSpec(files["b"], -0.5, 0.3)])
+    apply_adapters(pipe, [AdapterSpec(files["a"], 0.8), AdapterSpec(files["b"], -0.5, 0.3)], "sum")
     ours = model_outputs(pipe)
     reference = tiny_pipeline()
     reference.load_lora_weights(str(files["a"]), adapter_name="a")

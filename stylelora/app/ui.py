@@ -17,6 +17,7 @@ import gradio as gr
 
 from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppError, AppService, GenerateSettings
 from stylelora.app.training import TrainSettings
+from stylelora.lora.blend_modes import DEFAULT_FILE_MODE
 from stylelora.lora.blend_modes import DEFAULT_MODE as DEFAULT_BLEND_MODE
 from stylelora.lora.blend_modes import MODES as BLEND_MODES
 
@@ -183,8 +184,8 @@ class GenerateInputs:
                                             label=f"Batch (up to {limits.max_batch})"))
             self.blend_mode = gr.Dropdown(list(BLEND_MODES), value=DEFAULT_BLEND_MODE, label="Blend mode",
                                           elem_id="blend-mode",
-                                          info="how 2+ adapters combine; sum = A1111/ComfyUI; split: each adapter's "
-                                               "cross-attention apart (generation only)")
+                                          info="how 2+ adapters combine; split (default): each adapter's "
+                                               "cross-attention apart; sum = A1111/ComfyUI")
 
     @property
     def settings_inputs(self) -> list:
@@ -315,7 +316,7 @@ def _blend_tab() -> SimpleNamespace:
     with gr.Row():
         fp16 = gr.Checkbox(label="float16 (half the size)")
         overwrite = gr.Checkbox(label="overwrite")
-        blend_mode = gr.Dropdown(list(BLEND_MODES), value=DEFAULT_BLEND_MODE, label="Blend mode",
+        blend_mode = gr.Dropdown(list(BLEND_MODES), value=DEFAULT_FILE_MODE, label="Blend mode",
                                  info="sum and ties save as a plain kohya LoRA; split runs only at generation")
     button = gr.Button("Save blend", variant="primary")
     report = gr.Textbox(label="Result", lines=4, elem_classes="mono")

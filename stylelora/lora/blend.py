@@ -162,14 +162,14 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
 
     exact=True (or no rank): reproduces the live blend (sum: concatenated ranks). rank=R: truncated SVD at rank R.
     dtype: e.g. torch.float16 for a smaller file (default float32). blend_mode: as `generate --blend-mode`
-    (None: blend_modes.DEFAULT_MODE); a mode that cannot be a static file is refused with the reason.
+    (None: blend_modes.DEFAULT_FILE_MODE, the sum); a mode that cannot be a static file is refused with the reason.
     license: modelspec.license (None: the inputs' license when they all share one, else "unspecified").
     thumbnail: modelspec.thumbnail, a data-URI image (share.thumbnail_data_uri).
     """
     import torch
 
     specs = as_specs(specs)
-    blend_mode = blend_modes.check_static(blend_mode or blend_modes.DEFAULT_MODE)
+    blend_mode = blend_modes.check_static(blend_mode or blend_modes.DEFAULT_FILE_MODE)
     if not specs:
         raise ValueError("Nothing to blend: give at least one adapter as FILE:WEIGHT.")
     if exact and rank is not None:

@@ -12,7 +12,11 @@ from typing import Any
 # and a single adapter is the same in every mode.
 MODES = ("sum", "ties", "split")
 STATIC_MODES = frozenset({"sum", "ties"})  # modes a saved file can hold ("split" depends on the prompt's activations)
-DEFAULT_MODE = "sum"  # what A1111, ComfyUI and diffusers do; see docs/results.md "Blending" for the measurements
+# Generation defaults to split: it keeps both adapters more often than the sum on every measured pair
+# (docs/results.md "The default adapters"), and one adapter is the same in every mode. A file defaults to the sum,
+# what A1111, ComfyUI and diffusers do, since split cannot be a file.
+DEFAULT_MODE = "split"
+DEFAULT_FILE_MODE = "sum"
 DESCRIPTIONS = {
     "sum": "plain weighted sum of the deltas (A1111/ComfyUI/diffusers)",
     "ties": "TIES-style sign election per weight entry: where the adapters push an entry in opposite directions, "
@@ -36,9 +40,13 @@ def check_mode(mode: str | None) -> str:
     return mode
 
 
-def mode_help() -> str:
-    """The modes for a --blend-mode help text."""
-    return f"{' | '.join(MODES)} (default {DEFAULT_MODE}; sum is what A1111/ComfyUI/diffusers do)"
+def mode_help(saving: bool = False) -> str:
+    """The modes for a --blend-mode help text: those of generation, or (saving) those a file can hold."""
+    if saving:
+        static = [mode for mode in MODES if mode in STATIC_MODES]
+        return f"{' | '.join(static)} (default {DEFAULT_FILE_MODE}: what A1111/ComfyUI/diffusers do)"
+    return (f"{' | '.join(MODES)} (default {DEFAULT_MODE}; one adapter is the same in every mode; "
+            "sum is what A1111/ComfyUI/diffusers do)")
 
 
 def check_static(mode: str) -> str:

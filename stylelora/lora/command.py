@@ -23,8 +23,7 @@ def add_lora_parsers(subparsers) -> None:
     mode.add_argument("--exact", action="store_true", help="concatenate ranks: reproduces the blend exactly (default)")
     blend.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
     blend.add_argument("--blend-mode", default=None, metavar="MODE",
-                       help="how adapters combine where they share a layer, as `generate --blend-mode`: "
-                            + mode_help())
+                       help="how adapters combine where they share a layer: " + mode_help(saving=True))
     blend.add_argument("--preview", metavar="IMAGE",
                        help="an image made with the blend (e.g. by `stylelora generate`): saved as NAME.preview.png "
                             "and as the file's thumbnail")
