@@ -6,7 +6,9 @@ which is small beside the steps. This times one UNet call (CFG batch of 2) of a 
 published config (stylelora/models/configs/FAMILY/unet.json) at the family's native size: the plain UNet (what a
 fused sum costs: the same weights, the same work) against the same UNet (one model, the processors swapped between
 calls) with every cross-attention module split for ADAPTERS adapters (each with a random rank-RANK LoRA on q, k, v
-and out, and its own reading of the prompt), alternating the two, median of --repeats calls each.
+and out, and its own reading of the prompt), alternating the two, median of --repeats calls each. The processors
+are installed afresh for every call, so each call computes its keys and values as an image's first step does
+(later steps reuse them): the figure is the dearest step.
 
     python benchmarks/split_cost.py --family sd15 --repeats 3
     python benchmarks/split_cost.py --family sdxl --repeats 2 --adapters 2

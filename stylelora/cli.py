@@ -63,6 +63,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     settings = EvalSettings(samples=args.samples, seed=args.seed, steps=args.steps, guidance_scale=args.cfg,
                             prompt_sets=prompt_sets)
     metrics, images = evaluate_pipeline(pipe, load_judge(), settings)
+    metrics["settings"]["adapters"] = list(args.lora)
+    # the mode only matters with two or more adapters: one adapter is the same in every mode
+    metrics["settings"]["blend_mode"] = blend_mode if len(args.lora) > 1 else None
     if args.save_grid:
         from .grid import save_grid
 
@@ -79,6 +82,8 @@ def _format_metrics(metrics: dict) -> str:
              f"stripes rate {figure('stripes_rate')}   pastel rate {figure('pastel_rate')}   zorb rate {figure('zorb_rate')}"]
     for name, row in metrics["by_prompt_set"].items():
         lines.append(f"  {name:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
+    if metrics["settings"].get("blend_mode"):
+        lines.append(f"blend mode {metrics['settings']['blend_mode']} ({len(metrics['settings']['adapters'])} adapters)")
     return "\n".join(lines)
 
 

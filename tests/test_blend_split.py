@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import math
 from dataclasses import replace
 
@@ -223,6 +224,20 @@ def test_grid_compares_blend_modes_side_by_side(world, tmp_path):
     assert "X Type: blend_mode" in read_png_parameters(result.path)
     with pytest.raises(ValueError, match="Unknown blend mode 'mean'"):
         parse_axis("blend_mode=sum,mean")
+
+
+def test_evaluate_blends_two_adapters_in_split_by_default_and_says_so(world, capsys):
+    from stylelora.cli import main
+
+    def scores(*extra):
+        args = ["evaluate", "--base", str(world["base"]), "--lora", f"{world['a']}:1", "--samples", "2", "--steps",
+                "2", "--prompt-set", "stripes", "--json", *extra]
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)["settings"]
+
+    assert scores()["blend_mode"] is None  # one adapter: the same in every mode
+    assert scores("--lora", f"{world['b']}:1")["blend_mode"] == "split"
+    assert scores("--lora", f"{world['b']}:1", "--blend-mode", "sum")["blend_mode"] == "sum"
 
 
 def test_app_generates_in_split_mode_and_refuses_to_save_it(world, tmp_path):
