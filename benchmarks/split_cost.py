@@ -12,6 +12,7 @@ are installed afresh for every call, so each call computes its keys and values a
 
     python benchmarks/split_cost.py --family sd15 --repeats 3
     python benchmarks/split_cost.py --family sdxl --repeats 2 --adapters 2
+    python benchmarks/split_cost.py --family sdxl --memory     # what split keeps per image, from the config
 
 Figures: docs/results.md, "The split blend mode".
 """
@@ -36,16 +37,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of each adapter's q, k, v and out")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the family's native)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only print what split keeps per image (the cached keys and values), from the config")
     return parser.parse_args(argv)
 
 
-def build_unet(family: str):
+def build_unet(family: str, meta: bool = False):
     import torch
     from diffusers import UNet2DConditionModel
 
     config = json.loads((REPO / "stylelora" / "models" / "configs" / family / "unet.json").read_text())
     torch.manual_seed(0)
+    if meta:  # the architecture without its memory: enough to read layer sizes
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config).eval()
     return UNet2DConditionModel.from_config(config).eval()
+
+
+def kept_keys_values_bytes(unet, adapters: int, batch: int = 2, tokens: int = 77, bytes_per_value: int = 4) -> int:
+    """What split keeps while an image is drawn: every cross-attention module's keys and values for the base's
+    reading and each adapter's (batch of `batch`: one image with classifier-free guidance)."""
+    from stylelora.generate import split_attention
+
+    readings = (adapters + 1) * tokens * batch
+    modules = [unet.get_submodule(path) for path in split_attention.cross_attention_modules(unet)]
+    return sum(2 * readings * attn.to_k.out_features * bytes_per_value for attn in modules)
 
 
 def set_split(unet, adapters: int, rank: int) -> None:
@@ -97,6 +113,11 @@ def main(argv=None) -> int:
     import torch
 
     args = parse_args(argv)
+    if args.memory:
+        kept = kept_keys_values_bytes(build_unet(args.family, meta=True), args.adapters)
+        print(f"{args.family}, {args.adapters} adapters split: keys and values kept per image (CFG batch 2) "
+              f"{kept / 2**20:.0f} MiB in float32, {kept / 2**21:.0f} MiB in float16")
+        return 0
     latent = args.latent or NATIVE_LATENT[args.family]
     unet = build_unet(args.family)
     plain_inputs, split_inputs = call_inputs(unet, latent, 1), call_inputs(unet, latent, args.adapters + 1)

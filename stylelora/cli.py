@@ -82,8 +82,9 @@ def _format_metrics(metrics: dict) -> str:
              f"stripes rate {figure('stripes_rate')}   pastel rate {figure('pastel_rate')}   zorb rate {figure('zorb_rate')}"]
     for name, row in metrics["by_prompt_set"].items():
         lines.append(f"  {name:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if v is not None))
-    if metrics["settings"].get("blend_mode"):
-        lines.append(f"blend mode {metrics['settings']['blend_mode']} ({len(metrics['settings']['adapters'])} adapters)")
+    settings = metrics["settings"]
+    if settings.get("blend_mode"):
+        lines.append(f"blend mode {settings['blend_mode']} ({len(settings['adapters'])} adapters)")
     return "\n".join(lines)
 
 

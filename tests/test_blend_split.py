@@ -157,6 +157,24 @@ def test_split_computes_keys_and_values_once_per_image_and_keeps_none_after(worl
     assert processors and all(p._keys_values is None for p in processors)  # freed with the image's text states
 
 
+def test_the_memory_split_keeps_per_image_is_what_split_cost_reports(world):
+    from train_fixtures import load_benchmark
+
+    pipe = load_tiny_base(world["base"])
+    stack = AdapterStack.for_pipe(pipe)
+    kept = []
+
+    def measure(_done, _total):  # during sampling: the keys and values every split module holds now
+        processors = [p for p in pipe.unet.attn_processors.values()
+                      if isinstance(p, split_attention.SplitCrossAttention)]
+        kept.append(sum(t.nbytes for p in processors for t in p._keys_values[2]))
+
+    specs = (AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0))
+    request = GenerateRequest("a cat", steps=2, seed=1, loras=specs)
+    generate(pipe, stack, request, progress=measure)
+    assert kept[0] > 0 and kept == [load_benchmark("split_cost").kept_keys_values_bytes(pipe.unet, adapters=2)] * 2
+
+
 def test_switching_from_split_to_sum_is_the_plain_sum(world):
     fresh = load_tiny_base(world["base"])
     specs = [AdapterSpec(world["a"], 0.9, 0.6), AdapterSpec(world["b"], 1.1, -0.4)]
