@@ -235,6 +235,10 @@ def test_endpoints_take_named_parameters(app):
     assert {"prompt", "negative_prompt", "steps", "cfg", "sampler", "seed", "size", "batch_size"} <= set(generate)
     assert names("/grid")[:2] == ["x_axis", "y_axis"] and "prompt" in names("/grid")
     assert {"name", "mode", "rank", "fp16", "overwrite"} <= set(names("/blend"))
+    # Generation blends 2+ adapters in split by default; a saved blend is a sum unless asked (split cannot be a file).
+    defaults = {endpoint: {p["parameter_name"]: p.get("parameter_default") for p in endpoints[endpoint]["parameters"]}
+                for endpoint in ("/generate", "/blend")}
+    assert (defaults["/generate"]["blend_mode"], defaults["/blend"]["blend_mode"]) == ("split", "sum")
     assert names("/train")[:4] == ["dataset", "name", "base", "overwrite"] and "train_steps" in names("/train")
     assert names("/delete_adapter") == ["name", "confirm"]
     assert names("/rename_adapter") == ["name", "new_name", "confirm"]
