@@ -157,6 +157,23 @@ def test_split_computes_keys_and_values_once_per_image_and_keeps_none_after(worl
     assert processors and all(p._keys_values is None for p in processors)  # freed with the image's text states
 
 
+def test_freeing_an_older_images_text_states_keeps_the_newer_images_keys():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    attn = Attention(query_dim=4, cross_attention_dim=3, heads=1, dim_head=4)
+    processor = split_attention.SplitCrossAttention(AttnProcessor2_0(), [{}])
+    older, newer = torch.randn(1, 4, 3), torch.randn(1, 4, 3)  # two readings of 2 tokens each
+    with torch.no_grad():  # as in generation: no autograd graph holds the text states
+        processor._cached_keys_values(attn, older)
+        kept = processor._cached_keys_values(attn, newer)
+    del older
+    gc.collect()
+    assert processor._keys_values is not None and processor._keys_values[2] is kept
+    del newer
+    gc.collect()
+    assert processor._keys_values is None
+
+
 def test_the_memory_split_keeps_per_image_is_what_split_cost_reports(world):
     from train_fixtures import load_benchmark
 

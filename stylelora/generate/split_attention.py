@@ -163,6 +163,8 @@ class SplitCrossAttention:
         values = [attn.to_v(contexts[0])] + [attn.to_v(c) + _low_rank(c, v.get("to_v"))
                                              for c, v in zip(contexts[1:], self.variants)]
         result = (_by_head(attn, keys), _by_head(attn, values))
+        # A replaced entry's weak reference dies with it, and a dead reference calls nobody: an older image's text
+        # states, freed later, cannot drop a newer image's keys.
         forget = weakref.ref(encoder_hidden_states, lambda _gone: setattr(self, "_keys_values", None))
         self._keys_values = (forget, encoder_hidden_states._version, result)
         return result
