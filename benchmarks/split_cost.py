@@ -7,10 +7,12 @@ published config (stylelora/models/configs/FAMILY/unet.json) at the family's nat
 fused sum costs: the same weights, the same work) against the same UNet (one model, the processors swapped between
 calls) with every cross-attention module split for ADAPTERS adapters (each with a random rank-RANK LoRA on q, k, v
 and out, and its own reading of the prompt), alternating the two, median of --repeats calls each. The processors
-are installed afresh for every call, so each call computes its keys and values as an image's first step does
-(later steps reuse them): the figure is the dearest step.
+are installed afresh for every call, so each call computes its keys and values as an image's first step does: the
+figure is the dearest step. With --later-step each timed call follows an untimed one with the same text states, as
+an image's later steps do (split reuses its keys and values there).
 
     python benchmarks/split_cost.py --family sd15 --repeats 3
+    python benchmarks/split_cost.py --family sd15 --repeats 3 --later-step
     python benchmarks/split_cost.py --family sdxl --repeats 2 --adapters 2
     python benchmarks/split_cost.py --family sdxl --memory     # what split keeps per image, from the config
 
@@ -37,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of each adapter's q, k, v and out")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the family's native)")
+    parser.add_argument("--later-step", action="store_true",
+                        help="time a later step (the call after one with the same text states) instead of the first")
     parser.add_argument("--memory", action="store_true",
                         help="only print what split keeps per image (the cached keys and values), from the config")
     return parser.parse_args(argv)
@@ -98,13 +102,17 @@ def call_inputs(unet, latent: int, copies: int):
     return sample, torch.tensor([500, 500]), context, kwargs
 
 
-def timed_call(unet, inputs, adapters: int, rank: int) -> float:
+def timed_call(unet, inputs, adapters: int, rank: int, later_step: bool = False) -> float:
+    """One UNet call's seconds right after the processors are installed (an image's first step), or (later_step)
+    of the call after an untimed one with the same text states (a later step: split reuses its keys and values)."""
     import torch
 
     set_split(unet, adapters, rank)
     sample, timestep, context, kwargs = inputs
-    start = time.perf_counter()
     with torch.no_grad():
+        if later_step:
+            unet(sample, timestep, context, **kwargs)
+        start = time.perf_counter()
         unet(sample, timestep, context, **kwargs)
     return time.perf_counter() - start
 
@@ -126,8 +134,8 @@ def main(argv=None) -> int:
     timed_call(unet, plain_inputs, 0, args.rank), timed_call(unet, split_inputs, args.adapters, args.rank)  # warm-up
     times = {"plain": [], "split": []}
     for repeat in range(args.repeats):
-        times["plain"].append(timed_call(unet, plain_inputs, 0, args.rank))
-        times["split"].append(timed_call(unet, split_inputs, args.adapters, args.rank))
+        times["plain"].append(timed_call(unet, plain_inputs, 0, args.rank, args.later_step))
+        times["split"].append(timed_call(unet, split_inputs, args.adapters, args.rank, args.later_step))
         print(f"  call {repeat + 1}: plain {times['plain'][-1]:.2f} s, split {times['split'][-1]:.2f} s", flush=True)
     plain_s, split_s = statistics.median(times["plain"]), statistics.median(times["split"])
     print(f"UNet call: plain {plain_s:.2f} s, split {split_s:.2f} s, split / plain {split_s / plain_s:.3f}x "
