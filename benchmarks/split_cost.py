@@ -15,6 +15,7 @@ an image's later steps do (split reuses its keys and values there).
     python benchmarks/split_cost.py --family sd15 --repeats 3 --later-step
     python benchmarks/split_cost.py --family sdxl --repeats 2 --adapters 2
     python benchmarks/split_cost.py --family sdxl --memory     # what split keeps per image, from the config
+    python benchmarks/split_cost.py --family toy --attention-floor   # the extra attention cores alone, per step
 
 Figures: docs/results.md, "The split blend mode".
 """
@@ -29,18 +30,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-NATIVE_LATENT = {"sd15": 64, "sdxl": 128}  # 512 px and 1024 px through the f=8 VAE
+NATIVE_LATENT = {"sd15": 64, "sdxl": 128, "toy": 8}  # 512 px and 1024 px through the f=8 VAE; the toy's 32 px
+CONFIGS = {"sd15": REPO / "stylelora" / "models" / "configs" / "sd15" / "unet.json",
+           "sdxl": REPO / "stylelora" / "models" / "configs" / "sdxl" / "unet.json",
+           "toy": REPO / "stylelora" / "models" / "toy" / "base" / "unet" / "config.json"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=sorted(NATIVE_LATENT), default="sd15")
+    parser.add_argument("--family", choices=sorted(NATIVE_LATENT), default="sd15",
+                        help="sd15 / sdxl: random-init UNet from the published config; toy: the toy base's config")
     parser.add_argument("--adapters", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of each adapter's q, k, v and out")
     parser.add_argument("--latent", type=int, default=None, help="latent side (default: the family's native)")
     parser.add_argument("--later-step", action="store_true",
                         help="time a later step (the call after one with the same text states) instead of the first")
+    parser.add_argument("--attention-floor", action="store_true",
+                        help="only time the extra attention cores split runs per step (at the UNet's own shapes)")
     parser.add_argument("--memory", action="store_true",
                         help="only print what split keeps per image (the cached keys and values), from the config")
     return parser.parse_args(argv)
@@ -50,12 +57,46 @@ def build_unet(family: str, meta: bool = False):
     import torch
     from diffusers import UNet2DConditionModel
 
-    config = json.loads((REPO / "stylelora" / "models" / "configs" / family / "unet.json").read_text())
+    config = json.loads(CONFIGS[family].read_text())
     torch.manual_seed(0)
     if meta:  # the architecture without its memory: enough to read layer sizes
         with torch.device("meta"):
             return UNet2DConditionModel.from_config(config).eval()
     return UNet2DConditionModel.from_config(config).eval()
+
+
+def attention_floor(unet, latent: int, adapters: int, repeats: int = 200) -> tuple[float, float]:
+    """(seconds per UNet call of the cross-attention cores at CFG batch 2, the same with the base's and each
+    adapter's attention in one batch, as split runs them): what split cannot save, whatever else it does. The
+    shapes are those one plain call gives each cross-attention module."""
+    import torch
+    import torch.nn.functional as F
+
+    from stylelora.generate import split_attention
+
+    shapes, hooks = [], []
+    for path in split_attention.cross_attention_modules(unet):
+        attn = unet.get_submodule(path)
+        hooks.append(attn.register_forward_pre_hook(
+            lambda module, args, kwargs: shapes.append((args[0].shape[1], module.heads,
+                                                        module.to_q.out_features // module.heads)),
+            with_kwargs=True))
+    sample, timestep, context, kwargs = call_inputs(unet, latent, 1)
+    with torch.no_grad():
+        unet(sample, timestep, context, **kwargs)
+    for hook in hooks:
+        hook.remove()
+
+    def cores(batch: int) -> float:
+        inputs = [(torch.randn(batch, heads, queries, dim), torch.randn(batch, heads, 77, dim))
+                  for queries, heads, dim in shapes]
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for query, key in inputs:
+                F.scaled_dot_product_attention(query, key, key)
+        return (time.perf_counter() - start) / repeats
+
+    return cores(2), cores(2 * (adapters + 1))
 
 
 def kept_keys_values_bytes(unet, adapters: int, batch: int = 2, tokens: int = 77, bytes_per_value: int = 4) -> int:
@@ -128,6 +169,12 @@ def main(argv=None) -> int:
         return 0
     latent = args.latent or NATIVE_LATENT[args.family]
     unet = build_unet(args.family)
+    if args.attention_floor:
+        plain_s, split_s = attention_floor(unet, latent, args.adapters)
+        print(f"{args.family}, latents {latent}x{latent}: cross-attention cores per UNet call {plain_s * 1e3:.2f} ms "
+              f"at CFG batch 2, {split_s * 1e3:.2f} ms with {args.adapters} adapters split: "
+              f"{(split_s - plain_s) * 1e3:.2f} ms more per step")
+        return 0
     plain_inputs, split_inputs = call_inputs(unet, latent, 1), call_inputs(unet, latent, args.adapters + 1)
     print(f"{args.family} UNet, latents {latent}x{latent}, CFG batch 2, {args.adapters} adapters split; "
           f"torch threads {torch.get_num_threads()}", flush=True)
