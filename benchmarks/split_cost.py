@@ -31,9 +31,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 NATIVE_LATENT = {"sd15": 64, "sdxl": 128, "toy": 8}  # 512 px and 1024 px through the f=8 VAE; the toy's 32 px
-CONFIGS = {"sd15": REPO / "stylelora" / "models" / "configs" / "sd15" / "unet.json",
-           "sdxl": REPO / "stylelora" / "models" / "configs" / "sdxl" / "unet.json",
-           "toy": REPO / "stylelora" / "models" / "toy" / "base" / "unet" / "config.json"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,15 +51,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_unet(family: str, meta: bool = False):
+    """A random-init UNet of the family's published config (toy: the toy base's config); meta: the architecture
+    without its memory, enough to read layer sizes."""
+    from contextlib import nullcontext
+
     import torch
     from diffusers import UNet2DConditionModel
 
-    config = json.loads(CONFIGS[family].read_text())
+    from stylelora.models.load import TOY_BASE_DIR
+
+    configs = REPO / "stylelora" / "models" / "configs"
+    path = TOY_BASE_DIR / "unet" / "config.json" if family == "toy" else configs / family / "unet.json"
     torch.manual_seed(0)
-    if meta:  # the architecture without its memory: enough to read layer sizes
-        with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config).eval()
-    return UNet2DConditionModel.from_config(config).eval()
+    with torch.device("meta") if meta else nullcontext():
+        return UNet2DConditionModel.from_config(json.loads(path.read_text())).eval()
 
 
 def attention_floor(unet, latent: int, adapters: int, repeats: int = 200) -> tuple[float, float]:

@@ -139,6 +139,10 @@ def test_split_single_adapter_is_the_adapter_and_clear_gives_the_base_back(world
     assert (_image(pipe, [], "sum") == base_image).all()
 
 
+def _split_processors(pipe):
+    return [p for p in pipe.unet.attn_processors.values() if isinstance(p, split_attention.SplitCrossAttention)]
+
+
 def test_split_computes_keys_and_values_once_per_image_and_keeps_none_after(world):
     specs = [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 0.8)]
     fresh = load_tiny_base(world["base"])
@@ -153,7 +157,7 @@ def test_split_computes_keys_and_values_once_per_image_and_keeps_none_after(worl
     assert len(calls) == 3  # the base's and each adapter's reading once per image, not once per step
     assert (again == expected).all()  # the new prompt's keys, not the last image's
     gc.collect()
-    processors = [p for p in pipe.unet.attn_processors.values() if isinstance(p, split_attention.SplitCrossAttention)]
+    processors = _split_processors(pipe)
     assert processors and all(p._keys_values is None for p in processors)  # freed with the image's text states
 
 
@@ -182,9 +186,7 @@ def test_the_memory_split_keeps_per_image_is_what_split_cost_reports(world):
     kept = []
 
     def measure(_done, _total):  # during sampling: the keys and values every split module holds now
-        processors = [p for p in pipe.unet.attn_processors.values()
-                      if isinstance(p, split_attention.SplitCrossAttention)]
-        kept.append(sum(t.nbytes for p in processors for t in p._keys_values[2]))
+        kept.append(sum(t.nbytes for p in _split_processors(pipe) for t in p._keys_values[2]))
 
     specs = (AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0))
     request = GenerateRequest("a cat", steps=2, seed=1, loras=specs)

@@ -98,11 +98,11 @@ class SplitCrossAttention:
             raise ValueError("The split blend mode needs the text states its text encoders make (one reading per "
                              "adapter side by side); encode the prompt with the pipeline while the blend is applied, "
                              "or apply the blend with another mode.")
-        contexts = encoder_hidden_states.chunk(copies, dim=1)
         if attention_mask is None and not args and kwargs.get("temb") is None and set(kwargs) <= {"temb"} \
                 and self._plain(attn, hidden_states):
             return self._low_rank_path(attn, hidden_states, encoder_hidden_states)
         kwargs["attention_mask"] = attention_mask
+        contexts = encoder_hidden_states.chunk(copies, dim=1)
         return self._generic_path(attn, hidden_states, contexts, args, kwargs)
 
     def _generic_path(self, attn: Any, hidden_states: Any, contexts: Sequence[Any], args: tuple, kwargs: dict) -> Any:
