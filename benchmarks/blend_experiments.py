@@ -1,4 +1,4 @@
-"""Two blend merges measured on the toy world and not adopted as blend modes (docs/results.md, "Recipes and
+"""Blend merges measured on the toy world and not adopted as blend modes (docs/results.md, "Recipes and
 generation-time merges tried"), each scored beside the plain sum on the same prompts: the set carrying both triggers
 and each adapter's own set.
 
@@ -11,8 +11,14 @@ and each adapter's own set.
     compose  each adapter's text-encoder LoRA encodes the prompt on its own, and the UNet (both UNet LoRAs summed)
              attends to the base's encoding plus each adapter's change to it, h0 + (hA - h0) + (hB - h0); not a
              static file
+    window   split (stylelora.generate.split_attention) only at timesteps below --window x 1000, the late steps;
+             before that one attention core per module on the readings merged per element (split's `merge`)
+             with both adapters' LoRA summed, so an early step costs what a fused step does (--window-side
+             early: split the first steps instead). Prints each window's CPU seconds per image beside the first
+             adapter fused alone, timed in the same run
 
-    python benchmarks/blend_experiments.py --adapters-dir outputs/blend-dc50 --samples 48
+    python benchmarks/blend_experiments.py --adapters-dir outputs/blend-dc50 --samples 48 --merges learned concat compose
+    python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges window --window 0.4 0.5 1
 
 Use OMP_NUM_THREADS=1 on a shared machine. Uses stylelora.generate.stack internals (this is an experiment).
 """
@@ -34,7 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"))
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
-                        choices=["learned", "concat", "compose"])
+                        choices=["learned", "concat", "compose", "window"])
+    parser.add_argument("--window", type=float, nargs="+", default=[0.4],
+                        help="window: split below this share of the training timesteps (1: every step, as split)")
+    parser.add_argument("--window-side", choices=["late", "early"], default="late",
+                        help="window: split the late steps (timesteps below the share) or the early ones (above 1 - it)")
     parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the learned merge")
     return parser.parse_args(argv)
@@ -62,6 +72,9 @@ class Bench:
         return tokenize(self.pipe.tokenizer, texts)
 
     def score(self, sets: tuple[str, ...], embeds=None) -> dict:
+        return self.timed_score(sets, embeds)[0]
+
+    def timed_score(self, sets: tuple[str, ...], embeds=None) -> tuple[dict, float]:
         """Rows per prompt set for what is fused now; embeds(texts) -> (prompt, negative) encodings overrides the
         pipeline's own text encoding."""
         import torch
@@ -70,6 +83,7 @@ class Bench:
 
         settings = EvalSettings(samples=self.samples, prompt_sets=sets)
         prompts = build_prompts(self.samples, settings.seed, sets)
+        start = time.process_time()  # CPU time: other jobs on a shared machine do not stretch it
         if embeds is None:
             images = generate_images(self.pipe, prompts, settings)
         else:
@@ -80,7 +94,8 @@ class Bench:
                 images += self.pipe(prompt_embeds=positive, negative_prompt_embeds=negative, output_type="pil",
                                     num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                                     generator=[torch.Generator("cpu").manual_seed(p.seed) for p in chunk]).images
-        return score(prompts, self.judge.predict(images))["by_prompt_set"]
+        seconds = (time.process_time() - start) / len(prompts)
+        return score(prompts, self.judge.predict(images))["by_prompt_set"], seconds
 
 
 def fitting_data(bench: Bench, style: str, noise_scheduler):
@@ -118,7 +133,7 @@ def learned_merge(bench: Bench, a: str, b: str, steps: int) -> float:
     noise_scheduler = DDPMScheduler.from_config(bench.pipe.scheduler.config)
     data = [fitting_data(bench, style, noise_scheduler) for style in (a, b)]
     specs = [bench.spec(a), bench.spec(b)]
-    bench.stack.apply(specs)
+    bench.stack.apply(specs, "sum")  # the coefficients scale the fused deltas
     models = {"unet": bench.pipe.unet, "text_encoder": bench.pipe.text_encoder}
     names = {id(p): (c, n) for c, m in models.items() for n, p in m.named_parameters()}
     layers = []
@@ -174,7 +189,7 @@ def concat_encoder(bench: Bench, a: str, b: str):
 
     def encode(texts):
         (pos_a, neg_a), (pos_b, neg_b) = encodings(bench, (a,), texts), encodings(bench, (b,), texts)
-        bench.stack.apply([bench.spec(a), bench.spec(b)])
+        bench.stack.apply([bench.spec(a), bench.spec(b)], "sum")
         return torch.cat([pos_a, pos_b], dim=1), torch.cat([neg_a, neg_b], dim=1)
 
     return encode
@@ -187,10 +202,60 @@ def compose_encoder(bench: Bench, a: str, b: str):
     def encode(texts):
         (pos_0, neg_0), (pos_a, neg_a), (pos_b, neg_b) = (encodings(bench, styles, texts)
                                                          for styles in ((), (a,), (b,)))
-        bench.stack.apply([bench.spec(a), bench.spec(b)])
+        bench.stack.apply([bench.spec(a), bench.spec(b)], "sum")
         return pos_a + pos_b - pos_0, neg_a + neg_b - neg_0
 
     return encode
+
+
+def windowed_split(bench: Bench, a: str, b: str, window: float, side: str = "late"):
+    """Apply A + B in split, then give every split cross-attention module a window: split below window x the
+    training timesteps (side "early": at or above (1 - window) x them), one attention core on the merged reading
+    elsewhere. Returns the hook to remove afterwards."""
+    from stylelora.generate import split_attention
+
+    unet = bench.pipe.unet
+    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+    clock = {"t": 0.0}  # the timestep of the UNet call under way
+    timesteps, windowed = bench.pipe.scheduler.config.num_train_timesteps, _windowed_split_class()
+    inside = ((lambda t: t < window * timesteps) if side == "late" else (lambda t: t >= (1 - window) * timesteps))
+    for parent in split_attention.cross_attention_modules(unet):
+        split = unet.get_submodule(parent).processor
+        unet.get_submodule(parent).set_processor(windowed(split.inner, split.variants, clock, inside))
+    return unet.register_forward_pre_hook(
+        lambda _module, args, kwargs: clock.update(t=float(kwargs.get("timestep", args[1] if len(args) > 1 else 0))),
+        with_kwargs=True)
+
+
+def _windowed_split_class():
+    from stylelora.generate.split_attention import SplitCrossAttention, _by_head, _low_rank, merge
+
+    class WindowedSplit(SplitCrossAttention):
+        """Split where inside(timestep); elsewhere one attention core: keys and values from the readings merged
+        per element (once per image), each projection with the adapters' LoRA summed on it."""
+
+        def __init__(self, inner, variants, clock: dict, inside) -> None:
+            super().__init__(inner, variants)
+            self.clock, self.inside, self._one_reading = clock, inside, None
+
+        def _low_rank_path(self, attn, hidden_states, encoder_hidden_states):
+            if self.inside(self.clock["t"]):
+                return super()._low_rank_path(attn, hidden_states, encoder_hidden_states)
+            import torch.nn.functional as F
+
+            def summed(name, x):
+                return attn.get_submodule(name)(x) + sum(_low_rank(x, v.get(name)) for v in self.variants)
+
+            if self._one_reading is None or self._one_reading[0] is not encoder_hidden_states:
+                contexts = encoder_hidden_states.chunk(len(self.variants) + 1, dim=1)
+                reading = merge(contexts[0], contexts[1:])
+                self._one_reading = (encoder_hidden_states, _by_head(attn, [summed("to_k", reading)]),
+                                     _by_head(attn, [summed("to_v", reading)]))
+            query = _by_head(attn, [summed("to_q", hidden_states)])
+            attended = F.scaled_dot_product_attention(query, *self._one_reading[1:]).transpose(1, 2).flatten(2)
+            return attn.to_out[1](summed("to_out.0", attended.to(hidden_states.dtype)))
+
+    return WindowedSplit
 
 
 def line(rows: dict, a: str, b: str) -> str:
@@ -204,6 +269,21 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def window_rows(bench: Bench, a: str, b: str, windows: list[float], side: str) -> None:
+    """One row per window, and seconds per image against A fused alone on the same prompts (CPU time)."""
+    pair = f"{a}+{b}"
+    bench.stack.apply([bench.spec(a)])
+    _, alone = bench.timed_score((pair,))
+    for window in windows:
+        hook = windowed_split(bench, a, b, window, side)
+        try:
+            rows, seconds = bench.timed_score((pair, a, b))
+        finally:
+            hook.remove()
+            bench.stack.clear()  # takes the window processors out with the split
+        print(f"{pair:15s} {side} {window:.2f} {line(rows, a, b)} | {seconds / alone:.2f}x {a} fused alone", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     bench, start = Bench(args.adapters_dir, args.samples), time.perf_counter()
@@ -211,12 +291,14 @@ def main(argv=None) -> int:
     for pair in args.pairs:
         a, b = pair.split("+")
         sets = (pair, a, b)
-        bench.stack.apply([bench.spec(a), bench.spec(b)])
+        bench.stack.apply([bench.spec(a), bench.spec(b)], "sum")
         print(f"{pair:15s} sum      {line(bench.score(sets), a, b)}", flush=True)
         if "concat" in args.merges:
             print(f"{pair:15s} concat   {line(bench.score(sets, concat_encoder(bench, a, b)), a, b)}", flush=True)
         if "compose" in args.merges:
             print(f"{pair:15s} compose  {line(bench.score(sets, compose_encoder(bench, a, b)), a, b)}", flush=True)
+        if "window" in args.merges:
+            window_rows(bench, a, b, args.window, args.window_side)
         if "learned" in args.merges:
             loss = learned_merge(bench, a, b, args.steps)
             print(f"{pair:15s} learned  {line(bench.score(sets), a, b)} (fit loss {loss:.4f})", flush=True)
