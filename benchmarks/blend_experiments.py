@@ -11,6 +11,9 @@ and each adapter's own set.
     compose  each adapter's text-encoder LoRA encodes the prompt on its own, and the UNet (both UNet LoRAs summed)
              attends to the base's encoding plus each adapter's change to it, h0 + (hA - h0) + (hB - h0); not a
              static file
+    eps      composition of noise predictions: the base UNet and each adapter's UNet (fused alone, a copy per
+             adapter) each run on their own text encoding every step, eps0 + (epsA - eps0) + (epsB - eps0), or
+             with --eps-merge elementwise split's `merge` of the two changes; three UNet passes per step
     window   split (stylelora.generate.split_attention) only at timesteps below --window x 1000, the late steps;
              before that one attention core per module on the readings merged per element (split's `merge`)
              with both adapters' LoRA summed, so an early step costs what a fused step does (--window-side
@@ -40,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"))
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
-                        choices=["learned", "concat", "compose", "window"])
+                        choices=["learned", "concat", "compose", "eps", "window"])
+    parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
+                        help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
                         help="window: split below this share of the training timesteps (1: every step, as split)")
     parser.add_argument("--window-side", choices=["late", "early"], default="late",
@@ -258,6 +263,41 @@ def _windowed_split_class():
     return WindowedSplit
 
 
+def eps_composition(bench: Bench, a: str, b: str, how: str):
+    """embeds(texts) for Bench.score, with the pipeline's UNet call replaced (until the returned undo() runs) by
+    three passes: the base, and a fused copy of each adapter, each on its own text encoding."""
+    import copy
+
+    import torch
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from stylelora.generate.split_attention import merge
+
+    unet, copies = bench.pipe.unet, []
+    for style in (a, b):
+        bench.stack.apply([bench.spec(style)])
+        copies.append(copy.deepcopy(unet))
+    bench.stack.clear()
+    base_forward = type(unet).forward
+
+    def forward(sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+        base, *readings = encoder_hidden_states.chunk(3, dim=1)
+        eps0 = base_forward(unet, sample, timestep, base, *args, return_dict=False, **kwargs)[0]
+        eps = [model(sample, timestep, reading, *args, return_dict=False, **kwargs)[0]
+               for model, reading in zip(copies, readings)]
+        out = merge(eps0, eps) if how == "elementwise" else eps0 + sum(e - eps0 for e in eps)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def embeds(texts):
+        (pos_0, neg_0), (pos_a, neg_a), (pos_b, neg_b) = (encodings(bench, styles, texts)
+                                                         for styles in ((), (a,), (b,)))
+        bench.stack.clear()  # the UNet's weights are the base's again: the copies hold the adapters
+        return torch.cat([pos_0, pos_a, pos_b], dim=1), torch.cat([neg_0, neg_a, neg_b], dim=1)
+
+    unet.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+    return embeds, lambda: vars(unet).pop("forward", None)
+
+
 def line(rows: dict, a: str, b: str) -> str:
     stacked, own_a, own_b = rows[f"{a}+{b}"], rows[a], rows[b]
     return (f"both {stacked['all_styles_rate']:.2f} ({a} {stacked[f'{a}_rate']:.2f}, {b} {stacked[f'{b}_rate']:.2f}) | "
@@ -297,6 +337,12 @@ def main(argv=None) -> int:
             print(f"{pair:15s} concat   {line(bench.score(sets, concat_encoder(bench, a, b)), a, b)}", flush=True)
         if "compose" in args.merges:
             print(f"{pair:15s} compose  {line(bench.score(sets, compose_encoder(bench, a, b)), a, b)}", flush=True)
+        if "eps" in args.merges:
+            embeds, undo = eps_composition(bench, a, b, args.eps_merge)
+            try:
+                print(f"{pair:15s} eps {args.eps_merge} {line(bench.score(sets, embeds), a, b)}", flush=True)
+            finally:
+                undo()
         if "window" in args.merges:
             window_rows(bench, a, b, args.window, args.window_side)
         if "learned" in args.merges:
