@@ -225,8 +225,8 @@ def windowed_split(bench: Bench, a: str, b: str, window: float, side: str = "lat
     timesteps, windowed = bench.pipe.scheduler.config.num_train_timesteps, _windowed_split_class()
     inside = ((lambda t: t < window * timesteps) if side == "late" else (lambda t: t >= (1 - window) * timesteps))
     for parent in split_attention.cross_attention_modules(unet):
-        split = unet.get_submodule(parent).processor
-        unet.get_submodule(parent).set_processor(windowed(split.inner, split.variants, clock, inside))
+        attn = unet.get_submodule(parent)
+        attn.set_processor(windowed(attn.processor.inner, attn.processor.variants, clock, inside))
     return unet.register_forward_pre_hook(
         lambda _module, args, kwargs: clock.update(t=float(kwargs.get("timestep", args[1] if len(args) > 1 else 0))),
         with_kwargs=True)

@@ -96,6 +96,15 @@ def make_adapter(path: Path, seed: int, *, fmt: str = "kohya", trigger: str | No
     return save_adapter(path, pipe.unet, pipe.text_encoder, metadata=meta, fmt=fmt)
 
 
+def make_silent_adapter(path: Path, like: Path) -> Path:
+    """An adapter on every module `like` (a rank-4, alpha-2 kohya file) adapts, with every delta zero."""
+    from safetensors.torch import load_file, save_file
+
+    state = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in load_file(str(like)).items()}
+    save_file(state, str(path), metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0"})
+    return Path(path)
+
+
 def make_peft_adapter(folder: Path, seed: int, component: str = "unet", **adapter_args) -> Path:
     """A plain peft adapter folder (adapter_model.safetensors + adapter_config.json), as PeftModel.save_pretrained writes."""
     from peft import get_peft_model_state_dict

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy
 import pytest
 import torch
-from gen_fixtures import load_tiny_base, make_adapter, pixels
+from gen_fixtures import load_tiny_base, make_adapter, make_silent_adapter, pixels
 from test_generate_cli import run as _run
 
 from stylelora.generate import split_attention
@@ -92,14 +92,10 @@ def test_split_cross_attention_merges_each_adapters_attention(residual):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_sd_base):
-    from safetensors.torch import load_file, save_file
-
     adapters = tmp_path_factory.mktemp("split") / "adapters"
     a = make_adapter(adapters / "stripes.safetensors", 1, trigger="stripes")
     b = make_adapter(adapters / "pastel.safetensors", 2, trigger="pastel")
-    silent = adapters / "silent.safetensors"  # every module there, every delta zero
-    state = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in load_file(str(a)).items()}
-    save_file(state, str(silent), metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0"})
+    silent = make_silent_adapter(adapters / "silent.safetensors", like=a)  # every module there, every delta zero
     return {"base": tiny_sd_base, "adapters": adapters, "a": a, "b": b, "silent": silent}
 
 
