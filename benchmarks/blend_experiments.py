@@ -19,9 +19,15 @@ and each adapter's own set.
              with both adapters' LoRA summed, so an early step costs what a fused step does (--window-side
              early: split the first steps instead). Prints each window's CPU seconds per image beside the first
              adapter fused alone, timed in the same run
+    uncond   split on the conditional half of the classifier-free-guidance batch only; the unconditional half runs
+             the window's one attention core (half the extra attention cores); timed like the window
+    rule     split with another per-element merge of the adapters' attention changes (--rule): gammaG (the largest
+             push plus G x the others' push the same way; 0 is split, 1 the sum) or maxabs (the one change of
+             largest magnitude, whatever its sign)
 
     python benchmarks/blend_experiments.py --adapters-dir outputs/blend-dc50 --samples 48 --merges learned concat compose
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges window --window 0.4 0.5 1
+    python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges uncond rule --rule gamma0.5 maxabs
 
 Use OMP_NUM_THREADS=1 on a shared machine. Uses stylelora.generate.stack internals (this is an experiment).
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"))
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
-                        choices=["learned", "concat", "compose", "eps", "window"])
+                        choices=["learned", "concat", "compose", "eps", "window", "uncond", "rule"])
     parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
                         help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
                         help="window: split below this share of the training timesteps (1: every step, as split)")
     parser.add_argument("--window-side", choices=["late", "early"], default="late",
                         help="window: split the late steps (timesteps below the share) or the early ones (above 1 - it)")
+    parser.add_argument("--rule", nargs="+", default=["gamma0.5", "maxabs"],
+                        help="rule: the merges to try in split's place (gammaG, maxabs)")
     parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the learned merge")
     return parser.parse_args(argv)
@@ -217,50 +226,117 @@ def windowed_split(bench: Bench, a: str, b: str, window: float, side: str = "lat
     """Apply A + B in split, then give every split cross-attention module a window: split below window x the
     training timesteps (side "early": at or above (1 - window) x them), one attention core on the merged reading
     elsewhere. Returns the hook to remove afterwards."""
-    from stylelora.generate import split_attention
-
     unet = bench.pipe.unet
-    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
     clock = {"t": 0.0}  # the timestep of the UNet call under way
-    timesteps, windowed = bench.pipe.scheduler.config.num_train_timesteps, _windowed_split_class()
+    timesteps = bench.pipe.scheduler.config.num_train_timesteps
     inside = ((lambda t: t < window * timesteps) if side == "late" else (lambda t: t >= (1 - window) * timesteps))
-    for parent in split_attention.cross_attention_modules(unet):
-        attn = unet.get_submodule(parent)
-        attn.set_processor(windowed(attn.processor.inner, attn.processor.variants, clock, inside))
+    _replace_split(bench, a, b, lambda inner, variants: _processor_classes()[0](inner, variants, clock, inside))
     return unet.register_forward_pre_hook(
         lambda _module, args, kwargs: clock.update(t=float(kwargs.get("timestep", args[1] if len(args) > 1 else 0))),
         with_kwargs=True)
 
 
-def _windowed_split_class():
-    from stylelora.generate.split_attention import SplitCrossAttention, _by_head, _low_rank, merge
+def uncond_split(bench: Bench, a: str, b: str) -> None:
+    """Apply A + B in split with every module split on the conditional half of the guidance batch only (the
+    pipeline stacks the negative prompt's rows first); bench.stack.clear() takes it out."""
+    _replace_split(bench, a, b, lambda inner, variants: _processor_classes()[1](inner, variants))
+
+
+def _replace_split(bench: Bench, a: str, b: str, make) -> None:
+    from stylelora.generate import split_attention
+
+    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+    for parent in split_attention.cross_attention_modules(bench.pipe.unet):
+        attn = bench.pipe.unet.get_submodule(parent)
+        attn.set_processor(make(attn.processor.inner, attn.processor.variants))
+
+
+def _one_core(processor, attn, hidden_states, encoder_hidden_states, cache: dict):
+    """One attention core: keys and values from the readings merged per element (once per text states, in
+    cache), each projection with the adapters' LoRA summed on it."""
+    import torch.nn.functional as F
+
+    from stylelora.generate.split_attention import _by_head, _low_rank, merge
+
+    def summed(name, x):
+        return attn.get_submodule(name)(x) + sum(_low_rank(x, v.get(name)) for v in processor.variants)
+
+    if cache.get("states") is not encoder_hidden_states:
+        contexts = encoder_hidden_states.chunk(len(processor.variants) + 1, dim=1)
+        reading = merge(contexts[0], contexts[1:])
+        cache.update(states=encoder_hidden_states, keys=_by_head(attn, [summed("to_k", reading)]),
+                     values=_by_head(attn, [summed("to_v", reading)]))
+    query = _by_head(attn, [summed("to_q", hidden_states)])
+    attended = F.scaled_dot_product_attention(query, cache["keys"], cache["values"]).transpose(1, 2).flatten(2)
+    return attn.to_out[1](summed("to_out.0", attended.to(hidden_states.dtype)))
+
+
+def _processor_classes():
+    import torch
+
+    from stylelora.generate.split_attention import SplitCrossAttention
 
     class WindowedSplit(SplitCrossAttention):
-        """Split where inside(timestep); elsewhere one attention core: keys and values from the readings merged
-        per element (once per image), each projection with the adapters' LoRA summed on it."""
+        """Split where inside(timestep); elsewhere one attention core (`_one_core`)."""
 
         def __init__(self, inner, variants, clock: dict, inside) -> None:
             super().__init__(inner, variants)
-            self.clock, self.inside, self._one_reading = clock, inside, None
+            self.clock, self.inside, self._one_reading = clock, inside, {}
 
         def _low_rank_path(self, attn, hidden_states, encoder_hidden_states):
             if self.inside(self.clock["t"]):
                 return super()._low_rank_path(attn, hidden_states, encoder_hidden_states)
-            import torch.nn.functional as F
+            return _one_core(self, attn, hidden_states, encoder_hidden_states, self._one_reading)
 
-            def summed(name, x):
-                return attn.get_submodule(name)(x) + sum(_low_rank(x, v.get(name)) for v in self.variants)
+    class UncondOneCore(SplitCrossAttention):
+        """Split on the second half of the batch (the prompt's rows under guidance), one core on the first."""
 
-            if self._one_reading is None or self._one_reading[0] is not encoder_hidden_states:
-                contexts = encoder_hidden_states.chunk(len(self.variants) + 1, dim=1)
-                reading = merge(contexts[0], contexts[1:])
-                self._one_reading = (encoder_hidden_states, _by_head(attn, [summed("to_k", reading)]),
-                                     _by_head(attn, [summed("to_v", reading)]))
-            query = _by_head(attn, [summed("to_q", hidden_states)])
-            attended = F.scaled_dot_product_attention(query, *self._one_reading[1:]).transpose(1, 2).flatten(2)
-            return attn.to_out[1](summed("to_out.0", attended.to(hidden_states.dtype)))
+        def __init__(self, inner, variants) -> None:
+            super().__init__(inner, variants)
+            self._halves, self._one_reading = {}, {}
 
-    return WindowedSplit
+        def _low_rank_path(self, attn, hidden_states, encoder_hidden_states):
+            half = hidden_states.shape[0] // 2
+            if self._halves.get("states") is not encoder_hidden_states:  # the same slices every step: cache hits
+                self._halves = {"states": encoder_hidden_states, "negative": encoder_hidden_states[:half],
+                                "prompt": encoder_hidden_states[half:]}
+            negative = _one_core(self, attn, hidden_states[:half], self._halves["negative"], self._one_reading)
+            prompt = super()._low_rank_path(attn, hidden_states[half:], self._halves["prompt"])
+            return torch.cat([negative, prompt])
+
+    return WindowedSplit, UncondOneCore
+
+
+def merge_rule(name: str):
+    """A per-element merge with split_attention.merge's signature: gammaG or maxabs (see the module's doc)."""
+    import torch
+
+    def merge(base, outputs):
+        if len(outputs) == 1:
+            return outputs[0]
+        changes = torch.stack(list(outputs)) - base
+        if name == "maxabs":
+            return base + changes.gather(0, changes.abs().argmax(0, keepdim=True))[0]
+        gamma = float(name.removeprefix("gamma"))
+        up, down = changes.amax(0).clamp(min=0), changes.amin(0).clamp(max=0)
+        rest_up, rest_down = changes.clamp(min=0).sum(0) - up, changes.clamp(max=0).sum(0) - down
+        return base + up + down + gamma * (rest_up + rest_down)
+
+    if name != "maxabs" and not name.startswith("gamma"):
+        raise SystemExit(f"--rule {name}: give gammaG (a number G, e.g. gamma0.5) or maxabs")
+    return merge
+
+
+@contextmanager
+def split_with_rule(name: str):
+    """Split's attention merged by merge_rule(name) instead of split_attention.merge while inside."""
+    from stylelora.generate import split_attention
+
+    original, split_attention.merge = split_attention.merge, merge_rule(name)
+    try:
+        yield
+    finally:
+        split_attention.merge = original
 
 
 def eps_composition(bench: Bench, a: str, b: str, how: str):
@@ -300,7 +376,8 @@ def eps_composition(bench: Bench, a: str, b: str, how: str):
 
 def line(rows: dict, a: str, b: str) -> str:
     stacked, own_a, own_b = rows[f"{a}+{b}"], rows[a], rows[b]
-    return (f"both {stacked['all_styles_rate']:.2f} ({a} {stacked[f'{a}_rate']:.2f}, {b} {stacked[f'{b}_rate']:.2f}) | "
+    return (f"both {stacked['all_styles_rate']:.2f} ({a} {stacked[f'{a}_rate']:.2f}, {b} {stacked[f'{b}_rate']:.2f}; "
+            f"shape {_fmt(stacked['shape_accuracy'])}, color {_fmt(stacked['color_accuracy'])}) | "
             f"{a} prompts: {a} {own_a[f'{a}_rate']:.2f}, {b} {own_a[f'{b}_rate']:.2f}, shape {_fmt(own_a['shape_accuracy'])} | "
             f"{b} prompts: {b} {own_b[f'{b}_rate']:.2f}, {a} {own_b[f'{a}_rate']:.2f}, shape {_fmt(own_b['shape_accuracy'])}")
 
@@ -311,17 +388,24 @@ def _fmt(value) -> str:
 
 def window_rows(bench: Bench, a: str, b: str, windows: list[float], side: str) -> None:
     """One row per window, and seconds per image against A fused alone on the same prompts (CPU time)."""
+    for window in windows:
+        timed_row(bench, a, b, f"{side} {window:.2f}", lambda: windowed_split(bench, a, b, window, side).remove)
+
+
+def timed_row(bench: Bench, a: str, b: str, label: str, apply) -> None:
+    """A row for what apply() installs (it returns the undo, or None), with CPU seconds per image against A fused
+    alone on the pair's prompts."""
     pair = f"{a}+{b}"
     bench.stack.apply([bench.spec(a)])
     _, alone = bench.timed_score((pair,))
-    for window in windows:
-        hook = windowed_split(bench, a, b, window, side)
-        try:
-            rows, seconds = bench.timed_score((pair, a, b))
-        finally:
-            hook.remove()
-            bench.stack.clear()  # takes the window processors out with the split
-        print(f"{pair:15s} {side} {window:.2f} {line(rows, a, b)} | {seconds / alone:.2f}x {a} fused alone", flush=True)
+    undo = apply()
+    try:
+        rows, seconds = bench.timed_score((pair, a, b))
+    finally:
+        if undo is not None:
+            undo()
+        bench.stack.clear()  # takes any replaced processors out with the split
+    print(f"{pair:15s} {label} {line(rows, a, b)} | {seconds / alone:.2f}x {a} fused alone", flush=True)
 
 
 def main(argv=None) -> int:
@@ -345,6 +429,14 @@ def main(argv=None) -> int:
                 undo()
         if "window" in args.merges:
             window_rows(bench, a, b, args.window, args.window_side)
+        if "uncond" in args.merges:
+            timed_row(bench, a, b, "split", lambda: bench.stack.apply([bench.spec(a), bench.spec(b)], "split"))
+            timed_row(bench, a, b, "uncond", lambda: uncond_split(bench, a, b))
+        if "rule" in args.merges:
+            for rule in args.rule:
+                with split_with_rule(rule):
+                    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+                    print(f"{pair:15s} {rule:8s} {line(bench.score(sets), a, b)}", flush=True)
         if "learned" in args.merges:
             loss = learned_merge(bench, a, b, args.steps)
             print(f"{pair:15s} learned  {line(bench.score(sets), a, b)} (fit loss {loss:.4f})", flush=True)

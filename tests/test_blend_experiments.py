@@ -1,6 +1,7 @@
 """benchmarks/blend_experiments.py's window merge (split only at late timesteps): a window over every step is split
 itself, a window over none is one attention core per module, and that core with a silent partner is the adapter;
-the eps merge (one UNet pass per adapter) with a silent partner is the adapter too."""
+the eps merge (one UNet pass per adapter) with a silent partner is the adapter too; the uncond merge (split on
+the prompt's rows only) and the other merge rules of split, checked by hand."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -79,3 +80,56 @@ def test_eps_composition_with_a_silent_partner_is_the_adapter_alone(bench):
     assert abs(composed("a", "silent") - alone).max() * 255 <= 1
     assert abs(composed("a", "b") - alone).max() * 255 > 3  # b's own pass changes the image
     assert "forward" not in vars(bench.pipe.unet)
+
+
+def test_uncond_split_runs_one_core_on_the_negative_rows_only(bench):
+    experiments = load_benchmark("blend_experiments")
+
+    def uncond(a: str, b: str) -> numpy.ndarray:
+        experiments.uncond_split(bench, a, b)
+        try:
+            return _image(bench.pipe)
+        finally:
+            bench.stack.clear()
+
+    bench.stack.apply([bench.spec("a"), bench.spec("b")], "split")
+    split = _image(bench.pipe)
+    bench.stack.clear()
+    assert abs(uncond("a", "b") - split).max() * 255 > 3  # the negative rows are no longer split
+    assert abs(uncond("a", "silent") - _alone(bench, "a")).max() * 255 <= 1
+    assert not any(isinstance(p, SplitCrossAttention) for p in bench.pipe.unet.attn_processors.values())
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ("gamma0", [2.0, -3.0, -1.0]),  # split's merge: the largest push each way
+    ("gamma1", [3.0, -4.0, -1.0]),  # the sum of the changes
+    ("gamma0.5", [2.5, -3.5, -1.0]),
+    ("maxabs", [2.0, -3.0, -2.0]),  # the larger change, whatever its sign
+])
+def test_merge_rules_by_hand(rule, expected):
+    merge = load_benchmark("blend_experiments").merge_rule(rule)
+    base = torch.tensor([1.0, 1.0, 1.0])
+    outputs = [base + torch.tensor([2.0, -1.0, 1.0]), base + torch.tensor([1.0, -3.0, -2.0])]
+    assert torch.equal(merge(base, outputs), base + torch.tensor(expected))
+    assert torch.equal(merge(base, outputs[:1]), outputs[0])
+
+
+def test_split_with_rule_gamma0_is_split_and_is_undone(bench):
+    experiments = load_benchmark("blend_experiments")
+    from stylelora.generate import split_attention
+
+    def drawn(rule: str | None) -> numpy.ndarray:
+        bench.stack.apply([bench.spec("a"), bench.spec("b")], "split")
+        try:
+            if rule is None:
+                return _image(bench.pipe)
+            with experiments.split_with_rule(rule):
+                return _image(bench.pipe)
+        finally:
+            bench.stack.clear()
+
+    original = split_attention.merge
+    split = drawn(None)
+    assert numpy.array_equal(drawn("gamma0"), split)
+    assert abs(drawn("gamma1") - split).max() * 255 > 1  # the changes summed: another blend
+    assert split_attention.merge is original
