@@ -21,6 +21,9 @@ and each adapter's own set.
              adapter fused alone, timed in the same run
     uncond   split on the conditional half of the classifier-free-guidance batch only; the unconditional half runs
              the window's one attention core (half the extra attention cores); timed like the window
+    modules  split only in the cross-attention modules whose path starts with one of the comma-separated
+             prefixes of a --split-modules value, one attention core (the window's) in the others; timed like the
+             window
     rule     split with another per-element merge of the adapters' attention changes (--rule): gammaG (the largest
              push plus G x the others' push the same way; 0 is split, 1 the sum) or maxabs (the one change of
              largest magnitude, whatever its sign)
@@ -28,6 +31,7 @@ and each adapter's own set.
     python benchmarks/blend_experiments.py --adapters-dir outputs/blend-dc50 --samples 48 --merges learned concat compose
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges window --window 0.4 0.5 1
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges uncond rule --rule gamma0.5 maxabs
+    python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges modules --split-modules up_blocks
 
 Use OMP_NUM_THREADS=1 on a shared machine. Uses stylelora.generate.stack internals (this is an experiment).
 """
@@ -50,13 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"))
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
-                        choices=["learned", "concat", "compose", "eps", "window", "uncond", "rule"])
+                        choices=["learned", "concat", "compose", "eps", "window", "uncond", "modules", "rule"])
     parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
                         help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
                         help="window: split below this share of the training timesteps (1: every step, as split)")
     parser.add_argument("--window-side", choices=["late", "early"], default="late",
                         help="window: split the late steps (timesteps below the share) or the early ones (above 1 - it)")
+    parser.add_argument("--split-modules", nargs="+", default=["up_blocks"],
+                        help="modules: comma-separated prefixes of the cross-attention modules' paths to split, one row each")
     parser.add_argument("--rule", nargs="+", default=["gamma0.5", "maxabs"],
                         help="rule: the merges to try in split's place (gammaG, maxabs)")
     parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
@@ -242,6 +248,17 @@ def uncond_split(bench: Bench, a: str, b: str) -> None:
     _replace_split(bench, a, b, lambda inner, variants: _processor_classes()[1](inner, variants))
 
 
+def modules_split(bench: Bench, a: str, b: str, prefixes: str) -> None:
+    """Apply A + B in split, then run one attention core in every cross-attention module whose path starts with
+    none of the comma-separated prefixes; bench.stack.clear() takes it out."""
+    one_core = _processor_classes()[2]
+    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+    for name, processor in bench.pipe.unet.attn_processors.items():
+        parent = name.removesuffix(".processor")
+        if hasattr(processor, "variants") and not parent.startswith(tuple(prefixes.split(","))):
+            bench.pipe.unet.get_submodule(parent).set_processor(one_core(processor.inner, processor.variants))
+
+
 def _replace_split(bench: Bench, a: str, b: str, make) -> None:
     from stylelora.generate import split_attention
 
@@ -304,7 +321,17 @@ def _processor_classes():
             prompt = super()._low_rank_path(attn, hidden_states[half:], self._halves["prompt"])
             return torch.cat([negative, prompt])
 
-    return WindowedSplit, UncondOneCore
+    class OneCore(SplitCrossAttention):
+        """One attention core (`_one_core`) at every step."""
+
+        def __init__(self, inner, variants) -> None:
+            super().__init__(inner, variants)
+            self._one_reading = {}
+
+        def _low_rank_path(self, attn, hidden_states, encoder_hidden_states):
+            return _one_core(self, attn, hidden_states, encoder_hidden_states, self._one_reading)
+
+    return WindowedSplit, UncondOneCore, OneCore
 
 
 def merge_rule(name: str):
@@ -432,6 +459,9 @@ def main(argv=None) -> int:
         if "uncond" in args.merges:
             timed_row(bench, a, b, "split", lambda: bench.stack.apply([bench.spec(a), bench.spec(b)], "split"))
             timed_row(bench, a, b, "uncond", lambda: uncond_split(bench, a, b))
+        if "modules" in args.merges:
+            for pattern in args.split_modules:
+                timed_row(bench, a, b, pattern, lambda pattern=pattern: modules_split(bench, a, b, pattern))
         if "rule" in args.merges:
             for rule in args.rule:
                 with split_with_rule(rule):

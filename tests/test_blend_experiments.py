@@ -133,3 +133,27 @@ def test_split_with_rule_gamma0_is_split_and_is_undone(bench):
     assert numpy.array_equal(drawn("gamma0"), split)
     assert abs(drawn("gamma1") - split).max() * 255 > 1  # the changes summed: another blend
     assert split_attention.merge is original
+
+
+def test_modules_split_splits_only_the_matching_modules(bench):
+    experiments = load_benchmark("blend_experiments")
+
+    def only(pattern: str) -> tuple[numpy.ndarray, list[str]]:
+        experiments.modules_split(bench, "a", "b", pattern)
+        try:
+            split = [name for name, p in bench.pipe.unet.attn_processors.items() if type(p) is SplitCrossAttention]
+            return _image(bench.pipe), split
+        finally:
+            bench.stack.clear()
+
+    bench.stack.apply([bench.spec("a"), bench.spec("b")], "split")
+    split = _image(bench.pipe)
+    bench.stack.clear()
+    everywhere, split_everywhere = only("down_blocks,mid_block,up_blocks")
+    assert numpy.array_equal(everywhere, split) and len(split_everywhere) > 1  # every module: split itself
+    up, split_up = only("up_blocks")
+    assert split_up and all(name.startswith("up_blocks") for name in split_up) and len(split_up) < len(split_everywhere)
+    assert abs(up - split).max() * 255 > 1
+    nowhere, split_nowhere = only("no module is called this")
+    assert not split_nowhere and abs(nowhere - split).max() * 255 > 3
+    assert not any(isinstance(p, SplitCrossAttention) for p in bench.pipe.unet.attn_processors.values())
