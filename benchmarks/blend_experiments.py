@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window-side", choices=["late", "early"], default="late",
                         help="window: split the late steps (timesteps below the share) or the early ones (above 1 - it)")
     parser.add_argument("--split-modules", nargs="+", default=["up_blocks"],
-                        help="modules: comma-separated prefixes of the cross-attention modules' paths to split, one row each")
+                        help="modules: comma-separated prefixes of the cross-attention modules' paths to split, "
+                             "one row each")
     parser.add_argument("--rule", nargs="+", default=["gamma0.5", "maxabs"],
                         help="rule: the merges to try in split's place (gammaG, maxabs)")
     parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
@@ -236,7 +237,8 @@ def windowed_split(bench: Bench, a: str, b: str, window: float, side: str = "lat
     clock = {"t": 0.0}  # the timestep of the UNet call under way
     timesteps = bench.pipe.scheduler.config.num_train_timesteps
     inside = ((lambda t: t < window * timesteps) if side == "late" else (lambda t: t >= (1 - window) * timesteps))
-    _replace_split(bench, a, b, lambda inner, variants: _processor_classes()[0](inner, variants, clock, inside))
+    windowed = _processor_classes()["WindowedSplit"]
+    _replace_split(bench, a, b, lambda _path, inner, variants: windowed(inner, variants, clock, inside))
     return unet.register_forward_pre_hook(
         lambda _module, args, kwargs: clock.update(t=float(kwargs.get("timestep", args[1] if len(args) > 1 else 0))),
         with_kwargs=True)
@@ -245,27 +247,29 @@ def windowed_split(bench: Bench, a: str, b: str, window: float, side: str = "lat
 def uncond_split(bench: Bench, a: str, b: str) -> None:
     """Apply A + B in split with every module split on the conditional half of the guidance batch only (the
     pipeline stacks the negative prompt's rows first); bench.stack.clear() takes it out."""
-    _replace_split(bench, a, b, lambda inner, variants: _processor_classes()[1](inner, variants))
+    uncond = _processor_classes()["UncondOneCore"]
+    _replace_split(bench, a, b, lambda _path, inner, variants: uncond(inner, variants))
 
 
 def modules_split(bench: Bench, a: str, b: str, prefixes: str) -> None:
     """Apply A + B in split, then run one attention core in every cross-attention module whose path starts with
     none of the comma-separated prefixes; bench.stack.clear() takes it out."""
-    one_core = _processor_classes()[2]
-    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
-    for name, processor in bench.pipe.unet.attn_processors.items():
-        parent = name.removesuffix(".processor")
-        if hasattr(processor, "variants") and not parent.startswith(tuple(prefixes.split(","))):
-            bench.pipe.unet.get_submodule(parent).set_processor(one_core(processor.inner, processor.variants))
+    one_core, kept = _processor_classes()["OneCore"], tuple(prefixes.split(","))
+    _replace_split(bench, a, b,
+                   lambda path, inner, variants: None if path.startswith(kept) else one_core(inner, variants))
 
 
 def _replace_split(bench: Bench, a: str, b: str, make) -> None:
+    """Apply A + B in split, then give each cross-attention module make(path, inner, variants) in place of its
+    split processor (None: keep split there)."""
     from stylelora.generate import split_attention
 
     bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
     for parent in split_attention.cross_attention_modules(bench.pipe.unet):
         attn = bench.pipe.unet.get_submodule(parent)
-        attn.set_processor(make(attn.processor.inner, attn.processor.variants))
+        replacement = make(parent, attn.processor.inner, attn.processor.variants)
+        if replacement is not None:
+            attn.set_processor(replacement)
 
 
 def _one_core(processor, attn, hidden_states, encoder_hidden_states, cache: dict):
@@ -331,7 +335,7 @@ def _processor_classes():
         def _low_rank_path(self, attn, hidden_states, encoder_hidden_states):
             return _one_core(self, attn, hidden_states, encoder_hidden_states, self._one_reading)
 
-    return WindowedSplit, UncondOneCore, OneCore
+    return {"WindowedSplit": WindowedSplit, "UncondOneCore": UncondOneCore, "OneCore": OneCore}
 
 
 def merge_rule(name: str):
