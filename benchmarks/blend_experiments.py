@@ -272,68 +272,66 @@ def _replace_split(bench: Bench, a: str, b: str, make) -> None:
             attn.set_processor(replacement)
 
 
-def _one_core(processor, attn, hidden_states, encoder_hidden_states, cache: dict):
-    """One attention core: keys and values from the readings merged per element (once per text states, in
-    cache), each projection with the adapters' LoRA summed on it."""
-    import torch.nn.functional as F
-
-    from stylelora.generate.split_attention import _by_head, _low_rank, merge
-
-    def summed(name, x):
-        return attn.get_submodule(name)(x) + sum(_low_rank(x, v.get(name)) for v in processor.variants)
-
-    if cache.get("states") is not encoder_hidden_states:
-        contexts = encoder_hidden_states.chunk(len(processor.variants) + 1, dim=1)
-        reading = merge(contexts[0], contexts[1:])
-        cache.update(states=encoder_hidden_states, keys=_by_head(attn, [summed("to_k", reading)]),
-                     values=_by_head(attn, [summed("to_v", reading)]))
-    query = _by_head(attn, [summed("to_q", hidden_states)])
-    attended = F.scaled_dot_product_attention(query, cache["keys"], cache["values"]).transpose(1, 2).flatten(2)
-    return attn.to_out[1](summed("to_out.0", attended.to(hidden_states.dtype)))
-
-
 def _processor_classes():
     import torch
+    import torch.nn.functional as F
 
-    from stylelora.generate.split_attention import SplitCrossAttention
+    from stylelora.generate.split_attention import SplitCrossAttention, _by_head, _low_rank, merge
 
-    class WindowedSplit(SplitCrossAttention):
-        """Split where inside(timestep); elsewhere one attention core (`_one_core`)."""
+    class OneCore(SplitCrossAttention):
+        """One attention core at every step: keys and values from the readings merged per element (once per text
+        states), each projection with the adapters' LoRA summed on it."""
+
+        def __init__(self, inner, variants) -> None:
+            super().__init__(inner, variants)
+            self._one_reading: dict = {}
+
+        def _low_rank_path(self, attn, hidden_states, encoder_hidden_states):
+            return self._one_core(attn, hidden_states, encoder_hidden_states)
+
+        def _split_path(self, attn, hidden_states, encoder_hidden_states):
+            return SplitCrossAttention._low_rank_path(self, attn, hidden_states, encoder_hidden_states)
+
+        def _one_core(self, attn, hidden_states, encoder_hidden_states):
+            def summed(name, x):
+                return attn.get_submodule(name)(x) + sum(_low_rank(x, v.get(name)) for v in self.variants)
+
+            cache = self._one_reading
+            if cache.get("states") is not encoder_hidden_states:
+                contexts = encoder_hidden_states.chunk(len(self.variants) + 1, dim=1)
+                reading = merge(contexts[0], contexts[1:])
+                cache.update(states=encoder_hidden_states, keys=_by_head(attn, [summed("to_k", reading)]),
+                             values=_by_head(attn, [summed("to_v", reading)]))
+            query = _by_head(attn, [summed("to_q", hidden_states)])
+            attended = F.scaled_dot_product_attention(query, cache["keys"], cache["values"]).transpose(1, 2).flatten(2)
+            return attn.to_out[1](summed("to_out.0", attended.to(hidden_states.dtype)))
+
+    class WindowedSplit(OneCore):
+        """Split where inside(timestep); elsewhere one attention core."""
 
         def __init__(self, inner, variants, clock: dict, inside) -> None:
             super().__init__(inner, variants)
-            self.clock, self.inside, self._one_reading = clock, inside, {}
+            self.clock, self.inside = clock, inside
 
         def _low_rank_path(self, attn, hidden_states, encoder_hidden_states):
-            if self.inside(self.clock["t"]):
-                return super()._low_rank_path(attn, hidden_states, encoder_hidden_states)
-            return _one_core(self, attn, hidden_states, encoder_hidden_states, self._one_reading)
+            path = self._split_path if self.inside(self.clock["t"]) else self._one_core
+            return path(attn, hidden_states, encoder_hidden_states)
 
-    class UncondOneCore(SplitCrossAttention):
+    class UncondOneCore(OneCore):
         """Split on the second half of the batch (the prompt's rows under guidance), one core on the first."""
 
         def __init__(self, inner, variants) -> None:
             super().__init__(inner, variants)
-            self._halves, self._one_reading = {}, {}
+            self._halves: dict = {}
 
         def _low_rank_path(self, attn, hidden_states, encoder_hidden_states):
             half = hidden_states.shape[0] // 2
             if self._halves.get("states") is not encoder_hidden_states:  # the same slices every step: cache hits
                 self._halves = {"states": encoder_hidden_states, "negative": encoder_hidden_states[:half],
                                 "prompt": encoder_hidden_states[half:]}
-            negative = _one_core(self, attn, hidden_states[:half], self._halves["negative"], self._one_reading)
-            prompt = super()._low_rank_path(attn, hidden_states[half:], self._halves["prompt"])
+            negative = self._one_core(attn, hidden_states[:half], self._halves["negative"])
+            prompt = self._split_path(attn, hidden_states[half:], self._halves["prompt"])
             return torch.cat([negative, prompt])
-
-    class OneCore(SplitCrossAttention):
-        """One attention core (`_one_core`) at every step."""
-
-        def __init__(self, inner, variants) -> None:
-            super().__init__(inner, variants)
-            self._one_reading = {}
-
-        def _low_rank_path(self, attn, hidden_states, encoder_hidden_states):
-            return _one_core(self, attn, hidden_states, encoder_hidden_states, self._one_reading)
 
     return {"WindowedSplit": WindowedSplit, "UncondOneCore": UncondOneCore, "OneCore": OneCore}
 
@@ -417,18 +415,23 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def window_rows(bench: Bench, a: str, b: str, windows: list[float], side: str) -> None:
-    """One row per window, and seconds per image against A fused alone on the same prompts (CPU time)."""
+def window_rows(bench: Bench, a: str, b: str, windows: list[float], side: str, alone: float) -> None:
+    """One row per window, and seconds per image against A fused alone (`alone_seconds`)."""
     for window in windows:
-        timed_row(bench, a, b, f"{side} {window:.2f}", lambda: windowed_split(bench, a, b, window, side).remove)
+        timed_row(bench, a, b, f"{side} {window:.2f}", lambda: windowed_split(bench, a, b, window, side).remove,
+                  alone)
 
 
-def timed_row(bench: Bench, a: str, b: str, label: str, apply) -> None:
-    """A row for what apply() installs (it returns the undo, or None), with CPU seconds per image against A fused
-    alone on the pair's prompts."""
-    pair = f"{a}+{b}"
+def alone_seconds(bench: Bench, a: str, b: str) -> float:
+    """CPU seconds per image of A fused alone on the prompts carrying both triggers."""
     bench.stack.apply([bench.spec(a)])
-    _, alone = bench.timed_score((pair,))
+    return bench.timed_score((f"{a}+{b}",))[1]
+
+
+def timed_row(bench: Bench, a: str, b: str, label: str, apply, alone: float) -> None:
+    """A row for what apply() installs (it returns the undo, or None), with CPU seconds per image against A fused
+    alone on the pair's prompts (alone: `alone_seconds`)."""
+    pair = f"{a}+{b}"
     undo = apply()
     try:
         rows, seconds = bench.timed_score((pair, a, b))
@@ -458,14 +461,15 @@ def main(argv=None) -> int:
                 print(f"{pair:15s} eps {args.eps_merge} {line(bench.score(sets, embeds), a, b)}", flush=True)
             finally:
                 undo()
+        alone = alone_seconds(bench, a, b) if {"window", "uncond", "modules"} & set(args.merges) else None
         if "window" in args.merges:
-            window_rows(bench, a, b, args.window, args.window_side)
+            window_rows(bench, a, b, args.window, args.window_side, alone)
         if "uncond" in args.merges:
-            timed_row(bench, a, b, "split", lambda: bench.stack.apply([bench.spec(a), bench.spec(b)], "split"))
-            timed_row(bench, a, b, "uncond", lambda: uncond_split(bench, a, b))
+            timed_row(bench, a, b, "split", lambda: bench.stack.apply([bench.spec(a), bench.spec(b)], "split"), alone)
+            timed_row(bench, a, b, "uncond", lambda: uncond_split(bench, a, b), alone)
         if "modules" in args.merges:
             for pattern in args.split_modules:
-                timed_row(bench, a, b, pattern, lambda pattern=pattern: modules_split(bench, a, b, pattern))
+                timed_row(bench, a, b, pattern, lambda pattern=pattern: modules_split(bench, a, b, pattern), alone)
         if "rule" in args.merges:
             for rule in args.rule:
                 with split_with_rule(rule):
