@@ -27,11 +27,16 @@ and each adapter's own set.
     rule     split with another per-element merge of the adapters' attention changes (--rule): gammaG (the largest
              push plus G x the others' push the same way; 0 is split, 1 the sum) or maxabs (the one change of
              largest magnitude, whatever its sign)
+    gain     split with each adapter's UNet weight multiplied by G in some layers (--gain GROUPS:G, GROUPS a
+             comma-separated subset of cross, other: the cross-attention projections that run per adapter, every
+             other UNet layer); the text encoders stay at the adapter's weight. cross,other:G is
+             `stylelora evaluate --lora A:G:1 --lora B:G:1`
 
     python benchmarks/blend_experiments.py --adapters-dir outputs/blend-dc50 --samples 48 --merges learned concat compose
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges window --window 0.4 0.5 1
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges uncond rule --rule gamma0.5 maxabs
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges modules --split-modules up_blocks
+    python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges gain --gain other:1.2 cross:1.2
 
 Use OMP_NUM_THREADS=1 on a shared machine. Uses stylelora.generate.stack internals (this is an experiment).
 """
@@ -54,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"))
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
-                        choices=["learned", "concat", "compose", "eps", "window", "uncond", "modules", "rule"])
+                        choices=["learned", "concat", "compose", "eps", "window", "uncond", "modules", "rule",
+                                 "gain"])
     parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
                         help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
@@ -66,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "one row each")
     parser.add_argument("--rule", nargs="+", default=["gamma0.5", "maxabs"],
                         help="rule: the merges to try in split's place (gammaG, maxabs)")
+    parser.add_argument("--gain", nargs="+", default=["other:1.2"],
+                        help="gain: GROUPS:G rows, GROUPS a comma-separated subset of cross, other")
     parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the learned merge")
     return parser.parse_args(argv)
@@ -368,6 +376,38 @@ def split_with_rule(name: str):
         split_attention.merge = original
 
 
+@contextmanager
+def unet_gain(bench: Bench, groups: str, gain: float):
+    """While inside, a blend of two or more adapters fuses (or splits) each adapter's UNet LoRA at G x its weight in
+    the layers of `groups` ("cross", "other" or both, comma-separated); a single adapter is unchanged."""
+    from stylelora.generate import split_attention
+
+    chosen = set(groups.split(","))
+    if not chosen or chosen - {"cross", "other"}:
+        raise SystemExit(f"--gain {groups}:{gain}: give cross, other or cross,other before the colon")
+    stack, unet = bench.stack, bench.pipe.unet
+    plain_plan = stack._plan
+
+    def group(key) -> str | None:
+        component, path = key
+        if component != "unet":
+            return None
+        return "cross" if split_attention.split_parts(unet, path) else "other"
+
+    def plan(specs, adapters):
+        layers = plain_plan(specs, adapters)
+        if len({identity for terms in layers.values() for identity, _, _ in terms}) < 2:
+            return layers
+        return {key: [(identity, weight * (gain if group(key) in chosen else 1.0), factors)
+                      for identity, weight, factors in terms] for key, terms in layers.items()}
+
+    stack._plan = plan  # an instance attribute: the stack's own methods find it first
+    try:
+        yield
+    finally:
+        vars(stack).pop("_plan", None)
+
+
 def eps_composition(bench: Bench, a: str, b: str, how: str):
     """embeds(texts) for Bench.score, with the pipeline's UNet call replaced (until the returned undo() runs) by
     three passes: the base, and a fused copy of each adapter, each on its own text encoding."""
@@ -475,6 +515,13 @@ def main(argv=None) -> int:
                 with split_with_rule(rule):
                     bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
                     print(f"{pair:15s} {rule:8s} {line(bench.score(sets), a, b)}", flush=True)
+        if "gain" in args.merges:
+            for row in args.gain:
+                groups, _, gain = row.rpartition(":")
+                with unet_gain(bench, groups, float(gain)):
+                    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+                    print(f"{pair:15s} gain {row} {line(bench.score(sets), a, b)}", flush=True)
+                bench.stack.clear()
         if "learned" in args.merges:
             loss = learned_merge(bench, a, b, args.steps)
             print(f"{pair:15s} learned  {line(bench.score(sets), a, b)} (fit loss {loss:.4f})", flush=True)

@@ -1,7 +1,7 @@
 """benchmarks/blend_experiments.py's window merge (split only at late timesteps): a window over every step is split
 itself, a window over none is one attention core per module, and that core with a silent partner is the adapter;
 the eps merge (one UNet pass per adapter) with a silent partner is the adapter too; the uncond merge (split on
-the prompt's rows only) and the other merge rules of split, checked by hand."""
+the prompt's rows only) and the other merge rules of split, checked by hand; the UNet gain in named layers."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -157,3 +157,31 @@ def test_modules_split_splits_only_the_matching_modules(bench):
     nowhere, split_nowhere = only("no module is called this")
     assert not split_nowhere and abs(nowhere - split).max() * 255 > 3
     assert not any(isinstance(p, SplitCrossAttention) for p in bench.pipe.unet.attn_processors.values())
+
+
+def test_unet_gain_is_the_unet_weight_in_the_layers_named(bench):
+    experiments = load_benchmark("blend_experiments")
+
+    def drawn(unet_weight: float, gain: tuple[str, float] | None = None, names=("a", "b")) -> numpy.ndarray:
+        specs = [AdapterSpec(bench.spec(name).path, unet_weight, 1.0) for name in names]
+        try:
+            if gain is None:
+                bench.stack.apply(specs, "split")
+                return _image(bench.pipe)
+            with experiments.unet_gain(bench, *gain):
+                bench.stack.apply(specs, "split")
+                return _image(bench.pipe)
+        finally:
+            bench.stack.clear()
+
+    split, boosted = drawn(1.0), drawn(1.5)
+    assert numpy.array_equal(drawn(1.0, ("cross,other", 1.5)), boosted)  # every UNet layer: the UNet weight
+    assert numpy.array_equal(drawn(1.0, ("cross,other", 1.0)), split)
+    cross, other = drawn(1.0, ("cross", 1.5)), drawn(1.0, ("other", 1.5))
+    for part in (cross, other):
+        assert abs(part - split).max() * 255 > 1 and abs(part - boosted).max() * 255 > 1
+    assert numpy.array_equal(drawn(1.0, ("other", 1.5), names=("a",)), drawn(1.0, names=("a",)))  # one adapter: as is
+    assert "_plan" not in vars(bench.stack)  # undone
+    with pytest.raises(SystemExit, match="cross, other"):
+        with experiments.unet_gain(bench, "attn", 1.5):
+            pass
