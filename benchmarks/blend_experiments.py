@@ -27,6 +27,9 @@ and each adapter's own set.
     rule     split with another per-element merge of the adapters' attention changes (--rule): gammaG (the largest
              push plus G x the others' push the same way; 0 is split, 1 the sum) or maxabs (the one change of
              largest magnitude, whatever its sign)
+    order    split as it is (each adapter reads the prompt with its trigger after the other's) beside split on the
+             prompt as typed for every adapter (before stylelora.generate.trigger_order); give --pairs in both
+             orders (pastel+stripes carries pastelstyle first)
     gain     split with each adapter's UNet weight multiplied by G in some layers (--gain GROUPS:G, GROUPS a
              comma-separated subset of cross, other: the cross-attention projections that run per adapter, every
              other UNet layer); the text encoders stay at the adapter's weight. cross,other:G is
@@ -37,6 +40,7 @@ and each adapter's own set.
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges uncond rule --rule gamma0.5 maxabs
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges modules --split-modules up_blocks
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges gain --gain other:1.2 cross:1.2
+    python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges order --pairs pastel+stripes
 
 Use OMP_NUM_THREADS=1 on a shared machine. Uses stylelora.generate.stack internals (this is an experiment).
 """
@@ -51,16 +55,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PAIRS = ("stripes+pastel", "stripes+zorb", "pastel+zorb")
+REVERSED = tuple("+".join(reversed(pair.split("+"))) for pair in PAIRS)  # the second trigger first in the prompt
 TRAIN_PROMPTS, NOISE_COPIES, BATCH = 16, 8, 16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"))
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS + REVERSED))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
                         choices=["learned", "concat", "compose", "eps", "window", "uncond", "modules", "rule",
-                                 "gain"])
+                                 "gain", "order"])
     parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
                         help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
@@ -377,6 +382,16 @@ def split_with_rule(name: str):
 
 
 @contextmanager
+def typed_order(bench: Bench):
+    """While inside, split gives every adapter the prompt as typed (no trigger moves)."""
+    bench.stack._trigger_reorders = lambda _text_encoder, _identities: None  # an instance attribute: found first
+    try:
+        yield
+    finally:
+        vars(bench.stack).pop("_trigger_reorders", None)
+
+
+@contextmanager
 def unet_gain(bench: Bench, groups: str, gain: float):
     """While inside, a blend of two or more adapters fuses (or splits) each adapter's UNet LoRA at G x its weight in
     the layers of `groups` ("cross", "other" or both, comma-separated); a single adapter is unchanged."""
@@ -515,6 +530,13 @@ def main(argv=None) -> int:
                 with split_with_rule(rule):
                     bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
                     print(f"{pair:15s} {rule:8s} {line(bench.score(sets), a, b)}", flush=True)
+        if "order" in args.merges:
+            with typed_order(bench):
+                bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+                print(f"{pair:15s} typed    {line(bench.score(sets), a, b)}", flush=True)
+            bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+            print(f"{pair:15s} split    {line(bench.score(sets), a, b)}", flush=True)
+            bench.stack.clear()
         if "gain" in args.merges:
             for row in args.gain:
                 groups, _, gain = row.rpartition(":")

@@ -1,7 +1,7 @@
 """benchmarks/blend_experiments.py's window merge (split only at late timesteps): a window over every step is split
 itself, a window over none is one attention core per module, and that core with a silent partner is the adapter;
 the eps merge (one UNet pass per adapter) with a silent partner is the adapter too; the uncond merge (split on
-the prompt's rows only) and the other merge rules of split, checked by hand; the UNet gain in named layers."""
+the prompt's rows only) and the other merge rules of split, checked by hand; the UNet gain in named layers; split on the prompt as typed."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -185,3 +185,22 @@ def test_unet_gain_is_the_unet_weight_in_the_layers_named(bench):
     with pytest.raises(SystemExit, match="cross, other"):
         with experiments.unet_gain(bench, "attn", 1.5):
             pass
+
+
+def test_typed_order_turns_the_trigger_move_off_and_back_on(bench):
+    experiments = load_benchmark("blend_experiments")
+
+    def drawn(typed: bool) -> numpy.ndarray:
+        try:
+            if not typed:
+                bench.stack.apply([bench.spec("a"), bench.spec("b")], "split")
+                return _image(bench.pipe)
+            with experiments.typed_order(bench):
+                bench.stack.apply([bench.spec("a"), bench.spec("b")], "split")
+                return _image(bench.pipe)
+        finally:
+            bench.stack.clear()
+
+    split = drawn(False)
+    assert abs(drawn(True) - split).max() * 255 > 1  # "stripes, pastel, …": adapter a reads its trigger moved
+    assert numpy.array_equal(drawn(False), split) and "_trigger_reorders" not in vars(bench.stack)

@@ -9,7 +9,9 @@ UNet cross-attention module computes the attention a_0 of the base weights on th
 i's LoRA on q, k, v on adapter i's encoding, merges the changes a_i - a_0 per element (`merge`: the largest
 increase plus the largest decrease, so what the adapters agree on is not counted twice), applies the output
 projection to the merged attention and adds each adapter's LoRA on it. With one adapter that is exactly that
-adapter (the stack never splits a single adapter). Every other layer is the plain fused sum.
+adapter (the stack never splits a single adapter). Every other layer is the plain fused sum. Each adapter reads the
+prompt with its own trigger moved after the other adapters' triggers (stylelora.generate.trigger_order), so the
+blend does not depend on the order they were typed in.
 
 The result depends on the prompt's activations, so it is no static weight delta and cannot be saved as a LoRA file.
 Cost: the text encoders run once more per adapter, and every cross-attention module its attention core once more
@@ -17,7 +19,7 @@ per adapter (plus the adapter's LoRA products); docs/results.md, "The split blen
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -206,23 +208,27 @@ def _token_ids(model: Any, args: tuple, kwargs: dict, copies: int) -> tuple[tupl
     return (ids,) + tuple(rest), kwargs
 
 
-def install_text_encoder(model: Any, variants: Sequence[Variant]) -> None:
+def install_text_encoder(model: Any, variants: Sequence[Variant],
+                         reorders: Sequence[Callable[[Any], Any] | None] | None = None) -> None:
     """The text encoder returns the base encoding and each variant's side by side on the token axis (every layer's
-    hidden states likewise); pooled vectors are merged as the attention is (`merge`)."""
+    hidden states likewise); pooled vectors are merged as the attention is (`merge`). reorders[i], where given,
+    rearranges the token ids variant i reads (stylelora.generate.trigger_order: its trigger after the others')."""
     import torch
 
     original = type(model).forward
+    reorders = list(reorders or [None] * len(variants))
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         args, kwargs = _token_ids(model, args, kwargs, len(variants) + 1)
         base = original(model, *args, **kwargs)
         outputs = []
-        for variant in variants:
-            if not variant:  # this adapter has no LoRA here: its reading is the base's
+        for variant, reorder in zip(variants, reorders):
+            own_args = args if reorder is None or args[0] is None else (reorder(args[0]),) + tuple(args[1:])
+            if not variant and own_args is args:  # no LoRA here and the prompt as typed: the base's reading
                 outputs.append(base)
                 continue
             with _lora_added(model, variant):
-                outputs.append(original(model, *args, **kwargs))
+                outputs.append(original(model, *own_args, **kwargs))
         fields = {}
         for key, value in base.items():
             values = [value] + [output[key] for output in outputs]

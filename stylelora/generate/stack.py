@@ -153,6 +153,9 @@ class AdapterStack:
         from stylelora.lora.components import pipeline_models
 
         self.models = pipeline_models(pipe)  # SDXL adds text_encoder_2
+        # split: each adapter reads the prompt with its trigger moved after the others' (generate.trigger_order)
+        self.tokenizers = {"text_encoder": getattr(pipe, "tokenizer", None),
+                           "text_encoder_2": getattr(pipe, "tokenizer_2", None)}
         self.lock = threading.RLock()
         self._names: dict[str, Any] = {}
         self._cache: dict[Path, LoadedAdapter] = {}
@@ -349,10 +352,23 @@ class AdapterStack:
                 variants.setdefault(owner, {}).setdefault(identity, {})[path] = value
         in_order = lambda owner: [variants.get(owner, {}).get(identity, {}) for identity in identities]  # noqa: E731
         for name in text_encoders:
-            split_attention.install_text_encoder(self.models[name], in_order(name))
+            split_attention.install_text_encoder(self.models[name], in_order(name),
+                                                 self._trigger_reorders(name, identities))
         for parent in split_attention.cross_attention_modules(unet):
             split_attention.install_attention(unet, parent, in_order(parent))
         self._split = True
+
+    def _trigger_reorders(self, text_encoder: str, identities) -> list | None:
+        """Per adapter, how its reading of the prompt moves its trigger after the other adapters' (None: none)."""
+        from stylelora.generate.trigger_order import reorders_for
+        from stylelora.lora.inspect import trigger_words
+
+        tokenizer = self.tokenizers.get(text_encoder)
+        if tokenizer is None:
+            return None
+        by_identity = {(adapter.path, adapter.signature): adapter for adapter in self._cache.values()}
+        return reorders_for(tokenizer, [trigger_words(by_identity[identity].metadata) if identity in by_identity
+                                        else [] for identity in identities])
 
     def _restore(self, key) -> None:
         self._layer_weight(key).data.copy_(self._backups.pop(key))
