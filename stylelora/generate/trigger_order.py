@@ -1,11 +1,12 @@
 """Where each adapter's trigger sits in the prompt it reads under the split blend mode: after the other adapters'.
 
-Why: in split, the adapter whose trigger comes first in a stacked prompt loses. On "pastelstyle, stripestyle, …"
-the pastel adapter showed its style on 0.74 of the images, and on "stripestyle, pastelstyle, …" on 0.92; each
-adapter did better second on all three toy pairs (docs/results.md, "Trigger order"). So each adapter's reading is
-computed from the prompt with its own trigger moved to just after the other adapters' triggers: every adapter reads
-its trigger where it does best, and the blend no longer depends on the order the triggers were typed in. The
-base's reading keeps the prompt as typed. Token ids in, token ids out, same length: only tokens move.
+Why: on the prompt as typed, the order of the triggers moved a split blend by up to 0.18 of the images. On
+"pastelstyle, stripestyle, …" the pastel adapter showed its style on 0.74 of them, on "stripestyle, pastelstyle, …"
+on 0.92 (docs/results.md, "Trigger order"). So each adapter's reading is computed from the prompt with its own
+trigger moved to just after the other adapters' triggers. Every adapter then reads its trigger in the same place,
+and a two-adapter blend no longer depends on the order the triggers were typed in; the worse order of each toy pair
+did no worse than before, at two seeds. The base's reading keeps the prompt as typed. Token ids in, token ids out,
+same length: only tokens move.
 """
 from __future__ import annotations
 
