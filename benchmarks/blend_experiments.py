@@ -477,6 +477,16 @@ def window_rows(bench: Bench, a: str, b: str, windows: list[float], side: str, a
                   alone)
 
 
+def split_row(bench: Bench, a: str, b: str, label: str) -> None:
+    """A row for A + B in split as whatever is patched in now makes it; the stack is cleared afterwards."""
+    pair = f"{a}+{b}"
+    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+    try:
+        print(f"{pair:15s} {label} {line(bench.score((pair, a, b)), a, b)}", flush=True)
+    finally:
+        bench.stack.clear()
+
+
 def alone_seconds(bench: Bench, a: str, b: str) -> float:
     """CPU seconds per image of A fused alone on the prompts carrying both triggers."""
     bench.stack.apply([bench.spec(a)])
@@ -528,22 +538,16 @@ def main(argv=None) -> int:
         if "rule" in args.merges:
             for rule in args.rule:
                 with split_with_rule(rule):
-                    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
-                    print(f"{pair:15s} {rule:8s} {line(bench.score(sets), a, b)}", flush=True)
+                    split_row(bench, a, b, f"{rule:8s}")
         if "order" in args.merges:
             with typed_order(bench):
-                bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
-                print(f"{pair:15s} typed    {line(bench.score(sets), a, b)}", flush=True)
-            bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
-            print(f"{pair:15s} split    {line(bench.score(sets), a, b)}", flush=True)
-            bench.stack.clear()
+                split_row(bench, a, b, "typed   ")
+            split_row(bench, a, b, "split   ")
         if "gain" in args.merges:
             for row in args.gain:
                 groups, _, gain = row.rpartition(":")
                 with unet_gain(bench, groups, float(gain)):
-                    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
-                    print(f"{pair:15s} gain {row} {line(bench.score(sets), a, b)}", flush=True)
-                bench.stack.clear()
+                    split_row(bench, a, b, f"gain {row}")
         if "learned" in args.merges:
             loss = learned_merge(bench, a, b, args.steps)
             print(f"{pair:15s} learned  {line(bench.score(sets), a, b)} (fit loss {loss:.4f})", flush=True)

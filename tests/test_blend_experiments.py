@@ -1,7 +1,8 @@
 """benchmarks/blend_experiments.py's window merge (split only at late timesteps): a window over every step is split
 itself, a window over none is one attention core per module, and that core with a silent partner is the adapter;
 the eps merge (one UNet pass per adapter) with a silent partner is the adapter too; the uncond merge (split on
-the prompt's rows only) and the other merge rules of split, checked by hand; the UNet gain in named layers; split on the prompt as typed."""
+the prompt's rows only) and the other merge rules of split, checked by hand; the UNet gain in named layers; split
+on the prompt as typed."""
 from __future__ import annotations
 
 from types import SimpleNamespace

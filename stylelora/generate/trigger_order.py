@@ -39,7 +39,7 @@ def reorders_for(tokenizer: Any, triggers: Sequence[Sequence[str]]) -> list[Call
         return tuple(tokenizer(word, add_special_tokens=False).input_ids)
 
     separator = tokens(",")
-    words = [[tokens(word) for word in adapter_words if tokens(word)] for adapter_words in triggers]
+    words = [[ids for word in adapter_words if (ids := tokens(word))] for adapter_words in triggers]
     out: list[Callable[[Any], Any] | None] = []
     for index, own in enumerate(words):
         others = [word for other, other_words in enumerate(words) if other != index for word in other_words]

@@ -23,9 +23,10 @@ DESCRIPTIONS = {
     "ties": "TIES-style sign election per weight entry: where the adapters push an entry in opposite directions, "
             "only the side that wins the sum is kept (no cancelling); agreeing entries add up",
     "split": "each adapter reads the prompt with its own text-encoder LoRA, its trigger moved after the other "
-             "adapters' (their order does not matter), and runs its own cross-attention on it, so a character no longer pulls the attention off a style's trigger; the attention outputs merge "
-             "per element (the largest increase plus the largest decrease); other layers are summed; generation "
-             "only (not a static file)",
+             "adapters' (their order does not matter), and runs its own cross-attention on it, so a character no "
+             "longer pulls the attention off a style's trigger; the attention outputs merge per element (the "
+             "largest increase plus the largest decrease); other layers are summed; generation only (not a static "
+             "file)",
 }
 
 
