@@ -16,6 +16,7 @@ an image's later steps do (split reuses its keys and values there).
     python benchmarks/split_cost.py --family sdxl --repeats 2 --adapters 2
     python benchmarks/split_cost.py --family sdxl --memory     # what split keeps per image, from the config
     python benchmarks/split_cost.py --family toy --attention-floor   # the extra attention cores alone, per step
+    python benchmarks/split_cost.py --family sdxl --device cuda --dtype float16 --repeats 20   # on a GPU
 
 Figures: docs/results.md, "The split blend mode".
 """
@@ -47,14 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="only time the extra attention cores split runs per step (at the UNet's own shapes)")
     parser.add_argument("--memory", action="store_true",
                         help="only print what split keeps per image (the cached keys and values), from the config")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the UNet runs")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="the UNet's and the inputs' dtype (float16 is what users run on a GPU)")
     return parser.parse_args(argv)
 
 
-def build_unet(family: str, meta: bool = False):
+def build_unet(family: str, meta: bool = False, device: str = "cpu", dtype: str = "float32"):
     """A random-init UNet of the family's published config (toy: the toy base's config); meta: the architecture
     without its memory, enough to read layer sizes."""
-    from contextlib import nullcontext
-
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -63,8 +65,10 @@ def build_unet(family: str, meta: bool = False):
     configs = REPO / "stylelora" / "models" / "configs"
     path = TOY_BASE_DIR / "unet" / "config.json" if family == "toy" else configs / family / "unet.json"
     torch.manual_seed(0)
-    with torch.device("meta") if meta else nullcontext():
-        return UNet2DConditionModel.from_config(json.loads(path.read_text())).eval()
+    # Built where it runs: initialising SDXL's 2.6B weights on a GPU takes seconds, on a CPU minutes.
+    with torch.device("meta") if meta else torch.device(device):
+        unet = UNet2DConditionModel.from_config(json.loads(path.read_text())).eval()
+    return unet if meta else unet.to(device, getattr(torch, dtype))
 
 
 def attention_floor(unet, latent: int, adapters: int, repeats: int = 200) -> tuple[float, float]:
@@ -90,12 +94,15 @@ def attention_floor(unet, latent: int, adapters: int, repeats: int = 200) -> tup
         hook.remove()
 
     def cores(batch: int) -> float:
-        inputs = [(torch.randn(batch, heads, queries, dim), torch.randn(batch, heads, 77, dim))
+        like = {"device": unet.device, "dtype": unet.dtype}
+        inputs = [(torch.randn(batch, heads, queries, dim, **like), torch.randn(batch, heads, 77, dim, **like))
                   for queries, heads, dim in shapes]
+        synchronize(unet)
         start = time.perf_counter()
         for _ in range(repeats):
             for query, key in inputs:
                 F.scaled_dot_product_attention(query, key, key)
+        synchronize(unet)
         return (time.perf_counter() - start) / repeats
 
     return cores(2), cores(2 * (adapters + 1))
@@ -124,8 +131,9 @@ def set_split(unet, adapters: int, rank: int) -> None:
             split_attention.uninstall_attention(unet, parent)
             continue
         attn = unet.get_submodule(parent)
-        variants = [{name: (torch.randn(layer.out_features, rank, generator=generator) * 1e-3,
-                            torch.randn(rank, layer.in_features, generator=generator) * 1e-3)
+        like = {"device": unet.device, "dtype": unet.dtype}
+        variants = [{name: ((torch.randn(layer.out_features, rank, generator=generator) * 1e-3).to(**like),
+                            (torch.randn(rank, layer.in_features, generator=generator) * 1e-3).to(**like))
                      for name in split_attention.PROJECTIONS for layer in [attn.get_submodule(name)]}
                     for _ in range(adapters)]
         split_attention.install_attention(unet, parent, variants)
@@ -142,7 +150,17 @@ def call_inputs(unet, latent: int, copies: int):
         pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=generator),
                                        "time_ids": torch.zeros(2, 6)}
-    return sample, torch.tensor([500, 500]), context, kwargs
+    like = {"device": unet.device, "dtype": unet.dtype}
+    kwargs = {key: {name: value.to(**like) for name, value in inner.items()} for key, inner in kwargs.items()}
+    return sample.to(**like), torch.tensor([500, 500], device=unet.device), context.to(**like), kwargs
+
+
+def synchronize(unet) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock interval covers it (a no-op on the CPU)."""
+    import torch
+
+    if unet.device.type == "cuda":
+        torch.cuda.synchronize(unet.device)
 
 
 def timed_call(unet, inputs, adapters: int, rank: int, later_step: bool = False) -> float:
@@ -155,8 +173,10 @@ def timed_call(unet, inputs, adapters: int, rank: int, later_step: bool = False)
     with torch.no_grad():
         if later_step:
             unet(sample, timestep, context, **kwargs)
+        synchronize(unet)
         start = time.perf_counter()
         unet(sample, timestep, context, **kwargs)
+        synchronize(unet)
     return time.perf_counter() - start
 
 
@@ -170,7 +190,7 @@ def main(argv=None) -> int:
               f"{kept / 2**20:.0f} MiB in float32, {kept / 2**21:.0f} MiB in float16")
         return 0
     latent = args.latent or NATIVE_LATENT[args.family]
-    unet = build_unet(args.family)
+    unet = build_unet(args.family, device=args.device, dtype=args.dtype)
     if args.attention_floor:
         plain_s, split_s = attention_floor(unet, latent, args.adapters)
         print(f"{args.family}, latents {latent}x{latent}: cross-attention cores per UNet call {plain_s * 1e3:.2f} ms "
@@ -178,16 +198,17 @@ def main(argv=None) -> int:
               f"{(split_s - plain_s) * 1e3:.2f} ms more per step")
         return 0
     plain_inputs, split_inputs = call_inputs(unet, latent, 1), call_inputs(unet, latent, args.adapters + 1)
+    where = torch.cuda.get_device_name(unet.device) if unet.device.type == "cuda" else "CPU"
     print(f"{args.family} UNet, latents {latent}x{latent}, CFG batch 2, {args.adapters} adapters split; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+          f"{where}, {args.dtype}; torch threads {torch.get_num_threads()}", flush=True)
     timed_call(unet, plain_inputs, 0, args.rank), timed_call(unet, split_inputs, args.adapters, args.rank)  # warm-up
     times = {"plain": [], "split": []}
     for repeat in range(args.repeats):
         times["plain"].append(timed_call(unet, plain_inputs, 0, args.rank, args.later_step))
         times["split"].append(timed_call(unet, split_inputs, args.adapters, args.rank, args.later_step))
-        print(f"  call {repeat + 1}: plain {times['plain'][-1]:.2f} s, split {times['split'][-1]:.2f} s", flush=True)
+        print(f"  call {repeat + 1}: plain {times['plain'][-1]:.4f} s, split {times['split'][-1]:.4f} s", flush=True)
     plain_s, split_s = statistics.median(times["plain"]), statistics.median(times["split"])
-    print(f"UNet call: plain {plain_s:.2f} s, split {split_s:.2f} s, split / plain {split_s / plain_s:.3f}x "
+    print(f"UNet call: plain {plain_s:.4f} s, split {split_s:.4f} s, split / plain {split_s / plain_s:.3f}x "
           f"(target for a blend <= 1.1x)")
     return 0
 
