@@ -353,6 +353,8 @@ def merge_rule(name: str):
     """A per-element merge with split_attention.merge's signature: gammaG or maxabs (see the module's doc)."""
     import torch
 
+    from stylelora.generate.split_attention import merge_stacked as split_merge  # before split_with_rule swaps it
+
     def merge(base, outputs):
         if len(outputs) == 1:
             return outputs[0]
@@ -362,7 +364,7 @@ def merge_rule(name: str):
         gamma = float(name.removeprefix("gamma"))
         up, down = changes.amax(0).clamp(min=0), changes.amin(0).clamp(max=0)
         rest_up, rest_down = changes.clamp(min=0).sum(0) - up, changes.clamp(max=0).sum(0) - down
-        return base + up + down + gamma * (rest_up + rest_down)
+        return split_merge(torch.stack([base, *outputs])) + gamma * (rest_up + rest_down)  # gamma0: split exactly
 
     if name != "maxabs" and not name.startswith("gamma"):
         raise SystemExit(f"--rule {name}: give gammaG (a number G, e.g. gamma0.5) or maxabs")
@@ -371,14 +373,16 @@ def merge_rule(name: str):
 
 @contextmanager
 def split_with_rule(name: str):
-    """Split's attention merged by merge_rule(name) instead of split_attention.merge while inside."""
+    """Split's attention merged by merge_rule(name) instead of split_attention's merge while inside."""
     from stylelora.generate import split_attention
 
-    original, split_attention.merge = split_attention.merge, merge_rule(name)
+    rule = merge_rule(name)
+    originals = split_attention.merge, split_attention.merge_stacked
+    split_attention.merge, split_attention.merge_stacked = rule, lambda parts: rule(parts[0], list(parts[1:]))
     try:
         yield
     finally:
-        split_attention.merge = original
+        split_attention.merge, split_attention.merge_stacked = originals
 
 
 @contextmanager

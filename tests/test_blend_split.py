@@ -87,6 +87,29 @@ def test_split_cross_attention_merges_each_adapters_attention(residual):
     assert all(torch.equal(attn.get_submodule(n).weight, base[n]) for n in base)  # the base weights, untouched
 
 
+def test_low_rank_path_batches_adapters_of_different_ranks_like_the_generic_path():
+    """The low-rank path stacks every adapter's factors (zero-padded to the largest rank) into batched products;
+    it must give what the module's own processor gives run once per adapter with hooks."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(1)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    shapes = {name: (attn.get_submodule(name).out_features, attn.get_submodule(name).in_features)
+              for name in split_attention.PROJECTIONS}
+    variants = [{name: (torch.randn(out, rank), torch.randn(rank, inp) * 0.3) for name, (out, inp) in shapes.items()
+                 if not (rank == 1 and name == "to_k")}  # ranks 1 (no key LoRA) and 3
+                for rank in (1, 3)]
+    hidden, context = torch.randn(2, 5, 8), torch.randn(2, 3 * 4, 6)  # three readings of a 4-token prompt
+    split_attention.install_attention(attn, "", variants)
+    with torch.no_grad():
+        batched = attn(hidden, encoder_hidden_states=context)
+        split_attention.install_attention(attn, "", variants)
+        attn.processor._is_plain = False  # the generic path: the module's processor once per reading
+        generic = attn(hidden, encoder_hidden_states=context)
+    assert torch.allclose(batched, generic, atol=1e-5)
+    assert not torch.allclose(batched, attn.processor.inner(attn, hidden, context[:, :4]), atol=1e-2)
+
+
 # ----------------------------------------------------------------------------- on a tiny pipeline
 
 

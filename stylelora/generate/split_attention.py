@@ -72,8 +72,20 @@ def merge(base: Any, outputs: Sequence[Any]) -> Any:
 
     if len(outputs) == 1:
         return outputs[0]
-    changes = torch.stack(list(outputs)) - base
-    return base + changes.amax(dim=0).clamp(min=0) + changes.amin(dim=0).clamp(max=0)
+    return merge_stacked(torch.stack([base, *outputs]))
+
+
+def merge_stacked(parts: Any) -> Any:
+    """`merge` on one tensor holding the base's output first and each adapter's after it on the first axis (the
+    layout the attention core returns, so nothing is copied). max(highest, base) - base + min(lowest, base) is the
+    base plus the largest increase plus the largest decrease, in six element-wise passes instead of ten: on a GPU
+    each pass is a kernel launch, and split's launches are what it costs there (docs/results.md, "Cost")."""
+    import torch
+
+    base, outputs = parts[0], parts[1:]
+    if len(outputs) == 1:
+        return outputs[0]
+    return torch.maximum(outputs.amax(dim=0), base).sub_(base).add_(torch.minimum(outputs.amin(dim=0), base))
 
 
 class SplitCrossAttention:
@@ -92,6 +104,8 @@ class SplitCrossAttention:
         self.inner = inner  # the processor this one replaced; `uninstall` puts it back
         self.variants = list(variants)  # per adapter: {projection: low-rank factors}
         self._keys_values: tuple | None = None  # (weakref to the text states, their version, (keys, values))
+        self._stacked: dict[str, tuple | None] = {}  # per projection: every adapter's factors, batched (_per_adapter)
+        self._is_plain: bool | None = None  # the module's structure does not change: checked on the first call
 
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
                  *args: Any, **kwargs: Any) -> Any:
@@ -100,8 +114,10 @@ class SplitCrossAttention:
             raise ValueError("The split blend mode needs the text states its text encoders make (one reading per "
                              "adapter side by side); encode the prompt with the pipeline while the blend is applied, "
                              "or apply the blend with another mode.")
+        if self._is_plain is None:
+            self._is_plain = self._plain(attn)
         if attention_mask is None and not args and kwargs.get("temb") is None and set(kwargs) <= {"temb"} \
-                and self._plain(attn, hidden_states):
+                and self._is_plain and hidden_states.ndim == 3:
             return self._low_rank_path(attn, hidden_states, encoder_hidden_states)
         kwargs["attention_mask"] = attention_mask
         contexts = encoder_hidden_states.chunk(copies, dim=1)
@@ -126,28 +142,56 @@ class SplitCrossAttention:
             hooks.callback(attn.to_out[0].register_forward_hook(lambda _m, _i, output: output + out_lora).remove)
             return self.inner(attn, hidden_states, contexts[0], *args, **kwargs)
 
-    def _plain(self, attn: Any, hidden_states: Any) -> bool:
+    def _plain(self, attn: Any) -> bool:
         """Whether the module is plain softmax attention, which the low-rank path computes exactly."""
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
         head_dim = attn.to_q.out_features // attn.heads
-        return (isinstance(self.inner, (AttnProcessor2_0, AttnProcessor)) and hidden_states.ndim == 3
+        return (isinstance(self.inner, (AttnProcessor2_0, AttnProcessor))
                 and attn.spatial_norm is None and attn.group_norm is None and not attn.norm_cross
                 and attn.norm_q is None and attn.norm_k is None and not attn.residual_connection
                 and attn.rescale_output_factor == 1.0 and abs(attn.scale - head_dim ** -0.5) < 1e-12)
 
     def _low_rank_path(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any) -> Any:
+        """The base query and output projections once; every adapter's LoRA on them as two batched products (one
+        launch each for all adapters, not two per adapter); one attention call over all readings."""
+        import torch
         import torch.nn.functional as F
 
-        query = attn.to_q(hidden_states)
-        queries = [query] + [query + _low_rank(hidden_states, v.get("to_q")) for v in self.variants]
+        adapters, shape = len(self.variants), hidden_states.shape
+        query = attn.to_q(hidden_states).unsqueeze(0)  # (1, batch, tokens, channels)
+        q_lora = self._per_adapter("to_q", hidden_states.reshape(1, -1, shape[-1]))
+        queries = query.expand(adapters + 1, -1, -1, -1) if q_lora is None else \
+            torch.cat([query, query + q_lora.view(adapters, *query.shape[1:])])
         keys, values = self._cached_keys_values(attn, encoder_hidden_states)
-        attended = F.scaled_dot_product_attention(_by_head(attn, queries), keys, values)
-        parts = attended.transpose(1, 2).flatten(2).to(query.dtype).chunk(len(self.variants) + 1)
-        out = attn.to_out[0](merge(parts[0], parts[1:]))  # the base projection once, on the merged attention
-        for part, variant in zip(parts[1:], self.variants):
-            out = out + _low_rank(part, variant.get("to_out.0"))
+        attended = F.scaled_dot_product_attention(_by_head(attn, [queries.flatten(0, 1)]), keys, values)
+        parts = attended.transpose(1, 2).reshape(adapters + 1, *query.shape[1:3], -1).to(query.dtype)
+        out = attn.to_out[0](merge_stacked(parts))  # the base projection once, on the merged attention
+        out_lora = self._per_adapter("to_out.0", parts[1:].flatten(1, 2))
+        if out_lora is not None:
+            out = out + out_lora.sum(dim=0).view_as(out)
         return attn.to_out[1](out)
+
+    def _per_adapter(self, projection: str, inputs: Any) -> Any:
+        """Each adapter's LoRA on `projection` applied to its own rows of inputs (adapters or 1 shared, rows, in):
+        (adapters, rows, out), or None where no adapter has a LoRA there. The factors are stacked once, zero-padded
+        to the largest rank (a zero rank row adds nothing), so that every adapter's product is one batched call."""
+        import torch
+
+        if projection not in self._stacked:
+            factors = [variant.get(projection) for variant in self.variants]
+            present = [f for f in factors if f is not None]
+            self._stacked[projection] = _stack_factors(factors, max(f[1].shape[0] for f in present)) \
+                if present else None
+        stacked = self._stacked[projection]
+        if stacked is None:
+            return None
+        ups, downs = stacked
+        if inputs.shape[0] == 1:  # one input for every adapter: all their down projections in one product
+            low = (inputs[0] @ downs.flatten(0, 1).T).view(inputs.shape[1], len(downs), -1).transpose(0, 1)
+        else:
+            low = torch.bmm(inputs, downs.transpose(1, 2))
+        return torch.bmm(low, ups.transpose(1, 2))
 
     def _cached_keys_values(self, attn: Any, encoder_hidden_states: Any) -> tuple[Any, Any]:
         """Every variant's keys and values by head. A pipeline passes the same text states to every sampling step,
@@ -170,6 +214,19 @@ class SplitCrossAttention:
         forget = weakref.ref(encoder_hidden_states, lambda _gone: setattr(self, "_keys_values", None))
         self._keys_values = (forget, encoder_hidden_states._version, result)
         return result
+
+
+def _stack_factors(factors: Sequence[Factors | None], rank: int) -> tuple[Any, Any]:
+    """(ups (adapters, out, rank), downs (adapters, rank, in)): each adapter's factors, zero-padded to `rank`; zeros
+    for an adapter without them."""
+    up, down = next(f for f in factors if f is not None)
+    ups = up.new_zeros(len(factors), up.shape[0], rank)
+    downs = down.new_zeros(len(factors), rank, down.shape[1])
+    for index, pair in enumerate(factors):
+        if pair is not None:
+            ups[index, :, : pair[0].shape[1]] = pair[0]
+            downs[index, : pair[1].shape[0]] = pair[1]
+    return ups, downs
 
 
 def _by_head(attn: Any, parts: Sequence[Any]) -> Any:
