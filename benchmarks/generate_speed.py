@@ -9,7 +9,8 @@
     weight change     time from a request with new weights to the first UNet call of its image (the fuse, the
                       request checks and the prompt encoding), in sum and in each mode     target: <= 0.3 s
 
-Per-image figures are medians over --images images (after one warm-up image each) at --steps steps. Both wall time and
+Per-image figures are medians over --images rounds at --steps steps; each round draws every configuration in turn,
+one untimed image (applying its weights) then one timed, so drift falls on all of them alike. Both wall time and
 process CPU time are shown: on a shared machine other jobs stretch wall time at random, CPU time counts only this
 process's work, so trust the CPU-time ratio there. On a GPU (--device cuda) the verdicts use wall time.
 
@@ -40,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lora", action="append", default=[], help="adapter file (give 2; default: 2 random ones)")
     parser.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--images", type=int, default=5, help="timed images per mode")
+    parser.add_argument("--images", type=int, default=5, help="timed images per mode (rounds)")
     parser.add_argument("--weight-changes", type=int, default=8)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default="fp32", help="fp32 (default) | fp16 | bf16: the base's dtype")
@@ -79,16 +80,20 @@ def random_adapters(base: str, scratch: Path, rank: int, device: str | None) -> 
     return paths
 
 
-def time_images(make_image, count: int) -> tuple[float, float]:
-    """(median wall s, median CPU s) per image, after one warm-up image."""
-    make_image()
-    walls, cpus = [], []
-    for _ in range(count):
-        wall, cpu = time.perf_counter(), time.process_time()
-        make_image()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus)
+def time_rounds(makers: dict, rounds: int) -> dict:
+    """{name: (median wall s, median CPU s) per image} over `rounds` rounds, each drawing one untimed image (which
+    applies that configuration's weights) and one timed image of every configuration in turn. Interleaved so that a
+    machine's drift (a GPU's clocks, other jobs) falls on every configuration alike, not on whichever runs last."""
+    walls: dict = {name: [] for name in makers}
+    cpus: dict = {name: [] for name in makers}
+    for _ in range(rounds):
+        for name, make_image in makers.items():
+            make_image()
+            wall, cpu = time.perf_counter(), time.process_time()
+            make_image()
+            walls[name].append(time.perf_counter() - wall)
+            cpus[name].append(time.process_time() - cpu)
+    return {name: (statistics.median(walls[name]), statistics.median(cpus[name])) for name in makers}
 
 
 def weight_change_latency(pipe, request_for, changes: int) -> list[float]:
@@ -141,10 +146,11 @@ def main() -> int:
         from stylelora.lora.blend_modes import MODES
 
         modes = [m for m in (MODES if args.modes is None else args.modes) if m != "sum"]
-        base_time = time_images(lambda: generate(pipe, None, request(())), args.images)
-        single_time = time_images(lambda: generate(pipe, None, request((0.8,))), args.images)
-        fused_time = time_images(lambda: generate(pipe, None, request()), args.images)
-        mode_times = {m: time_images(lambda: generate(pipe, None, request(mode=m)), args.images) for m in modes}
+        requests = {"base": request(()), "single": request((0.8,)), "sum": request(),
+                    **{m: request(mode=m) for m in modes}}
+        times = time_rounds({name: lambda r=r: generate(pipe, None, r) for name, r in requests.items()}, args.images)
+        base_time, single_time, fused_time = times["base"], times["single"], times["sum"]
+        mode_times = {m: times[m] for m in modes}
         latencies = weight_change_latency(pipe, lambda w: request((w, 1.0 - w)), args.weight_changes)
         mode_latencies = {m: weight_change_latency(pipe, lambda w, m=m: request((w, 1.0 - w), m), args.weight_changes)
                           for m in modes}
@@ -186,7 +192,7 @@ def time_unfused(base: str, loras: list[Path], args, request) -> tuple[float, fl
         pipe(request.prompt, num_inference_steps=request.steps, guidance_scale=request.cfg,
              generator=torch.Generator("cpu").manual_seed(0))
 
-    return time_images(image, args.images)
+    return time_rounds({"unfused": image}, args.images)["unfused"]
 
 
 def report(base_time, fused_time, unfused_time, latencies, judged: int) -> None:
