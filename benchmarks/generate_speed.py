@@ -45,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weight-changes", type=int, default=8)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default="fp32", help="fp32 (default) | fp16 | bf16: the base's dtype")
+    parser.add_argument("--fuse-only", action="store_true",
+                        help="only time applying a weight change to both adapters in each mode (no images): what a "
+                             "weight change costs on a base too large to draw images of here")
     parser.add_argument("--modes", nargs="*", default=None,
                         help="blend modes to time besides sum (default: every mode in stylelora.lora.blend_modes)")
     return parser.parse_args()
@@ -146,6 +149,9 @@ def main() -> int:
         from stylelora.lora.blend_modes import MODES
 
         modes = [m for m in (MODES if args.modes is None else args.modes) if m != "sum"]
+        if args.fuse_only:
+            report_fuse(pipe, loras, ["sum", *modes], args.weight_changes)
+            return 0
         requests = {"base": request(()), "single": request((0.8,)), "sum": request(),
                     **{m: request(mode=m) for m in modes}}
         times = time_rounds({name: lambda r=r: generate(pipe, None, r) for name, r in requests.items()}, args.images)
@@ -160,6 +166,26 @@ def main() -> int:
     report(base_time, fused_time, unfused_time, latencies, judged)
     report_modes(single_time, {"sum": fused_time, **mode_times}, mode_latencies, judged)
     return 0
+
+
+def report_fuse(pipe, loras: list[Path], modes: list[str], changes: int) -> None:
+    """Seconds to apply a new weight for both adapters (every layer they touch re-fused), per mode: the median of
+    `changes` changes, in turn across the modes."""
+    from stylelora.generate.stack import AdapterStack
+    from stylelora.lora.spec import AdapterSpec
+
+    stack = AdapterStack.for_pipe(pipe)
+    seconds: dict = {mode: [] for mode in modes}
+    for index in range(changes + 1):  # the first change of each mode loads the files: not counted
+        for number, mode in enumerate(modes):
+            weight = 0.5 + 0.01 * (index * len(modes) + number)  # a new weight each time: nothing to skip
+            start = time.perf_counter()
+            stack.apply([AdapterSpec(path, weight) for path in loras], mode)
+            if index:
+                seconds[mode].append(time.perf_counter() - start)
+    stack.clear()
+    for mode in modes:
+        print(f"weight change, fuse only, {mode:6s}: median {statistics.median(seconds[mode]):.3f} s over {changes}")
 
 
 def report_modes(single_time, blend_times: dict, mode_latencies: dict, judged: int) -> None:
