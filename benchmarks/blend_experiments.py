@@ -30,6 +30,8 @@ and each adapter's own set.
     order    split as it is (each adapter reads the prompt with its trigger after the other's) beside split on the
              prompt as typed for every adapter (before stylelora.generate.trigger_order); give --pairs in both
              orders (pastel+stripes carries pastelstyle first)
+    othersum split with the layers outside cross-attention summed (as split fused them before they were merged as
+             ties), beside split as it is
     gain     split with each adapter's UNet weight multiplied by G in some layers (--gain GROUPS:G, GROUPS a
              comma-separated subset of cross, other: the cross-attention projections that run per adapter, every
              other UNet layer); the text encoders stay at the adapter's weight. cross,other:G is
@@ -41,6 +43,9 @@ and each adapter's own set.
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges modules --split-modules up_blocks
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges gain --gain other:1.2 cross:1.2
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges order --pairs pastel+stripes
+    python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges othersum --stacked-only
+
+--stacked-only scores only the prompts carrying both triggers (a third of the images), not each adapter's own set.
 
 Use OMP_NUM_THREADS=1 on a shared machine. Uses stylelora.generate.stack internals (this is an experiment).
 """
@@ -65,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS + REVERSED))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
                         choices=["learned", "concat", "compose", "eps", "window", "uncond", "modules", "rule",
-                                 "gain", "order"])
+                                 "gain", "order", "othersum"])
     parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
                         help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
@@ -80,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gain", nargs="+", default=["other:1.2"],
                         help="gain: GROUPS:G rows, GROUPS a comma-separated subset of cross, other")
     parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
+    parser.add_argument("--stacked-only", action="store_true",
+                        help="score only the prompts carrying both triggers, not each adapter's own prompts")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the learned merge")
     return parser.parse_args(argv)
 
@@ -386,6 +393,20 @@ def split_with_rule(name: str):
 
 
 @contextmanager
+def other_layers_summed():
+    """While inside, split fuses the layers outside cross-attention as the plain sum, not as ties (the rows that
+    use it clear the stack afterwards, so no layer fused this way outlives it)."""
+    from stylelora.generate import stack
+
+    original = stack._layer_delta
+    stack._layer_delta = lambda terms, device, mode: original(terms, device, "sum" if mode == "ties" else mode)
+    try:
+        yield
+    finally:
+        stack._layer_delta = original
+
+
+@contextmanager
 def typed_order(bench: Bench):
     """While inside, split gives every adapter the prompt as typed (no trigger moves)."""
     bench.stack._trigger_reorders = lambda _text_encoder, _identities: None  # an instance attribute: found first
@@ -463,9 +484,13 @@ def eps_composition(bench: Bench, a: str, b: str, how: str):
 
 
 def line(rows: dict, a: str, b: str) -> str:
-    stacked, own_a, own_b = rows[f"{a}+{b}"], rows[a], rows[b]
-    return (f"both {stacked['all_styles_rate']:.2f} ({a} {stacked[f'{a}_rate']:.2f}, {b} {stacked[f'{b}_rate']:.2f}; "
-            f"shape {_fmt(stacked['shape_accuracy'])}, color {_fmt(stacked['color_accuracy'])}) | "
+    stacked = rows[f"{a}+{b}"]
+    both = (f"both {stacked['all_styles_rate']:.2f} ({a} {stacked[f'{a}_rate']:.2f}, {b} {stacked[f'{b}_rate']:.2f}; "
+            f"shape {_fmt(stacked['shape_accuracy'])}, color {_fmt(stacked['color_accuracy'])})")
+    if a not in rows:  # --stacked-only
+        return both
+    own_a, own_b = rows[a], rows[b]
+    return (f"{both} | "
             f"{a} prompts: {a} {own_a[f'{a}_rate']:.2f}, {b} {own_a[f'{b}_rate']:.2f}, shape {_fmt(own_a['shape_accuracy'])} | "
             f"{b} prompts: {b} {own_b[f'{b}_rate']:.2f}, {a} {own_b[f'{a}_rate']:.2f}, shape {_fmt(own_b['shape_accuracy'])}")
 
@@ -481,12 +506,12 @@ def window_rows(bench: Bench, a: str, b: str, windows: list[float], side: str, a
                   alone)
 
 
-def split_row(bench: Bench, a: str, b: str, label: str) -> None:
+def split_row(bench: Bench, a: str, b: str, label: str, sets: tuple[str, ...]) -> None:
     """A row for A + B in split as whatever is patched in now makes it; the stack is cleared afterwards."""
     pair = f"{a}+{b}"
     bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
     try:
-        print(f"{pair:15s} {label} {line(bench.score((pair, a, b)), a, b)}", flush=True)
+        print(f"{pair:15s} {label} {line(bench.score(sets), a, b)}", flush=True)
     finally:
         bench.stack.clear()
 
@@ -517,7 +542,7 @@ def main(argv=None) -> int:
     print(f"{args.samples} prompts per set, seed 0; both-present (each rate) | each adapter's own prompts in the blend")
     for pair in args.pairs:
         a, b = pair.split("+")
-        sets = (pair, a, b)
+        sets = (pair,) if args.stacked_only else (pair, a, b)
         bench.stack.apply([bench.spec(a), bench.spec(b)], "sum")
         print(f"{pair:15s} sum      {line(bench.score(sets), a, b)}", flush=True)
         if "concat" in args.merges:
@@ -542,16 +567,20 @@ def main(argv=None) -> int:
         if "rule" in args.merges:
             for rule in args.rule:
                 with split_with_rule(rule):
-                    split_row(bench, a, b, f"{rule:8s}")
+                    split_row(bench, a, b, f"{rule:8s}", sets)
         if "order" in args.merges:
             with typed_order(bench):
-                split_row(bench, a, b, "typed   ")
-            split_row(bench, a, b, "split   ")
+                split_row(bench, a, b, "typed   ", sets)
+            split_row(bench, a, b, "split   ", sets)
+        if "othersum" in args.merges:
+            with other_layers_summed():
+                split_row(bench, a, b, "othersum", sets)
+            split_row(bench, a, b, "split   ", sets)
         if "gain" in args.merges:
             for row in args.gain:
                 groups, _, gain = row.rpartition(":")
                 with unet_gain(bench, groups, float(gain)):
-                    split_row(bench, a, b, f"gain {row}")
+                    split_row(bench, a, b, f"gain {row}", sets)
         if "learned" in args.merges:
             loss = learned_merge(bench, a, b, args.steps)
             print(f"{pair:15s} learned  {line(bench.score(sets), a, b)} (fit loss {loss:.4f})", flush=True)

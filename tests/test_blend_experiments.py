@@ -2,7 +2,7 @@
 itself, a window over none is one attention core per module, and that core with a silent partner is the adapter;
 the eps merge (one UNet pass per adapter) with a silent partner is the adapter too; the uncond merge (split on
 the prompt's rows only) and the other merge rules of split, checked by hand; the UNet gain in named layers; split
-on the prompt as typed."""
+on the prompt as typed; split with the layers outside cross-attention summed."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,7 +13,7 @@ import torch
 from gen_fixtures import load_tiny_base, make_adapter, make_silent_adapter
 from train_fixtures import load_benchmark
 
-from stylelora.generate.split_attention import SplitCrossAttention
+from stylelora.generate.split_attention import SplitCrossAttention, cross_attention_modules
 from stylelora.generate.stack import AdapterStack
 from stylelora.lora.spec import AdapterSpec
 
@@ -205,3 +205,30 @@ def test_typed_order_turns_the_trigger_move_off_and_back_on(bench):
     split = drawn(False)
     assert abs(drawn(True) - split).max() * 255 > 1  # "stripes, pastel, …": adapter a reads its trigger moved
     assert numpy.array_equal(drawn(False), split) and "_trigger_reorders" not in vars(bench.stack)
+
+
+def test_other_layers_summed_fuses_split_as_it_was_and_is_undone(bench):
+    experiments = load_benchmark("blend_experiments")
+    from stylelora.generate import stack as stack_module
+
+    def unet_weights() -> dict:
+        return {name: p.detach().clone() for name, p in bench.pipe.unet.named_parameters()}
+
+    specs = [bench.spec("a"), bench.spec("b")]
+    try:
+        bench.stack.apply(specs, "sum")
+        summed = unet_weights()
+        bench.stack.clear()
+        with experiments.other_layers_summed():
+            bench.stack.apply(specs, "split")
+            old_split = unet_weights()
+        bench.stack.clear()
+        bench.stack.apply(specs, "split")
+        split = unet_weights()
+    finally:
+        bench.stack.clear()
+    cross = tuple(f"{parent}." for parent in cross_attention_modules(bench.pipe.unet))
+    other = [name for name in summed if not name.startswith(cross)]
+    assert all(torch.equal(old_split[name], summed[name]) for name in other)  # outside cross-attention: the sum
+    assert any(not torch.equal(split[name], summed[name]) for name in other)  # split itself merges them as ties
+    assert stack_module._layer_delta.__module__ == "stylelora.generate.stack"  # the patch is undone

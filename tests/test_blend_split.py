@@ -222,6 +222,28 @@ def test_switching_from_split_to_sum_is_the_plain_sum(world):
     assert (_image(pipe, specs, "sum") == expected).all()
 
 
+def test_split_merges_the_layers_outside_cross_attention_as_ties(world):
+    """Under split every UNet layer that does not run per adapter holds the ties merge of the deltas (sign election
+    per entry), not their sum; the cross-attention projections keep the base's weights."""
+    pipe = load_tiny_base(world["base"])
+    stack = AdapterStack.for_pipe(pipe)
+    specs = [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0)]
+    weights = lambda: {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}  # noqa: E731
+    base = weights()
+    by_mode = {}
+    for mode in ("ties", "sum", "split"):
+        stack.apply(specs, mode)
+        by_mode[mode] = weights()
+    stack.clear()
+    cross = [f"{parent}.{projection}" for parent in split_attention.cross_attention_modules(pipe.unet)
+             for projection in split_attention.PROJECTIONS]
+    other = [n for n in base if n.endswith(".weight") and not n.startswith(tuple(cross))
+             and not torch.equal(by_mode["sum"][n], base[n])]
+    assert other and all(torch.equal(by_mode["split"][n], by_mode["ties"][n]) for n in other)
+    assert any(not torch.equal(by_mode["split"][n], by_mode["sum"][n]) for n in other)  # the adapters do conflict
+    assert all(torch.equal(by_mode["split"][n + ".weight"], base[n + ".weight"]) for n in cross)
+
+
 def test_text_encoder_readings_side_by_side_and_pooled_composed(world):
     pipe = load_tiny_base(world["base"])
     model = pipe.text_encoder

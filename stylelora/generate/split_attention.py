@@ -9,9 +9,10 @@ UNet cross-attention module computes the attention a_0 of the base weights on th
 i's LoRA on q, k, v on adapter i's encoding, merges the changes a_i - a_0 per element (`merge`: the largest
 increase plus the largest decrease, so what the adapters agree on is not counted twice), applies the output
 projection to the merged attention and adds each adapter's LoRA on it. With one adapter that is exactly that
-adapter (the stack never splits a single adapter). Every other layer is the plain fused sum. Each adapter reads the
-prompt with its own trigger moved after the other adapters' triggers (stylelora.generate.trigger_order), so the
-blend does not depend on the order they were typed in.
+adapter (the stack never splits a single adapter). Every other layer is fused as the ties mode fuses it (per weight
+entry, the side that wins the sum keeps its whole push; stack.py). Each adapter reads the prompt with its own
+trigger moved after the other adapters' triggers (stylelora.generate.trigger_order), so the blend does not depend on
+the order they were typed in.
 
 The result depends on the prompt's activations, so it is no static weight delta and cannot be saved as a LoRA file.
 Cost: the text encoders run once more per adapter, and every cross-attention module its attention core once more
