@@ -357,3 +357,22 @@ def test_python_app_py_serves_on_localhost_by_default(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("previous, chosen, weights, expected", [
+    # a second adapter chosen: the first row keeps whatever its sliders show now (no value sent back), the new row 1
+    (["a"], ["a", "b"], [0.6, 0.3], [None, None, 1.0, 1.0]),
+    # the first adapter dropped: b moves up a row and takes its own weights with it
+    (["a", "b"], ["b"], [0.6, 0.3, -0.5, 1.0], [-0.5, 1.0, 1.0, 1.0]),
+    # nothing chosen any more: every row back to 1
+    (["a"], [], [0.6, 0.3], [1.0, 1.0, 1.0, 1.0]),
+])
+def test_weight_rows_follow_the_chosen_adapters_and_never_undo_a_slider_move(previous, chosen, weights, expected):
+    from stylelora.app.ui import MAX_ADAPTER_ROWS, _show_rows
+
+    sliders = (weights + [1.0] * 2 * MAX_ADAPTER_ROWS)[: 2 * MAX_ADAPTER_ROWS]
+    answer = _show_rows(chosen, previous, *sliders)
+    assert answer[0] == chosen
+    rows, values = answer[1:1 + MAX_ADAPTER_ROWS], answer[1 + MAX_ADAPTER_ROWS:]
+    assert [row["visible"] for row in rows] == [i < len(chosen) for i in range(MAX_ADAPTER_ROWS)]
+    assert [update.get("value") for update in values[:4]] == expected

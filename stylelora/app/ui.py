@@ -447,14 +447,20 @@ def train_settings(data, name, base, overwrite, option_keys: Sequence[str], opti
 
 
 def _show_rows(chosen, previous, *weights):
-    """One weight row per chosen adapter; an adapter that stays chosen keeps its weights."""
+    """One weight row per chosen adapter; an adapter that stays chosen keeps its weights. A row whose adapter did not
+    change gets no new value at all: this answer can arrive after the user has moved that row's sliders (a busy
+    server), and sending back the values read when the choice changed would undo the move."""
     chosen = list(chosen or [])[:MAX_ADAPTER_ROWS]
-    old = {name: weights[2 * i:2 * i + 2] for i, name in enumerate(previous or [])}
+    previous = list(previous or [])
+    old = {name: weights[2 * i:2 * i + 2] for i, name in enumerate(previous)}
     rows, sliders = [], []
     for i in range(MAX_ADAPTER_ROWS):
         name = chosen[i] if i < len(chosen) else None
-        unet, te = old.get(name, (1.0, 1.0))
         rows.append(gr.update(visible=name is not None))
+        if name is not None and i < len(previous) and previous[i] == name:
+            sliders += [gr.update(), gr.update()]
+            continue
+        unet, te = old.get(name, (1.0, 1.0))
         sliders += [gr.update(value=unet, label=f"{name} · UNet weight" if name else "UNet weight"),
                     gr.update(value=te, label=f"{name} · text-encoder weight" if name else "TE weight")]
     return [chosen, *rows, *sliders]
