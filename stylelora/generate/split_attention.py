@@ -161,7 +161,7 @@ class SplitCrossAttention:
 
         adapters, shape = len(self.variants), hidden_states.shape
         query = attn.to_q(hidden_states).unsqueeze(0)  # (1, batch, tokens, channels)
-        q_lora = self._per_adapter("to_q", hidden_states.reshape(1, -1, shape[-1]))
+        q_lora = self._per_adapter("to_q", hidden_states.reshape(-1, shape[-1]), shared=True)
         queries = query.expand(adapters + 1, -1, -1, -1) if q_lora is None else \
             torch.cat([query, query + q_lora.view(adapters, *query.shape[1:])])
         keys, values = self._cached_keys_values(attn, encoder_hidden_states)
@@ -173,10 +173,11 @@ class SplitCrossAttention:
             out = out + out_lora.sum(dim=0).view_as(out)
         return attn.to_out[1](out)
 
-    def _per_adapter(self, projection: str, inputs: Any) -> Any:
-        """Each adapter's LoRA on `projection` applied to its own rows of inputs (adapters or 1 shared, rows, in):
-        (adapters, rows, out), or None where no adapter has a LoRA there. The factors are stacked once, zero-padded
-        to the largest rank (a zero rank row adds nothing), so that every adapter's product is one batched call."""
+    def _per_adapter(self, projection: str, inputs: Any, shared: bool = False) -> Any:
+        """Each adapter's LoRA on `projection` applied to its own rows of inputs (adapters, rows, in), or with shared
+        to the same rows (rows, in) for every adapter: (adapters, rows, out), or None where no adapter has a LoRA
+        there. The factors are stacked once, zero-padded to the largest rank (a zero rank row adds nothing), so that
+        every adapter's product is one batched call."""
         import torch
 
         if projection not in self._stacked:
@@ -188,8 +189,8 @@ class SplitCrossAttention:
         if stacked is None:
             return None
         ups, downs = stacked
-        if inputs.shape[0] == 1:  # one input for every adapter: all their down projections in one product
-            low = (inputs[0] @ downs.flatten(0, 1).T).view(inputs.shape[1], len(downs), -1).transpose(0, 1)
+        if shared:  # one input for every adapter: all their down projections in one product
+            low = (inputs @ downs.flatten(0, 1).T).view(inputs.shape[0], len(downs), -1).transpose(0, 1)
         else:
             low = torch.bmm(inputs, downs.transpose(1, 2))
         return torch.bmm(low, ups.transpose(1, 2))
