@@ -571,10 +571,10 @@ def main(argv=None) -> int:
         if "order" in args.merges:
             with typed_order(bench):
                 split_row(bench, a, b, "typed   ", sets)
-            split_row(bench, a, b, "split   ", sets)
         if "othersum" in args.merges:
             with other_layers_summed():
                 split_row(bench, a, b, "othersum", sets)
+        if {"order", "othersum"} & set(args.merges):  # split as it is, beside either (drawn once for both)
             split_row(bench, a, b, "split   ", sets)
         if "gain" in args.merges:
             for row in args.gain:
