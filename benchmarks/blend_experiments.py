@@ -25,13 +25,20 @@ and each adapter's own set.
              prefixes of a --split-modules value, one attention core (the window's) in the others; timed like the
              window
     rule     split with another per-element merge of the adapters' attention changes (--rule): gammaG (the largest
-             push plus G x the others' push the same way; 0 is split, 1 the sum) or maxabs (the one change of
-             largest magnitude, whatever its sign)
+             push plus G x the others' push the same way; 0 is split, 1 the sum), meanG (where two push the same
+             way, G x their mean plus (1 - G) x the larger: 1 is the mean), oppG (where two push opposite ways,
+             the larger whole and G x the smaller: 1 is split, 0 maxabs) or maxabs (the one change of largest
+             magnitude, whatever its sign)
     order    split as it is (each adapter reads the prompt with its trigger after the other's) beside split on the
              prompt as typed for every adapter (before stylelora.generate.trigger_order); give --pairs in both
              orders (pastel+stripes carries pastelstyle first)
     othersum split with the layers outside cross-attention summed (as split fused them before they were merged as
              ties), beside split as it is
+    schedule split with the layers outside cross-attention fused one way above a timestep and another way below it
+             (--schedule EARLY:LATE@T, T of the 1,000 training timesteps; the sampler starts near 1,000). Each
+             side is ties (split as it is), sum, first or second (that adapter's delta alone), none (the base's
+             weights), tiesG (ties with both adapters at G x their weight), normed (ties with each adapter's delta
+             scaled to the mean of their norms, layer by layer) or raised (scaled to the larger norm)
     gain     split with each adapter's UNet weight multiplied by G in some layers (--gain GROUPS:G, GROUPS a
              comma-separated subset of cross, other: the cross-attention projections that run per adapter, every
              other UNet layer); the text encoders stay at the adapter's weight. cross,other:G is
@@ -44,6 +51,7 @@ and each adapter's own set.
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges gain --gain other:1.2 cross:1.2
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges order --pairs pastel+stripes
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges othersum --stacked-only
+    python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges schedule --schedule second:ties@600
 
 --stacked-only scores only the prompts carrying both triggers (a third of the images), not each adapter's own set.
 
@@ -70,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS + REVERSED))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
                         choices=["learned", "concat", "compose", "eps", "window", "uncond", "modules", "rule",
-                                 "gain", "order", "othersum"])
+                                 "gain", "order", "othersum", "schedule"])
     parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
                         help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
@@ -81,9 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="modules: comma-separated prefixes of the cross-attention modules' paths to split, "
                              "one row each")
     parser.add_argument("--rule", nargs="+", default=["gamma0.5", "maxabs"],
-                        help="rule: the merges to try in split's place (gammaG, maxabs)")
+                        help="rule: the merges to try in split's place (gammaG, meanG, oppG, maxabs)")
     parser.add_argument("--gain", nargs="+", default=["other:1.2"],
                         help="gain: GROUPS:G rows, GROUPS a comma-separated subset of cross, other")
+    parser.add_argument("--schedule", nargs="+", default=["second:ties@600"],
+                        help="schedule: EARLY:LATE@T rows (see the module's doc)")
     parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
     parser.add_argument("--stacked-only", action="store_true",
                         help="score only the prompts carrying both triggers, not each adapter's own prompts")
@@ -357,24 +367,35 @@ def _processor_classes():
 
 
 def merge_rule(name: str):
-    """A per-element merge with split_attention.merge's signature: gammaG or maxabs (see the module's doc)."""
+    """A per-element merge with split_attention.merge's signature: gammaG, meanG, oppG or maxabs (see the module's
+    doc)."""
     import torch
 
     from stylelora.generate.split_attention import merge_stacked as split_merge  # before split_with_rule swaps it
+
+    kind = next((prefix for prefix in ("gamma", "mean", "opp") if name.startswith(prefix)), name)
+    if kind not in ("gamma", "mean", "opp", "maxabs"):
+        raise SystemExit(f"--rule {name}: give gammaG, meanG or oppG (a number G, e.g. gamma0.5) or maxabs")
+    share = float(name.removeprefix(kind)) if kind != "maxabs" else 0.0
 
     def merge(base, outputs):
         if len(outputs) == 1:
             return outputs[0]
         changes = torch.stack(list(outputs)) - base
-        if name == "maxabs":
+        if kind == "maxabs":
             return base + changes.gather(0, changes.abs().argmax(0, keepdim=True))[0]
-        gamma = float(name.removeprefix("gamma"))
         up, down = changes.amax(0).clamp(min=0), changes.amin(0).clamp(max=0)
-        rest_up, rest_down = changes.clamp(min=0).sum(0) - up, changes.clamp(max=0).sum(0) - down
-        return split_merge(torch.stack([base, *outputs])) + gamma * (rest_up + rest_down)  # gamma0: split exactly
+        pushes_up, pushes_down = changes.clamp(min=0), changes.clamp(max=0)
+        if kind == "gamma":  # gamma0: split exactly
+            rest = pushes_up.sum(0) - up + pushes_down.sum(0) - down
+            return split_merge(torch.stack([base, *outputs])) + share * rest
+        if kind == "mean":  # each way: G x the mean of the pushes that way + (1 - G) x the largest of them
+            mean_up = pushes_up.sum(0) / (changes > 0).sum(0).clamp(min=1)
+            mean_down = pushes_down.sum(0) / (changes < 0).sum(0).clamp(min=1)
+            return base + share * (mean_up + mean_down) + (1 - share) * (up + down)
+        larger_up = up >= -down  # opposite ways: the larger push whole, the smaller at G (two adapters)
+        return base + torch.where(larger_up, up, down) + share * torch.where(larger_up, down, up)
 
-    if name != "maxabs" and not name.startswith("gamma"):
-        raise SystemExit(f"--rule {name}: give gammaG (a number G, e.g. gamma0.5) or maxabs")
     return merge
 
 
@@ -446,6 +467,79 @@ def unet_gain(bench: Bench, groups: str, gain: float):
         yield
     finally:
         vars(stack).pop("_plan", None)
+
+
+def _other_layer_weights(bench: Bench, a: str, b: str, names: set[str]) -> dict:
+    """With A + B applied in split: {layer: {name: the layer's weight fused that way}} for every UNet layer outside
+    cross-attention that split fuses (the schedule merge's vocabulary, see the module's doc)."""
+    import torch
+
+    from stylelora.generate import stack as stack_module
+
+    stack = bench.stack
+    specs = [bench.spec(a), bench.spec(b)]
+    adapters = [stack.load(spec.path) for spec in specs]
+    first, second = ((adapter.path, adapter.signature) for adapter in adapters)
+    plan = stack._plan(specs, adapters)
+    weights: dict = {}
+    with torch.no_grad():
+        for key in [key for key in stack._fused if key[0] == "unet"]:
+            terms, base = plan[key], stack._backups[key]
+
+            def fused(chosen, mode="ties"):
+                if not chosen:
+                    return base.clone()
+                return (base.float() + stack_module._layer_delta(chosen, base.device, mode).reshape(base.shape)).to(base)
+
+            norms = [float(weight * factors.scale * (factors.up.float() @ factors.down.float()).norm())
+                     for _, weight, factors in terms]
+            rows = {"ties": stack._layer_weight(key).detach().clone(), "sum": fused(terms, "sum"), "none": base,
+                    "first": fused([t for t in terms if t[0] == first]),
+                    "second": fused([t for t in terms if t[0] == second])}
+            for name in names - set(rows):
+                if name.startswith("ties"):
+                    gain = float(name.removeprefix("ties"))
+                    rows[name] = fused([(i, w * gain, f) for i, w, f in terms])
+                elif name in ("normed", "raised"):
+                    target = sum(norms) / len(norms) if name == "normed" else max(norms)
+                    rows[name] = fused([(i, w * target / n, f) for (i, w, f), n in zip(terms, norms)])
+                else:
+                    raise SystemExit(f"--schedule: unknown side {name!r} (ties, sum, first, second, none, tiesG, "
+                                     "normed, raised)")
+            weights[key] = rows
+    return weights
+
+
+def scheduled_split(bench: Bench, a: str, b: str, rows: list[str]):
+    """Apply A + B in split; returns switch(row), which makes the layers outside cross-attention take the row's
+    EARLY fusion above its timestep and LATE below it, and undo(), which removes the hook (then clear the stack)."""
+    import torch
+
+    parsed = {}
+    for row in rows:
+        sides, _, threshold = row.partition("@")
+        early, _, late = sides.partition(":")
+        if not (early and late and threshold):
+            raise SystemExit(f"--schedule {row}: give EARLY:LATE@T, e.g. second:ties@600")
+        parsed[row] = (early, late, float(threshold))
+    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+    weights = _other_layer_weights(bench, a, b, {side for early, late, _ in parsed.values() for side in (early, late)})
+    state = {"row": None, "fused": "ties"}
+
+    def use(name: str) -> None:
+        if state["fused"] != name:
+            with torch.no_grad():
+                for key, rows_by_name in weights.items():
+                    bench.stack._layer_weight(key).copy_(rows_by_name[name])
+            state["fused"] = name
+
+    def before_call(_module, args, kwargs):
+        early, late, threshold = parsed[state["row"]]
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else 0)
+        use(early if float(torch.as_tensor(timestep).flatten()[0]) > threshold else late)
+
+    hook = bench.pipe.unet.register_forward_pre_hook(before_call, with_kwargs=True)
+    return (lambda row: state.update(row=row)), hook.remove
 
 
 def eps_composition(bench: Bench, a: str, b: str, how: str):
@@ -576,6 +670,15 @@ def main(argv=None) -> int:
                 split_row(bench, a, b, "othersum", sets)
         if {"order", "othersum"} & set(args.merges):  # split as it is, beside either (drawn once for both)
             split_row(bench, a, b, "split   ", sets)
+        if "schedule" in args.merges:
+            switch, undo = scheduled_split(bench, a, b, args.schedule)
+            try:
+                for row in args.schedule:
+                    switch(row)
+                    print(f"{pair:15s} {row} {line(bench.score(sets), a, b)}", flush=True)
+            finally:
+                undo()
+                bench.stack.clear()
         if "gain" in args.merges:
             for row in args.gain:
                 groups, _, gain = row.rpartition(":")

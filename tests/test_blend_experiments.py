@@ -2,7 +2,7 @@
 itself, a window over none is one attention core per module, and that core with a silent partner is the adapter;
 the eps merge (one UNet pass per adapter) with a silent partner is the adapter too; the uncond merge (split on
 the prompt's rows only) and the other merge rules of split, checked by hand; the UNet gain in named layers; split
-on the prompt as typed; split with the layers outside cross-attention summed."""
+on the prompt as typed; split with the layers outside cross-attention summed, or fused by timestep."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -106,6 +106,12 @@ def test_uncond_split_runs_one_core_on_the_negative_rows_only(bench):
     ("gamma1", [3.0, -4.0, -1.0]),  # the sum of the changes
     ("gamma0.5", [2.5, -3.5, -1.0]),
     ("maxabs", [2.0, -3.0, -2.0]),  # the larger change, whatever its sign
+    ("mean0", [2.0, -3.0, -1.0]),  # split
+    ("mean1", [1.5, -2.0, -1.0]),  # the same way: their mean; opposite ways: each whole
+    ("mean0.5", [1.75, -2.5, -1.0]),
+    ("opp1", [2.0, -3.0, -1.0]),  # split
+    ("opp0.5", [2.0, -3.0, -1.5]),  # opposite ways: the larger whole, half the smaller
+    ("opp0", [2.0, -3.0, -2.0]),  # maxabs
 ])
 def test_merge_rules_by_hand(rule, expected):
     merge = load_benchmark("blend_experiments").merge_rule(rule)
@@ -232,3 +238,35 @@ def test_other_layers_summed_fuses_split_as_it_was_and_is_undone(bench):
     assert all(torch.equal(old_split[name], summed[name]) for name in other)  # outside cross-attention: the sum
     assert any(not torch.equal(split[name], summed[name]) for name in other)  # split itself merges them as ties
     assert stack_module._layer_delta.__module__ == "stylelora.generate.stack"  # the patch is undone
+
+
+def test_schedule_fuses_the_other_layers_by_timestep_and_is_undone(bench):
+    experiments = load_benchmark("blend_experiments")
+    rows = ["ties:ties@0", "second:second@0", "ties:second@1000", "none:none@0", "sum:sum@0"]
+
+    def scheduled() -> dict[str, numpy.ndarray]:
+        switch, undo = experiments.scheduled_split(bench, "a", "b", rows)
+        try:
+            drawn = {}
+            for row in rows:
+                switch(row)
+                drawn[row] = _image(bench.pipe)
+            return drawn
+        finally:
+            undo()
+            bench.stack.clear()
+
+    bench.stack.apply([bench.spec("a"), bench.spec("b")], "split")
+    split = _image(bench.pipe)
+    bench.stack.clear()
+    before = {name: p.detach().clone() for name, p in bench.pipe.unet.named_parameters()}
+    drawn = scheduled()
+    assert numpy.array_equal(drawn["ties:ties@0"], split)  # ties at every step: split itself
+    assert numpy.array_equal(drawn["ties:second@1000"], drawn["second:second@0"])  # every timestep is below 1000
+    for row in ("second:second@0", "none:none@0", "sum:sum@0"):
+        assert abs(drawn[row] - split).max() * 255 > 1, row
+    assert all(torch.equal(p, before[name]) for name, p in bench.pipe.unet.named_parameters())  # the base again
+    assert not bench.pipe.unet._forward_pre_hooks
+    with pytest.raises(SystemExit, match="unknown side"):
+        experiments.scheduled_split(bench, "a", "b", ["ties:louder@500"])
+    bench.stack.clear()

@@ -1,0 +1,102 @@
+"""Where a blend loses a style: the images of a pair's stacked prompts in which the judge misses one adapter,
+counted by the prompt's background and color, each beside the judge's verdict on the same prompt with the missing
+adapter alone, and a contact sheet of them to look at (docs/results.md, "What the character loses beside pastel").
+
+    python benchmarks/blend_failures.py --adapters-dir outputs/switch/tn02 --pair pastel+zorb --out outputs/failures
+
+The images are the ones `stylelora evaluate --lora A:1 --lora B:1 --prompt-set A+B --samples N --blend-mode MODE`
+draws (same prompts, same seeds). Writes OUT/A+B-MODE.png (each failed image over the same prompt drawn by the
+adapter the blend lost, alone; 8x size) and prints a line per failure.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "switch" / "tn02"),
+                        help="holds toy-NAME/toy-NAME.safetensors for each style of the pair")
+    parser.add_argument("--pair", default="pastel+zorb", help="A+B, as a prompt set of stylelora evaluate")
+    parser.add_argument("--mode", default="split", help="blend mode")
+    parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--out", default=str(REPO / "outputs" / "failures"))
+    return parser.parse_args(argv)
+
+
+def draw(pipe, stack, paths: list[Path], mode: str, prompts, settings):
+    from stylelora.lora.spec import AdapterSpec
+    from stylelora.toy.evaluate import generate_images
+
+    stack.apply([AdapterSpec(str(path), 1.0) for path in paths], mode)
+    try:
+        return generate_images(pipe, prompts, settings)
+    finally:
+        stack.clear()
+
+
+def contact_sheet(pairs, path: Path, scale: int = 8) -> None:
+    """Each (blend image, alone image) as a column, blend on top."""
+    from PIL import Image
+
+    size = pairs[0][0].width if pairs else 32
+    sheet = Image.new("RGB", (max(len(pairs), 1) * size, 2 * size), "black")
+    for column, (blend, alone) in enumerate(pairs):
+        sheet.paste(blend, (column * size, 0))
+        sheet.paste(alone, (column * size, size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.png")
+    sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST).save(temporary)
+    temporary.replace(path)
+
+
+def main(argv=None) -> int:
+    from stylelora.generate.stack import AdapterStack
+    from stylelora.models.load import load_base
+    from stylelora.toy.evaluate import EvalSettings, build_prompts
+    from stylelora.toy.judge import load_judge
+
+    args = parse_args(argv)
+    styles = args.pair.split("+")
+    files = {style: Path(args.adapters_dir) / f"toy-{style}" / f"toy-{style}.safetensors" for style in styles}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise SystemExit(f"no adapter at {', '.join(missing)}: train it with stylelora train datasets/toy-NAME "
+                         f"--output {args.adapters_dir}/toy-NAME")
+    pipe, judge = load_base("toy"), load_judge()
+    pipe.set_progress_bar_config(disable=True)
+    stack = AdapterStack.for_pipe(pipe)
+    settings = EvalSettings(samples=args.samples, prompt_sets=(args.pair,))
+    prompts = build_prompts(args.samples, settings.seed, settings.prompt_sets)
+    blended = draw(pipe, stack, list(files.values()), args.mode, prompts, settings)
+    verdicts = judge.predict(blended)
+    alone_images = {style: draw(pipe, stack, [files[style]], args.mode, prompts, settings) for style in styles}
+    alone = {style: judge.predict(images) for style, images in alone_images.items()}
+    failed, totals, counts, sheet = [], Counter(), Counter(), []
+    for index, (prompt, verdict) in enumerate(zip(prompts, verdicts)):
+        background = prompt.prompt.rsplit(" on a ", 1)[1].split()[0]
+        totals.update([prompt.color, background])
+        lost = [style for style in styles if not verdict[style]]
+        if lost:
+            counts.update([prompt.color, background])
+            failed.append(index)
+            sheet.append((blended[index], alone_images[lost[0]][index]))
+            judged = ", ".join(f"{style} {verdict[f'{style}_prob']:.2f}" for style in styles)
+            print(f"{prompt.prompt} | blend: {judged} | {lost[0]} alone: {alone[lost[0]][index][f'{lost[0]}_prob']:.2f}")
+    print(f"{args.pair} in {args.mode}: {len(failed)} of {len(prompts)} images miss a style")
+    for name in sorted(totals, key=lambda key: -counts[key] / totals[key]):
+        print(f"  {name:8s} {counts[name]} of {totals[name]}")
+    out = Path(args.out) / f"{args.pair}-{args.mode}.png"
+    contact_sheet(sheet, out)
+    print(f"contact sheet: {out} (the blend on top, the adapter it lost alone below)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
