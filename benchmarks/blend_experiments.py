@@ -469,44 +469,51 @@ def unet_gain(bench: Bench, groups: str, gain: float):
         vars(stack).pop("_plan", None)
 
 
+SCHEDULE_SIDES = ("ties", "sum", "first", "second", "none", "tiesG", "normed", "raised")
+
+
+def _check_side(name: str) -> str:
+    gain = name.removeprefix("ties")
+    if name not in SCHEDULE_SIDES and not (name.startswith("ties") and gain.replace(".", "", 1).isdigit()):
+        raise SystemExit(f"--schedule: unknown side {name!r} ({', '.join(SCHEDULE_SIDES)})")
+    return name
+
+
+def _fused_as(name: str, terms: list, base, adapters: tuple) -> object:
+    """One layer's weight with its terms [(adapter, weight, factors)] fused the way `name` says (_check_side'd)."""
+    from stylelora.generate import stack as stack_module
+
+    mode = "sum" if name == "sum" else "ties"
+    if name in ("first", "second"):
+        terms = [term for term in terms if term[0] == adapters[name == "second"]]
+    elif name in ("normed", "raised"):
+        norms = [weight * factors.scale * float((factors.up.float() @ factors.down.float()).norm())
+                 for _, weight, factors in terms]
+        target = sum(norms) / len(norms) if name == "normed" else max(norms)
+        terms = [(identity, weight * target / norm, factors) for (identity, weight, factors), norm in zip(terms, norms)]
+    elif name.startswith("ties") and name != "ties":
+        terms = [(identity, weight * float(name.removeprefix("ties")), factors) for identity, weight, factors in terms]
+    if name == "none" or not terms:
+        return base.clone()
+    return (base.float() + stack_module._layer_delta(terms, base.device, mode).reshape(base.shape)).to(base)
+
+
 def _other_layer_weights(bench: Bench, a: str, b: str, names: set[str]) -> dict:
     """With A + B applied in split: {layer: {name: the layer's weight fused that way}} for every UNet layer outside
-    cross-attention that split fuses (the schedule merge's vocabulary, see the module's doc)."""
+    cross-attention that split fuses, for each of `names` (the schedule merge's sides, see the module's doc)."""
     import torch
-
-    from stylelora.generate import stack as stack_module
 
     stack = bench.stack
     specs = [bench.spec(a), bench.spec(b)]
-    adapters = [stack.load(spec.path) for spec in specs]
-    first, second = ((adapter.path, adapter.signature) for adapter in adapters)
-    plan = stack._plan(specs, adapters)
+    loaded = [stack.load(spec.path) for spec in specs]
+    adapters = tuple((adapter.path, adapter.signature) for adapter in loaded)
+    plan = stack._plan(specs, loaded)
     weights: dict = {}
     with torch.no_grad():
         for key in [key for key in stack._fused if key[0] == "unet"]:
             terms, base = plan[key], stack._backups[key]
-
-            def fused(chosen, mode="ties"):
-                if not chosen:
-                    return base.clone()
-                return (base.float() + stack_module._layer_delta(chosen, base.device, mode).reshape(base.shape)).to(base)
-
-            norms = [float(weight * factors.scale * (factors.up.float() @ factors.down.float()).norm())
-                     for _, weight, factors in terms]
-            rows = {"ties": stack._layer_weight(key).detach().clone(), "sum": fused(terms, "sum"), "none": base,
-                    "first": fused([t for t in terms if t[0] == first]),
-                    "second": fused([t for t in terms if t[0] == second])}
-            for name in names - set(rows):
-                if name.startswith("ties"):
-                    gain = float(name.removeprefix("ties"))
-                    rows[name] = fused([(i, w * gain, f) for i, w, f in terms])
-                elif name in ("normed", "raised"):
-                    target = sum(norms) / len(norms) if name == "normed" else max(norms)
-                    rows[name] = fused([(i, w * target / n, f) for (i, w, f), n in zip(terms, norms)])
-                else:
-                    raise SystemExit(f"--schedule: unknown side {name!r} (ties, sum, first, second, none, tiesG, "
-                                     "normed, raised)")
-            weights[key] = rows
+            weights[key] = {name: stack._layer_weight(key).detach().clone() if name == "ties"  # split's own fusion
+                            else _fused_as(name, terms, base, adapters) for name in names}
     return weights
 
 
@@ -521,7 +528,7 @@ def scheduled_split(bench: Bench, a: str, b: str, rows: list[str]):
         early, _, late = sides.partition(":")
         if not (early and late and threshold):
             raise SystemExit(f"--schedule {row}: give EARLY:LATE@T, e.g. second:ties@600")
-        parsed[row] = (early, late, float(threshold))
+        parsed[row] = (_check_side(early), _check_side(late), float(threshold))
     bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
     weights = _other_layer_weights(bench, a, b, {side for early, late, _ in parsed.values() for side in (early, late)})
     state = {"row": None, "fused": "ties"}

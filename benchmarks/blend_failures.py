@@ -6,7 +6,7 @@ adapter alone, and a contact sheet of them to look at (docs/results.md, "What th
 
 The images are the ones `stylelora evaluate --lora A:1 --lora B:1 --prompt-set A+B --samples N --blend-mode MODE`
 draws (same prompts, same seeds). Writes OUT/A+B-MODE.png (each failed image over the same prompt drawn by the
-adapter the blend lost, alone; 8x size) and prints a line per failure.
+adapter the blend lost, alone; 8x size; none when nothing failed) and prints a line per failure.
 """
 from __future__ import annotations
 
@@ -41,23 +41,9 @@ def draw(pipe, stack, paths: list[Path], mode: str, prompts, settings):
         stack.clear()
 
 
-def contact_sheet(pairs, path: Path, scale: int = 8) -> None:
-    """Each (blend image, alone image) as a column, blend on top."""
-    from PIL import Image
-
-    size = pairs[0][0].width if pairs else 32
-    sheet = Image.new("RGB", (max(len(pairs), 1) * size, 2 * size), "black")
-    for column, (blend, alone) in enumerate(pairs):
-        sheet.paste(blend, (column * size, 0))
-        sheet.paste(alone, (column * size, size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.png")
-    sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST).save(temporary)
-    temporary.replace(path)
-
-
 def main(argv=None) -> int:
     from stylelora.generate.stack import AdapterStack
+    from stylelora.grid import save_grid
     from stylelora.models.load import load_base
     from stylelora.toy.evaluate import EvalSettings, build_prompts
     from stylelora.toy.judge import load_judge
@@ -92,9 +78,10 @@ def main(argv=None) -> int:
     print(f"{args.pair} in {args.mode}: {len(failed)} of {len(prompts)} images miss a style")
     for name in sorted(totals, key=lambda key: -counts[key] / totals[key]):
         print(f"  {name:8s} {counts[name]} of {totals[name]}")
-    out = Path(args.out) / f"{args.pair}-{args.mode}.png"
-    contact_sheet(sheet, out)
-    print(f"contact sheet: {out} (the blend on top, the adapter it lost alone below)")
+    if sheet:  # the blend's images in the top row, the adapter each lost, alone, below it (8x, no gaps)
+        out = save_grid([blend for blend, _ in sheet] + [alone for _, alone in sheet],
+                        Path(args.out) / f"{args.pair}-{args.mode}.png", columns=len(sheet), scale=8, gap=0)
+        print(f"contact sheet: {out} (the blend on top, the adapter it lost alone below)")
     return 0
 
 
