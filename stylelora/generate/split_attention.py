@@ -78,15 +78,19 @@ def merge(base: Any, outputs: Sequence[Any]) -> Any:
 
 def merge_stacked(parts: Any) -> Any:
     """`merge` on one tensor holding the base's output first and each adapter's after it on the first axis (the
-    layout the attention core returns, so nothing is copied). max(highest, base) - base + min(lowest, base) is the
-    base plus the largest increase plus the largest decrease, in six element-wise passes instead of ten: on a GPU
+    layout the attention core returns, so nothing is copied). With hi and lo the highest and lowest adapter output,
+    base + (largest increase) + (largest decrease) is hi + lo - median(hi, lo, base), and that median is the base
+    clamped to [lo, hi]: four element-wise passes (one of them finds hi and lo together) instead of ten. On a GPU
     each pass is a kernel launch, and split's launches are what it costs there (docs/results.md, "Cost")."""
     import torch
 
     base, outputs = parts[0], parts[1:]
     if len(outputs) == 1:
         return outputs[0]
-    return torch.maximum(outputs.amax(dim=0), base).sub_(base).add_(torch.minimum(outputs.amin(dim=0), base))
+    lowest, highest = torch.aminmax(outputs, dim=0)
+    # hi - (clamp - lo) rather than hi + lo - clamp: where every adapter raises the element (clamp = lo) it is hi
+    # exactly, as the largest increase alone should be.
+    return highest.sub_(torch.clamp(base, min=lowest, max=highest).sub_(lowest))
 
 
 class SplitCrossAttention:
@@ -105,7 +109,7 @@ class SplitCrossAttention:
         self.inner = inner  # the processor this one replaced; `uninstall` puts it back
         self.variants = list(variants)  # per adapter: {projection: low-rank factors}
         self._keys_values: tuple | None = None  # (weakref to the text states, their version, (keys, values))
-        self._stacked: dict[str, tuple | None] = {}  # per projection: every adapter's factors, batched (_per_adapter)
+        self._stacked: dict[str, tuple | None] = {}  # per projection: every adapter's factors, batched (_stack)
         self._is_plain: bool | None = None  # the module's structure does not change: checked on the first call
 
     def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None, attention_mask: Any = None,
@@ -154,46 +158,50 @@ class SplitCrossAttention:
                 and attn.rescale_output_factor == 1.0 and abs(attn.scale - head_dim ** -0.5) < 1e-12)
 
     def _low_rank_path(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any) -> Any:
-        """The base query and output projections once; every adapter's LoRA on them as two batched products (one
-        launch each for all adapters, not two per adapter); one attention call over all readings."""
+        """The base query and output projections once; every adapter's LoRA on them as batched products (one
+        launch for all adapters, not two per adapter); one attention call over all readings. Few launches matter:
+        on a GPU this path is bound by them, not by its arithmetic (docs/results.md, "Cost")."""
         import torch
         import torch.nn.functional as F
 
         adapters, shape = len(self.variants), hidden_states.shape
         query = attn.to_q(hidden_states).unsqueeze(0)  # (1, batch, tokens, channels)
-        q_lora = self._per_adapter("to_q", hidden_states.reshape(-1, shape[-1]), shared=True)
-        queries = query.expand(adapters + 1, -1, -1, -1) if q_lora is None else \
-            torch.cat([query, query + q_lora.view(adapters, *query.shape[1:])])
+        q_lora = self._stack("to_q")
+        if q_lora is None:
+            queries = query.expand(adapters + 1, -1, -1, -1)
+        else:  # the base's entry is zero, so one broadcast add gives every reading's queries, the base's first
+            ups, downs = q_lora
+            rows = hidden_states.reshape(-1, shape[-1])
+            low = (rows @ downs.flatten(0, 1).T).view(rows.shape[0], adapters + 1, -1).transpose(0, 1)
+            queries = query + torch.bmm(low, ups.transpose(1, 2)).view(adapters + 1, *query.shape[1:])
         keys, values = self._cached_keys_values(attn, encoder_hidden_states)
-        attended = F.scaled_dot_product_attention(_by_head(attn, [queries.flatten(0, 1)]), keys, values)
+        attended = F.scaled_dot_product_attention(_heads(attn, queries.flatten(0, 1)), keys, values)
         parts = attended.transpose(1, 2).reshape(adapters + 1, *query.shape[1:3], -1).to(query.dtype)
         out = attn.to_out[0](merge_stacked(parts))  # the base projection once, on the merged attention
-        out_lora = self._per_adapter("to_out.0", parts[1:].flatten(1, 2))
-        if out_lora is not None:
-            out = out + out_lora.sum(dim=0).view_as(out)
+        out_lora = self._stack("to_out.0")
+        if out_lora is not None:  # sum_i part_i D_i^T U_i^T = [part_1 D_1^T | part_2 D_2^T | ...] [U_1 | U_2 | ...]^T
+            ups_side_by_side, downs = out_lora
+            low = torch.bmm(parts[1:].flatten(1, 2), downs.transpose(1, 2))  # (adapters, rows, rank)
+            out.view(-1, out.shape[-1]).addmm_(low.transpose(0, 1).reshape(low.shape[1], -1), ups_side_by_side.T)
         return attn.to_out[1](out)
 
-    def _per_adapter(self, projection: str, inputs: Any, shared: bool = False) -> Any:
-        """Each adapter's LoRA on `projection` applied to its own rows of inputs (adapters, rows, in), or with shared
-        to the same rows (rows, in) for every adapter: (adapters, rows, out), or None where no adapter has a LoRA
-        there. The factors are stacked once, zero-padded to the largest rank (a zero rank row adds nothing), so that
-        every adapter's product is one batched call."""
-        import torch
-
+    def _stack(self, projection: str) -> tuple | None:
+        """Every adapter's factors on `projection`, stacked once per blend (`_stack_factors`), or None where none
+        has any. The query's stack has a zero entry first, for the base's reading; the output projection's ups are
+        laid side by side, (out, adapters * rank), so that one product sums what the adapters add."""
         if projection not in self._stacked:
             factors = [variant.get(projection) for variant in self.variants]
             present = [f for f in factors if f is not None]
-            self._stacked[projection] = _stack_factors(factors, max(f[1].shape[0] for f in present)) \
-                if present else None
-        stacked = self._stacked[projection]
-        if stacked is None:
-            return None
-        ups, downs = stacked
-        if shared:  # one input for every adapter: all their down projections in one product
-            low = (inputs @ downs.flatten(0, 1).T).view(inputs.shape[0], len(downs), -1).transpose(0, 1)
-        else:
-            low = torch.bmm(inputs, downs.transpose(1, 2))
-        return torch.bmm(low, ups.transpose(1, 2))
+            stacked = None
+            if present:
+                rank = max(f[1].shape[0] for f in present)
+                if projection == "to_q":
+                    stacked = _stack_factors([None, *factors], rank)
+                else:
+                    ups, downs = _stack_factors(factors, rank)
+                    stacked = (ups.transpose(0, 1).flatten(1), downs)
+            self._stacked[projection] = stacked
+        return self._stacked[projection]
 
     def _cached_keys_values(self, attn: Any, encoder_hidden_states: Any) -> tuple[Any, Any]:
         """Every variant's keys and values by head. A pipeline passes the same text states to every sampling step,
@@ -231,13 +239,17 @@ def _stack_factors(factors: Sequence[Factors | None], rank: int) -> tuple[Any, A
     return ups, downs
 
 
+def _heads(attn: Any, stacked: Any) -> Any:
+    """Projections stacked on the batch axis, split into heads: (rows, heads, tokens, head_dim), a view."""
+    return stacked.view(stacked.shape[0], stacked.shape[1], attn.heads, -1).transpose(1, 2)
+
+
 def _by_head(attn: Any, parts: Sequence[Any]) -> Any:
     """The variants' projections stacked on the batch axis and split into heads: (variants * batch, heads, tokens,
     head_dim)."""
     import torch
 
-    stacked = torch.cat(list(parts))
-    return stacked.view(stacked.shape[0], stacked.shape[1], attn.heads, -1).transpose(1, 2)
+    return _heads(attn, torch.cat(list(parts)))
 
 
 def install_attention(unet: Any, parent: str, variants: Sequence[Variant]) -> None:
