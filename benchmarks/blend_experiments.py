@@ -38,7 +38,9 @@ and each adapter's own set.
              (--schedule EARLY:LATE@T, T of the 1,000 training timesteps; the sampler starts near 1,000). Each
              side is ties (split as it is), sum, first or second (that adapter's delta alone), none (the base's
              weights), tiesG (ties with both adapters at G x their weight), normed (ties with each adapter's delta
-             scaled to the mean of their norms, layer by layer) or raised (scaled to the larger norm)
+             scaled to the mean of their norms, layer by layer), raised (scaled to the larger norm), keepinK or
+             keepoutK (adapter K's delta whole, the other's summed with the part on K's input directions, or on
+             its output directions, projected away)
     gain     split with each adapter's UNet weight multiplied by G in some layers (--gain GROUPS:G, GROUPS a
              comma-separated subset of cross, other: the cross-attention projections that run per adapter, every
              other UNet layer); the text encoders stay at the adapter's weight. cross,other:G is
@@ -469,7 +471,8 @@ def unet_gain(bench: Bench, groups: str, gain: float):
         vars(stack).pop("_plan", None)
 
 
-SCHEDULE_SIDES = ("ties", "sum", "first", "second", "none", "tiesG", "normed", "raised")
+SCHEDULE_SIDES = ("ties", "sum", "first", "second", "none", "tiesG", "normed", "raised", "keepin1", "keepin2",
+                  "keepout1", "keepout2")
 
 
 def _check_side(name: str) -> str:
@@ -495,7 +498,29 @@ def _fused_as(name: str, terms: list, base, adapters: tuple) -> object:
         terms = [(identity, weight * float(name.removeprefix("ties")), factors) for identity, weight, factors in terms]
     if name == "none" or not terms:
         return base.clone()
+    if name.startswith("keep") and len(terms) == 2:
+        return (base.float() + _kept_delta(name, terms, base.device).reshape(base.shape)).to(base)
     return (base.float() + stack_module._layer_delta(terms, base.device, mode).reshape(base.shape)).to(base)
+
+
+def _kept_delta(name: str, terms: list, device) -> object:
+    """keepinK / keepoutK: adapter K's delta whole, plus the other's with the part that acts on K's inputs (the row
+    space of K's down) or writes into K's outputs (the column space of K's up) projected away, so that the other
+    adapter cannot undo what K does there."""
+    import torch
+
+    deltas = [(weight * factors.scale) * factors.up.to(device).float() @ factors.down.to(device).float()
+              for _, weight, factors in terms]
+    kept = int(name[-1]) - 1
+    other = deltas[1 - kept]
+    _, _, factors = terms[kept]
+    if name.startswith("keepin"):
+        basis, _ = torch.linalg.qr(factors.down.to(device).float().T)  # (in, rank): K's input directions
+        other = other - (other @ basis) @ basis.T
+    else:
+        basis, _ = torch.linalg.qr(factors.up.to(device).float())  # (out, rank): K's output directions
+        other = other - basis @ (basis.T @ other)
+    return deltas[kept] + other
 
 
 def _other_layer_weights(bench: Bench, a: str, b: str, names: set[str]) -> dict:

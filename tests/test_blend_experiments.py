@@ -270,3 +270,17 @@ def test_schedule_fuses_the_other_layers_by_timestep_and_is_undone(bench):
     with pytest.raises(SystemExit, match="unknown side"):
         experiments.scheduled_split(bench, "a", "b", ["ties:louder@500"])
     bench.stack.clear()
+
+
+@pytest.mark.parametrize("side, expected", [
+    ("keepin1", [[1.0, 1.0], [0.0, 1.0]]),  # b loses what it does to a's input direction (the first column)
+    ("keepout1", [[1.0, 0.0], [1.0, 1.0]]),  # b loses what it writes into a's output direction (the first row)
+    # b kept: a's delta [[1, 0], [0, 0]] less its part on b's input direction (1, 1)/sqrt 2, i.e. [[.5, -.5], [0, 0]]
+    ("keepin2", [[1.5, 0.5], [1.0, 1.0]]),
+])
+def test_kept_delta_projects_the_other_adapter_off_the_kept_ones_directions(side, expected):
+    experiments = load_benchmark("blend_experiments")
+    a = SimpleNamespace(up=torch.tensor([[1.0], [0.0]]), down=torch.tensor([[1.0, 0.0]]), scale=1.0)
+    b = SimpleNamespace(up=torch.tensor([[1.0], [1.0]]), down=torch.tensor([[1.0, 1.0]]), scale=1.0)
+    terms = [("a", 1.0, a), ("b", 1.0, b)]
+    assert torch.allclose(experiments._kept_delta(side, terms, "cpu"), torch.tensor(expected), atol=1e-6)
