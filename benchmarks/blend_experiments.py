@@ -308,7 +308,7 @@ def _processor_classes():
     import torch
     import torch.nn.functional as F
 
-    from stylelora.generate.split_attention import SplitCrossAttention, _by_head, _low_rank, merge
+    from stylelora.generate.split_attention import SplitCrossAttention, _heads, _low_rank, merge
 
     class OneCore(SplitCrossAttention):
         """One attention core at every step: keys and values from the readings merged per element (once per text
@@ -332,9 +332,9 @@ def _processor_classes():
             if cache.get("states") is not encoder_hidden_states:
                 contexts = encoder_hidden_states.chunk(len(self.variants) + 1, dim=1)
                 reading = merge(contexts[0], contexts[1:])
-                cache.update(states=encoder_hidden_states, keys=_by_head(attn, [summed("to_k", reading)]),
-                             values=_by_head(attn, [summed("to_v", reading)]))
-            query = _by_head(attn, [summed("to_q", hidden_states)])
+                cache.update(states=encoder_hidden_states, keys=_heads(attn, summed("to_k", reading)),
+                             values=_heads(attn, summed("to_v", reading)))
+            query = _heads(attn, summed("to_q", hidden_states))
             attended = F.scaled_dot_product_attention(query, cache["keys"], cache["values"]).transpose(1, 2).flatten(2)
             return attn.to_out[1](summed("to_out.0", attended.to(hidden_states.dtype)))
 

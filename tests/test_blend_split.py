@@ -170,10 +170,13 @@ def test_split_computes_keys_and_values_once_per_image_and_keeps_none_after(worl
     _image(pipe, specs, "split")
     parent = split_attention.cross_attention_modules(pipe.unet)[0]
     calls = []
-    hook = pipe.unet.get_submodule(parent).to_k.register_forward_hook(lambda *_: calls.append(1))
+    hook = pipe.unet.get_submodule(parent).to_k.register_forward_hook(
+        lambda _module, inputs, _output: calls.append(inputs[0].shape[0]))
     again = _image(pipe, specs, "split", "a blue square")  # 3 steps, classifier-free guidance
     hook.remove()
-    assert len(calls) == 3  # the base's and each adapter's reading once per image, not once per step
+    # The base's and each adapter's reading (3) of the negative and the positive prompt (2): in one product, once
+    # per image, not once per step.
+    assert calls == [3 * 2]
     assert (again == expected).all()  # the new prompt's keys, not the last image's
     gc.collect()
     processors = _split_processors(pipe)

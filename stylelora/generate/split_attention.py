@@ -25,6 +25,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # a cross-attention module's layers that run per adapter
+READINGS = ("to_q", "to_k", "to_v")  # of those, the ones that run on every reading (the base's too)
 POOLED_FIELDS = ("pooler_output", "text_embeds")  # one vector per prompt (SDXL's add-on embedding): composed instead
 
 Factors = tuple[Any, Any]  # (up (out, r) with weight * alpha/rank folded in, down (r, in)), the layer's dtype
@@ -169,11 +170,11 @@ class SplitCrossAttention:
         q_lora = self._stack("to_q")
         if q_lora is None:
             queries = query.expand(adapters + 1, -1, -1, -1)
-        else:  # the base's entry is zero, so one broadcast add gives every reading's queries, the base's first
+        else:  # the base's entry is zero, so one product added to the broadcast query gives every reading's queries
             ups, downs = q_lora
             rows = hidden_states.reshape(-1, shape[-1])
             low = (rows @ downs.flatten(0, 1).T).view(rows.shape[0], adapters + 1, -1).transpose(0, 1)
-            queries = query + torch.bmm(low, ups.transpose(1, 2)).view(adapters + 1, *query.shape[1:])
+            queries = torch.baddbmm(query.flatten(1, 2), low, ups.transpose(1, 2)).view(adapters + 1, *query.shape[1:])
         keys, values = self._cached_keys_values(attn, encoder_hidden_states)
         attended = F.scaled_dot_product_attention(_heads(attn, queries.flatten(0, 1)), keys, values)
         parts = attended.transpose(1, 2).reshape(adapters + 1, *query.shape[1:3], -1).to(query.dtype)
@@ -187,7 +188,8 @@ class SplitCrossAttention:
 
     def _stack(self, projection: str) -> tuple | None:
         """Every adapter's factors on `projection`, stacked once per blend (`_stack_factors`), or None where none
-        has any. The query's stack has a zero entry first, for the base's reading; the output projection's ups are
+        has any. The stacks of the projections that run on every reading have a zero entry first, for the base's; the
+        output projection's ups are
         laid side by side, (out, adapters * rank), so that one product sums what the adapters add."""
         if projection not in self._stacked:
             factors = [variant.get(projection) for variant in self.variants]
@@ -195,13 +197,28 @@ class SplitCrossAttention:
             stacked = None
             if present:
                 rank = max(f[1].shape[0] for f in present)
-                if projection == "to_q":
+                if projection in READINGS:
                     stacked = _stack_factors([None, *factors], rank)
                 else:
                     ups, downs = _stack_factors(factors, rank)
                     stacked = (ups.transpose(0, 1).flatten(1), downs)
             self._stacked[projection] = stacked
         return self._stacked[projection]
+
+    def _on_readings(self, attn: Any, projection: str, readings: Any) -> Any:
+        """The projection of every reading (stacked on the batch axis, the base's first) with each adapter's LoRA
+        on its own reading: the base weights in one product, the LoRAs in two more for all adapters."""
+        import torch
+
+        projected = attn.get_submodule(projection)(readings)
+        stacked = self._stack(projection)
+        if stacked is None:
+            return projected
+        ups, downs = stacked
+        by_reading = readings.view(len(downs), -1, readings.shape[-1])
+        low = torch.bmm(by_reading, downs.transpose(1, 2))
+        projected.view(len(ups), -1, projected.shape[-1]).baddbmm_(low, ups.transpose(1, 2))
+        return projected
 
     def _cached_keys_values(self, attn: Any, encoder_hidden_states: Any) -> tuple[Any, Any]:
         """Every variant's keys and values by head. A pipeline passes the same text states to every sampling step,
@@ -210,15 +227,13 @@ class SplitCrossAttention:
         between images."""
         import weakref
 
+        import torch
+
         cached = self._keys_values
         if cached is not None and cached[0]() is encoder_hidden_states and cached[1] == encoder_hidden_states._version:
             return cached[2]
-        contexts = encoder_hidden_states.chunk(len(self.variants) + 1, dim=1)
-        keys = [attn.to_k(contexts[0])] + [attn.to_k(c) + _low_rank(c, v.get("to_k"))
-                                           for c, v in zip(contexts[1:], self.variants)]
-        values = [attn.to_v(contexts[0])] + [attn.to_v(c) + _low_rank(c, v.get("to_v"))
-                                             for c, v in zip(contexts[1:], self.variants)]
-        result = (_by_head(attn, keys), _by_head(attn, values))
+        readings = torch.cat(encoder_hidden_states.chunk(len(self.variants) + 1, dim=1))  # (readings * batch, ...)
+        result = tuple(_heads(attn, self._on_readings(attn, projection, readings)) for projection in ("to_k", "to_v"))
         # A replaced entry's weak reference dies with it, and a dead reference calls nobody: an older image's text
         # states, freed later, cannot drop a newer image's keys.
         forget = weakref.ref(encoder_hidden_states, lambda _gone: setattr(self, "_keys_values", None))
@@ -242,14 +257,6 @@ def _stack_factors(factors: Sequence[Factors | None], rank: int) -> tuple[Any, A
 def _heads(attn: Any, stacked: Any) -> Any:
     """Projections stacked on the batch axis, split into heads: (rows, heads, tokens, head_dim), a view."""
     return stacked.view(stacked.shape[0], stacked.shape[1], attn.heads, -1).transpose(1, 2)
-
-
-def _by_head(attn: Any, parts: Sequence[Any]) -> Any:
-    """The variants' projections stacked on the batch axis and split into heads: (variants * batch, heads, tokens,
-    head_dim)."""
-    import torch
-
-    return _heads(attn, torch.cat(list(parts)))
 
 
 def install_attention(unet: Any, parent: str, variants: Sequence[Variant]) -> None:
