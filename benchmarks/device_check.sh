@@ -5,6 +5,7 @@
 #   bash benchmarks/device_check.sh OUT_DIR            # on a CUDA machine with this repo's Python stack
 #   SMALL=1 bash benchmarks/device_check.sh OUT_DIR    # a quick dry run of every stage on the CPU
 #   ONLY_TOY_TRAINING=1 bash benchmarks/device_check.sh OUT_DIR   # stage 4 alone
+#   ONLY_COST=1 bash benchmarks/device_check.sh OUT_DIR           # stages 1-3 alone (about 5 minutes on an H200)
 #
 # On a machine whose Python lacks this repo's pins, install them beside it first (pure-Python wheels: diffusers,
 # transformers, peft, tomli_w at the versions in pyproject.toml) and put them on PYTHONPATH.
@@ -60,6 +61,12 @@ from memory import build_sd15_base; print(build_sd15_base(Path('/tmp/sd15-random
     --precision "$precision" --images "$images" --weight-changes 3
 fi
 
+fi
+
+if [ "${ONLY_COST:-0}" = 1 ]; then  # ONLY_COST=1: stages 1-3 alone
+  ls -la "$out"
+  tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")"
+  exit 0
 fi
 
 # 4. The three toy adapters trained with the defaults, side by side, then judged alone and in pairs.
