@@ -188,9 +188,8 @@ class SplitCrossAttention:
 
     def _stack(self, projection: str) -> tuple | None:
         """Every adapter's factors on `projection`, stacked once per blend (`_stack_factors`), or None where none
-        has any. The stacks of the projections that run on every reading have a zero entry first, for the base's; the
-        output projection's ups are
-        laid side by side, (out, adapters * rank), so that one product sums what the adapters add."""
+        has any. The projections that run on every reading get a zero entry first, for the base's reading; the
+        output projection's ups are laid side by side, (out, adapters * rank), so one product sums what they add."""
         if projection not in self._stacked:
             factors = [variant.get(projection) for variant in self.variants]
             present = [f for f in factors if f is not None]
