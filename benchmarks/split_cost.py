@@ -17,6 +17,7 @@ an image's later steps do (split reuses its keys and values there).
     python benchmarks/split_cost.py --family sdxl --memory     # what split keeps per image, from the config
     python benchmarks/split_cost.py --family toy --attention-floor   # the extra attention cores alone, per step
     python benchmarks/split_cost.py --family sdxl --device cuda --dtype float16 --repeats 20   # on a GPU
+    python benchmarks/split_cost.py --family sd15 --operators   # operators launched per UNet call, not seconds
 
 Figures: docs/results.md, "The split blend mode".
 """
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="time a later step (the call after one with the same text states) instead of the first")
     parser.add_argument("--attention-floor", action="store_true",
                         help="only time the extra attention cores split runs per step (at the UNet's own shapes)")
+    parser.add_argument("--operators", action="store_true",
+                        help="only count the operators (views aside) one UNet call runs: plain, split's first step "
+                             "and a later one; on a GPU each is a kernel launch, which is what split costs there")
     parser.add_argument("--memory", action="store_true",
                         help="only print what split keeps per image (the cached keys and values), from the config")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the UNet runs")
@@ -106,6 +110,46 @@ def attention_floor(unet, latent: int, adapters: int, repeats: int = 200) -> tup
         return (time.perf_counter() - start) / repeats
 
     return cores(2), cores(2 * (adapters + 1))
+
+
+VIEWS = frozenset({"view", "_unsafe_view", "_reshape_alias", "as_strided", "alias", "t", "transpose", "permute",
+                   "expand", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "chunk",
+                   "unbind", "detach", "reshape", "flatten"})  # no work of their own: not counted
+
+
+def count_operators(call) -> int:
+    """How many aten operators call() dispatches, views aside (each one a kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEWS:
+                Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        call()
+    return Counter.count
+
+
+def operators_per_call(unet, latent: int, adapters: int, rank: int) -> dict[str, int]:
+    """{plain, split first step, split later step: operators one UNet call runs}."""
+    import torch
+
+    plain_inputs, split_inputs = call_inputs(unet, latent, 1), call_inputs(unet, latent, adapters + 1)
+    counts = {}
+    with torch.no_grad():
+        set_split(unet, 0, rank)
+        counts["plain"] = count_operators(lambda: unet(*plain_inputs[:3], **plain_inputs[3]))
+        set_split(unet, adapters, rank)  # installed afresh: the first call stacks the factors and computes the keys
+        unet(*split_inputs[:3], **split_inputs[3])
+        fresh = call_inputs(unet, latent, adapters + 1)  # another image's text states: its first step
+        counts["split, first step"] = count_operators(lambda: unet(*fresh[:3], **fresh[3]))
+        counts["split, later step"] = count_operators(lambda: unet(*fresh[:3], **fresh[3]))
+        set_split(unet, 0, rank)
+    return counts
 
 
 def kept_keys_values_bytes(unet, adapters: int, batch: int = 2, tokens: int = 77, bytes_per_value: int = 4) -> int:
@@ -191,6 +235,17 @@ def main(argv=None) -> int:
         return 0
     latent = args.latent or NATIVE_LATENT[args.family]
     unet = build_unet(args.family, device=args.device, dtype=args.dtype)
+    if args.operators:
+        from stylelora.generate.split_attention import cross_attention_modules
+
+        counts = operators_per_call(unet, latent, args.adapters, args.rank)
+        modules = len(cross_attention_modules(unet))
+        print(f"{args.family} UNet, latents {latent}x{latent}, CFG batch 2, {args.adapters} adapters split, "
+              f"{modules} cross-attention modules: operators per call (views aside)")
+        for name, count in counts.items():
+            extra = f", {(count - counts['plain']) / modules:+.1f} a module" if name != "plain" else ""
+            print(f"  {name:18} {count:6d}{extra}")
+        return 0
     if args.attention_floor:
         plain_s, split_s = attention_floor(unet, latent, args.adapters)
         print(f"{args.family}, latents {latent}x{latent}: cross-attention cores per UNet call {plain_s * 1e3:.2f} ms "

@@ -216,6 +216,19 @@ def test_the_memory_split_keeps_per_image_is_what_split_cost_reports(world):
     assert kept[0] > 0 and kept == [load_benchmark("split_cost").kept_keys_values_bytes(pipe.unet, adapters=2)] * 2
 
 
+def test_split_cost_counts_operators_and_split_reuses_its_keys_on_later_steps(world):
+    from train_fixtures import load_benchmark
+
+    split_cost = load_benchmark("split_cost")
+    assert split_cost.count_operators(lambda: torch.ones(3).view(1, 3).t().add(1).mul(2)) == 3  # ones, add, mul
+    unet = load_tiny_base(world["base"]).unet
+    counts = split_cost.operators_per_call(unet, latent=4, adapters=2, rank=4)
+    # A later step reads the keys and values the first step computed, so it runs fewer operators than the first;
+    # both run more than the plain UNet (a second and third reading through every cross-attention module).
+    assert counts["plain"] < counts["split, later step"] < counts["split, first step"]
+    assert not any(isinstance(p, split_attention.SplitCrossAttention) for p in unet.attn_processors.values())
+
+
 def test_switching_from_split_to_sum_is_the_plain_sum(world):
     fresh = load_tiny_base(world["base"])
     specs = [AdapterSpec(world["a"], 0.9, 0.6), AdapterSpec(world["b"], 1.1, -0.4)]
