@@ -64,18 +64,17 @@ def main(argv=None) -> int:
     verdicts = judge.predict(blended)
     alone_images = {style: draw(pipe, stack, [files[style]], args.mode, prompts, settings) for style in styles}
     alone = {style: judge.predict(images) for style, images in alone_images.items()}
-    failed, totals, counts, sheet = [], Counter(), Counter(), []
+    totals, counts, sheet = Counter(), Counter(), []  # sheet: (blend, the adapter it lost alone) per failure
     for index, (prompt, verdict) in enumerate(zip(prompts, verdicts)):
         background = prompt.prompt.rsplit(" on a ", 1)[1].split()[0]
         totals.update([prompt.color, background])
         lost = [style for style in styles if not verdict[style]]
         if lost:
             counts.update([prompt.color, background])
-            failed.append(index)
             sheet.append((blended[index], alone_images[lost[0]][index]))
             judged = ", ".join(f"{style} {verdict[f'{style}_prob']:.2f}" for style in styles)
             print(f"{prompt.prompt} | blend: {judged} | {lost[0]} alone: {alone[lost[0]][index][f'{lost[0]}_prob']:.2f}")
-    print(f"{args.pair} in {args.mode}: {len(failed)} of {len(prompts)} images miss a style")
+    print(f"{args.pair} in {args.mode}: {len(sheet)} of {len(prompts)} images miss a style")
     for name in sorted(totals, key=lambda key: -counts[key] / totals[key]):
         print(f"  {name:8s} {counts[name]} of {totals[name]}")
     if sheet:  # the blend's images in the top row, the adapter each lost, alone, below it (8x, no gaps)
