@@ -6,7 +6,9 @@ For each pair (stripes+pastel, stripes+zorb, pastel+zorb) on the prompts carryin
     blend on single-trigger prompts  the same blend on the prompts carrying only A's trigger, then only B's: does each
                                    adapter keep its own look, and does the other one stay off (--no-single: skip)
     weight sweep                   both adapters at w (--sweep), and one at w with the other at 1 (--sweep-one)
-and for each adapter alone on its own prompts the weight dial: rate and the judge's mean probability at w = 0..1.
+and for each adapter alone on its own prompts the weight dial: rate and the judge's mean probability at w = 0..1, and
+how far the images themselves have moved from the base's toward the adapter's at w = 1 (`pixel_share`), which tells
+whether the images turn over as a switch or the judge does.
 The goal rows (both >= 0.85; each own rate, shape and color within 0.05 of that adapter alone on its own prompts;
 each alone on the stacked prompts >= 0.9, a character >= 0.8) are checked and printed, and on the single-trigger
 prompts: the named adapter's rate, shape and color within 0.05 of it alone, the other's style within 0.05 of the base.
@@ -23,6 +25,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -78,6 +82,7 @@ class Scorer:
         self.stack = AdapterStack.for_pipe(self.pipe)
         self.samples, self.seed = samples, seed
         self.images = 0
+        self.pixels: dict = {}  # prompt set: the last call's images as one float array (images, height, width, 3)
 
     def __call__(self, adapters: list[tuple], prompt_sets: tuple[str, ...], mode: str = "sum") -> dict:
         """{prompt set: row} with the rates, accuracies and the judge's mean probability per style head.
@@ -89,10 +94,13 @@ class Scorer:
         prompts = build_prompts(settings.samples, settings.seed, settings.prompt_sets)
         self.stack.apply([AdapterSpec(*adapter) for adapter in adapters if any(adapter[1:])], mode)
         try:
-            predictions = self.judge.predict(generate_images(self.pipe, prompts, settings))
+            images = generate_images(self.pipe, prompts, settings)
+            predictions = self.judge.predict(images)
         finally:
             self.stack.clear()
         self.images += len(prompts)
+        self.pixels = {name: np.stack([np.asarray(image, dtype=np.float32) / 255 for image, prompt in
+                                       zip(images, prompts) if prompt.prompt_set == name]) for name in prompt_sets}
         rows = score(prompts, predictions)["by_prompt_set"]
         for name, row in rows.items():
             chosen = [pred for prompt, pred in zip(prompts, predictions) if prompt.prompt_set == name]
@@ -121,18 +129,25 @@ def run(args: argparse.Namespace) -> dict:
 
     base = scorer([], tuple(used) + pair_sets)
     figures["base"] = base
+    base_pixels = scorer.pixels
     for style in used:
         own_sets = (style,) + tuple(s for s in pair_sets if style in s.split("+"))
         figures["alone"][style] = scorer([(paths[style], 1.0)], own_sets)
+        full_pixels = scorer.pixels[style]
         log(f"{style}:1 alone " + ", ".join(f"{k} {v[f'{style}_rate']}" for k, v in figures["alone"][style].items()))
         if not args.no_dial:
             dial = []
             for weight in DIAL:
                 te = weight if args.dial_te_weight is None else args.dial_te_weight
-                row = base[style] if weight == te == 0 else figures["alone"][style][style] if weight == te == 1 else \
-                    scorer([(paths[style], weight, te)], (style,))[style]
+                if weight == te == 0:
+                    row, pixels = base[style], base_pixels[style]
+                elif weight == te == 1:
+                    row, pixels = figures["alone"][style][style], full_pixels
+                else:
+                    row, pixels = scorer([(paths[style], weight, te)], (style,))[style], scorer.pixels[style]
                 dial.append({"weight": weight, "rate": row[f"{style}_rate"], "prob": row[f"{style}_prob"],
-                             "shape": row["shape_accuracy"], "color": row["color_accuracy"]})
+                             "shape": row["shape_accuracy"], "color": row["color_accuracy"],
+                             **pixel_share(base_pixels[style], pixels, full_pixels)})
             figures["dial"][style] = dial
             log(f"{style} dial " + ", ".join(f"w={d['weight']}: {d['rate']}/{d['prob']}" for d in dial))
     for a, b in pairs:
@@ -159,6 +174,24 @@ def run(args: argparse.Namespace) -> dict:
     figures["seconds"] = round(time.perf_counter() - start, 1)
     figures["images"] = scorer.images
     return figures
+
+
+def pixel_share(base, partial, full) -> dict:
+    """How far the images at a partial weight have moved from the base's images toward the full weight's, per image
+    the projection of (partial - base) on (full - base), so 0 is the base's image and 1 the adapter's at w = 1:
+    "pixels" is its median over the images, "closer" the share of images nearer the full weight's than the base's.
+    The judge answers yes or no; this says whether the image itself turned over at once or moved step by step.
+    Images the adapter does not change at all (full = base) are left out."""
+    change = (full - base).reshape(len(base), -1)
+    moved = (partial - base).reshape(len(base), -1)
+    size = (change * change).sum(1)
+    kept = size > 0
+    if not kept.any():
+        return {"pixels": None, "closer": None}
+    share = (moved * change).sum(1)[kept] / size[kept]
+    to_full = ((partial - full) ** 2).reshape(len(base), -1).sum(1)[kept]
+    return {"pixels": round(float(np.median(share)), 3),
+            "closer": round(float((to_full < (moved * moved).sum(1)[kept]).mean()), 3)}
 
 
 def _short(row: dict, a: str, b: str) -> str:
@@ -228,6 +261,9 @@ def report(figures: dict) -> None:
         print("  " + " " * 8 + "".join(f"  w={d:<11}" for d in DIAL))
         for style, dial in figures["dial"].items():
             print(f"  {style:8s}" + "".join(f"  {d['rate']:.2f} / {d['prob']:.3f} " for d in dial))
+        print("the images' way from the base's to the adapter's at w = 1 (median; share nearer the adapter's)")
+        for style, dial in figures["dial"].items():
+            print(f"  {style:8s}" + "".join(f"  {_fmt(d['pixels'])} ({_fmt(d['closer'])})" for d in dial))
     print("\npair            mode    both   rate A  rate B  shape  color | both-at-w sweep: both (A/B) ...")
     for name, entry in figures["pairs"].items():
         a, b = name.split("+")

@@ -35,6 +35,20 @@ def test_single_trigger_checks_name_what_a_user_of_the_blend_would_notice(single
     assert "shape on zorb prompts within 0.05 of zorb alone" not in checks  # the character has no shape to score
 
 
+def test_pixel_share_says_how_far_the_images_moved_toward_the_full_weight():
+    import numpy as np
+
+    pixel_share = load_benchmark("blend_quality").pixel_share
+    base = np.zeros((3, 2, 1, 3), dtype=np.float32)
+    full = np.ones_like(base)
+    full[2] = 0  # an image the adapter leaves as the base draws it: left out
+    partial = np.stack([np.full((2, 1, 3), 0.2), np.full((2, 1, 3), 0.9), np.full((2, 1, 3), 0.5)]).astype(np.float32)
+    # image 0 moved a fifth of the way, image 1 nine tenths: median 0.55, one of the two nearer the full weight's
+    assert pixel_share(base, partial, full) == {"pixels": 0.55, "closer": 0.5}
+    assert pixel_share(base, base, full) == {"pixels": 0.0, "closer": 0.0}
+    assert pixel_share(base, base, base) == {"pixels": None, "closer": None}
+
+
 def test_text_encoder_reach_is_each_tokens_rms_change():
     import torch
 
