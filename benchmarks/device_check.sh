@@ -36,6 +36,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run it with a time limit, its output
   echo "== $name: rc $rc, $((SECONDS - start)) s"
 }
 
+pack() {  # pack OUT as OUT.tgz (training checkpoints left out), listing what it holds and any folders named
+  ls -la "$out" "$@"
+  tar czf "$out.tgz" --exclude="$(basename "$out")/run-*/checkpoints" -C "$(dirname "$out")" "$(basename "$out")"
+  ls -la "$out.tgz"
+}
+
 "$py" -c 'import torch, diffusers, transformers, peft; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else "", "diffusers", diffusers.__version__,
 "transformers", transformers.__version__, "peft", peft.__version__)'
@@ -64,8 +70,7 @@ fi
 fi
 
 if [ "${ONLY_COST:-0}" = 1 ]; then  # ONLY_COST=1: stages 1-3 alone
-  ls -la "$out"
-  tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")"
+  pack
   exit 0
 fi
 
@@ -84,6 +89,4 @@ for pair in stripes+pastel stripes+zorb pastel+zorb; do
   stage "eval-$pair" 200 "${stylelora[@]}" evaluate --lora "$(adapter "$a")" --lora "$(adapter "$b")" --samples "$samples" \
     --json --prompt-set "$pair"
 done
-ls -la "$out" "$out/adapters"
-tar czf "$out.tgz" --exclude="$(basename "$out")/run-*/checkpoints" -C "$(dirname "$out")" "$(basename "$out")"
-ls -la "$out.tgz"
+pack "$out/adapters"
