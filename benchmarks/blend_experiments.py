@@ -41,6 +41,11 @@ and each adapter's own set.
              scaled to the mean of their norms, layer by layer), raised (scaled to the larger norm), keepinK or
              keepoutK (adapter K's delta whole, the other's summed with the part on K's input directions, or on
              its output directions, projected away)
+    regmean  split with the layers outside cross-attention that both adapters touch fused by RegMean (Jin et al.
+             2023, arXiv 2212.09849) instead of ties: per layer the delta that, on the inputs the layer sees while
+             each adapter alone draws --calibration of its own prompts (prompt seed 1, not the scored prompts),
+             matches each adapter's own delta best in least squares, (dA GA + dB GB)(GA + GB)^-1 with G = X^T X
+             and its off-diagonal scaled by --regmean-alpha (1: plain least squares); a static weight
     gain     split with each adapter's UNet weight multiplied by G in some layers (--gain GROUPS:G, GROUPS a
              comma-separated subset of cross, other: the cross-attention projections that run per adapter, every
              other UNet layer); the text encoders stay at the adapter's weight. cross,other:G is
@@ -51,6 +56,7 @@ and each adapter's own set.
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges uncond rule --rule gamma0.5 maxabs
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges modules --split-modules up_blocks
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges gain --gain other:1.2 cross:1.2
+    python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges regmean --regmean-alpha 0.9 1
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges order --pairs pastel+stripes
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges othersum --stacked-only
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges schedule --schedule second:ties@600
@@ -80,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS + REVERSED))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
                         choices=["learned", "concat", "compose", "eps", "window", "uncond", "modules", "rule",
-                                 "gain", "order", "othersum", "schedule"])
+                                 "gain", "order", "othersum", "schedule", "regmean"])
     parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
                         help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
@@ -96,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="gain: GROUPS:G rows, GROUPS a comma-separated subset of cross, other")
     parser.add_argument("--schedule", nargs="+", default=["second:ties@600"],
                         help="schedule: EARLY:LATE@T rows (see the module's doc)")
+    parser.add_argument("--calibration", type=int, default=16,
+                        help="regmean: own prompts each adapter draws alone for its layers' input statistics")
+    parser.add_argument("--regmean-alpha", type=float, nargs="+", default=[0.9],
+                        help="regmean: scale of the Gram matrices' off-diagonal entries, one row each")
     parser.add_argument("--samples", type=int, default=48, help="prompts per prompt set (stylelora evaluate's)")
     parser.add_argument("--stacked-only", action="store_true",
                         help="score only the prompts carrying both triggers, not each adapter's own prompts")
@@ -574,6 +584,68 @@ def scheduled_split(bench: Bench, a: str, b: str, rows: list[str]):
     return (lambda row: state.update(row=row)), hook.remove
 
 
+def input_grams(bench: Bench, style: str, keys: list, prompts: int) -> dict:
+    """{layer: X^T X} of every layer's inputs (rows: tokens or pixels) while `style` alone draws `prompts` of its
+    own prompts (prompt seed 1, so not the prompts the rows are scored on), both halves of guidance."""
+    import torch
+
+    from stylelora.toy.evaluate import EvalSettings, build_prompts, generate_images
+
+    grams: dict = {}
+
+    def gather(key, _module, inputs):
+        rows = inputs[0].movedim(1, -1) if inputs[0].ndim == 4 else inputs[0]  # a 1x1 conv's channels last
+        rows = rows.reshape(-1, rows.shape[-1]).double()
+        grams[key] = grams.get(key, 0) + rows.T @ rows
+
+    bench.stack.apply([bench.spec(style)])
+    layers = bench.stack._kohya_names("unet").layers
+    hooks = [layers[key[1]].register_forward_pre_hook(lambda m, i, key=key: gather(key, m, i)) for key in keys]
+    try:
+        with torch.no_grad():
+            generate_images(bench.pipe, build_prompts(prompts, 1, (style,)), EvalSettings(samples=prompts))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        bench.stack.clear()
+    return grams
+
+
+def regmean_split(bench: Bench, a: str, b: str, prompts: int):
+    """Apply A + B in split; returns use(alpha), which fuses every layer outside cross-attention that both adapters
+    touch by RegMean at that alpha (the layers one adapter touches keep its delta, as in split)."""
+    import torch
+
+    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+    both = [key for key in bench.stack._fused if key[0] == "unet" and len(bench.stack._fused[key]) > 1]
+    bench.stack.clear()
+    grams = [input_grams(bench, style, both, prompts) for style in (a, b)]
+    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+    specs = [bench.spec(a), bench.spec(b)]
+    plan = bench.stack._plan(specs, [bench.stack.load(spec.path) for spec in specs])
+
+    def use(alpha: float) -> None:
+        with torch.no_grad():
+            for key in both:
+                base = bench.stack._backups[key]
+                deltas = [(weight * factors.scale * factors.up.double() @ factors.down.double()).reshape(
+                    base.shape[0], -1) for _, weight, factors in plan[key]]
+                merged = regmean_delta(deltas, [grams[0][key], grams[1][key]], alpha)
+                bench.stack._layer_weight(key).copy_((base.double() + merged.reshape(base.shape)).to(base.dtype))
+
+    return use
+
+
+def regmean_delta(deltas: list, grams: list, alpha: float):
+    """RegMean's merge of (out, in) deltas: argmin_D sum_i |D X_i - d_i X_i|^2 = (sum d_i G_i)(sum G_i)^-1, each
+    G_i = X_i^T X_i with its off-diagonal entries scaled by alpha (less than 1 keeps the solve well-posed)."""
+    import torch
+
+    kept = [alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in grams]
+    total = sum(kept)
+    return torch.linalg.solve(total, sum(d @ g for d, g in zip(deltas, kept)).T).T  # total is symmetric
+
+
 def eps_composition(bench: Bench, a: str, b: str, how: str):
     """embeds(texts) for Bench.score, with the pipeline's UNet call replaced (until the returned undo() runs) by
     three passes: the base, and a fused copy of each adapter, each on its own text encoding."""
@@ -710,6 +782,15 @@ def main(argv=None) -> int:
                     print(f"{pair:15s} {row} {line(bench.score(sets), a, b)}", flush=True)
             finally:
                 undo()
+                bench.stack.clear()
+        if "regmean" in args.merges:
+            split_row(bench, a, b, "split   ", sets)
+            use = regmean_split(bench, a, b, args.calibration)
+            try:
+                for alpha in args.regmean_alpha:
+                    use(alpha)
+                    print(f"{pair:15s} regmean {alpha:g} {line(bench.score(sets), a, b)}", flush=True)
+            finally:
                 bench.stack.clear()
         if "gain" in args.merges:
             for row in args.gain:

@@ -2,7 +2,8 @@
 itself, a window over none is one attention core per module, and that core with a silent partner is the adapter;
 the eps merge (one UNet pass per adapter) with a silent partner is the adapter too; the uncond merge (split on
 the prompt's rows only) and the other merge rules of split, checked by hand; the UNet gain in named layers; split
-on the prompt as typed; split with the layers outside cross-attention summed, or fused by timestep."""
+on the prompt as typed; split with the layers outside cross-attention summed, fused by timestep, or fused by
+RegMean (checked by hand)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -284,3 +285,36 @@ def test_kept_delta_projects_the_other_adapter_off_the_kept_ones_directions(side
     b = SimpleNamespace(up=torch.tensor([[1.0], [1.0]]), down=torch.tensor([[1.0, 1.0]]), scale=1.0)
     terms = [("a", 1.0, a), ("b", 1.0, b)]
     assert torch.allclose(experiments._kept_delta(side, terms, "cpu"), torch.tensor(expected), atol=1e-6)
+
+
+def test_regmean_delta_by_hand():
+    experiments = load_benchmark("blend_experiments")
+    a, b = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 4.0]])
+    # equal statistics: the mean of the two deltas
+    assert torch.allclose(experiments.regmean_delta([a, b], [torch.eye(2), torch.eye(2)], 1.0), (a + b) / 2)
+    # a's inputs only on the first direction, b's only on the second: each keeps its own delta there
+    only_first, only_second = torch.diag(torch.tensor([1.0, 0.0])), torch.diag(torch.tensor([0.0, 1.0]))
+    assert torch.allclose(experiments.regmean_delta([a, b], [only_first, only_second], 1.0), torch.tensor([[2.0, 4.0]]))
+    # alpha scales the off-diagonal: with alpha 0 correlated inputs count as if independent
+    correlated = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    assert torch.allclose(experiments.regmean_delta([a, b], [correlated, correlated], 0.0), (a + b) / 2)
+
+
+def test_regmean_split_fuses_only_the_shared_layers_outside_cross_attention_and_is_undone(bench):
+    experiments = load_benchmark("blend_experiments")
+    styled = SimpleNamespace(pipe=bench.pipe, stack=bench.stack,  # the toy's prompt sets are named by style
+                             spec=lambda name: bench.spec({"stripes": "a", "pastel": "b"}[name]))
+    before = {name: p.detach().clone() for name, p in bench.pipe.unet.named_parameters()}
+    bench.stack.apply([bench.spec("a"), bench.spec("b")], "split")
+    split = {name: p.detach().clone() for name, p in bench.pipe.unet.named_parameters()}
+    bench.stack.clear()
+    use = experiments.regmean_split(styled, "stripes", "pastel", 1)
+    try:
+        use(1.0)
+        merged = {name: p.detach().clone() for name, p in bench.pipe.unet.named_parameters()}
+    finally:
+        bench.stack.clear()
+    cross = tuple(f"{parent}." for parent in cross_attention_modules(bench.pipe.unet))
+    changed = [name for name in merged if not torch.equal(merged[name], split[name])]
+    assert changed and not any(name.startswith(cross) for name in changed)
+    assert all(torch.equal(p, before[name]) for name, p in bench.pipe.unet.named_parameters())
