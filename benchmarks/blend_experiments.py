@@ -617,6 +617,7 @@ def regmean_split(bench: Bench, a: str, b: str, prompts: int):
     import torch
 
     bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+    # a fused layer's signature holds one (adapter, weight) entry per adapter, plus the mode where two meet
     both = [key for key in bench.stack._fused if key[0] == "unet" and len(bench.stack._fused[key]) > 1]
     bench.stack.clear()
     grams = [input_grams(bench, style, both, prompts) for style in (a, b)]
