@@ -519,8 +519,7 @@ def _kept_delta(name: str, terms: list, device) -> object:
     adapter cannot undo what K does there."""
     import torch
 
-    deltas = [(weight * factors.scale) * factors.up.to(device).float() @ factors.down.to(device).float()
-              for _, weight, factors in terms]
+    deltas = _term_deltas(terms, device, torch.float32)
     kept = int(name[-1]) - 1
     other = deltas[1 - kept]
     _, _, factors = terms[kept]
@@ -531,6 +530,12 @@ def _kept_delta(name: str, terms: list, device) -> object:
         basis, _ = torch.linalg.qr(factors.up.to(device).float())  # (out, rank): K's output directions
         other = other - basis @ (basis.T @ other)
     return deltas[kept] + other
+
+
+def _term_deltas(terms: list, device, dtype) -> list:
+    """Each term's (adapter, weight, factors) full delta, weight x alpha/rank x up @ down, in `dtype` on `device`."""
+    return [(weight * factors.scale) * factors.up.to(device, dtype) @ factors.down.to(device, dtype)
+            for _, weight, factors in terms]
 
 
 def _other_layer_weights(bench: Bench, a: str, b: str, names: set[str]) -> dict:
@@ -616,21 +621,21 @@ def regmean_split(bench: Bench, a: str, b: str, prompts: int):
     touch by RegMean at that alpha (the layers one adapter touches keep its delta, as in split)."""
     import torch
 
-    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
-    # a fused layer's signature holds one (adapter, weight) entry per adapter, plus the mode where two meet
-    both = [key for key in bench.stack._fused if key[0] == "unet" and len(bench.stack._fused[key]) > 1]
-    bench.stack.clear()
-    grams = [input_grams(bench, style, both, prompts) for style in (a, b)]
-    bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
+    from stylelora.generate import split_attention
+
     specs = [bench.spec(a), bench.spec(b)]
     plan = bench.stack._plan(specs, [bench.stack.load(spec.path) for spec in specs])
+    both = [key for key, terms in plan.items() if key[0] == "unet" and len(terms) > 1
+            and not split_attention.split_parts(bench.pipe.unet, key[1])]  # split runs those per adapter
+    grams = [input_grams(bench, style, both, prompts) for style in (a, b)]
+    bench.stack.apply(specs, "split")
 
     def use(alpha: float) -> None:
         with torch.no_grad():
             for key in both:
                 base = bench.stack._backups[key]
-                deltas = [(weight * factors.scale * factors.up.double() @ factors.down.double()).reshape(
-                    base.shape[0], -1) for _, weight, factors in plan[key]]
+                deltas = [delta.reshape(base.shape[0], -1) for delta in _term_deltas(plan[key], base.device,
+                                                                                        torch.float64)]
                 merged = regmean_delta(deltas, [grams[0][key], grams[1][key]], alpha)
                 bench.stack._layer_weight(key).copy_((base.double() + merged.reshape(base.shape)).to(base.dtype))
 
