@@ -28,7 +28,8 @@ and each adapter's own set.
              push plus G x the others' push the same way; 0 is split, 1 the sum), meanG (where two push the same
              way, G x their mean plus (1 - G) x the larger: 1 is the mean), oppG (where two push opposite ways,
              the larger whole and G x the smaller: 1 is split, 0 maxabs) or maxabs (the one change of largest
-             magnitude, whatever its sign)
+             magnitude, whatever its sign), vorthH (per head vector, H heads: the longer change whole plus the
+             other's part orthogonal to it) or vmaxH (the longer change alone)
     order    split as it is (each adapter reads the prompt with its trigger after the other's) beside split on the
              prompt as typed for every adapter (before stylelora.generate.trigger_order); give --pairs in both
              orders (pastel+stripes carries pastelstyle first)
@@ -36,9 +37,12 @@ and each adapter's own set.
              ties), beside split as it is
     schedule split with the layers outside cross-attention fused one way above a timestep and another way below it
              (--schedule EARLY:LATE@T, T of the 1,000 training timesteps; the sampler starts near 1,000). Each
-             side is ties (split as it is), sum, first or second (that adapter's delta alone), none (the base's
+             side is ties (split as it is), sum, first or second (that adapter's delta alone), alt (first and second in turn, one step each:
+             LoRA Switch, Zhong et al. 2024, arXiv 2402.16843), none (the base's
              weights), tiesG (ties with both adapters at G x their weight), normed (ties with each adapter's delta
-             scaled to the mean of their norms, layer by layer), raised (scaled to the larger norm), keepinK or
+             scaled to the mean of their norms, layer by layer), raised (scaled to the larger norm), rescaledP (ties with each delta's surviving entries
+             scaled by the ratio of its whole norm to theirs, to the power P, 1 if left out), rowrescaledP (the
+             same, row by row), keepinK or
              keepoutK (adapter K's delta whole, the other's summed with the part on K's input directions, or on
              its output directions, projected away)
     regmean  split with the layers outside cross-attention that both adapters touch fused by RegMean (Jin et al.
@@ -385,15 +389,18 @@ def merge_rule(name: str):
 
     from stylelora.generate.split_attention import merge_stacked as split_merge  # before split_with_rule swaps it
 
-    kind = next((prefix for prefix in ("gamma", "mean", "opp") if name.startswith(prefix)), name)
-    if kind not in ("gamma", "mean", "opp", "maxabs"):
-        raise SystemExit(f"--rule {name}: give gammaG, meanG or oppG (a number G, e.g. gamma0.5) or maxabs")
+    kind = next((prefix for prefix in ("gamma", "mean", "opp", "vorth", "vmax") if name.startswith(prefix)), name)
+    if kind not in ("gamma", "mean", "opp", "maxabs", "vorth", "vmax"):
+        raise SystemExit(f"--rule {name}: give gammaG, meanG or oppG (a number G, e.g. gamma0.5), vorthH or vmaxH "
+                         "(H heads, e.g. vorth8) or maxabs")
     share = float(name.removeprefix(kind)) if kind != "maxabs" else 0.0
 
     def merge(base, outputs):
         if len(outputs) == 1:
             return outputs[0]
         changes = torch.stack(list(outputs)) - base
+        if kind in ("vorth", "vmax"):
+            return base + vector_merge(changes, int(share), orthogonal_rest=kind == "vorth")
         if kind == "maxabs":
             return base + changes.gather(0, changes.abs().argmax(0, keepdim=True))[0]
         up, down = changes.amax(0).clamp(min=0), changes.amin(0).clamp(max=0)
@@ -409,6 +416,23 @@ def merge_rule(name: str):
         return base + torch.where(larger_up, up, down) + share * torch.where(larger_up, down, up)
 
     return merge
+
+
+def vector_merge(changes, heads: int, orthogonal_rest: bool):
+    """Two adapters' attention changes (2, ..., channels) merged per head vector rather than per element: the change
+    whose head vector is longer, whole, plus (orthogonal_rest) the other's part orthogonal to it, so each head keeps
+    one adapter's direction intact (a per-element merge mixes the components of two directions)."""
+    import torch
+
+    if changes.shape[0] != 2:
+        raise SystemExit("vorth / vmax merge two adapters")
+    grouped = changes.unflatten(-1, (heads, -1))
+    first_wins = grouped[0].norm(dim=-1, keepdim=True) >= grouped[1].norm(dim=-1, keepdim=True)
+    winner, other = torch.where(first_wins, grouped[0], grouped[1]), torch.where(first_wins, grouped[1], grouped[0])
+    if orthogonal_rest:
+        along = (other * winner).sum(-1, keepdim=True) / winner.pow(2).sum(-1, keepdim=True).clamp(min=1e-12)
+        winner = winner + other - along * winner
+    return winner.flatten(-2)
 
 
 @contextmanager
@@ -481,12 +505,16 @@ def unet_gain(bench: Bench, groups: str, gain: float):
         vars(stack).pop("_plan", None)
 
 
-SCHEDULE_SIDES = ("ties", "sum", "first", "second", "none", "tiesG", "normed", "raised", "keepin1", "keepin2",
+STEP_SPACING = 40  # timesteps between two of the 25 DDIM steps (1,000 / 25): which adapter "alt" runs at a step
+SCHEDULE_SIDES = ("ties", "sum", "first", "second", "alt", "none", "tiesG", "normed", "raised", "rescaled", "keepin1", "keepin2",
                   "keepout1", "keepout2")
 
 
 def _check_side(name: str) -> str:
     gain = name.removeprefix("ties")
+    power = name.removeprefix("row").removeprefix("rescaled")
+    if name.removeprefix("row").startswith("rescaled") and (not power or power.replace(".", "", 1).isdigit()):
+        return name
     if name not in SCHEDULE_SIDES and not (name.startswith("ties") and gain.replace(".", "", 1).isdigit()):
         raise SystemExit(f"--schedule: unknown side {name!r} ({', '.join(SCHEDULE_SIDES)})")
     return name
@@ -510,6 +538,10 @@ def _fused_as(name: str, terms: list, base, adapters: tuple) -> object:
         return base.clone()
     if name.startswith("keep") and len(terms) == 2:
         return (base.float() + _kept_delta(name, terms, base.device).reshape(base.shape)).to(base)
+    if name.startswith("rescaled") or name.startswith("rowrescaled"):
+        per_row, power = name.startswith("row"), name.removeprefix("row").removeprefix("rescaled")
+        delta = _rescaled_ties(terms, base.device, float(power or 1), per_row)
+        return (base.float() + delta.reshape(base.shape)).to(base)
     return (base.float() + stack_module._layer_delta(terms, base.device, mode).reshape(base.shape)).to(base)
 
 
@@ -530,6 +562,25 @@ def _kept_delta(name: str, terms: list, device) -> object:
         basis, _ = torch.linalg.qr(factors.up.to(device).float())  # (out, rank): K's output directions
         other = other - basis @ (basis.T @ other)
     return deltas[kept] + other
+
+
+def _rescaled_ties(terms: list, device, power: float = 1.0, per_row: bool = False) -> object:
+    """ties, with each delta's surviving entries scaled back to its whole norm (the norm it loses where the other
+    side wins the sign election; DARE's rescale, applied to TIES' disjoint step), so an adapter keeps its strength
+    where it acts alone; power > 1 scales by that ratio to the power, per_row by each output row's own ratio."""
+    import torch
+
+    deltas = _term_deltas(terms, device, torch.float32)
+    elected = torch.sign(sum(deltas))
+    merged = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        kept = torch.where(torch.sign(delta) == elected, delta, 0.0)
+        if per_row:
+            ratio = delta.norm(dim=1, keepdim=True) / kept.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        else:
+            ratio = delta.norm() / kept.norm().clamp(min=1e-12)
+        merged += kept * ratio ** power
+    return merged
 
 
 def _term_deltas(terms: list, device, dtype) -> list:
@@ -570,7 +621,8 @@ def scheduled_split(bench: Bench, a: str, b: str, rows: list[str]):
             raise SystemExit(f"--schedule {row}: give EARLY:LATE@T, e.g. second:ties@600")
         parsed[row] = (_check_side(early), _check_side(late), float(threshold))
     bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
-    weights = _other_layer_weights(bench, a, b, {side for early, late, _ in parsed.values() for side in (early, late)})
+    sides = {side for early, late, _ in parsed.values() for side in (early, late)}
+    weights = _other_layer_weights(bench, a, b, (sides - {"alt"}) | ({"first", "second"} if "alt" in sides else set()))
     state = {"row": None, "fused": "ties"}
 
     def use(name: str) -> None:
@@ -582,8 +634,11 @@ def scheduled_split(bench: Bench, a: str, b: str, rows: list[str]):
 
     def before_call(_module, args, kwargs):
         early, late, threshold = parsed[state["row"]]
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else 0)
-        use(early if float(torch.as_tensor(timestep).flatten()[0]) > threshold else late)
+        timestep = float(torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else 0)).flatten()[0])
+        side = early if timestep > threshold else late
+        if side == "alt":  # LoRA Switch: one adapter's delta a step, in turn (the toy's 25 steps are 40 apart)
+            side = ("first", "second")[int(timestep // STEP_SPACING) % 2]
+        use(side)
 
     hook = bench.pipe.unet.register_forward_pre_hook(before_call, with_kwargs=True)
     return (lambda row: state.update(row=row)), hook.remove

@@ -122,6 +122,29 @@ def test_merge_rules_by_hand(rule, expected):
     assert torch.equal(merge(base, outputs[:1]), outputs[0])
 
 
+def test_vector_merges_by_hand():
+    """Two heads of two channels: in the first head b's change is longer, in the second a's."""
+    merge = load_benchmark("blend_experiments").merge_rule
+    base = torch.zeros(4)
+    a, b = torch.tensor([1.0, 0.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 1.0, 1.0])
+    assert torch.equal(merge("vmax2")(base, [a, b]), torch.tensor([0.0, 2.0, 3.0, 0.0]))  # the longer, whole
+    # the longer whole plus the other's part orthogonal to it: head 1 (1, 0) is orthogonal to (0, 2), kept whole;
+    # head 2 keeps (0, 1) of b's (1, 1) beside a's (3, 0)
+    assert torch.equal(merge("vorth2")(base, [a, b]), torch.tensor([1.0, 2.0, 3.0, 1.0]))
+    assert torch.equal(merge("vorth1")(base, [a, b]), a + b - (a @ b) / (a @ a) * a)  # one head: a is longer
+
+
+def test_rescaled_ties_gives_each_side_its_norm_back():
+    experiments = load_benchmark("blend_experiments")
+    a = SimpleNamespace(up=torch.tensor([[1.0], [1.0]]), down=torch.tensor([[3.0, 4.0]]), scale=1.0)  # [[3, 4], [3, 4]]
+    b = SimpleNamespace(up=torch.tensor([[1.0], [0.0]]), down=torch.tensor([[-4.0, 0.0]]), scale=1.0)  # [[-4, 0], [0, 0]]
+    merged = experiments._rescaled_ties([("a", 1.0, a), ("b", 1.0, b)], "cpu")
+    # the election: b wins the first entry (-1), a the rest; a keeps [., 4, 3, 4] (norm sqrt 41 of sqrt 50), b all of
+    # its own
+    kept_a = torch.tensor([[0.0, 4.0], [3.0, 4.0]]) * (50 ** 0.5 / 41 ** 0.5)
+    assert torch.allclose(merged, kept_a + torch.tensor([[-4.0, 0.0], [0.0, 0.0]]))
+
+
 def test_split_with_rule_gamma0_is_split_and_is_undone(bench):
     experiments = load_benchmark("blend_experiments")
     from stylelora.generate import split_attention
