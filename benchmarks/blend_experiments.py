@@ -37,14 +37,15 @@ and each adapter's own set.
              ties), beside split as it is
     schedule split with the layers outside cross-attention fused one way above a timestep and another way below it
              (--schedule EARLY:LATE@T, T of the 1,000 training timesteps; the sampler starts near 1,000). Each
-             side is ties (split as it is), sum, first or second (that adapter's delta alone), alt (first and second in turn, one step each:
-             LoRA Switch, Zhong et al. 2024, arXiv 2402.16843), none (the base's
-             weights), tiesG (ties with both adapters at G x their weight), normed (ties with each adapter's delta
-             scaled to the mean of their norms, layer by layer), raised (scaled to the larger norm), rescaledP (ties with each delta's surviving entries
-             scaled by the ratio of its whole norm to theirs, to the power P, 1 if left out), rowrescaledP (the
-             same, row by row), keepinK or
-             keepoutK (adapter K's delta whole, the other's summed with the part on K's input directions, or on
-             its output directions, projected away)
+             side is split (split as it is: ties, rescaled), ties (the plain election: split before 8a1eaa2; the
+             docs' rows before then call split "ties"), sum, first or second (that adapter's delta alone), alt
+             (first and second in turn, one step each: LoRA Switch, Zhong et al. 2024, arXiv 2402.16843), none
+             (the base's weights), tiesG (ties with both adapters at G x their weight), normed (ties with each
+             adapter's delta scaled to the mean of their norms, layer by layer), raised (scaled to the larger
+             norm), rescaledP (ties with each delta's kept entries scaled by the ratio of its whole norm to
+             theirs, to the power P, 1 if left out: rescaled is split), rowrescaledP (the same, row by row),
+             keepinK or keepoutK (adapter K's delta whole, the other's summed with the part on K's input
+             directions, or on its output directions, projected away)
     regmean  split with the layers outside cross-attention that both adapters touch fused by RegMean (Jin et al.
              2023, arXiv 2212.09849) instead of ties: per layer the delta that, on the inputs the layer sees while
              each adapter alone draws --calibration of its own prompts (prompt seed 1, not the scored prompts),
@@ -456,7 +457,7 @@ def other_layers_summed():
     from stylelora.generate import stack
 
     original = stack._layer_delta
-    stack._layer_delta = lambda terms, device, mode: original(terms, device, "sum" if mode == "ties" else mode)
+    stack._layer_delta = lambda terms, device, mode: original(terms, device, "sum" if mode == "split" else mode)
     try:
         yield
     finally:
@@ -506,8 +507,8 @@ def unet_gain(bench: Bench, groups: str, gain: float):
 
 
 STEP_SPACING = 40  # timesteps between two of the 25 DDIM steps (1,000 / 25): which adapter "alt" runs at a step
-SCHEDULE_SIDES = ("ties", "sum", "first", "second", "alt", "none", "tiesG", "normed", "raised", "rescaled", "keepin1", "keepin2",
-                  "keepout1", "keepout2")
+SCHEDULE_SIDES = ("split", "ties", "sum", "first", "second", "alt", "none", "tiesG", "normed", "raised", "rescaled",
+                  "keepin1", "keepin2", "keepout1", "keepout2")
 
 
 def _check_side(name: str) -> str:
@@ -603,7 +604,7 @@ def _other_layer_weights(bench: Bench, a: str, b: str, names: set[str]) -> dict:
     with torch.no_grad():
         for key in [key for key in stack._fused if key[0] == "unet"]:
             terms, base = plan[key], stack._backups[key]
-            weights[key] = {name: stack._layer_weight(key).detach().clone() if name == "ties"  # split's own fusion
+            weights[key] = {name: stack._layer_weight(key).detach().clone() if name == "split"  # split's own fusion
                             else _fused_as(name, terms, base, adapters) for name in names}
     return weights
 
@@ -623,7 +624,7 @@ def scheduled_split(bench: Bench, a: str, b: str, rows: list[str]):
     bench.stack.apply([bench.spec(a), bench.spec(b)], "split")
     sides = {side for early, late, _ in parsed.values() for side in (early, late)}
     weights = _other_layer_weights(bench, a, b, (sides - {"alt"}) | ({"first", "second"} if "alt" in sides else set()))
-    state = {"row": None, "fused": "ties"}
+    state = {"row": None, "fused": "split"}
 
     def use(name: str) -> None:
         if state["fused"] != name:

@@ -266,7 +266,8 @@ def test_other_layers_summed_fuses_split_as_it_was_and_is_undone(bench):
 
 def test_schedule_fuses_the_other_layers_by_timestep_and_is_undone(bench):
     experiments = load_benchmark("blend_experiments")
-    rows = ["ties:ties@0", "second:second@0", "ties:second@1000", "none:none@0", "sum:sum@0"]
+    rows = ["split:split@0", "rescaled:rescaled@0", "ties:ties@0", "second:second@0", "split:second@1000",
+            "none:none@0", "sum:sum@0", "alt:alt@0"]
 
     def scheduled() -> dict[str, numpy.ndarray]:
         switch, undo = experiments.scheduled_split(bench, "a", "b", rows)
@@ -285,14 +286,15 @@ def test_schedule_fuses_the_other_layers_by_timestep_and_is_undone(bench):
     bench.stack.clear()
     before = {name: p.detach().clone() for name, p in bench.pipe.unet.named_parameters()}
     drawn = scheduled()
-    assert numpy.array_equal(drawn["ties:ties@0"], split)  # ties at every step: split itself
-    assert numpy.array_equal(drawn["ties:second@1000"], drawn["second:second@0"])  # every timestep is below 1000
-    for row in ("second:second@0", "none:none@0", "sum:sum@0"):
+    assert numpy.array_equal(drawn["split:split@0"], split)  # split's own fusion at every step: split itself
+    assert abs(drawn["rescaled:rescaled@0"] - split).max() * 255 <= 1  # the same merge, computed here
+    assert numpy.array_equal(drawn["split:second@1000"], drawn["second:second@0"])  # every timestep is below 1000
+    for row in ("ties:ties@0", "second:second@0", "none:none@0", "sum:sum@0", "alt:alt@0"):
         assert abs(drawn[row] - split).max() * 255 > 1, row
     assert all(torch.equal(p, before[name]) for name, p in bench.pipe.unet.named_parameters())  # the base again
     assert not bench.pipe.unet._forward_pre_hooks
     with pytest.raises(SystemExit, match="unknown side"):
-        experiments.scheduled_split(bench, "a", "b", ["ties:louder@500"])
+        experiments.scheduled_split(bench, "a", "b", ["split:louder@500"])
     bench.stack.clear()
 
 

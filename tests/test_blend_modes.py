@@ -28,15 +28,21 @@ def test_sum_is_the_plain_sum():
     assert torch.equal(blend_modes.merged_delta(terms(D1, D2), "sum"), D1 + D2)
 
 
-def test_ties_keeps_the_winning_side_of_each_conflict_whole_at_each_sides_strength():
-    # sum [[3, -1], [2, -0.5]]: (0,0) both +: 1 and 2; (0,1) sign -: only D1's -2; (1,0) +: only D1's 3; (1,1) -:
-    # only D2's -1. D1 keeps [[1, -2], [3, 0]] (norm^2 14 of 14.25), D2 [[2, 0], [0, -1]] (5 of 7): each kept part is
-    # scaled back to its delta's whole norm.
+def test_ties_keeps_the_winning_side_of_each_conflict_whole():
+    # sum [[3, -1], [2, -0.5]]: (0,0) both +: 1+2; (0,1) sign -: only D1's -2; (1,0) +: only D1's 3; (1,1) -: D2's -1
+    expected = torch.tensor([[3.0, -2.0], [3.0, -1.0]])
+    assert torch.equal(blend_modes.merged_delta(terms(D1, D2), "ties"), expected)
+    assert torch.equal(blend_modes.merged_delta(terms(D1, -D1), "ties"), torch.zeros(2, 2))  # exact cancel: nothing
+
+
+def test_split_fuses_ties_with_each_sides_kept_entries_at_its_whole_strength():
+    # the election as above: D1 keeps [[1, -2], [3, 0]] (norm^2 14 of 14.25), D2 [[2, 0], [0, -1]] (5 of 7), and each
+    # kept part is scaled back to its delta's whole norm
     kept_1, kept_2 = torch.tensor([[1.0, -2.0], [3.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, -1.0]])
     expected = kept_1 * (14.25 / 14) ** 0.5 + kept_2 * (7 / 5) ** 0.5
-    assert torch.allclose(blend_modes.merged_delta(terms(D1, D2), "ties"), expected, atol=1e-6)
-    assert torch.equal(blend_modes.merged_delta(terms(D1, -D1), "ties"), torch.zeros(2, 2))  # exact cancel: nothing
-    assert torch.equal(blend_modes.merged_delta(terms(D1, 2 * D1), "ties"), 3 * D1)  # agreeing: the plain sum
+    assert torch.allclose(blend_modes.merged_delta(terms(D1, D2), "split"), expected, atol=1e-6)
+    assert torch.equal(blend_modes.merged_delta(terms(D1, -D1), "split"), torch.zeros(2, 2))  # exact cancel: nothing
+    assert torch.equal(blend_modes.merged_delta(terms(D1, 2 * D1), "split"), 3 * D1)  # agreeing: the plain sum
 
 
 @pytest.mark.parametrize("mode", blend_modes.MODES)

@@ -238,9 +238,10 @@ def test_switching_from_split_to_sum_is_the_plain_sum(world):
     assert (_image(pipe, specs, "sum") == expected).all()
 
 
-def test_split_merges_the_layers_outside_cross_attention_as_ties(world):
+def test_split_merges_the_layers_outside_cross_attention_as_rescaled_ties(world):
     """Under split every UNet layer that does not run per adapter holds the ties merge of the deltas (sign election
-    per entry), not their sum; the cross-attention projections keep the base's weights."""
+    per entry) with each side's kept entries scaled back to its whole norm, not their sum and not plain ties; the
+    cross-attention projections keep the base's weights."""
     pipe = load_tiny_base(world["base"])
     stack = AdapterStack.for_pipe(pipe)
     specs = [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0)]
@@ -255,9 +256,20 @@ def test_split_merges_the_layers_outside_cross_attention_as_ties(world):
              for projection in split_attention.PROJECTIONS]
     other = [n for n in base if n.endswith(".weight") and not n.startswith(tuple(cross))
              and not torch.equal(by_mode["sum"][n], base[n])]
-    assert other and all(torch.equal(by_mode["split"][n], by_mode["ties"][n]) for n in other)
+    assert other and all(torch.equal(by_mode["split"][n + ".weight"], base[n + ".weight"]) for n in cross)
     assert any(not torch.equal(by_mode["split"][n], by_mode["sum"][n]) for n in other)  # the adapters do conflict
-    assert all(torch.equal(by_mode["split"][n + ".weight"], base[n + ".weight"]) for n in cross)
+    assert any(not torch.equal(by_mode["split"][n], by_mode["ties"][n]) for n in other)  # and are scaled back
+    # each such layer is the base plus the rescaled election of the two deltas, as blend_modes computes it
+    loaded = [stack.load(spec.path) for spec in specs]
+    plan = stack._plan(specs, loaded)
+    fused = {key: terms for key, terms in plan.items() if key[0] == "unet" and len(terms) == 2
+             and f"{key[1]}.weight" in other}
+    assert fused
+    for (_, path), terms in fused.items():
+        name = f"{path}.weight"
+        delta = blend_modes.merged_delta([((weight * factors.scale) * factors.up, factors.down)
+                                          for _, weight, factors in terms], "split")
+        assert torch.allclose(by_mode["split"][name], base[name] + delta.reshape(base[name].shape), atol=1e-6)
 
 
 def test_text_encoder_readings_side_by_side_and_pooled_composed(world):

@@ -291,22 +291,22 @@ class AdapterStack:
     def _fuse(self, plan, mode: str = blend_modes.DEFAULT_MODE) -> None:
         torch = _torch()
         plan, split = self._split_plan(plan, mode)
-        # split: every layer that does not run per adapter is merged as ties (sign election per entry): where two
-        # adapters' deltas fight over an entry the winner keeps its push instead of having it cancelled, which kept
-        # more of both in every measured pair than the plain sum (docs/results.md, "Split's other layers")
-        weight_mode = "ties" if mode == "split" else mode
+        # split: every layer that does not run per adapter is merged as ties (sign election per entry), rescaled
+        # (blend_modes.ties_delta): where two adapters' deltas fight over an entry the winner keeps its push instead of
+        # having it cancelled, which kept more of both in every measured pair than the plain sum (docs/results.md,
+        # "Split's other layers as ties", "Ties rescaled")
         with torch.no_grad():
             for key in [key for key in self._fused if key not in plan]:
                 self._restore(key)
             for key, terms in plan.items():
                 signature = tuple((identity, weight) for identity, weight, _ in terms)
-                if len(terms) > 1 and weight_mode != "sum":
-                    signature += (weight_mode,)  # a layer one adapter touches is the same in every mode
+                if len(terms) > 1 and mode != "sum":
+                    signature += (mode,)  # a layer one adapter touches is the same in every mode
                 if self._fused.get(key) == signature:
                     continue  # this layer's contributions did not change: skip the matmul
                 weight = self._layer_weight(key)
                 original = self._backups.setdefault(key, weight.detach().clone())
-                delta = _layer_delta(terms, original.device, weight_mode).reshape(original.shape)
+                delta = _layer_delta(terms, original.device, mode).reshape(original.shape)
                 weight.copy_((original.float() + delta).to(weight.dtype))
                 self._fused[key] = signature
             self._install_split(split)

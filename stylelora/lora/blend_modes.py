@@ -21,13 +21,12 @@ DEFAULT_FILE_MODE = "sum"
 DESCRIPTIONS = {
     "sum": "plain weighted sum of the deltas (A1111/ComfyUI/diffusers)",
     "ties": "TIES-style sign election per weight entry: where the adapters push an entry in opposite directions, "
-            "only the side that wins the sum is kept (no cancelling); agreeing entries add up, and each adapter's "
-            "kept entries are scaled back to its whole strength in the layer",
+            "only the side that wins the sum is kept (no cancelling); agreeing entries add up",
     "split": "each adapter reads the prompt with its own text-encoder LoRA, its trigger moved after the other "
              "adapters' (their order does not matter), and runs its own cross-attention on it, so a character no "
              "longer pulls the attention off a style's trigger; the attention outputs merge per element (the "
-             "largest increase plus the largest decrease); other layers are merged as in ties; generation only (not "
-             "a static file)",
+             "largest increase plus the largest decrease); other layers are merged as in ties, each adapter's kept "
+             "entries scaled back to its whole strength in the layer; generation only (not a static file)",
 }
 
 
@@ -75,11 +74,12 @@ def sum_delta(terms: Sequence[Term]):
 
 
 def merged_delta(terms: Sequence[Term], mode: str):
-    """The layer's delta (out, in) under `mode`. One term, or mode "sum": the plain sum."""
+    """The layer's delta (out, in) under `mode`. One term, or mode "sum": the plain sum. "split": the delta of a
+    layer split fuses (one that does not run per adapter): ties, rescaled."""
     mode = check_mode(mode)
     if mode == "sum" or len(terms) == 1:
         return sum_delta(terms)
-    return ties_delta([up @ down for up, down in terms])
+    return ties_delta([up @ down for up, down in terms], rescale=mode == "split")
 
 
 def merged_factors(terms: Sequence[Term], mode: str) -> tuple[Any, Any, bool]:
@@ -100,21 +100,22 @@ def merged_factors(terms: Sequence[Term], mode: str) -> tuple[Any, Any, bool]:
     return (u[:, :keep] * root).float(), (root[:, None] * vh[:keep]).float(), True
 
 
-def ties_delta(deltas: Sequence[Any]):
-    """TIES-merging's elect + disjoint step on full deltas, summing (not averaging) the agreeing entries, each
-    delta's kept entries scaled back to that delta's whole norm.
+def ties_delta(deltas: Sequence[Any], rescale: bool = False):
+    """TIES-merging's elect + disjoint step on full deltas, summing (not averaging) the agreeing entries; with
+    `rescale`, each delta's kept entries scaled back to that delta's whole norm.
 
     Per entry: the elected sign is the sign of the plain sum; each delta contributes only where its sign agrees.
     Entries where all agree equal the plain sum; where they conflict, the winning side is kept whole instead of
     being cancelled down. (TIES' trim step is left out: LoRA deltas are dense and low rank, trimming them changes
     what a single adapter does; TIES' mean would halve every agreeing entry.)
 
-    Why the rescale (DARE's, arXiv 2311.03099, on the entries the election drops rather than random ones): a delta
-    that loses entries to the other side loses that much of its strength in the layer (the toy adapters keep 92-98 %
-    of their norm), and a style or character a little short of its strength is drawn much less often (the rates rise
-    as a step with the weight). Scaled back layer by layer, the character beside pastel shows on 0.79 / 0.74 / 0.68
-    of the images against 0.75 / 0.70 / 0.64 at three seeds, the other pairs within 0.02 (docs/results.md, "Ties
-    rescaled"). Where the deltas agree on every entry it is the plain sum.
+    Why split rescales (DARE's rescale, arXiv 2311.03099, on the entries the election drops rather than random ones):
+    a delta that loses entries to the other side loses that much of its strength in the layer (the toy adapters keep
+    92-98 % of their norm), and a style or character a little short of its strength is drawn much less often (the
+    rates rise as a step with the weight). With split's layers outside cross-attention scaled back, the character
+    beside pastel shows on 0.79 / 0.74 / 0.68 of the images against 0.75 / 0.70 / 0.64 at three seeds, the other pairs
+    within 0.02. The ties mode, which merges the text encoders and cross-attention this way too, keeps the plain
+    election: rescaled there, stripes+pastel fell from 0.73 to 0.635 (docs/results.md, "Ties rescaled").
     """
     import torch
 
@@ -127,6 +128,9 @@ def ties_delta(deltas: Sequence[Any]):
     merged = torch.zeros_like(total)
     for delta in deltas:
         kept = torch.where(torch.sign(delta) == elected, delta, 0.0)
+        if not rescale:
+            merged += kept
+            continue
         kept_norm = float(kept.norm())
         if kept_norm > 0:
             merged.add_(kept, alpha=float(delta.norm()) / kept_norm)
