@@ -45,6 +45,15 @@ def test_split_fuses_ties_with_each_sides_kept_entries_at_its_whole_strength():
     assert torch.equal(blend_modes.merged_delta(terms(D1, 2 * D1), "split"), 3 * D1)  # agreeing: the plain sum
 
 
+def test_split_scales_a_nearly_cancelled_delta_back_by_at_most_the_cap():
+    # sum [[0.5, -1], [2, 1]]: D1 agrees everywhere (kept whole); D3 keeps only its 0.5 (norm 0.5 of sqrt 2.5, a ratio
+    # of 3.16), which the cap holds to twice its size instead of a spike of 1.58
+    d3 = torch.tensor([[-0.5, 1.0], [-1.0, 0.5]])
+    assert blend_modes.RESCALE_CAP == 2.0
+    expected = D1 + torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    assert torch.allclose(blend_modes.merged_delta(terms(D1, d3), "split"), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", blend_modes.MODES)
 def test_one_term_is_the_same_in_every_mode(mode):
     up, down = torch.randn(5, 3), torch.randn(3, 7)
