@@ -506,15 +506,22 @@ def unet_gain(bench: Bench, groups: str, gain: float):
         vars(stack).pop("_plan", None)
 
 
-STEP_SPACING = 40  # timesteps between two of the 25 DDIM steps (1,000 / 25): which adapter "alt" runs at a step
 SCHEDULE_SIDES = ("split", "ties", "sum", "first", "second", "alt", "none", "tiesG", "normed", "raised", "rescaled",
                   "keepin1", "keepin2", "keepout1", "keepout2")
 
 
+def _rescale_side(name: str) -> tuple[bool, float] | None:
+    """(per_row, power) of a rescaledP / rowrescaledP side, None for any other name."""
+    per_row = name.startswith("row")
+    power = name.removeprefix("row").removeprefix("rescaled")
+    if not name.removeprefix("row").startswith("rescaled") or not (not power or power.replace(".", "", 1).isdigit()):
+        return None
+    return per_row, float(power or 1)
+
+
 def _check_side(name: str) -> str:
     gain = name.removeprefix("ties")
-    power = name.removeprefix("row").removeprefix("rescaled")
-    if name.removeprefix("row").startswith("rescaled") and (not power or power.replace(".", "", 1).isdigit()):
+    if _rescale_side(name) is not None:
         return name
     if name not in SCHEDULE_SIDES and not (name.startswith("ties") and gain.replace(".", "", 1).isdigit()):
         raise SystemExit(f"--schedule: unknown side {name!r} ({', '.join(SCHEDULE_SIDES)})")
@@ -539,10 +546,9 @@ def _fused_as(name: str, terms: list, base, adapters: tuple) -> object:
         return base.clone()
     if name.startswith("keep") and len(terms) == 2:
         return (base.float() + _kept_delta(name, terms, base.device).reshape(base.shape)).to(base)
-    if name.startswith("rescaled") or name.startswith("rowrescaled"):
-        per_row, power = name.startswith("row"), name.removeprefix("row").removeprefix("rescaled")
-        delta = _rescaled_ties(terms, base.device, float(power or 1), per_row)
-        return (base.float() + delta.reshape(base.shape)).to(base)
+    if (rescale := _rescale_side(name)) is not None:
+        per_row, power = rescale
+        return (base.float() + _rescaled_ties(terms, base.device, power, per_row).reshape(base.shape)).to(base)
     return (base.float() + stack_module._layer_delta(terms, base.device, mode).reshape(base.shape)).to(base)
 
 
@@ -571,11 +577,11 @@ def _rescaled_ties(terms: list, device, power: float = 1.0, per_row: bool = Fals
     where it acts alone; power > 1 scales by that ratio to the power, per_row by each output row's own ratio."""
     import torch
 
+    from stylelora.lora.blend_modes import elected_parts
+
     deltas = _term_deltas(terms, device, torch.float32)
-    elected = torch.sign(sum(deltas))
     merged = torch.zeros_like(deltas[0])
-    for delta in deltas:
-        kept = torch.where(torch.sign(delta) == elected, delta, 0.0)
+    for delta, kept in elected_parts(deltas):
         if per_row:
             ratio = delta.norm(dim=1, keepdim=True) / kept.norm(dim=1, keepdim=True).clamp(min=1e-12)
         else:
@@ -637,8 +643,8 @@ def scheduled_split(bench: Bench, a: str, b: str, rows: list[str]):
         early, late, threshold = parsed[state["row"]]
         timestep = float(torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else 0)).flatten()[0])
         side = early if timestep > threshold else late
-        if side == "alt":  # LoRA Switch: one adapter's delta a step, in turn (the toy's 25 steps are 40 apart)
-            side = ("first", "second")[int(timestep // STEP_SPACING) % 2]
+        if side == "alt":  # LoRA Switch: one adapter's delta a step, in turn, by the step's place in the sampler's run
+            side = ("first", "second")[bench.pipe.scheduler.timesteps.tolist().index(int(timestep)) % 2]
         use(side)
 
     hook = bench.pipe.unet.register_forward_pre_hook(before_call, with_kwargs=True)

@@ -125,15 +125,8 @@ def ties_delta(deltas: Sequence[Any], rescale: bool = False):
     """
     import torch
 
-    # Added in place one delta at a time rather than stacked: half the memory traffic, and the split mode runs this
-    # on every layer outside cross-attention at each weight change (SD 1.5 on one CPU thread: seconds).
-    total = deltas[0].clone()
-    for delta in deltas[1:]:
-        total += delta
-    elected = torch.sign(total)
-    merged = torch.zeros_like(total)
-    for delta in deltas:
-        kept = torch.where(torch.sign(delta) == elected, delta, 0.0)
+    merged = torch.zeros_like(deltas[0])
+    for delta, kept in elected_parts(deltas):
         if not rescale:
             merged += kept
             continue
@@ -141,6 +134,21 @@ def ties_delta(deltas: Sequence[Any], rescale: bool = False):
         if kept_norm > 0:
             merged.add_(kept, alpha=min(float(delta.norm()) / kept_norm, RESCALE_CAP))
     return merged
+
+
+def elected_parts(deltas: Sequence[Any]):
+    """(delta, its kept part) for each delta: TIES' sign election, the kept part holding the delta's entries whose sign
+    is the sign of the deltas' sum (zero elsewhere)."""
+    import torch
+
+    # Added in place one delta at a time rather than stacked: half the memory traffic, and the split mode runs this
+    # on every layer outside cross-attention at each weight change (SD 1.5 on one CPU thread: seconds).
+    total = deltas[0].clone()
+    for delta in deltas[1:]:
+        total += delta
+    elected = torch.sign(total)
+    for delta in deltas:
+        yield delta, torch.where(torch.sign(delta) == elected, delta, 0.0)
 
 
 def uniform_alpha(state: dict, alpha: float) -> None:
