@@ -45,7 +45,9 @@ and each adapter's own set.
              norm), rescaledP (ties with each delta's kept entries scaled by the ratio of its whole norm to
              theirs, to the power P, 1 if left out: rescaled is split), rowrescaledP (the same, row by row),
              keepinK or keepoutK (adapter K's delta whole, the other's summed with the part on K's input
-             directions, or on its output directions, projected away)
+             directions, or on its output directions, projected away), eqvote (split's rescaled ties with the sign
+             elected by each delta divided by its norm: one vote per adapter) or relmax (per entry only the push
+             that is larger relative to its delta's norm, rescaled as split)
     regmean  split with the layers outside cross-attention that both adapters touch fused by RegMean (Jin et al.
              2023, arXiv 2212.09849) instead of ties: per layer the delta that, on the inputs the layer sees while
              each adapter alone draws --calibration of its own prompts (prompt seed 1, not the scored prompts),
@@ -507,7 +509,7 @@ def unet_gain(bench: Bench, groups: str, gain: float):
 
 
 SCHEDULE_SIDES = ("split", "ties", "sum", "first", "second", "alt", "none", "tiesG", "normed", "raised", "rescaled",
-                  "keepin1", "keepin2", "keepout1", "keepout2")
+                  "keepin1", "keepin2", "keepout1", "keepout2", "eqvote", "relmax")
 
 
 def _rescale_side(name: str) -> tuple[bool, float] | None:
@@ -546,6 +548,8 @@ def _fused_as(name: str, terms: list, base, adapters: tuple) -> object:
         return base.clone()
     if name.startswith("keep") and len(terms) == 2:
         return (base.float() + _kept_delta(name, terms, base.device).reshape(base.shape)).to(base)
+    if name in ("eqvote", "relmax") and len(terms) == 2:
+        return (base.float() + _relative_election(terms, base.device, name).reshape(base.shape)).to(base)
     if (rescale := _rescale_side(name)) is not None:
         per_row, power = rescale
         return (base.float() + _rescaled_ties(terms, base.device, power, per_row).reshape(base.shape)).to(base)
@@ -587,6 +591,29 @@ def _rescaled_ties(terms: list, device, power: float = 1.0, per_row: bool = Fals
         else:
             ratio = delta.norm() / kept.norm().clamp(min=1e-12)
         merged += kept * ratio ** power
+    return merged
+
+
+def _relative_election(terms: list, device, name: str) -> object:
+    """eqvote: split's rescaled ties with the sign elected by the deltas each divided by its norm (each adapter one
+    equal vote per entry, whatever its strength in the layer); relmax: per entry only the delta of larger magnitude
+    relative to its norm; both with each delta's kept entries scaled back to its whole norm (capped as split's)."""
+    import torch
+
+    from stylelora.lora.blend_modes import RESCALE_CAP
+
+    deltas = _term_deltas(terms, device, torch.float32)
+    units = [delta / delta.norm().clamp(min=1e-12) for delta in deltas]
+    if name == "eqvote":
+        elected = torch.sign(units[0] + units[1])
+        keeps = [torch.sign(delta) == elected for delta in deltas]
+    else:
+        first = units[0].abs() >= units[1].abs()
+        keeps = [first, ~first]
+    merged = torch.zeros_like(deltas[0])
+    for delta, keep in zip(deltas, keeps):
+        kept = torch.where(keep, delta, 0.0)
+        merged.add_(kept, alpha=min(float(delta.norm()) / max(float(kept.norm()), 1e-12), RESCALE_CAP))
     return merged
 
 

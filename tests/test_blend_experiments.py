@@ -298,6 +298,22 @@ def test_schedule_fuses_the_other_layers_by_timestep_and_is_undone(bench):
     bench.stack.clear()
 
 
+@pytest.mark.parametrize("side, b_first, expected", [
+    # a = 8 everywhere (norm 16), b = -5 at the first entry: the plain sum elects a's sign there, one vote each elects
+    # b's (-1 against 0.5); a keeps three entries, scaled by 16 / sqrt 192
+    ("eqvote", -5.0, [[-5.0, 8 * 16 / 192 ** 0.5], [8 * 16 / 192 ** 0.5, 8 * 16 / 192 ** 0.5]]),
+    ("eqvote", 5.0, [[13.0, 8.0], [8.0, 8.0]]),  # both push the same way: both kept whole, as in ties
+    # relmax keeps the larger push relative to its delta's norm, even where both agree: b's 5 / 5 against a's 8 / 16
+    ("relmax", 5.0, [[5.0, 8 * 16 / 192 ** 0.5], [8 * 16 / 192 ** 0.5, 8 * 16 / 192 ** 0.5]]),
+])
+def test_relative_elections_give_each_adapter_one_vote(side, b_first, expected):
+    experiments = load_benchmark("blend_experiments")
+    a = SimpleNamespace(up=torch.tensor([[1.0], [1.0]]), down=torch.tensor([[8.0, 8.0]]), scale=1.0)
+    b = SimpleNamespace(up=torch.tensor([[1.0], [0.0]]), down=torch.tensor([[b_first, 0.0]]), scale=1.0)
+    merged = experiments._relative_election([("a", 1.0, a), ("b", 1.0, b)], "cpu", side)
+    assert torch.allclose(merged, torch.tensor(expected), atol=1e-5)
+
+
 @pytest.mark.parametrize("side, expected", [
     ("keepin1", [[1.0, 1.0], [0.0, 1.0]]),  # b loses what it does to a's input direction (the first column)
     ("keepout1", [[1.0, 0.0], [1.0, 1.0]]),  # b loses what it writes into a's output direction (the first row)
