@@ -600,7 +600,7 @@ def _relative_election(terms: list, device, name: str) -> object:
     relative to its norm; both with each delta's kept entries scaled back to its whole norm (capped as split's)."""
     import torch
 
-    from stylelora.lora.blend_modes import RESCALE_CAP
+    from stylelora.lora.blend_modes import rescaled_sum
 
     deltas = _term_deltas(terms, device, torch.float32)
     units = [delta / delta.norm().clamp(min=1e-12) for delta in deltas]
@@ -610,11 +610,7 @@ def _relative_election(terms: list, device, name: str) -> object:
     else:
         first = units[0].abs() >= units[1].abs()
         keeps = [first, ~first]
-    merged = torch.zeros_like(deltas[0])
-    for delta, keep in zip(deltas, keeps):
-        kept = torch.where(keep, delta, 0.0)
-        merged.add_(kept, alpha=min(float(delta.norm()) / max(float(kept.norm()), 1e-12), RESCALE_CAP))
-    return merged
+    return rescaled_sum((delta, torch.where(keep, delta, 0.0)) for delta, keep in zip(deltas, keeps))
 
 
 def _term_deltas(terms: list, device, dtype) -> list:

@@ -125,11 +125,22 @@ def ties_delta(deltas: Sequence[Any], rescale: bool = False):
     """
     import torch
 
+    if rescale:
+        return rescaled_sum(elected_parts(deltas))
     merged = torch.zeros_like(deltas[0])
-    for delta, kept in elected_parts(deltas):
-        if not rescale:
-            merged += kept
-            continue
+    for _, kept in elected_parts(deltas):
+        merged += kept
+    return merged
+
+
+def rescaled_sum(parts):
+    """The sum of each (delta, kept part) pair's kept part scaled back to its delta's whole norm, by at most
+    RESCALE_CAP (a part that kept nothing adds nothing)."""
+    import torch
+
+    merged = None
+    for delta, kept in parts:
+        merged = torch.zeros_like(delta) if merged is None else merged
         kept_norm = float(kept.norm())
         if kept_norm > 0:
             merged.add_(kept, alpha=min(float(delta.norm()) / kept_norm, RESCALE_CAP))
