@@ -198,7 +198,7 @@ def learned_merge(bench: Bench, a: str, b: str, steps: int) -> float:
     from diffusers import DDPMScheduler
     from torch.func import functional_call
 
-    from stylelora.generate.stack import _weighted_delta
+    from stylelora.generate.stack import _layer_delta
 
     noise_scheduler = DDPMScheduler.from_config(bench.pipe.scheduler.config)
     data = [fitting_data(bench, style, noise_scheduler) for style in (a, b)]
@@ -210,7 +210,7 @@ def learned_merge(bench: Bench, a: str, b: str, steps: int) -> float:
     for key, terms in bench.stack._plan(specs, [bench.stack.load(s.path) for s in specs]).items():
         if len(terms) == 2:
             weight = bench.stack._layer_weight(key)
-            deltas = [_weighted_delta(terms[i:i + 1], "cpu") for i in range(2)]
+            deltas = [_layer_delta(terms[i:i + 1], "cpu", "sum") for i in range(2)]
             layers.append((*names[id(weight)], weight, bench.stack._backups[key].float(), deltas,
                            [torch.ones(d.shape[0], requires_grad=True) for d in deltas]))
     for model in models.values():

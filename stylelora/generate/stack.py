@@ -386,18 +386,9 @@ class AdapterStack:
         self._active = ()
 
 
-def _weighted_delta(terms, device):
-    """sum_i w_i * s_i * up_i @ down_i as one matmul over the concatenated ranks."""
-    torch = _torch()
-    ups = torch.cat([(weight * factors.scale) * factors.up.to(device) for _, weight, factors in terms], dim=1)
-    downs = torch.cat([factors.down.to(device) for _, _, factors in terms], dim=0)
-    return ups @ downs
-
-
 def _layer_delta(terms, device, mode: str):
-    """The layer's delta: the plain weighted sum (bit for bit what "sum" always gave), or the blend mode's merge."""
-    if mode == "sum" or len(terms) == 1:
-        return _weighted_delta(terms, device)
+    """The layer's delta under the blend mode: for "sum" (and any single adapter) the plain weighted sum
+    sum_i w_i * s_i * up_i @ down_i as one matmul over the concatenated ranks (blend_modes.sum_delta)."""
     return blend_modes.merged_delta(
         [((weight * factors.scale) * factors.up.to(device), factors.down.to(device)) for _, weight, factors in terms],
         mode)
