@@ -27,7 +27,9 @@ and each adapter's own set.
     rule     split with another per-element merge of the adapters' attention changes (--rule): gammaG (the largest
              push plus G x the others' push the same way; 0 is split, 1 the sum), meanG (where two push the same
              way, G x their mean plus (1 - G) x the larger: 1 is the mean), oppG (where two push opposite ways,
-             the larger whole and G x the smaller: 1 is split, 0 maxabs) or maxabs (the one change of largest
+             the larger whole and G x the smaller: 1 is split, 0 maxabs), salG (each adapter's change damped per
+             pixel by (its salience / the largest salience there) ** G, salience its change's norm at the pixel
+             over its mean norm on the image; then split's merge) or maxabs (the one change of largest
              magnitude, whatever its sign), vorthH (per head vector, H heads: the longer change whole plus the
              other's part orthogonal to it) or vmaxH (the longer change alone)
     order    split as it is (each adapter reads the prompt with its trigger after the other's) beside split on the
@@ -392,10 +394,11 @@ def merge_rule(name: str):
 
     from stylelora.generate.split_attention import merge_stacked as split_merge  # before split_with_rule swaps it
 
-    kind = next((prefix for prefix in ("gamma", "mean", "opp", "vorth", "vmax") if name.startswith(prefix)), name)
-    if kind not in ("gamma", "mean", "opp", "maxabs", "vorth", "vmax"):
-        raise SystemExit(f"--rule {name}: give gammaG, meanG or oppG (a number G, e.g. gamma0.5), vorthH or vmaxH "
-                         "(H heads, e.g. vorth8) or maxabs")
+    kinds = ("gamma", "mean", "opp", "vorth", "vmax", "sal")
+    kind = next((prefix for prefix in kinds if name.startswith(prefix)), name)
+    if kind not in (*kinds, "maxabs"):
+        raise SystemExit(f"--rule {name}: give gammaG, meanG, oppG or salG (a number G, e.g. gamma0.5), vorthH or "
+                         "vmaxH (H heads, e.g. vorth8) or maxabs")
     share = float(name.removeprefix(kind)) if kind != "maxabs" else 0.0
 
     def merge(base, outputs):
@@ -406,6 +409,9 @@ def merge_rule(name: str):
             return base + vector_merge(changes, int(share), orthogonal_rest=kind == "vorth")
         if kind == "maxabs":
             return base + changes.gather(0, changes.abs().argmax(0, keepdim=True))[0]
+        if kind == "sal":
+            changes = changes * saliency_weights(changes, share)
+            return split_merge(torch.cat([base.unsqueeze(0), base + changes]))
         up, down = changes.amax(0).clamp(min=0), changes.amin(0).clamp(max=0)
         pushes_up, pushes_down = changes.clamp(min=0), changes.clamp(max=0)
         if kind == "gamma":  # gamma0: split exactly
@@ -419,6 +425,15 @@ def merge_rule(name: str):
         return base + torch.where(larger_up, up, down) + share * torch.where(larger_up, down, up)
 
     return merge
+
+
+def saliency_weights(changes, power: float):
+    """Per adapter and pixel, (s_i / max_j s_j) ** power, s_i the norm of adapter i's change at the pixel over its
+    mean norm across the image's pixels: where one adapter changes the image far more than it does on average (a
+    character's body), the others' changes are damped; 0 is split."""
+    norms = changes.norm(dim=-1, keepdim=True)  # (adapters, batch, pixels, 1)
+    salience = norms / norms.mean(dim=-2, keepdim=True).clamp(min=1e-12)
+    return (salience / salience.amax(0, keepdim=True).clamp(min=1e-12)).pow(power)
 
 
 def vector_merge(changes, heads: int, orthogonal_rest: bool):

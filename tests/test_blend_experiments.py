@@ -122,6 +122,19 @@ def test_merge_rules_by_hand(rule, expected):
     assert torch.equal(merge(base, outputs[:1]), outputs[0])
 
 
+def test_salience_damps_the_change_of_the_adapter_that_owns_less_of_the_pixel():
+    """Two pixels of one channel (batch 1). a changes both pixels by 1 (mean 1: salience 1, 1); b changes the
+    first by 3 and the second by 1 (mean 2: salience 1.5, 0.5). Pixel 1 is b's: a is damped by (1 / 1.5) ** G;
+    pixel 2 is a's: b by (0.5 / 1) ** G. Then split's merge: same sign, the larger push."""
+    merge = load_benchmark("blend_experiments").merge_rule
+    base = torch.zeros(1, 2, 1)
+    a, b = torch.tensor([1.0, 1.0]).view(1, 2, 1), torch.tensor([3.0, 1.0]).view(1, 2, 1)
+    assert torch.equal(merge("sal0")(base, [a, b]), torch.tensor([3.0, 1.0]).view(1, 2, 1))  # split
+    a_opposed = -a  # opposite ways: each damped change summed
+    assert torch.allclose(merge("sal1")(base, [a_opposed, b]).flatten(), torch.tensor([3.0 - 1 / 1.5, -1.0 + 0.5]))
+    assert torch.allclose(merge("sal2")(base, [a_opposed, b]).flatten(), torch.tensor([3.0 - 1 / 2.25, -1.0 + 0.25]))
+
+
 def test_vector_merges_by_hand():
     """Two heads of two channels: in the first head b's change is longer, in the second a's."""
     merge = load_benchmark("blend_experiments").merge_rule
