@@ -6,7 +6,10 @@ adapter alone, and a contact sheet of them to look at (docs/results.md, "What th
 
 The images are the ones `stylelora evaluate --lora A:1 --lora B:1 --prompt-set A+B --samples N --blend-mode MODE`
 draws (same prompts, same seeds). Writes OUT/A+B-MODE.png (each failed image over the same prompt drawn by the
-adapter the blend lost, alone; 8x size; none when nothing failed) and prints a line per failure.
+adapter the blend lost, alone; 8x size; none when nothing failed) and OUT/A+B-MODE-colors.png (each image whose
+color the judge reads wrong over the toy world's render of its prompt), and prints a line per failure, then the colors
+the judge reads wrong in the blend and in each adapter alone, asked -> read (docs/results.md, "Where split loses
+colors").
 """
 from __future__ import annotations
 
@@ -39,6 +42,33 @@ def draw(pipe, stack, paths: list[Path], mode: str, prompts, settings):
         return generate_images(pipe, prompts, settings)
     finally:
         stack.clear()
+
+
+def world_renders(prompts, styles: list[str]) -> list:
+    """The toy world's own image of each prompt (its facts, in the pair's styles): what the judge reads right."""
+    import random
+
+    from stylelora.toy.render import render
+    from stylelora.toy.world import scene_from_facts
+
+    return [render(scene_from_facts(prompt.shape, prompt.color, prompt.prompt.rsplit(" on a ", 1)[1].split()[0],
+                                    random.Random(prompt.seed), stripes="stripes" in styles,
+                                    pastel="pastel" in styles)) for prompt in prompts]
+
+
+def color_misses(prompts, verdicts) -> Counter:
+    """{(asked color, color the judge read): images} over the images whose color the judge reads wrong."""
+    return Counter((prompt.color, verdict["color"]) for prompt, verdict in zip(prompts, verdicts)
+                   if verdict["color"] != prompt.color)
+
+
+def print_color_misses(prompts, verdicts_by_row: dict) -> None:
+    """One line per row: how many colors are read wrong, and which, most first (e.g. yellow -> orange 9 of 12)."""
+    asked = Counter(prompt.color for prompt in prompts)
+    for row, verdicts in verdicts_by_row.items():
+        misses = color_misses(prompts, verdicts)
+        detail = ", ".join(f"{color} -> {read} {count} of {asked[color]}" for (color, read), count in misses.most_common())
+        print(f"colors read wrong, {row}: {sum(misses.values())} of {len(prompts)}" + (f" ({detail})" if detail else ""))
 
 
 def main(argv=None) -> int:
@@ -77,10 +107,21 @@ def main(argv=None) -> int:
     print(f"{args.pair} in {args.mode}: {len(sheet)} of {len(prompts)} images miss a style")
     for name in sorted(totals, key=lambda key: -counts[key] / totals[key]):
         print(f"  {name:8s} {counts[name]} of {totals[name]}")
+    renders = world_renders(prompts, styles)
+    truth = judge.predict(renders)
+    print(f"the toy world's own renders of these prompts: {sum(not all(v[s] for s in styles) for v in truth)} of "
+          f"{len(prompts)} miss a style")
+    print_color_misses(prompts, {f"{args.pair} in {args.mode}": verdicts, **{f"{s} alone": alone[s] for s in styles},
+                                 "the toy world's renders": truth})
     if sheet:  # the blend's images in the top row, the adapter each lost, alone, below it (8x, no gaps)
         out = save_grid([blend for blend, _ in sheet] + [alone for _, alone in sheet],
                         Path(args.out) / f"{args.pair}-{args.mode}.png", columns=len(sheet), scale=8, gap=0)
         print(f"contact sheet: {out} (the blend on top, the adapter it lost alone below)")
+    wrong = [index for index, (prompt, verdict) in enumerate(zip(prompts, verdicts)) if verdict["color"] != prompt.color]
+    if wrong:  # the blend's images whose color is read wrong, over the world's render of the same prompt
+        out = save_grid([blended[i] for i in wrong] + [renders[i] for i in wrong],
+                        Path(args.out) / f"{args.pair}-{args.mode}-colors.png", columns=len(wrong), scale=8, gap=0)
+        print(f"colors sheet: {out} (the blend on top, the toy world's render below)")
     return 0
 
 
