@@ -51,9 +51,13 @@ def world_renders(prompts, styles: list[str]) -> list:
     from stylelora.toy.render import render
     from stylelora.toy.world import scene_from_facts
 
-    return [render(scene_from_facts(prompt.shape, prompt.color, prompt.prompt.rsplit(" on a ", 1)[1].split()[0],
-                                    random.Random(prompt.seed), stripes="stripes" in styles,
-                                    pastel="pastel" in styles)) for prompt in prompts]
+    return [render(scene_from_facts(prompt.shape, prompt.color, background(prompt), random.Random(prompt.seed),
+                                    stripes="stripes" in styles, pastel="pastel" in styles)) for prompt in prompts]
+
+
+def background(prompt) -> str:
+    """The background an evaluation prompt asks for ("... on a beige background": beige)."""
+    return prompt.prompt.rsplit(" on a ", 1)[1].split()[0]
 
 
 def color_misses(prompts, verdicts) -> Counter:
@@ -96,11 +100,10 @@ def main(argv=None) -> int:
     alone = {style: judge.predict(images) for style, images in alone_images.items()}
     totals, counts, sheet = Counter(), Counter(), []  # sheet: (blend, the adapter it lost alone) per failure
     for index, (prompt, verdict) in enumerate(zip(prompts, verdicts)):
-        background = prompt.prompt.rsplit(" on a ", 1)[1].split()[0]
-        totals.update([prompt.color, background])
+        totals.update([prompt.color, background(prompt)])
         lost = [style for style in styles if not verdict[style]]
         if lost:
-            counts.update([prompt.color, background])
+            counts.update([prompt.color, background(prompt)])
             sheet.append((blended[index], alone_images[lost[0]][index]))
             judged = ", ".join(f"{style} {verdict[f'{style}_prob']:.2f}" for style in styles)
             print(f"{prompt.prompt} | blend: {judged} | {lost[0]} alone: {alone[lost[0]][index][f'{lost[0]}_prob']:.2f}")
