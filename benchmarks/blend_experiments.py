@@ -48,8 +48,10 @@ and each adapter's own set.
              theirs, to the power P, 1 if left out: rescaled is split), rowrescaledP (the same, row by row),
              keepinK or keepoutK (adapter K's delta whole, the other's summed with the part on K's input
              directions, or on its output directions, projected away), eqvote (split's rescaled ties with the sign
-             elected by each delta divided by its norm: one vote per adapter) or relmax (per entry only the push
-             that is larger relative to its delta's norm, rescaled as split)
+             elected by each delta divided by its norm: one vote per adapter), relmax (per entry only the push
+             that is larger relative to its delta's norm, rescaled as split), dareP (DARE: each delta keeps a
+             random 1 - P of its entries, scaled by 1 / (1 - P), then summed) or daretiesP (the same, then split's
+             rescaled ties)
     regmean  split with the layers outside cross-attention that both adapters touch fused by RegMean (Jin et al.
              2023, arXiv 2212.09849) instead of ties: per layer the delta that, on the inputs the layer sees while
              each adapter alone draws --calibration of its own prompts (prompt seed 1, not the scored prompts),
@@ -536,9 +538,18 @@ def _rescale_side(name: str) -> tuple[bool, float] | None:
     return per_row, float(power or 1)
 
 
+def _dare_side(name: str) -> tuple[str, float] | None:
+    """(then, drop) of a dareP / dareriesP side (then "sum" or "ties"), None for any other name."""
+    for prefix, then in (("dareties", "ties"), ("dare", "sum")):
+        drop = name.removeprefix(prefix)
+        if name.startswith(prefix) and drop.replace(".", "", 1).isdigit() and 0 <= float(drop) < 1:
+            return then, float(drop)
+    return None
+
+
 def _check_side(name: str) -> str:
     gain = name.removeprefix("ties")
-    if _rescale_side(name) is not None:
+    if _rescale_side(name) is not None or _dare_side(name) is not None:
         return name
     if name not in SCHEDULE_SIDES and not (name.startswith("ties") and gain.replace(".", "", 1).isdigit()):
         raise SystemExit(f"--schedule: unknown side {name!r} ({', '.join(SCHEDULE_SIDES)})")
@@ -565,6 +576,8 @@ def _fused_as(name: str, terms: list, base, adapters: tuple) -> object:
         return (base.float() + _kept_delta(name, terms, base.device).reshape(base.shape)).to(base)
     if name in ("eqvote", "relmax") and len(terms) == 2:
         return (base.float() + _relative_election(terms, base.device, name).reshape(base.shape)).to(base)
+    if (dare := _dare_side(name)) is not None:
+        return (base.float() + _dare_delta(terms, base.device, *dare).reshape(base.shape)).to(base)
     if (rescale := _rescale_side(name)) is not None:
         per_row, power = rescale
         return (base.float() + _rescaled_ties(terms, base.device, power, per_row).reshape(base.shape)).to(base)
@@ -607,6 +620,22 @@ def _rescaled_ties(terms: list, device, power: float = 1.0, per_row: bool = Fals
             ratio = delta.norm() / kept.norm().clamp(min=1e-12)
         merged += kept * ratio ** power
     return merged
+
+
+def _dare_delta(terms: list, device, then: str, drop: float) -> object:
+    """DARE (Yu et al. 2023, arXiv 2311.03099): each delta keeps a random 1 - drop of its entries, scaled by
+    1 / (1 - drop), then the deltas are summed ("sum") or merged as split's rescaled ties ("ties"). The masks are
+    seeded by the layer's size and the term's place, so a run draws the same ones each time."""
+    import torch
+
+    from stylelora.lora.blend_modes import ties_delta
+
+    deltas = []
+    for index, delta in enumerate(_term_deltas(terms, device, torch.float32)):
+        generator = torch.Generator().manual_seed(delta.numel() * 8 + index)
+        keep = torch.rand(delta.shape, generator=generator).to(device) >= drop
+        deltas.append(torch.where(keep, delta, 0.0) / (1 - drop))
+    return sum(deltas) if then == "sum" or len(deltas) == 1 else ties_delta(deltas, rescale=True)
 
 
 def _relative_election(terms: list, device, name: str) -> object:

@@ -327,6 +327,29 @@ def test_relative_elections_give_each_adapter_one_vote(side, b_first, expected):
     assert torch.allclose(merged, torch.tensor(expected), atol=1e-5)
 
 
+def test_dare_keeps_a_random_share_of_each_delta_scaled_back():
+    """Two deltas of 10,000 entries each: DARE at 0.5 keeps about half of each, doubled, on masks drawn again the
+    same way; at 0 it is the plain sum; then ties elects among the dropped deltas."""
+    experiments = load_benchmark("blend_experiments")
+    a = SimpleNamespace(up=torch.ones(100, 1), down=torch.ones(1, 100), scale=1.0)  # all 1
+    b = SimpleNamespace(up=torch.ones(100, 1), down=-0.5 * torch.ones(1, 100), scale=1.0)  # all -0.5
+    terms = [("a", 1.0, a), ("b", 1.0, b)]
+    assert torch.equal(experiments._dare_delta(terms, "cpu", "sum", 0.0), torch.full((100, 100), 0.5))
+    dropped = experiments._dare_delta(terms, "cpu", "sum", 0.5)
+    assert torch.equal(dropped, experiments._dare_delta(terms, "cpu", "sum", 0.5))  # the same masks each time
+    values, counts = torch.unique(dropped, return_counts=True)  # a's 2, b's -1, both 1, neither 0
+    assert values.tolist() == [-1.0, 0.0, 1.0, 2.0] and all(2200 < c < 2800 for c in counts.tolist())
+    tied = experiments._dare_delta(terms, "cpu", "ties", 0.5)
+    # where both kept an entry a's sign wins it: a keeps all of its own (2 wherever kept), b only what it holds alone,
+    # scaled back to the norm of all it kept (split's rescale)
+    assert torch.equal(tied[dropped >= 1.0], torch.full_like(tied[dropped >= 1.0], 2.0))
+    b_kept, b_alone = int((dropped == 1.0).sum() + (dropped == -1.0).sum()), int((dropped == -1.0).sum())
+    assert torch.allclose(tied[dropped == -1.0], torch.tensor(-(b_kept / b_alone) ** 0.5))
+    assert experiments._check_side("dare0.5") == "dare0.5" and experiments._check_side("dareties0.9") == "dareties0.9"
+    with pytest.raises(SystemExit, match="unknown side"):
+        experiments._check_side("dare1.5")
+
+
 @pytest.mark.parametrize("side, expected", [
     ("keepin1", [[1.0, 1.0], [0.0, 1.0]]),  # b loses what it does to a's input direction (the first column)
     ("keepout1", [[1.0, 0.0], [1.0, 1.0]]),  # b loses what it writes into a's output direction (the first row)
