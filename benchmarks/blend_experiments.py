@@ -539,7 +539,7 @@ def _rescale_side(name: str) -> tuple[bool, float] | None:
 
 
 def _dare_side(name: str) -> tuple[str, float] | None:
-    """(then, drop) of a dareP / dareriesP side (then "sum" or "ties"), None for any other name."""
+    """(then, drop) of a dareP / daretiesP side (then "sum" or "ties"), None for any other name."""
     for prefix, then in (("dareties", "ties"), ("dare", "sum")):
         drop = name.removeprefix(prefix)
         if name.startswith(prefix) and drop.replace(".", "", 1).isdigit() and 0 <= float(drop) < 1:

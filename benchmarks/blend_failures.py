@@ -46,18 +46,9 @@ def draw(pipe, stack, paths: list[Path], mode: str, prompts, settings):
 
 def world_renders(prompts, styles: list[str]) -> list:
     """The toy world's own image of each prompt (its facts, in the pair's styles): what the judge reads right."""
-    import random
+    from stylelora.toy.evaluate import world_image
 
-    from stylelora.toy.render import render
-    from stylelora.toy.world import scene_from_facts
-
-    return [render(scene_from_facts(prompt.shape, prompt.color, background(prompt), random.Random(prompt.seed),
-                                    stripes="stripes" in styles, pastel="pastel" in styles)) for prompt in prompts]
-
-
-def background(prompt) -> str:
-    """The background an evaluation prompt asks for ("... on a beige background": beige)."""
-    return prompt.prompt.rsplit(" on a ", 1)[1].split()[0]
+    return [world_image(prompt, stripes="stripes" in styles, pastel="pastel" in styles) for prompt in prompts]
 
 
 def color_misses(prompts, verdicts) -> Counter:
@@ -100,10 +91,10 @@ def main(argv=None) -> int:
     alone = {style: judge.predict(images) for style, images in alone_images.items()}
     totals, counts, sheet = Counter(), Counter(), []  # sheet: (blend, the adapter it lost alone) per failure
     for index, (prompt, verdict) in enumerate(zip(prompts, verdicts)):
-        totals.update([prompt.color, background(prompt)])
+        totals.update([prompt.color, prompt.background])
         lost = [style for style in styles if not verdict[style]]
         if lost:
-            counts.update([prompt.color, background(prompt)])
+            counts.update([prompt.color, prompt.background])
             sheet.append((blended[index], alone_images[lost[0]][index]))
             judged = ", ".join(f"{style} {verdict[f'{style}_prob']:.2f}" for style in styles)
             print(f"{prompt.prompt} | blend: {judged} | {lost[0]} alone: {alone[lost[0]][index][f'{lost[0]}_prob']:.2f}")

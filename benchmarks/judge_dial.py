@@ -30,19 +30,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def render_pair(prompt, style: str):
     """(without the style, with it) as float arrays: the world's renders of the prompt's facts."""
-    import random
-
     import numpy as np
 
-    from stylelora.toy.render import render
-    from stylelora.toy.world import CHARACTER, scene_from_facts
+    from stylelora.toy.evaluate import world_image
+    from stylelora.toy.world import CHARACTER
 
-    background = prompt.prompt.rsplit(" on a ", 1)[1].split()[0]
-    plain_shape = "circle" if prompt.shape == CHARACTER else prompt.shape
-    plain = scene_from_facts(plain_shape, prompt.color, background, random.Random(prompt.seed))
-    styled = scene_from_facts(prompt.shape, prompt.color, background, random.Random(prompt.seed),
-                              stripes=style == "stripes", pastel=style == "pastel")
-    return tuple(np.asarray(render(scene), dtype=np.float32) for scene in (plain, styled))
+    plain = world_image(prompt, shape="circle" if prompt.shape == CHARACTER else None)
+    styled = world_image(prompt, stripes=style == "stripes", pastel=style == "pastel")
+    return tuple(np.asarray(image, dtype=np.float32) for image in (plain, styled))
 
 
 def faded(pairs, share: float) -> list:

@@ -79,6 +79,18 @@ def test_prompt_sets_carry_their_triggers(name, triggers, subject):
         assert (p.shape == "zorb") == (subject == "zorb")
 
 
+def test_world_image_draws_the_prompts_facts_as_the_judge_reads_them():
+    from stylelora.toy.evaluate import world_image
+    from stylelora.toy.judge import load_judge
+
+    prompts = build_prompts(8, 0, ("pastel+zorb",))
+    assert all(p.prompt.endswith(f" on a {p.background} background") for p in prompts)
+    verdicts = load_judge().predict([world_image(p, pastel=True) for p in prompts])
+    assert all(v["color"] == p.color and v["zorb"] and v["pastel"] and not v["stripes"] for v, p in zip(verdicts, prompts))
+    circles = load_judge().predict([world_image(p, shape="circle") for p in prompts])  # another shape, same facts
+    assert all(v["shape"] == "circle" and not v["zorb"] and not v["pastel"] for v in circles)
+
+
 @pytest.mark.parametrize("name", ["stripe", "stripes+stripes", "plain+zorb", ""])
 def test_unknown_prompt_sets_are_refused(name):
     with pytest.raises(ValueError, match="prompt set"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .world import BACKGROUNDS, CHARACTER, COLORS, SHAPES, STYLE_TRIGGERS
+from .world import BACKGROUNDS, CHARACTER, COLORS, SHAPES, STYLE_TRIGGERS, scene_from_facts
 
 PROMPT_SETS = ("plain", "stripes", "pastel", "zorb")  # plain = no trigger; the others carry their trigger word
 STYLES = ("stripes", "pastel", "zorb")
@@ -29,6 +29,7 @@ class EvalPrompt:
     shape: str
     color: str
     seed: int
+    background: str
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,17 @@ def build_prompts(samples: int, seed: int, prompt_sets: tuple[str, ...] = PROMPT
         for (shape, color, background), image_seed in zip(facts, image_seeds):
             subject = CHARACTER if "zorb" in styles else shape
             text = triggers + _content(subject, color, background)
-            prompts.append(EvalPrompt(prompt_set, text, subject, color, image_seed))
+            prompts.append(EvalPrompt(prompt_set, text, subject, color, image_seed, background))
     return prompts
+
+
+def world_image(prompt: EvalPrompt, shape: str | None = None, **style: bool):
+    """The toy world's own render of the prompt's facts (its `shape`, if given, in place of the prompt's), in the
+    styles named (stripes=True, pastel=True): what the judge reads right, beside what a model drew."""
+    from .render import render
+
+    return render(scene_from_facts(shape or prompt.shape, prompt.color, prompt.background, random.Random(prompt.seed),
+                                   **style))
 
 
 def generate_images(pipe, prompts: list[EvalPrompt], settings: EvalSettings, batch: int = 64):
