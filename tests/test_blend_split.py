@@ -50,6 +50,17 @@ def test_merge_keeps_the_largest_push_each_way():
     assert torch.equal(split_attention.merge(base, [first, second, third]), torch.tensor([2.0, 1.0, 0.0, 3.0, 3.0]))
 
 
+
+def test_merge_of_two_adapters_takes_the_same_values_on_every_path():
+    """Two adapters on a CPU take element-wise max and min instead of the reduction three or more take: the same
+    merge, checked against the rule written out, with ties and zero changes in the draw."""
+    generator = torch.Generator().manual_seed(0)
+    parts = torch.randint(-3, 4, (3, 2, 5, 7), generator=generator).float()  # small integers: many equal entries
+    expected = _merged_by_hand(parts[0], parts[1], parts[2])
+    assert torch.equal(split_attention.merge_stacked(parts.clone()), expected)
+    with_a_silent_third = torch.cat([parts, parts[:1]])  # a third adapter that changes nothing: the reduction path
+    assert torch.equal(split_attention.merge_stacked(with_a_silent_third), expected)
+
 @pytest.mark.parametrize("residual", [False, True], ids=["low-rank path", "generic path"])
 def test_split_cross_attention_merges_each_adapters_attention(residual):
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0

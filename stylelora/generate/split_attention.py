@@ -88,7 +88,13 @@ def merge_stacked(parts: Any) -> Any:
     base, outputs = parts[0], parts[1:]
     if len(outputs) == 1:
         return outputs[0]
-    lowest, highest = torch.aminmax(outputs, dim=0)
+    if len(outputs) == 2 and outputs.device.type == "cpu":
+        # The same hi and lo: on a CPU aminmax reduces over a leading axis of two about four times slower than the
+        # element-wise max and min do (59 against 14 microseconds on a toy module's attention), and the toy pays it
+        # in every cross-attention module at every step. On a GPU one launch beats two (see above).
+        highest, lowest = torch.maximum(outputs[0], outputs[1]), torch.minimum(outputs[0], outputs[1])
+    else:
+        lowest, highest = torch.aminmax(outputs, dim=0)
     # hi - (clamp - lo) rather than hi + lo - clamp: where every adapter raises the element (clamp = lo) it is hi
     # exactly, as the largest increase alone should be.
     return highest.sub_(torch.clamp(base, min=lowest, max=highest).sub_(lowest))
