@@ -149,6 +149,18 @@ def test_split_keeps_an_adapter_whole_beside_one_that_changes_nothing(world):
     assert abs(with_b - summed).max() > 3 and abs(with_b - alone).max() > 3  # a real, different blend
 
 
+
+def test_split_keeps_a_locon_adapter_whole_beside_a_plain_one_that_changes_nothing(world, tmp_path):
+    """A LoCon style (its 3x3 convs adapted too) stacked with a plain LoRA: the convs only one adapter touches are
+    fused as that adapter alone, so beside a silent plain adapter the LoCon draws what it draws alone."""
+    locon = make_adapter(tmp_path / "locon.safetensors", 3, preset="locon", trigger="grain")
+    pipe = load_tiny_base(world["base"])
+    alone = _image(pipe, [AdapterSpec(locon, 1.0)], "sum")
+    split = _image(pipe, [AdapterSpec(locon, 1.0), AdapterSpec(world["silent"], 1.0)], "split")
+    assert abs(split - alone).max() <= 1
+    with_b = _image(pipe, [AdapterSpec(locon, 1.0), AdapterSpec(world["b"], 1.0)], "split")
+    assert abs(with_b - alone).max() > 3
+
 def test_split_single_adapter_is_the_adapter_and_clear_gives_the_base_back(world):
     pipe = load_tiny_base(world["base"])
     stack = AdapterStack.for_pipe(pipe)
