@@ -50,7 +50,6 @@ def test_merge_keeps_the_largest_push_each_way():
     assert torch.equal(split_attention.merge(base, [first, second, third]), torch.tensor([2.0, 1.0, 0.0, 3.0, 3.0]))
 
 
-
 def test_merge_of_two_adapters_takes_the_same_values_on_every_path():
     """Two adapters on a CPU take element-wise max and min instead of the reduction three or more take: the same
     merge, checked against the rule written out, with ties and zero changes in the draw."""
@@ -60,6 +59,7 @@ def test_merge_of_two_adapters_takes_the_same_values_on_every_path():
     assert torch.equal(split_attention.merge_stacked(parts.clone()), expected)
     with_a_silent_third = torch.cat([parts, parts[:1]])  # a third adapter that changes nothing: the reduction path
     assert torch.equal(split_attention.merge_stacked(with_a_silent_third), expected)
+
 
 @pytest.mark.parametrize("residual", [False, True], ids=["low-rank path", "generic path"])
 def test_split_cross_attention_merges_each_adapters_attention(residual):
@@ -149,7 +149,6 @@ def test_split_keeps_an_adapter_whole_beside_one_that_changes_nothing(world):
     assert abs(with_b - summed).max() > 3 and abs(with_b - alone).max() > 3  # a real, different blend
 
 
-
 def test_split_keeps_a_locon_adapter_whole_beside_a_plain_one_that_changes_nothing(world, tmp_path):
     """A LoCon style (its 3x3 convs adapted too) stacked with a plain LoRA: the convs only one adapter touches are
     fused as that adapter alone, so beside a silent plain adapter the LoCon draws what it draws alone."""
@@ -160,6 +159,7 @@ def test_split_keeps_a_locon_adapter_whole_beside_a_plain_one_that_changes_nothi
     assert abs(split - alone).max() <= 1
     with_b = _image(pipe, [AdapterSpec(locon, 1.0), AdapterSpec(world["b"], 1.0)], "split")
     assert abs(with_b - alone).max() > 3
+
 
 def test_split_single_adapter_is_the_adapter_and_clear_gives_the_base_back(world):
     pipe = load_tiny_base(world["base"])
