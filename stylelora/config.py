@@ -167,7 +167,9 @@ class TrainSection:
     precision: str | None = option(None, "frozen base weights and autocast; LoRA weights and optimizer state stay "
                                          "fp32", choices=PRECISIONS, example="bf16", preset=True)
     min_snr_gamma: float = option(5.0, "min-SNR loss weighting gamma (0 = plain MSE)", example="5")
-    noise_offset: float = option(0.0, "noise offset", example="0.05")
+    noise_offset: float = option(0.0, "noise offset (kohya's --noise_offset): each noise sample shifted by this "
+                                      "times a random constant per channel, so the adapter can learn images darker "
+                                      "or lighter overall than the base draws", example="0.05")
     # See stylelora/train/preservation.py. On by default: a character or style should show up when asked for, not
     # everywhere.
     preserve_base: float = option(1.0, "weight of the loss that keeps the base model's output on captions with the "
