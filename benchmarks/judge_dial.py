@@ -17,8 +17,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STYLES = ("stripes", "pastel", "zorb")
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +61,7 @@ def dial(judge, style: str, samples: int, shares: list[float]) -> list[tuple[flo
 
 
 def main(argv=None) -> int:
+    from stylelora.toy.evaluate import STYLES
     from stylelora.toy.judge import load_judge
 
     args = parse_args(argv)
