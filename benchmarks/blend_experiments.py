@@ -51,7 +51,8 @@ and each adapter's own set.
              elected by each delta divided by its norm: one vote per adapter), relmax (per entry only the push
              that is larger relative to its delta's norm, rescaled as split), dareP (DARE: each delta keeps a
              random 1 - P of its entries, scaled by 1 / (1 - P), then summed) or daretiesP (the same, then split's
-             rescaled ties)
+             rescaled ties), or tsv (TSV-Merge, Gargiulo et al. 2025: the two deltas' singular vectors
+             side by side made orthonormal, every singular value kept)
     regmean  split with the layers outside cross-attention that both adapters touch fused by RegMean (Jin et al.
              2023, arXiv 2212.09849) instead of ties: per layer the delta that, on the inputs the layer sees while
              each adapter alone draws --calibration of its own prompts (prompt seed 1, not the scored prompts),
@@ -526,7 +527,7 @@ def unet_gain(bench: Bench, groups: str, gain: float):
 
 
 SCHEDULE_SIDES = ("split", "ties", "sum", "first", "second", "alt", "none", "tiesG", "normed", "raised", "rescaled",
-                  "keepin1", "keepin2", "keepout1", "keepout2", "eqvote", "relmax")
+                  "keepin1", "keepin2", "keepout1", "keepout2", "eqvote", "relmax", "tsv")
 
 
 def _rescale_side(name: str) -> tuple[bool, float] | None:
@@ -574,6 +575,8 @@ def _fused_as(name: str, terms: list, base, adapters: tuple) -> object:
         return base.clone()
     if name.startswith("keep") and len(terms) == 2:
         return (base.float() + _kept_delta(name, terms, base.device).reshape(base.shape)).to(base)
+    if name == "tsv" and len(terms) == 2:
+        return (base.float() + _tsv_delta(terms, base.device).reshape(base.shape)).to(base)
     if name in ("eqvote", "relmax") and len(terms) == 2:
         return (base.float() + _relative_election(terms, base.device, name).reshape(base.shape)).to(base)
     if (dare := _dare_side(name)) is not None:
@@ -601,6 +604,28 @@ def _kept_delta(name: str, terms: list, device) -> object:
         basis, _ = torch.linalg.qr(factors.up.to(device).float())  # (out, rank): K's output directions
         other = other - basis @ (basis.T @ other)
     return deltas[kept] + other
+
+
+def _tsv_delta(terms: list, device) -> object:
+    """TSV-Merge (Gargiulo et al. 2025, arXiv 2412.00081): each delta's singular vectors side by side, [U_A U_B] and
+    [V_A V_B], each replaced by its nearest matrix with orthonormal columns (the polar factor), with every singular
+    value kept: the sum of the two deltas with the directions they share rotated apart."""
+    import torch
+
+    deltas = _term_deltas(terms, device, torch.float32)
+    shape = deltas[0].shape
+    parts = []
+    for delta in deltas:
+        u, sigma, vh = torch.linalg.svd(delta.reshape(shape[0], -1), full_matrices=False)
+        rank = int((sigma > sigma[0] * 1e-6).sum())
+        parts.append((u[:, :rank], sigma[:rank], vh[:rank]))
+    us, sigmas, vhs = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+    def polar(m):
+        x, _, yh = torch.linalg.svd(m, full_matrices=False)
+        return x @ yh
+
+    return (polar(us) * sigmas) @ polar(vhs.T).T
 
 
 def _rescaled_ties(terms: list, device, power: float = 1.0, per_row: bool = False) -> object:
