@@ -9,7 +9,7 @@ draws (same prompts, same seeds). Writes OUT/A+B-MODE.png (each failed image ove
 adapter the blend lost, alone; 8x size; none when nothing failed) and OUT/A+B-MODE-colors.png (each image whose
 color the judge reads wrong over the toy world's render of its prompt), and prints a line per failure, then the colors
 the judge reads wrong in the blend and in each adapter alone, asked -> read (docs/results.md, "Where split loses
-colors").
+colors"). It also judges the toy world's renders of the prompts, as drawn and through the base's VAE: the ceiling.
 """
 from __future__ import annotations
 
@@ -49,6 +49,18 @@ def world_renders(prompts, styles: list[str]) -> list:
     from stylelora.toy.evaluate import world_image
 
     return [world_image(prompt, stripes="stripes" in styles, pastel="pastel" in styles) for prompt in prompts]
+
+
+def vae_round_trip(pipe, images: list) -> list:
+    """The images encoded by the pipeline's VAE and decoded again: what a denoiser that drew the right latents
+    would give back (the ceiling of every blend)."""
+    import numpy as np
+    from PIL import Image
+
+    from stylelora.toy.vae_train import reconstruct, to_unit
+
+    decoded = reconstruct(pipe.vae, to_unit(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2))
+    return [Image.fromarray(array) for array in decoded.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()]
 
 
 def color_misses(prompts, verdicts) -> Counter:
@@ -105,6 +117,9 @@ def main(argv=None) -> int:
     truth = judge.predict(renders)
     print(f"the toy world's own renders of these prompts: {sum(not all(v[s] for s in styles) for v in truth)} of "
           f"{len(prompts)} miss a style")
+    through_vae = judge.predict(vae_round_trip(pipe, renders))
+    print(f"the same renders encoded and decoded by the base's VAE: "
+          f"{sum(not all(v[s] for s in styles) for v in through_vae)} of {len(prompts)} miss a style")
     print_color_misses(prompts, {f"{args.pair} in {args.mode}": verdicts, **{f"{s} alone": alone[s] for s in styles},
                                  "the toy world's renders": truth})
     if sheet:  # the blend's images in the top row, the adapter each lost, alone, below it (8x, no gaps)
