@@ -27,6 +27,7 @@ def test_failures_are_counted_and_drawn(tmp_path, capsys):
     assert sum(int(count) for _, count, _ in backgrounds) == missed
     assert sum(int(total) for _, _, total in backgrounds) == 4
     assert "the toy world's own renders of these prompts: 0 of 4 miss a style" in printed
+    assert "the same renders encoded and decoded by the base's VAE: 0 of 4 miss a style" in printed  # the ceiling
     assert "colors read wrong, the toy world's renders: 0 of 4" in printed
     for row in ("pastel+zorb in split", "pastel alone", "zorb alone"):
         assert re.search(rf"^colors read wrong, {re.escape(row)}: \d+ of 4", printed, re.M)
