@@ -614,18 +614,20 @@ def _tsv_delta(terms: list, device) -> object:
 
     deltas = _term_deltas(terms, device, torch.float32)
     shape = deltas[0].shape
-    parts = []
+    lefts, sigmas, rights = [], [], []
     for delta in deltas:
         u, sigma, vh = torch.linalg.svd(delta.reshape(shape[0], -1), full_matrices=False)
-        rank = int((sigma > sigma[0] * 1e-6).sum())
-        parts.append((u[:, :rank], sigma[:rank], vh[:rank]))
-    us, sigmas, vhs = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        rank = int((sigma > sigma[0] * 1e-6).sum())  # a LoRA delta's own rank, not the layer's
+        lefts.append(u[:, :rank])
+        sigmas.append(sigma[:rank])
+        rights.append(vh[:rank])
+    us, vhs = torch.cat(lefts, 1), torch.cat(rights)
 
     def polar(m):
         x, _, yh = torch.linalg.svd(m, full_matrices=False)
         return x @ yh
 
-    return (polar(us) * sigmas) @ polar(vhs.T).T
+    return (polar(us) * torch.cat(sigmas)) @ polar(vhs.T).T
 
 
 def _rescaled_ties(terms: list, device, power: float = 1.0, per_row: bool = False) -> object:
