@@ -55,12 +55,11 @@ def vae_round_trip(pipe, images: list) -> list:
     """The images encoded by the pipeline's VAE and decoded again: what a denoiser that drew the right latents
     would give back (the ceiling of every blend)."""
     import numpy as np
-    from PIL import Image
 
-    from stylelora.toy.vae_train import reconstruct, to_unit
+    from stylelora.toy.vae_train import reconstruct, to_images, to_unit
 
-    decoded = reconstruct(pipe.vae, to_unit(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2))
-    return [Image.fromarray(array) for array in decoded.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+    pixels = to_unit(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
+    return to_images(reconstruct(pipe.vae, pixels))
 
 
 def color_misses(prompts, verdicts) -> Counter:

@@ -51,6 +51,13 @@ def psnr_by_style(vae, n_per_style: int = 96, seed: int = 10_000) -> dict[str, f
     return scores
 
 
+def to_images(y) -> list:
+    """Pixels in [-1, 1], (n, 3, H, W), back to RGB PIL images (the inverse of `to_unit`, rounded)."""
+    from PIL import Image
+
+    return [Image.fromarray(array) for array in y.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()]
+
+
 def reconstruct(vae, x):
     """Encode to the posterior mean and decode, as everything downstream uses the VAE; clamped to [-1, 1]."""
     import torch
@@ -114,11 +121,8 @@ def _held_out_psnr(vae) -> dict[str, float]:
 
 def false_stripes_rate(vae, judge, n: int = 256, seed: int = 30_000) -> float:
     """How often the judge sees stripes in reconstructions of plain renders (the renders themselves: 0)."""
-    from PIL import Image
-
     y = reconstruct(vae, to_unit(render_pool(n, seed, "plain")))
-    pixels = y.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return sum(v["stripes"] for v in judge.predict([Image.fromarray(a) for a in pixels])) / n
+    return sum(v["stripes"] for v in judge.predict(to_images(y))) / n
 
 
 def finetune_decoder(vae, out_dir: Path, *, steps: int = 2000, batch: int = 16, lr: float = 5e-4, seed: int = 1,
