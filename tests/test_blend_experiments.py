@@ -327,6 +327,24 @@ def test_relative_elections_give_each_adapter_one_vote(side, b_first, expected):
     assert torch.allclose(merged, torch.tensor(expected), atol=1e-5)
 
 
+def test_tsv_rotates_shared_directions_apart_and_keeps_every_singular_value():
+    """TSV-Merge on two rank-1 deltas: where their directions are already orthogonal it is their sum; where they
+    overlap (45 degrees apart) the merged delta keeps both singular values, 1 and 2, which the sum does not (its are
+    (3 +- 5 ** 0.5) / 2)."""
+    experiments = load_benchmark("blend_experiments")
+    e1, e2 = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]])
+    diagonal = torch.tensor([[1.0], [1.0]]) / 2 ** 0.5
+    a = SimpleNamespace(up=e1, down=e1.T, scale=1.0)
+    apart = SimpleNamespace(up=e2, down=2 * e2.T, scale=1.0)
+    assert torch.allclose(experiments._tsv_delta([("a", 1.0, a), ("b", 1.0, apart)], "cpu"),
+                          torch.tensor([[1.0, 0.0], [0.0, 2.0]]), atol=1e-6)
+    shared = SimpleNamespace(up=diagonal, down=2 * diagonal.T, scale=1.0)
+    merged = experiments._tsv_delta([("a", 1.0, a), ("b", 1.0, shared)], "cpu")
+    assert torch.allclose(torch.linalg.svdvals(merged), torch.tensor([2.0, 1.0]), atol=1e-5)
+    assert not torch.allclose(merged, torch.tensor([[2.0, 1.0], [1.0, 1.0]]), atol=0.1)  # not the sum
+    assert experiments._check_side("tsv") == "tsv"
+
+
 def test_dare_keeps_a_random_share_of_each_delta_scaled_back():
     """Two deltas of 10,000 entries each: DARE at 0.5 keeps about half of each, doubled, on masks drawn again the
     same way; at 0 it is the plain sum; then ties elects among the dropped deltas."""
