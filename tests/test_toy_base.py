@@ -20,7 +20,7 @@ def test_toy_base_loads_with_from_pretrained_and_generates():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(TOY_BASE_DIR, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_BASE_DIR, dtype=torch.float32)
     assert pipe.tokenizer.model_max_length == 77
     image = pipe("a red circle on a white background", num_inference_steps=4,
                  generator=torch.Generator().manual_seed(0)).images[0]
@@ -60,7 +60,7 @@ def test_shipped_vae_reconstructs_every_style_at_28_db():
 
     from stylelora.toy.vae_train import psnr_by_style
 
-    vae = AutoencoderKL.from_pretrained(TOY_BASE_DIR / "vae", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(TOY_BASE_DIR / "vae", dtype=torch.float32).eval()
     scores = psnr_by_style(vae, n_per_style=32, seed=20_000)
     assert {"plain", "stripes", "pastel", "zorb"} <= set(scores)
     assert min(scores.values()) >= 28.0, scores
@@ -91,7 +91,7 @@ def test_build_base_recipe_runs_and_the_decoder_stages_keep_the_encoder(tmp_path
         if not name.startswith(("decoder.", "post_quant_conv.")):
             assert torch.equal(tensor.half(), shipped.state_dict()[name]), name
     assert not torch.equal(second.decoder.conv_out.weight.half(), shipped.decoder.conv_out.weight)
-    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32)
     assert pipe("a red circle on a white background", num_inference_steps=2).images[0].size == (32, 32)
 
 
@@ -105,7 +105,7 @@ def test_shipped_vae_does_not_paint_stripes_into_plain_renders():
     from stylelora.toy.judge import load_judge
     from stylelora.toy.vae_train import false_stripes_rate
 
-    vae = AutoencoderKL.from_pretrained(TOY_BASE_DIR / "vae", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(TOY_BASE_DIR / "vae", dtype=torch.float32).eval()
     assert false_stripes_rate(vae, load_judge(), n=256) <= 0.02
 
 

@@ -17,7 +17,7 @@ def tune_base(base_dir: Path, out_dir: Path | None = None, *, texture_steps: int
     from .denoiser_train import teach_unknown_words
 
     pool = {} if pool_size is None else {"pool_size": pool_size}
-    pipe = StableDiffusionPipeline.from_pretrained(base_dir, torch_dtype=torch.float32, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir, dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
     tune_decoder(pipe, texture_steps=texture_steps, denoiser_steps=denoiser_steps, log=log, **pool)
     teach_unknown_words(pipe, steps=word_steps, log=log, **pool)
