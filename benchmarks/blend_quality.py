@@ -8,7 +8,9 @@ For each pair (stripes+pastel, stripes+zorb, pastel+zorb) on the prompts carryin
     weight sweep                   both adapters at w (--sweep), and one at w with the other at 1 (--sweep-one)
 and for each adapter alone on its own prompts the weight dial: rate and the judge's mean probability at w = 0..1, and
 how far the images themselves have moved from the base's toward the adapter's at w = 1 (`pixel_share`), which tells
-whether the images turn over as a switch or the judge does.
+whether the images turn over as a switch or the judge does. The dial turns both weights (A1111's <lora:name:w>), the
+UNet weight alone (--dial-te-weight 1), or the text encoder's reading alone (--dial-reading: both LoRAs at 1, the
+prompt's encoding moved w of the way from the base's to the adapter's).
 The goal rows (both >= 0.85; each own rate, shape and color within 0.05 of that adapter alone on its own prompts;
 each alone on the stacked prompts >= 0.9, a character >= 0.8) are checked and printed, and on the single-trigger
 prompts: the named adapter's rate, shape and color within 0.05 of it alone, the other's style within 0.05 of the base.
@@ -21,6 +23,7 @@ Use OMP_NUM_THREADS=1 on a shared machine: with 2 threads and other jobs running
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -59,10 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dial-te-weight", type=float, default=None,
                         help="hold the text-encoder weight here in the dial and turn only the UNet weight "
                              "(default: both, as A1111's <lora:name:w>)")
+    parser.add_argument("--dial-reading", action="store_true",
+                        help="in the dial, hold both LoRAs at 1 and move the text encoder's output w of the way from "
+                             "the base's reading of the prompt to the adapter's")
     parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=list(STYLES),
                         help="adapters measured alone (and in the dial) besides those of --pairs")
     parser.add_argument("--json", help="write every figure to this JSON file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dial_reading and args.dial_te_weight is not None:
+        parser.error("--dial-reading holds both weights at 1: leave out --dial-te-weight")
+    return args
 
 
 def _weights(text: str) -> list[float]:
@@ -83,20 +92,29 @@ class Scorer:
         self.samples, self.seed = samples, seed
         self.images = 0
         self.pixels: dict = {}  # prompt set: the last call's images as one float array (images, height, width, 3)
+        self.base_text_encoder = None  # a copy with the base's weights, made when a reading is first moved
 
-    def __call__(self, adapters: list[tuple], prompt_sets: tuple[str, ...], mode: str = "sum") -> dict:
+    def __call__(self, adapters: list[tuple], prompt_sets: tuple[str, ...], mode: str = "sum",
+                 reading: float | None = None) -> dict:
         """{prompt set: row} with the rates, accuracies and the judge's mean probability per style head.
-        adapters: (path, weight) or (path, UNet weight, text-encoder weight)."""
+        adapters: (path, weight) or (path, UNet weight, text-encoder weight). reading: move the text encoder's output
+        this share of the way from the base's reading to the blend's (None: the blend's reading as it is)."""
         from stylelora.lora.spec import AdapterSpec
         from stylelora.toy.evaluate import EvalSettings, build_prompts, generate_images, score
 
         settings = EvalSettings(samples=self.samples, seed=self.seed, prompt_sets=prompt_sets)
         prompts = build_prompts(settings.samples, settings.seed, settings.prompt_sets)
+        if reading is not None and self.base_text_encoder is None:  # copied while no adapter is fused in
+            self.base_text_encoder = copy.deepcopy(self.pipe.text_encoder)
         self.stack.apply([AdapterSpec(*adapter) for adapter in adapters if any(adapter[1:])], mode)
         try:
+            if reading is not None:
+                self.pipe.text_encoder.forward = _reading_moved(self.pipe.text_encoder, self.base_text_encoder,
+                                                                reading)
             images = generate_images(self.pipe, prompts, settings)
             predictions = self.judge.predict(images)
         finally:
+            self.pipe.text_encoder.__dict__.pop("forward", None)
             self.stack.clear()
         self.images += len(prompts)
         self.pixels = {name: np.stack([np.asarray(image, dtype=np.float32) / 255 for image, prompt in
@@ -107,6 +125,30 @@ class Scorer:
             for style in STYLES:
                 row[f"{style}_prob"] = round(sum(p[f"{style}_prob"] for p in chosen) / len(chosen), 4)
         return rows
+
+
+def _reading_moved(text_encoder, base_text_encoder, share: float):
+    """A forward for `text_encoder` (set as its instance attribute) that returns `moved_reading` of the base copy's
+    output and its own."""
+    forward = type(text_encoder).forward
+
+    def moved(*args, **kwargs):
+        own = forward(text_encoder, *args, **kwargs)
+        return type(own)(**moved_reading(base_text_encoder(*args, **kwargs), own, share))
+
+    return moved
+
+
+def moved_reading(base, own, share: float) -> dict:
+    """Each field of a text encoder's output (tensors, and tuples of them per layer) moved `share` of the way from
+    the base's reading to the adapter's: base + share * (own - base)."""
+    fields = {}
+    for key, value in own.items():
+        if isinstance(value, tuple):
+            fields[key] = tuple(b + share * (o - b) for b, o in zip(base[key], value))
+        elif value is not None:
+            fields[key] = base[key] + share * (value - base[key])
+    return fields
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -120,7 +162,8 @@ def run(args: argparse.Namespace) -> dict:
     scorer = Scorer(args.base, args.samples, args.seed)
     start = time.perf_counter()
     figures: dict = {"samples": args.samples, "seed": args.seed, "modes": args.modes,
-                     "dial_te_weight": args.dial_te_weight, "adapters": {s: str(paths[s]) for s in used},
+                     "dial_te_weight": args.dial_te_weight, "dial_reading": args.dial_reading,
+                     "adapters": {s: str(paths[s]) for s in used},
                      "alone": {}, "dial": {}, "pairs": {}}
     pair_sets = tuple("+".join(p) for p in pairs)
 
@@ -139,7 +182,10 @@ def run(args: argparse.Namespace) -> dict:
             dial = []
             for weight in DIAL:
                 te = weight if args.dial_te_weight is None else args.dial_te_weight
-                if weight == te == 0:
+                if args.dial_reading and weight < 1:  # both LoRAs at 1, even at w = 0: the reading alone turns
+                    row = scorer([(paths[style], 1.0, 1.0)], (style,), reading=weight)[style]
+                    pixels = scorer.pixels[style]
+                elif weight == te == 0:
                     row, pixels = base[style], base_pixels[style]
                 elif weight == te == 1:
                     row, pixels = figures["alone"][style][style], full_pixels
@@ -256,8 +302,10 @@ def report(figures: dict) -> None:
               f"{_fmt(own['color_accuracy'])}; stacked: {stacked}")
     if figures["dial"]:
         held = figures["dial_te_weight"]
-        print("\nweight dial, adapter alone on its own prompts: rate / judge mean probability "
-              + ("(UNet and text encoder at w)" if held is None else f"(UNet at w, text encoder held at {held:g})"))
+        turned = ("(UNet and text encoder at w)" if held is None else f"(UNet at w, text encoder held at {held:g})")
+        if figures.get("dial_reading"):
+            turned = "(both LoRAs at 1, the text encoder's reading moved w of the way from the base's)"
+        print("\nweight dial, adapter alone on its own prompts: rate / judge mean probability " + turned)
         print("  " + " " * 8 + "".join(f"  w={d:<11}" for d in DIAL))
         for style, dial in figures["dial"].items():
             print(f"  {style:8s}" + "".join(f"  {d['rate']:.2f} / {d['prob']:.3f} " for d in dial))
