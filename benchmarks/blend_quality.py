@@ -9,8 +9,9 @@ For each pair (stripes+pastel, stripes+zorb, pastel+zorb) on the prompts carryin
 and for each adapter alone on its own prompts the weight dial: rate and the judge's mean probability at w = 0..1, and
 how far the images themselves have moved from the base's toward the adapter's at w = 1 (`pixel_share`), which tells
 whether the images turn over as a switch or the judge does. The dial turns both weights (A1111's <lora:name:w>), the
-UNet weight alone (--dial-te-weight 1), or the text encoder's reading alone (--dial-reading: both LoRAs at 1, the
-prompt's encoding moved w of the way from the base's to the adapter's).
+UNet weight alone (--dial-te-weight 1), the text-encoder weight alone (--dial-unet-weight 1), or the text encoder's
+reading alone (--dial-reading: both LoRAs at 1, the prompt's encoding moved w of the way from the base's to the
+adapter's).
 The goal rows (both >= 0.85; each own rate, shape and color within 0.05 of that adapter alone on its own prompts;
 each alone on the stacked prompts >= 0.9, a character >= 0.8) are checked and printed, and on the single-trigger
 prompts: the named adapter's rate, shape and color within 0.05 of it alone, the other's style within 0.05 of the base.
@@ -62,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dial-te-weight", type=float, default=None,
                         help="hold the text-encoder weight here in the dial and turn only the UNet weight "
                              "(default: both, as A1111's <lora:name:w>)")
+    parser.add_argument("--dial-unet-weight", type=float, default=None,
+                        help="hold the UNet weight here in the dial and turn only the text-encoder weight")
     parser.add_argument("--dial-reading", action="store_true",
                         help="in the dial, hold both LoRAs at 1 and move the text encoder's output w of the way from "
                              "the base's reading of the prompt to the adapter's")
@@ -69,8 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="adapters measured alone (and in the dial) besides those of --pairs")
     parser.add_argument("--json", help="write every figure to this JSON file")
     args = parser.parse_args(argv)
-    if args.dial_reading and args.dial_te_weight is not None:
-        parser.error("--dial-reading holds both weights at 1: leave out --dial-te-weight")
+    held = [flag for flag, value in (("--dial-te-weight", args.dial_te_weight),
+                                     ("--dial-unet-weight", args.dial_unet_weight)) if value is not None]
+    if args.dial_reading and held:
+        parser.error(f"--dial-reading holds both weights at 1: leave out {held[0]}")
+    if len(held) == 2:
+        parser.error("with both weights held nothing turns: give --dial-te-weight or --dial-unet-weight, not both")
     return args
 
 
@@ -162,7 +169,8 @@ def run(args: argparse.Namespace) -> dict:
     scorer = Scorer(args.base, args.samples, args.seed)
     start = time.perf_counter()
     figures: dict = {"samples": args.samples, "seed": args.seed, "modes": args.modes,
-                     "dial_te_weight": args.dial_te_weight, "dial_reading": args.dial_reading,
+                     "dial_te_weight": args.dial_te_weight, "dial_unet_weight": args.dial_unet_weight,
+                     "dial_reading": args.dial_reading,
                      "adapters": {s: str(paths[s]) for s in used},
                      "alone": {}, "dial": {}, "pairs": {}}
     pair_sets = tuple("+".join(p) for p in pairs)
@@ -181,16 +189,17 @@ def run(args: argparse.Namespace) -> dict:
         if not args.no_dial:
             dial = []
             for weight in DIAL:
+                unet = weight if args.dial_unet_weight is None else args.dial_unet_weight
                 te = weight if args.dial_te_weight is None else args.dial_te_weight
                 if args.dial_reading and weight < 1:  # both LoRAs at 1, even at w = 0: the reading alone turns
                     row = scorer([(paths[style], 1.0, 1.0)], (style,), reading=weight)[style]
                     pixels = scorer.pixels[style]
-                elif weight == te == 0:
+                elif unet == te == 0:
                     row, pixels = base[style], base_pixels[style]
-                elif weight == te == 1:
+                elif unet == te == 1:
                     row, pixels = figures["alone"][style][style], full_pixels
                 else:
-                    row, pixels = scorer([(paths[style], weight, te)], (style,))[style], scorer.pixels[style]
+                    row, pixels = scorer([(paths[style], unet, te)], (style,))[style], scorer.pixels[style]
                 dial.append({"weight": weight, "rate": row[f"{style}_rate"], "prob": row[f"{style}_prob"],
                              "shape": row["shape_accuracy"], "color": row["color_accuracy"],
                              **pixel_share(base_pixels[style], pixels, full_pixels)})
@@ -301,8 +310,10 @@ def report(figures: dict) -> None:
         print(f"  {style:8s} {own[f'{style}_rate']:.3f} / {_fmt(own['shape_accuracy'])} / "
               f"{_fmt(own['color_accuracy'])}; stacked: {stacked}")
     if figures["dial"]:
-        held = figures["dial_te_weight"]
+        held, held_unet = figures["dial_te_weight"], figures.get("dial_unet_weight")
         turned = ("(UNet and text encoder at w)" if held is None else f"(UNet at w, text encoder held at {held:g})")
+        if held_unet is not None:
+            turned = f"(text encoder at w, UNet held at {held_unet:g})"
         if figures.get("dial_reading"):
             turned = "(both LoRAs at 1, the text encoder's reading moved w of the way from the base's)"
         print("\nweight dial, adapter alone on its own prompts: rate / judge mean probability " + turned)

@@ -104,5 +104,7 @@ def test_the_reading_dial_moves_the_text_encoders_output_between_the_base_and_th
     assert not torch.allclose(moved.last_hidden_state, start.last_hidden_state)
     for layer_moved, layer_start, layer_end in zip(moved.hidden_states, start.hidden_states, end.hidden_states):
         torch.testing.assert_close(layer_moved, layer_start + 0.25 * (layer_end - layer_start))
-    with pytest.raises(SystemExit):
-        benchmark.parse_args(["--dial-reading", "--dial-te-weight", "1"])  # it holds both weights at 1 itself
+    for clash in (["--dial-reading", "--dial-te-weight", "1"], ["--dial-reading", "--dial-unet-weight", "1"],
+                  ["--dial-te-weight", "1", "--dial-unet-weight", "1"]):  # each leaves nothing to turn
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(clash)
