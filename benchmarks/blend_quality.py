@@ -24,7 +24,6 @@ Use OMP_NUM_THREADS=1 on a shared machine: with 2 threads and other jobs running
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -99,29 +98,22 @@ class Scorer:
         self.samples, self.seed = samples, seed
         self.images = 0
         self.pixels: dict = {}  # prompt set: the last call's images as one float array (images, height, width, 3)
-        self.base_text_encoder = None  # a copy with the base's weights, made when a reading is first moved
 
     def __call__(self, adapters: list[tuple], prompt_sets: tuple[str, ...], mode: str = "sum",
-                 reading: float | None = None) -> dict:
+                 dial: str | None = None) -> dict:
         """{prompt set: row} with the rates, accuracies and the judge's mean probability per style head.
-        adapters: (path, weight) or (path, UNet weight, text-encoder weight). reading: move the text encoder's output
-        this share of the way from the base's reading to the blend's (None: the blend's reading as it is)."""
+        adapters: (path, weight) or (path, UNet weight, text-encoder weight); dial: what the weights turn
+        (stylelora.generate.reading_dial; None: the LoRA weights, as A1111)."""
         from stylelora.lora.spec import AdapterSpec
         from stylelora.toy.evaluate import EvalSettings, build_prompts, generate_images, score
 
         settings = EvalSettings(samples=self.samples, seed=self.seed, prompt_sets=prompt_sets)
         prompts = build_prompts(settings.samples, settings.seed, settings.prompt_sets)
-        if reading is not None and self.base_text_encoder is None:  # copied while no adapter is fused in
-            self.base_text_encoder = copy.deepcopy(self.pipe.text_encoder)
-        self.stack.apply([AdapterSpec(*adapter) for adapter in adapters if any(adapter[1:])], mode)
+        self.stack.apply([AdapterSpec(*adapter) for adapter in adapters if any(adapter[1:])], mode, dial)
         try:
-            if reading is not None:
-                self.pipe.text_encoder.forward = _reading_moved(self.pipe.text_encoder, self.base_text_encoder,
-                                                                reading)
             images = generate_images(self.pipe, prompts, settings)
             predictions = self.judge.predict(images)
         finally:
-            self.pipe.text_encoder.__dict__.pop("forward", None)
             self.stack.clear()
         self.images += len(prompts)
         self.pixels = {name: np.stack([np.asarray(image, dtype=np.float32) / 255 for image, prompt in
@@ -132,30 +124,6 @@ class Scorer:
             for style in STYLES:
                 row[f"{style}_prob"] = round(sum(p[f"{style}_prob"] for p in chosen) / len(chosen), 4)
         return rows
-
-
-def _reading_moved(text_encoder, base_text_encoder, share: float):
-    """A forward for `text_encoder` (set as its instance attribute) that returns `moved_reading` of the base copy's
-    output and its own."""
-    forward = type(text_encoder).forward
-
-    def moved(*args, **kwargs):
-        own = forward(text_encoder, *args, **kwargs)
-        return type(own)(**moved_reading(base_text_encoder(*args, **kwargs), own, share))
-
-    return moved
-
-
-def moved_reading(base, own, share: float) -> dict:
-    """Each field of a text encoder's output (tensors, and tuples of them per layer) moved `share` of the way from
-    the base's reading to the adapter's: base + share * (own - base)."""
-    fields = {}
-    for key, value in own.items():
-        if isinstance(value, tuple):
-            fields[key] = tuple(b + share * (o - b) for b, o in zip(base[key], value))
-        elif value is not None:
-            fields[key] = base[key] + share * (value - base[key])
-    return fields
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -191,8 +159,8 @@ def run(args: argparse.Namespace) -> dict:
             for weight in DIAL:
                 unet = weight if args.dial_unet_weight is None else args.dial_unet_weight
                 te = weight if args.dial_te_weight is None else args.dial_te_weight
-                if args.dial_reading and weight < 1:  # both LoRAs at 1, even at w = 0: the reading alone turns
-                    row = scorer([(paths[style], 1.0, 1.0)], (style,), reading=weight)[style]
+                if args.dial_reading and weight < 1:  # FILE:1:W, the UNet at 1 even at w = 0: the reading alone
+                    row = scorer([(paths[style], 1.0, weight)], (style,), dial="reading")[style]
                     pixels = scorer.pixels[style]
                 elif unet == te == 0:
                     row, pixels = base[style], base_pixels[style]

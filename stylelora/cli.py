@@ -40,6 +40,12 @@ def _blend_mode_help() -> str:
     return mode_help()
 
 
+def _dial_help() -> str:
+    from .generate.reading_dial import dial_help
+
+    return dial_help()
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .toy.evaluate import PROMPT_SETS, EvalSettings, evaluate_pipeline, prompt_set_styles
     from .toy.judge import load_judge
@@ -49,9 +55,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     try:  # a typo in a prompt-set name or a mode should fail before the model loads
         for name in prompt_sets:
             prompt_set_styles(name)
+        from .generate.reading_dial import check_dial
         from .lora.blend_modes import check_mode
 
-        blend_mode = check_mode(args.blend_mode)
+        blend_mode, dial = check_mode(args.blend_mode), check_dial(args.dial)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -59,13 +66,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.lora:
         from .generate.stack import apply_adapters
 
-        apply_adapters(pipe, args.lora, blend_mode)
+        apply_adapters(pipe, args.lora, blend_mode, dial)
     settings = EvalSettings(samples=args.samples, seed=args.seed, steps=args.steps, guidance_scale=args.cfg,
                             prompt_sets=prompt_sets)
     metrics, images = evaluate_pipeline(pipe, load_judge(), settings)
     metrics["settings"]["adapters"] = list(args.lora)
     # the mode only matters with two or more adapters: one adapter is the same in every mode
     metrics["settings"]["blend_mode"] = blend_mode if len(args.lora) > 1 else None
+    metrics["settings"]["dial"] = dial if args.lora else None
     if args.save_grid:
         from .grid import save_grid
 
@@ -85,6 +93,8 @@ def _format_metrics(metrics: dict) -> str:
     settings = metrics["settings"]
     if settings.get("blend_mode"):
         lines.append(f"blend mode {settings['blend_mode']} ({len(settings['adapters'])} adapters)")
+    if settings.get("dial") == "reading":
+        lines.append("weight dial: reading (the weights moved the text encoder's readings)")
     return "\n".join(lines)
 
 
@@ -159,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_parser(sub)
     ev = sub.add_parser("evaluate", help="score a base (+ adapters) with the toy-world judge")
     _add_base_args(ev)
-    ev.add_argument("--lora", action="append", default=[], metavar="FILE[:W]")
+    ev.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:TE_W]]")
     ev.add_argument("--blend-mode", default=None, metavar="MODE",
                     help="how 2+ adapters combine, as `generate --blend-mode`: " + _blend_mode_help())
+    ev.add_argument("--dial", default=None, metavar="DIAL", help="as `generate --dial`: " + _dial_help())
     ev.add_argument("--samples", type=int, default=32, help="prompts per prompt set (plain, stripes, pastel, zorb)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--steps", type=int, default=25)

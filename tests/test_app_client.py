@@ -246,6 +246,10 @@ def test_endpoints_take_named_parameters(app):
     # Called by name, as a script would.
     gallery, parameters = client.predict(prompt=PROMPT, seed=12, steps=2, adapters=["pastel"], api_name="/generate")
     assert "Seed: 12" in parameters and "Steps: 2" in parameters and "<lora:pastel:1>" in parameters
+    assert defaults["/generate"]["dial"] == "weights" and "Weight dial" not in parameters
+    _, parameters = client.predict(prompt=PROMPT, seed=12, steps=2, adapters=["pastel"], te_weight_0=0.5,
+                                   dial="reading", api_name="/generate")
+    assert "Weight dial: reading" in parameters and "<lora:pastel:te=0.5:unet=1>" in parameters
 
 
 def test_limits_and_grid_axes_are_refused_with_the_limit_named(app):

@@ -20,19 +20,20 @@ def world(tmp_path_factory, tiny_sd_base):
 def test_cell_requests(world):
     request = GenerateRequest("x", seed=5, loras=(AdapterSpec(world["b"], 0.3),))
     weight, adapter = XYAxis("weight", (0.5,)), XYAxis("adapter", (str(world["a"]),))
-    # With an adapter axis, the weight axis weighs that adapter only.
+    # With an adapter axis, the weight axis weighs that adapter only, as FILE:W (one weight for both LoRAs).
     cell = cell_request(request, [(weight, 0.5), (adapter, str(world["a"]))])
-    assert cell.loras == (AdapterSpec(world["b"], 0.3), AdapterSpec(world["a"], 0.5, 0.5))
+    assert cell.loras == (AdapterSpec(world["b"], 0.3), AdapterSpec(world["a"], 0.5))
     # Without one, it weighs every adapter of the request; te_weight leaves the UNet weight alone.
-    assert cell_request(request, [(weight, 0.5)]).loras == (AdapterSpec(world["b"], 0.5, 0.5),)
+    assert cell_request(request, [(weight, 0.5)]).loras == (AdapterSpec(world["b"], 0.5),)
     assert cell_request(request, [(XYAxis("te_weight", (2,)), 2.0)]).loras == (AdapterSpec(world["b"], 0.3, 2.0),)
     cell = cell_request(request, [(XYAxis("seed", (9,)), 9), (XYAxis("cfg", (3,)), 3.0)])
     assert (cell.seed, cell.cfg, cell.loras) == (9, 3.0, request.loras)
+    assert cell_request(request, [(XYAxis("dial", ("Reading",)), "reading")]).dial == "reading"
     with pytest.raises(ValueError, match="needs an adapter"):
         cell_request(GenerateRequest("x"), [(weight, 0.5)])
 
 
-@pytest.mark.parametrize("text", ["weight", "color=1,2", "seed=a", "seed="])
+@pytest.mark.parametrize("text", ["weight", "color=1,2", "seed=a", "seed=", "dial=knob"])
 def test_bad_axes_are_refused(text):
     with pytest.raises(ValueError):
         parse_axis(text)

@@ -113,6 +113,7 @@ class GenerateSettings:
     size: str = ""
     batch_size: int = 1
     blend_mode: str | None = None  # how 2+ adapters combine (stylelora.lora.blend_modes; None: its default)
+    dial: str | None = None  # what the weights turn (stylelora.generate.reading_dial; None: A1111's LoRA weights)
 
 
 @dataclass(frozen=True)
@@ -421,7 +422,7 @@ class AppService:
             cfg=cfg, sampler=settings.sampler or None, seed=seed, width=width,
             height=height, batch_size=batch, loras=self.specs(settings.adapters),
             adapters_dir=self.adapters_dir,  # <lora:name> tags in the prompt resolve here, and only here
-            blend_mode=settings.blend_mode,
+            blend_mode=settings.blend_mode, dial=settings.dial,
         )
 
     def generate(self, settings: GenerateSettings, progress: Progress | None = None,

@@ -17,6 +17,7 @@ import gradio as gr
 
 from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppError, AppService, GenerateSettings
 from stylelora.app.training import TrainSettings
+from stylelora.generate.reading_dial import DEFAULT_DIAL, DIALS
 from stylelora.lora.blend_modes import DEFAULT_FILE_MODE
 from stylelora.lora.blend_modes import DEFAULT_MODE as DEFAULT_BLEND_MODE
 from stylelora.lora.blend_modes import MODES as BLEND_MODES
@@ -186,23 +187,28 @@ class GenerateInputs:
                                           elem_id="blend-mode",
                                           info="how 2+ adapters combine; split (default): each adapter's "
                                                "cross-attention apart; sum = A1111/ComfyUI")
+            self.dial = gr.Dropdown(list(DIALS), value=DEFAULT_DIAL, label="Weight dial", elem_id="dial",
+                                    info="weights (default): A1111's; reading: the text-encoder weight moves the "
+                                         "prompt's reading (UNet weight at 1): a texture or character comes in "
+                                         "gradually")
 
     @property
     def settings_inputs(self) -> list:
         """Widgets in the order `settings()` reads them."""
         return [self.base, self.chosen, *self.weights, self.prompt, self.negative, self.steps, self.cfg,
-                self.sampler, self.seed, self.size, self.batch, self.blend_mode]
+                self.sampler, self.seed, self.size, self.batch, self.blend_mode, self.dial]
 
     @staticmethod
     def settings(values: Sequence) -> GenerateSettings:
         base, chosen = values[0], values[1]
         weights = values[2:2 + 2 * MAX_ADAPTER_ROWS]
-        prompt, negative, steps, cfg, sampler, seed, size, batch, *mode = values[2 + 2 * MAX_ADAPTER_ROWS:]
+        prompt, negative, steps, cfg, sampler, seed, size, batch, *choices = values[2 + 2 * MAX_ADAPTER_ROWS:]
+        mode, dial = (list(choices) + [None, None])[:2]  # older API clients send neither
         return GenerateSettings(
             prompt=prompt or "", negative_prompt=negative or "", adapters=mix_from_values(chosen, weights),
             base=base, steps=int(steps), cfg=float(cfg), sampler=None if sampler == DEFAULT_SAMPLER else sampler,
             seed=-1 if seed is None else int(seed), size=size or "native", batch_size=int(batch),
-            blend_mode=(mode or [None])[0] or None,
+            blend_mode=mode or None, dial=dial or None,
         )
 
 

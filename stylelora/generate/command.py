@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from stylelora.cli import report_user_errors
+from stylelora.generate.reading_dial import dial_help
 from stylelora.lora.blend_modes import mode_help
 
 DEFAULT_ADAPTERS_DIR = "outputs"
@@ -28,10 +29,10 @@ def add_generate_parsers(subparsers) -> None:
     gen.set_defaults(handler=cmd_generate)
 
     grid = subparsers.add_parser("grid",
-                                 help="X/Y grid: adapters x weights, or two of weight/seed/cfg/steps/blend_mode")
+                                 help="X/Y grid: adapters x weights, or two of weight/seed/cfg/steps/blend_mode/dial")
     _add_generation_args(grid)
     grid.add_argument("--x", required=True, metavar="KIND=V1,V2",
-                      help="columns; KIND: adapter|weight|unet_weight|te_weight|seed|cfg|steps|blend_mode")
+                      help="columns; KIND: adapter|weight|unet_weight|te_weight|seed|cfg|steps|blend_mode|dial")
     grid.add_argument("--y", metavar="KIND=V1,V2", help="second axis (rows)")
     grid.add_argument("--out", help=f"grid PNG (default {DEFAULT_GRIDS_DIR}/NNNNN-grid.png)")
     grid.set_defaults(handler=cmd_grid)
@@ -51,6 +52,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--add-triggers", action="store_true", help="append the adapters' trigger words to the prompt")
     parser.add_argument("--blend-mode", default=None, metavar="MODE",
                         help="how 2+ adapters combine where they share a layer: " + mode_help())
+    parser.add_argument("--dial", default=None, metavar="DIAL", help=dial_help())
     parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="where <lora:NAME> tags are looked up")
     parser.add_argument("--base", default="toy",
                         help="toy (default) | hub id | diffusers folder | single .safetensors file (SD 1.x/2.x, SDXL)")
@@ -81,7 +83,7 @@ def request_from_args(args: argparse.Namespace):
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
         seed=args.seed, width=width, height=height, batch_size=getattr(args, "batch", 1),
         loras=tuple(parse_lora_arg(text) for text in args.lora), adapters_dir=Path(args.adapters_dir),
-        add_triggers=args.add_triggers, blend_mode=args.blend_mode,
+        add_triggers=args.add_triggers, blend_mode=args.blend_mode, dial=args.dial,
     )
 
 

@@ -21,6 +21,7 @@ from stylelora.lora.spec import AdapterSpec, as_specs
 
 MAX_SEED = 2**32 - 1  # A1111's seed range; -1 asks for a random one
 BLEND_MODE_FIELD = "Blend mode"  # in the PNG parameters when not "sum" (A1111 keeps fields it does not know)
+DIAL_FIELD = "Weight dial"  # in the PNG parameters when the weights moved the readings (stylelora.generate.reading_dial)
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
@@ -41,12 +42,15 @@ class GenerateRequest:
     adapters_dir: Path | None = None  # where <lora:name:w> tags in the prompt are looked up
     add_triggers: bool = False
     blend_mode: str | None = None  # how layers several adapters share combine; None: blend_modes.DEFAULT_MODE
+    dial: str | None = None  # what the weights turn (reading_dial.DIALS); None: the LoRA weights, as A1111
 
     def __post_init__(self) -> None:
+        from stylelora.generate.reading_dial import check_dial
         from stylelora.lora.blend_modes import check_mode
 
         object.__setattr__(self, "loras", as_specs(self.loras))
         object.__setattr__(self, "blend_mode", check_mode(self.blend_mode))
+        object.__setattr__(self, "dial", check_dial(self.dial))
 
 
 @dataclass(frozen=True)
@@ -162,8 +166,10 @@ def _params(pipe: Any, stack: AdapterStack, resolved: ResolvedRequest, sampler: 
         for name, spec in zip(resolved.lora_names, resolved.specs)
     )
     request = resolved.request
-    blended = len([spec for spec in resolved.specs if spec.unet_weight or spec.te_weight]) > 1
-    extra = {BLEND_MODE_FIELD: request.blend_mode} if blended and request.blend_mode != "sum" else {}
+    used = len([spec for spec in resolved.specs if spec.unet_weight or spec.te_weight])
+    extra = {BLEND_MODE_FIELD: request.blend_mode} if used > 1 and request.blend_mode != "sum" else {}
+    if used and request.dial != "weights":
+        extra[DIAL_FIELD] = request.dial
     return GenerationParams(
         prompt=resolved.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
         cfg_scale=float(request.cfg), sampler=sampler, seed=resolved.seed, width=resolved.width,
@@ -192,7 +198,7 @@ def generate(pipe: Any, stack: AdapterStack | None, request: GenerateRequest, *,
     stack = stack or AdapterStack.for_pipe(pipe)
     resolved = resolve_request(pipe, stack, request)
     seeds = [resolved.seed + i for i in range(request.batch_size)]
-    with stack.applied(resolved.specs, request.blend_mode):
+    with stack.applied(resolved.specs, request.blend_mode, request.dial):
         # The pipeline's scheduler is shared too: swap in this request's under the same lock, then put it back.
         original_scheduler = pipe.scheduler
         scheduler, sampler_name = make_scheduler(original_scheduler, request.sampler)
@@ -221,7 +227,7 @@ def request_from_parameters(text: str, adapters_dir: str | os.PathLike | None, *
         cfg=params.cfg_scale, sampler=params.sampler, seed=params.seed, width=params.width, height=params.height,
         adapters_dir=Path(adapters_dir) if adapters_dir is not None else None,
         # Written only when not "sum": A1111's files (and ours before blend modes) are plain sums.
-        blend_mode=params.extra.get(BLEND_MODE_FIELD, "sum"),
+        blend_mode=params.extra.get(BLEND_MODE_FIELD, "sum"), dial=params.extra.get(DIAL_FIELD),
     )
     if stack is not None:
         _check_lora_hashes(params, request, stack)

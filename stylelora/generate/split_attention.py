@@ -292,17 +292,27 @@ def _token_ids(model: Any, args: tuple, kwargs: dict, copies: int) -> tuple[tupl
 
 
 def install_text_encoder(model: Any, variants: Sequence[Variant],
-                         reorders: Sequence[Callable[[Any], Any] | None] | None = None) -> None:
+                         reorders: Sequence[Callable[[Any], Any] | None] | None = None,
+                         shares: Sequence[float] | None = None, side_by_side: bool = True) -> None:
     """The text encoder returns the base encoding and each variant's side by side on the token axis (every layer's
     hidden states likewise); pooled vectors are merged as the attention is (`merge`). reorders[i], where given,
-    rearranges the token ids variant i reads (stylelora.generate.trigger_order: its trigger after the others')."""
+    rearranges the token ids variant i reads (stylelora.generate.trigger_order: its trigger after the others').
+    shares[i], where given, moves variant i's reading that share of the way from the base's: base + share * (own -
+    base) (the reading dial, stylelora.generate.reading_dial). side_by_side=False returns one reading instead, the
+    base's plus every variant's moved change, in every field (no reorders: the changes must line up token by token)."""
     import torch
 
     original = type(model).forward
     reorders = list(reorders or [None] * len(variants))
+    if not side_by_side and any(reorder is not None for reorder in reorders):
+        raise ValueError("One summed reading needs every variant to read the prompt as typed (no reorders).")
+    shares = list(shares) if shares is not None else None
+
+    def moved(base: Any, own: Any, index: int) -> Any:
+        return own if shares is None or shares[index] == 1 else base + shares[index] * (own - base)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        args, kwargs = _token_ids(model, args, kwargs, len(variants) + 1)
+        args, kwargs = _token_ids(model, args, kwargs, len(variants) + 1 if side_by_side else 1)
         base = original(model, *args, **kwargs)
         outputs = []
         for variant, reorder in zip(variants, reorders):
@@ -314,16 +324,27 @@ def install_text_encoder(model: Any, variants: Sequence[Variant],
                 outputs.append(original(model, *own_args, **kwargs))
         fields = {}
         for key, value in base.items():
-            values = [value] + [output[key] for output in outputs]
-            if key in POOLED_FIELDS:
-                fields[key] = merge(value, values[1:])
-            elif isinstance(value, tuple):
-                fields[key] = tuple(torch.cat(layer, dim=1) for layer in zip(*values))
+            if isinstance(value, tuple):  # one tensor per layer
+                layers = [[moved(b, o[key][n], i) for i, o in enumerate(outputs)] for n, b in enumerate(value)]
+                fields[key] = tuple(_combined(b, own, key, side_by_side) for b, own in zip(value, layers))
             elif torch.is_tensor(value):
-                fields[key] = torch.cat(values, dim=1)
+                fields[key] = _combined(value, [moved(value, o[key], i) for i, o in enumerate(outputs)], key,
+                                        side_by_side)
         return type(base)(**fields)
 
     model.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+
+
+def _combined(base: Any, readings: list[Any], key: str, side_by_side: bool) -> Any:
+    """The variants' readings of one output field with the base's: side by side on the token axis (pooled vectors
+    merged), or one reading, the base's plus each variant's change."""
+    import torch
+
+    if not side_by_side:
+        return base + sum(reading - base for reading in readings) if readings else base
+    if key in POOLED_FIELDS:
+        return merge(base, readings)
+    return torch.cat([base, *readings], dim=1)
 
 
 def uninstall_text_encoder(model: Any) -> None:

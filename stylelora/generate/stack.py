@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stylelora.generate import reading_dial
 from stylelora.lora import blend_modes
 from stylelora.lora.adapter_file import AdapterFile, AdapterFileError, read_adapter_file, weights_path
 from stylelora.lora.spec import AdapterSpec, as_specs
@@ -163,7 +164,8 @@ class AdapterStack:
         self._fused: dict[tuple[str, str], tuple] = {}
         self._active: tuple[AdapterSpec, ...] = ()
         self._mode = blend_modes.DEFAULT_MODE
-        self._split = False  # whether the text encoders and cross-attention run per adapter (mode "split")
+        self._dial = reading_dial.DEFAULT_DIAL
+        self._split = False  # whether the text encoders (and under "split" the cross-attention) run per adapter
 
     @classmethod
     def for_pipe(cls, pipe: Any) -> AdapterStack:
@@ -183,6 +185,11 @@ class AdapterStack:
     def mode(self) -> str:
         """The blend mode of the fused blend (see stylelora.lora.blend_modes)."""
         return self._mode
+
+    @property
+    def dial(self) -> str:
+        """What the fused blend's weights turn (see stylelora.generate.reading_dial)."""
+        return self._dial
 
     @property
     def fused_module_count(self) -> int:
@@ -244,22 +251,28 @@ class AdapterStack:
 
     # -- fusing
 
-    def apply(self, specs: Iterable[AdapterSpec | str], mode: str | None = None) -> None:
+    def apply(self, specs: Iterable[AdapterSpec | str], mode: str | None = None, dial: str | None = None) -> None:
         """Fuse exactly this blend (replacing the previous one). All files are checked before any weight changes.
 
         mode: how layers that several adapters touch combine (blend_modes.MODES; None: blend_modes.DEFAULT_MODE).
+        dial: what the weights turn (reading_dial.DIALS; None: A1111's LoRA weights).
         """
         specs = as_specs(specs)
-        mode = blend_modes.check_mode(mode)
+        mode, dial = blend_modes.check_mode(mode), reading_dial.check_dial(dial)
         with self.lock:
             adapters = [self.load(spec.path) for spec in specs]
-            plan = self._plan(specs, adapters)
+            shares = None
+            if dial == "reading":
+                shares = {(a.path, a.signature): reading_dial.reading_share(s) for s, a in zip(specs, adapters)}
+                plan = self._plan([reading_dial.fused_spec(spec) for spec in specs], adapters)
+            else:
+                plan = self._plan(specs, adapters)
             try:
-                self._fuse(plan, mode)
+                self._fuse(plan, mode, shares)
             except BaseException:
                 self._restore_all()
                 raise
-            self._active, self._mode = specs, mode
+            self._active, self._mode, self._dial = specs, mode, dial
 
     def clear(self) -> None:
         """Back to the base weights, bit for bit."""
@@ -267,10 +280,11 @@ class AdapterStack:
             self._restore_all()
 
     @contextmanager
-    def applied(self, specs: Iterable[AdapterSpec | str], mode: str | None = None) -> Iterator[AdapterStack]:
+    def applied(self, specs: Iterable[AdapterSpec | str], mode: str | None = None,
+                dial: str | None = None) -> Iterator[AdapterStack]:
         """Hold the stack with this blend fused for the duration (other threads wait); stays fused afterwards."""
         with self.lock:
-            self.apply(specs, mode)
+            self.apply(specs, mode, dial)
             yield self
 
     def _plan(self, specs, adapters) -> dict[tuple[str, str], list[tuple[Any, float, LowRank]]]:
@@ -288,9 +302,10 @@ class AdapterStack:
         component, path = key
         return self._kohya_names(component).layers[path].weight
 
-    def _fuse(self, plan, mode: str = blend_modes.DEFAULT_MODE) -> None:
+    def _fuse(self, plan, mode: str = blend_modes.DEFAULT_MODE, shares: dict | None = None) -> None:
+        """shares: under the reading dial, how far each adapter's reading moves ({identity: share})."""
         torch = _torch()
-        plan, split = self._split_plan(plan, mode)
+        plan, split = self._split_plan(plan, mode, shares)
         # split: every layer that does not run per adapter is merged as ties (sign election per entry), rescaled
         # (blend_modes.ties_delta): where two adapters' deltas fight over an entry the winner keeps its push instead of
         # having it cancelled, which kept more of both in every measured pair than the plain sum (docs/results.md,
@@ -311,26 +326,28 @@ class AdapterStack:
                 self._fused[key] = signature
             self._install_split(split)
 
-    def _split_plan(self, plan, mode: str):
-        """(the layers to fuse, the layers that run per adapter or None) for `mode`.
+    def _split_plan(self, plan, mode: str, shares: dict | None = None):
+        """(the layers to fuse, the layers that run per adapter or None) for `mode` and the dial's `shares`.
 
         Under "split" with two or more adapters, every text-encoder layer and every UNet cross-attention projection
-        runs per adapter (split_attention), so none of them is fused: their weights stay the base's."""
+        runs per adapter (split_attention), so none of them is fused: their weights stay the base's. Under the
+        reading dial (shares given) every text-encoder layer runs per adapter, to move each adapter's reading."""
         from stylelora.generate import split_attention
 
-        if mode != "split" or self.models.get("unet") is None:
+        unet = self.models.get("unet")
+        if shares is None and (mode != "split" or unet is None):
             return plan, None  # every other mode fuses every layer (no walk over the plan on each weight change)
         identities = list(dict.fromkeys(identity for terms in plan.values() for identity, _, _ in terms))
-        if len(identities) < 2:
+        side_by_side = mode == "split" and unet is not None and len(identities) > 1
+        if not side_by_side and shares is None:
             return plan, None
-        unet = self.models["unet"]
         per_adapter = {key: terms for key, terms in plan.items()
-                       if key[0] != "unet" or split_attention.split_parts(unet, key[1])}
+                       if key[0] != "unet" or (side_by_side and split_attention.split_parts(unet, key[1]))}
         fused = {key: terms for key, terms in plan.items() if key not in per_adapter}
-        return fused, (identities, per_adapter)
+        return fused, (identities, per_adapter, shares, side_by_side)
 
     def _install_split(self, split) -> None:
-        """Run the split mode's per-adapter layers (or, with None, take every split processor out again)."""
+        """Run the per-adapter layers of the split mode or the reading dial (or, with None, take them all out)."""
         from stylelora.generate import split_attention
 
         unet = self.models.get("unet")
@@ -343,7 +360,7 @@ class AdapterStack:
                     split_attention.uninstall_attention(unet, parent)
                 self._split = False
             return
-        identities, per_adapter = split
+        identities, per_adapter, shares, side_by_side = split
         # variants[text encoder or cross-attention module][identity] = {submodule path: low-rank factors, the
         # weight and alpha/rank folded into up, in the layer's dtype (split_attention never forms the full matrix)}
         variants: dict[str, dict[Any, dict[str, Any]]] = {}
@@ -355,10 +372,15 @@ class AdapterStack:
                 variants.setdefault(owner, {}).setdefault(identity, {})[path] = value
         in_order = lambda owner: [variants.get(owner, {}).get(identity, {}) for identity in identities]  # noqa: E731
         for name in text_encoders:
-            split_attention.install_text_encoder(self.models[name], in_order(name),
-                                                 self._trigger_reorders(name, identities))
+            split_attention.install_text_encoder(
+                self.models[name], in_order(name), self._trigger_reorders(name, identities) if side_by_side else None,
+                shares=[shares[identity] for identity in identities] if shares is not None else None,
+                side_by_side=side_by_side)
         for parent in split_attention.cross_attention_modules(unet):
-            split_attention.install_attention(unet, parent, in_order(parent))
+            if side_by_side:
+                split_attention.install_attention(unet, parent, in_order(parent))
+            else:  # the reading dial alone: every cross-attention module fused, as the previous blend may not be
+                split_attention.uninstall_attention(unet, parent)
         self._split = True
 
     def _trigger_reorders(self, text_encoder: str, identities) -> list | None:
@@ -394,8 +416,9 @@ def _layer_delta(terms, device, mode: str):
         mode)
 
 
-def apply_adapters(pipe: Any, specs: Iterable[AdapterSpec | str], mode: str | None = None) -> AdapterStack:
+def apply_adapters(pipe: Any, specs: Iterable[AdapterSpec | str], mode: str | None = None,
+                   dial: str | None = None) -> AdapterStack:
     """Fuse adapters (specs or "FILE[:W[:TE_W]]" strings) into `pipe`; returns its stack (`.clear()` undoes it)."""
     stack = AdapterStack.for_pipe(pipe)
-    stack.apply(specs, mode)
+    stack.apply(specs, mode, dial)
     return stack

@@ -1,8 +1,9 @@
-"""X/Y grids: one request varied along two axes (adapter, weight, seed, cfg, steps, blend mode) into one PNG.
+"""X/Y grids: one request varied along two axes (adapter, weight, seed, cfg, steps, blend mode, dial) into one PNG.
 
 Axes: `adapter` adds one adapter per column/row ("none" for the base); `weight`, `unet_weight`, `te_weight` set
 the weight of the axis adapter, or of a named target, or of every adapter in the request; `seed`, `cfg`, `steps`
-and `blend_mode` (sum, ties, split: the same adapters combined each way) replace the request's value. Every cell
+`blend_mode` (sum, ties, split: the same adapters combined each way) and `dial` (weights, reading: what the weights
+turn) replace the request's value. Every cell
 shares the request's (resolved) seed unless seed is an axis, so cells differ only by what the axes say.
 """
 from __future__ import annotations
@@ -17,11 +18,11 @@ from stylelora.generate.generate import MAX_SEED, GeneratedImage, GenerateReques
 from stylelora.generate.prompt_tags import format_weight
 from stylelora.lora.spec import AdapterSpec
 
-AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "seed", "cfg", "steps", "blend_mode")
+AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "seed", "cfg", "steps", "blend_mode", "dial")
 NO_ADAPTER = "none"
 LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "seed": "seed", "cfg": "cfg", "steps": "steps",
-          "blend_mode": "mode"}
-REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode")  # axes that replace one request field
+          "blend_mode": "mode", "dial": "dial"}
+REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode", "dial")  # axes that replace one request field
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class XYAxis:
             raise ValueError(f"Unknown grid axis {self.kind!r}; choose one of {', '.join(AXIS_KINDS)}.")
         if not self.values:
             raise ValueError(f"Grid axis {self.kind} has no values.")
-        cast = {"seed": int, "steps": int, "adapter": str, "blend_mode": _blend_mode}.get(self.kind, float)
+        cast = {"seed": int, "steps": int, "adapter": str, "blend_mode": _blend_mode,
+                "dial": _dial}.get(self.kind, float)
         object.__setattr__(self, "values", tuple(cast(v) for v in self.values))
 
     def label(self, value: Any) -> str:
@@ -50,6 +52,12 @@ def _blend_mode(value: str) -> str:
     from stylelora.lora.blend_modes import check_mode
 
     return check_mode(value)
+
+
+def _dial(value: str) -> str:
+    from stylelora.generate.reading_dial import check_dial
+
+    return check_dial(value)
 
 
 def parse_axis(text: str) -> XYAxis:
@@ -89,9 +97,11 @@ def _set_weights(specs: list[AdapterSpec], kind: str, value: float, target: Path
         raise ValueError(f"A {kind} axis needs an adapter to act on: add --lora, an adapter axis, or fix its target.")
     out = []
     for spec in specs:
-        if spec in chosen:
-            unet = value if kind in ("weight", "unet_weight") else spec.unet_weight
-            te = value if kind in ("weight", "te_weight") else spec.text_encoder_weight
+        if spec in chosen and kind == "weight":
+            spec = AdapterSpec(spec.path, value)  # FILE:W, which the reading dial reads apart from FILE:W:W
+        elif spec in chosen:
+            unet = value if kind == "unet_weight" else spec.unet_weight
+            te = value if kind == "te_weight" else spec.text_encoder_weight
             spec = AdapterSpec(spec.path, unet, te)
         out.append(spec)
     return out
