@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="hold the UNet weight here in the dial and turn only the text-encoder weight")
     parser.add_argument("--dial-reading", action="store_true",
                         help="in the dial, hold both LoRAs at 1 and move the text encoder's output w of the way from "
-                             "the base's reading of the prompt to the adapter's")
+                             "the base's reading of the prompt to the adapter's; the sweeps' weights likewise "
+                             "(stylelora's --dial reading)")
     parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=list(STYLES),
                         help="adapters measured alone (and in the dial) besides those of --pairs")
     parser.add_argument("--json", help="write every figure to this JSON file")
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
                              **pixel_share(base_pixels[style], pixels, full_pixels)})
             figures["dial"][style] = dial
             log(f"{style} dial " + ", ".join(f"w={d['weight']}: {d['rate']}/{d['prob']}" for d in dial))
+    sweep_dial = "reading" if args.dial_reading else None  # the sweeps' FILE:W under the same dial as the dial's
     for a, b in pairs:
         name = f"{a}+{b}"
         entry = figures["pairs"][name] = {"modes": {}}
@@ -184,13 +186,13 @@ def run(args: argparse.Namespace) -> dict:
                 log(f"{name} {mode} 1:1 on {style}'s prompts: {_short(row, a, b)}")
             result["sweep_both"] = []
             for weight in _weights(args.sweep):
-                row = scorer([(paths[a], weight), (paths[b], weight)], (name,), mode)[name]
+                row = scorer([(paths[a], weight), (paths[b], weight)], (name,), mode, sweep_dial)[name]
                 result["sweep_both"].append({"weight": weight, **row})
                 log(f"{name} {mode} both at {weight}: {_short(row, a, b)}")
             result["sweep_one"] = []
             for weight in _weights(args.sweep_one):
                 for moving, held in ((a, b), (b, a)):
-                    row = scorer([(paths[moving], weight), (paths[held], 1.0)], (name,), mode)[name]
+                    row = scorer([(paths[moving], weight), (paths[held], 1.0)], (name,), mode, sweep_dial)[name]
                     result["sweep_one"].append({"moving": moving, "weight": weight, **row})
                     log(f"{name} {mode} {moving} at {weight}, {held} at 1: {_short(row, a, b)}")
     figures["goals"] = goals(figures, pairs)

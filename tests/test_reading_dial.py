@@ -147,3 +147,14 @@ def test_generate_cli_takes_the_dial(world, tmp_path, capsys):
     assert "Weight dial: reading" in read_png_parameters(out)
     code, _, err = _run(["generate", "x", "--base", str(world["base"]), "--dial", "knob"], capsys)
     assert code != 0 and "use one of weights, reading" in err
+
+
+def test_a_grid_compares_the_dials_side_by_side(world):
+    from stylelora.generate.xy_grid import XYAxis, xy_grid
+
+    pipe = load_tiny_base(world["base"])
+    request = GenerateRequest("a red circle", steps=2, seed=4, sampler="ddim", loras=(AdapterSpec(world["a"], 0.5),))
+    result = xy_grid(pipe, None, request, XYAxis("dial", ("weights", "reading")))
+    weights, reading = (pixels(image).astype(int) for image in result.images)
+    assert abs(weights - reading).max() > 3  # the same weight, turned two ways
+    assert [DIAL_FIELD in image.params.extra for image in result.images] == [False, True]
