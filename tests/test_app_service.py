@@ -229,6 +229,15 @@ def test_blend_saves_the_mix_as_an_adapter_that_makes_the_same_image(service):
     with pytest.raises(AppError, match="not a plain name"):
         service.blend(mix, "../escape")
     assert not (service.adapters_dir.parent / "escape.safetensors").exists()
+    # Under the reading dial a text-encoder weight of 0.5 moves the reading, which no file holds: refused, nothing
+    # written; weights of 0 and 1 draw the same either way and save.
+    from stylelora.generate.reading_dial import DialError
+
+    refusal = r"prompt \(stripes.safetensors, pastel.safetensors\), which no LoRA file can hold"
+    with pytest.raises(DialError, match=refusal):
+        service.blend(mix, "read-mix", dial="reading")
+    assert not (service.adapters_dir / "blends" / "read-mix.safetensors").exists()
+    assert service.blend((AdapterWeight("styles/stripes", 0.8, 1.0),), "read-mix", dial="reading").path.is_file()
 
 
 def test_inspect_shows_format_triggers_and_training(service):

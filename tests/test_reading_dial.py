@@ -158,3 +158,18 @@ def test_a_grid_compares_the_dials_side_by_side(world):
     weights, reading = (pixels(image).astype(int) for image in result.images)
     assert abs(weights - reading).max() > 3  # the same weight, turned two ways
     assert [DIAL_FIELD in image.params.extra for image in result.images] == [False, True]
+
+
+@pytest.mark.parametrize("text, savable", [
+    ("a.safetensors:0.5", False), ("a.safetensors:1", True), ("a.safetensors:0", True),
+    ("a.safetensors:0.7:1", True),  # the UNet weight is a plain weight under both dials
+    ("a.safetensors:1:0.5", False), ("a.safetensors:0.4:0", True),
+])
+def test_a_mix_under_the_reading_dial_saves_only_where_it_draws_as_its_weights(text, savable):
+    specs = [parse_lora_arg(text)]
+    reading_dial.check_savable(specs, "weights")  # a file holds weights
+    if savable:
+        reading_dial.check_savable(specs, "reading")
+    else:
+        with pytest.raises(reading_dial.DialError, match="set the Weight dial to weights"):
+            reading_dial.check_savable(specs, "reading")

@@ -532,14 +532,18 @@ class AppService:
     # ------------------------------------------------------------------ blend
 
     def blend(self, adapters: Sequence[AdapterWeight], name: str, rank: int | None = None,
-              fp16: bool = False, overwrite: bool = False, blend_mode: str | None = None) -> BlendResult:
-        """Save the mix as blends/NAME.safetensors: exact (rank None) or truncated to `rank` by SVD."""
+              fp16: bool = False, overwrite: bool = False, blend_mode: str | None = None,
+              dial: str | None = None) -> BlendResult:
+        """Save the mix as blends/NAME.safetensors: exact (rank None) or truncated to `rank` by SVD. dial: the
+        Generate tab's Weight dial, which a file cannot hold unless its weights draw the same either way."""
+        from stylelora.generate.reading_dial import check_savable
         from stylelora.lora.blend import blend
         from stylelora.share import write_bundle
 
         specs = self.specs(adapters)
         if not specs:
             raise AppError("Choose at least one adapter to blend.")
+        check_savable(specs, dial)
         out = self.adapters_dir / BLENDS_FOLDER / f"{plain_name(name, 'Blend name')}.safetensors"
         if out.exists() and not overwrite:
             raise AppError(f"{out.relative_to(self.adapters_dir)} exists already: choose another name or tick "

@@ -551,16 +551,17 @@ def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespac
     count = len(tab.options)
 
     def on_blend(**values):
-        chosen, *values = list(values.values())
+        chosen, *values, dial = list(values.values())  # the dial last: positional API calls keep their order
         weights, (name, mode, rank, fp16, overwrite, blend_mode) = values[:-count], values[-count:][:6]
         result = service.blend(mix_from_values(chosen, weights), name, rank=int(rank) if mode == "rank" else None,
-                               fp16=bool(fp16), overwrite=bool(overwrite), blend_mode=blend_mode or None)
+                               fp16=bool(fp16), overwrite=bool(overwrite), blend_mode=blend_mode or None,
+                               dial=dial or None)
         return f"saved {result.name}\n{result.summary}", *lists.refreshed(chosen, result.name)
 
     names = {id(widget): key for widget, key in zip(tab.options,
                                                     ["name", "mode", "rank", "fp16", "overwrite", "blend_mode"])}
-    tab.button.click(_shown(service, on_blend), inputs_kwargs=_named([inputs.chosen, *inputs.weights, *tab.options],
-                                                                     names),
+    tab.button.click(_shown(service, on_blend),
+                     inputs_kwargs=_named([inputs.chosen, *inputs.weights, *tab.options, inputs.dial], names),
                      outputs=[tab.report, *lists.widgets], api_name="blend")
 
 

@@ -21,7 +21,7 @@ from stylelora.lora.spec import AdapterSpec, as_specs
 
 MAX_SEED = 2**32 - 1  # A1111's seed range; -1 asks for a random one
 BLEND_MODE_FIELD = "Blend mode"  # in the PNG parameters when not "sum" (A1111 keeps fields it does not know)
-DIAL_FIELD = "Weight dial"  # in the PNG parameters when the weights moved the readings (stylelora.generate.reading_dial)
+DIAL_FIELD = "Weight dial"  # in the PNG parameters when the weights moved the readings (generate.reading_dial)
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 

@@ -52,6 +52,20 @@ def fused_spec(spec: AdapterSpec) -> AdapterSpec:
     return spec.with_weights(unet, 1.0 if unet or spec.text_encoder_weight else 0.0)
 
 
+def check_savable(specs, dial: str | None) -> None:
+    """Nothing, if a LoRA file holds what these weights draw under `dial`; else DialError saying what to do. A file
+    holds weights, and the reading dial draws the same as the weights only where every text-encoder weight is 0 or 1
+    (and a single weight, FILE:W, is 0 or 1)."""
+    if check_dial(dial) != "reading":
+        return
+    moved = [spec.path.name for spec in specs if spec.text_encoder_weight not in (0, 1)
+             or (spec.te_weight is None and spec.unet_weight not in (0, 1))]
+    if moved:
+        raise DialError(f"The reading dial moves the text encoder's reading of the prompt ({', '.join(moved)}), "
+                        "which no LoRA file can hold: set the Weight dial to weights to save the mix as A1111 draws "
+                        "it, or set those text-encoder weights to 0 or 1.")
+
+
 def reading_share(spec: AdapterSpec) -> float:
     """How far the adapter's reading moves from the base's under the reading dial: its text-encoder weight."""
     return spec.text_encoder_weight
