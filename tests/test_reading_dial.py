@@ -173,3 +173,37 @@ def test_a_mix_under_the_reading_dial_saves_only_where_it_draws_as_its_weights(t
     else:
         with pytest.raises(reading_dial.DialError, match="set the Weight dial to weights"):
             reading_dial.check_savable(specs, "reading")
+
+
+def test_on_sdxl_the_reading_dial_moves_both_text_encoders_and_the_pooled_embedding(tmp_path):
+    """SDXL: two text encoders and the pooled add-on embedding all move; at 1 the image is A1111's, at 0 the base's."""
+    from sdxl_fixtures import tiny_sdxl_pipeline
+
+    from stylelora.lora.inject import add_lora
+    from stylelora.lora.io import save_adapter
+
+    source = tiny_sdxl_pipeline()
+    torch.manual_seed(5)
+    add_lora(source.unet, source.text_encoder, text_encoder_2=source.text_encoder_2, rank=2, alpha=1.0,
+             init_lora_weights=False)
+    path = save_adapter(tmp_path / "a.safetensors", source.unet, source.text_encoder,
+                        text_encoder_2=source.text_encoder_2,
+                        metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                                  "ss_base_model_version": "sdxl_base_v1-0"})
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    stack = AdapterStack.for_pipe(pipe)
+
+    def image(weight, dial):
+        stack.apply([AdapterSpec(path, weight)] if weight else [], "split", dial)
+        return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images[0]
+
+    as_a1111, base = image(1.0, "weights"), image(0.0, "weights")
+    assert abs(image(1.0, "reading") - as_a1111).max() < 1e-3
+    assert {"text_encoder", "text_encoder_2"} <= {name for name, model in stack.models.items()
+                                                  if model is not None and "forward" in vars(model)}
+    half = image(0.5, "reading")
+    assert abs(half - as_a1111).max() > 1e-2 and abs(half - base).max() > 1e-2
+    stack.clear()
+    assert abs(image(0.0, "weights") - base).max() == 0
