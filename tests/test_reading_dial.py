@@ -207,3 +207,13 @@ def test_on_sdxl_the_reading_dial_moves_both_text_encoders_and_the_pooled_embedd
     assert abs(half - as_a1111).max() > 1e-2 and abs(half - base).max() > 1e-2
     stack.clear()
     assert abs(image(0.0, "weights") - base).max() == 0
+
+
+def test_after_a_split_blend_the_reading_dial_alone_takes_the_split_attention_out(world):
+    fresh = pixels(_image(load_tiny_base(world["base"]), [AdapterSpec(world["a"], 0.5)], "reading")).astype(int)
+    pipe = load_tiny_base(world["base"])
+    _image(pipe, [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0)], "weights")  # split, two adapters
+    assert any(isinstance(p, split_attention.SplitCrossAttention) for p in pipe.unet.attn_processors.values())
+    after = pixels(_image(pipe, [AdapterSpec(world["a"], 0.5)], "reading")).astype(int)
+    assert not any(isinstance(p, split_attention.SplitCrossAttention) for p in pipe.unet.attn_processors.values())
+    assert (after == fresh).all()
