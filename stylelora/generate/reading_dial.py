@@ -14,19 +14,16 @@ adapter with its LoRA added (stylelora.generate.split_attention.install_text_enc
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from stylelora.lora.spec import AdapterSpec
 
 DIALS = ("weights", "reading")
 DEFAULT_DIAL = "weights"  # A1111's <lora:name:w>: what every other tool does with the same file
-DESCRIPTIONS = {
-    "weights": "a weight scales the LoRA's UNet and text-encoder weights, as A1111, ComfyUI and diffusers do",
-    "reading": "the LoRAs stay whole and a weight moves the text encoder's reading of the prompt that share of the "
-               "way from the base's to the adapter's: a texture or a character comes in gradually (generation only)",
-}
 
 
 class DialError(ValueError):
-    """An unknown dial; the message lists the dials."""
+    """An unknown dial, or a mix the reading dial moves asked to become a file; the message says what to do."""
 
 
 def check_dial(dial: str | None) -> str:
@@ -52,7 +49,7 @@ def fused_spec(spec: AdapterSpec) -> AdapterSpec:
     return spec.with_weights(unet, 1.0 if unet or spec.text_encoder_weight else 0.0)
 
 
-def check_savable(specs, dial: str | None) -> None:
+def check_savable(specs: Sequence[AdapterSpec], dial: str | None) -> None:
     """Nothing, if a LoRA file holds what these weights draw under `dial`; else DialError saying what to do. A file
     holds weights, and the reading dial draws the same as the weights only where every text-encoder weight is 0 or 1
     (and a single weight, FILE:W, is 0 or 1)."""
