@@ -54,6 +54,11 @@ class LoadedAdapter:
         return self.file.path
 
     @property
+    def identity(self) -> tuple[Path, tuple[int, int]]:
+        """The file as read (path and signature): how a blend's plan tells its adapters apart."""
+        return self.path, self.signature
+
+    @property
     def name(self) -> str:
         return self.file.path.stem if self.file.path.name != "adapter_model.safetensors" else self.file.path.parent.name
 
@@ -263,7 +268,7 @@ class AdapterStack:
             adapters = [self.load(spec.path) for spec in specs]
             shares = None
             if dial == "reading":
-                shares = {(a.path, a.signature): reading_dial.reading_share(s) for s, a in zip(specs, adapters)}
+                shares = {a.identity: reading_dial.reading_share(s) for s, a in zip(specs, adapters)}
                 plan = self._plan([reading_dial.fused_spec(spec) for spec in specs], adapters)
             else:
                 plan = self._plan(specs, adapters)
@@ -291,7 +296,7 @@ class AdapterStack:
         """{layer: [(adapter identity, weight, factors), ...]} in spec order; zero weights contribute nothing."""
         plan: dict[tuple[str, str], list] = {}
         for spec, adapter in zip(specs, adapters):
-            identity = (adapter.path, adapter.signature)
+            identity = adapter.identity
             for key, factors in adapter.modules.items():
                 weight = spec.weight_for(key[0])
                 if weight != 0.0:
@@ -391,7 +396,7 @@ class AdapterStack:
         tokenizer = self.tokenizers.get(text_encoder)
         if tokenizer is None:
             return None
-        by_identity = {(adapter.path, adapter.signature): adapter for adapter in self._cache.values()}
+        by_identity = {adapter.identity: adapter for adapter in self._cache.values()}
         return reorders_for(tokenizer, [trigger_words(by_identity[identity].metadata) if identity in by_identity
                                         else [] for identity in identities])
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from stylelora.generate.generate import MAX_SEED, GeneratedImage, GenerateRequest, ProgressCallback, generate
 from stylelora.generate.prompt_tags import format_weight
+from stylelora.generate.reading_dial import check_dial
 from stylelora.lora.spec import AdapterSpec
 
 AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "seed", "cfg", "steps", "blend_mode", "dial")
@@ -39,7 +40,7 @@ class XYAxis:
         if not self.values:
             raise ValueError(f"Grid axis {self.kind} has no values.")
         cast = {"seed": int, "steps": int, "adapter": str, "blend_mode": _blend_mode,
-                "dial": _dial}.get(self.kind, float)
+                "dial": check_dial}.get(self.kind, float)
         object.__setattr__(self, "values", tuple(cast(v) for v in self.values))
 
     def label(self, value: Any) -> str:
@@ -52,12 +53,6 @@ def _blend_mode(value: str) -> str:
     from stylelora.lora.blend_modes import check_mode
 
     return check_mode(value)
-
-
-def _dial(value: str) -> str:
-    from stylelora.generate.reading_dial import check_dial
-
-    return check_dial(value)
 
 
 def parse_axis(text: str) -> XYAxis:
