@@ -2,30 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-Handler = Callable[[argparse.Namespace], int]
-
-
-def report_user_errors(user_errors: Callable[[], tuple[type[Exception], ...]]) -> Callable[[Handler], Handler]:
-    """Decorate a subcommand handler: an exception of `user_errors()` (bad input, not a bug) becomes one
-    `error: ...` line on stderr and exit status 2; any other exception keeps its traceback."""
-    def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        def run(args: argparse.Namespace) -> int:
-            try:
-                return handler(args)
-            except user_errors() as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-
-        return run
-
-    return decorate
 
 
 def _add_base_args(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +111,7 @@ def _cmd_toy(args: argparse.Namespace) -> int:
                                      tune=_tune_steps(args)))
     elif args.toy_command == "tune-base":
         from .toy.base_build import TOY_BASE_DIR
-        from .toy.base_tune import tune_base
+        from .toy.base_build import tune_base
 
         base = Path(args.base) if args.base else TOY_BASE_DIR
         print(tune_base(base, Path(args.out) if args.out else base, **_tune_steps(args)))

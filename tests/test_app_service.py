@@ -14,7 +14,8 @@ import numpy
 import pytest
 from test_app_fixtures import PROMPT, broken_adapter, make_toy_adapter, tiny_dataset, toy_base
 
-from stylelora.app.service import AdapterWeight, AppError, AppService, GenerateSettings
+from stylelora.app.errors import AppError
+from stylelora.app.service import AdapterWeight, AppService, GenerateSettings
 from stylelora.generate.prompt_tags import PromptTagError
 from stylelora.lora.adapter_file import AdapterFileError
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from stylelora.app.service import AppError
+from stylelora.app.errors import AppError
 
 HOOK_ATTRIBUTE = "_stylelora_app_step_hook"
 _current = threading.local()

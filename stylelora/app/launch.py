@@ -97,7 +97,8 @@ def serve(demo, service, *, host: str = DEFAULT_HOST, port: int | None = DEFAULT
 def handle_app(args: argparse.Namespace) -> int:
     import threading
 
-    from stylelora.app.service import AppError, Limits
+    from stylelora.app.errors import AppError
+    from stylelora.app.service import Limits
 
     try:
         limits = Limits(**{name: getattr(args, name) for name in Limits.FLAGS})

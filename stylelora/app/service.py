@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stylelora.app.errors import AppError, plain_name
+
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20
 DEFAULT_BASES = ("toy",)
 PROJECT_DATASETS_DIR = Path(__file__).resolve().parents[2] / "datasets"
@@ -36,16 +38,11 @@ BLENDS_FOLDER = "blends"
 MAX_ADAPTERS = 4  # adapters in one blend (the Generate tab's rows)
 WEIGHT_LIMIT = 2.0  # the sliders' range; the library itself accepts any finite weight
 CFG_LIMIT = 30.0
-PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")
 MAX_DATASET_FILES = 10_000
 
 Progress = Callable[[int, int], None]
-
-
-class AppError(ValueError):
-    """A request the app refuses; the message says why and what to do instead (shown to the user as is)."""
 
 
 @dataclass(frozen=True)
@@ -137,15 +134,6 @@ class BlendResult:
     name: str
     path: Path
     summary: str
-
-
-def plain_name(text: str, what: str) -> str:
-    """A file name the user typed, checked: no folders, no odd characters, and without `.safetensors`."""
-    name = (text or "").strip().removesuffix(".safetensors")
-    if not PLAIN_NAME.match(name):
-        raise AppError(f"{what} {text!r} is not a plain name: use letters, digits, '.', '_', '-' or spaces "
-                       "(no '/' or '..'), e.g. 'stripes-pastel'.")
-    return name
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stylelora.app.service import AppError, plain_name
+from stylelora.app.errors import AppError, plain_name
 
 SETTINGS_FILE = "app-settings.toml"  # in the run folder: what the app started, so Resume can continue it
 LOG_FILE = "app-train.log"  # the trainer's output, kept beside its metrics

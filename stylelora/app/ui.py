@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppError, AppService, GenerateSettings
+from stylelora.app.errors import AppError
+from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppService, GenerateSettings
 from stylelora.app.training import TrainSettings
 from stylelora.generate.reading_dial import DEFAULT_DIAL, DIALS
 from stylelora.lora.blend_modes import DEFAULT_FILE_MODE

@@ -11,14 +11,13 @@ so a (seed, epoch, sample) triple always gives the same caption; `sample_rng` bu
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Union
 
 import torch
 
-from stylelora.data.scan import TrainItem
+from stylelora.data.scan import TrainItem, trigger_pattern
 
 Generator = Union[random.Random, torch.Generator]
 
@@ -83,11 +82,6 @@ def replace_triggers(caption: str, triggers: Iterable[str], word: str) -> str:
     for trigger in triggers:
         caption = trigger_pattern(trigger).sub(lambda _: word, caption)
     return caption
-
-
-def trigger_pattern(trigger: str) -> re.Pattern:
-    """The trigger phrase as whole words, any case ("zorb" matches "Zorb," but not "zorbs")."""
-    return re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)", re.IGNORECASE)
 
 
 def with_word_beside_trigger(caption: str, triggers: Iterable[str], word: str, *, after: bool,

@@ -120,10 +120,13 @@ def scan_folder(root: str | Path, *, extra_trigger: str | None = None) -> tuple[
     return items, report
 
 
+def trigger_pattern(trigger: str) -> re.Pattern:
+    """The trigger phrase as whole words, any case ("zorb" matches "Zorb," but not "zorbs")."""
+    return re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)", re.IGNORECASE)
+
+
 def add_trigger(caption: str, trigger: str) -> str:
     """`trigger, caption` unless the caption already contains the trigger as whole words."""
-    from stylelora.data.captions import trigger_pattern  # here: captions imports this module
-
     if not trigger:
         return caption
     if trigger_pattern(trigger).search(caption):

@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from stylelora.cli import report_user_errors
+from stylelora.user_errors import report_user_errors
 from stylelora.generate.reading_dial import dial_help
 from stylelora.lora.blend_modes import mode_help
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from stylelora.lora import blend_modes, formats
-from stylelora.lora.inspect import BLEND_METADATA_KEY, UNKNOWN_ARCHITECTURE, adapter_architecture, trigger_words
+from stylelora.lora.components import UNKNOWN_ARCHITECTURE, adapter_architecture
+from stylelora.lora.inspect import BLEND_METADATA_KEY, trigger_words
 from stylelora.lora.spec import AdapterSpec, as_specs
 
 

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from stylelora.cli import report_user_errors
+from stylelora.user_errors import report_user_errors
 from stylelora.lora.blend_modes import mode_help
 
 

@@ -25,6 +25,9 @@ SDXL_PREFIXES = {"unet": formats.UNET_PREFIX, "text_encoder": TEXT_ENCODER_1_PRE
                  "text_encoder_2": TEXT_ENCODER_2_PREFIX}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+UNKNOWN_ARCHITECTURE = "unknown (UNet-only file without modelspec.architecture)"
+# Hidden size of the CLIP text encoder (q_proj input) per Stable Diffusion family.
+TEXT_ENCODER_WIDTHS = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2"}
 # How people name the families (A1111's "SD1"/"SDXL", kohya's docs), by modelspec architecture without "/lora".
 FAMILY_LABELS = {"stable-diffusion-v1": "SD 1.x", "stable-diffusion-v2": "SD 2.x",
                  "stable-diffusion-v2-512": "SD 2.x", "stable-diffusion-v2-768-v": "SD 2.x", SDXL_ARCHITECTURE: "SDXL"}
@@ -92,8 +95,23 @@ def base_family_label(models: Mapping[str, nn.Module | None]) -> str:
     return TEXT_ENCODER_WIDTH_LABELS.get(width, OTHER_SD_LABEL)
 
 
+def adapter_architecture(state: dict, metadata: dict[str, str]) -> str:
+    """The base family an adapter (kohya keys) was made for, e.g. "stable-diffusion-v1": from the keys (SDXL names
+    differ) and the text encoder's width (its q_proj input); the file's modelspec.architecture as fallback."""
+    modules = formats.group_kohya_modules(state).modules
+    if any(name.startswith(("lora_te1_", "lora_te2_")) or "_input_blocks_" in name for name in modules):
+        return SDXL_ARCHITECTURE
+    q_proj = next((parts for name, parts in modules.items() if name.endswith("self_attn_q_proj")), None)
+    if q_proj is not None:
+        down = q_proj.get("lora_down.weight")
+        width = int(down.shape[1]) if down is not None else None
+        return TEXT_ENCODER_WIDTHS.get(width, f"custom SD-architecture (text encoder width {width})")
+    declared = metadata.get("modelspec.architecture", "").removesuffix("/lora")
+    return declared or UNKNOWN_ARCHITECTURE
+
+
 def adapter_family_label(architecture: str) -> str:
-    """The family an adapter's architecture (inspect.adapter_architecture) names, as base_family_label does."""
+    """The family an adapter's architecture (adapter_architecture) names, as base_family_label does."""
     if architecture.startswith(SDXL_ARCHITECTURE):
         return "SDXL"
     return FAMILY_LABELS.get(architecture, OTHER_SD_LABEL)
@@ -103,8 +121,6 @@ def check_adapter_family(file_name: str, state: dict, metadata: dict[str, str],
                          models: Mapping[str, nn.Module | None]) -> None:
     """AdapterFamilyError, in one sentence naming both families, when the file is SDXL and the base not (or the
     reverse); a file whose family cannot be told (UNet-only, no metadata) is left to the key matching."""
-    from stylelora.lora.inspect import UNKNOWN_ARCHITECTURE, adapter_architecture
-
     architecture = adapter_architecture(state, metadata)
     if architecture == UNKNOWN_ARCHITECTURE:
         return

@@ -16,9 +16,6 @@ from typing import Any
 BLEND_METADATA_KEY = "stylelora.blend"  # written by stylelora.lora.blend
 NOT_TRAINING_SETTINGS = {"ss_tag_frequency", "ss_dataset_dirs", "ss_bucket_info", "ss_datasets"}
 REPEATS_FOLDER = re.compile(r"^\d+_(.+)$")
-# Hidden size of the CLIP text encoder (q_proj input) per Stable Diffusion family.
-UNKNOWN_ARCHITECTURE = "unknown (UNet-only file without modelspec.architecture)"
-TEXT_ENCODER_WIDTHS = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2"}
 SDXL_TEXT_ENCODER_PREFIXES = {"text_encoder_1": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
@@ -66,27 +63,8 @@ def _module_shapes(state: dict) -> dict[str, dict[str, Any]]:
         if down is not None:
             entry["rank"] = int(down.shape[0])
             entry["conv"] = down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
-            entry["in"] = int(down.shape[1])
         entry["alpha"] = float(parts["alpha"].item()) if "alpha" in parts else float(entry.get("rank", 0))
     return modules
-
-
-def adapter_architecture(state: dict, metadata: dict[str, str]) -> str:
-    """The base family an adapter (kohya keys) was made for, e.g. "stable-diffusion-v1"."""
-    return _architecture(_module_shapes(state), metadata)
-
-
-def _architecture(modules: dict[str, dict[str, Any]], metadata: dict[str, str]) -> str:
-    """The base family from the keys (SDXL names differ) and the text encoder's width; metadata as fallback."""
-    if any(name.startswith(("lora_te1_", "lora_te2_")) or "_input_blocks_" in name for name in modules):
-        return "stable-diffusion-xl-v1-base"
-    q_proj = next((entry for name, entry in modules.items() if name.endswith("self_attn_q_proj")), None)
-    if q_proj and q_proj.get("in") in TEXT_ENCODER_WIDTHS:
-        return TEXT_ENCODER_WIDTHS[q_proj["in"]]
-    if q_proj:
-        return f"custom SD-architecture (text encoder width {q_proj.get('in')})"
-    declared = metadata.get("modelspec.architecture", "").removesuffix("/lora")
-    return declared or UNKNOWN_ARCHITECTURE
 
 
 def _rank_summary(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -104,6 +82,7 @@ def _rank_summary(modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     """Everything `stylelora inspect` shows, as a JSON-ready dict."""
     from stylelora.lora.adapter_file import read_adapter_file
+    from stylelora.lora.components import adapter_architecture
     from stylelora.lora.formats import module_component
     from stylelora.lora.io import file_model_hash
 
@@ -118,7 +97,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "file_size": file.file_size,
         "format": file.layout,
         "title": metadata.get("modelspec.title") or metadata.get("ss_output_name") or file.path.stem,
-        "architecture": _architecture(modules, metadata),
+        "architecture": adapter_architecture(file.state, metadata),
         "base_model": {key: metadata[key] for key in ("ss_base_model_version", "modelspec.architecture",
                                                       "ss_sd_model_name", "ss_v2") if key in metadata}
                       or ({"peft.base_model_name_or_path": file.peft_config.get("base_model_name_or_path")}

@@ -1,4 +1,4 @@
-"""`stylelora toy build-base`: the seeded recipe that trains the embedded toy base and writes it as a diffusers folder."""
+"""`stylelora toy build-base` / `tune-base`: the seeded recipe that trains, tunes and writes the embedded toy base."""
 from __future__ import annotations
 
 import random
@@ -76,9 +76,9 @@ def write_pipeline(pipe, out_dir: Path) -> Path:
 def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, vae_steps: int = 4000,
                decoder_steps: int = 2000, denoiser_steps: int = 7000, tune: dict | None = None,
                pool_size: int | None = None, log=print) -> Path:
-    """Tokenizer → VAE → decoder fine-tune → UNet + text encoder → pipeline folder → tuning (base_tune).
+    """Tokenizer → VAE → decoder fine-tune → UNet + text encoder → pipeline folder → tuning (tune_base).
 
-    Stages in work_dir are reused. tune: keyword arguments for base_tune.tune_base (step counts).
+    Stages in work_dir are reused. tune: keyword arguments for tune_base (step counts).
 
     The decoder fine-tune leaves the encoder, hence every latent, bit-identical, so the UNet trains on the same
     latents whether it runs before or after that stage. pool_size (renders per stage) is for smoke tests only.
@@ -96,14 +96,13 @@ def build_base(work_dir: Path, out_dir: Path = TOY_BASE_DIR, *, seed: int = 0, v
 
 def assemble_from_snapshot(work_dir: Path, snapshot: Path, out_dir: Path = TOY_BASE_DIR, *, tune: dict | None = None,
                            log=print) -> Path:
-    """The base from one UNet + text-encoder snapshot, then tuned (base_tune: decoder, unknown words)."""
+    """The base from one UNet + text-encoder snapshot, then tuned (tune_base: decoder, unknown words)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     vae_dir = work_dir / "vae_decoder"
     if not (vae_dir / "config.json").exists():  # a build from before the decoder stage existed
         vae_dir = work_dir / "vae"
-    from .base_tune import tune_base
 
     assemble(
         AutoencoderKL.from_pretrained(vae_dir),
@@ -113,3 +112,24 @@ def assemble_from_snapshot(work_dir: Path, snapshot: Path, out_dir: Path = TOY_B
         out_dir,
     )
     return tune_base(out_dir, log=log, **(tune or {}))
+
+
+def tune_base(base_dir: Path, out_dir: Path | None = None, *, texture_steps: int = 1500, denoiser_steps: int = 1000,
+              word_steps: int = 500, pool_size: int | None = None, log=print) -> Path:
+    """1. match the VAE decoder to the UNet (decoder_tune); 2. teach the UNet + text encoder to ignore words it
+    never trained on (denoiser_train.teach_unknown_words). Writes the base to out_dir (default: in place)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from .decoder_tune import tune_decoder
+    from .denoiser_train import teach_unknown_words
+
+    pool = {} if pool_size is None else {"pool_size": pool_size}
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    tune_decoder(pipe, texture_steps=texture_steps, denoiser_steps=denoiser_steps, log=log, **pool)
+    teach_unknown_words(pipe, steps=word_steps, log=log, **pool)
+    # Calling the tokenizer with padding/truncation leaves them switched on in what it would save: save it as loaded.
+    pipe.tokenizer = CLIPTokenizer.from_pretrained(Path(base_dir) / "tokenizer")
+    return write_pipeline(pipe, Path(out_dir or base_dir))

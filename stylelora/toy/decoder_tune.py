@@ -17,33 +17,16 @@ bit-identical:
 """
 from __future__ import annotations
 
-import re
 import time
 
 from .denoiser_train import plain_pool, tokenize
+from .tokenizer import unknown_words, with_unknown_word
 from .vae_train import clipped_step, decoder_lr_schedule, false_stripes_rate, psnr_by_style, render_pool, to_unit
 
 TEXTURE_WEIGHT = 0.5
 GUIDANCE = 5.0
 SAMPLING_STEPS = 25  # the evaluate default; SDEdit starts at a random step of this schedule
 FIRST_STEP_RANGE = (8, 20)  # of 25: begin with 5..17 denoising steps left (never from pure noise: no target)
-UNKNOWN_WORD_RATE = 0.5
-
-
-def unknown_words(tokenizer, captions: list[str]) -> list[str]:
-    """Whole-word tokens of the vocabulary (lowercase ASCII) that no training caption of the base contains."""
-    seen = {word for caption in captions for word in re.findall(r"[a-z]+", caption.lower())}
-    vocab = (token[: -len("</w>")] for token in tokenizer.get_vocab() if token.endswith("</w>"))
-    return sorted(word for word in vocab if re.fullmatch(r"[a-z]+", word) and word not in seen)
-
-
-def with_unknown_word(caption: str, words: list[str], generator, rate: float = UNKNOWN_WORD_RATE) -> str:
-    """`word, caption` with a random unknown word, with probability `rate`; else the caption unchanged."""
-    import torch
-
-    if float(torch.rand((), generator=generator)) >= rate:
-        return caption
-    return f"{words[int(torch.randint(0, len(words), (), generator=generator))]}, {caption}"
 
 
 def texture_loss(decoded, target):

@@ -175,7 +175,7 @@ def teach_unknown_words(pipe, *, steps: int = 500, lr: float = 1e-4, seed: int =
     import torch
     from diffusers import DDPMScheduler
 
-    from .decoder_tune import unknown_words, with_unknown_word
+    from .tokenizer import unknown_words, with_unknown_word
 
     unet, text_encoder, tokenizer = pipe.unet.train(), pipe.text_encoder.train(), pipe.tokenizer
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

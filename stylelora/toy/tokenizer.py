@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -106,3 +107,20 @@ def _write_tokenizer_folder(out_dir: Path, vocab: dict[str, int], merges: list[t
     write_text_atomic(out_dir / "special_tokens_map.json", json.dumps(special_tokens, indent=2) + "\n")
 
 
+UNKNOWN_WORD_RATE = 0.5  # share of captions that get an unknown word in front
+
+
+def unknown_words(tokenizer, captions: list[str]) -> list[str]:
+    """Whole-word tokens of the vocabulary (lowercase ASCII) that no training caption of the base contains."""
+    seen = {word for caption in captions for word in re.findall(r"[a-z]+", caption.lower())}
+    vocab = (token[: -len(END_OF_WORD)] for token in tokenizer.get_vocab() if token.endswith(END_OF_WORD))
+    return sorted(word for word in vocab if re.fullmatch(r"[a-z]+", word) and word not in seen)
+
+
+def with_unknown_word(caption: str, words: list[str], generator, rate: float = UNKNOWN_WORD_RATE) -> str:
+    """`word, caption` with a random unknown word, with probability `rate`; else the caption unchanged."""
+    import torch
+
+    if float(torch.rand((), generator=generator)) >= rate:
+        return caption
+    return f"{words[int(torch.randint(0, len(words), (), generator=generator))]}, {caption}"
