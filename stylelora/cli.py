@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 
-
 def _add_base_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="toy", help="toy (default) | hub id | diffusers folder | single .safetensors file")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -110,8 +109,7 @@ def _cmd_toy(args: argparse.Namespace) -> int:
         print(assemble_from_snapshot(Path(args.work_dir), Path(args.snapshot), Path(args.out) if args.out else TOY_BASE_DIR,
                                      tune=_tune_steps(args)))
     elif args.toy_command == "tune-base":
-        from .toy.base_build import TOY_BASE_DIR
-        from .toy.base_build import tune_base
+        from .toy.base_build import TOY_BASE_DIR, tune_base
 
         base = Path(args.base) if args.base else TOY_BASE_DIR
         print(tune_base(base, Path(args.out) if args.out else base, **_tune_steps(args)))

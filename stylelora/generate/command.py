@@ -10,9 +10,9 @@ import re
 import sys
 from pathlib import Path
 
-from stylelora.user_errors import report_user_errors
 from stylelora.generate.reading_dial import dial_help
 from stylelora.lora.blend_modes import mode_help
+from stylelora.user_errors import report_user_errors
 
 DEFAULT_ADAPTERS_DIR = "outputs"
 DEFAULT_IMAGES_DIR = "outputs/images"

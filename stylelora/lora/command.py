@@ -9,8 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from stylelora.user_errors import report_user_errors
 from stylelora.lora.blend_modes import mode_help
+from stylelora.user_errors import report_user_errors
 
 
 def add_lora_parsers(subparsers) -> None:
