@@ -62,6 +62,11 @@ and each adapter's own set.
              comma-separated subset of cross, other: the cross-attention projections that run per adapter, every
              other UNet layer); the text encoders stay at the adapter's weight. cross,other:G is
              `stylelora evaluate --lora A:G:1 --lora B:G:1`
+    deficit  split, and in every UNet layer outside cross-attention that both adapters touch (linear and 1x1
+             convolutions) each adapter's own LoRA output o_i added back where the fused layer's change o_M falls
+             short of it along o_i: y + G x sum_i min(C, max(0, 1 - <o_M, o_i> / |o_i|^2)) x o_i, per token
+             (token) or per image (layer), at timesteps below T (--deficit KIND:C:T:G, each after KIND optional:
+             C 1, T 1000, G 1); activation-dependent, so not a static file
 
     python benchmarks/blend_experiments.py --adapters-dir outputs/blend-dc50 --samples 48 --merges learned concat compose
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges window --window 0.4 0.5 1
@@ -72,6 +77,7 @@ and each adapter's own set.
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges order --pairs pastel+stripes
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges othersum --stacked-only
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges schedule --schedule second:ties@600
+    python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges deficit --deficit token layer
 
 --stacked-only scores only the prompts carrying both triggers (a third of the images), not each adapter's own set.
 
@@ -98,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS + REVERSED))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
                         choices=["learned", "concat", "compose", "eps", "window", "uncond", "modules", "rule",
-                                 "gain", "order", "othersum", "schedule", "regmean"])
+                                 "gain", "order", "othersum", "schedule", "regmean", "deficit"])
     parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
                         help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
@@ -114,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="gain: GROUPS:G rows, GROUPS a comma-separated subset of cross, other")
     parser.add_argument("--schedule", nargs="+", default=["second:ties@600"],
                         help="schedule: EARLY:LATE@T rows (see the module's doc)")
+    parser.add_argument("--deficit", nargs="+", default=["token"],
+                        help="deficit: KIND[:C[:T[:G]]] rows, KIND token or layer (see the module's doc)")
     parser.add_argument("--calibration", type=int, default=16,
                         help="regmean: own prompts each adapter draws alone for its layers' input statistics")
     parser.add_argument("--regmean-alpha", type=float, nargs="+", default=[0.9],
@@ -843,6 +851,60 @@ def eps_composition(bench: Bench, a: str, b: str, how: str):
     return embeds, lambda: vars(unet).pop("forward", None)
 
 
+def _deficit_row(row: str) -> tuple[str, float, float, float]:
+    kind, *rest = row.split(":")
+    if kind not in ("token", "layer") or len(rest) > 3:
+        raise SystemExit(f"--deficit {row}: give KIND[:C[:T[:G]]], KIND token or layer, e.g. token:1:400:3")
+    cap, below, gain = [float(value) for value in rest] + [1.0, 1000.0, 1.0][len(rest):]
+    return kind, cap, below, gain
+
+
+@contextmanager
+def deficit_restored(bench: Bench, a: str, b: str, row: str):
+    """A + B applied in split, with each adapter's own output restored where the fused layers outside
+    cross-attention fall short of it along its direction (the `deficit` merge, see the module's doc)."""
+    import torch
+
+    kind, cap, below, gain = _deficit_row(row)
+    stack, specs = bench.stack, [bench.spec(a), bench.spec(b)]
+    stack.apply(specs, "split")
+    plan, clock = stack._plan(specs, [stack.load(spec.path) for spec in specs]), {"t": 1000.0}
+
+    def note_timestep(_module, args, kwargs):
+        clock["t"] = float(torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else 0)).flatten()[0])
+
+    def restore(conv, factors, merged_delta, _module, inputs, output):
+        if clock["t"] > below:
+            return output
+        x = inputs[0].movedim(1, -1) if conv else inputs[0]  # channels last
+        merged, extra = x @ merged_delta.T, 0
+        dims = (-1,) if kind == "token" else tuple(range(1, x.ndim))
+        for up, down in factors:
+            own = (x @ down.T) @ up.T
+            share = (merged * own).sum(dims, keepdim=True) / (own * own).sum(dims, keepdim=True).clamp(min=1e-12)
+            extra = extra + gain * (1 - share).clamp(min=0, max=cap) * own
+        return output + (extra.movedim(-1, 1) if conv else extra)
+
+    hooks = [bench.pipe.unet.register_forward_pre_hook(note_timestep, with_kwargs=True)]
+    try:
+        for key in [key for key in stack._fused if key[0] == "unet" and len(plan[key]) > 1]:
+            layer = stack._kohya_names("unet").layers[key[1]]
+            conv = isinstance(layer, torch.nn.Conv2d)
+            if conv and layer.kernel_size != (1, 1):
+                continue
+            merged_delta = (layer.weight.detach().float() - stack._backups[key].float()).flatten(1)
+            factors = [((weight * f.scale) * f.up.float().flatten(1), f.down.float().flatten(1))
+                       for _, weight, f in plan[key]]
+            hooks.append(layer.register_forward_hook(
+                lambda module, inputs, output, c=conv, f=factors, m=merged_delta: restore(c, f, m, module, inputs,
+                                                                                           output)))
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        stack.clear()
+
+
 def line(rows: dict, a: str, b: str) -> str:
     stacked = rows[f"{a}+{b}"]
     both = (f"both {stacked['all_styles_rate']:.2f} ({a} {stacked[f'{a}_rate']:.2f}, {b} {stacked[f'{b}_rate']:.2f}; "
@@ -959,6 +1021,11 @@ def main(argv=None) -> int:
                 groups, _, gain = row.rpartition(":")
                 with unet_gain(bench, groups, float(gain)):
                     split_row(bench, a, b, f"gain {row}", sets)
+        if "deficit" in args.merges:
+            split_row(bench, a, b, "split   ", sets)
+            for row in args.deficit:
+                with deficit_restored(bench, a, b, row):
+                    print(f"{pair:15s} deficit {row} {line(bench.score(sets), a, b)}", flush=True)
         if "learned" in args.merges:
             loss = learned_merge(bench, a, b, args.steps)
             print(f"{pair:15s} learned  {line(bench.score(sets), a, b)} (fit loss {loss:.4f})", flush=True)
