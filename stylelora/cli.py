@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_app_parser(sub)
     ev = sub.add_parser("evaluate", help="score a base (+ adapters) with the toy-world judge")
     _add_base_args(ev)
-    ev.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:TE_W]]")
+    ev.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:TE_W]][:lbw=BLOCKS]")
     ev.add_argument("--blend-mode", default=None, metavar="MODE",
                     help="how 2+ adapters combine, as `generate --blend-mode`: " + _blend_mode_help())
     ev.add_argument("--dial", default=None, metavar="DIAL", help="as `generate --dial`: " + _dial_help())

@@ -61,3 +61,26 @@ def save_tiny_sdxl_base(folder: Path, **kwargs) -> Path:
     """The tiny SDXL pipeline as a diffusers folder (what `load_base(folder)` reads)."""
     tiny_sdxl_pipeline(**kwargs).save_pretrained(folder)
     return folder
+
+
+SDXL_ADAPTER_METADATA = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                         "ss_base_model_version": "sdxl_base_v1-0"}
+
+
+def make_sdxl_adapter(path: Path, seed: int = 5, *, scale: float = 1.0) -> Path:
+    """A random rank-2 kohya adapter for the tiny SDXL pipeline on its UNet and both text encoders (lora_up times
+    `scale`: 0 gives an adapter that changes nothing)."""
+    from stylelora.lora.inject import add_lora
+    from stylelora.lora.io import save_adapter
+
+    source = tiny_sdxl_pipeline()
+    torch.manual_seed(seed)
+    add_lora(source.unet, source.text_encoder, text_encoder_2=source.text_encoder_2, rank=2, alpha=1.0,
+             init_lora_weights=False)
+    with torch.no_grad():
+        for model in (source.unet, source.text_encoder, source.text_encoder_2):
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(scale)
+    return save_adapter(path, source.unet, source.text_encoder, text_encoder_2=source.text_encoder_2,
+                        metadata=SDXL_ADAPTER_METADATA)

@@ -154,6 +154,15 @@ def test_generate_with_two_adapters_writes_pngs_that_reproduce_themselves(servic
     assert all(not numpy.array_equal(other, pixels(saved[0])) for other in alone)
 
 
+def test_block_weights_in_a_prompt_tag_reach_the_image_and_its_png(service):
+    with_blocks = service.generate(settings(prompt=PROMPT + " <lora:pastel:1:lbw=1,0,0,1,1,1,1,1>"))[0]
+    plain = service.generate(settings(prompt=PROMPT + " <lora:pastel:1>"))[0]
+    assert "<lora:pastel:1:lbw=1,0,0,1,1,1,1,1>" in with_blocks.parameters_text
+    assert not numpy.array_equal(pixels(with_blocks), pixels(plain))  # IN01 and IN03 off: another image
+    with pytest.raises(ValueError, match=r"preset OUTALL.*takes 8 \(BASE,IN01,IN03,M00"):
+        service.generate(settings(prompt=PROMPT + " <lora:pastel:1:lbw=OUTALL>"))
+
+
 def test_progress_is_reported_step_by_step(service):
     reports = []
     service.generate(settings(("pastel", 1.0)), progress=lambda done, total: reports.append((done, total)))

@@ -387,25 +387,10 @@ def test_app_generates_in_split_mode_and_refuses_to_save_it(world, tmp_path):
 def test_split_on_sdxl_keeps_an_adapter_beside_a_silent_one(tmp_path):
     """SDXL: two text encoders (their readings side by side on the token axis, then joined on the feature axis by
     the pipeline) and the pooled add-on embedding (composed)."""
-    from sdxl_fixtures import tiny_sdxl_pipeline
+    from sdxl_fixtures import make_sdxl_adapter, tiny_sdxl_pipeline
 
-    from stylelora.lora.inject import add_lora
-    from stylelora.lora.io import save_adapter
-
-    metadata = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "ss_base_model_version": "sdxl_base_v1-0"}
-    files = {}
-    for name, seed, scale in (("a", 5, 1.0), ("b", 6, 1.0), ("silent", 5, 0.0)):
-        source = tiny_sdxl_pipeline()
-        torch.manual_seed(seed)
-        add_lora(source.unet, source.text_encoder, text_encoder_2=source.text_encoder_2, rank=2, alpha=1.0,
-                 init_lora_weights=False)
-        with torch.no_grad():
-            for model in (source.unet, source.text_encoder, source.text_encoder_2):
-                for param_name, param in model.named_parameters():
-                    if "lora_B" in param_name:
-                        param.mul_(scale)
-        files[name] = save_adapter(tmp_path / f"{name}.safetensors", source.unet, source.text_encoder,
-                                   text_encoder_2=source.text_encoder_2, metadata=metadata)
+    files = {name: make_sdxl_adapter(tmp_path / f"{name}.safetensors", seed, scale=scale)
+             for name, seed, scale in (("a", 5, 1.0), ("b", 6, 1.0), ("silent", 5, 0.0))}
 
     def image(specs, mode):
         pipe = tiny_sdxl_pipeline()

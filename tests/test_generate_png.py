@@ -154,8 +154,8 @@ def test_parse_prompt(prompt, clean, tags):
     assert parse_prompt(prompt) == (clean, tags)
 
 
-@pytest.mark.parametrize("prompt", ["<lora:ink:abc>", "<lora::1>", "<lora:ink:1:2:3>", "<lora:ink:lbw=1>",
-                                    "a <lyco:ink:1>"])
+@pytest.mark.parametrize("prompt", ["<lora:ink:abc>", "<lora::1>", "<lora:ink:1:2:3>", "<lora:ink:dyn=4>",
+                                    "<lora:ink:lbw=1,x>", "a <lyco:ink:1>"])
 def test_bad_tags_are_refused(prompt):
     with pytest.raises(PromptTagError):
         parse_prompt(prompt)

@@ -177,19 +177,9 @@ def test_a_mix_under_the_reading_dial_saves_only_where_it_draws_as_its_weights(t
 
 def test_on_sdxl_the_reading_dial_moves_both_text_encoders_and_the_pooled_embedding(tmp_path):
     """SDXL: two text encoders and the pooled add-on embedding all move; at 1 the image is A1111's, at 0 the base's."""
-    from sdxl_fixtures import tiny_sdxl_pipeline
+    from sdxl_fixtures import make_sdxl_adapter, tiny_sdxl_pipeline
 
-    from stylelora.lora.inject import add_lora
-    from stylelora.lora.io import save_adapter
-
-    source = tiny_sdxl_pipeline()
-    torch.manual_seed(5)
-    add_lora(source.unet, source.text_encoder, text_encoder_2=source.text_encoder_2, rank=2, alpha=1.0,
-             init_lora_weights=False)
-    path = save_adapter(tmp_path / "a.safetensors", source.unet, source.text_encoder,
-                        text_encoder_2=source.text_encoder_2,
-                        metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-                                  "ss_base_model_version": "sdxl_base_v1-0"})
+    path = make_sdxl_adapter(tmp_path / "a.safetensors")
     pipe = tiny_sdxl_pipeline()
     pipe.set_progress_bar_config(disable=True)
     stack = AdapterStack.for_pipe(pipe)

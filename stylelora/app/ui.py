@@ -164,7 +164,8 @@ class GenerateInputs:
             self.rows.append(row)
             self.weights += [unet, te]
         self.prompt = gr.Textbox(label="Prompt", lines=2, value="a red circle on a white background",
-                                 placeholder="may carry <lora:name:weight> tags", elem_id="prompt")
+                                 placeholder="may carry <lora:name:weight> tags (:lbw= for block weights)",
+                                 elem_id="prompt")
         with gr.Row():
             self.triggers = gr.Button("Add trigger words", size="sm", scale=0, min_width=160)
         self.negative = gr.Textbox("", label="Negative prompt", lines=1, elem_id="negative-prompt")

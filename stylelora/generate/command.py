@@ -40,8 +40,9 @@ def add_generate_parsers(subparsers) -> None:
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help='prompt; may carry A1111 tags like "<lora:stripes:0.8>"')
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:TE_W]]",
-                        help="adapter and weights (UNet, then text encoder; default 1); repeatable")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:TE_W]][:lbw=BLOCKS]",
+                        help="adapter and weights (UNet, then text encoder; default 1), and A1111 LoRA Block Weight "
+                             "per-block weights (a preset such as OUTALL, or numbers BASE first); repeatable")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")

@@ -112,8 +112,11 @@ def _merge_specs(specs: list[AdapterSpec]) -> tuple[AdapterSpec, ...]:
         key = spec.path.resolve()
         if key in merged:
             old = merged[key]
+            if old.blocks != spec.blocks:
+                raise ValueError(f"{spec.path.name} is given twice with different block weights (lbw={old.blocks} "
+                                 f"and lbw={spec.blocks}); give it once.")
             spec = AdapterSpec(old.path, old.unet_weight + spec.unet_weight,
-                               old.text_encoder_weight + spec.text_encoder_weight)
+                               old.text_encoder_weight + spec.text_encoder_weight, spec.blocks)
         merged[key] = spec
     return tuple(merged.values())
 
@@ -162,7 +165,8 @@ def _params(pipe: Any, stack: AdapterStack, resolved: ResolvedRequest, sampler: 
 
     identity = base_identity(pipe)
     loras = tuple(
-        LoraUse(name, float(spec.unet_weight), spec.text_encoder_weight, stack.load(spec.path).short_hash)
+        LoraUse(name, float(spec.unet_weight), spec.text_encoder_weight, stack.load(spec.path).short_hash,
+                spec.blocks)
         for name, spec in zip(resolved.lora_names, resolved.specs)
     )
     request = resolved.request

@@ -24,16 +24,18 @@ SETTINGS_LINE_MARKERS = ("Steps: ", "Sampler: ", "Seed: ")
 
 @dataclass(frozen=True)
 class LoraUse:
-    """One adapter as used for an image: the name its tag carries, weights, A1111 short hash (may be empty)."""
+    """One adapter as used for an image: the name its tag carries, weights, A1111 short hash (may be empty), and its
+    block weights (`lbw=`) when it had any."""
 
     name: str
     unet_weight: float
     te_weight: float
     hash: str = ""
+    blocks: str | None = None
 
     @property
     def tag(self) -> LoraTag:
-        return LoraTag(self.name, self.unet_weight, self.te_weight)
+        return LoraTag(self.name, self.unet_weight, self.te_weight, self.blocks)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ def _params_from_fields(fields: dict[str, str], prompt: str, negative: str, tags
         prompt=prompt, negative_prompt=negative, steps=int(fields["Steps"]), cfg_scale=float(fields["CFG scale"]),
         sampler=sampler, seed=int(fields["Seed"]), width=int(width), height=int(height),
         model=fields.get("Model"), model_hash=fields.get("Model hash"),
-        loras=tuple(LoraUse(t.name, t.unet_weight, t.te_weight, hashes.get(t.name, "")) for t in tags),
+        loras=tuple(LoraUse(t.name, t.unet_weight, t.te_weight, hashes.get(t.name, ""), t.blocks) for t in tags),
         extra={key: value for key, value in fields.items() if key not in known},
     )
 

@@ -1,7 +1,8 @@
 """A1111 `<lora:name:weight>` prompt tags: parsing, writing, and resolving names safely inside an adapters folder.
 
 Weights follow A1111's Lora extension so PNG parameters mean the same in both tools: `<lora:name:W>` sets both
-weights; `<lora:name:TE:UNET>` is text encoder first, then UNet; `te=`/`unet=` name them explicitly. Names resolve
+weights; `<lora:name:TE:UNET>` is text encoder first, then UNet; `te=`/`unet=` name them explicitly; `lbw=` gives
+per-block weights as A1111's LoRA Block Weight extension reads them (stylelora.lora.block_weights). Names resolve
 only to `.safetensors` files inside the adapters folder: no absolute paths, no `..`, no symlinks leading out.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from stylelora.lora.block_weights import BlockWeightError, parse_ratios
 from stylelora.lora.spec import AdapterSpec
 
 TAG_PATTERN = re.compile(r"<lora:([^<>]*)>")
@@ -26,14 +28,15 @@ class PromptTagError(ValueError):
 
 @dataclass(frozen=True)
 class LoraTag:
-    """One `<lora:...>` tag as written: the adapter name and its two weights."""
+    """One `<lora:...>` tag as written: the adapter name, its two weights and its block weights (`lbw=`, or None)."""
 
     name: str
     unet_weight: float = 1.0
     te_weight: float = 1.0
+    blocks: str | None = None
 
     def to_text(self) -> str:
-        return format_lora_tag(self.name, self.unet_weight, self.te_weight)
+        return format_lora_tag(self.name, self.unet_weight, self.te_weight, self.blocks)
 
 
 def format_weight(value: float) -> str:
@@ -42,12 +45,14 @@ def format_weight(value: float) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
-def format_lora_tag(name: str, unet_weight: float, te_weight: float | None = None) -> str:
-    """`<lora:name:W>`, or `<lora:name:te=T:unet=U>` when the weights differ (unambiguous in every tool)."""
+def format_lora_tag(name: str, unet_weight: float, te_weight: float | None = None, blocks: str | None = None) -> str:
+    """`<lora:name:W>`, or `<lora:name:te=T:unet=U>` when the weights differ (unambiguous in every tool), with
+    `:lbw=BLOCKS` last when the adapter has block weights."""
     te_weight = unet_weight if te_weight is None else te_weight
+    lbw = "" if blocks is None else f":lbw={blocks}"
     if float(te_weight) == float(unet_weight):
-        return f"<lora:{name}:{format_weight(unet_weight)}>"
-    return f"<lora:{name}:te={format_weight(te_weight)}:unet={format_weight(unet_weight)}>"
+        return f"<lora:{name}:{format_weight(unet_weight)}{lbw}>"
+    return f"<lora:{name}:te={format_weight(te_weight)}:unet={format_weight(unet_weight)}{lbw}>"
 
 
 def _number(text: str, tag: str) -> float:
@@ -67,17 +72,23 @@ def _parse_tag(body: str) -> LoraTag:
         raise PromptTagError(f"{tag} has no adapter name: write <lora:NAME:WEIGHT>.")
     positional = [_number(item, tag) for item in items if "=" not in item]
     named = dict(item.split("=", 1) for item in items if "=" in item)
-    unknown = sorted(set(named) - {"te", "unet"})
+    unknown = sorted(set(named) - {"te", "unet", "lbw"})
     if unknown or len(positional) > 2:
         raise PromptTagError(
-            f"{tag}: only <lora:NAME:W>, <lora:NAME:TE_W:UNET_W> and te=/unet= are supported "
-            f"(got {', '.join(unknown) or 'more than two weights'}; block weights and dyn are not)."
+            f"{tag}: only <lora:NAME:W>, <lora:NAME:TE_W:UNET_W>, te=/unet= and lbw= are supported "
+            f"(got {', '.join(unknown) or 'more than two weights'}; dyn is not)."
         )
+    blocks = named["lbw"].strip() if "lbw" in named else None
+    if blocks is not None:
+        try:
+            parse_ratios(blocks)
+        except BlockWeightError as error:
+            raise PromptTagError(f"{tag}: {error}") from None
     te_weight = positional[0] if positional else 1.0
     te_weight = _number(named["te"], tag) if "te" in named else te_weight
     unet_weight = positional[1] if len(positional) > 1 else te_weight
     unet_weight = _number(named["unet"], tag) if "unet" in named else unet_weight
-    return LoraTag(name=name.strip(), unet_weight=unet_weight, te_weight=te_weight)
+    return LoraTag(name=name.strip(), unet_weight=unet_weight, te_weight=te_weight, blocks=blocks)
 
 
 def clean_prompt(prompt: str) -> str:
@@ -167,7 +178,8 @@ def resolve_tags(tags: list[LoraTag], folder: str | os.PathLike | None) -> list[
             f"The prompt has {tags[0].to_text()} but no adapters folder was given to look names up in "
             "(CLI: --adapters-dir)."
         )
-    return [AdapterSpec(resolve_adapter_name(tag.name, folder), tag.unet_weight, tag.te_weight) for tag in tags]
+    return [AdapterSpec(resolve_adapter_name(tag.name, folder), tag.unet_weight, tag.te_weight, tag.blocks)
+            for tag in tags]
 
 
 def adapter_name(path: str | os.PathLike, folder: str | os.PathLike | None) -> str:

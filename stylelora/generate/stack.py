@@ -159,6 +159,7 @@ class AdapterStack:
         from stylelora.lora.components import pipeline_models
 
         self.models = pipeline_models(pipe)  # SDXL adds text_encoder_2
+        self._unet_config = dict(getattr(self.models.get("unet"), "config", None) or {})  # for block weights
         # split: each adapter reads the prompt with its trigger moved after the others' (generate.trigger_order)
         self.tokenizers = {"text_encoder": getattr(pipe, "tokenizer", None),
                            "text_encoder_2": getattr(pipe, "tokenizer_2", None)}
@@ -297,11 +298,22 @@ class AdapterStack:
         plan: dict[tuple[str, str], list] = {}
         for spec, adapter in zip(specs, adapters):
             identity = adapter.identity
+            blocks = self._block_multipliers(spec.blocks) if spec.blocks is not None else None
             for key, factors in adapter.modules.items():
                 weight = spec.weight_for(key[0])
+                if blocks is not None and key[0] == "unet":
+                    weight *= blocks(key[1])
                 if weight != 0.0:
                     plan.setdefault(key, []).append((identity, weight, factors))
         return plan
+
+    def _block_multipliers(self, text: str):
+        """path -> the `lbw=` multiplier of the UNet block the layer is in (1 outside the numbered blocks)."""
+        from stylelora.lora.block_weights import BlockLayout
+
+        layout = BlockLayout.from_config(self._unet_config)
+        by_block = layout.multipliers(text)
+        return lambda path: by_block.get(layout.block_of(path), 1.0)
 
     def _layer_weight(self, key: tuple[str, str]):
         component, path = key

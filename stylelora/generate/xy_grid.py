@@ -93,11 +93,12 @@ def _set_weights(specs: list[AdapterSpec], kind: str, value: float, target: Path
     out = []
     for spec in specs:
         if spec in chosen and kind == "weight":
-            spec = AdapterSpec(spec.path, value)  # FILE:W, which the reading dial reads apart from FILE:W:W
+            # FILE:W, which the reading dial reads apart from FILE:W:W
+            spec = AdapterSpec(spec.path, value, None, spec.blocks)
         elif spec in chosen:
             unet = value if kind == "unet_weight" else spec.unet_weight
             te = value if kind == "te_weight" else spec.text_encoder_weight
-            spec = AdapterSpec(spec.path, unet, te)
+            spec = AdapterSpec(spec.path, unet, te, spec.blocks)
         out.append(spec)
     return out
 

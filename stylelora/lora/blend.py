@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stylelora.lora import blend_modes, formats
+from stylelora.lora.block_weights import BlockLayout, BlockWeightError
 from stylelora.lora.components import UNKNOWN_ARCHITECTURE, adapter_architecture
 from stylelora.lora.inspect import BLEND_METADATA_KEY, trigger_words
 from stylelora.lora.spec import AdapterSpec, as_specs
@@ -74,9 +75,40 @@ def _group_modules(state: dict, file_name: str) -> dict[str, dict[str, Any]]:
     return grouped.modules
 
 
-def _add_terms(terms: dict[str, ModuleTerms], modules: dict, spec: AdapterSpec, file_name: str) -> None:
+def _unet_layout_config(file) -> dict:
+    """The UNet config whose block numbering an adapter's kohya names follow: the toy base's for a toy adapter, the
+    published SDXL or SD 1.5 one (SD 2.x numbers its blocks as SD 1.x does) by the file's family."""
+    from stylelora.lora.components import SDXL_ARCHITECTURE
+    from stylelora.lora.sd15 import sd15_config
+    from stylelora.lora.sdxl import sdxl_config
+
+    if file.metadata.get("ss_stylelora_base_family") == "toy":
+        from stylelora.models.load import TOY_BASE_DIR
+
+        return json.loads((TOY_BASE_DIR / "unet" / "config.json").read_text(encoding="utf-8"))
+    architecture = adapter_architecture(file.state, file.metadata)
+    if architecture.startswith(SDXL_ARCHITECTURE):
+        return sdxl_config("unet")
+    if architecture.startswith(("stable-diffusion-v1", "stable-diffusion-v2")):
+        return sd15_config("unet")
+    raise BlockWeightError(f"{file.path.name}: its base family is not known ({architecture}), so its UNet blocks "
+                           "cannot be numbered; apply the block weights at generation (--lora FILE:W:lbw=...), where "
+                           "the base is loaded.")
+
+
+def _block_multiplier(spec: AdapterSpec, file):
+    """kohya module name -> the multiplier of `spec.blocks` for the UNet block it is in (1 where it has none)."""
+    if spec.blocks is None:
+        return lambda name: 1.0
+    layout = BlockLayout.from_config(_unet_layout_config(file))
+    by_block = layout.multipliers(spec.blocks)
+    return lambda name: by_block.get(layout.block_of(name), 1.0) if formats.module_component(name) == "unet" else 1.0
+
+
+def _add_terms(terms: dict[str, ModuleTerms], modules: dict, spec: AdapterSpec, file) -> None:
+    file_name, block_multiplier = file.path.name, _block_multiplier(spec, file)
     for name, parts in modules.items():
-        weight = spec.weight_for(formats.module_component(name))
+        weight = spec.weight_for(formats.module_component(name)) * block_multiplier(name)
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         rank = down.shape[0]
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
@@ -182,7 +214,7 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     files = _read_inputs(specs)
     terms: dict[str, ModuleTerms] = {}
     for spec, file in zip(specs, files):
-        _add_terms(terms, _group_modules(file.state, file.path.name), spec, file.path.name)
+        _add_terms(terms, _group_modules(file.state, file.path.name), spec, file)
     state, errors, ranks = {}, {}, {}
     for name, entry in terms.items():
         if not entry.up_terms:
@@ -239,9 +271,12 @@ def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors, ble
     triggers = [word for f in used for word in trigger_words(f.metadata)]
     top_rank = max(ranks.values())
     inputs = [{"file": f.path.name, "title": t, "unet_weight": s.unet_weight, "te_weight": s.text_encoder_weight,
-               "sshs_model_hash": file_model_hash(f.path)} for s, f, t in zip(specs, files, titles)]
+               "sshs_model_hash": file_model_hash(f.path)} | ({} if s.blocks is None else {"lbw": s.blocks})
+              for s, f, t in zip(specs, files, titles)]
     blend_info = {"mode": mode, "rank": rank, "blend_mode": blend_mode, "inputs": inputs,
                   "max_relative_error": max(errors.values()), "mean_relative_error": statistics.fmean(errors.values())}
+    described = [f"{t} (unet {s.unet_weight:g}, te {s.text_encoder_weight:g}"
+                 + ("" if s.blocks is None else f", lbw={s.blocks}") + ")" for s, t in zip(specs, titles)]
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(top_rank),
@@ -252,8 +287,7 @@ def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors, ble
         "modelspec.title": out_path.stem,
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.merged_from": ", ".join(titles),
-        "modelspec.description": "blend of " + ", ".join(
-            f"{t} (unet {s.unet_weight:g}, te {s.text_encoder_weight:g})" for s, t in zip(specs, titles))
+        "modelspec.description": "blend of " + ", ".join(described)
         + ("" if blend_mode == "sum" else f", blend mode {blend_mode}"),
         BLEND_METADATA_KEY: json.dumps(blend_info),
         "format": "pt",

@@ -16,7 +16,8 @@ from stylelora.user_errors import report_user_errors
 def add_lora_parsers(subparsers) -> None:
     """Add blend and inspect to the `stylelora` subcommands."""
     blend = subparsers.add_parser("blend", help="save a weighted mix of adapters as one new adapter")
-    blend.add_argument("adapters", nargs="+", metavar="FILE[:W[:TE_W]]")
+    blend.add_argument("adapters", nargs="+", metavar="FILE[:W[:TE_W]][:lbw=BLOCKS]",
+                       help="adapters and weights; lbw= bakes A1111 LoRA Block Weight per-block weights into the file")
     blend.add_argument("--out", required=True, help="new .safetensors file (kohya format)")
     mode = blend.add_mutually_exclusive_group()
     mode.add_argument("--rank", type=int, help="re-factorise to this rank by SVD (reports the error per module)")

@@ -167,7 +167,8 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
     merged = info["modelspec"].get("merged_from")
     if info.get("blend"):
         blend = info["blend"]
-        inputs = ", ".join(f"{i['title']} (unet {i['unet_weight']:g}, te {i['te_weight']:g})" for i in blend["inputs"])
+        inputs = ", ".join(f"{i['title']} (unet {i['unet_weight']:g}, te {i['te_weight']:g}"
+                           + (f", lbw={i['lbw']}" if "lbw" in i else "") + ")" for i in blend["inputs"])
         how = f"rank {blend['rank']} SVD, max relative error {blend['max_relative_error']:.2e}" if blend["rank"] else "exact"
         lines.append(f"  merged from    {inputs}; {how}")
     elif merged:
