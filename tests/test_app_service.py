@@ -273,6 +273,10 @@ def test_grid_of_weights_by_adapters_is_one_png(service):
         assert grid.width > 2 * 32 * 3 and grid.height > 2 * 32 * 3  # 2x2 cells of 32 px, shown 3x
     with pytest.raises(AppError, match="choose adapters first"):
         service.grid(settings(), "weight=0,1")
+    blocks = service.grid(settings(("pastel", 1.0)), "blocks=none;1,0,0,0,1,1,1,1")
+    assert 'X Type: blocks, X Values: "none; 1,0,0,0,1,1,1,1"' in read_png_parameters(blocks)
+    with pytest.raises(AppError, match="choose adapters first"):
+        service.grid(settings(), "blocks=none;OUTALL")
 
 
 # ----------------------------------------------------------------------------- limits, checks, stopping

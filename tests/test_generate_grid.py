@@ -33,7 +33,7 @@ def test_cell_requests(world):
         cell_request(GenerateRequest("x"), [(weight, 0.5)])
 
 
-@pytest.mark.parametrize("text", ["weight", "color=1,2", "seed=a", "seed=", "dial=knob"])
+@pytest.mark.parametrize("text", ["weight", "color=1,2", "seed=a", "seed=", "dial=knob", "blocks=ALL,OUTALL"])
 def test_bad_axes_are_refused(text):
     with pytest.raises(ValueError):
         parse_axis(text)
@@ -51,3 +51,16 @@ def test_grid_cells_are_the_images_of_their_requests(world, tmp_path):
     assert numpy.array_equal(pixels(result.images[0]), pixels(result.images[2]))
     assert numpy.array_equal(pixels(result.images[2]), pixels(result.images[3]))
     assert not numpy.array_equal(pixels(result.images[0]), pixels(result.images[1]))
+
+
+def test_a_blocks_axis_sets_the_block_weights_of_the_adapters(world, tmp_path):
+    pipe = load_tiny_base(world["base"])
+    request = GenerateRequest("a cat", steps=2, seed=4, loras=(AdapterSpec(world["a"], 0.7),))
+    x = parse_axis("blocks=none; 1,1,1,1,1,1,1,1 ;1,0,0,0,1,1,1,1")
+    assert x.values == ("none", "1,1,1,1,1,1,1,1", "1,0,0,0,1,1,1,1")
+    assert cell_request(request, [(x, x.values[2])]).loras == (AdapterSpec(world["a"], 0.7, None, x.values[2]),)
+    result = xy_grid(pipe, None, request, x, out_path=tmp_path / "blocks.png")
+    none, ones, outputs = (pixels(image) for image in result.images)
+    assert numpy.array_equal(none, ones)  # every block at 1: the adapter as it is
+    assert not numpy.array_equal(none, outputs)  # the input blocks and the middle off: another image
+    assert "lbw=1,0,0,0,1,1,1,1" in result.images[2].parameters_text

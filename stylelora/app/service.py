@@ -448,13 +448,13 @@ class AppService:
     def grid_axis(self, text: str | None, settings: GenerateSettings):
         """One grid axis ("KIND=V1,V2,..."), each value held to the limits Generate applies; None when empty."""
         from stylelora.generate.generate import MAX_SEED
-        from stylelora.generate.xy_grid import AXIS_KINDS, NO_ADAPTER, XYAxis
+        from stylelora.generate.xy_grid import AXIS_KINDS, NO_ADAPTER, XYAxis, axis_values
 
         if not text or not text.strip():
             return None
         kind, sep, values = text.partition("=")
         kind = kind.strip()
-        values = [value.strip() for value in values.split(",") if value.strip()]
+        values = axis_values(kind, values)
         if not sep or kind not in AXIS_KINDS or not values:
             raise AppError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {', '.join(AXIS_KINDS)} "
                            "(e.g. weight=0,0.5,1 or seed=1,2,3).")
@@ -463,6 +463,7 @@ class AppService:
             "seed": lambda v: self.limits.check("Grid axis seed: a value", v, 0, MAX_SEED),
             "cfg": lambda v: self.limits.check("Grid axis cfg: a value", v, 0, CFG_LIMIT, whole=False),
             "adapter": lambda v: v if v == NO_ADAPTER else str(self.adapter_path(v)),
+            "blocks": lambda v: v,  # XYAxis checks each lbw= value
         }
         def weight(value):
             return self.limits.check(f"Grid axis {kind}: a weight", value, -WEIGHT_LIMIT, WEIGHT_LIMIT, whole=False)
@@ -490,7 +491,8 @@ class AppService:
         if axes[1] is not None and axes[1].kind == axes[0].kind:
             raise AppError(f"Both grid axes are {axes[0].kind}: pick two different kinds.")
         kinds = {axis.kind for axis in axes if axis is not None}
-        if kinds & {"weight", "unet_weight", "te_weight"} and not settings.adapters and "adapter" not in kinds:
+        adapter_axes = {"weight", "unet_weight", "te_weight", "blocks"}
+        if kinds & adapter_axes and not settings.adapters and "adapter" not in kinds:
             raise AppError("A weight axis sets the weights of the chosen adapters: choose adapters first "
                            "(or add an adapter axis, e.g. adapter=none,NAME).")
         cells = [len(axis.values) if axis is not None else 1 for axis in axes]

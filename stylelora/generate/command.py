@@ -32,7 +32,8 @@ def add_generate_parsers(subparsers) -> None:
                                  help="X/Y grid: adapters x weights, or two of weight/seed/cfg/steps/blend_mode/dial")
     _add_generation_args(grid)
     grid.add_argument("--x", required=True, metavar="KIND=V1,V2",
-                      help="columns; KIND: adapter|weight|unet_weight|te_weight|seed|cfg|steps|blend_mode|dial")
+                      help="columns; KIND: adapter|weight|unet_weight|te_weight|blocks|seed|cfg|steps|blend_mode|dial "
+                           "(blocks: lbw= values separated by ';', e.g. blocks=none;OUTALL)")
     grid.add_argument("--y", metavar="KIND=V1,V2", help="second axis (rows)")
     grid.add_argument("--out", help=f"grid PNG (default {DEFAULT_GRIDS_DIR}/NNNNN-grid.png)")
     grid.set_defaults(handler=cmd_grid)

@@ -1,7 +1,9 @@
-"""X/Y grids: one request varied along two axes (adapter, weight, seed, cfg, steps, blend mode, dial) into one PNG.
+"""X/Y grids: one request varied along two axes (adapter, weight, blocks, seed, cfg, steps, blend mode, dial) into one
+PNG.
 
 Axes: `adapter` adds one adapter per column/row ("none" for the base); `weight`, `unet_weight`, `te_weight` set
-the weight of the axis adapter, or of a named target, or of every adapter in the request; `seed`, `cfg`, `steps`
+the weight of the axis adapter, or of a named target, or of every adapter in the request, and `blocks` its block
+weights (`lbw=` values, separated by `;` since a value holds commas; "none" for none); `seed`, `cfg`, `steps`
 `blend_mode` (sum, ties, split: the same adapters combined each way) and `dial` (weights, reading: what the weights
 turn) replace the request's value. Every cell
 shares the request's (resolved) seed unless seed is an axis, so cells differ only by what the axes say.
@@ -19,10 +21,12 @@ from stylelora.generate.prompt_tags import format_weight
 from stylelora.generate.reading_dial import check_dial
 from stylelora.lora.spec import AdapterSpec
 
-AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "seed", "cfg", "steps", "blend_mode", "dial")
+AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "blocks", "seed", "cfg", "steps", "blend_mode",
+              "dial")
 NO_ADAPTER = "none"
-LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "seed": "seed", "cfg": "cfg", "steps": "steps",
-          "blend_mode": "mode", "dial": "dial"}
+NO_BLOCKS = "none"
+LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "blocks": "lbw", "seed": "seed", "cfg": "cfg",
+          "steps": "steps", "blend_mode": "mode", "dial": "dial"}
 REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode", "dial")  # axes that replace one request field
 
 
@@ -39,14 +43,35 @@ class XYAxis:
             raise ValueError(f"Unknown grid axis {self.kind!r}; choose one of {', '.join(AXIS_KINDS)}.")
         if not self.values:
             raise ValueError(f"Grid axis {self.kind} has no values.")
-        cast = {"seed": int, "steps": int, "adapter": str, "blend_mode": _blend_mode,
-                "dial": check_dial}.get(self.kind, float)
+        cast = {"seed": int, "steps": int, "adapter": str, "blend_mode": _blend_mode, "dial": check_dial,
+                "blocks": _blocks}.get(self.kind, float)
         object.__setattr__(self, "values", tuple(cast(v) for v in self.values))
+
+    def values_text(self) -> str:
+        """The values as the grid's PNG records them: "; " between block-weight values, which hold commas."""
+        return ("; " if self.kind == "blocks" else ", ").join(map(str, self.values))
 
     def label(self, value: Any) -> str:
         if self.kind == "adapter":
             return Path(value).stem if value != NO_ADAPTER else "base"
         return f"{LABELS[self.kind]} {format_weight(value) if isinstance(value, float) else value}"
+
+
+def _blocks(value: str) -> str:
+    from stylelora.lora.block_weights import PRESETS, parse_ratios
+
+    if "," in value and any(part.strip().upper() in PRESETS for part in value.split(",")):
+        raise ValueError(f"{value!r} names presets between commas: separate block-weight values with ';' "
+                         "(blocks=ALL;OUTALL), since the commas separate one value's numbers.")
+    if value != NO_BLOCKS:
+        parse_ratios(value)
+    return value
+
+
+def axis_values(kind: str, text: str) -> list[str]:
+    """The values of "KIND=..." after the "=": separated by commas, or for block weights (which hold commas) by
+    semicolons."""
+    return [value.strip() for value in text.split(";" if kind.strip() == "blocks" else ",") if value.strip()]
 
 
 def _blend_mode(value: str) -> str:
@@ -61,7 +86,7 @@ def parse_axis(text: str) -> XYAxis:
     if not sep or not values.strip():
         raise ValueError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {', '.join(AXIS_KINDS)}.")
     try:
-        return XYAxis(kind.strip(), tuple(v.strip() for v in values.split(",") if v.strip()))
+        return XYAxis(kind.strip(), tuple(axis_values(kind, values)))
     except ValueError as error:
         raise ValueError(f"Grid axis {text!r}: {error}") from error
 
@@ -92,7 +117,9 @@ def _set_weights(specs: list[AdapterSpec], kind: str, value: float, target: Path
         raise ValueError(f"A {kind} axis needs an adapter to act on: add --lora, an adapter axis, or fix its target.")
     out = []
     for spec in specs:
-        if spec in chosen and kind == "weight":
+        if spec in chosen and kind == "blocks":
+            spec = AdapterSpec(spec.path, spec.unet_weight, spec.te_weight, None if value == NO_BLOCKS else value)
+        elif spec in chosen and kind == "weight":
             # FILE:W, which the reading dial reads apart from FILE:W:W
             spec = AdapterSpec(spec.path, value, None, spec.blocks)
         elif spec in chosen:
@@ -145,8 +172,8 @@ def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxi
     path = None
     if out_path is not None:
         params = images[0].params
-        extra = {"Script": "X/Y plot", "X Type": x.kind, "X Values": ", ".join(map(str, x.values))}
+        extra = {"Script": "X/Y plot", "X Type": x.kind, "X Values": x.values_text()}
         if y is not None:
-            extra.update({"Y Type": y.kind, "Y Values": ", ".join(map(str, y.values))})
+            extra.update({"Y Type": y.kind, "Y Values": y.values_text()})
         path = save_png(grid, replace(params, extra={**params.extra, **extra}), out_path)
     return XYGridResult(images=images, grid=grid, path=path, columns=len(x.values))
