@@ -63,6 +63,18 @@ def test_generate_reports_bad_input_in_one_line(world, tmp_path, capsys):
     assert code == 2 and "WIDTHxHEIGHT" in err
 
 
+def test_block_weights_the_base_does_not_take_fail_before_it_loads(world, tmp_path, capsys, monkeypatch):
+    import stylelora.generate.command as command
+
+    monkeypatch.setattr(command, "_load_pipe", lambda args: pytest.fail("the base was loaded"))
+    code, _, err = run(["generate", "x", "--lora", f"{world['a']}:1:lbw=OUTALL", *common(world)], capsys)
+    assert code == 2 and "preset OUTALL, which is for SD 1.x/2.x" in err and "takes 8 (BASE,IN01,IN03,M00" in err
+    code, _, err = run(["grid", "x <lora:pastel:1:lbw=1,0>", "--x", "seed=1,2", *common(world)], capsys)
+    assert code == 2 and "lbw=1,0 gives 2 weights" in err
+    code, _, err = run(["grid", "x", "--lora", str(world["a"]), "--x", "blocks=none;1,0,1", *common(world)], capsys)
+    assert code == 2 and "lbw=1,0,1 gives 3 weights" in err
+
+
 def test_grid_command_writes_one_labelled_png(world, tmp_path, capsys):
     out_file = tmp_path / "grid.png"
     argv = ["grid", "a cat", "--x", "weight=0,0.5,1", "--y", f"adapter={world['a']},pastel,none", "--seed", "3",

@@ -96,6 +96,24 @@ def _load_pipe(args: argparse.Namespace):
                      config_dir=args.base_config)
 
 
+def _check_block_weights(args: argparse.Namespace, request, axes=()) -> None:
+    """Block weights of a length the base does not take fail here, read from its config files, before its weights
+    load (a single-file base without a config folder is checked when it loads)."""
+    from stylelora.generate.prompt_tags import parse_prompt
+    from stylelora.generate.xy_grid import NO_BLOCKS
+    from stylelora.lora.block_weights import BlockLayout
+    from stylelora.models.family import base_unet_config
+
+    values = [spec.blocks for spec in request.loras] + [tag.blocks for tag in parse_prompt(request.prompt)[1]]
+    values += [value for axis in axes if axis.kind == "blocks" for value in axis.values if value != NO_BLOCKS]
+    values = [value for value in values if value is not None]
+    if not values:
+        return
+    config = base_unet_config(args.base, config_dir=args.base_config, allow_pickle=args.allow_pickle)
+    for value in values if config else ():
+        BlockLayout.from_config(config).multipliers(value)
+
+
 def _next_number(folder: Path) -> int:
     if not folder.is_dir():
         return 0
@@ -128,6 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     precheck_request(request)
+    _check_block_weights(args, request)
     results = generate(_load_pipe(args), None, request)
     paths = output_paths(args.out, [r.params.seed for r in results], DEFAULT_IMAGES_DIR)
     for result, path in zip(results, paths):
@@ -147,6 +166,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     precheck_request(request)
     x_axis, y_axis = parse_axis(args.x), parse_axis(args.y) if args.y else None
+    _check_block_weights(args, request, [axis for axis in (x_axis, y_axis) if axis is not None])
     out = output_paths(args.out, [0], DEFAULT_GRIDS_DIR, suffix="grid")[0]
     result = xy_grid(_load_pipe(args), None, request, x_axis, y_axis, out_path=out)
     print(result.path)

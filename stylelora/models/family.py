@@ -78,6 +78,13 @@ def config_folder(spec: str, *, config_dir: str | None = None, allow_pickle: boo
     return _config_dir_folder(config_dir) if config_dir is not None else None
 
 
+def base_unet_config(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> dict | None:
+    """The UNet config of the base `spec`, from its config files (no weights); None for a single file without a
+    config folder."""
+    folder = config_folder(spec, config_dir=config_dir, allow_pickle=allow_pickle)
+    return None if folder is None else _folder_configs(folder)["unet"] or None
+
+
 def detect_family(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> str:
     """The family of the base `spec` (the --base forms), from config files only: no weights are loaded."""
     folder = config_folder(spec, config_dir=config_dir, allow_pickle=allow_pickle)
