@@ -3,8 +3,6 @@ each layer name is in, parsing and refusals, `--lora` and `<lora:...>` syntax an
 multiplier reaching exactly that block's layers, and a saved blend with block weights equal to the live one."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from gen_fixtures import load_tiny_base, make_adapter, pixels, tiny_pipeline
@@ -18,7 +16,7 @@ from stylelora.lora.inspect import format_inspect, inspect_adapter
 from stylelora.lora.sd15 import sd15_config
 from stylelora.lora.sdxl import sdxl_config
 from stylelora.lora.spec import AdapterSpec, parse_lora_arg
-from stylelora.models.load import TOY_BASE_DIR
+from stylelora.models.family import base_unet_config
 
 # The extension's lists (sd-webui-lora-block-weight, BLOCKID17/26 and BLOCKID12/20), written out as users read them.
 SD1_ATTENTION = "BASE,IN01,IN02,IN04,IN05,IN07,IN08,M00,OUT03,OUT04,OUT05,OUT06,OUT07,OUT08,OUT09,OUT10,OUT11"
@@ -135,8 +133,7 @@ def test_each_block_multiplier_reaches_exactly_that_blocks_layers(tiny_sd_base, 
 
 
 def test_a_saved_blend_with_block_weights_draws_the_live_image(tiny_sd_base, adapter, tmp_path):
-    toy_unet = json.loads((TOY_BASE_DIR / "unet" / "config.json").read_text())
-    assert BlockLayout.from_config(tiny_pipeline().unet.config) == BlockLayout.from_config(toy_unet)
+    assert BlockLayout.from_config(tiny_pipeline().unet.config) == BlockLayout.from_config(base_unet_config("toy"))
     specs = [AdapterSpec(adapter, 0.8, None, "1,0,1,1,0.5,1,1,0")]
     report = blend(specs, tmp_path / "lbw.safetensors", exact=True)
     assert "toy-style (unet 0.8, te 0.8, lbw=1,0,1,1,0.5,1,1,0)" in format_inspect(inspect_adapter(report.path))

@@ -110,8 +110,9 @@ def _check_block_weights(args: argparse.Namespace, request, axes=()) -> None:
     if not values:
         return
     config = base_unet_config(args.base, config_dir=args.base_config, allow_pickle=args.allow_pickle)
-    for value in values if config else ():
-        BlockLayout.from_config(config).multipliers(value)
+    layout = BlockLayout.from_config(config) if config else None
+    for value in values if layout else ():
+        layout.multipliers(value)
 
 
 def _next_number(folder: Path) -> int:

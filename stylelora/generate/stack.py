@@ -7,6 +7,7 @@ or reads them under a blend goes through `stack.lock` (`with stack.applied(specs
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,7 @@ from typing import Any
 from stylelora.generate import reading_dial
 from stylelora.lora import blend_modes
 from stylelora.lora.adapter_file import AdapterFile, AdapterFileError, read_adapter_file, weights_path
+from stylelora.lora.block_weights import BlockLayout
 from stylelora.lora.spec import AdapterSpec, as_specs
 
 STACK_ATTRIBUTE = "_stylelora_adapter_stack"
@@ -159,7 +161,6 @@ class AdapterStack:
         from stylelora.lora.components import pipeline_models
 
         self.models = pipeline_models(pipe)  # SDXL adds text_encoder_2
-        self._unet_config = dict(getattr(self.models.get("unet"), "config", None) or {})  # for block weights
         # split: each adapter reads the prompt with its trigger moved after the others' (generate.trigger_order)
         self.tokenizers = {"text_encoder": getattr(pipe, "tokenizer", None),
                            "text_encoder_2": getattr(pipe, "tokenizer_2", None)}
@@ -298,7 +299,7 @@ class AdapterStack:
         plan: dict[tuple[str, str], list] = {}
         for spec, adapter in zip(specs, adapters):
             identity = adapter.identity
-            blocks = self._block_multipliers(spec.blocks) if spec.blocks is not None else None
+            blocks = None if spec.blocks is None else self._block_layout.multiplier_of(spec.blocks)
             for key, factors in adapter.modules.items():
                 weight = spec.weight_for(key[0])
                 if blocks is not None and key[0] == "unet":
@@ -307,13 +308,10 @@ class AdapterStack:
                     plan.setdefault(key, []).append((identity, weight, factors))
         return plan
 
-    def _block_multipliers(self, text: str):
-        """path -> the `lbw=` multiplier of the UNet block the layer is in (1 outside the numbered blocks)."""
-        from stylelora.lora.block_weights import BlockLayout
-
-        layout = BlockLayout.from_config(self._unet_config)
-        by_block = layout.multipliers(text)
-        return lambda path: by_block.get(layout.block_of(path), 1.0)
+    @functools.cached_property
+    def _block_layout(self) -> BlockLayout:
+        """The UNet's blocks in A1111's numbering, for `lbw=` block weights (read from its config on first use)."""
+        return BlockLayout.from_config(self.models["unet"].config)
 
     def _layer_weight(self, key: tuple[str, str]):
         component, path = key

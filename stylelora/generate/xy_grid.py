@@ -111,7 +111,7 @@ def _adapter_path(value: str, request: GenerateRequest) -> Path | None:
     return resolve_adapter_name(value, request.adapters_dir)
 
 
-def _set_weights(specs: list[AdapterSpec], kind: str, value: float, target: Path | None) -> list[AdapterSpec]:
+def _set_weights(specs: list[AdapterSpec], kind: str, value: float | str, target: Path | None) -> list[AdapterSpec]:
     chosen = [s for s in specs if target is None or s.path.resolve() == target.resolve()]
     if not chosen:
         raise ValueError(f"A {kind} axis needs an adapter to act on: add --lora, an adapter axis, or fix its target.")

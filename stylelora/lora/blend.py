@@ -83,9 +83,9 @@ def _unet_layout_config(file) -> dict:
     from stylelora.lora.sdxl import sdxl_config
 
     if file.metadata.get("ss_stylelora_base_family") == "toy":
-        from stylelora.models.load import TOY_BASE_DIR
+        from stylelora.models.family import base_unet_config
 
-        return json.loads((TOY_BASE_DIR / "unet" / "config.json").read_text(encoding="utf-8"))
+        return base_unet_config("toy")
     architecture = adapter_architecture(file.state, file.metadata)
     if architecture.startswith(SDXL_ARCHITECTURE):
         return sdxl_config("unet")
@@ -100,9 +100,8 @@ def _block_multiplier(spec: AdapterSpec, file):
     """kohya module name -> the multiplier of `spec.blocks` for the UNet block it is in (1 where it has none)."""
     if spec.blocks is None:
         return lambda name: 1.0
-    layout = BlockLayout.from_config(_unet_layout_config(file))
-    by_block = layout.multipliers(spec.blocks)
-    return lambda name: by_block.get(layout.block_of(name), 1.0) if formats.module_component(name) == "unet" else 1.0
+    unet_multiplier = BlockLayout.from_config(_unet_layout_config(file)).multiplier_of(spec.blocks)
+    return lambda name: unet_multiplier(name) if formats.module_component(name) == "unet" else 1.0
 
 
 def _add_terms(terms: dict[str, ModuleTerms], modules: dict, spec: AdapterSpec, file) -> None:

@@ -9,13 +9,14 @@ the blocks it leaves out get 0, as the extension does (a LoRA on attention only 
 keep a style to the output blocks (`lbw=OUTALL`) so that it leaves a character's shape to the character's LoRA.
 
 Block numbers come from the UNet's config (down_block_types, layers_per_block), so the toy base and any other
-SD-architecture UNet get their own lists; `layout_text` prints them. Torch-free.
+SD-architecture UNet get their own lists; an `lbw=` value of the wrong length is refused with them. Torch-free.
 """
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import lru_cache
 from dataclasses import dataclass
 
 # The extension's default presets, 17 weights each (BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03 ... OUT11):
@@ -41,6 +42,7 @@ class BlockWeightError(ValueError):
     """An `lbw=` value cannot be used; the message says what to write instead."""
 
 
+@lru_cache(maxsize=256)  # a blend's plan asks once per text-encoder layer
 def parse_ratios(text: str) -> tuple[float, ...]:
     """The multipliers an `lbw=` value names: a preset (NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5)
     or comma-separated numbers, BASE first."""
@@ -141,6 +143,8 @@ class BlockLayout:
             f"lbw={text} gives {len(ratios)} weights{preset}, but this base's UNet takes {len(attention)} "
             f"({','.join(attention)}) or {len(every)} ({','.join(every)}).")
 
-    def layout_text(self) -> str:
-        return (f"{len(self.blocks(True))} weights: {','.join(self.blocks(True))}; "
-                f"or {len(self.blocks())}: {','.join(self.blocks())}")
+    def multiplier_of(self, text: str) -> Callable[[str], float]:
+        """UNet layer name (any form `block_of` reads) -> the `lbw=` value's multiplier for the block it is in; 1 for
+        layers outside the numbered blocks."""
+        by_block = self.multipliers(text)
+        return lambda name: by_block.get(self.block_of(name), 1.0)
