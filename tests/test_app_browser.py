@@ -77,6 +77,7 @@ def test_pick_two_adapters_set_weights_generate_and_see_the_image(app_url, page,
     set_number(page, "#unet-weight-0", "0.6")
     set_number(page, "#te-weight-0", "0.3")
     set_number(page, "#unet-weight-1", "-0.5")
+    page.locator("#blocks-1 textarea, #blocks-1 input").first.fill("1,0,0,1,1,1,1,1")  # A1111's lbw= for that row
     set_number(page, "#steps", "100")
     seed = page.locator("#seed input")
     seed.fill("5")
@@ -87,7 +88,8 @@ def test_pick_two_adapters_set_weights_generate_and_see_the_image(app_url, page,
     image = page.locator("#gallery img").first
     expect(image).to_be_visible(timeout=60_000)
     parameters = page.locator("#parameters textarea")
-    expect(parameters).to_have_value(re.compile(r"<lora:styles/stripes:te=0\.3:unet=0\.6> <lora:pastel:te=1:unet=-0\.5>"))
+    expect(parameters).to_have_value(re.compile(
+        r"<lora:styles/stripes:te=0\.3:unet=0\.6> <lora:pastel:te=1:unet=-0\.5:lbw=1,0,0,1,1,1,1,1>"))
     assert "Steps: 100" in parameters.input_value() and "Seed: 5" in parameters.input_value()
     assert image.evaluate("img => img.complete && img.naturalWidth") == 32  # the toy base's 32 px image loaded
     # Shown larger than its 32 px, scaled nearest-neighbour: crisp pixels, not a blur.

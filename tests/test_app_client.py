@@ -74,7 +74,8 @@ def test_generate_with_two_adapters_returns_pngs_with_their_parameters(app):
     assert downloaded[0].read_bytes() == saved.read_bytes()  # served as written, not re-encoded
     # The same picture the service (and so the CLI's generate()) makes for these settings.
     mix = (AdapterWeight("styles/stripes", 0.8, 0.5), AdapterWeight("pastel", 1.0, 1.0))
-    direct = service.generate(GenerateSettings(PROMPT, adapters=mix, steps=STEPS, seed=21))[0]
+    # Batch 2 as well: a UNet call differs by about 1e-6 between batch sizes (with one thread, a pixel can move).
+    direct = service.generate(GenerateSettings(PROMPT, adapters=mix, steps=STEPS, seed=21, batch_size=2))[0]
     from PIL import Image
 
     with Image.open(downloaded[0]) as image:
@@ -250,6 +251,11 @@ def test_endpoints_take_named_parameters(app):
     _, parameters = client.predict(prompt=PROMPT, seed=12, steps=2, adapters=["pastel"], te_weight_0=0.5,
                                    dial="reading", api_name="/generate")
     assert "Weight dial: reading" in parameters and "<lora:pastel:te=0.5:unet=1>" in parameters
+    # Each adapter row's block weights (A1111's lbw=), by name.
+    assert {"blocks_0", "blocks_3"} <= set(generate) and {"blocks_0", "dial"} <= set(names("/blend"))
+    _, parameters = client.predict(prompt=PROMPT, seed=12, steps=2, adapters=["pastel"], blocks_0="1,0,0,1,1,1,1,1",
+                                   api_name="/generate")
+    assert "<lora:pastel:1:lbw=1,0,0,1,1,1,1,1>" in parameters
 
 
 def test_limits_and_grid_axes_are_refused_with_the_limit_named(app):
@@ -363,20 +369,24 @@ def test_python_app_py_serves_on_localhost_by_default(tmp_path):
         process.wait(timeout=30)
 
 
-@pytest.mark.parametrize("previous, chosen, weights, expected", [
-    # a second adapter chosen: the first row keeps whatever its sliders show now (no value sent back), the new row 1
-    (["a"], ["a", "b"], [0.6, 0.3], [None, None, 1.0, 1.0]),
-    # the first adapter dropped: b moves up a row and takes its own weights with it
-    (["a", "b"], ["b"], [0.6, 0.3, -0.5, 1.0], [-0.5, 1.0, 1.0, 1.0]),
-    # nothing chosen any more: every row back to 1
-    (["a"], [], [0.6, 0.3], [1.0, 1.0, 1.0, 1.0]),
+@pytest.mark.parametrize("previous, chosen, weights, blocks, expected, expected_blocks", [
+    # a second adapter chosen: the first row keeps whatever it shows now (no value sent back), the new row 1 and no
+    # block weights
+    (["a"], ["a", "b"], [0.6, 0.3], ["OUTALL"], [None, None, 1.0, 1.0], [None, ""]),
+    # the first adapter dropped: b moves up a row and takes its own weights and block weights with it
+    (["a", "b"], ["b"], [0.6, 0.3, -0.5, 1.0], ["OUTALL", "INS"], [-0.5, 1.0, 1.0, 1.0], ["INS", ""]),
+    # nothing chosen any more: every row back to 1, no block weights
+    (["a"], [], [0.6, 0.3], ["OUTALL"], [1.0, 1.0, 1.0, 1.0], ["", ""]),
 ])
-def test_weight_rows_follow_the_chosen_adapters_and_never_undo_a_slider_move(previous, chosen, weights, expected):
+def test_adapter_rows_follow_the_chosen_adapters_and_never_undo_a_move(previous, chosen, weights, blocks, expected,
+                                                                       expected_blocks):
     from stylelora.app.ui import MAX_ADAPTER_ROWS, _show_rows
 
     sliders = (weights + [1.0] * 2 * MAX_ADAPTER_ROWS)[: 2 * MAX_ADAPTER_ROWS]
-    answer = _show_rows(chosen, previous, *sliders)
+    boxes = (blocks + [""] * MAX_ADAPTER_ROWS)[:MAX_ADAPTER_ROWS]
+    answer = _show_rows(chosen, previous, *sliders, *boxes)
     assert answer[0] == chosen
-    rows, values = answer[1:1 + MAX_ADAPTER_ROWS], answer[1 + MAX_ADAPTER_ROWS:]
+    rows, values = answer[1:1 + MAX_ADAPTER_ROWS], answer[1 + MAX_ADAPTER_ROWS:1 + 3 * MAX_ADAPTER_ROWS]
     assert [row["visible"] for row in rows] == [i < len(chosen) for i in range(MAX_ADAPTER_ROWS)]
     assert [update.get("value") for update in values[:4]] == expected
+    assert [update.get("value") for update in answer[1 + 3 * MAX_ADAPTER_ROWS:][:2]] == expected_blocks

@@ -163,6 +163,22 @@ def test_block_weights_in_a_prompt_tag_reach_the_image_and_its_png(service):
         service.generate(settings(prompt=PROMPT + " <lora:pastel:1:lbw=OUTALL>"))
 
 
+def test_block_weights_in_an_adapter_row_draw_what_the_prompt_tag_draws(service):
+    # The Generate tab's row box and the <lora:...:lbw=> tag are one setting: same image, same PNG text.
+    row = service.generate(settings(("pastel", 1.0, 1.0, "1,0,0,1,1,1,1,1")))[0]
+    tag = service.generate(settings(prompt=PROMPT + " <lora:pastel:1:lbw=1,0,0,1,1,1,1,1>"))[0]
+    assert numpy.array_equal(pixels(row), pixels(tag))
+    assert "<lora:pastel:1:lbw=1,0,0,1,1,1,1,1>" in row.parameters_text
+    with pytest.raises(AppError, match=r"Block weights of pastel: lbw=1,x.*neither a number nor a preset"):
+        service.generate(settings(("pastel", 1.0, 1.0, "1,x")))
+    with pytest.raises(ValueError, match=r"Block weights of pastel: lbw=OUTALL gives 17 weights"):
+        service.generate(settings(("pastel", 1.0, 1.0, "OUTALL")))
+    # Saved as a blend, the row's block weights are baked in: the file draws the live (summed) image.
+    saved = service.blend((AdapterWeight("pastel", 1.0, 1.0, "0.5,0,0,1,1,1,1,1"),), "pastel-out", base="toy")
+    live = pixels(service.generate(settings(("pastel", 1.0, 1.0, "0.5,0,0,1,1,1,1,1")))[0]).astype(int)
+    assert numpy.abs(live - pixels(service.generate(settings((saved.name, 1.0)))[0]).astype(int)).max() <= 2
+
+
 def test_progress_is_reported_step_by_step(service):
     reports = []
     service.generate(settings(("pastel", 1.0)), progress=lambda done, total: reports.append((done, total)))

@@ -159,6 +159,37 @@ def test_blend_refuses_block_weights_where_the_family_is_unknown(tmp_path):
         blend([AdapterSpec(unknown, 1.0, None, "OUTALL")], tmp_path / "out.safetensors", exact=True)
 
 
+def test_blend_base_numbers_the_blocks_of_a_file_of_unknown_family(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from stylelora.cli import main
+
+    unknown = make_adapter(tmp_path / "custom.safetensors", 3)
+    out = tmp_path / "out.safetensors"
+    # The tiny adapters' UNet has the toy base's blocks: --base toy numbers them (input blocks off, BASE 0.5).
+    assert main(["blend", f"{unknown}:1:lbw=0.5,0,0,1,1,1,1,1", "--out", str(out), "--base", "toy"]) == 0
+    source, blended = load_file(unknown), load_file(out)
+
+    def delta(state, module):
+        scale = float(state[f"{module}.alpha"]) / state[f"{module}.lora_down.weight"].shape[0]
+        up, down = state[f"{module}.lora_up.weight"], state[f"{module}.lora_down.weight"]
+        return scale * up.flatten(1) @ down.flatten(1)
+
+    modules = {key.rsplit(".", 2)[0] for key in source if key.endswith("lora_down.weight")}
+    kept = {key.rsplit(".", 2)[0] for key in blended if key.endswith("lora_down.weight")}
+    assert {m for m in modules if m.startswith("lora_unet_down_blocks")} and not {
+        m for m in kept if m.startswith("lora_unet_down_blocks")}  # IN01 and IN03 at 0: left out
+    for module in kept:
+        ratio = 0.5 if module.startswith("lora_te") else 1.0
+        assert torch.allclose(delta(blended, module), ratio * delta(source, module), atol=1e-6), module
+    single = tmp_path / "base.safetensors"
+    single.write_bytes(b"")
+    capsys.readouterr()
+    assert main(["blend", f"{unknown}:1:lbw=OUTALL", "--out", str(tmp_path / "x.safetensors"), "--base",
+                 str(single)]) != 0
+    assert "single file without a config folder" in capsys.readouterr().err
+
+
 def test_block_weights_reach_the_split_blend_too(tiny_sd_base, adapter, tmp_path):
     other = make_adapter(tmp_path / "other.safetensors", 8, trigger="pastel")
     pipe = load_tiny_base(tiny_sd_base)

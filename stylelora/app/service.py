@@ -88,11 +88,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class AdapterWeight:
-    """One adapter of a blend, by name inside the adapters folder, with its UNet and text-encoder weights."""
+    """One adapter of a blend, by name inside the adapters folder, with its UNet and text-encoder weights and its
+    block weights as A1111's LoRA Block Weight writes them (stylelora.lora.block_weights; None: every block at 1)."""
 
     name: str
     unet: float = 1.0
     te: float | None = None  # None: the UNet weight
+    blocks: str | None = None
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,7 @@ class AppService:
 
     def specs(self, adapters: Sequence[AdapterWeight]):
         """AdapterSpecs for the blend, every name resolved inside the adapters folder."""
+        from stylelora.lora.block_weights import BlockWeightError
         from stylelora.lora.spec import AdapterSpec
 
         if len(adapters) > MAX_ADAPTERS:
@@ -338,8 +341,11 @@ class AppService:
                 if weight is not None and not (math.isfinite(weight) and abs(weight) <= WEIGHT_LIMIT):
                     raise AppError(f"The {label} weight of {adapter.name} must be between -{WEIGHT_LIMIT:g} and "
                                    f"{WEIGHT_LIMIT:g} (got {weight}).")
-            specs.append(AdapterSpec(self.adapter_path(adapter.name), float(adapter.unet),
-                                     None if adapter.te is None else float(adapter.te)))
+            try:
+                specs.append(AdapterSpec(self.adapter_path(adapter.name), float(adapter.unet),
+                                         None if adapter.te is None else float(adapter.te), adapter.blocks))
+            except BlockWeightError as error:
+                raise AppError(f"Block weights of {adapter.name}: {error}") from None
         return tuple(specs)
 
     # ------------------------------------------------------------------ base models
@@ -523,9 +529,10 @@ class AppService:
 
     def blend(self, adapters: Sequence[AdapterWeight], name: str, rank: int | None = None,
               fp16: bool = False, overwrite: bool = False, blend_mode: str | None = None,
-              dial: str | None = None) -> BlendResult:
+              dial: str | None = None, base: str | None = None) -> BlendResult:
         """Save the mix as blends/NAME.safetensors: exact (rank None) or truncated to `rank` by SVD. dial: the
-        Generate tab's Weight dial, which a file cannot hold unless its weights draw the same either way."""
+        Generate tab's Weight dial, which a file cannot hold unless its weights draw the same either way. base: the
+        Generate tab's base, whose UNet blocks the mix's block weights number (None: the files' family's)."""
         from stylelora.generate.reading_dial import check_savable
         from stylelora.lora.blend import blend
         from stylelora.share import write_bundle
@@ -543,12 +550,29 @@ class AppService:
             import torch
 
             dtype = torch.float16
-        report = blend(specs, out, rank=int(rank) if rank else None, dtype=dtype, blend_mode=blend_mode)
+        report = blend(specs, out, rank=int(rank) if rank else None, dtype=dtype, blend_mode=blend_mode,
+                       unet_config=self._blocks_config(base, specs))
         # A1111's NAME.json sidecar and the model card, always NAME.md: blends/ holds many adapters, and delete and
         # rename carry NAME.md with the file (a README.md would outlive the blend it describes).
         write_bundle(out, preview=None, card=out.with_suffix(".md"))
         saved = out.relative_to(self.adapters_dir).with_suffix("").as_posix()
         return BlendResult(saved, out, report.summary())
+
+    def _blocks_config(self, base: str | None, specs) -> dict | None:
+        """The UNet config of the base a mix with block weights is drawn on: the loaded model's, else its files'."""
+        if base is None or all(spec.blocks is None for spec in specs):
+            return None
+        self._check_base(base)
+        with self._load_lock:
+            loaded = self._pipes.get(base)
+        if loaded is None:
+            from stylelora.models.family import base_unet_config
+
+            config = base_unet_config(base)
+            if config is not None:
+                return config
+            loaded = self.pipeline(base)  # a single file: its blocks are known once it loads
+        return dict(loaded.unet.config)
 
     # ------------------------------------------------------------------ training data
 

@@ -126,14 +126,17 @@ def _named(widgets: Sequence, names: dict | None = None) -> dict:
     return named
 
 
-def mix_from_values(chosen: Sequence[str] | None, weights: Sequence[float]) -> tuple[AdapterWeight, ...]:
-    """The chosen adapters with the weights of their rows ([unet0, te0, unet1, te1, ...]); more adapters than
-    rows are refused, not dropped."""
+def mix_from_values(chosen: Sequence[str] | None, weights: Sequence[float],
+                    blocks: Sequence[str | None] = ()) -> tuple[AdapterWeight, ...]:
+    """The chosen adapters with the weights of their rows ([unet0, te0, unet1, te1, ...]) and the rows' block
+    weights (an empty box: none); more adapters than rows are refused, not dropped."""
     chosen = list(chosen or [])
     if len(chosen) > MAX_ADAPTER_ROWS:
         raise AppError(f"At most {MAX_ADAPTER_ROWS} adapters can be blended at once (got {len(chosen)}): remove "
                        f"{len(chosen) - MAX_ADAPTER_ROWS}, or save a blend of some of them first (Blend tab).")
-    return tuple(AdapterWeight(name, float(weights[2 * i]), float(weights[2 * i + 1])) for i, name in enumerate(chosen))
+    blocks = [(text or "").strip() or None for text in blocks] + [None] * len(chosen)
+    return tuple(AdapterWeight(name, float(weights[2 * i]), float(weights[2 * i + 1]), blocks[i])
+                 for i, name in enumerate(chosen))
 
 
 class GenerateInputs:
@@ -155,14 +158,17 @@ class GenerateInputs:
         with gr.Accordion("Add an adapter: upload a .safetensors file", open=False):
             self.upload = gr.File(label="Adapter file (.safetensors)", file_types=[".safetensors"],
                                   type="filepath", elem_id="upload")
-        self.rows, self.weights = [], []
+        self.rows, self.weights, self.blocks = [], [], []
         for i in range(MAX_ADAPTER_ROWS):
             with gr.Row(visible=False, elem_id=f"adapter-row-{i}") as row:
                 unet = _lenient(gr.Slider(-2, 2, value=1, step=0.05, label="UNet weight", elem_id=f"unet-weight-{i}"))
                 te = _lenient(gr.Slider(-2, 2, value=1, step=0.05, label="Text-encoder weight",
                                         elem_id=f"te-weight-{i}"))
+                blocks = gr.Textbox("", label="Block weights (lbw=)", elem_id=f"blocks-{i}", max_lines=1,
+                                    placeholder="empty: all 1; a preset (OUTALL) or BASE,IN..,M..,OUT.. numbers")
             self.rows.append(row)
             self.weights += [unet, te]
+            self.blocks.append(blocks)
         self.prompt = gr.Textbox(label="Prompt", lines=2, value="a red circle on a white background",
                                  placeholder="may carry <lora:name:weight> tags (:lbw= for block weights)",
                                  elem_id="prompt")
@@ -196,9 +202,9 @@ class GenerateInputs:
 
     @property
     def settings_inputs(self) -> list:
-        """Widgets in the order `settings()` reads them."""
+        """Widgets in the order `settings()` reads them (the later ones last: positional API calls keep their order)."""
         return [self.base, self.chosen, *self.weights, self.prompt, self.negative, self.steps, self.cfg,
-                self.sampler, self.seed, self.size, self.batch, self.blend_mode, self.dial]
+                self.sampler, self.seed, self.size, self.batch, self.blend_mode, self.dial, *self.blocks]
 
     @staticmethod
     def settings(values: Sequence) -> GenerateSettings:
@@ -206,8 +212,9 @@ class GenerateInputs:
         weights = values[2:2 + 2 * MAX_ADAPTER_ROWS]
         prompt, negative, steps, cfg, sampler, seed, size, batch, *choices = values[2 + 2 * MAX_ADAPTER_ROWS:]
         mode, dial = (list(choices) + [None, None])[:2]  # older API clients send neither
+        blocks = choices[2:2 + MAX_ADAPTER_ROWS]
         return GenerateSettings(
-            prompt=prompt or "", negative_prompt=negative or "", adapters=mix_from_values(chosen, weights),
+            prompt=prompt or "", negative_prompt=negative or "", adapters=mix_from_values(chosen, weights, blocks),
             base=base, steps=int(steps), cfg=float(cfg), sampler=None if sampler == DEFAULT_SAMPLER else sampler,
             seed=-1 if seed is None else int(seed), size=size or "native", batch_size=int(batch),
             blend_mode=mode or None, dial=dial or None,
@@ -455,30 +462,35 @@ def train_settings(data, name, base, overwrite, option_keys: Sequence[str], opti
 # ----------------------------------------------------------------------------- events
 
 
-def _show_rows(chosen, previous, *weights):
-    """One weight row per chosen adapter; an adapter that stays chosen keeps its weights. A row whose adapter did not
-    change gets no new value at all: this answer can arrive after the user has moved that row's sliders (a busy
-    server), and sending back the values read when the choice changed would undo the move."""
+def _show_rows(chosen, previous, *values):
+    """One row per chosen adapter (values: its weights [unet0, te0, unet1, te1, ...], then each row's block
+    weights); an adapter that stays chosen keeps its row's values. A row whose adapter did not change gets no new
+    value at all: this answer can arrive after the user has moved that row's sliders (a busy server), and sending
+    back the values read when the choice changed would undo the move."""
     chosen = list(chosen or [])[:MAX_ADAPTER_ROWS]
     previous = list(previous or [])
-    old = {name: weights[2 * i:2 * i + 2] for i, name in enumerate(previous)}
-    rows, sliders = [], []
+    weights, blocks = values[:2 * MAX_ADAPTER_ROWS], list(values[2 * MAX_ADAPTER_ROWS:]) + [""] * MAX_ADAPTER_ROWS
+    old = {name: (*weights[2 * i:2 * i + 2], blocks[i]) for i, name in enumerate(previous)}
+    rows, sliders, boxes = [], [], []
     for i in range(MAX_ADAPTER_ROWS):
         name = chosen[i] if i < len(chosen) else None
         rows.append(gr.update(visible=name is not None))
         if name is not None and i < len(previous) and previous[i] == name:
             sliders += [gr.update(), gr.update()]
+            boxes.append(gr.update())
             continue
-        unet, te = old.get(name, (1.0, 1.0))
+        unet, te, lbw = old.get(name, (1.0, 1.0, ""))
         sliders += [gr.update(value=unet, label=f"{name} · UNet weight" if name else "UNet weight"),
                     gr.update(value=te, label=f"{name} · text-encoder weight" if name else "TE weight")]
-    return [chosen, *rows, *sliders]
+        boxes.append(gr.update(value=lbw or ""))
+    return [chosen, *rows, *sliders, *boxes]
 
 
 def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterLists) -> None:
     inputs = tab.inputs
-    inputs.chosen.change(_show_rows, [inputs.chosen, tab.previous_chosen, *inputs.weights],
-                         [tab.previous_chosen, *inputs.rows, *inputs.weights], api_visibility="private")
+    inputs.chosen.change(_show_rows, [inputs.chosen, tab.previous_chosen, *inputs.weights, *inputs.blocks],
+                         [tab.previous_chosen, *inputs.rows, *inputs.weights, *inputs.blocks],
+                         api_visibility="private")
 
     def on_generate(progress=gr.Progress(), **values):
         saved = service.generate(GenerateInputs.settings(list(values.values())),
@@ -538,34 +550,42 @@ def _wire_compare(service: AppService, inputs: GenerateInputs, tab: SimpleNamesp
     tab.stop.click(None, None, None, cancels=[event], api_visibility="private")
 
 
-def _describe_mix(chosen, *weights):
+def _describe_mix(chosen, *values):
+    """The Blend tab's view of the mix (values: the rows' weights, then their block weights)."""
     try:
-        mix = mix_from_values(chosen, weights)
+        mix = mix_from_values(chosen, values[:2 * MAX_ADAPTER_ROWS], values[2 * MAX_ADAPTER_ROWS:])
     except AppError as error:
         return html.escape(str(error))
     if not mix:
         return "No adapters chosen: pick some in the Generate tab."
-    return "Current mix: " + ", ".join(f"**{html.escape(m.name)}** (UNet {m.unet:g}, TE {m.te:g})" for m in mix)
+    return "Current mix: " + ", ".join(
+        f"**{html.escape(m.name)}** (UNet {m.unet:g}, TE {m.te:g}{f', lbw={html.escape(m.blocks)}' if m.blocks else ''})"
+        for m in mix)
 
 
 def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespace, lists: AdapterLists) -> None:
-    for widget in [inputs.chosen, *inputs.weights]:
-        widget.change(_describe_mix, [inputs.chosen, *inputs.weights], tab.mix_view, api_visibility="private")
-    count = len(tab.options)
+    mix_widgets = [inputs.chosen, *inputs.weights, *inputs.blocks]
+    for widget in mix_widgets:
+        widget.change(_describe_mix, mix_widgets, tab.mix_view, api_visibility="private")
+    count, rows = len(tab.options), 2 * MAX_ADAPTER_ROWS
 
     def on_blend(**values):
-        chosen, *values, dial = list(values.values())  # the dial last: positional API calls keep their order
-        weights, (name, mode, rank, fp16, overwrite, blend_mode) = values[:-count], values[-count:][:6]
-        result = service.blend(mix_from_values(chosen, weights), name, rank=int(rank) if mode == "rank" else None,
-                               fp16=bool(fp16), overwrite=bool(overwrite), blend_mode=blend_mode or None,
-                               dial=dial or None)
+        # The dial, the block weights and the base last: positional API calls keep their order.
+        chosen, *values = list(values.values())
+        weights, options, dial, blocks = values[:rows], values[rows:rows + count], values[rows + count], \
+            values[rows + count + 1:]
+        name, mode, rank, fp16, overwrite, blend_mode = options[:6]
+        blocks, base = blocks[:MAX_ADAPTER_ROWS], (blocks[MAX_ADAPTER_ROWS:] or [None])[0]
+        result = service.blend(mix_from_values(chosen, weights, blocks), name,
+                               rank=int(rank) if mode == "rank" else None, fp16=bool(fp16), overwrite=bool(overwrite),
+                               blend_mode=blend_mode or None, dial=dial or None, base=base or None)
         return f"saved {result.name}\n{result.summary}", *lists.refreshed(chosen, result.name)
 
     names = {id(widget): key for widget, key in zip(tab.options,
                                                     ["name", "mode", "rank", "fp16", "overwrite", "blend_mode"])}
-    tab.button.click(_shown(service, on_blend),
-                     inputs_kwargs=_named([inputs.chosen, *inputs.weights, *tab.options, inputs.dial], names),
-                     outputs=[tab.report, *lists.widgets], api_name="blend")
+    tab.button.click(_shown(service, on_blend), inputs_kwargs=_named(
+        [inputs.chosen, *inputs.weights, *tab.options, inputs.dial, *inputs.blocks, inputs.base], names),
+        outputs=[tab.report, *lists.widgets], api_name="blend")
 
 
 def _wire_adapters(service: AppService, tab: SimpleNamespace, lists: AdapterLists) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from stylelora.generate import reading_dial
 from stylelora.lora import blend_modes
 from stylelora.lora.adapter_file import AdapterFile, AdapterFileError, read_adapter_file, weights_path
-from stylelora.lora.block_weights import BlockLayout
+from stylelora.lora.block_weights import BlockLayout, BlockWeightError
 from stylelora.lora.spec import AdapterSpec, as_specs
 
 STACK_ATTRIBUTE = "_stylelora_adapter_stack"
@@ -299,7 +299,7 @@ class AdapterStack:
         plan: dict[tuple[str, str], list] = {}
         for spec, adapter in zip(specs, adapters):
             identity = adapter.identity
-            blocks = None if spec.blocks is None else self._block_layout.multiplier_of(spec.blocks)
+            blocks = None if spec.blocks is None else self._multiplier_of(spec)
             for key, factors in adapter.modules.items():
                 weight = spec.weight_for(key[0])
                 if blocks is not None and key[0] == "unet":
@@ -307,6 +307,12 @@ class AdapterStack:
                 if weight != 0.0:
                     plan.setdefault(key, []).append((identity, weight, factors))
         return plan
+
+    def _multiplier_of(self, spec: AdapterSpec):
+        try:
+            return self._block_layout.multiplier_of(spec.blocks)
+        except BlockWeightError as error:
+            raise BlockWeightError(f"Block weights of {spec.name}: {error}") from None
 
     @functools.cached_property
     def _block_layout(self) -> BlockLayout:

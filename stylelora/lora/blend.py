@@ -96,16 +96,19 @@ def _unet_layout_config(file) -> dict:
                            "the base is loaded.")
 
 
-def _block_multiplier(spec: AdapterSpec, file):
-    """kohya module name -> the multiplier of `spec.blocks` for the UNet block it is in (1 where it has none)."""
+def _block_multiplier(spec: AdapterSpec, file, unet_config: dict | None):
+    """kohya module name -> the multiplier of `spec.blocks` for the UNet block it is in (1 where it has none), on
+    `unet_config`'s blocks (None: those of the file's family)."""
     if spec.blocks is None:
         return lambda name: 1.0
-    unet_multiplier = BlockLayout.from_config(_unet_layout_config(file)).multiplier_of(spec.blocks)
+    layout = BlockLayout.from_config(unet_config or _unet_layout_config(file))
+    unet_multiplier = layout.multiplier_of(spec.blocks)
     return lambda name: unet_multiplier(name) if formats.module_component(name) == "unet" else 1.0
 
 
-def _add_terms(terms: dict[str, ModuleTerms], modules: dict, spec: AdapterSpec, file) -> None:
-    file_name, block_multiplier = file.path.name, _block_multiplier(spec, file)
+def _add_terms(terms: dict[str, ModuleTerms], modules: dict, spec: AdapterSpec, file,
+               unet_config: dict | None = None) -> None:
+    file_name, block_multiplier = file.path.name, _block_multiplier(spec, file, unet_config)
     for name, parts in modules.items():
         weight = spec.weight_for(formats.module_component(name)) * block_multiplier(name)
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
@@ -189,7 +192,7 @@ def _read_inputs(specs):
 
 def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bool = False,
           dtype: Any = None, blend_mode: str | None = None, license: str | None = None,
-          thumbnail: str | None = None) -> BlendReport:
+          thumbnail: str | None = None, unet_config: dict | None = None) -> BlendReport:
     """Write the weighted blend of `specs` (AdapterSpecs or "FILE:W[:TE_W]") to `out_path` in kohya format.
 
     exact=True (or no rank): reproduces the live blend (sum: concatenated ranks). rank=R: truncated SVD at rank R.
@@ -197,6 +200,8 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     (None: blend_modes.DEFAULT_FILE_MODE, the sum); a mode that cannot be a static file is refused with the reason.
     license: modelspec.license (None: the inputs' license when they all share one, else "unspecified").
     thumbnail: modelspec.thumbnail, a data-URI image (share.thumbnail_data_uri).
+    unet_config: the UNet config of the base the blend is for, whose blocks `lbw=` block weights number (None: the
+    published layout of the files' family; a file of no known family then refuses block weights).
     """
     import torch
 
@@ -213,7 +218,7 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     files = _read_inputs(specs)
     terms: dict[str, ModuleTerms] = {}
     for spec, file in zip(specs, files):
-        _add_terms(terms, _group_modules(file.state, file.path.name), spec, file)
+        _add_terms(terms, _group_modules(file.state, file.path.name), spec, file, unet_config)
     state, errors, ranks = {}, {}, {}
     for name, entry in terms.items():
         if not entry.up_terms:

@@ -30,6 +30,10 @@ def add_lora_parsers(subparsers) -> None:
                             "and as the file's thumbnail")
     blend.add_argument("--license", help="license named in the file and the model card (default: the inputs' "
                                          "license when they share one, else unspecified)")
+    blend.add_argument("--base", metavar="BASE",
+                       help="with lbw= block weights: the base whose UNet blocks they number, read from its config "
+                            "files (hub id, diffusers folder, single file, or toy; default: the published layout of "
+                            "the adapters' family)")
     blend.add_argument("--json", action="store_true", help="print the report as JSON")
     blend.set_defaults(handler=cmd_blend)
 
@@ -60,7 +64,7 @@ def cmd_blend(args: argparse.Namespace) -> int:
                                 f"{args.out}`, then blend again with --preview")
     report = blend(specs, args.out, rank=args.rank, exact=args.exact, dtype=torch.float16 if args.fp16 else None,
                    blend_mode=args.blend_mode, license=args.license,
-                   thumbnail=thumbnail_data_uri(preview) if preview else None)
+                   thumbnail=thumbnail_data_uri(preview) if preview else None, unet_config=_blocks_config(args, specs))
     bundle = write_bundle(report.path, preview=preview)
     if args.json:
         print(json.dumps({"path": str(report.path), "mode": report.mode, "rank": report.rank,
@@ -73,6 +77,19 @@ def cmd_blend(args: argparse.Namespace) -> int:
         print("share bundle: " + ", ".join(path.name for path in bundle))
         print(report.path)
     return 0
+
+
+def _blocks_config(args: argparse.Namespace, specs) -> dict | None:
+    """The UNet config --base names, where block weights need one; a single file without a config folder says so."""
+    if args.base is None or all(spec.blocks is None for spec in specs):
+        return None
+    from stylelora.models.family import base_unet_config
+
+    config = base_unet_config(args.base)
+    if config is None:
+        raise ValueError(f"--base {args.base}: a single file without a config folder; its UNet blocks are numbered "
+                         "when it loads, so apply the block weights at generation (--lora FILE:W:lbw=...).")
+    return config
 
 
 @report_user_errors(user_errors)
