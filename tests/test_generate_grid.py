@@ -33,6 +33,19 @@ def test_cell_requests(world):
         cell_request(GenerateRequest("x"), [(weight, 0.5)])
 
 
+@pytest.mark.parametrize("prompt, loras, labels", [
+    ("x", (), ["base", "a"]),  # the adapter axis alone: the base, then each adapter
+    ("x", ("b",), ["none added", "+a"]),  # beside --lora b: what each cell adds to b
+    ("x <lora:b:1>", (), ["none added", "+a"]),  # beside a prompt tag too
+])
+def test_adapter_axis_labels_say_what_a_cell_adds(world, prompt, loras, labels):
+    from stylelora.generate.xy_grid import has_adapters
+
+    axis = parse_axis(f"adapter=none,{world['a']}")
+    request = GenerateRequest(prompt, loras=tuple(AdapterSpec(world[name]) for name in loras))
+    assert [axis.label(value, added=has_adapters(request)) for value in axis.values] == labels
+
+
 @pytest.mark.parametrize("text", ["weight", "color=1,2", "seed=a", "seed=", "dial=knob", "blocks=ALL,OUTALL"])
 def test_bad_axes_are_refused(text):
     with pytest.raises(ValueError):

@@ -51,9 +51,12 @@ class XYAxis:
         """The values as the grid's PNG records them: "; " between block-weight values, which hold commas."""
         return ("; " if self.kind == "blocks" else ", ").join(map(str, self.values))
 
-    def label(self, value: Any) -> str:
+    def label(self, value: Any, *, added: bool = False) -> str:
+        """The value's row or column label; added: the adapter axis adds to adapters every cell has already."""
         if self.kind == "adapter":
-            return Path(value).stem if value != NO_ADAPTER else "base"
+            if value == NO_ADAPTER:
+                return "none added" if added else "base"
+            return f"+{Path(value).stem}" if added else Path(value).stem
         return f"{LABELS[self.kind]} {format_weight(value) if isinstance(value, float) else value}"
 
 
@@ -148,6 +151,13 @@ def cell_request(request: GenerateRequest, axes: list[tuple[XYAxis, Any]]) -> Ge
     return replace(request, loras=tuple(specs), batch_size=1, **changes)
 
 
+def has_adapters(request: GenerateRequest) -> bool:
+    """Whether every cell has adapters before an adapter axis adds one (--lora flags or <lora:...> tags)."""
+    from stylelora.generate.prompt_tags import parse_prompt
+
+    return bool(request.loras) or bool(parse_prompt(request.prompt)[1])
+
+
 def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxis | None = None, *,
             out_path: str | os.PathLike | None = None, progress: ProgressCallback | None = None) -> XYGridResult:
     """Generate every cell (rows: y values, columns: x values) and tile them with labels into one PNG."""
@@ -165,10 +175,10 @@ def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxi
         images += generate(pipe, stack, cell_request(request, axes))
         if progress:
             progress(index + 1, len(cells))
-    scale = 3 if images[0].image.width <= 64 else 1
+    scale, added = 3 if images[0].image.width <= 64 else 1, has_adapters(request)
     grid = make_grid([g.image for g in images], len(x.values), scale=scale,
-                     column_labels=[x.label(v) for v in x.values],
-                     row_labels=[y.label(v) for v in y.values] if y is not None else None)
+                     column_labels=[x.label(v, added=added) for v in x.values],
+                     row_labels=[y.label(v, added=added) for v in y.values] if y is not None else None)
     path = None
     if out_path is not None:
         params = images[0].params
