@@ -186,6 +186,13 @@ class TrainSection:
                                         "adapter still acts when a prompt names other adapters' triggers too "
                                         "(0 = captions as written)",
                                   example="0.25")
+    # Off by default: on the toy base it keeps pastel on beside coined triggers (0.03 -> 1.00 of its prompts with
+    # `inkstyle, ` before them) but costs it beside the character (pastel+zorb 0.79 -> 0.33). docs/results.md, "A style
+    # the defaults were never tuned on".
+    made_up_company: bool = option(False, "make half of the company words made-up words, as other adapters' coined "
+                                          "triggers are, so the adapter still acts when a prompt holds a trigger its "
+                                          "base never saw (a trigger-free copy with such a word is trained toward "
+                                          "the base)")
     # Per base family (stylelora.presets): the toy base 0.2, measured (it keeps a soft style beside another adapter's
     # text encoder: toy stripes+pastel 0.10 -> 0.73); real bases 0 until measured on their text encoders, whose
     # hidden states have another scale. docs/results.md "Blending".

@@ -111,3 +111,20 @@ def test_company_words_are_the_decoys_the_base_reads_least():
     assert len(quiet) == len(pool) // 2 and set(quiet) < set(pool)
     assert not {"circle", "square", "star", "triangle", "and", "stripestyle", "pastelstyle"} & set(quiet)
     assert company_words(encode, tokenizer, captions, ("zorb",), pool) == quiet  # same pool, same words
+
+
+def test_made_up_company_words_are_coined_words_the_tokenizer_splits():
+    """Another adapter's trigger is most often a coined word the base's tokenizer splits into pieces; company holds
+    such words too, the same ones on every run, none of them a caption word or trigger."""
+    from transformers import CLIPTokenizer
+
+    from stylelora.models.load import TOY_BASE_DIR
+    from stylelora.train.preservation import made_up_words
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE_DIR / "tokenizer")
+    words = made_up_words(tokenizer, {"zorb", "red", "circle"})
+    assert len(words) == 64 and words == tuple(sorted(words)) and len(set(words)) == 64
+    assert words == made_up_words(tokenizer, {"zorb", "red", "circle"})  # resume draws from the same pool
+    assert all(len(tokenizer.tokenize(word)) >= 2 and word.isalpha() for word in words)
+    assert any(word.endswith("style") for word in words) and any(not word.endswith(("style", "art")) for word in words)
+    assert not set(made_up_words(tokenizer, set(words[:10]))) & set(words[:10])  # taken words are never coined

@@ -255,6 +255,25 @@ def test_company_changes_what_the_adapted_pass_reads_but_copies_come_from_the_ca
     assert adapted[5:] == ["a red circle", "a on gray"] and ("base", ["a red circle", "a on gray"]) in seen
 
 
+def test_made_up_company_words_stay_in_the_copies_and_reach_the_base_pass():
+    # A coined word beside the trigger is trained toward the data; the trigger-free copy starts with it and is
+    # trained toward the base, so the word alone (another adapter's coined trigger) does not turn the adapter on.
+    data = {"latents": torch.randn(5, 4, 8, 8), "caption": CAPTIONS}
+    models, seen = preserving_models(AdapterUNet(base=0.2, lora=0.3))
+    models.decoys, models.company = ("meadow",), ("kitaru",)  # company words outside the decoys are the coined ones
+    settings = {"train.preserve_decoys": 0.0, "train.decoy_company": 1.0}
+    loss_step(data, models, scheduler(), config(**settings, **{"train.made_up_company": True}),
+              torch.Generator().manual_seed(4))
+    copies = ["kitaru, a red circle", "kitaru, a on gray"]
+    assert ("base", copies) in seen
+    adapted = next(captions for captions in seen if isinstance(captions, list))
+    assert adapted[5:] == copies and all("kitaru" in adapted[i].split(", ") and "sks" in adapted[i] for i in (0, 2))
+    models, seen = preserving_models(AdapterUNet(base=0.2, lora=0.3))
+    models.decoys, models.company = ("meadow",), ("kitaru",)
+    loss_step(data, models, scheduler(), config(**settings), torch.Generator().manual_seed(4))
+    assert ("base", ["a red circle", "a on gray"]) in seen  # off (the default): the copies as written
+
+
 def test_an_adapter_equal_to_the_base_pays_no_preservation_loss():
     data = {"latents": torch.randn(5, 4, 8, 8), "caption": CAPTIONS}
     losses = []

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -43,7 +44,7 @@ from stylelora.train.logs import RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, optimizer_class
-from stylelora.train.preservation import company_words, decoy_words
+from stylelora.train.preservation import company_words, decoy_words, made_up_words
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
 from stylelora.train.step import loss_step, prediction_type
 
@@ -459,9 +460,15 @@ def _decoys(config: TrainConfig, data: DataPlan, tokenizer) -> tuple[str, ...]:
 def _company(config: TrainConfig, data: DataPlan, pipe, decoys: tuple[str, ...]) -> tuple[str, ...]:
     if config.train.decoy_company <= 0 or not decoys:
         return ()
+    captions = [item.caption for item in data.items]
     encode = text_encode_fn(pipe.text_encoder, pipe.tokenizer, next(pipe.text_encoder.parameters()).device)
     with adapters_disabled(pipe.text_encoder):  # the base's reading of each word, whatever the LoRA holds
-        return company_words(encode, pipe.tokenizer, [item.caption for item in data.items], data.triggers, decoys)
+        quiet = company_words(encode, pipe.tokenizer, captions, data.triggers, decoys)
+    if not config.train.made_up_company:
+        return quiet
+    # As many made-up words as quiet ones: what another adapter's trigger most often is (preservation.made_up_words).
+    taken = {word for text in [*captions, *data.triggers] for word in re.findall(r"[a-z]+", text.lower())}
+    return quiet + made_up_words(pipe.tokenizer, taken, count=len(quiet))
 
 
 def describe_run(run: Run, start_step: int) -> str:
@@ -505,10 +512,15 @@ def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoy
         decoy_note = "no decoy words (--preserve-decoys 0)"
     company = ""
     if company_pool:  # empty unless --decoy-company is on (_company)
-        more = " …" if len(company_pool) > COMPANY_WORDS_SHOWN else ""
-        shown = ", ".join(company_pool[:COMPANY_WORDS_SHOWN]) + more
-        company = (f"; {config.train.decoy_company:.0%} of the samples with one of the {len(company_pool)} decoy "
-                   f"words the base reads least beside the trigger ({shown})")
+        if config.train.made_up_company:  # the pool is the quiet vocabulary words, then as many made-up ones
+            half = COMPANY_WORDS_SHOWN // 2
+            shown = ", ".join(company_pool[:half]) + ", …, " + ", ".join(company_pool[-half:])
+            kind = "words: decoys the base reads least and made-up words"
+        else:
+            more = " …" if len(company_pool) > COMPANY_WORDS_SHOWN else ""
+            shown, kind = ", ".join(company_pool[:COMPANY_WORDS_SHOWN]) + more, "decoy words the base reads least"
+        company = (f"; {config.train.decoy_company:.0%} of the samples with one of the {len(company_pool)} {kind} "
+                   f"beside the trigger ({shown})")
     return (f"base preservation: weight {config.train.preserve_base:g} on half of each batch, captions without "
             f"{' / '.join(repr(t) for t in triggers)}, {decoy_note}{company}")
 

@@ -21,13 +21,15 @@ would be taught as something to ignore beside the trigger.
 """
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
 
-from stylelora.data.captions import replace_triggers, with_word_beside_trigger, without_triggers
+from stylelora.data.captions import (join_tags, replace_triggers, split_tags, with_word_beside_trigger,
+                                      without_triggers)
 from stylelora.lora.inject import adapters_disabled
 
 if TYPE_CHECKING:
@@ -71,6 +73,20 @@ def accompanied_captions(captions: list[str], triggers: tuple[str, ...], decoys:
             for caption, draw, pick, side in zip(captions, draws, picks, sides)]
 
 
+def with_made_up_company(preserved: list[tuple[int, str]], captions: list[str], accompanied: list[str],
+                         made_up: set[str]) -> list[tuple[int, str]]:
+    """The trigger-free copies, each whose sample got a word of `made_up` beside its trigger (`accompanied` against
+    the `captions` as written) starting with that word, so the word alone is trained toward the base. Otherwise the
+    adapter learns "a coined word → my style" and acts on another adapter's prompts: toy pastel drew itself on 0.06-0.09
+    of `inkstyle, ` prompts without its trigger, and on none with the copies kept so."""
+    kept = []
+    for index, copy in preserved:
+        added = [tag for tag in split_tags(accompanied[index]) if tag in made_up
+                 and tag not in split_tags(captions[index])]
+        kept.append((index, join_tags(added[:1] + split_tags(copy)) if added else copy))
+    return kept
+
+
 def decoy_words(tokenizer, captions: Iterable[str], triggers: Iterable[str]) -> tuple[str, ...]:
     """Words to put where the trigger was: the tokenizer's whole-word tokens (letters only, 3+ long) that no
     training caption or trigger uses. Sorted: the same inputs give the same pool, which exact resume needs.
@@ -86,6 +102,10 @@ def decoy_words(tokenizer, captions: Iterable[str], triggers: Iterable[str]) -> 
 
 
 COMPANY_CANDIDATES = 128  # decoy words scored for company (evenly spread over the pool: same pool, same words)
+COMPANY_MADE_UP = 64  # made-up words beside them in the company pool (made_up_words)
+MADE_UP_SEED = "stylelora:made-up-company"  # str seeds hash with SHA-512: the same words on every machine
+_CONSONANTS, _VOWELS = "bcdfghjklmnprstvwxz", "aeiouy"
+_SUFFIXES = ("", "", "style", "art")  # what people append to a made-up trigger ("inkstyle", "vexart")
 COMPANY_CAPTIONS = 4  # trigger-free captions each candidate is scored on
 COMPARED_TOKENS = 20  # leading caption tokens whose hidden states are compared
 
@@ -119,6 +139,28 @@ def company_words(encode: Callable[[list[str]], torch.Tensor], tokenizer, captio
         scores.append((sum(change) / len(change), word))
     quiet = sorted(scores)[: len(scores) // 2]
     return tuple(sorted(word for _, word in quiet))
+
+
+def made_up_words(tokenizer, taken: Iterable[str], count: int = COMPANY_MADE_UP) -> tuple[str, ...]:
+    """`count` made-up words of the kind people coin as triggers ("vexo", "kitarustyle"), each read by `tokenizer` as
+    two tokens or more and none of them a word of `taken`; the same on every call. Sorted.
+
+    Why: another adapter's trigger is most often a word this base never saw, which its tokenizer splits into
+    fragments. Measured on the toy base: the pastel adapter trained beside vocabulary words alone drew its style on
+    0.03 of its prompts with `inkstyle, ` before them (four tokens) and on 0.00 with `glowy, ` (docs/results.md,
+    "A style never tuned on").
+    """
+    rng = random.Random(MADE_UP_SEED)
+    excluded = {word.lower() for word in taken}
+    words: set[str] = set()
+    for _ in range(100 * count):
+        if len(words) == count:
+            break
+        syllables = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
+        word = syllables + rng.choice(_SUFFIXES)
+        if word not in excluded and len(tokenizer.tokenize(word)) >= 2:
+            words.add(word)
+    return tuple(sorted(words))
 
 
 @torch.no_grad()

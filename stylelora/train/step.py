@@ -11,7 +11,8 @@
     preserve  + preserve_base × the same weighted MSE between the LoRA model and the frozen base, both given half
               of the batch's noisy latents with their trigger words removed or replaced by a decoy word
               (stylelora/train/preservation.py); with `decoy_company`, part of the samples keep their trigger
-              with a decoy word beside it, trained toward the data as usual, so stacked prompts turn it on
+              with a company word beside it, trained toward the data as usual, so stacked prompts turn it on; with
+              `made_up_company` half the words are made-up, and a copy keeps such a word: alone it gives the base
     text noise  with `text_noise`, N(0, σ²) on the hidden states of the samples trained toward the data, so the
               adapter still reads its trigger after another adapter's text encoder has moved it (with_text_noise)
 
@@ -26,7 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from stylelora.train.models import SdxlText
-from stylelora.train.preservation import accompanied_captions, base_prediction, preserved_samples
+from stylelora.train.preservation import (accompanied_captions, base_prediction, preserved_samples,
+                                          with_made_up_company)
 
 if TYPE_CHECKING:
     from stylelora.config import TrainConfig
@@ -48,6 +50,9 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
                                   config.train.preserve_decoys, generator)
     captions = accompanied_captions(list(batch["caption"]), models.triggers, models.company,
                                     config.train.decoy_company, generator)
+    if config.train.made_up_company:
+        made_up = set(models.company) - set(models.decoys)  # the quiet company words are decoys, the coined ones not
+        preserved = with_made_up_company(preserved, list(batch["caption"]), captions, made_up)
     index = torch.tensor([i for i, _ in preserved], dtype=torch.long, device=latents.device)
     # One UNet call for the batch and its trigger-free copies: one forward per backward, as DDP requires.
     text = models.encode_captions(captions + [caption for _, caption in preserved])

@@ -1,0 +1,47 @@
+"""benchmarks/heldout_style.py: the ink style drawn as it says, its dataset reproducible, its prompts as evaluate's."""
+from __future__ import annotations
+
+import random
+
+import numpy
+import pytest
+from train_fixtures import load_benchmark
+
+from stylelora.toy.render import render
+from stylelora.toy.world import scene_from_facts
+
+heldout = load_benchmark("heldout_style")
+
+
+@pytest.mark.parametrize("background, ink_is_dark", [("white", True), ("beige", True), ("black", False)])
+def test_ink_outlines_each_object_and_leaves_the_rest_as_the_world_draws_it(background, ink_is_dark):
+    scene = scene_from_facts("square", "yellow", background, random.Random(3))
+    plain = numpy.asarray(render(scene)).astype(int)
+    inked = numpy.asarray(heldout.ink_render(scene)).astype(int)
+    assert numpy.array_equal(numpy.asarray(heldout.ink_render(scene, ink=False)), plain)
+    changed = numpy.abs(inked - plain).max(axis=2) > 40
+    assert 20 < changed.sum() < 300  # a ring around the square, not a fill
+    brightness = inked[changed].mean() - plain[changed].mean()
+    assert (brightness < 0) == ink_is_dark  # dark ink, light on a black background
+    center = tuple(int(v * 32) for v in (scene.objects[0].cy, scene.objects[0].cx))
+    assert numpy.array_equal(inked[center], plain[center])  # the body keeps its color
+
+
+def test_the_ink_dataset_is_the_same_bytes_each_time(tmp_path):
+    first = heldout.write_dataset(tmp_path / "a", n_images=3)
+    second = heldout.write_dataset(tmp_path / "b", n_images=3)
+    files = sorted(path.relative_to(first) for path in first.rglob("*") if path.is_file())
+    assert [str(path) for path in files] == [f"10_inkstyle/{i:04d}.{ext}" for i in range(3) for ext in ("png", "txt")]
+    assert all((first / path).read_bytes() == (second / path).read_bytes() for path in files)
+    assert (first / "10_inkstyle/0000.txt").read_text().startswith("inkstyle, ")
+
+
+def test_ink_prompts_carry_evaluates_facts_with_the_ink_trigger_first():
+    prompts = heldout.ink_prompts(4, 0, ("pastel", "zorb"))
+    sets = {name: [p for p in prompts if p.prompt_set == name] for name in dict.fromkeys(p.prompt_set for p in prompts)}
+    assert list(sets) == ["ink", "pastel", "ink+pastel", "zorb", "ink+zorb"]
+    assert all(len(chosen) == 4 for chosen in sets.values())
+    for own, pair in zip(sets["zorb"], sets["ink+zorb"]):
+        assert pair.prompt == "inkstyle, " + own.prompt and (pair.shape, pair.seed) == ("zorb", own.seed)
+    assert sets["ink"][0].prompt.startswith("inkstyle, a") and sets["ink+pastel"][0].prompt.startswith(
+        "inkstyle, pastelstyle, ")
