@@ -186,9 +186,9 @@ class TrainSection:
                                         "adapter still acts when a prompt names other adapters' triggers too "
                                         "(0 = captions as written)",
                                   example="0.25")
-    # Off by default: on the toy base it keeps pastel on beside coined triggers (0.03 -> 1.00 of its prompts with
-    # `inkstyle, ` before them) but costs it beside the character (pastel+zorb 0.79 -> 0.33). docs/results.md, "A style
-    # the defaults were never tuned on".
+    # Off by default: on the toy base it keeps pastel on beside coined triggers (0.03 -> 0.97 of its prompts with
+    # `inkstyle, ` before them) but pastel then gives way in blends (split: stripes+pastel 0.94 -> 0.29, pastel+zorb
+    # 0.79 -> 0.43). docs/results.md, "A style the defaults were never tuned on".
     made_up_company: bool = option(False, "make half of the company words made-up words, as other adapters' coined "
                                           "triggers are, so the adapter still acts when a prompt holds a trigger its "
                                           "base never saw (a trigger-free copy with such a word is trained toward "

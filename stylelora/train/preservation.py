@@ -148,7 +148,7 @@ def made_up_words(tokenizer, taken: Iterable[str], count: int = COMPANY_MADE_UP)
     Why: another adapter's trigger is most often a word this base never saw, which its tokenizer splits into
     fragments. Measured on the toy base: the pastel adapter trained beside vocabulary words alone drew its style on
     0.03 of its prompts with `inkstyle, ` before them (four tokens) and on 0.00 with `glowy, ` (docs/results.md,
-    "A style never tuned on").
+    "A style the defaults were never tuned on").
     """
     rng = random.Random(MADE_UP_SEED)
     excluded = {word.lower() for word in taken}
