@@ -558,9 +558,11 @@ def _describe_mix(chosen, *values):
         return html.escape(str(error))
     if not mix:
         return "No adapters chosen: pick some in the Generate tab."
-    return "Current mix: " + ", ".join(
-        f"**{html.escape(m.name)}** (UNet {m.unet:g}, TE {m.te:g}{f', lbw={html.escape(m.blocks)}' if m.blocks else ''})"
-        for m in mix)
+    def blocks(m: AdapterWeight) -> str:
+        return f", lbw={html.escape(m.blocks)}" if m.blocks else ""
+
+    return "Current mix: " + ", ".join(f"**{html.escape(m.name)}** (UNet {m.unet:g}, TE {m.te:g}{blocks(m)})"
+                                       for m in mix)
 
 
 def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespace, lists: AdapterLists) -> None:

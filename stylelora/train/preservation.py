@@ -77,8 +77,8 @@ def with_made_up_company(preserved: list[tuple[int, str]], captions: list[str], 
                          made_up: set[str]) -> list[tuple[int, str]]:
     """The trigger-free copies, each whose sample got a word of `made_up` beside its trigger (`accompanied` against
     the `captions` as written) starting with that word, so the word alone is trained toward the base. Otherwise the
-    adapter learns "a coined word → my style" and acts on another adapter's prompts: toy pastel drew itself on 0.06-0.09
-    of `inkstyle, ` prompts without its trigger, and on none with the copies kept so."""
+    adapter learns "a coined word → my style" and acts on another adapter's prompts: toy pastel drew itself on
+    0.06-0.09 of `inkstyle, ` prompts without its trigger, and on none with the copies kept so."""
     kept = []
     for index, copy in preserved:
         added = [tag for tag in split_tags(accompanied[index]) if tag in made_up
