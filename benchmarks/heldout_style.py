@@ -156,10 +156,9 @@ def shipped_judge_on_ink(count: int = HELD_OUT) -> dict:
 
     judge = load_judge()
     scenes = [scene for scene, _ in judge_scenes(random.Random(HELD_OUT_SEED + 1), count)]
-    rows = {}
+    truth, rows = [scene_labels(scene) for scene in scenes], {}
     for ink in (False, True):
         verdicts = judge.predict([ink_render(scene, ink) for scene in scenes])
-        truth = [scene_labels(scene) for scene in scenes]
         row = {f"{head} right": _share([v[head] == bool(t[head]) for v, t in zip(verdicts, truth)]) for head in OTHERS}
         row["shape right"] = _share([v["shape"] == s.objects[0].shape for v, s, t in zip(verdicts, scenes, truth)
                                      if t["shape"] >= 0])
@@ -180,24 +179,17 @@ def _share(values) -> float | None:
 def ink_prompts(samples: int, seed: int, others: tuple[str, ...]) -> list:
     """stylelora evaluate's facts and image seeds, with `inkstyle, ` first: the ink set, each other style's own set,
     and ink+OTHER for each other style."""
-    from stylelora.toy.evaluate import EvalPrompt, build_prompts
-    from stylelora.toy.world import STYLE_TRIGGERS
+    from dataclasses import replace
+
+    from stylelora.toy.evaluate import build_prompts
 
     base = build_prompts(samples, seed, ("plain", *others))
     plain = [p for p in base if p.prompt_set == "plain"]
-    prompts = [replace_prompt(p, "ink", f"{INK_TRIGGER}, {p.prompt}") for p in plain]
+    prompts = [replace(p, prompt_set="ink", prompt=f"{INK_TRIGGER}, {p.prompt}") for p in plain]
     for other in others:
-        own = [p for p in base if p.prompt_set == other]
-        prompts += own
-        prompts += [EvalPrompt(f"ink+{other}", f"{INK_TRIGGER}, {STYLE_TRIGGERS[other]}, " + p.prompt.split(", ", 1)[1],
-                               p.shape, p.color, p.seed, p.background) for p in own]
+        own = [p for p in base if p.prompt_set == other]  # "TRIGGER, content"
+        prompts += own + [replace(p, prompt_set=f"ink+{other}", prompt=f"{INK_TRIGGER}, {p.prompt}") for p in own]
     return prompts
-
-
-def replace_prompt(prompt, prompt_set: str, text: str):
-    from dataclasses import replace
-
-    return replace(prompt, prompt_set=prompt_set, prompt=text)
 
 
 class InkScorer:

@@ -574,10 +574,9 @@ def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespac
     def on_blend(**values):
         # The dial, the block weights and the base last: positional API calls keep their order.
         chosen, *values = list(values.values())
-        weights, options, dial, blocks = values[:rows], values[rows:rows + count], values[rows + count], \
-            values[rows + count + 1:]
+        weights, options, (dial, *rest) = values[:rows], values[rows:rows + count], values[rows + count:]
         name, mode, rank, fp16, overwrite, blend_mode = options[:6]
-        blocks, base = blocks[:MAX_ADAPTER_ROWS], (blocks[MAX_ADAPTER_ROWS:] or [None])[0]
+        blocks, base = rest[:MAX_ADAPTER_ROWS], (rest[MAX_ADAPTER_ROWS:] or [None])[0]
         result = service.blend(mix_from_values(chosen, weights, blocks), name,
                                rank=int(rank) if mode == "rank" else None, fp16=bool(fp16), overwrite=bool(overwrite),
                                blend_mode=blend_mode or None, dial=dial or None, base=base or None)

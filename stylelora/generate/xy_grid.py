@@ -121,14 +121,13 @@ def _set_weights(specs: list[AdapterSpec], kind: str, value: float | str, target
     out = []
     for spec in specs:
         if spec in chosen and kind == "blocks":
-            spec = AdapterSpec(spec.path, spec.unet_weight, spec.te_weight, None if value == NO_BLOCKS else value)
+            spec = replace(spec, blocks=None if value == NO_BLOCKS else value)
         elif spec in chosen and kind == "weight":
-            # FILE:W, which the reading dial reads apart from FILE:W:W
-            spec = AdapterSpec(spec.path, value, None, spec.blocks)
+            spec = spec.with_weights(value)  # FILE:W, which the reading dial reads apart from FILE:W:W
         elif spec in chosen:
             unet = value if kind == "unet_weight" else spec.unet_weight
             te = value if kind == "te_weight" else spec.text_encoder_weight
-            spec = AdapterSpec(spec.path, unet, te, spec.blocks)
+            spec = spec.with_weights(unet, te)
         out.append(spec)
     return out
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 
 # The extension's default presets, 17 weights each (BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03 ... OUT11):
 # sd-webui-lora-block-weight's README, "Weight setting examples", and its built-in preset list.
