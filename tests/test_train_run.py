@@ -106,6 +106,8 @@ def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, stripes_dataset
     assert metadata["modelspec.prediction_type"] == "epsilon"
     assert metadata["ss_preserve_base"] == "1.0" and metadata["ss_preserve_decoys"] == "0.5"
     assert metadata["ss_text_noise"] == "0.2" and metadata["ss_decoy_company"] == "0.25"  # the toy family's recipe
+    company = json.loads(metadata["ss_stylelora_company_words"])  # what a split blend reads coined triggers as
+    assert company and all(word.isalpha() and word != "stripestyle" for word in company)
     assert json.loads(metadata["ss_tag_frequency"])["2_stripestyle"]["stripestyle"] == 8
     assert json.loads(metadata["ss_dataset_dirs"]) == {"2_stripestyle": {"n_repeats": 2, "img_count": 8}}
     assert metadata["ss_num_train_images"] == "16"

@@ -2,12 +2,14 @@
 the token moves by hand, and on a tiny pipeline each adapter's reading no longer depends on the typed order."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from gen_fixtures import load_tiny_base, make_adapter
 
 from stylelora.generate.stack import AdapterStack
-from stylelora.generate.trigger_order import TriggerTokens, own_trigger_last, reorders_for
+from stylelora.generate.trigger_order import TriggerTokens, coined_read_as_stand_in, own_trigger_last, reorders_for
 from stylelora.lora.spec import AdapterSpec
 
 A, B, C, COMMA, X, Y, PAD = 10, 20, 30, 1, 5, 6, 0  # triggers A (own), B and C (others); content X, Y
@@ -32,6 +34,30 @@ def test_own_trigger_moves_after_the_others_by_hand(row, expected):
 def test_a_trigger_of_several_tokens_moves_whole():
     tokens = TriggerTokens(own=((A, A + 1),), others=((B,),), separator=(COMMA,))
     assert own_trigger_last([A, A + 1, COMMA, B, COMMA, X], tokens) == [B, COMMA, A, A + 1, COMMA, X]
+
+
+I1, I2, I3, Q, EOS = 40, 41, 42, 7, 9  # a coined trigger of three tokens; the adapter's stand-in word Q
+COINED = TriggerTokens(own=((A,),), others=((I1, I2, I3), (B,)), separator=(COMMA,), stand_in=(Q,))
+
+
+@pytest.mark.parametrize("tokens, row, expected", [
+    # the coined trigger becomes the stand-in, the row padded with its last token to its length
+    (COINED, [I1, I2, I3, COMMA, A, COMMA, X, EOS, EOS], [Q, COMMA, A, COMMA, X, EOS, EOS, EOS, EOS]),
+    (COINED, [I1, I2, I3, COMMA, A, COMMA, X, I1, I2, I3, EOS], [Q, COMMA, A, COMMA, X, I1, I2, I3, EOS, EOS, EOS]),
+    (COINED, [B, COMMA, A, COMMA, X, EOS], [B, COMMA, A, COMMA, X, EOS]),  # a one-token trigger is read as it is
+    (TriggerTokens(own=((A,),), others=((I1, I2, I3),), separator=(COMMA,)),  # no stand-in: as it is
+     [I1, I2, I3, COMMA, A, EOS], [I1, I2, I3, COMMA, A, EOS]),
+    # a stand-in longer than the trigger: the row is cut before its last token
+    (TriggerTokens(own=((A,),), others=((I1, I2),), separator=(COMMA,), stand_in=(Q, Q, Q)),
+     [I1, I2, COMMA, A, X, EOS], [Q, Q, Q, COMMA, A, EOS]),
+])
+def test_coined_triggers_are_read_as_the_stand_in_by_hand(tokens, row, expected):
+    assert coined_read_as_stand_in(row, tokens) == expected
+
+
+def test_reorder_moves_the_trigger_then_reads_the_coined_one_as_the_stand_in():
+    ids = torch.tensor([[A, COMMA, I1, I2, I3, COMMA, X, EOS, EOS]])
+    assert COINED.reorder(ids).tolist() == [[Q, COMMA, A, COMMA, X, EOS, EOS, EOS, EOS]]
 
 
 def test_reorders_exist_only_where_an_adapter_has_a_trigger_and_others_do(tiny_sd_base):
@@ -59,3 +85,25 @@ def test_each_adapters_reading_is_the_same_whichever_trigger_comes_first(tiny_sd
     assert torch.allclose(first[0], first[1], atol=1e-6)  # each adapter: its trigger after the other's either way
     assert torch.allclose(second[0], second[1], atol=1e-6)
     assert not torch.allclose(first[0], second[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("company, same", [(["a", "the"], True), (None, False)])
+def test_an_adapter_reads_another_adapters_coined_trigger_as_its_first_company_word(tiny_sd_base, tmp_path,
+                                                                                    company, same):
+    """On the tiny tokenizer every trigger is several tokens (coined). An adapter trained with decoy company (its
+    words in the metadata) reads "pastel, stripes, …" as "a, stripes, …"; a file without them reads it as typed."""
+    pipe = load_tiny_base(tiny_sd_base)
+    metadata = {"ss_stylelora_company_words": json.dumps(company)} if company else {}
+    files = [make_adapter(tmp_path / "a.safetensors", 1, trigger="stripes", metadata=metadata),
+             make_adapter(tmp_path / "b.safetensors", 2, trigger="pastel")]
+    stack = AdapterStack.for_pipe(pipe)
+    stack.apply([AdapterSpec(file, 1.0) for file in files], "split")
+    try:
+        prompts = ["pastel, stripes, a red circle", "a, stripes, a red circle"]
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            readings = pipe.text_encoder(ids).last_hidden_state.chunk(3, dim=1)  # base, a, b side by side
+    finally:
+        stack.clear()
+    assert torch.allclose(readings[1][0], readings[1][1], atol=1e-6) == same
+    assert not torch.allclose(readings[0][0], readings[0][1], atol=1e-4)  # the base reads the prompt as typed

@@ -405,16 +405,18 @@ class AdapterStack:
         self._split = True
 
     def _trigger_reorders(self, text_encoder: str, identities) -> list | None:
-        """Per adapter, how its reading of the prompt moves its trigger after the other adapters' (None: none)."""
+        """Per adapter, how its reading of the prompt moves its trigger after the other adapters' and reads their
+        coined triggers as its stand-in word (None: nothing to move)."""
         from stylelora.generate.trigger_order import reorders_for
-        from stylelora.lora.inspect import trigger_words
+        from stylelora.lora.inspect import company_words, trigger_words
 
         tokenizer = self.tokenizers.get(text_encoder)
         if tokenizer is None:
             return None
         by_identity = {adapter.identity: adapter for adapter in self._cache.values()}
-        return reorders_for(tokenizer, [trigger_words(by_identity[identity].metadata) if identity in by_identity
-                                        else [] for identity in identities])
+        metadata = [by_identity[identity].metadata if identity in by_identity else {} for identity in identities]
+        return reorders_for(tokenizer, [trigger_words(m) for m in metadata],
+                            [next(iter(company_words(m)), None) for m in metadata])
 
     def _restore(self, key) -> None:
         self._layer_weight(key).data.copy_(self._backups.pop(key))

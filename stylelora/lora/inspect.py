@@ -36,6 +36,13 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(word for word in words if word))
 
 
+def company_words(metadata: dict[str, str]) -> list[str]:
+    """The words stylelora trained beside the adapter's trigger as decoy company, quiet vocabulary words first (none for a
+    file trained elsewhere or without company)."""
+    words = _json(metadata.get("ss_stylelora_company_words"), [])
+    return [str(word) for word in words if isinstance(word, str) and word.strip()] if isinstance(words, list) else []
+
+
 def adapter_trigger_words(path: str | os.PathLike) -> list[str]:
     """Trigger words of an adapter file, from its header only (for the app's "add triggers" button)."""
     from stylelora.lora.adapter_file import read_header, weights_path

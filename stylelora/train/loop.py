@@ -442,7 +442,8 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
     facts = RunFacts(items=data.items, num_train_images=len(dataset) - num_reg, num_reg_images=num_reg,
                      trigger=", ".join(data.triggers),
                      prediction_type=prediction_type(noise_scheduler), started_at=time.time(),
-                     world_size=accelerator.num_processes, batches_per_epoch=len(sampler))
+                     world_size=accelerator.num_processes, batches_per_epoch=len(sampler),
+                     company_words=models.company)
     return Run(config=config, accelerator=accelerator, run_dir=run_dir, pipe=pipe, models=models, trainable=trainable,
                dataset=dataset, sampler=sampler, loader=loader, noise_scheduler=noise_scheduler, optimizer=optimizer,
                lr_scheduler=lr_scheduler, generator=generator, facts=facts, trained_modules=trained_modules)

@@ -32,6 +32,7 @@ class RunFacts:
     started_at: float
     world_size: int
     batches_per_epoch: int
+    company_words: tuple[str, ...] = ()  # the decoy words trained beside the trigger (the first: a stand-in word)
 
 
 def share_fields(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
@@ -76,6 +77,8 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_preserve_base": str(t.preserve_base),
         "ss_preserve_decoys": str(t.preserve_decoys),
         "ss_decoy_company": str(t.decoy_company),
+        # What the split blend reads another adapter's coined trigger as (stylelora.generate.trigger_order).
+        "ss_stylelora_company_words": json.dumps(list(facts.company_words)),
         "ss_text_noise": str(t.text_noise),
         "ss_mixed_precision": PRECISION_NAMES[t.precision],
         "ss_gradient_checkpointing": str(t.gradient_checkpointing),
