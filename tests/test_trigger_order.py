@@ -67,20 +67,25 @@ def test_reorders_exist_only_where_an_adapter_has_a_trigger_and_others_do(tiny_s
     assert reorders_for(tokenizer, [["stripes"]]) == [None]  # alone: nothing to move it after
 
 
-def test_each_adapters_reading_is_the_same_whichever_trigger_comes_first(tiny_sd_base, tmp_path):
-    pipe = load_tiny_base(tiny_sd_base)
-    files = [make_adapter(tmp_path / "a.safetensors", 1, trigger="stripes"),
+def split_readings(base, tmp_path, prompts, first_metadata=None):
+    """The tiny text encoder's readings of `prompts` under a split blend of a "stripes" and a "pastel" adapter:
+    (base, first adapter's, second adapter's), each (prompts, tokens, channels)."""
+    pipe = load_tiny_base(base)
+    files = [make_adapter(tmp_path / "a.safetensors", 1, trigger="stripes", metadata=first_metadata),
              make_adapter(tmp_path / "b.safetensors", 2, trigger="pastel")]
     stack = AdapterStack.for_pipe(pipe)
     stack.apply([AdapterSpec(file, 1.0) for file in files], "split")
     try:
-        prompts = ["stripes, pastel, a red circle", "pastel, stripes, a red circle"]
         ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
         with torch.no_grad():
-            readings = pipe.text_encoder(ids).last_hidden_state.chunk(3, dim=1)  # base, a, b side by side
+            return pipe.text_encoder(ids).last_hidden_state.chunk(3, dim=1)  # side by side on the token axis
     finally:
         stack.clear()
-    base, first, second = readings
+
+
+def test_each_adapters_reading_is_the_same_whichever_trigger_comes_first(tiny_sd_base, tmp_path):
+    prompts = ["stripes, pastel, a red circle", "pastel, stripes, a red circle"]
+    base, first, second = split_readings(tiny_sd_base, tmp_path, prompts)
     assert not torch.allclose(base[0], base[1], atol=1e-4)  # the base reads the prompt as typed
     assert torch.allclose(first[0], first[1], atol=1e-6)  # each adapter: its trigger after the other's either way
     assert torch.allclose(second[0], second[1], atol=1e-6)
@@ -92,18 +97,8 @@ def test_an_adapter_reads_another_adapters_coined_trigger_as_its_first_company_w
                                                                                     company, same):
     """On the tiny tokenizer every trigger is several tokens (coined). An adapter trained with decoy company (its
     words in the metadata) reads "pastel, stripes, …" as "a, stripes, …"; a file without them reads it as typed."""
-    pipe = load_tiny_base(tiny_sd_base)
-    metadata = {"ss_stylelora_company_words": json.dumps(company)} if company else {}
-    files = [make_adapter(tmp_path / "a.safetensors", 1, trigger="stripes", metadata=metadata),
-             make_adapter(tmp_path / "b.safetensors", 2, trigger="pastel")]
-    stack = AdapterStack.for_pipe(pipe)
-    stack.apply([AdapterSpec(file, 1.0) for file in files], "split")
-    try:
-        prompts = ["pastel, stripes, a red circle", "a, stripes, a red circle"]
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        with torch.no_grad():
-            readings = pipe.text_encoder(ids).last_hidden_state.chunk(3, dim=1)  # base, a, b side by side
-    finally:
-        stack.clear()
-    assert torch.allclose(readings[1][0], readings[1][1], atol=1e-6) == same
-    assert not torch.allclose(readings[0][0], readings[0][1], atol=1e-4)  # the base reads the prompt as typed
+    metadata = {"ss_stylelora_company_words": json.dumps(company)} if company else None
+    prompts = ["pastel, stripes, a red circle", "a, stripes, a red circle"]
+    base, first, _ = split_readings(tiny_sd_base, tmp_path, prompts, metadata)
+    assert torch.allclose(first[0], first[1], atol=1e-6) == same
+    assert not torch.allclose(base[0], base[1], atol=1e-4)  # the base reads the prompt as typed
