@@ -186,13 +186,16 @@ class TrainSection:
                                         "adapter still acts when a prompt names other adapters' triggers too "
                                         "(0 = captions as written)",
                                   example="0.25")
-    # Off by default: on the toy base it keeps pastel on beside coined triggers (0.03 -> 0.97 of its prompts with
-    # `inkstyle, ` before them) but pastel then gives way in blends (split: stripes+pastel 0.94 -> 0.29, pastel+zorb
-    # 0.79 -> 0.43). docs/results.md, "A style the defaults were never tuned on".
-    made_up_company: bool = option(False, "make half of the company words made-up words, as other adapters' coined "
-                                          "triggers are, so the adapter still acts when a prompt holds a trigger its "
-                                          "base never saw (a trigger-free copy with such a word is trained toward "
-                                          "the base)")
+    # Unset: on exactly when the base's tokenizer splits a trigger into several tokens (train.loop.with_company_kind).
+    # On the toy base the ink adapter, whose trigger `inkstyle` is four tokens, then draws its style on 0.94 of its
+    # prompts instead of 0.58; pastel, whose trigger is one token, keeps pastel on beside coined triggers with it but
+    # gives way in blends (split: stripes+pastel 0.94 -> 0.29). docs/results.md, "A style the defaults were never
+    # tuned on".
+    made_up_company: bool | None = option(None, "make half of the company words made-up words, as coined triggers "
+                                                "are, so the adapter tells its own trigger from another that its "
+                                                "base never saw (a trigger-free copy with such a word is trained "
+                                                "toward the base; unset: on when the base's tokenizer splits a "
+                                                "trigger into several tokens)")
     # Per base family (stylelora.presets): the toy base 0.2, measured (it keeps a soft style beside another adapter's
     # text encoder: toy stripes+pastel 0.10 -> 0.73); real bases 0 until measured on their text encoders, whose
     # hidden states have another scale. docs/results.md "Blending".

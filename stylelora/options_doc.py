@@ -19,7 +19,7 @@ END = "<!-- end of options table -->"
 def _default(spec: OptionSpec) -> str:
     if spec.option.preset:
         return "the base family's preset"
-    if spec.type is bool:
+    if spec.type is bool and spec.default is not None:
         return "on" if spec.default else "off"
     if isinstance(spec.default, tuple):
         return f"{len(spec.default)} prompts"

@@ -128,3 +128,25 @@ def test_made_up_company_words_are_coined_words_the_tokenizer_splits():
     assert all(len(tokenizer.tokenize(word)) >= 2 and word.isalpha() for word in words)
     assert any(word.endswith("style") for word in words) and any(not word.endswith(("style", "art")) for word in words)
     assert not set(made_up_words(tokenizer, set(words[:10]))) & set(words[:10])  # taken words are never coined
+
+
+@pytest.mark.parametrize("setting, triggers, expected", [
+    (None, ("pastelstyle",), False),  # one token to the toy tokenizer: the vocabulary words suffice
+    (None, ("inkstyle",), True),  # four tokens: a coined trigger gets made-up company
+    (None, ("zorb", "inkstyle"), True),  # any coined trigger
+    (None, (), False),
+    (False, ("inkstyle",), False),  # set by the user: kept
+    (True, ("pastelstyle",), True),
+])
+def test_made_up_company_when_unset_follows_whether_the_tokenizer_splits_a_trigger(setting, triggers, expected):
+    from transformers import CLIPTokenizer
+
+    from stylelora.config import load_config
+    from stylelora.models.load import TOY_BASE_DIR
+    from stylelora.train.loop import with_company_kind
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE_DIR / "tokenizer")
+    overrides = {} if setting is None else {"train.made_up_company": setting}
+    config = with_company_kind(load_config(None, {"data.dir": "d", **overrides}), tokenizer, triggers)
+    assert config.train.made_up_company is expected
+    assert ("several tokens" in config.source_of("train.made_up_company")) == (setting is None and expected)

@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 from accelerate.utils import set_seed
 
-from stylelora.config import ConfigError, TrainConfig, config_to_dict, save_config, with_model_defaults
+from stylelora.config import ConfigError, TrainConfig, config_to_dict, save_config, with_model_defaults, with_sources
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
 from stylelora.data.captions import CaptionOptions
 from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
@@ -115,7 +115,8 @@ def run_training(config: TrainConfig) -> Path:
     # 2. Base model and LoRA.
     pipe = _load_base(config, accelerator)
     check_family(config, pipe)
-    config = run_settings(with_model_defaults(config, **model_geometry(pipe)))
+    config = with_company_kind(run_settings(with_model_defaults(config, **model_geometry(pipe))), pipe.tokenizer,
+                               data.triggers)
     set_seed(config.train.seed)  # identical LoRA initialisation on every process
     lora = _add_lora(config, pipe)
 
@@ -194,6 +195,22 @@ def run_settings(config: TrainConfig) -> TrainConfig:
     Without this, re-using a run's config.toml would silently resume or overwrite.
     """
     return dataclasses.replace(config, train=dataclasses.replace(config.train, resume=None, overwrite=False))
+
+
+def with_company_kind(config: TrainConfig, tokenizer, triggers: tuple[str, ...]) -> TrainConfig:
+    """`config` with made_up_company, where unset, on exactly when `tokenizer` splits a trigger into several tokens.
+
+    Why: a coined trigger reaches the text encoder as fragments, and made-up company words (fragments too) teach the
+    adapter which fragments are its trigger: the toy ink adapter (`inkstyle`, four tokens) drew its style on 0.94 of
+    its prompts with them and on 0.58 without. An adapter whose trigger is one token gains nothing it needs and gives
+    way in blends (docs/results.md, "A style the defaults were never tuned on")."""
+    if config.train.made_up_company is not None:
+        return config
+    coined = [trigger for trigger in triggers if len(tokenizer.tokenize(trigger)) > 1]
+    train = dataclasses.replace(config.train, made_up_company=bool(coined))
+    source = (f"on: the base's tokenizer splits {', '.join(repr(t) for t in coined)} into several tokens" if coined
+              else "off: every trigger is one token to the base's tokenizer")
+    return with_sources(dataclasses.replace(config, train=train), {"train.made_up_company": source})
 
 
 def _accelerator(config: TrainConfig):
