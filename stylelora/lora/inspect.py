@@ -37,8 +37,8 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
 
 
 def company_words(metadata: dict[str, str]) -> list[str]:
-    """The words stylelora trained beside the adapter's trigger as decoy company, quiet vocabulary words first (none for a
-    file trained elsewhere or without company)."""
+    """The words stylelora trained beside the adapter's trigger as decoy company, quiet vocabulary words first
+    (none for a file trained elsewhere or without company)."""
     words = _json(metadata.get("ss_stylelora_company_words"), [])
     return [str(word) for word in words if isinstance(word, str) and word.strip()] if isinstance(words, list) else []
 
