@@ -122,6 +122,18 @@ def test_dry_run_on_an_sd15_base_resolves_sd_defaults_and_writes_no_adapter(tmp_
     assert result.stdout.strip().endswith("config.toml")
 
 
+@pytest.mark.parametrize("trigger, made_up", [("stripestyle", False), ("inkstyle", True)])
+def test_dry_run_says_whether_a_coined_trigger_gets_made_up_company(tmp_path, trigger, made_up):
+    """The toy tokenizer reads `stripestyle` as one token and `inkstyle` as four: only a coined trigger trains beside
+    made-up words, and the dry run says so before anything loads."""
+    data = write_kohya_dataset(tmp_path / "data", count=4, trigger=trigger)
+    result = run_train(str(data), "--output", str(tmp_path / "out"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    settings = tomllib.loads((tmp_path / "out" / "config.toml").read_text(encoding="utf-8"))
+    assert settings["train"]["made_up_company"] is made_up
+    assert ("splits 'inkstyle' into several tokens" in result.stderr) == made_up
+
+
 def test_sample_prompts_file_and_its_errors(tmp_path):
     from stylelora.train.command import build_parser, overrides_from_args
 

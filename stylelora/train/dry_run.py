@@ -21,7 +21,7 @@ def dry_run(config: TrainConfig) -> Path:
     from stylelora.data.dataset import TrainingDataset
     from stylelora.models.family import config_folder, folder_geometry
     from stylelora.train.loop import (CONFIG_FILE, dataset_options, describe_settings, prepare_data, run_settings,
-                                      with_family_preset)
+                                      with_company_kind, with_family_preset)
 
     def say(message: str) -> None:
         if message:
@@ -34,6 +34,9 @@ def dry_run(config: TrainConfig) -> Path:
     folder = config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
     geometry = folder_geometry(folder) if folder is not None else _family_geometry(t.family)
     config = run_settings(with_model_defaults(config, **geometry))
+    tokenizer = _tokenizer(folder)
+    if tokenizer is not None:  # without one the run decides when it loads the base
+        config = with_company_kind(config, tokenizer, data.triggers)
     dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), dataset_options(config))
     batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed))
     path = save_config(config, run_dir / CONFIG_FILE)
@@ -41,6 +44,15 @@ def dry_run(config: TrainConfig) -> Path:
     say(summary(config, dataset.buckets, batches, len(data.items)))
     say(f"dry run: nothing trained, no adapter written; the settings are in {path}")
     return path
+
+
+def _tokenizer(folder: Path | None):
+    """The base's (first) tokenizer from its folder, which holds no weights; None where the folder has none."""
+    if folder is None or not (folder / "tokenizer").is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder / "tokenizer")
 
 
 def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: int) -> str:
