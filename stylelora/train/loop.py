@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -44,7 +43,7 @@ from stylelora.train.logs import RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, optimizer_class
-from stylelora.train.preservation import company_words, decoy_words, made_up_words
+from stylelora.train.preservation import company_words, decoy_words, made_up_words, words_of
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
 from stylelora.train.step import loss_step, prediction_type
 
@@ -485,8 +484,7 @@ def _company(config: TrainConfig, data: DataPlan, pipe, decoys: tuple[str, ...])
     if not config.train.made_up_company:
         return quiet
     # As many made-up words as quiet ones: what another adapter's trigger most often is (preservation.made_up_words).
-    taken = {word for text in [*captions, *data.triggers] for word in re.findall(r"[a-z]+", text.lower())}
-    return quiet + made_up_words(pipe.tokenizer, taken, count=len(quiet))
+    return quiet + made_up_words(pipe.tokenizer, words_of([*captions, *data.triggers]), count=len(quiet))
 
 
 def describe_run(run: Run, start_step: int) -> str:

@@ -87,6 +87,11 @@ def with_made_up_company(preserved: list[tuple[int, str]], captions: list[str], 
     return kept
 
 
+def words_of(texts: Iterable[str]) -> set[str]:
+    """The lower-case words (letter runs) of `texts`: what a decoy or made-up word must not be."""
+    return {word for text in texts for word in re.findall(r"[a-z]+", text.lower())}
+
+
 def decoy_words(tokenizer, captions: Iterable[str], triggers: Iterable[str]) -> tuple[str, ...]:
     """Words to put where the trigger was: the tokenizer's whole-word tokens (letters only, 3+ long) that no
     training caption or trigger uses. Sorted: the same inputs give the same pool, which exact resume needs.
@@ -96,7 +101,7 @@ def decoy_words(tokenizer, captions: Iterable[str], triggers: Iterable[str]) -> 
     each, never seen by the base): the character leaked into 16 % of plain prompts and shape accuracy fell to
     0.69, worse than without decoys; with vocabulary words it stayed at 0.97 on plain prompts.
     """
-    taken = {word for text in [*captions, *triggers] for word in re.findall(r"[a-z]+", text.lower())}
+    taken = words_of([*captions, *triggers])
     vocabulary = {token[: -len("</w>")] for token in tokenizer.get_vocab() if token.endswith("</w>")}
     return tuple(sorted(word for word in vocabulary if re.fullmatch(r"[a-z]{3,}", word) and word not in taken))
 
