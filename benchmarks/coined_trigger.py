@@ -1,0 +1,174 @@
+"""A known toy style under a coined trigger: how much of a blend rests on the trigger being one token?
+
+The toy tokenizer learned its vocabulary from the bundled captions, so `stripestyle`, `pastelstyle` and `zorb` are
+one token each, while the trigger a user coins (`chalkstyle`: c h a l k style) reaches the text encoder as
+fragments, as most triggers do on a real CLIP tokenizer. This script retriggers a bundled dataset (the same images,
+every caption's trigger replaced), so an adapter of a known style can be trained under a coined trigger and judged
+by the shipped judge, and scores it the way the issue judges blends:
+
+    python benchmarks/coined_trigger.py dataset --style pastel --trigger chalkstyle --out outputs/coined
+    stylelora train outputs/coined/toy-pastel-chalkstyle --no-samples --output outputs/coined/run/toy-pastel
+    python benchmarks/coined_trigger.py score --adapter outputs/coined/run/toy-pastel/toy-pastel.safetensors \\
+        --style pastel --trigger chalkstyle --adapters-dir outputs/cur --others stripes zorb
+
+`score` prints, for the coined adapter: its rate, shape and color on its own prompts; for each pair with another
+adapter (96 prompts carrying both triggers, the known pair's order with the coined trigger in place of the style's,
+both at 1): each adapter alone on them and the blend in each mode (both present, each rate, shape, color).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KNOWN = ("stripes", "pastel", "zorb")
+
+
+def write_dataset(style: str, trigger: str, out: Path) -> Path:
+    """out/toy-STYLE-TRIGGER/10_TRIGGER/: the bundled dataset's images, each caption's trigger replaced."""
+    from stylelora.toy.world import STYLE_TRIGGERS
+
+    source = next((REPO / "datasets" / f"toy-{style}").glob("*_*"))
+    repeats = source.name.split("_", 1)[0]
+    final, tmp = out / f"toy-{style}-{trigger}", out / f".toy-{style}-{trigger}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    folder = tmp / f"{repeats}_{trigger}"
+    folder.mkdir(parents=True)
+    for image in sorted(source.glob("*.png")):
+        shutil.copyfile(image, folder / image.name)
+        caption = image.with_suffix(".txt").read_text()
+        (folder / f"{image.stem}.txt").write_text(caption.replace(STYLE_TRIGGERS[style], trigger, 1))  # the trigger is the first tag
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def pair_name(style: str, other: str) -> str:
+    """The known pair's order, as the issue names the pairs: stripes+pastel, stripes+zorb, pastel+zorb."""
+    return "+".join(sorted((style, other), key=KNOWN.index))
+
+
+def coined_prompts(samples: int, seed: int, style: str, trigger: str, others: tuple[str, ...]) -> list:
+    """stylelora evaluate's prompts for the style, each other style and each pair, the style's trigger coined."""
+    from stylelora.toy.evaluate import build_prompts
+    from stylelora.toy.world import STYLE_TRIGGERS
+
+    sets = (style, *others, *(pair_name(style, other) for other in others))
+    return [replace(p, prompt=p.prompt.replace(STYLE_TRIGGERS[style], trigger, 1)) if style in p.prompt_set.split("+")
+            else p for p in build_prompts(samples, seed, sets)]
+
+
+class Scorer:
+    """Generates prompts with adapters applied and reads them with the shipped judge."""
+
+    def __init__(self, base: str = "toy"):
+        from stylelora.generate.stack import AdapterStack
+        from stylelora.models.load import load_base
+        from stylelora.toy.judge import load_judge
+
+        self.pipe, self.judge = load_base(base), load_judge()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.stack = AdapterStack.for_pipe(self.pipe)
+
+    def __call__(self, adapters: list[Path], prompts: list, mode: str) -> dict:
+        """{prompt set: each style's rate, shape and color accuracy, and for a pair the share with both styles}."""
+        from stylelora.lora.spec import AdapterSpec
+        from stylelora.toy.evaluate import EvalSettings, generate_images
+
+        self.stack.apply([AdapterSpec(path, 1.0) for path in adapters], mode)
+        try:
+            verdicts = self.judge.predict(generate_images(self.pipe, prompts, EvalSettings()))
+        finally:
+            self.stack.clear()
+        rows = {}
+        for name in dict.fromkeys(p.prompt_set for p in prompts):
+            chosen = [(p, v) for p, v in zip(prompts, verdicts) if p.prompt_set == name]
+            row = {style: _share(v[style] for _, v in chosen) for style in KNOWN}
+            row["shape"] = _share(v["shape"] == p.shape for p, v in chosen if p.shape != "zorb")
+            row["color"] = _share(v["color"] == p.color for p, v in chosen)
+            if "+" in name:
+                row["both"] = _share(all(v[s] for s in name.split("+")) for _, v in chosen)
+            rows[name] = row
+        return rows
+
+
+def _share(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def score(args: argparse.Namespace) -> dict:
+    others = tuple(args.others)
+    prompts = coined_prompts(args.samples, args.seed, args.style, args.trigger, others)
+    files = {name: args.adapters_dir / f"toy-{name}" / f"toy-{name}.safetensors" for name in others}
+    scorer, start = Scorer(), time.perf_counter()
+    figures: dict = {"alone": {args.style: scorer([args.adapter], prompts, "sum")}}
+    for other in others:
+        pair = pair_name(args.style, other)
+        figures["alone"][other] = scorer([files[other]], [p for p in prompts if other in p.prompt_set.split("+")],
+                                         "sum")
+        for mode in args.modes:
+            chosen = [p for p in prompts if p.prompt_set == pair]
+            adapters = [args.adapter, files[other]] if pair.startswith(args.style) else [files[other], args.adapter]
+            figures.setdefault(mode, {})[pair] = scorer(adapters, chosen, mode)[pair]
+        print(f"{pair} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return figures
+
+
+def report(figures: dict, args: argparse.Namespace) -> None:
+    style, alone = args.style, figures["alone"]
+    own = alone[style][style]
+    print(f"{style} as `{args.trigger}` alone on its own prompts: rate {own[style]}  shape {own['shape']}  "
+          f"color {own['color']}")
+    for other in args.others:
+        pair = pair_name(style, other)
+        print(f"\n== {pair}, `{args.trigger}` for {style} ({args.samples} prompts carrying both triggers) ==")
+        for name in (style, other):
+            row = alone[name][pair]
+            print(f"  {name} alone on them: {name} {row[name]}  color {row['color']}  shape {row['shape']}")
+        for mode in args.modes:
+            row = figures[mode][pair]
+            print(f"  {mode:5s} both {row['both']}  {style} {row[style]}  {other} {row[other]}  "
+                  f"color {row['color']}  shape {row['shape']}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = parser.add_subparsers(dest="stage", required=True)
+    dataset = stages.add_parser("dataset", help="write OUT/toy-STYLE-TRIGGER")
+    dataset.add_argument("--out", type=Path, required=True)
+    scoring = stages.add_parser("score", help="the coined adapter alone and in pairs")
+    scoring.add_argument("--adapter", type=Path, required=True, help="the adapter trained on the retriggered set")
+    scoring.add_argument("--adapters-dir", type=Path, required=True, help="folder with toy-NAME/toy-NAME.safetensors")
+    scoring.add_argument("--others", nargs="+", default=["stripes", "zorb"], choices=KNOWN)
+    scoring.add_argument("--modes", nargs="+", default=["split", "sum"], choices=["sum", "ties", "split"])
+    scoring.add_argument("--samples", type=int, default=96)
+    scoring.add_argument("--seed", type=int, default=0)
+    scoring.add_argument("--json", type=Path, help="also write the figures here")
+    for stage in (dataset, scoring):
+        stage.add_argument("--style", choices=KNOWN, default="pastel")
+        stage.add_argument("--trigger", default="chalkstyle", help="the coined trigger (default chalkstyle)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.stage == "dataset":
+        print(write_dataset(args.style, args.trigger, args.out))
+        return 0
+    if args.style in args.others:
+        raise SystemExit(f"--others must not hold --style {args.style}")
+    figures = score(args)
+    report(figures, args)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
