@@ -8,8 +8,9 @@ by the shipped judge, and scores it the way the issue judges blends:
 
     python benchmarks/coined_trigger.py dataset --style pastel --trigger chalkstyle --out outputs/coined
     stylelora train outputs/coined/toy-pastel-chalkstyle --no-samples --output outputs/coined/run/toy-pastel
-    python benchmarks/coined_trigger.py score --adapter outputs/coined/run/toy-pastel/toy-pastel.safetensors \\
-        --style pastel --trigger chalkstyle --adapters-dir outputs/cur --others stripes zorb
+    python benchmarks/coined_trigger.py score \\
+        --adapter outputs/coined/run/toy-pastel/toy-pastel-chalkstyle.safetensors --style pastel \\
+        --trigger chalkstyle --adapters-dir outputs/cur --others stripes zorb
 
 `score` prints, for the coined adapter: its rate, shape and color on its own prompts; for each pair with another
 adapter (96 prompts carrying both triggers, the known pair's order with the coined trigger in place of the style's,
@@ -42,7 +43,8 @@ def write_dataset(style: str, trigger: str, out: Path) -> Path:
     for image in sorted(source.glob("*.png")):
         shutil.copyfile(image, folder / image.name)
         caption = image.with_suffix(".txt").read_text()
-        (folder / f"{image.stem}.txt").write_text(caption.replace(STYLE_TRIGGERS[style], trigger, 1))  # the trigger is the first tag
+        # The trigger is the first tag; the character's noun (`a green zorb`) stays.
+        (folder / f"{image.stem}.txt").write_text(caption.replace(STYLE_TRIGGERS[style], trigger, 1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

@@ -186,7 +186,8 @@ class TrainSection:
                                         "adapter still acts when a prompt names other adapters' triggers too "
                                         "(0 = captions as written)",
                                   example="0.25")
-    # Unset: on exactly when the base's tokenizer splits a trigger into several tokens (train.loop.with_company_kind).
+    # Unset: on exactly when the base's tokenizer splits a trigger into several tokens
+    # (train.loop.with_coined_trigger_rules).
     # On the toy base the ink adapter, whose trigger `inkstyle` is four tokens, then draws its style on 0.94 of its
     # prompts instead of 0.58; pastel, whose trigger is one token, keeps pastel on beside coined triggers with it but
     # gives way in blends (split: stripes+pastel 0.94 -> 0.29). docs/results.md, "A style the defaults were never

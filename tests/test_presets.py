@@ -122,16 +122,41 @@ def test_dry_run_on_an_sd15_base_resolves_sd_defaults_and_writes_no_adapter(tmp_
     assert result.stdout.strip().endswith("config.toml")
 
 
-@pytest.mark.parametrize("trigger, made_up", [("stripestyle", False), ("inkstyle", True)])
-def test_dry_run_says_whether_a_coined_trigger_gets_made_up_company(tmp_path, trigger, made_up):
+@pytest.mark.parametrize("trigger, made_up, text_encoder_lr", [("stripestyle", False, 2e-4), ("inkstyle", True, 1e-3)])
+def test_dry_run_says_what_a_coined_trigger_changes(tmp_path, trigger, made_up, text_encoder_lr):
     """The toy tokenizer reads `stripestyle` as one token and `inkstyle` as four: only a coined trigger trains beside
-    made-up words, and the dry run says so before anything loads."""
+    made-up words, with its text encoder at the toy's coined-trigger rate, and the dry run says so before anything
+    loads."""
     data = write_kohya_dataset(tmp_path / "data", count=4, trigger=trigger)
     result = run_train(str(data), "--output", str(tmp_path / "out"), "--dry-run")
     assert result.returncode == 0, result.stderr
-    settings = tomllib.loads((tmp_path / "out" / "config.toml").read_text(encoding="utf-8"))
+    text = (tmp_path / "out" / "config.toml").read_text(encoding="utf-8")
+    settings = tomllib.loads(text)
     assert settings["train"]["made_up_company"] is made_up
+    assert settings["optim"]["text_encoder_lr"] == text_encoder_lr
     assert ("splits 'inkstyle' into several tokens" in result.stderr) == made_up
+    assert ("# preset toy, coined trigger 'inkstyle': measured on the toy world" in text) == made_up
+
+
+@pytest.mark.parametrize("family, flags, expected", [
+    ("toy", {}, (1e-3, 1e-3)),  # the toy preset's value for a coined trigger
+    ("toy", {"optim.text_encoder_lr": 5e-4}, (5e-4, 5e-4)),  # a flag wins (and sets the second encoder too)
+    ("toy", {"optim.text_encoder_2_lr": 3e-4}, (1e-3, 3e-4)),
+    ("toy", {"optim.optimizer": "prodigy"}, (1.0, 1.0)),  # prodigy's multiplier stays 1
+    ("toy", {"network.train_text_encoder": False}, (None, None)),
+    ("sd1", {}, (1e-5, 1e-5)),  # a real base keeps what its users run
+    ("sdxl", {}, (1e-5, 1e-5)),
+])
+def test_a_coined_trigger_changes_only_the_values_a_familys_preset_chose(family, flags, expected):
+    from stylelora.config import load_config
+    from stylelora.presets import apply_coined_trigger_preset, apply_preset
+
+    config = apply_preset(load_config(None, {"data.dir": "d", **flags}), family, cuda=False)
+    one_token = apply_coined_trigger_preset(config, ())
+    coined = apply_coined_trigger_preset(config, ("inkstyle",))
+    assert one_token == config
+    assert (coined.optim.text_encoder_lr, coined.optim.text_encoder_2_lr) == expected
+    assert coined.train == config.train and coined.network == config.network and coined.data == config.data
 
 
 def test_sample_prompts_file_and_its_errors(tmp_path):

@@ -143,10 +143,10 @@ def test_made_up_company_when_unset_follows_whether_the_tokenizer_splits_a_trigg
 
     from stylelora.config import load_config
     from stylelora.models.load import TOY_BASE_DIR
-    from stylelora.train.loop import with_company_kind
+    from stylelora.train.loop import with_coined_trigger_rules
 
     tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE_DIR / "tokenizer")
     overrides = {} if setting is None else {"train.made_up_company": setting}
-    config = with_company_kind(load_config(None, {"data.dir": "d", **overrides}), tokenizer, triggers)
+    config = with_coined_trigger_rules(load_config(None, {"data.dir": "d", **overrides}), tokenizer, triggers)
     assert config.train.made_up_company is expected
     assert ("several tokens" in config.source_of("train.made_up_company")) == (setting is None and expected)

@@ -21,7 +21,7 @@ def dry_run(config: TrainConfig) -> Path:
     from stylelora.data.dataset import TrainingDataset
     from stylelora.models.family import config_folder, folder_geometry
     from stylelora.train.loop import (CONFIG_FILE, dataset_options, describe_settings, prepare_data, run_settings,
-                                      with_company_kind, with_family_preset)
+                                      with_coined_trigger_rules, with_family_preset)
 
     def say(message: str) -> None:
         if message:
@@ -36,7 +36,7 @@ def dry_run(config: TrainConfig) -> Path:
     config = run_settings(with_model_defaults(config, **geometry))
     tokenizer = _tokenizer(folder)
     if tokenizer is not None:  # without one the run decides when it loads the base
-        config = with_company_kind(config, tokenizer, data.triggers)
+        config = with_coined_trigger_rules(config, tokenizer, data.triggers)
     dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), dataset_options(config))
     batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed))
     path = save_config(config, run_dir / CONFIG_FILE)

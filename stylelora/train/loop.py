@@ -114,8 +114,8 @@ def run_training(config: TrainConfig) -> Path:
     # 2. Base model and LoRA.
     pipe = _load_base(config, accelerator)
     check_family(config, pipe)
-    config = with_company_kind(run_settings(with_model_defaults(config, **model_geometry(pipe))), pipe.tokenizer,
-                               data.triggers)
+    config = with_coined_trigger_rules(run_settings(with_model_defaults(config, **model_geometry(pipe))),
+                                       pipe.tokenizer, data.triggers)
     set_seed(config.train.seed)  # identical LoRA initialisation on every process
     lora = _add_lora(config, pipe)
 
@@ -196,16 +196,21 @@ def run_settings(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, train=dataclasses.replace(config.train, resume=None, overwrite=False))
 
 
-def with_company_kind(config: TrainConfig, tokenizer, triggers: tuple[str, ...]) -> TrainConfig:
-    """`config` with made_up_company, where unset, on exactly when `tokenizer` splits a trigger into several tokens.
+def with_coined_trigger_rules(config: TrainConfig, tokenizer, triggers: tuple[str, ...]) -> TrainConfig:
+    """`config` with what a coined trigger (one `tokenizer` splits into several tokens) changes, where the user left
+    it to the defaults: made_up_company, where unset, on exactly when a trigger is coined; and the base family's
+    values for a coined trigger (stylelora.presets.COINED_TRIGGER_PRESETS: on the toy base the text encoder's rate).
 
     Why: a coined trigger reaches the text encoder as fragments, and made-up company words (fragments too) teach the
     adapter which fragments are its trigger: the toy ink adapter (`inkstyle`, four tokens) drew its style on 0.94 of
     its prompts with them and on 0.58 without. An adapter whose trigger is one token gains nothing it needs and gives
     way in blends (docs/results.md, "A style the defaults were never tuned on")."""
+    from stylelora.presets import apply_coined_trigger_preset
+
+    coined = tuple(trigger for trigger in triggers if len(tokenizer.tokenize(trigger)) > 1)
+    config = apply_coined_trigger_preset(config, coined)
     if config.train.made_up_company is not None:
         return config
-    coined = [trigger for trigger in triggers if len(tokenizer.tokenize(trigger)) > 1]
     train = dataclasses.replace(config.train, made_up_company=bool(coined))
     source = (f"on: the base's tokenizer splits {', '.join(repr(t) for t in coined)} into several tokens" if coined
               else "off: every trigger is one token to the base's tokenizer")
@@ -504,6 +509,10 @@ def describe_run(run: Run, start_step: int) -> str:
         f"{per_step} samples per step, {epochs:.1f} epochs",
     ]
     lines.append(_describe_preservation(c, run.models.triggers, run.models.decoys, run.models.company))
+    coined = [(key, source) for key, source in c.sources if key.startswith("optim.") and ", coined trigger " in source]
+    if coined:  # set after the settings were printed, once the tokenizer was loaded (with_coined_trigger_rules)
+        values = ", ".join(f"{key} = {getattr(c.optim, key.split('.')[1]):g}" for key, _ in coined)
+        lines.append(f"{values} ({coined[0][1]})")
     if start_step:
         lines.append(f"resuming at step {start_step} from {run.last_checkpoint}")
     return "\n".join(lines)
