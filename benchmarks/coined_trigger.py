@@ -26,8 +26,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from stylelora.toy.evaluate import STYLES as KNOWN  # stripes, pastel, zorb: light, no torch
+
 REPO = Path(__file__).resolve().parents[1]
-KNOWN = ("stripes", "pastel", "zorb")
 
 
 def write_dataset(style: str, trigger: str, out: Path) -> Path:
@@ -78,30 +79,18 @@ class Scorer:
         self.stack = AdapterStack.for_pipe(self.pipe)
 
     def __call__(self, adapters: list[Path], prompts: list, mode: str) -> dict:
-        """{prompt set: each style's rate, shape and color accuracy, and for a pair the share with both styles}."""
+        """{prompt set: stylelora evaluate's row (each style's rate, shape and color accuracy, and for a pair
+        all_styles_rate)}. The prompt sets keep the known names, so evaluate's scoring reads them as it is."""
         from stylelora.lora.spec import AdapterSpec
         from stylelora.toy.evaluate import EvalSettings, generate_images
+        from stylelora.toy.evaluate import score as evaluate_score
 
         self.stack.apply([AdapterSpec(path, 1.0) for path in adapters], mode)
         try:
-            verdicts = self.judge.predict(generate_images(self.pipe, prompts, EvalSettings()))
+            predictions = self.judge.predict(generate_images(self.pipe, prompts, EvalSettings()))
         finally:
             self.stack.clear()
-        rows = {}
-        for name in dict.fromkeys(p.prompt_set for p in prompts):
-            chosen = [(p, v) for p, v in zip(prompts, verdicts) if p.prompt_set == name]
-            row = {style: _share(v[style] for _, v in chosen) for style in KNOWN}
-            row["shape"] = _share(v["shape"] == p.shape for p, v in chosen if p.shape != "zorb")
-            row["color"] = _share(v["color"] == p.color for p, v in chosen)
-            if "+" in name:
-                row["both"] = _share(all(v[s] for s in name.split("+")) for _, v in chosen)
-            rows[name] = row
-        return rows
-
-
-def _share(values) -> float | None:
-    values = list(values)
-    return round(sum(values) / len(values), 4) if values else None
+        return evaluate_score(prompts, predictions)["by_prompt_set"]
 
 
 def score(args: argparse.Namespace) -> dict:
@@ -125,18 +114,19 @@ def score(args: argparse.Namespace) -> dict:
 def report(figures: dict, args: argparse.Namespace) -> None:
     style, alone = args.style, figures["alone"]
     own = alone[style][style]
-    print(f"{style} as `{args.trigger}` alone on its own prompts: rate {own[style]}  shape {own['shape']}  "
-          f"color {own['color']}")
+    print(f"{style} as `{args.trigger}` alone on its own prompts: rate {own[f'{style}_rate']}  "
+          f"shape {own['shape_accuracy']}  color {own['color_accuracy']}")
     for other in args.others:
         pair = pair_name(style, other)
         print(f"\n== {pair}, `{args.trigger}` for {style} ({args.samples} prompts carrying both triggers) ==")
         for name in (style, other):
             row = alone[name][pair]
-            print(f"  {name} alone on them: {name} {row[name]}  color {row['color']}  shape {row['shape']}")
+            print(f"  {name} alone on them: {name} {row[f'{name}_rate']}  color {row['color_accuracy']}  "
+                  f"shape {row['shape_accuracy']}")
         for mode in args.modes:
             row = figures[mode][pair]
-            print(f"  {mode:5s} both {row['both']}  {style} {row[style]}  {other} {row[other]}  "
-                  f"color {row['color']}  shape {row['shape']}")
+            print(f"  {mode:5s} both {row['all_styles_rate']}  {style} {row[f'{style}_rate']}  "
+                  f"{other} {row[f'{other}_rate']}  color {row['color_accuracy']}  shape {row['shape_accuracy']}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

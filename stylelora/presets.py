@@ -34,6 +34,12 @@ class Value:
     per_optimizer: dict[str, Any] | None = None
     cpu: Any = None  # the value without CUDA, when it differs
 
+    def resolve(self, *, optimizer: str = "adamw", cuda: bool = False) -> Any:
+        """The value a run with `optimizer`, on CUDA or not, gets."""
+        if self.per_optimizer is not None:
+            return self.per_optimizer[optimizer]
+        return self.cpu if self.cpu is not None and not cuda else self.value
+
 
 # Sources, cited once. Real-base values are what kohya sd-scripts documents for LoRA, diffusers' LoRA examples run,
 # and what A1111 uses when it samples; the toy values were measured on the toy world (docs/results.md).
@@ -130,10 +136,7 @@ TEXT_ENCODER_LRS = ("optim.text_encoder_lr", "optim.text_encoder_2_lr")
 
 def preset_value(family: str, dotted: str, *, optimizer: str = "adamw", cuda: bool = False) -> Any:
     """The preset's value of one option (None for the toy resolution: the base's native size)."""
-    entry = PRESETS[family][dotted]
-    if entry.per_optimizer is not None:
-        return entry.per_optimizer[optimizer]
-    return entry.cpu if entry.cpu is not None and not cuda else entry.value
+    return PRESETS[family][dotted].resolve(optimizer=optimizer, cuda=cuda)
 
 
 def apply_preset(config: TrainConfig, family: str, *, cuda: bool, captions: Sequence[str] | None = None,
@@ -188,7 +191,7 @@ def apply_coined_trigger_preset(config: TrainConfig, coined: Sequence[str]) -> T
         source = config.source_of(dotted)
         if not source.startswith(f"preset {family}:"):
             continue  # set by the user (--text-encoder-lr sets both encoders), or unset (no text encoder trains)
-        filled[dotted] = entry.per_optimizer[config.optim.optimizer] if entry.per_optimizer else entry.value
+        filled[dotted] = entry.resolve(optimizer=config.optim.optimizer, cuda=False)  # LRs do not depend on CUDA
         sources[dotted] = f"preset {family}, coined trigger {', '.join(repr(t) for t in coined)}: {entry.source}"
     optim = dataclasses.replace(config.optim, **{dotted.split(".")[1]: value for dotted, value in filled.items()})
     return with_sources(dataclasses.replace(config, optim=optim), sources)
