@@ -15,6 +15,12 @@ by the shipped judge, and scores it the way the issue judges blends:
 `score` prints, for the coined adapter: its rate, shape and color on its own prompts; for each pair with another
 adapter (96 prompts carrying both triggers, the known pair's order with the coined trigger in place of the style's,
 both at 1): each adapter alone on them and the blend in each mode (both present, each rate, shape, color).
+
+`words` asks where an adapter alone stops answering its trigger: its own prompts with words typed before the trigger
+(or after it, with a leading `+`), each scored as the adapter's rate, shape and color and the tokens before the trigger:
+
+    python benchmarks/coined_trigger.py words --adapter outputs/cur/toy-pastel/toy-pastel.safetensors \
+        --style pastel --words '' 'inkstyle, ' 'ange, low, are, ' '+inkstyle, '
 """
 from __future__ import annotations
 
@@ -93,6 +99,43 @@ class Scorer:
         return evaluate_score(prompts, predictions)["by_prompt_set"]
 
 
+def with_words(prompt: str, trigger: str, words: str) -> str:
+    """`words` typed before the prompt, or with a leading "+" just after its leading trigger tag."""
+    if not words.startswith("+"):
+        return words + prompt
+    head = f"{trigger}, "
+    if not prompt.startswith(head):
+        raise ValueError(f"the prompt does not start with {head!r}: {prompt!r}")
+    return head + words[1:] + prompt[len(head):]
+
+
+def tokens_before(tokenizer, prompt: str, trigger: str) -> int:
+    """How many tokens the text encoder reads before the trigger's first token (start token excluded)."""
+    ids = tokenizer(prompt).input_ids[1:]
+    first = tokenizer(trigger).input_ids[1]
+    return ids.index(first)
+
+
+def words_figures(args: argparse.Namespace) -> list[dict]:
+    from stylelora.toy.evaluate import build_prompts
+    from stylelora.toy.world import STYLE_TRIGGERS
+
+    own = [replace(p, prompt=p.prompt.replace(STYLE_TRIGGERS[args.style], args.trigger, 1))
+           for p in build_prompts(args.samples, args.seed, (args.style,))]
+    scorer, rows = Scorer(), []
+    for words in args.words:
+        prompts = [replace(p, prompt=with_words(p.prompt, args.trigger, words)) for p in own]
+        row = scorer([args.adapter], prompts, "sum")[args.style]
+        rows.append({"words": words, "tokens_before": tokens_before(scorer.pipe.tokenizer, prompts[0].prompt,
+                                                                    args.trigger), "example": prompts[0].prompt,
+                     "rate": row[f"{args.style}_rate"], "shape": row["shape_accuracy"],
+                     "color": row["color_accuracy"]})
+        print(f"{words!r:28s} {args.style} {row[f'{args.style}_rate']:.2f}  shape {row['shape_accuracy']}  "
+              f"color {row['color_accuracy']:.2f}  ({rows[-1]['tokens_before']} tokens before the trigger: "
+              f"{prompts[0].prompt})", flush=True)
+    return rows
+
+
 def score(args: argparse.Namespace) -> dict:
     others = tuple(args.others)
     prompts = coined_prompts(args.samples, args.seed, args.style, args.trigger, others)
@@ -142,9 +185,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     scoring.add_argument("--samples", type=int, default=96)
     scoring.add_argument("--seed", type=int, default=0)
     scoring.add_argument("--json", type=Path, help="also write the figures here")
-    for stage in (dataset, scoring):
+    words = stages.add_parser("words", help="the adapter alone, words typed before (or +after) its trigger")
+    words.add_argument("--adapter", type=Path, required=True)
+    words.add_argument("--words", nargs="+", required=True, help="text before the trigger ('' = none; '+w, ' after it)")
+    words.add_argument("--samples", type=int, default=32)
+    words.add_argument("--seed", type=int, default=0)
+    words.add_argument("--json", type=Path, help="also write the figures here")
+    for stage in (dataset, scoring, words):
         stage.add_argument("--style", choices=KNOWN, default="pastel")
+    for stage in (dataset, scoring):
         stage.add_argument("--trigger", default="chalkstyle", help="the coined trigger (default chalkstyle)")
+    words.add_argument("--trigger", help="the adapter's trigger (default: the style's own, e.g. pastelstyle)")
     return parser.parse_args(argv)
 
 
@@ -152,6 +203,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.stage == "dataset":
         print(write_dataset(args.style, args.trigger, args.out))
+        return 0
+    if args.stage == "words":
+        from stylelora.toy.world import STYLE_TRIGGERS
+
+        args.trigger = args.trigger or STYLE_TRIGGERS[args.style]
+        rows = words_figures(args)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
         return 0
     if args.style in args.others:
         raise SystemExit(f"--others must not hold --style {args.style}")

@@ -27,3 +27,22 @@ def test_coined_prompts_are_evaluates_with_the_styles_trigger_replaced_in_the_kn
     assert all(p.prompt.startswith("chalkstyle, zorb, a") and p.shape == "zorb" for p in sets["pastel+zorb"])
     assert all("pastelstyle" not in p.prompt for p in prompts)
     assert [p.seed for p in sets["pastel"]] == [p.seed for p in sets["pastel+zorb"]]
+
+
+def test_words_go_before_the_prompt_or_after_its_leading_trigger_tag():
+    prompt = "pastelstyle, a red star on a beige background"
+    assert coined.with_words(prompt, "pastelstyle", "") == prompt
+    assert coined.with_words(prompt, "pastelstyle", "inkstyle, ") == "inkstyle, " + prompt
+    assert coined.with_words(prompt, "pastelstyle", "+ange, low, ") == (
+        "pastelstyle, ange, low, a red star on a beige background")
+
+
+def test_tokens_before_counts_what_the_text_encoder_reads_ahead_of_the_trigger():
+    from transformers import CLIPTokenizer
+
+    from stylelora.models.load import TOY_BASE_DIR
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE_DIR / "tokenizer")
+    assert coined.tokens_before(tokenizer, "pastelstyle, a red star", "pastelstyle") == 0
+    assert coined.tokens_before(tokenizer, "ange, low, pastelstyle, a red star", "pastelstyle") == 4
+    assert coined.tokens_before(tokenizer, "inkstyle, pastelstyle, a red star", "pastelstyle") == 5  # i n k style ,
