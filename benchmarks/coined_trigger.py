@@ -122,7 +122,7 @@ def words_figures(args: argparse.Namespace) -> list[dict]:
 
     own = [replace(p, prompt=p.prompt.replace(STYLE_TRIGGERS[args.style], args.trigger, 1))
            for p in build_prompts(args.samples, args.seed, (args.style,))]
-    scorer, rows = Scorer(), []
+    scorer, rows = Scorer(args.base), []
     for words in args.words:
         prompts = [replace(p, prompt=with_words(p.prompt, args.trigger, words)) for p in own]
         row = scorer([args.adapter], prompts, "sum")[args.style]
@@ -140,7 +140,7 @@ def score(args: argparse.Namespace) -> dict:
     others = tuple(args.others)
     prompts = coined_prompts(args.samples, args.seed, args.style, args.trigger, others)
     files = {name: args.adapters_dir / f"toy-{name}" / f"toy-{name}.safetensors" for name in others}
-    scorer, start = Scorer(), time.perf_counter()
+    scorer, start = Scorer(args.base), time.perf_counter()
     figures: dict = {"alone": {args.style: scorer([args.adapter], prompts, "sum")}}
     for other in others:
         pair = pair_name(args.style, other)
@@ -193,6 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     words.add_argument("--json", type=Path, help="also write the figures here")
     for stage in (dataset, scoring, words):
         stage.add_argument("--style", choices=KNOWN, default="pastel")
+    for stage in (scoring, words):
+        stage.add_argument("--base", default="toy", help="the base the adapters were trained on (default toy)")
     for stage in (dataset, scoring):
         stage.add_argument("--trigger", default="chalkstyle", help="the coined trigger (default chalkstyle)")
     words.add_argument("--trigger", help="the adapter's trigger (default: the style's own, e.g. pastelstyle)")
