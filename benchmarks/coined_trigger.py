@@ -109,11 +109,11 @@ def with_words(prompt: str, trigger: str, words: str) -> str:
     return head + words[1:] + prompt[len(head):]
 
 
-def tokens_before(tokenizer, prompt: str, trigger: str) -> int:
-    """How many tokens the text encoder reads before the trigger's first token (start token excluded)."""
-    ids = tokenizer(prompt).input_ids[1:]
-    first = tokenizer(trigger).input_ids[1]
-    return ids.index(first)
+def tokens_before(tokenizer, words: str) -> int:
+    """How many tokens the text encoder reads ahead of the trigger once `words` are typed (as `with_words` types
+    them; the start token not counted). CLIP's tokenizer splits at spaces and punctuation first, so the words' tokens
+    are the same alone as in the prompt."""
+    return 0 if words.startswith("+") else len(tokenizer(words).input_ids) - 2
 
 
 def words_figures(args: argparse.Namespace) -> list[dict]:
@@ -126,8 +126,8 @@ def words_figures(args: argparse.Namespace) -> list[dict]:
     for words in args.words:
         prompts = [replace(p, prompt=with_words(p.prompt, args.trigger, words)) for p in own]
         row = scorer([args.adapter], prompts, "sum")[args.style]
-        rows.append({"words": words, "tokens_before": tokens_before(scorer.pipe.tokenizer, prompts[0].prompt,
-                                                                    args.trigger), "example": prompts[0].prompt,
+        rows.append({"words": words, "tokens_before": tokens_before(scorer.pipe.tokenizer, words),
+                     "example": prompts[0].prompt,
                      "rate": row[f"{args.style}_rate"], "shape": row["shape_accuracy"],
                      "color": row["color_accuracy"]})
         print(f"{words!r:28s} {args.style} {row[f'{args.style}_rate']:.2f}  shape {row['shape_accuracy']}  "

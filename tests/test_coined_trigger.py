@@ -43,6 +43,10 @@ def test_tokens_before_counts_what_the_text_encoder_reads_ahead_of_the_trigger()
     from stylelora.models.load import TOY_BASE_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE_DIR / "tokenizer")
-    assert coined.tokens_before(tokenizer, "pastelstyle, a red star", "pastelstyle") == 0
-    assert coined.tokens_before(tokenizer, "ange, low, pastelstyle, a red star", "pastelstyle") == 4
-    assert coined.tokens_before(tokenizer, "inkstyle, pastelstyle, a red star", "pastelstyle") == 5  # i n k style ,
+    assert coined.tokens_before(tokenizer, "") == 0
+    assert coined.tokens_before(tokenizer, "ange, low, ") == 4
+    assert coined.tokens_before(tokenizer, "inkstyle, ") == 5  # i n k style ,
+    assert coined.tokens_before(tokenizer, "+inkstyle, ") == 0  # typed after the trigger
+    prompt = coined.with_words("pastelstyle, a red star", "pastelstyle", "inkstyle, ")
+    ids = tokenizer(prompt).input_ids
+    assert ids[1 + coined.tokens_before(tokenizer, "inkstyle, ")] == tokenizer("pastelstyle").input_ids[1]
