@@ -122,13 +122,9 @@ PRESETS: dict[str, dict[str, Value]] = {
 # triggers train their text encoder at 2e-4, and a coined one at that rate stays weak in every blend.
 TOY_COINED = ("measured on the toy world: a coined trigger's text encoder learns its fragments at the UNet's rate "
               "(docs/results.md, A trigger the tokenizer splits)")
+TOY_COINED_TEXT_ENCODER_LR = Value(1e-3, TOY_COINED, per_optimizer={"adamw": 1e-3, "adamw8bit": 1e-3, "prodigy": 1.0})
 COINED_TRIGGER_PRESETS: dict[str, dict[str, Value]] = {
-    "toy": {
-        "optim.text_encoder_lr": Value(1e-3, TOY_COINED,
-                                       per_optimizer={"adamw": 1e-3, "adamw8bit": 1e-3, "prodigy": 1.0}),
-        "optim.text_encoder_2_lr": Value(1e-3, TOY_COINED,
-                                         per_optimizer={"adamw": 1e-3, "adamw8bit": 1e-3, "prodigy": 1.0}),
-    },
+    "toy": {"optim.text_encoder_lr": TOY_COINED_TEXT_ENCODER_LR, "optim.text_encoder_2_lr": TOY_COINED_TEXT_ENCODER_LR},
 }
 PRESET_KEYS = tuple(spec.dotted for spec in OPTION_SPECS if spec.option.preset)
 TEXT_ENCODER_LRS = ("optim.text_encoder_lr", "optim.text_encoder_2_lr")
@@ -192,9 +188,20 @@ def apply_coined_trigger_preset(config: TrainConfig, coined: Sequence[str]) -> T
         if not source.startswith(f"preset {family}:"):
             continue  # set by the user (--text-encoder-lr sets both encoders), or unset (no text encoder trains)
         filled[dotted] = entry.resolve(optimizer=config.optim.optimizer, cuda=False)  # LRs do not depend on CUDA
-        sources[dotted] = f"preset {family}, coined trigger {', '.join(repr(t) for t in coined)}: {entry.source}"
+        sources[dotted] = f"{_coined_source_prefix(family)}{', '.join(repr(t) for t in coined)}: {entry.source}"
     optim = dataclasses.replace(config.optim, **{dotted.split(".")[1]: value for dotted, value in filled.items()})
     return with_sources(dataclasses.replace(config, optim=optim), sources)
+
+
+def coined_trigger_choices(config: TrainConfig) -> list[tuple[str, str]]:
+    """(dotted key, source) of each value `apply_coined_trigger_preset` set in `config`, in the sources' order."""
+    entries = COINED_TRIGGER_PRESETS.get(config.train.family, {})
+    prefix = _coined_source_prefix(config.train.family)
+    return [(dotted, source) for dotted, source in config.sources if dotted in entries and source.startswith(prefix)]
+
+
+def _coined_source_prefix(family: str | None) -> str:
+    return f"preset {family}, coined trigger "
 
 
 def prompts_from_captions(captions: Sequence[str], triggers: Sequence[str]) -> tuple[str, ...]:

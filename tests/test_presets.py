@@ -149,7 +149,7 @@ def test_dry_run_says_what_a_coined_trigger_changes(tmp_path, trigger, made_up, 
 ])
 def test_a_coined_trigger_changes_only_the_values_a_familys_preset_chose(family, flags, expected):
     from stylelora.config import load_config
-    from stylelora.presets import apply_coined_trigger_preset, apply_preset
+    from stylelora.presets import apply_coined_trigger_preset, apply_preset, coined_trigger_choices
 
     config = apply_preset(load_config(None, {"data.dir": "d", **flags}), family, cuda=False)
     one_token = apply_coined_trigger_preset(config, ())
@@ -157,6 +157,10 @@ def test_a_coined_trigger_changes_only_the_values_a_familys_preset_chose(family,
     assert one_token == config
     assert (coined.optim.text_encoder_lr, coined.optim.text_encoder_2_lr) == expected
     assert coined.train == config.train and coined.network == config.network and coined.data == config.data
+    # What the run's start line reports: exactly the values the rule set, with the rule as their source.
+    changed = sorted(key for key, source in coined.sources if config.source_of(key) != source)
+    assert [key for key, _ in coined_trigger_choices(coined)] == changed
+    assert coined_trigger_choices(one_token) == []
 
 
 def test_sample_prompts_file_and_its_errors(tmp_path):

@@ -493,6 +493,8 @@ def _company(config: TrainConfig, data: DataPlan, pipe, decoys: tuple[str, ...])
 
 
 def describe_run(run: Run, start_step: int) -> str:
+    from stylelora.presets import coined_trigger_choices
+
     c, acc = run.config, run.accelerator
     per_step = c.train.batch_size * c.optim.grad_accum * acc.num_processes
     epochs = c.train.steps * c.optim.grad_accum / max(1, len(run.sampler))
@@ -509,7 +511,7 @@ def describe_run(run: Run, start_step: int) -> str:
         f"{per_step} samples per step, {epochs:.1f} epochs",
     ]
     lines.append(_describe_preservation(c, run.models.triggers, run.models.decoys, run.models.company))
-    coined = [(key, source) for key, source in c.sources if key.startswith("optim.") and ", coined trigger " in source]
+    coined = coined_trigger_choices(c)
     if coined:  # set after the settings were printed, once the tokenizer was loaded (with_coined_trigger_rules)
         values = ", ".join(f"{key} = {getattr(c.optim, key.split('.')[1]):g}" for key, _ in coined)
         lines.append(f"{values} ({coined[0][1]})")
