@@ -136,11 +136,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Bench:
     def __init__(self, adapters_dir: str, samples: int):
         from stylelora.generate.stack import AdapterStack
-        from stylelora.models.load import load_base
-        from stylelora.toy.judge import load_judge
+        from stylelora.toy.evaluate import load_judged_base
 
-        self.pipe, self.judge = load_base("toy"), load_judge()
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe, self.judge = load_judged_base("toy")
         self.stack = AdapterStack.for_pipe(self.pipe)
         self.dir, self.samples = Path(adapters_dir), samples
 

@@ -33,15 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def draw(pipe, stack, paths: list[Path], mode: str, prompts, settings):
+def draw(pipe, paths: list[Path], mode: str, prompts, settings):
     from stylelora.lora.spec import AdapterSpec
-    from stylelora.toy.evaluate import generate_images
+    from stylelora.toy.evaluate import draw_blend
 
-    stack.apply([AdapterSpec(str(path), 1.0) for path in paths], mode)
-    try:
-        return generate_images(pipe, prompts, settings)
-    finally:
-        stack.clear()
+    return draw_blend(pipe, [AdapterSpec(str(path), 1.0) for path in paths], prompts, settings, mode)
 
 
 def world_renders(prompts, styles: list[str]) -> list:
@@ -78,11 +74,8 @@ def print_color_misses(prompts, verdicts_by_row: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from stylelora.generate.stack import AdapterStack
     from stylelora.grid import save_grid
-    from stylelora.models.load import load_base
-    from stylelora.toy.evaluate import EvalSettings, build_prompts
-    from stylelora.toy.judge import load_judge
+    from stylelora.toy.evaluate import EvalSettings, build_prompts, load_judged_base
 
     args = parse_args(argv)
     styles = args.pair.split("+")
@@ -91,14 +84,12 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"no adapter at {', '.join(missing)}: train it with stylelora train datasets/toy-NAME "
                          f"--output {args.adapters_dir}/toy-NAME")
-    pipe, judge = load_base("toy"), load_judge()
-    pipe.set_progress_bar_config(disable=True)
-    stack = AdapterStack.for_pipe(pipe)
+    pipe, judge = load_judged_base("toy")
     settings = EvalSettings(samples=args.samples, prompt_sets=(args.pair,))
     prompts = build_prompts(args.samples, settings.seed, settings.prompt_sets)
-    blended = draw(pipe, stack, list(files.values()), args.mode, prompts, settings)
+    blended = draw(pipe, list(files.values()), args.mode, prompts, settings)
     verdicts = judge.predict(blended)
-    alone_images = {style: draw(pipe, stack, [files[style]], args.mode, prompts, settings) for style in styles}
+    alone_images = {style: draw(pipe, [files[style]], args.mode, prompts, settings) for style in styles}
     alone = {style: judge.predict(images) for style, images in alone_images.items()}
     totals, counts, sheet = Counter(), Counter(), []  # sheet: (blend, the adapter it lost alone) per failure
     for index, (prompt, verdict) in enumerate(zip(prompts, verdicts)):

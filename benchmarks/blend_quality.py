@@ -89,13 +89,9 @@ class Scorer:
     """Generates a prompt set with a blend fused and scores it; prompts and seeds are stylelora evaluate's."""
 
     def __init__(self, base: str, samples: int, seed: int):
-        from stylelora.generate.stack import AdapterStack
-        from stylelora.models.load import load_base
-        from stylelora.toy.judge import load_judge
+        from stylelora.toy.evaluate import load_judged_base
 
-        self.pipe, self.judge = load_base(base), load_judge()
-        self.pipe.set_progress_bar_config(disable=True)
-        self.stack = AdapterStack.for_pipe(self.pipe)
+        self.pipe, self.judge = load_judged_base(base)
         self.samples, self.seed = samples, seed
         self.images = 0
         self.pixels: dict = {}  # prompt set: the last call's images as one float array (images, height, width, 3)
@@ -106,16 +102,13 @@ class Scorer:
         adapters: (path, weight) or (path, UNet weight, text-encoder weight); dial: what the weights turn
         (stylelora.generate.reading_dial; None: the LoRA weights, as A1111)."""
         from stylelora.lora.spec import AdapterSpec
-        from stylelora.toy.evaluate import EvalSettings, build_prompts, generate_images, score
+        from stylelora.toy.evaluate import EvalSettings, build_prompts, draw_blend, score
 
         settings = EvalSettings(samples=self.samples, seed=self.seed, prompt_sets=prompt_sets)
         prompts = build_prompts(settings.samples, settings.seed, settings.prompt_sets)
-        self.stack.apply([AdapterSpec(*adapter) for adapter in adapters if any(adapter[1:])], mode, dial)
-        try:
-            images = generate_images(self.pipe, prompts, settings)
-            predictions = self.judge.predict(images)
-        finally:
-            self.stack.clear()
+        specs = [AdapterSpec(*adapter) for adapter in adapters if any(adapter[1:])]
+        images = draw_blend(self.pipe, specs, prompts, settings, mode, dial)
+        predictions = self.judge.predict(images)
         self.images += len(prompts)
         self.pixels = {name: np.stack([np.asarray(image, dtype=np.float32) / 255 for image, prompt in
                                        zip(images, prompts) if prompt.prompt_set == name]) for name in prompt_sets}

@@ -76,26 +76,19 @@ class Scorer:
     """Generates prompts with adapters applied and reads them with the shipped judge."""
 
     def __init__(self, base: str = "toy"):
-        from stylelora.generate.stack import AdapterStack
-        from stylelora.models.load import load_base
-        from stylelora.toy.judge import load_judge
+        from stylelora.toy.evaluate import load_judged_base
 
-        self.pipe, self.judge = load_base(base), load_judge()
-        self.pipe.set_progress_bar_config(disable=True)
-        self.stack = AdapterStack.for_pipe(self.pipe)
+        self.pipe, self.judge = load_judged_base(base)
 
     def __call__(self, adapters: list[Path], prompts: list, mode: str) -> dict:
         """{prompt set: stylelora evaluate's row (each style's rate, shape and color accuracy, and for a pair
         all_styles_rate)}. The prompt sets keep the known names, so evaluate's scoring reads them as it is."""
         from stylelora.lora.spec import AdapterSpec
-        from stylelora.toy.evaluate import EvalSettings, generate_images
+        from stylelora.toy.evaluate import EvalSettings, draw_blend
         from stylelora.toy.evaluate import score as evaluate_score
 
-        self.stack.apply([AdapterSpec(path, 1.0) for path in adapters], mode)
-        try:
-            predictions = self.judge.predict(generate_images(self.pipe, prompts, EvalSettings()))
-        finally:
-            self.stack.clear()
+        images = draw_blend(self.pipe, [AdapterSpec(path, 1.0) for path in adapters], prompts, EvalSettings(), mode)
+        predictions = self.judge.predict(images)
         return evaluate_score(prompts, predictions)["by_prompt_set"]
 
 

@@ -196,24 +196,17 @@ class InkScorer:
     """Generates prompts with adapters applied and reads them with the shipped judge and the ink classifier."""
 
     def __init__(self, ink_judge: Path, base: str = "toy"):
-        from stylelora.generate.stack import AdapterStack
-        from stylelora.models.load import load_base
+        from stylelora.toy.evaluate import load_judged_base
         from stylelora.toy.judge import load_judge
 
-        self.pipe, self.judge, self.ink = load_base(base), load_judge(), load_judge(ink_judge)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.stack = AdapterStack.for_pipe(self.pipe)
+        (self.pipe, self.judge), self.ink = load_judged_base(base), load_judge(ink_judge)
 
     def __call__(self, adapters: list, prompts: list, mode: str) -> dict:
         """{prompt set: {rates of ink and the other styles, shape and color accuracy}}."""
         from stylelora.lora.spec import AdapterSpec
-        from stylelora.toy.evaluate import EvalSettings, generate_images
+        from stylelora.toy.evaluate import EvalSettings, draw_blend
 
-        self.stack.apply([AdapterSpec(path, 1.0) for path in adapters], mode)
-        try:
-            images = generate_images(self.pipe, prompts, EvalSettings())
-        finally:
-            self.stack.clear()
+        images = draw_blend(self.pipe, [AdapterSpec(path, 1.0) for path in adapters], prompts, EvalSettings(), mode)
         verdicts = self.judge.predict(images)
         inked = [verdict["ink"] for verdict in self.ink.predict(images)]
         rows = {}

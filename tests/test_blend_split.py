@@ -405,3 +405,27 @@ def test_split_on_sdxl_keeps_an_adapter_beside_a_silent_one(tmp_path):
     both = image([AdapterSpec(files["a"], 1.0), AdapterSpec(files["b"], 1.0)], "split")
     summed = image([AdapterSpec(files["a"], 1.0), AdapterSpec(files["b"], 1.0)], "sum")
     assert abs(both - summed).max() > 1e-2 and abs(both - alone).max() > 1e-2
+
+
+def test_benchmarks_draw_one_blend_after_another_on_one_loaded_pipe(world):
+    """stylelora.toy.evaluate.draw_blend (every toy benchmark's way of drawing a blend): the images are the ones the
+    blend draws when applied by hand, and the base's weights are back, bit for bit, once they are drawn."""
+    from stylelora.toy.evaluate import EvalSettings, build_prompts, draw_blend, generate_images
+
+    pipe = load_tiny_base(world["base"])
+    settings = EvalSettings(samples=2, prompt_sets=("stripes+pastel",), steps=3)
+    prompts = build_prompts(settings.samples, settings.seed, settings.prompt_sets)
+    blend = [AdapterSpec(world["a"], 1.0), AdapterSpec(world["b"], 1.0)]
+    base_images = [pixels(image) for image in generate_images(pipe, prompts, settings)]
+    base_weights = {name: tensor.clone() for name, tensor in pipe.unet.state_dict().items()}
+
+    drawn = [pixels(image) for image in draw_blend(pipe, blend, prompts, settings, "split")]
+    assert all(torch.equal(tensor, base_weights[name]) for name, tensor in pipe.unet.state_dict().items())
+    assert [pixels(image).tolist() for image in generate_images(pipe, prompts, settings)] == \
+        [image.tolist() for image in base_images]
+    stack = AdapterStack.for_pipe(pipe)
+    stack.apply(blend, "split")
+    by_hand = [pixels(image) for image in generate_images(pipe, prompts, settings)]
+    stack.clear()
+    assert [image.tolist() for image in drawn] == [image.tolist() for image in by_hand]
+    assert any(not numpy.array_equal(a, b) for a, b in zip(drawn, base_images))  # the blend changed the images

@@ -92,6 +92,29 @@ def generate_images(pipe, prompts: list[EvalPrompt], settings: EvalSettings, bat
     return images
 
 
+def load_judged_base(base: str = "toy"):
+    """(pipe, judge): a base with its progress bar off, and the toy-world judge, for scoring blend after blend."""
+    from ..models.load import load_base
+    from .judge import load_judge
+
+    pipe = load_base(base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, load_judge()
+
+
+def draw_blend(pipe, specs: list, prompts: list[EvalPrompt], settings: EvalSettings, mode: str | None = None,
+               dial: str | None = None) -> list:
+    """Images of `prompts` with this blend applied, and the base's own weights back afterwards, so that one loaded
+    pipe draws one blend after another (specs: AdapterSpec or "FILE[:W[:TE_W]]"; mode, dial: AdapterStack.apply's)."""
+    from ..generate.stack import AdapterStack
+
+    with AdapterStack.for_pipe(pipe).applied(specs, mode, dial) as stack:
+        try:
+            return generate_images(pipe, prompts, settings)
+        finally:
+            stack.clear()
+
+
 def score(prompts: list[EvalPrompt], predictions: list[dict]) -> dict:
     """Shape/color accuracy over the shape prompts, and the rate at which each prompt set shows each style."""
     shape_hits = [pred["shape"] == p.shape for p, pred in zip(prompts, predictions) if p.shape != CHARACTER]
