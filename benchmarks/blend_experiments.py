@@ -67,6 +67,10 @@ and each adapter's own set.
              short of it along o_i: y + G x sum_i min(C, max(0, 1 - <o_M, o_i> / |o_i|^2)) x o_i, per token
              (token) or per image (layer), at timesteps below T (--deficit KIND:C:T:G, each after KIND optional:
              C 1, T 1000, G 1); activation-dependent, so not a static file
+    region   split, and in the same layers each adapter's own LoRA output o_i damped on the tokens where the other
+             adapter acts more: o_i x ((s_i / max(s_A, s_B)) ** G - 1) added, s_i the norm of o_i at the token over
+             its mean over the image, at timesteps below T, on both adapters or only the first or second (--region
+             G[:T[:first|second]]); activation-dependent, so not a static file
 
     python benchmarks/blend_experiments.py --adapters-dir outputs/blend-dc50 --samples 48 --merges learned concat compose
     python benchmarks/blend_experiments.py --adapters-dir outputs/switch/tn02 --merges window --window 0.4 0.5 1
@@ -104,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS + REVERSED))
     parser.add_argument("--merges", nargs="+", default=["learned", "concat", "compose"],
                         choices=["learned", "concat", "compose", "eps", "window", "uncond", "modules", "rule",
-                                 "gain", "order", "othersum", "schedule", "regmean", "deficit"])
+                                 "gain", "order", "othersum", "schedule", "regmean", "deficit", "region"])
     parser.add_argument("--eps-merge", choices=["sum", "elementwise"], default="sum",
                         help="eps: how the adapters' changes to the noise prediction combine")
     parser.add_argument("--window", type=float, nargs="+", default=[0.4],
@@ -122,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="schedule: EARLY:LATE@T rows (see the module's doc)")
     parser.add_argument("--deficit", nargs="+", default=["token"],
                         help="deficit: KIND[:C[:T[:G]]] rows, KIND token or layer (see the module's doc)")
+    parser.add_argument("--region", nargs="+", default=["2"],
+                        help="region: G[:T[:first|second]] rows (see the module's doc)")
     parser.add_argument("--calibration", type=int, default=16,
                         help="regmean: own prompts each adapter draws alone for its layers' input statistics")
     parser.add_argument("--regmean-alpha", type=float, nargs="+", default=[0.9],
@@ -858,12 +864,12 @@ def _deficit_row(row: str) -> tuple[str, float, float, float]:
 
 
 @contextmanager
-def deficit_restored(bench: Bench, a: str, b: str, row: str):
-    """A + B applied in split, with each adapter's own output restored where the fused layers outside
-    cross-attention fall short of it along its direction (the `deficit` merge, see the module's doc)."""
+def other_layers_corrected(bench: Bench, a: str, b: str, below: float, correction):
+    """A + B applied in split, and in every UNet layer outside cross-attention that both adapters touch (linear and
+    1x1 convolutions), at timesteps below `below`, correction(merged, owns) added to the layer's output: merged is
+    the fused layer's change on its input, owns each adapter's own LoRA output, all channels last."""
     import torch
 
-    kind, cap, below, gain = _deficit_row(row)
     stack, specs = bench.stack, [bench.spec(a), bench.spec(b)]
     stack.apply(specs, "split")
     plan, clock = stack._plan(specs, [stack.load(spec.path) for spec in specs]), {"t": 1000.0}
@@ -871,16 +877,11 @@ def deficit_restored(bench: Bench, a: str, b: str, row: str):
     def note_timestep(_module, args, kwargs):
         clock["t"] = float(torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else 0)).flatten()[0])
 
-    def restore(conv, factors, merged_delta, _module, inputs, output):
+    def corrected(conv, factors, merged_delta, _module, inputs, output):
         if clock["t"] > below:
             return output
         x = inputs[0].movedim(1, -1) if conv else inputs[0]  # channels last
-        merged, extra = x @ merged_delta.T, 0
-        dims = (-1,) if kind == "token" else tuple(range(1, x.ndim))
-        for up, down in factors:
-            own = (x @ down.T) @ up.T
-            share = (merged * own).sum(dims, keepdim=True) / (own * own).sum(dims, keepdim=True).clamp(min=1e-12)
-            extra = extra + gain * (1 - share).clamp(min=0, max=cap) * own
+        extra = correction(x @ merged_delta.T, [(x @ down.T) @ up.T for up, down in factors])
         return output + (extra.movedim(-1, 1) if conv else extra)
 
     hooks = [bench.pipe.unet.register_forward_pre_hook(note_timestep, with_kwargs=True)]
@@ -894,13 +895,54 @@ def deficit_restored(bench: Bench, a: str, b: str, row: str):
             factors = [((weight * f.scale) * f.up.float().flatten(1), f.down.float().flatten(1))
                        for _, weight, f in plan[key]]
             hooks.append(layer.register_forward_hook(
-                lambda module, inputs, output, c=conv, f=factors, m=merged_delta: restore(c, f, m, module, inputs,
-                                                                                           output)))
+                lambda module, inputs, output, c=conv, f=factors, m=merged_delta: corrected(c, f, m, module, inputs,
+                                                                                             output)))
         yield
     finally:
         for hook in hooks:
             hook.remove()
         stack.clear()
+
+
+def deficit_restored(bench: Bench, a: str, b: str, row: str):
+    """A + B applied in split, with each adapter's own output restored where the fused layers outside
+    cross-attention fall short of it along its direction (the `deficit` merge, see the module's doc)."""
+    kind, cap, below, gain = _deficit_row(row)
+
+    def restore(merged, owns):
+        extra = 0
+        for own in owns:
+            dims = (-1,) if kind == "token" else tuple(range(1, own.ndim))
+            share = (merged * own).sum(dims, keepdim=True) / (own * own).sum(dims, keepdim=True).clamp(min=1e-12)
+            extra = extra + gain * (1 - share).clamp(min=0, max=cap) * own
+        return extra
+
+    return other_layers_corrected(bench, a, b, below, restore)
+
+
+def _region_row(row: str) -> tuple[float, float, str]:
+    power, _, rest = row.partition(":")
+    below, _, only = rest.partition(":")
+    if only not in ("", "first", "second"):
+        raise SystemExit(f"--region {row}: give G[:T[:first|second]], e.g. 2:400:first")
+    return float(power), float(below or 1000), only
+
+
+def region_damped(bench: Bench, a: str, b: str, row: str):
+    """A + B applied in split, with each adapter's own output in the layers outside cross-attention damped on the
+    tokens where the other adapter acts more (the `region` merge, see the module's doc)."""
+    power, below, only = _region_row(row)
+    damped = {"": (0, 1), "first": (0,), "second": (1,)}[only]
+    return other_layers_corrected(bench, a, b, below, lambda _merged, owns: region_damping(owns, power, damped))
+
+
+def region_damping(owns: list, power: float, damped: tuple[int, ...]):
+    """What the region merge adds to a layer's output: sum over the damped adapters of ((s_i / max_j s_j) ** power -
+    1) x o_i, s_i the norm of adapter i's own output o_i (batch, tokens..., channels) at each token over its mean."""
+    norms = [own.norm(dim=-1, keepdim=True) for own in owns]
+    salience = [n / n.mean(dim=tuple(range(1, n.ndim)), keepdim=True).clamp(min=1e-12) for n in norms]
+    top = salience[0].maximum(salience[1]).clamp(min=1e-12)
+    return sum(((s / top) ** power - 1) * own for index, (s, own) in enumerate(zip(salience, owns)) if index in damped)
 
 
 def line(rows: dict, a: str, b: str) -> str:
@@ -1024,6 +1066,10 @@ def main(argv=None) -> int:
             for row in args.deficit:
                 with deficit_restored(bench, a, b, row):
                     print(f"{pair:15s} deficit {row} {line(bench.score(sets), a, b)}", flush=True)
+        if "region" in args.merges:
+            for row in args.region:
+                with region_damped(bench, a, b, row):
+                    print(f"{pair:15s} region {row} {line(bench.score(sets), a, b)}", flush=True)
         if "learned" in args.merges:
             loss = learned_merge(bench, a, b, args.steps)
             print(f"{pair:15s} learned  {line(bench.score(sets), a, b)} (fit loss {loss:.4f})", flush=True)

@@ -3,7 +3,8 @@ itself, a window over none is one attention core per module, and that core with 
 the eps merge (one UNet pass per adapter) with a silent partner is the adapter too; the uncond merge (split on
 the prompt's rows only) and the other merge rules of split, checked by hand; the UNet gain in named layers; split
 on the prompt as typed; split with the layers outside cross-attention summed, fused by timestep, or fused by
-RegMean (checked by hand)."""
+RegMean (checked by hand); each adapter's push outside cross-attention damped where the other acts more (the
+region merge, by hand)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -413,3 +414,28 @@ def test_regmean_split_fuses_only_the_shared_layers_outside_cross_attention_and_
     changed = [name for name in merged if not torch.equal(merged[name], split[name])]
     assert changed and not any(name.startswith(cross) for name in changed)
     assert all(torch.equal(p, before[name]) for name, p in bench.pipe.unet.named_parameters())
+
+
+def test_region_damps_each_adapter_where_the_other_acts_more_by_hand():
+    experiments = load_benchmark("blend_experiments")
+    first = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # the same everywhere: salience 1, 1
+    second = torch.tensor([[[0.0, 3.0], [0.0, 1.0]]])  # norms 3, 1 (mean 2): salience 1.5, 0.5
+    both = experiments.region_damping([first, second], 1.0, (0, 1))
+    # token 0: the first is damped by 1 / 1.5; token 1: the second by 0.5 / 1
+    assert torch.allclose(both, torch.tensor([[[-1 / 3, 0.0], [0.0, -0.5]]]))
+    assert torch.allclose(experiments.region_damping([first, second], 1.0, (0,)), torch.tensor([[[-1 / 3, 0.0], [0.0, 0.0]]]))
+    assert torch.equal(experiments.region_damping([first, second], 0.0, (0, 1)), torch.zeros(1, 2, 2))
+
+
+def test_other_layers_corrected_adds_to_split_and_is_undone(bench):
+    experiments = load_benchmark("blend_experiments")
+    plain = _image(bench.pipe)
+    bench.stack.apply([bench.spec("a"), bench.spec("b")], "split")
+    split = _image(bench.pipe)
+    bench.stack.clear()
+    with experiments.other_layers_corrected(bench, "a", "b", 1000, lambda merged, owns: 0 * merged):
+        assert numpy.array_equal(_image(bench.pipe), split)
+    with experiments.region_damped(bench, "a", "b", "2"):
+        damped = _image(bench.pipe)
+    assert not numpy.array_equal(damped, split)
+    assert numpy.array_equal(_image(bench.pipe), plain)  # the hooks and the blend are gone
