@@ -63,3 +63,47 @@ def test_command_parses(doc, command):
         if exit_.code == 0 and args[-1] == "--help":
             return
         pytest.fail(f"{doc}: `{command}` does not parse (exit {exit_.code})")
+
+
+LINK = re.compile(r"\]\(([^)\s]*?\.md)?(#[^)\s]+)?\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation but - and _ dropped, spaces as -, a
+    repeated heading numbered -1, -2, ..."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", FENCE.sub("", text), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, number = slug, 0
+        while anchor in anchors:
+            number += 1
+            anchor = f"{slug}-{number}"
+        anchors.add(anchor)
+    return anchors
+
+
+def links() -> list[tuple[str, str, str]]:
+    """(doc name, linked file, anchor) for every link to a markdown file or a heading in the README and docs/."""
+    found = []
+    for doc in DOCS:
+        for target, anchor in LINK.findall(doc.read_text(encoding="utf-8")):
+            if target or anchor:
+                found.append((doc.name, str((doc.parent / target).resolve()) if target else str(doc), anchor))
+    return found
+
+
+LINKS = links()
+
+
+def test_heading_anchors_follow_githubs_rules():
+    assert heading_anchors("## Stacked prompts and `--decoy-company`\n### The earlier recipe (0.1, no text)\n## A b\n## A b") \
+        == {"stacked-prompts-and---decoy-company", "the-earlier-recipe-01-no-text", "a-b", "a-b-1"}
+
+
+@pytest.mark.parametrize("doc, target, anchor", LINKS, ids=[f"{d}->{Path(t).name}{a}" for d, t, a in LINKS])
+def test_links_reach_a_file_and_heading(doc, target, anchor):
+    path = Path(target)
+    assert path.is_file(), f"{doc} links to {path.name}, which does not exist"
+    if anchor:
+        assert anchor[1:] in heading_anchors(path.read_text(encoding="utf-8")), \
+            f"{doc} links to {path.name}{anchor}, which has no such heading"
