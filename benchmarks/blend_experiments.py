@@ -866,8 +866,9 @@ def _deficit_row(row: str) -> tuple[str, float, float, float]:
 @contextmanager
 def other_layers_corrected(bench: Bench, a: str, b: str, below: float, correction):
     """A + B applied in split, and in every UNet layer outside cross-attention that both adapters touch (linear and
-    1x1 convolutions), at timesteps below `below`, correction(merged, owns) added to the layer's output: merged is
-    the fused layer's change on its input, owns each adapter's own LoRA output, all channels last."""
+    1x1 convolutions), at timesteps below `below`, correction(merged, owns) added to the layer's output: merged()
+    gives the fused layer's change on its input (computed only if asked for), owns each adapter's own LoRA output,
+    all channels last."""
     import torch
 
     stack, specs = bench.stack, [bench.spec(a), bench.spec(b)]
@@ -881,7 +882,7 @@ def other_layers_corrected(bench: Bench, a: str, b: str, below: float, correctio
         if clock["t"] > below:
             return output
         x = inputs[0].movedim(1, -1) if conv else inputs[0]  # channels last
-        extra = correction(x @ merged_delta.T, [(x @ down.T) @ up.T for up, down in factors])
+        extra = correction(lambda: x @ merged_delta.T, [(x @ down.T) @ up.T for up, down in factors])
         return output + (extra.movedim(-1, 1) if conv else extra)
 
     hooks = [bench.pipe.unet.register_forward_pre_hook(note_timestep, with_kwargs=True)]
@@ -909,8 +910,8 @@ def deficit_restored(bench: Bench, a: str, b: str, row: str):
     cross-attention fall short of it along its direction (the `deficit` merge, see the module's doc)."""
     kind, cap, below, gain = _deficit_row(row)
 
-    def restore(merged, owns):
-        extra = 0
+    def restore(merged_change, owns):
+        merged, extra = merged_change(), 0
         for own in owns:
             dims = (-1,) if kind == "token" else tuple(range(1, own.ndim))
             share = (merged * own).sum(dims, keepdim=True) / (own * own).sum(dims, keepdim=True).clamp(min=1e-12)

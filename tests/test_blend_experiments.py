@@ -433,7 +433,7 @@ def test_other_layers_corrected_adds_to_split_and_is_undone(bench):
     bench.stack.apply([bench.spec("a"), bench.spec("b")], "split")
     split = _image(bench.pipe)
     bench.stack.clear()
-    with experiments.other_layers_corrected(bench, "a", "b", 1000, lambda merged, owns: 0 * merged):
+    with experiments.other_layers_corrected(bench, "a", "b", 1000, lambda merged, owns: 0 * merged()):
         assert numpy.array_equal(_image(bench.pipe), split)
     with experiments.region_damped(bench, "a", "b", "2"):
         damped = _image(bench.pipe)

@@ -65,7 +65,7 @@ def test_command_parses(doc, command):
         pytest.fail(f"{doc}: `{command}` does not parse (exit {exit_.code})")
 
 
-LINK = re.compile(r"\]\(([^)\s]*?\.md)?(#[^)\s]+)?\)")
+LINK = re.compile(r"\]\((?![a-z]+://)([^)\s]*?\.md)?(#[^)\s]+)?\)")  # not web addresses
 
 
 def heading_anchors(text: str) -> set[str]:
@@ -93,6 +93,11 @@ def links() -> list[tuple[str, str, str]]:
 
 
 LINKS = links()
+
+
+def test_links_to_web_pages_are_not_read_as_files():
+    assert LINK.findall("[a](https://example.org/README.md) [b](training.md#x) [c](#y)") == [("training.md", "#x"),
+                                                                                              ("", "#y")]
 
 
 def test_heading_anchors_follow_githubs_rules():
