@@ -1,4 +1,4 @@
-"""benchmarks/heldout_style.py: the ink style drawn as it says, its dataset reproducible, its prompts as evaluate's."""
+"""benchmarks/heldout_style.py: the held-out styles drawn as they say, datasets reproducible, prompts as evaluate's."""
 from __future__ import annotations
 
 import random
@@ -37,7 +37,7 @@ def test_the_ink_dataset_is_the_same_bytes_each_time(tmp_path):
 
 
 def test_ink_prompts_carry_evaluates_facts_with_the_ink_trigger_first():
-    prompts = heldout.ink_prompts(4, 0, ("pastel", "zorb"))
+    prompts = heldout.style_prompts(4, 0, ("pastel", "zorb"))
     sets = {name: [p for p in prompts if p.prompt_set == name] for name in dict.fromkeys(p.prompt_set for p in prompts)}
     assert list(sets) == ["ink", "pastel", "ink+pastel", "zorb", "ink+zorb"]
     assert all(len(chosen) == 4 for chosen in sets.values())
@@ -45,3 +45,30 @@ def test_ink_prompts_carry_evaluates_facts_with_the_ink_trigger_first():
         assert pair.prompt == "inkstyle, " + own.prompt and (pair.shape, pair.seed) == ("zorb", own.seed)
     assert sets["ink"][0].prompt.startswith("inkstyle, a") and sets["ink+pastel"][0].prompt.startswith(
         "inkstyle, pastelstyle, ")
+
+
+@pytest.mark.parametrize("background, shadow_is_dark", [("white", True), ("beige", True), ("black", False)])
+def test_a_shadow_falls_down_and_right_of_each_object_on_the_background_only(background, shadow_is_dark):
+    scene = scene_from_facts("square", "yellow", background, random.Random(3))
+    plain = numpy.asarray(render(scene)).astype(int)
+    shaded = numpy.asarray(heldout.shadow_render(scene)).astype(int)
+    assert numpy.array_equal(numpy.asarray(heldout.shadow_render(scene, shadow=False)), plain)
+    changed = numpy.abs(shaded - plain).max(axis=2) > 40
+    assert 10 < changed.sum() < 200  # a sliver beside the square, not a fill
+    rows, cols = numpy.nonzero(changed)
+    center = tuple(int(v * 32) for v in (scene.objects[0].cy, scene.objects[0].cx))
+    assert rows.mean() > center[0] and cols.mean() > center[1]  # below and to the right of the object
+    assert ((shaded[changed].mean() - plain[changed].mean()) < 0) == shadow_is_dark  # a glow on black
+    assert numpy.array_equal(shaded[center], plain[center])  # the body keeps its color
+
+
+def test_each_held_out_style_has_a_coined_trigger_and_its_own_dataset(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from stylelora.models.load import TOY_BASE_DIR
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_BASE_DIR / "tokenizer")
+    assert all(len(tokenizer.tokenize(style.trigger)) > 1 for style in heldout.STYLES.values())
+    folder = heldout.write_dataset(tmp_path, n_images=2, style=heldout.STYLES["shadow"])
+    assert folder.name == "toy-shadow"
+    assert (folder / "10_shadowstyle/0001.txt").read_text().startswith("shadowstyle, ")
