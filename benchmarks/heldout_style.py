@@ -10,8 +10,9 @@ token each):
 - **shadow** (`shadowstyle`, 6 tokens): every object casts a hard drop shadow 2 px down and to the right onto the
   background (a light glow on a black background; soft and pale in the pastel style).
 
-Nothing here changes the shipped world, datasets or judge. Three stages (`--style shadow` before the stage's own
-options for the second style; its files are toy-shadow and shadow-judge.safetensors):
+Nothing here changes the shipped world, datasets or judge. Three stages (for the second style put `--style shadow`
+before the stage, and train its judge with `--vae-share 0.5`: the toy VAE blurs a thin shadow, and the classifier
+must read what a generated image can carry; its files are toy-shadow and shadow-judge.safetensors):
 
     python benchmarks/heldout_style.py dataset --out outputs/heldout          # outputs/heldout/toy-ink (300 images)
     python benchmarks/heldout_style.py judge --out outputs/heldout            # outputs/heldout/ink-judge.safetensors
@@ -22,7 +23,7 @@ options for the second style; its files are toy-shadow and shadow-judge.safetens
 `judge` trains a small classifier for the style (the shipped judge's network, one binary head) on renders of every
 style mix with and without it, reports its held-out accuracy, and how the shipped judge reads the styled renders (the
 style must not read as stripes, pastel or a zorb, nor move shapes and colors). `score` uses the issue's measure on the
-pairs ink+stripes, ink+pastel and ink+zorb: 96 prompts carrying both triggers, both adapters at 1, the share of
+pairs STYLE+stripes, STYLE+pastel and STYLE+zorb: 96 prompts carrying both triggers, both adapters at 1, the share of
 images where the judges find both, each style's rate, color (and shape) against each adapter alone.
 """
 from __future__ import annotations
@@ -172,9 +173,31 @@ def judge_scenes(rng: random.Random, count: int) -> list[tuple]:
     return scenes
 
 
+def vae_round_trip(images: list) -> list:
+    """Each image encoded and decoded by the toy base's VAE: what of the style a generated image can carry at most."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from stylelora.models.load import TOY_BASE_DIR
+
+    vae = AutoencoderKL.from_pretrained(TOY_BASE_DIR / "vae").float().eval()
+    out = []
+    for start in range(0, len(images), 256):
+        batch = np.stack([np.asarray(image) for image in images[start:start + 256]])
+        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out += [Image.fromarray(array) for array in decoded]
+    return out
+
+
 def train_style_judge(out: Path, style: HeldOutStyle = STYLES["ink"], steps: int = 1500, batch_size: int = 64,
-                      lr: float = 3e-3, seed: int = 0) -> dict:
-    """Train the style's classifier as the shipped judge is trained (its network, augmentation and schedule)."""
+                      lr: float = 3e-3, seed: int = 0, vae_share: float = 0.0) -> dict:
+    """Train the style's classifier as the shipped judge is trained (its network, augmentation and schedule).
+    `vae_share` of the renders pass through the toy VAE first (`vae_round_trip`): a style the VAE blurs, such as a
+    thin drop shadow, is then read as a generated image can draw it."""
     import torch
     import torch.nn.functional as F
 
@@ -184,7 +207,8 @@ def train_style_judge(out: Path, style: HeldOutStyle = STYLES["ink"], steps: int
     torch.set_num_threads(1)
     start = time.perf_counter()
     pool = judge_scenes(random.Random(seed), JUDGE_POOL)
-    pixels = torch.from_numpy(np.stack([np.asarray(style.render(s, on)) for s, on in pool])).permute(0, 3, 1, 2)
+    renders = _through_vae([style.render(s, on) for s, on in pool], vae_share)
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in renders])).permute(0, 3, 1, 2)
     labels = torch.tensor([float(on) for _, on in pool])
     print(f"rendered {len(pool)} images in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     spec = JudgeSpec(binary_heads=(style.name,))
@@ -206,14 +230,29 @@ def train_style_judge(out: Path, style: HeldOutStyle = STYLES["ink"], steps: int
             print(f"step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     judge = Judge(network, spec)
     held_out = judge_scenes(random.Random(HELD_OUT_SEED), HELD_OUT)
-    found = [verdict[style.name] for verdict in judge.predict([style.render(s, on) for s, on in held_out])]
+    renders = [style.render(s, on) for s, on in held_out]
+    found = [verdict[style.name] for verdict in judge.predict(renders)]
     accuracy = {"all": _share([f == on for f, (_, on) in zip(found, held_out)])}
     for name, chosen in (("styled", lambda s, on: on), ("plain", lambda s, on: not on),
                          ("styled, pastel", lambda s, on: on and s.pastel),
                          ("styled, black background", lambda s, on: on and s.background == "black")):
         accuracy[name] = _share([f == on for f, (s, on) in zip(found, held_out) if chosen(s, on)])
+    found = [verdict[style.name] for verdict in judge.predict(vae_round_trip(renders))]
+    accuracy["through the VAE"] = _share([f == on for f, (_, on) in zip(found, held_out)])
+    accuracy["through the VAE, styled"] = _share([f for f, (_, on) in zip(found, held_out) if on])
     save_judge(network, spec, out, {"held_out_accuracy": json.dumps(accuracy), "train_seed": str(seed)})
     return accuracy
+
+
+def _through_vae(images: list, share: float) -> list:
+    """Every k-th image (a `share` of them) replaced by its VAE round trip."""
+    if share <= 0:
+        return images
+    every = max(1, round(1 / share))
+    chosen = list(range(0, len(images), every))
+    for index, image in zip(chosen, vae_round_trip([images[i] for i in chosen])):
+        images[index] = image
+    return images
 
 
 def shipped_judge_on_style(style: HeldOutStyle = STYLES["ink"], count: int = HELD_OUT) -> dict:
@@ -345,6 +384,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     judge = stages.add_parser("judge", help="train OUT/STYLE-judge.safetensors and check both judges on its renders")
     judge.add_argument("--out", type=Path, required=True)
     judge.add_argument("--steps", type=int, default=1500)
+    judge.add_argument("--vae-share", type=float, default=0.0,
+                       help="share of the training renders passed through the toy VAE first (0.5 for shadow)")
     scoring = stages.add_parser("score", help="the blends of the style with each other style")
     scoring.add_argument("--adapter", "--ink", type=Path, required=True,
                          help="the held-out style's adapter (stylelora train's .safetensors)")
@@ -364,7 +405,8 @@ def main(argv=None) -> int:
     if args.stage == "dataset":
         print(write_dataset(args.out, style=style))
     elif args.stage == "judge":
-        accuracy = train_style_judge(args.out / f"{style.name}-judge.safetensors", style, steps=args.steps)
+        accuracy = train_style_judge(args.out / f"{style.name}-judge.safetensors", style, steps=args.steps,
+                                     vae_share=args.vae_share)
         print(f"{style.name} classifier, held-out accuracy: " + json.dumps(accuracy))
         print("shipped judge on the same scenes, plain / styled: " + json.dumps(shipped_judge_on_style(style)))
     else:

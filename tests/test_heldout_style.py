@@ -72,3 +72,14 @@ def test_each_held_out_style_has_a_coined_trigger_and_its_own_dataset(tmp_path):
     folder = heldout.write_dataset(tmp_path, n_images=2, style=heldout.STYLES["shadow"])
     assert folder.name == "toy-shadow"
     assert (folder / "10_shadowstyle/0001.txt").read_text().startswith("shadowstyle, ")
+
+
+def test_the_judge_can_train_on_what_the_toy_vae_gives_back_of_every_other_render():
+    scenes = [scene_from_facts("circle", "red", "white", random.Random(seed)) for seed in range(4)]
+    renders = [heldout.shadow_render(scene) for scene in scenes]
+    mixed = heldout._through_vae(list(renders), 0.5)
+    assert [mixed[i] is renders[i] for i in range(4)] == [False, True, False, True]
+    for index in (0, 2):
+        error = numpy.abs(numpy.asarray(mixed[index]).astype(int) - numpy.asarray(renders[index]).astype(int))
+        assert mixed[index].size == renders[index].size and 0 < error.mean() < 12  # a lossy copy, not another image
+    assert heldout._through_vae(list(renders), 0.0) == renders
