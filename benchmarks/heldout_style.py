@@ -33,10 +33,9 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
-
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
