@@ -47,17 +47,6 @@ def world_renders(prompts, styles: list[str]) -> list:
     return [world_image(prompt, stripes="stripes" in styles, pastel="pastel" in styles) for prompt in prompts]
 
 
-def vae_round_trip(pipe, images: list) -> list:
-    """The images encoded by the pipeline's VAE and decoded again: what a denoiser that drew the right latents
-    would give back (the ceiling of every blend)."""
-    import numpy as np
-
-    from stylelora.toy.vae_train import reconstruct, to_images, to_unit
-
-    pixels = to_unit(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
-    return to_images(reconstruct(pipe.vae, pixels))
-
-
 def color_misses(prompts, verdicts) -> Counter:
     """{(asked color, color the judge read): images} over the images whose color the judge reads wrong."""
     return Counter((prompt.color, verdict["color"]) for prompt, verdict in zip(prompts, verdicts)
@@ -76,6 +65,7 @@ def print_color_misses(prompts, verdicts_by_row: dict) -> None:
 def main(argv=None) -> int:
     from stylelora.grid import save_grid
     from stylelora.toy.evaluate import EvalSettings, build_prompts, load_judged_base
+    from stylelora.toy.vae_train import vae_round_trip
 
     args = parse_args(argv)
     styles = args.pair.split("+")
@@ -107,7 +97,7 @@ def main(argv=None) -> int:
     truth = judge.predict(renders)
     print(f"the toy world's own renders of these prompts: {sum(not all(v[s] for s in styles) for v in truth)} of "
           f"{len(prompts)} miss a style")
-    through_vae = judge.predict(vae_round_trip(pipe, renders))
+    through_vae = judge.predict(vae_round_trip(pipe.vae, renders))  # the ceiling of every blend
     print(f"the same renders encoded and decoded by the base's VAE: "
           f"{sum(not all(v[s] for s in styles) for v in through_vae)} of {len(prompts)} miss a style")
     print_color_misses(prompts, {f"{args.pair} in {args.mode}": verdicts, **{f"{s} alone": alone[s] for s in styles},

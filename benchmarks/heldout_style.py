@@ -52,7 +52,7 @@ HELD_OUT = 1_400
 
 def ink_render(scene, ink: bool = True):
     """The toy world's render of `scene`, with ink outlines around its objects when `ink`."""
-    from PIL import Image, ImageChops, ImageFilter
+    from PIL import ImageChops, ImageFilter
 
     from stylelora.toy import render as toy_render
     from stylelora.toy.world import IMAGE_SIZE
@@ -60,14 +60,21 @@ def ink_render(scene, ink: bool = True):
     image = toy_render.render(scene)
     if not ink:
         return image
-    size = IMAGE_SIZE * toy_render.SUPERSAMPLE
-    mask = _objects_mask(scene, size)
+    mask = _objects_mask(scene, IMAGE_SIZE * toy_render.SUPERSAMPLE)
     ring = ImageChops.subtract(mask.filter(ImageFilter.MaxFilter(2 * INK_WIDTH_PX * toy_render.SUPERSAMPLE + 1)), mask)
     color = np.asarray(LIGHT_INK if scene.background == "black" else DARK_INK, np.float32)
     if scene.pastel:  # pastel softens and pales every edge it draws, the outline too
         ring = ring.filter(ImageFilter.GaussianBlur(toy_render.PASTEL_BLUR * toy_render.SUPERSAMPLE))
         color = toy_render._mix_white(color, toy_render.PASTEL_OBJECT_MIX)
-    alpha = np.asarray(ring.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX), np.float32)[..., None] / 255.0
+    return _painted(image, ring, color)
+
+
+def _painted(image, coverage, color):
+    """`image` with `color` laid over it where the supersampled `coverage` mask covers it (box-downsampled to the
+    image's size, as the world's renders are)."""
+    from PIL import Image
+
+    alpha = np.asarray(coverage.resize(image.size, Image.Resampling.BOX), np.float32)[..., None] / 255.0
     pixels = np.asarray(image, np.float32) * (1 - alpha) + color * alpha
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
 
@@ -90,7 +97,7 @@ def _objects_mask(scene, size: int):
 
 def shadow_render(scene, shadow: bool = True):
     """The toy world's render of `scene`, each object casting a drop shadow onto the background when `shadow`."""
-    from PIL import Image, ImageChops, ImageFilter
+    from PIL import ImageChops, ImageFilter
 
     from stylelora.toy import render as toy_render
     from stylelora.toy.world import BACKGROUNDS, IMAGE_SIZE
@@ -110,10 +117,7 @@ def shadow_render(scene, shadow: bool = True):
     color = (np.asarray(SHADOW_GLOW, np.float32) if scene.background == "black" else background * SHADOW_DARKEN)
     if scene.pastel:
         color = toy_render._mix_white(color, toy_render.PASTEL_BACKGROUND_MIX)
-    behind = ImageChops.subtract(cast, objects)  # a shadow falls on the background only
-    alpha = np.asarray(behind.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX), np.float32)[..., None] / 255.0
-    pixels = np.asarray(image, np.float32) * (1 - alpha) + color * alpha
-    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return _painted(image, ImageChops.subtract(cast, objects), color)  # a shadow falls on the background only
 
 
 @dataclass(frozen=True)
@@ -172,30 +176,20 @@ def judge_scenes(rng: random.Random, count: int) -> list[tuple]:
     return scenes
 
 
-def vae_round_trip(images: list) -> list:
+def toy_vae_round_trip(images: list) -> list:
     """Each image encoded and decoded by the toy base's VAE: what of the style a generated image can carry at most."""
-    import torch
     from diffusers import AutoencoderKL
-    from PIL import Image
 
     from stylelora.models.load import TOY_BASE_DIR
+    from stylelora.toy.vae_train import vae_round_trip
 
-    vae = AutoencoderKL.from_pretrained(TOY_BASE_DIR / "vae").float().eval()
-    out = []
-    for start in range(0, len(images), 256):
-        batch = np.stack([np.asarray(image) for image in images[start:start + 256]])
-        pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
-        decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        out += [Image.fromarray(array) for array in decoded]
-    return out
+    return vae_round_trip(AutoencoderKL.from_pretrained(TOY_BASE_DIR / "vae").float().eval(), images)
 
 
 def train_style_judge(out: Path, style: HeldOutStyle = STYLES["ink"], steps: int = 1500, batch_size: int = 64,
                       lr: float = 3e-3, seed: int = 0, vae_share: float = 0.0) -> dict:
     """Train the style's classifier as the shipped judge is trained (its network, augmentation and schedule).
-    `vae_share` of the renders pass through the toy VAE first (`vae_round_trip`): a style the VAE blurs, such as a
+    `vae_share` of the renders pass through the toy VAE first (`toy_vae_round_trip`): a style the VAE blurs, such as a
     thin drop shadow, is then read as a generated image can draw it."""
     import torch
     import torch.nn.functional as F
@@ -236,7 +230,7 @@ def train_style_judge(out: Path, style: HeldOutStyle = STYLES["ink"], steps: int
                          ("styled, pastel", lambda s, on: on and s.pastel),
                          ("styled, black background", lambda s, on: on and s.background == "black")):
         accuracy[name] = _share([f == on for f, (s, on) in zip(found, held_out) if chosen(s, on)])
-    found = [verdict[style.name] for verdict in judge.predict(vae_round_trip(renders))]
+    found = [verdict[style.name] for verdict in judge.predict(toy_vae_round_trip(renders))]
     accuracy["through the VAE"] = _share([f == on for f, (_, on) in zip(found, held_out)])
     accuracy["through the VAE, styled"] = _share([f for f, (_, on) in zip(found, held_out) if on])
     save_judge(network, spec, out, {"held_out_accuracy": json.dumps(accuracy), "train_seed": str(seed)})
@@ -244,14 +238,12 @@ def train_style_judge(out: Path, style: HeldOutStyle = STYLES["ink"], steps: int
 
 
 def _through_vae(images: list, share: float) -> list:
-    """Every k-th image (a `share` of them) replaced by its VAE round trip."""
+    """The images with every k-th one (a `share` of them) replaced by its toy-VAE round trip."""
     if share <= 0:
         return images
     every = max(1, round(1 / share))
-    chosen = list(range(0, len(images), every))
-    for index, image in zip(chosen, vae_round_trip([images[i] for i in chosen])):
-        images[index] = image
-    return images
+    round_trips = iter(toy_vae_round_trip(images[::every]))
+    return [next(round_trips) if index % every == 0 else image for index, image in enumerate(images)]
 
 
 def shipped_judge_on_style(style: HeldOutStyle = STYLES["ink"], count: int = HELD_OUT) -> dict:

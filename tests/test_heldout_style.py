@@ -15,16 +15,22 @@ heldout = load_benchmark("heldout_style")
 
 @pytest.mark.parametrize("background, ink_is_dark", [("white", True), ("beige", True), ("black", False)])
 def test_ink_outlines_each_object_and_leaves_the_rest_as_the_world_draws_it(background, ink_is_dark):
-    scene = scene_from_facts("square", "yellow", background, random.Random(3))
-    plain = numpy.asarray(render(scene)).astype(int)
-    inked = numpy.asarray(heldout.ink_render(scene)).astype(int)
-    assert numpy.array_equal(numpy.asarray(heldout.ink_render(scene, ink=False)), plain)
-    changed = numpy.abs(inked - plain).max(axis=2) > 40
+    plain, inked, changed, center = _square_drawn_by(heldout.ink_render, background)
     assert 20 < changed.sum() < 300  # a ring around the square, not a fill
     brightness = inked[changed].mean() - plain[changed].mean()
     assert (brightness < 0) == ink_is_dark  # dark ink, light on a black background
-    center = tuple(int(v * 32) for v in (scene.objects[0].cy, scene.objects[0].cx))
     assert numpy.array_equal(inked[center], plain[center])  # the body keeps its color
+
+
+def _square_drawn_by(style_render, background: str):
+    """A yellow square drawn by the world and by `style_render` (which, switched off, must draw the world's image):
+    both as int arrays, the pixels the style changed, and the square's center."""
+    scene = scene_from_facts("square", "yellow", background, random.Random(3))
+    plain = numpy.asarray(render(scene)).astype(int)
+    styled = numpy.asarray(style_render(scene)).astype(int)
+    assert numpy.array_equal(numpy.asarray(style_render(scene, False)), plain)
+    center = tuple(int(v * 32) for v in (scene.objects[0].cy, scene.objects[0].cx))
+    return plain, styled, numpy.abs(styled - plain).max(axis=2) > 40, center
 
 
 def test_the_ink_dataset_is_the_same_bytes_each_time(tmp_path):
@@ -49,14 +55,9 @@ def test_ink_prompts_carry_evaluates_facts_with_the_ink_trigger_first():
 
 @pytest.mark.parametrize("background, shadow_is_dark", [("white", True), ("beige", True), ("black", False)])
 def test_a_shadow_falls_down_and_right_of_each_object_on_the_background_only(background, shadow_is_dark):
-    scene = scene_from_facts("square", "yellow", background, random.Random(3))
-    plain = numpy.asarray(render(scene)).astype(int)
-    shaded = numpy.asarray(heldout.shadow_render(scene)).astype(int)
-    assert numpy.array_equal(numpy.asarray(heldout.shadow_render(scene, shadow=False)), plain)
-    changed = numpy.abs(shaded - plain).max(axis=2) > 40
+    plain, shaded, changed, center = _square_drawn_by(heldout.shadow_render, background)
     assert 10 < changed.sum() < 200  # a sliver beside the square, not a fill
     rows, cols = numpy.nonzero(changed)
-    center = tuple(int(v * 32) for v in (scene.objects[0].cy, scene.objects[0].cx))
     assert rows.mean() > center[0] and cols.mean() > center[1]  # below and to the right of the object
     assert ((shaded[changed].mean() - plain[changed].mean()) < 0) == shadow_is_dark  # a glow on black
     assert numpy.array_equal(shaded[center], plain[center])  # the body keeps its color

@@ -66,6 +66,16 @@ def reconstruct(vae, x):
         return vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
 
 
+def vae_round_trip(vae, images: list, batch: int = 256) -> list:
+    """RGB PIL images encoded by `vae` and decoded again (`reconstruct`), `batch` at a time: what a denoiser that drew
+    the right latents would give back."""
+    out = []
+    for start in range(0, len(images), batch):
+        pixels = to_unit(np.stack([np.asarray(image) for image in images[start:start + batch]])).permute(0, 3, 1, 2)
+        out += to_images(reconstruct(vae, pixels))
+    return out
+
+
 def train_vae(out_dir: Path, *, steps: int = 4000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
               pool_size: int = 16_000, target_psnr: float = 29.0, log=print):
     """Train until every style reconstructs at ≥ target_psnr dB (checked every 250 steps) or `steps` run out."""
