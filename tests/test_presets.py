@@ -1,6 +1,7 @@
 """Base families and their presets: detection from config files, flags winning, sources kept, dry run, samples."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -122,11 +123,12 @@ def test_dry_run_on_an_sd15_base_resolves_sd_defaults_and_writes_no_adapter(tmp_
     assert result.stdout.strip().endswith("config.toml")
 
 
-@pytest.mark.parametrize("trigger, made_up, text_encoder_lr", [("stripestyle", False, 2e-4), ("inkstyle", True, 1e-3)])
-def test_dry_run_says_what_a_coined_trigger_changes(tmp_path, trigger, made_up, text_encoder_lr):
+@pytest.mark.parametrize("trigger, made_up, text_encoder_lr, text_noise", [("stripestyle", False, 2e-4, 0.2),
+                                                                           ("inkstyle", True, 1e-3, 0.0)])
+def test_dry_run_says_what_a_coined_trigger_changes(tmp_path, trigger, made_up, text_encoder_lr, text_noise):
     """The toy tokenizer reads `stripestyle` as one token and `inkstyle` as four: only a coined trigger trains beside
-    made-up words, with its text encoder at the toy's coined-trigger rate, and the dry run says so before anything
-    loads."""
+    made-up words, with its text encoder at the toy's coined-trigger rate and no text noise, and the dry run says so
+    before anything loads."""
     data = write_kohya_dataset(tmp_path / "data", count=4, trigger=trigger)
     result = run_train(str(data), "--output", str(tmp_path / "out"), "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -134,18 +136,20 @@ def test_dry_run_says_what_a_coined_trigger_changes(tmp_path, trigger, made_up, 
     settings = tomllib.loads(text)
     assert settings["train"]["made_up_company"] is made_up
     assert settings["optim"]["text_encoder_lr"] == text_encoder_lr
+    assert settings["train"]["text_noise"] == text_noise
     assert ("splits 'inkstyle' into several tokens" in result.stderr) == made_up
     assert ("# preset toy, coined trigger 'inkstyle': measured on the toy world" in text) == made_up
 
 
 @pytest.mark.parametrize("family, flags, expected", [
-    ("toy", {}, (1e-3, 1e-3)),  # the toy preset's value for a coined trigger
-    ("toy", {"optim.text_encoder_lr": 5e-4}, (5e-4, 5e-4)),  # a flag wins (and sets the second encoder too)
-    ("toy", {"optim.text_encoder_2_lr": 3e-4}, (1e-3, 3e-4)),
-    ("toy", {"optim.optimizer": "prodigy"}, (1.0, 1.0)),  # prodigy's multiplier stays 1
-    ("toy", {"network.train_text_encoder": False}, (None, None)),
-    ("sd1", {}, (1e-5, 1e-5)),  # a real base keeps what its users run
-    ("sdxl", {}, (1e-5, 1e-5)),
+    ("toy", {}, (1e-3, 1e-3, 0.0)),  # the toy preset's values for a coined trigger
+    ("toy", {"optim.text_encoder_lr": 5e-4}, (5e-4, 5e-4, 0.0)),  # a flag wins (and sets the second encoder too)
+    ("toy", {"optim.text_encoder_2_lr": 3e-4}, (1e-3, 3e-4, 0.0)),
+    ("toy", {"train.text_noise": 0.3}, (1e-3, 1e-3, 0.3)),
+    ("toy", {"optim.optimizer": "prodigy"}, (1.0, 1.0, 0.0)),  # prodigy's multiplier stays 1
+    ("toy", {"network.train_text_encoder": False}, (None, None, 0.0)),
+    ("sd1", {}, (1e-5, 1e-5, 0.0)),  # a real base keeps what its users run
+    ("sdxl", {}, (1e-5, 1e-5, 0.0)),
 ])
 def test_a_coined_trigger_changes_only_the_values_a_familys_preset_chose(family, flags, expected):
     from stylelora.config import load_config
@@ -155,8 +159,9 @@ def test_a_coined_trigger_changes_only_the_values_a_familys_preset_chose(family,
     one_token = apply_coined_trigger_preset(config, ())
     coined = apply_coined_trigger_preset(config, ("inkstyle",))
     assert one_token == config
-    assert (coined.optim.text_encoder_lr, coined.optim.text_encoder_2_lr) == expected
-    assert coined.train == config.train and coined.network == config.network and coined.data == config.data
+    assert (coined.optim.text_encoder_lr, coined.optim.text_encoder_2_lr, coined.train.text_noise) == expected
+    without_noise = dataclasses.replace(coined.train, text_noise=config.train.text_noise)
+    assert without_noise == config.train and coined.network == config.network and coined.data == config.data
     # What the run's start line reports: exactly the values the rule set, with the rule as their source.
     changed = sorted(key for key, source in coined.sources if config.source_of(key) != source)
     assert [key for key, _ in coined_trigger_choices(coined)] == changed

@@ -199,7 +199,8 @@ def run_settings(config: TrainConfig) -> TrainConfig:
 def with_coined_trigger_rules(config: TrainConfig, tokenizer, triggers: tuple[str, ...]) -> TrainConfig:
     """`config` with what a coined trigger (one `tokenizer` splits into several tokens) changes, where the user left
     it to the defaults: made_up_company, where unset, on exactly when a trigger is coined; and the base family's
-    values for a coined trigger (stylelora.presets.COINED_TRIGGER_PRESETS: on the toy base the text encoder's rate).
+    values for a coined trigger (stylelora.presets.COINED_TRIGGER_PRESETS: on the toy base the text encoder's rate,
+    and no text noise).
 
     Why: a coined trigger reaches the text encoder as fragments, and made-up company words (fragments too) teach the
     adapter which fragments are its trigger: the toy ink adapter (`inkstyle`, four tokens) drew its style on 0.94 of
@@ -511,10 +512,13 @@ def describe_run(run: Run, start_step: int) -> str:
         f"{per_step} samples per step, {epochs:.1f} epochs",
     ]
     lines.append(_describe_preservation(c, run.models.triggers, run.models.decoys, run.models.company))
-    coined = coined_trigger_choices(c)
-    if coined:  # set after the settings were printed, once the tokenizer was loaded (with_coined_trigger_rules)
-        values = ", ".join(f"{key} = {getattr(c.optim, key.split('.')[1]):g}" for key, _ in coined)
-        lines.append(f"{values} ({coined[0][1]})")
+    # Set after the settings were printed, once the tokenizer was loaded (with_coined_trigger_rules): one line per
+    # reason, each naming the values it set.
+    by_source: dict[str, list[str]] = {}
+    for key, source in coined_trigger_choices(c):
+        section, name = key.split(".")
+        by_source.setdefault(source, []).append(f"{key} = {getattr(getattr(c, section), name):g}")
+    lines += [f"{', '.join(values)} ({source})" for source, values in by_source.items()]
     if start_step:
         lines.append(f"resuming at step {start_step} from {run.last_checkpoint}")
     return "\n".join(lines)
