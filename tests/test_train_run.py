@@ -309,6 +309,23 @@ def test_trains_on_the_shipped_toy_base(tmp_path):
     assert {t.dtype for t in adapter_tensors(adapter).values()} == {torch.float32}  # fp16 base, fp32 LoRA
 
 
+def test_a_coined_trigger_trains_without_text_noise_and_the_run_says_why(tmp_path, capsys):
+    """`chalkstyle` is seven tokens to the toy tokenizer: the toy preset's coined-trigger values apply (no text noise,
+    the text encoder at 1e-3), the run's start names each with its reason, and the adapter records what it used."""
+    copy_toy_images("toy-stripes", "10_stripestyle", tmp_path)
+    source, coined = tmp_path / "data" / "10_stripestyle", tmp_path / "data" / "10_chalkstyle"
+    source.rename(coined)
+    for caption in coined.glob("*.txt"):
+        caption.write_text(caption.read_text(encoding="utf-8").replace("stripestyle", "chalkstyle"), encoding="utf-8")
+    adapter = run_training(load_config(None, {"data.dir": str(tmp_path / "data"), "train.output": str(tmp_path / "run"),
+                                              "train.steps": 1, "train.batch_size": 4, "train.samples": False}))
+    metadata = adapter_metadata(adapter)
+    assert metadata["ss_text_noise"] == "0.0" and float(metadata["ss_text_encoder_lr"]) == 1e-3
+    start = capsys.readouterr().err
+    assert "train.text_noise = 0 (preset toy, coined trigger 'chalkstyle': measured on the toy world" in start
+    assert "optim.text_encoder_lr = 0.001 (preset toy, coined trigger 'chalkstyle'" in start
+
+
 def test_company_words_on_the_toy_base_leave_out_words_the_base_reads(tmp_path, capsys):
     copy_toy_images("toy-zorb", "10_zorb", tmp_path)
     run_training(load_config(None, {"data.dir": str(tmp_path / "data"), "train.output": str(tmp_path / "run"),
