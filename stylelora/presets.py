@@ -120,8 +120,8 @@ PRESETS: dict[str, dict[str, Value]] = {
 # What a family's preset changes for a coined trigger (one its base's tokenizer splits into several tokens), over the
 # values above; `apply_coined_trigger_preset` applies it once the tokenizer is known. On the toy base the one-token
 # triggers train their text encoder at 2e-4, and a coined one at that rate stays weak in every blend; and text noise,
-# which keeps a one-token trigger's style through another adapter's text encoder, drowns the small difference between
-# a coined trigger's fragments and the made-up words beside it, so a faint style stays faint.
+# which keeps a one-token trigger's style through another adapter's text encoder, covers much of the smaller
+# difference between a coined trigger's fragments and the made-up words beside it, and a faint style stays faint.
 TOY_COINED = ("measured on the toy world: a coined trigger's text encoder learns its fragments at the UNet's rate "
               "(docs/results.md, A trigger the tokenizer splits)")
 TOY_COINED_TEXT_ENCODER_LR = Value(1e-3, TOY_COINED, per_optimizer={"adamw": 1e-3, "adamw8bit": 1e-3, "prodigy": 1.0})
