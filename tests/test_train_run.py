@@ -310,7 +310,7 @@ def test_trains_on_the_shipped_toy_base(tmp_path):
 
 
 def test_a_coined_trigger_trains_without_text_noise_and_the_run_says_why(tmp_path, capsys):
-    """`chalkstyle` is seven tokens to the toy tokenizer: the toy preset's coined-trigger values apply (no text noise,
+    """`chalkstyle` is six tokens to the toy tokenizer: the toy preset's coined-trigger values apply (no text noise,
     the text encoder at 1e-3), the run's start names each with its reason, and the adapter records what it used."""
     copy_toy_images("toy-stripes", "10_stripestyle", tmp_path)
     source, coined = tmp_path / "data" / "10_stripestyle", tmp_path / "data" / "10_chalkstyle"
