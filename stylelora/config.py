@@ -334,6 +334,16 @@ def with_sources(config: TrainConfig, sources: dict[str, str]) -> TrainConfig:
     return dataclasses.replace(config, sources=tuple(sorted(merged.items())))
 
 
+def with_values(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """`config` with each dotted setting of `values` ({"optim.unet_lr": 1e-4, ...}) replaced; sources unchanged."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        by_section.setdefault(section, {})[key] = value
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changed)
+                                          for section, changed in by_section.items()})
+
+
 def config_from_dict(values: dict[str, dict[str, Any]], *, problems: list[str] | None = None) -> TrainConfig:
     """Build and validate a TrainConfig from {section: {key: value}}; raise one ConfigError listing every problem."""
     problems = list(problems or [])

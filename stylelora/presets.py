@@ -6,12 +6,11 @@ where each value came from, so `config.toml`, the adapter's metadata and the sta
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stylelora.config import FAMILIES, OPTION_SPECS, ConfigError, TrainConfig, with_sources
+from stylelora.config import FAMILIES, OPTION_SPECS, ConfigError, TrainConfig, with_sources, with_values
 
 FAMILY_NAMES = {"toy": "toy base", "sd1": "SD 1.x", "sd2": "SD 2.x (512, epsilon)", "sd2-v": "SD 2.x (768, v-prediction)",
                 "sdxl": "SDXL"}
@@ -170,11 +169,7 @@ def apply_preset(config: TrainConfig, family: str, *, cuda: bool, captions: Sequ
             value = prompts_from_captions(captions, triggers)
         filled[dotted] = value
         sources[dotted] = f"preset {family}: {PRESETS[family][dotted].source}"
-    sections = {name: dataclasses.replace(getattr(config, name), **{k.split(".")[1]: v for k, v in filled.items()
-                                                                      if k.startswith(name + ".")})
-                for name in ("data", "network", "optim", "train")}
-    train = dataclasses.replace(sections["train"], family=family)
-    resolved = dataclasses.replace(config, **{**sections, "train": train})
+    resolved = with_values(config, {**filled, "train.family": family})
     if config.train.family is None:
         sources["train.family"] = "detected from the base's config files"
     return with_sources(resolved, sources)
@@ -195,13 +190,7 @@ def apply_coined_trigger_preset(config: TrainConfig, coined: Sequence[str]) -> T
             continue  # set by the user (--text-encoder-lr sets both encoders), or unset (no text encoder trains)
         filled[dotted] = entry.resolve(optimizer=config.optim.optimizer, cuda=False)  # none depends on CUDA
         sources[dotted] = f"{_coined_source_prefix(family)}{', '.join(repr(t) for t in coined)}: {entry.source}"
-    by_section: dict[str, dict[str, Any]] = {}
-    for dotted, value in filled.items():
-        section, key = dotted.split(".")
-        by_section.setdefault(section, {})[key] = value
-    sections = {section: dataclasses.replace(getattr(config, section), **values)
-                for section, values in by_section.items()}
-    return with_sources(dataclasses.replace(config, **sections), sources)
+    return with_sources(with_values(config, filled), sources)
 
 
 def coined_trigger_choices(config: TrainConfig) -> list[tuple[str, str]]:
