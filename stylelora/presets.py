@@ -124,9 +124,9 @@ PRESETS: dict[str, dict[str, Value]] = {
 TOY_COINED = ("measured on the toy world: a coined trigger's text encoder learns its fragments at the UNet's rate "
               "(docs/results.md, A trigger the tokenizer splits)")
 TOY_COINED_TEXT_ENCODER_LR = Value(1e-3, TOY_COINED, per_optimizer={"adamw": 1e-3, "adamw8bit": 1e-3, "prodigy": 1.0})
-TOY_COINED_NO_TEXT_NOISE = ("measured on the toy world: without text noise a coined trigger's style shows (a drop "
-                            "shadow on 0.74 of its prompts, against 0.47) and its blends gain (docs/results.md, "
-                            "Text noise and a coined trigger)")
+TOY_COINED_NO_TEXT_NOISE = ("measured on the toy world: without text noise a faint coined style shows more often (a "
+                            "drop shadow on 0.61 of its prompts over three seeds, against 0.46) and its blends are a "
+                            "tie (docs/results.md, Text noise and a coined trigger)")
 COINED_TRIGGER_PRESETS: dict[str, dict[str, Value]] = {
     "toy": {"optim.text_encoder_lr": TOY_COINED_TEXT_ENCODER_LR, "optim.text_encoder_2_lr": TOY_COINED_TEXT_ENCODER_LR,
             "train.text_noise": Value(0.0, TOY_COINED_NO_TEXT_NOISE)},
