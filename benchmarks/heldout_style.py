@@ -300,12 +300,14 @@ class StyleScorer:
         (self.pipe, self.judge), self.classifier, self.style = load_judged_base(base), load_judge(style_judge), style
 
     def __call__(self, adapters: list, prompts: list, mode: str) -> dict:
-        """{prompt set: {rates of the held-out style and the other styles, shape and color accuracy}}."""
+        """{prompt set: {rates of the held-out style and the other styles, shape and color accuracy}}; `adapters`
+        are files (at weight 1) or AdapterSpecs."""
         from stylelora.lora.spec import AdapterSpec
         from stylelora.toy.evaluate import EvalSettings, draw_blend
 
         name = self.style.name
-        images = draw_blend(self.pipe, [AdapterSpec(path, 1.0) for path in adapters], prompts, EvalSettings(), mode)
+        specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(a, 1.0) for a in adapters]
+        images = draw_blend(self.pipe, specs, prompts, EvalSettings(), mode)
         verdicts = self.judge.predict(images)
         found = [verdict[name] for verdict in self.classifier.predict(images)]
         rows = {}
@@ -323,20 +325,23 @@ class StyleScorer:
 
 
 def score(args: argparse.Namespace) -> dict:
+    from stylelora.lora.spec import AdapterSpec
+
     style, others = STYLES[args.style], tuple(args.others)
+    held = AdapterSpec(args.adapter, args.weight, 1.0)  # a faint style raised by its UNet weight (docs/blending.md)
     files = {name: args.adapters_dir / f"toy-{name}" / f"toy-{name}.safetensors" for name in others}
     prompts = style_prompts(args.samples, args.seed, others, style)
     scorer = StyleScorer(args.style_judge, style)
     start = time.perf_counter()
     # The base on the style's prompts: how often the classifier finds the style where none was drawn.
     figures: dict = {"base": scorer([], [p for p in prompts if p.prompt_set == style.name], "sum"),
-                     "alone": {style.name: scorer([args.adapter], prompts, "sum")}}
+                     "alone": {style.name: scorer([held], prompts, "sum")}}
     for name in others:
         figures["alone"][name] = scorer([files[name]], [p for p in prompts if name in p.prompt_set.split("+")], "sum")
         pair_set = f"{style.name}+{name}"
         for mode in args.modes:
             pair = [p for p in prompts if p.prompt_set == pair_set]
-            figures.setdefault(mode, {})[name] = scorer([args.adapter, files[name]], pair, mode)[pair_set]
+            figures.setdefault(mode, {})[name] = scorer([held, files[name]], pair, mode)[pair_set]
         print(f"{pair_set} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return figures
 
@@ -380,6 +385,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     scoring = stages.add_parser("score", help="the blends of the style with each other style")
     scoring.add_argument("--adapter", "--ink", type=Path, required=True,
                          help="the held-out style's adapter (stylelora train's .safetensors)")
+    scoring.add_argument("--weight", type=float, default=1.0,
+                         help="the held-out adapter's UNet weight, its text encoder at 1 (default 1)")
     scoring.add_argument("--style-judge", "--ink-judge", type=Path, required=True)
     scoring.add_argument("--adapters-dir", type=Path, required=True, help="folder with toy-NAME/toy-NAME.safetensors")
     scoring.add_argument("--others", nargs="+", default=list(OTHERS), choices=OTHERS)

@@ -84,3 +84,28 @@ def test_the_judge_can_train_on_what_the_toy_vae_gives_back_of_every_other_rende
         error = numpy.abs(numpy.asarray(mixed[index]).astype(int) - numpy.asarray(renders[index]).astype(int))
         assert mixed[index].size == renders[index].size and 0 < error.mean() < 12  # a lossy copy, not another image
     assert heldout._through_vae(list(renders), 0.0) == renders
+
+
+def test_score_draws_the_held_out_adapter_at_the_weight_asked_with_its_text_encoder_at_1(monkeypatch, tmp_path):
+    from stylelora.lora.spec import AdapterSpec
+
+    calls = []
+
+    class RecordingScorer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, adapters, prompts, mode):
+            calls.append((list(adapters), mode))
+            sets = dict.fromkeys(p.prompt_set for p in prompts)
+            return {name: {"ink": 0.0, "stripes": 0.0, "both": 0.0} for name in sets}
+
+    monkeypatch.setattr(heldout, "StyleScorer", RecordingScorer)
+    args = heldout.parse_args(["score", "--adapter", "ink.safetensors", "--weight", "1.5", "--style-judge", "j",
+                               "--adapters-dir", str(tmp_path), "--others", "stripes", "--modes", "split",
+                               "--samples", "2"])
+    heldout.score(args)
+    held = AdapterSpec("ink.safetensors", 1.5, 1.0)
+    assert calls[1] == ([held], "sum")  # alone on every prompt set
+    assert calls[-1] == ([held, tmp_path / "toy-stripes" / "toy-stripes.safetensors"], "split")
+    assert held.text_encoder_weight == 1.0
