@@ -301,13 +301,11 @@ class StyleScorer:
 
     def __call__(self, adapters: list, prompts: list, mode: str) -> dict:
         """{prompt set: {rates of the held-out style and the other styles, shape and color accuracy}}; `adapters`
-        are files (at weight 1) or AdapterSpecs."""
-        from stylelora.lora.spec import AdapterSpec
+        are AdapterSpecs."""
         from stylelora.toy.evaluate import EvalSettings, draw_blend
 
         name = self.style.name
-        specs = [a if isinstance(a, AdapterSpec) else AdapterSpec(a, 1.0) for a in adapters]
-        images = draw_blend(self.pipe, specs, prompts, EvalSettings(), mode)
+        images = draw_blend(self.pipe, adapters, prompts, EvalSettings(), mode)
         verdicts = self.judge.predict(images)
         found = [verdict[name] for verdict in self.classifier.predict(images)]
         rows = {}
@@ -329,7 +327,7 @@ def score(args: argparse.Namespace) -> dict:
 
     style, others = STYLES[args.style], tuple(args.others)
     held = AdapterSpec(args.adapter, args.weight, 1.0)  # a faint style raised by its UNet weight (docs/blending.md)
-    files = {name: args.adapters_dir / f"toy-{name}" / f"toy-{name}.safetensors" for name in others}
+    files = {name: AdapterSpec(args.adapters_dir / f"toy-{name}" / f"toy-{name}.safetensors", 1.0) for name in others}
     prompts = style_prompts(args.samples, args.seed, others, style)
     scorer = StyleScorer(args.style_judge, style)
     start = time.perf_counter()

@@ -107,5 +107,4 @@ def test_score_draws_the_held_out_adapter_at_the_weight_asked_with_its_text_enco
     heldout.score(args)
     held = AdapterSpec("ink.safetensors", 1.5, 1.0)
     assert calls[1] == ([held], "sum")  # alone on every prompt set
-    assert calls[-1] == ([held, tmp_path / "toy-stripes" / "toy-stripes.safetensors"], "split")
-    assert held.text_encoder_weight == 1.0
+    assert calls[-1] == ([held, AdapterSpec(tmp_path / "toy-stripes" / "toy-stripes.safetensors", 1.0)], "split")
