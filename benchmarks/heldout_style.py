@@ -344,13 +344,13 @@ def score(args: argparse.Namespace) -> dict:
     return figures
 
 
-def report(figures: dict, modes: list[str], others: tuple[str, ...], style: str = "ink") -> None:
+def report(figures: dict, modes: list[str], others: tuple[str, ...], style: str = "ink", samples: int = 96) -> None:
     held = figures["alone"][style]
     print(f"\nbase on the {style} prompts: " + _row(figures["base"][style]))
     print(f"{style} alone on its own prompts: " + _row(held[style]))
     for name in others:
         own, pair_set = figures["alone"][name], f"{style}+{name}"
-        print(f"\n== {pair_set} (96 prompts carrying both triggers) ==")
+        print(f"\n== {pair_set} ({samples} prompts carrying both triggers) ==")
         print(f"  {style} alone on them:     {style} {held[pair_set][style]}  {name} "
               f"{held[pair_set][name]}  color {held[pair_set]['color']}")
         print(f"  {name} alone on them:  {name} {own[pair_set][name]}  {style} {own[pair_set][style]}  "
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
         print("shipped judge on the same scenes, plain / styled: " + json.dumps(shipped_judge_on_style(style)))
     else:
         figures = score(args)
-        report(figures, args.modes, tuple(args.others), style.name)
+        report(figures, args.modes, tuple(args.others), style.name, args.samples)
         if args.json:
             args.json.write_text(json.dumps(figures, indent=1))
     return 0
