@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gen_fixtures import load_tiny_base, make_adapter, pixels, tiny_pipeline
+from gen_fixtures import load_tiny_base, make_adapter, model_outputs, pixels, tiny_pipeline
 
 from stylelora.generate.generate import GenerateRequest, generate, request_from_parameters
 from stylelora.generate.prompt_tags import LoraTag, PromptTagError, parse_prompt
@@ -151,6 +151,25 @@ def test_a_saved_blend_with_block_weights_draws_the_live_image(tiny_sd_base, ada
     redrawn = generate(live, AdapterStack.for_pipe(live),
                        request_from_parameters(live_image.parameters_text, adapter.parent))[0]
     assert (pixels(redrawn) == pixels(live_image)).all()  # the PNG's parameters draw it again
+
+
+def test_a_sum_blend_whose_blocks_differ_in_rank_loads_the_same_in_diffusers(tiny_sd_base, adapter, tmp_path):
+    # lbw=0 on some of one input's blocks leaves those modules with the other input's rank only (4, against 8
+    # elsewhere); diffusers' kohya loader then reads per-module alphas wrongly unless the file has one alpha.
+    other = make_adapter(tmp_path / "toy-other.safetensors", 8, trigger="pastel",
+                         metadata={"ss_stylelora_base_family": "toy"})
+    specs = [AdapterSpec(adapter, 1.0, None, "1,0,0,0,1,1,1,1"), AdapterSpec(other, 0.8)]
+    report = blend(specs, tmp_path / "mixed-ranks.safetensors", exact=True, blend_mode="sum")
+    assert {4, 8} <= set(report.module_ranks.values())
+    ours = load_tiny_base(tiny_sd_base)
+    AdapterStack.for_pipe(ours).apply([AdapterSpec(report.path, 1.0)])
+    live = load_tiny_base(tiny_sd_base)
+    AdapterStack.for_pipe(live).apply(specs, "sum")
+    theirs = tiny_pipeline()
+    theirs.load_lora_weights(str(report.path), adapter_name="mix")  # no stylelora code
+    expected = model_outputs(live)["unet"]
+    assert (model_outputs(ours)["unet"] - expected).abs().max() <= 1e-4
+    assert (model_outputs(theirs)["unet"] - expected).abs().max() <= 1e-4
 
 
 def test_blend_refuses_block_weights_where_the_family_is_unknown(tmp_path):

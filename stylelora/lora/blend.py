@@ -231,8 +231,10 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
         errors[name], ranks[name] = error, up.shape[1]
     if not state:
         raise ValueError("Every weight is 0: the blend would change nothing. Give at least one non-zero weight.")
-    if blend_mode != "sum":
-        blend_modes.uniform_alpha(state, float(max(ranks.values())))  # ranks differ per module: see uniform_alpha
+    # Ranks can differ per module in every mode (merged factors, `lbw=` zeroing one input's blocks, --rank above a
+    # module's total rank), and diffusers misreads per-module alphas there: see uniform_alpha. Where every module has
+    # one rank the sum's alphas already equal it, and up is multiplied by exactly 1.
+    blend_modes.uniform_alpha(state, float(max(ranks.values())))
     mode = "exact" if rank is None else "svd"
     metadata = _blend_metadata(specs, files, Path(out_path), mode, rank, ranks, errors, blend_mode)
     metadata["modelspec.license"] = license or _shared_license(files)
