@@ -293,6 +293,12 @@ def test_grid_of_weights_by_adapters_is_one_png(service):
     assert 'X Type: blocks, X Values: "none; 1,0,0,0,1,1,1,1"' in read_png_parameters(blocks)
     with pytest.raises(AppError, match="choose adapters first"):
         service.grid(settings(), "blocks=none;OUTALL")
+    two = settings(("pastel", 1.0), ("styles/stripes", 1.0))
+    modes = service.grid(two, "blend_mode=sum,split", "dial=weights,reading")  # the axes the CLI's grid takes
+    assert "X Type: blend_mode, X Values: \"sum, split\"" in read_png_parameters(modes)
+    assert "Y Type: dial" in read_png_parameters(modes)
+    with pytest.raises(ValueError, match="blend mode"):
+        service.grid(two, "blend_mode=sum,average")
 
 
 # ----------------------------------------------------------------------------- limits, checks, stopping
@@ -332,6 +338,7 @@ def test_grid_axes_are_held_to_the_limits_of_generate(service):
         "steps=": "write KIND=V1,V2",
         "adapter=none,../escape": "not allowed",
     }
+    grids_before = sorted(service.grids_dir.glob("*"))
     for axis, message in refused.items():
         with pytest.raises((AppError, PromptTagError), match=message):
             service.grid(settings(("pastel", 1.0)), axis)
@@ -339,7 +346,7 @@ def test_grid_axes_are_held_to_the_limits_of_generate(service):
         service.grid(settings(), "seed=1,2,3,4,5,6", "cfg=1,2,3,4,5")
     with pytest.raises(AppError, match="Both grid axes are seed"):
         service.grid(settings(), "seed=1,2", "seed=3,4")
-    assert not list(service.grids_dir.glob("*-grid.png")) or True  # nothing reserved by a refused grid
+    assert sorted(service.grids_dir.glob("*")) == grids_before  # a refused grid leaves no file behind
     reports = []
     service.grid(settings(), "steps=2,3", progress=lambda done, total: reports.append((done, total)))
     assert reports[-1] == (5, 5) and len(reports) >= 5  # sampling steps over the cells, not cells

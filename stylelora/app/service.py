@@ -470,6 +470,8 @@ class AppService:
             "cfg": lambda v: self.limits.check("Grid axis cfg: a value", v, 0, CFG_LIMIT, whole=False),
             "adapter": lambda v: v if v == NO_ADAPTER else str(self.adapter_path(v)),
             "blocks": lambda v: v,  # XYAxis checks each lbw= value
+            "blend_mode": lambda v: v,  # XYAxis checks each mode and dial by name
+            "dial": lambda v: v,
         }
         def weight(value):
             return self.limits.check(f"Grid axis {kind}: a weight", value, -WEIGHT_LIMIT, WEIGHT_LIMIT, whole=False)

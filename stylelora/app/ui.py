@@ -309,8 +309,8 @@ def _generate_tab(service: AppService) -> SimpleNamespace:
 
 def _compare_tab() -> SimpleNamespace:
     gr.Markdown("An X/Y grid of the Generate tab's settings. Axes: `KIND=V1,V2,...` with KIND one of "
-                "adapter (names, or `none`), weight, unet_weight, te_weight, seed, cfg, steps; `blocks=V1;V2` takes "
-                "lbw= block weights, separated by `;`.")
+                "adapter (names, or `none`), weight, unet_weight, te_weight, seed, cfg, steps, blend_mode (sum, ties, "
+                "split), dial (weights, reading); `blocks=V1;V2` takes lbw= block weights, separated by `;`.")
     with gr.Row():
         x_axis = gr.Textbox(value="weight=0,0.5,1", label="X axis (columns)", elem_id="x-axis")
         y_axis = gr.Textbox(value="seed=1,2", label="Y axis (rows, optional)", elem_id="y-axis")
