@@ -3,7 +3,8 @@
     NAME.preview.png   the preview image A1111's and ComfyUI's LoRA browsers and model sites look for
     NAME.json          A1111's extra-networks sidecar: activation text, preferred weight, SD version, description
     README.md          a model card: base and family, triggers, how to use it in A1111/ComfyUI/diffusers/stylelora,
-                       training settings, dataset size, the sample grid, the license
+                       training settings and dataset size (a blend: its inputs and weights), the sample grid, the
+                       license; NAME.md where README.md would replace another adapter's card or the user's own
 
 Everything is derived from the adapter file's own metadata (kohya ss_* and SAI modelspec.*), so a trained adapter
 and a saved blend get the same bundle. Files are written atomically.
@@ -19,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from stylelora.atomic import write_text_atomic
+from stylelora.lora.inspect import BLEND_METADATA_KEY as BLEND_KEY
 
 PREVIEW_NAME = "preview.png"  # the first sample of the newest grid, kept by train/samples.py
 THUMBNAIL_SIDE = 256
@@ -64,13 +66,17 @@ def a1111_sidecar(metadata: dict[str, str]) -> dict[str, object]:
     }
 
 
-def model_card(name: str, metadata: dict[str, str], *, grid: str | None) -> str:
-    """README.md for the bundle: what it is, how to use it everywhere, how it was trained."""
+CARD_MARK = "<!-- stylelora model card -->"  # the last line of every card: a README.md without it is the user's
+
+
+def model_card(name: str, metadata: dict[str, str], *, grid: str | None, preview: bool = True) -> str:
+    """README.md for the bundle: what it is, how to use it everywhere, how it was trained or blended.
+
+    preview: whether NAME.preview.png is written beside the adapter (the card names only files that exist)."""
     triggers = trigger_words(metadata)
     trigger_text = ", ".join(triggers) or "(none: the adapter acts on every prompt)"
     prompt = f"{triggers[0]}, " if triggers else ""
-    args = json.loads(metadata.get("ss_training_args", "{}") or "{}")
-    train, network, optim = args.get("train", {}), args.get("network", {}), args.get("optim", {})
+    beside = f" (with `{name}.preview.png` and `{name}.json`)" if preview else f" (with `{name}.json`)"
     lines = [
         f"# {metadata.get('modelspec.title', name)}",
         "",
@@ -85,12 +91,30 @@ def model_card(name: str, metadata: dict[str, str], *, grid: str | None) -> str:
         "",
         "## Use it",
         "",
-        f"- A1111 / Forge: put `{name}.safetensors` (with `{name}.preview.png` and `{name}.json`) in `models/Lora`, then "
+        f"- A1111 / Forge: put `{name}.safetensors`{beside} in `models/Lora`, then "
         f"prompt `{prompt}... <lora:{name}:1>`.",
         f"- ComfyUI: put it in `models/loras` and use a *Load LoRA* node (strength 1.0); prompt `{prompt}...`.",
         f"- diffusers: `pipe.load_lora_weights(\".\", weight_name=\"{name}.safetensors\")`.",
         f"- stylelora: `stylelora generate \"{prompt}...\" --lora {name}.safetensors:1`.",
         "",
+        *(_blend_lines(metadata) if BLEND_KEY in metadata else _training_lines(metadata)),
+    ]
+    if grid:
+        lines += ["", "## Samples", "", f"![sample grid]({grid})"]
+    return "\n".join(lines + ["", CARD_MARK]) + "\n"
+
+
+def _training_lines(metadata: dict[str, str]) -> list[str]:
+    """The card's training settings, from the run config the trainer stores (ss_training_args)."""
+    try:
+        args = json.loads(metadata.get("ss_training_args") or "{}")
+    except ValueError:
+        args = {}
+    if not args:
+        return ["## Training", "", "- Not recorded in the file (it was not trained by stylelora).",
+                f"- LoRA rank {metadata.get('ss_network_dim', '?')}, alpha {metadata.get('ss_network_alpha', '?')}"]
+    train, network, optim = args.get("train", {}), args.get("network", {}), args.get("optim", {})
+    return [
         "## Training",
         "",
         f"- Dataset: {_image_count(metadata)} images ({metadata.get('ss_num_train_images', '?')} samples per epoch "
@@ -100,9 +124,25 @@ def model_card(name: str, metadata: dict[str, str], *, grid: str | None) -> str:
         f"- Seed {train.get('seed', '?')}, precision {train.get('precision', '?')}; "
         f"network {network.get('unet_targets', '?')}",
     ]
-    if grid:
-        lines += ["", "## Samples", "", f"![sample grid]({grid})"]
-    return "\n".join(lines) + "\n"
+
+
+def _blend_lines(metadata: dict[str, str]) -> list[str]:
+    """The card's account of a saved blend: its inputs with their weights, the mode, and how exact the file is."""
+    try:
+        blend = json.loads(metadata[BLEND_KEY])
+    except ValueError:
+        blend = {}
+    inputs = blend.get("inputs", [])
+    how = ("exact (every input's rank kept)" if blend.get("mode") == "exact"
+           else f"rank {blend.get('rank', '?')} by SVD, largest relative error {blend.get('max_relative_error', '?')}")
+    lines = ["## Blend", "", f"- Blend mode {blend.get('blend_mode', 'sum')}; {how}; LoRA rank "
+             f"{metadata.get('ss_network_dim', '?')}, alpha {metadata.get('ss_network_alpha', '?')}",
+             f"- Inputs ({len(inputs)}):"]
+    for entry in inputs:
+        blocks = f", lbw={entry['lbw']}" if "lbw" in entry else ""
+        lines.append(f"  - {entry.get('title') or entry.get('file', '?')} (`{entry.get('file', '?')}`): UNet "
+                     f"{entry.get('unet_weight', '?')}, text encoder {entry.get('te_weight', '?')}{blocks}")
+    return lines
 
 
 def _image_count(metadata: dict[str, str]) -> str:
@@ -132,15 +172,27 @@ def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = Non
     sidecar = adapter.with_name(f"{name}.json")
     written.append(write_text_atomic(sidecar, json.dumps(a1111_sidecar(metadata), indent=4) + "\n"))
     grid_link = os.path.relpath(grid, adapter.parent) if grid is not None and grid.is_file() else None
-    written.append(write_text_atomic(card or card_path(adapter), model_card(name, metadata, grid=grid_link)))
+    card_text = model_card(name, metadata, grid=grid_link, preview=preview is not None and preview.is_file())
+    written.append(write_text_atomic(card or card_path(adapter), card_text))
     return written
 
 
 def card_path(adapter: Path) -> Path:
-    """README.md in a folder that holds only this adapter (a run folder), else NAME.md: a folder of several adapters
-    (the app's blends/, an outputs folder) keeps one card per adapter and never overwrites another's."""
+    """README.md in a folder that holds only this adapter (a run folder), unless a README.md that stylelora did not
+    write is there; else NAME.md: a folder of several adapters (the app's blends/, an outputs folder) keeps one card
+    per adapter, and neither replaces another's card nor the user's own README."""
     others = [p for p in adapter.parent.glob("*.safetensors") if p.name != adapter.name]
-    return adapter.with_name("README.md" if not others else f"{adapter.stem}.md")
+    readme = adapter.with_name("README.md")
+    if not others and (not readme.exists() or _is_card(readme)):
+        return readme
+    return adapter.with_name(f"{adapter.stem}.md")
+
+
+def _is_card(path: Path) -> bool:
+    try:
+        return CARD_MARK in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
 
 
 def pack(run_dir: Path, out: Path) -> Path:

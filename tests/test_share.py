@@ -85,6 +85,9 @@ def test_blend_writes_the_same_bundle(run_dir, tmp_path):
     assert sidecar["activation text"] == "stripestyle" and sidecar["sd version"] == "SD1"
     card = (out.parent / "README.md").read_text(encoding="utf-8")
     assert "<lora:mix:1>" in card and "License: CC-BY-4.0" in card  # both inputs carry CC-BY-4.0
+    assert "## Blend" in card and "not trained" not in card  # a blend's card tells its inputs, not a training run
+    assert "run (`a.safetensors`): UNet 1.0, text encoder 1.0" in card and "UNet 0.5, text encoder 0.5" in card
+    assert "`mix.preview.png`" in card
     _, metadata = read_header(out)
     assert metadata["modelspec.license"] == "CC-BY-4.0" and metadata["modelspec.thumbnail"].startswith("data:image/")
 
@@ -92,6 +95,13 @@ def test_blend_writes_the_same_bundle(run_dir, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "License: CC0-1.0" in (out.parent / "mix2.md").read_text(encoding="utf-8")
     assert (out.parent / "README.md").read_text(encoding="utf-8") == card
+    assert "preview.png" not in (out.parent / "mix2.md").read_text(encoding="utf-8")  # none was written for it
+    own = tmp_path / "project"
+    own.mkdir()
+    (own / "README.md").write_text("# my notes\n", encoding="utf-8")
+    assert blend(own / "mix.safetensors").returncode == 0
+    assert (own / "README.md").read_text(encoding="utf-8") == "# my notes\n"  # the user's README is kept
+    assert "## Blend" in (own / "mix.md").read_text(encoding="utf-8")
     missing = blend(out.with_name("mix3.safetensors"), "--preview", str(tmp_path / "nope.png"))
     assert missing.returncode != 0 and "no such image" in missing.stderr
     assert not out.with_name("mix3.safetensors").exists()  # bad input is refused before anything is written
