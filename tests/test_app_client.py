@@ -279,6 +279,13 @@ def test_limits_and_grid_axes_are_refused_with_the_limit_named(app):
     for axis, message in axes.items():
         with pytest.raises(gradio_client.exceptions.AppError, match=message):
             client.predict(x_axis=axis, y_axis="", adapters=["pastel"], prompt=PROMPT, api_name="/grid")
+    # Values an API client sends as text, and an empty Rank box (reachable in the browser), name their field.
+    not_a_number = r"The UNet weight of pastel must be a number \(got 'abc'\)"
+    with pytest.raises(gradio_client.exceptions.AppError, match=not_a_number):
+        client.predict(prompt=PROMPT, adapters=["pastel"], unet_weight_0="abc", api_name="/generate")
+    no_rank = r"Rank \(mode rank\) must be a whole number \(got None\)"
+    with pytest.raises(gradio_client.exceptions.AppError, match=no_rank):
+        client.predict(adapters=["pastel"], name="no-rank", mode="rank", rank=None, api_name="/blend")
     # The message is plain text for an API client: a tag in it reads as typed.
     with pytest.raises(gradio_client.exceptions.AppError, match=r"<lora:nope:1>|No adapter named 'nope'"):
         client.predict(prompt=f"{PROMPT} <lora:nope:1>", api_name="/generate")

@@ -126,6 +126,18 @@ def _named(widgets: Sequence, names: dict | None = None) -> dict:
     return named
 
 
+def _number(value, what: str, *, whole: bool = False) -> float | int:
+    """A number the user sent (API clients can send text), or an AppError that names the field."""
+    try:
+        number = float(value)
+        if whole and number != int(number):
+            raise ValueError
+        return int(number) if whole else number
+    except (TypeError, ValueError, OverflowError):
+        kind = "a whole number" if whole else "a number"
+        raise AppError(f"{what} must be {kind} (got {value!r}).") from None
+
+
 def mix_from_values(chosen: Sequence[str] | None, weights: Sequence[float],
                     blocks: Sequence[str | None] = ()) -> tuple[AdapterWeight, ...]:
     """The chosen adapters with the weights of their rows ([unet0, te0, unet1, te1, ...]) and the rows' block
@@ -135,7 +147,8 @@ def mix_from_values(chosen: Sequence[str] | None, weights: Sequence[float],
         raise AppError(f"At most {MAX_ADAPTER_ROWS} adapters can be blended at once (got {len(chosen)}): remove "
                        f"{len(chosen) - MAX_ADAPTER_ROWS}, or save a blend of some of them first (Blend tab).")
     blocks = [(text or "").strip() or None for text in blocks] + [None] * len(chosen)
-    return tuple(AdapterWeight(name, float(weights[2 * i]), float(weights[2 * i + 1]), blocks[i])
+    return tuple(AdapterWeight(name, _number(weights[2 * i], f"The UNet weight of {name}"),
+                               _number(weights[2 * i + 1], f"The text-encoder weight of {name}"), blocks[i])
                  for i, name in enumerate(chosen))
 
 
@@ -215,8 +228,10 @@ class GenerateInputs:
         blocks = choices[2:2 + MAX_ADAPTER_ROWS]
         return GenerateSettings(
             prompt=prompt or "", negative_prompt=negative or "", adapters=mix_from_values(chosen, weights, blocks),
-            base=base, steps=int(steps), cfg=float(cfg), sampler=None if sampler == DEFAULT_SAMPLER else sampler,
-            seed=-1 if seed is None else int(seed), size=size or "native", batch_size=int(batch),
+            base=base, steps=_number(steps, "Steps", whole=True), cfg=_number(cfg, "CFG scale"),
+            sampler=None if sampler == DEFAULT_SAMPLER else sampler,
+            seed=-1 if seed is None else _number(seed, "Seed", whole=True), size=size or "native",
+            batch_size=_number(batch, "Batch size", whole=True),
             blend_mode=mode or None, dial=dial or None,
         )
 
@@ -578,7 +593,8 @@ def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespac
         name, mode, rank, fp16, overwrite, blend_mode = options[:6]
         blocks, base = rest[:MAX_ADAPTER_ROWS], (rest[MAX_ADAPTER_ROWS:] or [None])[0]
         result = service.blend(mix_from_values(chosen, weights, blocks), name,
-                               rank=int(rank) if mode == "rank" else None, fp16=bool(fp16), overwrite=bool(overwrite),
+                               rank=_number(rank, "Rank (mode rank)", whole=True) if mode == "rank" else None,
+                               fp16=bool(fp16), overwrite=bool(overwrite),
                                blend_mode=blend_mode or None, dial=dial or None, base=base or None)
         return f"saved {result.name}\n{result.summary}", *lists.refreshed(chosen, result.name)
 
