@@ -63,6 +63,20 @@ def test_generate_reports_bad_input_in_one_line(world, tmp_path, capsys):
     assert code == 2 and "WIDTHxHEIGHT" in err
 
 
+@pytest.mark.parametrize("out, message", [("x.jpg", "saved as PNG"), ("afile", "is a file, not a folder"),
+                                          ("afile/x.png", "is a file, so nothing can be written inside it")])
+def test_an_out_that_cannot_be_written_fails_before_anything_is_drawn(world, tmp_path, capsys, monkeypatch, out,
+                                                                      message):
+    import stylelora.generate.command as command
+
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setattr(command, "_load_pipe", lambda args: pytest.fail("the base was loaded"))
+    for subcommand in (["generate", "x"], ["grid", "x", "--x", "seed=1,2"]):
+        code, _, err = run([*subcommand, "--out", str(tmp_path / out), *common(world)], capsys)
+        assert code == 2 and message in err
+    assert not (tmp_path / "x.jpg").exists()  # no folder named like an image
+
+
 def test_block_weights_the_base_does_not_take_fail_before_it_loads(world, tmp_path, capsys, monkeypatch):
     import stylelora.generate.command as command
 

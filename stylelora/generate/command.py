@@ -122,6 +122,23 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def check_output_target(out: str | None) -> None:
+    """Refuse an --out that cannot be written before any image is drawn (on a real base that takes minutes)."""
+    if not out:
+        return
+    target = Path(out)
+    if target.suffix.lower() in {".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}:
+        raise ValueError(f"--out {out}: images are saved as PNG, which carries their generation parameters; give "
+                         f"a .png file name ({target.with_suffix('.png')}) or a folder.")
+    if target.suffix.lower() != ".png" and target.exists() and not target.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: give a .png file name or a folder.")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, so nothing can be written inside it.")
+            break
+
+
 def output_paths(out: str | None, seeds: list[int], default_dir: str, suffix: str = "") -> list[Path]:
     """Where each image goes: FILE.png (FILE-1.png, ... for more), or FOLDER/NNNNN-SEED.png numbered on."""
     target = Path(out) if out else Path(default_dir)
@@ -147,6 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     precheck_request(request)
+    check_output_target(args.out)
     _check_block_weights(args, request)
     results = generate(_load_pipe(args), None, request)
     paths = output_paths(args.out, [r.params.seed for r in results], DEFAULT_IMAGES_DIR)
@@ -166,6 +184,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     precheck_request(request)
+    check_output_target(args.out)
     x_axis, y_axis = parse_axis(args.x), parse_axis(args.y) if args.y else None
     _check_block_weights(args, request, [axis for axis in (x_axis, y_axis) if axis is not None])
     out = output_paths(args.out, [0], DEFAULT_GRIDS_DIR, suffix="grid")[0]
