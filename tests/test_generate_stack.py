@@ -142,6 +142,8 @@ REFUSALS = {
     "pickle-ckpt": (lambda tmp, src: _write_bytes(tmp / "old.ckpt"), "pickle"),
     "pickle-bin": (lambda tmp, src: _write_bytes(tmp / "pytorch_lora_weights.bin"), "pickle"),
     "missing": (lambda tmp, src: tmp / "nope.safetensors", "not found"),
+    "a-name-not-a-path": (lambda tmp, src: tmp / "toy-stripes", r"not found: .*toy-stripes \(give the file's path"),
+    "missing-pickle": (lambda tmp, src: tmp / "gone.ckpt", "not found"),
     "other-architecture": (lambda tmp, src: make_adapter(tmp / "wide.safetensors", 3, base_args={"cross_attention_dim": 48}),
                            r"different base architecture: \d+ of \d+ unet LoRA modules"),
     "sdxl-keys": (lambda tmp, src: _kohya_variant(tmp, src, "xl.safetensors",
@@ -264,9 +266,11 @@ def test_parse_lora_arg(text, expected):
     assert (str(spec.path), spec.unet_weight, spec.te_weight) == expected
 
 
-@pytest.mark.parametrize("text", ["a.safetensors:abc", ":0.5", "a.safetensors:nan"])
-def test_parse_lora_arg_refuses_bad_input(text):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("text, message", [("a.safetensors:abc", "Bad weight 'abc'"), (":0.5", "No file"),
+                                           ("a.safetensors:nan", "Bad weight 'nan'"),
+                                           ("a.safetensors:1:1:1", "Too many weights")])
+def test_parse_lora_arg_refuses_bad_input(text, message):
+    with pytest.raises(ValueError, match=message):
         parse_lora_arg(text)
 
 

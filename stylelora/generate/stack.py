@@ -214,8 +214,10 @@ class AdapterStack:
     def load(self, path: str | os.PathLike) -> LoadedAdapter:
         """The adapter at `path`, read and checked once; read again only if the file changed on disk."""
         path = weights_path(path).resolve()
-        if not path.is_file() and path.suffix == ".safetensors":
-            raise AdapterFileError(f"Adapter file not found: {path}")
+        if not path.exists():
+            from stylelora.lora.io import missing_adapter_message
+
+            raise AdapterFileError(missing_adapter_message(path))
         with self.lock:
             cached = self._cache.get(path)
         if cached is not None and path.is_file() and cached.signature == _file_signature(path):

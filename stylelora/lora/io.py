@@ -235,8 +235,17 @@ def save_adapter(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modu
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
+def missing_adapter_message(path: Path) -> str:
+    """Adapter file not found, with a hint where the user typed an adapter's name instead of its file."""
+    hint = "" if path.suffix else (" (give the file's path with .safetensors, or name an adapter of the adapters "
+                                   "folder in the prompt as <lora:NAME:W>)")
+    return f"Adapter file not found: {path}{hint}"
+
+
 def _read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(missing_adapter_message(path))
     if path.suffix != ".safetensors":
         if path.suffix in PICKLE_SUFFIXES:
             why = "it is a pickle file, and unpickling can run arbitrary code hidden in it"
@@ -246,7 +255,7 @@ def _read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             f"Refusing to load {path.name}: {why}. Convert it to .safetensors with a tool you trust, then load that."
         )
     if not path.is_file():
-        raise FileNotFoundError(f"Adapter file not found: {path}")
+        raise FileNotFoundError(f"Adapter file not found: {path} is a folder")
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
     return load_file(str(path)), metadata

@@ -80,6 +80,10 @@ def parse_lora_arg(text: str) -> AdapterSpec:
         head = rest
     if not head:
         raise ValueError(f"No file in --lora {text!r}: write FILE[:W[:TE_W]], e.g. styles/stripes.safetensors:0.8")
+    rest, sep, tail = head.rpartition(":")
+    if sep and _as_number(tail) is not None and rest.lower().endswith(WEIGHT_SUFFIXES):
+        raise ValueError(f"Too many weights in {text!r}: write FILE[:W[:TE_W]], at most two (the UNet's, then the "
+                         "text encoder's), e.g. a.safetensors:0.8:0.5")
     return AdapterSpec(Path(head), *weights, blocks=blocks)
 
 
