@@ -25,27 +25,51 @@ def _dial_help() -> str:
     return dial_help()
 
 
+def _evaluate_errors() -> tuple[type[Exception], ...]:
+    from .models.load import BaseModelError
+
+    return (ValueError, FileNotFoundError, BaseModelError)
+
+
+def _checked_evaluate_inputs(args: argparse.Namespace) -> tuple[tuple[str, ...], str, str, list]:
+    """(prompt sets, blend mode, dial, adapter specs), each checked: a typo, a bad --lora or a missing file fails
+    here, before the base model loads."""
+    from .generate.reading_dial import check_dial
+    from .lora.blend_modes import check_mode
+    from .lora.spec import parse_lora_arg
+    from .toy.evaluate import PROMPT_SETS, prompt_set_styles
+
+    if args.samples < 1:
+        raise ValueError(f"--samples {args.samples}: give at least 1 prompt per prompt set (e.g. --samples 32).")
+    prompt_sets = tuple(args.prompt_set or PROMPT_SETS)
+    for name in prompt_sets:
+        prompt_set_styles(name)
+    specs = [parse_lora_arg(text) for text in args.lora]
+    for spec in specs:
+        if not spec.path.exists():
+            from .lora.io import missing_adapter_message
+
+            raise FileNotFoundError(missing_adapter_message(spec.path))
+    return prompt_sets, check_mode(args.blend_mode), check_dial(args.dial), specs
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .toy.evaluate import PROMPT_SETS, EvalSettings, evaluate_pipeline, prompt_set_styles
+    from .user_errors import report_user_errors
+
+    return report_user_errors(_evaluate_errors)(_evaluate)(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .toy.evaluate import EvalSettings, evaluate_pipeline
     from .toy.judge import load_judge
     from .models.load import load_base
 
-    prompt_sets = tuple(args.prompt_set or PROMPT_SETS)
-    try:  # a typo in a prompt-set name or a mode should fail before the model loads
-        for name in prompt_sets:
-            prompt_set_styles(name)
-        from .generate.reading_dial import check_dial
-        from .lora.blend_modes import check_mode
-
-        blend_mode, dial = check_mode(args.blend_mode), check_dial(args.dial)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    prompt_sets, blend_mode, dial, specs = _checked_evaluate_inputs(args)
     pipe = load_base(args.base, precision=args.precision, allow_pickle=args.allow_pickle)
-    if args.lora:
+    if specs:
         from .generate.stack import apply_adapters
 
-        apply_adapters(pipe, args.lora, blend_mode, dial)
+        apply_adapters(pipe, specs, blend_mode, dial)
     settings = EvalSettings(samples=args.samples, seed=args.seed, steps=args.steps, guidance_scale=args.cfg,
                             prompt_sets=prompt_sets)
     metrics, images = evaluate_pipeline(pipe, load_judge(), settings)

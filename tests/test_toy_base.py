@@ -53,6 +53,21 @@ def test_evaluate_same_seed_same_numbers():
     assert 0.0 <= outputs[0]["shape_accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--lora", "missing.safetensors"], "Adapter file not found: missing.safetensors"),
+    (["--lora", "a.safetensors:abc"], "Bad weight 'abc'"),
+    (["--samples", "0"], "give at least 1 prompt"),
+    (["--prompt-set", "stripes+chalk"], "chalk"),
+])
+def test_evaluate_refuses_bad_input_in_one_line_before_the_base_loads(argv, message, monkeypatch, capsys):
+    import stylelora.models.load as load
+    from stylelora.cli import main
+
+    monkeypatch.setattr(load, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    assert main(["evaluate", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_shipped_vae_reconstructs_every_style_at_28_db():
     """Issue 2's bar for the VAE, on renders it never saw (training used seed 0; its early stop looked at 10_000)."""
     import torch
