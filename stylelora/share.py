@@ -31,9 +31,15 @@ SD_VERSIONS = {"stable-diffusion-v1": "SD1", "stable-diffusion-v2-512": "SD2", "
 
 def thumbnail_data_uri(image_path: Path, side: int = THUMBNAIL_SIDE) -> str:
     """A small JPEG of the image as a data URI (modelspec.thumbnail); tiny toy images are upscaled crisply."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(image_path) as image:
+    try:
+        image = Image.open(image_path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{image_path} is not an image that can be read ({error}); give a PNG or JPEG, e.g. one "
+                         "written by `stylelora generate`.") from None
+    with image:
         image = image.convert("RGB")
         scale = side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

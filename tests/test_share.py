@@ -102,6 +102,12 @@ def test_blend_writes_the_same_bundle(run_dir, tmp_path):
     assert blend(own / "mix.safetensors").returncode == 0
     assert (own / "README.md").read_text(encoding="utf-8") == "# my notes\n"  # the user's README is kept
     assert "## Blend" in (own / "mix.md").read_text(encoding="utf-8")
+    (tmp_path / "notes.png").write_text("not an image")
+    unreadable = blend(out.with_name("mix4.safetensors"), "--preview", str(tmp_path / "notes.png"))
+    assert unreadable.returncode == 2 and "is not an image that can be read" in unreadable.stderr
+    onto_input = blend(inputs[0])
+    assert onto_input.returncode == 2 and "one of the adapters being blended" in onto_input.stderr
+    assert inputs[0].read_bytes() == (run_dir / "run.safetensors").read_bytes()  # the input is kept
     missing = blend(out.with_name("mix3.safetensors"), "--preview", str(tmp_path / "nope.png"))
     assert missing.returncode != 0 and "no such image" in missing.stderr
     assert not out.with_name("mix3.safetensors").exists()  # bad input is refused before anything is written

@@ -215,6 +215,9 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
         raise ValueError(f"--rank must be >= 1, got {rank}.")
     if Path(out_path).suffix != ".safetensors":
         raise ValueError(f"The blend is written as .safetensors; got {Path(out_path).name}.")
+    if any(Path(out_path).resolve() == Path(spec.path).resolve() for spec in specs):
+        raise ValueError(f"{out_path} is one of the adapters being blended: writing there would replace it. "
+                         "Give the blend another name.")
     files = _read_inputs(specs)
     terms: dict[str, ModuleTerms] = {}
     for spec, file in zip(specs, files):
