@@ -155,7 +155,8 @@ def test_parse_prompt(prompt, clean, tags):
 
 
 @pytest.mark.parametrize("prompt", ["<lora:ink:abc>", "<lora::1>", "<lora:ink:1:2:3>", "<lora:ink:dyn=4>",
-                                    "<lora:ink:lbw=1,x>", "a <lyco:ink:1>"])
+                                    "<lora:ink:lbw=1,x>", "a <lyco:ink:1>", "<lora:ink:0.8 a red circle",
+                                    "a <LORA:ink:1> cat", "<Lora:ink:1"])
 def test_bad_tags_are_refused(prompt):
     with pytest.raises(PromptTagError):
         parse_prompt(prompt)

@@ -18,6 +18,7 @@ from stylelora.lora.spec import AdapterSpec
 
 TAG_PATTERN = re.compile(r"<lora:([^<>]*)>")
 OTHER_NETWORK_PATTERN = re.compile(r"<(lyco|hypernet|embedding|ti):[^<>]*>", re.IGNORECASE)
+STRAY_TAG_PATTERN = re.compile(r"<\s*lora\s*:[^<>]{0,40}", re.IGNORECASE)  # what is left of a tag mistyped
 ADAPTER_SUFFIX = ".safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -104,7 +105,12 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraTag]]:
     if other:
         raise PromptTagError(f"{other.group(0)}: only <lora:...> tags are supported; remove it from the prompt.")
     tags = [_parse_tag(match.group(1)) for match in TAG_PATTERN.finditer(prompt)]
-    return clean_prompt(TAG_PATTERN.sub(" ", prompt)), tags
+    text = TAG_PATTERN.sub(" ", prompt)
+    stray = STRAY_TAG_PATTERN.search(text)
+    if stray:  # else it would reach the text encoder as words, and no adapter would load
+        raise PromptTagError(f"{stray.group(0).strip()!r} is not a whole tag: write <lora:NAME:WEIGHT> in lower "
+                             "case, closed with '>'.")
+    return clean_prompt(text), tags
 
 
 def prompt_with_tags(prompt: str, tags: list[LoraTag]) -> str:
