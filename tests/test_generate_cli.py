@@ -61,6 +61,11 @@ def test_generate_reports_bad_input_in_one_line(world, tmp_path, capsys):
     assert code == 2 and out == [] and "error: No adapter named 'nope'" in err
     code, _, err = run(["generate", "x", "--size", "big", *common(world)], capsys)
     assert code == 2 and "WIDTHxHEIGHT" in err
+    code, _, err = run(["generate", "x", "--size", "0", "--out", str(tmp_path), *common(world)], capsys)
+    assert code == 2 and "size 0x0 must be positive" in err  # not the native size in silence
+    code, _, err = run(["generate", "x", "--cfg", "nan", "--out", str(tmp_path), *common(world)], capsys)
+    assert code == 2 and "CFG scale must be a number (got nan)" in err
+    assert not list(tmp_path.glob("*.png"))
 
 
 @pytest.mark.parametrize("out, message", [("x.jpg", "saved as PNG"), ("afile", "is a file, not a folder"),

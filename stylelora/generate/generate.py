@@ -97,6 +97,8 @@ def _check_request(request: GenerateRequest, width: int, height: int, multiple: 
         problems.append(f"steps must be >= 1 (got {request.steps})")
     if request.batch_size < 1:
         problems.append(f"batch size must be >= 1 (got {request.batch_size})")
+    if not math.isfinite(request.cfg):
+        problems.append(f"CFG scale must be a number (got {request.cfg})")
     if not -1 <= request.seed <= MAX_SEED:
         problems.append(f"seed must be -1 (random) or 0..{MAX_SEED} (got {request.seed})")
     if width % multiple or height % multiple or width <= 0 or height <= 0:
@@ -153,7 +155,8 @@ def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) ->
     if request.add_triggers:
         prompt = _add_triggers(prompt, [a for a, s in zip(adapters, specs) if s.unet_weight or s.te_weight])
     size = native_size(pipe)
-    width, height = request.width or size, request.height or size
+    width = size if request.width is None else request.width  # 0 is refused below, not read as "native"
+    height = size if request.height is None else request.height
     _check_request(request, width, height, _size_multiple(pipe))
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
     names = tuple(adapter_name(spec.path, request.adapters_dir) for spec in specs)
