@@ -16,6 +16,7 @@ config errors stay instant.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -418,8 +419,15 @@ def _convert(base: Any, value: Any) -> Any:
     if base is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
     if base is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok else _INVALID
+        # inf and nan are refused here, once for every number: inf slips past the range rules (inf > 0) and would
+        # only fail mid-run, as a NaN loss or an adapter that cannot be used.
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return _INVALID
+        try:
+            number = float(value)
+        except OverflowError:  # a whole number too large for a float
+            return _INVALID
+        return number if math.isfinite(number) else _INVALID
     if base is str:
         return value if isinstance(value, str) else _INVALID
     if typing.get_origin(base) is tuple:
@@ -429,7 +437,7 @@ def _convert(base: Any, value: Any) -> Any:
 
 
 def _type_name(base: Any) -> str:
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    names = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
     return names.get(base, "a list of text")
 
 

@@ -81,6 +81,23 @@ def test_bad_value_names_the_field_and_the_fix(overrides, expected):
         assert text in str(raised.value)
 
 
+@pytest.mark.parametrize("key", ["optim.unet_lr", "optim.text_encoder_lr", "network.alpha", "optim.max_grad_norm",
+                                 "optim.weight_decay", "train.min_snr_gamma", "train.preserve_base"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_numbers_are_refused(key, value):
+    """inf passes a `> 0` rule and would only fail mid-run (a NaN loss, an adapter that cannot be used)."""
+    with pytest.raises(ConfigError, match=rf"{key} must be a finite number.*\(got {value}\)"):
+        load_config(None, {"data.dir": "d", key: value})
+
+
+def test_inf_on_the_command_line_is_refused():
+    args = build_parser().parse_args(["train", "d", "--unet-lr", "inf", "--alpha", "inf"])
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, overrides_from_args(args))
+    assert "optim.unet_lr must be a finite number" in str(raised.value)
+    assert "network.alpha must be a finite number" in str(raised.value)
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as raised:
         load_config(None, {"data.dir": "d", "optim.unet_lr": -1, "train.steps": 0})
