@@ -222,6 +222,8 @@ def test_all_bad_folder_raises_a_helpful_data_error(tmp_path):
     assert "none of the 3 images can be used" in message
     assert "empty.png: zero bytes" in message and "notes.png: not an image" in message
     assert "at least 16 px" in message
+    with pytest.raises(DataError, match="none of the 3 regularization images can be used"):
+        check_items(items, role="regularization")
 
 
 def test_load_rgb_image_refuses_a_file_changed_after_the_check(tmp_path):

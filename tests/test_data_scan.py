@@ -163,6 +163,37 @@ def test_missing_folder_is_a_data_error(tmp_path):
         scan_folder(tmp_path / "nope")
 
 
+def test_a_regularization_folder_is_named_as_one_in_errors(tmp_path):
+    with pytest.raises(DataError, match=r"^regularization folder \(--reg-dir\) .*nope does not exist"):
+        scan_folder(tmp_path / "nope", role="regularization")
+    with pytest.raises(DataError, match="^no regularization images found in"):
+        scan_folder(tmp_path, role="regularization")
+
+
+def test_caption_extension_is_matched_in_any_case(tmp_path):
+    """As image extensions are: datasets made on Windows or macOS often have IMG.TXT beside IMG.PNG."""
+    _image(tmp_path / "b.png", "upper txt", caption_ext=".TXT")
+    _image(tmp_path / "c.PNG", "mixed caption", caption_ext=".Caption")
+    (tmp_path / "d.TXT").write_text("no image", encoding="utf-8")
+    items, report = scan_folder(tmp_path)
+    assert {name: item.caption for name, item in _by_name(items).items()} == {"b.png": "upper txt",
+                                                                             "c.PNG": "mixed caption"}
+    assert report.uncaptioned == []
+    assert [(i.path.name, i.reason) for i in report.ignored] == [("d.TXT", "caption without an image of the same name")]
+
+
+def test_metadata_text_as_a_list_of_tags_is_joined_like_kohya_tags(tmp_path):
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "b.png")
+    lines = [{"file_name": "a.png", "text": ["zorb", " red ", ""]}, {"file_name": "b.png", "text": {"tags": "x"}}]
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(lines[0]) + "\n", encoding="utf-8")
+    items, _ = scan_folder(tmp_path)
+    assert _by_name(items)["a.png"].caption == "zorb, red"
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    with pytest.raises(DataError, match='metadata.jsonl line 2: "text" must be a caption string or a list of tag'):
+        scan_folder(tmp_path)
+
+
 def test_nested_subfolders_are_reported_not_silently_dropped(tmp_path):
     _image(tmp_path / "4_ink" / "a.png", "ink")
     _image(tmp_path / "4_ink" / "more" / "b.png", "ink")

@@ -67,14 +67,15 @@ class _Refused(Exception):
 
 
 def check_items(items: list[TrainItem], *, min_side: int = DEFAULT_MIN_SIDE,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckResult:
-    """Check every item's image; raise DataError if none is usable (before any model is loaded)."""
+                max_pixels: int = DEFAULT_MAX_PIXELS, role: str = "training") -> CheckResult:
+    """Check every item's image; raise DataError if none is usable (before any model is loaded). `role`
+    ("training" or "regularization") names the images in that error."""
     kept, skipped = [], []
     for item in items:
         outcome = check_image(item, min_side=min_side, max_pixels=max_pixels)
         (kept if isinstance(outcome, CheckedImage) else skipped).append(outcome)
     if not kept:
-        raise DataError(_nothing_usable_message(skipped, min_side))
+        raise DataError(_nothing_usable_message(skipped, min_side, role))
     return CheckResult(kept=kept, skipped=skipped)
 
 
@@ -212,12 +213,13 @@ def _unidentified_reason(data: bytes) -> str:
     return f"corrupt {looks_like} (starts like one but cannot be read)" if looks_like else "not an image"
 
 
-def _nothing_usable_message(skipped: list[SkippedImage], min_side: int) -> str:
+def _nothing_usable_message(skipped: list[SkippedImage], min_side: int, role: str) -> str:
+    images = "images" if role == "training" else f"{role} images"
     if not skipped:
-        return "no images to train on: the scan found none"
+        return f"no {images} to train on: the scan found none"
     reasons = "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:8])
     more = f" (+{len(skipped) - 8} more)" if len(skipped) > 8 else ""
-    return (f"none of the {len(skipped)} images can be used for training ({reasons}{more}). Fix or replace "
+    return (f"none of the {len(skipped)} {images} can be used for training ({reasons}{more}). Fix or replace "
             f"these files: they must be readable PNG/JPEG/WEBP images at least {min_side} px on each side.")
 
 

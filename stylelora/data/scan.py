@@ -30,6 +30,7 @@ UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".psd", ".r
 JUNK_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 METADATA_FILE = "metadata.jsonl"
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+FOLDER_ROLES = {"training": "training data folder", "regularization": "regularization folder (--reg-dir)"}
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,18 @@ class ScanReport:
         return "\n".join(lines)
 
 
-def scan_folder(root: str | Path, *, extra_trigger: str | None = None) -> tuple[list[TrainItem], ScanReport]:
+def scan_folder(root: str | Path, *, extra_trigger: str | None = None,
+                role: str = "training") -> tuple[list[TrainItem], ScanReport]:
     """Find the training items under `root` (see the module docstring for the layouts).
 
     `extra_trigger` is put in front of every caption that does not already contain it (as whole words),
-    so that `keep_tokens=1` keeps it in place when tags are shuffled.
+    so that `keep_tokens=1` keeps it in place when tags are shuffled. `role` ("training" or "regularization")
+    names the folder in errors, so a bad --reg-dir is not reported as the training data.
     Raises DataError when `root` is missing or holds no images at all.
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"training data folder {root} does not exist or is not a folder")
+        raise DataError(f"{FOLDER_ROLES[role]} {root} does not exist or is not a folder")
     if (root / METADATA_FILE).is_file():
         items, report = _scan_metadata(root)
     elif _kohya_folders(root) or (KOHYA_FOLDER.match(root.name) and _list_images(root, [])):
@@ -114,7 +117,7 @@ def scan_folder(root: str | Path, *, extra_trigger: str | None = None) -> tuple[
     else:
         items, report = _scan_flat(root)
     if not items:
-        raise DataError(_no_images_message(root, report))
+        raise DataError(_no_images_message(root, report, role))
     if extra_trigger and extra_trigger.strip():
         items = [_with_trigger(item, extra_trigger.strip()) for item in items]
     return items, report
@@ -143,9 +146,10 @@ def dataset_dirs(items: list[TrainItem]) -> dict[str, dict[str, int]]:
     return dirs
 
 
-def read_caption(image: Path, report: ScanReport) -> str | None:
-    """The caption next to `image` (`.txt`, else `.caption`), or None when there is none or it is empty."""
-    found = [image.with_suffix(ext) for ext in CAPTION_EXTENSIONS if image.with_suffix(ext).is_file()]
+def read_caption(image: Path, report: ScanReport, captions: list[Path] | None = None) -> str | None:
+    """The caption next to `image` (`.txt`, else `.caption`, the extension in any case), or None when there is none
+    or it is empty. `captions` is its entry of `caption_files` when the caller has listed the folder already."""
+    found = caption_files(image.parent).get(image.with_suffix(""), []) if captions is None else captions
     if not found:
         return None
     texts = [_read_text(path) for path in found]
@@ -153,6 +157,21 @@ def read_caption(image: Path, report: ScanReport) -> str | None:
         report.warnings.append(f"{image.name} has both {found[0].name} and {found[1].name} with different "
                                f"text; using {found[0].name}.")
     return texts[0] or None
+
+
+def caption_files(folder: Path) -> dict[Path, list[Path]]:
+    """The caption files in `folder` by the image they belong to (its path without suffix), `.txt` before `.caption`.
+
+    The extension is matched in any case, as image extensions are: `b.TXT` captions `b.png` (Windows and macOS
+    find it whatever its case, so kohya datasets made there have them); where both cases exist, the lowercase wins.
+    """
+    rank = {ext: i for i, ext in enumerate(CAPTION_EXTENSIONS)}
+    found: dict[Path, list[Path]] = {}
+    for path in sorted(folder.iterdir(), key=lambda p: (rank.get(p.suffix.lower(), len(rank)),
+                                                        p.suffix != p.suffix.lower(), p.name)):
+        if path.suffix.lower() in rank and path.is_file():
+            found.setdefault(path.with_suffix(""), []).append(path)
+    return found
 
 
 def _read_text(path: Path) -> str:
@@ -202,12 +221,12 @@ def _scan_flat(root: Path) -> tuple[list[TrainItem], ScanReport]:
 def _scan_images_with_captions(folder: Path, trigger: str, repeats: int, report: ScanReport) -> list[TrainItem]:
     images = _list_images(folder, report.ignored)
     image_stems = {path.with_suffix("") for path in images}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in CAPTION_EXTENSIONS and path.with_suffix("") not in image_stems:
-            report.ignored.append(IgnoredFile(path, "caption without an image of the same name"))
+    captions = caption_files(folder)
+    for path in sorted(p for stem, paths in captions.items() if stem not in image_stems for p in paths):
+        report.ignored.append(IgnoredFile(path, "caption without an image of the same name"))
     items = []
     for image in images:
-        caption = read_caption(image, report)
+        caption = read_caption(image, report, captions.get(image.with_suffix(""), []))
         if caption is None:
             caption = trigger
             report.uncaptioned.append((image, trigger))
@@ -251,7 +270,7 @@ def _scan_metadata(root: Path) -> tuple[list[TrainItem], ScanReport]:
         if not path.is_file():
             report.ignored.append(IgnoredFile(path, f"listed in {METADATA_FILE} line {line_number} but missing"))
             continue
-        caption = str(record.get("text", record.get("caption", "")) or "").strip()
+        caption = _metadata_caption(record, root / METADATA_FILE, line_number)
         if not caption:
             report.uncaptioned.append((path, ""))
         folder = str(Path(record["file_name"]).parent).replace("\\", "/")
@@ -282,6 +301,18 @@ def _read_metadata(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
+def _metadata_caption(record: dict, path: Path, line_number: int) -> str:
+    """A record's "text" (or "caption"): a string, or a list of tags joined with ", " as kohya writes tags."""
+    key = "text" if "text" in record else "caption"
+    text = record.get(key)
+    if text is None or isinstance(text, str):
+        return (text or "").strip()
+    if isinstance(text, list) and all(isinstance(tag, str) for tag in text):
+        return ", ".join(tag.strip() for tag in text if tag.strip())
+    raise DataError(f'{path} line {line_number}: "{key}" must be a caption string or a list of tag strings (got '
+                    f'{json.dumps(text)[:80]}); e.g. {{"file_name": "img.png", "text": "a caption"}}')
+
+
 def _folders_of(items: list[TrainItem]) -> list[FolderSummary]:
     return [FolderSummary(name, d["n_repeats"], "", d["img_count"]) for name, d in dataset_dirs(items).items()]
 
@@ -291,8 +322,8 @@ def _with_trigger(item: TrainItem, trigger: str) -> TrainItem:
                      folder=item.folder)
 
 
-def _no_images_message(root: Path, report: ScanReport) -> str:
+def _no_images_message(root: Path, report: ScanReport, role: str) -> str:
     hint = ("Expected one of: DATA/<repeats>_<trigger>/img.png (+ img.txt), a flat folder of images "
             "(+ same-name .txt captions), or DATA/metadata.jsonl with file_name and text.")
     ignored = "; ".join(f"{i.path.name}: {i.reason}" for i in report.ignored[:5])
-    return f"no training images found in {root}. {hint}" + (f" Ignored: {ignored}." if ignored else "")
+    return f"no {role} images found in {root}. {hint}" + (f" Ignored: {ignored}." if ignored else "")
