@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -155,18 +157,49 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real_step(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
+        return loss * float("nan") if len(calls) == 4 else loss
 
     monkeypatch.setattr(loop, "loss_step", poisoned)
     output = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as raised:
         train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.steps": 6})
     message = str(raised.value)
-    assert "stopped at step 3" in message and "nan" in message
+    assert "stopped at step 4" in message and "nan" in message
     assert str(output / "checkpoints" / "step-000002") in message and "--resume latest" in message
     assert [p.name for p in complete_checkpoints(output)] == ["step-000002"]
     assert not (output / "data.safetensors").exists() and not (output / "stripes.safetensors").exists()
-    assert (output / "metrics.csv").read_text().count("\n") == 3  # header + steps 1, 2
+    assert (output / "metrics.csv").read_text().count("\n") == 4  # header + steps 1, 2, 3
+
+
+def test_a_diverged_run_resumes_as_advised_at_the_lower_learning_rate(tmp_path, tiny_base, stripes_dataset,
+                                                                      monkeypatch):
+    """The advice after a NaN is a command that works: it names a checkpoint saved before the weights that diverged
+    (a resume replays their batch exactly, so it would stop again), the resume may lower the learning rate and the
+    clipping, and the schedule then runs at the new rate."""
+    real_step, calls = loop.loss_step, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(loop, "loss_step", poisoned)
+    output, settings = tmp_path / "run", {"train.save_every": 1, "optim.unet_lr": 1e-2}
+    with pytest.raises(TrainingDiverged) as raised:
+        train(stripes_dataset, output, tiny_base, **settings)
+    first = output / "checkpoints" / "step-000001"
+    assert f"resume from it with --resume {first} and a lower learning rate (e.g. --unet-lr 0.001" in str(raised.value)
+    assert "not the latest, step-000002" in str(raised.value)
+
+    monkeypatch.setattr(loop, "loss_step", real_step)
+    reset_accelerate()
+    adapter = train(stripes_dataset, output, tiny_base, **{**settings, "optim.unet_lr": 1e-3,
+                                                           "optim.max_grad_norm": 0.5, "train.resume": str(first)})
+    assert adapter.is_file()
+    with (output / "metrics.csv").open() as handle:
+        rates = [float(row["lr_unet"]) for row in csv.DictReader(handle)]
+    cosine = [0.5 * (1 + math.cos(math.pi * done / 4)) for done in range(4)]  # 4 steps, no warmup
+    assert rates == pytest.approx([1e-2 * cosine[0]] + [1e-3 * factor for factor in cosine[1:]])
 
 
 def test_absurd_learning_rate_diverges_with_a_clear_message(tmp_path, tiny_base, stripes_dataset):
@@ -179,10 +212,71 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path, tiny_base, stripe
     output = tmp_path / "run"
     train(stripes_dataset, output, tiny_base, **{"train.steps": 1})
     reset_accelerate()
-    with pytest.raises(ConfigError, match="already holds a training run.*--resume latest.*--overwrite"):
+    with pytest.raises(ConfigError, match="already holds a training run.*--overwrite"):
         train(stripes_dataset, output, tiny_base, **{"train.steps": 1})
     reset_accelerate()
     assert train(stripes_dataset, output, tiny_base, **{"train.steps": 1, "train.overwrite": True}).is_file()
+
+
+def test_a_resume_may_change_the_precision_as_the_divergence_advice_says(tmp_path, tiny_base, stripes_dataset):
+    output = tmp_path / "run"
+    train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.precision": "bf16"})
+    reset_accelerate()
+    adapter = train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.precision": "fp32",
+                                                           "train.resume": "latest", "train.steps": 6})
+    metadata = adapter_metadata(adapter)
+    assert metadata["ss_mixed_precision"] == "no" and metadata["ss_steps"] == "6"  # "no": kohya's name for fp32
+
+
+def test_a_folder_holding_another_run_is_refused_before_anything_is_written(tmp_path, tiny_base, stripes_dataset):
+    """A finished run under another output name, a --dry-run and a --resume with no checkpoint: each is refused
+    and the old run's config.toml, skip report and metrics stay as they were."""
+    from stylelora.train.dry_run import dry_run
+
+    output = tmp_path / "run"
+    train(stripes_dataset, output, tiny_base, **{"train.steps": 1, "train.output_name": "first"})
+    reset_accelerate()
+    mixed = write_kohya_dataset(tmp_path / "mixed", count=4)
+    write_bad_files(mixed / "2_stripestyle")  # a different skip report, were it written
+    before = {name: (output / name).read_bytes() for name in ("config.toml", "skipped.txt", "metrics.csv")}
+
+    second = load_config(None, tiny_overrides(mixed, output, tiny_base, **{"train.output_name": "second"}))
+    with pytest.raises(ConfigError, match=r"already holds a training run \(first.safetensors\).*--overwrite"):
+        run_training(second)
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        dry_run(second)
+    with pytest.raises(ResumeError, match="no complete checkpoint"):
+        run_training(load_config(None, tiny_overrides(mixed, output, tiny_base, **{"train.resume": "latest"})))
+    assert {name: (output / name).read_bytes() for name in before} == before
+    assert not (output / "second.safetensors").exists()
+
+
+def test_a_dry_run_does_not_stop_the_run_it_planned(tmp_path, tiny_base, stripes_dataset):
+    from stylelora.train.dry_run import dry_run
+
+    dry_run(load_config(None, tiny_overrides(stripes_dataset, tmp_path / "run", tiny_base)))
+    assert train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.steps": 1}).is_file()
+
+
+@pytest.mark.parametrize("inside", [".", "2_stripestyle/run"])
+def test_output_in_the_data_folder_is_refused_before_anything_is_written(tmp_path, stripes_dataset, inside):
+    output = stripes_dataset / inside
+    before = sorted(stripes_dataset.rglob("*"))
+    # A base that does not exist proves the refusal comes first.
+    config = load_config(None, tiny_overrides(stripes_dataset, output, tmp_path / "no-such-base"))
+    with pytest.raises(ConfigError, match="is the training data folder .* or inside it: .* trained on next time"):
+        run_training(config)
+    assert sorted(stripes_dataset.rglob("*")) == before
+
+
+def test_output_that_is_a_file_is_one_line_error(tmp_path, stripes_dataset, capsys):
+    from stylelora.train.command import train_from_cli
+
+    (tmp_path / "afile").write_text("notes")
+    code = train_from_cli(None, tiny_overrides(stripes_dataset, tmp_path / "afile", tmp_path / "no-such-base"))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"stylelora train: error: --output {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder" in err
 
 
 def test_frozen_text_encoder_uses_the_text_cache_and_writes_unet_only(tmp_path, tiny_base, stripes_dataset, monkeypatch):
@@ -357,8 +451,20 @@ def test_reg_images_fill_as_many_samples_per_epoch_as_the_training_images(tmp_pa
 def test_reg_dir_without_usable_images_fails_before_training(tmp_path, tiny_base, stripes_dataset):
     (tmp_path / "reg" / "1_shapes").mkdir(parents=True)
     (tmp_path / "reg" / "1_shapes" / "a.png").write_bytes(b"not a png")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="none of the 1 regularization images can be used"):
         train(stripes_dataset, tmp_path / "run", tiny_base, **{"data.reg_dir": str(tmp_path / "reg")})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda reg: None, "regularization folder (--reg-dir) {reg} does not exist"),
+    (lambda reg: reg.mkdir(), "no regularization images found in {reg}"),
+])
+def test_reg_dir_errors_name_the_regularization_folder(tmp_path, tiny_base, stripes_dataset, make, message):
+    reg = tmp_path / "reg"
+    make(reg)
+    with pytest.raises(DataError) as raised:
+        train(stripes_dataset, tmp_path / "run", tiny_base, **{"data.reg_dir": str(reg)})
+    assert str(raised.value).startswith(message.format(reg=reg))
 
 
 def test_no_samples_writes_no_sample_grid(tiny_base, stripes_dataset, tmp_path):

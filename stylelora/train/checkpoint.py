@@ -30,10 +30,14 @@ WEIGHTS_FILE = "lora_weights.safetensors"
 STATE_FILE = "training_state.pt"
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 # Settings that may differ between a run and its resume without breaking exactness of what was trained so far.
+# The learning rates, gradient clipping and precision are among them: changing them is how a diverged run continues
+# from its last good checkpoint (as kohya's --resume allows); the loop applies new rates
+# (optim.load_with_new_learning_rates).
 RESUME_MAY_CHANGE = {
     "train": {"steps", "resume", "save_every", "keep_checkpoints", "sample_every", "samples", "sample_prompts",
-              "sample_seed", "sample_steps", "sample_guidance", "output", "overwrite", "format"},
+              "sample_seed", "sample_steps", "sample_guidance", "output", "overwrite", "format", "precision"},
     "data": {"cache", "cache_dir"},
+    "optim": {"unet_lr", "text_encoder_lr", "text_encoder_2_lr", "max_grad_norm"},
 }
 
 
@@ -45,13 +49,18 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS_DIR / f"step-{step:06d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder `step-NNNNNN` was saved at."""
+    return int(CHECKPOINT_NAME.match(path.name).group(1))
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Finished checkpoint folders of a run, oldest first (temp folders of interrupted writes are ignored)."""
     folder = run_dir / CHECKPOINTS_DIR
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_resume(spec: str, run_dir: Path) -> Path:

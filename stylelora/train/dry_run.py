@@ -2,7 +2,8 @@
 
 It scans and checks the data (the skip report as a real run writes it), reads the base's config files to detect
 its family, resolves every setting (preset, file, flag), writes OUTPUT/config.toml and prints images, buckets,
-steps and epochs. No weights are loaded, nothing is trained, no adapter is written.
+steps and epochs. No weights are loaded, nothing is trained, no adapter is written. Like a run, it refuses an
+output folder that holds another training run unless --overwrite or --resume is given.
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ def dry_run(config: TrainConfig) -> Path:
     from stylelora.data.buckets import BucketBatchSampler
     from stylelora.data.dataset import TrainingDataset
     from stylelora.models.family import config_folder, folder_geometry
-    from stylelora.train.loop import (CONFIG_FILE, dataset_options, describe_settings, prepare_data, run_settings,
-                                      with_coined_trigger_rules, with_family_preset)
+    from stylelora.train.loop import (CONFIG_FILE, check_output_dir, dataset_options, describe_settings,
+                                      prepare_data, run_settings, with_coined_trigger_rules, with_family_preset)
 
     def say(message: str) -> None:
         if message:
             print(message, file=sys.stderr, flush=True)
 
     run_dir = config.output_dir
+    check_output_dir(config)  # a finished run's config.toml and skip report are not replaced by a plan
     data = prepare_data(config, run_dir, SimpleNamespace(is_main_process=True), say)
     config = with_family_preset(config, data)
     t = config.train

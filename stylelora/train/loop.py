@@ -1,5 +1,6 @@
 """Owns a training run, from a validated config to the adapter file; `run_training` reads top to bottom.
 
+    0. output      the folder checked before anything is written: a folder, outside the data, no other run in it
     1. data        scan + check every image (fails in seconds, before any model loads); skip report
     2. models      base model, resolution from it, LoRA on the UNet (+ text encoder)
     3. batches     dataset with the latent cache (and text cache for a frozen TE), one-bucket batch sampler
@@ -32,7 +33,6 @@ from stylelora.config import ConfigError, TrainConfig, config_to_dict, save_conf
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
 from stylelora.data.captions import CaptionOptions
 from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
-from stylelora.data.errors import DataError
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
 from stylelora.data.scan import ScanReport, TrainItem, scan_folder
@@ -42,7 +42,7 @@ from stylelora.train import checkpoint
 from stylelora.train.logs import RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
-from stylelora.train.optim import build_lr_scheduler, build_optimizer, optimizer_class
+from stylelora.train.optim import build_lr_scheduler, build_optimizer, load_with_new_learning_rates, optimizer_class
 from stylelora.train.preservation import company_words, decoy_words, made_up_words, words_of
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
 from stylelora.train.step import loss_step, prediction_type
@@ -59,6 +59,10 @@ COMPANY_WORDS_SHOWN = 12  # company words named in the run's opening lines
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients stopped being finite numbers; the message names the step and what to do."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass(frozen=True)
@@ -101,14 +105,14 @@ def run_training(config: TrainConfig) -> Path:
     process = SimpleNamespace(is_main_process=os.environ.get("RANK", "0") == "0")  # before accelerate starts
     say = _printer(process)
     run_dir = config.output_dir
+    resume_from = check_output_dir(config)  # before anything is written there
     data = prepare_data(config, run_dir, process, say)
 
     # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
     config = with_family_preset(config, data)
     say(describe_settings(config))
     accelerator = _accelerator(config)
-    resume_from = checkpoint.resolve_resume(config.train.resume, run_dir) if config.train.resume else None
-    _check_output_dir(config, run_dir, resume_from, accelerator)
+    _clear_output_dir(config, run_dir, resume_from, accelerator)
     optimizer_class(config.optim.optimizer)  # a missing optional package fails now, not after loading everything
 
     # 2. Base model and LoRA.
@@ -141,7 +145,7 @@ def run_training(config: TrainConfig) -> Path:
         train(run, start_step)
     except TrainingDiverged as diverged:
         run.log.close()
-        raise TrainingDiverged(f"{diverged} {_after_divergence(run)}") from None
+        raise TrainingDiverged(f"{diverged} {_after_divergence(run, diverged.step)}", diverged.step) from None
     except KeyboardInterrupt:
         run.log.close()  # the metrics so far stay readable; checkpoints are already whole
         raise
@@ -247,22 +251,63 @@ def _printer(accelerator):
     return say
 
 
-def _check_output_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None, accelerator) -> None:
-    """Refuse to start a new run on top of another one's files unless asked to (--resume or --overwrite)."""
+def check_output_dir(config: TrainConfig) -> Path | None:
+    """Refuse an output folder this run must not write into, before anything is written anywhere; return the
+    checkpoint that --resume names (None without --resume).
+
+    A folder holding another training run is refused unless --resume continues it or --overwrite replaces it: the
+    new run would replace its config.toml, metrics, loss plot, samples and skip report.
+    """
+    run_dir = config.output_dir
+    _check_output_location(config, run_dir)
+    if config.train.resume:
+        return checkpoint.resolve_resume(config.train.resume, run_dir)
+    existing = existing_run_files(run_dir)
+    if existing and not config.train.overwrite:
+        resumable = checkpoint.complete_checkpoints(run_dir)
+        choices = ("Continue it with --resume latest, choose another --output, or pass --overwrite to start over "
+                   "there (its checkpoints are deleted)." if resumable else
+                   "Choose another --output, or pass --overwrite to replace its config.toml, logs and samples there.")
+        raise ConfigError(f"{run_dir} already holds a training run ({', '.join(existing[:3])}). {choices}")
+    return None
+
+
+def existing_run_files(run_dir: Path) -> list[str]:
+    """What shows that `run_dir` holds a training run worth keeping: an adapter (any .safetensors, whatever its
+    output name) or a complete checkpoint.
+
+    Why not config.toml or metrics.csv: --dry-run writes config.toml for the run it plans, and a run stopped before
+    its first checkpoint left nothing to continue; refusing those would make the user pass --overwrite for nothing.
+    """
+    if not run_dir.is_dir():
+        return []
+    found = sorted(p.name for p in run_dir.glob("*.safetensors") if p.is_file())
+    return found + [f"{checkpoint.CHECKPOINTS_DIR}/{p.name}" for p in checkpoint.complete_checkpoints(run_dir)]
+
+
+def _check_output_location(config: TrainConfig, run_dir: Path) -> None:
+    """The output must be a folder (or a path one can be made at) outside the data: a run writes loss.png and sample
+    grids, which a later scan of the data folder would take for training images."""
+    for place in (run_dir, *run_dir.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise ConfigError(f"--output {run_dir}: {place} is a file, not a folder. Give --output a folder "
+                                  "for the run's files (it is created if missing), e.g. --output outputs/NAME.")
+            break
+    for role, folder in (("training data", config.data.dir), ("regularization (--reg-dir)", config.data.reg_dir)):
+        if folder and run_dir.resolve().is_relative_to(Path(folder).resolve()):
+            raise ConfigError(f"--output {run_dir} is the {role} folder {folder} or inside it: the run's loss "
+                              "plot and sample images would be written into the dataset and trained on next time. "
+                              "Choose an output folder outside it, e.g. --output outputs/NAME.")
+
+
+def _clear_output_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None, accelerator) -> None:
+    """Remove what this run must not find: temp folders of checkpoints a killed run never finished and, with
+    --overwrite (and no --resume), the replaced run's checkpoints."""
     if accelerator.is_main_process:
         checkpoint.remove_temp_checkpoints(run_dir)
-    if resume_from is not None:
-        return
-    existing = [p.name for p in (config.adapter_path,) if p.exists()]
-    existing += [f"{checkpoint.CHECKPOINTS_DIR}/{p.name}" for p in checkpoint.complete_checkpoints(run_dir)]
-    if not existing:
-        return
-    if not config.train.overwrite:
-        raise ConfigError(f"{run_dir} already holds a training run ({', '.join(existing[:3])}). Continue it with "
-                          "--resume latest, choose another --output, or pass --overwrite to start over there "
-                          "(its checkpoints are deleted).")
-    if accelerator.is_main_process:
-        shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR, ignore_errors=True)
+        if resume_from is None and config.train.overwrite:
+            shutil.rmtree(run_dir / checkpoint.CHECKPOINTS_DIR, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -290,15 +335,12 @@ def trigger_phrases(config: TrainConfig, report: ScanReport) -> tuple[str, ...]:
 
 def prepare_reg_data(config: TrainConfig, run_dir: Path, train: list[CheckedImage], accelerator, say):
     """kohya's rule: reg images repeat (or are cut) so an epoch holds as many reg samples as training samples."""
-    items, report = scan_folder(config.data.reg_dir)
+    items, report = scan_folder(config.data.reg_dir, role="regularization")
     say("regularization: " + report.summary())
-    checked = check_items(items)
+    checked = check_items(items, role="regularization")  # DataError naming them when none is usable
     if accelerator.is_main_process and checked.skipped:
         report_path = write_skip_report(run_dir, checked.skipped, file_name="skipped-reg.txt")
         say("regularization: " + skip_summary(checked.skipped, checked.total, report_path))
-    if not checked.kept:
-        raise DataError(f"none of the {checked.total} regularization images in {config.data.reg_dir} is usable "
-                        f"— see {run_dir / 'skipped-reg.txt'}")
     wanted = sum(c.item.repeats for c in train)
     cycle = [c.item.key for c in checked.kept for _ in range(c.item.repeats)]
     counts = Counter(cycle[k % len(cycle)] for k in range(wanted))
@@ -569,8 +611,7 @@ def restore(run: Run, path: Path) -> int:
         raise checkpoint.ResumeError(f"cannot resume from {path}: {error}") from None
     checkpoint.restore_weights_and_rng(path, process_index=run.accelerator.process_index, trainable=run.trainable,
                                        generator=run.generator)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    load_with_new_learning_rates(run.optimizer, run.lr_scheduler, state)  # a resume may lower the rates
     if run.accelerator.scaler is not None and state.get("grad_scaler"):
         run.accelerator.scaler.load_state_dict(state["grad_scaler"])
     run.epoch, run.position = state["sampler"]["epoch"], state["sampler"]["position"]
@@ -618,7 +659,7 @@ def optimizer_step(run: Run, batches: Iterator[dict], step: int) -> tuple[float,
             # Averaged over processes so every process sees the same value and all stop together on NaN.
             mean_loss = acc.reduce(loss.detach().float(), reduction="mean").item()
             if not math.isfinite(mean_loss):
-                raise TrainingDiverged(f"Training stopped at step {step}: the loss became {mean_loss}.")
+                raise TrainingDiverged(f"Training stopped at step {step}: the loss became {mean_loss}.", step)
             acc.backward(loss)
             if acc.sync_gradients:
                 grad_norm = _clip_gradients(run, step)
@@ -634,16 +675,39 @@ def _clip_gradients(run: Run, step: int) -> float:
     # Under fp16 the grad scaler expects the odd inf and skips that step itself; elsewhere it means divergence.
     if not math.isfinite(norm) and run.accelerator.scaler is None:
         run.optimizer.zero_grad(set_to_none=True)
-        raise TrainingDiverged(f"Training stopped at step {step}: the gradient norm became {norm}.")
+        raise TrainingDiverged(f"Training stopped at step {step}: the gradient norm became {norm}.", step)
     return norm
 
 
-def _after_divergence(run: Run) -> str:
-    lr = run.config.optim.unet_lr
-    where = (f"The last good checkpoint is {run.last_checkpoint}; resume from it with --resume latest"
-             if run.last_checkpoint else "No checkpoint was saved before it (--save-every N saves them); start again")
-    return (f"The weights were not updated with it. {where} after lowering the learning rate (e.g. --unet-lr "
-            f"{lr / 10:g}), or try --max-grad-norm 1 / --precision fp32. No adapter was written for this run.")
+def _after_divergence(run: Run, step: int) -> str:
+    """What to do next, naming only remedies that differ from what this run used; a resume may change them
+    (checkpoint.RESUME_MAY_CHANGE).
+
+    The checkpoint to resume from is one saved before step - 1: step - 1's weights are the ones that gave the
+    non-finite loss or gradients, and a resume replays the same batch and noise exactly, so it would stop again.
+    """
+    o, t = run.config.optim, run.config.train
+    lower = f"--unet-lr {o.unet_lr / 10:g}"
+    if run.config.network.train_text_encoder and o.text_encoder_lr:
+        lower += f" --text-encoder-lr {o.text_encoder_lr / 10:g}"
+    remedies = [f"a lower learning rate (e.g. {lower})"]
+    if not 0 < o.max_grad_norm <= 1:  # 0 clips nothing; above 1 clips less than the usual value
+        remedies.append("--max-grad-norm 1")
+    if t.precision != "fp32":
+        remedies.append("--precision fp32")
+    fixes = ", or ".join(remedies)
+    found = checkpoint.complete_checkpoints(run.run_dir)
+    good = [path for path in found if checkpoint.checkpoint_step(path) < step - 1]
+    if good:
+        spec = "latest" if good[-1] == found[-1] else str(good[-1])
+        newer = "" if spec == "latest" else (f" (not the latest, {found[-1].name}: it was saved at or after the "
+                                             "weights that diverged, and a resume there stops again)")
+        where = f"The last good checkpoint is {good[-1]}{newer}; resume from it with --resume {spec} and {fixes}"
+    else:
+        overwrite = "--overwrite and " if existing_run_files(run.run_dir) else ""
+        where = (f"No checkpoint was saved before the weights that diverged (--save-every N saves them); start "
+                 f"again with {overwrite}{fixes}")
+    return f"The weights were not updated with it. {where}. No adapter was written for this run."
 
 
 def write_samples(run: Run, step: int) -> None:

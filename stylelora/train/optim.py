@@ -56,3 +56,24 @@ def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
 
     return get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.warmup_steps,
                          num_training_steps=config.train.steps)
+
+
+def load_with_new_learning_rates(optimizer: torch.optim.Optimizer, lr_scheduler, state: dict) -> None:
+    """Load a checkpoint's optimizer and schedule state, keeping the learning rates this run was started with.
+
+    Why: both state dicts carry the checkpoint run's rates (each group's `lr` / `initial_lr`, the schedule's
+    `base_lrs`), so loading them as they are would silently train on at the old rate, and a resume that lowers
+    --unet-lr after a divergence would diverge again. The schedule's position (its step count) is kept: the rate at
+    the restored step is this run's base rate times the schedule's factor there, exactly what an unchanged rate gives.
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    base_lrs = list(lr_scheduler.base_lrs)  # from this run's config (param_groups)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if not isinstance(lr_scheduler, LambdaLR):  # every diffusers schedule is one; a new kind needs its own rule here
+        raise TypeError(f"cannot re-apply learning rates to a {type(lr_scheduler).__name__} schedule")
+    current = [base * factor(lr_scheduler.last_epoch) for base, factor in zip(base_lrs, lr_scheduler.lr_lambdas)]
+    for group, base, lr in zip(optimizer.param_groups, base_lrs, current):
+        group["initial_lr"], group["lr"] = base, lr
+    lr_scheduler.base_lrs, lr_scheduler._last_lr = base_lrs, current
