@@ -68,7 +68,6 @@ class Option:
     example: str | None = None  # a valid value, shown in error messages ("e.g. --rank 16")
     choices: tuple[str, ...] = ()
     widget: Widget | None = None  # shown in the app's Train tab when set
-    group: str | None = None  # flags in the same group are mutually exclusive on the command line
     cli: bool = True  # False: set in the TOML file only
     preset: bool = False  # unset, it takes its base family's value (stylelora.presets)
 
@@ -122,7 +121,7 @@ class NetworkConfig:
     unet_targets: str = option("kohya", "UNet layers: attn (attention projections), kohya (what sd-scripts "
                                         "trains), locon (plus the 3x3 convs)", choices=UNET_TARGETS, example="kohya")
     train_text_encoder: bool = option(True, "a LoRA on the text encoder too (--no-text-encoder: the UNet only)",
-                                      flag="--no-text-encoder", group="text_encoder",
+                                      flag="--no-text-encoder",
                                       widget=Widget("Train the text encoder"))
     conv_rank: int | None = option(None, "rank of the conv layers with --unet-targets locon", example="8")
     conv_alpha: float | None = option(None, "alpha of the conv layers (unset: network.alpha)", example="4")
@@ -133,13 +132,12 @@ class OptimConfig:
     optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS, example="adamw")
     unet_lr: float | None = option(None, "UNet learning rate (a multiplier for prodigy)", example="1e-4", preset=True,
                                    widget=Widget("UNet LR (empty = the base family's)", minimum=0))
-    text_encoder_lr: float | None = option(None, "text-encoder learning rate", example="5e-5", group="text_encoder",
-                                           preset=True,
+    text_encoder_lr: float | None = option(None, "text-encoder learning rate", example="5e-5", preset=True,
                                            widget=Widget("Text-encoder LR (empty = the base family's)", minimum=0))
     # SDXL's second text encoder (OpenCLIP bigG); --text-encoder-lr alone sets both, as sd-scripts' --text_encoder_lr.
     text_encoder_2_lr: float | None = option(None, "learning rate of SDXL's second text encoder (unset: the "
                                                    "text-encoder learning rate when one is given, else the base "
-                                                   "family's)", example="5e-5", group="text_encoder", preset=True)
+                                                   "family's)", example="5e-5", preset=True)
     weight_decay: float = option(1e-2, "AdamW weight decay", example="0.01")
     lr_scheduler: str = option("cosine", "learning-rate schedule", choices=LR_SCHEDULERS, example="cosine")
     warmup_steps: int | None = option(None, "LR warmup steps (unset: a tenth of the steps, at most 50)", example="50")

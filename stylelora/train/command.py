@@ -47,14 +47,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="check the data, detect the base family and resolve "
                         "every setting without loading weights; writes OUTPUT/config.toml and a summary, trains "
                         "nothing")
-    groups: dict[str, Any] = {}
+    # Conflicting flags (--no-text-encoder with a text-encoder rate) are refused by the config's checks, with a
+    # message that says which to drop, not by argparse groups: both text-encoder rates may be given together.
     for spec in OPTION_SPECS:
         if spec.flag is None or not spec.flag.startswith("--"):
             continue  # TOML-only options, and DATA_DIR above
-        group = spec.option.group
-        if group is not None and group not in groups:
-            groups[group] = parser.add_mutually_exclusive_group()
-        (groups[group] if group else parser).add_argument(spec.flag, **_argument(spec))
+        parser.add_argument(spec.flag, **_argument(spec))
     parser.set_defaults(handler=handle_train)
     return parser
 
