@@ -26,3 +26,25 @@ def test_version_check_reports_a_bad_pair(monkeypatch):
     monkeypatch.setattr(deps, "version", installed.__getitem__)
     problems = deps.version_problems()
     assert problems == ["transformers 5.24.0 is outside the tested range >=5.20,<5.24"]
+
+
+def test_every_dependency_runs_on_the_oldest_python_the_project_admits():
+    """pyproject's requires-python must not promise a Python that a pinned package refuses (diffusers 0.42 needs
+    3.11): pip would then fail mid-install on that Python instead of saying so up front."""
+    import re
+    import tomllib
+    from importlib.metadata import metadata
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    oldest = re.fullmatch(r">=\s*(\d+\.\d+)", project["requires-python"].split("#")[0].strip()).group(1)
+    refusing = {}
+    for line in project["dependencies"] + project["optional-dependencies"]["test"]:
+        name = Requirement(line).name
+        needs = metadata(name).get("Requires-Python")
+        if needs and not SpecifierSet(needs).contains(f"{oldest}.0"):
+            refusing[name] = needs
+    assert refusing == {}, f"requires-python >={oldest}, but these need more: {refusing}"
