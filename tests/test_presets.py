@@ -141,6 +141,20 @@ def test_dry_run_says_what_a_coined_trigger_changes(tmp_path, trigger, made_up, 
     assert ("# preset toy, coined trigger 'inkstyle': measured on the toy world" in text) == made_up
 
 
+def test_dry_run_says_base_preservation_is_off_without_a_trigger(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "flat"
+    data.mkdir()
+    for i, color in enumerate(["red", "blue", "green", "white"]):
+        Image.new("RGB", (32, 32), color).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a {color} square", encoding="utf-8")
+    result = run_train(str(data), "--output", str(tmp_path / "out"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "base preservation: off, the captions have no trigger words" in result.stderr  # as the run would say
+    assert "made_up_company = False  (off: the captions have no trigger words)" in result.stderr
+
+
 @pytest.mark.parametrize("family, flags, expected", [
     ("toy", {}, (1e-3, 1e-3, 0.0)),  # the toy preset's values for a coined trigger
     ("toy", {"optim.text_encoder_lr": 5e-4}, (5e-4, 5e-4, 0.0)),  # a flag wins (and sets the second encoder too)

@@ -22,7 +22,8 @@ def dry_run(config: TrainConfig) -> Path:
     from stylelora.data.dataset import TrainingDataset
     from stylelora.models.family import config_folder, folder_geometry
     from stylelora.train.loop import (CONFIG_FILE, check_output_dir, dataset_options, describe_settings,
-                                      prepare_data, run_settings, with_coined_trigger_rules, with_family_preset)
+                                      preservation_off, prepare_data, run_settings, with_coined_trigger_rules,
+                                      with_family_preset)
 
     def say(message: str) -> None:
         if message:
@@ -44,6 +45,7 @@ def dry_run(config: TrainConfig) -> Path:
     path = save_config(config, run_dir / CONFIG_FILE)
     say(describe_settings(config))
     say(summary(config, dataset.buckets, batches, len(data.items)))
+    say(preservation_off(config, data.triggers) or "")  # `say` skips an empty line
     say(f"dry run: nothing trained, no adapter written; the settings are in {path}")
     return path
 

@@ -218,7 +218,8 @@ def with_coined_trigger_rules(config: TrainConfig, tokenizer, triggers: tuple[st
         return config
     train = dataclasses.replace(config.train, made_up_company=bool(coined))
     source = (f"on: the base's tokenizer splits {', '.join(repr(t) for t in coined)} into several tokens" if coined
-              else "off: every trigger is one token to the base's tokenizer")
+              else "off: every trigger is one token to the base's tokenizer" if triggers
+              else "off: the captions have no trigger words")
     return with_sources(dataclasses.replace(config, train=train), {"train.made_up_company": source})
 
 
@@ -570,13 +571,21 @@ def _text_encoders_trained(pipe) -> str:
     return " and both text encoders" if len(_text_encoders(pipe)) > 1 else " and text encoder"
 
 
-def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoys: tuple[str, ...],
-                           company_pool: tuple[str, ...]) -> str:
+def preservation_off(config: TrainConfig, triggers: tuple[str, ...]) -> str | None:
+    """Why base preservation is off for this run (a line for the run's opening and for --dry-run), or None."""
     if config.train.preserve_base <= 0:
         return "base preservation: off (--preserve-base 0): the adapter may act on prompts without its trigger"
     if not triggers:
         return ("base preservation: off, the captions have no trigger words (use a <repeats>_<trigger> folder or "
                 "--trigger WORD to tie the adapter to a word)")
+    return None
+
+
+def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoys: tuple[str, ...],
+                           company_pool: tuple[str, ...]) -> str:
+    off = preservation_off(config, triggers)
+    if off:
+        return off
     if decoys:
         decoy_note = f"{config.train.preserve_decoys:.0%} of them with one of {len(decoys)} decoy words in its place"
     elif config.train.preserve_decoys > 0:
