@@ -133,6 +133,11 @@ def test_bf16_precision(tiny_pipe_dir: Path) -> None:
 
 def test_single_safetensors_file_with_config_dir(single_file: Path, tiny_pipe_dir: Path, folder_pipe) -> None:
     pipe = load_base(str(single_file), config_dir=str(tiny_pipe_dir))
+    from stylelora.generate.base_identity import base_identity, source_hash
+
+    # A1111's `Model` and `Model hash` in PNG parameters: the file's name and the first 10 hex digits of its sha256.
+    assert base_identity(pipe).name == single_file.stem
+    assert base_identity(pipe).hash == source_hash(single_file) and len(base_identity(pipe).hash) == 10
     assert_same_weights(pipe, folder_pipe)
     assert torch.equal(generate(pipe), generate(folder_pipe))
 

@@ -368,9 +368,12 @@ def _load_single_file(path: Path, config_dir: str | None, dtype: Any) -> StableD
     name = SDXL_PIPELINE if model_type in SDXL_MODEL_TYPES else SD_PIPELINE
     # With a local config folder and local_files_only, diffusers neither downloads nor guesses configs.
     # Pickle files are read by diffusers' load_state_dict with torch.load(weights_only=True).
-    return _pipeline_class(name).from_single_file(
+    pipe = _pipeline_class(name).from_single_file(
         str(path), config=str(config_folder), local_files_only=True, dtype=dtype, **PIPELINE_ARGUMENTS[name]
     )
+    # from_single_file leaves name_or_path unset; PNG parameters read it for A1111's `Model` and `Model hash`.
+    pipe.register_to_config(_name_or_path=str(path))
+    return pipe
 
 
 def _single_file_model_type(path: Path) -> str:
