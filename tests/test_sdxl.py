@@ -213,6 +213,14 @@ def test_a_lora_of_the_other_family_is_refused_in_one_sentence(tmp_path, sdxl_ba
     assert refusals[3].startswith("sdxl.safetensors is an SDXL LoRA and cannot be used with this SD 1.x/2.x")
     assert all(text.count(". ") <= 1 and "\n" not in text and len(text) < 250 for text in refusals)
     assert not getattr(sdxl.unet, "peft_config", None) and not getattr(sd1.unet, "peft_config", None)
+    # The same data trained on both bases gives two files of one name: a blend of them is refused, not written.
+    from stylelora.lora.blend import blend
+
+    (tmp_path / "xl").mkdir()
+    same_name = sdxl_file.rename(tmp_path / "xl" / "sd1.safetensors")
+    with pytest.raises(ValueError, match="made for different base models and cannot be blended"):
+        blend([f"{sd1_file}:1", f"{same_name}:1"], tmp_path / "mixed.safetensors")
+    assert not (tmp_path / "mixed.safetensors").exists()
 
 
 def test_cli_trains_sdxl_then_generates_blends_and_inspects(tmp_path, sdxl_base, capsys):

@@ -180,12 +180,14 @@ def _read_inputs(specs):
     from stylelora.lora.adapter_file import read_adapter_file
 
     files = [read_adapter_file(spec.path) for spec in specs]
-    families = {f.path.name: adapter_architecture(f.state, f.metadata) for f in files}
-    known = {family for family in families.values() if family != UNKNOWN_ARCHITECTURE}
+    # One entry per input, not per file name: a run's file is named after its data folder, so the same dataset
+    # trained on SD 1.5 and on SDXL gives two `my-art.safetensors`.
+    families = [(f.path, adapter_architecture(f.state, f.metadata)) for f in files]
+    known = {family for _, family in families if family != UNKNOWN_ARCHITECTURE}
     if len(known) > 1:
         raise ValueError(
             "These adapters were made for different base models and cannot be blended: "
-            + ", ".join(f"{name} ({family})" for name, family in families.items()) + "."
+            + ", ".join(f"{path} ({family})" for path, family in families) + "."
         )
     return files
 
