@@ -142,6 +142,24 @@ def test_stop_ends_a_running_generation_and_saves_nothing(served, page):
     assert page.locator("#gallery img").count() == 0
 
 
+def test_start_training_with_the_tabs_defaults_runs_to_its_adapter(served, page):
+    """The boxes whose default is the base family's start empty, and Start works without touching them."""
+    expect = sync_api.expect
+    url, service = served
+    page.goto(url)
+    page.get_by_role("tab", name="Train").click()
+    for box in ("#data-resolution", "#optim-unet-lr", "#optim-text-encoder-lr", "#train-batch-size"):
+        expect(page.locator(f"{box} input, {box} textarea").first).to_have_value("")
+    page.locator("#data input").fill("tiny")
+    page.locator("#data input").press("Enter")
+    page.locator("#name textarea, #name input").first.fill("browser-run")
+    for box, value in (("#train-steps", "2"), ("#train-save-every", "0"), ("#train-sample-every", "0")):
+        set_number(page, box, value)
+    page.locator("#train").click()
+    expect(page.locator("#train-status")).to_contain_text(re.compile(r"browser-run.*: done"), timeout=180_000)
+    assert (service.adapters_dir / "browser-run" / "browser-run.safetensors").is_file()
+
+
 def test_a_reload_or_second_browser_finds_the_running_training(served, page):
     from stylelora.app.training import TrainSettings
 

@@ -397,3 +397,16 @@ def test_adapter_rows_follow_the_chosen_adapters_and_never_undo_a_move(previous,
     assert [row["visible"] for row in rows] == [i < len(chosen) for i in range(MAX_ADAPTER_ROWS)]
     assert [update.get("value") for update in values[:4]] == expected
     assert [update.get("value") for update in answer[1 + 3 * MAX_ADAPTER_ROWS:][:2]] == expected_blocks
+
+
+def test_the_train_tabs_text_boxes_read_numbers_and_name_a_bad_one():
+    from stylelora.app.errors import AppError
+    from stylelora.app.ui import train_settings
+
+    keys = ["optim.unet_lr", "train.batch_size", "data.resolution"]
+    settings = train_settings("tiny", "run", "toy", False, keys, ["1e-4", " 2 ", ""])
+    assert settings.options == {"optim.unet_lr": 1e-4, "train.batch_size": 2, "data.resolution": ""}
+    with pytest.raises(AppError, match=r"UNet LR must be a number \(got 'fast'\)"):
+        train_settings("tiny", "run", "toy", False, keys, ["fast", "", ""])
+    with pytest.raises(AppError, match=r"Batch size must be a whole number \(got '2.5'\)"):
+        train_settings("tiny", "run", "toy", False, keys, ["", "2.5", ""])

@@ -378,16 +378,21 @@ def _adapters_tab(service: AppService) -> SimpleNamespace:
 
 
 def _option_widget(spec):
-    """The Train tab's widget for a config option, with the option's own default (stylelora.config declares both)."""
+    """The Train tab's widget for a config option, with the option's own default (stylelora.config declares both);
+    its element id is the option's name (train.batch_size: #train-batch-size)."""
     widget = spec.option.widget
+    common = dict(label=widget.label, info=spec.option.help, elem_id=spec.dotted.replace(".", "-").replace("_", "-"))
     if spec.type is bool:
-        return gr.Checkbox(value=spec.default, label=widget.label, info=spec.option.help)
+        return gr.Checkbox(value=spec.default, **common)
     if spec.option.choices:
-        return gr.Dropdown(list(spec.option.choices), value=spec.default, label=widget.label, info=spec.option.help)
+        return gr.Dropdown(list(spec.option.choices), value=spec.default, **common)
+    if spec.type in (int, float) and spec.default is None:
+        # A box that can stay empty (the base family's value): gradio's Number shows and sends 0 for no value.
+        return gr.Textbox(value="", placeholder="empty: the base family's", **common)
     if spec.type in (int, float):
         return gr.Number(value=spec.default, precision=0 if spec.type is int else None, minimum=widget.minimum,
-                         maximum=widget.maximum, label=widget.label, info=spec.option.help)
-    return gr.Textbox(value=spec.default or "", label=widget.label, info=spec.option.help)
+                         maximum=widget.maximum, **common)
+    return gr.Textbox(value=spec.default or "", **common)
 
 
 def _train_tab(service: AppService) -> SimpleNamespace:
@@ -469,8 +474,18 @@ def _family_text(base: str) -> str:
 
 
 def train_settings(data, name, base, overwrite, option_keys: Sequence[str], option_values: Sequence) -> TrainSettings:
-    """TrainSettings from the Train tab's values; text is stripped and an empty box means the option's default."""
-    values = {key: value.strip() if isinstance(value, str) else value for key, value in zip(option_keys, option_values)}
+    """TrainSettings from the Train tab's values; text is stripped, an empty box means the option's default, and a
+    number typed in a text box (the options whose default is the base family's) is read as one, or refused by name."""
+    from stylelora.config import OPTION_SPECS
+
+    specs = {spec.dotted: spec for spec in OPTION_SPECS}
+    values = {}
+    for key, value in zip(option_keys, option_values):
+        value = value.strip() if isinstance(value, str) else value
+        spec = specs.get(key)
+        if isinstance(value, str) and value and spec is not None and spec.type in (int, float):
+            value = _number(value, spec.option.widget.label.split(" (")[0], whole=spec.type is int)
+        values[key] = value
     return TrainSettings(data_dir=data, name=name, base=base, overwrite=bool(overwrite), options=values)
 
 
