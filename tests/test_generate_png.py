@@ -172,6 +172,19 @@ def test_tag_names_resolve_inside_the_adapters_folder(world):
     assert specs == [AdapterSpec(world["stripes"], 0.5, 0.25)]
 
 
+def test_a_training_checkpoints_resume_state_is_not_listed_as_an_adapter(tmp_path, world):
+    from stylelora.generate.prompt_tags import CHECKPOINT_FOLDER, CHECKPOINT_STATE
+    from stylelora.train.checkpoint import CHECKPOINTS_DIR, WEIGHTS_FILE, checkpoint_dir
+
+    assert (CHECKPOINT_FOLDER, CHECKPOINT_STATE) == (CHECKPOINTS_DIR, WEIGHTS_FILE)
+    step = checkpoint_dir(tmp_path / "run", 4)
+    step.mkdir(parents=True)
+    (step / WEIGHTS_FILE).write_bytes(world["stripes"].read_bytes())  # what --resume reads
+    (step / "run-step4.safetensors").write_bytes(world["stripes"].read_bytes())  # the step's adapter
+    (tmp_path / "run" / "run.safetensors").write_bytes(world["stripes"].read_bytes())
+    assert set(list_adapters(tmp_path)) == {"run/run", "run/checkpoints/step-000004/run-step4"}
+
+
 @pytest.mark.parametrize("name", ["../base/unet/diffusion_pytorch_model", "/etc/passwd", "styles/../../base",
                                   "..\\stripes", "C:/loras/x", "styles//pastel", "./stripes"])
 def test_path_traversal_is_refused(world, name):

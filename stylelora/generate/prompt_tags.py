@@ -21,6 +21,9 @@ OTHER_NETWORK_PATTERN = re.compile(r"<(lyco|hypernet|embedding|ti):[^<>]*>", re.
 STRAY_TAG_PATTERN = re.compile(r"<\s*lora\s*:[^<>]{0,40}", re.IGNORECASE)  # what is left of a tag mistyped
 ADAPTER_SUFFIX = ".safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+# A training checkpoint's resume state (stylelora.train.checkpoint's CHECKPOINTS_DIR / step-N / WEIGHTS_FILE, named
+# here without importing torch): raw LoRA weights that only --resume reads, listed beside the step's loadable adapter.
+CHECKPOINT_FOLDER, CHECKPOINT_STATE = "checkpoints", "lora_weights.safetensors"
 
 
 class PromptTagError(ValueError):
@@ -147,6 +150,8 @@ def list_adapters(folder: str | os.PathLike) -> dict[str, Path]:
         relative = path.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts) or not _inside(path, folder):
             continue  # temp files of atomic writes, hidden folders, symlinks out of the folder
+        if path.name == CHECKPOINT_STATE and CHECKPOINT_FOLDER in relative.parts[:-1]:
+            continue  # not an adapter: loading it fails
         key = relative.parent.as_posix() if path.name == PEFT_WEIGHTS_NAME else relative.with_suffix("").as_posix()
         found[key] = path
     return found
