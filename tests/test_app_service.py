@@ -558,3 +558,24 @@ def test_a_training_run_stops_keeping_its_checkpoint_and_resumes_from_it(service
     assert again.state == "stopped" and again.step > final.checkpoint
     with pytest.raises(AppError, match="not a run started from this app"):
         service.resume_training("styles")
+    with pytest.raises(AppError, match="There is no run named no-such-run: Resume continues the run named in"):
+        service.resume_training("no-such-run")
+
+
+def test_resume_of_a_finished_run_says_it_is_finished_instead_of_training_again(service):
+    from stylelora.app.training import TrainSettings
+
+    job = service.start_training(TrainSettings(data_dir="tiny", name="finished-run", options={
+        "train.steps": 2, "train.batch_size": 2, "network.rank": 2, "network.alpha": 2.0, "train.save_every": 1,
+        "train.sample_every": 0}))
+    try:
+        final = job.wait(timeout=180)
+    finally:
+        if job.running:
+            job.process.kill()
+    assert final.state == "done", final.message
+    adapter = service.adapters_dir / "finished-run" / "finished-run.safetensors"
+    written = adapter.stat().st_mtime_ns
+    with pytest.raises(AppError, match="finished-run has finished its 2 steps: its adapter is finished-run/"):
+        service.resume_training("finished-run")
+    assert adapter.stat().st_mtime_ns == written and not service.training.running

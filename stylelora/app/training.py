@@ -116,8 +116,11 @@ class TrainingJob:
     def resume(cls, run_dir: Path, datasets_dir: Path) -> TrainingJob:
         """Continue the app run in `run_dir` from its newest checkpoint, with the settings it was started with."""
         from stylelora.config import load_config
-        from stylelora.train.checkpoint import complete_checkpoints
+        from stylelora.train.checkpoint import checkpoint_step, complete_checkpoints
 
+        if not run_dir.is_dir():
+            raise AppError(f"There is no run named {run_dir.name}: Resume continues the run named in the Adapter "
+                           "name box, so type the name of a stopped run there.")
         settings = run_dir / SETTINGS_FILE
         if not settings.is_file():
             raise AppError(f"{run_dir.name} is not a run started from this app (no {SETTINGS_FILE} in it); continue "
@@ -126,9 +129,13 @@ class TrainingJob:
         if not Path(config.data.dir).resolve().is_relative_to(Path(datasets_dir).resolve()):
             raise AppError(f"{run_dir.name} trains on a folder outside {Path(datasets_dir).name}/; continue it from "
                            "the command line.")
-        if not complete_checkpoints(run_dir):
+        checkpoints = complete_checkpoints(run_dir)
+        if not checkpoints:
             raise AppError(f"{run_dir.name} has no checkpoint to resume from (one is written every "
                            f"{config.train.save_every} steps); start it again instead.")
+        if checkpoint_step(checkpoints[-1]) >= config.train.steps and config.adapter_path.is_file():
+            raise AppError(f"{run_dir.name} has finished its {config.train.steps} steps: its adapter is "
+                           f"{run_dir.name}/{config.adapter_path.name}. To train more, start a run with more steps.")
         return cls._launch(config, settings, resume=True)
 
     @classmethod
