@@ -210,8 +210,8 @@ class GenerateInputs:
                                                "cross-attention apart; sum = A1111/ComfyUI")
             self.dial = gr.Dropdown(list(DIALS), value=DEFAULT_DIAL, label="Weight dial", elem_id="dial",
                                     info="weights (default): A1111's; reading: the text-encoder weight moves the "
-                                         "prompt's reading (UNet weight at 1): a texture or character comes in "
-                                         "gradually")
+                                         "prompt's reading (the UNet weight applies as set): a texture or character "
+                                         "comes in gradually")
 
     @property
     def settings_inputs(self) -> list:
