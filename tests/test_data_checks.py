@@ -52,8 +52,8 @@ BAD_FILES = {  # file name -> (bytes, reason)
     "broken_header.png": (lambda: b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "corrupt PNG (starts like one but cannot be read)"),
     "dot.png": (lambda: _encoded(Image.new("RGB", (1, 1)), "PNG"), "too small (1×1 < 16 px)"),
     "thin.png": (lambda: _encoded(Image.new("RGB", (64, 8)), "PNG"), "too small (64×8 < 16 px)"),
-    "bomb.png": (lambda: _png_with_header_size(60000, 60000), "header claims 60000×60000 px (over the 89 MP limit)"),
-    "big.png": (lambda: _png_with_header_size(10000, 10000), "header claims 10000×10000 px (over the 89 MP limit)"),
+    "bomb.png": (lambda: _png_with_header_size(60000, 60000), "header claims 60000×60000 px (over the 178 MP limit)"),
+    "big.png": (lambda: _png_with_header_size(14000, 14000), "header claims 14000×14000 px (over the 178 MP limit)"),
 }
 
 
@@ -149,11 +149,13 @@ def _palette_png(alpha_table: bool) -> bytes:
     ("palette_alpha.png", lambda: _palette_png(alpha_table=True)),
     ("rgba.png", lambda: _encoded(_half_transparent(), "PNG")),
     ("la.png", lambda: _encoded(_half_transparent().convert("LA"), "PNG")),
+    # An RGB PNG whose tRNS chunk makes one colour transparent (what optipng/oxipng write for hard-edged alpha).
+    ("rgb_key.png", lambda: _encoded(_half_transparent().convert("RGB"), "PNG", transparency=(0, 0, 0))),
 ])
 def test_transparency_is_composited_on_white(tmp_path, name, data):
     checked, rgb = _rgb_of(tmp_path, name, data())
     assert checked.source_mode == {"palette_index.png": "P", "palette_alpha.png": "P", "rgba.png": "RGBA",
-                                   "la.png": "LA"}[name]
+                                   "la.png": "LA", "rgb_key.png": "RGB"}[name]
     assert rgb[5, 15].tolist() == [255, 255, 255]
     if name == "la.png":
         assert rgb[5, 5].tolist() == [29, 29, 29]  # blue's luminance, opaque

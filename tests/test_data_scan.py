@@ -182,6 +182,26 @@ def test_caption_extension_is_matched_in_any_case(tmp_path):
     assert [(i.path.name, i.reason) for i in report.ignored] == [("d.TXT", "caption without an image of the same name")]
 
 
+def test_a_kohya_ss_project_folder_is_answered_with_its_image_folder(tmp_path):
+    _image(tmp_path / "img" / "10_mystyle" / "a.png", "mystyle, a cat")
+    (tmp_path / "reg" / "1_person").mkdir(parents=True)
+    (tmp_path / "model").mkdir()
+    with pytest.raises(DataError, match=r"looks like a kohya_ss project folder: pass its image folder, .*img \(and "
+                                         r"--reg-dir .*reg\)"):
+        scan_folder(tmp_path)
+
+
+def test_utf16_captions_are_read_and_other_encodings_named(tmp_path):
+    _image(tmp_path / "notepad.png")
+    (tmp_path / "notepad.txt").write_bytes("zorb, naïve café".encode("utf-16"))  # Notepad's "Unicode", with a BOM
+    _image(tmp_path / "old.png")
+    (tmp_path / "old.txt").write_bytes("zorb, naïve".encode("cp1252"))
+    items, report = scan_folder(tmp_path)
+    assert _by_name(items)["notepad.png"].caption == "zorb, naïve café"
+    assert _by_name(items)["old.png"].caption == "zorb, na\ufffdve"
+    assert "old.txt is not UTF-8 text" in report.summary() and "notepad.txt" not in report.summary()
+
+
 def test_metadata_text_as_a_list_of_tags_is_joined_like_kohya_tags(tmp_path):
     _image(tmp_path / "a.png")
     _image(tmp_path / "b.png")

@@ -23,7 +23,10 @@ from stylelora.data.errors import DataError
 from stylelora.data.scan import TrainItem
 
 DEFAULT_MIN_SIDE = 16  # toy scale; use ~256 for SD-scale data
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's own bomb threshold (≈ 89 MP)
+# Pillow warns above MAX_IMAGE_PIXELS (≈ 89 MP) and refuses above twice that; kohya trains on whatever Pillow opens,
+# and today's cameras take 100 MP photos, so the limit is Pillow's refusal (≈ 178 MP: 537 MB of RGB decoded).
+PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+DEFAULT_MAX_PIXELS = PILLOW_PIXEL_LIMIT
 WHITE = (255, 255, 255)
 # First bytes of formats, to tell "a broken PNG" from "not an image at all".
 MAGIC_NUMBERS = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP",
@@ -118,7 +121,7 @@ def _upright(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any Pillow mode: alpha composited on white, 16-bit and float scaled, not clipped."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:  # an RGB colour key (tRNS) is transparency too
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return Image.fromarray(_scale_to_uint8(np.asarray(image), image.mode), mode="L").convert("RGB")
@@ -166,7 +169,7 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         # Pillow refuses above 2 × its own limit before we see the size; report it the same way.
-        raise _Refused(_too_many_pixels(_header_size(data), min(max_pixels, 2 * DEFAULT_MAX_PIXELS))) from None
+        raise _Refused(_too_many_pixels(_header_size(data), min(max_pixels, PILLOW_PIXEL_LIMIT))) from None
     except UnidentifiedImageError:
         raise _Refused(_unidentified_reason(data)) from None
     except (OSError, SyntaxError, ValueError) as error:

@@ -152,7 +152,7 @@ def read_caption(image: Path, report: ScanReport, captions: list[Path] | None = 
     found = caption_files(image.parent).get(image.with_suffix(""), []) if captions is None else captions
     if not found:
         return None
-    texts = [_read_text(path) for path in found]
+    texts = [_read_text(path, report) for path in found]
     if len(set(texts)) > 1:
         report.warnings.append(f"{image.name} has both {found[0].name} and {found[1].name} with different "
                                f"text; using {found[0].name}.")
@@ -174,10 +174,20 @@ def caption_files(folder: Path) -> dict[Path, list[Path]]:
     return found
 
 
-def _read_text(path: Path) -> str:
-    # utf-8-sig drops the BOM Windows editors add; non-empty lines are tags or phrases, so they are
-    # joined like tags rather than glued into one word.
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+def _read_text(path: Path, report: ScanReport) -> str:
+    """A caption file's text: UTF-8 (a BOM dropped), or UTF-16 with its BOM (Windows Notepad's "Unicode"); other
+    encodings are read as UTF-8 with a warning naming the file, since the characters it cannot read become '�'.
+    Non-empty lines are tags or phrases, so they are joined like tags rather than glued into one word."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = raw.decode("utf-16", errors="replace")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8-sig", errors="replace")
+            report.warnings.append(f"{path.name} is not UTF-8 text: the characters that could not be read became "
+                                   "'�' in its caption. Save it as UTF-8.")
     return ", ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
@@ -325,5 +335,9 @@ def _with_trigger(item: TrainItem, trigger: str) -> TrainItem:
 def _no_images_message(root: Path, report: ScanReport, role: str) -> str:
     hint = ("Expected one of: DATA/<repeats>_<trigger>/img.png (+ img.txt), a flat folder of images "
             "(+ same-name .txt captions), or DATA/metadata.jsonl with file_name and text.")
+    project = root / "img"
+    if project.is_dir() and _kohya_folders(project):  # the kohya_ss GUI's project folder: img/, reg/, model/, log/
+        reg = " (and --reg-dir " + str(root / "reg") + ")" if (root / "reg").is_dir() else ""
+        hint = f"{root} looks like a kohya_ss project folder: pass its image folder, {project}{reg}."
     ignored = "; ".join(f"{i.path.name}: {i.reason}" for i in report.ignored[:5])
     return f"no {role} images found in {root}. {hint}" + (f" Ignored: {ignored}." if ignored else "")

@@ -63,6 +63,7 @@ def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: 
     c = config
     per_bucket = Counter(buckets)
     shown = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(per_bucket.items())[:8])
+    shown += f", +{len(per_bucket) - 8} more" if len(per_bucket) > 8 else ""
     epochs = c.train.steps * c.optim.grad_accum / max(1, batches_per_epoch)
     return "\n".join([
         f"family {c.train.family} ({FAMILY_NAMES[c.train.family]}), preset values marked above",
