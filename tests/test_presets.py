@@ -141,6 +141,18 @@ def test_dry_run_says_what_a_coined_trigger_changes(tmp_path, trigger, made_up, 
     assert ("# preset toy, coined trigger 'inkstyle': measured on the toy world" in text) == made_up
 
 
+def test_dry_run_names_the_captions_the_text_encoder_cuts(tmp_path):
+    data = write_kohya_dataset(tmp_path / "data", count=4)
+    long_caption = next(data.rglob("*.txt"))
+    long_caption.write_text("stripestyle, " + ", ".join(["a red circle on a white background"] * 12),
+                            encoding="utf-8")
+    result = run_train(str(data), "--output", str(tmp_path / "out"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    expected = (f"1 caption is longer than the text encoder's 75 tokens and cut there, so its last tags are never "
+                f"trained on: {long_caption.with_suffix('.png').name} (")
+    assert expected in result.stderr and "Token indices sequence length" not in result.stderr
+
+
 def test_dry_run_says_base_preservation_is_off_without_a_trigger(tmp_path):
     from PIL import Image
 

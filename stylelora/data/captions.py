@@ -129,3 +129,22 @@ class _Draws:
             self.rng.shuffle(values)
             return values
         return [values[i] for i in torch.randperm(len(values), generator=self.rng).tolist()]
+
+
+def long_captions_note(items: Iterable[TrainItem], tokenizer) -> str:
+    """A line naming the captions the text encoder cuts (CLIP reads 77 tokens: 75 after its start and end), or "".
+
+    Why: the text encoder silently drops what is past its window, so tags at the end of a long caption are never
+    trained on, and the user sees only transformers' unnamed "sequence length" line (if anything)."""
+    window = tokenizer.model_max_length - 2
+    lengths = {item.path.name: len(tokenizer(item.caption, add_special_tokens=False, verbose=False)["input_ids"])
+               for item in items}
+    long = sorted(((n, name) for name, n in lengths.items() if n > window), reverse=True)
+    if not long:
+        return ""
+    shown = ", ".join(f"{name} ({n} tokens)" for n, name in long[:5]) + (f", +{len(long) - 5} more"
+                                                                          if len(long) > 5 else "")
+    many = len(long) > 1
+    return (f"{len(long)} caption{'s are' if many else ' is'} longer than the text encoder's {window} tokens and "
+            f"cut there, so {'their' if many else 'its'} last tags are never trained on: {shown}. Shorten "
+            f"{'them' if many else 'it'}, or put the tags that matter first.")

@@ -19,6 +19,7 @@ from stylelora.presets import FAMILY_NAMES
 def dry_run(config: TrainConfig) -> Path:
     """Resolve and check everything for `config`; write OUTPUT/config.toml and return its path."""
     from stylelora.data.buckets import BucketBatchSampler
+    from stylelora.data.captions import long_captions_note
     from stylelora.data.dataset import TrainingDataset
     from stylelora.models.family import config_folder, folder_geometry
     from stylelora.train.loop import (CONFIG_FILE, check_output_dir, dataset_options, describe_settings,
@@ -40,6 +41,7 @@ def dry_run(config: TrainConfig) -> Path:
     tokenizer = _tokenizer(folder)
     if tokenizer is not None:  # without one the run decides when it loads the base
         config = with_coined_trigger_rules(config, tokenizer, data.triggers)
+        say(long_captions_note(data.items, tokenizer))
     dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), dataset_options(config))
     batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed))
     path = save_config(config, run_dir / CONFIG_FILE)

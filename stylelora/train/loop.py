@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 
 from stylelora.config import ConfigError, TrainConfig, config_to_dict, save_config, with_model_defaults, with_sources
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
-from stylelora.data.captions import CaptionOptions
+from stylelora.data.captions import CaptionOptions, long_captions_note
 from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
@@ -120,6 +120,7 @@ def run_training(config: TrainConfig) -> Path:
     check_family(config, pipe)
     config = with_coined_trigger_rules(run_settings(with_model_defaults(config, **model_geometry(pipe))),
                                        pipe.tokenizer, data.triggers)
+    say(long_captions_note(data.items, pipe.tokenizer))
     set_seed(config.train.seed)  # identical LoRA initialisation on every process
     lora = _add_lora(config, pipe)
 
