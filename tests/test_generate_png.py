@@ -57,6 +57,20 @@ def test_parameters_text_round_trips():
     assert parse_parameters(text) == params
 
 
+def test_quotes_and_backslashes_in_values_read_back_as_a1111_writes_them():
+    """A1111 quotes a value as a JSON string; a name holding '"' must not split the line into junk fields."""
+    params = GenerationParams(
+        prompt="a cat", negative_prompt="", steps=4, cfg_scale=5.0, sampler="Euler", seed=1, width=32, height=32,
+        loras=(LoraUse('it"s', 1.0, 1.0, "aaaaaaaaaaaa"), LoraUse("b", 0.5, 0.5, "bbbbbbbbbbbb")),
+        extra={"Note": 'say "hi", C:\\x'},
+    )
+    text = params.to_text()
+    assert 'Lora hashes: "it\\"s: aaaaaaaaaaaa, b: bbbbbbbbbbbb"' in text and 'Note: "say \\"hi\\", C:\\\\x"' in text
+    back = parse_parameters(text)
+    assert back.extra == {"Note": 'say "hi", C:\\x'}
+    assert [(lora.name, lora.hash) for lora in back.loras] == [('it"s', "aaaaaaaaaaaa"), ("b", "bbbbbbbbbbbb")]
+
+
 def test_parses_a1111_text_with_fields_we_do_not_use():
     text = ("masterpiece, <lora:detail:0.6>, a cat <lora:ink:1:0.5>\nNegative prompt: lowres\n"
             "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 12, Size: 512x768, "

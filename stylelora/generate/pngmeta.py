@@ -9,6 +9,7 @@ Format (what A1111, ComfyUI importers and civitai read):
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import dataclass, field, replace
@@ -67,7 +68,18 @@ class GenerationParams:
 
 
 def _quote_if_needed(value: str) -> str:
-    return f'"{value}"' if any(ch in value for ch in ',:"') else value
+    """As A1111's infotext quote(): a value holding ',', ':', '"' or a newline as a JSON string (quotes and
+    backslashes escaped), so its parser, and ours, read it back whole."""
+    return json.dumps(value, ensure_ascii=False) if any(ch in value for ch in ',:"\n') else value
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except ValueError:  # another tool's quotes without JSON escapes
+            return value[1:-1]
+    return value
 
 
 def _clean_field(value: str) -> str:
@@ -90,7 +102,7 @@ def format_parameters(params: GenerationParams) -> str:
         fields["Model"] = _clean_field(params.model)
     hashes = [f"{lora.name.replace(':', '').replace(',', '')}: {lora.hash}" for lora in params.loras if lora.hash]
     if hashes:
-        fields["Lora hashes"] = f'"{", ".join(hashes)}"'
+        fields["Lora hashes"] = _quote_if_needed(", ".join(hashes))
     fields.update({key: _quote_if_needed(value) for key, value in params.extra.items()})
     lines = [params.prompt_with_tags]
     if params.negative_prompt:
@@ -101,9 +113,13 @@ def format_parameters(params: GenerationParams) -> str:
 
 def _split_fields(line: str) -> dict[str, str]:
     """`Key: value, Key: "quoted, value"` -> {key: value}; commas inside quotes stay in the value."""
-    fields, parts, current, quoted = {}, [], [], False
+    fields, parts, current, quoted, escaped = {}, [], [], False, False
     for char in line:
-        if char == '"':
+        if quoted and escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True  # \" inside a quoted value is a quote, not its end
+        elif char == '"':
             quoted = not quoted
         if char == "," and not quoted:
             parts.append("".join(current))
@@ -114,8 +130,7 @@ def _split_fields(line: str) -> dict[str, str]:
     for part in parts:
         key, sep, value = part.strip().partition(": ")
         if sep:
-            value = value.strip()
-            fields[key.strip()] = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+            fields[key.strip()] = _unquote(value.strip())
     return fields
 
 
