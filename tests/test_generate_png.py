@@ -57,6 +57,19 @@ def test_parameters_text_round_trips():
     assert parse_parameters(text) == params
 
 
+@pytest.mark.parametrize("sampler, written", [
+    ("DPM++ 2M", "Sampler: DPM++ 2M, Schedule type: Uniform, CFG"),  # A1111 1.9+ would read "Automatic": Karras
+    ("DPM++ 2M SDE", "Sampler: DPM++ 2M SDE, Schedule type: Uniform, CFG"),  # ... and Exponential for this one
+    ("DPM++ 2M Karras", "Sampler: DPM++ 2M Karras, CFG"),  # every A1111 reads the Karras name
+    ("Euler a", "Sampler: Euler a, CFG"),  # its Automatic is the uniform schedule already
+])
+def test_the_schedule_a1111_would_otherwise_change_is_written(sampler, written):
+    params = GenerationParams(prompt="a cat", negative_prompt="", steps=4, cfg_scale=5.0, sampler=sampler, seed=1,
+                              width=32, height=32)
+    assert written in params.to_text()
+    assert parse_parameters(params.to_text()) == params
+
+
 def test_quotes_and_backslashes_in_values_read_back_as_a1111_writes_them():
     """A1111 quotes a value as a JSON string; a name holding '"' must not split the line into junk fields."""
     params = GenerationParams(

@@ -92,6 +92,7 @@ def format_parameters(params: GenerationParams) -> str:
     fields = {
         "Steps": str(params.steps),
         "Sampler": params.sampler,
+        **({"Schedule type": schedule} if (schedule := _a1111_schedule(params.sampler)) else {}),
         "CFG scale": format_weight(params.cfg_scale),
         "Seed": str(params.seed),
         "Size": f"{params.width}x{params.height}",
@@ -109,6 +110,17 @@ def format_parameters(params: GenerationParams) -> str:
         lines.append(f"{NEGATIVE_PREFIX} {params.negative_prompt}")
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def _a1111_schedule(sampler: str) -> str | None:
+    """The "Schedule type" A1111 needs to redraw this sampler as it was drawn (see samplers.Sampler), or None."""
+    from stylelora.generate.samplers import SAMPLERS, resolve_sampler
+
+    try:
+        return resolve_sampler(sampler).a1111_schedule
+    except ValueError:  # another tool's sampler, or one whose package is not installed here
+        key = next((s for s in SAMPLERS.values() if s.display == sampler), None)
+        return key.a1111_schedule if key else None
 
 
 def _split_fields(line: str) -> dict[str, str]:

@@ -21,6 +21,10 @@ class Sampler:
     scheduler_class: str
     overrides: dict = field(default_factory=dict)
     needs: str | None = None  # an optional Python package the scheduler imports when it runs
+    # A1111 1.9+ reads a PNG without "Schedule type" as "Automatic", which for some samplers means Karras or
+    # Exponential sigmas (modules/sd_samplers_kdiffusion.py); those samplers' plain versions write "Uniform", the
+    # evenly spaced timesteps that diffusers' own schedule is, so A1111 redraws them as drawn here.
+    a1111_schedule: str | None = None
 
 
 _KARRAS = {"use_karras_sigmas": True}
@@ -31,12 +35,13 @@ SAMPLERS = {s.key: s for s in (
     Sampler("euler", "Euler", "EulerDiscreteScheduler"),
     Sampler("euler_a", "Euler a", "EulerAncestralDiscreteScheduler"),
     Sampler("heun", "Heun", "HeunDiscreteScheduler"),
-    Sampler("dpm2", "DPM2", "KDPM2DiscreteScheduler"),
+    Sampler("dpm2", "DPM2", "KDPM2DiscreteScheduler", a1111_schedule="Uniform"),
     Sampler("dpm2_karras", "DPM2 Karras", "KDPM2DiscreteScheduler", _KARRAS),
-    Sampler("dpm2_a", "DPM2 a", "KDPM2AncestralDiscreteScheduler"),
-    Sampler("dpm++_2m", "DPM++ 2M", "DPMSolverMultistepScheduler"),
+    Sampler("dpm2_a", "DPM2 a", "KDPM2AncestralDiscreteScheduler", a1111_schedule="Uniform"),
+    Sampler("dpm++_2m", "DPM++ 2M", "DPMSolverMultistepScheduler", a1111_schedule="Uniform"),
     Sampler("dpm++_2m_karras", "DPM++ 2M Karras", "DPMSolverMultistepScheduler", _KARRAS),
-    Sampler("dpm++_2m_sde", "DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    Sampler("dpm++_2m_sde", "DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"},
+            a1111_schedule="Uniform"),
     Sampler("dpm++_2m_sde_karras", "DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", **_KARRAS}),
     Sampler("unipc", "UniPC", "UniPCMultistepScheduler"),
