@@ -187,7 +187,8 @@ def describe_settings(config: TrainConfig) -> str:
             continue
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        shown = f"{len(value)} prompts" if isinstance(value, tuple) else repr(value)
+        shown = (f"{len(value)} prompts" if isinstance(value, tuple) else
+                 "the base's (read when it loads)" if value is None else repr(value))  # e.g. the native resolution
         lines.append(f"  {key} = {shown}  ({source})")
     return "\n".join(lines)
 
