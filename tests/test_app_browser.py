@@ -89,7 +89,7 @@ def test_pick_two_adapters_set_weights_generate_and_see_the_image(app_url, page,
     expect(image).to_be_visible(timeout=60_000)
     parameters = page.locator("#parameters textarea")
     expect(parameters).to_have_value(re.compile(
-        r"<lora:styles/stripes:te=0\.3:unet=0\.6> <lora:pastel:te=1:unet=-0\.5:lbw=1,0,0,1,1,1,1,1>"))
+        r"<lora:stripes:te=0\.3:unet=0\.6> <lora:pastel:te=1:unet=-0\.5:lbw=1,0,0,1,1,1,1,1>"))
     assert "Steps: 100" in parameters.input_value() and "Seed: 5" in parameters.input_value()
     assert image.evaluate("img => img.complete && img.naturalWidth") == 32  # the toy base's 32 px image loaded
     # Shown larger than its 32 px, scaled nearest-neighbour: crisp pixels, not a blur.

@@ -66,7 +66,7 @@ def test_generate_with_two_adapters_returns_pngs_with_their_parameters(app):
     gallery, parameters = client.predict(*generate_args(["styles/stripes", "pastel"], weights, 21, batch=2),
                                          api_name="/generate")
     assert len(gallery) == 2
-    assert "<lora:styles/stripes:te=0.5:unet=0.8> <lora:pastel:1>" in parameters and "Seed: 21" in parameters
+    assert "<lora:stripes:te=0.5:unet=0.8> <lora:pastel:1>" in parameters and "Seed: 21" in parameters
     downloaded = [Path(item["image"]) for item in gallery]
     assert read_png_parameters(downloaded[0]) == parameters  # the metadata survives the trip to the browser
     assert "Seed: 22" in read_png_parameters(downloaded[1])

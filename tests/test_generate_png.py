@@ -152,6 +152,20 @@ def test_regenerating_with_a_changed_adapter_is_refused(tmp_path, world, pipe):
         request_from_parameters(result.parameters_text, adapters, stack=AdapterStack.for_pipe(pipe))
 
 
+def test_a_name_two_files_share_is_written_as_a1111_does_and_redrawn_by_its_hash(tmp_path, pipe):
+    adapters = tmp_path / "adapters"
+    first = make_adapter(adapters / "sd" / "style.safetensors", 7)
+    second = make_adapter(adapters / "v2" / "style.safetensors", 8)
+    result = generate(pipe, None, GenerateRequest("x <lora:v2/style:0.7>", steps=2, seed=3, adapters_dir=adapters))[0]
+    assert result.parameters_text.startswith("x <lora:style:0.7>")  # the file name, as A1111 names a LoRA
+    stack = AdapterStack.for_pipe(pipe)
+    assert f"Lora hashes: \"style: {stack.load(second).short_hash}\"" in result.parameters_text
+    again = request_from_parameters(result.parameters_text, adapters, stack=stack)
+    assert "<lora:v2/style:0.7>" in again.prompt and first != second
+    redrawn = generate(pipe, None, again)[0]
+    assert redrawn.parameters_text == result.parameters_text and (pixels(redrawn) == pixels(result)).all()
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"width": 20, "height": 16}, "multiples of 8"),
     ({"steps": 0}, "steps must be"),

@@ -159,7 +159,7 @@ def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) ->
     height = size if request.height is None else request.height
     _check_request(request, width, height, _size_multiple(pipe))
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
-    names = tuple(adapter_name(spec.path, request.adapters_dir) for spec in specs)
+    names = tuple(adapter_name(spec.path) for spec in specs)
     return ResolvedRequest(prompt, specs, seed, width, height, request, names)
 
 
@@ -227,8 +227,14 @@ def generate(pipe: Any, stack: AdapterStack | None, request: GenerateRequest, *,
 def request_from_parameters(text: str, adapters_dir: str | os.PathLike | None, *,
                             stack: AdapterStack | None = None) -> GenerateRequest:
     """The request that makes the image described by A1111 `parameters` text again (its tags resolved in
-    adapters_dir). With a stack, each adapter's hash is checked against the recorded one."""
+    adapters_dir, a name two files share told apart by its recorded hash). With a stack, each adapter's hash is
+    checked against the recorded one."""
     params = parse_parameters(text)
+    if adapters_dir is not None and Path(adapters_dir).is_dir():
+        from stylelora.generate.prompt_tags import resolve_by_hash
+
+        params = replace(params, loras=tuple(replace(lora, name=resolve_by_hash(lora.name, lora.hash, adapters_dir))
+                                             for lora in params.loras))
     request = GenerateRequest(
         prompt=params.prompt_with_tags, negative_prompt=params.negative_prompt, steps=params.steps,
         cfg=params.cfg_scale, sampler=params.sampler, seed=params.seed, width=params.width, height=params.height,

@@ -193,10 +193,22 @@ def resolve_tags(tags: list[LoraTag], folder: str | os.PathLike | None) -> list[
             for tag in tags]
 
 
-def adapter_name(path: str | os.PathLike, folder: str | os.PathLike | None) -> str:
-    """The name a tag uses for `path`: relative to the adapters folder when inside it, else the file stem."""
+def adapter_name(path: str | os.PathLike) -> str:
+    """The name a PNG's tag gives `path`: its file name without .safetensors (a peft folder's name), as A1111 names
+    a LoRA. A subfolder in the name would not be found by A1111 when typed, and civitai drops the tag's weight; a
+    name two files share is told apart by the "Lora hashes" field when the image is drawn again (resolve_by_hash)."""
     path = Path(path)
-    if folder is not None and Path(folder).is_dir() and _inside(path, Path(folder)):
-        relative = path.resolve().relative_to(Path(folder).resolve())
-        return relative.parent.as_posix() if path.name == PEFT_WEIGHTS_NAME else relative.with_suffix("").as_posix()
     return path.parent.name if path.name == PEFT_WEIGHTS_NAME else path.stem
+
+
+def resolve_by_hash(name: str, short_hash: str, folder: str | os.PathLike) -> str:
+    """The relative name of the one file under `folder` named `name` whose A1111 short hash is `short_hash`; `name`
+    itself where it is not shared, or where the hash tells nothing apart."""
+    from stylelora.lora.io import file_model_hash
+
+    matches = [key for key in list_adapters(folder) if key.rsplit("/", 1)[-1] == name]
+    if len(matches) < 2 or not short_hash:
+        return name
+    adapters = list_adapters(folder)
+    same = [key for key in matches if file_model_hash(adapters[key]).startswith(short_hash)]
+    return same[0] if len(same) == 1 else name
