@@ -147,7 +147,7 @@ def precheck_request(request: GenerateRequest) -> None:
 
 def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) -> ResolvedRequest:
     """Everything decided before sampling; files are loaded (and checked) here, the weights not yet touched."""
-    from stylelora.generate.prompt_tags import adapter_name, parse_prompt, resolve_tags
+    from stylelora.generate.prompt_tags import adapter_name, list_adapters, parse_prompt, resolve_tags
 
     prompt, tags = parse_prompt(request.prompt)
     specs = _merge_specs(list(request.loras) + resolve_tags(tags, request.adapters_dir))
@@ -159,7 +159,8 @@ def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) ->
     height = size if request.height is None else request.height
     _check_request(request, width, height, _size_multiple(pipe))
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
-    names = tuple(adapter_name(spec.path) for spec in specs)
+    adapters = list_adapters(request.adapters_dir) if request.adapters_dir is not None else {}
+    names = tuple(adapter_name(spec.path, adapters) for spec in specs)
     return ResolvedRequest(prompt, specs, seed, width, height, request, names)
 
 
@@ -230,10 +231,11 @@ def request_from_parameters(text: str, adapters_dir: str | os.PathLike | None, *
     adapters_dir, a name two files share told apart by its recorded hash). With a stack, each adapter's hash is
     checked against the recorded one."""
     params = parse_parameters(text)
-    if adapters_dir is not None and Path(adapters_dir).is_dir():
-        from stylelora.generate.prompt_tags import resolve_by_hash
+    if adapters_dir is not None and Path(adapters_dir).is_dir() and params.loras:
+        from stylelora.generate.prompt_tags import list_adapters, resolve_by_hash
 
-        params = replace(params, loras=tuple(replace(lora, name=resolve_by_hash(lora.name, lora.hash, adapters_dir))
+        adapters = list_adapters(adapters_dir)
+        params = replace(params, loras=tuple(replace(lora, name=resolve_by_hash(lora.name, lora.hash, adapters))
                                              for lora in params.loras))
     request = GenerateRequest(
         prompt=params.prompt_with_tags, negative_prompt=params.negative_prompt, steps=params.steps,

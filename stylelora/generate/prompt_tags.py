@@ -24,6 +24,8 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 # A training checkpoint's resume state (stylelora.train.checkpoint's CHECKPOINTS_DIR / step-N / WEIGHTS_FILE, named
 # here without importing torch): raw LoRA weights that only --resume reads, listed beside the step's loadable adapter.
 CHECKPOINT_FOLDER, CHECKPOINT_STATE = "checkpoints", "lora_weights.safetensors"
+# A run's disk latent cache (OUTPUT/cache/.../<sha256>.safetensors): tensors, not adapters.
+CACHE_FOLDER, CACHE_ENTRY = "cache", re.compile(r"^[0-9a-f]{32,}$")
 
 
 class PromptTagError(ValueError):
@@ -152,6 +154,8 @@ def list_adapters(folder: str | os.PathLike) -> dict[str, Path]:
             continue  # temp files of atomic writes, hidden folders, symlinks out of the folder
         if path.name == CHECKPOINT_STATE and CHECKPOINT_FOLDER in relative.parts[:-1]:
             continue  # not an adapter: loading it fails
+        if CACHE_ENTRY.match(path.stem) and CACHE_FOLDER in relative.parts[:-1]:
+            continue
         key = relative.parent.as_posix() if path.name == PEFT_WEIGHTS_NAME else relative.with_suffix("").as_posix()
         found[key] = path
     return found
@@ -193,22 +197,31 @@ def resolve_tags(tags: list[LoraTag], folder: str | os.PathLike | None) -> list[
             for tag in tags]
 
 
-def adapter_name(path: str | os.PathLike) -> str:
+def adapter_name(path: str | os.PathLike, adapters: dict[str, Path] | None = None) -> str:
     """The name a PNG's tag gives `path`: its file name without .safetensors (a peft folder's name), as A1111 names
-    a LoRA. A subfolder in the name would not be found by A1111 when typed, and civitai drops the tag's weight; a
-    name two files share is told apart by the "Lora hashes" field when the image is drawn again (resolve_by_hash)."""
+    a LoRA (a subfolder in the name is not found by A1111 when typed, and civitai drops the tag's weight). Where
+    another file of `adapters` (list_adapters of the adapters folder) has that name too, the relative name is
+    kept, so that pasting the prompt back loads this file and not the other."""
     path = Path(path)
-    return path.parent.name if path.name == PEFT_WEIGHTS_NAME else path.stem
+    stem = path.parent.name if path.name == PEFT_WEIGHTS_NAME else path.stem
+    relative = next((key for key, file in (adapters or {}).items() if file.resolve() == path.resolve()), None)
+    shared = sum(1 for key in adapters or {} if key.rsplit("/", 1)[-1] == stem)
+    return relative if relative is not None and shared > 1 else stem
 
 
-def resolve_by_hash(name: str, short_hash: str, folder: str | os.PathLike) -> str:
-    """The relative name of the one file under `folder` named `name` whose A1111 short hash is `short_hash`; `name`
-    itself where it is not shared, or where the hash tells nothing apart."""
+def resolve_by_hash(name: str, short_hash: str, adapters: dict[str, Path]) -> str:
+    """For another tool's image: the relative name of the one file of `adapters` (list_adapters) named `name` whose
+    A1111 short hash is `short_hash`; `name` itself where it is not shared, or where the hash tells nothing apart.
+    The hash kohya stores in the header (sshs_model_hash) is read first; a file without one is hashed."""
+    from stylelora.lora.adapter_file import read_header
     from stylelora.lora.io import file_model_hash
 
-    matches = [key for key in list_adapters(folder) if key.rsplit("/", 1)[-1] == name]
+    matches = [key for key in adapters if key.rsplit("/", 1)[-1] == name]
     if len(matches) < 2 or not short_hash:
         return name
-    adapters = list_adapters(folder)
-    same = [key for key in matches if file_model_hash(adapters[key]).startswith(short_hash)]
+
+    def model_hash(path: Path) -> str:
+        return read_header(path)[1].get("sshs_model_hash") or file_model_hash(path)
+
+    same = [key for key in matches if model_hash(adapters[key]).startswith(short_hash)]
     return same[0] if len(same) == 1 else name
