@@ -184,10 +184,14 @@ def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = Non
 
 
 def card_path(adapter: Path) -> Path:
-    """README.md in a folder that holds only this adapter (a run folder), unless a README.md that stylelora did not
-    write is there; else NAME.md: a folder of several adapters (the app's blends/, an outputs folder) keeps one card
-    per adapter, and neither replaces another's card nor the user's own README."""
-    others = [p for p in adapter.parent.glob("*.safetensors") if p.name != adapter.name]
+    """README.md in a folder that holds only this adapter (a run folder, its checkpoints aside), unless a README.md
+    that stylelora did not write is there; else NAME.md: a folder of several adapters, in it or in its subfolders
+    (the app's blends/, an outputs folder of runs), keeps one card per adapter, and neither replaces another's card
+    nor the user's own README."""
+    from stylelora.generate.prompt_tags import CHECKPOINT_FOLDER, list_adapters
+
+    others = [key for key, path in list_adapters(adapter.parent).items()
+              if path.resolve() != adapter.resolve() and not key.startswith(f"{CHECKPOINT_FOLDER}/")]
     readme = adapter.with_name("README.md")
     if not others and (not readme.exists() or _is_card(readme)):
         return readme
@@ -195,8 +199,10 @@ def card_path(adapter: Path) -> Path:
 
 
 def _is_card(path: Path) -> bool:
+    """A card stylelora wrote: its mark, or (cards written before the mark) its stylelora usage line."""
     try:
-        return CARD_MARK in path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return CARD_MARK in text or ("## Use it" in text and "- stylelora: `stylelora generate" in text)
     except OSError:
         return False
 

@@ -102,6 +102,11 @@ def test_blend_writes_the_same_bundle(run_dir, tmp_path):
     assert blend(own / "mix.safetensors").returncode == 0
     assert (own / "README.md").read_text(encoding="utf-8") == "# my notes\n"  # the user's README is kept
     assert "## Blend" in (own / "mix.md").read_text(encoding="utf-8")
+    runs = tmp_path / "outputs"  # a folder of run folders, as outputs/ is
+    (runs / "run").mkdir(parents=True)
+    shutil.copyfile(run_dir / "run.safetensors", runs / "run" / "run.safetensors")
+    assert blend(runs / "mix.safetensors").returncode == 0
+    assert (runs / "mix.md").is_file() and not (runs / "README.md").exists()
     (tmp_path / "notes.png").write_text("not an image")
     unreadable = blend(out.with_name("mix4.safetensors"), "--preview", str(tmp_path / "notes.png"))
     assert unreadable.returncode == 2 and "is not an image that can be read" in unreadable.stderr
