@@ -148,8 +148,9 @@ def test_dry_run_names_the_captions_the_text_encoder_cuts(tmp_path):
                             encoding="utf-8")
     result = run_train(str(data), "--output", str(tmp_path / "out"), "--dry-run")
     assert result.returncode == 0, result.stderr
+    image = long_caption.with_suffix(".png")
     expected = (f"1 caption is longer than the text encoder's 75 tokens and cut there, so its last tags are never "
-                f"trained on: {long_caption.with_suffix('.png').name} (")
+                f"trained on: {image.parent.name}/{image.name} (")
     assert expected in result.stderr and "Token indices sequence length" not in result.stderr
 
 

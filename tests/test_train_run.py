@@ -255,7 +255,13 @@ def test_a_dry_run_does_not_stop_the_run_it_planned(tmp_path, tiny_base, stripes
     from stylelora.train.dry_run import dry_run
 
     dry_run(load_config(None, tiny_overrides(stripes_dataset, tmp_path / "run", tiny_base)))
-    assert train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.steps": 1}).is_file()
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.steps": 1})
+    assert adapter.is_file()
+    # A folder of downloaded adapters (A1111's models/Lora) holds no run: it may be an output folder.
+    loras = tmp_path / "models" / "Lora"
+    loras.mkdir(parents=True)
+    (loras / "someone-elses.safetensors").write_bytes(adapter.read_bytes())
+    assert dry_run(load_config(None, tiny_overrides(stripes_dataset, loras, tiny_base))).is_file()
 
 
 @pytest.mark.parametrize("inside", [".", "2_stripestyle/run"])

@@ -137,9 +137,11 @@ def long_captions_note(items: Iterable[TrainItem], tokenizer) -> str:
     Why: the text encoder silently drops what is past its window, so tags at the end of a long caption are never
     trained on, and the user sees only transformers' unnamed "sequence length" line (if anything)."""
     window = tokenizer.model_max_length - 2
-    lengths = {item.path.name: len(tokenizer(item.caption, add_special_tokens=False, verbose=False)["input_ids"])
-               for item in items}
-    long = sorted(((n, name) for name, n in lengths.items() if n > window), reverse=True)
+    items = list(items)
+    ids = tokenizer([item.caption for item in items], add_special_tokens=False, verbose=False)["input_ids"]
+    # Named with their folder: kohya datasets repeat file names (10_a/0001.png, 5_b/0001.png).
+    long = sorted(((len(tokens), f"{item.path.parent.name}/{item.path.name}") for item, tokens in zip(items, ids)
+                   if len(tokens) > window), reverse=True)
     if not long:
         return ""
     shown = ", ".join(f"{name} ({n} tokens)" for n, name in long[:5]) + (f", +{len(long) - 5} more"

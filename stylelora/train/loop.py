@@ -39,7 +39,7 @@ from stylelora.data.scan import ScanReport, TrainItem, scan_folder
 from stylelora.lora.inject import adapters_disabled
 from stylelora.models.heap import return_freed_memory
 from stylelora.train import checkpoint
-from stylelora.train.logs import RunLog
+from stylelora.train.logs import METRICS_FILE, RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, load_with_new_learning_rates, optimizer_class
@@ -277,14 +277,16 @@ def check_output_dir(config: TrainConfig) -> Path | None:
 
 def existing_run_files(run_dir: Path) -> list[str]:
     """What shows that `run_dir` holds a training run worth keeping: an adapter (any .safetensors, whatever its
-    output name) or a complete checkpoint.
+    output name) beside a run's log (metrics.csv), or a complete checkpoint.
 
-    Why not config.toml or metrics.csv: --dry-run writes config.toml for the run it plans, and a run stopped before
-    its first checkpoint left nothing to continue; refusing those would make the user pass --overwrite for nothing.
+    Why not config.toml or metrics.csv alone: --dry-run writes config.toml for the run it plans, and a run stopped
+    before its first checkpoint left nothing to continue; refusing those would make the user pass --overwrite for
+    nothing. Why not a .safetensors alone: a folder of downloaded adapters (A1111's models/Lora) is no run.
     """
     if not run_dir.is_dir():
         return []
-    found = sorted(p.name for p in run_dir.glob("*.safetensors") if p.is_file())
+    logged = (run_dir / METRICS_FILE).is_file()
+    found = sorted(p.name for p in run_dir.glob("*.safetensors") if p.is_file()) if logged else []
     return found + [f"{checkpoint.CHECKPOINTS_DIR}/{p.name}" for p in checkpoint.complete_checkpoints(run_dir)]
 
 
