@@ -142,6 +142,32 @@ def test_single_safetensors_file_with_config_dir(single_file: Path, tiny_pipe_di
     assert torch.equal(generate(pipe), generate(folder_pipe))
 
 
+def test_a_base_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    """Hashing an SDXL checkpoint reads 7 GB: a later command takes the hash from the cache file (as A1111's
+    cache.json does), and a changed file is hashed again."""
+    import hashlib
+
+    from stylelora.generate import base_identity as identity
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights v1")
+    reads = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    first = identity.source_hash(model)
+    assert first == hashlib.sha256(b"weights v1").hexdigest()[:10] and reads.count("model.safetensors") == 1
+    assert identity.source_hash(model) == first and reads.count("model.safetensors") == 1  # from the cache
+    model.write_bytes(b"weights v2, longer")
+    assert identity.source_hash(model) == hashlib.sha256(b"weights v2, longer").hexdigest()[:10]
+    assert identity.hash_cache_path().is_relative_to(tmp_path / "cache")
+
+
 def test_single_file_config_found_in_local_hf_cache(single_file: Path, tiny_pipe_dir: Path, folder_pipe,
                                                     empty_hf_cache: Path) -> None:
     # Only configs, no weights: what `hf download <repo> --include "*.json" --include "*.txt"` caches.

@@ -2,11 +2,15 @@
 
 A1111's model hash is the first 10 hex digits of sha256 over the checkpoint file. A diffusers folder has several
 weight files, so its hash is sha256 over the sorted (relative path, file sha256) pairs of the weights. Hashing a
-real base reads gigabytes, so it is done once per pipeline and cached on it.
+real base reads gigabytes (5-20 s for SDXL), so it is done once per pipeline and cached on it, and each file's
+sha256 is kept in a small cache file keyed by path, size and modification time, as A1111's cache.json does, so a
+later command does not read the file again.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +28,35 @@ class BaseIdentity:
     hash: str | None
 
 
+def hash_cache_path() -> Path:
+    """Where file hashes are remembered: $XDG_CACHE_HOME/stylelora (~/.cache/stylelora)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "stylelora" / "file-hashes.json"
+
+
 def _file_sha256(path: Path) -> str:
+    """sha256 of a file, from the cache when the file has not changed since it was hashed."""
+    from stylelora.atomic import write_text_atomic
+
+    stat, key = path.stat(), str(path.resolve())
+    cache_file = hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key)
+    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return entry["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+    cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cache_file, json.dumps(cache, indent=0))
+    except OSError:  # a read-only home: hash again next time
+        pass
     return digest.hexdigest()
 
 
