@@ -175,9 +175,12 @@ def test_caption_extension_is_matched_in_any_case(tmp_path):
     _image(tmp_path / "b.png", "upper txt", caption_ext=".TXT")
     _image(tmp_path / "c.PNG", "mixed caption", caption_ext=".Caption")
     (tmp_path / "d.TXT").write_text("no image", encoding="utf-8")
+    _image(tmp_path / "photo.png")
+    (tmp_path / "Photo.txt").write_text("name in another case", encoding="utf-8")  # as Windows and macOS find it
     items, report = scan_folder(tmp_path)
     assert {name: item.caption for name, item in _by_name(items).items()} == {"b.png": "upper txt",
-                                                                             "c.PNG": "mixed caption"}
+                                                                             "c.PNG": "mixed caption",
+                                                                             "photo.png": "name in another case"}
     assert report.uncaptioned == []
     assert [(i.path.name, i.reason) for i in report.ignored] == [("d.TXT", "caption without an image of the same name")]
 

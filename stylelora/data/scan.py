@@ -230,13 +230,17 @@ def _scan_flat(root: Path) -> tuple[list[TrainItem], ScanReport]:
 
 def _scan_images_with_captions(folder: Path, trigger: str, repeats: int, report: ScanReport) -> list[TrainItem]:
     images = _list_images(folder, report.ignored)
-    image_stems = {path.with_suffix("") for path in images}
+    image_stems = {str(path.with_suffix("")).lower() for path in images}
     captions = caption_files(folder)
-    for path in sorted(p for stem, paths in captions.items() if stem not in image_stems for p in paths):
+    # Names match in any case, as on Windows and macOS, where kohya finds Photo.txt for photo.png.
+    by_lower = {str(stem).lower(): paths for stem, paths in sorted(captions.items(), reverse=True)}
+    for path in sorted(p for stem, paths in captions.items() if str(stem).lower() not in image_stems for p in paths):
         report.ignored.append(IgnoredFile(path, "caption without an image of the same name"))
     items = []
     for image in images:
-        caption = read_caption(image, report, captions.get(image.with_suffix(""), []))
+        stem = image.with_suffix("")
+        found = captions.get(stem) or by_lower.get(str(stem).lower(), [])
+        caption = read_caption(image, report, found)
         if caption is None:
             caption = trigger
             report.uncaptioned.append((image, trigger))
