@@ -48,3 +48,22 @@ def test_every_dependency_runs_on_the_oldest_python_the_project_admits():
         if needs and not SpecifierSet(needs).contains(f"{oldest}.0"):
             refusing[name] = needs
     assert refusing == {}, f"requires-python >={oldest}, but these need more: {refusing}"
+
+
+def test_the_cli_hides_only_the_install_notices_nothing_needs(caplog):
+    """bitsandbytes' optional-kernels notice and transformers' torchvision notice ask for installs stylelora does not
+    need; they are hidden, and any other message of those loggers still shows."""
+    import logging
+
+    from stylelora.quiet import HIDDEN, hide_install_notices
+
+    hide_install_notices()
+    hide_install_notices()  # twice: one filter each
+    with caplog.at_level(logging.WARNING):
+        for name, text in HIDDEN.items():
+            logger = logging.getLogger(name)
+            assert len(logger.filters) == 1
+            logger.warning("Failed to load CPU gemm_4bit_forward %s", text)
+            logger.warning("something else went wrong")
+    shown = [record.getMessage() for record in caplog.records]
+    assert shown == ["something else went wrong"] * len(HIDDEN)
