@@ -34,42 +34,49 @@ def hash_cache_path() -> Path:
     return Path(root) / "stylelora" / "file-hashes.json"
 
 
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, from the cache when the file has not changed since it was hashed."""
+def _file_sha256s(paths: list[Path]) -> list[str]:
+    """sha256 of each file, from the cache where the file has not changed since it was hashed; the cache file is
+    read once and written once (when something was hashed), however many weight files a base has."""
     from stylelora.atomic import write_text_atomic
 
-    stat, key = path.stat(), str(path.resolve())
     cache_file = hash_cache_path()
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cache = {}
-    entry = cache.get(key)
-    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-        return entry["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cache_file, json.dumps(cache, indent=0))
-    except OSError:  # a read-only home: hash again next time
-        pass
-    return digest.hexdigest()
+    digests, hashed = [], False
+    for path in paths:
+        stat, key = path.stat(), str(path.resolve())
+        entry = cache.get(key)
+        if not (isinstance(entry, dict) and entry.get("size") == stat.st_size
+                and entry.get("mtime_ns") == stat.st_mtime_ns):
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            entry = cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+            hashed = True
+        digests.append(entry["sha256"])
+    if hashed:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cache_file, json.dumps(cache, indent=0))
+        except OSError:  # a read-only home: hash again next time
+            pass
+    return digests
 
 
 def source_hash(source: str | Path) -> str | None:
     """Short hash of a checkpoint file or diffusers folder (None when the path does not exist)."""
     source = Path(source)
     if source.is_file():
-        return _file_sha256(source)[:A1111_MODEL_HASH_LENGTH]
+        return _file_sha256s([source])[0][:A1111_MODEL_HASH_LENGTH]
     if not source.is_dir():
         return None
+    weights = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     digest = hashlib.sha256()
-    for path in sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-        digest.update(f"{path.relative_to(source).as_posix()}\0{_file_sha256(path)}\n".encode())
+    for path, file_digest in zip(weights, _file_sha256s(weights)):
+        digest.update(f"{path.relative_to(source).as_posix()}\0{file_digest}\n".encode())
     return digest.hexdigest()[:A1111_MODEL_HASH_LENGTH]
 
 
