@@ -159,7 +159,7 @@ def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) ->
     height = size if request.height is None else request.height
     _check_request(request, width, height, _size_multiple(pipe))
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
-    adapters = list_adapters(request.adapters_dir) if request.adapters_dir is not None else {}
+    adapters = list_adapters(request.adapters_dir) if specs and request.adapters_dir is not None else {}
     names = tuple(adapter_name(spec.path, adapters) for spec in specs)
     return ResolvedRequest(prompt, specs, seed, width, height, request, names)
 

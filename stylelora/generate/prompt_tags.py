@@ -204,9 +204,10 @@ def adapter_name(path: str | os.PathLike, adapters: dict[str, Path] | None = Non
     kept, so that pasting the prompt back loads this file and not the other."""
     path = Path(path)
     stem = path.parent.name if path.name == PEFT_WEIGHTS_NAME else path.stem
-    relative = next((key for key, file in (adapters or {}).items() if file.resolve() == path.resolve()), None)
-    shared = sum(1 for key in adapters or {} if key.rsplit("/", 1)[-1] == stem)
-    return relative if relative is not None and shared > 1 else stem
+    namesakes = [key for key in adapters or {} if key.rsplit("/", 1)[-1] == stem]
+    if len(namesakes) < 2:
+        return stem
+    return next((key for key in namesakes if adapters[key].resolve() == path.resolve()), stem)
 
 
 def resolve_by_hash(name: str, short_hash: str, adapters: dict[str, Path]) -> str:
