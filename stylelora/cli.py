@@ -25,12 +25,6 @@ def _dial_help() -> str:
     return dial_help()
 
 
-def _evaluate_errors() -> tuple[type[Exception], ...]:
-    from .models.load import BaseModelError
-
-    return (ValueError, FileNotFoundError, BaseModelError)
-
-
 def _checked_evaluate_inputs(args: argparse.Namespace) -> tuple[tuple[str, ...], str, str, list]:
     """(prompt sets, blend mode, dial, adapter specs), each checked: a typo, a bad --lora or a missing file fails
     here, before the base model loads."""
@@ -54,9 +48,10 @@ def _checked_evaluate_inputs(args: argparse.Namespace) -> tuple[tuple[str, ...],
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .generate.command import user_errors  # the same bad input as generate's: values, files, the base
     from .user_errors import report_user_errors
 
-    return report_user_errors(_evaluate_errors)(_evaluate)(args)
+    return report_user_errors(user_errors)(_evaluate)(args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
