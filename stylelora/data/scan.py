@@ -146,10 +146,9 @@ def dataset_dirs(items: list[TrainItem]) -> dict[str, dict[str, int]]:
     return dirs
 
 
-def read_caption(image: Path, report: ScanReport, captions: list[Path] | None = None) -> str | None:
-    """The caption next to `image` (`.txt`, else `.caption`, the extension in any case), or None when there is none
-    or it is empty. `captions` is its entry of `caption_files` when the caller has listed the folder already."""
-    found = caption_files(image.parent).get(image.with_suffix(""), []) if captions is None else captions
+def read_caption(image: Path, report: ScanReport, found: list[Path]) -> str | None:
+    """The caption of `image` from its caption files `found` (its entry of `caption_files`: `.txt` before
+    `.caption`), or None when there is none or it is empty."""
     if not found:
         return None
     texts = [_read_text(path, report) for path in found]
