@@ -150,16 +150,23 @@ def test_cli_reports_data_and_config_errors_in_one_line(tmp_path):
     assert result.returncode == 2 and "optim.unet_lr must be > 0" in result.stderr
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, stripes_dataset,
-                                                                          monkeypatch):
+def _poison_loss_at_call(monkeypatch, call: int):
+    """The training loss becomes NaN at the `call`-th loss step (1-based), as a diverging run's does; returns the
+    real loss step, to put back."""
     real_step, calls = loop.loss_step, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real_step(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 4 else loss
+        return loss * float("nan") if len(calls) == call else loss
 
     monkeypatch.setattr(loop, "loss_step", poisoned)
+    return real_step
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, stripes_dataset,
+                                                                          monkeypatch):
+    _poison_loss_at_call(monkeypatch, 4)
     output = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as raised:
         train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.steps": 6})
@@ -176,14 +183,7 @@ def test_a_diverged_run_resumes_as_advised_at_the_lower_learning_rate(tmp_path, 
     """The advice after a NaN is a command that works: it names a checkpoint saved before the weights that diverged
     (a resume replays their batch exactly, so it would stop again), the resume may lower the learning rate and the
     clipping, and the schedule then runs at the new rate."""
-    real_step, calls = loop.loss_step, []
-
-    def poisoned(*args, **kwargs):
-        calls.append(1)
-        loss = real_step(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
-
-    monkeypatch.setattr(loop, "loss_step", poisoned)
+    real_step = _poison_loss_at_call(monkeypatch, 3)
     output, settings = tmp_path / "run", {"train.save_every": 1, "optim.unet_lr": 1e-2}
     with pytest.raises(TrainingDiverged) as raised:
         train(stripes_dataset, output, tiny_base, **settings)
