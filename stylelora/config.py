@@ -99,6 +99,10 @@ class DataConfig:
                                                  "at weights below 1 and beside other triggers)", example="0.05",
                                            preset=True)
     tag_dropout: float = option(0.0, "probability of dropping each caption tag", example="0.1")
+    # kohya's --enable_wildcard. Off, a caption file's lines are joined as tags (a tagger that writes one tag a line).
+    caption_variants: bool = option(False, "a caption file's lines, and each {a|b|c} in a caption, are "
+                                           "alternatives: one is drawn each time the image is seen (kohya's "
+                                           "--enable_wildcard); off, the lines are joined as tags")
     resolution: int | None = option(None, "training size in pixels", example="512", preset=True,
                                     widget=Widget("Resolution (empty = the base's)", minimum=8))
     bucketing: bool = option(True, "aspect-ratio buckets (--no-bucketing: every image center-cropped square)",

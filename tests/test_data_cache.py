@@ -217,3 +217,21 @@ def test_model_identity_changes_with_weights_and_dtype():
 def test_missing_identity_is_refused():
     with pytest.raises(ValueError, match="vae_id must name"):
         LatentCache(CountingEncoder(), "")
+
+
+def test_caption_variants_give_an_image_each_of_its_lines_across_epochs(tmp_path):
+    """A caption file of two lines with --caption-variants trains the image on one line at a time (kohya's
+    --enable_wildcard), drawn per epoch; without it, on both lines joined as tags."""
+    folder = _folder(tmp_path)
+    (folder / "2_zorb" / "a.txt").write_text("zorb, a red zorb on a beige background\nzorb, a red zorb\n")
+    seen = {}
+    for variants in (False, True):
+        dataset = _dataset(folder, captions=CaptionOptions(variants=variants))
+        index = next(i for i in range(len(dataset)) if dataset[i]["key"] == "2_zorb/a.png")
+        captions = set()
+        for epoch in range(12):
+            dataset.set_epoch(epoch)
+            captions.add(dataset[index]["caption"])
+        seen[variants] = captions
+    assert seen[False] == {"zorb, a red zorb on a beige background, zorb, a red zorb"}
+    assert seen[True] == {"zorb, a red zorb on a beige background", "zorb, a red zorb"}

@@ -8,6 +8,10 @@ import torch
 
 from stylelora.data.captions import (
     CaptionOptions,
+    caption_forms,
+    caption_variants_note,
+    expand_choices,
+    long_captions_note,
     process_caption,
     replace_triggers,
     sample_rng,
@@ -121,3 +125,70 @@ def test_replace_triggers(caption, triggers, word, expected):
 ])
 def test_a_word_goes_beside_the_trigger_as_its_own_tag(caption, after, expected):
     assert with_word_beside_trigger(caption, ("zorb", "stripestyle", "sks dog"), "meadow", after=after) == expected
+
+
+LINES = ("zorb, a red zorb on a {beige|white} background", "zorb, a red zorb")
+
+
+def _variants(options: CaptionOptions, n: int = 400) -> list[str]:
+    return [process_caption(", ".join(LINES), options, random.Random(seed), LINES) for seed in range(n)]
+
+
+def test_caption_variants_draw_one_line_and_one_choice_each_time():
+    drawn = _variants(CaptionOptions(variants=True))
+    assert set(drawn) == {"zorb, a red zorb on a beige background", "zorb, a red zorb on a white background",
+                          "zorb, a red zorb"}
+    assert 160 < drawn.count("zorb, a red zorb") < 240  # each line half the time
+    assert CaptionOptions(variants=True).is_static is False  # a frozen text encoder's cache cannot hold one text
+
+
+def test_without_caption_variants_the_lines_are_joined_and_braces_kept():
+    assert set(_variants(CaptionOptions(), 20)) == {", ".join(LINES)}
+
+
+def test_caption_variants_then_shuffle_and_dropout_act_on_the_drawn_line():
+    drawn = _variants(CaptionOptions(variants=True, tag_dropout=1.0, keep_tokens=1))
+    assert set(drawn) == {"zorb"}
+    assert set(_variants(CaptionOptions(variants=True, caption_dropout=1.0), 20)) == {""}
+
+
+def test_braces_in_a_one_line_caption_are_choices_too():
+    drawn = {process_caption("ink, {red|blue} circle", CaptionOptions(variants=True), random.Random(s))
+             for s in range(50)}
+    assert drawn == {"ink, red circle", "ink, blue circle"}
+    assert expand_choices("{a | b}, {c}, x", lambda choices: choices[-1]) == "b, {c}, x"  # {c} is no choice
+
+
+def test_caption_forms_are_what_sample_prompts_and_length_checks_read():
+    assert caption_forms("a, b", ("a", "b"), False) == ["a, b"]
+    assert caption_forms("x, {p|qq}", (), True) == ["x, p"]
+    assert caption_forms("j", ("x, {p|qq}", "y"), True, pick=lambda c: max(c, key=len)) == ["x, qq", "y"]
+
+
+@pytest.mark.parametrize("captions, variants, expected", [
+    ([("a", ())], False, ""),
+    ([("a, b", ("a", "b")), ("c", ())], False, "1 caption file has several lines: lines are joined as tags"),
+    ([("{a|b} c", ())], False, "1 caption holds {a|b} choices: lines are joined as tags and choices trained as"),
+    ([("a, b", ("a", "b"))], True, "each time an image is seen, one line and one choice"),
+    ([("a, b", ("a", "b")), ("c, d", ("c", "d"))], False, "2 caption files have several lines"),
+    ([("a", ())], True, "--caption-variants has nothing to draw from"),
+])
+def test_caption_variants_note_says_how_the_run_reads_lines(captions, variants, expected):
+    items = [TrainItem(Path(f"{i}.png"), caption, variants=lines) for i, (caption, lines) in enumerate(captions)]
+    note = caption_variants_note(items, variants)
+    assert (note == "") if not expected else expected in note
+
+
+class _WordTokenizer:
+    model_max_length = 6  # a window of 4 words
+
+    def __call__(self, texts, **_):
+        return {"input_ids": [text.split() for text in texts]}
+
+
+def test_long_caption_check_reads_each_variant_by_its_longest_choice():
+    item = TrainItem(Path("a.png"), "one two three, four five", variants=("one two three", "four {five|six seven}"))
+    assert "a.png (5 tokens)" in long_captions_note([item], _WordTokenizer())  # joined: trained as five words
+    assert long_captions_note([item], _WordTokenizer(), variants=True) == ""  # longest line: three words
+    long_choice = TrainItem(Path("b.png"), "x", variants=("one two", "one {a|b c d e}"))
+    assert "b.png (5 tokens)" in long_captions_note([long_choice], _WordTokenizer(), variants=True)

@@ -70,7 +70,8 @@ def test_caption_file_details_bom_multiline_and_orphans(tmp_path):
     items, report = scan_folder(tmp_path)
     found = _by_name(items)
     assert found["a.png"].caption == "ink style, red circle"
-    assert found["empty.png"].caption == "ink"
+    assert found["a.png"].variants == ("ink style", "red circle")  # alternatives with --caption-variants
+    assert found["empty.png"].caption == "ink" and found["empty.png"].variants == ()
     assert [i.path.name for i in report.ignored] == ["orphan.txt"]
 
 
@@ -223,3 +224,18 @@ def test_nested_subfolders_are_reported_not_silently_dropped(tmp_path):
     items, report = scan_folder(tmp_path)
     assert [item.path.name for item in items] == ["a.png"]
     assert [(i.path.name, i.reason.split(",")[0]) for i in report.ignored] == [("more", "subfolder")]
+
+
+def test_extra_trigger_goes_in_front_of_every_caption_line(tmp_path):
+    _image(tmp_path / "a.png", "a red circle\nink, a blue square\n")
+    items, _ = scan_folder(tmp_path, extra_trigger="ink")
+    assert items[0].caption == "a red circle, ink, a blue square"  # the trigger is in the caption already
+    assert items[0].variants == ("ink, a red circle", "ink, a blue square")
+
+
+def test_metadata_text_with_several_lines_reads_like_a_caption_file(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "ink, a\nink, b"}) + "\n",
+                                             encoding="utf-8")
+    items, _ = scan_folder(tmp_path)
+    assert (items[0].caption, items[0].variants) == ("ink, a, ink, b", ("ink, a", "ink, b"))

@@ -476,3 +476,18 @@ def test_reg_dir_errors_name_the_regularization_folder(tmp_path, tiny_base, stri
 def test_no_samples_writes_no_sample_grid(tiny_base, stripes_dataset, tmp_path):
     adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.samples": False})
     assert adapter.is_file() and not (tmp_path / "run" / "samples").exists()
+
+
+@pytest.mark.parametrize("variants, reading", [(False, "lines are joined as tags"),
+                                               (True, "one line and one choice of each {a|b} is drawn")])
+def test_a_dry_run_says_how_caption_files_of_several_lines_are_read(tmp_path, tiny_base, capsys, variants, reading):
+    """A kohya user's multi-line captions: the plan names them and says which reading this run uses."""
+    from stylelora.train.dry_run import dry_run
+
+    data = write_kohya_dataset(tmp_path / "data", count=4)
+    (data / "2_stripestyle" / "0000.txt").write_text("stripestyle, a red circle\nstripestyle, {red|blue} circle\n")
+    plan = dry_run(load_config(None, tiny_overrides(data, tmp_path / "run", tiny_base,
+                                                    **{"data.caption_variants": variants})))
+    said = capsys.readouterr().err
+    assert "1 caption file has several lines and 1 caption holds {a|b} choices" in said and reading in said
+    assert f"caption_variants = {str(variants).lower()}" in plan.read_text()

@@ -1,16 +1,19 @@
-"""Owns per-sample caption processing (tag shuffle, keep_tokens, caption and tag dropout) and tag counting.
+"""Owns per-sample caption processing (variants, tag shuffle, keep_tokens, caption and tag dropout) and tag counting.
 
 Captions are comma-separated tags ("zorb, red, on a yellow background"). Each epoch a sample's caption
 may be changed, as kohya does: with probability `caption_dropout` it becomes "" (this teaches the
-unconditional prediction classifier-free guidance needs); otherwise the first `keep_tokens` tags stay
-in place (the trigger word), each other tag is dropped with probability `tag_dropout`, and the rest are
-shuffled so the model does not learn a tag order. All randomness comes from the generator passed in,
-so a (seed, epoch, sample) triple always gives the same caption; `sample_rng` builds that generator.
+unconditional prediction classifier-free guidance needs); otherwise, with `variants` on, one of the caption
+file's lines is drawn and each `{a|b|c}` in it becomes one of its choices (kohya's `--enable_wildcard`); then
+the first `keep_tokens` tags stay in place (the trigger word), each other tag is dropped with probability
+`tag_dropout`, and the rest are shuffled so the model does not learn a tag order. All randomness comes from
+the generator passed in, so a (seed, epoch, sample) triple always gives the same caption; `sample_rng` builds
+that generator.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Union
@@ -28,6 +31,7 @@ class CaptionOptions:
     keep_tokens: int = 0  # leading tags never shuffled nor dropped
     caption_dropout: float = 0.0  # probability the whole caption becomes ""
     tag_dropout: float = 0.0  # probability each non-kept tag is dropped
+    variants: bool = False  # a caption's lines and {a|b} choices are alternatives, one drawn per sample
     separator: str = ","
 
     def __post_init__(self) -> None:
@@ -40,7 +44,24 @@ class CaptionOptions:
     @property
     def is_static(self) -> bool:
         """True when a caption is always the same text (or ""), so text-encoder outputs can be cached."""
-        return not self.shuffle_tags and self.tag_dropout == 0.0
+        return not self.shuffle_tags and self.tag_dropout == 0.0 and not self.variants
+
+
+# kohya's wildcard notation: "{red|blue} background" is "red background" or "blue background".
+CHOICES = re.compile(r"\{([^{}]*\|[^{}]*)\}")
+
+
+def expand_choices(text: str, pick) -> str:
+    """`text` with each `{a|b|c}` replaced by `pick(["a", "b", "c"])`."""
+    return CHOICES.sub(lambda match: pick([choice.strip() for choice in match.group(1).split("|")]), text)
+
+
+def caption_forms(caption: str, variants: tuple[str, ...], enabled: bool, pick=lambda choices: choices[0]) -> list[str]:
+    """What a caption can be trained as: itself, or with `enabled` (--caption-variants) each of its file's lines,
+    each `{a|b}` picked by `pick` (the first choice: sample prompts; the longest: the 75-token check)."""
+    if not enabled:
+        return [caption]
+    return [expand_choices(line, pick) for line in (variants or (caption,))]
 
 
 def split_tags(caption: str, separator: str = ",") -> list[str]:
@@ -52,11 +73,14 @@ def join_tags(tags: Iterable[str], separator: str = ",") -> str:
     return f"{separator} ".join(tags)
 
 
-def process_caption(caption: str, options: CaptionOptions, rng: Generator) -> str:
-    """The caption one sample is trained with this time (see the module docstring)."""
+def process_caption(caption: str, options: CaptionOptions, rng: Generator, variants: tuple[str, ...] = ()) -> str:
+    """The caption one sample is trained with this time (see the module docstring); `variants` are the lines of
+    its caption file when it has several (`TrainItem.variants`), `caption` those lines joined as tags."""
     draws = _Draws(rng)
     if options.caption_dropout > 0 and draws.uniform() < options.caption_dropout:
         return ""
+    if options.variants:
+        caption = expand_choices(draws.choice(variants) if variants else caption, draws.choice)
     if not options.shuffle_tags and options.tag_dropout == 0:
         return caption  # untouched text: no re-joining that would normalise the user's spacing
     tags = split_tags(caption, options.separator)
@@ -111,7 +135,7 @@ def tag_frequency(items: Iterable[TrainItem], separator: str = ",") -> dict[str,
 
 
 class _Draws:
-    """The two random operations captions need, from either a `random.Random` or a `torch.Generator`."""
+    """The random operations captions need, from either a `random.Random` or a `torch.Generator`."""
 
     def __init__(self, rng: Generator):
         if not isinstance(rng, (random.Random, torch.Generator)):
@@ -123,6 +147,9 @@ class _Draws:
             return self.rng.random()
         return float(torch.rand((), generator=self.rng))
 
+    def choice(self, values):
+        return values[min(int(self.uniform() * len(values)), len(values) - 1)]
+
     def shuffled(self, values: list[str]) -> list[str]:
         if isinstance(self.rng, random.Random):
             values = list(values)
@@ -131,17 +158,42 @@ class _Draws:
         return [values[i] for i in torch.randperm(len(values), generator=self.rng).tolist()]
 
 
-def long_captions_note(items: Iterable[TrainItem], tokenizer) -> str:
+def caption_variants_note(items: Iterable[TrainItem], variants: bool) -> str:
+    """A line saying how captions with several lines or `{a|b}` choices are read, or "" when none has either and
+    --caption-variants is off. Why: kohya reads such files three ways (first line, one line drawn, as written),
+    so a user coming from it should see which one this run uses."""
+    items = list(items)
+    lines = sum(1 for item in items if item.variants)
+    choices = sum(1 for item in items if CHOICES.search(item.caption))
+    if variants and not lines and not choices:
+        return ("--caption-variants has nothing to draw from: no caption file has several lines or a {a|b} "
+                "choice, so every image is trained on its one caption.")
+    if not lines and not choices:
+        return ""
+    found = " and ".join(part for part in (
+        f"{lines} caption file{'s have' if lines > 1 else ' has'} several lines" if lines else "",
+        f"{choices} caption{'s hold' if choices > 1 else ' holds'} {{a|b}} choices" if choices else "") if part)
+    if variants:
+        return f"{found}: each time an image is seen, one line and one choice of each {{a|b}} is drawn."
+    return (f"{found}: lines are joined as tags and choices trained as written. --caption-variants draws one line "
+            "and one choice each time instead (kohya's --enable_wildcard).")
+
+
+def long_captions_note(items: Iterable[TrainItem], tokenizer, variants: bool = False) -> str:
     """A line naming the captions the text encoder cuts (CLIP reads 77 tokens: 75 after its start and end), or "".
+    With `variants` (--caption-variants), a caption counts by its longest form.
 
     Why: the text encoder silently drops what is past its window, so tags at the end of a long caption are never
     trained on, and the user sees only transformers' unnamed "sequence length" line (if anything)."""
     window = tokenizer.model_max_length - 2
     items = list(items)
-    ids = tokenizer([item.caption for item in items], add_special_tokens=False, verbose=False)["input_ids"]
+    forms = [caption_forms(item.caption, item.variants, variants, pick=lambda c: max(c, key=len)) for item in items]
+    ids = iter(tokenizer([text for texts in forms for text in texts], add_special_tokens=False,
+                         verbose=False)["input_ids"])
+    lengths = [max(len(next(ids)) for _ in texts) for texts in forms]
     # Named with their folder: kohya datasets repeat file names (10_a/0001.png, 5_b/0001.png).
-    long = sorted(((len(tokens), f"{item.path.parent.name}/{item.path.name}") for item, tokens in zip(items, ids)
-                   if len(tokens) > window), reverse=True)
+    long = sorted(((n, f"{item.path.parent.name}/{item.path.name}") for item, n in zip(items, lengths)
+                   if n > window), reverse=True)
     if not long:
         return ""
     shown = ", ".join(f"{name} ({n} tokens)" for n, name in long[:5]) + (f", +{len(long) - 5} more"

@@ -70,7 +70,8 @@ class TrainingDataset(Dataset):
         plan, flipped = self.crop_plan(index), self.is_flipped(index)
         caption_rng = sample_rng(self.options.seed, self.epoch, index, "caption")
         item = {
-            "caption": process_caption(sample.image.item.caption, self.options.captions, caption_rng),
+            "caption": process_caption(sample.image.item.caption, self.options.captions, caption_rng,
+                                       sample.image.item.variants),
             "key": sample.image.item.key, "index": index, "bucket": sample.bucket, "flipped": flipped,
             **_sdxl_sizes(plan, flipped),
         }

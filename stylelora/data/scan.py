@@ -38,9 +38,10 @@ class TrainItem:
     """One training image and the caption it is trained with."""
 
     path: Path
-    caption: str
+    caption: str  # a caption file's lines joined as tags
     repeats: int = 1
     folder: str = ""  # kohya folder name ("10_zorb"), the key of ss_tag_frequency / ss_dataset_dirs
+    variants: tuple[str, ...] = ()  # the file's lines when it has several: alternatives with --caption-variants
 
     @property
     def key(self) -> str:
@@ -146,16 +147,25 @@ def dataset_dirs(items: list[TrainItem]) -> dict[str, dict[str, int]]:
     return dirs
 
 
-def read_caption(image: Path, report: ScanReport, found: list[Path]) -> str | None:
+def read_caption(image: Path, report: ScanReport, found: list[Path]) -> tuple[str, tuple[str, ...]] | None:
     """The caption of `image` from its caption files `found` (its entry of `caption_files`: `.txt` before
-    `.caption`), or None when there is none or it is empty."""
+    `.caption`) as (its lines joined as tags, its lines when there are several), or None when there is none or
+    it is empty."""
     if not found:
         return None
-    texts = [_read_text(path, report) for path in found]
-    if len(set(texts)) > 1:
+    lines = [_caption_lines(_read_text(path, report)) for path in found]
+    if len(set(lines)) > 1:
         report.warnings.append(f"{image.name} has both {found[0].name} and {found[1].name} with different "
                                f"text; using {found[0].name}.")
-    return texts[0] or None
+    if not lines[0]:
+        return None
+    return ", ".join(lines[0]), (lines[0] if len(lines[0]) > 1 else ())
+
+
+def _caption_lines(text: str) -> tuple[str, ...]:
+    """A caption file's non-empty lines: tags or phrases to join like tags (not glue into one word), or with
+    --caption-variants alternatives (kohya's --enable_wildcard reads them so: one line each time)."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def caption_files(folder: Path) -> dict[Path, list[Path]]:
@@ -175,8 +185,7 @@ def caption_files(folder: Path) -> dict[Path, list[Path]]:
 
 def _read_text(path: Path, report: ScanReport) -> str:
     """A caption file's text: UTF-8 (a BOM dropped), or UTF-16 with its BOM (Windows Notepad's "Unicode"); other
-    encodings are read as UTF-8 with a warning naming the file, since the characters it cannot read become '�'.
-    Non-empty lines are tags or phrases, so they are joined like tags rather than glued into one word."""
+    encodings are read as UTF-8 with a warning naming the file, since the characters it cannot read become '�'."""
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16", errors="replace")
@@ -187,7 +196,7 @@ def _read_text(path: Path, report: ScanReport) -> str:
             text = raw.decode("utf-8-sig", errors="replace")
             report.warnings.append(f"{path.name} is not UTF-8 text: the characters that could not be read became "
                                    "'�' in its caption. Save it as UTF-8.")
-    return ", ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text
 
 
 def _scan_kohya(root: Path) -> tuple[list[TrainItem], ScanReport]:
@@ -239,11 +248,11 @@ def _scan_images_with_captions(folder: Path, trigger: str, repeats: int, report:
     for image in images:
         stem = image.with_suffix("")
         found = captions.get(stem) or by_lower.get(str(stem).lower(), [])
-        caption = read_caption(image, report, found)
-        if caption is None:
-            caption = trigger
+        read = read_caption(image, report, found)
+        if read is None:
             report.uncaptioned.append((image, trigger))
-        items.append(TrainItem(path=image, caption=caption, repeats=repeats, folder=folder.name))
+        caption, variants = read or (trigger, ())
+        items.append(TrainItem(path=image, caption=caption, repeats=repeats, folder=folder.name, variants=variants))
     return items
 
 
@@ -283,11 +292,12 @@ def _scan_metadata(root: Path) -> tuple[list[TrainItem], ScanReport]:
         if not path.is_file():
             report.ignored.append(IgnoredFile(path, f"listed in {METADATA_FILE} line {line_number} but missing"))
             continue
-        caption = _metadata_caption(record, root / METADATA_FILE, line_number)
-        if not caption:
+        lines = _caption_lines(_metadata_caption(record, root / METADATA_FILE, line_number))
+        if not lines:
             report.uncaptioned.append((path, ""))
         folder = str(Path(record["file_name"]).parent).replace("\\", "/")
-        items[path] = TrainItem(path=path, caption=caption, repeats=1, folder=root.name if folder == "." else folder)
+        items[path] = TrainItem(path=path, caption=", ".join(lines), repeats=1,
+                                folder=root.name if folder == "." else folder, variants=lines if len(lines) > 1 else ())
     listed = set(items)
     for path in _list_images(root, []):
         if path.resolve() not in listed:
@@ -332,7 +342,7 @@ def _folders_of(items: list[TrainItem]) -> list[FolderSummary]:
 
 def _with_trigger(item: TrainItem, trigger: str) -> TrainItem:
     return TrainItem(path=item.path, caption=add_trigger(item.caption, trigger), repeats=item.repeats,
-                     folder=item.folder)
+                     folder=item.folder, variants=tuple(add_trigger(line, trigger) for line in item.variants))
 
 
 def _no_images_message(root: Path, report: ScanReport, role: str) -> str:

@@ -41,7 +41,7 @@ def dry_run(config: TrainConfig) -> Path:
     tokenizer = _tokenizer(folder)
     if tokenizer is not None:  # without one the run decides when it loads the base
         config = with_coined_trigger_rules(config, tokenizer, data.triggers)
-        say(long_captions_note(data.items, tokenizer))
+        say(long_captions_note(data.items, tokenizer, config.data.caption_variants))
     dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), dataset_options(config))
     batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed))
     path = save_config(config, run_dir / CONFIG_FILE)

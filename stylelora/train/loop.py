@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 
 from stylelora.config import ConfigError, TrainConfig, config_to_dict, save_config, with_model_defaults, with_sources
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
-from stylelora.data.captions import CaptionOptions, long_captions_note
+from stylelora.data.captions import CaptionOptions, caption_forms, caption_variants_note, long_captions_note
 from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
@@ -120,7 +120,7 @@ def run_training(config: TrainConfig) -> Path:
     check_family(config, pipe)
     config = with_coined_trigger_rules(run_settings(with_model_defaults(config, **model_geometry(pipe))),
                                        pipe.tokenizer, data.triggers)
-    say(long_captions_note(data.items, pipe.tokenizer))
+    say(long_captions_note(data.items, pipe.tokenizer, config.data.caption_variants))
     set_seed(config.train.seed)  # identical LoRA initialisation on every process
     lora = _add_lora(config, pipe)
 
@@ -171,7 +171,9 @@ def with_family_preset(config: TrainConfig, data: DataPlan | None = None) -> Tra
 
     t = config.train
     family = t.family or detect_family(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
-    captions = [item.caption for item in data.items] if data is not None else None
+    variants = config.data.caption_variants
+    captions = ([form for item in data.items for form in caption_forms(item.caption, item.variants, variants)]
+                if data is not None else None)
     return apply_preset(config, family, cuda=torch.cuda.is_available(), captions=captions,
                         triggers=data.triggers if data is not None else ())
 
@@ -323,6 +325,7 @@ def prepare_data(config: TrainConfig, run_dir: Path, accelerator, say) -> DataPl
     """Scan and check every image; write the skip report; DataError (before any model loads) if none is usable."""
     items, report = scan_folder(config.data.dir, extra_trigger=config.data.trigger or None)
     say(report.summary())
+    say(caption_variants_note(items, config.data.caption_variants))
     checked = check_items(items)
     if accelerator.is_main_process:
         report_path = write_skip_report(run_dir, checked.skipped)
@@ -441,7 +444,8 @@ def dataset_options(config: TrainConfig) -> DatasetOptions:
     buckets = BucketConfig(resolution=d.resolution, step=d.bucket_step, min_side=min_side, max_side=max_side,
                            no_upscale=d.no_upscale)
     captions = CaptionOptions(shuffle_tags=d.shuffle_tags, keep_tokens=d.keep_tokens,
-                              caption_dropout=d.caption_dropout, tag_dropout=d.tag_dropout)
+                              caption_dropout=d.caption_dropout, tag_dropout=d.tag_dropout,
+                              variants=d.caption_variants)
     return DatasetOptions(buckets=buckets, captions=captions, random_crop=d.random_crop, flip=d.flip,
                           seed=config.train.seed)
 
