@@ -113,9 +113,17 @@ def _read_rows(path: Path, up_to: int) -> list[dict]:
 
 def plot_loss(rows: list[dict], path: Path) -> Path:
     """Raw loss (faint) and its moving average against the step, as a PNG."""
+    buffer = io.BytesIO()
+    loss_figure(rows).savefig(buffer, format="png")
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def loss_figure(rows: list[dict]):
+    """The loss plot's matplotlib Figure: steps on x (whole numbers only: a short run gets no 2.5), loss on y."""
     # matplotlib's Figure API, not pyplot: no global state and no GUI backend, so a Ctrl-C that lands in the
     # middle of the first plot cannot leave a half-imported pyplot behind for the plot written on the way out.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     steps = [int(r["step"]) for r in rows]
     figure = Figure(figsize=(7, 4), dpi=100)
@@ -125,13 +133,10 @@ def plot_loss(rows: list[dict], path: Path) -> Path:
     losses = [float(r["loss"]) for r in rows if math.isfinite(float(r["loss"])) and float(r["loss"]) > 0]
     if losses and max(losses) / min(losses) > 20:
         axis.set_yscale("log")  # a few huge early losses would flatten the rest
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return write_bytes_atomic(path, buffer.getvalue())
-
-
+    return figure
