@@ -1,6 +1,6 @@
 """The app in a real headless Chromium: what a person sees. Pick two adapters, set their weights, generate, see the
 image (crisp); an error message quoting a <lora:...> tag shows the tag; Stop ends a generation; a reload (or a
-second browser) finds the running training again."""
+second browser) finds the running training again; a log box follows its newest line."""
 from __future__ import annotations
 
 import io
@@ -185,3 +185,32 @@ def test_a_reload_or_second_browser_finds_the_running_training(served, page):
     finally:
         if job.running:
             job.process.kill()
+
+
+def test_a_log_box_follows_its_newest_line_unless_the_reader_scrolls_up(page):
+    """As the Train tab's log box: new text every tick, more lines than the box shows."""
+    import gradio as gr
+
+    from stylelora.app.ui import _follow_newest_line
+
+    def newest_lines(count):
+        return count + 1, "\n".join(f"line {i}" for i in range(count, count + 12))
+
+    with gr.Blocks() as demo:
+        log = gr.Textbox(lines=4, max_lines=4, elem_id="log")
+        count = gr.State(0)
+        gr.Timer(0.3).tick(newest_lines, count, [count, log], queue=False)
+        _follow_newest_line(log)
+    demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        page.goto(demo.local_url)
+        box = page.locator("#log textarea")
+        page.wait_for_function("""() => { const box = document.querySelector("#log textarea");
+            return box && box.scrollHeight > box.clientHeight
+                && box.scrollTop + box.clientHeight >= box.scrollHeight - 4; }""", timeout=30_000)
+        box.evaluate("box => { box.scrollTop = 0; }")  # the reader scrolls up to read: the box stays there
+        shown = box.input_value()
+        sync_api.expect(box).not_to_have_value(shown, timeout=10_000)
+        assert box.evaluate("box => box.scrollTop") == 0
+    finally:
+        demo.close()

@@ -34,6 +34,19 @@ CSS = """
 .mono textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
 #gallery img, #grid img, #train-sample img { image-rendering: pixelated; }
 """
+# Scripts that run in the page alone (no server call). FOLLOW_NEWEST_LINE: a log box stays on its newest line as
+# its text changes, unless the reader has scrolled up (until they scroll back to the end).
+FOLLOW_NEWEST_LINE = """() => {
+  const box = document.querySelector("#BOX textarea");
+  if (!box) return;
+  if (!box.dataset.follow) {
+    box.dataset.follow = "yes";
+    box.addEventListener("scroll", () => {
+      box.dataset.follow = box.scrollTop + box.clientHeight >= box.scrollHeight - 4 ? "yes" : "no";
+    });
+  }
+  if (box.dataset.follow === "yes") box.scrollTop = box.scrollHeight;
+}"""
 log = logging.getLogger(__name__)
 
 
@@ -434,7 +447,7 @@ def _train_tab(service: AppService) -> SimpleNamespace:
         sample = gr.Image(label="Latest sample grid", type="filepath", format="png", height=240, scale=1,
                           elem_id="train-sample", interactive=False)
     log_box = gr.Textbox(label=f"Trainer output (newest {LOG_LINES_SHOWN} lines)", lines=LOG_LINES_SHOWN,
-                         max_lines=LOG_LINES_SHOWN, autoscroll=True, elem_classes="mono", elem_id="train-log")
+                         max_lines=LOG_LINES_SHOWN, elem_classes="mono", elem_id="train-log")
     # In the order train_settings reads them.
     settings = [data, name, base, overwrite, *options]
     return SimpleNamespace(settings=settings, option_keys=[spec.dotted for spec in specs], specs=specs,
@@ -561,6 +574,12 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
         api_name="upload")
     uploaded.failure(lambda: None, None, inputs.upload, api_visibility="private")  # the refused file leaves the box
     inputs.refresh.click(lists.refreshed, lists.widgets, lists.widgets, api_name="adapters")
+
+
+def _follow_newest_line(box: gr.Textbox) -> None:
+    """Keep `box` on its newest line as its text changes. Gradio 6's Textbox takes `autoscroll` but its page
+    reads the app-wide setting instead (off outside an embedding page), so the box would stay on its first line."""
+    box.change(None, None, None, js=FOLLOW_NEWEST_LINE.replace("#BOX", f"#{box.elem_id}"), api_visibility="private")
 
 
 def _plain(text: str) -> str:
@@ -739,6 +758,7 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
                 api_visibility="private", queue=False)
     tab.timer.tick(**tick)
     demo.load(**tick)
+    _follow_newest_line(tab.log)
 
     def training_status() -> dict:
         """The current (or last) training run: state, step, total, loss, message, the log's newest lines."""
