@@ -1,6 +1,7 @@
 """The app in a real headless Chromium: what a person sees. Pick two adapters, set their weights, generate, see the
-image (crisp); an error message quoting a <lora:...> tag shows the tag; Stop ends a generation; a reload (or a
-second browser) finds the running training again; a log box follows its newest line."""
+image (crisp); an error message quoting a <lora:...> tag shows the tag; Stop ends a generation, and can be pressed
+only while something runs; a reload (or a second browser) finds the running training again; a log box follows its
+newest line."""
 from __future__ import annotations
 
 import io
@@ -118,6 +119,7 @@ def test_an_error_quoting_a_lora_tag_shows_the_tag_as_typed(app_url, page):
     expect(page.get_by_text("<lora:pastel:abc>: weight 'abc' is not a number (write e.g. <lora:name:0.8>)")
            ).to_be_visible(timeout=30_000)
     assert page.locator("lora\\:pastel\\:abc").count() == 0
+    expect(page.locator("#stop-generate")).to_be_disabled()  # the refused request ended: nothing to stop
 
 
 def test_stop_ends_a_running_generation_and_saves_nothing(served, page):
@@ -129,10 +131,14 @@ def test_stop_ends_a_running_generation_and_saves_nothing(served, page):
     set_number(page, "#steps", "150")
     page.locator("#seed input").fill("77")
     page.locator("#seed input").press("Enter")
+    stop = page.locator("#stop-generate")
+    expect(stop).to_be_disabled()  # nothing runs yet
     page.locator("#generate").click()
     expect(page.get_by_text(re.compile(r"\d+/150 steps")).first).to_be_visible(timeout=30_000)
-    page.locator("#stop-generate").click()
+    expect(stop).to_be_enabled()
+    stop.click()
     expect(page.get_by_text(re.compile(r"\d+/150 steps"))).to_have_count(0, timeout=10_000)
+    expect(stop).to_be_disabled()
     from stylelora.app.service import GenerateSettings
 
     # A request that needs the shared base waits for the stopped one to let go of it: had it kept sampling, its
@@ -155,8 +161,10 @@ def test_start_training_with_the_tabs_defaults_runs_to_its_adapter(served, page)
     page.locator("#name textarea, #name input").first.fill("browser-run")
     for box, value in (("#train-steps", "2"), ("#train-save-every", "0"), ("#train-sample-every", "0")):
         set_number(page, box, value)
+    expect(page.locator("#stop-training")).to_be_disabled()  # no run yet
     page.locator("#train").click()
     expect(page.locator("#train-status")).to_contain_text(re.compile(r"browser-run.*: done"), timeout=180_000)
+    expect(page.locator("#stop-training")).to_be_disabled()
     assert (service.adapters_dir / "browser-run" / "browser-run.safetensors").is_file()
 
 
@@ -180,8 +188,10 @@ def test_a_reload_or_second_browser_finds_the_running_training(served, page):
         expect(status).to_contain_text(re.compile(r"watched: training, step \d+/50000"), timeout=30_000)
         first = int(re.search(r"step (\d+)/", status.inner_text()).group(1))
         expect(status).not_to_contain_text(f"step {first}/", timeout=30_000)  # live
+        expect(page.locator("#stop-training")).to_be_enabled()
         page.locator("#stop-training").click()
         expect(status).to_contain_text("watched: stopped", timeout=60_000)
+        expect(page.locator("#stop-training")).to_be_disabled()
     finally:
         if job.running:
             job.process.kill()

@@ -37,3 +37,35 @@ def test_the_trainer_log_box_follows_its_newest_line(page_config):
     """Gradio 6's page ignores the Textbox's own autoscroll: a script in the page scrolls the box on each change."""
     scripts = [d["js"] for d in listeners(page_config, "train-log", "change") if d["js"] and not d["backend_fn"]]
     assert len(scripts) == 1 and '"#train-log textarea"' in scripts[0] and "scrollTop = box.scrollHeight" in scripts[0]
+
+
+@pytest.mark.parametrize("button, stop", [("generate", "stop-generate"), ("make-grid", "stop-grid")])
+def test_a_stop_button_is_pressable_only_while_its_request_runs(page_config, button, stop):
+    assert component(page_config, stop)["props"]["interactive"] is False
+    clicked = listeners(page_config, button, "click")
+    stop_id = component(page_config, stop)["id"]
+    assert not clicked[0]["backend_fn"] and clicked[0]["outputs"] == [stop_id] and "true" in clicked[0]["js"]
+    request = clicked[1]
+    ended = [d for d in page_config["dependencies"] if d["trigger_after"] == request["id"]]
+    assert {(d["trigger_only_on_failure"], d["outputs"] == [stop_id], "false" in d["js"]) for d in ended} == {
+        (False, True, True), (True, True, True)}  # after it ends, and after it fails (gradio 6's .then does not)
+
+
+class RunningJob:
+    def status(self):
+        from stylelora.app.training import TrainingStatus
+
+        return TrainingStatus("run", "running", 1, 10, ((1, 0.5),), "training…", None, "step 1/10")
+
+
+def test_the_training_stop_button_is_pressable_only_while_a_run_goes(app, page_config, monkeypatch):
+    """The page's tick (on load, then every second while a run goes) says whether there is a run to stop."""
+    demo, service = app
+    assert component(page_config, "stop-training")["props"]["interactive"] is False
+    stop_id = component(page_config, "stop-training")["id"]
+    ticks = [d for d in page_config["dependencies"] if any(t[1] == "tick" for t in d["targets"])]
+    assert len(ticks) == 1 and ticks[0]["outputs"][-1] == stop_id
+    on_tick = demo.fns[ticks[0]["id"]].fn
+    assert on_tick(None, [], None)[-1]["interactive"] is False  # no run
+    monkeypatch.setattr(service, "_training", RunningJob())
+    assert on_tick(None, [], None)[-1]["interactive"] is True

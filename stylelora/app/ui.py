@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 
@@ -35,7 +36,8 @@ CSS = """
 #gallery img, #grid img, #train-sample img { image-rendering: pixelated; }
 """
 # Scripts that run in the page alone (no server call). FOLLOW_NEWEST_LINE: a log box stays on its newest line as
-# its text changes, unless the reader has scrolled up (until they scroll back to the end).
+# its text changes, unless the reader has scrolled up (until they scroll back to the end). PRESSABLE: the update
+# that makes a button pressable or not.
 FOLLOW_NEWEST_LINE = """() => {
   const box = document.querySelector("#BOX textarea");
   if (!box) return;
@@ -47,6 +49,7 @@ FOLLOW_NEWEST_LINE = """() => {
   }
   if (box.dataset.follow === "yes") box.scrollTop = box.scrollHeight;
 }"""
+PRESSABLE = "() => ({__type__: 'update', interactive: %s})"
 log = logging.getLogger(__name__)
 
 
@@ -325,7 +328,7 @@ def _generate_tab(service: AppService) -> SimpleNamespace:
             inputs = GenerateInputs(service)
             with gr.Row():
                 button = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
-                stop = gr.Button("Stop", variant="stop", elem_id="stop-generate", scale=1)
+                stop = gr.Button("Stop", variant="stop", elem_id="stop-generate", scale=1, interactive=False)
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Images (PNG with A1111 parameters)", format="png", columns=4,
                                  height=360, object_fit="contain", elem_id="gallery")
@@ -344,7 +347,7 @@ def _compare_tab() -> SimpleNamespace:
         y_axis = gr.Textbox(value="seed=1,2", label="Y axis (rows, optional)", elem_id="y-axis")
     with gr.Row():
         button = gr.Button("Make grid", variant="primary", elem_id="make-grid", scale=3)
-        stop = gr.Button("Stop", variant="stop", elem_id="stop-grid", scale=1)
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-grid", scale=1, interactive=False)
     image = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid")
     return SimpleNamespace(x_axis=x_axis, y_axis=y_axis, button=button, stop=stop, image=image)
 
@@ -439,7 +442,7 @@ def _train_tab(service: AppService) -> SimpleNamespace:
     family = gr.Markdown(_family_text(service.bases[0]), elem_id="family-defaults")
     with gr.Row():
         button = gr.Button("Start training", variant="primary", elem_id="train")
-        stop = gr.Button("Stop", variant="stop", elem_id="stop-training")
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-training", interactive=False)
         resume = gr.Button("Resume", elem_id="resume-training")
     status = gr.Markdown("No training run yet.", elem_id="train-status")
     with gr.Row():
@@ -540,10 +543,10 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
                                  _progress_callback(progress, "sampling"), cancelled=_cancel_check())
         return [str(image.path) for image in saved], saved[0].parameters_text, saved[0].seed
 
-    event = tab.button.click(_shown(service, on_generate), inputs_kwargs=_named(inputs.settings_inputs),
-                             outputs=[tab.gallery, tab.parameters, tab.last_seed], api_name="generate",
-                             concurrency_limit=service.limits.concurrency)
-    tab.stop.click(None, None, None, cancels=[event], api_visibility="private")
+    _stoppable(tab.button, tab.stop, lambda: tab.button.click(
+        _shown(service, on_generate), inputs_kwargs=_named(inputs.settings_inputs),
+        outputs=[tab.gallery, tab.parameters, tab.last_seed], api_name="generate",
+        concurrency_limit=service.limits.concurrency))
 
     def on_triggers(prompt, adapters):
         if not adapters:
@@ -576,6 +579,17 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
     inputs.refresh.click(lists.refreshed, lists.widgets, lists.widgets, api_name="adapters")
 
 
+def _stoppable(button: gr.Button, stop: gr.Button, request: Callable[[], Any]) -> None:
+    """Wire the listener `request()` adds to `button`: `stop` cancels it, and can be pressed only while it runs.
+    The listener that enables `stop` is added first, as a page runs a click's listeners one after the other; `stop`
+    is disabled when the request ends: done or cancelled (.then) or failed (.failure: gradio 6 runs no .then then)."""
+    button.click(None, None, stop, js=PRESSABLE % "true", api_visibility="private")
+    event = request()
+    for ended in (event.then, event.failure):
+        ended(None, None, stop, js=PRESSABLE % "false", api_visibility="private")
+    stop.click(None, None, None, cancels=[event], api_visibility="private")
+
+
 def _follow_newest_line(box: gr.Textbox) -> None:
     """Keep `box` on its newest line as its text changes. Gradio 6's Textbox takes `autoscroll` but its page
     reads the app-wide setting instead (off outside an embedding page), so the box would stay on its first line."""
@@ -593,10 +607,9 @@ def _wire_compare(service: AppService, inputs: GenerateInputs, tab: SimpleNamesp
                             _progress_callback(progress, "sampling (grid)"), cancelled=_cancel_check())
         return str(path)
 
-    event = tab.button.click(_shown(service, on_grid), inputs_kwargs={
+    _stoppable(tab.button, tab.stop, lambda: tab.button.click(_shown(service, on_grid), inputs_kwargs={
         "x_axis": tab.x_axis, "y_axis": tab.y_axis, **_named(inputs.settings_inputs)}, outputs=tab.image,
-        api_name="grid", concurrency_limit=service.limits.concurrency)
-    tab.stop.click(None, None, None, cancels=[event], api_visibility="private")
+        api_name="grid", concurrency_limit=service.limits.concurrency))
 
 
 def _describe_mix(chosen, *values):
@@ -746,15 +759,15 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
     def on_tick(shown_sample, chosen, inspected):
         job = service.training
         status = job.status() if job is not None else None
+        shown = _training_view(service, status, shown_sample)
         if status is not None and status.running:
-            return *_training_view(service, status, shown_sample), gr.update(), gr.update(), gr.Timer(active=True)
-        # The run ended: the last view, the new adapter in the lists, and no more ticks.
-        return (*_training_view(service, status, shown_sample), *lists.refreshed(chosen, inspected),
-                gr.Timer(active=False))
+            return *shown, gr.update(), gr.update(), gr.Timer(active=True), gr.update(interactive=True)
+        # The run ended: the last view, the new adapter in the lists, no more ticks, and nothing to stop.
+        return *shown, *lists.refreshed(chosen, inspected), gr.Timer(active=False), gr.update(interactive=False)
 
     # Every page (a reload, a second browser) follows the current run from its start or its first load.
     tick = dict(fn=on_tick, inputs=[tab.shown_sample, *lists.widgets],
-                outputs=[*view, tab.shown_sample, *lists.widgets, tab.timer], show_progress="hidden",
+                outputs=[*view, tab.shown_sample, *lists.widgets, tab.timer, tab.stop], show_progress="hidden",
                 api_visibility="private", queue=False)
     tab.timer.tick(**tick)
     demo.load(**tick)
