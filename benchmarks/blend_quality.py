@@ -40,15 +40,24 @@ BOTH_GOAL, CLOSE_GOAL = 0.85, 0.05
 ALONE_GOAL = {"stripes": 0.9, "pastel": 0.9, "zorb": 0.8}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from stylelora.lora.blend_modes import MODES
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapters-dir", default=str(REPO / "outputs" / "blend"),
+def add_adapter_arguments(parser: argparse.ArgumentParser, adapters_dir: Path) -> None:
+    """--adapters-dir, a file per toy adapter (--stripes, --pastel, --zorb) and --base; read by `adapter_path`."""
+    parser.add_argument("--adapters-dir", default=str(adapters_dir),
                         help="folder with toy-stripes/toy-stripes.safetensors etc. (stylelora train's layout)")
     for style in STYLES:
         parser.add_argument(f"--{style}", help=f"the {style} adapter file (default: from --adapters-dir)")
     parser.add_argument("--base", default="toy")
+
+
+def adapter_path(args: argparse.Namespace, style: str) -> Path:
+    return Path(getattr(args, style) or Path(args.adapters_dir) / f"toy-{style}" / f"toy-{style}.safetensors")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from stylelora.lora.blend_modes import MODES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_adapter_arguments(parser, REPO / "outputs" / "blend")
     parser.add_argument("--samples", type=int, default=96, help="prompts per prompt set (default 96)")
     parser.add_argument("--seed", type=int, default=0, help="prompt-set seed (stylelora evaluate's)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -121,8 +130,7 @@ class Scorer:
 
 
 def run(args: argparse.Namespace) -> dict:
-    paths = {style: Path(getattr(args, style) or Path(args.adapters_dir) / f"toy-{style}" / f"toy-{style}.safetensors")
-             for style in STYLES}
+    paths = {style: adapter_path(args, style) for style in STYLES}
     pairs = [tuple(p.split("+")) for p in args.pairs]
     used = sorted({s for pair in pairs for s in pair} | set(args.styles if not pairs else ()), key=STYLES.index)
     missing = [str(paths[s]) for s in used if not paths[s].is_file()]
