@@ -214,9 +214,11 @@ class TrainSection:
                                widget=Widget("Sample grid every N steps (0 = at the end)", minimum=0))
     samples: bool = option(True, "sample grids during and at the end of the run (--no-samples: none)",
                            flag="--no-samples")
-    sample_prompts: tuple[str, ...] | None = option(None, "sample grid prompts; {trigger} is replaced by the trigger "
-                                                          "words (toy: shapes; other bases: drawn from the "
-                                                          "dataset's captions, plus one without the trigger)",
+    sample_prompts: tuple[str, ...] | None = option(None, "sample grid prompts, one a line of FILE in kohya's syntax "
+                                                          "(`PROMPT --n NEGATIVE --w 512 --h 768 --d SEED --l CFG "
+                                                          "--s STEPS`; # starts a comment); {trigger} is replaced by "
+                                                          "the trigger words (toy: shapes; other bases: drawn from "
+                                                          "the dataset's captions, plus one without the trigger)",
                                                     flag="--sample-prompts", preset=True)
     sample_seed: int = option(0, "seed of the first sample column", example="0")
     sample_steps: int | None = option(None, "sampling steps of the sample grid", example="20", preset=True)
@@ -584,7 +586,17 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
     if t.resume is not None:
         problems.append(_rule("train.resume", bool(t.resume.strip()), "must be a checkpoint folder or 'latest'",
                               t.resume))
-    return problems
+    return problems + [_sample_prompt_problem(line) for line in t.sample_prompts or ()]
+
+
+def _sample_prompt_problem(line: str) -> str | None:
+    from stylelora.train.sample_prompts import parse_sample_prompt
+
+    try:
+        parse_sample_prompt(line)
+    except ValueError as error:
+        return f"train.sample_prompts: {error}"
+    return None
 
 
 def _with_derived_defaults(config: TrainConfig) -> TrainConfig:

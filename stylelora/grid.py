@@ -10,10 +10,11 @@ from PIL import Image, ImageDraw
 def make_grid(images: list[Image.Image], columns: int, *, scale: int = 1, gap: int = 2,
               row_labels: list[str] | None = None, column_labels: list[str] | None = None,
               label_width: int = 110, label_height: int = 14) -> Image.Image:
-    """Tile images row-major; nearest-neighbour upscaling keeps 32 px toy pixels crisp."""
+    """Tile images row-major; nearest-neighbour upscaling keeps 32 px toy pixels crisp. Cells take the largest
+    image's size, and a smaller image sits in the middle of its cell (sample prompts may set their own size)."""
     if not images:
         raise ValueError("make_grid needs at least one image")
-    w, h = images[0].width * scale, images[0].height * scale
+    w, h = max(image.width for image in images) * scale, max(image.height for image in images) * scale
     rows = (len(images) + columns - 1) // columns
     left = label_width if row_labels else 0
     top = label_height if column_labels else 0
@@ -21,8 +22,9 @@ def make_grid(images: list[Image.Image], columns: int, *, scale: int = 1, gap: i
     draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
-        tile = image.convert("RGB").resize((w, h), Image.Resampling.NEAREST)
-        grid.paste(tile, (left + gap + c * (w + gap), top + gap + r * (h + gap)))
+        tile = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        grid.paste(tile, (left + gap + c * (w + gap) + (w - tile.width) // 2,
+                          top + gap + r * (h + gap) + (h - tile.height) // 2))
     for c, label in enumerate(column_labels or []):
         draw.text((left + gap + c * (w + gap), 1), label, fill=(0, 0, 0))
     for r, label in enumerate(row_labels or []):

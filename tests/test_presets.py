@@ -199,11 +199,11 @@ def test_sample_prompts_file_and_its_errors(tmp_path):
     from stylelora.train.command import build_parser, overrides_from_args
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a castle\n\n  a dog  \n", encoding="utf-8")
+    prompts.write_text("# kohya's comment line\na castle\n\n  a dog  \n", encoding="utf-8")
     args = build_parser().parse_args(["train", "d", "--sample-prompts", str(prompts), "--no-samples"])
     overrides = overrides_from_args(args)
     assert overrides["train.sample_prompts"] == ("a castle", "a dog") and overrides["train.samples"] is False
     empty = tmp_path / "empty.txt"
-    empty.write_text("\n", encoding="utf-8")
+    empty.write_text("\n# only a comment\n", encoding="utf-8")
     result = run_train("d", "--sample-prompts", str(empty))
     assert result.returncode == 2 and "holds no prompt" in result.stderr

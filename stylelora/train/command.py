@@ -67,17 +67,20 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def read_prompts(path: str) -> tuple[str, ...]:
-    """One prompt per non-empty line of a text file (--sample-prompts FILE)."""
+    """One prompt per non-empty line of a text file (--sample-prompts FILE); lines starting with '#' are comments,
+    as in sd-scripts' prompt files."""
     from stylelora.config import ConfigError
+    from stylelora.train.sample_prompts import is_comment
 
     try:
         lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"--sample-prompts {path}: cannot read it ({error}); give a UTF-8 text file with one "
                           "prompt per line") from None
-    prompts = tuple(line.strip() for line in lines if line.strip())
+    prompts = tuple(line.strip() for line in lines if line.strip() and not is_comment(line))
     if not prompts:
-        raise ConfigError(f"--sample-prompts {path} holds no prompt; write one prompt per line")
+        raise ConfigError(f"--sample-prompts {path} holds no prompt; write one prompt per line ('#' starts a "
+                          "comment)")
     return prompts
 
 

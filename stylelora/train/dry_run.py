@@ -20,6 +20,7 @@ def dry_run(config: TrainConfig) -> Path:
     """Resolve and check everything for `config`; write OUTPUT/config.toml and return its path."""
     from stylelora.data.buckets import BucketBatchSampler
     from stylelora.data.captions import long_captions_note
+    from stylelora.train.sample_prompts import ignored_options_note
     from stylelora.data.dataset import TrainingDataset
     from stylelora.models.family import config_folder, folder_geometry
     from stylelora.train.loop import (CONFIG_FILE, check_output_dir, dataset_options, describe_settings,
@@ -46,6 +47,7 @@ def dry_run(config: TrainConfig) -> Path:
     batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed))
     path = save_config(config, run_dir / CONFIG_FILE)
     say(describe_settings(config))
+    say(ignored_options_note(config.train.sample_prompts or ()))
     say(summary(config, dataset.buckets, batches, len(data.items)))
     say(preservation_off(config, data.triggers) or "")  # `say` skips an empty line
     say(f"dry run: nothing trained, no adapter written; the settings are in {path}")

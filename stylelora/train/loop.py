@@ -44,6 +44,7 @@ from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, load_with_new_learning_rates, optimizer_class
 from stylelora.train.preservation import company_words, decoy_words, made_up_words, words_of
+from stylelora.train.sample_prompts import ignored_options_note
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
 from stylelora.train.step import loss_step, prediction_type
 
@@ -111,6 +112,7 @@ def run_training(config: TrainConfig) -> Path:
     # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
     config = with_family_preset(config, data)
     say(describe_settings(config))
+    say(ignored_options_note(config.train.sample_prompts or ()))
     accelerator = _accelerator(config)
     _clear_output_dir(config, run_dir, resume_from, accelerator)
     optimizer_class(config.optim.optimizer)  # a missing optional package fails now, not after loading everything
