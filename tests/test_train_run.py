@@ -424,6 +424,10 @@ def test_a_coined_trigger_trains_without_text_noise_and_the_run_says_why(tmp_pat
     start = capsys.readouterr().err
     assert "train.text_noise = 0 (preset toy, coined trigger 'chalkstyle': measured on the toy world" in start
     assert "optim.text_encoder_lr = 0.001 (preset toy, coined trigger 'chalkstyle'" in start
+    settings = start.split("base family:")[1].split("\nbase toy")[0]  # the block printed before the base loads
+    assert "optim.text_encoder_lr = 0.001  (preset toy, coined trigger 'chalkstyle'" in settings
+    assert "train.made_up_company = True  (on: the base's tokenizer splits 'chalkstyle'" in settings
+    assert "0.0002" not in settings  # the toy's rate for a one-token trigger is not shown, then overridden
 
 
 def test_company_words_on_the_toy_base_leave_out_words_the_base_reads(tmp_path, capsys):

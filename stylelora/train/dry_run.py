@@ -24,8 +24,8 @@ def dry_run(config: TrainConfig) -> Path:
     from stylelora.data.dataset import TrainingDataset
     from stylelora.models.family import config_folder, folder_geometry
     from stylelora.train.loop import (CONFIG_FILE, check_output_dir, dataset_options, describe_settings,
-                                      preservation_off, prepare_data, run_settings, with_coined_trigger_rules,
-                                      with_family_preset)
+                                      folder_tokenizer, preservation_off, prepare_data, run_settings,
+                                      with_coined_trigger_rules, with_family_preset)
 
     def say(message: str) -> None:
         if message:
@@ -39,7 +39,7 @@ def dry_run(config: TrainConfig) -> Path:
     folder = config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
     geometry = folder_geometry(folder) if folder is not None else _family_geometry(t.family)
     config = run_settings(with_model_defaults(config, **geometry))
-    tokenizer = _tokenizer(folder)
+    tokenizer = folder_tokenizer(folder)
     if tokenizer is not None:  # without one the run decides when it loads the base
         config = with_coined_trigger_rules(config, tokenizer, data.triggers)
         say(long_captions_note(data.items, tokenizer, config.data.caption_variants))
@@ -52,15 +52,6 @@ def dry_run(config: TrainConfig) -> Path:
     say(preservation_off(config, data.triggers) or "")  # `say` skips an empty line
     say(f"dry run: nothing trained, no adapter written; the settings are in {path}")
     return path
-
-
-def _tokenizer(folder: Path | None):
-    """The base's (first) tokenizer from its folder, which holds no weights; None where the folder has none."""
-    if folder is None or not (folder / "tokenizer").is_dir():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder / "tokenizer")
 
 
 def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: int) -> str:

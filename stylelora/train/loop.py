@@ -111,6 +111,7 @@ def run_training(config: TrainConfig) -> Path:
 
     # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
     config = with_family_preset(config, data)
+    config = _with_early_coined_trigger_rules(config, data)
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
     accelerator = _accelerator(config)
@@ -180,6 +181,16 @@ def with_family_preset(config: TrainConfig, data: DataPlan | None = None) -> Tra
                         triggers=data.triggers if data is not None else ())
 
 
+def _with_early_coined_trigger_rules(config: TrainConfig, data: DataPlan) -> TrainConfig:
+    """The coined-trigger rules applied from the tokenizer in the base's config folder, so that the settings block
+    shows the values the run trains with; where the folder has none they are applied once the base loads."""
+    from stylelora.models.family import config_folder
+
+    t = config.train
+    tokenizer = folder_tokenizer(config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle))
+    return with_coined_trigger_rules(config, tokenizer, data.triggers) if tokenizer is not None else config
+
+
 def describe_settings(config: TrainConfig) -> str:
     """The base family and every setting that its preset, the TOML file or a flag chose, with where from."""
     from stylelora.presets import FAMILY_NAMES
@@ -204,6 +215,16 @@ def run_settings(config: TrainConfig) -> TrainConfig:
     Without this, re-using a run's config.toml would silently resume or overwrite.
     """
     return dataclasses.replace(config, train=dataclasses.replace(config.train, resume=None, overwrite=False))
+
+
+def folder_tokenizer(folder: Path | None):
+    """The base's (first) tokenizer from its config folder, which holds no weights; None where the folder has none
+    (a single file without --base-config, or a hub id not yet found)."""
+    if folder is None or not (folder / "tokenizer").is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder / "tokenizer")
 
 
 def with_coined_trigger_rules(config: TrainConfig, tokenizer, triggers: tuple[str, ...]) -> TrainConfig:
