@@ -164,6 +164,10 @@ class TrainSection:
     output_name: str | None = option(None, "adapter file name without .safetensors (unset: the data folder's name)",
                                      example="my-style")
     steps: int = option(1000, "optimizer steps", example="1000", widget=Widget("Steps", minimum=1))
+    # kohya's --max_train_epochs, which wins over --max_train_steps there too.
+    epochs: int | None = option(None, "train this many passes over the data (repeats included) instead of "
+                                      "train.steps: the steps follow from the batches an epoch holds",
+                                example="10")
     batch_size: int | None = option(None, "images per batch per process", example="2", preset=True,
                                     widget=Widget("Batch size (empty = the base family's)", minimum=1))
     seed: int = option(0, "seed for LoRA init, batch order and noise", example="0", widget=Widget("Seed", minimum=0))
@@ -576,9 +580,13 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.sample_guidance", t.sample_guidance is None or t.sample_guidance >= 1,
               "must be 1 (no guidance) or more", t.sample_guidance),
     ]
-    if o.warmup_steps is not None:
+    if t.epochs is not None:
+        problems.append(_rule("train.epochs", t.epochs >= 1, "must be at least 1", t.epochs))
+    if o.warmup_steps is not None and t.epochs is None:  # with epochs, checked once the steps are known
         problems.append(_rule("optim.warmup_steps", 0 <= o.warmup_steps < max(1, t.steps),
                               f"must be 0 or more and smaller than train.steps = {t.steps}", o.warmup_steps))
+    elif o.warmup_steps is not None:
+        problems.append(_rule("optim.warmup_steps", o.warmup_steps >= 0, "must be 0 or more", o.warmup_steps))
     if t.output_name is not None:
         ok = bool(t.output_name.strip()) and not re.search(r"[\\/:*?\"<>|]", t.output_name)
         problems.append(_rule("train.output_name", ok, "must be a plain file name (no / \\ : * ? \" < > |)",
@@ -599,12 +607,35 @@ def _sample_prompt_problem(line: str) -> str | None:
     return None
 
 
+def default_warmup(steps: int) -> int:
+    """Warmup when none is given: a tenth of the steps, at most 50."""
+    return min(50, steps // 10)
+
+
+def with_epoch_steps(config: TrainConfig, batches_per_epoch: int) -> TrainConfig:
+    """With train.epochs, the steps those epochs take at `batches_per_epoch` (one process's), and the warmup that
+    follows from them where none was given; ConfigError when a given warmup is not shorter than the run."""
+    epochs, accumulation = config.train.epochs, config.optim.grad_accum
+    if epochs is None:
+        return config
+    steps = max(1, math.ceil(epochs * batches_per_epoch / accumulation))
+    values: dict[str, Any] = {"train.steps": steps}
+    sources = {"train.steps": f"{epochs} epochs × {batches_per_epoch} batches"
+                              + (f" / accumulation {accumulation}" if accumulation > 1 else "")}
+    if config.source_of("optim.warmup_steps") == "default":
+        values["optim.warmup_steps"] = default_warmup(steps)
+    elif config.optim.warmup_steps >= steps:
+        raise ConfigError(f"optim.warmup_steps = {config.optim.warmup_steps} is not shorter than the {steps} steps "
+                          f"that train.epochs = {epochs} takes; lower --warmup-steps or raise --epochs")
+    return with_sources(with_values(config, values), sources)
+
+
 def _with_derived_defaults(config: TrainConfig) -> TrainConfig:
     """Fill what follows from other fields alone: output name and folder, warmup. (The base family's preset fills
     learning rates, batch, precision and samples later: stylelora.presets.apply_preset.)"""
     name = config.train.output_name or Path(config.data.dir.rstrip("/\\")).name or "run"
     output = config.train.output or str(Path("outputs") / name)
-    warmup = config.optim.warmup_steps if config.optim.warmup_steps is not None else min(50, config.train.steps // 10)
+    warmup = config.optim.warmup_steps if config.optim.warmup_steps is not None else default_warmup(config.train.steps)
     optim = dataclasses.replace(config.optim, warmup_steps=warmup)
     train = dataclasses.replace(config.train, output_name=name, output=output)
     return dataclasses.replace(config, optim=optim, train=train)

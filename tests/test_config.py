@@ -14,6 +14,7 @@ from stylelora.config import (
     config_to_dict,
     load_config,
     save_config,
+    with_epoch_steps,
     with_model_defaults,
 )
 from stylelora.presets import TOY_SAMPLE_PROMPTS as DEFAULT_SAMPLE_PROMPTS
@@ -60,6 +61,8 @@ def test_config_is_frozen():
     ({"optim.grad_accum": 0}, ["optim.grad_accum must be at least 1"]),
     ({"optim.warmup_steps": 2000}, ["optim.warmup_steps", "smaller than train.steps = 1000"]),
     ({"train.steps": 0}, ["train.steps must be at least 1", "--steps 1000"]),
+    ({"train.epochs": 0}, ["train.epochs must be at least 1", "--epochs 10"]),
+    ({"train.epochs": 2, "optim.warmup_steps": -1}, ["optim.warmup_steps must be 0 or more"]),
     ({"train.batch_size": -2}, ["train.batch_size must be at least 1"]),
     ({"train.precision": "fp8"}, ["train.precision must be one of fp32, fp16, bf16"]),
     ({"train.format": "ckpt"}, ["train.format must be one of kohya, diffusers"]),
@@ -200,3 +203,23 @@ def test_config_and_train_command_import_without_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("overrides, batches, steps, warmup", [
+    ({"train.epochs": 10}, 188, 1880, 50),  # kohya's --max_train_epochs: it wins over the steps
+    ({"train.epochs": 3, "train.steps": 5000}, 7, 21, 2),  # warmup: a tenth of the steps it gets
+    ({"train.epochs": 3, "optim.grad_accum": 4}, 7, 6, 0),  # 21 batches, 4 to a step: 6 steps, the last one short
+    ({"train.epochs": 3, "optim.warmup_steps": 5}, 7, 21, 5),  # a given warmup is kept
+    ({}, 7, 1000, 50),  # without epochs nothing changes
+])
+def test_epochs_set_the_steps_once_the_batches_are_known(overrides, batches, steps, warmup):
+    config = with_epoch_steps(load_config(None, {"data.dir": "d", **overrides}), batches)
+    assert (config.train.steps, config.optim.warmup_steps) == (steps, warmup)
+    if "train.epochs" in overrides:
+        assert config.source_of("train.steps").startswith(f"{overrides['train.epochs']} epochs × {batches} batches")
+
+
+def test_a_warmup_as_long_as_the_epochs_is_refused():
+    config = load_config(None, {"data.dir": "d", "train.epochs": 2, "optim.warmup_steps": 50})
+    with pytest.raises(ConfigError, match="warmup_steps = 50 is not shorter than the 14 steps that train.epochs = 2"):
+        with_epoch_steps(config, 7)

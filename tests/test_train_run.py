@@ -495,3 +495,17 @@ def test_a_dry_run_says_how_caption_files_of_several_lines_are_read(tmp_path, ti
     said = capsys.readouterr().err
     assert "1 caption file has several lines and 1 caption holds {a|b} choices" in said and reading in said
     assert f"caption_variants = {str(variants).lower()}" in plan.read_text()
+
+
+def test_epochs_train_as_many_passes_over_the_data_and_the_plan_says_so(tmp_path, tiny_base, stripes_dataset, capsys):
+    """8 images × 2 repeats in batches of 4 are 4 batches an epoch: --epochs 2 is 8 steps, in the dry run's plan and
+    in the run (kohya's --max_train_epochs)."""
+    from stylelora.train.dry_run import dry_run
+
+    plan = dry_run(load_config(None, tiny_overrides(stripes_dataset, tmp_path / "plan", tiny_base,
+                                                    **{"train.epochs": 2})))
+    assert "steps = 8  # 2 epochs × 4 batches" in plan.read_text()
+    assert "8 steps × batch 4 × accumulation 1: 4 batches per epoch, 2.0 epochs" in capsys.readouterr().err
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.epochs": 2, "train.samples": False})
+    assert adapter_metadata(adapter)["ss_steps"] == "8"
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 1 + 8

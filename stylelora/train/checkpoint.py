@@ -34,7 +34,7 @@ CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 # from its last good checkpoint (as kohya's --resume allows); the loop applies new rates
 # (optim.load_with_new_learning_rates).
 RESUME_MAY_CHANGE = {
-    "train": {"steps", "resume", "save_every", "keep_checkpoints", "sample_every", "samples", "sample_prompts",
+    "train": {"steps", "epochs", "resume", "save_every", "keep_checkpoints", "sample_every", "samples", "sample_prompts",
               "sample_seed", "sample_steps", "sample_guidance", "output", "overwrite", "format", "precision"},
     "data": {"cache", "cache_dir"},
     "optim": {"unet_lr", "text_encoder_lr", "text_encoder_2_lr", "max_grad_norm"},

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-from stylelora.config import TrainConfig, save_config, with_model_defaults
+from stylelora.config import TrainConfig, save_config, with_epoch_steps, with_model_defaults
 from stylelora.presets import FAMILY_NAMES
 
 
@@ -45,6 +45,7 @@ def dry_run(config: TrainConfig) -> Path:
         say(long_captions_note(data.items, tokenizer, config.data.caption_variants))
     dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), dataset_options(config))
     batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed))
+    config = with_epoch_steps(config, batches)
     path = save_config(config, run_dir / CONFIG_FILE)
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))

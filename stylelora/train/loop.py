@@ -29,7 +29,8 @@ from typing import Iterator
 import torch
 from accelerate.utils import set_seed
 
-from stylelora.config import ConfigError, TrainConfig, config_to_dict, save_config, with_model_defaults, with_sources
+from stylelora.config import (ConfigError, TrainConfig, config_to_dict, save_config, with_epoch_steps,
+                              with_model_defaults, with_sources)
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
 from stylelora.data.captions import CaptionOptions, caption_forms, caption_variants_note, long_captions_note
 from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
@@ -132,6 +133,7 @@ def run_training(config: TrainConfig) -> Path:
     sampler = BucketBatchSampler(dataset.buckets, config.train.batch_size, seed=config.train.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=0)
+    config = with_epoch_steps(config, len(sampler))  # --epochs: the steps they take, known once images are bucketed
 
     # 4. Optimizer and schedule; accelerate wraps what trains (DDP when launched with several processes).
     run = _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sampler, loader, data)
@@ -586,8 +588,8 @@ def describe_run(run: Run, start_step: int) -> str:
         f"{per_step} samples per step, {epochs:.1f} epochs",
     ]
     lines.append(_describe_preservation(c, run.models.triggers, run.models.decoys, run.models.company))
-    # Set after the settings were printed, once the tokenizer was loaded (with_coined_trigger_rules): one line per
-    # reason, each naming the values it set.
+    # Named again here: where the base's folder holds no tokenizer they were set after the settings were printed,
+    # once the base loaded (with_coined_trigger_rules). One line per reason, each naming the values it set.
     by_source: dict[str, list[str]] = {}
     for key, source in coined_trigger_choices(c):
         section, name = key.split(".")
