@@ -59,6 +59,7 @@ class Widget:
     label: str
     minimum: float | None = None
     maximum: float | None = None
+    empty: str = "the base family's"  # what an empty box means, for an option whose default is unset
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ class DataConfig:
     # kohya's --enable_wildcard. Off, a caption file's lines are joined as tags (a tagger that writes one tag a line).
     caption_variants: bool = option(False, "a caption file's lines, and each {a|b|c} in a caption, are "
                                            "alternatives: one is drawn each time the image is seen (kohya's "
-                                           "--enable_wildcard); off, the lines are joined as tags")
+                                           "--enable_wildcard); off, the lines are joined as tags",
+                                    widget=Widget("Caption lines are alternatives (one drawn each time)"))
     resolution: int | None = option(None, "training size in pixels", example="512", preset=True,
                                     widget=Widget("Resolution (empty = the base's)", minimum=8))
     bucketing: bool = option(True, "aspect-ratio buckets (--no-bucketing: every image center-cropped square)",
@@ -167,7 +169,8 @@ class TrainSection:
     # kohya's --max_train_epochs, which wins over --max_train_steps there too.
     epochs: int | None = option(None, "train this many passes over the data (repeats included) instead of "
                                       "train.steps: the steps follow from the batches an epoch holds",
-                                example="10")
+                                example="10", widget=Widget("Epochs (empty = the steps above)", minimum=1,
+                                                            empty="train the steps above"))
     batch_size: int | None = option(None, "images per batch per process", example="2", preset=True,
                                     widget=Widget("Batch size (empty = the base family's)", minimum=1))
     seed: int = option(0, "seed for LoRA init, batch order and noise", example="0", widget=Widget("Seed", minimum=0))
@@ -607,38 +610,39 @@ def _sample_prompt_problem(line: str) -> str | None:
     return None
 
 
-def default_warmup(steps: int) -> int:
-    """Warmup when none is given: a tenth of the steps, at most 50."""
-    return min(50, steps // 10)
+def warmup_steps(config: TrainConfig) -> int:
+    """The run's LR warmup: optim.warmup_steps, or unset a tenth of the final steps, at most 50. Worked out when
+    used, not stored: a saved config.toml then holds no warmup the user never chose, which --epochs or a resume
+    with more --steps would take for theirs."""
+    if config.optim.warmup_steps is not None:
+        return config.optim.warmup_steps
+    return min(50, config.train.steps // 10)
 
 
 def with_epoch_steps(config: TrainConfig, batches_per_epoch: int) -> TrainConfig:
-    """With train.epochs, the steps those epochs take at `batches_per_epoch` (one process's), and the warmup that
-    follows from them where none was given; ConfigError when a given warmup is not shorter than the run."""
+    """With train.epochs, the steps those epochs take at `batches_per_epoch` (one process's); ConfigError when a
+    given warmup is not shorter than that."""
     epochs, accumulation = config.train.epochs, config.optim.grad_accum
     if epochs is None:
         return config
     steps = max(1, math.ceil(epochs * batches_per_epoch / accumulation))
-    values: dict[str, Any] = {"train.steps": steps}
-    sources = {"train.steps": f"{epochs} epochs × {batches_per_epoch} batches"
-                              + (f" / accumulation {accumulation}" if accumulation > 1 else "")}
-    if config.source_of("optim.warmup_steps") == "default":
-        values["optim.warmup_steps"] = default_warmup(steps)
-    elif config.optim.warmup_steps >= steps:
-        raise ConfigError(f"optim.warmup_steps = {config.optim.warmup_steps} is not shorter than the {steps} steps "
-                          f"that train.epochs = {epochs} takes; lower --warmup-steps or raise --epochs")
-    return with_sources(with_values(config, values), sources)
+    warmup = config.optim.warmup_steps
+    if warmup is not None and warmup >= steps:
+        raise ConfigError(f"optim.warmup_steps = {warmup} is not shorter than the {steps} steps that "
+                          f"train.epochs = {epochs} takes; lower --warmup-steps or raise --epochs")
+    source = f"{epochs} epochs × {batches_per_epoch} batches" + (f" / accumulation {accumulation}"
+                                                                 if accumulation > 1 else "")
+    return with_sources(with_values(config, {"train.steps": steps}), {"train.steps": source})
 
 
 def _with_derived_defaults(config: TrainConfig) -> TrainConfig:
-    """Fill what follows from other fields alone: output name and folder, warmup. (The base family's preset fills
-    learning rates, batch, precision and samples later: stylelora.presets.apply_preset.)"""
+    """Fill what follows from other fields alone: output name and folder. (The base family's preset fills
+    learning rates, batch, precision and samples later: stylelora.presets.apply_preset; the warmup follows the
+    final steps: warmup_steps.)"""
     name = config.train.output_name or Path(config.data.dir.rstrip("/\\")).name or "run"
     output = config.train.output or str(Path("outputs") / name)
-    warmup = config.optim.warmup_steps if config.optim.warmup_steps is not None else default_warmup(config.train.steps)
-    optim = dataclasses.replace(config.optim, warmup_steps=warmup)
     train = dataclasses.replace(config.train, output_name=name, output=output)
-    return dataclasses.replace(config, optim=optim, train=train)
+    return dataclasses.replace(config, train=train)
 
 
 def with_model_defaults(config: TrainConfig, *, native_resolution: int, downsample_factor: int) -> TrainConfig:

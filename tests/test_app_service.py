@@ -579,3 +579,21 @@ def test_resume_of_a_finished_run_says_it_is_finished_instead_of_training_again(
     with pytest.raises(AppError, match="finished-run has finished its 2 steps: its adapter is finished-run/"):
         service.resume_training("finished-run")
     assert adapter.stat().st_mtime_ns == written and not service.training.running
+
+
+def test_the_train_tab_trains_epochs_and_reads_caption_lines_as_alternatives(service):
+    """Epochs and caption variants are Train-tab options: one epoch is as many steps as batches an epoch holds."""
+    from stylelora.app.training import TrainSettings
+    from stylelora.app.ui import _option_widget
+    from stylelora.config import OPTIONS_BY_NAME
+    from train_fixtures import adapter_metadata
+
+    assert _option_widget(OPTIONS_BY_NAME["train.epochs"]).placeholder == "empty: train the steps above"
+    job = service.start_training(TrainSettings(data_dir="tiny", name="one-epoch", options={
+        "train.epochs": 1, "data.caption_variants": True, "train.batch_size": 2, "network.rank": 2,
+        "network.alpha": 2.0, "train.save_every": 0, "train.samples": False}))
+    final = job.wait(timeout=300)
+    assert final.state == "done", final.message
+    metadata = adapter_metadata(final.adapter)
+    assert metadata["ss_steps"] == metadata["ss_num_batches_per_epoch"] != "1000"
+    assert "data.caption_variants = True" in final.log

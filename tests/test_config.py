@@ -14,6 +14,7 @@ from stylelora.config import (
     config_to_dict,
     load_config,
     save_config,
+    warmup_steps,
     with_epoch_steps,
     with_model_defaults,
 )
@@ -39,7 +40,7 @@ def test_defaults_are_a_valid_style_lora_setup():
     assert config.output_dir == Path("outputs/toy-stripes")
     assert config.adapter_path == Path("outputs/toy-stripes/toy-stripes.safetensors")
     assert config.train.sample_prompts == DEFAULT_SAMPLE_PROMPTS
-    assert config.optim.warmup_steps == 50  # a tenth of the steps, at most 50
+    assert warmup_steps(config) == 50 and config.optim.warmup_steps is None  # a tenth of the steps, at most 50
 
 
 def test_config_is_frozen():
@@ -214,7 +215,7 @@ def test_config_and_train_command_import_without_torch():
 ])
 def test_epochs_set_the_steps_once_the_batches_are_known(overrides, batches, steps, warmup):
     config = with_epoch_steps(load_config(None, {"data.dir": "d", **overrides}), batches)
-    assert (config.train.steps, config.optim.warmup_steps) == (steps, warmup)
+    assert (config.train.steps, warmup_steps(config)) == (steps, warmup)
     if "train.epochs" in overrides:
         assert config.source_of("train.steps").startswith(f"{overrides['train.epochs']} epochs × {batches} batches")
 

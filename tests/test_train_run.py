@@ -509,3 +509,16 @@ def test_epochs_train_as_many_passes_over_the_data_and_the_plan_says_so(tmp_path
     adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.epochs": 2, "train.samples": False})
     assert adapter_metadata(adapter)["ss_steps"] == "8"
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 1 + 8
+
+
+def test_a_short_run_continues_with_more_steps_as_the_docs_advise(tmp_path, tiny_base, stripes_dataset):
+    """`--resume latest --steps N`: an unset warmup follows the steps (20 steps: 2, 40: 4), so more steps are no
+    "changed setting", and the saved config.toml holds no warmup the user never chose."""
+    output = tmp_path / "run"
+    train(stripes_dataset, output, tiny_base, **{"train.steps": 20, "train.save_every": 10, "train.samples": False})
+    assert "warmup_steps" not in (output / "config.toml").read_text()
+    reset_accelerate()
+    adapter = train(stripes_dataset, output, tiny_base, **{"train.steps": 40, "train.save_every": 10,
+                                                           "train.samples": False, "train.resume": "latest"})
+    metadata = adapter_metadata(adapter)
+    assert (metadata["ss_steps"], metadata["ss_lr_warmup_steps"]) == ("40", "4")

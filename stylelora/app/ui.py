@@ -404,7 +404,7 @@ def _option_widget(spec):
         return gr.Dropdown(list(spec.option.choices), value=spec.default, **common)
     if spec.type in (int, float) and spec.default is None:
         # A box that can stay empty (the base family's value): gradio's Number shows and sends 0 for no value.
-        return gr.Textbox(value="", placeholder="empty: the base family's", **common)
+        return gr.Textbox(value="", placeholder=f"empty: {widget.empty}", **common)
     if spec.type in (int, float):
         return gr.Number(value=spec.default, precision=0 if spec.type is int else None, minimum=widget.minimum,
                          maximum=widget.maximum, **common)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from stylelora.config import TrainConfig, config_to_dict
+from stylelora.config import TrainConfig, config_to_dict, warmup_steps
 from stylelora.data.captions import tag_frequency
 from stylelora.data.scan import TrainItem, dataset_dirs
 from stylelora.lora.io import kohya_metadata
@@ -67,7 +67,7 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_seed": str(t.seed),
         "ss_optimizer": o.optimizer,
         "ss_lr_scheduler": o.lr_scheduler,
-        "ss_lr_warmup_steps": str(o.warmup_steps),
+        "ss_lr_warmup_steps": str(warmup_steps(config)),
         "ss_batch_size_per_device": str(t.batch_size),
         "ss_total_batch_size": str(samples_per_step),
         "ss_gradient_accumulation_steps": str(o.grad_accum),

@@ -54,7 +54,9 @@ def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     """diffusers' schedule of that name (warmup included), counted in optimizer steps."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.warmup_steps,
+    from stylelora.config import warmup_steps
+
+    return get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(config),
                          num_training_steps=config.train.steps)
 
 
