@@ -26,10 +26,21 @@ def make_grid(images: list[Image.Image], columns: int, *, scale: int = 1, gap: i
         grid.paste(tile, (left + gap + c * (w + gap) + (w - tile.width) // 2,
                           top + gap + r * (h + gap) + (h - tile.height) // 2))
     for c, label in enumerate(column_labels or []):
-        draw.text((left + gap + c * (w + gap), 1), label, fill=(0, 0, 0))
+        draw.text((left + gap + c * (w + gap), 1), _fitted(draw, label, w), fill=(0, 0, 0))
     for r, label in enumerate(row_labels or []):
-        draw.text((2, top + gap + r * (h + gap) + h // 2 - 5), label, fill=(0, 0, 0))
+        draw.text((2, top + gap + r * (h + gap) + h // 2 - 5), _fitted(draw, label, left - 4), fill=(0, 0, 0))
     return grid
+
+
+def _fitted(draw: ImageDraw.ImageDraw, label: str, width: int) -> str:
+    """`label`, or its end after '…' where it is wider than `width`: labels that share a start (a run's
+    checkpoints: toy-stripes-step000500, toy-stripes-step000750) differ at the end, and must not run together."""
+    if draw.textlength(label) <= width:
+        return label
+    for start in range(1, len(label)):
+        if draw.textlength("…" + label[start:]) <= width:
+            return "…" + label[start:]
+    return "…"
 
 
 def save_grid(images: list[Image.Image], path: Path, columns: int, **kwargs) -> Path:

@@ -77,3 +77,16 @@ def test_a_blocks_axis_sets_the_block_weights_of_the_adapters(world, tmp_path):
     assert numpy.array_equal(none, ones)  # every block at 1: the adapter as it is
     assert not numpy.array_equal(none, outputs)  # the input blocks and the middle off: another image
     assert "lbw=1,0,0,0,1,1,1,1" in result.images[2].parameters_text
+
+
+def test_long_labels_keep_their_distinguishing_end_inside_their_cell():
+    """A run's checkpoints as an adapter axis: names wider than a 96 px cell would run into the next label."""
+    from PIL import Image, ImageDraw
+
+    from stylelora.grid import _fitted
+
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    for name in ("toy-stripes-step000500", "toy-stripes-step000750"):
+        shown = _fitted(draw, name, 96)
+        assert draw.textlength(shown) <= 96 and shown.startswith("…") and shown.endswith(name[-10:])  # stepNNNNNN
+    assert _fitted(draw, "seed 1", 96) == "seed 1"
