@@ -507,7 +507,9 @@ def test_epochs_train_as_many_passes_over_the_data_and_the_plan_says_so(tmp_path
     assert "steps = 8  # 2 epochs × 4 batches" in plan.read_text()
     assert "8 steps × batch 4 × accumulation 1: 4 batches per epoch, 2.0 epochs" in capsys.readouterr().err
     adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.epochs": 2, "train.samples": False})
-    assert adapter_metadata(adapter)["ss_steps"] == "8"
+    metadata = adapter_metadata(adapter)
+    assert (metadata["ss_steps"], metadata["ss_num_epochs"], metadata["ss_epoch"]) == ("8", "2", "2")
+    assert float(metadata["ss_training_finished_at"]) >= float(metadata["ss_training_started_at"])
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 1 + 8
 
 
