@@ -212,7 +212,8 @@ def prompts_from_captions(captions: Sequence[str], triggers: Sequence[str]) -> t
     """
     from stylelora.data.captions import without_triggers
 
-    distinct = list(dict.fromkeys(c.strip() for c in captions if c and c.strip()))
+    # " --" starts a per-prompt option in a sample prompt (kohya's syntax): a caption's own is written " -".
+    distinct = list(dict.fromkeys(c.strip().replace(" --", " -") for c in captions if c and c.strip()))
     if not distinct:
         return ()
     with_trigger = [c for c in distinct if triggers and without_triggers(c, triggers) is not None]

@@ -101,6 +101,15 @@ def test_real_base_sample_prompts_come_from_the_captions_with_one_leak_check():
     assert config.train.sample_prompts == prompts
 
 
+def test_a_caption_with_a_double_dash_makes_a_sample_prompt_without_options():
+    """" --" starts a kohya per-prompt option: a caption's own must not stop the sample grid mid-run."""
+    from stylelora.train.sample_prompts import SamplePrompt, parse_sample_prompt
+
+    prompts = prompts_from_captions(["zorb, a red zorb --sitting, smiling"], ("zorb",))
+    assert [parse_sample_prompt(p) for p in prompts] == [SamplePrompt("zorb, a red zorb -sitting, smiling"),
+                                                         SamplePrompt("a red -sitting, smiling")]
+
+
 def run_train(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stylelora.cli", "train", *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
