@@ -38,6 +38,7 @@ FORMATS = ("kohya", "diffusers")
 FAMILIES = ("toy", "sd1", "sd2", "sd2-v", "sdxl")
 QUANTIZATIONS = ("none", "nf4", "int8")
 TRIGGER_PLACEHOLDER = "{trigger}"
+SEED_LIMIT = 2**63  # torch generators take a signed 64-bit seed; a larger one fails at the first sample grid
 
 
 class ConfigError(ValueError):
@@ -556,7 +557,9 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
               "or a hub id", t.base),
         _rule("train.steps", t.steps >= 1, "must be at least 1", t.steps),
         _rule("train.batch_size", t.batch_size is None or t.batch_size >= 1, "must be at least 1", t.batch_size),
-        _rule("train.seed", t.seed >= 0, "must be 0 or more", t.seed),
+        _rule("train.seed", 0 <= t.seed < SEED_LIMIT, "must be 0 or more and below 2**63", t.seed),
+        _rule("train.sample_seed", 0 <= t.sample_seed < SEED_LIMIT, "must be 0 or more and below 2**63",
+              t.sample_seed),
         _choice("train.precision", t.precision, PRECISIONS) if t.precision is not None else None,
         _choice("train.quantize_base", t.quantize_base, QUANTIZATIONS),
         _choice("train.family", t.family, FAMILIES) if t.family is not None else None,

@@ -211,9 +211,9 @@ def prompts_from_captions(captions: Sequence[str], triggers: Sequence[str]) -> t
     grids of one dataset compare across runs.
     """
     from stylelora.data.captions import without_triggers
+    from stylelora.train.sample_prompts import without_options
 
-    # " --" starts a per-prompt option in a sample prompt (kohya's syntax): a caption's own is written " -".
-    distinct = list(dict.fromkeys(c.strip().replace(" --", " -") for c in captions if c and c.strip()))
+    distinct = list(dict.fromkeys(c.strip() for c in captions if c and c.strip()))
     if not distinct:
         return ()
     with_trigger = [c for c in distinct if triggers and without_triggers(c, triggers) is not None]
@@ -224,4 +224,5 @@ def prompts_from_captions(captions: Sequence[str], triggers: Sequence[str]) -> t
         stripped = without_triggers(chosen[0], triggers)
         if stripped:
             chosen.append(stripped)
-    return tuple(chosen)
+    # " --" starts a per-prompt option in a sample prompt (kohya's syntax): a caption's own must not read as one.
+    return tuple(without_options(prompt) for prompt in chosen)

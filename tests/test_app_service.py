@@ -596,4 +596,5 @@ def test_the_train_tab_trains_epochs_and_reads_caption_lines_as_alternatives(ser
     assert final.state == "done", final.message
     metadata = adapter_metadata(final.adapter)
     assert metadata["ss_steps"] == metadata["ss_num_batches_per_epoch"] != "1000"
+    assert final.total == int(metadata["ss_steps"]) and final.step == final.total  # not "step 16/1000"
     assert "data.caption_variants = True" in final.log

@@ -63,6 +63,8 @@ def test_config_is_frozen():
     ({"optim.warmup_steps": 2000}, ["optim.warmup_steps", "smaller than train.steps = 1000"]),
     ({"train.steps": 0}, ["train.steps must be at least 1", "--steps 1000"]),
     ({"train.epochs": 0}, ["train.epochs must be at least 1", "--epochs 10"]),
+    ({"train.sample_seed": 2**64}, ["train.sample_seed must be 0 or more and below 2**63"]),
+    ({"train.seed": -1}, ["train.seed must be 0 or more and below 2**63"]),
     ({"train.epochs": 2, "optim.warmup_steps": -1}, ["optim.warmup_steps must be 0 or more"]),
     ({"train.batch_size": -2}, ["train.batch_size must be at least 1"]),
     ({"train.precision": "fp8"}, ["train.precision must be one of fp32, fp16, bf16"]),

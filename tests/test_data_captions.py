@@ -156,7 +156,9 @@ def test_braces_in_a_one_line_caption_are_choices_too():
     drawn = {process_caption("ink, {red|blue} circle", CaptionOptions(variants=True), random.Random(s))
              for s in range(50)}
     assert drawn == {"ink, red circle", "ink, blue circle"}
-    assert expand_choices("{a | b}, {c}, x", lambda choices: choices[-1]) == "b, {c}, x"  # {c} is no choice
+    assert expand_choices("{a | b}, {c}, x", lambda choices: choices[-1]) == "b, c, x"  # {c}: c, as kohya reads it
+    nested = {expand_choices("{a|{b|c}}", random.Random(s).choice) for s in range(60)}
+    assert nested == {"a", "b", "c"}  # innermost first: no brace is left in a trained caption
 
 
 def test_caption_forms_are_what_sample_prompts_and_length_checks_read():

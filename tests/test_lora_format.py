@@ -340,3 +340,25 @@ def test_half_precision_file_keeps_fp32_alpha(tmp_path):
     fresh = tiny_pipeline()
     load_adapter_into(path, fresh.unet, fresh.text_encoder)
     assert (outputs(fresh)["unet"] - outputs(trained)["unet"]).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("overrides, batches, step, epochs, done", [
+    ({"train.steps": 322, "optim.grad_accum": 4}, 429, 322, "3", "3"),  # 108 steps an epoch; the last one short
+    ({"train.steps": 322, "optim.grad_accum": 4}, 429, 108, "3", "1"),  # a checkpoint after the first epoch
+    ({"train.steps": 6, "train.epochs": 2, "optim.grad_accum": 3}, 8, 6, "2", "2"),  # 18 batches of 16: not 3 of 2
+    ({"train.steps": 1000}, 188, 1000, "6", "5"),  # 5.3 epochs: kohya counts the sixth, and 5 done
+])
+def test_epoch_metadata_counts_as_sd_scripts_does(overrides, batches, step, epochs, done):
+    """ss_num_epochs: the epochs the run takes (what model sites show); ss_epoch: those completed at this file."""
+    import time
+
+    from stylelora.config import load_config, with_values
+    from stylelora.presets import apply_preset
+    from stylelora.train.metadata import RunFacts, adapter_metadata
+
+    config = with_values(apply_preset(load_config(None, {"data.dir": "d", **overrides}), "toy", cuda=False),
+                         {"data.resolution": 32})
+    facts = RunFacts(items=(), num_train_images=10, num_reg_images=0, trigger="x", prediction_type="epsilon",
+                     started_at=time.time(), world_size=1, batches_per_epoch=batches)
+    metadata = adapter_metadata(config, facts, step)
+    assert (metadata["ss_num_epochs"], metadata["ss_epoch"]) == (epochs, done)

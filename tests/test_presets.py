@@ -108,6 +108,9 @@ def test_a_caption_with_a_double_dash_makes_a_sample_prompt_without_options():
     prompts = prompts_from_captions(["zorb, a red zorb --sitting, smiling"], ("zorb",))
     assert [parse_sample_prompt(p) for p in prompts] == [SamplePrompt("zorb, a red zorb -sitting, smiling"),
                                                          SamplePrompt("a red -sitting, smiling")]
+    for caption in ("zorb, a poster --- 0 stars", "zorb, a\xa0--w b"):  # three dashes; a space the strip turns
+        for prompt in prompts_from_captions([caption], ("zorb",)):     # into " --" once the trigger is gone
+            assert parse_sample_prompt(prompt).width is None and " --" not in prompt
 
 
 def run_train(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:

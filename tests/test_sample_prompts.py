@@ -29,6 +29,7 @@ def test_a_line_gives_its_prompt_and_the_options_it_sets(line, expected):
     ("a cat --s 0", "--s (STEPS) must be 1 or more"),
     ("a cat --l nan", "--l (CFG scale) must be 1 or more, not 'nan'"),
     ("a cat --d x", "--d takes a whole number (SEED), not 'x'"),
+    ("a cat --d 18446744073709551616", "--d (SEED) must be below 2**63"),  # would fail at the first grid
     ("a cat --h", "--h needs a value"),
 ])
 def test_a_wrong_option_is_refused_with_how_to_write_it(line, message):

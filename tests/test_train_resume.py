@@ -84,3 +84,18 @@ def test_latest_ignores_a_checkpoint_whose_write_was_interrupted(tmp_path):
     assert resolve_resume("latest", run_dir) == good
     assert resolve_resume(str(run_dir), run_dir) == good  # a run folder means its newest checkpoint
     assert resolve_resume(str(good), tmp_path) == good
+
+
+def test_a_checkpoint_saved_before_an_option_existed_resumes_at_its_default(tmp_path):
+    """A checkpoint's settings name only the options of the version that wrote it: one it lacks (caption_variants,
+    epochs) counts as that option's default, and a setting it names still has to match."""
+    from stylelora.config import ConfigError, config_to_dict, load_config
+    from stylelora.train.checkpoint import check_resumable
+
+    current = config_to_dict(load_config(None, {"data.dir": "d"}))
+    older = {section: dict(values) for section, values in current.items()}
+    del older["data"]["caption_variants"]
+    check_resumable(older, current, tmp_path / "checkpoints" / "step-000004")
+    changed = config_to_dict(load_config(None, {"data.dir": "d", "data.caption_variants": True}))
+    with pytest.raises(ConfigError, match=r"data.caption_variants: False → True"):
+        check_resumable(older, changed, tmp_path / "checkpoints" / "step-000004")

@@ -82,7 +82,8 @@ class TrainingJob:
 
     def __init__(self, name: str, config, process: subprocess.Popen, *, resumed: bool = False) -> None:
         self.name, self.config, self.process, self.resumed = name, config, process, resumed
-        self.total = config.train.steps
+        self.total = config.train.steps  # until the trainer writes the run's own (--epochs sets them only then)
+        self.started = time.time()
         self.lines: list[str] = []
         self.stdout: list[str] = []
         self.stopped = False
@@ -133,8 +134,9 @@ class TrainingJob:
         if not checkpoints:
             raise AppError(f"{run_dir.name} has no checkpoint to resume from (one is written every "
                            f"{config.train.save_every} steps); start it again instead.")
-        if checkpoint_step(checkpoints[-1]) >= config.train.steps and config.adapter_path.is_file():
-            raise AppError(f"{run_dir.name} has finished its {config.train.steps} steps: its adapter is "
+        steps = run_steps(config) or config.train.steps
+        if checkpoint_step(checkpoints[-1]) >= steps and config.adapter_path.is_file():
+            raise AppError(f"{run_dir.name} has finished its {steps} steps: its adapter is "
                            f"{run_dir.name}/{config.adapter_path.name}. To train more, start a run with more steps.")
         return cls._launch(config, settings, resume=True)
 
@@ -234,6 +236,7 @@ class TrainingJob:
             log = "\n".join(self.lines)
         losses = self.metrics()
         step = losses[-1][0] if losses else 0
+        self.total = run_steps(self.config, newer_than=self.started) or self.total
         checkpoint = self.latest_checkpoint()
         kept = (f"the last checkpoint (step {checkpoint}) is kept: Resume continues from it" if checkpoint else
                 f"no checkpoint was written yet (one every {self.config.train.save_every} steps), so Resume has "
@@ -255,6 +258,22 @@ class TrainingJob:
             yield self.status()
             time.sleep(interval)
         yield self.wait()
+
+
+def run_steps(config, newer_than: float = 0.0) -> int | None:
+    """The steps the run in config's folder trains, from the config.toml the trainer writes there (written after
+    newer_than), or None before it has: --epochs turns into steps only once the trainer has bucketed the images."""
+    import tomllib
+
+    from stylelora.train.loop import CONFIG_FILE
+
+    path = config.output_dir / CONFIG_FILE
+    try:
+        if path.stat().st_mtime < newer_than:
+            return None
+        return int(tomllib.loads(path.read_text(encoding="utf-8"))["train"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or being replaced
+        return None
 
 
 def _last_error(log: str) -> str:

@@ -47,13 +47,17 @@ class CaptionOptions:
         return not self.shuffle_tags and self.tag_dropout == 0.0 and not self.variants
 
 
-# kohya's wildcard notation: "{red|blue} background" is "red background" or "blue background".
-CHOICES = re.compile(r"\{([^{}]*\|[^{}]*)\}")
+# kohya's wildcard notation: "{red|blue} background" is "red background" or "blue background" ("{red}": "red").
+CHOICES = re.compile(r"\{([^{}]*)\}")
 
 
 def expand_choices(text: str, pick) -> str:
-    """`text` with each `{a|b|c}` replaced by `pick(["a", "b", "c"])`."""
-    return CHOICES.sub(lambda match: pick([choice.strip() for choice in match.group(1).split("|")]), text)
+    """`text` with each `{a|b|c}` replaced by `pick(["a", "b", "c"])`, innermost first: `{a|{b|c}}` is a, b or c."""
+    while True:
+        expanded = CHOICES.sub(lambda match: pick([choice.strip() for choice in match.group(1).split("|")]), text)
+        if expanded == text:
+            return text
+        text = expanded
 
 
 def caption_forms(caption: str, variants: tuple[str, ...], enabled: bool, pick=lambda choices: choices[0]) -> list[str]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from stylelora.config import ConfigError
+from stylelora.config import ConfigError, TrainConfig, config_to_dict
 from stylelora.lora.io import write_safetensors_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -199,11 +199,13 @@ def _load_weights(file: Path, trainable: dict[str, torch.nn.Parameter]) -> None:
 
 
 def check_resumable(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]], path: Path) -> None:
-    """Refuse a resume whose settings differ from the checkpoint's in ways that would change the result."""
+    """Refuse a resume whose settings differ from the checkpoint's in ways that would change the result. A setting
+    the checkpoint does not name (saved before that option existed) counts as that option's default."""
+    defaults = config_to_dict(TrainConfig())
     changed = []
     for section in sorted(set(saved) | set(current)):
         allowed = RESUME_MAY_CHANGE.get(section, set())
-        before, now = saved.get(section, {}), current.get(section, {})
+        before, now = {**defaults.get(section, {}), **saved.get(section, {})}, current.get(section, {})
         for key in sorted(set(before) | set(now)):
             if key not in allowed and before.get(key) != now.get(key):
                 changed.append(f"{section}.{key}: {before.get(key)!r} → {now.get(key)!r}")

@@ -7,12 +7,13 @@ output folder that holds another training run unless --overwrite or --resume is 
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-from stylelora.config import TrainConfig, save_config, with_epoch_steps, with_model_defaults
+from stylelora.config import TrainConfig, save_config, warmup_steps, with_epoch_steps, with_model_defaults
 from stylelora.presets import FAMILY_NAMES
 
 
@@ -44,7 +45,9 @@ def dry_run(config: TrainConfig) -> Path:
         config = with_coined_trigger_rules(config, tokenizer, data.triggers)
         say(long_captions_note(data.items, tokenizer, config.data.caption_variants))
     dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), dataset_options(config))
-    batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed))
+    # Under `accelerate launch` each process gets its share of the batches, as in the run.
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed, num_replicas=processes, rank=0))
     config = with_epoch_steps(config, batches)
     path = save_config(config, run_dir / CONFIG_FILE)
     say(describe_settings(config))
@@ -65,7 +68,8 @@ def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: 
         f"family {c.train.family} ({FAMILY_NAMES[c.train.family]}), preset values marked above",
         f"{images} images, {len(buckets)} samples per epoch (with repeats) in {len(per_bucket)} bucket(s): {shown}",
         f"{c.train.steps} steps × batch {c.train.batch_size} × accumulation {c.optim.grad_accum}: "
-        f"{batches_per_epoch} batches per epoch, {epochs:.1f} epochs",
+        f"{batches_per_epoch} batches per epoch{' per process' if os.environ.get('WORLD_SIZE', '1') != '1' else ''}, "
+        f"{epochs:.1f} epochs; LR warmup {warmup_steps(c)} steps",
         f"resolution {c.data.resolution} px, precision {c.train.precision}, gradient checkpointing "
         f"{'on' if c.train.gradient_checkpointing else 'off'}, quantized base: {c.train.quantize_base}",
     ])

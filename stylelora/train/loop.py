@@ -29,8 +29,8 @@ from typing import Iterator
 import torch
 from accelerate.utils import set_seed
 
-from stylelora.config import (ConfigError, TrainConfig, config_to_dict, save_config, with_epoch_steps,
-                              with_model_defaults, with_sources)
+from stylelora.config import (ConfigError, TrainConfig, config_to_dict, save_config, warmup_steps,
+                              with_epoch_steps, with_model_defaults, with_sources)
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
 from stylelora.data.captions import CaptionOptions, caption_forms, caption_variants_note, long_captions_note
 from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
@@ -585,7 +585,7 @@ def describe_run(run: Run, start_step: int) -> str:
         f"{len(run.sampler)} batches per epoch per process; cache: {c.data.cache}",
         f"world size {acc.num_processes} ({acc.device}, {c.train.precision}): {c.train.steps} steps × batch "
         f"{c.train.batch_size} × accumulation {c.optim.grad_accum} × {acc.num_processes} process(es) = "
-        f"{per_step} samples per step, {epochs:.1f} epochs",
+        f"{per_step} samples per step, {epochs:.1f} epochs; LR warmup {warmup_steps(c)} steps",
     ]
     lines.append(_describe_preservation(c, run.models.triggers, run.models.decoys, run.models.company))
     # Named again here: where the base's folder holds no tokenizer they were set after the settings were printed,

@@ -98,9 +98,9 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_cache_latents": str(d.cache != "none"),
         "ss_num_batches_per_epoch": str(facts.batches_per_epoch),
         "ss_num_reg_images": str(facts.num_reg_images),
-        "ss_epoch": str(step // max(1, facts.batches_per_epoch // o.grad_accum)),
+        "ss_epoch": str(step * o.grad_accum // max(1, facts.batches_per_epoch)),  # epochs completed by `step`
         # The epochs the whole run takes, and when this file was written: what model sites show as Epochs and date.
-        "ss_num_epochs": str(math.ceil(t.steps * o.grad_accum / max(1, facts.batches_per_epoch))),
+        "ss_num_epochs": str(t.epochs or math.ceil(t.steps / math.ceil(max(1, facts.batches_per_epoch) / o.grad_accum))),
         "ss_training_finished_at": str(time.time()),
         "ss_network_unet_targets": n.unet_targets,
         "modelspec.prediction_type": facts.prediction_type,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stylelora.config import SEED_LIMIT
+
 OPTIONS = {"n": "NEGATIVE", "w": "WIDTH", "h": "HEIGHT", "d": "SEED", "l": "CFG scale", "s": "STEPS"}
 # sd-scripts' other per-prompt options (library/train_util.py line_to_prompt_dict), with what each sets there.
 KOHYA_ONLY = {"ss": "sampler", "g": "guidance of guidance-distilled models", "cn": "ControlNet image",
@@ -65,10 +67,20 @@ def _option(key: str, text: str, line: str) -> dict:
         raise ValueError(f"sample prompt {line!r}: --{key} {value} is no image size; use a multiple of {SIZE_STEP}, "
                          "e.g. 512")
     least = 0 if key == "d" else 1  # CFG 1 is no guidance, as train.sample_guidance
+    if key == "d" and value >= SEED_LIMIT:
+        raise ValueError(f"sample prompt {line!r}: --d (SEED) must be below 2**63, not {text!r}")
     if not least <= value < float("inf"):  # also false for nan
         raise ValueError(f"sample prompt {line!r}: --{key} ({OPTIONS[key]}) must be {least} or more, not {text!r}")
     field = {"w": "width", "h": "height", "d": "seed", "l": "guidance", "s": "steps"}[key]
     return {field: value}
+
+
+def without_options(text: str) -> str:
+    """`text` as a prompt with no per-prompt options: each " --" of its own (a caption's "a poster --- 0 stars")
+    written " -", so that a prompt drawn from a caption never reads as kohya options."""
+    while " --" in text:
+        text = text.replace(" --", " -")
+    return text
 
 
 def is_comment(line: str) -> bool:
