@@ -69,3 +69,23 @@ def test_the_training_stop_button_is_pressable_only_while_a_run_goes(app, page_c
     assert on_tick(None, [], None)[-1]["interactive"] is False  # no run
     monkeypatch.setattr(service, "_training", RunningJob())
     assert on_tick(None, [], None)[-1]["interactive"] is True
+
+
+def _parents(layout: dict, parent: int | None = None) -> dict[int, int]:
+    """{component id: the id of the layout block holding it} from the page's layout tree."""
+    found = {}
+    for child in layout.get("children", []):
+        found[child["id"]] = parent if parent is not None else layout.get("id")
+        found.update(_parents(child, child["id"]))
+    return found
+
+
+def test_the_train_tabs_checkboxes_have_a_row_of_their_own(page_config):
+    """Squeezed between the number boxes a checkbox's help text ran one word a line, down the page."""
+    parents = _parents(page_config["layout"])
+    types = {c["id"]: c["type"] for c in page_config["components"]}
+    boxes = [component(page_config, name)["id"] for name in ("data-caption-variants", "network-train-text-encoder")]
+    numbers = [component(page_config, name)["id"] for name in ("train-steps", "train-epochs", "network-rank")]
+    assert len({parents[box] for box in boxes}) == 1 and {parents[n] for n in numbers} != {parents[boxes[0]]}
+    row = parents[boxes[0]]
+    assert {types[i] for i, parent in parents.items() if parent == row} == {"checkbox"}

@@ -437,8 +437,12 @@ def _train_tab(service: AppService) -> SimpleNamespace:
             repeats = gr.Number(value=10, precision=0, minimum=1, maximum=100, label="Repeats", elem_id="repeats")
             add = gr.Button("Add to datasets", scale=0, min_width=150)
         added = gr.Markdown()
+    # Checkboxes get a row of their own: squeezed between number boxes their help text ran one word a line.
     with gr.Row(equal_height=True):
-        options = [_option_widget(spec) for spec in specs]
+        widgets = {spec.dotted: _option_widget(spec) for spec in specs if spec.type is not bool}
+    with gr.Row():
+        widgets.update({spec.dotted: _option_widget(spec) for spec in specs if spec.type is bool})
+    options = [widgets[spec.dotted] for spec in specs]  # in the order train_settings reads them
     family = gr.Markdown(_family_text(service.bases[0]), elem_id="family-defaults")
     with gr.Row():
         button = gr.Button("Start training", variant="primary", elem_id="train")
