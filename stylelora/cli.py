@@ -216,9 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .quiet import hide_install_notices
-
-    hide_install_notices()
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

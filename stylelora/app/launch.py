@@ -115,9 +115,6 @@ def handle_app(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python app.py [--host ...] [--port ...] [--share] [--adapters-dir ...]`."""
-    from stylelora.quiet import hide_install_notices
-
-    hide_install_notices()
     parser = add_app_arguments(argparse.ArgumentParser(prog="app.py", description="The stylelora web app."))
     return handle_app(parser.parse_args(argv))
 

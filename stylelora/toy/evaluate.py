@@ -93,13 +93,10 @@ def generate_images(pipe, prompts: list[EvalPrompt], settings: EvalSettings, bat
 
 
 def load_judged_base(base: str = "toy"):
-    """(pipe, judge): a base with its progress bar off, and the toy-world judge, for scoring blend after blend.
-    The benchmarks start here, not from the CLI, so the install notices the CLI hides are hidden here too."""
+    """(pipe, judge): a base with its progress bar off, and the toy-world judge, for scoring blend after blend."""
     from ..models.load import load_base
-    from ..quiet import hide_install_notices
     from .judge import load_judge
 
-    hide_install_notices()
     pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
     return pipe, load_judge()

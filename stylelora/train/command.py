@@ -163,9 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m stylelora.train.command train DATA_DIR ...` (the same as `stylelora train ...`)."""
-    from stylelora.quiet import hide_install_notices
-
-    hide_install_notices()
     args = build_parser().parse_args(argv)
     return args.handler(args)
 
