@@ -83,7 +83,7 @@ class TrainingJob:
     def __init__(self, name: str, config, process: subprocess.Popen, *, resumed: bool = False) -> None:
         self.name, self.config, self.process, self.resumed = name, config, process, resumed
         self.total = config.train.steps  # until the trainer writes the run's own (--epochs sets them only then)
-        self.started = time.time()
+        self.started, self.total_known = time.time(), False
         self.lines: list[str] = []
         self.stdout: list[str] = []
         self.stopped = False
@@ -236,7 +236,9 @@ class TrainingJob:
             log = "\n".join(self.lines)
         losses = self.metrics()
         step = losses[-1][0] if losses else 0
-        self.total = run_steps(self.config, newer_than=self.started) or self.total
+        if not self.total_known:  # read once, when the trainer has written the run's config.toml
+            steps = run_steps(self.config, newer_than=self.started)
+            self.total, self.total_known = steps or self.total, steps is not None
         checkpoint = self.latest_checkpoint()
         kept = (f"the last checkpoint (step {checkpoint}) is kept: Resume continues from it" if checkpoint else
                 f"no checkpoint was written yet (one every {self.config.train.save_every} steps), so Resume has "

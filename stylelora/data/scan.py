@@ -157,15 +157,18 @@ def read_caption(image: Path, report: ScanReport, found: list[Path]) -> tuple[st
     if len(set(lines)) > 1:
         report.warnings.append(f"{image.name} has both {found[0].name} and {found[1].name} with different "
                                f"text; using {found[0].name}.")
-    if not lines[0]:
-        return None
-    return ", ".join(lines[0]), (lines[0] if len(lines[0]) > 1 else ())
+    return _caption_and_variants(lines[0]) if lines[0] else None
 
 
 def _caption_lines(text: str) -> tuple[str, ...]:
     """A caption file's non-empty lines: tags or phrases to join like tags (not glue into one word), or with
     --caption-variants alternatives (kohya's --enable_wildcard reads them so: one line each time)."""
     return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _caption_and_variants(lines: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """TrainItem's caption (the lines joined as tags) and variants (the lines, where there are several)."""
+    return ", ".join(lines), (lines if len(lines) > 1 else ())
 
 
 def caption_files(folder: Path) -> dict[Path, list[Path]]:
@@ -296,8 +299,9 @@ def _scan_metadata(root: Path) -> tuple[list[TrainItem], ScanReport]:
         if not lines:
             report.uncaptioned.append((path, ""))
         folder = str(Path(record["file_name"]).parent).replace("\\", "/")
-        items[path] = TrainItem(path=path, caption=", ".join(lines), repeats=1,
-                                folder=root.name if folder == "." else folder, variants=lines if len(lines) > 1 else ())
+        caption, variants = _caption_and_variants(lines)
+        items[path] = TrainItem(path=path, caption=caption, repeats=1, folder=root.name if folder == "." else folder,
+                                variants=variants)
     listed = set(items)
     for path in _list_images(root, []):
         if path.resolve() not in listed:

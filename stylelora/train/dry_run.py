@@ -52,13 +52,13 @@ def dry_run(config: TrainConfig) -> Path:
     path = save_config(config, run_dir / CONFIG_FILE)
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
-    say(summary(config, dataset.buckets, batches, len(data.items)))
+    say(summary(config, dataset.buckets, batches, len(data.items), processes))
     say(preservation_off(config, data.triggers) or "")  # `say` skips an empty line
     say(f"dry run: nothing trained, no adapter written; the settings are in {path}")
     return path
 
 
-def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: int) -> str:
+def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: int, processes: int = 1) -> str:
     c = config
     per_bucket = Counter(buckets)
     shown = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(per_bucket.items())[:8])
@@ -68,7 +68,7 @@ def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: 
         f"family {c.train.family} ({FAMILY_NAMES[c.train.family]}), preset values marked above",
         f"{images} images, {len(buckets)} samples per epoch (with repeats) in {len(per_bucket)} bucket(s): {shown}",
         f"{c.train.steps} steps × batch {c.train.batch_size} × accumulation {c.optim.grad_accum}: "
-        f"{batches_per_epoch} batches per epoch{' per process' if os.environ.get('WORLD_SIZE', '1') != '1' else ''}, "
+        f"{batches_per_epoch} batches per epoch{' per process' if processes > 1 else ''}, "
         f"{epochs:.1f} epochs; LR warmup {warmup_steps(c)} steps",
         f"resolution {c.data.resolution} px, precision {c.train.precision}, gradient checkpointing "
         f"{'on' if c.train.gradient_checkpointing else 'off'}, quantized base: {c.train.quantize_base}",
