@@ -10,6 +10,7 @@ from stylelora.data.captions import (
     CaptionOptions,
     caption_forms,
     caption_variants_note,
+    every_form,
     expand_choices,
     long_captions_note,
     process_caption,
@@ -87,6 +88,24 @@ def test_tag_frequency_per_folder():
              TrainItem(Path("b.png"), "zorb, blue", 10, "10_zorb"),
              TrainItem(Path("c.png"), "pastel,  red ", 1, "1_pastel")]
     assert tag_frequency(items) == {"10_zorb": {"zorb": 2, "blue": 1, "red": 1}, "1_pastel": {"pastel": 1, "red": 1}}
+
+
+def test_tag_frequency_with_caption_variants_counts_every_line_and_choice():
+    # A caption file of two lines: TrainItem's caption is the lines joined as tags, its variants the lines.
+    two_lines = TrainItem(Path("a.png"), "zorb, a {red|blue} zorb, zorb, {a|the} zorb", 1, "1_zorb",
+                          variants=("zorb, a {red|blue} zorb", "zorb, {a|the} zorb"))
+    one_line = TrainItem(Path("b.png"), "zorb, {red|{dark|light} blue}", 1, "1_zorb")
+    assert tag_frequency([two_lines, one_line], variants=True) == {"1_zorb": {
+        "zorb": 2, "a blue zorb": 1, "a red zorb": 1, "a zorb": 1, "dark blue": 1, "light blue": 1,
+        "red": 1, "the zorb": 1}}
+    # Without --caption-variants the braces are trained as written, and counted so.
+    assert tag_frequency([one_line]) == {"1_zorb": {"zorb": 1, "{red|{dark|light} blue}": 1}}
+
+
+def test_every_form_lists_each_choice_and_stops_at_the_limit():
+    assert every_form("{a|b} {c|d}") == ["a c", "a d", "b c", "b d"]
+    assert every_form("plain") == ["plain"]
+    assert len(every_form("{a|b} " * 10, limit=16)) == 16
 
 
 @pytest.mark.parametrize("caption, triggers, expected", [

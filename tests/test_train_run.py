@@ -513,6 +513,18 @@ def test_epochs_train_as_many_passes_over_the_data_and_the_plan_says_so(tmp_path
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 1 + 8
 
 
+def test_a_warmup_longer_than_the_epochs_is_refused_before_the_base_loads(tmp_path, tiny_base, stripes_dataset,
+                                                                         monkeypatch):
+    """--epochs 2 is 8 steps here: --warmup-steps 8 is refused from the images' buckets, before any weights load."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base was loaded before the warmup was checked")
+
+    monkeypatch.setattr(loop, "_load_base", no_loading)
+    with pytest.raises(ConfigError, match="warmup_steps = 8 is not shorter than the 8 steps that train.epochs = 2"):
+        train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.epochs": 2, "optim.warmup_steps": 8})
+    assert not (tmp_path / "run" / "config.toml").exists()
+
+
 def test_a_short_run_continues_with_more_steps_as_the_docs_advise(tmp_path, tiny_base, stripes_dataset):
     """`--resume latest --steps N`: an unset warmup follows the steps (20 steps: 2, 40: 4), so more steps are no
     "changed setting", and the saved config.toml holds no warmup the user never chose."""

@@ -68,6 +68,20 @@ def caption_forms(caption: str, variants: tuple[str, ...], enabled: bool, pick=l
     return [expand_choices(line, pick) for line in (variants or (caption,))]
 
 
+def every_form(text: str, limit: int = 256) -> list[str]:
+    """Each text `expand_choices` can make of `text`, the first `limit` of them (tag counting reads these; a caption
+    with many independent choices has more forms than are worth listing)."""
+    forms, done = [text], []
+    while forms and len(done) < limit:
+        form = forms.pop(0)
+        match = CHOICES.search(form)
+        if match is None:
+            done.append(form)
+            continue
+        forms[:0] = [form[:match.start()] + choice.strip() + form[match.end():] for choice in match.group(1).split("|")]
+    return done
+
+
 def split_tags(caption: str, separator: str = ",") -> list[str]:
     """Tags of a caption, stripped, empty ones removed."""
     return [tag.strip() for tag in caption.split(separator) if tag.strip()]
@@ -130,11 +144,14 @@ def sample_rng(seed: int, epoch: int, index: int, purpose: str = "caption") -> r
     return random.Random(f"stylelora:{seed}:{epoch}:{index}:{purpose}")  # str seeds hash with SHA-512: stable
 
 
-def tag_frequency(items: Iterable[TrainItem], separator: str = ",") -> dict[str, dict[str, int]]:
-    """kohya's `ss_tag_frequency`: {folder: {tag: number of images whose caption has it}}."""
+def tag_frequency(items: Iterable[TrainItem], separator: str = ",", variants: bool = False) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: {folder: {tag: number of images whose caption has it}}. With `variants`
+    (--caption-variants) an image counts each tag of any line and choice once, so `{red|blue}` counts red and blue."""
     counts: dict[str, Counter] = {}
     for item in items:
-        counts.setdefault(item.folder, Counter()).update(set(split_tags(item.caption, separator)))
+        forms = [form for line in (item.variants or (item.caption,)) for form in every_form(line)] if variants \
+            else [item.caption]
+        counts.setdefault(item.folder, Counter()).update({tag for form in forms for tag in split_tags(form, separator)})
     return {folder: dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))) for folder, counter in counts.items()}
 
 

@@ -19,14 +19,9 @@ from stylelora.presets import FAMILY_NAMES
 
 def dry_run(config: TrainConfig) -> Path:
     """Resolve and check everything for `config`; write OUTPUT/config.toml and return its path."""
-    from stylelora.data.buckets import BucketBatchSampler
-    from stylelora.data.captions import long_captions_note
     from stylelora.train.sample_prompts import ignored_options_note
-    from stylelora.data.dataset import TrainingDataset
-    from stylelora.models.family import config_folder, folder_geometry
-    from stylelora.train.loop import (CONFIG_FILE, check_output_dir, dataset_options, describe_settings,
-                                      folder_tokenizer, preservation_off, prepare_data, run_settings,
-                                      with_coined_trigger_rules, with_family_preset)
+    from stylelora.train.loop import (CONFIG_FILE, check_output_dir, describe_settings, preservation_off,
+                                      prepare_data, with_family_preset)
 
     def say(message: str) -> None:
         if message:
@@ -36,6 +31,26 @@ def dry_run(config: TrainConfig) -> Path:
     check_output_dir(config)  # a finished run's config.toml and skip report are not replaced by a plan
     data = prepare_data(config, run_dir, SimpleNamespace(is_main_process=True), say)
     config = with_family_preset(config, data)
+    config, buckets, batches, processes = plan_batches(config, data, say)
+    path = save_config(config, run_dir / CONFIG_FILE)
+    say(describe_settings(config))
+    say(ignored_options_note(config.train.sample_prompts or ()))
+    say(summary(config, buckets, batches, len(data.items), processes))
+    say(preservation_off(config, data.triggers) or "")  # `say` skips an empty line
+    say(f"dry run: nothing trained, no adapter written; the settings are in {path}")
+    return path
+
+
+def plan_batches(config: TrainConfig, data, say=lambda message: None) -> tuple[TrainConfig, list, int, int]:
+    """The settings a run of `config` (the family preset applied) will train with, its samples' buckets, one
+    process's batches per epoch and the process count, worked out from the base's config files and the images'
+    sizes, without loading weights. The run calls it to check --epochs with --warmup-steps before the base loads."""
+    from stylelora.data.buckets import BucketBatchSampler
+    from stylelora.data.captions import long_captions_note
+    from stylelora.data.dataset import TrainingDataset
+    from stylelora.models.family import config_folder, folder_geometry
+    from stylelora.train.loop import dataset_options, folder_tokenizer, run_settings, with_coined_trigger_rules
+
     t = config.train
     folder = config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
     geometry = folder_geometry(folder) if folder is not None else _family_geometry(t.family)
@@ -48,14 +63,7 @@ def dry_run(config: TrainConfig) -> Path:
     # Under `accelerate launch` each process gets its share of the batches, as in the run.
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed, num_replicas=processes, rank=0))
-    config = with_epoch_steps(config, batches)
-    path = save_config(config, run_dir / CONFIG_FILE)
-    say(describe_settings(config))
-    say(ignored_options_note(config.train.sample_prompts or ()))
-    say(summary(config, dataset.buckets, batches, len(data.items), processes))
-    say(preservation_off(config, data.triggers) or "")  # `say` skips an empty line
-    say(f"dry run: nothing trained, no adapter written; the settings are in {path}")
-    return path
+    return with_epoch_steps(config, batches), dataset.buckets, batches, processes
 
 
 def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: int, processes: int = 1) -> str:

@@ -113,6 +113,9 @@ def run_training(config: TrainConfig) -> Path:
     # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
     config = with_family_preset(config, data)
     config = _with_early_coined_trigger_rules(config, data)
+    if config.train.epochs is not None and config.optim.warmup_steps is not None:
+        from stylelora.train.dry_run import plan_batches
+        plan_batches(config, data)  # a warmup longer than the epochs' steps is refused now, not after the base loads
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
     accelerator = _accelerator(config)

@@ -106,7 +106,8 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "modelspec.prediction_type": facts.prediction_type,
     }
     return kohya_metadata(
-        rank=n.rank, alpha=n.alpha, output_name=t.output_name, tag_frequency=tag_frequency(facts.items),
+        rank=n.rank, alpha=n.alpha, output_name=t.output_name,
+        tag_frequency=tag_frequency(facts.items, variants=d.caption_variants),
         dataset_dirs=dataset_dirs(list(facts.items)), num_train_images=facts.num_train_images, steps=step,
         learning_rate=o.unet_lr, unet_lr=o.unet_lr, text_encoder_lr=o.text_encoder_lr if n.train_text_encoder else None,
         resolution=d.resolution, training_started_at=facts.started_at, title=t.output_name,
