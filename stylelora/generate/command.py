@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from stylelora.atomic import file_in_the_way
 from stylelora.generate.reading_dial import dial_help
 from stylelora.lora.blend_modes import mode_help
 from stylelora.user_errors import report_user_errors
@@ -132,11 +133,9 @@ def check_output_target(out: str | None) -> None:
                          f"a .png file name ({target.with_suffix('.png')}) or a folder.")
     if target.suffix.lower() != ".png" and target.exists() and not target.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder: give a .png file name or a folder.")
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} is a file, so nothing can be written inside it.")
-            break
+    blocking = file_in_the_way(target, include_self=False)
+    if blocking is not None:
+        raise ValueError(f"--out {out}: {blocking} is a file, so nothing can be written inside it.")
 
 
 def output_paths(out: str | None, seeds: list[int], default_dir: str, suffix: str = "") -> list[Path]:

@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 from accelerate.utils import set_seed
 
+from stylelora.atomic import file_in_the_way
 from stylelora.config import (ConfigError, TrainConfig, config_to_dict, save_config, warmup_steps,
                               with_epoch_steps, with_model_defaults, with_sources)
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
@@ -323,12 +324,10 @@ def existing_run_files(run_dir: Path) -> list[str]:
 def _check_output_location(config: TrainConfig, run_dir: Path) -> None:
     """The output must be a folder (or a path one can be made at) outside the data: a run writes loss.png and sample
     grids, which a later scan of the data folder would take for training images."""
-    for place in (run_dir, *run_dir.parents):
-        if place.exists():
-            if not place.is_dir():
-                raise ConfigError(f"--output {run_dir}: {place} is a file, not a folder. Give --output a folder "
-                                  "for the run's files (it is created if missing), e.g. --output outputs/NAME.")
-            break
+    blocking = file_in_the_way(run_dir)
+    if blocking is not None:
+        raise ConfigError(f"--output {run_dir}: {blocking} is a file, not a folder. Give --output a folder "
+                          "for the run's files (it is created if missing), e.g. --output outputs/NAME.")
     for role, folder in (("training data", config.data.dir), ("regularization (--reg-dir)", config.data.reg_dir)):
         if folder and run_dir.resolve().is_relative_to(Path(folder).resolve()):
             raise ConfigError(f"--output {run_dir} is the {role} folder {folder} or inside it: the run's loss "
