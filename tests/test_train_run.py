@@ -144,7 +144,7 @@ def test_no_usable_image_fails_before_any_model_loads(tmp_path):
 def test_cli_reports_data_and_config_errors_in_one_line(tmp_path):
     write_bad_files(tmp_path / "bad" / "2_stripestyle")
     result = run_cli(tiny_overrides(tmp_path / "bad", tmp_path / "run", tmp_path / "nowhere"), tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # input to fix, as in every subcommand
     assert "stylelora train: error: none of the 4 images" in result.stderr and result.stdout == ""
     result = run_cli(tiny_overrides(tmp_path / "bad", tmp_path / "run", tmp_path, **{"optim.unet_lr": -1}), tmp_path)
     assert result.returncode == 2 and "optim.unet_lr must be > 0" in result.stderr

@@ -144,7 +144,8 @@ def sample_rng(seed: int, epoch: int, index: int, purpose: str = "caption") -> r
     return random.Random(f"stylelora:{seed}:{epoch}:{index}:{purpose}")  # str seeds hash with SHA-512: stable
 
 
-def tag_frequency(items: Iterable[TrainItem], separator: str = ",", variants: bool = False) -> dict[str, dict[str, int]]:
+def tag_frequency(items: Iterable[TrainItem], separator: str = ",",
+                  variants: bool = False) -> dict[str, dict[str, int]]:
     """kohya's `ss_tag_frequency`: {folder: {tag: number of images whose caption has it}}. With `variants`
     (--caption-variants) an image counts each tag of any line and choice once, so `{red|blue}` counts red and blue."""
     counts: dict[str, Counter] = {}

@@ -96,7 +96,8 @@ def handle_train(args: argparse.Namespace) -> int:
 
 
 def train_from_cli(config_path: str | None, overrides: dict[str, Any], *, dry_run: bool = False) -> int:
-    """Validate, train, print the adapter path last on stdout; user errors become one clear message and exit 1.
+    """Validate, train, print the adapter path last on stdout; input errors become one clear message and exit status 2
+    (as in every subcommand), a diverged run exit status 1.
 
     With dry_run, resolve and check everything, write OUTPUT/config.toml and print its path instead of training.
     """
@@ -122,9 +123,12 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any], *, dry_ru
             result = plan(config)
         else:
             result = run_training(config)
-    except (ConfigError, DataError, BaseModelError, ResumeError, MissingPackage, TrainingDiverged) as error:
+    except (ConfigError, DataError, BaseModelError, ResumeError, MissingPackage) as error:
         _report(f"stylelora train: error: {error}")
-        return 1
+        return 2  # input to fix, as every subcommand reports it (stylelora.user_errors)
+    except TrainingDiverged as error:
+        _report(f"stylelora train: error: {error}")
+        return 1  # the input was fine; the run itself failed
     except KeyboardInterrupt:
         _report(f"stylelora train: interrupted. Run the same command with --resume latest to continue from the last "
                 f"checkpoint in {config.output_dir / 'checkpoints'} (one is written every --save-every steps).")
