@@ -40,6 +40,7 @@ class EvalSettings:
     steps: int = 25
     guidance_scale: float = 5.0
     negative_prompt: str = ""
+    guidance_rescale: float = 0.0  # diffusers' CFG rescale φ; 0 is plain guidance (benchmarks/cfg_rescale.py)
 
 
 def _content(shape: str, color: str, background: str) -> str:
@@ -85,6 +86,7 @@ def generate_images(pipe, prompts: list[EvalPrompt], settings: EvalSettings, bat
             negative_prompt=[settings.negative_prompt] * len(chunk),
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance_scale,
+            guidance_rescale=settings.guidance_rescale,
             generator=generators,
             output_type="pil",
         )
