@@ -170,7 +170,7 @@ def test_missing_bitsandbytes_is_named_before_any_model_loads(tmp_path, tiny_bas
 
 
 def test_the_cli_reports_a_missing_bitsandbytes_in_one_line(tmp_path, tiny_base, stripes_dataset, monkeypatch, capsys):
-    """`stylelora train --quantize-base nf4` without bitsandbytes: exit 1 and the install to run, not a traceback."""
+    """`stylelora train --quantize-base nf4` without bitsandbytes: exit 2 and the install to run, not a traceback."""
     from stylelora.models import load
     from stylelora.train.command import main
 
@@ -180,6 +180,6 @@ def test_the_cli_reports_a_missing_bitsandbytes_in_one_line(tmp_path, tiny_base,
                  "--steps", "2", "--no-samples", "--quantize-base", "nf4"])
     printed = capsys.readouterr().err.strip()
     message = printed.splitlines()[-1]
-    assert code == 1 and "Traceback" not in printed, printed
+    assert code == 2 and "Traceback" not in printed, printed
     assert message.startswith("stylelora train: error: --quantize-base nf4 needs bitsandbytes")
     assert "pip install bitsandbytes==0.50.2" in message and not (tmp_path / "run" / "run.safetensors").exists()

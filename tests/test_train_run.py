@@ -281,7 +281,7 @@ def test_output_that_is_a_file_is_one_line_error(tmp_path, stripes_dataset, caps
     (tmp_path / "afile").write_text("notes")
     code = train_from_cli(None, tiny_overrides(stripes_dataset, tmp_path / "afile", tmp_path / "no-such-base"))
     err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
     assert f"stylelora train: error: --output {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder" in err
 
 
