@@ -526,13 +526,18 @@ def test_a_warmup_longer_than_the_epochs_is_refused_before_the_base_loads(tmp_pa
 
 
 def test_a_short_run_continues_with_more_steps_as_the_docs_advise(tmp_path, tiny_base, stripes_dataset):
-    """`--resume latest --steps N`: an unset warmup follows the steps (20 steps: 2, 40: 4), so more steps are no
-    "changed setting", and the saved config.toml holds no warmup the user never chose."""
+    """`--resume latest --steps N`: more steps are no "changed setting", the saved config.toml of the first run holds
+    no warmup the user never chose, and the resumed run keeps the warmup it began with (10 steps: 1), so its rate
+    does not drop and warm up again (an unset warmup for 120 steps would be 12: the rate at step 11 at 11/12)."""
     output = tmp_path / "run"
-    train(stripes_dataset, output, tiny_base, **{"train.steps": 20, "train.save_every": 10, "train.samples": False})
+    train(stripes_dataset, output, tiny_base, **{"train.steps": 10, "train.save_every": 5, "train.samples": False})
     assert "warmup_steps" not in (output / "config.toml").read_text()
     reset_accelerate()
-    adapter = train(stripes_dataset, output, tiny_base, **{"train.steps": 40, "train.save_every": 10,
+    adapter = train(stripes_dataset, output, tiny_base, **{"train.steps": 120, "train.save_every": 0,
                                                            "train.samples": False, "train.resume": "latest"})
     metadata = adapter_metadata(adapter)
-    assert (metadata["ss_steps"], metadata["ss_lr_warmup_steps"]) == ("40", "4")
+    assert (metadata["ss_steps"], metadata["ss_lr_warmup_steps"]) == ("120", "1")
+    assert "warmup_steps = 1  # kept from the resumed run (10 steps)" in (output / "config.toml").read_text()
+    with open(output / "metrics.csv", newline="") as file:
+        rates = {int(row["step"]): float(row["lr_unet"]) for row in csv.DictReader(file)}
+    assert rates[11] > 0.95 * float(metadata["ss_unet_lr"])

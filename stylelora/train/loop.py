@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 
 from stylelora.atomic import file_in_the_way
 from stylelora.config import (ConfigError, TrainConfig, config_to_dict, save_config, warmup_steps,
-                              with_epoch_steps, with_model_defaults, with_sources)
+                              with_epoch_steps, with_model_defaults, with_sources, with_values)
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
 from stylelora.data.captions import CaptionOptions, caption_forms, caption_variants_note, long_captions_note
 from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
@@ -138,12 +138,14 @@ def run_training(config: TrainConfig) -> Path:
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=0)
     config = with_epoch_steps(config, len(sampler))  # --epochs: the steps they take, known once images are bucketed
+    resume_state = checkpoint.read_state(resume_from) if resume_from else None
+    config = with_resumed_warmup(config, resume_state)
 
     # 4. Optimizer and schedule; accelerate wraps what trains (DDP when launched with several processes).
     run = _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sampler, loader, data)
 
     # 5. Resume exactly where a checkpoint left off.
-    start_step = restore(run, resume_from) if resume_from else 0
+    start_step = restore(run, resume_from, resume_state) if resume_from else 0
 
     # 6. Train.
     if accelerator.is_main_process:
@@ -645,9 +647,25 @@ def _describe_preservation(config: TrainConfig, triggers: tuple[str, ...], decoy
 # ----------------------------------------------------------------------------- 5. resume
 
 
-def restore(run: Run, path: Path) -> int:
-    """Load checkpoint `path` into the run (refusing one made with other settings); returns its step."""
-    state = checkpoint.read_state(path)
+def with_resumed_warmup(config: TrainConfig, resume_state: dict | None) -> TrainConfig:
+    """A resumed run with no --warmup-steps keeps the warmup its checkpoint's run had. Why: an unset warmup follows
+    the steps, so resuming a 20-step run (warmup 2) at step 20 with --steps 400 (warmup 40) would drop the rate
+    to half and warm it up again."""
+    if resume_state is None or config.optim.warmup_steps is not None:
+        return config
+    saved = resume_state["config"]
+    warmup = saved.get("optim", {}).get("warmup_steps")
+    if warmup is None:
+        warmup = warmup_steps(with_values(config, {"train.steps": saved["train"]["steps"]}))
+    if warmup == warmup_steps(config):
+        return config  # the same as today's default: nothing to record
+    return with_sources(with_values(config, {"optim.warmup_steps": warmup}),
+                        {"optim.warmup_steps": f"kept from the resumed run ({saved['train']['steps']} steps)"})
+
+
+def restore(run: Run, path: Path, state: dict) -> int:
+    """Load checkpoint `path` (its training `state` read) into the run, refusing one made with other settings;
+    returns its step."""
     checkpoint.check_resumable(state["config"], config_to_dict(run.config), path)
     try:
         run.sampler.load_state_dict(state["sampler"])
