@@ -533,8 +533,12 @@ def test_a_short_run_continues_with_more_steps_as_the_docs_advise(tmp_path, tiny
     train(stripes_dataset, output, tiny_base, **{"train.steps": 10, "train.save_every": 5, "train.samples": False})
     assert "warmup_steps" not in (output / "config.toml").read_text()
     reset_accelerate()
-    adapter = train(stripes_dataset, output, tiny_base, **{"train.steps": 120, "train.save_every": 0,
-                                                           "train.samples": False, "train.resume": "latest"})
+    resumed = {"train.steps": 120, "train.save_every": 0, "train.samples": False, "train.resume": "latest"}
+    from stylelora.train.dry_run import dry_run
+
+    plan = dry_run(load_config(None, tiny_overrides(stripes_dataset, output, tiny_base, **resumed)))
+    assert "warmup_steps = 1  # kept from the resumed run (10 steps)" in plan.read_text()  # the plan says so too
+    adapter = train(stripes_dataset, output, tiny_base, **resumed)
     metadata = adapter_metadata(adapter)
     assert (metadata["ss_steps"], metadata["ss_lr_warmup_steps"]) == ("120", "1")
     assert "warmup_steps = 1  # kept from the resumed run (10 steps)" in (output / "config.toml").read_text()

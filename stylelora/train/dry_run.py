@@ -20,18 +20,20 @@ from stylelora.presets import FAMILY_NAMES
 def dry_run(config: TrainConfig) -> Path:
     """Resolve and check everything for `config`; write OUTPUT/config.toml and return its path."""
     from stylelora.train.sample_prompts import ignored_options_note
+    from stylelora.train.checkpoint import read_state
     from stylelora.train.loop import (CONFIG_FILE, check_output_dir, describe_settings, preservation_off,
-                                      prepare_data, with_family_preset)
+                                      prepare_data, with_family_preset, with_resumed_warmup)
 
     def say(message: str) -> None:
         if message:
             print(message, file=sys.stderr, flush=True)
 
     run_dir = config.output_dir
-    check_output_dir(config)  # a finished run's config.toml and skip report are not replaced by a plan
+    resume_from = check_output_dir(config)  # a finished run's config.toml and skip report are not replaced by a plan
     data = prepare_data(config, run_dir, SimpleNamespace(is_main_process=True), say)
     config = with_family_preset(config, data)
     config, buckets, batches, processes = plan_batches(config, data, say)
+    config = with_resumed_warmup(config, read_state(resume_from) if resume_from else None)
     path = save_config(config, run_dir / CONFIG_FILE)
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
