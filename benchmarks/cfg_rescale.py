@@ -44,7 +44,8 @@ def pair_row(pipe, judge, args: argparse.Namespace, pair: str, phi: float) -> st
     row = score(prompts, judge.predict(draw_blend(pipe, files, prompts, settings, args.mode)))["by_prompt_set"][pair]
     rates = " / ".join(f"{row[f'{style}_rate']:.2f}" for style in pair.split("+"))
     shape = "" if row["shape_accuracy"] is None else f", shape {row['shape_accuracy']:.2f}"
-    return f"{pair:<15} φ {phi:<4g} both {row['all_styles_rate']:.2f} ({rates}){shape}, color {row['color_accuracy']:.2f}"
+    return (f"{pair:<15} φ {phi:<4g} both {row['all_styles_rate']:.2f} ({rates}){shape}, "
+            f"color {row['color_accuracy']:.2f}")
 
 
 def main(argv=None) -> int:
