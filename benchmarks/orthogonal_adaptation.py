@@ -23,14 +23,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def orthogonal_attach(original, key: str, fixed: bool):
-    """`stylelora.lora.inject.attach_adapter` with each Linear LoRA's down projection set to orthonormal rows."""
+def orthogonal_attach(original, key: str, fixed: bool, parts: tuple[str, ...] = ("unet", "text")):
+    """`stylelora.lora.inject.attach_adapter` with each Linear LoRA's down projection set to orthonormal rows, in
+    the UNet and the text encoders, or in the `parts` named."""
     import torch
+    from transformers import PreTrainedModel
 
     from stylelora.lora import inject
 
     def attach(model, config, adapter_name="default"):
         params = original(model, config, adapter_name)
+        if ("text" if isinstance(model, PreTrainedModel) else "unet") not in parts:
+            return params
         frozen = set()
         for path, layer in inject._lora_layers(model, adapter_name):
             down = layer.lora_A[adapter_name]
@@ -55,6 +59,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", choices=["fixed", "learned"], default="fixed")
     parser.add_argument("--key", help="what picks this adapter's rows (default: the --output folder's name)")
+    parser.add_argument("--parts", nargs="+", choices=["unet", "text"], default=["unet", "text"],
+                        help="where the rows go: the UNet, the text encoders, or both (default)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then stylelora train's arguments")
     args = parser.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
@@ -65,7 +71,7 @@ def main(argv=None) -> int:
     from stylelora.cli import main as stylelora
     from stylelora.lora import inject
 
-    inject.attach_adapter = orthogonal_attach(inject.attach_adapter, key, args.rows == "fixed")
+    inject.attach_adapter = orthogonal_attach(inject.attach_adapter, key, args.rows == "fixed", tuple(args.parts))
     return stylelora(["train", *train_args])
 
 

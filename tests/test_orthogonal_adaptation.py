@@ -10,13 +10,13 @@ from train_fixtures import load_benchmark
 ortho = load_benchmark("orthogonal_adaptation")
 
 
-def _text_encoder_downs(tiny_base, key: str, fixed: bool):
+def _text_encoder_downs(tiny_base, key: str, fixed: bool, parts=("unet", "text")):
     from transformers import CLIPTextModel
 
     from stylelora.lora import inject
 
     encoder = CLIPTextModel.from_pretrained(tiny_base / "text_encoder")
-    attach = ortho.orthogonal_attach(inject.attach_adapter, key, fixed)
+    attach = ortho.orthogonal_attach(inject.attach_adapter, key, fixed, parts)
     params = attach(encoder, inject.lora_config(inject.text_encoder_lora_targets(encoder), rank=4, alpha=4))
     downs = {path: layer.lora_A["default"].weight for path, layer in inject._lora_layers(encoder, "default")}
     return params, downs
@@ -37,6 +37,13 @@ def test_each_adapter_reads_its_own_orthonormal_rows_of_a_shared_basis(tiny_base
     trained = {id(param) for param in params}
     assert all((id(down) in trained) != fixed for down in downs.values())  # fixed rows are not trained
     assert len(params) == (len(downs) if fixed else 2 * len(downs))
+
+
+def test_rows_go_only_where_the_parts_say(tiny_base):
+    params, downs = _text_encoder_downs(tiny_base, "pastel", True, parts=("unet",))
+    assert len(params) == 2 * len(downs)  # the text encoder's LoRA is peft's, every matrix trained
+    assert not any(torch.allclose(down.double() @ down.double().T * 3, torch.eye(down.shape[0], dtype=torch.float64),
+                                  atol=1e-5) for down in downs.values())
 
 
 def test_a_run_without_a_key_or_an_output_is_refused():
