@@ -53,6 +53,15 @@ def adapter_path(args: argparse.Namespace, style: str) -> Path:
     return Path(getattr(args, style) or Path(args.adapters_dir) / f"toy-{style}" / f"toy-{style}.safetensors")
 
 
+def figures_text(row: dict, styles: list[str]) -> str:
+    """'both 0.79 (1.00 / 0.79), shape 0.75, color 0.95' for a prompt set's scores ('rate …' for one style)."""
+    rates = " / ".join(f"{row[f'{style}_rate']:.2f}" for style in styles)
+    parts = [f"both {row['all_styles_rate']:.2f} ({rates})" if len(styles) > 1 else f"rate {rates}"] if styles else []
+    if row.get("shape_accuracy") is not None:
+        parts.append(f"shape {row['shape_accuracy']:.2f}")
+    return ", ".join([*parts, f"color {row['color_accuracy']:.2f}"])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from stylelora.lora.blend_modes import MODES
 

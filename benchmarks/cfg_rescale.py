@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from blend_quality import add_adapter_arguments, adapter_path  # noqa: E402  (the same adapter flags)
+from blend_quality import add_adapter_arguments, adapter_path, figures_text  # noqa: E402  (the same adapter flags)
 
 PAIRS = ("stripes+pastel", "stripes+zorb", "pastel+zorb")
 
@@ -42,10 +42,7 @@ def pair_row(pipe, judge, args: argparse.Namespace, pair: str, phi: float) -> st
     settings = EvalSettings(samples=args.samples, seed=args.seed, prompt_sets=(pair,), guidance_rescale=phi)
     prompts = build_prompts(args.samples, args.seed, (pair,))
     row = score(prompts, judge.predict(draw_blend(pipe, files, prompts, settings, args.mode)))["by_prompt_set"][pair]
-    rates = " / ".join(f"{row[f'{style}_rate']:.2f}" for style in pair.split("+"))
-    shape = "" if row["shape_accuracy"] is None else f", shape {row['shape_accuracy']:.2f}"
-    return (f"{pair:<15} φ {phi:<4g} both {row['all_styles_rate']:.2f} ({rates}){shape}, "
-            f"color {row['color_accuracy']:.2f}")
+    return f"{pair:<15} φ {phi:<4g} {figures_text(row, pair.split('+'))}"
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ def orthogonal_attach(original, key: str, fixed: bool, parts: tuple[str, ...] = 
         if ("text" if isinstance(model, PreTrainedModel) else "unet") not in parts:
             return params
         frozen = set()
-        for path, layer in inject._lora_layers(model, adapter_name):
+        for path, layer in inject.lora_layers(model, adapter_name):
             down = layer.lora_A[adapter_name]
             if not isinstance(down, torch.nn.Linear):
                 continue  # conv LoRA (locon) keeps its usual start

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from blend_quality import add_adapter_arguments, adapter_path  # noqa: E402  (the same adapter flags)
+from blend_quality import add_adapter_arguments, adapter_path, figures_text  # noqa: E402  (the same adapter flags)
 
 SETS = ("plain", "stripes", "pastel", "zorb", "stripes+pastel", "stripes+zorb", "pastel+zorb")  # plain: the base
 BACKGROUND_PHRASE = " on a "  # every evaluation prompt ends "… on a BACKGROUND background"
@@ -62,12 +62,7 @@ def wording_rows(pipe, judge, args: argparse.Namespace, prompt_set: str) -> list
 
 def format_row(row: dict) -> str:
     styles = [] if row["set"] == "plain" else row["set"].split("+")
-    rates = " / ".join(f"{row[f'{style}_rate']:.2f}" for style in styles)
-    both = f"both {row['all_styles_rate']:.2f} ({rates}), " if len(styles) > 1 else f"rate {rates}, " if styles else ""
-    shape = row.get("shape_accuracy")
-    shape_text = f"shape {shape:.2f}, " if shape is not None else ""
-    return f"{row['set']:<15} {row['wording']:<23} {both}{shape_text}color {row['color_accuracy']:.2f}" \
-           f"   e.g. '{row['example']}'"
+    return f"{row['set']:<15} {row['wording']:<23} {figures_text(row, styles)}   e.g. '{row['example']}'"
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ def _text_encoder_downs(tiny_base, key: str, fixed: bool, parts=("unet", "text")
     encoder = CLIPTextModel.from_pretrained(tiny_base / "text_encoder")
     attach = ortho.orthogonal_attach(inject.attach_adapter, key, fixed, parts)
     params = attach(encoder, inject.lora_config(inject.text_encoder_lora_targets(encoder), rank=4, alpha=4))
-    downs = {path: layer.lora_A["default"].weight for path, layer in inject._lora_layers(encoder, "default")}
+    downs = {path: layer.lora_A["default"].weight for path, layer in inject.lora_layers(encoder, "default")}
     return params, downs
 
 

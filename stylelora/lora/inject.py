@@ -123,7 +123,7 @@ def lora_config_for_modules(module_ranks: dict[str, tuple[int, float]], init_lor
     )
 
 
-def _lora_layers(model: nn.Module, adapter_name: str):
+def lora_layers(model: nn.Module, adapter_name: str):
     """(path, peft LoraLayer) pairs that carry `adapter_name`."""
     from peft.tuners.lora import LoraLayer
 
@@ -135,7 +135,7 @@ def _lora_layers(model: nn.Module, adapter_name: str):
 def lora_parameters(model: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:
     """The lora_A/lora_B parameters of one adapter, in module order."""
     params: list[nn.Parameter] = []
-    for _, layer in _lora_layers(model, adapter_name):
+    for _, layer in lora_layers(model, adapter_name):
         params.extend(layer.lora_A[adapter_name].parameters())
         params.extend(layer.lora_B[adapter_name].parameters())
     return params
@@ -144,7 +144,7 @@ def lora_parameters(model: nn.Module, adapter_name: str = "default") -> list[nn.
 def module_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, tuple[int, float]]:
     """Per adapted module path: (rank, alpha) as peft holds them. Refuses scalings a kohya file cannot express."""
     ranks: dict[str, tuple[int, float]] = {}
-    for path, layer in _lora_layers(model, adapter_name):
+    for path, layer in lora_layers(model, adapter_name):
         rank, alpha = layer.r[adapter_name], layer.lora_alpha[adapter_name]
         # kohya/A1111 apply up @ down * alpha / rank; rsLoRA (alpha / sqrt(rank)) or DoRA would load wrong there.
         if abs(layer.scaling[adapter_name] - alpha / rank) > 1e-9 or layer.use_dora.get(adapter_name, False):
