@@ -39,16 +39,12 @@ def _trigger_ids(tokenizer, trigger: str) -> list[int]:
     return [i for i in tokenizer(trigger).input_ids if i not in special]
 
 
-def _encoders(pipe) -> dict:
-    return {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2")
-            if getattr(pipe, name, None) is not None}
-
-
 def patch_training(trigger: str, lr: float, lora_text: bool) -> None:
     """Make the trigger's embedding rows train (loop._add_lora, optim.param_groups) and save them (write_adapter)."""
     import torch
     from safetensors.torch import save_file
 
+    from stylelora.lora.components import text_encoders
     from stylelora.train import loop, optim
 
     rows: dict = {}  # encoder name -> (embedding weight, ids)
@@ -58,7 +54,7 @@ def patch_training(trigger: str, lr: float, lora_text: bool) -> None:
     def _add_lora_with_rows(config, pipe):
         lora = add_lora(config, pipe)
         tokenizers = {"text_encoder": pipe.tokenizer, "text_encoder_2": getattr(pipe, "tokenizer_2", None)}
-        for name, encoder in _encoders(pipe).items():
+        for name, encoder in text_encoders(pipe).items():
             weight = encoder.get_input_embeddings().weight
             ids = _trigger_ids(tokenizers[name], trigger)
             mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
@@ -99,6 +95,7 @@ def patch_loading(emb_dir: Path) -> list[Path]:
     import torch
     from safetensors.torch import load_file
 
+    from stylelora.lora.components import text_encoders
     from stylelora.models import load
 
     files = sorted(f for f in emb_dir.rglob("*" + SUFFIX) if "checkpoints" not in f.parts)
@@ -106,7 +103,7 @@ def patch_loading(emb_dir: Path) -> list[Path]:
 
     def _load_base_with_rows(*args, **kwargs):
         pipe = load_base(*args, **kwargs)
-        encoders = _encoders(pipe)
+        encoders = text_encoders(pipe)
         for file in files:
             tensors = load_file(str(file))
             for name, encoder in encoders.items():

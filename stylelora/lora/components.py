@@ -35,6 +35,11 @@ TEXT_ENCODER_WIDTH_LABELS = {768: "SD 1.x", 1024: "SD 2.x"}
 OTHER_SD_LABEL = "SD 1.x/2.x-architecture"
 
 
+def text_encoders(pipe: Any) -> dict[str, nn.Module]:
+    """{"text_encoder": ...} and, for SDXL, "text_encoder_2": the pipeline's text encoders, by component name."""
+    return {name: getattr(pipe, name) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None}
+
+
 class AdapterFamilyError(ValueError):
     """An adapter made for one base family (SD 1.x/2.x or SDXL) was given to a base of the other."""
 

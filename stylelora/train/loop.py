@@ -38,6 +38,7 @@ from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_s
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
 from stylelora.data.scan import ScanReport, TrainItem, scan_folder
+from stylelora.lora.components import text_encoders
 from stylelora.lora.inject import adapters_disabled
 from stylelora.models.heap import return_freed_memory
 from stylelora.train import checkpoint
@@ -432,7 +433,7 @@ def _add_lora(config: TrainConfig, pipe):
     from stylelora.lora.inject import add_lora
 
     n = config.network
-    encoders = _text_encoders(pipe)
+    encoders = text_encoders(pipe)
     lora = add_lora(pipe.unet, pipe.text_encoder, rank=n.rank, alpha=n.alpha, unet_targets=n.unet_targets,
                     train_text_encoder=n.train_text_encoder, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha,
                     text_encoder_2=encoders.get("text_encoder_2"))
@@ -446,13 +447,6 @@ def _add_lora(config: TrainConfig, pipe):
             for encoder in encoders.values():
                 _enable_text_encoder_checkpointing(encoder)
     return lora
-
-
-def _text_encoders(pipe) -> dict[str, torch.nn.Module]:
-    """{"text_encoder": ...} and, for SDXL, "text_encoder_2"."""
-    from stylelora.lora.components import TEXT_ENCODERS
-
-    return {name: getattr(pipe, name) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None}
 
 
 def _enable_text_encoder_checkpointing(text_encoder) -> None:
@@ -524,7 +518,7 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
 
     optimizer = build_optimizer(config, lora)
     lr_scheduler = build_lr_scheduler(config, optimizer)  # stepped by us once per optimizer step, not prepared
-    encoders = _text_encoders(pipe)
+    encoders = text_encoders(pipe)
     trained = {"unet": pipe.unet, **{name: model for name, model in encoders.items() if getattr(lora, name)}}
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
     wrapped = {**encoders, **dict(zip(trained, prepared))}
@@ -605,7 +599,7 @@ def describe_run(run: Run, start_step: int) -> str:
 
 
 def _text_encoders_trained(pipe) -> str:
-    return " and both text encoders" if len(_text_encoders(pipe)) > 1 else " and text encoder"
+    return " and both text encoders" if len(text_encoders(pipe)) > 1 else " and text encoder"
 
 
 def preservation_off(config: TrainConfig, triggers: tuple[str, ...]) -> str | None:
