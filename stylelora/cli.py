@@ -217,7 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except BrokenPipeError:
+        # `stylelora inspect FILE | head` closed the pipe: stop quietly as `ls | head` does, not with a traceback.
+        # stdout is pointed at /dev/null so the interpreter's final flush does not raise the same error again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # the status a shell reports for a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -102,3 +102,17 @@ def test_upload_check_reads_only_the_header(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(AdapterFileError, match="not a readable"):
         check_adapter_file(tmp_path / "junk.safetensors")
+
+
+def test_inspect_piped_into_head_stops_quietly(tmp_path):
+    """`stylelora inspect FILE | head -1` ends without a BrokenPipeError traceback, with the status `ls | head` gets.
+    The reader here is `true`, which has closed the pipe long before the command writes, so every run hits it."""
+    import subprocess
+    import sys
+
+    path = make_adapter(tmp_path / "ink.safetensors", 1, trigger="ink style, ink")
+    script = (f"{sys.executable} -c 'import sys; from stylelora.cli import main; sys.exit(main())' "
+              f"inspect {path} --json | true")
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {script}"], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode == 141
