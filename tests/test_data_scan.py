@@ -134,6 +134,33 @@ def test_extra_trigger_is_added_once_in_front(tmp_path):
     assert [item.caption for item in items] == ["zorb, red circle", "a Zorb, blue", "zorb, style"]
 
 
+@pytest.mark.parametrize("layout, trigger, expected, unexpected", [
+    ("flat", None, "1 images have no caption and no trigger words, so they train with an empty caption: b.png. "
+                   "Write NAME.txt beside each, or pass --trigger WORD.", "trigger words alone"),
+    ("flat", "inkstyle", "1 images have no caption and train with the trigger words alone: b.png → 'inkstyle'",
+     "empty caption"),
+    ("flat", "inkstyle", "flat (2 images × 1 repeats, trigger 'inkstyle')", "empty caption"),
+    ("kohya", None, "1 images have no caption and train with the trigger words alone: b.png → 'style'",
+     "empty caption"),
+    ("kohya", "inkstyle", "b.png → 'inkstyle, style'", "b.png → 'style'"),
+])
+def test_the_summary_says_what_an_uncaptioned_image_trains_with(tmp_path, layout, trigger, expected, unexpected):
+    folder = tmp_path / ("2_style" if layout == "kohya" else "flat")
+    _image(folder / "a.png", "a red circle")
+    _image(folder / "b.png")
+    _, report = scan_folder(folder.parent if layout == "kohya" else folder, extra_trigger=trigger)
+    assert expected in report.summary() and unexpected not in report.summary()
+
+
+def test_the_summary_leaves_out_images_the_checks_skip(tmp_path):
+    _image(tmp_path / "1_style" / "a.png")
+    (tmp_path / "1_style" / "zero.png").write_bytes(b"")
+    _, report = scan_folder(tmp_path)
+    assert "zero.png" in report.summary()
+    summary = report.summary(left_out=frozenset({tmp_path / "1_style" / "zero.png"}))
+    assert "1 images have no caption" in summary and "zero.png" not in summary
+
+
 @pytest.mark.parametrize("caption, trigger, expected", [
     ("red circle", "zorb", "zorb, red circle"),
     ("zorb, red", "zorb", "zorb, red"),

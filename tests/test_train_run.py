@@ -128,7 +128,9 @@ def test_bad_images_are_skipped_and_listed(tmp_path, tiny_base, capsys):
     report = (tmp_path / "run" / "skipped.txt").read_text()
     for name, reason in bad.items():
         assert name in report and reason in report
-    assert "4 of 10 images skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "4 of 10 images skipped" in err
+    assert "no caption" not in err  # the skipped files are not also listed as trained without captions
     assert adapter_metadata(adapter)["ss_num_train_images"] == "12"  # 6 good images × 2 repeats
 
 
@@ -218,14 +220,18 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path, tiny_base, stripe
     assert train(stripes_dataset, output, tiny_base, **{"train.steps": 1, "train.overwrite": True}).is_file()
 
 
-def test_a_resume_may_change_the_precision_as_the_divergence_advice_says(tmp_path, tiny_base, stripes_dataset):
+def test_a_resume_may_change_the_precision_as_the_divergence_advice_says(tmp_path, tiny_base, stripes_dataset,
+                                                                         capsys):
     output = tmp_path / "run"
     train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.precision": "bf16"})
     reset_accelerate()
+    capsys.readouterr()
     adapter = train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.precision": "fp32",
                                                            "train.resume": "latest", "train.steps": 6})
     metadata = adapter_metadata(adapter)
     assert metadata["ss_mixed_precision"] == "no" and metadata["ss_steps"] == "6"  # "no": kohya's name for fp32
+    # 4 → 6 steps stretches the cosine: the rate at step 5 rises again, and the run says so before it trains.
+    assert "resumed with --steps 6 (the checkpoint's run had 4)" in capsys.readouterr().err
 
 
 def test_a_folder_holding_another_run_is_refused_before_anything_is_written(tmp_path, tiny_base, stripes_dataset):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stylelora.data.errors import DataError
@@ -78,25 +78,34 @@ class ScanReport:
     def image_count(self) -> int:
         return sum(f.image_count for f in self.folders)
 
-    def summary(self) -> str:
-        """A few human lines: what will be trained, and what was filled in or left out."""
+    def summary(self, left_out: frozenset[Path] = frozenset()) -> str:
+        """A few human lines: what will be trained, and what was filled in or left out. left_out: images the checks
+        skip (reported with their reasons on their own), which are not listed as trained without a caption."""
         parts = ", ".join(
             f"{f.name} ({f.image_count} images × {f.repeats} repeats"
             + (f", trigger '{f.trigger}')" if f.trigger else ")")
             for f in self.folders
         )
         lines = [f"Found {self.image_count} images in {self.root} ({self.layout} layout): {parts}."]
-        if self.uncaptioned:
-            shown = "; ".join(f"{p.name} → '{c}'" for p, c in self.uncaptioned[:5])
-            more = f" (+{len(self.uncaptioned) - 5} more)" if len(self.uncaptioned) > 5 else ""
-            lines.append(f"{len(self.uncaptioned)} images have no caption and use their folder's trigger words: "
-                         f"{shown}{more}.")
+        uncaptioned = [(path, caption) for path, caption in self.uncaptioned if path not in left_out]
+        with_trigger = [(path, caption) for path, caption in uncaptioned if caption]
+        if with_trigger:
+            lines.append(f"{len(with_trigger)} images have no caption and train with the trigger words alone: "
+                         f"{_first_five(f'{p.name} → {c!r}' for p, c in with_trigger)}.")
+        if len(with_trigger) < len(uncaptioned):
+            empty = [path.name for path, caption in uncaptioned if not caption]
+            lines.append(f"{len(empty)} images have no caption and no trigger words, so they train with an empty "
+                         f"caption: {_first_five(empty)}. Write NAME.txt beside each, or pass --trigger WORD.")
         if self.ignored:
-            shown = "; ".join(f"{i.path.name} ({i.reason})" for i in self.ignored[:5])
-            more = f" (+{len(self.ignored) - 5} more)" if len(self.ignored) > 5 else ""
-            lines.append(f"Ignored {len(self.ignored)} files: {shown}{more}.")
+            lines.append(f"Ignored {len(self.ignored)} files: "
+                         f"{_first_five(f'{i.path.name} ({i.reason})' for i in self.ignored)}.")
         lines.extend(self.warnings)
         return "\n".join(lines)
+
+
+def _first_five(texts) -> str:
+    texts = list(texts)
+    return "; ".join(texts[:5]) + (f" (+{len(texts) - 5} more)" if len(texts) > 5 else "")
 
 
 def scan_folder(root: str | Path, *, extra_trigger: str | None = None,
@@ -121,7 +130,14 @@ def scan_folder(root: str | Path, *, extra_trigger: str | None = None,
         raise DataError(_no_images_message(root, report, role))
     if extra_trigger and extra_trigger.strip():
         items = [_with_trigger(item, extra_trigger.strip()) for item in items]
+        _report_trigger(report, extra_trigger.strip())
     return items, report
+
+
+def _report_trigger(report: ScanReport, trigger: str) -> None:
+    """The report as the items now read with --trigger: captions filled in carry it, and a flat folder shows it."""
+    report.uncaptioned = [(path, add_trigger(caption, trigger)) for path, caption in report.uncaptioned]
+    report.folders = [replace(f, trigger=trigger) if not f.trigger else f for f in report.folders]
 
 
 def trigger_pattern(trigger: str) -> re.Pattern:

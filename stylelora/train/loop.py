@@ -147,6 +147,7 @@ def run_training(config: TrainConfig) -> Path:
 
     # 5. Resume exactly where a checkpoint left off.
     start_step = restore(run, resume_from, resume_state) if resume_from else 0
+    say(resumed_schedule_note(run, resume_state))
 
     # 6. Train.
     if accelerator.is_main_process:
@@ -354,9 +355,9 @@ def _clear_output_dir(config: TrainConfig, run_dir: Path, resume_from: Path | No
 def prepare_data(config: TrainConfig, run_dir: Path, accelerator, say) -> DataPlan:
     """Scan and check every image; write the skip report; DataError (before any model loads) if none is usable."""
     items, report = scan_folder(config.data.dir, extra_trigger=config.data.trigger or None)
-    say(report.summary())
-    say(caption_variants_note(items, config.data.caption_variants))
     checked = check_items(items)
+    say(report.summary(left_out=frozenset(skipped.path for skipped in checked.skipped)))
+    say(caption_variants_note(items, config.data.caption_variants))
     if accelerator.is_main_process:
         report_path = write_skip_report(run_dir, checked.skipped)
         say(skip_summary(checked.skipped, checked.total, report_path if checked.skipped else None))
@@ -374,8 +375,8 @@ def trigger_phrases(config: TrainConfig, report: ScanReport) -> tuple[str, ...]:
 def prepare_reg_data(config: TrainConfig, run_dir: Path, train: list[CheckedImage], accelerator, say):
     """kohya's rule: reg images repeat (or are cut) so an epoch holds as many reg samples as training samples."""
     items, report = scan_folder(config.data.reg_dir, role="regularization")
-    say("regularization: " + report.summary())
     checked = check_items(items, role="regularization")  # DataError naming them when none is usable
+    say("regularization: " + report.summary(left_out=frozenset(skipped.path for skipped in checked.skipped)))
     if accelerator.is_main_process and checked.skipped:
         report_path = write_skip_report(run_dir, checked.skipped, file_name="skipped-reg.txt")
         say("regularization: " + skip_summary(checked.skipped, checked.total, report_path))
@@ -655,6 +656,20 @@ def with_resumed_warmup(config: TrainConfig, resume_state: dict | None) -> Train
         return config  # the same as today's default: nothing to record
     return with_sources(with_values(config, {"optim.warmup_steps": warmup}),
                         {"optim.warmup_steps": f"kept from the resumed run ({saved['train']['steps']} steps)"})
+
+
+def resumed_schedule_note(run: Run, state: dict | None) -> str | None:
+    """A line when a resume changes --steps and so where the rate schedule ends: the rate jumps at the resumed step
+    (a cosine stretched from 20 to 40 steps goes from near 0 back to mid-height), which a user should not discover in
+    the loss plot. None when nothing moved."""
+    if state is None or state["config"]["train"]["steps"] == run.config.train.steps:
+        return None
+    before, now = state["lr_scheduler"]["_last_lr"][0], run.lr_scheduler.get_last_lr()[0]
+    if math.isclose(before, now, rel_tol=1e-3):
+        return None  # a constant schedule: the rate is the same whatever the length
+    return (f"resumed with --steps {run.config.train.steps} (the checkpoint's run had "
+            f"{state['config']['train']['steps']}): the learning-rate schedule now ends at step "
+            f"{run.config.train.steps}, so the UNet rate continues at {now:.2g} instead of {before:.2g}.")
 
 
 def restore(run: Run, path: Path, state: dict) -> int:
