@@ -111,7 +111,7 @@ class DataConfig:
     bucketing: bool = option(True, "aspect-ratio buckets (--no-bucketing: every image center-cropped square)",
                              flag="--no-bucketing")
     bucket_step: int | None = option(None, "bucket side step (unset: the base's downsampling factor, 8 for the toy "
-                                           "base, 64 for SD)", example="8")
+                                           "base, 64 for SD 1.x/2.x, 32 for SDXL)", example="8")
     min_side: int | None = option(None, "smallest bucket side (unset: resolution / 2)", example="16")
     max_side: int | None = option(None, "largest bucket side (unset: resolution × 2)", example="64")
     no_upscale: bool = option(False, "never upscale an image to fit a bucket")
@@ -220,7 +220,7 @@ class TrainSection:
     keep_checkpoints: int = option(3, "keep the last K checkpoints", example="3")
     sample_every: int = option(250, "sample grid every N steps (0 = only at the end)", example="250",
                                widget=Widget("Sample grid every N steps (0 = at the end)", minimum=0))
-    samples: bool = option(True, "sample grids during and at the end of the run (--no-samples: none)",
+    samples: bool = option(True, "sample grids during and at the end of the run (--no-samples: no sample grids)",
                            flag="--no-samples")
     sample_prompts: tuple[str, ...] | None = option(None, "sample grid prompts, one a line of FILE in kohya's syntax "
                                                           "(`PROMPT --n NEGATIVE --w 512 --h 768 --d SEED --l CFG "

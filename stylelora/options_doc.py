@@ -94,7 +94,11 @@ def with_table(document: str) -> str:
 
 
 def _markers(name: str) -> tuple[str, str]:
-    return BEGIN.replace("options", name, 1), END.replace("options", name, 1)
+    """The comments around a generated table; each names the module its values are declared in."""
+    begin = BEGIN.replace("options", name, 1)
+    if name == "presets":
+        begin = begin.replace("stylelora/config.py", "stylelora/presets.py")
+    return begin, END.replace("options", name, 1)
 
 
 def main() -> int:

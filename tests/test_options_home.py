@@ -48,6 +48,20 @@ def test_cli_help_shows_the_declared_default(spec, capsys):
         assert f"(default {default_text(spec)})" in help_text
 
 
+@pytest.mark.parametrize("flag, says_first", [
+    ("--no-bucketing", "every image center-cropped square (default: aspect-ratio buckets)"),
+    ("--no-text-encoder", "the UNet only (default: a LoRA on the text encoder too)"),
+    ("--no-samples", "no sample grids (default: sample grids"),
+    ("--flip", "random horizontal flips"),  # a flag that turns an option on keeps the option's own help
+])
+def test_a_flag_that_turns_a_default_off_says_what_it_does_first(flag, says_first, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "500")  # argparse would break "aspect-ratio" at its hyphen
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"{flag} {says_first}" in help_text
+
+
 def test_a_changed_default_shows_in_cli_docs_and_app(monkeypatch):
     """One edit to a declaration is the whole change: parser, docs table and app widget all read it."""
     gr = pytest.importorskip("gradio")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -27,7 +28,7 @@ def _argument(spec: OptionSpec) -> dict[str, Any]:
         kwargs["action"] = argparse.BooleanOptionalAction  # a preset decides unless --x or --no-x is given
     elif spec.type is bool:
         # A flag switches its option away from the default: --flip sets True, --no-text-encoder sets False.
-        kwargs.update(action="store_const", const=not spec.default)
+        kwargs.update(action="store_const", const=not spec.default, help=_flag_help(spec))
     elif spec.type is tuple or typing.get_origin(spec.type) is tuple:
         kwargs["metavar"] = "FILE"  # one prompt per line; read in overrides_from_args
     else:
@@ -35,6 +36,16 @@ def _argument(spec: OptionSpec) -> dict[str, Any]:
         choices = spec.option.choices  # checked by the config, with its message, not by argparse
         kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else spec.key.upper()
     return kwargs
+
+
+def _flag_help(spec: OptionSpec) -> str:
+    """A --no-X flag's help says what the flag does, then the default it turns off. The option's own help describes
+    the option ("aspect-ratio buckets (--no-bucketing: every image center-cropped square)"), which next to the flag
+    would read as what the flag turns on."""
+    match = re.fullmatch(rf"(.*) \({re.escape(spec.flag or '')}: (.*)\)", spec.option.help)
+    if spec.default is not True or match is None:
+        return spec.option.help
+    return f"{match[2]} (default: {match[1]})"
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
