@@ -68,8 +68,21 @@ def a1111_sidecar(metadata: dict[str, str]) -> dict[str, object]:
         "activation text": ", ".join(trigger_words(metadata)),
         "preferred weight": 1.0,
         "negative text": "",
-        "notes": f"Trained with stylelora. License: {metadata.get('modelspec.license', 'unspecified')}.",
+        "notes": f"{_origin(metadata)} License: {metadata.get('modelspec.license', 'unspecified')}.",
     }
+
+
+def _origin(metadata: dict[str, str]) -> str:
+    """How the file was made, for the sidecar's notes: a blend names its inputs, as its card does."""
+    if BLEND_KEY not in metadata:
+        return "Trained with stylelora."
+    try:
+        inputs = json.loads(metadata[BLEND_KEY]).get("inputs", [])
+    except ValueError:
+        inputs = []
+    names = ", ".join(f"{entry.get('title') or entry.get('file', '?')} ({entry.get('unet_weight', '?')})"
+                      for entry in inputs)
+    return f"Blended with stylelora from {names}." if names else "Blended with stylelora."
 
 
 CARD_MARK = "<!-- stylelora model card -->"  # the last line of every card: a README.md without it is the user's
@@ -179,8 +192,24 @@ def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = Non
     written.append(write_text_atomic(sidecar, json.dumps(a1111_sidecar(metadata), indent=4) + "\n"))
     grid_link = os.path.relpath(grid, adapter.parent) if grid is not None and grid.is_file() else None
     card_text = model_card(name, metadata, grid=grid_link, preview=preview is not None and preview.is_file())
-    written.append(write_text_atomic(card or card_path(adapter), card_text))
+    target = card or card_path(adapter)
+    written.append(write_text_atomic(target, card_text))
+    _drop_stale_card(adapter, keep=target)
     return written
+
+
+def _drop_stale_card(adapter: Path, keep: Path) -> None:
+    """Delete the card this adapter's previous version left at its other place: a file written over when its folder
+    has since gained other adapters gets NAME.md, and README.md, which still described the old file, would
+    contradict it. Only a card stylelora wrote for this very file goes; the user's own README stays."""
+    for other in (adapter.with_name("README.md"), adapter.with_name(f"{adapter.stem}.md")):
+        if other != keep and other.is_file() and _is_card(other) and _card_names(other, adapter.name):
+            other.unlink()
+
+
+def _card_names(path: Path, file_name: str) -> bool:
+    """Whether the card at `path` is the card of `file_name` (its diffusers line loads that file)."""
+    return f'weight_name="{file_name}"' in path.read_text(encoding="utf-8", errors="replace")
 
 
 def card_path(adapter: Path) -> Path:

@@ -267,7 +267,8 @@ def test_limits_and_grid_axes_are_refused_with_the_limit_named(app):
     for args, endpoint, message in refused:
         with pytest.raises(gradio_client.exceptions.AppError, match=message):
             client.predict(*args, api_name=endpoint)
-    with pytest.raises(gradio_client.exceptions.AppError, match=r"each side must be between 8 and 1024.*--max-side"):
+    with pytest.raises(gradio_client.exceptions.AppError,
+                       match=r"each side must be between 8 and 64 .*native size of 32 px.*--max-side"):
         client.predict(prompt=PROMPT, size="2048x2048", api_name="/generate")
     with pytest.raises(gradio_client.exceptions.AppError, match=r"Batch size .*--max-batch"):
         client.predict(prompt=PROMPT, batch_size=64, api_name="/generate")
@@ -410,3 +411,63 @@ def test_the_train_tabs_text_boxes_read_numbers_and_name_a_bad_one():
         train_settings("tiny", "run", "toy", False, keys, ["fast", "", ""])
     with pytest.raises(AppError, match=r"Batch size must be a whole number \(got '2.5'\)"):
         train_settings("tiny", "run", "toy", False, keys, ["", "2.5", ""])
+
+
+def test_sigterm_stops_the_app_as_ctrl_c_does_emptying_gradios_file_cache(tmp_path):
+    """`kill`, systemd and `docker stop` send SIGTERM, whose default ended the app at once, leaving gradio's copies of
+    uploaded and served files in its temp folder; Ctrl+C's way out deletes them (--cache-minutes says so)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from test_app_fixtures import REPO
+
+    port, cache = free_port(), tmp_path / "gradio"
+    process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--adapters-dir",
+                                str(tmp_path / "adapters"), "--datasets-dir", str(tmp_path / "datasets")],
+                               cwd=tmp_path, env={**os.environ, "GRADIO_TEMP_DIR": str(cache)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, copies = time.time() + 90, None
+        while time.time() < deadline and copies is None and process.poll() is None:
+            body = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="note.txt"\r\n'
+                    b"Content-Type: text/plain\r\n\r\nhello\r\n--b--\r\n")
+            upload = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/upload", data=body,
+                                            headers={"Content-Type": "multipart/form-data; boundary=b"})
+            try:
+                with urllib.request.urlopen(upload, timeout=5) as response:
+                    copies = [Path(path) for path in json.loads(response.read())]
+            except OSError:
+                time.sleep(0.5)
+        assert copies and all(copy.is_file() and copy.is_relative_to(cache) for copy in copies)
+        process.terminate()  # SIGTERM
+        output = process.communicate(timeout=30)[0]
+        assert process.returncode == 0, output
+        assert not any(copy.exists() for copy in copies), output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def test_sigterm_raises_keyboard_interrupt_only_while_the_app_serves():
+    import os
+    import signal
+    import time
+
+    from stylelora.app.launch import sigterm_as_ctrl_c
+
+    def ignored(signum, frame):  # stands in for the default, which would end the test run
+        pass
+
+    original = signal.signal(signal.SIGTERM, ignored)
+    try:
+        with sigterm_as_ctrl_c():
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        assert signal.getsignal(signal.SIGTERM) is ignored
+    finally:
+        signal.signal(signal.SIGTERM, original)

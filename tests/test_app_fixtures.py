@@ -1,4 +1,5 @@
-"""Shared helpers of the app tests: LoRA adapters for the shipped toy base, and a tiny training folder.
+"""Shared helpers of the app tests: LoRA adapters for the shipped toy base, a tiny training folder, and the
+config files of an SD-sized base.
 
 The adapters are random but seeded (the same seed gives the same file), made with the project's own LoRA injection
 and writer, so they carry the kohya keys and metadata (trigger words) a trained adapter has. The single test here
@@ -90,6 +91,19 @@ def tiny_dataset(root: Path, count: int = 4) -> Path:
         if caption.is_file():
             shutil.copy(caption, target / caption.name)
     return root
+
+
+def sd_sized_base(folder: Path) -> Path:
+    """The config files of a base with SD 1.x's geometry (512 px native, sides a multiple of 64), no weights."""
+    import json
+
+    for name, config in (("model_index.json", {"_class_name": "StableDiffusionPipeline"}),
+                         ("unet/config.json", {"sample_size": 64, "down_block_types": ["CrossAttnDownBlock2D"] * 4,
+                                               "cross_attention_dim": 768}),
+                         ("vae/config.json", {"block_out_channels": [128, 256, 512, 512]})):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(config))
+    return folder
 
 
 def test_fixture_adapters_change_toy_images(tmp_path):

@@ -89,3 +89,23 @@ def test_the_train_tabs_checkboxes_have_a_row_of_their_own(page_config):
     assert len({parents[box] for box in boxes}) == 1 and {parents[n] for n in numbers} != {parents[boxes[0]]}
     row = parents[boxes[0]]
     assert {types[i] for i, parent in parents.items() if parent == row} == {"checkbox"}
+
+
+def test_the_size_box_offers_the_bases_own_sizes_and_follows_the_base(app, page_config, tmp_path):
+    """The toy base (32 px native) was offered SD's 512-1024 px sizes, which its server limit let through."""
+    from test_app_fixtures import sd_sized_base
+
+    from stylelora.app.service import AppService
+    from stylelora.app.ui import size_box
+
+    size = component(page_config, "size")
+    assert [value for _, value in size["props"]["choices"]] == ["native", "32x32", "24x40", "40x24"]
+    assert size["props"]["label"] == "Size (WxH, up to 64 a side)"
+    changed = listeners(page_config, "base", "change")  # the Generate tab's base box (the first with this id)
+    assert [d["outputs"] for d in changed] == [[size["id"]]]
+    sd = str(sd_sized_base(tmp_path / "sd"))
+    both = AppService(app[1].adapters_dir, datasets_dir=app[1].datasets_dir, bases=("toy", sd))
+    assert size_box(both, sd, "32x32") == {"choices": ["native", "512x512", "448x576", "576x448", "384x640",
+                                                       "640x384"], "label": "Size (WxH, up to 1024 a side)",
+                                           "value": "native"}  # a size the new base does not offer goes back
+    assert size_box(both, "toy", "24x40")["value"] == "24x40"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from test_app_fixtures import PROMPT, broken_adapter, make_toy_adapter, tiny_dataset, toy_base
+from test_app_fixtures import PROMPT, broken_adapter, make_toy_adapter, sd_sized_base, tiny_dataset, toy_base
 
 from stylelora.app.errors import AppError
 from stylelora.app.service import AdapterWeight, AppService, GenerateSettings
@@ -312,7 +312,8 @@ def test_requests_over_a_limit_are_refused_with_the_limit_named(service):
         service.generate(settings(steps=151))
     with pytest.raises(AppError, match=r"Batch size .* \(--max-batch"):
         service.generate(settings(batch_size=9))
-    with pytest.raises(AppError, match=r"Image size 2048x2048: each side .* 1024 is this server's limit \(--max-side"):
+    with pytest.raises(AppError, match=r"Image size 2048x2048: each side .* 64 is this server's limit for toy.*"
+                                       r"--max-side"):
         service.generate(settings(size="2048x2048"))
     with pytest.raises(AppError, match="CFG scale must be a number"):
         service.generate(settings(cfg=float("nan")))
@@ -325,6 +326,34 @@ def test_requests_over_a_limit_are_refused_with_the_limit_named(service):
     with pytest.raises(AppError, match="--max-side"):
         small.request(settings(size="64x64"))
     assert "images up to 32 px a side, 10 steps" in small.limits.summary()
+
+
+def test_sizes_offered_and_allowed_are_relative_to_the_bases_native_size(service, tmp_path):
+    """A 1024 px image on the 32 px toy base ran for minutes: by default a side may be twice the base's native size,
+    and the sizes offered are the base's own training buckets (about its native area) at the common aspect ratios."""
+    from stylelora.app.service import Limits
+
+    assert service.size_choices("toy") == ["native", "32x32", "24x40", "40x24"]
+    assert service.max_side("toy") == 64
+    with pytest.raises(AppError, match=r"Image size 1024x1024: each side must be between 8 and 64 \(got 1024\); 64 is "
+                                       r"this server's limit for toy, 2× its native size of 32 px \(start the app "
+                                       r"with --max-side N to allow up to N px on every base\)\."):
+        service.request(settings(size="1024x1024"))
+    assert (service.request(settings(size="64x48")).width, service.request(settings(size="48")).height) == (64, 48)
+    sd = str(sd_sized_base(tmp_path / "sd"))
+    both = AppService(service.adapters_dir, datasets_dir=service.datasets_dir, bases=("toy", sd))
+    assert both.size_choices(sd) == ["native", "512x512", "448x576", "576x448", "384x640", "640x384"]
+    assert both.request(settings(base=sd, size="1024x768")).width == 1024  # config files only: nothing loads
+    with pytest.raises(AppError, match=r"1024 is this server's limit for .*, 2× its native size of 512 px"):
+        both.request(settings(base=sd, size="1088x1024"))
+    with pytest.raises(AppError, match="is not offered by this app"):  # a base name is never resolved unless offered
+        both.size_choices(str(tmp_path))
+    fixed = AppService(service.adapters_dir, datasets_dir=service.datasets_dir, limits=Limits(max_side=1024))
+    assert fixed.request(settings(size="1024x1024")).width == 1024  # --max-side: the operator's limit, on every base
+    with pytest.raises(AppError, match=r"1024 is this server's limit \(--max-side"):
+        fixed.request(settings(size="2048"))
+    small = AppService(service.adapters_dir, datasets_dir=service.datasets_dir, limits=Limits(max_side=24))
+    assert small.size_choices("toy") == ["native"]  # no size over the limit is offered
 
 
 def test_grid_axes_are_held_to_the_limits_of_generate(service):
@@ -448,6 +477,18 @@ def test_delete_and_rename_stay_inside_the_adapters_folder_and_need_confirming(s
     assert service.delete_adapter("kept/new", confirm=True) == "Deleted kept/new."
     assert "kept/new" not in service.adapter_names() and not (service.adapters_dir / "kept" / "new.json").exists()
     assert outside.is_file() and not (tmp_path.parent / "escaped.safetensors").exists()
+
+
+def test_a_refused_new_name_is_quoted_as_typed(service):
+    """The check goes part by part: its message once quoted the part ('..'), not what the user typed."""
+    make_toy_adapter(service.adapters_dir / "toy-stripes.safetensors", seed=8)
+    try:
+        for new in ("../../x", "styles/../x", "/tmp/x", "a/.hidden"):
+            with pytest.raises(AppError) as refused:
+                service.rename_adapter("toy-stripes", new, confirm=True)
+            assert str(refused.value).startswith(f"New name {new!r} is not a plain name: use NAME or FOLDER/NAME")
+    finally:
+        service.delete_adapter("toy-stripes", confirm=True)
 
 
 def test_the_train_tab_shows_the_base_familys_preset_for_empty_boxes():

@@ -83,6 +83,7 @@ def test_blend_writes_the_same_bundle(run_dir, tmp_path):
     assert (out.parent / "mix.preview.png").read_bytes() == (run_dir / "run.preview.png").read_bytes()
     sidecar = json.loads((out.parent / "mix.json").read_text(encoding="utf-8"))
     assert sidecar["activation text"] == "stripestyle" and sidecar["sd version"] == "SD1"
+    assert sidecar["notes"] == "Blended with stylelora from run (1.0), run (0.5). License: CC-BY-4.0."
     card = (out.parent / "README.md").read_text(encoding="utf-8")
     assert "<lora:mix:1>" in card and "License: CC-BY-4.0" in card  # both inputs carry CC-BY-4.0
     assert "## Blend" in card and "not trained" not in card  # a blend's card tells its inputs, not a training run
@@ -96,6 +97,15 @@ def test_blend_writes_the_same_bundle(run_dir, tmp_path):
     assert "License: CC0-1.0" in (out.parent / "mix2.md").read_text(encoding="utf-8")
     assert (out.parent / "README.md").read_text(encoding="utf-8") == card
     assert "preview.png" not in (out.parent / "mix2.md").read_text(encoding="utf-8")  # none was written for it
+    again = blend(out)
+    assert again.returncode == 2 and "exists already" in again.stderr and "--overwrite" in again.stderr
+    assert (out.parent / "README.md").read_text(encoding="utf-8") == card  # refused before anything was written
+    replaced = blend(out, "--overwrite", "--license", "CC0-1.0")
+    assert replaced.returncode == 0, replaced.stderr
+    # The folder now holds two blends, so mix's new card is mix.md; README.md, its old card, would contradict it.
+    assert "License: CC0-1.0" in (out.parent / "mix.md").read_text(encoding="utf-8")
+    assert not (out.parent / "README.md").exists()
+    assert "License: CC0-1.0" in (out.parent / "mix2.md").read_text(encoding="utf-8")  # the other blend's card stays
     own = tmp_path / "project"
     own.mkdir()
     (own / "README.md").write_text("# my notes\n", encoding="utf-8")

@@ -4,13 +4,17 @@ Importing this module is cheap (the parser is built on every `stylelora` call); 
 Served: 127.0.0.1 unless --host says otherwise, a public link only with --share, files only from the app's
 images/ and grids/ folders (gradio's allowed_paths), uploads capped at --max-upload-mb by gradio and again by the
 service, requests queued (--queue-size waiting, --concurrency running) and held to the limits below, gradio's file
-cache emptied of files older than --cache-minutes.
+cache emptied of files older than --cache-minutes. SIGTERM (`kill`, systemd, `docker stop`) stops the app as Ctrl+C
+does, so gradio empties its file cache then too.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
@@ -33,7 +37,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                              "training folders go (default: the project's datasets/)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest upload accepted, per file (default {DEFAULT_MAX_UPLOAD_MB} MiB)")
-    from stylelora.app.service import Limits
+    from stylelora.app.service import NATIVE_SIDE_FACTOR, Limits
 
     defaults = Limits()
     limits = parser.add_argument_group("limits", "what one request may ask for (shown in the app)")
@@ -45,10 +49,11 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             ("queue_size", "--queue-size", "requests that may wait in the queue; more are refused"),
             ("concurrency", "--concurrency", "generations and grids running at once (they share the base)")):
         default = getattr(defaults, name)
-        limits.add_argument(flag, type=int, default=default, dest=name, help=f"{help_text} (default {default})")
+        shown = default if default is not None else f"{NATIVE_SIDE_FACTOR}× the base's native size, 64 for the toy"
+        limits.add_argument(flag, type=int, default=default, dest=name, help=f"{help_text} (default {shown})")
     parser.add_argument("--cache-minutes", type=int, default=DEFAULT_CACHE_MINUTES,
                         help="delete gradio's copies of served and uploaded files after this many minutes (default "
-                             f"{DEFAULT_CACHE_MINUTES}; all are deleted when the app stops)")
+                             f"{DEFAULT_CACHE_MINUTES}; all are deleted when the app stops on Ctrl+C or SIGTERM)")
     return parser
 
 
@@ -88,15 +93,43 @@ def serve(demo, service, *, host: str = DEFAULT_HOST, port: int | None = DEFAULT
     from stylelora.app.ui import CSS
 
     demo.queue(default_concurrency_limit=service.limits.concurrency, max_size=service.limits.queue_size)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-                allowed_paths=[str(path) for path in service.served_dirs], max_file_size=service.max_upload_bytes,
-                quiet=quiet, css=CSS)
+
+    def launch() -> None:
+        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
+                    allowed_paths=[str(path) for path in service.served_dirs], max_file_size=service.max_upload_bytes,
+                    quiet=quiet, css=CSS)
+
+    if prevent_thread_lock:  # the caller runs on and closes the app itself
+        launch()
+        return demo
+    with sigterm_as_ctrl_c():
+        try:
+            launch()  # returns once Ctrl+C or SIGTERM stops the server
+        except KeyboardInterrupt:  # stopped while gradio was still starting: stop as it does once it waits
+            demo.close()
     return demo
 
 
-def handle_app(args: argparse.Namespace) -> int:
-    import threading
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """While the app serves, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl+C does: gradio then closes
+    its server, whose shutdown deletes its cached copies of files. Python's default for SIGTERM ends the process at
+    once, leaving them in its temp folder. Outside the main thread (where handlers cannot be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def handle_app(args: argparse.Namespace) -> int:
     from stylelora.app.errors import AppError
     from stylelora.app.service import Limits
 

@@ -7,7 +7,8 @@ call the service directly. Safety by construction:
 - training data folders are named relative to the datasets folder and resolved only inside it;
 - uploads are size-capped and must load on the base as generation would (layout, modules and shapes, finite
   values) before they are copied in;
-- every request is held to the server's Limits (max side, steps, batch, grid cells), with the limit named;
+- every request is held to the server's Limits (max side, steps, batch, grid cells), with the limit named; the
+  max side is by default relative to the base's native size (a toy base asked for 1024 px would run for minutes);
 - every file the app writes goes into the adapters or datasets folder, atomically.
 Generation is serialised where it must be: the adapter stack fuses a blend into the shared pipeline's weights and
 holds its lock while sampling (`generate()` does this), so concurrent requests with different blends each get
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stylelora.app.errors import AppError, plain_name
+from stylelora.app.errors import PLAIN_NAME, AppError, plain_name
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20
 DEFAULT_BASES = ("toy",)
@@ -41,6 +42,9 @@ CFG_LIMIT = 30.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")
 MAX_DATASET_FILES = 10_000
+NATIVE_SIDE_FACTOR = 2  # the default max side: this many times the base's native size (--max-side sets one for all)
+# The aspect ratios (W:H) whose sizes the Generate tab offers, each as the base's training bucket nearest it.
+COMMON_ASPECTS = ((1, 1), (3, 4), (4, 3), (2, 3), (3, 2), (9, 16), (16, 9))
 
 Progress = Callable[[int, int], None]
 
@@ -49,7 +53,7 @@ Progress = Callable[[int, int], None]
 class Limits:
     """What one request may ask for on this server (`stylelora app --max-side ...`); shown in the UI."""
 
-    max_side: int = 1024
+    max_side: int | None = None  # None: NATIVE_SIDE_FACTOR × the base's native size (side_limit)
     max_steps: int = 150
     max_batch: int = 8
     max_grid_cells: int = 25
@@ -61,17 +65,32 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in self.FLAGS:
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise AppError(f"{self.FLAGS[name]} must be at least 1 (got {getattr(self, name)}).")
 
     def summary(self) -> str:
-        return (f"Server limits: images up to {self.max_side} px a side, {self.max_steps} steps, batch "
+        side = f"{self.max_side} px" if self.max_side else f"{NATIVE_SIDE_FACTOR}× the base's native size"
+        return (f"Server limits: images up to {side} a side, {self.max_steps} steps, batch "
                 f"{self.max_batch}, grids of {self.max_grid_cells} cells; {self.concurrency} jobs run at a time and "
                 f"{self.queue_size} can wait (each waiting request shows its place in the queue).")
 
-    def check(self, label: str, value: Any, low: float, limit: str | float, *, whole: bool = True) -> float:
+    def side_limit(self, native: int) -> int:
+        """The largest image side on a base of this native size: --max-side if given, else NATIVE_SIDE_FACTOR × it."""
+        return self.max_side or NATIVE_SIDE_FACTOR * native
+
+    def check_side(self, label: str, value: Any, base: str, native: int) -> int:
+        """An image side held to side_limit; refused with the limit named and, by default, the base's native size."""
+        if self.max_side:
+            return self.check(label, value, 8, "max_side")
+        high = self.side_limit(native)
+        return self.check(label, value, 8, high, why=(
+            f"{high} is this server's limit for {base}, {NATIVE_SIDE_FACTOR}× its native size of {native} px (start "
+            "the app with --max-side N to allow up to N px on every base)"))
+
+    def check(self, label: str, value: Any, low: float, limit: str | float, *, whole: bool = True,
+              why: str | None = None) -> float:
         """`value` as a number in [low, limit] (limit: a field of these Limits, or a fixed bound); AppError naming
-        the limit otherwise."""
+        the limit otherwise (`why`: what to say about a fixed bound)."""
         high = getattr(self, limit) if isinstance(limit, str) else limit
         try:
             number = float(value)
@@ -80,8 +99,9 @@ class Limits:
         if not math.isfinite(number) or (whole and number != int(number)):
             raise AppError(f"{label} must be a {'whole ' if whole else ''}number (got {value!r}).")
         if not low <= number <= high:
-            where = (f"; {high:g} is this server's limit ({self.FLAGS[limit]} when starting the app)"
-                     if isinstance(limit, str) else "")
+            if isinstance(limit, str):
+                why = f"{high:g} is this server's limit ({self.FLAGS[limit]} when starting the app)"
+            where = f"; {why}" if why else ""
             raise AppError(f"{label} must be between {low:g} and {high:g} (got {value!r}){where}.")
         return int(number) if whole else number
 
@@ -275,7 +295,11 @@ class AppService:
         """(target file, its adapter name) for renaming `name` to `new_name`; AppError if that is not allowed."""
         self.own_adapter(name)
         parts = [part.strip() for part in str(new_name or "").strip().removesuffix(".safetensors").split("/")]
-        parts = [plain_name(part, "New name") for part in parts]
+        # One message for the whole name, as typed: a part alone ('..' of '../../x') would not say where it is.
+        if not all(PLAIN_NAME.match(part) for part in parts):
+            raise AppError(f"New name {new_name!r} is not a plain name: use NAME or FOLDER/NAME, each part of "
+                           "letters, digits, '.', '_', '-' or spaces (no '..' or leading '/'), e.g. 'stripes-pastel' "
+                           "or 'styles/stripes-pastel'.")
         if len(parts) > 3 or parts[0] in (IMAGES_FOLDER, GRIDS_FOLDER):
             raise AppError(f"New name {new_name!r}: use NAME or FOLDER/NAME (at most 3 levels), outside the "
                            f"{IMAGES_FOLDER}/ and {GRIDS_FOLDER}/ folders.")
@@ -354,6 +378,37 @@ class AppService:
         if base not in self.bases:
             raise AppError(f"Base model {base!r} is not offered by this app (choose one of {', '.join(self.bases)}).")
 
+    def native_geometry(self, base: str) -> dict[str, int]:
+        """The base's native image size and the factor its sides divide by, as training reads them: from its config
+        files (no weights), else from the model, loaded if need be (a single file without a config folder)."""
+        from stylelora.models.family import config_folder, folder_geometry
+
+        self._check_base(base)  # a name from a client is never resolved unless the app offers it
+        folder = config_folder(base)
+        if folder is not None:
+            return folder_geometry(folder)
+        from stylelora.train.loop import model_geometry
+
+        return model_geometry(self.pipeline(base))
+
+    def max_side(self, base: str) -> int:
+        """The largest image side a request may ask of this base (Limits.side_limit)."""
+        return self.limits.side_limit(self.native_geometry(base)["native_resolution"])
+
+    def size_choices(self, base: str) -> list[str]:
+        """The sizes the Generate tab offers for a base: "native", then the base's training buckets (about its
+        native area, sides a multiple of its downsampling factor) nearest the COMMON_ASPECTS, within its max side."""
+        from stylelora.config import TrainConfig, with_model_defaults
+        from stylelora.data.buckets import BucketConfig, make_buckets, select_bucket
+
+        geometry = self.native_geometry(base)
+        data = with_model_defaults(TrainConfig(), **geometry).data  # the bucket sides a run on this base trains at
+        config = BucketConfig(data.resolution, data.bucket_step, data.min_side, data.max_side)
+        buckets = make_buckets(config)
+        sizes = dict.fromkeys(select_bucket(width, height, config, buckets) for width, height in COMMON_ASPECTS)
+        high = self.limits.side_limit(geometry["native_resolution"])
+        return ["native", *(f"{width}x{height}" for width, height in sizes if max(width, height) <= high)]
+
     def preload(self, base: str, pipe=None):
         """Load a base now (or adopt an already loaded pipeline for it, e.g. in a notebook); returns it."""
         if pipe is None:
@@ -408,9 +463,10 @@ class AppService:
         seed = limits.check("Seed", settings.seed, -1, MAX_SEED)
         size = (settings.size or "").strip()
         width, height = parse_size(size if size and size != "native" else None)
-        for side in (width, height):
-            if side is not None:
-                limits.check(f"Image size {size}: each side", side, 8, "max_side")
+        if width is not None:
+            native = self.native_geometry(settings.base)["native_resolution"]
+            for side in (width, height):
+                limits.check_side(f"Image size {size}: each side", side, settings.base, native)
         return GenerateRequest(
             prompt=settings.prompt or "", negative_prompt=settings.negative_prompt or "", steps=steps,
             cfg=cfg, sampler=settings.sampler or None, seed=seed, width=width,
@@ -553,7 +609,7 @@ class AppService:
 
             dtype = torch.float16
         report = blend(specs, out, rank=int(rank) if rank else None, dtype=dtype, blend_mode=blend_mode,
-                       unet_config=self._blocks_config(base, specs))
+                       unet_config=self._blocks_config(base, specs), overwrite=overwrite)
         # A1111's NAME.json sidecar and the model card, always NAME.md: blends/ holds many adapters, and delete and
         # rename carry NAME.md with the file (a README.md would outlive the blend it describes).
         write_bundle(out, preview=None, card=out.with_suffix(".md"))

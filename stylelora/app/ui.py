@@ -25,7 +25,6 @@ from stylelora.lora.blend_modes import DEFAULT_MODE as DEFAULT_BLEND_MODE
 from stylelora.lora.blend_modes import MODES as BLEND_MODES
 
 MAX_ADAPTER_ROWS = MAX_ADAPTERS
-SIZES = ["native", "32x32", "48x48", "64x64", "32x48", "48x32", "512x512", "512x768", "768x512", "1024x1024"]
 DEFAULT_SAMPLER = "base default"
 DEFAULT_DATASET = "toy-stripes"
 TRAIN_REFRESH_SECONDS = 1.0
@@ -215,9 +214,7 @@ class GenerateInputs:
             self.seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed")
             self.random_seed = gr.Button("Random seed", size="sm", scale=0, min_width=90)
             self.reuse_seed = gr.Button("Last seed", size="sm", scale=0, min_width=90)
-            sizes = [size for size in SIZES if size == "native" or max(map(int, size.split("x"))) <= limits.max_side]
-            self.size = gr.Dropdown(sizes, value="native", allow_custom_value=True, elem_id="size",
-                                    label=f"Size (WxH, up to {limits.max_side} a side)")
+            self.size = gr.Dropdown(**size_box(service, service.bases[0]), allow_custom_value=True, elem_id="size")
             self.batch = _lenient(gr.Slider(1, limits.max_batch, value=1, step=1, elem_id="batch-size",
                                             label=f"Batch (up to {limits.max_batch})"))
             self.blend_mode = gr.Dropdown(list(BLEND_MODES), value=DEFAULT_BLEND_MODE, label="Blend mode",
@@ -250,6 +247,17 @@ class GenerateInputs:
             batch_size=_number(batch, "Batch size", whole=True),
             blend_mode=mode or None, dial=dial or None,
         )
+
+
+def size_box(service: AppService, base: str, current: str | None = "native") -> dict:
+    """The size box's choices, label and value for a base: its own sizes (AppService.size_choices) and largest side;
+    the size chosen stays if the base offers it too, else "native"."""
+    try:
+        choices, high = service.size_choices(base), service.max_side(base)
+    except _user_errors():  # a base whose files cannot be read: only its native size; Generate says what is wrong
+        return {"choices": ["native"], "label": "Size (WxH)", "value": "native"}
+    return {"choices": choices, "label": f"Size (WxH, up to {high} a side)",
+            "value": current if current in choices else "native"}
 
 
 def _lenient(slider: gr.Slider) -> gr.Slider:
@@ -538,6 +546,9 @@ def _show_rows(chosen, previous, *values):
 
 def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterLists) -> None:
     inputs = tab.inputs
+    # Sizes are the base's own (the toy base's 32 px is not SD's 512): a new base brings its choices.
+    inputs.base.change(lambda base, size: gr.update(**size_box(service, base, size)), [inputs.base, inputs.size],
+                       inputs.size, api_visibility="private")
     inputs.chosen.change(_show_rows, [inputs.chosen, tab.previous_chosen, *inputs.weights, *inputs.blocks],
                          [tab.previous_chosen, *inputs.rows, *inputs.weights, *inputs.blocks],
                          api_visibility="private")

@@ -194,7 +194,7 @@ def _read_inputs(specs):
 
 def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bool = False,
           dtype: Any = None, blend_mode: str | None = None, license: str | None = None,
-          thumbnail: str | None = None, unet_config: dict | None = None) -> BlendReport:
+          thumbnail: str | None = None, unet_config: dict | None = None, overwrite: bool = False) -> BlendReport:
     """Write the weighted blend of `specs` (AdapterSpecs or "FILE:W[:TE_W]") to `out_path` in kohya format.
 
     exact=True (or no rank): reproduces the live blend (sum: concatenated ranks). rank=R: truncated SVD at rank R.
@@ -204,6 +204,7 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     thumbnail: modelspec.thumbnail, a data-URI image (share.thumbnail_data_uri).
     unet_config: the UNet config of the base the blend is for, whose blocks `lbw=` block weights number (None: the
     published layout of the files' family; a file of no known family then refuses block weights).
+    overwrite: replace `out_path` if it exists (else refused before any work, so a blend never silently replaces one).
     """
     import torch
 
@@ -220,6 +221,9 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     if any(Path(out_path).resolve() == Path(spec.path).resolve() for spec in specs):
         raise ValueError(f"{out_path} is one of the adapters being blended: writing there would replace it. "
                          "Give the blend another name.")
+    if Path(out_path).exists() and not overwrite:
+        raise ValueError(f"{out_path} exists already: give the blend another name, or replace it (`stylelora blend "
+                         "--overwrite`, or tick 'overwrite' in the app's Blend tab).")
     files = _read_inputs(specs)
     terms: dict[str, ModuleTerms] = {}
     for spec, file in zip(specs, files):

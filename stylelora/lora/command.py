@@ -23,6 +23,8 @@ def add_lora_parsers(subparsers) -> None:
     mode.add_argument("--rank", type=int, help="re-factorise to this rank by SVD (reports the error per module)")
     mode.add_argument("--exact", action="store_true", help="concatenate ranks: reproduces the blend exactly (default)")
     blend.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+    blend.add_argument("--overwrite", action="store_true", help="replace --out if it exists (its sidecar and card "
+                                                                "are rewritten with it)")
     blend.add_argument("--blend-mode", default=None, metavar="MODE",
                        help="how adapters combine where they share a layer: " + mode_help(saving=True))
     blend.add_argument("--preview", metavar="IMAGE",
@@ -63,7 +65,7 @@ def cmd_blend(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--preview {preview}: no such image; make one with `stylelora generate ... --lora "
                                 f"{args.out}`, then blend again with --preview")
     report = blend(specs, args.out, rank=args.rank, exact=args.exact, dtype=torch.float16 if args.fp16 else None,
-                   blend_mode=args.blend_mode, license=args.license,
+                   blend_mode=args.blend_mode, license=args.license, overwrite=args.overwrite,
                    thumbnail=thumbnail_data_uri(preview) if preview else None, unet_config=_blocks_config(args, specs))
     bundle = write_bundle(report.path, preview=preview)
     if args.json:
