@@ -4,7 +4,7 @@
 #   bash scripts/setup.sh --test   plus the test tools (pytest, gradio_client, playwright + Debian chromium)
 # Torch: if .venv already has a torch (e.g. a CUDA build you installed first), it is kept.
 # Otherwise TORCH_SPEC is installed (default torch==2.13.0: the CPU wheel on our machines;
-# elsewhere pass e.g. PIP_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU-only build).
+# elsewhere pass e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU-only build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
