@@ -115,6 +115,10 @@ def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, stripes_dataset
     assert metadata["ss_num_train_images"] == "16"
     training_args = json.loads(metadata["ss_training_args"])
     assert training_args["network"]["rank"] == 4 and training_args["data"]["resolution"] == 32
+    # A shared file names local paths as kohya names the base: no folder of the training machine in it.
+    assert metadata["ss_sd_model_name"] == tiny_base.name and not any(str(folder) in json.dumps(metadata) for folder in (tmp_path, tiny_base.parent, stripes_dataset.parent))
+    assert (training_args["train"]["base"], training_args["train"]["output"]) == (tiny_base.name, "run")
+    assert training_args["data"]["dir"] == stripes_dataset.name
     assert "sshs_model_hash" in metadata
     saved = load_config(tmp_path / "run" / "config.toml", {})
     assert saved.data.resolution == 32 and saved.network.rank == 4  # resolved from the base, saved for reuse
@@ -551,3 +555,24 @@ def test_a_short_run_continues_with_more_steps_as_the_docs_advise(tmp_path, tiny
     with open(output / "metrics.csv", newline="") as file:
         rates = {int(row["step"]): float(row["lr_unet"]) for row in csv.DictReader(file)}
     assert rates[11] > 0.95 * float(metadata["ss_unet_lr"])
+
+
+def test_a_folder_trigger_in_none_of_its_captions_is_named_and_not_recorded(tmp_path, tiny_base):
+    """kohya: captions win over the folder name. A folder word no caption holds is never learned, so it must not
+    become one of the file's trigger words (A1111's activation text), and the run says so before training."""
+    from types import SimpleNamespace
+
+    data = write_kohya_dataset(tmp_path / "data", count=2, trigger="stripestyle")
+    dots = write_kohya_dataset(tmp_path / "dots", count=2, trigger="dotstyle") / "2_dotstyle"
+    for caption in dots.glob("*.txt"):
+        caption.write_text("a pink heart, a yellow star\n", encoding="utf-8")
+    shutil.move(dots, data / "3_dotstyle")
+    config = load_config(None, tiny_overrides(data, tmp_path / "run", tiny_base))
+    said: list = []
+    plan = loop.prepare_data(config, tmp_path / "run", SimpleNamespace(is_main_process=True), said.append)
+    assert plan.triggers == ("stripestyle",)
+    warning = next(line for line in said if line and line.startswith("warning: a folder's trigger"))
+    assert "3_dotstyle: 'dotstyle'" in warning and "stripestyle" not in warning
+    with_trigger = load_config(None, tiny_overrides(data, tmp_path / "run2", tiny_base, **{"data.trigger": "dotstyle"}))
+    plan = loop.prepare_data(with_trigger, tmp_path / "run2", SimpleNamespace(is_main_process=True), said.append)
+    assert plan.triggers == ("dotstyle", "stripestyle")  # --trigger puts it in every caption

@@ -37,7 +37,7 @@ from stylelora.data.captions import CaptionOptions, caption_forms, caption_varia
 from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
-from stylelora.data.scan import ScanReport, TrainItem, scan_folder
+from stylelora.data.scan import ScanReport, TrainItem, scan_folder, trigger_pattern
 from stylelora.lora.components import text_encoders
 from stylelora.lora.inject import adapters_disabled
 from stylelora.models.heap import return_freed_memory
@@ -214,6 +214,9 @@ def describe_settings(config: TrainConfig) -> str:
         value = getattr(getattr(config, section), name)
         shown = (f"{len(value)} prompts" if isinstance(value, tuple) else
                  "the base's (read when it loads)" if value is None else repr(value))  # e.g. the native resolution
+        if key == "train.steps" and config.train.epochs is not None and "epochs" not in source:
+            # --epochs wins over --steps, as in kohya; said here, where the given value is listed.
+            shown += f", not used: --epochs {config.train.epochs} sets the steps"
         lines.append(f"  {key} = {shown}  ({source})")
     return "\n".join(lines)
 
@@ -362,14 +365,42 @@ def prepare_data(config: TrainConfig, run_dir: Path, accelerator, say) -> DataPl
         report_path = write_skip_report(run_dir, checked.skipped)
         say(skip_summary(checked.skipped, checked.total, report_path if checked.skipped else None))
     reg = prepare_reg_data(config, run_dir, checked.kept, accelerator, say) if config.data.reg_dir else ()
-    return DataPlan(items=tuple(c.item for c in checked.kept), checked=checked, report=report,
-                    triggers=trigger_phrases(config, report), reg=reg)
+    kept = tuple(c.item for c in checked.kept)
+    say(unused_folder_triggers_note(report, kept))
+    return DataPlan(items=kept, checked=checked, report=report, triggers=trigger_phrases(config, report, kept), reg=reg)
 
 
-def trigger_phrases(config: TrainConfig, report: ScanReport) -> tuple[str, ...]:
-    """--trigger and the kohya folders' trigger words, each once, in that order."""
-    triggers = [config.data.trigger] + [folder.trigger for folder in report.folders]
+def trigger_phrases(config: TrainConfig, report: ScanReport, items: tuple[TrainItem, ...]) -> tuple[str, ...]:
+    """--trigger and the kohya folders' trigger words that the folder's captions hold, each once, in that order.
+    A folder word in none of its captions is left out: captions win over the folder name (as in kohya), so the
+    adapter never learns it, and the file's trigger words (A1111's activation text) must not ask users to type it."""
+    unused = {trigger for _, trigger in _unused_folder_triggers(report, items)}
+    triggers = [config.data.trigger] + [f.trigger for f in report.folders if f.trigger not in unused]
     return tuple(dict.fromkeys(t.strip() for t in triggers if t and t.strip()))
+
+
+def unused_folder_triggers_note(report: ScanReport, items: tuple[TrainItem, ...]) -> str | None:
+    """A warning naming each kohya folder whose trigger word none of its captions hold."""
+    unused = _unused_folder_triggers(report, items)
+    if not unused:
+        return None
+    named = "; ".join(f"{folder}: '{trigger}'" for folder, trigger in unused)
+    return (f"warning: a folder's trigger words are in none of its captions ({named}). Captions win over the folder "
+            "name, so the adapter does not learn them and they are not recorded as trigger words; add them to the "
+            "captions (or pass --trigger WORDS, which puts them in front of every caption).")
+
+
+def _unused_folder_triggers(report: ScanReport, items: tuple[TrainItem, ...]) -> list[tuple[str, str]]:
+    """(folder name, trigger) for each kohya folder whose trigger no caption (or caption variant) of it holds."""
+    unused = []
+    for folder in report.folders:
+        if not folder.trigger.strip():
+            continue
+        pattern = trigger_pattern(folder.trigger.strip())
+        texts = [text for item in items if item.folder == folder.name for text in (item.caption, *item.variants)]
+        if texts and not any(pattern.search(text) for text in texts):
+            unused.append((folder.name, folder.trigger.strip()))
+    return unused
 
 
 def prepare_reg_data(config: TrainConfig, run_dir: Path, train: list[CheckedImage], accelerator, say):
