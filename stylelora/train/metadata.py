@@ -5,6 +5,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from stylelora.config import TrainConfig, config_to_dict, warmup_steps
 from stylelora.data.captions import tag_frequency
@@ -20,6 +21,25 @@ FAMILY_METADATA = {
     "sd2-v": ("sd_v2", "True", "stable-diffusion-v2-768-v/lora"),
     "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora"),
 }
+
+
+# Options that hold a path on the training machine. The file is shared, so it names them as kohya names the base
+# (ss_sd_model_name: the file's name, not where it lay); OUTPUT/config.toml keeps the full paths for reruns.
+LOCAL_PATH_OPTIONS = (("data", "dir"), ("data", "reg_dir"), ("data", "cache_dir"), ("train", "base"),
+                      ("train", "base_config"), ("train", "output"), ("train", "resume"))
+
+
+def shareable_path(value: str | None) -> str | None:
+    """A local file or folder as its name alone; anything else (toy, a hub id, unset) as it is."""
+    return Path(value).name if value and Path(value).exists() else value
+
+
+def _shareable_settings(config: TrainConfig) -> dict:
+    settings = config_to_dict(config)
+    for section, key in LOCAL_PATH_OPTIONS:
+        if key in settings.get(section, {}):
+            settings[section][key] = shareable_path(settings[section][key])
+    return settings
 
 
 @dataclass(frozen=True)
@@ -55,17 +75,18 @@ def share_fields(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
 
 
 def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[str, str]:
-    """All-string metadata for the adapter at `step`; `ss_training_args` is the run's whole config as JSON."""
+    """All-string metadata for the adapter at `step`; `ss_training_args` is the run's whole config as JSON, local
+    paths by their names alone."""
     d, n, o, t = config.data, config.network, config.optim, config.train
     samples_per_step = t.batch_size * o.grad_accum * facts.world_size
     extra = {
-        "ss_training_args": json.dumps(config_to_dict(config), sort_keys=True),
+        "ss_training_args": json.dumps(_shareable_settings(config), sort_keys=True),
         # Which settings came from the base family's preset, the TOML file or a flag (the rest: declared defaults).
         "ss_stylelora_config_sources": json.dumps(dict(config.sources), sort_keys=True),
         "ss_stylelora_base_family": t.family,
         **dict(zip(("ss_base_model_version", "ss_v2", "modelspec.architecture"), FAMILY_METADATA[t.family])),
         **share_fields(config, facts),
-        "ss_sd_model_name": t.base,
+        "ss_sd_model_name": shareable_path(t.base),
         "ss_seed": str(t.seed),
         "ss_optimizer": o.optimizer,
         "ss_lr_scheduler": o.lr_scheduler,
