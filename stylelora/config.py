@@ -635,6 +635,9 @@ def with_epoch_steps(config: TrainConfig, batches_per_epoch: int) -> TrainConfig
                           f"train.epochs = {epochs} takes; lower --warmup-steps or raise --epochs")
     source = f"{epochs} epochs × {batches_per_epoch} batches" + (f" / accumulation {accumulation}"
                                                                  if accumulation > 1 else "")
+    given = dict(config.sources).get("train.steps")
+    if given and "epochs" not in given:  # --epochs wins over --steps, as in kohya: say so where the steps are listed
+        source += f"; the {config.train.steps} steps given ({given}) are not used"
     return with_sources(with_values(config, {"train.steps": steps}), {"train.steps": source})
 
 

@@ -220,6 +220,17 @@ def test_epochs_set_the_steps_once_the_batches_are_known(overrides, batches, ste
     assert (config.train.steps, warmup_steps(config)) == (steps, warmup)
     if "train.epochs" in overrides:
         assert config.source_of("train.steps").startswith(f"{overrides['train.epochs']} epochs × {batches} batches")
+    # Steps given beside --epochs are named as not used, where the settings list them (kohya prints the same).
+    assert ("the 5000 steps given (flag) are not used" in config.source_of("train.steps")) == ("train.steps" in overrides)
+
+
+def test_the_settings_block_says_given_steps_give_way_to_epochs():
+    from stylelora.train.loop import describe_settings
+
+    config = load_config(None, {"data.dir": "d", "train.epochs": 1, "train.steps": 3, "train.family": "toy"})
+    assert "train.steps = 3, not used: --epochs 1 sets the steps  (flag)" in describe_settings(config)
+    assert "not used" not in describe_settings(load_config(None, {"data.dir": "d", "train.steps": 3,
+                                                                  "train.family": "toy"}))
 
 
 def test_a_warmup_as_long_as_the_epochs_is_refused():
