@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from stylelora.models.load import (
     TOY_BASE_DIR,
     BaseModelError,
     _cached_snapshot,
-    _single_file_model_type,
-    _config_dir_folder,
+    check_config_dir_applies,
     resolve_base_source,
+    single_file_config_folder,
 )
 
-# diffusers' single-file model types (infer_diffusers_model_type) → family, when no config folder says more.
-SINGLE_FILE_FAMILIES = {"v1": "sd1", "v2": "sd2-v", "xl_base": "sdxl"}
+PIPELINE_MODELS = ("unet", "text_encoder", "text_encoder_2")  # the pipeline attributes weightless_pipeline fills
 
 
 def family_from_configs(unet: dict, scheduler: dict, *, has_second_text_encoder: bool, is_toy: bool) -> str:
@@ -65,8 +65,11 @@ def _folder_configs(folder: Path) -> dict[str, dict]:
 
 
 def config_folder(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> Path | None:
-    """The folder of config files that describes base `spec`; None for a single file without one (see below)."""
+    """The folder of config files that describes base `spec`; None for a single file without config_dir (the configs
+    loading finds for it: pipeline_config_folder). A config_dir is refused or checked against the file as loading
+    does it."""
     source = resolve_base_source(spec, allow_pickle=allow_pickle)
+    check_config_dir_applies(spec, source, config_dir)
     if source.kind == "folder":
         return Path(source.location)
     if source.kind == "hub":
@@ -75,7 +78,16 @@ def config_folder(spec: str, *, config_dir: str | None = None, allow_pickle: boo
             raise BaseModelError(f"{spec} is not in the local Hugging Face cache; download it on a machine with "
                                  f"internet (`hf download {spec}`) and copy the cache here, or pass a local folder.")
         return snapshot
-    return _config_dir_folder(config_dir) if config_dir is not None else None
+    return single_file_config_folder(Path(source.location), config_dir) if config_dir is not None else None
+
+
+def pipeline_config_folder(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> Path:
+    """The folder of config files loading builds base `spec` from (a single file without config_dir: the cached
+    configs of its checkpoint type), or the refusal loading would give; no weights are read."""
+    source = resolve_base_source(spec, allow_pickle=allow_pickle)
+    if source.kind == "single_file":
+        return single_file_config_folder(Path(source.location), config_dir)
+    return config_folder(spec, config_dir=config_dir, allow_pickle=allow_pickle)
 
 
 def base_unet_config(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> dict | None:
@@ -86,10 +98,23 @@ def base_unet_config(spec: str, *, config_dir: str | None = None, allow_pickle: 
 
 
 def detect_family(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> str:
-    """The family of the base `spec` (the --base forms), from config files only: no weights are loaded."""
-    folder = config_folder(spec, config_dir=config_dir, allow_pickle=allow_pickle)
-    if folder is not None:
-        return folder_family(folder)
-    # A single file with no config folder: its keys tell the type, as diffusers' from_single_file reads them.
-    model_type = _single_file_model_type(Path(resolve_base_source(spec, allow_pickle=allow_pickle).location))
-    return SINGLE_FILE_FAMILIES.get(model_type, "sd1")
+    """The family of the base `spec` (the --base forms), from the config files it loads with: no weights are read."""
+    return folder_family(pipeline_config_folder(spec, config_dir=config_dir, allow_pickle=allow_pickle))
+
+
+def weightless_pipeline(folder: Path) -> SimpleNamespace:
+    """A stand-in for the pipeline a diffusers folder builds, without weights: its unet, text_encoder and
+    text_encoder_2 (None where the folder has no such model) each carry only the `config` the loaded model would
+    have. Checks that read only configs (train.loop.check_family) can then run before anything loads."""
+    from diffusers.configuration_utils import FrozenDict
+    from transformers import AutoConfig
+
+    configs = _folder_configs(folder)
+    models = dict.fromkeys(PIPELINE_MODELS)
+    for name in PIPELINE_MODELS:
+        if (configs["index"].get(name) or [None])[0] is None or not (folder / name / "config.json").is_file():
+            continue
+        # What a loaded diffusers model's `config` is (keys readable as attributes), and transformers' own config.
+        config = FrozenDict(configs["unet"]) if name == "unet" else AutoConfig.from_pretrained(folder / name)
+        models[name] = SimpleNamespace(config=config)
+    return SimpleNamespace(**models)

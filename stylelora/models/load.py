@@ -55,6 +55,9 @@ SINGLE_FILE_CONFIG_REPOS = {
     "xl_base": ("stabilityai/stable-diffusion-xl-base-1.0",),
 }
 SDXL_MODEL_TYPES = ("xl_base",)
+# diffusers' refusal of a checkpoint tensor whose shape is not the one the config files give the model.
+SHAPE_MISMATCH = re.compile(r"because (\S+) expected shape torch\.Size\((\[[\d, ]*\])\), "
+                            r"but got torch\.Size\((\[[\d, ]*\])\)")
 
 
 class BaseModelError(Exception):
@@ -86,11 +89,7 @@ def load_base(
     """
     _check_precision(precision)
     source = resolve_base_source(spec, allow_pickle=allow_pickle)
-    if config_dir is not None and source.kind != "single_file":
-        raise BaseModelError(
-            f"config_dir only applies to single-file checkpoints; {spec!r} is a diffusers model (folder or hub id) "
-            "that carries its own configs. Drop config_dir."
-        )
+    check_config_dir_applies(spec, source, config_dir)
     device = _resolve_device(device, precision)
     import torch
 
@@ -131,6 +130,15 @@ def resolve_base_source(spec: str, *, allow_pickle: bool = False) -> BaseSource:
         f"Base model not found: {path.resolve()} does not exist. Check the path, or pass \"toy\", a diffusers folder, "
         'a .safetensors file or a hub id like "stable-diffusion-v1-5/stable-diffusion-v1-5".'
     )
+
+
+def check_config_dir_applies(spec: str, source: BaseSource, config_dir: str | None) -> None:
+    """Refuse a config folder for a base that carries its own configs (a diffusers folder or hub id)."""
+    if config_dir is not None and source.kind != "single_file":
+        raise BaseModelError(
+            f"config_dir only applies to single-file checkpoints; {spec!r} is a diffusers model (folder or hub id) "
+            "that carries its own configs. Drop config_dir (CLI: --base-config)."
+        )
 
 
 def _check_checkpoint_suffix(path: Path, allow_pickle: bool) -> Path:
@@ -368,12 +376,36 @@ def _load_single_file(path: Path, config_dir: str | None, dtype: Any) -> StableD
     name = SDXL_PIPELINE if model_type in SDXL_MODEL_TYPES else SD_PIPELINE
     # With a local config folder and local_files_only, diffusers neither downloads nor guesses configs.
     # Pickle files are read by diffusers' load_state_dict with torch.load(weights_only=True).
-    pipe = _pipeline_class(name).from_single_file(
-        str(path), config=str(config_folder), local_files_only=True, dtype=dtype, **PIPELINE_ARGUMENTS[name]
-    )
+    try:
+        pipe = _pipeline_class(name).from_single_file(
+            str(path), config=str(config_folder), local_files_only=True, dtype=dtype, **PIPELINE_ARGUMENTS[name]
+        )
+    except ValueError as error:
+        mismatch = SHAPE_MISMATCH.search(str(error))
+        if mismatch is None:
+            raise
+        raise _mismatched_configs_error(path, config_folder, config_dir, *mismatch.groups()) from error
     # from_single_file leaves name_or_path unset; PNG parameters read it for A1111's `Model` and `Model hash`.
     pipe.register_to_config(_name_or_path=str(path))
     return pipe
+
+
+def _mismatched_configs_error(path: Path, folder: Path, config_dir: str | None, tensor: str, expected: str,
+                              found: str) -> BaseModelError:
+    # diffusers' own advice (ignore_mismatched_sizes) would load random weights in place of the file's.
+    configs = f"the --base-config folder {folder}" if config_dir is not None else f"the cached configs in {folder}"
+    return BaseModelError(
+        f"{path.name} does not match {configs}: its tensor {tensor} has shape {found}, but those configs build it "
+        f"with shape {expected}. Pass the config files of the same architecture as the checkpoint (--base-config "
+        "DIR), e.g. the diffusers folder of the model the file was made from."
+    )
+
+
+def single_file_config_folder(path: Path, config_dir: str | None) -> Path:
+    """The folder of configs from_single_file builds checkpoint `path` from: `config_dir`, else the cached configs
+    of its checkpoint type; refused as loading refuses it (none found, another pipeline class). Reads the file's
+    tensor names and the few tensors type detection needs, not its weights."""
+    return _single_file_config(path, _single_file_model_type(path), config_dir)
 
 
 def _single_file_model_type(path: Path) -> str:

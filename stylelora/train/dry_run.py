@@ -1,9 +1,10 @@
 """Owns `stylelora train --dry-run`: everything a run decides before it loads weights, saved and summarised.
 
-It scans and checks the data (the skip report as a real run writes it), reads the base's config files to detect
-its family, resolves every setting (preset, file, flag), writes OUTPUT/config.toml and prints images, buckets,
-steps and epochs. No weights are loaded, nothing is trained, no adapter is written. Like a run, it refuses an
-output folder that holds another training run unless --overwrite or --resume is given.
+It scans and checks the data (the skip report as a real run writes it), makes the refusals a run makes as it loads
+the base wherever they need only config files, a .safetensors header or an import (check_base), reads the base's
+config files to detect its family, resolves every setting (preset, file, flag), writes OUTPUT/config.toml and prints
+images, buckets, steps and epochs. No weights are loaded, nothing is trained, no adapter is written. Like a run, it
+refuses an output folder that holds another training run unless --overwrite or --resume is given.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def dry_run(config: TrainConfig) -> Path:
     """Resolve and check everything for `config`; write OUTPUT/config.toml and return its path."""
     from stylelora.train.sample_prompts import ignored_options_note
     from stylelora.train.checkpoint import read_state
-    from stylelora.train.loop import (CONFIG_FILE, check_output_dir, describe_settings, preservation_off,
+    from stylelora.train.loop import (CONFIG_FILE, check_base, check_output_dir, describe_settings, preservation_off,
                                       prepare_data, with_family_preset, with_resumed_warmup)
 
     def say(message: str) -> None:
@@ -31,6 +32,7 @@ def dry_run(config: TrainConfig) -> Path:
     run_dir = config.output_dir
     resume_from = check_output_dir(config)  # a finished run's config.toml and skip report are not replaced by a plan
     data = prepare_data(config, run_dir, SimpleNamespace(is_main_process=True), say)
+    check_base(config)  # as the run does: the data first, then what loading the base would refuse
     config = with_family_preset(config, data)
     config, buckets, batches, processes = plan_batches(config, data, say)
     config = with_resumed_warmup(config, read_state(resume_from) if resume_from else None)
@@ -50,13 +52,12 @@ def plan_batches(config: TrainConfig, data, say=lambda message: None) -> tuple[T
     from stylelora.data.buckets import BucketBatchSampler
     from stylelora.data.captions import long_captions_note
     from stylelora.data.dataset import TrainingDataset
-    from stylelora.models.family import config_folder, folder_geometry
+    from stylelora.models.family import folder_geometry, pipeline_config_folder
     from stylelora.train.loop import dataset_options, folder_tokenizer, run_settings, with_coined_trigger_rules
 
     t = config.train
-    folder = config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
-    geometry = folder_geometry(folder) if folder is not None else _family_geometry(t.family)
-    config = run_settings(with_model_defaults(config, **geometry))
+    folder = pipeline_config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
+    config = run_settings(with_model_defaults(config, **folder_geometry(folder)))
     tokenizer = folder_tokenizer(folder)
     if tokenizer is not None:  # without one the run decides when it loads the base
         config = with_coined_trigger_rules(config, tokenizer, data.triggers)
@@ -83,9 +84,3 @@ def summary(config: TrainConfig, buckets: list, batches_per_epoch: int, images: 
         f"resolution {c.data.resolution} px, precision {c.train.precision}, gradient checkpointing "
         f"{'on' if c.train.gradient_checkpointing else 'off'}, quantized base: {c.train.quantize_base}",
     ])
-
-
-def _family_geometry(family: str) -> dict[str, int]:
-    # A single-file base with no config folder: the family's published sizes (VAE ×8; UNet ×8, SDXL ×4).
-    native = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}.get(family, 512)
-    return {"native_resolution": native, "downsample_factor": 32 if family == "sdxl" else 64}

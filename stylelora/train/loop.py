@@ -111,6 +111,7 @@ def run_training(config: TrainConfig) -> Path:
     run_dir = config.output_dir
     resume_from = check_output_dir(config)  # before anything is written there
     data = prepare_data(config, run_dir, process, say)
+    check_base(config)  # what loading the base would refuse, from its config files alone
 
     # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
     config = with_family_preset(config, data)
@@ -122,7 +123,6 @@ def run_training(config: TrainConfig) -> Path:
     say(ignored_options_note(config.train.sample_prompts or ()))
     accelerator = _accelerator(config)
     _clear_output_dir(config, run_dir, resume_from, accelerator)
-    optimizer_class(config.optim.optimizer)  # a missing optional package fails now, not after loading everything
 
     # 2. Base model and LoRA.
     pipe = _load_base(config, accelerator)
@@ -199,6 +199,21 @@ def _with_early_coined_trigger_rules(config: TrainConfig, data: DataPlan) -> Tra
     t = config.train
     tokenizer = folder_tokenizer(config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle))
     return with_coined_trigger_rules(config, tokenizer, data.triggers) if tokenizer is not None else config
+
+
+def check_base(config: TrainConfig) -> None:
+    """Raise now what the run raises as it loads the base, with the run's own checks, wherever they need no weights:
+    a package --quantize-base or --optimizer needs that cannot be imported; a single-file base without config files
+    or with another pipeline's (--base-config); a --family that is not the base's (SDXL or not)."""
+    from stylelora.models.family import pipeline_config_folder, weightless_pipeline
+    from stylelora.models.quantize import check_quantization
+
+    t = config.train
+    check_quantization(t.quantize_base)
+    optimizer_class(config.optim.optimizer)
+    folder = pipeline_config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
+    if t.family is not None:  # a detected family is read from this same folder
+        check_family(config, weightless_pipeline(folder))
 
 
 def describe_settings(config: TrainConfig) -> str:
