@@ -378,6 +378,36 @@ def test_ctrl_c_says_how_to_continue(tmp_path, tiny_base, stripes_dataset, monke
     assert "--resume latest" in capsys.readouterr().err
 
 
+def test_ctrl_c_during_the_steps_saves_the_step_it_finishes(tmp_path, tiny_base, stripes_dataset, monkeypatch,
+                                                            capsys):
+    """A first Ctrl-C lets the step finish and saves it even with checkpoints off; --resume latest goes on from it."""
+    import os
+    import signal
+
+    from stylelora.train.command import train_from_cli
+
+    real_step, calls = loop.loss_step, []
+
+    def interrupted_at_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as the app's Stop does; the handler only takes note
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "loss_step", interrupted_at_step_two)
+    code = train_from_cli(None, tiny_overrides(stripes_dataset, tmp_path / "run", tiny_base,
+                                               **{"train.save_every": 0}))
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "stopping after this step" in err and "--resume latest" in err
+    assert [path.name for path in complete_checkpoints(tmp_path / "run")] == ["step-000002"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored once the steps are over
+    monkeypatch.setattr(loop, "loss_step", real_step)
+    reset_accelerate()
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.resume": "latest"})
+    assert adapter_metadata(adapter)["ss_steps"] == "4"
+
+
 def test_saved_config_reruns_as_a_new_run_not_a_resume(tmp_path, tiny_base, stripes_dataset):
     output = tmp_path / "run"
     train(stripes_dataset, output, tiny_base, **{"train.save_every": 2})

@@ -240,9 +240,10 @@ class TrainingJob:
             steps = run_steps(self.config, newer_than=self.started)
             self.total, self.total_known = steps or self.total, steps is not None
         checkpoint = self.latest_checkpoint()
+        every = self.config.train.save_every
         kept = (f"the last checkpoint (step {checkpoint}) is kept: Resume continues from it" if checkpoint else
-                f"no checkpoint was written yet (one every {self.config.train.save_every} steps), so Resume has "
-                "nothing to continue")
+                "no checkpoint was written yet (" + (f"one every {every} steps" if every else "checkpoints are off") +
+                ", and a stop saves one only once a step has ended), so Resume has nothing to continue")
         if code is None:
             state, message = "running", f"step {step}/{self.total}"
         elif code == 0:

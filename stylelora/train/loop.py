@@ -156,7 +156,8 @@ def run_training(config: TrainConfig) -> Path:
     run.log = RunLog(run_dir, total_steps=config.train.steps, start_step=start_step,
                      enabled=accelerator.is_main_process)
     try:
-        train(run, start_step)
+        with stop_after_the_step(enabled=accelerator.num_processes == 1) as stop_requested:
+            train(run, start_step, stop_requested)
     except TrainingDiverged as diverged:
         run.log.close()
         raise TrainingDiverged(f"{diverged} {_after_divergence(run, diverged.step)}", diverged.step) from None
@@ -739,7 +740,7 @@ def restore(run: Run, path: Path, state: dict) -> int:
 # ----------------------------------------------------------------------------- 6. train
 
 
-def train(run: Run, start_step: int) -> None:
+def train(run: Run, start_step: int, stop_requested=lambda: False) -> None:
     batches = endless_batches(run)
     t = run.config.train
     for step in range(start_step + 1, t.steps + 1):
@@ -750,8 +751,43 @@ def train(run: Run, start_step: int) -> None:
         run.log.record(step, loss, lrs, grad_norm, time.perf_counter() - started)
         if step == t.steps or (t.sample_every and step % t.sample_every == 0):
             write_samples(run, step)
-        if t.save_every and step % t.save_every == 0:
+        saved = bool(t.save_every) and step % t.save_every == 0
+        if saved:
             save(run, step)
+        if stop_requested() and step < t.steps:
+            if not saved:
+                save(run, step)  # the steps since the last checkpoint are kept: --resume latest continues here
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_after_the_step(enabled: bool):
+    """While the steps run, Ctrl-C (SIGINT, also the app's Stop) lets the step in progress finish, saves a checkpoint
+    there and stops; a second Ctrl-C stops at once. Yields whether a stop was asked for.
+
+    Why: an interrupt mid-step would keep only the last --save-every checkpoint, losing every step since (all of
+    them with checkpoints off). Only in one process: under DDP the processes would have to agree on the step first.
+    """
+    import signal
+    import threading
+
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested = threading.Event()
+
+    def ask_to_stop(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        print("stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr,
+              flush=True)
+
+    previous = signal.signal(signal.SIGINT, ask_to_stop)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def endless_batches(run: Run) -> Iterator[dict]:
