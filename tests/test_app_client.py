@@ -106,7 +106,7 @@ def test_eight_simultaneous_requests_with_different_blends_get_their_own_images(
 def test_add_trigger_words_button(app):
     _, _, client = app
     prompt = client.predict(PROMPT, ["styles/stripes", "pastel"], api_name="/add_triggers")
-    assert prompt == f"{PROMPT}, stripestyle, pastelstyle"
+    assert prompt == f"stripestyle, pastelstyle, {PROMPT}"
 
 
 def test_blend_then_inspect_the_new_adapter(app):

@@ -116,7 +116,7 @@ def test_generate_records_what_it_resolved(world, pipe):
     assert first.seed != -1 and second.seed == first.seed + 1
     assert (first.width, first.height) == (NATIVE_SIZE, NATIVE_SIZE)
     assert first.sampler == "DDIM"  # the base's own scheduler, by its A1111 name
-    assert first.prompt == "a red circle, stripes style"
+    assert first.prompt == "stripes style, a red circle"  # --add-triggers puts them in front
     assert first.model == "base" and len(first.model_hash) == 10
     stack = AdapterStack.for_pipe(pipe)
     assert first.loras == (LoraUse("stripes", 0.8, 0.8, stack.load(world["stripes"]).short_hash),)

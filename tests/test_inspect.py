@@ -116,3 +116,18 @@ def test_inspect_piped_into_head_stops_quietly(tmp_path):
     result = subprocess.run(["bash", "-c", f"set -o pipefail; {script}"], capture_output=True, text=True, timeout=120)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert result.returncode == 141
+
+
+@pytest.mark.parametrize("prompt, words, expected", [
+    ("a red circle", ["stripestyle"], "stripestyle, a red circle"),
+    ("a red zorb on a beige background", ["pastelstyle", "zorb"], "pastelstyle, zorb, a red zorb on a beige background"),
+    ("zorb, a red zorb", ["zorb"], "zorb, a red zorb"),  # already a tag: kept where it is, not added twice
+    ("sks dog running, park", ["sks dog"], "sks dog running, park"),  # a tag that starts with it
+    ("Stripestyle, a red circle", ["stripestyle", "stripestyle"], "Stripestyle, a red circle"),
+    ("", ["a", "b"], "a, b"),
+    ("a red circle", [], "a red circle"),
+])
+def test_trigger_words_go_in_front_of_the_prompt_once(prompt, words, expected):
+    from stylelora.lora.inspect import with_trigger_words
+
+    assert with_trigger_words(prompt, words) == expected

@@ -344,12 +344,11 @@ class AppService:
         return json.dumps(info, indent=2) if as_json else format_inspect(info)
 
     def prompt_with_triggers(self, prompt: str, names: Sequence[str]) -> str:
-        """The prompt with the chosen adapters' trigger words appended (those not in it already)."""
-        from stylelora.lora.inspect import adapter_trigger_words
+        """The prompt with the chosen adapters' trigger words in front (those not in it already), as `generate
+        --add-triggers` puts them."""
+        from stylelora.lora.inspect import adapter_trigger_words, with_trigger_words
 
-        words = [word for name in names for word in adapter_trigger_words(self.adapter_path(name))]
-        missing = [w for w in dict.fromkeys(words) if w.lower() not in (prompt or "").lower()]
-        return ", ".join(part for part in [(prompt or "").strip(), *missing] if part)
+        return with_trigger_words(prompt, [word for name in names for word in adapter_trigger_words(self.adapter_path(name))])
 
     def specs(self, adapters: Sequence[AdapterWeight]):
         """AdapterSpecs for the blend, every name resolved inside the adapters folder."""

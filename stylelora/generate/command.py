@@ -52,7 +52,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", help="ddim, euler, euler_a, dpm++_2m, dpm++_2m_karras, unipc, ... "
                                            "(default: the base's own)")
     parser.add_argument("--size", help="WxH or N (default: the base's native size)")
-    parser.add_argument("--add-triggers", action="store_true", help="append the adapters' trigger words to the prompt")
+    parser.add_argument("--add-triggers", action="store_true", help="put the adapters' trigger words the prompt lacks in front of it")
     parser.add_argument("--blend-mode", default=None, metavar="MODE",
                         help="how 2+ adapters combine where they share a layer: " + mode_help())
     parser.add_argument("--dial", default=None, metavar="DIAL", help=dial_help())

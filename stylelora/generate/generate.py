@@ -124,11 +124,9 @@ def _merge_specs(specs: list[AdapterSpec]) -> tuple[AdapterSpec, ...]:
 
 
 def _add_triggers(prompt: str, adapters: list) -> str:
-    from stylelora.lora.inspect import trigger_words
+    from stylelora.lora.inspect import trigger_words, with_trigger_words
 
-    words = [word for adapter in adapters for word in trigger_words(adapter.metadata)]
-    missing = [word for word in dict.fromkeys(words) if word.lower() not in prompt.lower()]
-    return ", ".join([prompt, *missing]) if prompt else ", ".join(missing)
+    return with_trigger_words(prompt, [word for adapter in adapters for word in trigger_words(adapter.metadata)])
 
 
 def precheck_request(request: GenerateRequest) -> None:

@@ -1,7 +1,7 @@
 """`stylelora inspect`: what an adapter file is (layout, base family, ranks, modules, triggers, training, hashes).
 
 Works without a base model: everything comes from the file's keys, shapes and metadata. Trigger words are also
-what `--add-triggers` appends to prompts.
+what `--add-triggers` puts in front of prompts.
 """
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
     folders = list(_json(metadata.get("ss_dataset_dirs"), {})) or list(_json(metadata.get("ss_tag_frequency"), {}))
     words = [match.group(1).strip() for folder in folders if (match := REPEATS_FOLDER.match(Path(folder).name))]
     return list(dict.fromkeys(word for word in words if word))
+
+
+def with_trigger_words(prompt: str, words: list[str]) -> str:
+    """`prompt` with the trigger words it does not hold yet put in front, each once. In front, because that is where
+    training captions carry them (kohya's keep_tokens keeps them there): the toy adapters draw nothing with their
+    trigger last, and the character only on half of the images."""
+    prompt = (prompt or "").strip()
+    tags = [tag.strip().lower() for tag in prompt.split(",")]
+    # A word counts as there when a tag is it or starts with it ("sks dog running"), not when it is only the subject
+    # of a phrase: `a red zorb on a white background` still lacks the character's trigger tag `zorb`.
+    missing = [word for word in dict.fromkeys(words)
+               if not any(tag == word.lower() or tag.startswith(word.lower() + " ") for tag in tags)]
+    return ", ".join([*missing, prompt] if prompt else missing)
 
 
 def company_words(metadata: dict[str, str]) -> list[str]:
