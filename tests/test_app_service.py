@@ -335,6 +335,8 @@ def test_sizes_offered_and_allowed_are_relative_to_the_bases_native_size(service
 
     assert service.size_choices("toy") == ["native", "32x32", "24x40", "40x24"]
     assert service.max_side("toy") == 64
+    # The header names the side in pixels for each base, as the Generate tab's size box does.
+    assert "images up to 64 px a side on toy (2× the native size), " in service.limits_summary()
     with pytest.raises(AppError, match=r"Image size 1024x1024: each side must be between 8 and 64 \(got 1024\); 64 is "
                                        r"this server's limit for toy, 2× its native size of 32 px \(start the app "
                                        r"with --max-side N to allow up to N px on every base\)\."):

@@ -68,9 +68,13 @@ class Limits:
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise AppError(f"{self.FLAGS[name]} must be at least 1 (got {getattr(self, name)}).")
 
-    def summary(self) -> str:
-        side = f"{self.max_side} px" if self.max_side else f"{NATIVE_SIDE_FACTOR}× the base's native size"
-        return (f"Server limits: images up to {side} a side, {self.max_steps} steps, batch "
+    def summary(self, sides: dict[str, int] | None = None) -> str:
+        """The limits in a sentence; `sides`: each base's largest side, named where --max-side leaves it per base."""
+        side = (f"{self.max_side} px a side" if self.max_side else
+                ", ".join(f"{high} px a side on {base}" for base, high in sides.items()) +
+                f" ({NATIVE_SIDE_FACTOR}× the native size)" if sides else
+                f"{NATIVE_SIDE_FACTOR}× the base's native size a side")
+        return (f"Server limits: images up to {side}, {self.max_steps} steps, batch "
                 f"{self.max_batch}, grids of {self.max_grid_cells} cells; {self.concurrency} jobs run at a time and "
                 f"{self.queue_size} can wait (each waiting request shows its place in the queue).")
 
@@ -393,6 +397,15 @@ class AppService:
     def max_side(self, base: str) -> int:
         """The largest image side a request may ask of this base (Limits.side_limit)."""
         return self.limits.side_limit(self.native_geometry(base)["native_resolution"])
+
+    def limits_summary(self) -> str:
+        """Limits.summary with each offered base's largest side in pixels, where its config files tell it (a base
+        that must load to tell is left to the generic wording rather than loaded for a header)."""
+        from stylelora.models.family import config_folder
+
+        if self.limits.max_side or not all(config_folder(base) is not None for base in self.bases):
+            return self.limits.summary()
+        return self.limits.summary({base: self.max_side(base) for base in self.bases})
 
     def size_choices(self, base: str) -> list[str]:
         """The sizes the Generate tab offers for a base: "native", then the base's training buckets (about its

@@ -293,7 +293,7 @@ def build_ui(service: AppService, *, cache_seconds: int | None = 3600) -> gr.Blo
     cache = (max(60, cache_seconds // 4), cache_seconds) if cache_seconds else None
     with gr.Blocks(title="stylelora", delete_cache=cache) as demo:
         gr.Markdown("## stylelora: generate with LoRA blends, compare, blend, inspect, train")
-        gr.Markdown(service.limits.summary(), elem_id="limits")
+        gr.Markdown(service.limits_summary(), elem_id="limits")
         with gr.Tab("Generate"):
             generate = _generate_tab(service)
         with gr.Tab("Compare"):
