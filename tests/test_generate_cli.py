@@ -50,7 +50,7 @@ def test_generate_writes_numbered_pngs_with_parameters(world, tmp_path, capsys):
     assert code == 0
     assert out == [str(tmp_path / "00000-7.png"), str(tmp_path / "00001-8.png")]
     params = parse_parameters(read_png_parameters(out[1]))
-    assert (params.seed, params.steps, params.sampler, params.prompt) == (8, 2, "Euler", "a red circle, stripes, style")
+    assert (params.seed, params.steps, params.sampler, params.prompt) == (8, 2, "Euler", "stripes, style, a red circle")
     assert [(l.name, l.unet_weight, l.te_weight) for l in params.loras] == [("stripes", 0.8, 0.2), ("pastel", 0.5, 0.5)]
     code, out, _ = run(argv, capsys)  # numbering continues after the files already there
     assert out[0] == str(tmp_path / "00002-7.png")

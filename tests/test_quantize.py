@@ -57,8 +57,8 @@ def seen(monkeypatch) -> dict:
         seen.setdefault("dtype", models.dtype)
         return loss_step(batch, models, *args, **kwargs)
 
-    def spy_train(run, start_step):
-        train_loop(run, start_step)
+    def spy_train(run, start_step, *stop_requested):
+        train_loop(run, start_step, *stop_requested)
         seen["run"] = run
 
     monkeypatch.setattr(loop, "loss_step", spy_step)
