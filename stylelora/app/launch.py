@@ -49,7 +49,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             ("queue_size", "--queue-size", "requests that may wait in the queue; more are refused"),
             ("concurrency", "--concurrency", "generations and grids running at once (they share the base)")):
         default = getattr(defaults, name)
-        shown = default if default is not None else f"{NATIVE_SIDE_FACTOR}× the base's native size, 64 for the toy"
+        shown = default if default is not None else f"{NATIVE_SIDE_FACTOR}× the base's native size"
         limits.add_argument(flag, type=int, default=default, dest=name, help=f"{help_text} (default {shown})")
     parser.add_argument("--cache-minutes", type=int, default=DEFAULT_CACHE_MINUTES,
                         help="delete gradio's copies of served and uploaded files after this many minutes (default "
