@@ -4,8 +4,8 @@ The settings become a TrainConfig through stylelora.config (validated here, so a
 the config's own message), saved as TOML in the run's own folder (OUTPUT/app-settings.toml, never in the dataset)
 and handed to `python -m stylelora.train.command train DATA --config`: the exact CLI path, in its own process, so a
 run neither blocks nor slows the app's generation lock, cannot take the app down, checkpoints as a CLI run does,
-and can be stopped with Ctrl-C semantics (SIGINT: logs flushed, checkpoints whole) and resumed from its last
-checkpoint (`--resume latest`). Progress and loss are read from the run's metrics.csv (stylelora.train.logs), the
+and can be stopped with Ctrl-C semantics (SIGINT: the step in progress ends and is saved as a checkpoint, logs
+flushed) and resumed from it (`--resume latest`). Progress and loss are read from the run's metrics.csv (stylelora.train.logs), the
 newest sample grid from its samples/ folder, and the log is the trainer's own lines (its progress bars left out).
 """
 from __future__ import annotations
@@ -220,7 +220,7 @@ class TrainingJob:
         return self.status()
 
     def stop(self) -> None:
-        """Interrupt the run as Ctrl-C would (checkpoints stay whole; Resume continues from the newest)."""
+        """Interrupt the run as Ctrl-C would: it ends after the step in progress, saved (Resume continues from it)."""
         if self.running:
             self.stopped = True
             self.process.send_signal(signal.SIGINT)

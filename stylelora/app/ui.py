@@ -426,7 +426,8 @@ def _train_tab(service: AppService) -> SimpleNamespace:
     datasets = service.dataset_names()
     gr.Markdown(f"Training data: a folder in the server's `{service.datasets_dir.name}/` folder (kohya layout "
                 "`REPEATS_TRIGGER/` of images + .txt captions), or upload one below. Runs are saved in the adapters "
-                "folder as NAME/, with checkpoints: Stop keeps the last one and Resume continues from it.")
+                "folder as NAME/, with checkpoints: Stop ends the run after its current step, saved, and Resume "
+                "continues from it.")
     with gr.Row():
         # Custom values are safe: a name is resolved inside the datasets folder, or refused.
         data = gr.Dropdown(datasets, value=DEFAULT_DATASET if DEFAULT_DATASET in datasets else None,
@@ -760,7 +761,7 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
         if job is None or not job.running:
             return "No training run in progress."
         job.stop()
-        return f"Stopping {job.name}… (its last checkpoint is kept)"
+        return f"Stopping {job.name} after its current step, with a checkpoint there…"
 
     follow = dict(fn=lambda: gr.Timer(active=True), inputs=None, outputs=tab.timer, api_visibility="private")
     names = {id(tab.data): "dataset", id(tab.name): "name", id(tab.base): "base", id(tab.settings[3]): "overwrite"}
