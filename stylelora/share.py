@@ -76,13 +76,21 @@ def _origin(metadata: dict[str, str]) -> str:
     """How the file was made, for the sidecar's notes: a blend names its inputs, as its card does."""
     if BLEND_KEY not in metadata:
         return "Trained with stylelora."
-    try:
-        inputs = json.loads(metadata[BLEND_KEY]).get("inputs", [])
-    except ValueError:
-        inputs = []
-    names = ", ".join(f"{entry.get('title') or entry.get('file', '?')} ({entry.get('unet_weight', '?')})"
-                      for entry in inputs)
+    names = ", ".join(f"{_input_title(entry)} ({entry.get('unet_weight', '?')})"
+                      for entry in _blend_record(metadata).get("inputs", []))
     return f"Blended with stylelora from {names}." if names else "Blended with stylelora."
+
+
+def _blend_record(metadata: dict[str, str]) -> dict:
+    """What `stylelora blend` recorded about a blend (its inputs, mode, rank); {} where it cannot be read."""
+    try:
+        return json.loads(metadata[BLEND_KEY])
+    except ValueError:
+        return {}
+
+
+def _input_title(entry: dict) -> str:
+    return entry.get("title") or entry.get("file", "?")
 
 
 CARD_MARK = "<!-- stylelora model card -->"  # the last line of every card: a README.md without it is the user's
@@ -147,10 +155,7 @@ def _training_lines(metadata: dict[str, str]) -> list[str]:
 
 def _blend_lines(metadata: dict[str, str]) -> list[str]:
     """The card's account of a saved blend: its inputs with their weights, the mode, and how exact the file is."""
-    try:
-        blend = json.loads(metadata[BLEND_KEY])
-    except ValueError:
-        blend = {}
+    blend = _blend_record(metadata)
     inputs = blend.get("inputs", [])
     how = ("exact (every input's rank kept)" if blend.get("mode") == "exact"
            else f"rank {blend.get('rank', '?')} by SVD, largest relative error {blend.get('max_relative_error', '?')}")
@@ -159,7 +164,7 @@ def _blend_lines(metadata: dict[str, str]) -> list[str]:
              f"- Inputs ({len(inputs)}):"]
     for entry in inputs:
         blocks = f", lbw={entry['lbw']}" if "lbw" in entry else ""
-        lines.append(f"  - {entry.get('title') or entry.get('file', '?')} (`{entry.get('file', '?')}`): UNet "
+        lines.append(f"  - {_input_title(entry)} (`{entry.get('file', '?')}`): UNet "
                      f"{entry.get('unet_weight', '?')}, text encoder {entry.get('te_weight', '?')}{blocks}")
     return lines
 

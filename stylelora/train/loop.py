@@ -382,22 +382,23 @@ def prepare_data(config: TrainConfig, run_dir: Path, accelerator, say) -> DataPl
         say(skip_summary(checked.skipped, checked.total, report_path if checked.skipped else None))
     reg = prepare_reg_data(config, run_dir, checked.kept, accelerator, say) if config.data.reg_dir else ()
     kept = tuple(c.item for c in checked.kept)
-    say(unused_folder_triggers_note(report, kept))
-    return DataPlan(items=kept, checked=checked, report=report, triggers=trigger_phrases(config, report, kept), reg=reg)
+    unused = unused_folder_triggers(report, kept)
+    say(unused_folder_triggers_note(unused))
+    return DataPlan(items=kept, checked=checked, report=report, triggers=trigger_phrases(config, report, unused),
+                    reg=reg)
 
 
-def trigger_phrases(config: TrainConfig, report: ScanReport, items: tuple[TrainItem, ...]) -> tuple[str, ...]:
-    """--trigger and the kohya folders' trigger words that the folder's captions hold, each once, in that order.
-    A folder word in none of its captions is left out: captions win over the folder name (as in kohya), so the
-    adapter never learns it, and the file's trigger words (A1111's activation text) must not ask users to type it."""
-    unused = {trigger for _, trigger in _unused_folder_triggers(report, items)}
-    triggers = [config.data.trigger] + [f.trigger for f in report.folders if f.trigger not in unused]
+def trigger_phrases(config: TrainConfig, report: ScanReport, unused: list[tuple[str, str]]) -> tuple[str, ...]:
+    """--trigger and the kohya folders' trigger words, each once, in that order, but for the `unused` ones
+    (unused_folder_triggers): captions win over the folder name (as in kohya), so the adapter never learns such a
+    word, and the file's trigger words (A1111's activation text) must not ask users to type it."""
+    left_out = {trigger for _, trigger in unused}
+    triggers = [config.data.trigger] + [f.trigger for f in report.folders if f.trigger.strip() not in left_out]
     return tuple(dict.fromkeys(t.strip() for t in triggers if t and t.strip()))
 
 
-def unused_folder_triggers_note(report: ScanReport, items: tuple[TrainItem, ...]) -> str | None:
-    """A warning naming each kohya folder whose trigger word none of its captions hold."""
-    unused = _unused_folder_triggers(report, items)
+def unused_folder_triggers_note(unused: list[tuple[str, str]]) -> str | None:
+    """A warning naming each kohya folder whose trigger word none of its captions hold (unused_folder_triggers)."""
     if not unused:
         return None
     named = "; ".join(f"{folder}: '{trigger}'" for folder, trigger in unused)
@@ -406,7 +407,7 @@ def unused_folder_triggers_note(report: ScanReport, items: tuple[TrainItem, ...]
             "captions (or pass --trigger WORDS, which puts them in front of every caption).")
 
 
-def _unused_folder_triggers(report: ScanReport, items: tuple[TrainItem, ...]) -> list[tuple[str, str]]:
+def unused_folder_triggers(report: ScanReport, items: tuple[TrainItem, ...]) -> list[tuple[str, str]]:
     """(folder name, trigger) for each kohya folder whose trigger no caption (or caption variant) of it holds."""
     unused = []
     for folder in report.folders:
