@@ -32,9 +32,9 @@ def dry_run(config: TrainConfig) -> Path:
     run_dir = config.output_dir
     resume_from = check_output_dir(config)  # a finished run's config.toml and skip report are not replaced by a plan
     data = prepare_data(config, run_dir, SimpleNamespace(is_main_process=True), say)
-    check_base(config)  # as the run does: the data first, then what loading the base would refuse
-    config = with_family_preset(config, data)
-    config, buckets, batches, processes = plan_batches(config, data, say)
+    base_configs = check_base(config)  # as the run does: the data first, then what loading the base would refuse
+    config = with_family_preset(config, base_configs, data)
+    config, buckets, batches, processes = plan_batches(config, base_configs, data, say)
     config = with_resumed_warmup(config, read_state(resume_from) if resume_from else None)
     path = save_config(config, run_dir / CONFIG_FILE)
     say(describe_settings(config))
@@ -45,20 +45,21 @@ def dry_run(config: TrainConfig) -> Path:
     return path
 
 
-def plan_batches(config: TrainConfig, data, say=lambda message: None) -> tuple[TrainConfig, list, int, int]:
+def plan_batches(config: TrainConfig, base_configs: Path, data,
+                 say=lambda message: None) -> tuple[TrainConfig, list, int, int]:
     """The settings a run of `config` (the family preset applied) will train with, its samples' buckets, one
-    process's batches per epoch and the process count, worked out from the base's config files and the images'
-    sizes, without loading weights. The run calls it to check --epochs with --warmup-steps before the base loads."""
+    process's batches per epoch and the process count, worked out from the base's config files (`base_configs`,
+    from check_base) and the images' sizes, without loading weights. The run calls it to check --epochs with
+    --warmup-steps before the base loads."""
     from stylelora.data.buckets import BucketBatchSampler
     from stylelora.data.captions import long_captions_note
     from stylelora.data.dataset import TrainingDataset
-    from stylelora.models.family import folder_geometry, pipeline_config_folder
+    from stylelora.models.family import folder_geometry
     from stylelora.train.loop import dataset_options, folder_tokenizer, run_settings, with_coined_trigger_rules
 
     t = config.train
-    folder = pipeline_config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
-    config = run_settings(with_model_defaults(config, **folder_geometry(folder)))
-    tokenizer = folder_tokenizer(folder)
+    config = run_settings(with_model_defaults(config, **folder_geometry(base_configs)))
+    tokenizer = folder_tokenizer(base_configs)
     if tokenizer is not None:  # without one the run decides when it loads the base
         config = with_coined_trigger_rules(config, tokenizer, data.triggers)
         say(long_captions_note(data.items, tokenizer, config.data.caption_variants))

@@ -111,14 +111,14 @@ def run_training(config: TrainConfig) -> Path:
     run_dir = config.output_dir
     resume_from = check_output_dir(config)  # before anything is written there
     data = prepare_data(config, run_dir, process, say)
-    check_base(config)  # what loading the base would refuse, from its config files alone
+    base_configs = check_base(config)  # what loading the base would refuse, from its config files alone
 
     # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
-    config = with_family_preset(config, data)
-    config = _with_early_coined_trigger_rules(config, data)
+    config = with_family_preset(config, base_configs, data)
+    config = _with_early_coined_trigger_rules(config, base_configs, data)
     if config.train.epochs is not None and config.optim.warmup_steps is not None:
         from stylelora.train.dry_run import plan_batches
-        plan_batches(config, data)  # a warmup longer than the epochs' steps is refused now, not after the base loads
+        plan_batches(config, base_configs, data)  # a warmup longer than the epochs' steps is refused before loading
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
     accelerator = _accelerator(config)
@@ -176,15 +176,15 @@ def run_training(config: TrainConfig) -> Path:
 # ----------------------------------------------------------------------------- 0. settings, process, output folder
 
 
-def with_family_preset(config: TrainConfig, data: DataPlan | None = None) -> TrainConfig:
+def with_family_preset(config: TrainConfig, base_configs: Path, data: DataPlan | None = None) -> TrainConfig:
     """The config with the base family's preset filling what it left unset; the family is read from the base's
-    config files (no weights) unless --family names it. With `data`, a real base's sample prompts are drawn from
-    its captions; without, they stay unset until a second call."""
-    from stylelora.models.family import detect_family
+    config files (`base_configs`, from check_base; no weights) unless --family names it. With `data`, a real base's
+    sample prompts are drawn from its captions; without, they stay unset until a second call."""
+    from stylelora.models.family import folder_family
     from stylelora.presets import apply_preset
 
     t = config.train
-    family = t.family or detect_family(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
+    family = t.family or folder_family(base_configs)
     variants = config.data.caption_variants
     captions = ([form for item in data.items for form in caption_forms(item.caption, item.variants, variants)]
                 if data is not None else None)
@@ -192,20 +192,18 @@ def with_family_preset(config: TrainConfig, data: DataPlan | None = None) -> Tra
                         triggers=data.triggers if data is not None else ())
 
 
-def _with_early_coined_trigger_rules(config: TrainConfig, data: DataPlan) -> TrainConfig:
+def _with_early_coined_trigger_rules(config: TrainConfig, base_configs: Path, data: DataPlan) -> TrainConfig:
     """The coined-trigger rules applied from the tokenizer in the base's config folder, so that the settings block
     shows the values the run trains with; where the folder has none they are applied once the base loads."""
-    from stylelora.models.family import config_folder
-
-    t = config.train
-    tokenizer = folder_tokenizer(config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle))
+    tokenizer = folder_tokenizer(base_configs)
     return with_coined_trigger_rules(config, tokenizer, data.triggers) if tokenizer is not None else config
 
 
-def check_base(config: TrainConfig) -> None:
+def check_base(config: TrainConfig) -> Path:
     """Raise now what the run raises as it loads the base, with the run's own checks, wherever they need no weights:
     a package --quantize-base or --optimizer needs that cannot be imported; a single-file base without config files
-    or with another pipeline's (--base-config); a --family that is not the base's (SDXL or not)."""
+    or with another pipeline's (--base-config); a --family that is not the base's (SDXL or not). Returns the folder
+    of config files the base loads with, so that the run looks it up once (a single file's header is read once)."""
     from stylelora.models.family import pipeline_config_folder, weightless_pipeline
     from stylelora.models.quantize import check_quantization
 
@@ -215,6 +213,7 @@ def check_base(config: TrainConfig) -> None:
     folder = pipeline_config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
     if t.family is not None:  # a detected family is read from this same folder
         check_family(config, weightless_pipeline(folder))
+    return folder
 
 
 def describe_settings(config: TrainConfig) -> str:
