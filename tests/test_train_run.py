@@ -375,7 +375,9 @@ def test_ctrl_c_says_how_to_continue(tmp_path, tiny_base, stripes_dataset, monke
     monkeypatch.setattr(loop, "loss_step", interrupted)
     code = train_from_cli(None, tiny_overrides(stripes_dataset, tmp_path / "run", tiny_base))
     assert code == 130
-    assert "--resume latest" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # Interrupted in step 1, before any checkpoint: --resume latest would find nothing, so it is not offered.
+    assert "before its first checkpoint, so nothing is kept" in err and "--resume latest" not in err
 
 
 def test_ctrl_c_during_the_steps_saves_the_step_it_finishes(tmp_path, tiny_base, stripes_dataset, monkeypatch,
@@ -399,7 +401,9 @@ def test_ctrl_c_during_the_steps_saves_the_step_it_finishes(tmp_path, tiny_base,
                                                **{"train.save_every": 0}))
     assert code == 130
     err = capsys.readouterr().err
-    assert "stopping after this step" in err and "--resume latest" in err
+    assert "stopping after this step" in err
+    assert f"newest checkpoint is step 2 ({tmp_path / 'run' / 'checkpoints' / 'step-000002'})" in err
+    assert "--resume latest to continue from it" in err
     assert [path.name for path in complete_checkpoints(tmp_path / "run")] == ["step-000002"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored once the steps are over
     monkeypatch.setattr(loop, "loss_step", real_step)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylelora.app.errors import AppError, plain_name
+from stylelora.train.command import INTERRUPTED
 
 SETTINGS_FILE = "app-settings.toml"  # in the run folder: what the app started, so Resume can continue it
 LOG_FILE = "app-train.log"  # the trainer's output, kept beside its metrics
@@ -159,8 +160,8 @@ class TrainingJob:
         stream.close()
 
     def _on_stderr(self, line: str) -> None:
-        if not line.strip() or OTHER_BARS.search(line):
-            return
+        if not line.strip() or OTHER_BARS.search(line) or line.startswith(INTERRUPTED):
+            return  # bars: the metrics say the same; the CLI's resume advice: the app's Stop message says it
         with self._lock:
             self.lines = (self.lines + [line])[-LOG_LINES_KEPT:]
             if not self._log.closed:

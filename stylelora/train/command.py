@@ -141,12 +141,26 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any], *, dry_ru
         _report(f"stylelora train: error: {error}")
         return 1  # the input was fine; the run itself failed
     except KeyboardInterrupt:
-        _report(f"stylelora train: interrupted. Run the same command with --resume latest to continue from the last "
-                f"checkpoint in {config.output_dir / 'checkpoints'} (one is written every --save-every steps).")
+        _report(interrupted_message(config.output_dir))
         return 130
     if _is_main_process():
         print(result, flush=True)
     return 0
+
+
+INTERRUPTED = "stylelora train: interrupted"  # the app leaves this line out: its own message says how to resume
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What a stopped run keeps and the command that continues it, from the checkpoints on disk."""
+    from stylelora.train.checkpoint import checkpoint_step, complete_checkpoints
+
+    kept = complete_checkpoints(run_dir)
+    if not kept:
+        return (f"{INTERRUPTED} before its first checkpoint, so nothing is kept to continue from; run the command "
+                "again to start over (--save-every N writes a checkpoint every N steps).")
+    return (f"{INTERRUPTED}; its newest checkpoint is step {checkpoint_step(kept[-1])} ({kept[-1]}). Run the same "
+            "command with --resume latest to continue from it.")
 
 
 def interruptible() -> None:
