@@ -1,6 +1,7 @@
 """Tests for stylelora.models.load: every kind of base spec, on a tiny random SD pipeline built here, offline."""
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -166,6 +167,48 @@ def test_a_base_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     model.write_bytes(b"weights v2, longer")
     assert identity.source_hash(model) == hashlib.sha256(b"weights v2, longer").hexdigest()[:10]
     assert identity.hash_cache_path().is_relative_to(tmp_path / "cache")
+
+
+class _Recorder(logging.Handler):
+    """What diffusers' own stderr handler would print: records that passed every filter on the way up."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def diffusers_log():
+    recorder = _Recorder()
+    logger = logging.getLogger("diffusers")  # diffusers prints from here (it does not propagate to the root)
+    logger.addHandler(recorder)
+    yield recorder.messages
+    logger.removeHandler(recorder)
+
+
+def test_single_file_base_loads_without_the_empty_float32_notice(single_file: Path, tiny_pipe_dir: Path,
+                                                                  diffusers_log) -> None:
+    # diffusers warns on every cast to a dtype, naming the modules to keep in float32; for SD models the list is
+    # empty, and the user saw "should be kept in float32: []" twice on every single-file load.
+    load_base(str(single_file), config_dir=str(tiny_pipe_dir))
+    assert not [m for m in diffusers_log if "kept in float32" in m], diffusers_log
+
+
+def test_a_float32_notice_that_names_modules_still_shows(diffusers_log) -> None:
+    from diffusers import ModelMixin
+
+    class Keeps(ModelMixin):
+        _keep_in_fp32_modules = ["norm"]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(2)
+
+    Keeps().to(torch.float64)
+    assert any("should be kept in float32: ['norm']" in m for m in diffusers_log), diffusers_log
 
 
 def test_single_file_config_found_in_local_hf_cache(single_file: Path, tiny_pipe_dir: Path, folder_pipe,
