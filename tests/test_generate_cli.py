@@ -56,6 +56,18 @@ def test_generate_writes_numbered_pngs_with_parameters(world, tmp_path, capsys):
     assert out[0] == str(tmp_path / "00002-7.png")
 
 
+def test_an_adapter_both_chosen_and_tagged_is_noted_in_one_line(world, tmp_path, capsys):
+    argv = ["generate", "a red circle <lora:stripes:0.5>", "--lora", f"{world['a']}:1", "--seed", "3",
+            "--out", str(tmp_path / "x.png"), *common(world)]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and out == [str(tmp_path / "x.png")]
+    assert [line for line in err.splitlines() if "stripes" in line and "A1111" in line] == [
+        "warning: stripes is both chosen (weight 1.0) and tagged in the prompt (0.5): they add up to 1.5, as in "
+        "A1111. Remove one to use the other's weight alone."]
+    assert "UserWarning" not in err  # one line, not Python's file:line and source line
+    assert parse_parameters(read_png_parameters(out[0])).loras[0].unet_weight == 1.5
+
+
 def test_generate_reports_bad_input_in_one_line(world, tmp_path, capsys):
     code, out, err = run(["generate", "x <lora:nope:1>", "--out", str(tmp_path), *common(world)], capsys)
     assert code == 2 and out == [] and "error: No adapter named 'nope'" in err

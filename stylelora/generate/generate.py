@@ -123,6 +123,44 @@ def _merge_specs(specs: list[AdapterSpec]) -> tuple[AdapterSpec, ...]:
     return tuple(merged.values())
 
 
+def _weights_text(unet: float, te: float) -> str:
+    # Rounded so that 0.1 + 0.2 reads 0.3; A1111 users read weights as 1.0, 0.5.
+    unet, te = round(float(unet), 6), round(float(te), 6)
+    return f"{unet!r}" if unet == te else f"UNet {unet!r}, text encoder {te!r}"
+
+
+def _note_chosen_and_tagged(chosen: tuple[AdapterSpec, ...], tagged: list[AdapterSpec]) -> None:
+    """Warn, once per adapter, where one is both chosen (--lora, the app's list) and tagged in the prompt.
+
+    The weights add up, as A1111 adds a tag to the same LoRA chosen elsewhere (and as `_merge_specs` does); but a
+    user who picked an adapter in one place and pasted a prompt with its tag rarely means to double it. Sent as a
+    warning, the channel generation already uses for what it applies differently from what was asked (stack.py's
+    skipped modules): the CLI prints it on stderr in one line, a library caller can catch it."""
+    import warnings
+
+    from stylelora.generate.prompt_tags import adapter_name
+
+    def by_file(specs) -> dict[Path, list[AdapterSpec]]:
+        grouped: dict[Path, list[AdapterSpec]] = {}
+        for spec in specs:
+            grouped.setdefault(spec.path.resolve(), []).append(spec)
+        return grouped
+
+    def total(specs: list[AdapterSpec]) -> tuple[float, float]:
+        return sum(s.unet_weight for s in specs), sum(s.text_encoder_weight for s in specs)
+
+    in_prompt = by_file(tagged)
+    for key, mine in by_file(chosen).items():
+        if key not in in_prompt:
+            continue
+        (unet, te), theirs = total(mine), total(in_prompt[key])
+        weight = "weight" if unet == te else "weights"
+        warnings.warn(f"{adapter_name(in_prompt[key][0].path)} is both chosen ({weight} {_weights_text(unet, te)}) "
+                      f"and tagged in the prompt ({_weights_text(*theirs)}): they add up to "
+                      f"{_weights_text(unet + theirs[0], te + theirs[1])}, as in A1111. Remove one to use the "
+                      "other's weight alone.", UserWarning, stacklevel=2)
+
+
 def _add_triggers(prompt: str, adapters: list) -> str:
     from stylelora.lora.inspect import trigger_words, with_trigger_words
 
@@ -148,7 +186,9 @@ def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) ->
     from stylelora.generate.prompt_tags import adapter_name, list_adapters, parse_prompt, resolve_tags
 
     prompt, tags = parse_prompt(request.prompt)
-    specs = _merge_specs(list(request.loras) + resolve_tags(tags, request.adapters_dir))
+    tagged = resolve_tags(tags, request.adapters_dir)
+    specs = _merge_specs(list(request.loras) + tagged)
+    _note_chosen_and_tagged(request.loras, tagged)
     adapters = [stack.load(spec.path) for spec in specs]
     if request.add_triggers:
         prompt = _add_triggers(prompt, [a for a, s in zip(adapters, specs) if s.unet_weight or s.te_weight])
