@@ -1,6 +1,7 @@
 """The base checks a run makes as it loads the base: a single file whose config folder has other widths is refused
 in one sentence, and `train --dry-run` (and the run, before any weights load) raises the same errors the loading
-raises wherever they need only config files, a .safetensors header or an import."""
+raises wherever they need only config files, a .safetensors header or an import. An adapter trained on a single file
+records kohya's hashes of it."""
 from __future__ import annotations
 
 import sys
@@ -199,3 +200,26 @@ def test_family_detection_reads_the_configs_loading_uses(wide_single_file, wide_
         detect_family(str(wide_single_file), config_dir=str(sdxl_base))
     with pytest.raises(BaseModelError, match="needs the matching diffusers config files"):
         detect_family(str(wide_single_file))
+
+
+# ----------------------------------------------------------------------------- what a run records of a single file
+
+def test_an_adapter_trained_on_a_single_file_records_kohyas_hashes_of_it(wide_single_file, wide_configs,
+                                                                        stripes_dataset, tmp_path):
+    """Model sites, A1111's metadata view and `stylelora blend` tell the base by these, as in kohya's files."""
+    import hashlib
+
+    from stylelora.train.loop import run_training
+    from train_fixtures import adapter_metadata, reset_accelerate
+
+    reset_accelerate()
+    config = load_config(None, overrides(stripes_dataset, tmp_path / "run", wide_single_file,
+                                         **{"train.base_config": str(wide_configs), "train.steps": 1}))
+    try:
+        metadata = adapter_metadata(run_training(config))
+    finally:
+        reset_accelerate()
+    data = wide_single_file.read_bytes()
+    assert metadata["ss_sd_model_name"] == "tiny-wide.safetensors"
+    assert metadata["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()

@@ -119,3 +119,43 @@ def test_bad_blends_are_refused(world, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         blend(inputs, tmp_path / kwargs.get("out_name", "mix.safetensors"),
               rank=kwargs.get("rank"), exact=kwargs.get("exact", False))
+
+
+def _checkpoint(path, seed: int):
+    """A stand-in single-file base: only its bytes are hashed (1.5 MiB, past the 1 MiB the legacy hash skips)."""
+    path.write_bytes(torch.randint(0, 256, (3 << 19,), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(seed)).numpy().tobytes())
+    return path
+
+
+def test_base_hashes_are_kohyas_for_a_single_file_and_absent_for_a_folder(tmp_path, world):
+    import hashlib
+
+    from stylelora.generate.base_identity import kohya_base_hashes
+
+    data = _checkpoint(tmp_path / "base.safetensors", 0).read_bytes()
+    assert kohya_base_hashes(tmp_path / "base.safetensors") == {
+        "ss_sd_model_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],  # A1111's old hash
+        "ss_new_sd_model_hash": hashlib.sha256(data).hexdigest(),
+    }
+    assert kohya_base_hashes(world["base"]) == {} and kohya_base_hashes("toy") == {}
+
+
+def test_a_blend_names_the_base_its_inputs_agree_on_and_nothing_when_they_disagree(world, tmp_path):
+    from stylelora.generate.base_identity import kohya_base_hashes
+
+    def trained_on(checkpoint, name, seed):
+        identity = {"ss_sd_model_name": checkpoint.name, **kohya_base_hashes(checkpoint)}
+        return make_adapter(tmp_path / f"{name}.safetensors", seed, metadata=identity), identity
+
+    base, other = _checkpoint(tmp_path / "v1-5.safetensors", 0), _checkpoint(tmp_path / "dreamy.safetensors", 1)
+    (a, identity), (b, _) = trained_on(base, "a", 1), trained_on(base, "b", 2)
+    (c, _), keys = trained_on(other, "c", 3), ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash")
+
+    def base_of(inputs, out):
+        _, metadata = load_adapter_state(blend([f"{path}:0.5" for path in inputs], tmp_path / out).path)
+        return {key: metadata[key] for key in keys if key in metadata}
+
+    assert base_of([a, b], "same.safetensors") == identity  # A1111 and model sites show which base it is for
+    assert base_of([a, c], "mixed.safetensors") == {}  # neither base would be true of the blend
+    assert base_of([a, world["a"]], "unknown.safetensors") == {}  # world["a"] records no base

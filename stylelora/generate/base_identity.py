@@ -66,6 +66,20 @@ def _file_sha256s(paths: list[Path]) -> list[str]:
     return digests
 
 
+def kohya_base_hashes(base: str | os.PathLike | None) -> dict[str, str]:
+    """kohya's ss_sd_model_hash and ss_new_sd_model_hash of a single-file base, which its train_network.py writes
+    when the base is a path: A1111's legacy hash (sha256 of the 64 KiB at offset 1 MiB, 8 hex digits) and the file's
+    sha256 (A1111's new hash; its first 10 digits are the PNG `Model hash`). {} for a folder, a hub id or toy: A1111
+    hashes no folder, and kohya's "IsADirectory" there would read as a hash. The sha256 comes from the cache above,
+    so a base of gigabytes is read once, not once per run."""
+    if not base or not Path(base).is_file():
+        return {}
+    with open(base, "rb") as handle:
+        handle.seek(0x100000)
+        legacy = hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+    return {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": _file_sha256s([Path(base)])[0]}
+
+
 def source_hash(source: str | Path) -> str | None:
     """Short hash of a checkpoint file or diffusers folder (None when the path does not exist)."""
     source = Path(source)

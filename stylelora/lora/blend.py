@@ -277,6 +277,28 @@ def _shared_license(files) -> str:
     return licenses.pop() if len(licenses) == 1 else "unspecified"
 
 
+# What kohya's train_network.py records of the base when it is a path: its file name, A1111's legacy 8-digit hash and
+# the file's sha256 (stylelora.generate.base_identity.kohya_base_hashes). Model sites and A1111's metadata view show them.
+BASE_IDENTITY_KEYS = ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash")
+NOT_A_HASH = {"NOFILE", "IsADirectory"}  # what kohya writes in a hash key for a missing file or a folder
+
+
+def shared_base_identity(files) -> dict[str, str]:
+    """The base the inputs agree they were trained on: each of BASE_IDENTITY_KEYS that every input records with one
+    value. Two different hashes mean two different bases, and then nothing is said, not even a shared file name
+    (two files of one name); an input that records no hash leaves it out (its base is not known to be that one)."""
+    identity = {}
+    for key in BASE_IDENTITY_KEYS:
+        values = [f.metadata.get(key) or None for f in files]
+        if key != "ss_sd_model_name":
+            values = [None if value in NOT_A_HASH else value for value in values]
+            if len(set(values) - {None}) > 1:
+                return {}
+        if values and None not in values and len(set(values)) == 1:
+            identity[key] = values[0]
+    return identity
+
+
 def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors, blend_mode="sum") -> dict[str, str]:
     from stylelora.lora.io import file_model_hash
 
@@ -307,10 +329,11 @@ def _blend_metadata(specs, files, out_path: Path, mode, rank, ranks, errors, ble
         BLEND_METADATA_KEY: json.dumps(blend_info),
         "format": "pt",
     }
-    for key in ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "modelspec.architecture",
+    for key in ("ss_base_model_version", "ss_v2", "modelspec.architecture",
                 "modelspec.implementation", "modelspec.resolution", "modelspec.prediction_type"):
         if key in first:
             metadata[key] = first[key]
+    metadata.update(shared_base_identity(used))
     if triggers:
         metadata["modelspec.trigger_phrase"] = ", ".join(dict.fromkeys(triggers))
     return metadata

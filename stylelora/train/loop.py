@@ -587,10 +587,17 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
                      trigger=", ".join(data.triggers),
                      prediction_type=prediction_type(noise_scheduler), started_at=time.time(),
                      world_size=accelerator.num_processes, batches_per_epoch=len(sampler),
-                     company_words=models.company)
+                     company_words=models.company, base_hashes=_base_hashes(config, accelerator))
     return Run(config=config, accelerator=accelerator, run_dir=run_dir, pipe=pipe, models=models, trainable=trainable,
                dataset=dataset, sampler=sampler, loader=loader, noise_scheduler=noise_scheduler, optimizer=optimizer,
                lr_scheduler=lr_scheduler, generator=generator, facts=facts, trained_modules=trained_modules)
+
+
+def _base_hashes(config: TrainConfig, accelerator) -> tuple[tuple[str, str], ...]:
+    from stylelora.generate.base_identity import kohya_base_hashes
+
+    # Only the main process writes metadata; hashing gigabytes on every process would only cost time.
+    return tuple(kohya_base_hashes(config.train.base).items()) if accelerator.is_main_process else ()
 
 
 def _decoys(config: TrainConfig, data: DataPlan, tokenizer) -> tuple[str, ...]:

@@ -55,6 +55,9 @@ class RunFacts:
     world_size: int
     batches_per_epoch: int
     company_words: tuple[str, ...] = ()  # the decoy words trained beside the trigger (the first: a stand-in word)
+    # kohya's ss_sd_model_hash / ss_new_sd_model_hash of a single-file base (stylelora.generate.base_identity), so
+    # that model sites, A1111 and `stylelora blend` can tell which base an adapter was trained on; () otherwise.
+    base_hashes: tuple[tuple[str, str], ...] = ()
 
 
 def share_fields(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
@@ -87,6 +90,7 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         **dict(zip(("ss_base_model_version", "ss_v2", "modelspec.architecture"), FAMILY_METADATA[t.family])),
         **share_fields(config, facts),
         "ss_sd_model_name": shareable_path(t.base),
+        **dict(facts.base_hashes),
         "ss_seed": str(t.seed),
         "ss_optimizer": o.optimizer,
         "ss_lr_scheduler": o.lr_scheduler,
