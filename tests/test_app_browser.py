@@ -83,6 +83,9 @@ def test_pick_two_adapters_set_weights_generate_and_see_the_image(app_url, page,
     seed = page.locator("#seed input")
     seed.fill("5")
     seed.press("Enter")
+    size = page.locator("#size input")
+    size.fill("40x24")  # not square: shown whole, as it is
+    size.press("Enter")
 
     page.locator("#generate").click()
     expect(page.get_by_text(re.compile(r"\d+/100 steps")).first).to_be_visible(timeout=30_000)  # live progress
@@ -92,10 +95,16 @@ def test_pick_two_adapters_set_weights_generate_and_see_the_image(app_url, page,
     expect(parameters).to_have_value(re.compile(
         r"<lora:stripes:te=0\.3:unet=0\.6> <lora:pastel:te=1:unet=-0\.5:lbw=1,0,0,1,1,1,1,1>"))
     assert "Steps: 100" in parameters.input_value() and "Seed: 5" in parameters.input_value()
-    assert image.evaluate("img => img.complete && img.naturalWidth") == 32  # the toy base's 32 px image loaded
-    # Shown larger than its 32 px, scaled nearest-neighbour: crisp pixels, not a blur.
+    assert image.evaluate("img => img.complete && [img.naturalWidth, img.naturalHeight]") == [40, 24]
+    # Shown larger than its 40 px, scaled nearest-neighbour: crisp pixels, not a blur.
     assert image.evaluate("img => getComputedStyle(img).imageRendering") == "pixelated"
-    assert image.evaluate("img => img.getBoundingClientRect().width") > 64
+    assert image.evaluate("img => img.getBoundingClientRect().width") > 80
+    # Whole: inside the gallery's box (a single image was drawn square, taller than the box, and cut), and fitted
+    # (object-fit contain), not cropped to its square.
+    assert image.evaluate("""img => { const shown = img.getBoundingClientRect();
+        const box = img.closest("#gallery").getBoundingClientRect();
+        return shown.top >= box.top && shown.bottom <= box.bottom && shown.left >= box.left
+            && shown.right <= box.right && getComputedStyle(img).objectFit === "contain"; }""")
 
     # What the browser was served is the PNG with its A1111 parameters, as written.
     served = page.request.get(image.get_attribute("src"))
@@ -139,6 +148,9 @@ def test_stop_ends_a_running_generation_and_saves_nothing(served, page):
     stop.click()
     expect(page.get_by_text(re.compile(r"\d+/150 steps"))).to_have_count(0, timeout=10_000)
     expect(stop).to_be_disabled()
+    # The page says so (gradio drops a stopped request's own answer: it said nothing).
+    expect(page.locator("#generate-status")).to_contain_text(re.compile(
+        r"The generation was stopped after \d+ of 150 sampling steps; nothing was saved\."), timeout=15_000)
     from stylelora.app.service import GenerateSettings
 
     # A request that needs the shared base waits for the stopped one to let go of it: had it kept sampling, its
@@ -146,6 +158,55 @@ def test_stop_ends_a_running_generation_and_saves_nothing(served, page):
     service.generate(GenerateSettings("a circle", steps=1, seed=1))
     assert not [p for p in set(service.images_dir.glob("*.png")) - before if p.name.endswith("-77.png")]
     assert page.locator("#gallery img").count() == 0
+
+
+def test_a_grid_is_shown_across_its_tab_and_downloads_at_its_own_size(served, page):
+    """A grid of 32 px cells was shown at its own few hundred pixels, small in a wide tab."""
+    from PIL import Image
+
+    expect = sync_api.expect
+    app_url, service = served
+    page.goto(app_url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    set_number(page, "#steps", "2")
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#x-axis textarea, #x-axis input").first.fill("seed=1,2")
+    page.locator("#y-axis textarea, #y-axis input").first.fill("")
+    page.locator("#make-grid").click()
+    image = page.locator("#grid img").first
+    expect(image).to_be_visible(timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#grid img').complete", timeout=10_000)
+    natural, shown = image.evaluate("img => [img.naturalWidth, img.getBoundingClientRect().width]")
+    width = page.locator("#grid").evaluate("box => box.getBoundingClientRect().width")
+    assert shown > 0.9 * width and shown > 1.5 * natural, (natural, shown, width)
+    assert image.evaluate("img => getComputedStyle(img).imageRendering") == "pixelated"
+    served_file = page.request.get(image.get_attribute("src"))  # what the download button gives
+    newest = max(service.grids_dir.glob("*-grid.png"), key=lambda path: path.stat().st_mtime)
+    with Image.open(io.BytesIO(served_file.body())) as grid, Image.open(newest) as saved:
+        assert grid.size == saved.size and grid.width == natural
+
+
+def test_at_a_narrow_width_labels_keep_their_words_together_and_placeholders_fit(app_url, page):
+    """At 800 px the sliders' labels ran a word a line beside their number boxes, and the block-weights box's
+    placeholder ran past its end."""
+    expect = sync_api.expect
+    page.set_viewport_size({"width": 800, "height": 1000})
+    page.goto(app_url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    page.locator("#adapters input").click()
+    page.locator('#adapters li[aria-label="pastel"]').click()
+    page.keyboard.press("Escape")
+    expect(page.locator("#adapter-row-0")).to_be_visible()
+    lines = """box => { const label = box.querySelector("label");
+        return Math.round(label.getBoundingClientRect().height / parseFloat(getComputedStyle(label).lineHeight)); }"""
+    for slider in ("#steps", "#cfg", "#batch-size", "#unet-weight-0"):
+        assert page.locator(slider).evaluate(lines) == 1, slider
+    placeholder = page.locator("#blocks-0 input, #blocks-0 textarea").first
+    assert placeholder.evaluate("""box => { const style = getComputedStyle(box);
+        const context = document.createElement("canvas").getContext("2d");
+        context.font = `${style.fontSize} ${style.fontFamily}`;
+        const room = box.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+        return context.measureText(box.placeholder).width <= room; }""")
 
 
 def test_start_training_with_the_tabs_defaults_runs_to_its_adapter(served, page):

@@ -292,6 +292,22 @@ def test_limits_and_grid_axes_are_refused_with_the_limit_named(app):
         client.predict(prompt=f"{PROMPT} <lora:nope:1>", api_name="/generate")
 
 
+def test_a_number_out_of_its_boxs_range_is_refused_with_the_box_named(app):
+    """gradio's own range check said "Value -7 is less than minimum value -1.": which of the page's boxes?"""
+    _, service, client = app
+    refused = [({"prompt": PROMPT, "seed": -7}, "/generate", r"Seed must be at least -1 \(got -7\)\."),
+               ({"adapters": ["pastel"], "name": "r0", "mode": "rank", "rank": 0}, "/blend",
+                r"Rank must be at least 1 \(got 0\)\."),
+               ({"dataset": "tiny", "name": "no-steps", "train_steps": 0}, "/train",
+                r"Steps must be at least 1 \(got 0\)\."),
+               ({"files": [], "dataset_name": "r", "trigger": "", "repeats": 101}, "/upload_dataset",
+                r"Repeats must be between 1 and 100 \(got 101\)\.")]
+    for values, endpoint, message in refused:
+        with pytest.raises(gradio_client.exceptions.AppError, match=message):
+            client.predict(**values, api_name=endpoint)
+    assert not (service.adapters_dir / "no-steps").exists()
+
+
 def test_a_nan_adapter_and_one_for_another_base_are_refused_on_upload_leaving_nothing(app, tmp_path):
     from gradio_client import handle_file
 

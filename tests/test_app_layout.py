@@ -109,3 +109,66 @@ def test_the_size_box_offers_the_bases_own_sizes_and_follows_the_base(app, page_
                                                        "640x384"], "label": "Size (WxH, up to 1024 a side)",
                                            "value": "native"}  # a size the new base does not offer goes back
     assert size_box(both, "toy", "24x40")["value"] == "24x40"
+
+
+def test_renaming_a_chosen_adapter_keeps_it_chosen_with_its_weights(tmp_path):
+    """Generate tab: stripes and pastel chosen, pastel's row at UNet 0.4 / TE 0.7 / lbw OUTALL. Renaming pastel in
+    the Adapters tab leaves it chosen, under its new name, in the same row with the same values."""
+    from stylelora.app.service import AppService
+    from stylelora.app.ui import _show_rows, build_ui
+
+    for name in ("styles/stripes", "pastel"):
+        (tmp_path / "adapters" / f"{name}.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "adapters" / f"{name}.safetensors").write_bytes(b"renaming does not read it")
+    demo = build_ui(AppService(tmp_path / "adapters", datasets_dir=tmp_path / "datasets"))
+    config = demo.config
+    confirm = listeners(config, "confirm", "click")[0]
+    chosen = ["styles/stripes", "pastel"]
+    answer = demo.fns[confirm["id"]].fn(("rename", "pastel", "kept/pastel-v2"), chosen, "pastel", chosen)
+    outputs = dict(zip(confirm["outputs"], answer))
+    chosen_now = outputs[component(config, "adapters")["id"]]["value"]
+    assert chosen_now == ["styles/stripes", "kept/pastel-v2"]
+    assert outputs[component(config, "adapter-name")["id"]]["value"] == "kept/pastel-v2"  # inspected under it too
+    previous_now = answer[-1]  # the Generate tab's memory of each row's adapter, renamed with it
+    weights, blocks = [1.0, 1.0, 0.4, 0.7, 1.0, 1.0, 1.0, 1.0], ["", "OUTALL", "", ""]
+    update = _show_rows(chosen_now, previous_now, *weights, *blocks)
+    unet, te, lbw = update[1 + 4 + 2], update[1 + 4 + 3], update[1 + 4 + 8 + 1]
+    assert "value" not in unet and "value" not in te and "value" not in lbw  # the row keeps 0.4 / 0.7 / OUTALL
+    assert unet["label"] == "kept/pastel-v2 · UNet weight" and te["label"] == "kept/pastel-v2 · text-encoder weight"
+
+
+def test_the_adapters_tab_lists_training_checkpoints_labelled_and_generate_does_not(tmp_path):
+    from stylelora.app.service import AppService
+    from stylelora.app.ui import build_ui
+
+    for relative in ("run/run.safetensors", "run/checkpoints/step-000002/run-step000002.safetensors"):
+        (tmp_path / "adapters" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "adapters" / relative).write_bytes(b"x")
+    config = build_ui(AppService(tmp_path / "adapters", datasets_dir=tmp_path / "datasets")).config
+    assert [tuple(c) for c in component(config, "adapters")["props"]["choices"]] == [("run/run", "run/run")]
+    assert [tuple(c) for c in component(config, "adapter-name")["props"]["choices"]] == [
+        ("run/run", "run/run"), ("run/checkpoints/step-000002/run-step000002  (training checkpoint)",
+                                 "run/checkpoints/step-000002/run-step000002")]
+
+
+def test_the_block_weights_box_shows_its_whole_placeholder_and_explains_itself_in_its_info(page_config):
+    """Its placeholder ran past the box ('empty: all 1; a preset (OUTALL) or BASE,IN..,M..,OUT.. numbers')."""
+    props = component(page_config, "blocks-0")["props"]
+    assert len(props["placeholder"]) <= 12
+    assert all(word in props["info"] for word in ("every block at 1", "OUTALL", "BASE first"))
+
+
+def test_stop_says_what_it_stopped_even_when_the_cancel_reached_the_request_first(app):
+    """What the Generate tab's status line says after Stop (the browser test presses it on a running request)."""
+    from stylelora.app.jobs import Cancelled
+    from stylelora.app.ui import Run
+
+    service = app[1]
+    assert "before it started (it was waiting in the queue)" in Run("generation").stop_report(service)
+    run = Run("generation")
+    with pytest.raises(Cancelled), run.running_request():
+        raise Cancelled("The generation was stopped after 3 of 20 sampling steps; nothing was saved.")
+    assert run.stop_report(service) == "The generation was stopped after 3 of 20 sampling steps; nothing was saved."
+    with run.running_request():
+        pass
+    assert run.stop_report(service) == "The generation had finished before Stop reached it."

@@ -87,6 +87,27 @@ def test_adapters_are_listed_by_name_and_resolve_only_inside_the_folder(service,
         (adapters / "escape.safetensors").unlink()
 
 
+def test_training_checkpoints_are_not_offered_as_adapters_but_stay_usable_by_name(tmp_path):
+    """A run's folder holds its finished adapter and, per checkpoint, a half-trained one: a user picking adapters
+    to generate with expects the finished ones (the Adapters tab lists the others, labelled: test_app_layout)."""
+    from stylelora.app.ui import inspect_choices
+
+    run = tmp_path / "adapters" / "my-style"
+    for relative in ("my-style.safetensors", "checkpoints/step-000250/my-style-step000250.safetensors",
+                     "checkpoints/step-000250/lora_weights.safetensors", "loras/checkpoints/old.safetensors"):
+        (run / relative).parent.mkdir(parents=True, exist_ok=True)
+        (run / relative).write_bytes(b"not read by the listing")
+    service = AppService(tmp_path / "adapters", datasets_dir=tmp_path / "datasets")
+    checkpoint = "my-style/checkpoints/step-000250/my-style-step000250"
+    # A folder a user named "checkpoints" holds finished adapters: only a run's step-N folders are checkpoints.
+    assert service.adapter_names() == ["my-style/loras/checkpoints/old", "my-style/my-style"]
+    assert service.adapter_names(checkpoints=True) == [checkpoint, "my-style/loras/checkpoints/old",
+                                                       "my-style/my-style"]
+    assert service.adapter_path(checkpoint).name == "my-style-step000250.safetensors"  # a typed name or tag works
+    assert inspect_choices(service.adapter_names(checkpoints=True))[-1] == (
+        f"{checkpoint}  (training checkpoint)", checkpoint)
+
+
 def test_upload_refuses_what_is_not_a_lora_safetensors_file_with_a_clear_message(service, tmp_path):
     from safetensors.torch import save_file
     import torch

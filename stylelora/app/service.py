@@ -36,6 +36,7 @@ IMAGES_FOLDER = "images"
 GRIDS_FOLDER = "grids"
 UPLOADS_FOLDER = "uploads"
 BLENDS_FOLDER = "blends"
+CHECKPOINTS_FOLDER = "checkpoints"  # a training run's, as stylelora.train.checkpoint names it
 MAX_ADAPTERS = 4  # adapters in one blend (the Generate tab's rows)
 WEIGHT_LIMIT = 2.0  # the sliders' range; the library itself accepts any finite weight
 CFG_LIMIT = 30.0
@@ -222,11 +223,12 @@ class AppService:
 
     # ------------------------------------------------------------------ adapters
 
-    def adapter_names(self) -> list[str]:
-        """Every adapter under the adapters folder, by the name tags and the UI use (relative, no suffix)."""
+    def adapter_names(self, checkpoints: bool = False) -> list[str]:
+        """The finished adapters under the adapters folder, by the name tags and the UI use (relative, no suffix);
+        with `checkpoints`, also the adapters training runs save at each checkpoint (is_checkpoint)."""
         from stylelora.generate.prompt_tags import list_adapters
 
-        return list(list_adapters(self.adapters_dir))
+        return [name for name in list_adapters(self.adapters_dir) if checkpoints or not is_checkpoint(name)]
 
     def adapter_path(self, name: str) -> Path:
         """The file an adapter name means, inside the adapters folder only; AppError otherwise."""
@@ -755,6 +757,15 @@ class AppService:
     def training(self):
         """The current (or last) training run, or None."""
         return self._training
+
+
+def is_checkpoint(name: str) -> bool:
+    """Whether an adapter name (relative to the adapters folder) is one a training run saves with a checkpoint, in
+    RUN/checkpoints/step-NNNNNN/ (stylelora.train.checkpoint's layout; not imported: it loads torch). Offered beside
+    finished adapters, a half-trained one would be picked by mistake; they stay usable by name (tags, typed names)."""
+    folders = str(name).split("/")[:-1]
+    return any(folder == CHECKPOINTS_FOLDER and re.fullmatch(r"step-\d+", step) is not None
+               for folder, step in zip(folders, folders[1:]))
 
 
 def _sidecars(adapter: Path) -> list[Path]:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import html
 import logging
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
 
 from stylelora.app.errors import AppError
-from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppService, GenerateSettings
+from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppService, GenerateSettings, is_checkpoint
 from stylelora.app.training import TrainSettings
 from stylelora.generate.reading_dial import DEFAULT_DIAL, DIALS
 from stylelora.lora.blend_modes import DEFAULT_FILE_MODE
@@ -29,10 +31,17 @@ DEFAULT_SAMPLER = "base default"
 DEFAULT_DATASET = "toy-stripes"
 TRAIN_REFRESH_SECONDS = 1.0
 LOG_LINES_SHOWN = 12
-# Small images (the toy base's 32 px) are scaled up to fill their box: nearest-neighbour keeps them crisp.
+STOP_WAIT_SECONDS = 10.0
+# Small images (the toy base's 32 px) are scaled up to fill their box: nearest-neighbour keeps them crisp. A grid is
+# drawn at the width of its tab (gradio draws an image at most at its own size: a toy grid was a strip of stamps),
+# and no taller than the window; its download is the file itself. A slider's label keeps its words on one line
+# while it fits its column (gradio shrinks it first, to a word a line beside its number box): the box moves below.
 CSS = """
 .mono textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
 #gallery img, #grid img, #train-sample img { image-rendering: pixelated; }
+#grid .image-frame { width: 100%; }
+#grid img { width: 100%; height: auto; max-height: 85vh; object-fit: contain; }
+.gradio-container .block .head > label { flex: 1 0 auto; max-width: 100%; }
 """
 # Scripts that run in the page alone (no server call). FOLLOW_NEWEST_LINE: a log box stays on its newest line as
 # its text changes, unless the reader has scrolled up (until they scroll back to the end). PRESSABLE: the update
@@ -49,6 +58,8 @@ FOLLOW_NEWEST_LINE = """() => {
   if (box.dataset.follow === "yes") box.scrollTop = box.scrollHeight;
 }"""
 PRESSABLE = "() => ({__type__: 'update', interactive: %s})"
+BLOCK_WEIGHTS_INFO = ("empty: every block at 1. Else as A1111's LoRA Block Weight: a preset (OUTALL, INALL, MIDD, "
+                      "...) or one weight per UNet block, BASE first: BASE,IN..,M..,OUT.. (17 on SD 1.x)")
 log = logging.getLogger(__name__)
 
 
@@ -192,8 +203,9 @@ class GenerateInputs:
                 unet = _lenient(gr.Slider(-2, 2, value=1, step=0.05, label="UNet weight", elem_id=f"unet-weight-{i}"))
                 te = _lenient(gr.Slider(-2, 2, value=1, step=0.05, label="Text-encoder weight",
                                         elem_id=f"te-weight-{i}"))
+                # The placeholder fits the box's width; what to write is in the info line.
                 blocks = gr.Textbox("", label="Block weights (lbw=)", elem_id=f"blocks-{i}", max_lines=1,
-                                    placeholder="empty: all 1; a preset (OUTALL) or BASE,IN..,M..,OUT.. numbers")
+                                    placeholder="all 1", info=BLOCK_WEIGHTS_INFO)
             self.rows.append(row)
             self.weights += [unet, te]
             self.blocks.append(blocks)
@@ -211,7 +223,8 @@ class GenerateInputs:
             self.sampler = gr.Dropdown([DEFAULT_SAMPLER, *available_samplers()], value=DEFAULT_SAMPLER,
                                        label="Sampler", elem_id="sampler")
         with gr.Row():
-            self.seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed")
+            self.seed = _named_bounds(gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1,
+                                                elem_id="seed"))
             self.random_seed = gr.Button("Random seed", size="sm", scale=0, min_width=90)
             self.reuse_seed = gr.Button("Last seed", size="sm", scale=0, min_width=90)
             self.size = gr.Dropdown(**size_box(service, service.bases[0]), allow_custom_value=True, elem_id="size")
@@ -270,11 +283,73 @@ def _lenient(slider: gr.Slider) -> gr.Slider:
     return slider
 
 
-def _progress_callback(progress: gr.Progress, label: str):
+def _named_bounds(number: gr.Number) -> gr.Number:
+    """The number box with its range checked as gradio does, in a message that names the box: gradio's own
+    ("Value -7 is less than minimum value -1.") names no field, in a page of many. (A slider's page clamps a typed
+    value itself, silently; its server-side check is the service's, see _lenient.)"""
+    check, low, high = number.preprocess, number.minimum, number.maximum
+    name = str(number.label or "This value").split(" (")[0]
+
+    def preprocess(payload):
+        if isinstance(payload, (int, float)) and not isinstance(payload, bool) and (
+                (low is not None and payload < low) or (high is not None and payload > high)):
+            bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None else
+                      f"at least {low:g}" if low is not None else f"at most {high:g}")
+            raise gr.Error(f"{name} must be {bounds} (got {payload:g}).", print_exception=False)
+        return check(payload)
+
+    number.preprocess = preprocess
+    return number
+
+
+def _progress_callback(progress: gr.Progress, label: str, run: Run | None = None):
     def report(done: int, total: int) -> None:
+        if run is not None:
+            run.done, run.total = done, total
         progress((done, total), desc=label, unit="steps")
 
     return report
+
+
+class Run:
+    """A page's latest request of one kind (a Generate, a grid), as its Stop button reports it: gradio drops a
+    stopped request's own answer, so without this the page said nothing. One per page (a gr.State: plain values,
+    copied for each page, then shared by that page's events)."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.running, self.done, self.total = what, False, 0, 0
+        self.stopped: str | None = None  # the message the request was stopped with
+        self.ended: float | None = None  # when it ended (time.monotonic)
+
+    @contextmanager
+    def running_request(self) -> Iterator[None]:
+        """Around the service call: whether it runs, how far it got, and the message it was stopped with."""
+        from stylelora.app.jobs import Cancelled
+
+        self.running, self.done, self.total, self.stopped = True, 0, 0, None
+        try:
+            yield
+        except Cancelled as stopped:
+            self.stopped = str(stopped)
+            raise
+        finally:
+            self.running, self.ended = False, time.monotonic()
+
+    def stop_report(self, service: AppService) -> str:
+        """What Stop tells: the request's own message once it has stopped (before its next sampling step: waited
+        for up to STOP_WAIT_SECONDS), else where it is. The cancel may reach it before this report runs, so a
+        request that ended just now is the one Stop meant; none: it was still waiting in the queue."""
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.running:
+            return (f"Stopping the {self.what} after its current sampling step ({self.done} of {self.total} done); "
+                    "nothing will be saved.")
+        if self.ended is None or time.monotonic() - self.ended > STOP_WAIT_SECONDS:
+            return f"Stopped the {self.what} before it started (it was waiting in the queue); nothing was generated."
+        if self.stopped:
+            return html.escape(service.shown(self.stopped))
+        return f"The {self.what} had finished before Stop reached it."
 
 
 def _loss_table(losses):
@@ -308,23 +383,35 @@ def build_ui(service: AppService, *, cache_seconds: int | None = 3600) -> gr.Blo
         _wire_generate(service, generate, lists)
         _wire_compare(service, generate.inputs, compare)
         _wire_blend(service, generate.inputs, blend, lists)
-        _wire_adapters(service, adapters, lists)
+        _wire_adapters(service, adapters, lists, generate.previous_chosen)
         _wire_train(service, train, lists, demo)
         demo.load(lists.refreshed, lists.widgets, lists.widgets, api_visibility="private")
     return demo
 
 
 class AdapterLists:
-    """The dropdowns that list the adapters folder (Generate's choice, Adapters' inspect); refreshed together."""
+    """The dropdowns that list the adapters folder, refreshed together: Generate's choice offers the finished
+    adapters, Adapters' inspect box the training checkpoints too, labelled (inspect_choices)."""
 
     def __init__(self, service: AppService, chosen, inspected) -> None:
         self.service, self.widgets = service, [chosen, inspected]
 
-    def refreshed(self, chosen: Sequence[str] | None = None, inspected: str | None = None):
-        names = self.service.adapter_names()
-        keep = [name for name in (chosen or []) if name in names]
-        return (gr.update(choices=names, value=keep),
-                gr.update(choices=names, value=inspected if inspected in names else None))
+    def refreshed(self, chosen: Sequence[str] | None = None, inspected: str | None = None,
+                  renamed: dict[str, str] | None = None):
+        """The lists as the folder is now; the names chosen stay chosen while their files are there (a renamed one
+        under its new name, `renamed`: {old: new}), a checkpoint typed in too."""
+        every = self.service.adapter_names(checkpoints=True)
+        renamed = renamed or {}
+        keep = [renamed.get(name, name) for name in (chosen or []) if renamed.get(name, name) in every]
+        inspected = renamed.get(inspected, inspected)
+        return (gr.update(choices=self.service.adapter_names(), value=keep),
+                gr.update(choices=inspect_choices(every), value=inspected if inspected in every else None))
+
+
+def inspect_choices(names: Sequence[str]) -> list[tuple[str, str]]:
+    """(label, name) for the Adapters tab: the finished adapters, then the training checkpoints, labelled as such."""
+    return [(f"{name}  (training checkpoint)" if is_checkpoint(name) else name, name)
+            for name in sorted(names, key=is_checkpoint)]
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -337,13 +424,17 @@ def _generate_tab(service: AppService) -> SimpleNamespace:
             with gr.Row():
                 button = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
                 stop = gr.Button("Stop", variant="stop", elem_id="stop-generate", scale=1, interactive=False)
+            status = gr.Markdown(elem_id="generate-status")
         with gr.Column(scale=2):
+            # No fixed height: gradio draws one image square across the whole column, and a box lower than that
+            # scrolled it, cut at the bottom (a non-square image keeps its shape: object_fit contain).
             gallery = gr.Gallery(label="Images (PNG with A1111 parameters)", format="png", columns=4,
-                                 height=360, object_fit="contain", elem_id="gallery")
+                                 height="auto", object_fit="contain", elem_id="gallery")
             parameters = gr.Textbox(label="Parameters of the first image", lines=4, elem_classes="mono",
                                     elem_id="parameters")
-    return SimpleNamespace(inputs=inputs, button=button, stop=stop, gallery=gallery, parameters=parameters,
-                           last_seed=gr.State(-1), previous_chosen=gr.State([]))
+    return SimpleNamespace(inputs=inputs, button=button, stop=stop, status=status, gallery=gallery,
+                           parameters=parameters, last_seed=gr.State(-1), previous_chosen=gr.State([]),
+                           run=gr.State(Run("generation")))
 
 
 def _compare_tab() -> SimpleNamespace:
@@ -356,8 +447,10 @@ def _compare_tab() -> SimpleNamespace:
     with gr.Row():
         button = gr.Button("Make grid", variant="primary", elem_id="make-grid", scale=3)
         stop = gr.Button("Stop", variant="stop", elem_id="stop-grid", scale=1, interactive=False)
+    status = gr.Markdown(elem_id="grid-status")
     image = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid")
-    return SimpleNamespace(x_axis=x_axis, y_axis=y_axis, button=button, stop=stop, image=image)
+    return SimpleNamespace(x_axis=x_axis, y_axis=y_axis, button=button, stop=stop, status=status, image=image,
+                           run=gr.State(Run("grid")))
 
 
 def _blend_tab() -> SimpleNamespace:
@@ -367,7 +460,7 @@ def _blend_tab() -> SimpleNamespace:
         name = gr.Textbox(label="New adapter name", value="my-blend")
         mode = gr.Radio(["exact", "rank"], value="exact", label="Mode",
                         info="exact keeps every rank; rank R re-factorises by SVD")
-        rank = gr.Number(value=8, precision=0, minimum=1, label="Rank (mode rank)")
+        rank = _named_bounds(gr.Number(value=8, precision=0, minimum=1, label="Rank (mode rank)"))
     with gr.Row():
         fp16 = gr.Checkbox(label="float16 (half the size)")
         overwrite = gr.Checkbox(label="overwrite")
@@ -381,8 +474,8 @@ def _blend_tab() -> SimpleNamespace:
 
 def _adapters_tab(service: AppService) -> SimpleNamespace:
     with gr.Row():
-        name = gr.Dropdown(service.adapter_names(), value=None, label="Adapter", scale=4, allow_custom_value=True,
-                           elem_id="adapter-name")
+        name = gr.Dropdown(inspect_choices(service.adapter_names(checkpoints=True)), value=None, label="Adapter",
+                           scale=4, allow_custom_value=True, elem_id="adapter-name")
         as_json = gr.Checkbox(label="JSON", scale=0)
         button = gr.Button("Inspect", scale=0)
     with gr.Row():
@@ -414,8 +507,8 @@ def _option_widget(spec):
         # A box that can stay empty (the base family's value): gradio's Number shows and sends 0 for no value.
         return gr.Textbox(value="", placeholder=f"empty: {widget.empty}", **common)
     if spec.type in (int, float):
-        return gr.Number(value=spec.default, precision=0 if spec.type is int else None, minimum=widget.minimum,
-                         maximum=widget.maximum, **common)
+        return _named_bounds(gr.Number(value=spec.default, precision=0 if spec.type is int else None,
+                                       minimum=widget.minimum, maximum=widget.maximum, **common))
     return gr.Textbox(value=spec.default or "", **common)
 
 
@@ -443,7 +536,8 @@ def _train_tab(service: AppService) -> SimpleNamespace:
         with gr.Row():
             dataset_name = gr.Textbox(label="Dataset name", elem_id="dataset-name")
             trigger = gr.Textbox(label="Trigger word (optional)", elem_id="trigger")
-            repeats = gr.Number(value=10, precision=0, minimum=1, maximum=100, label="Repeats", elem_id="repeats")
+            repeats = _named_bounds(gr.Number(value=10, precision=0, minimum=1, maximum=100, label="Repeats",
+                                              elem_id="repeats"))
             add = gr.Button("Add to datasets", scale=0, min_width=150)
         added = gr.Markdown()
     # Checkboxes get a row of their own: squeezed between number boxes their help text ran one word a line.
@@ -534,13 +628,14 @@ def _show_rows(chosen, previous, *values):
     for i in range(MAX_ADAPTER_ROWS):
         name = chosen[i] if i < len(chosen) else None
         rows.append(gr.update(visible=name is not None))
+        labels = (f"{name} · UNet weight", f"{name} · text-encoder weight") if name else ("UNet weight", "TE weight")
         if name is not None and i < len(previous) and previous[i] == name:
-            sliders += [gr.update(), gr.update()]
+            # Its name only: a renamed adapter keeps its row (see _wire_adapters) under its new name.
+            sliders += [gr.update(label=labels[0]), gr.update(label=labels[1])]
             boxes.append(gr.update())
             continue
         unet, te, lbw = old.get(name, (1.0, 1.0, ""))
-        sliders += [gr.update(value=unet, label=f"{name} · UNet weight" if name else "UNet weight"),
-                    gr.update(value=te, label=f"{name} · text-encoder weight" if name else "TE weight")]
+        sliders += [gr.update(value=unet, label=labels[0]), gr.update(value=te, label=labels[1])]
         boxes.append(gr.update(value=lbw or ""))
     return [chosen, *rows, *sliders, *boxes]
 
@@ -554,13 +649,14 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
                          [tab.previous_chosen, *inputs.rows, *inputs.weights, *inputs.blocks],
                          api_visibility="private")
 
-    def on_generate(progress=gr.Progress(), **values):
-        saved = service.generate(GenerateInputs.settings(list(values.values())),
-                                 _progress_callback(progress, "sampling"), cancelled=_cancel_check())
+    def on_generate(run: Run, progress=gr.Progress(), **values):
+        with run.running_request():
+            saved = service.generate(GenerateInputs.settings(list(values.values())),
+                                     _progress_callback(progress, "sampling", run), cancelled=_cancel_check())
         return [str(image.path) for image in saved], saved[0].parameters_text, saved[0].seed
 
-    _stoppable(tab.button, tab.stop, lambda: tab.button.click(
-        _shown(service, on_generate), inputs_kwargs=_named(inputs.settings_inputs),
+    _stoppable(service, tab, lambda: tab.button.click(
+        _shown(service, on_generate), inputs_kwargs={"run": tab.run, **_named(inputs.settings_inputs)},
         outputs=[tab.gallery, tab.parameters, tab.last_seed], api_name="generate",
         concurrency_limit=service.limits.concurrency))
 
@@ -595,15 +691,22 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
     inputs.refresh.click(lists.refreshed, lists.widgets, lists.widgets, api_name="adapters")
 
 
-def _stoppable(button: gr.Button, stop: gr.Button, request: Callable[[], Any]) -> None:
-    """Wire the listener `request()` adds to `button`: `stop` cancels it, and can be pressed only while it runs.
+def _stoppable(service: AppService, tab: SimpleNamespace, request: Callable[[], Any]) -> None:
+    """Wire the listener `request()` adds to `tab.button`: `tab.stop` cancels it, and can be pressed only while it
+    runs; `tab.status` says it was stopped (tab.run's report), and is emptied by the next press of the button.
     The listener that enables `stop` is added first, as a page runs a click's listeners one after the other; `stop`
     is disabled when the request ends: done or cancelled (.then) or failed (.failure: gradio 6 runs no .then then)."""
+    button, stop = tab.button, tab.stop
     button.click(None, None, stop, js=PRESSABLE % "true", api_visibility="private")
     event = request()
+    button.click(None, None, tab.status, js="() => ''", api_visibility="private")
     for ended in (event.then, event.failure):
         ended(None, None, stop, js=PRESSABLE % "false", api_visibility="private")
     stop.click(None, None, None, cancels=[event], api_visibility="private")
+    # The report is a listener of its own, after the cancel's: on the cancel's listener, the page sent the cancel
+    # only once the report had answered, and the report waited for a request that ran on. Outside the queue, so it
+    # answers while every place in the queue is busy.
+    stop.click(lambda run: run.stop_report(service), tab.run, tab.status, queue=False, api_visibility="private")
 
 
 def _follow_newest_line(box: gr.Textbox) -> None:
@@ -618,14 +721,15 @@ def _plain(text: str) -> str:
 
 
 def _wire_compare(service: AppService, inputs: GenerateInputs, tab: SimpleNamespace) -> None:
-    def on_grid(x_axis, y_axis, progress=gr.Progress(), **values):
-        path = service.grid(GenerateInputs.settings(list(values.values())), x_axis, y_axis or None,
-                            _progress_callback(progress, "sampling (grid)"), cancelled=_cancel_check())
+    def on_grid(x_axis, y_axis, run: Run, progress=gr.Progress(), **values):
+        with run.running_request():
+            path = service.grid(GenerateInputs.settings(list(values.values())), x_axis, y_axis or None,
+                                _progress_callback(progress, "sampling (grid)", run), cancelled=_cancel_check())
         return str(path)
 
-    _stoppable(tab.button, tab.stop, lambda: tab.button.click(_shown(service, on_grid), inputs_kwargs={
-        "x_axis": tab.x_axis, "y_axis": tab.y_axis, **_named(inputs.settings_inputs)}, outputs=tab.image,
-        api_name="grid", concurrency_limit=service.limits.concurrency))
+    _stoppable(service, tab, lambda: tab.button.click(_shown(service, on_grid), inputs_kwargs={
+        "x_axis": tab.x_axis, "y_axis": tab.y_axis, "run": tab.run, **_named(inputs.settings_inputs)},
+        outputs=tab.image, api_name="grid", concurrency_limit=service.limits.concurrency))
 
 
 def _describe_mix(chosen, *values):
@@ -668,7 +772,8 @@ def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespac
         outputs=[tab.report, *lists.widgets], api_name="blend")
 
 
-def _wire_adapters(service: AppService, tab: SimpleNamespace, lists: AdapterLists) -> None:
+def _wire_adapters(service: AppService, tab: SimpleNamespace, lists: AdapterLists, previous_chosen) -> None:
+    """The Adapters tab's events (previous_chosen: the Generate tab's memory of which adapter each row holds)."""
     def on_inspect(name, as_json):
         return service.inspect(name, as_json=bool(as_json)) if name else ""
 
@@ -702,19 +807,25 @@ def _wire_adapters(service: AppService, tab: SimpleNamespace, lists: AdapterList
     tab.delete.click(_shown(service, ask("delete")), [tab.name, tab.new_name], ask_outputs, api_visibility="private")
     tab.rename.click(_shown(service, ask("rename")), [tab.name, tab.new_name], ask_outputs, api_visibility="private")
 
-    def on_confirm(pending, chosen, inspected):
+    def on_confirm(pending, chosen, inspected, previous):
+        """Delete or rename; a renamed adapter chosen in the Generate tab stays chosen there, in its row (its weights
+        and block weights), under its new name: `previous` (the rows' names) is renamed with it, so the rows see the
+        same adapter in the same place (_show_rows)."""
         if not pending:
-            return gr.update(visible=False), None, "", gr.update(), gr.update()
+            return gr.update(visible=False), None, "", gr.update(), gr.update(), gr.update()
         action, name, new_name = pending
         if action == "delete":
-            message, inspected = service.delete_adapter(name, confirm=True), None
+            message, renamed = service.delete_adapter(name, confirm=True), {}
         else:
-            inspected = service.plan_rename(name, new_name)[1]
+            renamed = {name: service.plan_rename(name, new_name)[1]}
             message = service.rename_adapter(name, new_name, confirm=True)
-        return gr.update(visible=False), None, html.escape(message), *lists.refreshed(chosen, inspected)
+        previous = [renamed.get(old, old) for old in previous or []]
+        return (gr.update(visible=False), None, html.escape(message), *lists.refreshed(chosen, inspected, renamed),
+                previous)
 
-    tab.confirm.click(_shown(service, on_confirm), [tab.pending, *lists.widgets],
-                      [tab.confirm_row, tab.pending, tab.done, *lists.widgets], api_visibility="private")
+    tab.confirm.click(_shown(service, on_confirm), [tab.pending, *lists.widgets, previous_chosen],
+                      [tab.confirm_row, tab.pending, tab.done, *lists.widgets, previous_chosen],
+                      api_visibility="private")
     tab.cancel.click(lambda: (gr.update(visible=False), None), None, [tab.confirm_row, tab.pending],
                      api_visibility="private")
 
