@@ -175,6 +175,20 @@ def test_generate_with_two_adapters_writes_pngs_that_reproduce_themselves(servic
     assert all(not numpy.array_equal(other, pixels(saved[0])) for other in alone)
 
 
+def test_an_adapter_chosen_and_tagged_is_noted_before_sampling_and_the_grid_says_it_too(service):
+    notes, grid_notes = [], []
+    saved = service.generate(settings(("pastel", 1.0), prompt=PROMPT + " <lora:pastel:0.5>"), notify=notes.append)
+    assert notes == ["pastel is both chosen (weight 1.0) and tagged in the prompt (0.5): they add up to 1.5, as in "
+                     "A1111. Remove one to use the other's weight alone."]
+    assert "<lora:pastel:1.5>" in saved[0].parameters_text  # they do add up, as the note says
+    service.grid(settings(("pastel", 1.0), prompt=PROMPT + " <lora:pastel:0.5>", steps=1), "seed=1,2",
+                 notify=grid_notes.append)
+    assert grid_notes == notes
+    quiet = []
+    service.generate(settings(("pastel", 1.0), steps=1), notify=quiet.append)
+    assert quiet == []
+
+
 def test_block_weights_in_a_prompt_tag_reach_the_image_and_its_png(service):
     with_blocks = service.generate(settings(prompt=PROMPT + " <lora:pastel:1:lbw=1,0,0,1,1,1,1,1>"))[0]
     plain = service.generate(settings(prompt=PROMPT + " <lora:pastel:1>"))[0]

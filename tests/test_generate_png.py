@@ -128,33 +128,27 @@ DOUBLED = ("stripes is both chosen (weight 1.0) and tagged in the prompt (0.5): 
 
 
 def test_an_adapter_both_chosen_and_tagged_adds_up_with_a_notice(world, pipe):
-    # The app's adapter list reaches generate as `loras`, as --lora does: the notice is on the library's warnings.
+    from stylelora.generate.generate import precheck_request
+
+    # The app's adapter list reaches generate as `loras`, as --lora does: the notice comes from the precheck both run.
     request = GenerateRequest("a red circle <lora:stripes:0.5>", steps=1, adapters_dir=world["adapters"],
                               loras=(AdapterSpec(world["stripes"], 1.0),))
-    with pytest.warns(UserWarning) as caught:
-        result = generate(pipe, None, request)[0]
-    assert [str(w.message) for w in caught if "is both chosen" in str(w.message)] == [DOUBLED]
+    assert precheck_request(request) == [DOUBLED]
+    result = generate(pipe, None, request)[0]
     assert [(lora.name, lora.unet_weight, lora.te_weight) for lora in result.params.loras] == [("stripes", 1.5, 1.5)]
 
 
-def test_the_doubled_notice_gives_both_weights_where_they_differ_and_is_silent_otherwise(world, pipe):
-    import warnings
+def test_the_doubled_notice_gives_both_weights_where_they_differ_and_is_silent_otherwise(world):
+    from stylelora.generate.generate import precheck_request
 
-    from stylelora.generate.generate import resolve_request
-
-    stack = AdapterStack.for_pipe(pipe)
     split = GenerateRequest("x <lora:stripes:0.5>", adapters_dir=world["adapters"],
                             loras=(AdapterSpec(world["stripes"], 1.0, 0.25),))
-    with pytest.warns(UserWarning, match=r"stripes is both chosen \(weights UNet 1\.0, text encoder 0\.25\) and "
-                                         r"tagged in the prompt \(0\.5\): they add up to UNet 1\.5, text encoder "
-                                         r"0\.75, as in A1111"):
-        resolve_request(pipe, stack, split)
+    assert precheck_request(split) == [
+        "stripes is both chosen (weights UNet 1.0, text encoder 0.25) and tagged in the prompt (0.5): they add up to "
+        "UNet 1.5, text encoder 0.75, as in A1111. Remove one to use the other's weight alone."]
     others = GenerateRequest("x <lora:styles/pastel:0.5>", adapters_dir=world["adapters"],
                              loras=(AdapterSpec(world["stripes"], 1.0),))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        resolve_request(pipe, stack, others)
-    assert not [w for w in caught if "is both chosen" in str(w.message)]
+    assert precheck_request(others) == []
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])

@@ -490,17 +490,21 @@ class AppService:
         )
 
     def generate(self, settings: GenerateSettings, progress: Progress | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> list[SavedImage]:
+                 cancelled: Callable[[], bool] | None = None,
+                 notify: Callable[[str], None] | None = None) -> list[SavedImage]:
         """Generate and save each image as a PNG carrying its A1111 parameters (images/NNNNN-SEED.png).
 
         `cancelled`: asked before every sampling step; once it says True the request stops there (Cancelled) and
-        nothing is saved.
+        nothing is saved. `notify`: told each note on what the request does that the user may not mean (an
+        adapter both chosen and tagged: the weights add up), before sampling starts.
         """
         from stylelora.app.jobs import Watch, watching
         from stylelora.generate.generate import generate, precheck_request
 
         request = self.request(settings)
-        precheck_request(request)  # bad tags or files fail before a base loads
+        notes = precheck_request(request)  # bad tags or files fail before a base loads
+        for note in notes if notify is not None else ():
+            notify(note)
         pipe = self.pipeline(settings.base)
         watch = Watch(cancelled, None, request.steps, "generation")
 
@@ -553,10 +557,12 @@ class AppService:
         return XYAxis(kind, tuple(values))
 
     def grid(self, settings: GenerateSettings, x: str, y: str | None = None,
-             progress: Progress | None = None, cancelled: Callable[[], bool] | None = None) -> Path:
+             progress: Progress | None = None, cancelled: Callable[[], bool] | None = None,
+             notify: Callable[[str], None] | None = None) -> Path:
         """An X/Y grid ("KIND=V1,V2,..." axes; adapter axes name adapters in the folder) saved in grids/.
 
-        progress counts sampling steps over every cell; `cancelled` stops it between steps, as for generate.
+        progress counts sampling steps over every cell; `cancelled` stops it between steps and `notify` is told
+        the request's notes, as for generate.
         """
         from stylelora.app.jobs import Watch, watching
         from stylelora.generate.command import output_paths
@@ -578,7 +584,9 @@ class AppService:
             raise AppError(f"A grid of {cells[0]}x{cells[1]} = {cells[0] * cells[1]} cells is over this server's "
                            f"limit of {self.limits.max_grid_cells} cells (--max-grid-cells): use fewer values.")
         request = self.request(settings)
-        precheck_request(request)
+        notes = precheck_request(request)
+        for note in notes if notify is not None else ():
+            notify(note)
         steps_axis = next((axis for axis in axes if axis is not None and axis.kind == "steps"), None)
         total = (sum(steps_axis.values) * (cells[0] * cells[1] // len(steps_axis.values)) if steps_axis
                  else request.steps * cells[0] * cells[1])

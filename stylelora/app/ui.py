@@ -302,6 +302,10 @@ def _named_bounds(number: gr.Number) -> gr.Number:
     return number
 
 
+def _warn(note: str) -> None:
+    gr.Warning(_plain(note))  # a toast while the request goes on; the note's wording is the CLI's warning line
+
+
 def _progress_callback(progress: gr.Progress, label: str, run: Run | None = None):
     def report(done: int, total: int) -> None:
         if run is not None:
@@ -652,7 +656,8 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
     def on_generate(run: Run, progress=gr.Progress(), **values):
         with run.running_request():
             saved = service.generate(GenerateInputs.settings(list(values.values())),
-                                     _progress_callback(progress, "sampling", run), cancelled=_cancel_check())
+                                     _progress_callback(progress, "sampling", run), cancelled=_cancel_check(),
+                                     notify=_warn)
         return [str(image.path) for image in saved], saved[0].parameters_text, saved[0].seed
 
     _stoppable(service, tab, lambda: tab.button.click(
@@ -724,7 +729,8 @@ def _wire_compare(service: AppService, inputs: GenerateInputs, tab: SimpleNamesp
     def on_grid(x_axis, y_axis, run: Run, progress=gr.Progress(), **values):
         with run.running_request():
             path = service.grid(GenerateInputs.settings(list(values.values())), x_axis, y_axis or None,
-                                _progress_callback(progress, "sampling (grid)", run), cancelled=_cancel_check())
+                                _progress_callback(progress, "sampling (grid)", run), cancelled=_cancel_check(),
+                                notify=_warn)
         return str(path)
 
     _stoppable(service, tab, lambda: tab.button.click(_shown(service, on_grid), inputs_kwargs={

@@ -6,7 +6,6 @@ Everything heavy (torch, diffusers) is imported inside handlers so `stylelora --
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import sys
 from pathlib import Path
@@ -150,25 +149,9 @@ def output_paths(out: str | None, seeds: list[int], default_dir: str, suffix: st
     return [target / f"{start + i:05d}-{suffix or seed}.png" for i, seed in enumerate(seeds)]
 
 
-@contextlib.contextmanager
-def one_line_warnings():
-    """stylelora's own warnings (an adapter both chosen and tagged, modules a base lacks) on stderr as they come, one
-    `warning: ...` line each beside the `error: ...` lines, without Python's file:line and source line, which say
-    nothing to a user. Other libraries' warnings are shown as Python shows them."""
-    import warnings
-
-    package = Path(__file__).resolve().parents[1]
-    with warnings.catch_warnings():  # puts showwarning back afterwards
-        python_shows = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            if Path(filename).resolve().is_relative_to(package):
-                print(f"warning: {message}", file=sys.stderr)
-            else:
-                python_shows(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
-        yield
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:  # beside the `error: ...` lines bad input gets
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -184,11 +167,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from stylelora.generate.generate import generate, precheck_request
 
     request = request_from_args(args)
-    precheck_request(request)
+    notes = precheck_request(request)
     check_output_target(args.out)
     _check_block_weights(args, request)
-    with one_line_warnings():
-        results = generate(_load_pipe(args), None, request)
+    _print_notes(notes)
+    results = generate(_load_pipe(args), None, request)
     paths = output_paths(args.out, [r.params.seed for r in results], DEFAULT_IMAGES_DIR)
     for result, path in zip(results, paths):
         result.save(path)
@@ -205,12 +188,12 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from stylelora.generate.xy_grid import parse_axis, xy_grid
 
     request = request_from_args(args)
-    precheck_request(request)
+    notes = precheck_request(request)
     check_output_target(args.out)
     x_axis, y_axis = parse_axis(args.x), parse_axis(args.y) if args.y else None
     _check_block_weights(args, request, [axis for axis in (x_axis, y_axis) if axis is not None])
     out = output_paths(args.out, [0], DEFAULT_GRIDS_DIR, suffix="grid")[0]
-    with one_line_warnings():
-        result = xy_grid(_load_pipe(args), None, request, x_axis, y_axis, out_path=out)
+    _print_notes(notes)
+    result = xy_grid(_load_pipe(args), None, request, x_axis, y_axis, out_path=out)
     print(result.path)
     return 0

@@ -129,15 +129,11 @@ def _weights_text(unet: float, te: float) -> str:
     return f"{unet!r}" if unet == te else f"UNet {unet!r}, text encoder {te!r}"
 
 
-def _note_chosen_and_tagged(chosen: tuple[AdapterSpec, ...], tagged: list[AdapterSpec]) -> None:
-    """Warn, once per adapter, where one is both chosen (--lora, the app's list) and tagged in the prompt.
+def doubled_adapter_notes(chosen: tuple[AdapterSpec, ...], tagged: list[AdapterSpec]) -> list[str]:
+    """One note per adapter that is both chosen (--lora, the app's list) and tagged in the prompt.
 
     The weights add up, as A1111 adds a tag to the same LoRA chosen elsewhere (and as `_merge_specs` does); but a
-    user who picked an adapter in one place and pasted a prompt with its tag rarely means to double it. Sent as a
-    warning, the channel generation already uses for what it applies differently from what was asked (stack.py's
-    skipped modules): the CLI prints it on stderr in one line, a library caller can catch it."""
-    import warnings
-
+    user who picked an adapter in one place and pasted a prompt with its tag rarely means to double it."""
     from stylelora.generate.prompt_tags import adapter_name
 
     def by_file(specs) -> dict[Path, list[AdapterSpec]]:
@@ -149,16 +145,17 @@ def _note_chosen_and_tagged(chosen: tuple[AdapterSpec, ...], tagged: list[Adapte
     def total(specs: list[AdapterSpec]) -> tuple[float, float]:
         return sum(s.unet_weight for s in specs), sum(s.text_encoder_weight for s in specs)
 
-    in_prompt = by_file(tagged)
+    in_prompt, notes = by_file(tagged), []
     for key, mine in by_file(chosen).items():
         if key not in in_prompt:
             continue
         (unet, te), theirs = total(mine), total(in_prompt[key])
         weight = "weight" if unet == te else "weights"
-        warnings.warn(f"{adapter_name(in_prompt[key][0].path)} is both chosen ({weight} {_weights_text(unet, te)}) "
-                      f"and tagged in the prompt ({_weights_text(*theirs)}): they add up to "
-                      f"{_weights_text(unet + theirs[0], te + theirs[1])}, as in A1111. Remove one to use the "
-                      "other's weight alone.", UserWarning, stacklevel=2)
+        notes.append(f"{adapter_name(in_prompt[key][0].path)} is both chosen ({weight} {_weights_text(unet, te)}) "
+                     f"and tagged in the prompt ({_weights_text(*theirs)}): they add up to "
+                     f"{_weights_text(unet + theirs[0], te + theirs[1])}, as in A1111. Remove one to use the "
+                     "other's weight alone.")
+    return notes
 
 
 def _add_triggers(prompt: str, adapters: list) -> str:
@@ -167,18 +164,22 @@ def _add_triggers(prompt: str, adapters: list) -> str:
     return with_trigger_words(prompt, [word for adapter in adapters for word in trigger_words(adapter.metadata)])
 
 
-def precheck_request(request: GenerateRequest) -> None:
-    """Fail fast, before a base model is loaded: tags parse and resolve, adapter files exist and are safetensors."""
+def precheck_request(request: GenerateRequest) -> list[str]:
+    """Fail fast, before a base model is loaded: tags parse and resolve, adapter files exist and are safetensors.
+    Returns notes on what the request does that its user may not mean (doubled_adapter_notes), for the CLI to print
+    and the app to show."""
     from stylelora.lora.adapter_file import read_header, weights_path
     from stylelora.generate.prompt_tags import parse_prompt, resolve_tags
     from stylelora.lora.io import load_adapter_state
 
     _, tags = parse_prompt(request.prompt)
-    for spec in list(request.loras) + resolve_tags(tags, request.adapters_dir):
+    tagged = resolve_tags(tags, request.adapters_dir)
+    for spec in list(request.loras) + tagged:
         path = weights_path(spec.path)
         if path.suffix != ".safetensors" or not path.is_file():
             load_adapter_state(path)  # raises the loader's own refusal (pickle, not found)
         read_header(path)
+    return doubled_adapter_notes(request.loras, tagged)
 
 
 def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) -> ResolvedRequest:
@@ -186,9 +187,7 @@ def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) ->
     from stylelora.generate.prompt_tags import adapter_name, list_adapters, parse_prompt, resolve_tags
 
     prompt, tags = parse_prompt(request.prompt)
-    tagged = resolve_tags(tags, request.adapters_dir)
-    specs = _merge_specs(list(request.loras) + tagged)
-    _note_chosen_and_tagged(request.loras, tagged)
+    specs = _merge_specs(list(request.loras) + resolve_tags(tags, request.adapters_dir))
     adapters = [stack.load(spec.path) for spec in specs]
     if request.add_triggers:
         prompt = _add_triggers(prompt, [a for a, s in zip(adapters, specs) if s.unet_weight or s.te_weight])
