@@ -618,6 +618,8 @@ def test_a_training_run_stops_keeping_its_checkpoint_and_resumes_from_it(service
     assert final.state == "stopped" and final.adapter is None
     # Stop finishes the step in progress and saves it, whatever --save-every says: no step is lost.
     assert final.checkpoint and final.checkpoint == final.step and "Resume continues from it" in final.message
+    # The log is the trainer's own, without its CLI advice (`--resume latest`): in the app, Resume does that.
+    assert "stopping after this step" in final.log and "--resume" not in final.log
     assert not (run_dir / "stopped-run.safetensors").exists()
     assert (run_dir / SETTINGS_FILE).is_file() and not list(service.datasets_dir.rglob("*.toml"))
     with pytest.raises(AppError, match="stopped run with checkpoints"):

@@ -778,6 +778,8 @@ def stop_after_the_step(enabled: bool):
     import signal
     import threading
 
+    from tqdm.auto import tqdm
+
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
@@ -787,8 +789,9 @@ def stop_after_the_step(enabled: bool):
         if requested.is_set():
             raise KeyboardInterrupt
         requested.set()
-        print("stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr,
-              flush=True)
+        # Above the progress bar, as RunLog.say writes: printed, it was glued to the bar's line (and the app,
+        # which leaves bar lines out of its log, lost it).
+        tqdm.write("stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, ask_to_stop)
     try:
