@@ -277,8 +277,8 @@ def _shared_license(files) -> str:
     return licenses.pop() if len(licenses) == 1 else "unspecified"
 
 
-# What kohya's train_network.py records of the base when it is a path: its file name, A1111's legacy 8-digit hash and
-# the file's sha256 (stylelora.generate.base_identity.kohya_base_hashes). Model sites and A1111's metadata view show them.
+# What kohya's train_network.py records of the base when it is a path: its file name, A1111's legacy 8-digit hash
+# and the file's sha256 (stylelora.generate.base_identity.kohya_base_hashes). Model sites and A1111 show them.
 BASE_IDENTITY_KEYS = ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash")
 NOT_A_HASH = {"NOFILE", "IsADirectory"}  # what kohya writes in a hash key for a missing file or a folder
 
