@@ -29,7 +29,7 @@ class _WithoutNotice(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def hide_install_notices() -> None:
+def hide_noise_notices() -> None:
     """Filter the notices above out of their loggers (cheap: imports nothing; idempotent)."""
     for name, text in HIDDEN.items():
         logger = logging.getLogger(name)
