@@ -35,6 +35,10 @@ def _checked_evaluate_inputs(args: argparse.Namespace) -> tuple[tuple[str, ...],
 
     if args.samples < 1:
         raise ValueError(f"--samples {args.samples}: give at least 1 prompt per prompt set (e.g. --samples 32).")
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: give at least 1 sampling step (e.g. --steps 25).")
+    if args.save_grid:
+        _check_grid_target(args.save_grid)
     prompt_sets = tuple(args.prompt_set or PROMPT_SETS)
     for name in prompt_sets:
         prompt_set_styles(name)
@@ -45,6 +49,22 @@ def _checked_evaluate_inputs(args: argparse.Namespace) -> tuple[tuple[str, ...],
 
             raise FileNotFoundError(missing_adapter_message(spec.path))
     return prompt_sets, check_mode(args.blend_mode), check_dial(args.dial), specs
+
+
+def _check_grid_target(text: str) -> None:
+    """--save-grid is written after every image is drawn (minutes on a real base): refuse up front a name it could
+    not be written to, rather than lose that work to a traceback at the end."""
+    from .atomic import file_in_the_way
+
+    target = Path(text)
+    if target.is_dir() or text.endswith(("/", "\\")):
+        raise ValueError(f"--save-grid {text} is a folder: give a PNG file name in it, e.g. {target / 'eval.png'}.")
+    if target.suffix.lower() != ".png":
+        raise ValueError(f"--save-grid {text}: the grid is saved as PNG; give a name ending in .png "
+                         f"({target.with_suffix('.png')}).")
+    blocking = file_in_the_way(target, include_self=False)
+    if blocking is not None:
+        raise ValueError(f"--save-grid {text}: {blocking} is a file, so nothing can be written inside it.")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

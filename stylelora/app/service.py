@@ -36,7 +36,6 @@ IMAGES_FOLDER = "images"
 GRIDS_FOLDER = "grids"
 UPLOADS_FOLDER = "uploads"
 BLENDS_FOLDER = "blends"
-CHECKPOINTS_FOLDER = "checkpoints"  # a training run's, as stylelora.train.checkpoint names it
 MAX_ADAPTERS = 4  # adapters in one blend (the Generate tab's rows)
 WEIGHT_LIMIT = 2.0  # the sliders' range; the library itself accepts any finite weight
 CFG_LIMIT = 30.0
@@ -226,7 +225,7 @@ class AppService:
     def adapter_names(self, checkpoints: bool = False) -> list[str]:
         """The finished adapters under the adapters folder, by the name tags and the UI use (relative, no suffix);
         with `checkpoints`, also the adapters training runs save at each checkpoint (is_checkpoint)."""
-        from stylelora.generate.prompt_tags import list_adapters
+        from stylelora.generate.prompt_tags import is_checkpoint, list_adapters
 
         return [name for name in list_adapters(self.adapters_dir) if checkpoints or not is_checkpoint(name)]
 
@@ -566,8 +565,7 @@ class AppService:
         """
         from stylelora.app.jobs import Watch, watching
         from stylelora.generate.command import output_paths
-        from stylelora.generate.generate import precheck_request
-        from stylelora.generate.xy_grid import xy_grid
+        from stylelora.generate.xy_grid import precheck_grid, xy_grid
 
         axes = [self.grid_axis(x, settings), self.grid_axis(y, settings)]
         if axes[0] is None:
@@ -584,7 +582,7 @@ class AppService:
             raise AppError(f"A grid of {cells[0]}x{cells[1]} = {cells[0] * cells[1]} cells is over this server's "
                            f"limit of {self.limits.max_grid_cells} cells (--max-grid-cells): use fewer values.")
         request = self.request(settings)
-        notes = precheck_request(request)
+        notes = precheck_grid(request, *axes)  # every cell, so a bad one fails before the first is drawn
         for note in notes if notify is not None else ():
             notify(note)
         steps_axis = next((axis for axis in axes if axis is not None and axis.kind == "steps"), None)
@@ -765,15 +763,6 @@ class AppService:
     def training(self):
         """The current (or last) training run, or None."""
         return self._training
-
-
-def is_checkpoint(name: str) -> bool:
-    """Whether an adapter name (relative to the adapters folder) is one a training run saves with a checkpoint, in
-    RUN/checkpoints/step-NNNNNN/ (stylelora.train.checkpoint's layout; not imported: it loads torch). Offered beside
-    finished adapters, a half-trained one would be picked by mistake; they stay usable by name (tags, typed names)."""
-    folders = str(name).split("/")[:-1]
-    return any(folder == CHECKPOINTS_FOLDER and re.fullmatch(r"step-\d+", step) is not None
-               for folder, step in zip(folders, folders[1:]))
 
 
 def _sidecars(adapter: Path) -> list[Path]:

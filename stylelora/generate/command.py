@@ -184,13 +184,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 @report_user_errors(user_errors)
 def cmd_grid(args: argparse.Namespace) -> int:
     """Generate an X/Y grid into one labelled PNG, print its path."""
-    from stylelora.generate.generate import precheck_request
-    from stylelora.generate.xy_grid import parse_axis, xy_grid
+    from stylelora.generate.xy_grid import parse_axis, precheck_grid, xy_grid
 
     request = request_from_args(args)
-    notes = precheck_request(request)
-    check_output_target(args.out)
     x_axis, y_axis = parse_axis(args.x), parse_axis(args.y) if args.y else None
+    notes = precheck_grid(request, x_axis, y_axis)
+    check_output_target(args.out)
     _check_block_weights(args, request, [axis for axis in (x_axis, y_axis) if axis is not None])
     out = output_paths(args.out, [0], DEFAULT_GRIDS_DIR, suffix="grid")[0]
     _print_notes(notes)

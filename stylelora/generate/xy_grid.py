@@ -45,7 +45,7 @@ class XYAxis:
             raise ValueError(f"Grid axis {self.kind} has no values.")
         cast = {"seed": int, "steps": int, "adapter": str, "blend_mode": _blend_mode, "dial": check_dial,
                 "blocks": _blocks}.get(self.kind, float)
-        object.__setattr__(self, "values", tuple(cast(v) for v in self.values))
+        object.__setattr__(self, "values", tuple(_cast(cast, v, self.kind) for v in self.values))
 
     def values_text(self) -> str:
         """The values as the grid's PNG records them: "; " between block-weight values, which hold commas."""
@@ -58,6 +58,18 @@ class XYAxis:
                 return "none added" if added else "base"
             return f"+{Path(value).stem}" if added else Path(value).stem
         return f"{LABELS[self.kind]} {format_weight(value) if isinstance(value, float) else value}"
+
+
+def _cast(cast, value: Any, kind: str) -> Any:
+    """`cast(value)`, with Python's "invalid literal for int()" put in words that say what the axis takes."""
+    if cast not in (int, float) or not isinstance(value, str):
+        return cast(value)
+    try:
+        return cast(value)
+    except ValueError:
+        example = {"seed": "seed=1,2,3", "steps": "steps=10,20,30", "cfg": "cfg=3,5,7"}.get(kind, f"{kind}=0,0.5,1")
+        what = "whole numbers" if cast is int else "numbers"
+        raise ValueError(f"{value!r} is not a number: {kind} values are {what}, e.g. {example}.") from None
 
 
 def _blocks(value: str) -> str:
@@ -105,13 +117,20 @@ class XYGridResult:
 
 
 def _adapter_path(value: str, request: GenerateRequest) -> Path | None:
-    from stylelora.generate.prompt_tags import resolve_adapter_name
+    from stylelora.generate.prompt_tags import ADAPTER_SUFFIX, PromptTagError, resolve_adapter_name
+    from stylelora.lora.io import missing_adapter_message
 
     if value == NO_ADAPTER:
         return None
     if Path(value).is_file() or request.adapters_dir is None:
         return Path(value)
-    return resolve_adapter_name(value, request.adapters_dir)
+    try:
+        return resolve_adapter_name(value, request.adapters_dir)
+    except PromptTagError:
+        if Path(value).is_absolute() or ("/" in value and value.endswith(ADAPTER_SUFFIX)):
+            # A file's path was typed, not a name in the adapters folder: say the file is missing.
+            raise FileNotFoundError(missing_adapter_message(Path(value))) from None
+        raise
 
 
 def _set_weights(specs: list[AdapterSpec], kind: str, value: float | str, target: Path | None) -> list[AdapterSpec]:
@@ -148,6 +167,22 @@ def cell_request(request: GenerateRequest, axes: list[tuple[XYAxis, Any]]) -> Ge
         else:
             specs = _set_weights(specs, axis.kind, value, axis.target)
     return replace(request, loras=tuple(specs), batch_size=1, **changes)
+
+
+def precheck_grid(request: GenerateRequest, x: XYAxis, y: XYAxis | None) -> list[str]:
+    """Every cell checked as `generate` checks a request, before a base loads: an adapter axis's missing file, a
+    weight axis with no adapter to weigh or a steps value of 0 fails here, not after the cells before it were
+    drawn. Returns the request's notes (precheck_request)."""
+    from stylelora.generate.generate import precheck_request
+
+    if y is not None and x.kind == y.kind:
+        raise ValueError(f"Both grid axes are {x.kind}: pick two different kinds.")
+    notes = precheck_request(request)
+    rows = y.values if y is not None else (None,)
+    for yv in rows:
+        for xv in x.values:
+            precheck_request(cell_request(request, [(x, xv)] + ([(y, yv)] if y is not None else [])))
+    return notes
 
 
 def has_adapters(request: GenerateRequest) -> bool:

@@ -47,10 +47,20 @@ def weights_path(path: str | os.PathLike) -> Path:
         if not inside.is_file():
             raise AdapterFileError(
                 f"{path} is a folder without {PEFT_WEIGHTS_NAME}; pass an adapter .safetensors file "
-                "(or a peft adapter folder written by save_pretrained)."
+                f"(or a peft adapter folder written by save_pretrained){_files_in(path)}."
             )
         return inside
     return path
+
+
+def _files_in(folder: Path) -> str:
+    """", such as FILE" naming the .safetensors files right in `folder`: a training run's folder holds its adapter
+    (OUTPUT/NAME.safetensors), which users pass the folder of, as they would to A1111's Lora folder."""
+    files = sorted(str(path) for path in folder.glob("*.safetensors") if not path.name.startswith("."))
+    if not files:
+        return ""
+    more = f" (or one of {len(files) - 2} more)" if len(files) > 2 else ""
+    return ", such as " + " or ".join(files[:2]) + more
 
 
 def read_adapter_file(path: str | os.PathLike) -> AdapterFile:

@@ -233,10 +233,24 @@ def save_adapter(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modu
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# Files that sit beside an adapter and get passed for it: a generated image, A1111's sidecar, the model card.
+NOT_ADAPTER_SUFFIXES = {".png": "an image", ".jpg": "an image", ".jpeg": "an image", ".webp": "an image",
+                        ".json": "a JSON file, such as A1111's sidecar", ".md": "a model card", ".toml": "a config",
+                        ".txt": "a text file"}
+
+
+def _beside(path: Path) -> str:
+    """", e.g. NAME.safetensors beside it" when that file exists (a sidecar or preview named after its adapter)."""
+    stem = path.name.split(".")[0]
+    twin = path.with_name(f"{stem}.safetensors")
+    return f", e.g. {twin}" if twin.is_file() else ""
 
 
 def missing_adapter_message(path: Path) -> str:
     """Adapter file not found, with a hint where the user typed an adapter's name instead of its file."""
+    file, sep, weight = str(path).rpartition("=")
+    if sep and Path(file).is_file():  # FILE=0.8, as some tools' configs write it
+        return f"Adapter file not found: {path}; a weight follows a colon: {file}:{weight}"
     hint = "" if path.suffix else (" (give the file's path with .safetensors, or name an adapter of the adapters "
                                    "folder in the prompt as <lora:NAME:W>)")
     return f"Adapter file not found: {path}{hint}"
@@ -249,6 +263,10 @@ def _read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if path.suffix != ".safetensors":
         if path.suffix in PICKLE_SUFFIXES:
             why = "it is a pickle file, and unpickling can run arbitrary code hidden in it"
+        elif path.suffix.lower() in NOT_ADAPTER_SUFFIXES:
+            # An image or a sidecar, not a model: "convert it" would send the user looking for a converter.
+            raise ValueError(f"{path.name} is not an adapter ({NOT_ADAPTER_SUFFIXES[path.suffix.lower()]}): give "
+                             f"the adapter's .safetensors file{_beside(path)}.")
         else:
             why = "only .safetensors files are read, because they hold plain tensors and cannot run code"
         raise ValueError(
