@@ -75,7 +75,9 @@ def test_generate_reports_bad_input_in_one_line(world, tmp_path, capsys):
     code, _, err = run(["generate", "x", "--size", "0", "--out", str(tmp_path), *common(world)], capsys)
     assert code == 2 and "size 0x0 must be positive" in err  # not the native size in silence
     code, _, err = run(["generate", "x", "--cfg", "nan", "--out", str(tmp_path), *common(world)], capsys)
-    assert code == 2 and "CFG scale must be a number (got nan)" in err
+    assert code == 2 and "CFG scale must be 0 or more (got nan" in err
+    code, _, err = run(["generate", "x", "--cfg", "-1", "--out", str(tmp_path), *common(world)], capsys)
+    assert code == 2 and "CFG scale must be 0 or more (got -1.0; 5-7 is usual" in err
     assert not list(tmp_path.glob("*.png"))
 
 

@@ -149,6 +149,9 @@ def test_the_doubled_notice_gives_both_weights_where_they_differ_and_is_silent_o
     others = GenerateRequest("x <lora:styles/pastel:0.5>", adapters_dir=world["adapters"],
                              loras=(AdapterSpec(world["stripes"], 1.0),))
     assert precheck_request(others) == []
+    twice = GenerateRequest("x <lora:stripes:1> <lora:stripes:0.5>", adapters_dir=world["adapters"])
+    assert precheck_request(twice) == ["stripes is tagged 2 times in the prompt (1.0 and 0.5): they add up to 1.5, "
+                                       "as in A1111. Tag it once."]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
@@ -258,6 +261,11 @@ def test_a_training_checkpoints_resume_state_is_not_listed_as_an_adapter(tmp_pat
     cache_entry.parent.mkdir(parents=True)
     cache_entry.write_bytes(world["stripes"].read_bytes())
     assert set(list_adapters(tmp_path)) == {"run/run", "run/checkpoints/step-000004/run-step4"}
+    # A mistyped name gets the finished adapter it is closest to, not the run's checkpoints.
+    with pytest.raises(PromptTagError, match=r"No adapter named 'rnu' in .* \(did you mean run/run\?\)"):
+        resolve_adapter_name("rnu", tmp_path)
+    with pytest.raises(PromptTagError, match=r"\(found: run/run\)"):
+        resolve_adapter_name("zzz", tmp_path)
 
 
 @pytest.mark.parametrize("name", ["../base/unet/diffusion_pytorch_model", "/etc/passwd", "styles/../../base",

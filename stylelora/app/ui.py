@@ -19,7 +19,8 @@ from typing import Any
 import gradio as gr
 
 from stylelora.app.errors import AppError
-from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppService, GenerateSettings, is_checkpoint
+from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppService, GenerateSettings
+from stylelora.generate.prompt_tags import is_checkpoint
 from stylelora.app.training import TrainSettings
 from stylelora.generate.reading_dial import DEFAULT_DIAL, DIALS
 from stylelora.lora.blend_modes import DEFAULT_FILE_MODE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,8 @@ MAX_SEED = 2**32 - 1  # A1111's seed range; -1 asks for a random one
 BLEND_MODE_FIELD = "Blend mode"  # in the PNG parameters when not "sum" (A1111 keeps fields it does not know)
 DIAL_FIELD = "Weight dial"  # in the PNG parameters when the weights moved the readings (generate.reading_dial)
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+# A1111 emphasis: (words:1.2), ((words)), [words]; a bracket that holds only a number is caught too.
+EMPHASIS_PATTERN = re.compile(r"\([^()<>]*:\s*[-+]?\d*\.?\d+\s*\)|\(\([^()<>]+\)\)|\[[^\[\]<>]+\]")
 
 
 @dataclass(frozen=True)
@@ -91,20 +94,32 @@ def _size_multiple(pipe: Any) -> int:
     return math.lcm(8, int(pipe.vae_scale_factor))
 
 
-def _check_request(request: GenerateRequest, width: int, height: int, multiple: int) -> None:
+def _check_request(request: GenerateRequest, width: int | None, height: int | None, multiple: int) -> None:
+    """Refuse values no base can use; None sizes (the base's native one) are not checked. precheck_request calls it
+    with the multiple every base needs (8) before a base loads, resolve_request again with the base's own."""
     problems = []
     if request.steps < 1:
         problems.append(f"steps must be >= 1 (got {request.steps})")
     if request.batch_size < 1:
         problems.append(f"batch size must be >= 1 (got {request.batch_size})")
-    if not math.isfinite(request.cfg):
-        problems.append(f"CFG scale must be a number (got {request.cfg})")
+    if not math.isfinite(request.cfg) or request.cfg < 0:  # below 0 guidance pushes away from the prompt
+        problems.append(f"CFG scale must be 0 or more (got {request.cfg}; 5-7 is usual, 1 turns guidance off)")
     if not -1 <= request.seed <= MAX_SEED:
         problems.append(f"seed must be -1 (random) or 0..{MAX_SEED} (got {request.seed})")
-    if width % multiple or height % multiple or width <= 0 or height <= 0:
-        problems.append(f"size {width}x{height} must be positive multiples of {multiple} for this base")
+    sizes = [size for size in (width, height) if size is not None]
+    if any(size % multiple or size <= 0 for size in sizes):
+        problems.append(f"size {_size_text(width)}x{_size_text(height)} must be positive multiples of {multiple} "
+                        f"for this base (e.g. {_nearest_size(width, multiple)}x{_nearest_size(height, multiple)})")
     if problems:
         raise ValueError("Cannot generate: " + "; ".join(problems) + ".")
+
+
+def _size_text(size: int | None) -> str:
+    return "native" if size is None else str(size)
+
+
+def _nearest_size(size: int | None, multiple: int) -> str:
+    return "native" if size is None else str(max(multiple, round(size / multiple) * multiple))
 
 
 def _merge_specs(specs: list[AdapterSpec]) -> tuple[AdapterSpec, ...]:
@@ -130,7 +145,7 @@ def _weights_text(unet: float, te: float) -> str:
 
 
 def doubled_adapter_notes(chosen: tuple[AdapterSpec, ...], tagged: list[AdapterSpec]) -> list[str]:
-    """One note per adapter that is both chosen (--lora, the app's list) and tagged in the prompt.
+    """One note per adapter that is both chosen (--lora, the app's list) and tagged in the prompt, or tagged twice.
 
     The weights add up, as A1111 adds a tag to the same LoRA chosen elsewhere (and as `_merge_specs` does); but a
     user who picked an adapter in one place and pasted a prompt with its tag rarely means to double it."""
@@ -145,8 +160,13 @@ def doubled_adapter_notes(chosen: tuple[AdapterSpec, ...], tagged: list[AdapterS
     def total(specs: list[AdapterSpec]) -> tuple[float, float]:
         return sum(s.unet_weight for s in specs), sum(s.text_encoder_weight for s in specs)
 
-    in_prompt, notes = by_file(tagged), []
-    for key, mine in by_file(chosen).items():
+    in_prompt, mine_by_file, notes = by_file(tagged), by_file(chosen), []
+    for key, theirs in in_prompt.items():
+        if key not in mine_by_file and len(theirs) > 1:  # the same tag twice: A1111 adds these up too
+            weights = " and ".join(_weights_text(s.unet_weight, s.text_encoder_weight) for s in theirs)
+            notes.append(f"{adapter_name(theirs[0].path)} is tagged {len(theirs)} times in the prompt ({weights}): "
+                         f"they add up to {_weights_text(*total(theirs))}, as in A1111. Tag it once.")
+    for key, mine in mine_by_file.items():
         if key not in in_prompt:
             continue
         (unet, te), theirs = total(mine), total(in_prompt[key])
@@ -172,14 +192,28 @@ def precheck_request(request: GenerateRequest) -> list[str]:
     from stylelora.generate.prompt_tags import parse_prompt, resolve_tags
     from stylelora.lora.io import load_adapter_state
 
-    _, tags = parse_prompt(request.prompt)
+    # Steps, seed, batch and a size no base takes fail here, not after minutes of loading a real base.
+    _check_request(request, request.width, request.height, 8)
+    text, tags = parse_prompt(request.prompt)
     tagged = resolve_tags(tags, request.adapters_dir)
     for spec in list(request.loras) + tagged:
         path = weights_path(spec.path)
         if path.suffix != ".safetensors" or not path.is_file():
             load_adapter_state(path)  # raises the loader's own refusal (pickle, not found)
         read_header(path)
-    return doubled_adapter_notes(request.loras, tagged)
+    return doubled_adapter_notes(request.loras, tagged) + emphasis_notes(text)
+
+
+def emphasis_notes(prompt: str) -> list[str]:
+    """A note where the prompt uses A1111's emphasis, `(word:1.2)`, `((word))` or `[word]`: stylelora sends the
+    prompt to the text encoder as written (as diffusers does), so the brackets and number are read as words and the
+    word is not weighted; a user coming from A1111 would otherwise believe it was."""
+    found = EMPHASIS_PATTERN.search(prompt)
+    if found is None:
+        return []
+    return [f"{found.group(0)!r} looks like A1111 emphasis, which stylelora does not apply: the brackets (and the "
+            "number) reach the text encoder as words. Write the words plain, and strengthen an adapter with its "
+            "weight (FILE:1.2 or <lora:NAME:1.2>)."]
 
 
 def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) -> ResolvedRequest:

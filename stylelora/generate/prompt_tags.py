@@ -161,6 +161,29 @@ def list_adapters(folder: str | os.PathLike) -> dict[str, Path]:
     return found
 
 
+def is_checkpoint(name: str) -> bool:
+    """Whether an adapter name (relative to the adapters folder) is one a training run saves with a checkpoint, in
+    RUN/checkpoints/step-NNNNNN/. Offered beside finished adapters, a half-trained one would be picked by mistake;
+    they stay usable by name (tags, typed names)."""
+    folders = str(name).split("/")[:-1]
+    return any(folder == CHECKPOINT_FOLDER and re.fullmatch(r"step-\d+", step) is not None
+               for folder, step in zip(folders, folders[1:]))
+
+
+def _unknown_name_hint(name: str, adapters: dict[str, Path]) -> str:
+    """The finished adapters a mistyped name is closest to, else the first few of them (checkpoints left out: a
+    run's dozen steps hid the adapters themselves)."""
+    import difflib
+
+    finished = [key for key in adapters if not is_checkpoint(key)]
+    by_stem = {key.rsplit("/", 1)[-1]: key for key in finished}
+    close = difflib.get_close_matches(name.removesuffix(ADAPTER_SUFFIX).rsplit("/", 1)[-1], list(by_stem), n=3)
+    if close:
+        return "did you mean " + " or ".join(by_stem[stem] for stem in close) + "?"
+    shown = ", ".join(finished[:8]) or "none"
+    return f"found: {shown}" + (f" and {len(finished) - 8} more" if len(finished) > 8 else "")
+
+
 def resolve_adapter_name(name: str, folder: str | os.PathLike) -> Path:
     """The adapter file `name` means inside `folder`: exact relative name first, else a unique file of that stem."""
     _check_name(name)
@@ -182,8 +205,7 @@ def resolve_adapter_name(name: str, folder: str | os.PathLike) -> Path:
     if matches:
         names = ", ".join(sorted(k for k, p in adapters.items() if p in matches))
         raise PromptTagError(f"<lora:{name}> is ambiguous in {folder}: {names}. Write the name with its subfolder.")
-    known = ", ".join(list(adapters)[:8]) or "none"
-    raise PromptTagError(f"No adapter named {name!r} in {folder} (found: {known}).")
+    raise PromptTagError(f"No adapter named {name!r} in {folder} ({_unknown_name_hint(name, adapters)}).")
 
 
 def resolve_tags(tags: list[LoraTag], folder: str | os.PathLike | None) -> list[AdapterSpec]:
