@@ -153,12 +153,17 @@ def _training_lines(metadata: dict[str, str]) -> list[str]:
     ]
 
 
+def _error_text(blend: dict) -> str:
+    error = blend.get("max_relative_error")
+    return f"{error:.2e}" if isinstance(error, (int, float)) else "?"  # as `stylelora inspect` writes it
+
+
 def _blend_lines(metadata: dict[str, str]) -> list[str]:
     """The card's account of a saved blend: its inputs with their weights, the mode, and how exact the file is."""
     blend = _blend_record(metadata)
     inputs = blend.get("inputs", [])
     how = ("exact (every input's rank kept)" if blend.get("mode") == "exact"
-           else f"rank {blend.get('rank', '?')} by SVD, largest relative error {blend.get('max_relative_error', '?')}")
+           else f"rank {blend.get('rank', '?')} by SVD, largest relative error {_error_text(blend)}")
     lines = ["## Blend", "", f"- Blend mode {blend.get('blend_mode', 'sum')}; {how}; LoRA rank "
              f"{metadata.get('ss_network_dim', '?')}, alpha {metadata.get('ss_network_alpha', '?')}",
              f"- Inputs ({len(inputs)}):"]

@@ -44,7 +44,8 @@ def test_inspect_reads_our_training_metadata(tmp_path):
     assert info["modelspec"]["architecture"] == "stable-diffusion-v1/lora"
     text = format_inspect(info)
     for expected in ("kohya layout", "rank 4, alpha 2", f"text encoder {TE_MODULES}", "trigger words  ink style, ink",
-                     "matches metadata", "steps", "circle (12)"):
+                     "matches metadata", "steps", "circle (12)",
+                     "training_started_at      2023-11-14 22:13:20 UTC"):  # kohya's seconds since 1970, as a date
         assert expected in text
 
 

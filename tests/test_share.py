@@ -126,3 +126,11 @@ def test_blend_writes_the_same_bundle(run_dir, tmp_path):
     missing = blend(out.with_name("mix3.safetensors"), "--preview", str(tmp_path / "nope.png"))
     assert missing.returncode != 0 and "no such image" in missing.stderr
     assert not out.with_name("mix3.safetensors").exists()  # bad input is refused before anything is written
+
+
+def test_a_rank_blends_card_gives_its_error_as_inspect_does():
+    from stylelora.share import BLEND_KEY, _blend_lines
+
+    record = {"mode": "rank", "rank": 8, "max_relative_error": 0.42852842204270425, "inputs": []}
+    lines = _blend_lines({BLEND_KEY: json.dumps(record), "ss_network_dim": "8", "ss_network_alpha": "8"})
+    assert "rank 8 by SVD, largest relative error 4.29e-01" in lines[2]  # not seventeen digits

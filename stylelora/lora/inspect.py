@@ -195,7 +195,8 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         lines.append(f"  merged from    {merged}")
     if info["training"]:
         lines.append("  training")
-        lines += [f"    {key.removeprefix('ss_'):<24} {_short(value)}" for key, value in info["training"].items()]
+        lines += [f"    {key.removeprefix('ss_'):<24} {_short(_when(key, value))}"
+                  for key, value in info["training"].items()]
     if info["tag_frequency"]:
         top = list(info["tag_frequency"].items())[:max_tags]
         more = len(info["tag_frequency"]) - len(top)
@@ -215,6 +216,19 @@ def _model_spec_lines(spec: dict[str, str]) -> list[str]:
         kind = thumbnail.partition(";")[0].removeprefix("data:")
         lines.append(f"  thumbnail      {kind}, {len(thumbnail) * 3 // 4 // 1024} KiB (data URI)")
     return lines
+
+
+def _when(key: str, value: Any) -> Any:
+    """kohya's ss_training_started_at / _finished_at (seconds since 1970) as a UTC date and time a reader can read."""
+    import datetime
+
+    if not key.endswith("_at"):
+        return value
+    try:
+        moment = datetime.datetime.fromtimestamp(float(value), tz=datetime.timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return value
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _short(value: Any, limit: int = 100) -> str:
