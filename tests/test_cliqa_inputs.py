@@ -2,23 +2,10 @@
 in one `error: ...` line that says what to write instead, before a base model loads, and nothing is left behind."""
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import pytest
 from gen_fixtures import make_adapter
-
-from stylelora.generate.command import add_generate_parsers
-from stylelora.lora.command import add_lora_parsers
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_sd_base):
-    root = tmp_path_factory.mktemp("cliqa")
-    adapters = root / "adapters"
-    return {"base": tiny_sd_base, "adapters": adapters,
-            "a": make_adapter(adapters / "stripes.safetensors", 1, trigger="stripes"),
-            "b": make_adapter(adapters / "pastel.safetensors", 2)}
+from test_generate_cli import common, run, world  # noqa: F401 - world is a fixture: the CLI tests' tiny base
 
 
 @pytest.fixture
@@ -29,21 +16,6 @@ def no_base(monkeypatch):
 
     monkeypatch.setattr(command, "_load_pipe", lambda args: pytest.fail("the base was loaded"))
     monkeypatch.setattr(load, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
-
-
-def run(argv: list[str], capsys) -> tuple[int, list[str], str]:
-    parser = argparse.ArgumentParser(prog="stylelora")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_generate_parsers(subparsers)
-    add_lora_parsers(subparsers)
-    args = parser.parse_args(argv)
-    code = args.handler(args)
-    captured = capsys.readouterr()
-    return code, captured.out.strip().splitlines(), captured.err
-
-
-def common(world) -> list[str]:
-    return ["--base", str(world["base"]), "--device", "cpu", "--adapters-dir", str(world["adapters"]), "--steps", "2"]
 
 
 @pytest.mark.parametrize("flags, message", [
