@@ -175,14 +175,20 @@ def precheck_grid(request: GenerateRequest, x: XYAxis, y: XYAxis | None) -> list
     drawn. Returns the request's notes (precheck_request)."""
     from stylelora.generate.generate import precheck_request
 
+    cells = grid_cells(x, y)
+    notes = precheck_request(request)
+    for axes in cells:
+        precheck_request(cell_request(request, axes))
+    return notes
+
+
+def grid_cells(x: XYAxis, y: XYAxis | None) -> list[list[tuple[XYAxis, Any]]]:
+    """Each cell's (axis, value) pairs, row by row (rows: y values, columns: x values); two axes of one kind are
+    refused, as one would overwrite the other in every cell."""
     if y is not None and x.kind == y.kind:
         raise ValueError(f"Both grid axes are {x.kind}: pick two different kinds.")
-    notes = precheck_request(request)
     rows = y.values if y is not None else (None,)
-    for yv in rows:
-        for xv in x.values:
-            precheck_request(cell_request(request, [(x, xv)] + ([(y, yv)] if y is not None else [])))
-    return notes
+    return [[(x, xv)] + ([(y, yv)] if y is not None else []) for yv in rows for xv in x.values]
 
 
 def has_adapters(request: GenerateRequest) -> bool:
@@ -198,12 +204,9 @@ def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxi
     from stylelora.generate.pngmeta import save_png
     from stylelora.grid import make_grid
 
-    if y is not None and x.kind == y.kind:
-        raise ValueError(f"Both grid axes are {x.kind}: pick two different kinds.")
+    cells = grid_cells(x, y)
     if request.seed == -1:
         request = replace(request, seed=secrets.randbelow(MAX_SEED + 1))  # one seed for every cell
-    rows = y.values if y is not None else (None,)
-    cells = [[(x, xv)] + ([(y, yv)] if y is not None else []) for yv in rows for xv in x.values]
     images: list[GeneratedImage] = []
     for index, axes in enumerate(cells):
         images += generate(pipe, stack, cell_request(request, axes))
