@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SL=.venv/bin/stylelora
 adapter=$("$SL" train datasets/toy-stripes --output outputs/toy-stripes --overwrite)
-image=$("$SL" generate "stripestyle, a red circle on a white background" --lora "$adapter:1.0" --seed 1 --out outputs/quickstart.png | tail -n 1)
+image=$("$SL" generate "stripestyle, a red circle on a white background" --lora "$adapter:1.0" --seed 1 --out outputs/quickstart.png --overwrite | tail -n 1)
 echo
 echo "adapter: $adapter"
 echo "image:   $image"

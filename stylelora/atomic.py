@@ -37,3 +37,38 @@ def file_in_the_way(path: str | os.PathLike, include_self: bool = True) -> Path 
         if place.exists():
             return None if place.is_dir() else place
     return None
+
+
+def check_file_target(flag: str, text: str, suffix: str, *, example: str, kind: str, overwrite: bool,
+                      folders: bool = False) -> None:
+    """Refuse, before the work, a `flag` value that names no new `suffix` file: a folder (unless `folders`, where
+    files are numbered inside), another suffix, a path under a file, or an existing file without `overwrite`.
+    One wording for every command that writes a named file: `generate`/`grid --out`, `evaluate --save-grid`,
+    `blend --out`. `example` is a file name to suggest inside a folder; `kind` says what is written ("a PNG")."""
+    target = Path(text)
+    if target.is_dir() or text.endswith(("/", os.sep)):
+        if folders:
+            return
+        raise ValueError(f"{flag} {text} is a folder: give the new file's name in it, e.g. {target / example}.")
+    if _wrong_suffix(target, suffix, folders):
+        also = " or a folder" if folders else ""
+        raise ValueError(f"{flag} {text}: this is written as {kind}; give a name ending in {suffix}{also}, "
+                         f"e.g. {target.with_name(target.stem + suffix)}.")
+    blocking = file_in_the_way(target, include_self=False)
+    if blocking is not None:
+        raise ValueError(f"{flag} {text}: {blocking} is a file, so nothing can be written inside it; choose another "
+                         "folder.")
+    if target.is_file() and not overwrite:
+        raise ValueError(f"{flag} {text} exists already: give another name, or add --overwrite to replace it.")
+
+
+# Where a folder is welcome too, a name is taken for a folder unless it ends like a file of another kind: a
+# folder may well be called `run.v2`.
+_OTHER_FILE_SUFFIXES = {".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".safetensors", ".ckpt", ".pt",
+                        ".json", ".txt", ".zip"}
+
+
+def _wrong_suffix(target: Path, suffix: str, folders: bool) -> bool:
+    if target.suffix.lower() == suffix:
+        return False
+    return not folders or target.is_file() or target.suffix.lower() in _OTHER_FILE_SUFFIXES

@@ -37,8 +37,11 @@ def _checked_evaluate_inputs(args: argparse.Namespace) -> tuple[tuple[str, ...],
         raise ValueError(f"--samples {args.samples}: give at least 1 prompt per prompt set (e.g. --samples 32).")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: give at least 1 sampling step (e.g. --steps 25).")
-    if args.save_grid:
-        _check_grid_target(args.save_grid)
+    if args.save_grid:  # written after every image is drawn (minutes on a real base): checked first
+        from .atomic import check_file_target
+
+        check_file_target("--save-grid", args.save_grid, ".png", example="eval.png", kind="a PNG",
+                          overwrite=args.overwrite)
     prompt_sets = tuple(args.prompt_set or PROMPT_SETS)
     for name in prompt_sets:
         prompt_set_styles(name)
@@ -49,22 +52,6 @@ def _checked_evaluate_inputs(args: argparse.Namespace) -> tuple[tuple[str, ...],
 
             raise FileNotFoundError(missing_adapter_message(spec.path))
     return prompt_sets, check_mode(args.blend_mode), check_dial(args.dial), specs
-
-
-def _check_grid_target(text: str) -> None:
-    """--save-grid is written after every image is drawn (minutes on a real base): refuse up front a name it could
-    not be written to, rather than lose that work to a traceback at the end."""
-    from .atomic import file_in_the_way
-
-    target = Path(text)
-    if target.is_dir() or text.endswith(("/", "\\")):
-        raise ValueError(f"--save-grid {text} is a folder: give a PNG file name in it, e.g. {target / 'eval.png'}.")
-    if target.suffix.lower() != ".png":
-        raise ValueError(f"--save-grid {text}: the grid is saved as PNG; give a name ending in .png "
-                         f"({target.with_suffix('.png')}).")
-    blocking = file_in_the_way(target, include_self=False)
-    if blocking is not None:
-        raise ValueError(f"--save-grid {text}: {blocking} is a file, so nothing can be written inside it.")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -198,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt sets to generate (repeatable; default plain, stripes, pastel, zorb); a blend set "
                          "such as stripes+pastel carries both triggers and reports all_styles_rate")
     ev.add_argument("--save-grid", metavar="PNG", help="also save every generated image in one grid")
+    ev.add_argument("--overwrite", action="store_true", help="replace the --save-grid PNG if it exists")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(handler=_cmd_evaluate)
 

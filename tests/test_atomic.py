@@ -26,3 +26,35 @@ def test_an_atomic_write_leaves_no_temp_file(tmp_path):
     write_text_atomic(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["a.txt"]
+
+
+@pytest.mark.parametrize("value, folders, error", [
+    ("new.png", False, None),
+    ("folder", False, "--flag {tmp}/folder is a folder: give the new file's name in it, e.g. {tmp}/folder/e.png."),
+    ("folder", True, None),  # generate numbers its images inside a folder
+    ("run.v2", True, None),  # a folder's name may hold a dot...
+    ("x.jpg", True, "this is written as a PNG; give a name ending in .png or a folder, e.g. {tmp}/x.png."),
+    ("afile", True, "give a name ending in .png or a folder"),  # ...but an existing file is not a folder
+    ("x", False, "give a name ending in .png, e.g. {tmp}/x.png."),
+    ("afile/x.png", False, "{tmp}/afile is a file, so nothing can be written inside it"),
+    ("old.png", False, "--flag {tmp}/old.png exists already: give another name, or add --overwrite"),
+])
+def test_a_file_target_is_checked_before_the_work(tmp_path, value, folders, error):
+    from stylelora.atomic import check_file_target
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "old.png").write_text("x")
+
+    def check(overwrite):
+        check_file_target("--flag", str(tmp_path / value), ".png", example="e.png", kind="a PNG",
+                          overwrite=overwrite, folders=folders)
+
+    if error is None:
+        check(overwrite=False)
+        return
+    with pytest.raises(ValueError) as raised:
+        check(overwrite=False)
+    assert error.format(tmp=tmp_path) in str(raised.value)
+    if "exists already" in error:
+        check(overwrite=True)

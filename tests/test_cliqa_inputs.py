@@ -69,7 +69,7 @@ def test_a1111_emphasis_is_named_in_a_warning(world, tmp_path, capsys, no_base):
 @pytest.mark.parametrize("out, message", [
     ("folder/", "is a folder: give the new file's name in it, e.g. {tmp}/folder/my-blend.safetensors."),
     ("noext", "give a name ending in .safetensors, e.g. {tmp}/noext.safetensors."),
-    ("afile/x.safetensors", "{tmp}/afile is a file, so no folder can hold the blend there"),
+    ("afile/x.safetensors", "{tmp}/afile is a file, so nothing can be written inside it; choose another"),
 ])
 def test_blend_out_mistakes_are_one_line_errors(world, tmp_path, capsys, out, message):
     """--out under a file was a FileExistsError traceback; a folder was "written as .safetensors; got folder"."""
@@ -105,8 +105,9 @@ def test_a_weight_after_an_equals_sign_is_shown_with_a_colon(world, capsys, no_b
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "error: --steps 0: give at least 1 sampling step"),
     (["--save-grid", "AFILE/grid.png"], "AFILE is a file, so nothing can be written inside it"),
-    (["--save-grid", "DIR"], "error: --save-grid DIR is a folder: give a PNG file name in it, e.g. DIR/eval.png"),
-    (["--save-grid", "DIR/grid.jpg"], "the grid is saved as PNG; give a name ending in .png (DIR/grid.png)"),
+    (["--save-grid", "DIR"], "error: --save-grid DIR is a folder: give the new file's name in it, e.g. DIR/eval.png"),
+    (["--save-grid", "DIR/grid.jpg"], "written as a PNG; give a name ending in .png, e.g. DIR/grid.png."),
+    (["--save-grid", "DIR/old.png"], "--save-grid DIR/old.png exists already: give another name, or add --overwrite"),
 ])
 def test_evaluate_refuses_what_it_could_only_fail_on_at_the_end(tmp_path, capsys, no_base, flags, message):
     """--steps 0 was a ZeroDivisionError traceback, and a --save-grid under a file a FileExistsError after every
@@ -114,6 +115,7 @@ def test_evaluate_refuses_what_it_could_only_fail_on_at_the_end(tmp_path, capsys
     from stylelora.cli import main
 
     (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "old.png").write_bytes(b"an earlier grid")
     flags = [flag.replace("AFILE", str(tmp_path / "afile")).replace("DIR", str(tmp_path)) for flag in flags]
     message = message.replace("AFILE", str(tmp_path / "afile")).replace("DIR", str(tmp_path))
     code = main(["evaluate", "--samples", "1", "--prompt-set", "plain", *flags])

@@ -81,7 +81,8 @@ def test_generate_reports_bad_input_in_one_line(world, tmp_path, capsys):
     assert not list(tmp_path.glob("*.png"))
 
 
-@pytest.mark.parametrize("out, message", [("x.jpg", "saved as PNG"), ("afile", "is a file, not a folder"),
+@pytest.mark.parametrize("out, message", [("x.jpg", "written as a PNG, which carries the generation parameters"),
+                                          ("afile", "give a name ending in .png or a folder, e.g."),
                                           ("afile/x.png", "is a file, so nothing can be written inside it")])
 def test_an_out_that_cannot_be_written_fails_before_anything_is_drawn(world, tmp_path, capsys, monkeypatch, out,
                                                                       message):
@@ -93,6 +94,39 @@ def test_an_out_that_cannot_be_written_fails_before_anything_is_drawn(world, tmp
         code, _, err = run([*subcommand, "--out", str(tmp_path / out), *common(world)], capsys)
         assert code == 2 and message in err
     assert not (tmp_path / "x.jpg").exists()  # no folder named like an image
+
+
+@pytest.mark.parametrize("subcommand, existing, refused", [
+    (["generate", "x"], ["x.png"], "--out {tmp}/x.png exists already: give another name, or a folder"),
+    (["generate", "x", "--batch", "2"], ["x-1.png"], "--out {tmp}/x.png: {tmp}/x-1.png exists already"),
+    (["generate", "x", "--batch", "2"], ["x.png"], None),  # x.png is not what a batch of two writes
+    (["grid", "x", "--x", "seed=1,2"], ["x.png"], "--out {tmp}/x.png exists already"),
+])
+def test_an_existing_image_is_replaced_only_with_overwrite(world, tmp_path, capsys, monkeypatch, subcommand,
+                                                           existing, refused):
+    """`generate --out x.png` replaced an earlier image in silence, while blend and train refuse to without
+    --overwrite; it is refused before the base loads, and --overwrite lets it through."""
+    import stylelora.generate.command as command
+
+    class Loaded(Exception):
+        pass
+
+    def load(args):
+        raise Loaded
+
+    for name in existing:
+        (tmp_path / name).write_bytes(b"an earlier image")
+    monkeypatch.setattr(command, "_load_pipe", load)
+    target = ["--out", str(tmp_path / "x.png"), *common(world)]
+    if refused is None:
+        with pytest.raises(Loaded):
+            run([*subcommand, *target], capsys)
+        return
+    code, _, err = run([*subcommand, *target], capsys)
+    assert code == 2 and refused.format(tmp=tmp_path) in err and "add --overwrite to replace it" in err
+    with pytest.raises(Loaded):
+        run([*subcommand, *target, "--overwrite"], capsys)
+    assert all((tmp_path / name).read_bytes() == b"an earlier image" for name in existing)
 
 
 def test_block_weights_the_base_does_not_take_fail_before_it_loads(world, tmp_path, capsys, monkeypatch):

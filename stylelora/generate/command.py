@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from stylelora.atomic import file_in_the_way
+from stylelora.atomic import check_file_target
 from stylelora.generate.reading_dial import dial_help
 from stylelora.lora.blend_modes import mode_help
 from stylelora.user_errors import report_user_errors
@@ -27,6 +27,7 @@ def add_generate_parsers(subparsers) -> None:
     _add_generation_args(gen)
     gen.add_argument("--batch", type=int, default=1, help="images per run, seeds SEED, SEED+1, ... (default 1)")
     gen.add_argument("--out", help=f"PNG file or folder (default {DEFAULT_IMAGES_DIR}/NNNNN-SEED.png)")
+    gen.add_argument("--overwrite", action="store_true", help="replace the --out PNG file(s) if they exist")
     gen.set_defaults(handler=cmd_generate)
 
     grid = subparsers.add_parser("grid",
@@ -36,7 +37,8 @@ def add_generate_parsers(subparsers) -> None:
                       help="columns; KIND: adapter|weight|unet_weight|te_weight|blocks|seed|cfg|steps|blend_mode|dial "
                            "(blocks: lbw= values separated by ';', e.g. blocks=none;OUTALL)")
     grid.add_argument("--y", metavar="KIND=V1,V2", help="second axis (rows)")
-    grid.add_argument("--out", help=f"grid PNG (default {DEFAULT_GRIDS_DIR}/NNNNN-grid.png)")
+    grid.add_argument("--out", help=f"grid PNG or folder (default {DEFAULT_GRIDS_DIR}/NNNNN-grid.png)")
+    grid.add_argument("--overwrite", action="store_true", help="replace the --out PNG file if it exists")
     grid.set_defaults(handler=cmd_grid)
 
 
@@ -123,19 +125,20 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def check_output_target(out: str | None) -> None:
-    """Refuse an --out that cannot be written before any image is drawn (on a real base that takes minutes)."""
+def check_output_target(out: str | None, overwrite: bool, count: int = 1) -> None:
+    """Refuse an --out that cannot be written, or would replace images without --overwrite, before any image is
+    drawn (on a real base that takes minutes). `count`: how many images go there (FILE-0.png, FILE-1.png, ...)."""
     if not out:
         return
-    target = Path(out)
-    if target.suffix.lower() in {".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}:
-        raise ValueError(f"--out {out}: images are saved as PNG, which carries their generation parameters; give "
-                         f"a .png file name ({target.with_suffix('.png')}) or a folder.")
-    if target.suffix.lower() != ".png" and target.exists() and not target.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder: give a .png file name or a folder.")
-    blocking = file_in_the_way(target, include_self=False)
-    if blocking is not None:
-        raise ValueError(f"--out {out}: {blocking} is a file, so nothing can be written inside it.")
+    # The files this run writes, not --out itself, are what must not be replaced: with --batch 2, x-0.png, x-1.png.
+    check_file_target("--out", out, ".png", example="", kind="a PNG, which carries the generation parameters",
+                      overwrite=True, folders=True)
+    taken = [path for path in output_paths(out, list(range(count)), "") if path.is_file()]
+    if taken and not overwrite:
+        more = " ..." if len(taken) > 3 else ""
+        which = f"--out {out}" if taken == [Path(out)] else f"--out {out}: {', '.join(map(str, taken[:3]))}{more}"
+        raise ValueError(f"{which} exists already: give another name, or a folder (images are numbered on in it), "
+                         "or add --overwrite to replace it.")
 
 
 def output_paths(out: str | None, seeds: list[int], default_dir: str, suffix: str = "") -> list[Path]:
@@ -168,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     notes = precheck_request(request)
-    check_output_target(args.out)
+    check_output_target(args.out, args.overwrite, args.batch)
     _check_block_weights(args, request)
     _print_notes(notes)
     results = generate(_load_pipe(args), None, request)
@@ -189,7 +192,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     x_axis, y_axis = parse_axis(args.x), parse_axis(args.y) if args.y else None
     notes = precheck_grid(request, x_axis, y_axis)
-    check_output_target(args.out)
+    check_output_target(args.out, args.overwrite)
     _check_block_weights(args, request, [axis for axis in (x_axis, y_axis) if axis is not None])
     out = output_paths(args.out, [0], DEFAULT_GRIDS_DIR, suffix="grid")[0]
     _print_notes(notes)

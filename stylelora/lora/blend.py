@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from stylelora.atomic import check_file_target
 from stylelora.lora import blend_modes, formats
 from stylelora.lora.block_weights import BlockLayout, BlockWeightError
 from stylelora.lora.components import UNKNOWN_ARCHITECTURE, adapter_architecture
@@ -192,24 +193,6 @@ def _read_inputs(specs):
     return files
 
 
-def _check_out_path(out_path: str | os.PathLike) -> None:
-    """Refuse, before any work, an --out that is a folder, lacks .safetensors or lies under a file, each with the
-    name to give instead (a folder is what users pass most, as for `generate --out`)."""
-    from stylelora.atomic import file_in_the_way
-
-    out = Path(out_path)
-    if out.is_dir() or str(out_path).endswith(("/", os.sep)):
-        raise ValueError(f"--out {out} is a folder: give the new file's name in it, e.g. "
-                         f"{out / 'my-blend.safetensors'}.")
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: the blend is written as .safetensors; give a name ending in .safetensors, "
-                         f"e.g. {out.with_name(out.stem + '.safetensors')}.")
-    blocking = file_in_the_way(out, include_self=False)
-    if blocking is not None:
-        raise ValueError(f"--out {out}: {blocking} is a file, so no folder can hold the blend there; choose "
-                         "another folder.")
-
-
 def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bool = False,
           dtype: Any = None, blend_mode: str | None = None, license: str | None = None,
           thumbnail: str | None = None, unet_config: dict | None = None, overwrite: bool = False) -> BlendReport:
@@ -234,7 +217,8 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
         raise ValueError("Choose --exact or --rank R, not both: exact keeps every rank, --rank R truncates.")
     if rank is not None and rank < 1:
         raise ValueError(f"--rank must be >= 1, got {rank}.")
-    _check_out_path(out_path)
+    check_file_target("--out", str(out_path), ".safetensors", example="my-blend.safetensors",
+                      kind="a kohya .safetensors file", overwrite=True)  # an existing file: the message below
     if any(Path(out_path).resolve() == Path(spec.path).resolve() for spec in specs):
         raise ValueError(f"{out_path} is one of the adapters being blended: writing there would replace it. "
                          "Give the blend another name.")
