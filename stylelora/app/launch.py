@@ -115,18 +115,13 @@ def sigterm_as_ctrl_c():
     """While the app serves, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl+C does: gradio then closes
     its server, whose shutdown deletes its cached copies of files. Python's default for SIGTERM ends the process at
     once, leaving them in its temp folder. Outside the main thread (where handlers cannot be set) it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    from stylelora.signals import handling
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with handling(signal.SIGTERM, interrupt):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def handle_app(args: argparse.Namespace) -> int:

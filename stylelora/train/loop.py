@@ -780,9 +780,8 @@ def stop_after_the_step(enabled: bool):
 
     from tqdm.auto import tqdm
 
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
+    from stylelora.signals import handling
+
     requested = threading.Event()
 
     def ask_to_stop(signum, frame):
@@ -793,11 +792,11 @@ def stop_after_the_step(enabled: bool):
         # which leaves bar lines out of its log, lost it).
         tqdm.write("stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, ask_to_stop)
-    try:
-        yield requested.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    if not enabled:
+        yield lambda: False
+        return
+    with handling(signal.SIGINT, ask_to_stop) as handled:
+        yield requested.is_set if handled else (lambda: False)
 
 
 def endless_batches(run: Run) -> Iterator[dict]:
