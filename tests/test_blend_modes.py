@@ -141,7 +141,7 @@ def test_saved_blend_gives_the_live_blend_here_and_in_diffusers(world, tmp_path,
     live = load_tiny_base(world["base"])
     live_stack = AdapterStack.for_pipe(live)
     live_stack.apply(_specs(world), mode)
-    report = blend(_specs(world), tmp_path / f"{mode}.safetensors", blend_mode=mode)
+    report = blend(_specs(world), tmp_path / f"{mode}.safetensors", blend_mode=mode, exact=True)
     assert report.blend_mode == mode
     from safetensors import safe_open
 
@@ -163,6 +163,20 @@ def test_saved_blend_gives_the_live_blend_here_and_in_diffusers(world, tmp_path,
     theirs = tiny_pipeline()
     theirs.load_lora_weights(str(report.path), adapter_name="mix")  # a plain kohya LoRA: no stylelora code
     assert (model_outputs(theirs)["unet"] - expected["unet"]).abs().max() <= 1e-4
+
+
+def test_a_ties_file_keeps_the_size_of_a_sum_unless_exact(world, tmp_path):
+    """A ties merge is not low rank: kept whole its file grew toward the layers' full size (7x the inputs on the toy
+    base, gigabytes on SD 1.5). By default it is stored at the inputs' total rank, the sum's size, with the error
+    reported; --exact keeps every rank."""
+    total = blend(_specs(world), tmp_path / "sum.safetensors")
+    compact = blend(_specs(world), tmp_path / "ties.safetensors", blend_mode="ties")
+    whole = blend(_specs(world), tmp_path / "ties-exact.safetensors", blend_mode="ties", exact=True)
+    assert compact.module_ranks == total.module_ranks  # rank 4 + 4 in every module
+    assert compact.mode == "svd" and 0 < compact.max_error < 1 and "at the inputs' total rank" in compact.summary()
+    assert whole.mode == "exact" and whole.max_error == 0 and max(whole.module_ranks.values()) > 8
+    size = {report.mode: report.path.stat().st_size for report in (compact, whole)}
+    assert abs(size["svd"] - total.path.stat().st_size) < 1000 < size["exact"] - size["svd"]  # metadata differs
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -212,3 +226,4 @@ def test_app_passes_the_mode_to_generation_and_to_the_saved_blend(world, tmp_pat
 
     ours, theirs = load_file(str(result.path)), load_file(str(expected.path))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert "exact" in service.blend(mix, "mix-ties-exact", blend_mode="ties", exact=True).summary

@@ -605,10 +605,11 @@ class AppService:
 
     # ------------------------------------------------------------------ blend
 
-    def blend(self, adapters: Sequence[AdapterWeight], name: str, rank: int | None = None,
+    def blend(self, adapters: Sequence[AdapterWeight], name: str, rank: int | None = None, exact: bool = False,
               fp16: bool = False, overwrite: bool = False, blend_mode: str | None = None,
               dial: str | None = None, base: str | None = None) -> BlendResult:
-        """Save the mix as blends/NAME.safetensors: exact (rank None) or truncated to `rank` by SVD. dial: the
+        """Save the mix as blends/NAME.safetensors: as `stylelora blend` does, at the inputs' total rank (a sum
+        exactly), every rank (`exact`) or truncated to `rank` by SVD. dial: the
         Generate tab's Weight dial, which a file cannot hold unless its weights draw the same either way. base: the
         Generate tab's base, whose UNet blocks the mix's block weights number (None: the files' family's)."""
         from stylelora.generate.reading_dial import check_savable
@@ -628,8 +629,8 @@ class AppService:
             import torch
 
             dtype = torch.float16
-        report = blend(specs, out, rank=int(rank) if rank else None, dtype=dtype, blend_mode=blend_mode,
-                       unet_config=self._blocks_config(base, specs), overwrite=overwrite)
+        report = blend(specs, out, rank=int(rank) if rank else None, exact=exact, dtype=dtype,
+                       blend_mode=blend_mode, unet_config=self._blocks_config(base, specs), overwrite=overwrite)
         # A1111's NAME.json sidecar and the model card, always NAME.md: blends/ holds many adapters, and delete and
         # rename carry NAME.md with the file (a README.md would outlive the blend it describes).
         write_bundle(out, preview=None, card=out.with_suffix(".md"))

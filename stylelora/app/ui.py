@@ -463,8 +463,9 @@ def _blend_tab() -> SimpleNamespace:
     mix_view = gr.Markdown("No adapters chosen.")
     with gr.Row():
         name = gr.Textbox(label="New adapter name", value="my-blend")
-        mode = gr.Radio(["exact", "rank"], value="exact", label="Mode",
-                        info="exact keeps every rank; rank R re-factorises by SVD")
+        mode = gr.Radio(["compact", "exact", "rank"], value="compact", label="Mode",
+                        info="compact: the inputs' size (a sum is exact; ties is re-factorised by SVD, error shown); "
+                             "exact keeps every rank; rank R re-factorises by SVD")
         rank = _named_bounds(gr.Number(value=8, precision=0, minimum=1, label="Rank (mode rank)"))
     with gr.Row():
         fp16 = gr.Checkbox(label="float16 (half the size)")
@@ -768,7 +769,7 @@ def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespac
         blocks, base = rest[:MAX_ADAPTER_ROWS], (rest[MAX_ADAPTER_ROWS:] or [None])[0]
         result = service.blend(mix_from_values(chosen, weights, blocks), name,
                                rank=_number(rank, "Rank (mode rank)", whole=True) if mode == "rank" else None,
-                               fp16=bool(fp16), overwrite=bool(overwrite),
+                               exact=mode == "exact", fp16=bool(fp16), overwrite=bool(overwrite),
                                blend_mode=blend_mode or None, dial=dial or None, base=base or None)
         return f"saved {result.name}\n{result.summary}", *lists.refreshed(chosen, result.name)
 

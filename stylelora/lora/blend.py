@@ -5,6 +5,7 @@ weight for lora_te_*). `exact` stores that sum losslessly by concatenating ranks
 matrices, alpha = total rank so the scale is 1). `rank=R` stores the best rank-R approximation (truncated SVD) and
 reports the relative Frobenius error ||delta - approx|| / ||delta|| of every module. `blend_mode` (see
 `stylelora.lora.blend_modes`) replaces the sum where several inputs share a module; the file stays a plain kohya LoRA.
+A ties merge is not low rank, so unless `exact` it is stored, by SVD, at the rank the sum would have.
 """
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ class BlendReport:
         return statistics.fmean(self.module_errors.values()) if self.module_errors else 0.0
 
     def summary(self, worst: int = 5) -> str:
-        ranks = f" rank {self.rank}" if self.rank else f" (ranks up to {max(self.module_ranks.values(), default=0)})"
+        top = max(self.module_ranks.values(), default=0)
+        ranks = (f" rank {self.rank}" if self.rank else f" at the inputs' total rank (up to {top}; --exact keeps "
+                 "every rank)" if self.mode == "svd" else f" (ranks up to {top})")
         how = "" if self.blend_mode == "sum" else f", blend mode {self.blend_mode}"
         lines = [f"{len(self.module_errors)} modules, {self.mode}{ranks}{how}; "
                  f"relative error max {self.max_error:.3e}, mean {self.mean_error:.3e}"]
@@ -198,7 +201,8 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
           thumbnail: str | None = None, unet_config: dict | None = None, overwrite: bool = False) -> BlendReport:
     """Write the weighted blend of `specs` (AdapterSpecs or "FILE:W[:TE_W]") to `out_path` in kohya format.
 
-    exact=True (or no rank): reproduces the live blend (sum: concatenated ranks). rank=R: truncated SVD at rank R.
+    exact=True: reproduces the live blend (sum: concatenated ranks; ties: every rank of the merged delta).
+    rank=R: truncated SVD at rank R. Neither: the sum exact, a ties merge by SVD at the inputs' total rank per module.
     dtype: e.g. torch.float16 for a smaller file (default float32). blend_mode: as `generate --blend-mode`
     (None: blend_modes.DEFAULT_FILE_MODE, the sum); a mode that cannot be a static file is refused with the reason.
     license: modelspec.license (None: the inputs' license when they all share one, else "unspecified").
@@ -233,10 +237,15 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     for name, entry in terms.items():
         if not entry.up_terms:
             continue  # every input that has this module has weight 0 there
+        module_rank = rank
         if blend_mode != "sum" and len(entry.up_terms) > 1:
+            inputs_rank = sum(up.shape[1] for up in entry.up_terms)
             up, down, _ = blend_modes.merged_factors(list(zip(entry.up_terms, entry.down_terms)), blend_mode)
             entry = replace(entry, up_terms=[up], down_terms=[down])
-        up, down, error = _exact(entry) if rank is None else _truncated_svd(entry, rank)
+            # A ties merge is not low rank: kept whole, a layer's factors grow toward its full width (the file 7x
+            # the inputs on the toy base, gigabytes on SD 1.5). By default it keeps the sum's size instead.
+            module_rank = rank if rank is not None or exact else inputs_rank
+        up, down, error = _exact(entry) if module_rank is None else _truncated_svd(entry, module_rank)
         state.update(_module_tensors(name, entry, up, down, dtype or torch.float32))
         errors[name], ranks[name] = error, up.shape[1]
     if not state:
@@ -245,7 +254,7 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     # module's total rank), and diffusers misreads per-module alphas there: see uniform_alpha. Where every module has
     # one rank the sum's alphas already equal it, and up is multiplied by exactly 1.
     blend_modes.uniform_alpha(state, float(max(ranks.values())))
-    mode = "exact" if rank is None else "svd"
+    mode = "exact" if not any(errors.values()) and rank is None else "svd"
     metadata = _blend_metadata(specs, files, Path(out_path), mode, rank, ranks, errors, blend_mode)
     metadata["modelspec.license"] = license or _shared_license(files)
     if thumbnail:

@@ -21,7 +21,9 @@ def add_lora_parsers(subparsers) -> None:
     blend.add_argument("--out", required=True, help="new .safetensors file (kohya format)")
     mode = blend.add_mutually_exclusive_group()
     mode.add_argument("--rank", type=int, help="re-factorise to this rank by SVD (reports the error per module)")
-    mode.add_argument("--exact", action="store_true", help="concatenate ranks: reproduces the blend exactly (default)")
+    mode.add_argument("--exact", action="store_true",
+                      help="keep every rank: reproduces the blend exactly (a sum does by default; a ties merge is "
+                           "otherwise stored by SVD at the inputs' total rank)")
     blend.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
     blend.add_argument("--overwrite", action="store_true", help="replace --out if it exists (its sidecar and card "
                                                                 "are rewritten with it)")
