@@ -487,7 +487,30 @@ def _rule(dotted: str, ok: bool, requirement: str, value: Any) -> str | None:
 def _value_problems(config: TrainConfig) -> list[str]:
     problems = _data_problems(config.data) + _network_problems(config.network)
     problems += _optim_problems(config.optim, config.network) + _train_problems(config.train, config.optim)
-    return [p for p in problems if p]
+    return [p for p in problems if p] + _not_utf8_problems(config)
+
+
+def _not_utf8_problems(config: TrainConfig) -> list[str]:
+    """A setting that is not UTF-8 text: a path with a folder name unzipped from another system's encoding (Python
+    keeps its bytes as surrogates). Refused here, since config.toml and the adapter's metadata are UTF-8 and writing
+    them would fail after the base has loaded (a non-UTF-8 data folder also names the adapter)."""
+    problems = []
+    for name in SECTION_CLASSES:
+        for key, value in dataclasses.asdict(getattr(config, name)).items():
+            for text in (value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(text, str) and not _is_utf8(text):
+                    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    problems.append(f"{name}.{key} is not UTF-8 text ({shown}): rename the file or folder with the "
+                                    "undecodable bytes (e.g. unzip the archive with its encoding: unzip -O cp932)")
+    return problems
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _data_problems(d: DataConfig) -> list[str | None]:
@@ -594,9 +617,9 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
     elif o.warmup_steps is not None:
         problems.append(_rule("optim.warmup_steps", o.warmup_steps >= 0, "must be 0 or more", o.warmup_steps))
     if t.output_name is not None:
-        ok = bool(t.output_name.strip()) and not re.search(r"[\\/:*?\"<>|]", t.output_name)
-        problems.append(_rule("train.output_name", ok, "must be a plain file name (no / \\ : * ? \" < > |)",
-                              t.output_name))
+        ok = t.output_name.strip() not in ("", ".", "..") and not re.search(r"[\\/:*?\"<>|]", t.output_name)
+        problems.append(_rule("train.output_name", ok,
+                              "must be a plain file name (not . or ..; no / \\ : * ? \" < > |)", t.output_name))
     if t.resume is not None:
         problems.append(_rule("train.resume", bool(t.resume.strip()), "must be a checkpoint folder or 'latest'",
                               t.resume))
@@ -645,10 +668,17 @@ def _with_derived_defaults(config: TrainConfig) -> TrainConfig:
     """Fill what follows from other fields alone: output name and folder. (The base family's preset fills
     learning rates, batch, precision and samples later: stylelora.presets.apply_preset; the warmup follows the
     final steps: warmup_steps.)"""
-    name = config.train.output_name or Path(config.data.dir.rstrip("/\\")).name or "run"
+    name = config.train.output_name or _folder_name(config.data.dir) or "run"
     output = config.train.output or str(Path("outputs") / name)
     train = dataclasses.replace(config.train, output_name=name, output=output)
     return dataclasses.replace(config, train=train)
+
+
+def _folder_name(folder: str) -> str:
+    """The name a folder is known by, "" for none. Why absolute: `train .` or `train ..` (run from inside the
+    dataset) would otherwise name the adapter "run" or "..", the latter a hidden file `...safetensors`."""
+    folder = folder.rstrip("/\\")
+    return Path(os.path.abspath(folder)).name if folder else ""
 
 
 def with_model_defaults(config: TrainConfig, *, native_resolution: int, downsample_factor: int) -> TrainConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stylelora.atomic import write_text_atomic
 from stylelora.data.errors import DataError
-from stylelora.data.scan import TrainItem
+from stylelora.data.scan import TrainItem, printable
 
 DEFAULT_MIN_SIDE = 16  # toy scale; use ~256 for SD-scale data
 # Pillow warns above MAX_IMAGE_PIXELS (≈ 89 MP) and refuses above twice that; kohya trains on whatever Pillow opens,
@@ -153,6 +154,8 @@ def _read_bytes(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if path.is_symlink():  # the scan lists a dangling link as an image; "deleted after the scan?" would mislead
+            raise _Refused(f"broken symbolic link: its target {os.readlink(path)} does not exist") from None
         raise _Refused("file not found (deleted after the scan?)") from None
     except OSError as error:
         raise _Refused(f"unreadable ({error.strerror or error})") from None
@@ -230,7 +233,7 @@ def write_skip_report(run_dir: str | Path, skipped: list[SkippedImage], file_nam
     """Write `run_dir/skipped.txt` (one `path<TAB>reason` line per skipped file) atomically; return its path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"{s.path}\t{s.reason}" for s in sorted(skipped, key=lambda s: str(s.path))]
+    lines = [printable(f"{s.path}\t{s.reason}") for s in sorted(skipped, key=lambda s: str(s.path))]
     text = "# images skipped before training: path<TAB>reason\n" + "".join(line + "\n" for line in lines)
     return write_text_atomic(run_dir / file_name, text)
 

@@ -26,10 +26,14 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp",
 CAPTION_EXTENSIONS = (".txt", ".caption")  # first one found wins, as in kohya's caption_extension
 # Formats people drop into folders that Pillow cannot read: say so instead of ignoring them silently.
 UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".psd", ".raw", ".cr2", ".nef", ".svg"})
-# Operating-system litter that is not worth a line in the report.
-JUNK_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+# Operating-system litter that is not worth a line in the report (__MACOSX: the resource forks a zip made on a Mac
+# unpacks to; advice to rename it to 10___MACOSX would be wrong).
+JUNK_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 METADATA_FILE = "metadata.jsonl"
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+# kohya datasets repeat a folder 1-100 times; a number this large in `<number>_<words>` is more likely a year or an
+# id ("2024_03_commissions") than a repeat count, so the report says how the name was read.
+LARGE_REPEATS = 1000
 FOLDER_ROLES = {"training": "training data folder", "regularization": "regularization folder (--reg-dir)"}
 
 
@@ -225,8 +229,13 @@ def _scan_kohya(root: Path) -> tuple[list[TrainItem], ScanReport]:
         _report_kohya_root_leftovers(root, folders, report)
     items: list[TrainItem] = []
     for folder in folders:
+        _check_folder_name(folder)
         repeats_text, trigger = KOHYA_FOLDER.match(folder.name).groups()
         repeats = int(repeats_text)
+        if repeats >= LARGE_REPEATS:
+            report.warnings.append(f"{folder.name} is read as {repeats} repeats per epoch with the trigger words "
+                                   f"'{trigger.strip()}'. If {repeats_text} is a date or a number in the name, not a "
+                                   "repeat count, rename the folder to <repeats>_<trigger words>, e.g. 10_mystyle.")
         if repeats < 1:
             report.ignored.append(IgnoredFile(folder, "0 repeats: the folder would never be trained on"))
             continue
@@ -236,9 +245,27 @@ def _scan_kohya(root: Path) -> tuple[list[TrainItem], ScanReport]:
     return items, report
 
 
+def _check_folder_name(folder: Path) -> None:
+    """Refuse a kohya folder whose name is not UTF-8 (a Shift-JIS or Latin-1 name unzipped on Linux): its trigger
+    words would be undecodable bytes, which the tokenizer rejects with a traceback after the base has loaded."""
+    try:
+        folder.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"the folder name {printable(folder.name)} (in {printable(str(folder.parent))}) is not UTF-8 "
+                        "text, so its trigger words cannot be read; it was probably unzipped from an archive made on "
+                        "another system. Rename it, e.g. to 10_mystyle (or unzip the archive with its encoding, e.g. "
+                        "unzip -O cp932).") from None
+
+
+def printable(text: str) -> str:
+    """`text` with the undecodable bytes of a file name (Python keeps them as surrogates: a Shift-JIS or Latin-1 name
+    unzipped on Linux) shown as \\xNN, so it can be written as UTF-8 or shown instead of failing the run."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _report_kohya_root_leftovers(root: Path, folders: list[Path], report: ScanReport) -> None:
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or entry.name.lower() in JUNK_FILE_NAMES:
             continue
         if entry.is_dir() and entry not in folders:
             report.ignored.append(IgnoredFile(entry, "folder name does not start with '<repeats>_', "
@@ -283,8 +310,7 @@ def _list_images(folder: Path, ignored: list[IgnoredFile]) -> list[Path]:
         if path.name.startswith(".") or path.name.lower() in JUNK_FILE_NAMES:
             continue
         if path.is_dir():
-            ignored.append(IgnoredFile(path, "subfolder, not scanned: put its images directly in a "
-                                             "<repeats>_<trigger> folder or give it its own"))
+            ignored.append(IgnoredFile(path, _subfolder_reason(path, kohya=bool(KOHYA_FOLDER.match(folder.name)))))
             continue
         if suffix in IMAGE_EXTENSIONS:
             images.append(path)
@@ -293,6 +319,14 @@ def _list_images(folder: Path, ignored: list[IgnoredFile]) -> list[Path]:
         elif suffix not in CAPTION_EXTENSIONS and path.name != METADATA_FILE:
             ignored.append(IgnoredFile(path, "not an image or caption file"))
     return images
+
+
+def _subfolder_reason(path: Path, kohya: bool) -> str:
+    """Why a subfolder is not scanned, and the fix. In a flat data folder the kohya fix is a rename; saying so
+    matters most when the images are all in subfolders (`my-art/portraits/`), where nothing else would train."""
+    if kohya:
+        return "subfolder, not scanned: put its images directly in a <repeats>_<trigger> folder or give it its own"
+    return f"subfolder, not scanned: to train its images, rename it to <repeats>_<trigger>, e.g. 10_{path.name}"
 
 
 def _kohya_folders(root: Path) -> list[Path]:
@@ -322,8 +356,23 @@ def _scan_metadata(root: Path) -> tuple[list[TrainItem], ScanReport]:
     for path in _list_images(root, []):
         if path.resolve() not in listed:
             report.ignored.append(IgnoredFile(path, f"not listed in {METADATA_FILE}"))
+    _report_unlisted_kohya_folders(root, listed, report)
     report.folders.extend(_folders_of(list(items.values())))
     return list(items.values()), report
+
+
+def _report_unlisted_kohya_folders(root: Path, listed: set[Path], report: ScanReport) -> None:
+    """metadata.jsonl wins over `<repeats>_<trigger>` folders beside it; say so when their images are not listed,
+    since a stale metadata.jsonl in a kohya dataset would otherwise leave those folders out without a word."""
+    unlisted: dict[str, int] = {}
+    for folder in _kohya_folders(root):
+        count = sum(1 for path in _list_images(folder, []) if path.resolve() not in listed)
+        if count:
+            unlisted[folder.name] = count
+    if unlisted:
+        named = ", ".join(f"{name} ({count} images)" for name, count in unlisted.items())
+        report.warnings.append(f"{root / METADATA_FILE} decides what is trained, so the images of {named} that it does "
+                               f"not list are left out. To train the kohya folders, move {METADATA_FILE} away.")
 
 
 def _read_metadata(path: Path) -> list[tuple[int, dict]]:
@@ -372,5 +421,9 @@ def _no_images_message(root: Path, report: ScanReport, role: str) -> str:
     if project.is_dir() and _kohya_folders(project):  # the kohya_ss GUI's project folder: img/, reg/, model/, log/
         reg = " (and --reg-dir " + str(root / "reg") + ")" if (root / "reg").is_dir() else ""
         hint = f"{root} looks like a kohya_ss project folder: pass its image folder, {project}{reg}."
+    elif report.layout == "kohya" and report.folders:  # right layout, empty folders: listing layouts would not help
+        names = ", ".join(f.name for f in report.folders[:5]) + (" …" if len(report.folders) > 5 else "")
+        hint = (f"Its <repeats>_<trigger> folders ({names}) hold no image files: put the images (PNG, JPEG, WEBP, "
+                "…) directly in them.")
     ignored = "; ".join(f"{i.path.name}: {i.reason}" for i in report.ignored[:5])
     return f"no {role} images found in {root}. {hint}" + (f" Ignored: {ignored}." if ignored else "")
