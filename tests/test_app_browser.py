@@ -160,6 +160,29 @@ def test_stop_ends_a_running_generation_and_saves_nothing(served, page):
     assert page.locator("#gallery img").count() == 0
 
 
+def test_stop_ends_a_running_grid_and_says_so(served, page):
+    """The Compare tab's Stop: its status line says what was stopped, as the Generate tab's does."""
+    expect = sync_api.expect
+    app_url, service = served
+    before = set(service.grids_dir.glob("*.png")) if service.grids_dir.exists() else set()
+    page.goto(app_url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    set_number(page, "#steps", "150")  # the grid draws with the Generate tab's settings
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#x-axis textarea").fill("seed=1,2")
+    page.locator("#y-axis textarea").fill("")
+    stop = page.locator("#stop-grid")
+    expect(stop).to_be_disabled()
+    page.locator("#make-grid").click()
+    expect(page.get_by_text(re.compile(r"\d+/300 steps")).first).to_be_visible(timeout=30_000)
+    stop.click()
+    expect(page.locator("#grid-status")).to_contain_text(re.compile(
+        r"The grid was stopped after \d+ of 300 sampling steps; nothing was saved\."), timeout=15_000)
+    expect(stop).to_be_disabled()
+    after = set(service.grids_dir.glob("*.png")) if service.grids_dir.exists() else set()
+    assert after == before
+
+
 def test_a_grid_is_shown_across_its_tab_and_downloads_at_its_own_size(served, page):
     """A grid of 32 px cells was shown at its own few hundred pixels, small in a wide tab."""
     from PIL import Image
@@ -184,6 +207,18 @@ def test_a_grid_is_shown_across_its_tab_and_downloads_at_its_own_size(served, pa
     newest = max(service.grids_dir.glob("*-grid.png"), key=lambda path: path.stat().st_mtime)
     with Image.open(io.BytesIO(served_file.body())) as grid, Image.open(newest) as saved:
         assert grid.size == saved.size and grid.width == natural
+    # A tall grid (one column, nine rows, 898 px) is shown whole: its height capped at 85 % of the window's.
+    page.locator("#x-axis textarea, #x-axis input").first.fill("seed=1")
+    page.locator("#y-axis textarea, #y-axis input").first.fill("cfg=1,2,3,4,5,6,7,8,9")
+    wide_src = image.get_attribute("src")
+    page.locator("#make-grid").click()
+    expect(page.locator("#grid img").first).not_to_have_attribute("src", wide_src, timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#grid img').complete", timeout=10_000)
+    (natural_w, natural_h), (_, shown_h) = page.locator("#grid img").first.evaluate(
+        "img => [[img.naturalWidth, img.naturalHeight], [img.getBoundingClientRect().width, "
+        "img.getBoundingClientRect().height]]")
+    window = page.evaluate("() => window.innerHeight")
+    assert natural_h > natural_w and 0.85 * window - 2 <= shown_h <= 0.85 * window + 1, (natural_h, shown_h, window)
 
 
 def test_at_a_narrow_width_labels_keep_their_words_together_and_placeholders_fit(app_url, page):
