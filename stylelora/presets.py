@@ -133,6 +133,8 @@ COINED_TRIGGER_PRESETS: dict[str, dict[str, Value]] = {
 }
 PRESET_KEYS = tuple(spec.dotted for spec in OPTION_SPECS if spec.option.preset)
 TEXT_ENCODER_LRS = ("optim.text_encoder_lr", "optim.text_encoder_2_lr")
+# The real families without SDXL's second text encoder.
+ONE_TEXT_ENCODER_FAMILIES = ("sd1", "sd2", "sd2-v")
 
 
 def preset_value(family: str, dotted: str, *, optimizer: str = "adamw", cuda: bool = False) -> Any:
@@ -149,6 +151,7 @@ def apply_preset(config: TrainConfig, family: str, *, cuda: bool, captions: Sequ
     """
     if family not in PRESETS:
         raise ConfigError(f"train.family must be one of {', '.join(FAMILIES)} (got {family!r}); e.g. --family sd1")
+    _check_second_text_encoder_lr(config, family)
     filled: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for dotted in PRESET_KEYS:
@@ -173,6 +176,15 @@ def apply_preset(config: TrainConfig, family: str, *, cuda: bool, captions: Sequ
     if config.train.family is None:
         sources["train.family"] = "detected from the base's config files"
     return with_sources(resolved, sources)
+
+
+def _check_second_text_encoder_lr(config: TrainConfig, family: str) -> None:
+    """Refuse --text-encoder-2-lr on an SD 1.x/2.x base: it has one text encoder, and the flag would do nothing.
+    Only the flag: a run's saved config.toml holds the preset's value for every family, and must load back."""
+    if family in ONE_TEXT_ENCODER_FAMILIES and config.source_of("optim.text_encoder_2_lr") == "flag":
+        raise ConfigError(f"--text-encoder-2-lr sets SDXL's second text encoder, but the base {config.train.base} is "
+                          f"{FAMILY_NAMES[family]}, which has one: set its rate with --text-encoder-lr and drop "
+                          "--text-encoder-2-lr.")
 
 
 def apply_coined_trigger_preset(config: TrainConfig, coined: Sequence[str]) -> TrainConfig:

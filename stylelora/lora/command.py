@@ -38,6 +38,8 @@ def add_lora_parsers(subparsers) -> None:
                        help="with lbw= block weights: the base whose UNet blocks they number, read from its config "
                             "files (hub id, diffusers folder, single file, or toy; default: the published layout of "
                             "the adapters' family)")
+    blend.add_argument("--base-config", metavar="DIR",
+                       help="diffusers config folder (or cached hub id) for a single-file --base")
     blend.add_argument("--json", action="store_true", help="print the report as JSON")
     blend.set_defaults(handler=cmd_blend)
 
@@ -49,7 +51,9 @@ def add_lora_parsers(subparsers) -> None:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean a bad adapter file or argument (reported in one line), not a bug."""
-    return (ValueError, FileNotFoundError)
+    from stylelora.models.load import BaseModelError  # a --base that cannot be read; no heavy import
+
+    return (ValueError, FileNotFoundError, BaseModelError)
 
 
 @report_user_errors(user_errors)
@@ -84,15 +88,20 @@ def cmd_blend(args: argparse.Namespace) -> int:
 
 
 def _blocks_config(args: argparse.Namespace, specs) -> dict | None:
-    """The UNet config --base names, where block weights need one; a single file without a config folder says so."""
+    """The UNet config --base names, where block weights need one: from its config files, a single file's as loading
+    finds them (--base-config, else the Hugging Face cache); a single file without any says so."""
+    if args.base is None and args.base_config is not None:
+        raise ValueError("--base-config is the config folder of a single-file --base: pass --base FILE too, "
+                         "or drop it.")
     if args.base is None or all(spec.blocks is None for spec in specs):
         return None
     from stylelora.models.family import base_unet_config
 
-    config = base_unet_config(args.base)
+    config = base_unet_config(args.base, config_dir=args.base_config, cached=True)
     if config is None:
-        raise ValueError(f"--base {args.base}: a single file without a config folder; its UNet blocks are numbered "
-                         "when it loads, so apply the block weights at generation (--lora FILE:W:lbw=...).")
+        raise ValueError(f"--base {args.base}: a single file without a config folder, and none is in the local "
+                         "Hugging Face cache; pass --base-config DIR (a diffusers folder of the same architecture), "
+                         "or apply the block weights at generation (--lora FILE:W:lbw=...).")
     return config
 
 

@@ -90,11 +90,22 @@ def pipeline_config_folder(spec: str, *, config_dir: str | None = None, allow_pi
     return config_folder(spec, config_dir=config_dir, allow_pickle=allow_pickle)
 
 
-def base_unet_config(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> dict | None:
+def base_unet_config(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False,
+                     cached: bool = False) -> dict | None:
     """The UNet config of the base `spec`, from its config files (no weights); None for a single file without a
-    config folder."""
+    config folder. cached: a single file without one gets the configs loading finds in the Hugging Face cache,
+    None where there are none (commands that never load the base have no later check to leave it to)."""
     folder = config_folder(spec, config_dir=config_dir, allow_pickle=allow_pickle)
+    if folder is None and cached:
+        folder = _cached_single_file_configs(spec, allow_pickle)
     return None if folder is None else _folder_configs(folder)["unet"] or None
+
+
+def _cached_single_file_configs(spec: str, allow_pickle: bool) -> Path | None:
+    try:
+        return pipeline_config_folder(spec, allow_pickle=allow_pickle)
+    except BaseModelError:  # no cached configs (or a file whose type cannot be read): the caller says what to pass
+        return None
 
 
 def detect_family(spec: str, *, config_dir: str | None = None, allow_pickle: bool = False) -> str:
