@@ -142,6 +142,12 @@ def preset_value(family: str, dotted: str, *, optimizer: str = "adamw", cuda: bo
     return PRESETS[family][dotted].resolve(optimizer=optimizer, cuda=cuda)
 
 
+def sampling_defaults(family: str) -> tuple[int, float]:
+    """(steps, CFG scale) for an image drawn without them: the family's sample-grid values, so `generate` draws as
+    the run's samples did (A1111's 20 and 7 on SD 1.x/2.x and SDXL, 20 and 5 on the toy base)."""
+    return preset_value(family, "train.sample_steps"), preset_value(family, "train.sample_guidance")
+
+
 def apply_preset(config: TrainConfig, family: str, *, cuda: bool, captions: Sequence[str] | None = None,
                  triggers: Sequence[str] = ()) -> TrainConfig:
     """`config` with every preset option it left unset taken from `family`'s preset, and the sources recorded.

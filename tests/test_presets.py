@@ -219,3 +219,32 @@ def test_sample_prompts_file_and_its_errors(tmp_path):
     empty.write_text("\n# only a comment\n", encoding="utf-8")
     result = run_train("d", "--sample-prompts", str(empty))
     assert result.returncode == 2 and "holds no prompt" in result.stderr
+
+
+@pytest.mark.parametrize("flags, sdxl, expected", [
+    ([], False, (20, 7.0)),  # SD 1.5 as A1111 draws it, not the toy base's CFG 5
+    ([], True, (20, 7.0)),
+    (["--cfg", "4.5"], True, (20, 4.5)),  # a flag wins
+    (["--steps", "30", "--cfg", "6"], False, (30, 6.0)),
+])
+def test_generate_takes_steps_and_cfg_from_the_bases_family(tmp_path, flags, sdxl, expected):
+    """`generate` drew every base at CFG 5, the toy base's value, where A1111 users of SD 1.x and SDXL expect 7."""
+    import argparse
+
+    from stylelora.generate.command import add_generate_parsers, request_from_args
+
+    unet = {**SD15_UNET, "cross_attention_dim": 2048, "addition_embed_type": "text_time"} if sdxl else SD15_UNET
+    base = config_only_base(tmp_path, unet, second_encoder=sdxl)
+    parser = argparse.ArgumentParser()
+    add_generate_parsers(parser.add_subparsers())
+    for real in (str(base), "toy"):
+        request = request_from_args(parser.parse_args(["generate", "a cat", "--base", real, *flags]))
+        assert (request.steps, request.cfg) == (expected if real != "toy" or flags else (20, 5.0))
+
+
+def test_the_apps_generate_tab_starts_at_its_first_bases_steps_and_cfg(tmp_path):
+    from stylelora.app.service import AppService
+
+    base = config_only_base(tmp_path / "sd15", SD15_UNET)
+    assert AppService(tmp_path, bases=("toy", str(base))).sampling_defaults() == (20, 5.0)
+    assert AppService(tmp_path, bases=(str(base), "toy")).sampling_defaults() == (20, 7.0)

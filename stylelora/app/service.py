@@ -399,6 +399,19 @@ class AppService:
         """The largest image side a request may ask of this base (Limits.side_limit)."""
         return self.limits.side_limit(self.native_geometry(base)["native_resolution"])
 
+    def sampling_defaults(self) -> tuple[int, float]:
+        """(steps, CFG) the Generate tab starts with: the first base's family's, as `stylelora generate` takes them
+        (a base whose config files are not at hand gets the real families' A1111 values, rather than loading it)."""
+        from stylelora.models.family import config_folder, folder_family
+        from stylelora.models.load import BaseModelError
+        from stylelora.presets import sampling_defaults
+
+        try:
+            folder = config_folder(self.bases[0])
+        except BaseModelError:  # said when it is chosen; the toy base is always at hand
+            folder = None
+        return sampling_defaults(folder_family(folder) if folder is not None else "sd1")
+
     def limits_summary(self) -> str:
         """Limits.summary with each offered base's largest side in pixels, where its config files tell it (a base
         that must load to tell is left to the generic wording rather than loaded for a header)."""

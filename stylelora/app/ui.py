@@ -217,10 +217,10 @@ class GenerateInputs:
             self.triggers = gr.Button("Add trigger words", size="sm", scale=0, min_width=160)
         self.negative = gr.Textbox("", label="Negative prompt", lines=1, elem_id="negative-prompt")
         with gr.Row():
-            limits = service.limits
-            self.steps = _lenient(gr.Slider(1, limits.max_steps, value=min(20, limits.max_steps), step=1,
+            limits, (steps, cfg) = service.limits, service.sampling_defaults()
+            self.steps = _lenient(gr.Slider(1, limits.max_steps, value=min(steps, limits.max_steps), step=1,
                                             label=f"Steps (up to {limits.max_steps})", elem_id="steps"))
-            self.cfg = _lenient(gr.Slider(1, 15, value=5, step=0.5, label="CFG scale", elem_id="cfg"))
+            self.cfg = _lenient(gr.Slider(1, 15, value=cfg, step=0.5, label="CFG scale", elem_id="cfg"))
             self.sampler = gr.Dropdown([DEFAULT_SAMPLER, *available_samplers()], value=DEFAULT_SAMPLER,
                                        label="Sampler", elem_id="sampler")
         with gr.Row():

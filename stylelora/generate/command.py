@@ -48,8 +48,9 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
                         help="adapter and weights (UNet, then text encoder; default 1), and A1111 LoRA Block Weight "
                              "per-block weights (a preset such as OUTALL, or numbers BASE first); repeatable")
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: 20, as in A1111)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the base's, 7 on SD "
+                                                  "1.x/2.x and SDXL as in A1111, 5 on the toy base)")
     parser.add_argument("--seed", type=int, default=-1, help="-1: random (the one used is recorded)")
     parser.add_argument("--sampler", help="ddim, euler, euler_a, dpm++_2m, dpm++_2m_karras, unipc, ... "
                                            "(default: the base's own)")
@@ -84,12 +85,29 @@ def request_from_args(args: argparse.Namespace):
     from stylelora.lora.spec import parse_lora_arg
 
     width, height = parse_size(args.size)
+    steps, cfg = sampling_settings(args)
     return GenerateRequest(
-        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+        prompt=args.prompt, negative_prompt=args.negative, steps=steps, cfg=cfg, sampler=args.sampler,
         seed=args.seed, width=width, height=height, batch_size=getattr(args, "batch", 1),
         loras=tuple(parse_lora_arg(text) for text in args.lora), adapters_dir=Path(args.adapters_dir),
         add_triggers=args.add_triggers, blend_mode=args.blend_mode, dial=args.dial,
     )
+
+
+def sampling_settings(args: argparse.Namespace) -> tuple[int, float]:
+    """--steps and --cfg, each the base family's default where not given (read from its config files, no weights)."""
+    if args.steps is not None and args.cfg is not None:
+        return args.steps, args.cfg
+    from stylelora.models.family import detect_family
+    from stylelora.models.load import BaseModelError
+    from stylelora.presets import sampling_defaults
+
+    try:
+        family = detect_family(args.base, config_dir=args.base_config, allow_pickle=args.allow_pickle)
+    except BaseModelError:  # a base that cannot be read fails with its own message when it loads; it is no toy
+        family = "sd1"
+    steps, cfg = sampling_defaults(family)
+    return args.steps if args.steps is not None else steps, args.cfg if args.cfg is not None else cfg
 
 
 def _load_pipe(args: argparse.Namespace):
