@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .train.command import parse_args
+
+    args = parse_args(build_parser(), argv)  # argparse's, naming our flag for a kohya one
     try:
         return args.handler(args)
     except BrokenPipeError:

@@ -15,13 +15,14 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stylelora.atomic import write_text_atomic
 from stylelora.data.errors import DataError
-from stylelora.data.scan import TrainItem, printable
+from stylelora.data.scan import IgnoredFile, TrainItem, printable
 
 DEFAULT_MIN_SIDE = 16  # toy scale; use ~256 for SD-scale data
 # Pillow warns above MAX_IMAGE_PIXELS (≈ 89 MP) and refuses above twice that; kohya trains on whatever Pillow opens,
@@ -229,13 +230,27 @@ def _nothing_usable_message(skipped: list[SkippedImage], min_side: int, role: st
             f"these files: they must be readable PNG/JPEG/WEBP images at least {min_side} px on each side.")
 
 
-def write_skip_report(run_dir: str | Path, skipped: list[SkippedImage], file_name: str = "skipped.txt") -> Path:
-    """Write `run_dir/skipped.txt` (one `path<TAB>reason` line per skipped file) atomically; return its path."""
+def write_skip_report(run_dir: str | Path, skipped: list[SkippedImage], file_name: str = "skipped.txt",
+                      ignored: Sequence[IgnoredFile] = (), upscaled: Sequence[tuple[Path, str]] = ()) -> Path:
+    """Write `run_dir/skipped.txt` (one `path<TAB>reason` line per skipped file) atomically; return its path.
+
+    `ignored`: the files the scan left out (not images, captions without an image, unreadable formats), each with
+    its reason: the console names only the first five, so this file is where a user finds the rest. `upscaled`:
+    (path, note) of images trained blown up far beyond their size (kept, but listed for the user to replace)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lines = [printable(f"{s.path}\t{s.reason}") for s in sorted(skipped, key=lambda s: str(s.path))]
-    text = "# images skipped before training: path<TAB>reason\n" + "".join(line + "\n" for line in lines)
+    text = "# images skipped before training: path<TAB>reason\n" + _report_lines(
+        (s.path, s.reason) for s in skipped)
+    if ignored:
+        text += "# files the scan ignored: path<TAB>reason\n" + _report_lines((i.path, i.reason) for i in ignored)
+    if upscaled:
+        text += "# images trained, but upscaled a lot (blurry): path<TAB>how much\n" + _report_lines(upscaled)
     return write_text_atomic(run_dir / file_name, text)
+
+
+def _report_lines(entries) -> str:
+    lines = [printable(f"{path}\t{reason}") for path, reason in sorted(entries, key=lambda entry: str(entry[0]))]
+    return "".join(line + "\n" for line in lines)
 
 
 def skip_summary(skipped: list[SkippedImage], total: int, report_path: str | Path | None = None,
@@ -259,3 +274,50 @@ def skip_summary(skipped: list[SkippedImage], total: int, report_path: str | Pat
 
 
 
+
+
+# An image blown up more than this to fill its bucket trains as a blur the adapter learns as part of the style: a
+# 20 px thumbnail in a 512 px SD 1.5 run is upscaled ~25×. kohya trains them silently (or, with
+# --bucket_no_upscale, at their own tiny size); a warning leaves the choice to the user.
+MAX_UPSCALE = 4.0
+UPSCALED_SHOWN = 5  # images named in the warning; skipped.txt lists them all
+
+
+def upscaled_images(images: Sequence[CheckedImage], buckets, limit: float = MAX_UPSCALE
+                    ) -> list[tuple[CheckedImage, tuple[int, int]]]:
+    """(image, its bucket) for each image scaled up more than `limit` times to cover its bucket (`buckets`: the
+    run's data.buckets.BucketConfig), as the training crops do; with no_upscale an image keeps about its size."""
+    from stylelora.data.buckets import make_buckets, select_bucket
+
+    sizes = make_buckets(buckets)
+    found = []
+    for image in images:
+        bucket = select_bucket(image.width, image.height, buckets, sizes)
+        if max(bucket[0] / image.width, bucket[1] / image.height) > limit:
+            found.append((image, bucket))
+    return found
+
+
+def upscaled_notes(upscaled: list[tuple[CheckedImage, tuple[int, int]]]) -> list[tuple[CheckedImage, str]]:
+    """'20×20 → 512×512 (25.6×)' for each image upscaled_images found, largest factor first."""
+    def factor(entry):
+        image, bucket = entry
+        return max(bucket[0] / image.width, bucket[1] / image.height)
+
+    return [(image, f"{image.width}×{image.height} → {bucket[0]}×{bucket[1]} ({factor((image, bucket)):.1f}×)")
+            for image, bucket in sorted(upscaled, key=factor, reverse=True)]
+
+
+def upscale_warning(upscaled: list[tuple[CheckedImage, tuple[int, int]]], resolution: int,
+                    report_path: str | Path | None = None) -> str | None:
+    """A warning naming the first few images upscaled more than MAX_UPSCALE times, or None when there are none."""
+    if not upscaled:
+        return None
+    notes = upscaled_notes(upscaled)
+    named = "; ".join(f"{image.item.key} {note}" for image, note in notes[:UPSCALED_SHOWN])
+    more = f"; +{len(notes) - UPSCALED_SHOWN} more" if len(notes) > UPSCALED_SHOWN else ""
+    listed = f" (all listed in {report_path})" if report_path and more else ""
+    return (f"warning: {len(notes)} image{'s are' if len(notes) > 1 else ' is'} upscaled more than "
+            f"{MAX_UPSCALE:g}× to fill {resolution} px buckets, so the adapter learns their blur as part of the look: "
+            f"{printable(named)}{more}{listed}. Replace them with larger images or remove them (--no-upscale trains "
+            "each at about its own size instead).")

@@ -3,7 +3,8 @@
 A checkpoint is a folder `OUTPUT/checkpoints/step-000250/` holding
     lora_weights.safetensors     every trainable tensor, fp32, by parameter name (what training continues from)
     <name>-step000250.safetensors  the shareable adapter at that step (kohya or diffusers layout, with metadata)
-    training_state.pt            step, optimizer, LR scheduler, grad scaler, data-sampler position, the run's config
+    training_state.pt            step, optimizer, LR scheduler, grad scaler, data-sampler position, the run's config,
+                                 the images trained on (folder/name and sha256 of each file)
     rng-rank<R>.pt               python / numpy / torch (+CUDA) RNG states and the noise generator, per process
 It is written into `checkpoints/.tmp-step-000250/` and renamed into place once complete, so a crash leaves either
 the whole checkpoint or none; `latest` only ever sees complete ones. Everything is stored as tensors and plain
@@ -40,6 +41,13 @@ RESUME_MAY_CHANGE = {
     # The warmup is past by the first checkpoint of any usual run; unset, it follows the steps (config.warmup_steps).
     "optim": {"unet_lr", "text_encoder_lr", "text_encoder_2_lr", "max_grad_norm", "warmup_steps"},
 }
+# The data folders are compared as the folders they name, not as typed: `data`, `./data/` and /abs/data are one.
+# A folder that moved (another disk, another machine, another working directory) resumes when it holds the very
+# images the checkpoint's run trained on, by name and content (image_changes): kohya's --resume does not look at
+# --train_data_dir at all and its users copy datasets between machines, so refusing a moved folder would be a
+# surprise; a folder that moved *and* changed is refused, as pointing at another dataset by mistake would be.
+DATA_FOLDERS = ("dir", "reg_dir")
+NAMES_SHOWN = 3  # image names shown per kind of change
 
 
 class ResumeError(ValueError):
@@ -198,18 +206,59 @@ def _load_weights(file: Path, trainable: dict[str, torch.nn.Parameter]) -> None:
             param.copy_(saved[name])
 
 
-def check_resumable(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]], path: Path) -> None:
+def check_resumable(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]], path: Path, *,
+                    image_changes: str | None = None) -> None:
     """Refuse a resume whose settings differ from the checkpoint's in ways that would change the result. A setting
-    the checkpoint does not name (saved before that option existed) counts as that option's default."""
+    the checkpoint does not name (saved before that option existed) counts as that option's default.
+
+    image_changes (see image_changes()): "" when the images are the checkpoint's, so its data folders may have
+    moved; how they differ otherwise; None when the checkpoint does not record them (only the same folders)."""
     defaults = config_to_dict(TrainConfig())
-    changed = []
+    changed, moved = [], False
     for section in sorted(set(saved) | set(current)):
         allowed = RESUME_MAY_CHANGE.get(section, set())
         before, now = {**defaults.get(section, {}), **saved.get(section, {})}, current.get(section, {})
         for key in sorted(set(before) | set(now)):
-            if key not in allowed and before.get(key) != now.get(key):
-                changed.append(f"{section}.{key}: {before.get(key)!r} → {now.get(key)!r}")
+            if key in allowed or before.get(key) == now.get(key):
+                continue
+            if section == "data" and key in DATA_FOLDERS:
+                if image_changes == "" or _same_folder(before.get(key), now.get(key)):
+                    continue
+                moved = True
+            changed.append(f"{section}.{key}: {before.get(key)!r} → {now.get(key)!r}")
     if changed:
         raise ConfigError(f"cannot resume from {path}: these settings differ from the checkpoint's run: "
                           f"{'; '.join(changed)}. Use the original values (its settings are in "
-                          f"{path.parent.parent / 'config.toml'}), or start a new run without --resume.")
+                          f"{path.parent.parent / 'config.toml'}), or start a new run without --resume."
+                          + (_moved_note(image_changes) if moved else ""))
+
+
+def _same_folder(before: Any, now: Any) -> bool:
+    if not before or not now:
+        return not before and not now
+    return Path(before).expanduser().resolve() == Path(now).expanduser().resolve()
+
+
+def _moved_note(image_changes: str | None) -> str:
+    if image_changes is None:
+        return (" A data folder that moved resumes when it holds the same images, but this checkpoint was saved "
+                "before checkpoints recorded their images: give the original folder.")
+    return f" A data folder that moved resumes when it holds the same images; these differ: {image_changes}."
+
+
+def image_changes(saved: dict[str, dict[str, str]] | None, current: dict[str, dict[str, str]]) -> str | None:
+    """How the images differ from the ones a checkpoint's run trained on (loop.data_identity: {"train"/"reg":
+    {folder/name: sha256}}): "" when they are the same, None when the checkpoint does not record them."""
+    if saved is None:
+        return None
+    parts = []
+    for role, label in (("train", "training"), ("reg", "regularization")):
+        before, now = saved.get(role, {}), current.get(role, {})
+        for verb, keys in (("added", now.keys() - before.keys()), ("removed", before.keys() - now.keys()),
+                           ("changed", {key for key in now.keys() & before.keys() if now[key] != before[key]})):
+            if keys:
+                names = sorted(keys)
+                shown = ", ".join(names[:NAMES_SHOWN]) + (f", +{len(names) - NAMES_SHOWN} more"
+                                                          if len(names) > NAMES_SHOWN else "")
+                parts.append(f"{len(names)} {label} image{'s' if len(names) > 1 else ''} {verb} ({shown})")
+    return "; ".join(parts)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stylelora.config import OPTION_SPECS, OptionSpec, default_text
+from stylelora.data.scan import CAPTION_EXTENSIONS
 
 
 def _argument(spec: OptionSpec) -> dict[str, Any]:
@@ -56,8 +57,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "images + .txt captions, or a folder with metadata.jsonl")
     parser.add_argument("--config", metavar="run.toml", help="settings file; flags override its values")
     parser.add_argument("--dry-run", action="store_true", help="check the data, detect the base family and resolve "
-                        "every setting without loading weights; writes OUTPUT/config.toml and a summary, trains "
-                        "nothing")
+                        "every setting without loading weights; writes OUTPUT/config.toml (with --resume: "
+                        "OUTPUT/resume-plan.toml) and a summary, trains nothing")
     # Conflicting flags (--no-text-encoder with a text-encoder rate) are refused by the config's checks, with a
     # message that says which to drop, not by argparse groups: both text-encoder rates may be given together.
     for spec in OPTION_SPECS:
@@ -66,6 +67,87 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         parser.add_argument(spec.flag, **_argument(spec))
     parser.set_defaults(handler=handle_train)
     return parser
+
+
+# kohya sd-scripts train_network.py flags (keys with '-' for '_', as either spelling is typed) and what to use here.
+# Named in the error, not accepted silently: an alias would take a value in kohya's sense where ours differs (kohya's
+# --learning_rate sets both networks' rates, --resolution takes "512,512"), and the user should learn our flag.
+KOHYA_FLAGS = {
+    "train-data-dir": "DATA_DIR, the first argument (stylelora train DATA_DIR ...)",
+    "reg-data-dir": "--reg-dir",
+    "pretrained-model-name-or-path": "--base",
+    "output-dir": "--output",
+    "config-file": "--config run.toml (this tool's own keys; see docs/training.md)",
+    "shuffle-caption": "--shuffle-tags",
+    "caption-extension": "no option: an image's caption is the file of its name ending in "
+                         + " or ".join(CAPTION_EXTENSIONS) + " (the first found)",
+    "caption-dropout-rate": "--caption-dropout",
+    "caption-tag-dropout-rate": "--tag-dropout",
+    "enable-wildcard": "--caption-variants",
+    "network-dim": "--rank",
+    "network-alpha": "--alpha",
+    "network-module": "no option: a LoRA is what trains (--unet-targets locon adds the 3x3 convolutions)",
+    "network-train-unet-only": "--no-text-encoder",
+    "learning-rate": "--unet-lr (and --text-encoder-lr for the text encoder)",
+    "lr-warmup-steps": "--warmup-steps",
+    "optimizer-type": "--optimizer",
+    "gradient-accumulation-steps": "--grad-accum",
+    "max-train-steps": "--steps",
+    "max-steps": "--steps",
+    "max-train-epochs": "--epochs",
+    "train-batch-size": "--batch-size",
+    "mixed-precision": "--precision",
+    "save-every-n-steps": "--save-every",
+    "save-last-n-steps-state": "--keep-checkpoints",
+    "sample-every-n-steps": "--sample-every",
+    "enable-bucket": "no option: buckets are on unless --no-bucketing",
+    "bucket-no-upscale": "--no-upscale",
+    "bucket-reso-steps": "--bucket-step",
+    "min-bucket-reso": "--min-side",
+    "max-bucket-reso": "--max-side",
+    "flip-aug": "--flip",
+    "cache-latents": "--cache ram (the default)",
+    "cache-latents-to-disk": "--cache disk",
+    "v2": "no option: the base family is read from the model (--family overrides it)",
+    "v-parameterization": "no option: the base family is read from the model (--family overrides it)",
+    "training-comment": "--description",
+}
+
+
+def unrecognized_message(command: str | None, unknown: list[str], parser: argparse.ArgumentParser | None = None
+                         ) -> str:
+    """argparse's "unrecognized arguments" message, with what to use instead of each kohya flag or of our own flag
+    spelled with '_' (`train`'s parser: `parser`, the options are looked up there)."""
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    if command != "train":
+        return message
+    ours = {option for action in (parser._actions if parser else ()) for option in action.option_strings}
+    hints = []
+    for token in unknown:
+        name = token.split("=", 1)[0]
+        key = name.lstrip("-").lower().replace("_", "-")
+        if not name.startswith("--") or not key:
+            continue
+        hint = KOHYA_FLAGS.get(key) or (f"--{key}" if f"--{key}" in ours else None)
+        if hint:
+            hints.append(f"  {name}: {hint}")
+    return message + ("\ndid you mean (kohya sd-scripts names → stylelora):\n" + "\n".join(hints) if hints else "")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, but an unknown flag's error names the flag to use (unrecognized_message)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unrecognized_message(getattr(args, "command", None), unknown, train_parser(parser)))
+    return args
+
+
+def train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser | None:
+    """The `train` subparser of a `stylelora` parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get("train")
+    return None
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,7 +192,8 @@ def train_from_cli(config_path: str | None, overrides: dict[str, Any], *, dry_ru
     """Validate, train, print the adapter path last on stdout; input errors become one clear message and exit status 2
     (as in every subcommand), a diverged run exit status 1.
 
-    With dry_run, resolve and check everything, write OUTPUT/config.toml and print its path instead of training.
+    With dry_run, resolve and check everything, write OUTPUT/config.toml (resume-plan.toml with --resume) and print
+    its path instead of training.
     """
     from stylelora.config import ConfigError, load_config
 
@@ -192,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m stylelora.train.command train DATA_DIR ...` (the same as `stylelora train ...`)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     return args.handler(args)
 
 

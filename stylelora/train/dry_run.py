@@ -5,6 +5,10 @@ the base wherever they need only config files, a .safetensors header or an impor
 config files to detect its family, resolves every setting (preset, file, flag), writes OUTPUT/config.toml and prints
 images, buckets, steps and epochs. No weights are loaded, nothing is trained, no adapter is written. Like a run, it
 refuses an output folder that holds another training run unless --overwrite or --resume is given.
+
+With --resume it makes the run's resume checks (the checkpoint's settings and batch order, check_resume) and leaves
+the run folder's config.toml and skip report alone: they describe the run the checkpoint belongs to (a refused
+resume points users at that config.toml). Its plan goes to OUTPUT/resume-plan.toml instead.
 """
 from __future__ import annotations
 
@@ -17,13 +21,16 @@ from types import SimpleNamespace
 from stylelora.config import TrainConfig, save_config, warmup_steps, with_epoch_steps, with_model_defaults
 from stylelora.presets import FAMILY_NAMES
 
+RESUME_PLAN_FILE = "resume-plan.toml"  # a dry run's plan of a resume (the run's config.toml stays as it was)
+
 
 def dry_run(config: TrainConfig) -> Path:
-    """Resolve and check everything for `config`; write OUTPUT/config.toml and return its path."""
+    """Resolve and check everything for `config`; write OUTPUT/config.toml (OUTPUT/resume-plan.toml with --resume)
+    and return its path."""
     from stylelora.train.sample_prompts import ignored_options_note
-    from stylelora.train.checkpoint import read_state
-    from stylelora.train.loop import (CONFIG_FILE, check_base, check_output_dir, describe_settings, preservation_off,
-                                      prepare_data, with_family_preset, with_resumed_warmup)
+    from stylelora.train.loop import (CONFIG_FILE, check_base, check_output_dir, check_resume, describe_settings,
+                                      preservation_off, prepare_data, report_data, with_family_preset,
+                                      with_resumed_warmup)
 
     def say(message: str) -> None:
         if message:
@@ -31,12 +38,16 @@ def dry_run(config: TrainConfig) -> Path:
 
     run_dir = config.output_dir
     resume_from = check_output_dir(config)  # a finished run's config.toml and skip report are not replaced by a plan
-    data = prepare_data(config, run_dir, SimpleNamespace(is_main_process=True), say)
+    reports = None if resume_from else run_dir  # a resume's are the checkpoint's run's
+    process = SimpleNamespace(is_main_process=True)
+    data = prepare_data(config, reports, process, say)
     base_configs = check_base(config)  # as the run does: the data first, then what loading the base would refuse
     config = with_family_preset(config, base_configs, data)
     config, buckets, batches, processes = plan_batches(config, base_configs, data, say)
-    config = with_resumed_warmup(config, read_state(resume_from) if resume_from else None)
-    path = save_config(config, run_dir / CONFIG_FILE)
+    state = check_resume(config, buckets, processes, data, resume_from)  # what the run refuses before loading
+    report_data(config, reports, data, process, say)
+    config = with_resumed_warmup(config, state)
+    path = save_config(config, run_dir / (RESUME_PLAN_FILE if resume_from else CONFIG_FILE))
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
     say(summary(config, buckets, batches, len(data.items), processes))

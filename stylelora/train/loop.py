@@ -1,7 +1,8 @@
 """Owns a training run, from a validated config to the adapter file; `run_training` reads top to bottom.
 
     0. output      the folder checked before anything is written: a folder, outside the data, no other run in it
-    1. data        scan + check every image (fails in seconds, before any model loads); skip report
+    1. data        scan + check every image (fails in seconds, before any model loads); planned from the base's
+                   config files: a resume's checkpoint checked, the skip report, images upscaled a lot
     2. models      base model, resolution from it, LoRA on the UNet (+ text encoder)
     3. batches     dataset with the latent cache (and text cache for a frozen TE), one-bucket batch sampler
     4. optimizer   optimizer + LR schedule; accelerate wraps what trains (DDP under `accelerate launch`/`torchrun`)
@@ -34,7 +35,8 @@ from stylelora.config import (ConfigError, TrainConfig, config_to_dict, save_con
                               with_epoch_steps, with_model_defaults, with_sources, with_values)
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
 from stylelora.data.captions import CaptionOptions, caption_forms, caption_variants_note, long_captions_note
-from stylelora.data.checks import CheckedImage, CheckResult, check_items, skip_summary, write_skip_report
+from stylelora.data.checks import (CheckedImage, CheckResult, check_items, skip_summary, upscale_warning,
+                                   upscaled_images, upscaled_notes, write_skip_report)
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
 from stylelora.data.scan import ScanReport, TrainItem, scan_folder, trigger_pattern
@@ -52,6 +54,9 @@ from stylelora.train.samples import fill_trigger, sample_path, save_samples
 from stylelora.train.step import loss_step, prediction_type
 
 CONFIG_FILE = "config.toml"
+SKIP_REPORT = "skipped.txt"
+REG_SKIP_REPORT = "skipped-reg.txt"
+IGNORED_NAMED = 5  # ignored files ScanReport.summary names; the skip report lists them all
 # Latents are encoded up front in batches of at most 64 images and 64 x 32 x 32 pixels: the toy base's 32 px images
 # go 64 at a time, a 256 px or larger image goes alone, as kohya's --vae_batch_size defaults to 1 (sd-scripts
 # train_network.py). Measured on SD 1.5 at 256 px on CPU: 64 images at once made the VAE encoder's activations
@@ -76,6 +81,8 @@ class DataPlan:
     report: ScanReport
     triggers: tuple[str, ...]  # --trigger and the kohya folders' trigger words, each once
     reg: tuple[CheckedImage, ...] = ()  # regularization images, repeats balanced against the training samples
+    reg_checked: CheckResult | None = None  # with --reg-dir: what its checks kept and skipped
+    reg_report: ScanReport | None = None  # with --reg-dir: what its scan found and ignored
 
 
 @dataclass
@@ -101,6 +108,7 @@ class Run:
     position: int = 0  # batches of the current epoch consumed (the sampler position saved in checkpoints)
     last_checkpoint: Path | None = None
     trained_modules: list = field(default_factory=list)
+    images: dict = field(default_factory=dict)  # data_identity: what a checkpoint records of the images trained
 
 
 def run_training(config: TrainConfig) -> Path:
@@ -116,11 +124,15 @@ def run_training(config: TrainConfig) -> Path:
     # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
     config = with_family_preset(config, base_configs, data)
     config = _with_early_coined_trigger_rules(config, base_configs, data)
-    if config.train.epochs is not None and config.optim.warmup_steps is not None:
-        from stylelora.train.dry_run import plan_batches
-        plan_batches(config, base_configs, data)  # a warmup longer than the epochs' steps is refused before loading
+    # Planned from the base's config files, before its weights load (minutes on SDXL): a warmup longer than the
+    # epochs' steps, a checkpoint made with other settings or other data are refused now; the skip report is
+    # written once the resume is known to go ahead (a refused one leaves the run's report as it was).
+    from stylelora.train.dry_run import plan_batches
+    planned, buckets, _, processes = plan_batches(config, base_configs, data)
+    resume_state = check_resume(planned, buckets, processes, data, resume_from)
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
+    report_data(planned, run_dir, data, process, say)
     accelerator = _accelerator(config)
     _clear_output_dir(config, run_dir, resume_from, accelerator)
 
@@ -139,7 +151,6 @@ def run_training(config: TrainConfig) -> Path:
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=0)
     config = with_epoch_steps(config, len(sampler))  # --epochs: the steps they take, known once images are bucketed
-    resume_state = checkpoint.read_state(resume_from) if resume_from else None
     config = with_resumed_warmup(config, resume_state)
 
     # 4. Optimizer and schedule; accelerate wraps what trains (DDP when launched with several processes).
@@ -370,21 +381,48 @@ def _clear_output_dir(config: TrainConfig, run_dir: Path, resume_from: Path | No
 # ----------------------------------------------------------------------------- 1. data
 
 
-def prepare_data(config: TrainConfig, run_dir: Path, accelerator, say) -> DataPlan:
-    """Scan and check every image; write the skip report; DataError (before any model loads) if none is usable."""
+def prepare_data(config: TrainConfig, run_dir: Path | None, accelerator, say) -> DataPlan:
+    """Scan and check every image; DataError (before any model loads) if none is usable. `run_dir`: where
+    report_data writes the skip report once the run is planned, named in the lines said here; None where none is
+    written (a dry run of a resume leaves the run's own report alone)."""
     items, report = scan_folder(config.data.dir, extra_trigger=config.data.trigger or None)
     checked = check_items(items)
     say(report.summary(left_out=frozenset(skipped.path for skipped in checked.skipped)))
+    say(ignored_files_note(report, run_dir))
     say(caption_variants_note(items, config.data.caption_variants))
+    report_path = run_dir / SKIP_REPORT if run_dir is not None and checked.skipped else None
     if accelerator.is_main_process:
-        report_path = write_skip_report(run_dir, checked.skipped)
-        say(skip_summary(checked.skipped, checked.total, report_path if checked.skipped else None))
-    reg = prepare_reg_data(config, run_dir, checked.kept, accelerator, say) if config.data.reg_dir else ()
+        say(skip_summary(checked.skipped, checked.total, report_path))
+    reg_checked, reg_report = (prepare_reg_data(config, run_dir, say) if config.data.reg_dir else (None, None))
+    reg = balanced_reg_images(reg_checked, checked.kept) if reg_checked else ()
     kept = tuple(c.item for c in checked.kept)
     unused = unused_folder_triggers(report, kept)
     say(unused_folder_triggers_note(unused))
     return DataPlan(items=kept, checked=checked, report=report, triggers=trigger_phrases(config, report, unused),
-                    reg=reg)
+                    reg=reg, reg_checked=reg_checked, reg_report=reg_report)
+
+
+def ignored_files_note(report: ScanReport, run_dir: Path | None, file_name: str = SKIP_REPORT) -> str | None:
+    """Where every ignored file is listed, when the scan's summary cannot name them all."""
+    if len(report.ignored) <= IGNORED_NAMED or run_dir is None:
+        return None
+    return f"every ignored file is listed with its reason in {run_dir / file_name}"
+
+
+def report_data(planned: TrainConfig, run_dir: Path | None, data: DataPlan, accelerator, say) -> None:
+    """Write the skip reports (skipped images, ignored files, images upscaled a lot) into `run_dir` (None: write
+    nothing) and warn about the images upscaled more than MAX_UPSCALE times. `planned`: the config with the
+    resolution known (plan_batches), as the buckets follow it."""
+    upscaled = upscaled_images([*data.checked.kept, *data.reg], dataset_options(planned).buckets)
+    report_path = run_dir / SKIP_REPORT if run_dir is not None else None
+    say(upscale_warning(upscaled, planned.data.resolution, report_path))
+    if report_path is None or not accelerator.is_main_process:
+        return
+    write_skip_report(run_dir, data.checked.skipped, ignored=data.report.ignored,
+                      upscaled=[(image.path, note) for image, note in upscaled_notes(upscaled)])
+    if data.reg_checked is not None and (data.reg_checked.skipped or data.reg_report.ignored):
+        write_skip_report(run_dir, data.reg_checked.skipped, file_name=REG_SKIP_REPORT,
+                          ignored=data.reg_report.ignored)
 
 
 def trigger_phrases(config: TrainConfig, report: ScanReport, unused: list[tuple[str, str]]) -> tuple[str, ...]:
@@ -419,14 +457,20 @@ def unused_folder_triggers(report: ScanReport, items: tuple[TrainItem, ...]) -> 
     return unused
 
 
-def prepare_reg_data(config: TrainConfig, run_dir: Path, train: list[CheckedImage], accelerator, say):
-    """kohya's rule: reg images repeat (or are cut) so an epoch holds as many reg samples as training samples."""
+def prepare_reg_data(config: TrainConfig, run_dir: Path | None, say) -> tuple[CheckResult, ScanReport]:
+    """Scan and check the regularization images (DataError naming them when none is usable)."""
     items, report = scan_folder(config.data.reg_dir, role="regularization")
-    checked = check_items(items, role="regularization")  # DataError naming them when none is usable
+    checked = check_items(items, role="regularization")
     say("regularization: " + report.summary(left_out=frozenset(skipped.path for skipped in checked.skipped)))
-    if accelerator.is_main_process and checked.skipped:
-        report_path = write_skip_report(run_dir, checked.skipped, file_name="skipped-reg.txt")
+    say(ignored_files_note(report, run_dir, REG_SKIP_REPORT))
+    if checked.skipped:
+        report_path = run_dir / REG_SKIP_REPORT if run_dir is not None else None
         say("regularization: " + skip_summary(checked.skipped, checked.total, report_path))
+    return checked, report
+
+
+def balanced_reg_images(checked: CheckResult, train: list[CheckedImage]) -> tuple[CheckedImage, ...]:
+    """kohya's rule: reg images repeat (or are cut) so an epoch holds as many reg samples as training samples."""
     wanted = sum(c.item.repeats for c in train)
     cycle = [c.item.key for c in checked.kept for _ in range(c.item.repeats)]
     counts = Counter(cycle[k % len(cycle)] for k in range(wanted))
@@ -590,7 +634,8 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
                      company_words=models.company, base_hashes=_base_hashes(config, accelerator))
     return Run(config=config, accelerator=accelerator, run_dir=run_dir, pipe=pipe, models=models, trainable=trainable,
                dataset=dataset, sampler=sampler, loader=loader, noise_scheduler=noise_scheduler, optimizer=optimizer,
-               lr_scheduler=lr_scheduler, generator=generator, facts=facts, trained_modules=trained_modules)
+               lr_scheduler=lr_scheduler, generator=generator, facts=facts, trained_modules=trained_modules,
+               images=data_identity(data))
 
 
 def _base_hashes(config: TrainConfig, accelerator) -> tuple[tuple[str, str], ...]:
@@ -726,14 +771,51 @@ def resumed_schedule_note(run: Run, state: dict | None) -> str | None:
             f"{run.config.train.steps}, so the UNet rate continues at {now:.2g} instead of {before:.2g}.")
 
 
+def data_identity(data: DataPlan) -> dict[str, dict[str, str]]:
+    """What a checkpoint records of the images it trained on: {"train"/"reg": {folder/name: sha256 of the file}}."""
+    return {"train": {c.item.key: c.sha256 for c in data.checked.kept}, "reg": {c.item.key: c.sha256 for c in data.reg}}
+
+
+def check_resume(planned: TrainConfig, buckets: list, processes: int, data: DataPlan,
+                 path: Path | None) -> dict | None:
+    """Checkpoint `path`'s training state (None without --resume), refused before the base loads where its settings
+    or its batch order do not fit the run planned from the base's config files (plan_batches: `planned`, each
+    sample's bucket and the process count). restore() checks again once the base has loaded."""
+    if path is None:
+        return None
+    from stylelora.data.buckets import BucketBatchSampler
+
+    state = checkpoint.read_state(path)
+    current = config_to_dict(planned)
+    if planned.train.made_up_company is None:  # decided once the base's tokenizer loads; restore() compares it
+        current["train"]["made_up_company"] = state["config"].get("train", {}).get("made_up_company")
+    images = data_identity(data)
+    check_resumed_settings(state, current, images, path)
+    sampler = BucketBatchSampler(buckets, planned.train.batch_size, seed=planned.train.seed, num_replicas=processes)
+    load_sampler_state(sampler, state, images, path)
+    return state
+
+
+def check_resumed_settings(state: dict, current: dict, images: dict, path: Path) -> None:
+    changes = checkpoint.image_changes(state.get("images"), images)
+    checkpoint.check_resumable(state["config"], current, path, image_changes=changes)
+
+
+def load_sampler_state(sampler, state: dict, images: dict, path: Path) -> None:
+    """Continue the checkpoint's batch order; refused, naming the images added or removed, if the data changed."""
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except ValueError as error:
+        changes = checkpoint.image_changes(state.get("images"), images)
+        since = f" Since the checkpoint: {changes}." if changes else ""
+        raise checkpoint.ResumeError(f"cannot resume from {path}: {error}{since}") from None
+
+
 def restore(run: Run, path: Path, state: dict) -> int:
     """Load checkpoint `path` (its training `state` read) into the run, refusing one made with other settings;
     returns its step."""
-    checkpoint.check_resumable(state["config"], config_to_dict(run.config), path)
-    try:
-        run.sampler.load_state_dict(state["sampler"])
-    except ValueError as error:
-        raise checkpoint.ResumeError(f"cannot resume from {path}: {error}") from None
+    check_resumed_settings(state, config_to_dict(run.config), run.images, path)
+    load_sampler_state(run.sampler, state, run.images, path)
     checkpoint.restore_weights_and_rng(path, process_index=run.accelerator.process_index, trainable=run.trainable,
                                        generator=run.generator)
     load_with_new_learning_rates(run.optimizer, run.lr_scheduler, state)  # a resume may lower the rates
@@ -888,7 +970,8 @@ def save(run: Run, step: int) -> None:
     acc = run.accelerator
     state = {"step": step, "optimizer": run.optimizer.state_dict(), "lr_scheduler": run.lr_scheduler.state_dict(),
              "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-             "sampler": run.sampler.state_dict(position=run.position), "config": config_to_dict(run.config)}
+             "sampler": run.sampler.state_dict(position=run.position), "config": config_to_dict(run.config),
+             "images": run.images}
     name = f"{run.config.train.output_name}-step{step:06d}.safetensors"
     run.last_checkpoint = checkpoint.save_checkpoint(
         run.run_dir, step, accelerator=acc, trainable=run.trainable, training_state=state,
