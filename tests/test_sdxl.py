@@ -309,5 +309,5 @@ def test_sdxl_single_file_configs_and_a_wrong_family_flag_are_refused_up_front(t
     with pytest.raises(BaseModelError, match="describes a StableDiffusionXLPipeline, but the file is an SD 1.x/2.x"):
         _check_config_folder(sdxl_base, "v1")
     config = load_config(None, {"data.dir": "data", "train.base": str(sdxl_base), "train.family": "sd1"})
-    with pytest.raises(ConfigError, match="train.family is 'sd1' .* is an SDXL model"):
+    with pytest.raises(ConfigError, match="train.family is 'sd1' .* is an SDXL model; .* or pass an SD 1.x base"):
         check_family(config, tiny_sdxl_pipeline())

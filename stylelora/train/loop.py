@@ -507,9 +507,11 @@ def check_family(config: TrainConfig, pipe) -> None:
 
     family, models = config.train.family, pipeline_models(pipe)
     if (family == "sdxl") != is_sdxl(models):
+        wanted = FAMILY_NAMES[family]
+        article = "an" if wanted.startswith("S") else "a"  # "an SD 1.x", "an SDXL": said "ess-dee"
         raise ConfigError(f"train.family is {family!r} ({config.source_of('train.family')}) but the base "
                           f"{config.train.base} is an {base_family_label(models)} model; drop --family to use the "
-                          f"detected one, or pass a {FAMILY_NAMES[family]} base.")
+                          f"detected one, or pass {article} {wanted} base.")
 
 
 def model_geometry(pipe) -> dict[str, int]:
