@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from stylelora.cli import build_parser
+from stylelora.train.command import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -58,7 +59,7 @@ def test_command_parses(doc, command):
     if len(args) == 1:  # the command named in running text ("`stylelora train`'s defaults")
         args = [*args, "--help"]
     try:
-        build_parser().parse_args(args)
+        parse_args(build_parser(), args)  # as `stylelora` parses: no abbreviated flags
     except SystemExit as exit_:
         if exit_.code == 0 and args[-1] == "--help":
             return

@@ -148,6 +148,18 @@ def test_the_train_module_entry_point_names_them_too(capsys):
     assert "  --train_batch_size: --batch-size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, refused", [
+    (["train", "data", "--lr", "1e-4"], "  --lr: --unet-lr"),  # was read as --lr-scheduler 1e-4
+    (["generate", "a cat", "--ste", "3"], "unrecognized arguments: --ste 3"),  # was read as --steps 3
+])
+def test_a_flag_is_never_taken_for_a_longer_one_it_begins(capsys, argv, refused):
+    from stylelora.cli import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert refused in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- 5./6. ignored files, tiny images
 
 

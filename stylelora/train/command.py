@@ -89,6 +89,7 @@ KOHYA_FLAGS = {
     "network-module": "no option: a LoRA is what trains (--unet-targets locon adds the 3x3 convolutions)",
     "network-train-unet-only": "--no-text-encoder",
     "learning-rate": "--unet-lr (and --text-encoder-lr for the text encoder)",
+    "lr": "--unet-lr (and --text-encoder-lr for the text encoder)",
     "lr-warmup-steps": "--warmup-steps",
     "optimizer-type": "--optimizer",
     "gradient-accumulation-steps": "--grad-accum",
@@ -135,11 +136,21 @@ def unrecognized_message(command: str | None, unknown: list[str], parser: argpar
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`parser.parse_args(argv)`, but an unknown flag's error names the flag to use (unrecognized_message)."""
+    """`parser.parse_args(argv)`, but an unknown flag's error names the flag to use (unrecognized_message), and no
+    flag is taken for a longer one it begins: argparse's abbreviations read `--lr 1e-4` as `--lr-scheduler 1e-4`."""
+    _without_abbreviations(parser)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(unrecognized_message(getattr(args, "command", None), unknown, train_parser(parser)))
     return args
+
+
+def _without_abbreviations(parser: argparse.ArgumentParser) -> None:
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _without_abbreviations(subparser)
 
 
 def train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser | None:
