@@ -46,15 +46,26 @@ def app_url(served) -> str:
     return served[0]
 
 
-@pytest.fixture
-def page():
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module (a launch takes seconds on a busy machine); each test gets its own
+    context in it, as fresh as a new browser: no cookies, storage or cache shared between tests."""
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM if CHROMIUM.is_file() else
-                                                                 shutil.which("chromium")), headless=True)
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM if CHROMIUM.is_file() else
+                                                                  shutil.which("chromium")), headless=True)
         try:
-            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
 
 
 def set_number(page, selector: str, value: str) -> None:
