@@ -162,8 +162,10 @@ def _blend_lines(metadata: dict[str, str]) -> list[str]:
     """The card's account of a saved blend: its inputs with their weights, the mode, and how exact the file is."""
     blend = _blend_record(metadata)
     inputs = blend.get("inputs", [])
+    rank = blend.get("rank", "?")
+    size = f"rank {rank}" if rank is not None else "the inputs' total rank"  # None: a ties merge kept compact
     how = ("exact (every input's rank kept)" if blend.get("mode") == "exact"
-           else f"rank {blend.get('rank', '?')} by SVD, largest relative error {_error_text(blend)}")
+           else f"{size} by SVD, largest relative error {_error_text(blend)}")
     lines = ["## Blend", "", f"- Blend mode {blend.get('blend_mode', 'sum')}; {how}; LoRA rank "
              f"{metadata.get('ss_network_dim', '?')}, alpha {metadata.get('ss_network_alpha', '?')}",
              f"- Inputs ({len(inputs)}):"]

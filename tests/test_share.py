@@ -150,3 +150,13 @@ def test_a_rank_blends_card_gives_its_error_as_inspect_does():
     record = {"mode": "rank", "rank": 8, "max_relative_error": 0.42852842204270425, "inputs": []}
     lines = _blend_lines({BLEND_KEY: json.dumps(record), "ss_network_dim": "8", "ss_network_alpha": "8"})
     assert "rank 8 by SVD, largest relative error 4.29e-01" in lines[2]  # not seventeen digits
+
+
+def test_a_compact_ties_blends_card_says_what_rank_it_was_stored_at():
+    """A ties blend saved without --rank or --exact is stored at the inputs' total rank (rank None in its record);
+    its card said "rank None by SVD"."""
+    from stylelora.share import BLEND_KEY, _blend_lines
+
+    record = {"mode": "svd", "rank": None, "blend_mode": "ties", "max_relative_error": 0.18, "inputs": []}
+    lines = _blend_lines({BLEND_KEY: json.dumps(record), "ss_network_dim": "32", "ss_network_alpha": "32"})
+    assert "ties; the inputs' total rank by SVD, largest relative error 1.80e-01" in lines[2]
