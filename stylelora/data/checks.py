@@ -273,9 +273,6 @@ def skip_summary(skipped: list[SkippedImage], total: int, report_path: str | Pat
     return f"{len(skipped)} of {total} images skipped ({'; '.join(groups)}{more}){see}"
 
 
-
-
-
 # An image blown up more than this to fill its bucket trains as a blur the adapter learns as part of the style: a
 # 20 px thumbnail in a 512 px SD 1.5 run is upscaled ~25×. kohya trains them silently (or, with
 # --bucket_no_upscale, at their own tiny size); a warning leaves the choice to the user.
@@ -293,19 +290,21 @@ def upscaled_images(images: Sequence[CheckedImage], buckets, limit: float = MAX_
     found = []
     for image in images:
         bucket = select_bucket(image.width, image.height, buckets, sizes)
-        if max(bucket[0] / image.width, bucket[1] / image.height) > limit:
+        if _upscale(image, bucket) > limit:
             found.append((image, bucket))
     return found
 
 
+def _upscale(image: CheckedImage, bucket: tuple[int, int]) -> float:
+    """How many times `image` is scaled up to cover `bucket` (the larger of the two sides' factors)."""
+    return max(bucket[0] / image.width, bucket[1] / image.height)
+
+
 def upscaled_notes(upscaled: list[tuple[CheckedImage, tuple[int, int]]]) -> list[tuple[CheckedImage, str]]:
     """'20×20 → 512×512 (25.6×)' for each image upscaled_images found, largest factor first."""
-    def factor(entry):
-        image, bucket = entry
-        return max(bucket[0] / image.width, bucket[1] / image.height)
-
-    return [(image, f"{image.width}×{image.height} → {bucket[0]}×{bucket[1]} ({factor((image, bucket)):.1f}×)")
-            for image, bucket in sorted(upscaled, key=factor, reverse=True)]
+    ordered = sorted(upscaled, key=lambda entry: _upscale(*entry), reverse=True)
+    return [(image, f"{image.width}×{image.height} → {bucket[0]}×{bucket[1]} ({_upscale(image, bucket):.1f}×)")
+            for image, bucket in ordered]
 
 
 def upscale_warning(upscaled: list[tuple[CheckedImage, tuple[int, int]]], resolution: int,
