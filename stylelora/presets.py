@@ -148,6 +148,21 @@ def sampling_defaults(family: str) -> tuple[int, float]:
     return preset_value(family, "train.sample_steps"), preset_value(family, "train.sample_guidance")
 
 
+def base_sampling_defaults(base: str, *, config_dir: str | None = None, allow_pickle: bool = False
+                           ) -> tuple[int, float]:
+    """sampling_defaults of the family of base `base` (the --base forms), read from its config files, no weights.
+    A base whose configs are not at hand fails with its own message when it loads; it is no toy, so it gets the
+    real families' values meanwhile."""
+    from stylelora.models.family import detect_family
+    from stylelora.models.load import BaseModelError
+
+    try:
+        family = detect_family(base, config_dir=config_dir, allow_pickle=allow_pickle)
+    except BaseModelError:
+        family = "sd1"
+    return sampling_defaults(family)
+
+
 def apply_preset(config: TrainConfig, family: str, *, cuda: bool, captions: Sequence[str] | None = None,
                  triggers: Sequence[str] = ()) -> TrainConfig:
     """`config` with every preset option it left unset taken from `family`'s preset, and the sources recorded.

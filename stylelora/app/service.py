@@ -400,17 +400,10 @@ class AppService:
         return self.limits.side_limit(self.native_geometry(base)["native_resolution"])
 
     def sampling_defaults(self) -> tuple[int, float]:
-        """(steps, CFG) the Generate tab starts with: the first base's family's, as `stylelora generate` takes them
-        (a base whose config files are not at hand gets the real families' A1111 values, rather than loading it)."""
-        from stylelora.models.family import config_folder, folder_family
-        from stylelora.models.load import BaseModelError
-        from stylelora.presets import sampling_defaults
+        """(steps, CFG) the Generate tab starts with: the first base's family's, as `stylelora generate` takes them."""
+        from stylelora.presets import base_sampling_defaults
 
-        try:
-            folder = config_folder(self.bases[0])
-        except BaseModelError:  # said when it is chosen; the toy base is always at hand
-            folder = None
-        return sampling_defaults(folder_family(folder) if folder is not None else "sd1")
+        return base_sampling_defaults(self.bases[0])
 
     def limits_summary(self) -> str:
         """Limits.summary with each offered base's largest side in pixels, where its config files tell it (a base

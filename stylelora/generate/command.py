@@ -98,15 +98,9 @@ def sampling_settings(args: argparse.Namespace) -> tuple[int, float]:
     """--steps and --cfg, each the base family's default where not given (read from its config files, no weights)."""
     if args.steps is not None and args.cfg is not None:
         return args.steps, args.cfg
-    from stylelora.models.family import detect_family
-    from stylelora.models.load import BaseModelError
-    from stylelora.presets import sampling_defaults
+    from stylelora.presets import base_sampling_defaults
 
-    try:
-        family = detect_family(args.base, config_dir=args.base_config, allow_pickle=args.allow_pickle)
-    except BaseModelError:  # a base that cannot be read fails with its own message when it loads; it is no toy
-        family = "sd1"
-    steps, cfg = sampling_defaults(family)
+    steps, cfg = base_sampling_defaults(args.base, config_dir=args.base_config, allow_pickle=args.allow_pickle)
     return args.steps if args.steps is not None else steps, args.cfg if args.cfg is not None else cfg
 
 
