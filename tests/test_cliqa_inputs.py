@@ -53,17 +53,14 @@ def test_grid_checks_every_cell_before_the_base_loads(world, tmp_path, capsys, n
     assert not (tmp_path / "g.png").exists()
 
 
-def test_a1111_emphasis_is_named_in_a_warning(world, tmp_path, capsys, no_base):
-    """`(word:1.2)` is not applied (the prompt goes to the text encoder as written): the user is told, not left to
-    believe the word was weighted."""
+def test_a1111_emphasis_is_applied_and_break_is_named(world, tmp_path, capsys, no_base):
+    """`(word:1.2)` is weighted as A1111 weighs it (tests/test_emphasis.py), so no note says otherwise; BREAK, which
+    starts a second 75-token chunk in A1111, is named: stylelora reads one window."""
     from stylelora.generate.generate import GenerateRequest, precheck_request
 
-    code, _, err = run(["generate", "(stripes:1.2), a red circle", "--steps", "0", *common(world)[:-2]], capsys)
-    assert code == 2  # refused for the steps: the note is only printed for a request that runs
-    notes = precheck_request(GenerateRequest("(stripes:1.2), a red circle", adapters_dir=world["adapters"]))
-    assert len(notes) == 1 and notes[0].startswith("'(stripes:1.2)' looks like A1111 emphasis")
-    assert precheck_request(GenerateRequest("a red circle (on the left), [x]y")) != []
-    assert precheck_request(GenerateRequest("a red circle (on the left)")) == []  # plain parentheses are words
+    assert precheck_request(GenerateRequest("(stripes:1.2), a red circle", adapters_dir=world["adapters"])) == []
+    notes = precheck_request(GenerateRequest("stripes BREAK a red circle", negative_prompt="blur"))
+    assert len(notes) == 1 and notes[0].startswith("BREAK starts a new 75-token chunk")
 
 
 @pytest.mark.parametrize("out, message", [

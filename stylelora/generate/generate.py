@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from stylelora.generate import emphasis
 from stylelora.generate.pngmeta import GenerationParams, LoraUse, parse_parameters, save_png
 from stylelora.generate.stack import AdapterStack
 from stylelora.lora.spec import AdapterSpec, as_specs
@@ -24,8 +24,7 @@ MAX_SEED = 2**32 - 1  # A1111's seed range; -1 asks for a random one
 BLEND_MODE_FIELD = "Blend mode"  # in the PNG parameters when not "sum" (A1111 keeps fields it does not know)
 DIAL_FIELD = "Weight dial"  # in the PNG parameters when the weights moved the readings (generate.reading_dial)
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
-# A1111 emphasis: (words:1.2), ((words)), [words]; a bracket that holds only a number is caught too.
-EMPHASIS_PATTERN = re.compile(r"\([^()<>]*:\s*[-+]?\d*\.?\d+\s*\)|\(\([^()<>]+\)\)|\[[^\[\]<>]+\]")
+
 
 
 @dataclass(frozen=True)
@@ -201,19 +200,7 @@ def precheck_request(request: GenerateRequest) -> list[str]:
         if path.suffix != ".safetensors" or not path.is_file():
             load_adapter_state(path)  # raises the loader's own refusal (pickle, not found)
         read_header(path)
-    return doubled_adapter_notes(request.loras, tagged) + emphasis_notes(text)
-
-
-def emphasis_notes(prompt: str) -> list[str]:
-    """A note where the prompt uses A1111's emphasis, `(word:1.2)`, `((word))` or `[word]`: stylelora sends the
-    prompt to the text encoder as written (as diffusers does), so the brackets and number are read as words and the
-    word is not weighted; a user coming from A1111 would otherwise believe it was."""
-    found = EMPHASIS_PATTERN.search(prompt)
-    if found is None:
-        return []
-    return [f"{found.group(0)!r} looks like A1111 emphasis, which stylelora does not apply: the brackets (and the "
-            "number) reach the text encoder as words. Write the words plain, and strengthen an adapter with its "
-            "weight (FILE:1.2 or <lora:NAME:1.2>)."]
+    return doubled_adapter_notes(request.loras, tagged) + emphasis.notes(text) + emphasis.notes(request.negative_prompt)
 
 
 def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) -> ResolvedRequest:
@@ -284,12 +271,15 @@ def generate(pipe: Any, stack: AdapterStack | None, request: GenerateRequest, *,
         pipe.scheduler = scheduler
         try:
             pipe.set_progress_bar_config(disable=True)
-            output = pipe(
-                prompt=[resolved.prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
-                num_inference_steps=request.steps, guidance_scale=request.cfg, width=resolved.width,
-                height=resolved.height, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                output_type="pil", callback_on_step_end=_step_callback(progress, request.steps),
-            )
+            prompts = (resolved.prompt, request.negative_prompt)
+            with emphasis.applied(emphasis.pipe_encoders(pipe), prompts):  # A1111's (word:1.2), as it drew them
+                output = pipe(
+                    prompt=[emphasis.plain_text(prompts[0])] * len(seeds),
+                    negative_prompt=[emphasis.plain_text(prompts[1])] * len(seeds),
+                    num_inference_steps=request.steps, guidance_scale=request.cfg, width=resolved.width,
+                    height=resolved.height, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    output_type="pil", callback_on_step_end=_step_callback(progress, request.steps),
+                )
         finally:
             pipe.scheduler = original_scheduler
     params = _params(pipe, stack, resolved, sampler_name)

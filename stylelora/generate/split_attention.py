@@ -24,9 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from stylelora.generate import emphasis
+
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # a cross-attention module's layers that run per adapter
 READINGS = ("to_q", "to_k", "to_v")  # of those, the ones that run on every reading (the base's too)
-POOLED_FIELDS = ("pooler_output", "text_embeds")  # one vector per prompt (SDXL's add-on embedding): composed instead
+POOLED_FIELDS = emphasis.POOLED_FIELDS  # one vector per prompt (SDXL's add-on embedding): composed instead
 
 Factors = tuple[Any, Any]  # (up (out, r) with weight * alpha/rank folded in, down (r, in)), the layer's dtype
 Variant = Mapping[str, Factors]  # one adapter's LoRA on a model: {submodule path: factors}
@@ -313,15 +315,15 @@ def install_text_encoder(model: Any, variants: Sequence[Variant],
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         args, kwargs = _token_ids(model, args, kwargs, len(variants) + 1 if side_by_side else 1)
-        base = original(model, *args, **kwargs)
+        base = emphasis.weigh(model, args[0], original(model, *args, **kwargs))
         outputs = []
         for variant, reorder in zip(variants, reorders):
             own_args = args if reorder is None or args[0] is None else (reorder(args[0]),) + tuple(args[1:])
             if not variant and own_args is args:  # no LoRA here and the prompt as typed: the base's reading
                 outputs.append(base)
                 continue
-            with _lora_added(model, variant):
-                outputs.append(original(model, *own_args, **kwargs))
+            with _lora_added(model, variant):  # each reading weighs the prompt's emphasis on its own token order
+                outputs.append(emphasis.weigh(model, own_args[0], original(model, *own_args, **kwargs)))
         fields = {}
         for key, value in base.items():
             if isinstance(value, tuple):  # one tensor per layer
@@ -332,6 +334,7 @@ def install_text_encoder(model: Any, variants: Sequence[Variant],
                                         side_by_side)
         return type(base)(**fields)
 
+    setattr(forward, emphasis.WEIGHS_EMPHASIS, True)  # each reading above weighs the prompt's (word:1.2) itself
     model.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
 
 
