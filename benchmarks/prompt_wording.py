@@ -3,12 +3,14 @@
 Every bundled toy caption reads `TRIGGER, a COLOR SUBJECT on a BACKGROUND background`, and so do the prompts
 `stylelora evaluate` scores. A user types other wordings. This script draws each prompt set twice, as evaluated
 and with ` on a … background` cut off (`zorb, a red zorb`): the base on the plain prompts, each adapter alone on its
-own prompts, each pair in split on the prompts carrying both triggers. Per wording it prints both present, each
+own prompts, each pair in split on the prompts carrying both triggers. `--reword OLD=NEW` adds a wording (A1111's
+emphasis, `zorb=(zorb:1.2)`, is read as `stylelora generate` reads it). Per wording it prints both present, each
 adapter's rate, shape and color (the toy judge; `stylelora evaluate`'s prompts and seeds).
 
     python benchmarks/prompt_wording.py --adapters-dir outputs/cur                     # the character's sets
     python benchmarks/prompt_wording.py --adapters-dir outputs/cur --zorb FILE --sets zorb pastel+zorb
     python benchmarks/prompt_wording.py --adapters-dir outputs/cur --sets stripes pastel stripes+pastel --mode sum
+    python benchmarks/prompt_wording.py --adapters-dir outputs/cur --sets pastel+zorb --reword 'zorb=(zorb:1.2)'
 
 Use OMP_NUM_THREADS=1 on a shared machine.
 """
@@ -35,7 +37,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mode", default="split", help="blend mode of the pairs (default split)")
     parser.add_argument("--samples", type=int, default=96, help="prompts per prompt set (default 96)")
     parser.add_argument("--seed", type=int, default=0, help="prompt-set seed (stylelora evaluate's)")
-    return parser.parse_args(argv)
+    parser.add_argument("--reword", action="append", default=[], metavar="OLD=NEW",
+                        help="one more wording: the first OLD of each prompt made NEW, e.g. 'zorb=(zorb:1.2)' for "
+                             "A1111's emphasis on the trigger (repeatable: one wording each)")
+    args = parser.parse_args(argv)
+    if any("=" not in rule or not rule.split("=", 1)[0] for rule in args.reword):
+        parser.error("--reword takes OLD=NEW, e.g. --reword 'zorb=(zorb:1.2)'")
+    return args
+
+
+def reworded(prompt: str, rule: str) -> str:
+    """`prompt` with the first OLD of the rule OLD=NEW made NEW."""
+    old, new = rule.split("=", 1)
+    return prompt.replace(old, new, 1)
 
 
 def without_background(prompt: str) -> str:
@@ -50,13 +64,14 @@ def wording_rows(pipe, judge, args: argparse.Namespace, prompt_set: str) -> list
     files = [] if prompt_set == "plain" else [str(adapter_path(args, style)) for style in prompt_set.split("+")]
     settings = EvalSettings(samples=args.samples, seed=args.seed, prompt_sets=(prompt_set,))
     prompts = build_prompts(args.samples, args.seed, (prompt_set,))
+    wordings = [("as evaluated", prompts),
+                ("without the background", [replace(p, prompt=without_background(p.prompt)) for p in prompts])]
+    wordings += [(rule, [replace(p, prompt=reworded(p.prompt, rule)) for p in prompts]) for rule in args.reword]
     rows = []
-    for wording, reworded in (("as evaluated", prompts),
-                              ("without the background", [replace(p, prompt=without_background(p.prompt))
-                                                          for p in prompts])):
-        images = draw_blend(pipe, files, reworded, settings, args.mode if len(files) > 1 else None)
-        figures = score(reworded, judge.predict(images))["by_prompt_set"][prompt_set]
-        rows.append({"set": prompt_set, "wording": wording, "example": reworded[0].prompt, **figures})
+    for wording, drawn in wordings:
+        images = draw_blend(pipe, files, drawn, settings, args.mode if len(files) > 1 else None)
+        figures = score(drawn, judge.predict(images))["by_prompt_set"][prompt_set]
+        rows.append({"set": prompt_set, "wording": wording, "example": drawn[0].prompt, **figures})
     return rows
 
 

@@ -53,14 +53,13 @@ def test_grid_checks_every_cell_before_the_base_loads(world, tmp_path, capsys, n
     assert not (tmp_path / "g.png").exists()
 
 
-def test_a1111_emphasis_is_applied_and_break_is_named(world, tmp_path, capsys, no_base):
-    """`(word:1.2)` is weighted as A1111 weighs it (tests/test_emphasis.py), so no note says otherwise; BREAK, which
-    starts a second 75-token chunk in A1111, is named: stylelora reads one window."""
+def test_a1111_emphasis_is_applied_so_no_note_says_otherwise(world, no_base):
+    """`(word:1.2)` is weighted as A1111 weighs it (tests/test_emphasis.py), and BREAK starts a window
+    (tests/test_prompt_reading.py): no note warns of either."""
     from stylelora.generate.generate import GenerateRequest, precheck_request
 
     assert precheck_request(GenerateRequest("(stripes:1.2), a red circle", adapters_dir=world["adapters"])) == []
-    notes = precheck_request(GenerateRequest("stripes BREAK a red circle", negative_prompt="blur"))
-    assert len(notes) == 1 and notes[0].startswith("BREAK starts a new 75-token chunk")
+    assert precheck_request(GenerateRequest("stripes BREAK a red circle", negative_prompt="[blur]")) == []
 
 
 @pytest.mark.parametrize("out, message", [

@@ -8,8 +8,8 @@ import torch
 from gen_fixtures import load_tiny_base, make_adapter, pixels
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from stylelora.generate import emphasis
-from stylelora.generate.generate import GenerateRequest, generate, precheck_request, request_from_parameters
+from stylelora.generate import emphasis, prompt_reading
+from stylelora.generate.generate import GenerateRequest, generate, request_from_parameters
 from stylelora.generate.stack import AdapterStack
 from stylelora.generate.trigger_order import reorders_for
 from stylelora.lora.spec import AdapterSpec
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
     ("a: b, x) y] z", [("a: b, x) y] z", 1.0)]),  # a colon, and brackets closing nothing, are text
     ("(a:b)", [("a:b", 1.1)]),
     ("(red:1.2)circle", [("red", 1.2), ("circle", 1.0)]),
-    ("zorb BREAK (pastel:0.8)", [("zorb ", 1.0), ("pastel", 0.8)]),
+    ("zorb BREAK (pastel:0.8)", [("zorb", 1.0), ("BREAK", -1.0), ("pastel", 0.8)]),
     ("", [("", 1.0)]),
 ])
 def test_parse_follows_a1111s_grammar(prompt, chunks):
@@ -44,26 +44,20 @@ def test_parse_follows_a1111s_grammar(prompt, chunks):
     ("a (red:1.2)circle", "a red circle", True),  # each span its own words
     ("(a red circle:1)", "a red circle", False),  # brackets go, nothing is weighted
     ("a \\(red\\) circle", "a (red) circle", False),
-    ("zorb BREAK pastel", "zorb pastel", False),
+    ("zorb BREAK pastel", "zorb pastel", False),  # a window break, read as a space by a single window
 ])
 def test_plain_text_is_what_the_text_encoder_reads(prompt, plain, weighted):
     assert emphasis.plain_text(prompt) == plain
     assert emphasis.is_weighted(prompt) is weighted
 
 
-def test_break_is_named_in_a_note():
-    assert emphasis.notes("a red circle (on the left)") == []
-    note = precheck_request(GenerateRequest("zorb BREAK pastelstyle, a red circle"))
-    assert len(note) == 1 and note[0].startswith("BREAK starts a new 75-token chunk in A1111")
-
-
-def test_token_weights_line_up_with_the_tokens_the_pipeline_makes(tiny_sd_base):
+def test_rows_line_up_with_the_tokens_the_pipeline_makes(tiny_sd_base):
     tokenizer = load_tiny_base(tiny_sd_base).tokenizer
-    row, weights = emphasis.token_weights(tokenizer, "a (red:1.5)circle [o]")
-    expected = tokenizer("a red circle o", padding="max_length", max_length=77, truncation=True).input_ids
-    assert row == tuple(expected)  # one character a token: <start> a r e d c i r c l e o <end> ...
-    assert weights[:13] == pytest.approx([1, 1, 1.5, 1.5, 1.5, 1, 1, 1, 1, 1, 1, 1 / 1.1, 1])
-    assert set(weights[13:]) == {1.0}
+    (row,) = prompt_reading.rows(tokenizer, "a (red:1.5)circle [o]", 1)
+    expected = tokenizer("a red circle o", padding="max_length", max_length=77, truncation=True)
+    assert row.ids == expected.input_ids and row.mask == expected.attention_mask  # <start> a r e d c i r c l e o ...
+    assert row.weights[:13] == pytest.approx([1, 1, 1.5, 1.5, 1.5, 1, 1, 1, 1, 1, 1, 1 / 1.1, 1])
+    assert set(row.weights[13:]) == {1.0}
 
 
 def test_aligned_weights_follow_a_moved_trigger():
@@ -102,23 +96,24 @@ def test_weigh_is_a1111s_formula():
         weighted = emphasis.weigh(model, ids, centred)
     finally:
         emphasis._active.pop(model)
-    assert torch.allclose(weighted.last_hidden_state, centred.last_hidden_state * torch.tensor([1.0, 2.0, 1.0])[:, None])
+    by_token = torch.tensor([1.0, 2.0, 1.0])[:, None]
+    assert torch.allclose(weighted.last_hidden_state, centred.last_hidden_state * by_token)
 
 
 def _weighted_by_hand(text_encoder, tokenizer, prompt: str) -> torch.Tensor:
     """A1111's emphasis written out: the plain prompt's last hidden states, token i times its weight, rescaled to
     the mean before."""
-    row, weights = emphasis.token_weights(tokenizer, prompt)
+    (row,) = prompt_reading.rows(tokenizer, prompt, 1)
     with torch.no_grad():
-        states = text_encoder(torch.tensor([row]))[0]
-    scaled = states * torch.tensor(weights)[None, :, None]
+        states = text_encoder(torch.tensor([row.ids]))[0]
+    scaled = states * torch.tensor(row.weights)[None, :, None]
     return scaled * (states.mean() / scaled.mean())
 
 
 def _with_a_mean(pipe):
     """The tiny random encoders end in a layer norm without bias, so their readings' mean is ~0 (the rescale is
     skipped there): a bias gives them a mean, as a trained CLIP's readings have, so the rescale is tested too."""
-    for encoder, _ in emphasis.pipe_encoders(pipe):
+    for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         for name, module in (encoder.named_modules() if encoder is not None else ()):
             if name.endswith("final_layer_norm") or name.endswith("layer_norm2"):  # SDXL reads a layer's output
                 module.bias.data.fill_(0.5)
@@ -179,12 +174,13 @@ def test_split_weighs_every_reading_with_its_own_token_order(tiny_sd_base, tmp_p
 
         emphasis.weigh = recording
         try:
-            with emphasis.applied(emphasis.pipe_encoders(pipe), [prompt]):
-                pipe.text_encoder(torch.tensor([emphasis.token_weights(pipe.tokenizer, prompt)[0]]))
+            with prompt_reading.applied(pipe, [prompt]):
+                pipe.text_encoder(pipe.tokenizer(prompt, padding="max_length", truncation=True, max_length=77,
+                                                 return_tensors="pt").input_ids)
         finally:
             emphasis.weigh = original
     reorders = reorders_for(pipe.tokenizer, [["aa"], ["bb"]])
-    typed = list(emphasis.token_weights(pipe.tokenizer, prompt)[0])
+    typed = prompt_reading.rows(pipe.tokenizer, prompt, 1)[0].ids
     assert [ids for ids, _ in seen] == [typed, reorders[0](torch.tensor([typed]))[0].tolist(), typed]
     a_tokens = pipe.tokenizer("aa", add_special_tokens=False).input_ids
     assert typed != seen[1][0]
@@ -202,16 +198,17 @@ def test_sdxl_weighs_both_encoders_and_not_the_pooled_vector():
     pipe = _with_a_mean(tiny_sdxl_pipeline())
     prompt = "a (red:1.5) circle"
     plain = pipe.encode_prompt("a red circle", device="cpu", do_classifier_free_guidance=False)
-    with emphasis.applied(emphasis.pipe_encoders(pipe), [prompt]):
-        weighted = pipe.encode_prompt(emphasis.plain_text(prompt), device="cpu", do_classifier_free_guidance=False)
+    with prompt_reading.applied(pipe, [prompt]):
+        weighted = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
     embeds, pooled = weighted[0], weighted[2]
     assert torch.equal(pooled, plain[2])
     width = pipe.text_encoder.config.hidden_size
-    for part, (encoder, tokenizer) in zip((embeds[..., :width], embeds[..., width:]), emphasis.pipe_encoders(pipe)):
-        row, weights = emphasis.token_weights(tokenizer, prompt)
+    pairs = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+    for part, (encoder, tokenizer) in zip((embeds[..., :width], embeds[..., width:]), pairs):
+        (row,) = prompt_reading.rows(tokenizer, prompt, 1)
         with torch.no_grad():
-            states = encoder(torch.tensor([row]), output_hidden_states=True).hidden_states[-2]
-        scaled = states * torch.tensor(weights)[None, :, None]
+            states = encoder(torch.tensor([row.ids]), output_hidden_states=True).hidden_states[-2]
+        scaled = states * torch.tensor(row.weights)[None, :, None]
         assert torch.allclose(part, scaled * (states.mean() / scaled.mean()), atol=1e-6)
     assert "forward" not in pipe.text_encoder_2.__dict__
 

@@ -30,3 +30,10 @@ def test_rows_name_both_rates_for_a_pair_and_the_shape_where_there_is_one():
     base = {"set": "plain", "wording": "as evaluated", "example": "a red star", "stripes_rate": 0.0,
             "shape_accuracy": 0.94, "color_accuracy": 1.0}
     assert "as evaluated            shape 0.94, color 1.00" in wording.format_row(base)
+
+
+def test_a_reword_rule_changes_the_first_occurrence_and_is_checked():
+    assert wording.reworded("pastelstyle, zorb, a red zorb", "zorb=(zorb:1.2)") == "pastelstyle, (zorb:1.2), a red zorb"
+    assert wording.parse_args(["--reword", "zorb=(zorb:1.2)"]).reword == ["zorb=(zorb:1.2)"]
+    with pytest.raises(SystemExit):
+        wording.parse_args(["--reword", "zorb"])

@@ -10,8 +10,8 @@ weights move words against each other rather than the prompt's overall strength 
 as on the toy base, where it would divide by almost nothing). Pooled vectors are not weighted.
 
 The text encoder reads the prompt with the brackets removed. Each weighted span is tokenized apart, as A1111 does,
-so `(red:1.2)circle` reads `red` and `circle` as two words. `BREAK` (A1111's start of a new 75-token chunk) is
-taken out: stylelora reads one 77-token window, as diffusers does, and `notes` says so.
+so `(red:1.2)circle` reads `red` and `circle` as two words (stylelora.generate.prompt_reading makes the token rows,
+75-token windows and BREAK included, and installs the weighing for a draw).
 """
 from __future__ import annotations
 
@@ -27,20 +27,21 @@ UP, DOWN = 1.1, 1 / 1.1  # A1111's factors for one ( and one [
 MEAN_FLOOR = 0.01  # below this share of the mean magnitude a reading's mean is not restored (see `weigh`)
 _TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+BREAK: Chunk = ("BREAK", -1.0)  # A1111's marker for a window break
 POOLED_FIELDS = ("pooler_output", "text_embeds")  # one vector per prompt: never weighted
 WEIGHS_EMPHASIS = "weighs_emphasis"  # set on a text encoder's forward wrapper that calls `weigh` on each reading
 _active: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # text encoder -> _Weights while a prompt is drawn
 
 
 def parse(prompt: str) -> list[Chunk]:
-    """The prompt as (text, weight) spans in order, A1111's grammar; neighbours of equal weight joined, BREAK
-    dropped."""
+    """The prompt as (text, weight) spans in order, A1111's grammar; neighbours of equal weight joined, and each
+    BREAK kept as the span BREAK (where a new 75-token window starts, stylelora.generate.prompt_reading)."""
     chunks: list[list] = []
-    for part in _BREAK.split(prompt):
-        chunks += [[" ", 1.0]] * bool(chunks) + _parse_part(part)
+    for index, part in enumerate(_BREAK.split(prompt)):
+        chunks += [list(BREAK)] * bool(index) + _parse_part(part)
     merged: list[list] = []
     for text, weight in chunks:
-        if merged and merged[-1][1] == weight:
+        if merged and merged[-1][1] == weight and weight != BREAK[1]:
             merged[-1][0] += text
         elif text:
             merged.append([text, weight])
@@ -88,37 +89,16 @@ def _is_number(text: str) -> bool:
 
 
 def plain_text(prompt: str) -> str:
-    """What the text encoder reads: the prompt itself where it has no emphasis syntax (so such a prompt is drawn as
-    before, bit for bit), else its spans joined by spaces, which the tokenizer reads as word breaks."""
+    """The words the text encoder reads: the prompt itself where it has no emphasis syntax, else its spans joined by
+    spaces (which the tokenizer reads as word breaks), a BREAK read as a space."""
     chunks = parse(prompt)
     if len(chunks) == 1 and chunks[0] == (prompt, 1.0):
         return prompt
-    return " ".join(text.strip() for text, _ in chunks if text.strip())
+    return " ".join(text.strip() for text, weight in chunks if text.strip() and (text, weight) != BREAK)
 
 
 def is_weighted(prompt: str) -> bool:
-    return any(weight != 1.0 for _, weight in parse(prompt))
-
-
-def notes(prompt: str) -> list[str]:
-    """What a user coming from A1111 should know about how this prompt is read."""
-    if not _BREAK.search(prompt):
-        return []
-    return ["BREAK starts a new 75-token chunk in A1111; stylelora reads the prompt as one window of 77 tokens, so "
-            "it takes the word out and reads the parts one after the other."]
-
-
-def token_weights(tokenizer: Any, prompt: str) -> tuple[tuple[int, ...], list[float]]:
-    """The token ids a diffusers pipeline makes of `plain_text(prompt)` (padded to the tokenizer's length) and each
-    token's weight; every span is tokenized apart, and the padding, start and end tokens weigh 1."""
-    spans, weights = [], []
-    for text, weight in parse(prompt):
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        spans += ids
-        weights += [weight] * len(ids)
-    row = tokenizer(plain_text(prompt), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True).input_ids
-    return tuple(row), aligned(row, spans, weights)
+    return any(weight not in (1.0, BREAK[1]) for _, weight in parse(prompt))
 
 
 def aligned(row: Sequence[int], reference: Sequence[int], weights: Sequence[float]) -> list[float]:
@@ -204,49 +184,12 @@ def weigh(model: Any, input_ids: Any, output: Any) -> Any:
     return type(output)(**fields)
 
 
-def _ids(args: tuple, kwargs: dict) -> Any:
-    return kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-
-
 @contextmanager
-def applied(encoders: Sequence[tuple[Any, Any]], prompts: Sequence[str]) -> Iterator[None]:
-    """While drawing `prompts` (and their negative prompts), each (text encoder, tokenizer) pair weighs their
-    emphasis. A text encoder whose forward already weighs each reading (split_attention's, marked WEIGHS_EMPHASIS)
-    is only told the weights; any other gets a wrapper for the duration. No weighted prompt: nothing is touched."""
-    weighted = [prompt for prompt in dict.fromkeys(prompts) if is_weighted(prompt)]
-    installed: list[tuple[Any, Any]] = []  # (model, the instance forward it had, or None)
+def weighing(model: Any, rows: dict[tuple[int, ...], list[float]]) -> Iterator[None]:
+    """While a prompt is drawn, `weigh` gives `model`'s readings of these token-id rows their weights (and of a
+    row that another reading reordered, the closest row's, by `aligned`)."""
+    _active[model] = _Weights(rows)
     try:
-        for model, tokenizer in encoders:
-            if model is None or tokenizer is None or not weighted:
-                continue
-            rows: dict[tuple[int, ...], list[float]] = {}
-            for prompt in weighted:  # a negative prompt that reads as the same words as the prompt shares its row
-                row, weights = token_weights(tokenizer, prompt)
-                rows.setdefault(row, weights)
-            _active[model] = _Weights(rows)
-            if not getattr(model.__dict__.get("forward"), WEIGHS_EMPHASIS, False):
-                installed.append((model, model.__dict__.get("forward")))
-                model.forward = _weighing_forward(model, model.forward)
         yield
     finally:
-        for model, _ in encoders:
-            if model is not None:
-                _active.pop(model, None)
-        for model, previous in installed:
-            if previous is None:
-                model.__dict__.pop("forward", None)
-            else:
-                model.forward = previous
-
-
-def _weighing_forward(model: Any, inner: Any):
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return weigh(model, _ids(args, kwargs), inner(*args, **kwargs))
-
-    return forward
-
-
-def pipe_encoders(pipe: Any) -> list[tuple[Any, Any]]:
-    """A pipeline's (text encoder, tokenizer) pairs: one on SD 1.x/2.x, two on SDXL."""
-    return [(getattr(pipe, encoder, None), getattr(pipe, tokenizer, None))
-            for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))]
+        _active.pop(model, None)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stylelora.generate import emphasis
+from stylelora.generate import prompt_reading
 from stylelora.generate.pngmeta import GenerationParams, LoraUse, parse_parameters, save_png
 from stylelora.generate.stack import AdapterStack
 from stylelora.lora.spec import AdapterSpec, as_specs
@@ -200,7 +200,7 @@ def precheck_request(request: GenerateRequest) -> list[str]:
         if path.suffix != ".safetensors" or not path.is_file():
             load_adapter_state(path)  # raises the loader's own refusal (pickle, not found)
         read_header(path)
-    return doubled_adapter_notes(request.loras, tagged) + emphasis.notes(text) + emphasis.notes(request.negative_prompt)
+    return doubled_adapter_notes(request.loras, tagged)
 
 
 def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) -> ResolvedRequest:
@@ -271,11 +271,10 @@ def generate(pipe: Any, stack: AdapterStack | None, request: GenerateRequest, *,
         pipe.scheduler = scheduler
         try:
             pipe.set_progress_bar_config(disable=True)
-            prompts = (resolved.prompt, request.negative_prompt)
-            with emphasis.applied(emphasis.pipe_encoders(pipe), prompts):  # A1111's (word:1.2), as it drew them
+            # Read as A1111 reads them: (word:1.2) weighs a word, and a prompt past 75 tokens is read whole.
+            with prompt_reading.applied(pipe, (resolved.prompt, request.negative_prompt)):
                 output = pipe(
-                    prompt=[emphasis.plain_text(prompts[0])] * len(seeds),
-                    negative_prompt=[emphasis.plain_text(prompts[1])] * len(seeds),
+                    prompt=[resolved.prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
                     num_inference_steps=request.steps, guidance_scale=request.cfg, width=resolved.width,
                     height=resolved.height, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                     output_type="pil", callback_on_step_end=_step_callback(progress, request.steps),
