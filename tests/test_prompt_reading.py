@@ -133,3 +133,66 @@ def test_sdxl_reads_a_long_prompt_in_windows_with_the_first_windows_pooled_vecto
                          for te1, te2 in zip(*readings)], dim=1)
     assert torch.allclose(embeds, by_hand, atol=1e-6)
     assert torch.allclose(pooled, readings[1][0].text_embeds, atol=1e-6)  # the first window's
+
+
+def test_clip_skip_reads_the_layer_before_the_last_through_the_final_layer_norm(tiny_sd_base):
+    """A1111's Clip skip 2: the prompt's reading is the final layer norm of the layer before the last."""
+    pipe = load_tiny_base(tiny_sd_base)
+    ids = pipe.tokenizer("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        full = pipe.text_encoder(ids, output_hidden_states=True)
+        expected = pipe.text_encoder.final_layer_norm(full.hidden_states[-2])
+        with prompt_reading.applied(pipe, ["a red circle"], clip_skip=2):
+            skipped = pipe.text_encoder(ids)[0]
+        again = pipe.text_encoder(ids)[0]
+    assert torch.allclose(skipped, expected, atol=1e-6) and torch.equal(again, full.last_hidden_state)
+    layers = len(pipe.text_encoder.encoder.layers)
+    with pytest.raises(ValueError, match=f"use {layers} at most"):
+        with prompt_reading.applied(pipe, ["a red circle"], clip_skip=layers + 1):
+            pass
+
+
+def test_clip_skip_is_drawn_recorded_and_redrawn_in_split_too(tiny_sd_base, tmp_path):
+    from stylelora.generate.generate import request_from_parameters
+
+    pipe = load_tiny_base(tiny_sd_base)
+    specs = (AdapterSpec(make_adapter(tmp_path / "a.safetensors", 1, trigger="stripes"), 1.0),
+             AdapterSpec(make_adapter(tmp_path / "b.safetensors", 2, trigger="blue"), 1.0))
+    for mode in ("sum", "split"):
+        request = GenerateRequest("stripes, blue, a red circle", steps=3, seed=5, sampler="ddim", loras=specs,
+                                  blend_mode=mode, clip_skip=2)
+        result = generate(pipe, None, request)[0]
+        assert "Clip skip: 2" in result.parameters_text
+        assert (pixels(result) != pixels(generate(pipe, None, GenerateRequest(
+            request.prompt, steps=3, seed=5, sampler="ddim", loras=specs, blend_mode=mode))[0])).any()
+        again = request_from_parameters(result.parameters_text, None)
+        assert again.clip_skip == 2
+    with pytest.raises(ValueError, match="clip skip counts layers from the end from 1"):
+        generate(pipe, None, GenerateRequest("a red circle", steps=2, clip_skip=0))
+
+
+def test_a_grid_compares_clip_skip_values(tiny_sd_base, tmp_path, capsys):
+    from test_generate_cli import run
+
+    from stylelora.generate.xy_grid import parse_axis
+
+    axis = parse_axis("clip_skip=1,2")
+    assert axis.values == (1, 2) and axis.label(2) == "clip skip 2"
+    with pytest.raises(ValueError, match="e.g. clip_skip=1,2"):
+        parse_axis("clip_skip=1,two")
+    code, out, _ = run(["grid", "a red circle", "--x", "clip_skip=1,2", "--base", str(tiny_sd_base), "--device", "cpu",
+                        "--steps", "2", "--seed", "1", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 0 and out == [str(tmp_path / "g.png")]
+    code, _, err = run(["generate", "a red circle", "--clip-skip", "0", "--base", str(tiny_sd_base)], capsys)
+    assert code == 2 and "clip skip counts layers from the end from 1" in err
+
+
+@pytest.mark.parametrize("trained, chosen, noted", [("2", 1, True), ("2", 2, False), ("None", 1, False),
+                                                      ("1", 2, True), ("1", 1, False), ("", 2, False)])
+def test_an_adapter_trained_at_another_clip_skip_is_named(trained, chosen, noted):
+    from stylelora.generate.generate import clip_skip_notes
+
+    notes = clip_skip_notes(Path("anime.safetensors"), {"ss_clip_skip": trained}, chosen)
+    assert bool(notes) is noted
+    if noted:
+        assert notes[0].startswith(f"anime was trained with clip skip {trained}") and f"--clip-skip {trained}" in notes[0]

@@ -59,6 +59,10 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blend-mode", default=None, metavar="MODE",
                         help="how 2+ adapters combine where they share a layer: " + mode_help())
     parser.add_argument("--dial", default=None, metavar="DIAL", help=dial_help())
+    parser.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                        help="read the prompt from the text encoder's N-th layer from the end, as A1111's Clip skip "
+                             "(default 1, the last; 2 for models and LoRAs trained with kohya's --clip_skip 2; SD "
+                             "1.x/2.x, ignored on SDXL as A1111 does)")
     parser.add_argument("--adapters-dir", default=DEFAULT_ADAPTERS_DIR, help="where <lora:NAME> tags are looked up")
     parser.add_argument("--base", default="toy",
                         help="toy (default) | hub id | diffusers folder | single .safetensors file (SD 1.x/2.x, SDXL)")
@@ -90,7 +94,7 @@ def request_from_args(args: argparse.Namespace):
         prompt=args.prompt, negative_prompt=args.negative, steps=steps, cfg=cfg, sampler=args.sampler,
         seed=args.seed, width=width, height=height, batch_size=getattr(args, "batch", 1),
         loras=tuple(parse_lora_arg(text) for text in args.lora), adapters_dir=Path(args.adapters_dir),
-        add_triggers=args.add_triggers, blend_mode=args.blend_mode, dial=args.dial,
+        add_triggers=args.add_triggers, blend_mode=args.blend_mode, dial=args.dial, clip_skip=args.clip_skip,
     )
 
 

@@ -23,6 +23,7 @@ from stylelora.lora.spec import AdapterSpec, as_specs
 MAX_SEED = 2**32 - 1  # A1111's seed range; -1 asks for a random one
 BLEND_MODE_FIELD = "Blend mode"  # in the PNG parameters when not "sum" (A1111 keeps fields it does not know)
 DIAL_FIELD = "Weight dial"  # in the PNG parameters when the weights moved the readings (generate.reading_dial)
+CLIP_SKIP_FIELD = "Clip skip"  # A1111's, in the PNG parameters when above 1
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
@@ -45,6 +46,7 @@ class GenerateRequest:
     add_triggers: bool = False
     blend_mode: str | None = None  # how layers several adapters share combine; None: blend_modes.DEFAULT_MODE
     dial: str | None = None  # what the weights turn (reading_dial.DIALS); None: the LoRA weights, as A1111
+    clip_skip: int = 1  # A1111's: the prompt read from the text encoder's N-th layer from the end (SD 1.x/2.x)
 
     def __post_init__(self) -> None:
         from stylelora.generate.reading_dial import check_dial
@@ -103,6 +105,9 @@ def _check_request(request: GenerateRequest, width: int | None, height: int | No
         problems.append(f"batch size must be >= 1 (got {request.batch_size})")
     if not math.isfinite(request.cfg) or request.cfg < 0:  # below 0 guidance pushes away from the prompt
         problems.append(f"CFG scale must be 0 or more (got {request.cfg}; 5-7 is usual, 1 turns guidance off)")
+    if isinstance(request.clip_skip, bool) or not isinstance(request.clip_skip, int) or request.clip_skip < 1:
+        problems.append(f"clip skip counts layers from the end from 1, A1111's default (got {request.clip_skip!r}; "
+                        "2, the layer before the last, is what models trained with kohya's --clip_skip 2 want)")
     if not -1 <= request.seed <= MAX_SEED:
         problems.append(f"seed must be -1 (random) or 0..{MAX_SEED} (got {request.seed})")
     sizes = [size for size in (width, height) if size is not None]
@@ -195,12 +200,24 @@ def precheck_request(request: GenerateRequest) -> list[str]:
     _check_request(request, request.width, request.height, 8)
     text, tags = parse_prompt(request.prompt)
     tagged = resolve_tags(tags, request.adapters_dir)
+    notes = []
     for spec in list(request.loras) + tagged:
         path = weights_path(spec.path)
         if path.suffix != ".safetensors" or not path.is_file():
             load_adapter_state(path)  # raises the loader's own refusal (pickle, not found)
-        read_header(path)
-    return doubled_adapter_notes(request.loras, tagged)
+        notes += clip_skip_notes(path, read_header(path)[1], request.clip_skip)
+    return doubled_adapter_notes(request.loras, tagged) + notes
+
+
+def clip_skip_notes(path: Path, metadata: dict[str, str], clip_skip: int) -> list[str]:
+    """A note where kohya's metadata says the adapter was trained reading another layer (`ss_clip_skip`): its text
+    encoder's LoRA learned that layer, so it is drawn as trained only with the same clip skip (A1111 does not
+    say so; its users learn it from the model page)."""
+    trained = metadata.get("ss_clip_skip", "")
+    if not trained.isdigit() or int(trained) in (0, clip_skip):
+        return []
+    return [f"{path.stem} was trained with clip skip {trained} (kohya's ss_clip_skip); set clip skip to {trained} "
+            f"(--clip-skip {trained}, A1111's Clip skip) to draw it as it was trained."]
 
 
 def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) -> ResolvedRequest:
@@ -236,6 +253,8 @@ def _params(pipe: Any, stack: AdapterStack, resolved: ResolvedRequest, sampler: 
     extra = {BLEND_MODE_FIELD: request.blend_mode} if used > 1 and request.blend_mode != "sum" else {}
     if used and request.dial != "weights":
         extra[DIAL_FIELD] = request.dial
+    if request.clip_skip > 1:
+        extra[CLIP_SKIP_FIELD] = str(request.clip_skip)
     return GenerationParams(
         prompt=resolved.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
         cfg_scale=float(request.cfg), sampler=sampler, seed=resolved.seed, width=resolved.width,
@@ -272,7 +291,7 @@ def generate(pipe: Any, stack: AdapterStack | None, request: GenerateRequest, *,
         try:
             pipe.set_progress_bar_config(disable=True)
             # Read as A1111 reads them: (word:1.2) weighs a word, and a prompt past 75 tokens is read whole.
-            with prompt_reading.applied(pipe, (resolved.prompt, request.negative_prompt)):
+            with prompt_reading.applied(pipe, (resolved.prompt, request.negative_prompt), request.clip_skip):
                 output = pipe(
                     prompt=[resolved.prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
                     num_inference_steps=request.steps, guidance_scale=request.cfg, width=resolved.width,
@@ -303,10 +322,18 @@ def request_from_parameters(text: str, adapters_dir: str | os.PathLike | None, *
         adapters_dir=Path(adapters_dir) if adapters_dir is not None else None,
         # Written only when not "sum": A1111's files (and ours before blend modes) are plain sums.
         blend_mode=params.extra.get(BLEND_MODE_FIELD, "sum"), dial=params.extra.get(DIAL_FIELD),
+        clip_skip=_clip_skip(params.extra.get(CLIP_SKIP_FIELD, "1")),
     )
     if stack is not None:
         _check_lora_hashes(params, request, stack)
     return request
+
+
+def _clip_skip(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"Clip skip: {text!r} in the parameters is not a whole number (A1111 writes 2, say).") from None
 
 
 def _check_lora_hashes(params: GenerationParams, request: GenerateRequest, stack: AdapterStack) -> None:

@@ -76,31 +76,68 @@ def _changes_nothing(pairs: Sequence[tuple[Any, Any]], prompts: Sequence[str]) -
 
 
 @contextmanager
-def applied(pipe: Any, prompts: Sequence[str]) -> Iterator[None]:
+def applied(pipe: Any, prompts: Sequence[str], clip_skip: int = 1) -> Iterator[None]:
     """While drawing `prompts` (pass them to the pipeline as typed, negative prompts too), the pipeline's text
-    encoders read them as A1111 does; nothing changes for prompts without emphasis that fit one window."""
+    encoders read them as A1111 does, from the `clip_skip`-th layer from the end (A1111's Clip skip; SD 1.x/2.x:
+    SDXL reads its encoders' layer before the last already, and A1111 ignores the setting there). Nothing changes
+    for prompts without emphasis that fit one window, at clip skip 1."""
     pairs = [(tokenizer_name, getattr(pipe, encoder_name, None), getattr(pipe, tokenizer_name, None))
              for encoder_name, tokenizer_name in ENCODER_PAIRS]
     pairs = [(name, encoder, tokenizer) for name, encoder, tokenizer in pairs
              if encoder is not None and tokenizer is not None]
     prompts = list(dict.fromkeys(prompts))
-    if _changes_nothing([(e, t) for _, e, t in pairs], prompts):
-        yield
-        return
-    count = max(len(windows(tokenizer, prompt)) for _, _, tokenizer in pairs for prompt in prompts)
     with ExitStack() as undo:
-        for name, encoder, tokenizer in pairs:
-            by_prompt = {prompt: rows(tokenizer, prompt, count) for prompt in prompts}
-            undo.enter_context(_attribute(pipe, name, _WindowTokenizer(tokenizer, by_prompt)))
-            weighted = {tuple(row.ids): row.weights for windowed in by_prompt.values() for row in windowed
-                        if any(weight != 1.0 for weight in row.weights)}
-            if weighted:
-                undo.enter_context(emphasis.weighing(encoder, weighted))
-                if not getattr(encoder.__dict__.get("forward"), emphasis.WEIGHS_EMPHASIS, False):
-                    undo.enter_context(_forward(encoder, lambda inner, model=encoder: _weighing(model, inner)))
-            if count > 1:
-                undo.enter_context(_forward(encoder, lambda inner, model=encoder: _by_window(model, inner)))
+        if clip_skip > 1 and getattr(pipe, "text_encoder_2", None) is None:
+            undo.enter_context(_last_layers_skipped(pipe.text_encoder, clip_skip - 1))
+        if not _changes_nothing([(encoder, tokenizer) for _, encoder, tokenizer in pairs], prompts):
+            _read_in_windows(undo, pipe, pairs, prompts)
         yield
+
+
+def _read_in_windows(undo: ExitStack, pipe: Any, pairs: list[tuple[str, Any, Any]], prompts: list[str]) -> None:
+    """Install, until `undo` closes, each tokenizer's stand-in and each encoder's weighing and window forwards."""
+    count = max(len(windows(tokenizer, prompt)) for _, _, tokenizer in pairs for prompt in prompts)
+    for name, encoder, tokenizer in pairs:
+        by_prompt = {prompt: rows(tokenizer, prompt, count) for prompt in prompts}
+        undo.enter_context(_attribute(pipe, name, _WindowTokenizer(tokenizer, by_prompt)))
+        weighted = {tuple(row.ids): row.weights for windowed in by_prompt.values() for row in windowed
+                    if any(weight != 1.0 for weight in row.weights)}
+        if weighted:
+            undo.enter_context(emphasis.weighing(encoder, weighted))
+            if not getattr(encoder.__dict__.get("forward"), emphasis.WEIGHS_EMPHASIS, False):
+                undo.enter_context(_forward(encoder, lambda inner, model=encoder: _weighing(model, inner)))
+        if count > 1:
+            undo.enter_context(_forward(encoder, lambda inner, model=encoder: _by_window(model, inner)))
+
+
+@contextmanager
+def _last_layers_skipped(encoder: Any, count: int) -> Iterator[None]:
+    """The encoder runs without its last `count` layers; its final layer norm then reads the layer before them, as
+    A1111's clip skip does. The layers stay in the module tree (the split mode hooks modules by path)."""
+    import torch
+
+    owner = next(module for module in encoder.modules() if isinstance(getattr(module, "layers", None),
+                                                                       torch.nn.ModuleList))
+    layers = owner.layers
+    if count >= len(layers):
+        raise ValueError(f"Clip skip {count + 1} leaves none of the text encoder's {len(layers)} layers: use "
+                         f"{len(layers)} at most (2 is the usual value).")
+    owner.layers = _FirstLayers(layers, len(layers) - count)
+    try:
+        yield
+    finally:
+        owner.layers = layers
+
+
+def _FirstLayers(layers: Any, count: int) -> Any:  # noqa: N802 (reads as the class it makes)
+    """A ModuleList holding every layer of `layers` (so their paths resolve) that runs only the first `count`."""
+    import torch
+
+    class FirstLayers(torch.nn.ModuleList):
+        def __iter__(self):  # what the encoder's forward loops over
+            return iter(list(self._modules.values())[:count])
+
+    return FirstLayers(list(layers))
 
 
 @contextmanager

@@ -22,12 +22,12 @@ from stylelora.generate.reading_dial import check_dial
 from stylelora.lora.spec import AdapterSpec
 
 AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "blocks", "seed", "cfg", "steps", "blend_mode",
-              "dial")
+              "dial", "clip_skip")
 NO_ADAPTER = "none"
 NO_BLOCKS = "none"
 LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "blocks": "lbw", "seed": "seed", "cfg": "cfg",
-          "steps": "steps", "blend_mode": "mode", "dial": "dial"}
-REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode", "dial")  # axes that replace one request field
+          "steps": "steps", "blend_mode": "mode", "dial": "dial", "clip_skip": "clip skip"}
+REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode", "dial", "clip_skip")  # axes that replace one request field
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class XYAxis:
             raise ValueError(f"Unknown grid axis {self.kind!r}; choose one of {', '.join(AXIS_KINDS)}.")
         if not self.values:
             raise ValueError(f"Grid axis {self.kind} has no values.")
-        cast = {"seed": int, "steps": int, "adapter": str, "blend_mode": _blend_mode, "dial": check_dial,
+        cast = {"seed": int, "steps": int, "clip_skip": int, "adapter": str, "blend_mode": _blend_mode, "dial": check_dial,
                 "blocks": _blocks}.get(self.kind, float)
         object.__setattr__(self, "values", tuple(_cast(cast, v, self.kind) for v in self.values))
 
@@ -67,7 +67,8 @@ def _cast(cast, value: Any, kind: str) -> Any:
     try:
         return cast(value)
     except ValueError:
-        example = {"seed": "seed=1,2,3", "steps": "steps=10,20,30", "cfg": "cfg=3,5,7"}.get(kind, f"{kind}=0,0.5,1")
+        example = {"seed": "seed=1,2,3", "steps": "steps=10,20,30", "cfg": "cfg=3,5,7",
+                   "clip_skip": "clip_skip=1,2"}.get(kind, f"{kind}=0,0.5,1")
         what = "whole numbers" if cast is int else "numbers"
         raise ValueError(f"{value!r} is not a number: {kind} values are {what}, e.g. {example}.") from None
 
