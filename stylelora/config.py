@@ -211,6 +211,10 @@ class TrainSection:
     # Per base family (stylelora.presets): the toy base 0.2, measured (it keeps a soft style beside another adapter's
     # text encoder: toy stripes+pastel 0.10 -> 0.73); real bases 0 until measured on their text encoders, whose
     # hidden states have another scale. docs/results.md "Blending".
+    clip_skip: int = option(1, "read captions from the text encoder's N-th layer from the end, as kohya's "
+                            "--clip_skip (2 for bases trained that way, such as NovelAI-lineage anime models; SD "
+                            "1.x/2.x); the layers after it get no LoRA, and generate with --clip-skip N",
+                            example="2")
     text_noise: float | None = option(None, "std of Gaussian noise added to the text encoder's hidden states while "
                                             "training (0 = off), so the adapter still acts when another adapter's "
                                             "text-encoder LoRA moves its prompt", example="0.2", preset=True)
@@ -599,6 +603,8 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.decoy_company", 0 <= t.decoy_company <= 1,
               "is a share between 0 (captions as written) and 1 (always a decoy word beside the trigger); 0.25 is "
               "the default", t.decoy_company),
+        _rule("train.clip_skip", t.clip_skip >= 1, "counts layers from the end from 1 (the last, the default); 2 "
+              "is the layer before it", t.clip_skip),
         _rule("train.text_noise", t.text_noise is None or 0 <= t.text_noise <= 1,
               "is a noise std between 0 (off) and 1; 0.2 is the toy base's default", t.text_noise),
         _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),

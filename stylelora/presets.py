@@ -173,6 +173,7 @@ def apply_preset(config: TrainConfig, family: str, *, cuda: bool, captions: Sequ
     if family not in PRESETS:
         raise ConfigError(f"train.family must be one of {', '.join(FAMILIES)} (got {family!r}); e.g. --family sd1")
     _check_second_text_encoder_lr(config, family)
+    _check_clip_skip(config, family)
     filled: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for dotted in PRESET_KEYS:
@@ -206,6 +207,15 @@ def _check_second_text_encoder_lr(config: TrainConfig, family: str) -> None:
         raise ConfigError(f"--text-encoder-2-lr sets SDXL's second text encoder, but the base {config.train.base} is "
                           f"{FAMILY_NAMES[family]}, which has one: set its rate with --text-encoder-lr and drop "
                           "--text-encoder-2-lr.")
+
+
+def _check_clip_skip(config: TrainConfig, family: str) -> None:
+    """Refuse a clip skip on SDXL: its conditioning is both encoders' layer before the last already, and neither
+    sd-scripts' SDXL trainer nor A1111 moves it."""
+    if family == "sdxl" and config.train.clip_skip > 1:
+        raise ConfigError(f"train.clip_skip is {config.train.clip_skip}, but an SDXL base reads both text encoders' "
+                          "layer before the last already (kohya's SDXL scripts and A1111 do not move it): drop "
+                          "--clip-skip.")
 
 
 def apply_coined_trigger_preset(config: TrainConfig, coined: Sequence[str]) -> TrainConfig:

@@ -68,8 +68,20 @@ def a1111_sidecar(metadata: dict[str, str]) -> dict[str, object]:
         "activation text": ", ".join(trigger_words(metadata)),
         "preferred weight": 1.0,
         "negative text": "",
-        "notes": f"{_origin(metadata)} License: {metadata.get('modelspec.license', 'unspecified')}.",
+        "notes": f"{_origin(metadata)}{_clip_skip_note(metadata)} License: "
+                 f"{metadata.get('modelspec.license', 'unspecified')}.",
     }
+
+
+def _clip_skip(metadata: dict[str, str]) -> int:
+    value = metadata.get("ss_clip_skip", "")
+    return int(value) if value.isdigit() else 1
+
+
+def _clip_skip_note(metadata: dict[str, str]) -> str:
+    """Where the text encoder was read from another layer in training, the setting that draws it as trained."""
+    skip = _clip_skip(metadata)
+    return f" Trained at clip skip {skip}: set Clip skip to {skip}." if skip > 1 else ""
 
 
 def _origin(metadata: dict[str, str]) -> str:
@@ -115,6 +127,9 @@ def model_card(name: str, metadata: dict[str, str], *, grid: str | None, preview
         f"- Trigger words: {trigger_text}",
         f"- Resolution: {metadata.get('modelspec.resolution', 'unknown')}",
         f"- License: {metadata.get('modelspec.license', 'unspecified')}",
+        *([f"- Clip skip: {_clip_skip(metadata)} (A1111's *Clip skip* setting, ComfyUI's *CLIP Set Last Layer* at "
+           f"-{_clip_skip(metadata)}, `stylelora generate --clip-skip {_clip_skip(metadata)}`)"]
+          if _clip_skip(metadata) > 1 else []),
         "",
         "## Use it",
         "",

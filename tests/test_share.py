@@ -160,3 +160,13 @@ def test_a_compact_ties_blends_card_says_what_rank_it_was_stored_at():
     record = {"mode": "svd", "rank": None, "blend_mode": "ties", "max_relative_error": 0.18, "inputs": []}
     lines = _blend_lines({BLEND_KEY: json.dumps(record), "ss_network_dim": "32", "ss_network_alpha": "32"})
     assert "ties; the inputs' total rank by SVD, largest relative error 1.80e-01" in lines[2]
+
+
+@pytest.mark.parametrize("clip_skip, said", [("2", True), ("1", False), ("None", False)])
+def test_a_card_and_sidecar_name_the_clip_skip_a_file_was_trained_at(clip_skip, said):
+    from stylelora.share import a1111_sidecar, model_card
+
+    metadata = {"ss_clip_skip": clip_skip, "modelspec.trigger_phrase": "animestyle"}
+    card, notes = model_card("anime", metadata, grid=None), a1111_sidecar(metadata)["notes"]
+    assert ("- Clip skip: 2 (A1111's *Clip skip* setting, ComfyUI's *CLIP Set Last Layer* at -2" in card) is said
+    assert ("Trained at clip skip 2: set Clip skip to 2." in notes) is said

@@ -112,21 +112,32 @@ def _read_in_windows(undo: ExitStack, pipe: Any, pairs: list[tuple[str, Any, Any
 
 @contextmanager
 def _last_layers_skipped(encoder: Any, count: int) -> Iterator[None]:
-    """The encoder runs without its last `count` layers; its final layer norm then reads the layer before them, as
-    A1111's clip skip does. The layers stay in the module tree (the split mode hooks modules by path)."""
+    restore = skip_last_layers(encoder, count)
+    try:
+        yield
+    finally:
+        restore()
+
+
+def skip_last_layers(encoder: Any, count: int) -> Callable[[], None]:
+    """The encoder runs without its last `count` layers from now on, so its final layer norm reads the layer before
+    them, as A1111's Clip skip and kohya's --clip_skip do; returns the function that puts them back. The layers stay
+    in the module tree (the split mode hooks modules by path), and a LoRA added now leaves them out
+    (stylelora.lora.inject.text_encoder_lora_targets)."""
     import torch
 
-    owner = next(module for module in encoder.modules() if isinstance(getattr(module, "layers", None),
-                                                                       torch.nn.ModuleList))
+    owner = next(module for module in encoder.modules()
+                 if isinstance(getattr(module, "layers", None), torch.nn.ModuleList))
     layers = owner.layers
     if count >= len(layers):
         raise ValueError(f"Clip skip {count + 1} leaves none of the text encoder's {len(layers)} layers: use "
                          f"{len(layers)} at most (2 is the usual value).")
     owner.layers = _FirstLayers(layers, len(layers) - count)
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         owner.layers = layers
+
+    return restore
 
 
 def _FirstLayers(layers: Any, count: int) -> Any:  # noqa: N802 (reads as the class it makes)

@@ -70,12 +70,16 @@ def unet_lora_targets(unet: nn.Module, preset: str = "kohya") -> LoraTargets:
 
 
 def text_encoder_lora_targets(text_encoder: nn.Module) -> LoraTargets:
-    """Attention (q/k/v/out_proj) and MLP (fc1/fc2) Linears of every CLIP encoder layer: kohya's text-encoder set."""
+    """Attention (q/k/v/out_proj) and MLP (fc1/fc2) Linears of every CLIP encoder layer that runs: kohya's
+    text-encoder set (layers a clip skip leaves out, stylelora.generate.prompt_reading.skip_last_layers, get none:
+    they would get no gradient)."""
     in_encoder_layers = re.compile(r"(^|\.)encoder\.layers\.\d+\.")
+    skipped = _skipped_layer_paths(text_encoder)
     paths = tuple(
         path
         for path, _ in adaptable_layers(text_encoder)
         if in_encoder_layers.search(path) and path.rsplit(".", 1)[-1] in TEXT_ENCODER_PROJECTIONS
+        and not any(path.startswith(prefix) for prefix in skipped)
     )
     if not paths:
         raise ValueError(
@@ -83,6 +87,18 @@ def text_encoder_lora_targets(text_encoder: nn.Module) -> LoraTargets:
             f"{type(text_encoder).__name__}: is this a transformers CLIPTextModel?"
         )
     return LoraTargets(linear=paths)
+
+
+def _skipped_layer_paths(text_encoder: nn.Module) -> tuple[str, ...]:
+    """"path." of each encoder layer its layer list holds but does not run (iterating it yields the ones that run)."""
+    for path, module in text_encoder.named_modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            running = {id(layer) for layer in layers}
+            prefix = f"{path}.layers." if path else "layers."
+            return tuple(f"{prefix}{index}." for index, layer in enumerate(layers._modules.values())
+                         if id(layer) not in running)
+    return ()
 
 
 def lora_config(targets: LoraTargets, *, rank: int, alpha: float, conv_rank: int | None = None,

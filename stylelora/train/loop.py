@@ -40,6 +40,7 @@ from stylelora.data.checks import (CheckedImage, CheckResult, check_items, skip_
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
 from stylelora.data.scan import ScanReport, TrainItem, scan_folder, trigger_pattern
+from stylelora.generate.prompt_reading import skip_last_layers
 from stylelora.lora.components import text_encoders
 from stylelora.lora.inject import adapters_disabled
 from stylelora.models.heap import return_freed_memory
@@ -142,6 +143,11 @@ def run_training(config: TrainConfig) -> Path:
     config = with_coined_trigger_rules(run_settings(with_model_defaults(config, **model_geometry(pipe))),
                                        pipe.tokenizer, data.triggers)
     say(long_captions_note(data.items, pipe.tokenizer, config.data.caption_variants))
+    if config.train.clip_skip > 1:  # for the whole run: training, preservation, company words and sample grids
+        try:
+            skip_last_layers(pipe.text_encoder, config.train.clip_skip - 1)
+        except ValueError as error:
+            raise ConfigError(f"train.clip_skip: {error}") from None
     set_seed(config.train.seed)  # identical LoRA initialisation on every process
     lora = _add_lora(config, pipe)
 
@@ -590,6 +596,7 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
         # Frozen encoders (both of SDXL's, as kohya's sdxl_train_network caches them): each caption encoded once.
         te_2, tokenizer_2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
         identity = model_identity("text_encoder", pipe.text_encoder) + f"+vocab{len(pipe.tokenizer)}"
+        identity += f"+clipskip{config.train.clip_skip}" if config.train.clip_skip > 1 else ""  # another reading
         if te_2 is not None:
             identity += "+" + model_identity("text_encoder_2", te_2) + f"+vocab{len(tokenizer_2)}"
         text_cache = TextEmbeddingCache(text_encode_fn(pipe.text_encoder, pipe.tokenizer, device, te_2, tokenizer_2),
