@@ -90,3 +90,41 @@ def test_long_labels_keep_their_distinguishing_end_inside_their_cell():
         shown = _fitted(draw, name, 96)
         assert draw.textlength(shown) <= 96 and shown.startswith("…") and shown.endswith(name[-10:])  # stepNNNNNN
     assert _fitted(draw, "seed 1", 96) == "seed 1"
+
+
+def test_a_prompt_axis_is_a1111s_prompt_search_and_replace(world):
+    axis = parse_axis('prompt=red, blue,"green, striped"')
+    assert axis.values == ("red", "blue", "green, striped") and axis.label("green, striped") == "green, striped"
+    assert axis.values_text() == 'red,blue,"green, striped"'  # what the grid PNG records, read back the same
+    assert parse_axis(f"prompt={axis.values_text()}").values == axis.values
+    request = GenerateRequest("a red circle, red sky", negative_prompt="red blur")
+    cell = cell_request(request, [(axis, "green, striped")])
+    assert (cell.prompt, cell.negative_prompt) == ("a green, striped circle, green, striped sky", "green, striped blur")
+    assert cell_request(request, [(axis, "red")]) == request  # the first value: the prompt as typed
+    removed = parse_axis("prompt=red ,")  # an empty value takes the words out
+    assert removed.values == ("red", "") and removed.label("") == "(removed)"
+    assert cell_request(request, [(removed, "")]).prompt == "a  circle,  sky"  # as A1111: the tokenizer drops spaces
+    with pytest.raises(ValueError):
+        parse_axis("prompt=,red")  # nothing to find
+    with pytest.raises(ValueError, match="'yellow' .* is in neither the prompt nor the negative prompt"):
+        cell_request(GenerateRequest("a red circle"), [(parse_axis("prompt=yellow,blue"), "blue")])
+
+
+def test_a_grid_compares_samplers_and_prompt_words_and_refuses_a_bad_one_before_drawing(world, tmp_path):
+    from stylelora.generate.pngmeta import parse_parameters, read_png_parameters
+    from stylelora.generate.xy_grid import precheck_grid
+
+    with pytest.raises(ValueError, match="Unknown sampler 'fancy'"):
+        parse_axis("sampler=euler,fancy")
+    with pytest.raises(ValueError, match="is in neither the prompt"):
+        precheck_grid(GenerateRequest("a cat"), parse_axis("prompt=dog,fox"), None)
+    pipe = load_tiny_base(world["base"])
+    request = GenerateRequest("a red cat", steps=2, seed=4)
+    x, y = parse_axis("sampler=ddim,euler"), parse_axis("prompt=red,blue")
+    result = xy_grid(pipe, None, request, x, y, out_path=tmp_path / "g.png")
+    assert [(image.params.sampler, image.params.prompt) for image in result.images] == [
+        ("DDIM", "a red cat"), ("Euler", "a red cat"), ("DDIM", "a blue cat"), ("Euler", "a blue cat")]
+    assert not numpy.array_equal(pixels(result.images[0]), pixels(result.images[1]))
+    assert not numpy.array_equal(pixels(result.images[0]), pixels(result.images[2]))
+    extra = parse_parameters(read_png_parameters(result.path)).extra
+    assert (extra["X Type"], extra["Y Type"], extra["Y Values"]) == ("sampler", "prompt", "red,blue")

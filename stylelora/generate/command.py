@@ -31,11 +31,13 @@ def add_generate_parsers(subparsers) -> None:
     gen.set_defaults(handler=cmd_generate)
 
     grid = subparsers.add_parser("grid",
-                                 help="X/Y grid: adapters x weights, or two of weight/seed/cfg/steps/blend_mode/dial")
+                                 help="X/Y grid: adapters x weights, or two of weight/seed/cfg/steps/sampler/prompt/...")
     _add_generation_args(grid)
     grid.add_argument("--x", required=True, metavar="KIND=V1,V2",
-                      help="columns; KIND: adapter|weight|unet_weight|te_weight|blocks|seed|cfg|steps|blend_mode|dial "
-                           "(blocks: lbw= values separated by ';', e.g. blocks=none;OUTALL)")
+                      help="columns; KIND: adapter|weight|unet_weight|te_weight|blocks|seed|cfg|steps|blend_mode|dial"
+                           "|clip_skip|sampler|prompt (blocks: lbw= values separated by ';', e.g. blocks=none;OUTALL; "
+                           "prompt: A1111's Prompt S/R, the first value the words each value replaces, e.g. "
+                           "'prompt=red,blue,\"green, striped\"')")
     grid.add_argument("--y", metavar="KIND=V1,V2", help="second axis (rows)")
     grid.add_argument("--out", help=f"grid PNG or folder (default {DEFAULT_GRIDS_DIR}/NNNNN-grid.png)")
     grid.add_argument("--overwrite", action="store_true", help="replace the --out PNG file if it exists")

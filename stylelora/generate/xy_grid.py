@@ -1,11 +1,12 @@
-"""X/Y grids: one request varied along two axes (adapter, weight, blocks, seed, cfg, steps, blend mode, dial) into one
-PNG.
+"""X/Y grids: one request varied along two axes (adapter, weight, blocks, seed, cfg, steps, blend mode, dial, clip
+skip, sampler, prompt words) into one PNG.
 
 Axes: `adapter` adds one adapter per column/row ("none" for the base); `weight`, `unet_weight`, `te_weight` set
 the weight of the axis adapter, or of a named target, or of every adapter in the request, and `blocks` its block
 weights (`lbw=` values, separated by `;` since a value holds commas; "none" for none); `seed`, `cfg`, `steps`
 `blend_mode` (sum, ties, split: the same adapters combined each way) and `dial` (weights, reading: what the weights
-turn) replace the request's value. Every cell
+turn), `clip_skip` and `sampler` replace the request's value; `prompt` is A1111's Prompt S/R (the first value is
+the words to find, each value what they become, in the prompt and the negative prompt). Every cell
 shares the request's (resolved) seed unless seed is an axis, so cells differ only by what the axes say.
 """
 from __future__ import annotations
@@ -22,12 +23,12 @@ from stylelora.generate.reading_dial import check_dial
 from stylelora.lora.spec import AdapterSpec
 
 AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "blocks", "seed", "cfg", "steps", "blend_mode",
-              "dial", "clip_skip")
+              "dial", "clip_skip", "sampler", "prompt")
 NO_ADAPTER = "none"
 NO_BLOCKS = "none"
 LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "blocks": "lbw", "seed": "seed", "cfg": "cfg",
           "steps": "steps", "blend_mode": "mode", "dial": "dial", "clip_skip": "clip skip"}
-REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode", "dial", "clip_skip")  # axes that replace one request field
+REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode", "dial", "clip_skip", "sampler")  # replace one request field
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,15 @@ class XYAxis:
             raise ValueError(f"Unknown grid axis {self.kind!r}; choose one of {', '.join(AXIS_KINDS)}.")
         if not self.values:
             raise ValueError(f"Grid axis {self.kind} has no values.")
-        cast = {"seed": int, "steps": int, "clip_skip": int, "adapter": str, "blend_mode": _blend_mode, "dial": check_dial,
-                "blocks": _blocks}.get(self.kind, float)
+        cast = {"seed": int, "steps": int, "clip_skip": int, "adapter": str, "blend_mode": _blend_mode,
+                "dial": check_dial, "blocks": _blocks, "sampler": _sampler, "prompt": str}.get(self.kind, float)
         object.__setattr__(self, "values", tuple(_cast(cast, v, self.kind) for v in self.values))
 
     def values_text(self) -> str:
-        """The values as the grid's PNG records them: "; " between block-weight values, which hold commas."""
+        """The values as the grid's PNG records them: "; " between block-weight values, which hold commas, and
+        Prompt S/R values as one CSV row (quoted where they hold commas), as A1111 writes them."""
+        if self.kind == "prompt":
+            return _csv_row(self.values)
         return ("; " if self.kind == "blocks" else ", ").join(map(str, self.values))
 
     def label(self, value: Any, *, added: bool = False) -> str:
@@ -57,6 +61,8 @@ class XYAxis:
             if value == NO_ADAPTER:
                 return "none added" if added else "base"
             return f"+{Path(value).stem}" if added else Path(value).stem
+        if self.kind in ("prompt", "sampler"):
+            return str(value) or "(removed)"  # A1111 labels a Prompt S/R cell with its words
         return f"{LABELS[self.kind]} {format_weight(value) if isinstance(value, float) else value}"
 
 
@@ -86,8 +92,40 @@ def _blocks(value: str) -> str:
 
 def axis_values(kind: str, text: str) -> list[str]:
     """The values of "KIND=..." after the "=": separated by commas, or for block weights (which hold commas) by
-    semicolons."""
+    semicolons; Prompt S/R values are one CSV row, as A1111 reads them, so a quoted value may hold commas."""
+    if kind.strip() == "prompt":
+        import csv
+
+        values = [value.strip() for value in next(csv.reader([text], skipinitialspace=True), [])]
+        return values if values and values[0] else []  # later values may be empty: the words taken out
     return [value.strip() for value in text.split(";" if kind.strip() == "blocks" else ",") if value.strip()]
+
+
+def _csv_row(values: tuple) -> str:
+    import csv
+    import io
+
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(values)
+    return out.getvalue()
+
+
+def _sampler(value: str) -> str:
+    from stylelora.generate.samplers import resolve_sampler
+
+    resolve_sampler(value)  # an unknown name fails here, with the list, before any cell is drawn
+    return value
+
+
+def replaced_words(request: GenerateRequest, axis: XYAxis, value: str) -> dict[str, str]:
+    """A1111's Prompt S/R: the axis's first value is the words to find, each value what they become, in the prompt
+    and the negative prompt; the words must be in one of them."""
+    search = axis.values[0]
+    if search not in request.prompt and search not in request.negative_prompt:
+        raise ValueError(f"Prompt S/R: {search!r} (the prompt axis's first value, the words each value replaces) is "
+                         "in neither the prompt nor the negative prompt: start the axis with words the prompt has.")
+    return {"prompt": request.prompt.replace(search, value), "negative_prompt": request.negative_prompt.replace(
+        search, value)}
 
 
 def _blend_mode(value: str) -> str:
@@ -162,6 +200,8 @@ def cell_request(request: GenerateRequest, axes: list[tuple[XYAxis, Any]]) -> Ge
             specs += [AdapterSpec(axis_adapter)] if axis_adapter else []
         elif axis.kind in REPLACED_FIELDS:
             changes[axis.kind] = value
+        elif axis.kind == "prompt":
+            changes.update(replaced_words(request, axis, value))
         elif axis.target is None and any(a.kind == "adapter" for a, _ in axes):
             # The weight of the axis adapter; on the "none" cell there is nothing to weigh.
             specs = _set_weights(specs, axis.kind, value, axis_adapter) if axis_adapter else specs
