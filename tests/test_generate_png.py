@@ -224,14 +224,15 @@ def test_bad_requests_are_refused_with_reasons(pipe, changes, message):
     ("a <lora:ink:unet=0.3> cat", "a cat", [LoraTag("ink", 0.3, 1.0)]),
     ("<lora:sub/ink:te=-1:unet=2>", "", [LoraTag("sub/ink", 2.0, -1.0)]),
     ("no tags,  here ", "no tags, here", []),
+    ("a <lyco:ink:0.7> cat", "a cat", [LoraTag("ink", 0.7, 0.7)]),  # A1111 reads LyCORIS' tag as a LoRA tag
 ])
 def test_parse_prompt(prompt, clean, tags):
     assert parse_prompt(prompt) == (clean, tags)
 
 
 @pytest.mark.parametrize("prompt", ["<lora:ink:abc>", "<lora::1>", "<lora:ink:1:2:3>", "<lora:ink:dyn=4>",
-                                    "<lora:ink:lbw=1,x>", "a <lyco:ink:1>", "<lora:ink:0.8 a red circle",
-                                    "a <LORA:ink:1> cat", "<Lora:ink:1"])
+                                    "<lora:ink:lbw=1,x>", "a <hypernet:ink:1>", "<lora:ink:0.8 a red circle",
+                                    "a <LORA:ink:1> cat", "<Lora:ink:1", "<lyco:ink:1"])
 def test_bad_tags_are_refused(prompt):
     with pytest.raises(PromptTagError):
         parse_prompt(prompt)

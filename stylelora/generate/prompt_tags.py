@@ -16,9 +16,9 @@ from pathlib import Path
 from stylelora.lora.block_weights import BlockWeightError, parse_ratios
 from stylelora.lora.spec import AdapterSpec
 
-TAG_PATTERN = re.compile(r"<lora:([^<>]*)>")
-OTHER_NETWORK_PATTERN = re.compile(r"<(lyco|hypernet|embedding|ti):[^<>]*>", re.IGNORECASE)
-STRAY_TAG_PATTERN = re.compile(r"<\s*lora\s*:[^<>]{0,40}", re.IGNORECASE)  # what is left of a tag mistyped
+TAG_PATTERN = re.compile(r"<(?:lora|lyco):([^<>]*)>")  # A1111 reads <lyco:...> (LyCORIS' old tag) as <lora:...>
+OTHER_NETWORK_PATTERN = re.compile(r"<(hypernet|embedding|ti):[^<>]*>", re.IGNORECASE)
+STRAY_TAG_PATTERN = re.compile(r"<\s*(?:lora|lyco)\s*:[^<>]{0,40}", re.IGNORECASE)  # what is left of a tag mistyped
 ADAPTER_SUFFIX = ".safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 # A training checkpoint's resume state (stylelora.train.checkpoint's CHECKPOINTS_DIR / step-N / WEIGHTS_FILE, named
