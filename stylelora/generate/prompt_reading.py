@@ -1,5 +1,5 @@
 """How a pipeline's text encoders read a prompt for one draw, as A1111 reads it: emphasis weights
-(stylelora.generate.emphasis) and prompts longer than one 77-token window.
+(stylelora.generate.emphasis), prompts longer than one 77-token window, and clip skip (the layer read).
 
 Why: diffusers cuts a prompt at 75 tokens, and A1111 and ComfyUI do not: they read it in windows of 75 tokens (each
 with its own start and end token) and lay the windows' readings side by side, so every word reaches the UNet.
@@ -9,7 +9,9 @@ tools take it. The prompt and its negative are padded to the same number of wind
 
 For one draw `applied` puts a tokenizer in the pipeline that returns these windows' token ids for the draw's prompts
 (every other call goes to the real one), and a text-encoder forward that encodes the windows one at a time. A prompt
-with no emphasis syntax that fits one window changes nothing: the pipeline draws it exactly as before.
+with no emphasis syntax that fits one window changes nothing: the pipeline draws it exactly as before. Clip skip N
+runs the text encoder without its last N - 1 layers, so its final layer norm reads the N-th from the end, as A1111
+and kohya's --clip_skip read it (`skip_last_layers`, which training uses for a whole run).
 """
 from __future__ import annotations
 
