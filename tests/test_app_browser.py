@@ -142,6 +142,68 @@ def test_an_error_quoting_a_lora_tag_shows_the_tag_as_typed(app_url, page):
     expect(page.locator("#stop-generate")).to_be_disabled()  # the refused request ended: nothing to stop
 
 
+def test_a_number_typed_past_a_sliders_end_is_set_to_the_end_with_a_note_saying_so(app_url, page):
+    """Gradio's slider clamps a typed 3 to its maximum 2 when the box loses focus, and that is what Generate sends:
+    the image was drawn at weight 2 without a word (beside a toast "Value 3 is greater than maximum value 2." that
+    named no field). A note under the slider says so now; a value in range takes it away."""
+    expect = sync_api.expect
+    page.goto(app_url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    page.locator("#adapters input").click()
+    page.locator('#adapters li[aria-label="pastel"]').click()  # its row's labels change: gradio rebuilds them
+    page.keyboard.press("Escape")
+    expect(page.locator("#unet-weight-0")).to_contain_text("pastel")
+    box = page.locator("#unet-weight-0 input[type=number]")
+    box.fill("3")
+    box.press("Tab")
+    note = page.locator("#unet-weight-0 .clamp-note")
+    expect(note).to_have_text("Typed 3: this slider goes from -2 to 2, so it was set to 2.")
+    expect(box).to_have_value("2")
+    box.fill("0.5")
+    box.press("Tab")
+    expect(note).to_have_count(0)
+    cfg = page.locator("#cfg input[type=number]")  # as high as the service and a grid's cfg axis take (30)
+    cfg.fill("20")
+    cfg.press("Tab")
+    expect(cfg).to_have_value("20")
+    assert page.locator("#cfg .clamp-note").count() == 0
+    page.wait_for_timeout(500)  # the change events the typing sent have answered
+    assert page.get_by_text(re.compile("greater than maximum value")).count() == 0
+
+
+def test_a_refused_blend_or_trigger_request_leaves_the_adapter_lists_and_prompt_usable(served, page):
+    """A blend refused for its name (exists already) covered the Generate tab's Adapters picker and the Adapters
+    tab's box with gradio's "Error" badge, hiding the adapters chosen; Add trigger words with none chosen covered
+    the prompt. The refusal is a toast; the widgets stay as they were."""
+    from stylelora.app.service import AdapterWeight
+
+    expect = sync_api.expect
+    app_url, service = served
+    if not (service.adapters_dir / "blends" / "taken.safetensors").exists():
+        service.blend((AdapterWeight("pastel"),), "taken")
+    page.goto(app_url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    page.get_by_role("button", name="Add trigger words").click()
+    expect(page.get_by_text("Choose adapters first")).to_be_visible(timeout=30_000)
+    assert page.locator("#prompt .error").count() == 0
+    expect(page.locator("#prompt textarea")).to_be_editable()
+    page.locator("#adapters input").click()
+    page.locator('#adapters li[aria-label="pastel"]').click()
+    page.keyboard.press("Escape")
+    page.get_by_role("tab", name="Blend").click()
+    page.get_by_label("New adapter name").fill("taken")
+    page.get_by_role("button", name="Save blend").click()
+    expect(page.get_by_text("blends/taken.safetensors exists already")).to_be_visible(timeout=30_000)
+    page.get_by_role("tab", name="Generate").click()
+    assert page.locator("#adapters .error").count() == 0
+    expect(page.locator("#adapters")).to_contain_text("pastel")  # still chosen, and shown
+    page.locator("#adapters input").click()  # and still a picker: nothing lies over it
+    expect(page.locator('#adapters li[aria-label="styles/stripes"]')).to_be_visible()
+    page.keyboard.press("Escape")
+    page.get_by_role("tab", name="Adapters").click()
+    assert page.locator("#adapter-name .error").count() == 0
+
+
 def test_stop_ends_a_running_generation_and_saves_nothing(served, page):
     expect = sync_api.expect
     app_url, service = served

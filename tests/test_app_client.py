@@ -308,6 +308,45 @@ def test_a_number_out_of_its_boxs_range_is_refused_with_the_box_named(app):
     assert not (service.adapters_dir / "no-steps").exists()
 
 
+def test_a_whole_number_box_refuses_a_fraction_instead_of_rounding_it(app):
+    """gradio rounded a rank of 1.5 to 2 (and a seed of 1.5 to 2) and saved or drew that without a word."""
+    _, service, client = app
+    for values, endpoint, message in (
+            ({"adapters": ["pastel"], "name": "r-half", "mode": "rank", "rank": 1.5}, "/blend",
+             r"Rank must be a whole number \(got 1\.5\)\."),
+            ({"prompt": PROMPT, "seed": 1.5, "steps": 1}, "/generate", r"Seed must be a whole number \(got 1\.5\)\.")):
+        with pytest.raises(gradio_client.exceptions.AppError, match=message):
+            client.predict(**values, api_name=endpoint)
+    assert not (service.adapters_dir / "blends" / "r-half.safetensors").exists()
+
+
+def test_a_png_dropped_in_generate_fills_in_its_settings_and_draws_again(app, tmp_path):
+    """A1111's PNG Info + "Send to txt2img": the app wrote A1111 parameters into every PNG but could not read them
+    back; its settings had to be copied box by box. Read, they draw the same image again."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    _, _, client = app
+    weights = [0.8, 0.5, 1.0, 1.0, *NO_WEIGHTS]
+    gallery, parameters = client.predict(*generate_args(["styles/stripes", "pastel"], weights, 31), "ties",
+                                         api_name="/generate")
+    (chosen, prompt, negative, steps, cfg, sampler, seed, size, batch, mode, dial, note, box) = client.predict(
+        file=handle_file(gallery[0]["image"]), api_name="/read_png")
+    assert (chosen, steps, seed, size, batch, mode, dial, box) == ([], STEPS, 31, "32x32", 1, "ties", "weights", None)
+    assert prompt == f"{PROMPT} <lora:stripes:te=0.5:unet=0.8> <lora:pastel:1>" and sampler == "ddim"
+    assert note.startswith("Read ") and "the adapters chosen above were cleared, as the tags carry them" in note
+    again, parameters_again = client.predict(
+        "toy", chosen, *NO_WEIGHTS * 2, prompt, negative, steps, cfg, sampler, seed, size, batch, mode, dial,
+        api_name="/generate")
+    assert parameters_again == parameters
+    with Image.open(gallery[0]["image"]) as first, Image.open(again[0]["image"]) as second:
+        assert numpy.array_equal(numpy.asarray(first), numpy.asarray(second))
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"plain\.png has no A1111 'parameters' text"):
+        client.predict(file=handle_file(str(plain)), api_name="/read_png")
+
+
 def test_a_nan_adapter_and_one_for_another_base_are_refused_on_upload_leaving_nothing(app, tmp_path):
     from gradio_client import handle_file
 

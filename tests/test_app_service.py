@@ -390,7 +390,7 @@ def test_sizes_offered_and_allowed_are_relative_to_the_bases_native_size(service
     with pytest.raises(AppError, match=r"1024 is this server's limit \(--max-side"):
         fixed.request(settings(size="2048"))
     small = AppService(service.adapters_dir, datasets_dir=service.datasets_dir, limits=Limits(max_side=24))
-    assert small.size_choices("toy") == ["native"]  # no size over the limit is offered
+    assert small.size_choices("toy") == ["24x24"]  # no size over the limit is offered, the native 32 px neither
 
 
 def test_grid_axes_are_held_to_the_limits_of_generate(service):

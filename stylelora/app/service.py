@@ -104,10 +104,22 @@ class Limits:
             raise AppError(f"{label} must be a {'whole ' if whole else ''}number (got {value!r}).")
         if not low <= number <= high:
             if isinstance(limit, str):
-                why = f"{high:g} is this server's limit ({self.FLAGS[limit]} when starting the app)"
+                why = f"{_plain_number(high)} is this server's limit ({self.FLAGS[limit]} when starting the app)"
             where = f"; {why}" if why else ""
-            raise AppError(f"{label} must be between {low:g} and {high:g} (got {value!r}){where}.")
+            raise AppError(f"{label} must be between {_plain_number(low)} and {_plain_number(high)} (got {value!r})"
+                           f"{where}.")
         return int(number) if whole else number
+
+
+def _largest_side(geometry: dict[str, int], high: int) -> int:
+    """The largest image side up to `high` that a base of this geometry draws (a multiple of its downsampling)."""
+    step = geometry["downsample_factor"]
+    return max(high // step * step, step)
+
+
+def _plain_number(number: float) -> str:
+    """A bound as a person reads it: 4294967295, not :g's 4.29497e+09 (a seed's); 0.5 as 0.5."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
 @dataclass(frozen=True)
@@ -341,12 +353,26 @@ class AppService:
         for pipe in pipes:
             self.stack(pipe).forget(path)
 
+    def read_parameters(self, path: str | Path):
+        """The GenerateRequest that draws an image again from the A1111 `parameters` its PNG carries (ours or
+        A1111's): its adapters as <lora:...> tags in the prompt, resolved in the adapters folder when it is drawn (a
+        name two files share told apart by the recorded hash). AppError when the file holds none."""
+        from stylelora.generate.generate import request_from_parameters
+        from stylelora.generate.pngmeta import read_png_parameters
+
+        try:
+            return request_from_parameters(read_png_parameters(path), self.adapters_dir)
+        except (ValueError, OSError) as error:  # no parameters, not A1111's, not an image
+            name, text = Path(path).name, str(error)
+            raise AppError(text if name in text else f"{name}: {text}") from None
+
     def inspect(self, name: str, as_json: bool = False) -> str:
         """What `stylelora inspect` prints for the adapter: layout, base family, ranks, triggers, training."""
         from stylelora.lora.inspect import format_inspect, inspect_adapter
 
         info = inspect_adapter(self.adapter_path(name))
-        return json.dumps(info, indent=2) if as_json else format_inspect(info)
+        # The file's path as the adapters folder's, as in every message: the JSON held the server's absolute path.
+        return self.shown(json.dumps(info, indent=2) if as_json else format_inspect(info))
 
     def prompt_with_triggers(self, prompt: str, names: Sequence[str]) -> str:
         """The prompt with the chosen adapters' trigger words in front (those not in it already), as `generate
@@ -414,9 +440,23 @@ class AppService:
             return self.limits.summary()
         return self.limits.summary({base: self.max_side(base) for base in self.bases})
 
+    def _check_native_side(self, base: str) -> None:
+        """'native' is held to --max-side too: on a base whose native size is larger, it is refused, the largest
+        size allowed named (it was drawn at the native size, over the limit the header states)."""
+        if not self.limits.max_side:
+            return  # the default limit is twice the native size
+        geometry = self.native_geometry(base)
+        native, high = geometry["native_resolution"], self.limits.max_side
+        if native > high:
+            side = _largest_side(geometry, high)
+            raise AppError(f"The native size of {base} is {native} px a side, over this server's limit of {high} px "
+                           f"(--max-side when starting the app): choose a size up to {high} px, e.g. {side}x{side}.")
+
     def size_choices(self, base: str) -> list[str]:
         """The sizes the Generate tab offers for a base: "native", then the base's training buckets (about its
-        native area, sides a multiple of its downsampling factor) nearest the COMMON_ASPECTS, within its max side."""
+        native area, sides a multiple of its downsampling factor) nearest the COMMON_ASPECTS, within its max side.
+        Where --max-side is below the native size, neither "native" nor a bucket over it is offered (the largest
+        square allowed, if no bucket fits)."""
         from stylelora.config import TrainConfig, with_model_defaults
         from stylelora.data.buckets import BucketConfig, make_buckets, select_bucket
 
@@ -426,7 +466,11 @@ class AppService:
         buckets = make_buckets(config)
         sizes = dict.fromkeys(select_bucket(width, height, config, buckets) for width, height in COMMON_ASPECTS)
         high = self.limits.side_limit(geometry["native_resolution"])
-        return ["native", *(f"{width}x{height}" for width, height in sizes if max(width, height) <= high)]
+        allowed = [f"{width}x{height}" for width, height in sizes if max(width, height) <= high]
+        if geometry["native_resolution"] <= high:
+            return ["native", *allowed]
+        side = _largest_side(geometry, high)
+        return allowed or [f"{side}x{side}"]
 
     def preload(self, base: str, pipe=None):
         """Load a base now (or adopt an already loaded pipeline for it, e.g. in a notebook); returns it."""
@@ -481,11 +525,17 @@ class AppService:
         cfg = limits.check("CFG scale", settings.cfg, 0, CFG_LIMIT, whole=False)
         seed = limits.check("Seed", settings.seed, -1, MAX_SEED)
         size = (settings.size or "").strip()
-        width, height = parse_size(size if size and size != "native" else None)
+        try:
+            width, height = parse_size(size if size and size != "native" else None)
+        except ValueError:  # the library's message names the CLI's --size, which the app has not
+            raise AppError(f"Image size {size!r}: write WIDTHxHEIGHT or one number for a square, or choose one the "
+                           "Size box lists for this base.") from None
         if width is not None:
             native = self.native_geometry(settings.base)["native_resolution"]
             for side in (width, height):
                 limits.check_side(f"Image size {size}: each side", side, settings.base, native)
+        else:
+            self._check_native_side(settings.base)
         return GenerateRequest(
             prompt=settings.prompt or "", negative_prompt=settings.negative_prompt or "", steps=steps,
             cfg=cfg, sampler=settings.sampler or None, seed=seed, width=width,
@@ -589,6 +639,9 @@ class AppService:
                            f"limit of {self.limits.max_grid_cells} cells (--max-grid-cells): use fewer values.")
         request = self.request(settings)
         notes = precheck_grid(request, *axes)  # every cell, so a bad one fails before the first is drawn
+        if settings.batch_size > 1:  # the Generate tab's Batch, which a grid does not use: said, not dropped unsaid
+            notes = [*notes, f"A grid draws one image per cell: the Generate tab's Batch ({settings.batch_size}) is "
+                             "not used here."]
         for note in notes if notify is not None else ():
             notify(note)
         steps_axis = next((axis for axis in axes if axis is not None and axis.kind == "steps"), None)

@@ -11,6 +11,7 @@ import html
 import logging
 import re
 import time
+from abc import ABCMeta
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from typing import Any
 import gradio as gr
 
 from stylelora.app.errors import AppError
-from stylelora.app.service import MAX_ADAPTERS, AdapterWeight, AppService, GenerateSettings
+from stylelora.app.service import CFG_LIMIT, MAX_ADAPTERS, AdapterWeight, AppService, GenerateSettings
 from stylelora.generate.prompt_tags import is_checkpoint
 from stylelora.app.training import TrainSettings
 from stylelora.generate.reading_dial import DEFAULT_DIAL, DIALS
@@ -43,6 +44,7 @@ CSS = """
 #grid .image-frame { width: 100%; }
 #grid img { width: 100%; height: auto; max-height: 85vh; object-fit: contain; }
 .gradio-container .block .head > label { flex: 1 0 auto; max-width: 100%; }
+.clamp-note { color: var(--error-text-color, #b91c1c); font-size: var(--text-sm, 0.875em); margin-top: 4px; }
 """
 # Scripts that run in the page alone (no server call). FOLLOW_NEWEST_LINE: a log box stays on its newest line as
 # its text changes, unless the reader has scrolled up (until they scroll back to the end). PRESSABLE: the update
@@ -59,6 +61,38 @@ FOLLOW_NEWEST_LINE = """() => {
   if (box.dataset.follow === "yes") box.scrollTop = box.scrollHeight;
 }"""
 PRESSABLE = "() => ({__type__: 'update', interactive: %s})"
+# CLAMP_NOTE (once per page): gradio's slider clamps a number typed out of its range when its box loses focus, and
+# the clamped value is what a request sends; a note under the slider says so (typed 3: set to 2), until a value in
+# range is typed or the slider is dragged. Read in the capture phase, before gradio's own blur handler clamps it.
+CLAMP_NOTE = """() => {
+  if (window.styleloraClampNote) return;
+  window.styleloraClampNote = true;
+  document.addEventListener("blur", (event) => {
+    const box = event.target;
+    if (!(box instanceof HTMLInputElement) || box.type !== "number") return;
+    const block = box.closest(".block");
+    if (!block || !block.querySelector("input[type=range]")) return;
+    const low = parseFloat(box.min), high = parseFloat(box.max), typed = parseFloat(box.value);
+    let note = block.querySelector(".clamp-note");
+    if (Number.isNaN(typed) || (typed >= low && typed <= high)) { if (note) note.remove(); return; }
+    if (!note) {
+      note = document.createElement("div");
+      note.className = "clamp-note";
+      block.appendChild(note);
+    }
+    const set = Math.min(Math.max(typed, low), high);
+    note.textContent = `Typed ${typed}: this slider goes from ${low} to ${high}, so it was set to ${set}.`;
+  }, true);
+  document.addEventListener("input", (event) => {
+    const range = event.target;
+    if (range instanceof HTMLInputElement && range.type === "range") {
+      range.closest(".block")?.querySelector(".clamp-note")?.remove();
+    }
+  }, true);
+}"""
+# OVERLAY_NOTE: gradio marks every output of a refused request with an "Error" badge that covers the widget until
+# its × is pressed. Events that refresh the adapter lists (Generate's Adapters, Adapters' Adapter) show their progress
+# and errors on their own report widget instead: a blend refused for its name hid the adapters chosen for Generate.
 BLOCK_WEIGHTS_INFO = ("empty: every block at 1. Else as A1111's LoRA Block Weight: a preset (OUTALL, INALL, MIDD, "
                       "...) or one weight per UNet block, BASE first: BASE,IN..,M..,OUT.. (17 on SD 1.x)")
 log = logging.getLogger(__name__)
@@ -201,9 +235,8 @@ class GenerateInputs:
         self.rows, self.weights, self.blocks = [], [], []
         for i in range(MAX_ADAPTER_ROWS):
             with gr.Row(visible=False, elem_id=f"adapter-row-{i}") as row:
-                unet = _lenient(gr.Slider(-2, 2, value=1, step=0.05, label="UNet weight", elem_id=f"unet-weight-{i}"))
-                te = _lenient(gr.Slider(-2, 2, value=1, step=0.05, label="Text-encoder weight",
-                                        elem_id=f"te-weight-{i}"))
+                unet = LenientSlider(-2, 2, value=1, step=0.05, label="UNet weight", elem_id=f"unet-weight-{i}")
+                te = LenientSlider(-2, 2, value=1, step=0.05, label="Text-encoder weight", elem_id=f"te-weight-{i}")
                 # The placeholder fits the box's width; what to write is in the info line.
                 blocks = gr.Textbox("", label="Block weights (lbw=)", elem_id=f"blocks-{i}", max_lines=1,
                                     placeholder="all 1", info=BLOCK_WEIGHTS_INFO)
@@ -218,19 +251,20 @@ class GenerateInputs:
         self.negative = gr.Textbox("", label="Negative prompt", lines=1, elem_id="negative-prompt")
         with gr.Row():
             limits, (steps, cfg) = service.limits, service.sampling_defaults()
-            self.steps = _lenient(gr.Slider(1, limits.max_steps, value=min(steps, limits.max_steps), step=1,
-                                            label=f"Steps (up to {limits.max_steps})", elem_id="steps"))
-            self.cfg = _lenient(gr.Slider(1, 15, value=cfg, step=0.5, label="CFG scale", elem_id="cfg"))
+            self.steps = LenientSlider(1, limits.max_steps, value=min(steps, limits.max_steps), step=1,
+                                       label=f"Steps (up to {limits.max_steps})", elem_id="steps")
+            # Up to the CFG the service and a grid's cfg axis accept (A1111's slider goes to 30 too): a CFG of 20
+            # typed here was clamped to 15.
+            self.cfg = LenientSlider(1, CFG_LIMIT, value=cfg, step=0.5, label="CFG scale", elem_id="cfg")
             self.sampler = gr.Dropdown([DEFAULT_SAMPLER, *available_samplers()], value=DEFAULT_SAMPLER,
                                        label="Sampler", elem_id="sampler")
         with gr.Row():
-            self.seed = _named_bounds(gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1,
-                                                elem_id="seed"))
+            self.seed = NamedNumber(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, elem_id="seed")
             self.random_seed = gr.Button("Random seed", size="sm", scale=0, min_width=90)
             self.reuse_seed = gr.Button("Last seed", size="sm", scale=0, min_width=90)
             self.size = gr.Dropdown(**size_box(service, service.bases[0]), allow_custom_value=True, elem_id="size")
-            self.batch = _lenient(gr.Slider(1, limits.max_batch, value=1, step=1, elem_id="batch-size",
-                                            label=f"Batch (up to {limits.max_batch})"))
+            self.batch = LenientSlider(1, limits.max_batch, value=1, step=1, elem_id="batch-size",
+                                       label=f"Batch (up to {limits.max_batch})")
             self.blend_mode = gr.Dropdown(list(BLEND_MODES), value=DEFAULT_BLEND_MODE, label="Blend mode",
                                           elem_id="blend-mode",
                                           info="how 2+ adapters combine; split (default): each adapter's "
@@ -265,42 +299,50 @@ class GenerateInputs:
 
 def size_box(service: AppService, base: str, current: str | None = "native") -> dict:
     """The size box's choices, label and value for a base: its own sizes (AppService.size_choices) and largest side;
-    the size chosen stays if the base offers it too, else "native"."""
+    the size chosen stays if the base offers it too, else its first ("native", unless that is over --max-side)."""
     try:
         choices, high = service.size_choices(base), service.max_side(base)
     except _user_errors():  # a base whose files cannot be read: only its native size; Generate says what is wrong
         return {"choices": ["native"], "label": "Size (WxH)", "value": "native"}
     return {"choices": choices, "label": f"Size (WxH, up to {high} a side)",
-            "value": current if current in choices else "native"}
+            "value": current if current in choices else choices[0]}  # "native", unless over --max-side
 
 
-def _lenient(slider: gr.Slider) -> gr.Slider:
-    """The slider without gradio's own range check, so an API value out of range reaches the service, which
-    refuses it with the field and the server's limit named (gradio's message names neither)."""
-    def preprocess(payload):
-        return payload if payload is None else gr.Number.round_to_precision(payload, slider.precision)
+def _page_widget(base: type, name: str, doc: str, preprocess: Callable) -> type:
+    """`base`, a gradio component, with its own preprocess; the page draws it with base's own component.
 
-    slider.preprocess = preprocess
-    return slider
+    A class, not a patched instance: gradio rebuilds a widget's per-page copy from its class once an event updates it
+    (a weight row's label, when an adapter is chosen), and the patched check was lost there. Made by ABCMeta.__new__,
+    not a class statement: gradio's ComponentMeta.__new__ writes a .pyi stub of the defining module beside it
+    (stylelora/app/ui.pyi, which type checkers then read instead of ui.py), and for a subclass that adds no __init__
+    or EVENTS that stub is all it adds."""
+    return ABCMeta.__new__(type(base), name, (base,), {
+        "__module__": __name__, "__qualname__": name, "__doc__": doc, "is_template": True, "preprocess": preprocess})
 
 
-def _named_bounds(number: gr.Number) -> gr.Number:
-    """The number box with its range checked as gradio does, in a message that names the box: gradio's own
-    ("Value -7 is less than minimum value -1.") names no field, in a page of many. (A slider's page clamps a typed
-    value itself, silently; its server-side check is the service's, see _lenient.)"""
-    check, low, high = number.preprocess, number.minimum, number.maximum
-    name = str(number.label or "This value").split(" (")[0]
+def _lenient_preprocess(self, payload):
+    return payload if payload is None else gr.Number.round_to_precision(payload, self.precision)
 
-    def preprocess(payload):
-        if isinstance(payload, (int, float)) and not isinstance(payload, bool) and (
-                (low is not None and payload < low) or (high is not None and payload > high)):
+
+def _named_preprocess(self, payload):
+    name, low, high = str(self.label or "This value").split(" (")[0], self.minimum, self.maximum
+    if isinstance(payload, (int, float)) and not isinstance(payload, bool):
+        if (low is not None and payload < low) or (high is not None and payload > high):
             bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None else
                       f"at least {low:g}" if low is not None else f"at most {high:g}")
             raise gr.Error(f"{name} must be {bounds} (got {payload:g}).", print_exception=False)
-        return check(payload)
+        if self.precision == 0 and payload != int(payload):
+            raise gr.Error(f"{name} must be a whole number (got {payload:g}).", print_exception=False)
+    return gr.Number.preprocess(self, payload)
 
-    number.preprocess = preprocess
-    return number
+
+LenientSlider = _page_widget(gr.Slider, "LenientSlider", """A slider without gradio's own range check, so an API value
+    out of range reaches the service, which refuses it with the field and the server's limit named (gradio's message
+    names neither). In the page, a number typed out of range is clamped by gradio's slider: CLAMP_NOTE says so.""",
+                             _lenient_preprocess)
+NamedNumber = _page_widget(gr.Number, "NamedNumber", """A number box whose range (and, with precision 0, wholeness) is
+    checked in a message that names the box: gradio's own ("Value -7 is less than minimum value -1.") names no field,
+    in a page of many, and gradio rounded a typed 1.5 to 2 without a word.""", _named_preprocess)
 
 
 def _warn(note: str) -> None:
@@ -391,6 +433,7 @@ def build_ui(service: AppService, *, cache_seconds: int | None = 3600) -> gr.Blo
         _wire_adapters(service, adapters, lists, generate.previous_chosen)
         _wire_train(service, train, lists, demo)
         demo.load(lists.refreshed, lists.widgets, lists.widgets, api_visibility="private")
+        demo.load(None, None, None, js=CLAMP_NOTE, api_visibility="private")
     return demo
 
 
@@ -437,9 +480,14 @@ def _generate_tab(service: AppService) -> SimpleNamespace:
                                  height="auto", object_fit="contain", elem_id="gallery")
             parameters = gr.Textbox(label="Parameters of the first image", lines=4, elem_classes="mono",
                                     elem_id="parameters")
+            # A1111's PNG Info + "Send to txt2img": an image's settings back into the boxes, to draw it again.
+            with gr.Accordion("Draw an image again: read its PNG's parameters", open=False):
+                png = gr.File(label="PNG made by stylelora or A1111", file_types=[".png"], type="filepath",
+                              elem_id="png-info")
+                png_note = gr.Markdown(elem_id="png-info-note")
     return SimpleNamespace(inputs=inputs, button=button, stop=stop, status=status, gallery=gallery,
                            parameters=parameters, last_seed=gr.State(-1), previous_chosen=gr.State([]),
-                           run=gr.State(Run("generation")))
+                           run=gr.State(Run("generation")), png=png, png_note=png_note)
 
 
 def _compare_tab() -> SimpleNamespace:
@@ -466,7 +514,7 @@ def _blend_tab() -> SimpleNamespace:
         mode = gr.Radio(["compact", "exact", "rank"], value="compact", label="Mode",
                         info="compact: the inputs' size (a sum is exact; ties is re-factorised by SVD, error shown); "
                              "exact keeps every rank; rank R re-factorises by SVD")
-        rank = _named_bounds(gr.Number(value=8, precision=0, minimum=1, label="Rank (mode rank)"))
+        rank = NamedNumber(value=8, precision=0, minimum=1, label="Rank (mode rank)")
     with gr.Row():
         fp16 = gr.Checkbox(label="float16 (half the size)")
         overwrite = gr.Checkbox(label="overwrite")
@@ -513,8 +561,8 @@ def _option_widget(spec):
         # A box that can stay empty (the base family's value): gradio's Number shows and sends 0 for no value.
         return gr.Textbox(value="", placeholder=f"empty: {widget.empty}", **common)
     if spec.type in (int, float):
-        return _named_bounds(gr.Number(value=spec.default, precision=0 if spec.type is int else None,
-                                       minimum=widget.minimum, maximum=widget.maximum, **common))
+        return NamedNumber(value=spec.default, precision=0 if spec.type is int else None,
+                           minimum=widget.minimum, maximum=widget.maximum, **common)
     return gr.Textbox(value=spec.default or "", **common)
 
 
@@ -542,8 +590,7 @@ def _train_tab(service: AppService) -> SimpleNamespace:
         with gr.Row():
             dataset_name = gr.Textbox(label="Dataset name", elem_id="dataset-name")
             trigger = gr.Textbox(label="Trigger word (optional)", elem_id="trigger")
-            repeats = _named_bounds(gr.Number(value=10, precision=0, minimum=1, maximum=100, label="Repeats",
-                                              elem_id="repeats"))
+            repeats = NamedNumber(value=10, precision=0, minimum=1, maximum=100, label="Repeats", elem_id="repeats")
             add = gr.Button("Add to datasets", scale=0, min_width=150)
         added = gr.Markdown()
     # Checkboxes get a row of their own: squeezed between number boxes their help text ran one word a line.
@@ -672,8 +719,10 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
             raise AppError("Choose adapters first: their trigger words are added to the prompt.")
         return service.prompt_with_triggers(prompt, adapters)
 
+    # A refusal is a toast; gradio's "Error" badge would cover the prompt itself (show_progress_on: OVERLAY_NOTE).
     inputs.triggers.click(_shown(service, on_triggers), [inputs.prompt, inputs.chosen], inputs.prompt,
-                          api_name="add_triggers")
+                          api_name="add_triggers", show_progress_on=inputs.triggers)
+    _wire_png_info(service, tab)
     inputs.random_seed.click(lambda: -1, None, inputs.seed, api_visibility="private")
     inputs.reuse_seed.click(lambda seed: seed, tab.last_seed, inputs.seed, api_visibility="private")
 
@@ -693,9 +742,47 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
 
     uploaded = inputs.upload.upload(_shown(service, on_upload), inputs_kwargs={
         "file": inputs.upload, "adapters": inputs.chosen, "base": inputs.base}, outputs=[*lists.widgets, inputs.upload],
-        api_name="upload")
+        api_name="upload", show_progress_on=inputs.upload)  # not on the adapter lists: OVERLAY_NOTE
     uploaded.failure(lambda: None, None, inputs.upload, api_visibility="private")  # the refused file leaves the box
     inputs.refresh.click(lists.refreshed, lists.widgets, lists.widgets, api_name="adapters")
+
+
+def _wire_png_info(service: AppService, tab: SimpleNamespace) -> None:
+    """A PNG dropped in the Generate tab's "Draw an image again" box fills in the settings it was drawn with. Its
+    adapters come back as the prompt's <lora:...> tags, so the adapters chosen above are cleared (with both, the
+    weights would add up)."""
+    inputs = tab.inputs
+    outputs = [inputs.chosen, inputs.prompt, inputs.negative, inputs.steps, inputs.cfg, inputs.sampler, inputs.seed,
+               inputs.size, inputs.batch, inputs.blend_mode, inputs.dial, tab.png_note, tab.png]
+
+    def on_png(file):
+        from pathlib import Path
+
+        from stylelora.generate.prompt_tags import parse_prompt
+        from stylelora.generate.samplers import resolve_sampler
+
+        if not file:
+            return (gr.update(),) * len(outputs)
+        try:
+            request = service.read_parameters(file)
+        finally:
+            Path(file).unlink(missing_ok=True)  # gradio's copy
+        try:
+            sampler, unknown = resolve_sampler(request.sampler).key, ""
+        except ValueError:  # e.g. a scheduler class the base has and no sampler names: the base's own
+            sampler, unknown = DEFAULT_SAMPLER, f" Its sampler {request.sampler} is not one offered here: the base's."
+        # An image of fewer than two adapters records no blend mode (all are the same then): the box stays.
+        blended = len(parse_prompt(request.prompt)[1]) >= 2
+        note = (f"Read {Path(file).name}: its prompt (adapters as <lora:...> tags), negative prompt, steps, CFG, "
+                f"sampler, seed {request.seed}, size{' and blend mode' if blended else ''} are set; the adapters "
+                f"chosen above were cleared, as the tags carry them.{unknown} Generate draws it again.")
+        return ([], request.prompt, request.negative_prompt, request.steps, request.cfg, sampler, request.seed,
+                f"{request.width}x{request.height}", 1, request.blend_mode if blended else gr.update(),
+                request.dial or DEFAULT_DIAL, _plain(service.shown(note)), None)
+
+    read = tab.png.upload(_shown(service, on_png), tab.png, outputs, api_name="read_png",
+                          show_progress_on=tab.png_note)
+    read.failure(lambda: None, None, tab.png, api_visibility="private")  # the refused file leaves the box
 
 
 def _stoppable(service: AppService, tab: SimpleNamespace, request: Callable[[], Any]) -> None:
@@ -741,9 +828,11 @@ def _wire_compare(service: AppService, inputs: GenerateInputs, tab: SimpleNamesp
 
 
 def _describe_mix(chosen, *values):
-    """The Blend tab's view of the mix (values: the rows' weights, then their block weights)."""
+    """The Blend tab's view of the mix (values: the rows' weights, their block weights, then the blend modes of the
+    Generate tab and of the Blend tab): with a note where the file will mix it otherwise than Generate drew it."""
+    rows = 2 * MAX_ADAPTER_ROWS
     try:
-        mix = mix_from_values(chosen, values[:2 * MAX_ADAPTER_ROWS], values[2 * MAX_ADAPTER_ROWS:])
+        mix = mix_from_values(chosen, values[:rows], values[rows:rows + MAX_ADAPTER_ROWS])
     except AppError as error:
         return html.escape(str(error))
     if not mix:
@@ -751,14 +840,28 @@ def _describe_mix(chosen, *values):
     def blocks(m: AdapterWeight) -> str:
         return f", lbw={html.escape(m.blocks)}" if m.blocks else ""
 
+    drawn, saved = (list(values[rows + MAX_ADAPTER_ROWS:]) + [None, None])[:2]
     return "Current mix: " + ", ".join(f"**{html.escape(m.name)}** (UNet {m.unet:g}, TE {m.te:g}{blocks(m)})"
-                                       for m in mix)
+                                       for m in mix) + _mode_note(len(mix), drawn, saved)
+
+
+def _mode_note(count: int, drawn: str | None, saved: str | None) -> str:
+    """Two adapters or more drawn in one blend mode and saved in another: the file's images differ from Generate's
+    (the Generate tab's default, split, is one no file can hold; the Blend tab's is sum)."""
+    drawn, saved = drawn or DEFAULT_BLEND_MODE, saved or DEFAULT_FILE_MODE
+    if count < 2 or drawn == saved:
+        return ""
+    held = " (which no file can hold)" if drawn == "split" else ""
+    return (f"\n\nGenerate draws this mix in blend mode **{drawn}**{held}; the file will mix it by **{saved}** "
+            f"(Blend mode below), so its images can differ: compare both with a Compare grid, "
+            f"`blend_mode={drawn},{saved}`.")
 
 
 def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespace, lists: AdapterLists) -> None:
     mix_widgets = [inputs.chosen, *inputs.weights, *inputs.blocks]
-    for widget in mix_widgets:
-        widget.change(_describe_mix, mix_widgets, tab.mix_view, api_visibility="private")
+    shown = [*mix_widgets, inputs.blend_mode, tab.options[5]]  # and the two blend modes: Generate's, the file's
+    for widget in shown:
+        widget.change(_describe_mix, shown, tab.mix_view, api_visibility="private")
     count, rows = len(tab.options), 2 * MAX_ADAPTER_ROWS
 
     def on_blend(**values):
@@ -777,7 +880,7 @@ def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespac
                                                     ["name", "mode", "rank", "fp16", "overwrite", "blend_mode"])}
     tab.button.click(_shown(service, on_blend), inputs_kwargs=_named(
         [inputs.chosen, *inputs.weights, *tab.options, inputs.dial, *inputs.blocks, inputs.base], names),
-        outputs=[tab.report, *lists.widgets], api_name="blend")
+        outputs=[tab.report, *lists.widgets], api_name="blend", show_progress_on=tab.report)  # OVERLAY_NOTE
 
 
 def _wire_adapters(service: AppService, tab: SimpleNamespace, lists: AdapterLists, previous_chosen) -> None:
@@ -833,7 +936,7 @@ def _wire_adapters(service: AppService, tab: SimpleNamespace, lists: AdapterList
 
     tab.confirm.click(_shown(service, on_confirm), [tab.pending, *lists.widgets, previous_chosen],
                       [tab.confirm_row, tab.pending, tab.done, *lists.widgets, previous_chosen],
-                      api_visibility="private")
+                      api_visibility="private", show_progress_on=tab.done)  # OVERLAY_NOTE
     tab.cancel.click(lambda: (gr.update(visible=False), None), None, [tab.confirm_row, tab.pending],
                      api_visibility="private")
 
