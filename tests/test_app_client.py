@@ -213,7 +213,7 @@ def test_short_training_run_reports_progress_and_its_adapter_appears(app):
 def test_compare_tab_makes_a_grid(app):
     from PIL import Image
 
-    from stylelora.generate.pngmeta import read_png_parameters
+    from stylelora.generate.pngmeta import parse_parameters, read_png_parameters
 
     _, service, client = app
     path = client.predict("weight=0,1", "adapter=none,pastel", *generate_args(["styles/stripes"], [1.0] * 8, 3),
@@ -222,6 +222,10 @@ def test_compare_tab_makes_a_grid(app):
     with Image.open(path) as grid:
         assert grid.width > 2 * 96 and grid.height > 2 * 96  # 2x2 cells of 32 px shown at 3x, with labels
     assert list(service.grids_dir.glob("*-grid.png"))
+    words = client.predict('prompt=red,"blue, striped"', "clip_skip=1,2", *generate_args([], [1.0] * 8, 3),
+                           api_name="/grid")  # A1111's Prompt S/R and Clip skip axes
+    extra = parse_parameters(read_png_parameters(words)).extra
+    assert (extra["X Type"], extra["X Values"], extra["Y Type"]) == ("prompt", 'red,"blue, striped"', "clip_skip")
 
 
 def test_endpoints_take_named_parameters(app):
@@ -330,17 +334,23 @@ def test_a_png_dropped_in_generate_fills_in_its_settings_and_draws_again(app, tm
     weights = [0.8, 0.5, 1.0, 1.0, *NO_WEIGHTS]
     gallery, parameters = client.predict(*generate_args(["styles/stripes", "pastel"], weights, 31), "ties",
                                          api_name="/generate")
-    (chosen, prompt, negative, steps, cfg, sampler, seed, size, batch, mode, dial, note, box) = client.predict(
-        file=handle_file(gallery[0]["image"]), api_name="/read_png")
-    assert (chosen, steps, seed, size, batch, mode, dial, box) == ([], STEPS, 31, "32x32", 1, "ties", "weights", None)
+    (chosen, prompt, negative, steps, cfg, sampler, seed, size, batch, mode, dial, clip_skip, note, box) = \
+        client.predict(file=handle_file(gallery[0]["image"]), api_name="/read_png")
+    assert (chosen, steps, seed, size, batch, mode, dial, clip_skip, box) == (
+        [], STEPS, 31, "32x32", 1, "ties", "weights", 1, None)
     assert prompt == f"{PROMPT} <lora:stripes:te=0.5:unet=0.8> <lora:pastel:1>" and sampler == "ddim"
     assert note.startswith("Read ") and "the adapters chosen above were cleared, as the tags carry them" in note
     again, parameters_again = client.predict(
         "toy", chosen, *NO_WEIGHTS * 2, prompt, negative, steps, cfg, sampler, seed, size, batch, mode, dial,
-        api_name="/generate")
+        *[""] * 4, clip_skip, api_name="/generate")
     assert parameters_again == parameters
     with Image.open(gallery[0]["image"]) as first, Image.open(again[0]["image"]) as second:
         assert numpy.array_equal(numpy.asarray(first), numpy.asarray(second))
+    skipped, parameters = client.predict(prompt=PROMPT, seed=3, steps=1, clip_skip=2, api_name="/generate")
+    assert "Clip skip: 2" in parameters  # A1111's setting, drawn, written and read back
+    assert client.predict(file=handle_file(skipped[0]["image"]), api_name="/read_png")[11] == 2
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"Clip skip must be a whole number \(got 1\.5\)"):
+        client.predict(prompt=PROMPT, steps=1, clip_skip=1.5, api_name="/generate")
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     with pytest.raises(gradio_client.exceptions.AppError, match=r"plain\.png has no A1111 'parameters' text"):

@@ -174,6 +174,7 @@ def test_a_ties_file_keeps_the_size_of_a_sum_unless_exact(world, tmp_path):
     whole = blend(_specs(world), tmp_path / "ties-exact.safetensors", blend_mode="ties", exact=True)
     assert compact.module_ranks == total.module_ranks  # rank 4 + 4 in every module
     assert compact.mode == "svd" and 0 < compact.max_error < 1 and "at the inputs' total rank" in compact.summary()
+    assert "the exact mode, --exact, keeps every rank" in compact.summary()  # the app's mode and the CLI's flag
     assert whole.mode == "exact" and whole.max_error == 0 and max(whole.module_ranks.values()) > 8
     size = {report.mode: report.path.stat().st_size for report in (compact, whole)}
     assert abs(size["svd"] - total.path.stat().st_size) < 1000 < size["exact"] - size["svd"]  # metadata differs

@@ -117,3 +117,11 @@ def test_evaluate_refuses_what_it_could_only_fail_on_at_the_end(tmp_path, capsys
     code = main(["evaluate", "--samples", "1", "--prompt-set", "plain", *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_lora_tag_in_the_negative_prompt_is_refused_before_the_base_loads(no_base):
+    """It loaded no adapter and reached the text encoder as words, without a word said."""
+    from stylelora.generate.generate import GenerateRequest, precheck_request
+
+    with pytest.raises(ValueError, match=r"the negative prompt holds <lora:stripes:1>: adapters load from the prompt"):
+        precheck_request(GenerateRequest("a red circle", negative_prompt="<lora:stripes:1> blurry"))

@@ -39,6 +39,7 @@ BLENDS_FOLDER = "blends"
 MAX_ADAPTERS = 4  # adapters in one blend (the Generate tab's rows)
 WEIGHT_LIMIT = 2.0  # the sliders' range; the library itself accepts any finite weight
 CFG_LIMIT = 30.0
+CLIP_SKIP_LIMIT = 12  # SD 1.x's text encoder has 12 layers; the draw refuses a skip that leaves a base none
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")
 MAX_DATASET_FILES = 10_000
@@ -149,6 +150,7 @@ class GenerateSettings:
     batch_size: int = 1
     blend_mode: str | None = None  # how 2+ adapters combine (stylelora.lora.blend_modes; None: its default)
     dial: str | None = None  # what the weights turn (stylelora.generate.reading_dial; None: A1111's LoRA weights)
+    clip_skip: int = 1  # A1111's Clip skip: the text encoder's layer the prompt is read from, counted from the end
 
 
 @dataclass(frozen=True)
@@ -524,6 +526,7 @@ class AppService:
         batch = limits.check("Batch size", settings.batch_size, 1, "max_batch")
         cfg = limits.check("CFG scale", settings.cfg, 0, CFG_LIMIT, whole=False)
         seed = limits.check("Seed", settings.seed, -1, MAX_SEED)
+        clip_skip = limits.check("Clip skip", settings.clip_skip, 1, CLIP_SKIP_LIMIT)
         size = (settings.size or "").strip()
         try:
             width, height = parse_size(size if size and size != "native" else None)
@@ -541,7 +544,7 @@ class AppService:
             cfg=cfg, sampler=settings.sampler or None, seed=seed, width=width,
             height=height, batch_size=batch, loras=self.specs(settings.adapters),
             adapters_dir=self.adapters_dir,  # <lora:name> tags in the prompt resolve here, and only here
-            blend_mode=settings.blend_mode, dial=settings.dial,
+            blend_mode=settings.blend_mode, dial=settings.dial, clip_skip=clip_skip,
         )
 
     def generate(self, settings: GenerateSettings, progress: Progress | None = None,
@@ -599,8 +602,11 @@ class AppService:
             "cfg": lambda v: self.limits.check("Grid axis cfg: a value", v, 0, CFG_LIMIT, whole=False),
             "adapter": lambda v: v if v == NO_ADAPTER else str(self.adapter_path(v)),
             "blocks": lambda v: v,  # XYAxis checks each lbw= value
-            "blend_mode": lambda v: v,  # XYAxis checks each mode and dial by name
+            "blend_mode": lambda v: v,  # XYAxis checks each mode, dial and sampler by name
             "dial": lambda v: v,
+            "sampler": lambda v: v,
+            "prompt": lambda v: v,  # words; the first must be in the prompt (xy_grid.replaced_words)
+            "clip_skip": lambda v: self.limits.check("Grid axis clip_skip: a value", v, 1, CLIP_SKIP_LIMIT),
         }
         def weight(value):
             return self.limits.check(f"Grid axis {kind}: a weight", value, -WEIGHT_LIMIT, WEIGHT_LIMIT, whole=False)

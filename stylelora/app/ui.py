@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 
 from stylelora.app.errors import AppError
-from stylelora.app.service import CFG_LIMIT, MAX_ADAPTERS, AdapterWeight, AppService, GenerateSettings
+from stylelora.app.service import CFG_LIMIT, CLIP_SKIP_LIMIT, MAX_ADAPTERS, AdapterWeight, AppService, GenerateSettings
 from stylelora.generate.prompt_tags import is_checkpoint
 from stylelora.app.training import TrainSettings
 from stylelora.generate.reading_dial import DEFAULT_DIAL, DIALS
@@ -273,12 +273,16 @@ class GenerateInputs:
                                     info="weights (default): A1111's; reading: the text-encoder weight moves the "
                                          "prompt's reading (the UNet weight applies as set): a texture or character "
                                          "comes in gradually")
+            self.clip_skip = NamedNumber(value=1, precision=0, minimum=1, maximum=CLIP_SKIP_LIMIT, label="Clip skip",
+                                         elem_id="clip-skip", info="A1111's; 2 for bases and LoRAs trained at clip "
+                                                                   "skip 2 (SD 1.x/2.x; SDXL ignores it)")
 
     @property
     def settings_inputs(self) -> list:
         """Widgets in the order `settings()` reads them (the later ones last: positional API calls keep their order)."""
         return [self.base, self.chosen, *self.weights, self.prompt, self.negative, self.steps, self.cfg,
-                self.sampler, self.seed, self.size, self.batch, self.blend_mode, self.dial, *self.blocks]
+                self.sampler, self.seed, self.size, self.batch, self.blend_mode, self.dial, *self.blocks,
+                self.clip_skip]
 
     @staticmethod
     def settings(values: Sequence) -> GenerateSettings:
@@ -287,6 +291,7 @@ class GenerateInputs:
         prompt, negative, steps, cfg, sampler, seed, size, batch, *choices = values[2 + 2 * MAX_ADAPTER_ROWS:]
         mode, dial = (list(choices) + [None, None])[:2]  # older API clients send neither
         blocks = choices[2:2 + MAX_ADAPTER_ROWS]
+        clip_skip = (list(choices[2 + MAX_ADAPTER_ROWS:]) + [None])[0]  # nor this
         return GenerateSettings(
             prompt=prompt or "", negative_prompt=negative or "", adapters=mix_from_values(chosen, weights, blocks),
             base=base, steps=_number(steps, "Steps", whole=True), cfg=_number(cfg, "CFG scale"),
@@ -294,6 +299,7 @@ class GenerateInputs:
             seed=-1 if seed is None else _number(seed, "Seed", whole=True), size=size or "native",
             batch_size=_number(batch, "Batch size", whole=True),
             blend_mode=mode or None, dial=dial or None,
+            clip_skip=1 if clip_skip is None else _number(clip_skip, "Clip skip", whole=True),
         )
 
 
@@ -492,8 +498,10 @@ def _generate_tab(service: AppService) -> SimpleNamespace:
 
 def _compare_tab() -> SimpleNamespace:
     gr.Markdown("An X/Y grid of the Generate tab's settings. Axes: `KIND=V1,V2,...` with KIND one of "
-                "adapter (names, or `none`), weight, unet_weight, te_weight, seed, cfg, steps, blend_mode (sum, ties, "
-                "split), dial (weights, reading); `blocks=V1;V2` takes lbw= block weights, separated by `;`.")
+                "adapter (names, or `none`), weight, unet_weight, te_weight, seed, cfg, steps, sampler, clip_skip, "
+                "blend_mode (sum, ties, split), dial (weights, reading); `blocks=V1;V2` takes lbw= block weights, "
+                "separated by `;`; `prompt=FIND,REPLACE,...` is A1111's Prompt S/R (quote a value that holds a "
+                "comma).")
     with gr.Row():
         x_axis = gr.Textbox(value="weight=0,0.5,1", label="X axis (columns)", elem_id="x-axis")
         y_axis = gr.Textbox(value="seed=1,2", label="Y axis (rows, optional)", elem_id="y-axis")
@@ -753,7 +761,7 @@ def _wire_png_info(service: AppService, tab: SimpleNamespace) -> None:
     weights would add up)."""
     inputs = tab.inputs
     outputs = [inputs.chosen, inputs.prompt, inputs.negative, inputs.steps, inputs.cfg, inputs.sampler, inputs.seed,
-               inputs.size, inputs.batch, inputs.blend_mode, inputs.dial, tab.png_note, tab.png]
+               inputs.size, inputs.batch, inputs.blend_mode, inputs.dial, inputs.clip_skip, tab.png_note, tab.png]
 
     def on_png(file):
         from pathlib import Path
@@ -774,11 +782,11 @@ def _wire_png_info(service: AppService, tab: SimpleNamespace) -> None:
         # An image of fewer than two adapters records no blend mode (all are the same then): the box stays.
         blended = len(parse_prompt(request.prompt)[1]) >= 2
         note = (f"Read {Path(file).name}: its prompt (adapters as <lora:...> tags), negative prompt, steps, CFG, "
-                f"sampler, seed {request.seed}, size{' and blend mode' if blended else ''} are set; the adapters "
-                f"chosen above were cleared, as the tags carry them.{unknown} Generate draws it again.")
+                f"sampler, seed {request.seed}, clip skip, size{' and blend mode' if blended else ''} are set; the "
+                f"adapters chosen above were cleared, as the tags carry them.{unknown} Generate draws it again.")
         return ([], request.prompt, request.negative_prompt, request.steps, request.cfg, sampler, request.seed,
                 f"{request.width}x{request.height}", 1, request.blend_mode if blended else gr.update(),
-                request.dial or DEFAULT_DIAL, _plain(service.shown(note)), None)
+                request.dial or DEFAULT_DIAL, request.clip_skip, _plain(service.shown(note)), None)
 
     read = tab.png.upload(_shown(service, on_png), tab.png, outputs, api_name="read_png",
                           show_progress_on=tab.png_note)

@@ -17,6 +17,7 @@ from typing import Any
 
 from stylelora.generate import prompt_reading
 from stylelora.generate.pngmeta import GenerationParams, LoraUse, parse_parameters, save_png
+from stylelora.generate.prompt_tags import TAG_PATTERN
 from stylelora.generate.stack import AdapterStack
 from stylelora.lora.spec import AdapterSpec, as_specs
 
@@ -108,6 +109,10 @@ def _check_request(request: GenerateRequest, width: int | None, height: int | No
     if isinstance(request.clip_skip, bool) or not isinstance(request.clip_skip, int) or request.clip_skip < 1:
         problems.append(f"clip skip counts layers from the end from 1, A1111's default (got {request.clip_skip!r}; "
                         "2, the layer before the last, is what models trained with kohya's --clip_skip 2 want)")
+    tag = TAG_PATTERN.search(request.negative_prompt)
+    if tag:
+        problems.append(f"the negative prompt holds {tag.group(0)}: adapters load from the prompt only (there the "
+                        "tag would be read as words); move it to the prompt, or remove it")
     if not -1 <= request.seed <= MAX_SEED:
         problems.append(f"seed must be -1 (random) or 0..{MAX_SEED} (got {request.seed})")
     sizes = [size for size in (width, height) if size is not None]

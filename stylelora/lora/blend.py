@@ -57,8 +57,8 @@ class BlendReport:
 
     def summary(self, worst: int = 5) -> str:
         top = max(self.module_ranks.values(), default=0)
-        ranks = (f" rank {self.rank}" if self.rank else f" at the inputs' total rank (up to {top}; --exact keeps "
-                 "every rank)" if self.mode == "svd" else f" (ranks up to {top})")
+        ranks = (f" rank {self.rank}" if self.rank else f" at the inputs' total rank (up to {top}; the exact mode, "
+                 "--exact, keeps every rank)" if self.mode == "svd" else f" (ranks up to {top})")
         how = "" if self.blend_mode == "sum" else f", blend mode {self.blend_mode}"
         lines = [f"{len(self.module_errors)} modules, {self.mode}{ranks}{how}; "
                  f"relative error max {self.max_error:.3e}, mean {self.mean_error:.3e}"]
