@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stylelora.generate import prompt_reading
+from stylelora.generate import prompt_schedule
 from stylelora.generate.pngmeta import GenerationParams, LoraUse, parse_parameters, save_png
 from stylelora.generate.prompt_tags import TAG_PATTERN
 from stylelora.generate.stack import AdapterStack
@@ -295,14 +295,12 @@ def generate(pipe: Any, stack: AdapterStack | None, request: GenerateRequest, *,
         pipe.scheduler = scheduler
         try:
             pipe.set_progress_bar_config(disable=True)
-            # Read as A1111 reads them: (word:1.2) weighs a word, and a prompt past 75 tokens is read whole.
-            with prompt_reading.applied(pipe, (resolved.prompt, request.negative_prompt), request.clip_skip):
-                output = pipe(
-                    prompt=[resolved.prompt] * len(seeds), negative_prompt=[request.negative_prompt] * len(seeds),
-                    num_inference_steps=request.steps, guidance_scale=request.cfg, width=resolved.width,
-                    height=resolved.height, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                    output_type="pil", callback_on_step_end=_step_callback(progress, request.steps),
-                )
+            # Read as A1111 reads them: (word:1.2), [from:to:when], past 75 tokens, clip skip.
+            output = prompt_schedule.draw(
+                pipe, [resolved.prompt] * len(seeds), [request.negative_prompt] * len(seeds), steps=request.steps,
+                guidance_scale=request.cfg, clip_skip=request.clip_skip, then=_step_callback(progress, request.steps),
+                width=resolved.width, height=resolved.height, output_type="pil",
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
         finally:
             pipe.scheduler = original_scheduler
     params = _params(pipe, stack, resolved, sampler_name)
@@ -338,7 +336,8 @@ def _clip_skip(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"Clip skip: {text!r} in the parameters is not a whole number (A1111 writes 2, say).") from None
+        raise ValueError(f"Clip skip: {text!r} in the parameters is not a whole number (A1111 writes 2, say)."
+                         ) from None
 
 
 def _check_lora_hashes(params: GenerationParams, request: GenerateRequest, stack: AdapterStack) -> None:

@@ -77,23 +77,16 @@ def generate_images(pipe, prompts: list[EvalPrompt], settings: EvalSettings, bat
     """Images for every prompt, each from its own seeded generator (so batching does not change results)."""
     import torch
 
-    from ..generate import prompt_reading
+    from ..generate import prompt_schedule
 
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         generators = [torch.Generator("cpu").manual_seed(p.seed) for p in chunk]
-        # read as `stylelora generate` reads a prompt (emphasis, long prompts); evaluate's own prompts are plain
-        with prompt_reading.applied(pipe, [p.prompt for p in chunk] + [settings.negative_prompt]):
-            out = pipe(
-                [p.prompt for p in chunk],
-                negative_prompt=[settings.negative_prompt] * len(chunk),
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                guidance_rescale=settings.guidance_rescale,
-                generator=generators,
-                output_type="pil",
-            )
+        # read as `stylelora generate` reads a prompt (emphasis, editing, long prompts); evaluate's own are plain
+        out = prompt_schedule.draw(pipe, [p.prompt for p in chunk], [settings.negative_prompt] * len(chunk),
+                                   steps=settings.steps, guidance_scale=settings.guidance_scale,
+                                   guidance_rescale=settings.guidance_rescale, generator=generators, output_type="pil")
         images.extend(out.images)
     return images
 
