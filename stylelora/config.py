@@ -106,6 +106,9 @@ class DataConfig:
                                            "alternatives: one is drawn each time the image is seen (kohya's "
                                            "--enable_wildcard); off, the lines are joined as tags",
                                     widget=Widget("Caption lines are alternatives (one drawn each time)"))
+    max_token_length: int = option(75, "caption tokens the text encoder reads, in windows of 75 laid side by side "
+                                       "(kohya's --max_token_length: 150 or 225 for long tag captions; generation "
+                                       "reads long prompts the same way)", example="225")
     resolution: int | None = option(None, "training size in pixels", example="512", preset=True,
                                     widget=Widget("Resolution (empty = the base's)", minimum=8))
     bucketing: bool = option(True, "aspect-ratio buckets (--no-bucketing: every image center-cropped square)",
@@ -526,6 +529,8 @@ def _data_problems(d: DataConfig) -> list[str | None]:
               "is a probability between 0 and 1",
               d.caption_dropout),
         _rule("data.tag_dropout", 0 <= d.tag_dropout <= 1, "is a probability between 0 and 1", d.tag_dropout),
+        _rule("data.max_token_length", d.max_token_length in (75, 150, 225), "is 75, 150 or 225 tokens (one, two "
+              "or three windows of 75, as kohya's --max_token_length)", d.max_token_length),
         _choice("data.cache", d.cache, DATA_CACHES),
     ]
     for name in ("resolution", "bucket_step", "min_side", "max_side"):

@@ -213,3 +213,16 @@ def test_long_caption_check_reads_each_variant_by_its_longest_choice():
     assert long_captions_note([item], _WordTokenizer(), variants=True) == ""  # longest line: three words
     long_choice = TrainItem(Path("b.png"), "x", variants=("one two", "one {a|b c d e}"))
     assert "b.png (5 tokens)" in long_captions_note([long_choice], _WordTokenizer(), variants=True)
+
+
+def test_the_cut_captions_note_counts_the_windows_read_and_names_the_option():
+    from stylelora.data.captions import long_captions_note
+    from stylelora.data.scan import TrainItem
+    from transformers import CLIPTokenizer
+    from test_prompt_reading import TOY_TOKENIZER
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOY_TOKENIZER)
+    item = TrainItem(path=Path("a.png"), caption="a red circle on a white background, " * 12, repeats=1, folder="")
+    note = long_captions_note([item], tokenizer)
+    assert "a.png (96 tokens)" in note and "--max-token-length 150 or 225" in note
+    assert long_captions_note([item], tokenizer, max_tokens=150) == ""  # two windows hold it

@@ -201,13 +201,14 @@ def caption_variants_note(items: Iterable[TrainItem], variants: bool) -> str:
             "and one choice each time instead (kohya's --enable_wildcard).")
 
 
-def long_captions_note(items: Iterable[TrainItem], tokenizer, variants: bool = False) -> str:
-    """A line naming the captions the text encoder cuts (CLIP reads 77 tokens: 75 after its start and end), or "".
-    With `variants` (--caption-variants), a caption counts by its longest form.
+def long_captions_note(items: Iterable[TrainItem], tokenizer, variants: bool = False, max_tokens: int = 75) -> str:
+    """A line naming the captions the text encoder cuts (CLIP reads 77 tokens: 75 after its start and end; with
+    --max-token-length, that many in windows of 75), or "". With `variants` (--caption-variants), a caption counts
+    by its longest form.
 
     Why: the text encoder silently drops what is past its window, so tags at the end of a long caption are never
     trained on, and the user sees only transformers' unnamed "sequence length" line (if anything)."""
-    window = tokenizer.model_max_length - 2
+    window = (tokenizer.model_max_length - 2) * max(1, max_tokens // 75)  # 75 a window on every CLIP
     items = list(items)
     forms = [caption_forms(item.caption, item.variants, variants, pick=lambda c: max(c, key=len)) for item in items]
     ids = iter(tokenizer([text for texts in forms for text in texts], add_special_tokens=False,
@@ -223,4 +224,5 @@ def long_captions_note(items: Iterable[TrainItem], tokenizer, variants: bool = F
     many = len(long) > 1
     return (f"{len(long)} caption{'s are' if many else ' is'} longer than the text encoder's {window} tokens and "
             f"cut there, so {'their' if many else 'its'} last tags are never trained on: {shown}. Shorten "
-            f"{'them' if many else 'it'}, or put the tags that matter first.")
+            f"{'them' if many else 'it'}, put the tags that matter first, or read up to 225 tokens with "
+            "--max-token-length 150 or 225 (kohya's --max_token_length).")

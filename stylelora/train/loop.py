@@ -142,7 +142,7 @@ def run_training(config: TrainConfig) -> Path:
     check_family(config, pipe)
     config = with_coined_trigger_rules(run_settings(with_model_defaults(config, **model_geometry(pipe))),
                                        pipe.tokenizer, data.triggers)
-    say(long_captions_note(data.items, pipe.tokenizer, config.data.caption_variants))
+    say(long_captions_note(data.items, pipe.tokenizer, config.data.caption_variants, config.data.max_token_length))
     if config.train.clip_skip > 1:  # for the whole run: training, preservation, company words and sample grids
         try:
             skip_last_layers(pipe.text_encoder, config.train.clip_skip - 1)
@@ -597,9 +597,11 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
         te_2, tokenizer_2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
         identity = model_identity("text_encoder", pipe.text_encoder) + f"+vocab{len(pipe.tokenizer)}"
         identity += f"+clipskip{config.train.clip_skip}" if config.train.clip_skip > 1 else ""  # another reading
+        identity += f"+tokens{d.max_token_length}" if d.max_token_length > 75 else ""  # and a longer one
         if te_2 is not None:
             identity += "+" + model_identity("text_encoder_2", te_2) + f"+vocab{len(tokenizer_2)}"
-        text_cache = TextEmbeddingCache(text_encode_fn(pipe.text_encoder, pipe.tokenizer, device, te_2, tokenizer_2),
+        text_cache = TextEmbeddingCache(text_encode_fn(pipe.text_encoder, pipe.tokenizer, device, te_2, tokenizer_2,
+                                                       d.max_token_length),
                                         identity, cache_root / "text" if d.cache == "disk" else None)
     return dataset, text_cache
 
@@ -630,7 +632,8 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
                          dtype=pipe.unet.dtype, text_cache=text_cache,
                          triggers=data.triggers, decoys=decoys, company=_company(config, data, pipe, decoys),
                          unwrapped=(pipe.unet, *encoders.values()), sdxl="text_encoder_2" in encoders,
-                         text_encoder_2=wrapped.get("text_encoder_2"), tokenizer_2=getattr(pipe, "tokenizer_2", None))
+                         text_encoder_2=wrapped.get("text_encoder_2"), tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                         max_tokens=config.data.max_token_length)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same noise schedule as the base's sampler
     # Each process draws its own noise; the seed makes every run (and every resume) draw the same.
     generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)

@@ -119,6 +119,7 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_shuffle_caption": str(d.shuffle_tags),
         "ss_keep_tokens": str(d.keep_tokens),
         "ss_clip_skip": str(t.clip_skip),
+        "ss_max_token_length": str(d.max_token_length),
         "ss_flip_aug": str(d.flip),
         "ss_random_crop": str(d.random_crop),
         "ss_cache_latents": str(d.cache != "none"),

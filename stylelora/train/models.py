@@ -4,7 +4,10 @@ the UNet call with the conditioning its family needs.
 SD 1.x/2.x condition the UNet on the text encoder's last hidden states. SDXL, as it was trained (and as diffusers'
 pipeline and kohya's sdxl_train_network encode prompts): the penultimate hidden states of both text encoders side
 by side, the pooled projection of encoder 2, and `add_time_ids` = each image's original size (h, w), its crop's
-top-left offset and the bucket's target size (h, w), which the dataset records per sample.
+top-left offset and the bucket's target size (h, w), which the dataset records per sample. A caption longer than one
+window (kohya's --max_token_length 150 or 225) is read in windows of 75 tokens, each with its start and end token,
+encoded one at a time and laid side by side (the pooled vector the first window's), as stylelora generate, A1111 and
+ComfyUI read a long prompt.
 
 The UNet and text encoders held here may be accelerate/DDP wrappers: this module only *calls* them, never reads
 their attributes, so the same code runs in one process or many.
@@ -49,6 +52,7 @@ class TrainModels:
     sdxl: bool = False  # two text encoders, pooled embeddings and add_time_ids (see the module docstring)
     text_encoder_2: nn.Module | None = None
     tokenizer_2: object = None
+    max_tokens: int | None = None  # caption tokens read (data.max_token_length); None: one window
     _token_ids: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
@@ -71,7 +75,7 @@ class TrainModels:
         encoders = text_encoders or (self.text_encoder, self.text_encoder_2)
         if self.sdxl:
             return sdxl_text(encoders[0], encoders[1], self.token_ids(captions), self.token_ids(captions, second=True))
-        return encoders[0](self.token_ids(captions))[0]
+        return by_window(lambda ids: encoders[0](ids)[0], self.token_ids(captions))
 
     def token_ids(self, captions: list[str], *, second: bool = False) -> torch.Tensor:
         """(B, max_length) token ids (of SDXL's second tokenizer with `second`); each distinct caption is tokenized
@@ -81,7 +85,7 @@ class TrainModels:
         if len(known) + len(missing) > TOKEN_CACHE_LIMIT:
             known.clear()  # shuffled tags can make endless distinct captions: keep memory bounded
         if missing:
-            ids = tokenize(self.tokenizer_2 if second else self.tokenizer, missing)
+            ids = tokenize(self.tokenizer_2 if second else self.tokenizer, missing, self.max_tokens)
             known.update(zip(missing, ids.to(self.device)))
         return torch.stack([known[c] for c in captions])
 
@@ -103,10 +107,34 @@ class TrainModels:
         return unet(noisy.to(self.dtype), timesteps, text.to(self.dtype)).sample.float()
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Pad/truncate to the tokenizer's full length (77 for CLIP), as Stable Diffusion was trained."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def tokenize(tokenizer, captions: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """Pad/truncate to the tokenizer's full length (77 for CLIP), as Stable Diffusion was trained; with `max_tokens`
+    past one window, the caption's first max_tokens tokens in windows of 75, each with its start and end token and
+    padded, side by side (B, windows * 77)."""
+    window = tokenizer.model_max_length - 2
+    if not max_tokens or max_tokens <= window:
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    rows = []
+    for ids in tokenizer(captions, add_special_tokens=False, verbose=False).input_ids:
+        ids, row = ids[:max_tokens], []
+        for start in range(0, max_tokens, window):
+            part = ids[start:start + window]
+            padding = [tokenizer.pad_token_id] * (window - len(part))
+            row += [tokenizer.bos_token_id, *part, tokenizer.eos_token_id, *padding]
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def by_window(encode, ids: torch.Tensor, *more: torch.Tensor, size: int = 77):
+    """encode(window's ids, ...) for each window of `ids` (and of `more`, SDXL's second tokenizer's), laid side by side
+    on the token axis; of SdxlText, the hidden states so, and the first window's pooled vector."""
+    if ids.shape[1] <= size:
+        return encode(ids, *more)
+    parts = [encode(*(t[:, start:start + size] for t in (ids, *more))) for start in range(0, ids.shape[1], size)]
+    if isinstance(parts[0], SdxlText):
+        return SdxlText(hidden=torch.cat([part.hidden for part in parts], dim=1), pooled=parts[0].pooled)
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
@@ -127,21 +155,24 @@ def encode_pixels(vae: nn.Module, pixels: torch.Tensor, *, upcast: bool = False)
 
 
 def sdxl_text(text_encoder: nn.Module, text_encoder_2: nn.Module, ids: torch.Tensor, ids_2: torch.Tensor) -> SdxlText:
-    """SDXL's conditioning from both encoders' token ids (see the module docstring)."""
-    out = text_encoder(ids, output_hidden_states=True)
-    out_2 = text_encoder_2(ids_2, output_hidden_states=True)
-    return SdxlText(hidden=torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), pooled=out_2[0])
+    """SDXL's conditioning from both encoders' token ids (see the module docstring), window by window."""
+    def one_window(ids: torch.Tensor, ids_2: torch.Tensor) -> SdxlText:
+        out = text_encoder(ids, output_hidden_states=True)
+        out_2 = text_encoder_2(ids_2, output_hidden_states=True)
+        return SdxlText(hidden=torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), pooled=out_2[0])
+
+    return by_window(one_window, ids, ids_2)
 
 
 def text_encode_fn(text_encoder: nn.Module, tokenizer, device: torch.device, text_encoder_2: nn.Module | None = None,
-                   tokenizer_2=None):
+                   tokenizer_2=None, max_tokens: int | None = None):
     """captions → hidden states (SDXL: (hidden, pooled)), no gradients: the encode function of a TextEmbeddingCache."""
     @torch.no_grad()
     def encode(captions: list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        ids = tokenize(tokenizer, captions).to(device)
+        ids = tokenize(tokenizer, captions, max_tokens).to(device)
         if text_encoder_2 is None:
-            return text_encoder(ids)[0].float()
-        text = sdxl_text(text_encoder, text_encoder_2, ids, tokenize(tokenizer_2, captions).to(device))
+            return by_window(lambda window: text_encoder(window)[0], ids).float()
+        text = sdxl_text(text_encoder, text_encoder_2, ids, tokenize(tokenizer_2, captions, max_tokens).to(device))
         return text.hidden.float(), text.pooled.float()
 
     return encode
