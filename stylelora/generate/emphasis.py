@@ -3,11 +3,13 @@ of those words counts.
 
 Why: A1111 users write `(zorb:1.2)` beside a style, and a prompt pasted from A1111 (or read back from one of its
 PNGs) should draw what it drew there. The syntax is A1111's: `(` raises the words inside by 1.1, `[` lowers them by
-1.1, `(words:W)` sets W, brackets nest and multiply, `\\(` `\\)` `\\[` `\\]` are literal brackets, an unclosed bracket
-weighs the rest of the prompt, a closing one with nothing open is text. The math is A1111's default ("Original"):
-each token's hidden states times its weight, then the whole reading rescaled to its mean before weighting, so
-weights move words against each other rather than the prompt's overall strength (skipped where that mean is near 0,
-as on the toy base, where it would divide by almost nothing). Pooled vectors are not weighted.
+1.1, `(words:W)` sets W, brackets nest and multiply, `\\(` `\\)` `\\[` `\\]` are literal brackets (a backslash escaping
+nothing is dropped), an unclosed bracket weighs the rest of the prompt, a closing one with nothing open is text, and
+a BREAK inside brackets breaks the window and leaves the brackets weighing the words around it. The math is
+A1111's default ("Original"): each token's hidden states times its weight, then the whole reading rescaled to its
+mean before weighting, so weights move words against each other rather than the prompt's overall strength (skipped
+where that mean is near 0, as on the toy base, where it would divide by almost nothing). Pooled vectors are not
+weighted.
 
 The text encoder reads the prompt with the brackets removed. Each weighted span is tokenized apart, as A1111 does,
 so `(red:1.2)circle` reads `red` and `circle` as two words (stylelora.generate.prompt_reading makes the token rows,
@@ -26,7 +28,7 @@ Chunk = tuple[str, float]  # text, weight
 UP, DOWN = 1.1, 1 / 1.1  # A1111's factors for one ( and one [
 MEAN_FLOOR = 0.01  # below this share of the mean magnitude a reading's mean is not restored (see `weigh`)
 _TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")  # A1111's: a BREAK among a span's words, inside brackets too
 BREAK: Chunk = ("BREAK", -1.0)  # A1111's marker for a window break
 POOLED_FIELDS = ("pooler_output", "text_embeds")  # one vector per prompt: never weighted
 WEIGHS_EMPHASIS = "weighs_emphasis"  # set on a text encoder's forward wrapper that calls `weigh` on each reading
@@ -36,16 +38,21 @@ _active: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # text encoder
 def parse(prompt: str) -> list[Chunk]:
     """The prompt as (text, weight) spans in order, A1111's grammar; neighbours of equal weight joined, and each
     BREAK kept as the span BREAK (where a new 75-token window starts, stylelora.generate.prompt_reading)."""
-    chunks: list[list] = []
-    for index, part in enumerate(_BREAK.split(prompt)):
-        chunks += [list(BREAK)] * bool(index) + _parse_part(part)
     merged: list[list] = []
-    for text, weight in chunks:
-        if merged and merged[-1][1] == weight and weight != BREAK[1]:
+    for chunk in _parse_part(prompt):
+        text, weight = chunk
+        if isinstance(chunk, _Break):
+            merged.append(chunk)
+        elif merged and merged[-1][1] == weight and not isinstance(merged[-1], _Break):
             merged[-1][0] += text
         elif text:
             merged.append([text, weight])
     return [(text, weight) for text, weight in merged] or [("", 1.0)]
+
+
+class _Break(list):
+    """A BREAK among the spans: brackets around it weigh the words beside it, never the break itself (A1111 would
+    weigh it too and then read it as the word "break", weight -1.1, in `(a BREAK b)`)."""
 
 
 def _parse_part(text: str) -> list[list]:
@@ -55,12 +62,13 @@ def _parse_part(text: str) -> list[list]:
 
     def multiply(start: int, factor: float) -> None:
         for chunk in chunks[start:]:
-            chunk[1] *= factor
+            if not isinstance(chunk, _Break):
+                chunk[1] *= factor
 
     for found in _TOKENS.finditer(text):
         token, weight = found.group(0), found.group(1)
-        if token.startswith("\\") and len(token) == 2:
-            chunks.append([token[1], 1.0])
+        if token.startswith("\\"):
+            chunks.append([token[1:], 1.0])  # a backslash escaping nothing is dropped, as A1111 drops it
         elif token == "(":
             rounds.append(len(chunks))
         elif token == "[":
@@ -72,7 +80,8 @@ def _parse_part(text: str) -> list[list]:
         elif token == "]" and squares:
             multiply(squares.pop(), DOWN)
         else:
-            chunks.append([token, 1.0])
+            for index, part in enumerate(_BREAK.split(token)):
+                chunks += [_Break(BREAK)] * bool(index) + [[part, 1.0]]
     for start in rounds:
         multiply(start, UP)
     for start in squares:
@@ -130,19 +139,36 @@ def _longest_run(row: list[int], part: list[int]) -> tuple[int, int]:
 
 
 class _Weights:
-    """The weighted prompts of one draw for one text encoder, by the token ids it will be given."""
+    """The prompts of one draw for one text encoder (every window of each, weighted or not), by the token ids it
+    will be given."""
 
     def __init__(self, rows: dict[tuple[int, ...], list[float]]) -> None:
         self.rows = rows
+        self.latest: dict[tuple, list[list[float]]] = {}  # see `tokenized`
 
-    def for_row(self, row: tuple[int, ...]) -> list[float] | None:
-        if row in self.rows:
-            return self.rows[row]
-        # A reading whose trigger split moved (or whose negative prompt diffusers padded): the closest prompt's.
-        best = max(self.rows, key=lambda known: difflib.SequenceMatcher(None, row, known, autojunk=False).ratio())
+    def tokenized(self, batches: dict[tuple, list[list[float]]]) -> None:
+        """The weights of the token-id batches (one per window, a tuple of rows) the pipeline's tokenizer gave last:
+        the encoder reads those next, and where two prompts have the same ids (`(red:1.5) cat` and its negative
+        `red cat`, or the two texts of `[(red:1.5):red:0.5] cat`) these say whose reading it is."""
+        self.latest = batches
+
+    def for_rows(self, rows: list[tuple[int, ...]]) -> list[list[float] | None]:
+        if tuple(rows) in self.latest:
+            return self.latest[tuple(rows)]
+        known = dict(self.rows)
+        for batch, weights in self.latest.items():
+            known.update(zip(batch, weights))
+        return [self._for_row(row, known) for row in rows]
+
+    @staticmethod
+    def _for_row(row: tuple[int, ...], known: dict) -> list[float] | None:
+        if row in known:
+            return known[row]
+        # A reading whose trigger split moved (stylelora.generate.trigger_order): the closest prompt's.
+        best = max(known, key=lambda ids: difflib.SequenceMatcher(None, row, ids, autojunk=False).ratio())
         if difflib.SequenceMatcher(None, row, best, autojunk=False).ratio() < 0.5:
             return None
-        return aligned(row, best, self.rows[best])
+        return aligned(row, best, known[best])
 
 
 def weigh(model: Any, input_ids: Any, output: Any) -> Any:
@@ -153,7 +179,7 @@ def weigh(model: Any, input_ids: Any, output: Any) -> Any:
     active = _active.get(model)
     if active is None or input_ids is None:
         return output
-    rows = [active.for_row(tuple(row)) for row in input_ids.tolist()]
+    rows = active.for_rows([tuple(row) for row in input_ids.tolist()])
     if all(row is None or all(w == 1.0 for w in row) for row in rows):
         return output
     length = input_ids.shape[1]
@@ -185,11 +211,12 @@ def weigh(model: Any, input_ids: Any, output: Any) -> Any:
 
 
 @contextmanager
-def weighing(model: Any, rows: dict[tuple[int, ...], list[float]]) -> Iterator[None]:
+def weighing(model: Any, rows: dict[tuple[int, ...], list[float]]) -> Iterator[_Weights]:
     """While a prompt is drawn, `weigh` gives `model`'s readings of these token-id rows their weights (and of a
-    row that another reading reordered, the closest row's, by `aligned`)."""
-    _active[model] = _Weights(rows)
+    row that another reading reordered, the closest row's, by `aligned`); yields them, for the tokenizer to say
+    which rows it gave last (`_Weights.tokenized`)."""
+    _active[model] = active = _Weights(rows)
     try:
-        yield
+        yield active
     finally:
         _active.pop(model, None)

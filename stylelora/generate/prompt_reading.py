@@ -47,7 +47,8 @@ def windows(tokenizer: Any, prompt: str) -> list[tuple[list[int], list[float]]]:
             continue
         for token in tokenizer(text, add_special_tokens=False).input_ids:
             if len(ids) == size:
-                commas = [i for i, known in enumerate(ids) if known == comma]
+                # A comma arriving at a full window starts the next one; A1111 backtracks only for other tokens.
+                commas = [i for i, known in enumerate(ids) if known == comma] if token != comma else []
                 cut = commas[-1] + 1 if commas and size - commas[-1] <= COMMA_BACKTRACK else size
                 out.append((ids[:cut], weights[:cut]))
                 ids, weights = ids[cut:], weights[cut:]
@@ -99,15 +100,18 @@ def applied(pipe: Any, prompts: Sequence[str], clip_skip: int = 1) -> Iterator[N
 def _read_in_windows(undo: ExitStack, pipe: Any, pairs: list[tuple[str, Any, Any]], prompts: list[str]) -> None:
     """Install, until `undo` closes, each tokenizer's stand-in and each encoder's weighing and window forwards."""
     count = max(len(windows(tokenizer, prompt)) for _, _, tokenizer in pairs for prompt in prompts)
+    # "": the negative prompt diffusers reads where none is given (training samples), read as empty windows too
+    prompts = list(dict.fromkeys([*prompts, ""]))
     for name, encoder, tokenizer in pairs:
         by_prompt = {prompt: rows(tokenizer, prompt, count) for prompt in prompts}
-        undo.enter_context(_attribute(pipe, name, _WindowTokenizer(tokenizer, by_prompt)))
-        weighted = {tuple(row.ids): row.weights for windowed in by_prompt.values() for row in windowed
-                    if any(weight != 1.0 for weight in row.weights)}
-        if weighted:
-            undo.enter_context(emphasis.weighing(encoder, weighted))
+        every_row = [row for windowed in by_prompt.values() for row in windowed]
+        weights = None
+        if any(weight != 1.0 for row in every_row for weight in row.weights):
+            # every row, weighted or not: a plain row is read plain, not as the weighted row it resembles
+            weights = undo.enter_context(emphasis.weighing(encoder, {tuple(row.ids): row.weights for row in every_row}))
             if not getattr(encoder.__dict__.get("forward"), emphasis.WEIGHS_EMPHASIS, False):
                 undo.enter_context(_forward(encoder, lambda inner, model=encoder: _weighing(model, inner)))
+        undo.enter_context(_attribute(pipe, name, _WindowTokenizer(tokenizer, by_prompt, weights)))
         if count > 1:
             undo.enter_context(_forward(encoder, lambda inner, model=encoder: _by_window(model, inner)))
 
@@ -228,10 +232,11 @@ def _side_by_side(outputs: list[Any], size: int) -> Any:
 
 
 class _WindowTokenizer:
-    """The pipeline's tokenizer for one draw: the draw's prompts become their windows' rows, side by side."""
+    """The pipeline's tokenizer for one draw: the draw's prompts become their windows' rows, side by side (and the
+    encoder's weighing learns which prompts' rows it gave, for the reading that follows)."""
 
-    def __init__(self, inner: Any, rows_by_prompt: dict[str, list[Row]]) -> None:
-        self.inner, self.rows = inner, rows_by_prompt
+    def __init__(self, inner: Any, rows_by_prompt: dict[str, list[Row]], weights: Any = None) -> None:
+        self.inner, self.rows, self.weights = inner, rows_by_prompt, weights
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -243,6 +248,10 @@ class _WindowTokenizer:
         texts = [text] if isinstance(text, str) else list(text)
         if kwargs.get("add_special_tokens") is False or not all(t in self.rows for t in texts):
             return self.inner(text, *args, **kwargs)
+        if self.weights is not None:
+            windowed = [self.rows[t] for t in texts]
+            self.weights.tokenized({tuple(tuple(rows[n].ids) for rows in windowed):
+                                    [rows[n].weights for rows in windowed] for n in range(len(windowed[0]))})
         ids = [[token for row in self.rows[t] for token in row.ids] for t in texts]
         masks = [[bit for row in self.rows[t] for bit in row.mask] for t in texts]
         if kwargs.get("return_tensors") == "pt":

@@ -3,10 +3,11 @@
 Why: A1111 users stack a character and a style in time as well as in weight: `[zorb:pastelstyle zorb:0.4]` draws the
 character's shape first and brings the style in after 40 % of the steps, and a prompt copied from A1111 (or read back
 from one of its PNGs) should draw what it drew there. The syntax is A1111's: `[from:to:when]` reads `from` up to
-step `when` and `to` after it, `[to:when]` adds `to` after it, `[from::when]` removes `from` after it; `when` below 1
-is a share of the steps. `[a|b|c]` takes a, b, c, a, ... one step each. They nest. Brackets without `:` or `|`
-(`[word]`) and round brackets are emphasis (stylelora.generate.emphasis), left as they are; `\\[` is a literal
-bracket.
+step `when` and `to` after it, `[to:when]` adds `to` after it, `[from::when]` removes `from` after it; `when`
+written with a decimal point is a share of the steps (`0.25`; `1.0` is all of them), without one a step (A1111 since
+1.6). `[a|b|c]` takes a, b, c, a, ... one step each. They nest, in round brackets too (`([a:b:0.5]:1.3)`), and a
+negative prompt is edited as a prompt is. Brackets without `:` or `|` (`[word]`), a `[` never closed and round
+brackets are emphasis (stylelora.generate.emphasis), left as they are; `\\[` is a literal bracket.
 
 `schedule(prompt, steps)` gives the prompt's texts with the last step (counted from 1) each is read for; `draw`
 encodes each text once and hands the pipeline the next one between steps (for `stylelora generate`, grids, the app
@@ -14,15 +15,18 @@ and `stylelora evaluate`).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
 
 @dataclass(frozen=True)
 class Edit:
     before: tuple  # nodes read up to step `when`
     after: tuple  # nodes read after it
-    when: float  # a step, or below 1 a share of the steps
+    when: float  # a step, or a share of the steps
+    share: bool = False  # `when` is a share (written with a decimal point)
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,13 @@ def parse(prompt: str) -> tuple:
 
 
 def _sequence(text: str, start: int, stops: str) -> tuple[tuple, int]:
-    """Nodes from `start` up to the first character of `stops` outside any bracket (or the end)."""
+    """Nodes from `start` up to the first character of `stops` outside any bracket (or the end). Round brackets are
+    emphasis and stay text, but editing inside them is read (`([a:b:0.5]:1.3)`, as A1111's grammar nests them), and
+    a `:` or `|` inside them is theirs, not a separator of the edit around them (`[(a:1.2):b:0.5]`)."""
     nodes: list = []
     plain: list[str] = []
-    index = start
-    while index < len(text) and text[index] not in stops:
+    index, depth = start, 0  # depth: round brackets open since `start`
+    while index < len(text) and not (text[index] in stops and (depth == 0 or text[index] == "]")):
         char = text[index]
         if char == "\\" and index + 1 < len(text):
             plain.append(text[index:index + 2])  # escapes stay for emphasis to read
@@ -54,11 +60,8 @@ def _sequence(text: str, start: int, stops: str) -> tuple[tuple, int]:
                 nodes += ["".join(plain)] if plain else []
                 plain = []
                 nodes.append(node)
-        elif char == "(":
-            end = _closing(text, index, "(", ")")
-            plain.append(text[index:end])
-            index = end
         else:
+            depth += (char == "(") - (char == ")" and depth > 0)
             plain.append(char)
             index += 1
     if plain:
@@ -66,27 +69,29 @@ def _sequence(text: str, start: int, stops: str) -> tuple[tuple, int]:
     return tuple(nodes), index
 
 
-def _closing(text: str, start: int, opening: str, closing: str) -> int:
-    """The index after the bracket that closes the one at `start` (escapes and other brackets skipped); the end of
-    the text for one never closed (emphasis reads it as weighing the rest)."""
+def _closing(text: str, start: int) -> int | None:
+    """The index after the `]` that closes the `[` at `start` (escapes and inner brackets skipped); None if none
+    does."""
     depth, index = 0, start
     while index < len(text):
         char = text[index]
         if char == "\\":
             index += 2
             continue
-        depth += (char == opening) - (char == closing)
+        depth += (char == "[") - (char == "]")
         index += 1
         if depth == 0:
             return index
-    return len(text)
+    return None
 
 
 def _bracket(text: str, start: int) -> tuple:
     """(node, index after it) for the `[` at `start`: an Edit, an Alternation, or the bracket as text."""
-    end = _closing(text, start, "[", "]")
-    if end > len(text) or text[end - 1] != "]":
-        return text[start:end], end  # never closed: emphasis' business
+    end = _closing(text, start)
+    if end is None:
+        # Never closed: the `[` alone is text (emphasis' business) and editing after it is still read, as A1111
+        # reads `a [open [b:3]`.
+        return "[", start + 1
     parts, index = [], start + 1
     while True:
         nodes, index = _sequence(text, index, ":|]")
@@ -99,19 +104,23 @@ def _bracket(text: str, start: int) -> tuple:
         return Alternation(tuple(nodes for nodes, _ in parts)), end
     when = _number(parts[-1][0]) if separators == {":"} else None
     if when is not None and len(parts) == 3:
-        return Edit(parts[0][0], parts[1][0], when), end
+        return Edit(parts[0][0], parts[1][0], *when), end
     if when is not None and len(parts) == 2:
-        return Edit((), parts[0][0], when), end
+        return Edit((), parts[0][0], *when), end
     return text[start:end], end  # [word], [a:b]: emphasis' business
 
 
-def _number(nodes: tuple) -> float | None:
-    if len(nodes) != 1 or not isinstance(nodes[0], str):
+# A1111's grammar takes lark's SIGNED_NUMBER (no "nan", "inf" or "1_0", which Python's float would read).
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _number(nodes: tuple) -> tuple[float, bool] | None:
+    """(when, whether it is a share of the steps) for the text after an edit's last `:`: a share where the number
+    has a decimal point, a step where it has none (A1111 since 1.6: `[a:b:1.0]` never switches, `[a:b:1]` after
+    step 1)."""
+    if len(nodes) != 1 or not isinstance(nodes[0], str) or not _NUMBER.fullmatch(nodes[0]):
         return None
-    try:
-        return float(nodes[0].strip())
-    except ValueError:
-        return None
+    return float(nodes[0]), "." in nodes[0]
 
 
 def text_at(nodes: tuple, step: int, steps: int) -> str:
@@ -121,7 +130,7 @@ def text_at(nodes: tuple, step: int, steps: int) -> str:
         if isinstance(node, str):
             out.append(node)
         elif isinstance(node, Edit):
-            last = min(steps, int(node.when * steps if node.when < 1 else node.when))
+            last = min(steps, int(node.when * steps if node.share else node.when))
             out.append(text_at(node.before if step <= last else node.after, step, steps))
         else:
             out.append(text_at(node.options[(step - 1) % len(node.options)], step, steps))
@@ -150,25 +159,25 @@ FIELDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "ne
 def draw(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str], *, steps: int, guidance_scale: float,
          clip_skip: int = 1, then: Callable | None = None, **settings: Any) -> Any:
     """The pipeline's output for these prompts (one image each), read as A1111 reads them: emphasis, long prompts and
-    clip skip (stylelora.generate.prompt_reading) and prompt editing. Where no prompt changes between steps the
-    pipeline encodes them itself, as always; else each (text, negative prompt) is encoded once and the step callback
-    hands the pipeline the next step's embeddings. `then`: a callback_on_step_end to call after each step."""
+    clip skip (stylelora.generate.prompt_reading) and prompt editing, in the negative prompts too. Where no prompt
+    changes between steps the pipeline encodes them itself, as always; else each (text, negative text) is encoded
+    once and the step callback hands the pipeline the next step's embeddings. `then`: a callback_on_step_end to call
+    after each step."""
     from stylelora.generate import prompt_reading
 
-    timelines = [schedule(prompt, steps) for prompt in prompts]
-    texts = dict.fromkeys(text for timeline in timelines for _, text in timeline)
-    with prompt_reading.applied(pipe, [*texts, *negative_prompts], clip_skip):
+    timelines = [_paired(prompt, negative, steps) for prompt, negative in zip(prompts, negative_prompts)]
+    texts = dict.fromkeys(text for timeline in timelines for _, pair in timeline for text in pair)
+    with prompt_reading.applied(pipe, list(texts), clip_skip):
         if all(len(timeline) == 1 for timeline in timelines):
-            return pipe(prompt=[timeline[0][1] for timeline in timelines], negative_prompt=list(negative_prompts),
-                        num_inference_steps=steps, guidance_scale=guidance_scale, callback_on_step_end=then,
-                        **settings)
+            return pipe(prompt=[timeline[0][1][0] for timeline in timelines],
+                        negative_prompt=[timeline[0][1][1] for timeline in timelines], num_inference_steps=steps,
+                        guidance_scale=guidance_scale, callback_on_step_end=then, **settings)
         guided = guidance_scale > 1  # the pipeline's own test for classifier-free guidance
-        pairs = dict.fromkeys((text, negative) for timeline, negative in zip(timelines, negative_prompts)
-                              for _, text in timeline)
+        pairs = dict.fromkeys(pair for timeline in timelines for _, pair in timeline)
         encoded = {pair: pipe.encode_prompt(prompt=pair[0], device=pipe._execution_device, num_images_per_prompt=1,
                                             do_classifier_free_guidance=guided, negative_prompt=pair[1])
                    for pair in pairs}
-    embeds = _Embeddings(timelines, negative_prompts, encoded)
+    embeds = _Embeddings(timelines, encoded)
     first = dict(zip(FIELDS, embeds.at(1)))
     sdxl = first.get("pooled_prompt_embeds") is not None
     return pipe(**first, num_inference_steps=steps, guidance_scale=guidance_scale,
@@ -176,19 +185,31 @@ def draw(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str], *, 
                 callback_on_step_end=_switching(embeds, guided, then), **settings)
 
 
+def _paired(prompt: str, negative: str, steps: int) -> list[tuple[int, tuple[str, str]]]:
+    """[(last step, (text, negative text)), ...]: a prompt's schedule and its negative prompt's together (A1111 edits
+    a negative prompt as it edits a prompt: `[blurry:sharp:0.5]` there counts too)."""
+    texts, negatives = schedule(prompt, steps), schedule(negative, steps)
+    lasts = sorted({last for last, _ in texts} | {last for last, _ in negatives})
+    return [(last, (_text_for(texts, last), _text_for(negatives, last))) for last in lasts]
+
+
+def _text_for(timeline: list[tuple[int, Any]], step: int) -> Any:
+    return next((text for last, text in timeline if step <= last), timeline[-1][1])
+
+
 class _Embeddings:
-    """The batch's text embeddings at each step: each image's text at that step, encoded with its negative prompt."""
+    """The batch's text embeddings at each step: each image's (text, negative text) at that step, encoded together."""
 
-    def __init__(self, timelines: list, negative_prompts: Sequence[str], encoded: dict) -> None:
-        self.timelines, self.negatives, self.encoded = timelines, list(negative_prompts), encoded
+    def __init__(self, timelines: list, encoded: dict) -> None:
+        self.timelines, self.encoded = timelines, encoded
 
-    def texts(self, step: int) -> list[str]:
-        return [next((text for last, text in timeline if step <= last), timeline[-1][1]) for timeline in self.timelines]
+    def texts(self, step: int) -> list[tuple[str, str]]:
+        return [_text_for(timeline, step) for timeline in self.timelines]
 
     def at(self, step: int) -> list:
         import torch
 
-        rows = [self.encoded[(text, negative)] for text, negative in zip(self.texts(step), self.negatives)]
+        rows = [self.encoded[pair] for pair in self.texts(step)]
         return [None if rows[0][field] is None else torch.cat([row[field] for row in rows])
                 for field in range(len(rows[0]))]
 
