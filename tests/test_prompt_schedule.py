@@ -104,3 +104,21 @@ def test_a_batch_of_different_prompts_switches_each_image_at_its_own_steps(tiny_
                                                  do_classifier_free_guidance=False)[0] for n in negatives])
         positive = torch.cat([_conditional(pipe, text)[None] for text in texts])
         assert torch.allclose(seen[step][0], torch.cat([negative, positive]), atol=1e-5)
+
+
+@pytest.mark.parametrize("line", ["[red:blue:1] cat --d 3", "[red:blue:1] cat --n [x|y] --d 3"])
+def test_training_sample_grids_edit_a_kohya_prompt_as_generate_does(tiny_sd_base, line):
+    from stylelora.train.sample_prompts import parse_sample_prompt
+    from stylelora.train.samples import _draw
+
+    pipe = load_tiny_base(tiny_sd_base)
+    sample = parse_sample_prompt(line)
+    seen, hook = _unet_texts(pipe)
+    try:
+        _draw(pipe, [sample], [0], (16, 16, 2, 5.0, bool(sample.negative)), config=None)
+    finally:
+        hook.remove()
+    for (states, _), text, negative in zip(seen, ("red cat", "blue cat"), ("x", "y")):
+        assert torch.allclose(states[-1], _conditional(pipe, text), atol=1e-5)
+        if sample.negative:
+            assert torch.allclose(states[0], _conditional(pipe, negative), atol=1e-5)

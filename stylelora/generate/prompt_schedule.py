@@ -156,22 +156,24 @@ def schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
 FIELDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
-def draw(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str], *, steps: int, guidance_scale: float,
-         clip_skip: int = 1, then: Callable | None = None, **settings: Any) -> Any:
+def draw(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str] | None, *, steps: int,
+         guidance_scale: float, clip_skip: int = 1, then: Callable | None = None, **settings: Any) -> Any:
     """The pipeline's output for these prompts (one image each), read as A1111 reads them: emphasis, long prompts and
     clip skip (stylelora.generate.prompt_reading) and prompt editing, in the negative prompts too. Where no prompt
     changes between steps the pipeline encodes them itself, as always; else each (text, negative text) is encoded
     once and the step callback hands the pipeline the next step's embeddings. `then`: a callback_on_step_end to call
-    after each step."""
+    after each step. negative_prompts None: none (SDXL's pipeline then guides from zeros, not from "")."""
     from stylelora.generate import prompt_reading
 
-    timelines = [_paired(prompt, negative, steps) for prompt, negative in zip(prompts, negative_prompts)]
-    texts = dict.fromkeys(text for timeline in timelines for _, pair in timeline for text in pair)
+    negatives = list(negative_prompts) if negative_prompts is not None else [None] * len(prompts)
+    timelines = [_paired(prompt, negative, steps) for prompt, negative in zip(prompts, negatives)]
+    texts = dict.fromkeys(text for timeline in timelines for _, pair in timeline for text in pair if text is not None)
     with prompt_reading.applied(pipe, list(texts), clip_skip):
         if all(len(timeline) == 1 for timeline in timelines):
             return pipe(prompt=[timeline[0][1][0] for timeline in timelines],
-                        negative_prompt=[timeline[0][1][1] for timeline in timelines], num_inference_steps=steps,
-                        guidance_scale=guidance_scale, callback_on_step_end=then, **settings)
+                        negative_prompt=None if negative_prompts is None else [t[0][1][1] for t in timelines],
+                        num_inference_steps=steps, guidance_scale=guidance_scale, callback_on_step_end=then,
+                        **settings)
         guided = guidance_scale > 1  # the pipeline's own test for classifier-free guidance
         pairs = dict.fromkeys(pair for timeline in timelines for _, pair in timeline)
         encoded = {pair: pipe.encode_prompt(prompt=pair[0], device=pipe._execution_device, num_images_per_prompt=1,
@@ -185,10 +187,10 @@ def draw(pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str], *, 
                 callback_on_step_end=_switching(embeds, guided, then), **settings)
 
 
-def _paired(prompt: str, negative: str, steps: int) -> list[tuple[int, tuple[str, str]]]:
+def _paired(prompt: str, negative: str | None, steps: int) -> list[tuple[int, tuple[str, str | None]]]:
     """[(last step, (text, negative text)), ...]: a prompt's schedule and its negative prompt's together (A1111 edits
     a negative prompt as it edits a prompt: `[blurry:sharp:0.5]` there counts too)."""
-    texts, negatives = schedule(prompt, steps), schedule(negative, steps)
+    texts, negatives = schedule(prompt, steps), [(steps, None)] if negative is None else schedule(negative, steps)
     lasts = sorted({last for last, _ in texts} | {last for last, _ in negatives})
     return [(last, (_text_for(texts, last), _text_for(negatives, last))) for last in lasts]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from stylelora.config import TRIGGER_PLACEHOLDER, TrainConfig
-from stylelora.generate import prompt_reading
+from stylelora.generate import prompt_schedule
 from stylelora.grid import save_grid
 from stylelora.share import PREVIEW_NAME
 from stylelora.train.sample_prompts import SamplePrompt, parse_sample_prompt
@@ -69,11 +69,11 @@ def _draw(pipe, samples: list[SamplePrompt], columns: list[int], settings: tuple
     width, height, steps, guidance, negative = settings
     generators = [torch.Generator("cpu").manual_seed(_seed(sample, column, config))
                   for sample, column in zip(samples, columns)]
-    prompts = [sample.prompt for sample in samples]
-    negatives = [sample.negative for sample in samples] if negative else None
-    with prompt_reading.applied(pipe, prompts + (negatives or [])):  # kohya's samples read (word:1.2) and long prompts
-        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negatives,
-                    generator=generators, height=height, width=width, output_type="pil").images
+    # Read as `stylelora generate` reads a prompt: (word:1.2), [from:to:when], past 75 tokens.
+    return prompt_schedule.draw(pipe, [sample.prompt for sample in samples],
+                                [sample.negative for sample in samples] if negative else None, steps=steps,
+                                guidance_scale=guidance, generator=generators, height=height, width=width,
+                                output_type="pil").images
 
 
 def _seed(sample: SamplePrompt, column: int, config: TrainConfig) -> int:
