@@ -28,7 +28,6 @@ CLIP_SKIP_FIELD = "Clip skip"  # A1111's, in the PNG parameters when above 1
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
-
 @dataclass(frozen=True)
 class GenerateRequest:
     """What the user asked for. None/-1 fields are resolved by `generate` and recorded in the results."""
@@ -203,7 +202,7 @@ def precheck_request(request: GenerateRequest) -> list[str]:
 
     # Steps, seed, batch and a size no base takes fail here, not after minutes of loading a real base.
     _check_request(request, request.width, request.height, 8)
-    text, tags = parse_prompt(request.prompt)
+    _, tags = parse_prompt(request.prompt)
     tagged = resolve_tags(tags, request.adapters_dir)
     notes = []
     for spec in list(request.loras) + tagged:
