@@ -108,7 +108,8 @@ class DataConfig:
                                     widget=Widget("Caption lines are alternatives (one drawn each time)"))
     max_token_length: int = option(75, "caption tokens the text encoder reads, in windows of 75 laid side by side "
                                        "(kohya's --max_token_length: 150 or 225 for long tag captions; generation "
-                                       "reads long prompts the same way)", example="225")
+                                       "reads long prompts the same way)", example="225",
+                                   widget=Widget("Caption tokens (75, 150 or 225)", minimum=75, maximum=225))
     resolution: int | None = option(None, "training size in pixels", example="512", preset=True,
                                     widget=Widget("Resolution (empty = the base's)", minimum=8))
     bucketing: bool = option(True, "aspect-ratio buckets (--no-bucketing: every image center-cropped square)",
@@ -217,7 +218,7 @@ class TrainSection:
     clip_skip: int = option(1, "read captions from the text encoder's N-th layer from the end, as kohya's "
                             "--clip_skip (2 for bases trained that way, such as NovelAI-lineage anime models; SD "
                             "1.x/2.x); the layers after it get no LoRA, and generate with --clip-skip N",
-                            example="2")
+                            example="2", widget=Widget("Clip skip (2 for anime bases)", minimum=1, maximum=12))
     text_noise: float | None = option(None, "std of Gaussian noise added to the text encoder's hidden states while "
                                             "training (0 = off), so the adapter still acts when another adapter's "
                                             "text-encoder LoRA moves its prompt", example="0.2", preset=True)

@@ -94,3 +94,15 @@ def test_app_defaults_are_the_cli_defaults(tmp_path):
     from_cli = load_config(None, {"data.dir": str(tmp_path.absolute()), "train.output_name": "style",
                                   "train.output": str(tmp_path / "adapters" / "style")})
     assert from_app == from_cli
+
+
+def test_the_train_tab_sets_kohyas_clip_skip_and_caption_length(tmp_path):
+    """Both have widgets, so an app user training for an anime base or on long tag captions reaches them."""
+    pytest.importorskip("gradio")
+    from stylelora.app import ui
+
+    keys = ["train.clip_skip", "data.max_token_length"]
+    assert set(keys) <= {spec.dotted for spec in WIDGET_SPECS}
+    settings = ui.train_settings(str(tmp_path), "style", "toy", False, keys, [2, 150])
+    config = load_config(None, settings.overrides(tmp_path / "adapters", tmp_path))
+    assert (config.train.clip_skip, config.data.max_token_length) == (2, 150)
