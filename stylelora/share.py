@@ -74,8 +74,9 @@ def a1111_sidecar(metadata: dict[str, str]) -> dict[str, object]:
 
 
 def _clip_skip(metadata: dict[str, str]) -> int:
-    value = metadata.get("ss_clip_skip", "")
-    return int(value) if value.isdigit() else 1
+    from stylelora.lora.inspect import trained_clip_skip
+
+    return trained_clip_skip(metadata) or 1
 
 
 def _clip_skip_note(metadata: dict[str, str]) -> str:

@@ -48,7 +48,7 @@ def test_parse_follows_a1111s_grammar(prompt, chunks):
 ])
 def test_plain_text_is_what_the_text_encoder_reads(prompt, plain, weighted):
     assert emphasis.plain_text(prompt) == plain
-    assert emphasis.is_weighted(prompt) is weighted
+    assert any(weight not in (1.0, emphasis.BREAK[1]) for _, weight in emphasis.parse(prompt)) is weighted
 
 
 def test_rows_line_up_with_the_tokens_the_pipeline_makes(tiny_sd_base):

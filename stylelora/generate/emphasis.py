@@ -106,10 +106,6 @@ def plain_text(prompt: str) -> str:
     return " ".join(text.strip() for text, weight in chunks if text.strip() and (text, weight) != BREAK)
 
 
-def is_weighted(prompt: str) -> bool:
-    return any(weight not in (1.0, BREAK[1]) for _, weight in parse(prompt))
-
-
 def aligned(row: Sequence[int], reference: Sequence[int], weights: Sequence[float]) -> list[float]:
     """Weights for the tokens of `row` from a reference row of the same words: tokens in a stretch the two rows
     share take the reference's weights; a stretch found elsewhere in the reference (a trigger another reading moved,
@@ -165,8 +161,9 @@ class _Weights:
         if row in known:
             return known[row]
         # A reading whose trigger split moved (stylelora.generate.trigger_order): the closest prompt's.
-        best = max(known, key=lambda ids: difflib.SequenceMatcher(None, row, ids, autojunk=False).ratio())
-        if difflib.SequenceMatcher(None, row, best, autojunk=False).ratio() < 0.5:
+        best, ratio = max(((ids, difflib.SequenceMatcher(None, row, ids, autojunk=False).ratio()) for ids in known),
+                          key=lambda pair: pair[1])  # of equally close rows, the first
+        if ratio < 0.5:
             return None
         return aligned(row, best, known[best])
 
@@ -188,13 +185,14 @@ def weigh(model: Any, input_ids: Any, output: Any) -> Any:
     def weighted(states: Any) -> Any:
         if not torch.is_tensor(states) or states.ndim != 3 or states.shape[1] != length:
             return states
-        before = states.float().mean(dim=(1, 2), keepdim=True)
-        scaled = states.float() * weights[:, :, None]
+        values = states.float()
+        before = values.mean(dim=(1, 2), keepdim=True)
+        scaled = values * weights[:, :, None]
         after = scaled.mean(dim=(1, 2), keepdim=True)
         # A mean near 0 against the values says nothing of the reading's strength, and dividing by it would blow
         # the reading up or flip its sign (the toy base's encoder: mean 0.002, mean magnitude 0.59); there the
         # weights apply without the rescale, as A1111's "No norm" emphasis.
-        floor = MEAN_FLOOR * states.float().abs().mean(dim=(1, 2), keepdim=True)
+        floor = MEAN_FLOOR * values.abs().mean(dim=(1, 2), keepdim=True)
         meaningful = (before.abs() >= floor) & (after.abs() >= floor) & (before * after > 0)
         scaled = torch.where(meaningful, scaled * (before / torch.where(meaningful, after, 1.0)), scaled)
         return scaled.to(states.dtype)

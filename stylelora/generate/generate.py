@@ -217,8 +217,10 @@ def clip_skip_notes(path: Path, metadata: dict[str, str], clip_skip: int) -> lis
     """A note where kohya's metadata says the adapter was trained reading another layer (`ss_clip_skip`): its text
     encoder's LoRA learned that layer, so it is drawn as trained only with the same clip skip (A1111 does not
     say so; its users learn it from the model page)."""
-    trained = metadata.get("ss_clip_skip", "")
-    if not trained.isdigit() or int(trained) in (0, clip_skip):
+    from stylelora.lora.inspect import trained_clip_skip
+
+    trained = trained_clip_skip(metadata)
+    if trained is None or trained == clip_skip:
         return []
     return [f"{path.stem} was trained with clip skip {trained} (kohya's ss_clip_skip); set clip skip to {trained} "
             f"(--clip-skip {trained}, A1111's Clip skip) to draw it as it was trained."]

@@ -62,10 +62,12 @@ def windows(tokenizer: Any, prompt: str) -> list[tuple[list[int], list[float]]]:
 def rows(tokenizer: Any, prompt: str, count: int) -> list[Row]:
     """The prompt's windows as the rows a pipeline's tokenizer makes (start, tokens, end, padding to
     model_max_length), padded with empty windows to `count`."""
-    found = windows(tokenizer, prompt)
-    found += [([], [])] * (count - len(found))
+    return _padded_rows(tokenizer, windows(tokenizer, prompt), count)
+
+
+def _padded_rows(tokenizer: Any, found: list[tuple[list[int], list[float]]], count: int) -> list[Row]:
     out = []
-    for ids, weights in found:
+    for ids, weights in found + [([], [])] * (count - len(found)):
         padding = tokenizer.model_max_length - 2 - len(ids)
         out.append(Row(ids=[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding,
                        weights=[1.0, *weights, 1.0] + [1.0] * padding, mask=[1] * (len(ids) + 2) + [0] * padding))
@@ -99,11 +101,12 @@ def applied(pipe: Any, prompts: Sequence[str], clip_skip: int = 1) -> Iterator[N
 
 def _read_in_windows(undo: ExitStack, pipe: Any, pairs: list[tuple[str, Any, Any]], prompts: list[str]) -> None:
     """Install, until `undo` closes, each tokenizer's stand-in and each encoder's weighing and window forwards."""
-    count = max(len(windows(tokenizer, prompt)) for _, _, tokenizer in pairs for prompt in prompts)
     # "": the negative prompt diffusers reads where none is given (training samples), read as empty windows too
     prompts = list(dict.fromkeys([*prompts, ""]))
+    found = {(name, prompt): windows(tokenizer, prompt) for name, _, tokenizer in pairs for prompt in prompts}
+    count = max(len(windowed) for windowed in found.values())
     for name, encoder, tokenizer in pairs:
-        by_prompt = {prompt: rows(tokenizer, prompt, count) for prompt in prompts}
+        by_prompt = {prompt: _padded_rows(tokenizer, found[name, prompt], count) for prompt in prompts}
         every_row = [row for windowed in by_prompt.values() for row in windowed]
         weights = None
         if any(weight != 1.0 for row in every_row for weight in row.weights):
@@ -130,10 +133,9 @@ def skip_last_layers(encoder: Any, count: int) -> Callable[[], None]:
     them, as A1111's Clip skip and kohya's --clip_skip do; returns the function that puts them back. The layers stay
     in the module tree (the split mode hooks modules by path), and a LoRA added now leaves them out
     (stylelora.lora.inject.text_encoder_lora_targets)."""
-    import torch
+    from stylelora.lora.inject import encoder_layer_list
 
-    owner = next(module for module in encoder.modules()
-                 if isinstance(getattr(module, "layers", None), torch.nn.ModuleList))
+    _, owner = encoder_layer_list(encoder)
     layers = owner.layers
     if count >= len(layers):
         raise ValueError(f"Clip skip {count + 1} leaves none of the text encoder's {len(layers)} layers: use "

@@ -89,16 +89,23 @@ def text_encoder_lora_targets(text_encoder: nn.Module) -> LoraTargets:
     return LoraTargets(linear=paths)
 
 
+def encoder_layer_list(text_encoder: nn.Module) -> tuple[str, nn.Module] | None:
+    """(path, module) of the module whose `layers` ModuleList holds the encoder's transformer layers (CLIP's
+    `encoder`, at whatever depth the transformers version puts it), or None."""
+    return next(((path, module) for path, module in text_encoder.named_modules()
+                 if isinstance(getattr(module, "layers", None), nn.ModuleList)), None)
+
+
 def _skipped_layer_paths(text_encoder: nn.Module) -> tuple[str, ...]:
     """"path." of each encoder layer its layer list holds but does not run (iterating it yields the ones that run)."""
-    for path, module in text_encoder.named_modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            running = {id(layer) for layer in layers}
-            prefix = f"{path}.layers." if path else "layers."
-            return tuple(f"{prefix}{index}." for index, layer in enumerate(layers._modules.values())
-                         if id(layer) not in running)
-    return ()
+    found = encoder_layer_list(text_encoder)
+    if found is None:
+        return ()
+    path, owner = found
+    running = {id(layer) for layer in owner.layers}
+    prefix = f"{path}.layers." if path else "layers."
+    return tuple(f"{prefix}{index}." for index, layer in enumerate(owner.layers._modules.values())
+                 if id(layer) not in running)
 
 
 def lora_config(targets: LoraTargets, *, rank: int, alpha: float, conv_rank: int | None = None,

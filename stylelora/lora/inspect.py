@@ -49,6 +49,13 @@ def with_trigger_words(prompt: str, words: list[str]) -> str:
     return ", ".join([*missing, prompt] if prompt else missing)
 
 
+def trained_clip_skip(metadata: dict[str, str]) -> int | None:
+    """The clip skip kohya's metadata says the adapter was trained at (`ss_clip_skip`), or None where it records
+    none (kohya writes "None"; files from other tools lack the key)."""
+    value = metadata.get("ss_clip_skip", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def company_words(metadata: dict[str, str]) -> list[str]:
     """The words stylelora trained beside the adapter's trigger as decoy company, quiet vocabulary words first
     (none for a file trained elsewhere or without company)."""
