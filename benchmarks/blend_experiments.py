@@ -52,7 +52,10 @@ and each adapter's own set.
              that is larger relative to its delta's norm, rescaled as split), dareP (DARE: each delta keeps a
              random 1 - P of its entries, scaled by 1 / (1 - P), then summed) or daretiesP (the same, then split's
              rescaled ties), or tsv (TSV-Merge, Gargiulo et al. 2025: the two deltas' singular vectors
-             side by side made orthonormal, every singular value kept)
+             side by side made orthonormal, every singular value kept), or pickX (K-LoRA, Ouyang et al. 2025,
+             arXiv 2502.18461: each layer both touch takes one adapter's delta alone, the first where its top
+             rank_A x rank_B magnitudes, over their mean on all such layers, times X outweigh the second's; a
+             K-LoRA schedule favours the character early and the style late, e.g. pick2:pick0.5@500)
     regmean  split with the layers outside cross-attention that both adapters touch fused by RegMean (Jin et al.
              2023, arXiv 2212.09849) instead of ties: per layer the delta that, on the inputs the layer sees while
              each adapter alone draws --calibration of its own prompts (prompt seed 1, not the scored prompts),
@@ -540,6 +543,7 @@ def unet_gain(bench: Bench, groups: str, gain: float):
 
 SCHEDULE_SIDES = ("split", "ties", "sum", "first", "second", "alt", "none", "tiesG", "normed", "raised", "rescaled",
                   "keepin1", "keepin2", "keepout1", "keepout2", "eqvote", "relmax", "tsv")
+PICK = "pick"  # pickX: K-LoRA's per-layer choice of one adapter's delta (see _picked_layers)
 
 
 def _rescale_side(name: str) -> tuple[bool, float] | None:
@@ -560,9 +564,15 @@ def _dare_side(name: str) -> tuple[str, float] | None:
     return None
 
 
+def _pick_bias(name: str) -> float | None:
+    """X of a pickX side, None for any other name."""
+    bias = name.removeprefix(PICK)
+    return float(bias) if name.startswith(PICK) and bias.replace(".", "", 1).isdigit() else None
+
+
 def _check_side(name: str) -> str:
     gain = name.removeprefix("ties")
-    if _rescale_side(name) is not None or _dare_side(name) is not None:
+    if _rescale_side(name) is not None or _dare_side(name) is not None or _pick_bias(name) is not None:
         return name
     if name not in SCHEDULE_SIDES and not (name.startswith("ties") and gain.replace(".", "", 1).isdigit()):
         raise SystemExit(f"--schedule: unknown side {name!r} ({', '.join(SCHEDULE_SIDES)})")
@@ -702,6 +712,24 @@ def _term_deltas(terms: list, device, dtype) -> list:
             for _, weight, factors in terms]
 
 
+def _picked_layers(plan: dict, keys: list, bias: float) -> dict:
+    """K-LoRA (Ouyang et al. 2025, arXiv 2502.18461) on the layers both adapters touch: each adapter's score is the
+    sum of its delta's rank_A x rank_B largest magnitudes, divided by its mean score over those layers (K-LoRA's
+    average ratio); the layer takes the first adapter's delta alone where its score x `bias` is larger, the
+    second's alone otherwise. {key: index of the adapter kept}."""
+    import torch
+
+    scores = {}
+    for key in keys:
+        terms = plan[key]
+        if len(terms) == 2:
+            count = terms[0][2].down.shape[0] * terms[1][2].down.shape[0]
+            deltas = _term_deltas(terms, "cpu", torch.float32)
+            scores[key] = [float(delta.abs().flatten().topk(min(count, delta.numel())).values.sum()) for delta in deltas]
+    means = [sum(score[i] for score in scores.values()) / max(len(scores), 1) for i in (0, 1)]
+    return {key: 0 if score[0] / means[0] * bias > score[1] / means[1] else 1 for key, score in scores.items()}
+
+
 def _other_layer_weights(bench: Bench, a: str, b: str, names: set[str]) -> dict:
     """With A + B applied in split: {layer: {name: the layer's weight fused that way}} for every UNet layer outside
     cross-attention that split fuses, for each of `names` (the schedule merge's sides, see the module's doc)."""
@@ -712,12 +740,18 @@ def _other_layer_weights(bench: Bench, a: str, b: str, names: set[str]) -> dict:
     loaded = [stack.load(spec.path) for spec in specs]
     adapters = tuple((adapter.path, adapter.signature) for adapter in loaded)
     plan = stack._plan(specs, loaded)
+    keys = [key for key in stack._fused if key[0] == "unet"]
+    picks = {name: _picked_layers(plan, keys, bias) for name in names if (bias := _pick_bias(name)) is not None}
+    for name, picked in picks.items():
+        print(f"{name}: {sum(1 for i in picked.values() if i == 0)} of {len(picked)} shared layers take {a}'s delta")
     weights: dict = {}
     with torch.no_grad():
-        for key in [key for key in stack._fused if key[0] == "unet"]:
+        for key in keys:
             terms, base = plan[key], stack._backups[key]
             weights[key] = {name: stack._layer_weight(key).detach().clone() if name == "split"  # split's own fusion
-                            else _fused_as(name, terms, base, adapters) for name in names}
+                            else _fused_as(("first", "second")[picks[name][key]] if key in picks.get(name, {})
+                                           else "sum" if name in picks else name, terms, base, adapters)
+                            for name in names}
     return weights
 
 
