@@ -248,6 +248,10 @@ def test_endpoints_take_named_parameters(app):
     assert names("/delete_adapter") == ["name", "confirm"]
     assert names("/rename_adapter") == ["name", "new_name", "confirm"]
     assert not [name for endpoint in endpoints for name in names(endpoint) if name.startswith("param_")]
+    # What each endpoint returns is named too (an unlabeled component shows up in view_api as value_<id>).
+    assert [r["label"] for r in endpoints["/train"]["returns"]] == ["Training status"]
+    assert not [(endpoint, r["label"]) for endpoint in endpoints for r in endpoints[endpoint]["returns"]
+                if r["label"].startswith("value_")]
     # Called by name, as a script would.
     gallery, parameters = client.predict(prompt=PROMPT, seed=12, steps=2, adapters=["pastel"], api_name="/generate")
     assert "Seed: 12" in parameters and "Steps: 2" in parameters and "<lora:pastel:1>" in parameters

@@ -478,7 +478,7 @@ def _generate_tab(service: AppService) -> SimpleNamespace:
             with gr.Row():
                 button = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
                 stop = gr.Button("Stop", variant="stop", elem_id="stop-generate", scale=1, interactive=False)
-            status = gr.Markdown(elem_id="generate-status")
+            status = gr.Markdown(elem_id="generate-status", label="Status")
         with gr.Column(scale=2):
             # No fixed height: gradio draws one image square across the whole column, and a box lower than that
             # scrolled it, cut at the bottom (a non-square image keeps its shape: object_fit contain).
@@ -490,7 +490,7 @@ def _generate_tab(service: AppService) -> SimpleNamespace:
             with gr.Accordion("Draw an image again: read its PNG's parameters", open=False):
                 png = gr.File(label="PNG made by stylelora or A1111", file_types=[".png"], type="filepath",
                               elem_id="png-info")
-                png_note = gr.Markdown(elem_id="png-info-note")
+                png_note = gr.Markdown(elem_id="png-info-note", label="PNG note")
     return SimpleNamespace(inputs=inputs, button=button, stop=stop, status=status, gallery=gallery,
                            parameters=parameters, last_seed=gr.State(-1), previous_chosen=gr.State([]),
                            run=gr.State(Run("generation")), png=png, png_note=png_note)
@@ -508,7 +508,7 @@ def _compare_tab() -> SimpleNamespace:
     with gr.Row():
         button = gr.Button("Make grid", variant="primary", elem_id="make-grid", scale=3)
         stop = gr.Button("Stop", variant="stop", elem_id="stop-grid", scale=1, interactive=False)
-    status = gr.Markdown(elem_id="grid-status")
+    status = gr.Markdown(elem_id="grid-status", label="Status")
     image = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid")
     return SimpleNamespace(x_axis=x_axis, y_axis=y_axis, button=button, stop=stop, status=status, image=image,
                            run=gr.State(Run("grid")))
@@ -600,7 +600,7 @@ def _train_tab(service: AppService) -> SimpleNamespace:
             trigger = gr.Textbox(label="Trigger word (optional)", elem_id="trigger")
             repeats = NamedNumber(value=10, precision=0, minimum=1, maximum=100, label="Repeats", elem_id="repeats")
             add = gr.Button("Add to datasets", scale=0, min_width=150)
-        added = gr.Markdown()
+        added = gr.Markdown(label="Upload result")
     # Checkboxes get a row of their own: squeezed between number boxes their help text ran one word a line.
     with gr.Row(equal_height=True):
         widgets = {spec.dotted: _option_widget(spec) for spec in specs if spec.type is not bool}
@@ -612,7 +612,7 @@ def _train_tab(service: AppService) -> SimpleNamespace:
         button = gr.Button("Start training", variant="primary", elem_id="train")
         stop = gr.Button("Stop", variant="stop", elem_id="stop-training", interactive=False)
         resume = gr.Button("Resume", elem_id="resume-training")
-    status = gr.Markdown("No training run yet.", elem_id="train-status")
+    status = gr.Markdown("No training run yet.", elem_id="train-status", label="Training status")
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="loss", title="loss (smoothed)", height=240, scale=2)
         sample = gr.Image(label="Latest sample grid", type="filepath", format="png", height=240, scale=1,
