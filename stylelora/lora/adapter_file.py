@@ -1,6 +1,7 @@
 """Reads one adapter file in any layout we accept (kohya, diffusers-peft, plain peft) as kohya keys + metadata.
 
-The kohya and diffusers layouts are read by `stylelora.lora.io.load_adapter_state`; this module adds the plain
+The kohya and diffusers layouts are read by `stylelora.lora.io.load_adapter_state` (LyCORIS modules in a kohya
+file as the plain LoRA of the same change: `stylelora.lora.lycoris`); this module adds the plain
 peft layout (`PeftModel.save_pretrained`: `adapter_model.safetensors` with `base_model.model.*` keys and the
 alphas in `adapter_config.json` beside it) and reports which layout a file had, for `inspect` and errors.
 """
@@ -12,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stylelora.lora import formats
+from stylelora.lora import formats, lycoris
 from stylelora.lora.io import load_adapter_state
 
 LAYOUTS = ("kohya", "diffusers", "peft")
@@ -37,6 +38,7 @@ class AdapterFile:
     metadata: dict[str, str]
     file_size: int
     peft_config: dict | None = None
+    lycoris: dict[str, int] = field(default_factory=dict)  # {"LoHa"|"LoKr"|"LoCon (Tucker)": modules read as LoRA}
 
 
 def weights_path(path: str | os.PathLike) -> Path:
@@ -78,7 +80,7 @@ def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
         state, metadata = load_adapter_state(path)
         layout = "kohya" if all(key.startswith("lora_") for key in keys) else "diffusers"
     return AdapterFile(path=path, layout=layout, state=state, metadata=metadata,
-                       file_size=path.stat().st_size, peft_config=peft_config)
+                       file_size=path.stat().st_size, peft_config=peft_config, lycoris=dict(lycoris.kinds_in(keys)))
 
 
 def read_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:

@@ -100,6 +100,35 @@ def _unet_layout_config(file) -> dict:
                            "the base is loaded.")
 
 
+def _unflatten_convs(modules: dict, file, unet_config: dict | None) -> None:
+    """Give each convolution whose factors a LyCORIS file stores flat, down (r, in·kh·kw) and up (out, r), kohya's
+    conv shapes (r, in, kh, kw) and (out, r, 1, 1), from the UNet of the file's family (its published config, built
+    weightless): A1111 and ComfyUI fit flat factors to the layer, diffusers does not. A file of no known family keeps
+    them flat."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from torch import nn
+
+    from stylelora.lora.components import component_names
+
+    flat = [name for name, parts in modules.items() if name.startswith(formats.UNET_PREFIX + "_")
+            and parts["lora_down.weight"].dim() == 2 and parts["lora_up.weight"].dim() == 2]
+    if not flat:
+        return
+    try:
+        config = unet_config or _unet_layout_config(file)
+    except BlockWeightError:
+        return
+    with init_empty_weights():
+        names = component_names({"unet": UNet2DConditionModel.from_config(config)}, "unet")
+    for name in flat:
+        layer = names.layers.get(names.by_name.get(name, ""))
+        down = modules[name]["lora_down.weight"]
+        if isinstance(layer, nn.Conv2d) and down.shape[1] == layer.weight[0].numel():
+            modules[name]["lora_down.weight"] = down.reshape(down.shape[0], *layer.weight.shape[1:])
+            modules[name]["lora_up.weight"] = modules[name]["lora_up.weight"][:, :, None, None]
+
+
 def _block_multiplier(spec: AdapterSpec, file, unet_config: dict | None):
     """kohya module name -> the multiplier of `spec.blocks` for the UNet block it is in (1 where it has none), on
     `unet_config`'s blocks (None: those of the file's family)."""
@@ -232,7 +261,10 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     files = _read_inputs(specs)
     terms: dict[str, ModuleTerms] = {}
     for spec, file in zip(specs, files):
-        _add_terms(terms, _group_modules(file.state, file.path.name), spec, file, unet_config)
+        modules = _group_modules(file.state, file.path.name)
+        if file.lycoris:
+            _unflatten_convs(modules, file, unet_config)
+        _add_terms(terms, modules, spec, file, unet_config)
     state, errors, ranks = {}, {}, {}
     for name, entry in terms.items():
         if not entry.up_terms:

@@ -143,7 +143,8 @@ class KohyaModules:
             foreign[_foreign_kind(suffix) or f"unknown tensor kind '.{suffix}'"].append(key)
         kinds = "; ".join(f"{kind}: {len(keys)} keys (e.g. {_examples(keys, 2)})" for kind, keys in foreign.items())
         raise ValueError(
-            "Not a plain LoRA file: only <module>.lora_down.weight / .lora_up.weight / .alpha can be loaded. "
+            "Not a LoRA file this loader reads: it reads <module>.lora_down.weight / .lora_up.weight / .alpha, and "
+            "whole LyCORIS LoHa (hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b) and LoKr (lokr_w1, lokr_w2) modules. "
             f"Found {kinds}."
         )
 
@@ -174,11 +175,15 @@ def _module_rank_alpha(name: str, parts: dict[str, torch.Tensor]) -> tuple[int, 
     return rank, alpha
 
 
-def _fit_to_layer(tensor: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """Reshape between 2-d and (.., 1, 1) weights: some trainers store a Linear LoRA as 1x1 conv or the reverse."""
+def _fit_to_layer(tensor: torch.Tensor, layer: nn.Module, *, is_down: bool = False) -> torch.Tensor:
+    """Reshape between 2-d and (.., 1, 1) weights: some trainers store a Linear LoRA as 1x1 conv or the reverse, and
+    LyCORIS stores a kh x kw convolution's down factor flat, (r, in·kh·kw), which A1111 fits to the layer too."""
     if isinstance(layer, nn.Linear) and tensor.dim() == 4 and tuple(tensor.shape[2:]) == (1, 1):
         return tensor.flatten(1)
     if isinstance(layer, nn.Conv2d) and tensor.dim() == 2:
+        kernel = tuple(layer.weight.shape[1:])  # (in / groups, kh, kw)
+        if is_down and kernel[1:] != (1, 1) and tensor.shape[1] == kernel[0] * kernel[1] * kernel[2]:
+            return tensor.reshape(tensor.shape[0], *kernel)
         return tensor[:, :, None, None]
     return tensor
 
@@ -216,7 +221,8 @@ def kohya_to_peft_matching(kohya_state: dict[str, torch.Tensor], names: KohyaNam
         path = names.by_name[name]
         ranks[path] = _module_rank_alpha(name, parts)
         for kohya_suffix, peft_suffix in KOHYA_TO_PEFT_SUFFIX.items():
-            peft_state[f"{path}.{peft_suffix}"] = _fit_to_layer(parts[kohya_suffix], names.layers[path])
+            peft_state[f"{path}.{peft_suffix}"] = _fit_to_layer(parts[kohya_suffix], names.layers[path],
+                                                                is_down=peft_suffix == "lora_A.weight")
     return peft_state, ranks, sorted(unmatched)
 
 

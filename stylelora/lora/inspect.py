@@ -123,6 +123,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "file": str(file.path),
         "file_size": file.file_size,
         "format": file.layout,
+        "lycoris": file.lycoris,
         "title": metadata.get("modelspec.title") or metadata.get("ss_output_name") or file.path.stem,
         "architecture": adapter_architecture(file.state, metadata),
         "base_model": {key: metadata[key] for key in ("ss_base_model_version", "modelspec.architecture",
@@ -186,6 +187,8 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         f"  base model     {', '.join(f'{k}={v}' for k, v in info['base_model'].items()) or 'not recorded'}",
         f"  network        {rank}" + (f", {info['conv_modules']} conv modules" if info.get("conv_modules") else ""),
         f"  modules        UNet {info['modules']['unet']}, {_text_encoder_counts(info['modules'])}",
+        *([f"  LyCORIS        {', '.join(f'{kind} {count}' for kind, count in info['lycoris'].items())} modules, "
+           "read as plain LoRA of the same change (the rank shown is that LoRA's)"] if info.get("lycoris") else []),
         f"  dtypes         {', '.join(f'{k}×{n}' for k, n in info['dtypes'].items())}",
         f"  trigger words  {', '.join(info['trigger_words']) or 'none recorded'}",
         *_model_spec_lines(info["modelspec"]),

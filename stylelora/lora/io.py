@@ -14,7 +14,7 @@ from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from stylelora.atomic import write_bytes_atomic
-from stylelora.lora import components, formats
+from stylelora.lora import components, formats, lycoris
 from stylelora.lora.inject import add_lora_from_state, module_ranks
 
 FORMATS = ("kohya", "diffusers")
@@ -312,9 +312,12 @@ def _is_diffusers_peft_layout(state: dict[str, torch.Tensor]) -> bool:
 
 
 def load_adapter_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(kohya state dict, metadata) of an adapter file in kohya or our diffusers layout. Refuses pickles."""
+    """(kohya state dict, metadata) of an adapter file in kohya or our diffusers layout, LyCORIS modules read as
+    the plain LoRA of the same change (stylelora.lora.lycoris). Refuses pickles."""
     state, metadata = _read_safetensors(path)
     if state and all(key.startswith(("lora_unet_", "lora_te")) for key in state):
+        if any(key.partition(".")[2] in lycoris.SUFFIXES for key in state):
+            return lycoris.as_plain_lora(state), metadata
         return state, metadata
     if _is_diffusers_peft_layout(state):
         return _diffusers_to_kohya(state, metadata), metadata

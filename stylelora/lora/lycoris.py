@@ -1,0 +1,165 @@
+"""Reads LyCORIS modules (LoHa, LoKr, LoCon's Tucker middle) as the plain LoRA of the same weight change, exactly.
+
+A1111's built-in Lora extension and ComfyUI apply these files. Each module's change is built from small factors, and
+every such change is itself low rank, so it is rewritten as `lora_down` / `lora_up` / `alpha` with no loss and the
+rest of stylelora (generation, blend modes, split, `blend`, `inspect`) reads it as it reads any LoRA:
+
+    LoHa    (A1 B1) ⊙ (A2 B2)              rank r1·r2: up columns a1_i ⊙ a2_j, down rows b1_i ⊙ b2_j
+    LoKr    kron(W1, W2), each full or A B  rank rank(W1)·rank(W2): up kron(U1, U2), down kron(V1, V2)
+    Tucker  a core t (r, r, kh, kw) between a pair's two factors (hada_t1/t2, lokr_t2, LoCon's lora_mid),
+            folded into the down factor: rank r
+
+The scale is A1111's (extensions-builtin/Lora/network.py): a `.scale` tensor if the module has one, else alpha over
+the factors' rank (a LoKr's: its low-rank half's; 1 when both halves are full, or without `.alpha`). A convolution
+whose factors LyCORIS stores flat, (r, in·kh·kw), stays flat here, as nothing in the file tells its kernel: the loader
+fits it to the layer it lands on (`formats._fit_to_layer`, as A1111 does), and `blend` to the file's family.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOHA_CORES = ("hada_t1", "hada_t2")
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LOCON_CORE = "lora_mid.weight"
+SCALE = "scale"
+SUFFIXES = frozenset(LOHA + LOHA_CORES + LOKR + (LOCON_CORE,))
+
+
+def module_kind(suffixes) -> str | None:
+    """"LoHa", "LoKr", "LoCon (Tucker)" for a module with those tensor suffixes, None for anything else."""
+    suffixes = set(suffixes)
+    if set(LOHA) <= suffixes:
+        return "LoHa"
+    if suffixes & set(LOKR):
+        return "LoKr"
+    if LOCON_CORE in suffixes and {"lora_down.weight", "lora_up.weight"} <= suffixes:
+        return "LoCon (Tucker)"
+    return None
+
+
+def kinds_in(keys) -> Counter:
+    """{kind: module count} of the LyCORIS modules among kohya keys `<module>.<suffix>` (header only, no tensors)."""
+    suffixes: dict[str, set[str]] = {}
+    for key in keys:
+        name, _, suffix = key.partition(".")
+        suffixes.setdefault(name, set()).add(suffix)
+    return Counter(kind for kind in map(module_kind, suffixes.values()) if kind)
+
+
+def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The kohya state with every LyCORIS module rewritten as lora_down / lora_up / alpha; other keys unchanged
+    (DoRA, full-weight diffs and the like stay as they are, for the loaders' own refusal)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name, _, suffix = key.partition(".")
+        modules.setdefault(name, {})[suffix] = tensor
+    plain: dict[str, torch.Tensor] = {}
+    for name, parts in modules.items():
+        kind = module_kind(parts)
+        if kind is None:
+            plain.update({f"{name}.{suffix}": tensor for suffix, tensor in parts.items()})
+            continue
+        up, down, scale = _CONVERTERS[kind](name, parts)
+        kernel = _kernel(parts) or ((1, 1) if any(tensor.dim() == 4 for tensor in parts.values()) else None)
+        if kernel is not None:  # a convolution the file shows as one: kohya's conv shapes
+            up, down = up[:, :, None, None], down.reshape(down.shape[0], -1, *kernel)
+        dtype = next(tensor.dtype for suffix, tensor in parts.items() if suffix in SUFFIXES | {"lora_down.weight"})
+        plain[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+        plain[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+        plain[f"{name}.alpha"] = _alpha_tensor(scale * down.shape[0])
+    return plain
+
+
+def _kernel(parts: dict) -> tuple[int, ...] | None:
+    """(kh, kw) of a convolution the module's tensors show (a core, or a 4-d factor), None for 1x1 or unknown."""
+    for suffix in (*LOHA_CORES, "lokr_t2", LOCON_CORE, "lokr_w2", "hada_w1_b", "lokr_w2_b"):
+        tensor = parts.get(suffix)
+        if tensor is not None and tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1):
+            return tuple(tensor.shape[2:])
+    return None
+
+
+def _alpha_tensor(value: float):
+    import torch
+
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def _scale(parts: dict, rank: int | None) -> float:
+    if SCALE in parts:
+        return float(parts[SCALE].item())
+    if rank is None or "alpha" not in parts:
+        return 1.0
+    return float(parts["alpha"].item()) / rank
+
+
+def _factor_pair(parts: dict, first: str, second: str, core: str | None):
+    """(up (out, r), down (r, in·kh·kw)) of one `first @ second` pair, its Tucker core folded into down; with a
+    core LyCORIS stores the pair transposed, first (r, out) and second (r, in)."""
+    import torch
+
+    a, b = parts[first].float(), parts[second].float()
+    if core is None or core not in parts:
+        return a.flatten(1), b.flatten(1)
+    folded = torch.einsum("ijkl,jc->ickl", parts[core].float(), b.flatten(1))  # (r, in, kh, kw)
+    return a.flatten(1).T.contiguous(), folded.flatten(1)
+
+
+def _loha(name: str, parts: dict):
+    up1, down1 = _factor_pair(parts, "hada_w1_a", "hada_w1_b", "hada_t1")
+    up2, down2 = _factor_pair(parts, "hada_w2_a", "hada_w2_b", "hada_t2")
+    _check_fits(name, "LoHa", (up1.shape[0], down1.shape[1]), (up2.shape[0], down2.shape[1]))
+    # (sum_i a1_i b1_i) ⊙ (sum_j a2_j b2_j) = sum_ij (a1_i ⊙ a2_j)(b1_i ⊙ b2_j): a Khatri-Rao product each side.
+    up = (up1[:, :, None] * up2[:, None, :]).flatten(1)
+    down = (down1[:, None, :] * down2[None, :, :]).flatten(0, 1)
+    return up, down, _scale(parts, parts["hada_w1_b"].shape[0])
+
+
+def _lokr_half(parts: dict, half: str):
+    """(U, V) with U @ V = the half's matrix W (flattened to 2-d): its own factors, or W and an identity."""
+    import torch
+
+    full = parts.get(f"lokr_{half}")
+    if full is not None:
+        matrix = full.float().flatten(1)
+        rows, columns = matrix.shape
+        return (torch.eye(rows), matrix) if rows <= columns else (matrix, torch.eye(columns))
+    return _factor_pair(parts, f"lokr_{half}_a", f"lokr_{half}_b", "lokr_t2" if half == "w2" else None)
+
+
+def _lokr(name: str, parts: dict):
+    import torch
+
+    missing = [half for half in ("w1", "w2") if f"lokr_{half}" not in parts
+               and not {f"lokr_{half}_a", f"lokr_{half}_b"} <= set(parts)]
+    if missing:
+        raise ValueError(f"LyCORIS LoKr module {name} lacks its {' and '.join(missing)} factor(s) "
+                         f"(has {', '.join(sorted(parts))}); the file is incomplete.")
+    (u1, v1), (u2, v2) = _lokr_half(parts, "w1"), _lokr_half(parts, "w2")
+    # kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2); a 4-d W2 flattened to (b, d·kh·kw) gives the same kron as
+    # A1111's kron of W1[:, :, None, None] with it.
+    rank = next((parts[key].shape[0] for key in ("lokr_w2_b", "lokr_w1_b") if key in parts), None)
+    return torch.kron(u1, u2), torch.kron(v1, v2), _scale(parts, rank)
+
+
+def _locon_tucker(name: str, parts: dict):
+    import torch
+
+    up, down, core = parts["lora_up.weight"].float(), parts["lora_down.weight"].float(), parts[LOCON_CORE].float()
+    # down is a 1x1 conv to r channels, the core an r -> r conv with the layer's kernel: together one conv.
+    folded = torch.einsum("ijkl,jc->ickl", core, down.flatten(1))
+    return up.flatten(1), folded.flatten(1), _scale(parts, down.shape[0])
+
+
+def _check_fits(name: str, kind: str, first: tuple[int, int], second: tuple[int, int]) -> None:
+    if first != second:
+        raise ValueError(f"LyCORIS {kind} module {name}: its two factor pairs make {first} and {second} changes; "
+                         "they must be the same shape. The file is damaged or not a LyCORIS file.")
+
+
+_CONVERTERS = {"LoHa": _loha, "LoKr": _lokr, "LoCon (Tucker)": _locon_tucker}
