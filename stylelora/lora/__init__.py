@@ -7,6 +7,7 @@ Modules:
                   grouping of kohya keys by module (group_kohya_modules) and by model (split_kohya_state)
     io            save_adapter / load_adapter_state / load_adapter_into, kohya_metadata, sshs hashes
     adapter_file  read any layout we accept (kohya, diffusers-peft, plain peft) as kohya keys; header-only checks
+    lycoris       LyCORIS LoHa / LoKr / LoCon-Tucker modules rewritten exactly as the plain LoRA of the same change
     spec          AdapterSpec (which adapter file at which weight) and "FILE[:W[:TE_W]]" parsing
     inspect       what an adapter file is: layout, base family, ranks, modules, trigger words, training, hashes
     blend         a weighted mix of adapters written as one kohya file, exact or truncated-SVD at a chosen rank
