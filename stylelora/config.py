@@ -315,6 +315,7 @@ OPTION_SPECS: tuple[OptionSpec, ...] = tuple(
 )
 OPTIONS_BY_NAME = {spec.dotted: spec for spec in OPTION_SPECS}
 CLI_FLAGS = {spec.dotted: spec.flag for spec in OPTION_SPECS if spec.flag}
+OPTIONS_BY_KEY = {spec.key: spec for spec in OPTION_SPECS}  # keys are unique across sections
 
 
 def default_text(spec: OptionSpec) -> str:
@@ -373,7 +374,8 @@ def config_from_dict(values: dict[str, dict[str, Any]], *, problems: list[str] |
         given = values.get(name, {})
         unknown = sorted(set(given) - set(_field_names(name)))
         for key in unknown:
-            problems.append(f"unknown key {key!r} in [{name}]; valid keys: {', '.join(_field_names(name))}")
+            problems.append(f"unknown key {key!r} in [{name}]{_key_hint(key, name)}; valid keys: "
+                            f"{', '.join(_field_names(name))}")
         typed = {key: _typed(name, key, value, problems) for key, value in given.items() if key not in unknown}
         sections[name] = cls(**{k: v for k, v in typed.items() if v is not _INVALID})
     config = TrainConfig(**sections)
@@ -394,13 +396,55 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
     sections = {}
     for name, table in document.items():
         if name not in SECTIONS:
-            problems.append(f"{path.name}: unknown section or key {name!r} at the top level; settings go in the "
+            hint = _key_hint(name, None, table)
+            problems.append(f"{path.name}: unknown section or key {name!r} at the top level{hint}; settings go in the "
                             f"sections [{'], ['.join(SECTIONS)}]")
         elif not isinstance(table, dict):
             problems.append(f"{path.name}: {name!r} must be a [{name}] section, not a value")
         else:
             sections[name] = table
     return sections
+
+
+def _key_hint(key: str, section: str | None, value: Any = None) -> str:
+    """What an unknown TOML key (in [section], or at the top level: None, with its `value`) is likely meant to be:
+    an option of another section, a kohya sd-scripts name (a kohya config file's keys are its flag names, in
+    sections of its own), or a near spelling; "" when nothing is close. Why: a typo'd key is refused with the whole
+    list of keys, and `max_train_steps = 10` called "unknown" alone would not say where `steps` goes."""
+    import difflib
+
+    if section is None and isinstance(value, dict):  # a misspelt section, or a kohya one ([training_arguments])
+        close = difflib.get_close_matches(key, list(SECTIONS), n=1, cutoff=0.75)
+        if close:
+            return f" (did you mean [{close[0]}]?)"
+        hints = [f"{inner}{hint}" for inner in value if (hint := _key_hint(inner, None, value[inner]))]
+        return f" (its keys: {'; '.join(hints)})" if hints else ""
+    owners = [spec for spec in OPTION_SPECS if spec.key == key and spec.section != section]
+    if owners:
+        return f" (it belongs under [{owners[0].section}])"
+    kohya = _kohya_name(key)
+    if kohya:
+        return f" (kohya sd-scripts' name; here: {kohya})"
+    candidates = _field_names(section) if section else [*SECTIONS, *OPTIONS_BY_KEY]
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.75)
+    if not close:
+        return ""
+    if section or close[0] in SECTIONS:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (did you mean {close[0]!r} under [{OPTIONS_BY_KEY[close[0]].section}]?)"
+
+
+def _kohya_name(key: str) -> str | None:
+    """Our option for a kohya sd-scripts option name, as a TOML key where its flag is one of ours, else the CLI's
+    advice; None for a name kohya does not have."""
+    from stylelora.train.command import KOHYA_FLAGS  # the CLI's table of kohya names (no torch import there)
+
+    advice = KOHYA_FLAGS.get(key.lower().replace("_", "-"))
+    if advice is None:
+        return None
+    flag, _, rest = advice.partition(" ")
+    spec = next((spec for spec in OPTION_SPECS if spec.flag == flag), None)
+    return f"{spec.key} under [{spec.section}]{' ' + rest if rest else ''}" if spec else advice
 
 
 def _merge(into: dict[str, dict[str, Any]], sections: dict[str, dict[str, Any]]) -> None:

@@ -98,8 +98,11 @@ class ScanReport:
                          f"{_first_five(f'{p.name} → {c!r}' for p, c in with_trigger)}.")
         if len(with_trigger) < len(uncaptioned):
             empty = [path.name for path, caption in uncaptioned if not caption]
+            # A caption file is not read in the metadata.jsonl layout, so advising one there would not help.
+            where = (f'Give each a "text" in {METADATA_FILE}' if self.layout == METADATA_FILE
+                     else "Write NAME.txt beside each")
             lines.append(f"{len(empty)} images have no caption and no trigger words, so they train with an empty "
-                         f"caption: {_first_five(empty)}. Write NAME.txt beside each, or pass --trigger WORD.")
+                         f"caption: {_first_five(empty)}. {where}, or pass --trigger WORD.")
         if self.ignored:
             lines.append(f"Ignored {len(self.ignored)} files: "
                          f"{_first_five(f'{i.path.name} ({i.reason})' for i in self.ignored)}.")
@@ -217,8 +220,9 @@ def _read_text(path: Path, report: ScanReport) -> str:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             text = raw.decode("utf-8-sig", errors="replace")
-            report.warnings.append(f"{path.name} is not UTF-8 text: the characters that could not be read became "
-                                   "'�' in its caption. Save it as UTF-8.")
+            # Named with its folder: kohya datasets repeat file names (10_a/0001.txt, 5_b/0001.txt).
+            report.warnings.append(f"{path.parent.name}/{path.name} is not UTF-8 text: the characters that could not "
+                                   "be read became '�' in its caption. Save it as UTF-8.")
     return text
 
 
@@ -290,6 +294,7 @@ def _scan_images_with_captions(folder: Path, trigger: str, repeats: int, report:
     by_lower = {str(stem).lower(): paths for stem, paths in sorted(captions.items(), reverse=True)}
     for path in sorted(p for stem, paths in captions.items() if str(stem).lower() not in image_stems for p in paths):
         report.ignored.append(IgnoredFile(path, "caption without an image of the same name"))
+    _report_shared_names(folder, images, by_lower, report)
     items = []
     for image in images:
         stem = image.with_suffix("")
@@ -300,6 +305,26 @@ def _scan_images_with_captions(folder: Path, trigger: str, repeats: int, report:
         caption, variants = read or (trigger, ())
         items.append(TrainItem(path=image, caption=caption, repeats=repeats, folder=folder.name, variants=variants))
     return items
+
+
+def _report_shared_names(folder: Path, images: list[Path], captions: dict[str, list[Path]],
+                         report: ScanReport) -> None:
+    """Warn about images that differ only in extension (a.png and a.jpg): both train, with the one caption file of
+    that name. Why: it is usually one picture saved twice (a conversion that kept the original), which then counts
+    double, and the caption written for one is used for the other; kohya trains both without a word (and its
+    latent cache files, named by stem, collide)."""
+    by_stem: dict[str, list[Path]] = {}
+    for image in images:
+        by_stem.setdefault(str(image.with_suffix("")).lower(), []).append(image)
+    shared = [(stem, paths) for stem, paths in by_stem.items() if len(paths) > 1]
+    if not shared:
+        return
+    named = _first_five(" and ".join(path.name for path in paths)
+                        + (f" (captioned by {captions[stem][0].name})" if captions.get(stem) else "")
+                        for stem, paths in shared)
+    report.warnings.append(f"warning: in {folder.name}, images that differ only in their extension all train: {named}. "
+                           "If one is a copy of another (a converted file beside its original), remove it: it would "
+                           "count twice.")
 
 
 def _list_images(folder: Path, ignored: list[IgnoredFile]) -> list[Path]:
@@ -336,8 +361,10 @@ def _kohya_folders(root: Path) -> list[Path]:
 def _scan_metadata(root: Path) -> tuple[list[TrainItem], ScanReport]:
     report = ScanReport(root=root, layout="metadata.jsonl")
     items: dict[Path, TrainItem] = {}
-    for line_number, record in _read_metadata(root / METADATA_FILE):
-        path = (root / record["file_name"]).resolve()
+    records = _read_metadata(root / METADATA_FILE)
+    _check_caption_column(root / METADATA_FILE, records)
+    for line_number, record in records:
+        path = _listed_path(root, record["file_name"])
         if path in items:
             report.warnings.append(f"{METADATA_FILE} line {line_number}: {record['file_name']} is listed twice; "
                                    "the first entry is used.")
@@ -348,17 +375,60 @@ def _scan_metadata(root: Path) -> tuple[list[TrainItem], ScanReport]:
         lines = _caption_lines(_metadata_caption(record, root / METADATA_FILE, line_number))
         if not lines:
             report.uncaptioned.append((path, ""))
-        folder = str(Path(record["file_name"]).parent).replace("\\", "/")
         caption, variants = _caption_and_variants(lines)
-        items[path] = TrainItem(path=path, caption=caption, repeats=1, folder=root.name if folder == "." else folder,
+        items[path] = TrainItem(path=path, caption=caption, repeats=1, folder=_metadata_folder(root, path),
                                 variants=variants)
     listed = set(items)
     for path in _list_images(root, []):
         if path.resolve() not in listed:
             report.ignored.append(IgnoredFile(path, f"not listed in {METADATA_FILE}"))
+    _report_unread_caption_files(items.values(), report)
     _report_unlisted_kohya_folders(root, listed, report)
     report.folders.extend(_folders_of(list(items.values())))
     return list(items.values()), report
+
+
+def _listed_path(root: Path, file_name: str) -> Path:
+    """The image a metadata.jsonl `file_name` names. A name with backslashes (written on Windows, as
+    os.path.join makes them there) is read with slashes when only that spelling exists: on Linux and macOS a
+    backslash is part of the file name, and every image in a subfolder would be reported missing."""
+    path = root / file_name
+    if "\\" in file_name and not path.exists():
+        path = root / file_name.replace("\\", "/")
+    return path.resolve()
+
+
+def _metadata_folder(root: Path, path: Path) -> str:
+    """The folder an image listed in metadata.jsonl is counted under (ss_tag_frequency / ss_dataset_dirs keys): its
+    folder relative to DATA, or DATA's name. An image outside DATA (`../x.png`, an absolute path) counts under its
+    folder's name alone, as kohya names dataset dirs, so the adapter never carries a local path."""
+    try:
+        relative = path.parent.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.parent.name
+    return root.resolve().name if relative == "." else relative
+
+
+def _check_caption_column(path: Path, records: list[tuple[int, dict]]) -> None:
+    """Refuse a metadata.jsonl whose captions are under another name ("prompt", "tags", ...): without this
+    every image would train with an empty caption. diffusers' scripts refuse it too (--caption_column)."""
+    if not records or any("text" in record or "caption" in record for _, record in records):
+        return
+    others = sorted({key for _, record in records for key, value in record.items()
+                     if key != "file_name" and isinstance(value, (str, list))})
+    if others:
+        raise DataError(f'{path} has no "text" column, so no image would get its caption; its lines hold '
+                        f'{", ".join(["file_name", *others])}. Name the caption column "text" ("caption" is read '
+                        'too), e.g. {"file_name": "img.png", "text": "a caption"}.')
+
+
+def _report_unread_caption_files(items, report: ScanReport) -> None:
+    """List the caption files beside images listed in metadata.jsonl: the file's "text" is the caption in this
+    layout, so a NAME.txt there is not read, which should not pass without a word."""
+    for folder in sorted({item.path.parent for item in items}):
+        for paths in caption_files(folder).values():
+            report.ignored.extend(IgnoredFile(path, f"caption file not read: in the {METADATA_FILE} layout the "
+                                                    f'captions are its "text" values') for path in paths)
 
 
 def _report_unlisted_kohya_folders(root: Path, listed: set[Path], report: ScanReport) -> None:

@@ -77,10 +77,12 @@ def resolve_resume(spec: str, run_dir: Path) -> Path:
     if spec == "latest":
         found = complete_checkpoints(run_dir)
         if not found:
-            raise ResumeError(f"--resume latest: no complete checkpoint in {run_dir / CHECKPOINTS_DIR}. Check --output "
-                              "(it must be the interrupted run's folder), or drop --resume to start a new run.")
+            raise ResumeError(_no_checkpoint_message(run_dir))
         return found[-1]
     path = Path(spec)
+    if not path.exists():
+        raise ResumeError(f"--resume {spec}: no such folder. Pass a run's checkpoint folder "
+                          f"(OUTPUT/{CHECKPOINTS_DIR}/step-NNNNNN), its run folder or 'latest' (with --output).")
     if (path / STATE_FILE).is_file():
         return path
     latest = complete_checkpoints(path)  # a run folder was given: take its newest checkpoint
@@ -88,6 +90,18 @@ def resolve_resume(spec: str, run_dir: Path) -> Path:
         return latest[-1]
     raise ResumeError(f"--resume {spec}: not a checkpoint folder (no {STATE_FILE} in it) nor a run folder with "
                       f"checkpoints. Pass OUTPUT/{CHECKPOINTS_DIR}/step-NNNNNN or 'latest'.")
+
+
+def _no_checkpoint_message(run_dir: Path) -> str:
+    """Why `--resume latest` finds nothing in `run_dir`, and what to do. A run that finished before its first
+    --save-every step has an adapter but no checkpoint; "check --output" would send its user looking for a folder
+    they already gave."""
+    found = f"--resume latest: no complete checkpoint in {run_dir / CHECKPOINTS_DIR}."
+    if not any(run_dir.glob("*.safetensors")):
+        return f"{found} Check --output (it must be the interrupted run's folder), or drop --resume to start a new run."
+    return (f"{found} The run in {run_dir} finished without one: checkpoints are saved every --save-every steps and "
+            "when a run is stopped with Ctrl-C, and it ended before the first. Start it again with --overwrite (with "
+            "a --save-every that divides --steps, so that --resume latest can continue it later).")
 
 
 # ----------------------------------------------------------------------------- save

@@ -129,10 +129,20 @@ def unrecognized_message(command: str | None, unknown: list[str], parser: argpar
         key = name.lstrip("-").lower().replace("_", "-")
         if not name.startswith("--") or not key:
             continue
-        hint = KOHYA_FLAGS.get(key) or (f"--{key}" if f"--{key}" in ours else None)
+        hint = KOHYA_FLAGS.get(key) or (f"--{key}" if f"--{key}" in ours else None) or _near_flag(f"--{key}", ours)
         if hint:
             hints.append(f"  {name}: {hint}")
-    return message + ("\ndid you mean (kohya sd-scripts names → stylelora):\n" + "\n".join(hints) if hints else "")
+    return message + ("\ndid you mean (kohya sd-scripts names and typos → stylelora):\n" + "\n".join(hints)
+                      if hints else "")
+
+
+def _near_flag(flag: str, ours: set[str]) -> str | None:
+    """Our flag closest to a mistyped one (--stesp → --steps), or None when none is close: argparse names only the
+    unknown flag, and the list of 90 options in --help is a long way to find a swapped letter."""
+    import difflib
+
+    close = difflib.get_close_matches(flag, sorted(o for o in ours if o.startswith("--")), n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -38,6 +38,7 @@ from stylelora.data.captions import CaptionOptions, caption_forms, caption_varia
 from stylelora.data.checks import (CheckedImage, CheckResult, check_items, skip_summary, upscale_warning,
                                    upscaled_images, upscaled_notes, write_skip_report)
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
+from stylelora.data.errors import DataError
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
 from stylelora.data.scan import ScanReport, TrainItem, scan_folder, trigger_pattern
 from stylelora.generate.prompt_reading import skip_last_layers
@@ -404,8 +405,11 @@ def prepare_data(config: TrainConfig, run_dir: Path | None, accelerator, say) ->
     kept = tuple(c.item for c in checked.kept)
     unused = unused_folder_triggers(report, kept)
     say(unused_folder_triggers_note(unused))
-    return DataPlan(items=kept, checked=checked, report=report, triggers=trigger_phrases(config, report, unused),
-                    reg=reg, reg_checked=reg_checked, reg_report=reg_report)
+    triggers = trigger_phrases(config, report, unused)
+    if reg_checked is not None:
+        say(reg_conflicts_note(config, checked, reg_checked, triggers))
+    return DataPlan(items=kept, checked=checked, report=report, triggers=triggers, reg=reg, reg_checked=reg_checked,
+                    reg_report=reg_report)
 
 
 def ignored_files_note(report: ScanReport, run_dir: Path | None, file_name: str = SKIP_REPORT) -> str | None:
@@ -467,12 +471,46 @@ def prepare_reg_data(config: TrainConfig, run_dir: Path | None, say) -> tuple[Ch
     """Scan and check the regularization images (DataError naming them when none is usable)."""
     items, report = scan_folder(config.data.reg_dir, role="regularization")
     checked = check_items(items, role="regularization")
-    say("regularization: " + report.summary(left_out=frozenset(skipped.path for skipped in checked.skipped)))
+    summary = report.summary(left_out=frozenset(skipped.path for skipped in checked.skipped))
+    # Every line prefixed: the lines after the first ("5 images have no caption …") read as the training data's.
+    say("\n".join(f"regularization: {line}" for line in summary.splitlines()))
     say(ignored_files_note(report, run_dir, REG_SKIP_REPORT))
     if checked.skipped:
         report_path = run_dir / REG_SKIP_REPORT if run_dir is not None else None
         say("regularization: " + skip_summary(checked.skipped, checked.total, report_path))
     return checked, report
+
+
+def reg_conflicts_note(config: TrainConfig, train: CheckResult, reg: CheckResult,
+                       triggers: tuple[str, ...]) -> str | None:
+    """A warning naming the regularization images that are training images too (the same file contents) or whose
+    captions hold this run's trigger words; DataError when they are all the training images' own files (--reg-dir
+    given the data folder or one of its kohya folders). Why: reg images are trained as what prompts without the
+    trigger draw, so these pull the adapter back toward the base's look on the very images and words it is to
+    learn (all of them: the run would teach nothing); kohya trains them without a word. A kohya reg folder is named
+    after the class (1_woman), not the trigger."""
+    trained = {image.path.resolve() for image in train.kept}
+    if reg.kept and all(image.path.resolve() in trained for image in reg.kept):
+        raise DataError(f"the images of --reg-dir {config.data.reg_dir} are the training images of "
+                        f"{config.data.dir}, so they would be trained as regularization images against themselves. "
+                        "Regularization images are other pictures of the class, without the style or character "
+                        "(e.g. drawn by the base from the class prompt): point --reg-dir at such a folder, or leave "
+                        "it out (base preservation, on by default, keeps prompts without the trigger close to the "
+                        "base).")
+    training = {image.sha256 for image in train.kept}
+    copies = [image.item.key for image in reg.kept if image.sha256 in training]
+    patterns = [trigger_pattern(trigger) for trigger in triggers]
+    with_trigger = [image.item.key for image in reg.kept
+                    if any(p.search(text) for p in patterns for text in (image.item.caption, *image.item.variants))]
+    found = [f"{what} ({len(names)}): {', '.join(names[:5])}{f' +{len(names) - 5} more' if len(names) > 5 else ''}"
+             for names, what in ((copies, "copies of training images"),
+                                 (with_trigger, f"captions with the trigger words '{' / '.join(triggers)}'"))
+             if names]
+    if not found:
+        return None
+    return (f"warning: regularization images that work against the training: {'; '.join(found)}. They teach what "
+            "prompts without the trigger draw: remove copies of training images from --reg-dir, and name a kohya "
+            "reg folder after the class (1_woman, not 1_<trigger>) with the trigger kept out of its captions.")
 
 
 def balanced_reg_images(checked: CheckResult, train: list[CheckedImage]) -> tuple[CheckedImage, ...]:
