@@ -234,6 +234,10 @@ class AdapterStack:
         file = read_adapter_file(path)
         signature = _file_signature(file.path)
         prefixes = component_prefixes(self.models)
+        try:  # a DoRA or (IA)^3 file is that on every base: say so before the family or the layer names
+            formats.group_kohya_modules(file.state).refuse_foreign(path.name)
+        except ValueError as error:
+            raise AdapterStackError(f"{error} Nothing was applied.") from error
         try:
             check_adapter_family(path.name, file.state, file.metadata, self.models)  # one sentence, both families
         except ValueError as error:

@@ -70,9 +70,7 @@ class BlendReport:
 
 def _group_modules(state: dict, file_name: str) -> dict[str, dict[str, Any]]:
     grouped = formats.group_kohya_modules(state)
-    if grouped.foreign_keys:
-        key = grouped.foreign_keys[0]
-        raise ValueError(f"{file_name}: {key} is not plain LoRA (LyCORIS/DoRA tensors cannot be blended).")
+    grouped.refuse_foreign(file_name)
     incomplete = grouped.incomplete()
     if incomplete:
         raise ValueError(f"{file_name}: modules without both lora_down and lora_up: {', '.join(incomplete[:3])}.")
@@ -81,7 +79,8 @@ def _group_modules(state: dict, file_name: str) -> dict[str, dict[str, Any]]:
 
 def _unet_layout_config(file) -> dict:
     """The UNet config whose block numbering an adapter's kohya names follow: the toy base's for a toy adapter, the
-    published SDXL or SD 1.5 one (SD 2.x numbers its blocks as SD 1.x does) by the file's family."""
+    published SDXL or SD 1.5 one (SD 2.x numbers its blocks as SD 1.x does, with Linear proj_in/proj_out) by the
+    file's family."""
     from stylelora.lora.components import SDXL_ARCHITECTURE
     from stylelora.lora.sd15 import sd15_config
     from stylelora.lora.sdxl import sdxl_config
@@ -93,40 +92,52 @@ def _unet_layout_config(file) -> dict:
     architecture = adapter_architecture(file.state, file.metadata)
     if architecture.startswith(SDXL_ARCHITECTURE):
         return sdxl_config("unet")
-    if architecture.startswith(("stable-diffusion-v1", "stable-diffusion-v2")):
+    if architecture.startswith("stable-diffusion-v2"):  # SD 1.x's blocks; Linear proj_in/out, a 1024-wide context
+        return {**sd15_config("unet"), "use_linear_projection": True, "cross_attention_dim": 1024}
+    if architecture.startswith("stable-diffusion-v1"):
         return sd15_config("unet")
     raise BlockWeightError(f"{file.path.name}: its base family is not known ({architecture}), so its UNet blocks "
                            "cannot be numbered; apply the block weights at generation (--lora FILE:W:lbw=...), where "
                            "the base is loaded.")
 
 
-def _unflatten_convs(modules: dict, file, unet_config: dict | None) -> None:
-    """Give each convolution whose factors a LyCORIS file stores flat, down (r, in·kh·kw) and up (out, r), kohya's
-    conv shapes (r, in, kh, kw) and (out, r, 1, 1), from the UNet of the file's family (its published config, built
-    weightless): A1111 and ComfyUI fit flat factors to the layer, diffusers does not. A file of no known family keeps
-    them flat."""
+def _fit_layer_shapes(modules: dict, file, unet_config: dict | None) -> None:
+    """Give each module's factors the shapes kohya writes for its layer, a convolution's (r, in, kh, kw) and
+    (out, r, 1, 1), a Linear's (r, in) and (out, r): other trainers store a 1x1 convolution Linear-shaped or the
+    reverse, and LyCORIS a kh x kw one flat, which A1111 and ComfyUI fit to the layer and diffusers refuses. The UNet's
+    layers are those of `unet_config`, else of the file's family (its published config, built weightless); a file of
+    no known family keeps its UNet shapes. The text encoders (CLIP) have only Linear layers."""
+    for name, parts in modules.items():
+        if formats.module_component(name) == "text_encoder":
+            for suffix in formats.KOHYA_TO_PEFT_SUFFIX:
+                if parts[suffix].dim() == 4 and tuple(parts[suffix].shape[2:]) == (1, 1):
+                    parts[suffix] = parts[suffix].flatten(1)
+    layers = _unet_layers(modules, file, unet_config)
+    for name, parts in modules.items():
+        layer = layers.get(name)
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if layer is None or up.shape[0] != layer.weight.shape[0] or down[0].numel() != layer.weight[0].numel():
+            continue  # not this family's layer: `_add_terms` compares the inputs' shapes
+        parts["lora_down.weight"] = formats.fit_to_layer(down, layer, is_down=True)
+        parts["lora_up.weight"] = formats.fit_to_layer(up, layer)
+
+
+def _unet_layers(modules: dict, file, unet_config: dict | None) -> dict:
+    """{kohya name: weightless layer} of the UNet the file's modules name ({} for an unknown family)."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-    from torch import nn
 
     from stylelora.lora.components import component_names
 
-    flat = [name for name, parts in modules.items() if name.startswith(formats.UNET_PREFIX + "_")
-            and parts["lora_down.weight"].dim() == 2 and parts["lora_up.weight"].dim() == 2]
-    if not flat:
-        return
+    if not any(formats.module_component(name) == "unet" for name in modules):
+        return {}
     try:
         config = unet_config or _unet_layout_config(file)
     except BlockWeightError:
-        return
+        return {}
     with init_empty_weights():
         names = component_names({"unet": UNet2DConditionModel.from_config(config)}, "unet")
-    for name in flat:
-        layer = names.layers.get(names.by_name.get(name, ""))
-        down = modules[name]["lora_down.weight"]
-        if isinstance(layer, nn.Conv2d) and down.shape[1] == layer.weight[0].numel():
-            modules[name]["lora_down.weight"] = down.reshape(down.shape[0], *layer.weight.shape[1:])
-            modules[name]["lora_up.weight"] = modules[name]["lora_up.weight"][:, :, None, None]
+    return {name: names.layers[path] for name, path in names.by_name.items()}
 
 
 def _block_multiplier(spec: AdapterSpec, file, unet_config: dict | None):
@@ -262,8 +273,7 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     terms: dict[str, ModuleTerms] = {}
     for spec, file in zip(specs, files):
         modules = _group_modules(file.state, file.path.name)
-        if file.lycoris:
-            _unflatten_convs(modules, file, unet_config)
+        _fit_layer_shapes(modules, file, unet_config)
         _add_terms(terms, modules, spec, file, unet_config)
     state, errors, ranks = {}, {}, {}
     for name, entry in terms.items():

@@ -26,15 +26,23 @@ COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
 KOHYA_TO_PEFT_SUFFIX = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 PEFT_TO_KOHYA_SUFFIX = {peft: kohya for kohya, peft in KOHYA_TO_PEFT_SUFFIX.items()}
 ALPHA_SUFFIX = "alpha"
-# Tensor kinds other trainers write that plain LoRA cannot represent, with what they are.
+# Tensor kinds other trainers write that plain LoRA cannot represent, with what they are: a module is named by the
+# first of these its tensors show (a DoRA module also has lora_down / lora_up; an (IA)^3 one also has `.weight`).
 FOREIGN_SUFFIX_HINTS = {
+    "dora_scale": "DoRA (weight-decomposed LoRA)",
+    "diff": "LyCORIS full-weight diff",
+    "on_input": "LyCORIS (IA)^3",
+    "oft_": "OFT / BOFT",
+    "a1.weight": "LyCORIS GLoRA",
+    "w_norm": "LyCORIS norm-layer tuning",
     "hada_": "LyCORIS LoHa",
     "lokr_": "LyCORIS LoKr",
     "lora_mid": "LyCORIS LoCon with Tucker decomposition",
-    "dora_scale": "DoRA",
-    "diff": "LyCORIS full-weight diff",
-    "on_input": "LyCORIS (IA)^3",
+    "scale": "LoRA with .scale multipliers (A1111 applies them, ComfyUI ignores them)",
 }
+# peft's names for the two factors, which A1111 (network_lora.py) and ComfyUI also read under kohya module names.
+KOHYA_SUFFIX_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+SUPPORTED_KINDS = "LoRA and LoCon (lora_down / lora_up / alpha), LyCORIS LoHa and LoKr"
 
 
 @dataclass(frozen=True)
@@ -115,11 +123,12 @@ def peft_to_kohya(peft_state: dict[str, torch.Tensor], ranks: dict[str, tuple[in
     return kohya
 
 
-def _foreign_kind(suffix: str) -> str | None:
+def _foreign_kind(suffixes) -> str:
+    """What a module with these foreign tensor suffixes is, by the first FOREIGN_SUFFIX_HINTS marker they show."""
     for marker, kind in FOREIGN_SUFFIX_HINTS.items():
-        if suffix.startswith(marker):
+        if any(suffix.startswith(marker) for suffix in suffixes):
             return kind
-    return None
+    return "tensors of unknown kind (" + ", ".join(f".{suffix}" for suffix in sorted(suffixes)) + ")"
 
 
 @dataclass(frozen=True)
@@ -133,20 +142,41 @@ class KohyaModules:
         """Modules that lack lora_down.weight or lora_up.weight."""
         return [name for name, parts in self.modules.items() if not set(KOHYA_TO_PEFT_SUFFIX) <= set(parts)]
 
-    def refuse_foreign(self) -> None:
-        """Raise naming what the foreign tensors are (LyCORIS, DoRA, ...) when the file is not plain LoRA."""
-        if not self.foreign_keys:
-            return
-        foreign: dict[str, list[str]] = defaultdict(list)
+    def foreign_kinds(self) -> dict[str, list[str]]:
+        """{what it is (DoRA, LyCORIS (IA)^3, ...): module names} of the modules plain LoRA cannot load."""
+        suffixes: dict[str, set[str]] = defaultdict(set)
         for key in self.foreign_keys:
-            suffix = key.partition(".")[2]
-            foreign[_foreign_kind(suffix) or f"unknown tensor kind '.{suffix}'"].append(key)
-        kinds = "; ".join(f"{kind}: {len(keys)} keys (e.g. {_examples(keys, 2)})" for kind, keys in foreign.items())
+            name, _, suffix = key.partition(".")
+            suffixes[name].add(suffix)
+        kinds: dict[str, list[str]] = defaultdict(list)
+        for name, found in suffixes.items():
+            kinds[_foreign_kind(found)].append(name)
+        return dict(kinds)
+
+    def refuse_foreign(self, file_name: str = "The file") -> None:
+        """Raise naming what the foreign modules are (DoRA, LyCORIS (IA)^3, ...) when the file is not plain LoRA."""
+        kinds = self.foreign_kinds()
+        if not kinds:
+            return
+        found = "; ".join(f"{kind} in {len(names)} modules (e.g. {_examples(names, 2)})"
+                          for kind, names in kinds.items())
         raise ValueError(
-            "Not a LoRA file this loader reads: it reads <module>.lora_down.weight / .lora_up.weight / .alpha, and "
-            "whole LyCORIS LoHa (hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b) and LoKr (lokr_w1, lokr_w2) modules. "
-            f"Found {kinds}."
+            f"{file_name} holds {found}, which stylelora cannot apply: it applies {SUPPORTED_KINDS}. Use this file in "
+            "A1111 or ComfyUI, or ask its author for a LoRA, LoHa or LoKr version."
         )
+
+
+def with_kohya_suffixes(kohya_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state with peft's `.lora_A.weight` / `.lora_B.weight` under kohya module names renamed to kohya's
+    `.lora_down.weight` / `.lora_up.weight`, as A1111 and ComfyUI read them (some converters write them so)."""
+    renamed = {}
+    for key, tensor in kohya_state.items():
+        name, _, suffix = key.partition(".")
+        alias = KOHYA_SUFFIX_ALIASES.get(suffix)
+        # A module holding both spellings is left alone, for the foreign-tensor refusal to name.
+        keep = alias is None or f"{name}.{alias}" in kohya_state
+        renamed[key if keep else f"{name}.{alias}"] = tensor
+    return renamed
 
 
 def group_kohya_modules(kohya_state: dict[str, torch.Tensor]) -> KohyaModules:
@@ -175,7 +205,7 @@ def _module_rank_alpha(name: str, parts: dict[str, torch.Tensor]) -> tuple[int, 
     return rank, alpha
 
 
-def _fit_to_layer(tensor: torch.Tensor, layer: nn.Module, *, is_down: bool = False) -> torch.Tensor:
+def fit_to_layer(tensor: torch.Tensor, layer: nn.Module, *, is_down: bool = False) -> torch.Tensor:
     """Reshape between 2-d and (.., 1, 1) weights: some trainers store a Linear LoRA as 1x1 conv or the reverse, and
     LyCORIS stores a kh x kw convolution's down factor flat, (r, in·kh·kw), which A1111 fits to the layer too."""
     if isinstance(layer, nn.Linear) and tensor.dim() == 4 and tuple(tensor.shape[2:]) == (1, 1):
@@ -221,7 +251,7 @@ def kohya_to_peft_matching(kohya_state: dict[str, torch.Tensor], names: KohyaNam
         path = names.by_name[name]
         ranks[path] = _module_rank_alpha(name, parts)
         for kohya_suffix, peft_suffix in KOHYA_TO_PEFT_SUFFIX.items():
-            peft_state[f"{path}.{peft_suffix}"] = _fit_to_layer(parts[kohya_suffix], names.layers[path],
+            peft_state[f"{path}.{peft_suffix}"] = fit_to_layer(parts[kohya_suffix], names.layers[path],
                                                                 is_down=peft_suffix == "lora_A.weight")
     return peft_state, ranks, sorted(unmatched)
 

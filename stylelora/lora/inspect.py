@@ -124,6 +124,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "file_size": file.file_size,
         "format": file.layout,
         "lycoris": file.lycoris,
+        "unsupported": _unsupported_kinds(file.state),
         "title": metadata.get("modelspec.title") or metadata.get("ss_output_name") or file.path.stem,
         "architecture": adapter_architecture(file.state, metadata),
         "base_model": {key: metadata[key] for key in ("ss_base_model_version", "modelspec.architecture",
@@ -145,6 +146,14 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
                  "matches_metadata": None if stored is None else stored == computed,
                  "sshs_legacy_hash": metadata.get("sshs_legacy_hash")},
     }
+
+
+def _unsupported_kinds(state: dict) -> dict[str, int]:
+    """{kind: module count} of the modules stylelora cannot apply (DoRA, LyCORIS (IA)^3, ...): what the file is,
+    where generating or blending with it is refused."""
+    from stylelora.lora.formats import group_kohya_modules
+
+    return {kind: len(names) for kind, names in group_kohya_modules(state).foreign_kinds().items()}
 
 
 def _module_counts(modules: dict[str, Any], module_component) -> dict[str, int]:
@@ -175,6 +184,8 @@ def _human_size(size: int) -> str:
 
 def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
     """A human-readable report of inspect_adapter's dict."""
+    from stylelora.lora.formats import SUPPORTED_KINDS
+
     rank = f"rank {info['rank']}, alpha {info['alpha']:g}" if info["rank"] is not None else "no modules"
     if info.get("mixed"):
         counts = ", ".join(f"{pair}×{count}" for pair, count in info["rank_alpha_counts"].items())
@@ -189,6 +200,9 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         f"  modules        UNet {info['modules']['unet']}, {_text_encoder_counts(info['modules'])}",
         *([f"  LyCORIS        {', '.join(f'{kind} {count}' for kind, count in info['lycoris'].items())} modules, "
            "read as plain LoRA of the same change (the rank shown is that LoRA's)"] if info.get("lycoris") else []),
+        *([f"  NOT LOADABLE   {', '.join(f'{kind}: {count} modules' for kind, count in info['unsupported'].items())}; "
+           f"stylelora applies {SUPPORTED_KINDS} only: use this file in A1111 or ComfyUI"]
+          if info.get("unsupported") else []),
         f"  dtypes         {', '.join(f'{k}×{n}' for k, n in info['dtypes'].items())}",
         f"  trigger words  {', '.join(info['trigger_words']) or 'none recorded'}",
         *_model_spec_lines(info["modelspec"]),

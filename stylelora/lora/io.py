@@ -313,11 +313,16 @@ def _is_diffusers_peft_layout(state: dict[str, torch.Tensor]) -> bool:
 
 def load_adapter_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(kohya state dict, metadata) of an adapter file in kohya or our diffusers layout, LyCORIS modules read as
-    the plain LoRA of the same change (stylelora.lora.lycoris). Refuses pickles."""
+    the plain LoRA of the same change (stylelora.lora.lycoris), peft's lora_A / lora_B suffixes under kohya names as
+    lora_down / lora_up. Refuses pickles."""
     state, metadata = _read_safetensors(path)
     if state and all(key.startswith(("lora_unet_", "lora_te")) for key in state):
+        state = formats.with_kohya_suffixes(state)
         if any(key.partition(".")[2] in lycoris.SUFFIXES for key in state):
-            return lycoris.as_plain_lora(state), metadata
+            try:
+                return lycoris.as_plain_lora(state), metadata
+            except ValueError as error:  # an incomplete module: name the file, one of several --lora perhaps
+                raise ValueError(f"{Path(path).name}: {error}") from None
         return state, metadata
     if _is_diffusers_peft_layout(state):
         return _diffusers_to_kohya(state, metadata), metadata
@@ -337,6 +342,7 @@ def load_adapter_into(path: str | os.PathLike, unet: nn.Module, text_encoder: nn
     part is converted (and checked) before any model is touched.
     """
     state, metadata = load_adapter_state(path)
+    formats.group_kohya_modules(state).refuse_foreign(Path(path).name)
     models = components.models_dict(unet, text_encoder, text_encoder_2)
     components.check_adapter_family(Path(path).name, state, metadata, models)
     prefixes = components.component_prefixes(models)

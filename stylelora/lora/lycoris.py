@@ -12,7 +12,7 @@ rest of stylelora (generation, blend modes, split, `blend`, `inspect`) reads it 
 The scale is A1111's (extensions-builtin/Lora/network.py): a `.scale` tensor if the module has one, else alpha over
 the factors' rank (a LoKr's: its low-rank half's; 1 when both halves are full, or without `.alpha`). A convolution
 whose factors LyCORIS stores flat, (r, in·kh·kw), stays flat here, as nothing in the file tells its kernel: the loader
-fits it to the layer it lands on (`formats._fit_to_layer`, as A1111 does), and `blend` to the file's family.
+fits it to the layer it lands on (`formats.fit_to_layer`, as A1111 does), and `blend` to the file's family.
 """
 from __future__ import annotations
 
@@ -31,13 +31,14 @@ SUFFIXES = frozenset(LOHA + LOHA_CORES + LOKR + (LOCON_CORE,))
 
 
 def module_kind(suffixes) -> str | None:
-    """"LoHa", "LoKr", "LoCon (Tucker)" for a module with those tensor suffixes, None for anything else."""
+    """"LoHa", "LoKr", "LoCon (Tucker)" for a module with those tensor suffixes (complete or not: the converters
+    name what an incomplete one lacks), None for anything else."""
     suffixes = set(suffixes)
-    if set(LOHA) <= suffixes:
+    if any(suffix.startswith("hada_") for suffix in suffixes):
         return "LoHa"
     if suffixes & set(LOKR):
         return "LoKr"
-    if LOCON_CORE in suffixes and {"lora_down.weight", "lora_up.weight"} <= suffixes:
+    if LOCON_CORE in suffixes:
         return "LoCon (Tucker)"
     return None
 
@@ -53,7 +54,8 @@ def kinds_in(keys) -> Counter:
 
 def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The kohya state with every LyCORIS module rewritten as lora_down / lora_up / alpha; other keys unchanged
-    (DoRA, full-weight diffs and the like stay as they are, for the loaders' own refusal)."""
+    (DoRA, full-weight diffs and the like stay as they are, for the loaders' own refusal, and so does what a LyCORIS
+    module holds beside its factors, e.g. a dora_scale). ValueError naming what an incomplete module lacks."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         name, _, suffix = key.partition(".")
@@ -64,6 +66,7 @@ def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if kind is None:
             plain.update({f"{name}.{suffix}": tensor for suffix, tensor in parts.items()})
             continue
+        _check_complete(name, kind, parts)
         up, down, scale = _CONVERTERS[kind](name, parts)
         kernel = _kernel(parts) or ((1, 1) if any(tensor.dim() == 4 for tensor in parts.values()) else None)
         if kernel is not None:  # a convolution the file shows as one: kohya's conv shapes
@@ -72,12 +75,28 @@ def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         plain[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         plain[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         plain[f"{name}.alpha"] = _alpha_tensor(scale * down.shape[0])
+        # What the rewrite does not use (a DoRA dora_scale beside hada_*, a bias) changes what A1111 applies: kept,
+        # so that the loaders refuse the module naming it, instead of applying a different change silently.
+        plain.update({f"{name}.{suffix}": tensor for suffix, tensor in parts.items() if suffix not in _USED[kind]})
     return plain
+
+
+def _check_complete(name: str, kind: str, parts: dict) -> None:
+    """ValueError naming the tensors a LyCORIS module lacks (A1111 would skip the module, or fail on it)."""
+    missing = [suffix for suffix in _REQUIRED[kind] if suffix not in parts]
+    if kind == "LoHa" and ("hada_t1" in parts) != ("hada_t2" in parts):  # Tucker cores come in pairs
+        missing.append("hada_t2" if "hada_t1" in parts else "hada_t1")
+    if kind == "LoKr":
+        missing += [f"its {half} factor (lokr_{half}, or lokr_{half}_a with lokr_{half}_b)" for half in ("w1", "w2")
+                    if f"lokr_{half}" not in parts and not {f"lokr_{half}_a", f"lokr_{half}_b"} <= set(parts)]
+    if missing:
+        raise ValueError(f"LyCORIS {kind} module {name} lacks {', '.join(missing)}; it has {', '.join(sorted(parts))}. "
+                         "The file is incomplete or damaged: download it again, or ask its author for a complete file.")
 
 
 def _kernel(parts: dict) -> tuple[int, ...] | None:
     """(kh, kw) of a convolution the module's tensors show (a core, or a 4-d factor), None for 1x1 or unknown."""
-    for suffix in (*LOHA_CORES, "lokr_t2", LOCON_CORE, "lokr_w2", "hada_w1_b", "lokr_w2_b"):
+    for suffix in (*LOHA_CORES, "lokr_t2", LOCON_CORE, "lokr_w2", "hada_w1_b", "hada_w2_b", "lokr_w2_b"):
         tensor = parts.get(suffix)
         if tensor is not None and tensor.dim() == 4 and tuple(tensor.shape[2:]) != (1, 1):
             return tuple(tensor.shape[2:])
@@ -135,11 +154,6 @@ def _lokr_half(parts: dict, half: str):
 def _lokr(name: str, parts: dict):
     import torch
 
-    missing = [half for half in ("w1", "w2") if f"lokr_{half}" not in parts
-               and not {f"lokr_{half}_a", f"lokr_{half}_b"} <= set(parts)]
-    if missing:
-        raise ValueError(f"LyCORIS LoKr module {name} lacks its {' and '.join(missing)} factor(s) "
-                         f"(has {', '.join(sorted(parts))}); the file is incomplete.")
     (u1, v1), (u2, v2) = _lokr_half(parts, "w1"), _lokr_half(parts, "w2")
     # kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2); a 4-d W2 flattened to (b, d·kh·kw) gives the same kron as
     # A1111's kron of W1[:, :, None, None] with it.
@@ -163,3 +177,6 @@ def _check_fits(name: str, kind: str, first: tuple[int, int], second: tuple[int,
 
 
 _CONVERTERS = {"LoHa": _loha, "LoKr": _lokr, "LoCon (Tucker)": _locon_tucker}
+_REQUIRED = {"LoHa": LOHA, "LoKr": (), "LoCon (Tucker)": ("lora_down.weight", "lora_up.weight")}
+_USED = {"LoHa": frozenset(LOHA + LOHA_CORES + ("alpha", SCALE)), "LoKr": frozenset(LOKR + ("alpha", SCALE)),
+         "LoCon (Tucker)": frozenset(("lora_down.weight", "lora_up.weight", LOCON_CORE, "alpha", SCALE))}
