@@ -85,6 +85,7 @@ MODULES = {  # name: (parts maker, layer weight shape)
     "LoHa, ranks 2 and 3": (lambda: {**loha(6, 5), "hada_w2_a": randn(6, 3), "hada_w2_b": randn(3, 5)}, (6, 5)),
     "LoHa 3x3 conv, stored flat": (lambda: loha(4, 3, (3, 3)), (4, 3, 3, 3)),
     "LoHa 3x3 conv, Tucker": (lambda: loha(4, 3, (3, 3), tucker=True), (4, 3, 3, 3)),
+    "LoHa of dim 3 on a 6x5 layer (rank 9 held at 5)": (lambda: loha(6, 5, rank=3), (6, 5)),
     "LoHa with a scale tensor": (lambda: {**loha(6, 5), "scale": torch.tensor(0.25)}, (6, 5)),
     "LoHa without alpha": (lambda: {k: v for k, v in loha(6, 5).items() if k != "alpha"}, (6, 5)),
     "LoKr, W1 full, W2 low rank": (lambda: lokr(8, 10), (8, 10)),
@@ -111,6 +112,8 @@ def test_each_lycoris_module_becomes_the_plain_lora_of_the_change_a1111_applies(
     plain = lycoris.as_plain_lora({f"{name}.{suffix}": tensor for suffix, tensor in parts.items()})
     assert sorted(plain) == [f"{name}.alpha", f"{name}.lora_down.weight", f"{name}.lora_up.weight"]
     assert torch.allclose(plain_change(plain, name, shape), a1111_change(parts, shape), atol=1e-5, rtol=1e-4)
+    flat = plain[f"{name}.lora_down.weight"].flatten(1)
+    assert flat.shape[0] <= min(shape[0], flat.shape[1])  # never above the layer's full rank
     if "Tucker" in case or case == "LoKr 3x3 conv, W2 full":  # the kernel is in the file: down is a kohya conv down
         assert plain[f"{name}.lora_down.weight"].shape[2:] == (3, 3)
 

@@ -68,6 +68,7 @@ def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         _check_complete(name, kind, parts)
         up, down, scale = _CONVERTERS[kind](name, parts)
+        up, down = _at_most_full_rank(up, down)
         kernel = _kernel(parts) or ((1, 1) if any(tensor.dim() == 4 for tensor in parts.values()) else None)
         if kernel is not None:  # a convolution the file shows as one: kohya's conv shapes
             up, down = up[:, :, None, None], down.reshape(down.shape[0], -1, *kernel)
@@ -79,6 +80,19 @@ def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # so that the loaders refuse the module naming it, instead of applying a different change silently.
         plain.update({f"{name}.{suffix}": tensor for suffix, tensor in parts.items() if suffix not in _USED[kind]})
     return plain
+
+
+def _at_most_full_rank(up, down):
+    """The same change at rank min(out, in·kh·kw) where the rewrite's is higher (a LoHa of dim r has r², a LoKr of
+    two full halves the layer's full rank): the product whole on the smaller side, the identity on the other, so the
+    factors never hold more than that side's square beside the change itself."""
+    import torch
+
+    out, inner = up.shape[0], down.shape[1]
+    if down.shape[0] <= min(out, inner):
+        return up, down
+    change = up @ down
+    return (torch.eye(out), change) if out <= inner else (change, torch.eye(inner))
 
 
 def _check_complete(name: str, kind: str, parts: dict) -> None:
