@@ -216,3 +216,36 @@ def test_a_resume_without_a_checkpoint_says_why(tmp_path, monkeypatch, spec, mak
     make(run)
     with pytest.raises(ResumeError, match=message):
         resolve_resume(spec, run)
+
+
+# ----------------------------------------------------------------------------- 6. caption files kohya users leave
+
+
+def _empty_txt_beside_a_caption(root: Path):
+    _image(root / "10_zorb" / "a.png")
+    (root / "10_zorb" / "a.txt").write_text("\n", encoding="utf-8")  # a tagger's empty output
+    (root / "10_zorb" / "a.caption").write_text("zorb, a red zorb", encoding="utf-8")
+    [item], report = scan_folder(root)
+    assert item.caption == "zorb, a red zorb" and "using a.caption (a.txt is empty)" in report.summary()
+
+
+def _caption_named_after_the_whole_image_name(root: Path):
+    _image(root / "10_zorb" / "a.png")
+    (root / "10_zorb" / "a.png.txt").write_text("zorb, a red zorb", encoding="utf-8")
+    _, report = scan_folder(root)
+    assert [ignored.reason for ignored in report.ignored] == [
+        "caption without an image of the same name: for a.png, name it a.txt"]
+
+
+def _caption_loose_in_the_kohya_root(root: Path):
+    _image(root / "10_zorb" / "a.png")
+    (root / "notes.txt").write_text("zorb", encoding="utf-8")
+    _, report = scan_folder(root)
+    assert [(ignored.path.name, ignored.reason.split(":")[0]) for ignored in report.ignored] == [
+        ("notes.txt", "caption directly in the data folder")]
+
+
+@pytest.mark.parametrize("case", [_empty_txt_beside_a_caption, _caption_named_after_the_whole_image_name,
+                                  _caption_loose_in_the_kohya_root], ids=lambda case: case.__name__.strip("_"))
+def test_caption_files_a_kohya_user_leaves_are_read_or_named(tmp_path, case):
+    case(tmp_path / "data")

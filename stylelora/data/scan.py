@@ -177,10 +177,14 @@ def read_caption(image: Path, report: ScanReport, found: list[Path]) -> tuple[st
     if not found:
         return None
     lines = [_caption_lines(_read_text(path, report)) for path in found]
+    # The first with text wins: an empty a.txt left by a tagger beside a written a.caption is not the caption.
+    chosen = next((index for index, text in enumerate(lines) if text), 0)
     if len(set(lines)) > 1:
+        other = found[1 if chosen == 0 else 0]
+        why = f" ({other.name} is empty)" if not lines[found.index(other)] else ""
         report.warnings.append(f"{image.name} has both {found[0].name} and {found[1].name} with different "
-                               f"text; using {found[0].name}.")
-    return _caption_and_variants(lines[0]) if lines[0] else None
+                               f"text; using {found[chosen].name}{why}.")
+    return _caption_and_variants(lines[chosen]) if lines[chosen] else None
 
 
 def _caption_lines(text: str) -> tuple[str, ...]:
@@ -277,6 +281,9 @@ def _report_kohya_root_leftovers(root: Path, folders: list[Path], report: ScanRe
         elif entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
             report.ignored.append(IgnoredFile(entry, "image directly in the data folder: in the kohya layout "
                                                      "images go in a <repeats>_<trigger> folder"))
+        elif entry.is_file() and entry.suffix.lower() in CAPTION_EXTENSIONS:
+            report.ignored.append(IgnoredFile(entry, "caption directly in the data folder: in the kohya layout "
+                                                     "it goes beside its image in a <repeats>_<trigger> folder"))
 
 
 def _scan_flat(root: Path) -> tuple[list[TrainItem], ScanReport]:
@@ -293,7 +300,7 @@ def _scan_images_with_captions(folder: Path, trigger: str, repeats: int, report:
     # Names match in any case, as on Windows and macOS, where kohya finds Photo.txt for photo.png.
     by_lower = {str(stem).lower(): paths for stem, paths in sorted(captions.items(), reverse=True)}
     for path in sorted(p for stem, paths in captions.items() if str(stem).lower() not in image_stems for p in paths):
-        report.ignored.append(IgnoredFile(path, "caption without an image of the same name"))
+        report.ignored.append(IgnoredFile(path, _orphan_caption_reason(path, image_stems)))
     _report_shared_names(folder, images, by_lower, report)
     items = []
     for image in images:
@@ -305,6 +312,15 @@ def _scan_images_with_captions(folder: Path, trigger: str, repeats: int, report:
         caption, variants = read or (trigger, ())
         items.append(TrainItem(path=image, caption=caption, repeats=repeats, folder=folder.name, variants=variants))
     return items
+
+
+def _orphan_caption_reason(path: Path, image_stems: set[str]) -> str:
+    """Why a caption file captions nothing, with the rename that fixes the common case: a.png.txt (some taggers
+    write the image's whole name) for a.png, where kohya reads a.txt."""
+    image = path.with_suffix("")
+    if image.suffix.lower() in IMAGE_EXTENSIONS and str(image.with_suffix("")).lower() in image_stems:
+        return f"caption without an image of the same name: for {image.name}, name it {image.stem}{path.suffix}"
+    return "caption without an image of the same name"
 
 
 def _report_shared_names(folder: Path, images: list[Path], captions: dict[str, list[Path]],
