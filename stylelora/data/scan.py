@@ -180,8 +180,8 @@ def read_caption(image: Path, report: ScanReport, found: list[Path]) -> tuple[st
     # The first with text wins: an empty a.txt left by a tagger beside a written a.caption is not the caption.
     chosen = next((index for index, text in enumerate(lines) if text), 0)
     if len(set(lines)) > 1:
-        other = found[1 if chosen == 0 else 0]
-        why = f" ({other.name} is empty)" if not lines[found.index(other)] else ""
+        other = 1 if chosen == 0 else 0
+        why = f" ({found[other].name} is empty)" if not lines[other] else ""
         report.warnings.append(f"{image.name} has both {found[0].name} and {found[1].name} with different "
                                f"text; using {found[chosen].name}{why}.")
     return _caption_and_variants(lines[chosen]) if lines[chosen] else None

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from stylelora.lora.formats import group_kohya_modules
+
 if TYPE_CHECKING:
     import torch
 
@@ -45,23 +47,16 @@ def module_kind(suffixes) -> str | None:
 
 def kinds_in(keys) -> Counter:
     """{kind: module count} of the LyCORIS modules among kohya keys `<module>.<suffix>` (header only, no tensors)."""
-    suffixes: dict[str, set[str]] = {}
-    for key in keys:
-        name, _, suffix = key.partition(".")
-        suffixes.setdefault(name, set()).add(suffix)
-    return Counter(kind for kind in map(module_kind, suffixes.values()) if kind)
+    modules = group_kohya_modules(dict.fromkeys(keys)).modules
+    return Counter(kind for kind in map(module_kind, modules.values()) if kind)
 
 
 def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The kohya state with every LyCORIS module rewritten as lora_down / lora_up / alpha; other keys unchanged
     (DoRA, full-weight diffs and the like stay as they are, for the loaders' own refusal, and so does what a LyCORIS
     module holds beside its factors, e.g. a dora_scale). ValueError naming what an incomplete module lacks."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        name, _, suffix = key.partition(".")
-        modules.setdefault(name, {})[suffix] = tensor
     plain: dict[str, torch.Tensor] = {}
-    for name, parts in modules.items():
+    for name, parts in group_kohya_modules(state).modules.items():
         kind = module_kind(parts)
         if kind is None:
             plain.update({f"{name}.{suffix}": tensor for suffix, tensor in parts.items()})
