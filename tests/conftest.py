@@ -25,6 +25,23 @@ def private_hash_cache(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker():
+    """With the suite spread over processes (pytest-xdist, one per core), each runs torch on one thread: two threads
+    per worker on a 2-core machine make every small op wait on the other workers'."""
+    import os
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """train_fixtures.build_tiny_base: the toy base's layout at a fraction of its width (32 px, 8x8 latents)."""
