@@ -118,13 +118,17 @@ def test_each_lycoris_module_becomes_the_plain_lora_of_the_change_a1111_applies(
         assert plain[f"{name}.lora_down.weight"].shape[2:] == (3, 3)
 
 
-def test_plain_keys_and_other_kinds_pass_through_and_half_precision_stays():
+def test_plain_keys_and_other_kinds_pass_through_and_a_half_precision_module_is_rewritten_in_float32():
     state = {"lora_te_a.lora_down.weight": torch.ones(2, 3), "lora_te_a.lora_up.weight": torch.ones(4, 2),
              "lora_te_a.alpha": torch.tensor(2.0), "lora_unet_b.dora_scale": torch.ones(1, 3),
              **{f"lora_unet_c.{k}": v.half() if v.dim() else v for k, v in loha(6, 5).items()}}
     plain = lycoris.as_plain_lora(state)
     assert all(torch.equal(plain[key], state[key]) for key in ("lora_te_a.lora_down.weight", "lora_unet_b.dora_scale"))
-    assert plain["lora_unet_c.lora_up.weight"].dtype == torch.float16
+    assert plain["lora_unet_c.lora_up.weight"].dtype == torch.float32
+    half = {k: v.float() for k, v in state.items() if k.startswith("lora_unet_c.")}  # the fp16 factors, exactly
+    exact = lycoris.as_plain_lora(half)
+    for suffix in ("lora_up.weight", "lora_down.weight"):  # no rounding beyond the file's own
+        assert torch.equal(plain[f"lora_unet_c.{suffix}"], exact[f"lora_unet_c.{suffix}"])
     assert lycoris.kinds_in(state) == {"LoHa": 1}
 
 

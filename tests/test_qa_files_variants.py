@@ -195,7 +195,7 @@ def _as_sdxl_names(key, tensor):
     return key.replace("lora_te_", "lora_te1_").replace("down_blocks_0_attentions_0", "input_blocks_1_1"), tensor
 
 
-FP32, LOW_PRECISION = 1e-5, 1e-2  # relative to the largest change; bf16 LyCORIS products are rounded to bf16
+FP32 = 1e-5  # relative to the largest change; an fp16 or bf16 LyCORIS module is rewritten in float32
 ACCEPTED = {  # name: (builder(plain state, layer shapes) -> state, relative tolerance)
     "kohya fp16, alpha fp16 []": (kohya(_alpha_as(torch.float16)), FP32),
     "kohya bf16, alpha bf16 [1]": (kohya(_alpha_as(torch.bfloat16, (1,))), FP32),
@@ -222,8 +222,8 @@ ACCEPTED = {  # name: (builder(plain state, layer shapes) -> state, relative tol
     "LoHa 1x1 conv, (r, in, 1, 1) factors": (each_module(lambda s: loha(s, four_d=True), _is_1x1), FP32),
     "LoHa 1x1 conv, flat factors": (each_module(loha, _is_1x1), FP32),
     "LoHa with .scale": (each_module(with_parts(loha, scale=torch.tensor(0.25)), _is_linear), FP32),
-    "LoHa fp16": (each_module(loha, dtype=torch.float16), LOW_PRECISION),
-    "LoHa bf16": (each_module(loha, dtype=torch.bfloat16), LOW_PRECISION),
+    "LoHa fp16": (each_module(loha, dtype=torch.float16), FP32),
+    "LoHa bf16": (each_module(loha, dtype=torch.bfloat16), FP32),
     "LoKr, lokr_w1 full, lokr_w2 low rank": (each_module(lokr, _is_linear), FP32),
     "LoKr, lokr_w1_a / lokr_w1_b, lokr_w2 full": (each_module(lambda s: lokr(s, "low rank", "full"), _is_linear), FP32),
     "LoKr, both halves full (scale 1)": (each_module(lambda s: lokr(s, "full", "full"), _is_linear), FP32),
@@ -234,7 +234,7 @@ ACCEPTED = {  # name: (builder(plain state, layer shapes) -> state, relative tol
     "LoKr 1x1 conv, low rank": (each_module(lokr, _is_1x1), FP32),
     "LoKr 3x3, low rank stored flat": (each_module(lokr, _is_conv), FP32),
     "LoKr 3x3, lokr_w1_a / lokr_w1_b, Tucker": (each_module(lambda s: lokr(s, "low rank", "tucker"), _is_conv), FP32),
-    "LoKr fp16": (each_module(lokr, dtype=torch.float16), LOW_PRECISION),
+    "LoKr fp16": (each_module(lokr, dtype=torch.float16), FP32),
     "a few modules the base lacks (skipped with a warning)": (with_modules_the_base_lacks, FP32),
 }
 

@@ -67,9 +67,10 @@ def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         kernel = _kernel(parts) or ((1, 1) if any(tensor.dim() == 4 for tensor in parts.values()) else None)
         if kernel is not None:  # a convolution the file shows as one: kohya's conv shapes
             up, down = up[:, :, None, None], down.reshape(down.shape[0], -1, *kernel)
-        dtype = next(tensor.dtype for suffix, tensor in parts.items() if suffix in SUFFIXES | {"lora_down.weight"})
-        plain[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
-        plain[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+        # float32 whatever the file's dtype (as ComfyUI computes them): a LoHa's Khatri-Rao products of fp16 factors
+        # rounded back to fp16 would change every weight by ~1e-3 of the change; the loaders cast to the model's dtype.
+        plain[f"{name}.lora_up.weight"] = up.contiguous()
+        plain[f"{name}.lora_down.weight"] = down.contiguous()
         plain[f"{name}.alpha"] = _alpha_tensor(scale * down.shape[0])
         # What the rewrite does not use (a DoRA dora_scale beside hada_*, a bias) changes what A1111 applies: kept,
         # so that the loaders refuse the module naming it, instead of applying a different change silently.
