@@ -218,3 +218,18 @@ def test_blend_writes_a_plain_kohya_lora_that_diffusers_loads_to_the_same_model(
     ours, theirs = model_outputs(pipe), model_outputs(reference)
     assert (ours["unet"] - theirs["unet"]).abs().max() <= 1e-4
     assert (ours["te"] - theirs["te"]).abs().max() <= 1e-4
+
+
+def test_a_plain_module_with_a_scale_reads_as_alpha_scale_times_rank_and_a_scale_beside_other_tensors_stays():
+    down, up = torch.ones(4, 3), torch.ones(5, 4)
+    state = {"lora_unet_a.lora_down.weight": down, "lora_unet_a.lora_up.weight": up,
+             "lora_unet_a.alpha": torch.tensor(4.0), "lora_unet_a.scale": torch.tensor(0.25),  # .scale wins, as A1111
+             "lora_te_b.lora_down.weight": down, "lora_te_b.lora_up.weight": up, "lora_te_b.scale": torch.tensor([2.0]),
+             "lora_unet_c.diff": torch.ones(5, 3), "lora_unet_c.scale": torch.tensor(1.0)}
+    assert lycoris.needs_rewrite(state)
+    plain = lycoris.as_plain_lora(state)
+    assert float(plain["lora_unet_a.alpha"]) == 1.0 and "lora_unet_a.scale" not in plain
+    assert float(plain["lora_te_b.alpha"]) == 8.0 and "lora_te_b.scale" not in plain
+    assert torch.equal(plain["lora_unet_a.lora_up.weight"], up)
+    assert set(plain) >= {"lora_unet_c.diff", "lora_unet_c.scale"}  # not LoRA: left for the loaders to refuse
+    assert not lycoris.needs_rewrite({"lora_unet_a.lora_down.weight": down, "lora_unet_a.alpha": torch.tensor(1.0)})

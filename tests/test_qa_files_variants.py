@@ -150,6 +150,16 @@ def kohya(edit):
     return build
 
 
+def with_scale(keep_alpha: bool):
+    """The plain kohya file with A1111's `.scale` on every module (applied in place of alpha / rank)."""
+    def build(plain, shapes):
+        state = {key: tensor.clone() for key, tensor in plain.items() if keep_alpha or not key.endswith(".alpha")}
+        state.update({f"{name}.scale": torch.tensor(0.3) if keep_alpha else torch.tensor([0.3])
+                      for name in _modules(plain)})
+        return state
+    return build
+
+
 def per_module_ranks(plain, shapes):
     torch.manual_seed(2)
     state = {}
@@ -214,6 +224,8 @@ ACCEPTED = {  # name: (builder(plain state, layer shapes) -> state, relative tol
     "kohya names with peft's lora_A / lora_B": (
         kohya(lambda k, t: (k.replace("lora_down.weight", "lora_A.weight").replace("lora_up.weight", "lora_B.weight"),
                             t)), FP32),
+    "kohya with .scale beside alpha": (with_scale(keep_alpha=True), FP32),
+    "kohya with .scale [1], no alpha": (with_scale(keep_alpha=False), FP32),
     "LoHa": (each_module(lambda s: loha_tucker(s) if _is_conv(s) else loha(s)), FP32),
     "LoHa 3x3 with 4-d hada_w1_b / hada_w2_b": (each_module(lambda s: loha(s, four_d=True), _is_conv), FP32),
     "LoHa 3x3 stored flat": (each_module(loha, _is_conv), FP32),

@@ -38,11 +38,11 @@ FOREIGN_SUFFIX_HINTS = {
     "hada_": "LyCORIS LoHa",
     "lokr_": "LyCORIS LoKr",
     "lora_mid": "LyCORIS LoCon with Tucker decomposition",
-    "scale": "LoRA with .scale multipliers (A1111 applies them, ComfyUI ignores them)",
+    "scale": "a .scale multiplier beside tensors that are not LoRA factors",
 }
 # peft's names for the two factors, which A1111 (network_lora.py) and ComfyUI also read under kohya module names.
 KOHYA_SUFFIX_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-SUPPORTED_KINDS = "LoRA and LoCon (lora_down / lora_up / alpha), LyCORIS LoHa and LoKr"
+SUPPORTED_KINDS = "LoRA and LoCon (lora_down / lora_up / alpha or .scale), LyCORIS LoHa and LoKr"
 
 
 @dataclass(frozen=True)

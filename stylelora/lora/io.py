@@ -318,7 +318,7 @@ def load_adapter_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     state, metadata = _read_safetensors(path)
     if state and all(key.startswith(("lora_unet_", "lora_te")) for key in state):
         state = formats.with_kohya_suffixes(state)
-        if any(key.partition(".")[2] in lycoris.SUFFIXES for key in state):
+        if lycoris.needs_rewrite(state):
             try:
                 return lycoris.as_plain_lora(state), metadata
             except ValueError as error:  # an incomplete module: name the file, one of several --lora perhaps

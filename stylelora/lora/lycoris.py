@@ -1,5 +1,7 @@
 """Reads LyCORIS modules (LoHa, LoKr, LoCon's Tucker middle) as the plain LoRA of the same weight change, exactly.
 
+(A plain LoRA module with a `.scale` is read here too, as the same factors with alpha = scale · rank.)
+
 A1111's built-in Lora extension and ComfyUI apply these files. Each module's change is built from small factors, and
 every such change is itself low rank, so it is rewritten as `lora_down` / `lora_up` / `alpha` with no loss and the
 rest of stylelora (generation, blend modes, split, `blend`, `inspect`) reads it as it reads any LoRA:
@@ -30,6 +32,13 @@ LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"
 LOCON_CORE = "lora_mid.weight"
 SCALE = "scale"
 SUFFIXES = frozenset(LOHA + LOHA_CORES + LOKR + (LOCON_CORE,))
+PLAIN_WITH_SCALE = frozenset(("lora_down.weight", "lora_up.weight", SCALE))  # and alpha, which .scale overrides
+PLAIN_WITH_SCALE_ALPHA = PLAIN_WITH_SCALE | {"alpha"}
+
+
+def needs_rewrite(keys) -> bool:
+    """Whether kohya keys hold a module as_plain_lora rewrites (a LyCORIS one, or a plain one with `.scale`)."""
+    return any(key.partition(".")[2] in SUFFIXES or key.endswith("." + SCALE) for key in keys)
 
 
 def module_kind(suffixes) -> str | None:
@@ -59,6 +68,7 @@ def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, parts in group_kohya_modules(state).modules.items():
         kind = module_kind(parts)
         if kind is None:
+            parts = _scale_as_alpha(parts) if set(parts) in (PLAIN_WITH_SCALE, PLAIN_WITH_SCALE_ALPHA) else parts
             plain.update({f"{name}.{suffix}": tensor for suffix, tensor in parts.items()})
             continue
         _check_complete(name, kind, parts)
@@ -76,6 +86,14 @@ def as_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # so that the loaders refuse the module naming it, instead of applying a different change silently.
         plain.update({f"{name}.{suffix}": tensor for suffix, tensor in parts.items() if suffix not in _USED[kind]})
     return plain
+
+
+def _scale_as_alpha(parts: dict) -> dict:
+    """A plain LoRA module with A1111's `.scale` (applied instead of alpha / rank; ComfyUI ignores it) as the same
+    module with alpha = scale · rank, which every loader reads alike."""
+    rank = parts["lora_down.weight"].shape[0]
+    return {"lora_down.weight": parts["lora_down.weight"], "lora_up.weight": parts["lora_up.weight"],
+            "alpha": _alpha_tensor(float(parts[SCALE].item()) * rank)}
 
 
 def _at_most_full_rank(up, down):
