@@ -60,7 +60,15 @@ def test_mixed_ranks_are_listed_per_kind(tmp_path):
     ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (4, 768)}, "stable-diffusion-v1"),
     ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (4, 1024)}, "stable-diffusion-v2"),
     ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (4, 768)}, "stable-diffusion-xl-v1-base"),
-    ({"lora_unet_input_blocks_1_1_proj_in": (4, 320)}, "stable-diffusion-xl-v1-base"),
+    ({"lora_unet_input_blocks_4_1_proj_in": (4, 640)}, "stable-diffusion-xl-v1-base"),
+    ({"lora_unet_middle_block_1_transformer_blocks_5_attn1_to_q": (4, 1280)}, "stable-diffusion-xl-v1-base"),
+    # SAI names that only SD 1.x/2.x UNets have (attention in input block 1, output blocks 6 to 11)
+    ({"lora_unet_input_blocks_1_1_proj_in": (4, 320)}, "stable-diffusion-v1 or v2 (UNet-only file: the version "
+                                                        "is not in it)"),
+    ({"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (4, 768)}, "stable-diffusion-v1"),
+    ({"lora_unet_output_blocks_11_1_transformer_blocks_0_attn2_to_k": (4, 1024)}, "stable-diffusion-v2"),
+    ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (4, 768),
+      "lora_unet_input_blocks_4_1_proj_in": (4, 640)}, "stable-diffusion-v1"),  # SD's one text encoder
 ])
 def test_architecture_from_keys_and_shapes(tmp_path, keys, family):
     state = {}
@@ -132,3 +140,29 @@ def test_trigger_words_go_in_front_of_the_prompt_once(prompt, words, expected):
     from stylelora.lora.inspect import with_trigger_words
 
     assert with_trigger_words(prompt, words) == expected
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_every_sai_name_of_a_real_unet_tells_its_family(family):
+    """A file naming the published UNets' modules the SAI/LDM way, whole or one module at a time (as block-limited
+    files do), is of that family: A1111 and ComfyUI read SD 1.x files in these names too."""
+    from stylelora.lora.components import SD_UNKNOWN_VERSION, SDXL_ARCHITECTURE, adapter_architecture
+    from stylelora.lora.sai_names import sai_kohya_names
+    from stylelora.lora.sd15 import build_sd15_meta_models
+    from stylelora.lora.sdxl import build_sdxl_meta_models
+
+    unet = (build_sd15_meta_models if family == "sd15" else build_sdxl_meta_models)()[0]
+    names = sai_kohya_names(unet)
+    def state(chosen):
+        return {f"{name}.lora_down.weight": torch.zeros(1, *names.layers[path].weight.shape[1:2])
+                for path, name in names.by_path.items() if name in chosen}
+    everything = set(names.by_name)
+    want = SDXL_ARCHITECTURE if family == "sdxl" else "stable-diffusion-v1"
+    assert adapter_architecture(state(everything), {}) == want
+    attention = [name for name in everything if "_1_transformer_blocks_0_attn1_to_q" in name]
+    for name in attention:  # one attention module alone: SD's without its context width
+        assert adapter_architecture(state({name}), {}) in (
+            {SDXL_ARCHITECTURE} if family == "sdxl" else {SD_UNKNOWN_VERSION, SDXL_ARCHITECTURE})
+    if family == "sd15":  # input block 1, 2 and output blocks 6 to 11: only SD has attention there
+        sd_only = [name for name in attention if adapter_architecture(state({name}), {}) == SD_UNKNOWN_VERSION]
+        assert len(sd_only) == 2 + 6

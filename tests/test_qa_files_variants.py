@@ -288,8 +288,8 @@ def world(tmp_path_factory, tiny_sd_base):
     layers, paths = {}, {}
     for component in ("unet", "text_encoder"):
         names = component_names(models, component)
-        layers.update({name: (component, names.layers[path]) for name, path in names.by_name.items()})
-        paths.update({name: (component, path) for name, path in names.by_name.items()})
+        layers.update({name: (component, names.layers[path]) for path, name in names.by_path.items()})
+        paths.update({name: (component, path) for path, name in names.by_path.items()})
     shapes = {name: tuple(layers[name][1].weight.shape) for name in _modules(plain)}
     before = {name: layer.weight.detach().clone() for name, (_, layer) in layers.items()}
     return {"root": root, "plain": plain, "pipe": pipe, "layers": layers, "paths": paths, "shapes": shapes,
@@ -425,5 +425,32 @@ def test_diffusers_layout_with_either_clip_path_spelling_fuses_a1111s_change(wor
             component, layer = world["layers"][name]
             weight = UNET_WEIGHT if component == "unet" else TE_WEIGHT
             assert _relative_error(layer.weight.detach() - world["before"][name], weight * change) <= FP32, name
+    finally:
+        stack.clear()
+
+
+def test_an_sd_file_with_sai_unet_names_fuses_the_change_of_its_diffusers_names(world, tmp_path):
+    """A1111 and ComfyUI read an SD 1.x/2.x UNet's modules under SAI/LDM names (lora_unet_input_blocks_1_1_…) as
+    well as kohya's diffusers ones; so does stylelora, which knows the file is not SDXL by its blocks."""
+    from stylelora.lora.sai_names import sai_kohya_names
+
+    sai = sai_kohya_names(world["pipe"].unet).by_path
+    renamed = {}
+    for key, tensor in world["plain"].items():
+        name, _, suffix = key.partition(".")
+        component, path = world["paths"][name]
+        renamed[f"{sai[path] if component == 'unet' else name}.{suffix}"] = tensor.clone()
+    assert any(key.startswith("lora_unet_input_blocks_1_1_") for key in renamed)
+    path = tmp_path / "sai.safetensors"
+    save_file(renamed, str(path))
+    want = _a1111_changes(world["plain"], world)
+    stack = AdapterStack.for_pipe(world["pipe"])
+    try:
+        stack.apply([AdapterSpec(path, UNET_WEIGHT, TE_WEIGHT)], "sum")
+        assert stack.fused_module_count == len(want)
+        for name, (component, layer) in world["layers"].items():
+            change = layer.weight.detach() - world["before"][name]
+            weight = UNET_WEIGHT if component == "unet" else TE_WEIGHT
+            assert _relative_error(change, weight * want[name]) <= FP32 if name in want else not change.any(), name
     finally:
         stack.clear()

@@ -5,13 +5,15 @@ refusal of an adapter made for the other family (SD 1.x/2.x vs SDXL).
     SDXL              unet → `lora_unet_` + SAI/SGM paths (sai_names)  text_encoder (CLIP ViT-L) → `lora_te1_`,
                                                                        text_encoder_2 (OpenCLIP bigG) → `lora_te2_`
 
-That is how kohya sd-scripts writes each family and what A1111, ComfyUI and diffusers read. Reading an SDXL file,
-UNet modules under diffusers paths (`lora_unet_down_blocks_…`, as some converters write them) are accepted too.
+That is how kohya sd-scripts writes each family and what A1111, ComfyUI and diffusers read. Reading, a UNet's modules
+under the other spelling are accepted too, as A1111 and ComfyUI accept them: diffusers paths in an SDXL file
+(`lora_unet_down_blocks_…`), SAI ones in an SD 1.x/2.x file (`lora_unet_input_blocks_1_1_…`).
 A model counts as SDXL when the pipeline has a second text encoder or its UNet takes `text_time` added conditioning.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +28,7 @@ SDXL_PREFIXES = {"unet": formats.UNET_PREFIX, "text_encoder": TEXT_ENCODER_1_PRE
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 UNKNOWN_ARCHITECTURE = "unknown (UNet-only file without modelspec.architecture)"
+SD_UNKNOWN_VERSION = "stable-diffusion-v1 or v2 (UNet-only file: the version is not in it)"
 # Hidden size of the CLIP text encoder (q_proj input) per Stable Diffusion family.
 TEXT_ENCODER_WIDTHS = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2"}
 # How people name the families (A1111's "SD1"/"SDXL", kohya's docs), by modelspec architecture without "/lora".
@@ -76,16 +79,23 @@ def component_names(models: Mapping[str, nn.Module | None], component: str) -> f
     if model is None:
         raise ValueError(f"This pipeline has no {component}.")
     prefix = component_prefixes(models)[component]
-    if component != "unet" or not is_sdxl(models):
+    if component != "unet":
         return formats.kohya_names(model, prefix)
     from stylelora.lora.sai_names import sai_kohya_names
 
-    sai = sai_kohya_names(model, prefix)
     diffusers_named = formats.kohya_names(model, prefix)
+    try:
+        sai = sai_kohya_names(model, prefix)
+    except ValueError:  # a UNet of no SGM layout: only an SDXL one must have it
+        if is_sdxl(models):
+            raise
+        return diffusers_named
     # The two name sets never overlap (input_blocks/middle_block/output_blocks vs down_blocks/mid_block/up_blocks),
-    # so a file in either reads; what we write is always the SAI name.
+    # so a file in either reads (A1111 and ComfyUI read both for every family); what we write is kohya's: the SAI
+    # name for SDXL, the diffusers one for SD 1.x/2.x.
+    written = sai if is_sdxl(models) else diffusers_named
     by_name = {**diffusers_named.by_name, **sai.by_name}
-    return dataclasses.replace(sai, by_name=by_name, ambiguous={**diffusers_named.ambiguous, **sai.ambiguous})
+    return dataclasses.replace(written, by_name=by_name, ambiguous={**diffusers_named.ambiguous, **sai.ambiguous})
 
 
 # ----------------------------------------------------------------------------- families
@@ -104,15 +114,42 @@ def adapter_architecture(state: dict, metadata: dict[str, str]) -> str:
     """The base family an adapter (kohya keys) was made for, e.g. "stable-diffusion-v1": from the keys (SDXL names
     differ) and the text encoder's width (its q_proj input); the file's modelspec.architecture as fallback."""
     modules = formats.group_kohya_modules(state).modules
-    if any(name.startswith(("lora_te1_", "lora_te2_")) or "_input_blocks_" in name for name in modules):
+    sd_text_encoder = any(name.startswith(formats.TEXT_ENCODER_PREFIX + "_") for name in modules)  # SDXL: te1/te2
+    if any(name.startswith(("lora_te1_", "lora_te2_")) for name in modules) or (
+            not sd_text_encoder and _sai_layout(modules) == "SDXL"):
         return SDXL_ARCHITECTURE
     q_proj = next((parts for name, parts in modules.items() if name.endswith("self_attn_q_proj")), None)
+    if q_proj is None and _sai_layout(modules) == "SD":  # a UNet-only SD file in SAI names: its context width
+        q_proj = next((parts for name, parts in modules.items() if name.endswith("attn2_to_k")), None)
+        if q_proj is None:
+            return SD_UNKNOWN_VERSION
     if q_proj is not None:
         down = q_proj.get("lora_down.weight")
         width = int(down.shape[1]) if down is not None else None
         return TEXT_ENCODER_WIDTHS.get(width, f"custom SD-architecture (text encoder width {width})")
     declared = metadata.get("modelspec.architecture", "").removesuffix("/lora")
     return declared or UNKNOWN_ARCHITECTURE
+
+
+_SAI_BLOCK = re.compile(r"^lora_unet_(input|middle|output)_blocks?_(\d+)_?(\d+)?_")
+
+
+def _sai_layout(modules) -> str | None:
+    """"SD" or "SDXL" for a file whose UNet modules carry SAI/SGM names (lora_unet_input_blocks_…), None when none
+    does. SD 1.x/2.x lay out twelve input and output blocks with attention in input blocks 1, 2 and output blocks
+    6 to 8; SDXL has nine each way and none of those, so a file showing any of them is SD (kohya writes SD files
+    with diffusers names, other tools with SAI ones), any other SAI-named file SDXL."""
+    found = False
+    for name in modules:
+        match = _SAI_BLOCK.match(name)
+        if match is None:
+            continue
+        found = True
+        kind, block, slot = match.group(1), int(match.group(2)), match.group(3)
+        attention = slot == "1" and ("_transformer_blocks_" in name or name.endswith(("_proj_in", "_proj_out")))
+        if kind != "middle" and (block >= 9 or attention and block in ((1, 2) if kind == "input" else (6, 7, 8))):
+            return "SD"
+    return "SDXL" if found else None
 
 
 def adapter_family_label(architecture: str) -> str:
