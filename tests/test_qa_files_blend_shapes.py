@@ -68,3 +68,42 @@ def test_a_lycoris_file_of_sd2_keeps_its_linear_proj_in_linear(tmp_path):
     written = load_file(str(out))
     assert written[f"{PROJ_IN}.lora_down.weight"].shape == (4, 320)
     assert written[f"{PROJ_IN}.lora_up.weight"].shape == (320, 4)
+
+
+SD_SAI_TO_Q = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"  # = TO_Q in SAI/LDM names
+XL_SAI_TO_Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+XL_DIFFUSERS_TO_Q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+NAMES = {  # family: (text-encoder module naming it, (name in the file, width), name the blend writes)
+    "SD 1.x file in SAI names": (SD_TE, (SD_SAI_TO_Q, 320), TO_Q),
+    "SDXL file in diffusers names": (XL_TE, (XL_DIFFUSERS_TO_Q, 640), XL_SAI_TO_Q),
+    "SDXL file in SAI names": (XL_TE, (XL_SAI_TO_Q, 640), XL_SAI_TO_Q),
+}
+
+
+@pytest.mark.parametrize("case", list(NAMES))
+def test_blend_writes_the_unet_names_kohya_writes_for_the_family(tmp_path, case):
+    """Other tools name UNet modules either way and A1111 / ComfyUI read both; diffusers reads kohya's (diffusers
+    names for SD 1.x/2.x, SAI for SDXL), so the blend writes those."""
+    text_encoder, (name, width), written_name = NAMES[case]
+    torch.manual_seed(0)
+    state = {}
+    for module, size in ((text_encoder, 768), (name, width)):
+        state.update({f"{module}.lora_down.weight": torch.randn(2, size),
+                      f"{module}.lora_up.weight": torch.randn(size, 2), f"{module}.alpha": torch.tensor(1.0)})
+    source, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(state, str(source))
+    blend([AdapterSpec(source, 1.0)], out, exact=True)
+    written = load_file(str(out))
+    assert {key.partition(".")[0] for key in written} == {text_encoder, written_name}
+    assert torch.allclose(_change(written, written_name), _change(state, name), atol=1e-6)
+
+
+def test_a_file_holding_one_layer_under_both_names_is_refused_naming_them(tmp_path):
+    state = {}
+    for name in (XL_SAI_TO_Q, XL_DIFFUSERS_TO_Q, XL_TE):
+        width = 768 if name == XL_TE else 640
+        state.update({f"{name}.lora_down.weight": torch.randn(2, width),
+                      f"{name}.lora_up.weight": torch.randn(width, 2)})
+    save_file(state, str(tmp_path / "twice.safetensors"))
+    with pytest.raises(ValueError, match=f"holds one layer twice, as {XL_DIFFUSERS_TO_Q} and as {XL_SAI_TO_Q}"):
+        blend([AdapterSpec(tmp_path / "twice.safetensors", 1.0)], tmp_path / "out.safetensors", exact=True)

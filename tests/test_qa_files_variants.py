@@ -454,3 +454,10 @@ def test_an_sd_file_with_sai_unet_names_fuses_the_change_of_its_diffusers_names(
             assert _relative_error(change, weight * want[name]) <= FP32 if name in want else not change.any(), name
     finally:
         stack.clear()
+    from stylelora.lora.blend import blend
+
+    out = tmp_path / "blend.safetensors"  # written in kohya's SD names, which diffusers reads (it refuses SAI ones)
+    blend([AdapterSpec(path, 1.0)], out, exact=True, unet_config=dict(world["pipe"].unet.config))
+    written = load_file(str(out))
+    assert {key.partition(".")[0] for key in written} == {key.partition(".")[0] for key in world["plain"]}
+    tiny_pipeline().load_lora_weights(str(out))

@@ -101,29 +101,40 @@ def _unet_layout_config(file) -> dict:
                            "the base is loaded.")
 
 
-def _fit_layer_shapes(modules: dict, file, unet_config: dict | None) -> None:
-    """Give each module's factors the shapes kohya writes for its layer, a convolution's (r, in, kh, kw) and
-    (out, r, 1, 1), a Linear's (r, in) and (out, r): other trainers store a 1x1 convolution Linear-shaped or the
-    reverse, and LyCORIS a kh x kw one flat, which A1111 and ComfyUI fit to the layer and diffusers refuses. The UNet's
+def _in_family_layout(modules: dict, file, unet_config: dict | None) -> dict:
+    """The modules under the names and in the shapes kohya writes for their layers. Names: an SD 1.x/2.x UNet's
+    modules under diffusers paths, an SDXL one's under SAI ones (other tools write either; A1111 and ComfyUI read
+    both, diffusers only kohya's), so the blend loads everywhere and two inputs spelling a layer apart add up. Shapes:
+    a convolution's (r, in, kh, kw) and (out, r, 1, 1), a Linear's (r, in) and (out, r); other trainers store a 1x1
+    convolution Linear-shaped or the reverse, and LyCORIS a kh x kw one flat, which diffusers refuses. The UNet's
     layers are those of `unet_config`, else of the file's family (its published config, built weightless); a file of
-    no known family keeps its UNet shapes. The text encoders (CLIP) have only Linear layers."""
+    no known family keeps its UNet names and shapes. The text encoders (CLIP) have only Linear layers."""
     for name, parts in modules.items():
         if formats.module_component(name) == "text_encoder":
             for suffix in formats.KOHYA_TO_PEFT_SUFFIX:
                 if parts[suffix].dim() == 4 and tuple(parts[suffix].shape[2:]) == (1, 1):
                     parts[suffix] = parts[suffix].flatten(1)
     layers = _unet_layers(modules, file, unet_config)
+    laid_out: dict[str, dict] = {}
+    spelled: dict[str, str] = {}  # written name: the name the file gives it
     for name, parts in modules.items():
-        layer = layers.get(name)
+        written, layer = layers.get(name, (name, None))
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         if layer is None or up.shape[0] != layer.weight.shape[0] or down[0].numel() != layer.weight[0].numel():
-            continue  # not this family's layer: `_add_terms` compares the inputs' shapes
-        parts["lora_down.weight"] = formats.fit_to_layer(down, layer, is_down=True)
-        parts["lora_up.weight"] = formats.fit_to_layer(up, layer)
+            written = name  # not this family's layer: `_add_terms` compares the inputs' shapes
+        else:
+            parts["lora_down.weight"] = formats.fit_to_layer(down, layer, is_down=True)
+            parts["lora_up.weight"] = formats.fit_to_layer(up, layer)
+        if written in spelled:
+            raise ValueError(f"{file.path.name} holds one layer twice, as {spelled[written]} and as {name}: the file "
+                             "is damaged or two files were merged by hand. Keep one of the two spellings.")
+        laid_out[written], spelled[written] = parts, name
+    return laid_out
 
 
 def _unet_layers(modules: dict, file, unet_config: dict | None) -> dict:
-    """{kohya name: weightless layer} of the UNet the file's modules name ({} for an unknown family)."""
+    """{kohya name, either spelling: (the name kohya writes, weightless layer)} of the UNet the file's modules name
+    ({} for an unknown family)."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
@@ -137,7 +148,7 @@ def _unet_layers(modules: dict, file, unet_config: dict | None) -> dict:
         return {}
     with init_empty_weights():
         names = component_names({"unet": UNet2DConditionModel.from_config(config)}, "unet")
-    return {name: names.layers[path] for name, path in names.by_name.items()}
+    return {name: (names.by_path[path], names.layers[path]) for name, path in names.by_name.items()}
 
 
 def _block_multiplier(spec: AdapterSpec, file, unet_config: dict | None):
@@ -272,8 +283,7 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
     files = _read_inputs(specs)
     terms: dict[str, ModuleTerms] = {}
     for spec, file in zip(specs, files):
-        modules = _group_modules(file.state, file.path.name)
-        _fit_layer_shapes(modules, file, unet_config)
+        modules = _in_family_layout(_group_modules(file.state, file.path.name), file, unet_config)
         _add_terms(terms, modules, spec, file, unet_config)
     state, errors, ranks = {}, {}, {}
     for name, entry in terms.items():
