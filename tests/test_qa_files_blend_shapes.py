@@ -107,3 +107,20 @@ def test_a_file_holding_one_layer_under_both_names_is_refused_naming_them(tmp_pa
     save_file(state, str(tmp_path / "twice.safetensors"))
     with pytest.raises(ValueError, match=f"holds one layer twice, as {XL_DIFFUSERS_TO_Q} and as {XL_SAI_TO_Q}"):
         blend([AdapterSpec(tmp_path / "twice.safetensors", 1.0)], tmp_path / "out.safetensors", exact=True)
+
+
+def test_two_inputs_spelling_a_layer_apart_add_up_in_one_module(tmp_path):
+    torch.manual_seed(0)
+    sources, changes = [], []
+    for index, name in enumerate((XL_DIFFUSERS_TO_Q, XL_SAI_TO_Q)):
+        state = {}
+        for module, size in ((XL_TE, 768), (name, 640)):
+            state.update({f"{module}.lora_down.weight": torch.randn(2, size),
+                          f"{module}.lora_up.weight": torch.randn(size, 2), f"{module}.alpha": torch.tensor(1.0)})
+        sources.append(tmp_path / f"in{index}.safetensors")
+        save_file(state, str(sources[-1]))
+        changes.append(_change(state, name))
+    blend([AdapterSpec(source, 1.0) for source in sources], tmp_path / "out.safetensors", exact=True)
+    written = load_file(str(tmp_path / "out.safetensors"))
+    assert {key.partition(".")[0] for key in written} == {XL_TE, XL_SAI_TO_Q}
+    assert torch.allclose(_change(written, XL_SAI_TO_Q), changes[0] + changes[1], atol=1e-5)
