@@ -200,6 +200,34 @@ def test_a_mistyped_flag_is_answered_with_the_nearest_one(capsys, flag, hint):
     assert hint in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value, hint", [("512,512", "'512,512' is kohya's width,height; here it is one side, "
+                                                    "--resolution 512 for the same area"),
+                                         ("640x512", "--resolution 572 for the same area"),
+                                         ("1e3", "'1e3' is not a whole number, e.g. --resolution 512")])
+def test_a_resolution_typed_as_kohya_types_it_says_what_to_type(capsys, value, hint):
+    from stylelora.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "data", "--resolution", value])
+    assert hint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder, kohya_root", [("-1_ink", False), ("0.5_ink", False), ("-1_ink", True)])
+def test_a_folder_whose_repeat_count_is_not_a_whole_number_says_so(tmp_path, folder, kohya_root):
+    data = tmp_path / "data"
+    _image(data / folder / "a.png")
+    if kohya_root:  # beside a folder that trains: listed as ignored
+        _image(data / "10_ok" / "b.png")
+        _, report = scan_folder(data)
+        text = "; ".join(entry.reason for entry in report.ignored)
+    else:  # nothing else to train: the refusal names it
+        with pytest.raises(DataError) as raised:
+            scan_folder(data)
+        text = str(raised.value)
+    assert f"its repeat count {folder.split('_')[0]} is not a whole number of at least 1" in text
+    assert "rename it to e.g. 1_ink or 10_ink" in text and "10_-1_ink" not in text
+
+
 # ----------------------------------------------------------------------------- 5. --resume
 
 

@@ -33,6 +33,9 @@ WHITE = (255, 255, 255)
 # First bytes of formats, to tell "a broken PNG" from "not an image at all".
 MAGIC_NUMBERS = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP",
                  b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+# The ISO media brands of HEIC/HEIF/AVIF files (bytes 8-12, after "ftyp"), which Pillow reads only with a plugin.
+ISO_IMAGE_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
+                    b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,13 @@ def _magic_format(data: bytes) -> str | None:
 
 def _unidentified_reason(data: bytes) -> str:
     looks_like = _magic_format(data)
-    return f"corrupt {looks_like} (starts like one but cannot be read)" if looks_like else "not an image"
+    if looks_like:
+        return f"corrupt {looks_like} (starts like one but cannot be read)"
+    brand = ISO_IMAGE_BRANDS.get(data[8:12]) if data[4:8] == b"ftyp" else None
+    if brand:  # an iPhone photo renamed .jpg, say: the name says JPEG, the bytes HEIC
+        article = "an" if brand[0] in "AEIOU" else "a"
+        return f"{article} {brand} image (whatever its name says), which cannot be read here: convert it to PNG or JPEG"
+    return "not an image"
 
 
 def _nothing_usable_message(skipped: list[SkippedImage], min_side: int, role: str) -> str:

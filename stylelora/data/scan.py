@@ -31,6 +31,8 @@ UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".psd", ".r
 JUNK_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 METADATA_FILE = "metadata.jsonl"
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+# A name kohya's parser would read as a repeat count that is not a whole number of at least 1 (-1_x, 0.5_x, 1,5_x).
+BAD_REPEATS_FOLDER = re.compile(r"^([-+]?\d*[.,]?\d+)_(.+)$")
 # kohya datasets repeat a folder 1-100 times; a number this large in `<number>_<words>` is more likely a year or an
 # id ("2024_03_commissions") than a repeat count, so the report says how the name was read.
 LARGE_REPEATS = 1000
@@ -276,8 +278,8 @@ def _report_kohya_root_leftovers(root: Path, folders: list[Path], report: ScanRe
         if entry.name.startswith(".") or entry.name.lower() in JUNK_FILE_NAMES:
             continue
         if entry.is_dir() and entry not in folders:
-            report.ignored.append(IgnoredFile(entry, "folder name does not start with '<repeats>_', "
-                                                     f"e.g. rename it to 10_{entry.name}"))
+            report.ignored.append(IgnoredFile(entry, _bad_repeats_reason(entry.name) or "folder name does not start "
+                                              f"with '<repeats>_', e.g. rename it to 10_{entry.name}"))
         elif entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
             report.ignored.append(IgnoredFile(entry, "image directly in the data folder: in the kohya layout "
                                                      "images go in a <repeats>_<trigger> folder"))
@@ -367,7 +369,19 @@ def _subfolder_reason(path: Path, kohya: bool) -> str:
     matters most when the images are all in subfolders (`my-art/portraits/`), where nothing else would train."""
     if kohya:
         return "subfolder, not scanned: put its images directly in a <repeats>_<trigger> folder or give it its own"
+    bad_repeats = _bad_repeats_reason(path.name)
+    if bad_repeats:
+        return f"subfolder, not scanned: {bad_repeats}"
     return f"subfolder, not scanned: to train its images, rename it to <repeats>_<trigger>, e.g. 10_{path.name}"
+
+
+def _bad_repeats_reason(name: str) -> str | None:
+    """For a folder named like `-1_style` or `0.5_style`: the repeat count must be a whole number of at least 1."""
+    match = BAD_REPEATS_FOLDER.match(name)
+    if match is None:
+        return None
+    return (f"its repeat count {match[1]} is not a whole number of at least 1 (how many times each image is seen "
+            f"per epoch): rename it to e.g. 1_{match[2]} or 10_{match[2]}")
 
 
 def _kohya_folders(root: Path) -> list[Path]:

@@ -7,6 +7,7 @@ None, meaning "not given", so `--config run.toml` values stand unless a flag ove
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -33,10 +34,30 @@ def _argument(spec: OptionSpec) -> dict[str, Any]:
     elif spec.type is tuple or typing.get_origin(spec.type) is tuple:
         kwargs["metavar"] = "FILE"  # one prompt per line; read in overrides_from_args
     else:
-        kwargs["type"] = spec.type
+        kwargs["type"] = _whole_number(spec) if spec.type is int else spec.type
         choices = spec.option.choices  # checked by the config, with its message, not by argparse
         kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else spec.key.upper()
     return kwargs
+
+
+def _whole_number(spec: OptionSpec):
+    """argparse type of an int option whose refusal says what was typed wrong: kohya's `--resolution 512,512` (width,
+    height) is one number here, as buckets keep each image's aspect ratio at about that many pixels squared."""
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        sides = re.split(r"\s*[,x×]\s*", text.strip())
+        if spec.key == "resolution" and len(sides) == 2 and all(side.isdigit() for side in sides):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is kohya's width,height; here it is one side, --resolution "
+                f"{round(math.sqrt(int(sides[0]) * int(sides[1])))} for the same area: images train in buckets of "
+                "their own aspect ratio with about that side squared in pixels")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, e.g. {spec.flag} "
+                                         f"{spec.option.example or 1}")
+    parse.__name__ = "int"
+    return parse
 
 
 def _flag_help(spec: OptionSpec) -> str:
