@@ -422,6 +422,20 @@ def test_saved_config_reruns_as_a_new_run_not_a_resume(tmp_path, tiny_base, stri
     assert adapter_metadata(adapter)["ss_steps"] == "6"
 
 
+def test_the_last_step_is_a_checkpoint_so_more_steps_continue_from_it(tmp_path, tiny_base, stripes_dataset, capsys):
+    """As kohya's --save_state saves the state at the end: 5 steps with --save-every 2 keep steps 2, 4 and 5, and
+    `--resume latest --steps 6` trains one step more, not three."""
+    output = tmp_path / "run"
+    train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.steps": 5})
+    assert [p.name for p in complete_checkpoints(output)][-2:] == ["step-000004", "step-000005"]
+    reset_accelerate()
+    capsys.readouterr()
+    adapter = train(stripes_dataset, output, tiny_base, **{"train.save_every": 2, "train.resume": "latest",
+                                                           "train.steps": 6})
+    assert "resuming at step 5" in capsys.readouterr().err
+    assert adapter_metadata(adapter)["ss_steps"] == "6"
+
+
 def test_mixed_aspect_ratios_train_in_several_buckets(tmp_path, tiny_base, capsys):
     from train_fixtures import COLORS, render
 

@@ -93,15 +93,14 @@ def resolve_resume(spec: str, run_dir: Path) -> Path:
 
 
 def _no_checkpoint_message(run_dir: Path) -> str:
-    """Why `--resume latest` finds nothing in `run_dir`, and what to do. A run that finished before its first
-    --save-every step has an adapter but no checkpoint; "check --output" would send its user looking for a folder
-    they already gave."""
+    """Why `--resume latest` finds nothing in `run_dir`, and what to do. A run with --save-every 0 has an adapter but
+    no checkpoint; "check --output" would send its user looking for a folder they already gave."""
     found = f"--resume latest: no complete checkpoint in {run_dir / CHECKPOINTS_DIR}."
     if not any(run_dir.glob("*.safetensors")):
         return f"{found} Check --output (it must be the interrupted run's folder), or drop --resume to start a new run."
-    return (f"{found} The run in {run_dir} finished without one: checkpoints are saved every --save-every steps and "
-            "when a run is stopped with Ctrl-C, and it ended before the first. Start it again with --overwrite (with "
-            "a --save-every that divides --steps, so that --resume latest can continue it later).")
+    return (f"{found} The run in {run_dir} finished without one: checkpoints are saved every --save-every steps, at "
+            "the last step and when a run is stopped with Ctrl-C, and it ran with --save-every 0. Start it again with "
+            "--overwrite and a --save-every above 0, so that --resume latest can continue it later.")
 
 
 # ----------------------------------------------------------------------------- save

@@ -890,7 +890,9 @@ def train(run: Run, start_step: int, stop_requested=lambda: False) -> None:
         run.log.record(step, loss, lrs, grad_norm, time.perf_counter() - started)
         if step == t.steps or (t.sample_every and step % t.sample_every == 0):
             write_samples(run, step)
-        saved = bool(t.save_every) and step % t.save_every == 0
+        # The last step too (kohya's --save_state saves the state at the end): `--resume latest --steps N` then
+        # continues from where the run ended, whatever --steps was, instead of redoing the steps since a checkpoint.
+        saved = bool(t.save_every) and (step % t.save_every == 0 or step == t.steps)
         if saved:
             save(run, step)
         if stop_requested() and step < t.steps:
