@@ -28,6 +28,7 @@ from typing import Any
 import tomli_w
 
 from stylelora.atomic import write_text_atomic
+from stylelora.kohya_flags import KOHYA_FLAGS
 
 DATA_CACHES = ("ram", "disk", "none")
 UNET_TARGETS = ("attn", "kohya", "locon")
@@ -437,8 +438,6 @@ def _key_hint(key: str, section: str | None, value: Any = None) -> str:
 def _kohya_name(key: str) -> str | None:
     """Our option for a kohya sd-scripts option name, as a TOML key where its flag is one of ours, else the CLI's
     advice; None for a name kohya does not have."""
-    from stylelora.train.command import KOHYA_FLAGS  # the CLI's table of kohya names (no torch import there)
-
     advice = KOHYA_FLAGS.get(key.lower().replace("_", "-"))
     if advice is None:
         return None

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stylelora.config import OPTION_SPECS, OptionSpec, default_text
-from stylelora.data.scan import CAPTION_EXTENSIONS
+from stylelora.kohya_flags import KOHYA_FLAGS
 
 
 def _argument(spec: OptionSpec) -> dict[str, Any]:
@@ -88,52 +88,6 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         parser.add_argument(spec.flag, **_argument(spec))
     parser.set_defaults(handler=handle_train)
     return parser
-
-
-# kohya sd-scripts train_network.py flags (keys with '-' for '_', as either spelling is typed) and what to use here.
-# Named in the error, not accepted silently: an alias would take a value in kohya's sense where ours differs (kohya's
-# --learning_rate sets both networks' rates, --resolution takes "512,512"), and the user should learn our flag.
-KOHYA_FLAGS = {
-    "train-data-dir": "DATA_DIR, the first argument (stylelora train DATA_DIR ...)",
-    "reg-data-dir": "--reg-dir",
-    "pretrained-model-name-or-path": "--base",
-    "output-dir": "--output",
-    "config-file": "--config run.toml (this tool's own keys; see docs/training.md)",
-    "shuffle-caption": "--shuffle-tags",
-    "caption-extension": "no option: an image's caption is the file of its name ending in "
-                         + " or ".join(CAPTION_EXTENSIONS) + " (the first found)",
-    "caption-dropout-rate": "--caption-dropout",
-    "caption-tag-dropout-rate": "--tag-dropout",
-    "enable-wildcard": "--caption-variants",
-    "network-dim": "--rank",
-    "network-alpha": "--alpha",
-    "network-module": "no option: a LoRA is what trains (--unet-targets locon adds the 3x3 convolutions)",
-    "network-train-unet-only": "--no-text-encoder",
-    "learning-rate": "--unet-lr (and --text-encoder-lr for the text encoder)",
-    "lr": "--unet-lr (and --text-encoder-lr for the text encoder)",
-    "lr-warmup-steps": "--warmup-steps",
-    "optimizer-type": "--optimizer",
-    "gradient-accumulation-steps": "--grad-accum",
-    "max-train-steps": "--steps",
-    "max-steps": "--steps",
-    "max-train-epochs": "--epochs",
-    "train-batch-size": "--batch-size",
-    "mixed-precision": "--precision",
-    "save-every-n-steps": "--save-every",
-    "save-last-n-steps-state": "--keep-checkpoints",
-    "sample-every-n-steps": "--sample-every",
-    "enable-bucket": "no option: buckets are on unless --no-bucketing",
-    "bucket-no-upscale": "--no-upscale",
-    "bucket-reso-steps": "--bucket-step",
-    "min-bucket-reso": "--min-side",
-    "max-bucket-reso": "--max-side",
-    "flip-aug": "--flip",
-    "cache-latents": "--cache ram (the default)",
-    "cache-latents-to-disk": "--cache disk",
-    "v2": "no option: the base family is read from the model (--family overrides it)",
-    "v-parameterization": "no option: the base family is read from the model (--family overrides it)",
-    "training-comment": "--description",
-}
 
 
 def unrecognized_message(command: str | None, unknown: list[str], parser: argparse.ArgumentParser | None = None
