@@ -6,18 +6,26 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+LABEL_FONT_SIZE = 10  # px: Pillow's default, legible on a toy grid's 96 px cells
+
 
 def make_grid(images: list[Image.Image], columns: int, *, scale: int = 1, gap: int = 2,
               row_labels: list[str] | None = None, column_labels: list[str] | None = None,
               label_width: int = 110, label_height: int = 14) -> Image.Image:
     """Tile images row-major; nearest-neighbour upscaling keeps 32 px toy pixels crisp. Cells take the largest
-    image's size, and a smaller image sits in the middle of its cell (sample prompts may set their own size)."""
+    image's size, and a smaller image sits in the middle of its cell (sample prompts may set their own size).
+    Labels grow with the cells (label_width/label_height are their size at 10 px text, a toy cell's), as A1111's
+    X/Y plot scales its font: 10 px text on a 512 or 1024 px cell cannot be read once the grid is shrunk to a screen."""
     if not images:
         raise ValueError("make_grid needs at least one image")
     w, h = max(image.width for image in images) * scale, max(image.height for image in images) * scale
     rows = (len(images) + columns - 1) // columns
-    left = label_width if row_labels else 0
-    top = label_height if column_labels else 0
+    font = label_font(w, h)
+    grow = getattr(font, "size", LABEL_FONT_SIZE) / LABEL_FONT_SIZE
+    widest = max((font.getlength(label) for label in row_labels or []), default=0)
+    # Row labels take the room they need, up to a cell's width, so a long adapter name is not cut on a big cell.
+    left = max(round(label_width * grow), min(round(widest) + 8, w)) if row_labels else 0
+    top = round(label_height * grow) if column_labels else 0
     grid = Image.new("RGB", (left + columns * (w + gap) + gap, top + rows * (h + gap) + gap), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images):
@@ -26,19 +34,32 @@ def make_grid(images: list[Image.Image], columns: int, *, scale: int = 1, gap: i
         grid.paste(tile, (left + gap + c * (w + gap) + (w - tile.width) // 2,
                           top + gap + r * (h + gap) + (h - tile.height) // 2))
     for c, label in enumerate(column_labels or []):
-        draw.text((left + gap + c * (w + gap), 1), _fitted(draw, label, w), fill=(0, 0, 0))
+        draw.text((left + gap + c * (w + gap), 1), _fitted(draw, label, w, font), fill=(0, 0, 0), font=font)
     for r, label in enumerate(row_labels or []):
-        draw.text((2, top + gap + r * (h + gap) + h // 2 - 5), _fitted(draw, label, left - 4), fill=(0, 0, 0))
+        y = top + gap + r * (h + gap) + h // 2 - round(5 * grow)
+        draw.text((2, y), _fitted(draw, label, left - 4, font), fill=(0, 0, 0), font=font)
     return grid
 
 
-def _fitted(draw: ImageDraw.ImageDraw, label: str, width: int) -> str:
+def label_font(width: int, height: int):
+    """Pillow's own font (no font file to ship) at 10 px on a toy cell (96 px), (w + h) / 40 px on bigger ones
+    (26 px on 512 px cells); the fixed-size bitmap font where Pillow has no FreeType."""
+    from PIL import ImageFont
+
+    size = max(LABEL_FONT_SIZE, round((width + height) / 40))
+    try:
+        return ImageFont.load_default(size)
+    except (ImportError, OSError, TypeError):  # Pillow without FreeType, or before 10.1
+        return ImageFont.load_default()
+
+
+def _fitted(draw: ImageDraw.ImageDraw, label: str, width: int, font=None) -> str:
     """`label`, or its end after '…' where it is wider than `width`: labels that share a start (a run's
     checkpoints: toy-stripes-step000500, toy-stripes-step000750) differ at the end, and must not run together."""
-    if draw.textlength(label) <= width:
+    if draw.textlength(label, font=font) <= width:
         return label
     for start in range(1, len(label)):
-        if draw.textlength("…" + label[start:]) <= width:
+        if draw.textlength("…" + label[start:], font=font) <= width:
             return "…" + label[start:]
     return "…"
 

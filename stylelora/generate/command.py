@@ -35,7 +35,9 @@ def add_generate_parsers(subparsers) -> None:
     _add_generation_args(grid)
     grid.add_argument("--x", required=True, metavar="KIND=V1,V2",
                       help="columns; KIND: adapter|weight|unet_weight|te_weight|blocks|seed|cfg|steps|blend_mode|dial"
-                           "|clip_skip|sampler|prompt (blocks: lbw= values separated by ';', e.g. blocks=none;OUTALL; "
+                           "|clip_skip|sampler|prompt (numbers take A1111's ranges: steps=10-30 (+10), weight=0-1 [5], "
+                           "seed=1-4; seed=-1 draws a random seed, recorded; "
+                           "blocks: lbw= values separated by ';', e.g. blocks=none;OUTALL; "
                            "prompt: A1111's Prompt S/R, the first value the words each value replaces, e.g. "
                            "'prompt=red,blue,\"green, striped\"')")
     grid.add_argument("--y", metavar="KIND=V1,V2", help="second axis (rows)")

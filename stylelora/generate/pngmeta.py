@@ -101,7 +101,7 @@ def format_parameters(params: GenerationParams) -> str:
         fields["Model hash"] = params.model_hash
     if params.model:
         fields["Model"] = _clean_field(params.model)
-    hashes = [f"{lora.name.replace(':', '').replace(',', '')}: {lora.hash}" for lora in params.loras if lora.hash]
+    hashes = [f"{_hash_name(lora.name)}: {lora.hash}" for lora in params.loras if lora.hash]
     if hashes:
         fields["Lora hashes"] = _quote_if_needed(", ".join(hashes))
     fields.update({key: _quote_if_needed(value) for key, value in params.extra.items()})
@@ -146,6 +146,11 @@ def _split_fields(line: str) -> dict[str, str]:
     return fields
 
 
+def _hash_name(name: str) -> str:
+    """An adapter's name in `Lora hashes`: without ':' and ',', which separate its entries (as A1111 writes it)."""
+    return name.replace(":", "").replace(",", "")
+
+
 def _lora_hashes(text: str | None) -> dict[str, str]:
     pairs = (item.split(":", 1) for item in (text or "").split(",") if ":" in item)
     return {name.strip(): digest.strip() for name, digest in pairs}
@@ -180,7 +185,9 @@ def _params_from_fields(fields: dict[str, str], prompt: str, negative: str, tags
         prompt=prompt, negative_prompt=negative, steps=int(fields["Steps"]), cfg_scale=float(fields["CFG scale"]),
         sampler=sampler, seed=int(fields["Seed"]), width=int(width), height=int(height),
         model=fields.get("Model"), model_hash=fields.get("Model hash"),
-        loras=tuple(LoraUse(t.name, t.unet_weight, t.te_weight, hashes.get(t.name, ""), t.blocks) for t in tags),
+        # Looked up as written there: "style, v2" is "style v2" in Lora hashes, and its hash must not be lost.
+        loras=tuple(LoraUse(t.name, t.unet_weight, t.te_weight, hashes.get(t.name, hashes.get(_hash_name(t.name), "")),
+                            t.blocks) for t in tags),
         extra={key: value for key, value in fields.items() if key not in known},
     )
 

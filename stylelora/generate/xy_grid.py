@@ -11,7 +11,9 @@ shares the request's (resolved) seed unless seed is an axis, so cells differ onl
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +31,14 @@ NO_BLOCKS = "none"
 LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "blocks": "lbw", "seed": "seed", "cfg": "cfg",
           "steps": "steps", "blend_mode": "mode", "dial": "dial", "clip_skip": "clip skip"}
 REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode", "dial", "clip_skip", "sampler")  # replace one request field
+WHOLE_KINDS = ("seed", "steps", "clip_skip")
+NUMBER_KINDS = WHOLE_KINDS + ("weight", "unet_weight", "te_weight", "cfg")
+# A1111's X/Y plot ranges: "1-5" (step 1), "1-10 (+2)" (a step), "0-1 [5]" (a count, evenly spaced, ends included).
+_NUMBER = r"[+-]?\d+(?:\.\d*)?"
+RANGE = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*({_NUMBER})\s*\)|\[\s*(\d+)\s*\])?\s*")
+MAX_RANGE_VALUES = 1000  # more is a typo (seed=1-100000), not a grid anyone draws
+EXAMPLES = {"seed": "seed=1,2,3 or seed=1-5", "steps": "steps=10,20,30 or steps=10-30 (+10)",
+            "cfg": "cfg=3,5,7 or cfg=3-7 [3]", "clip_skip": "clip_skip=1,2 or clip_skip=1-2"}
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,7 @@ def _cast(cast, value: Any, kind: str) -> Any:
     try:
         return cast(value)
     except ValueError:
-        example = {"seed": "seed=1,2,3", "steps": "steps=10,20,30", "cfg": "cfg=3,5,7",
-                   "clip_skip": "clip_skip=1,2"}.get(kind, f"{kind}=0,0.5,1")
+        example = EXAMPLES.get(kind, f"{kind}=0,0.5,1 or {kind}=0-1 [3]")
         what = "whole numbers" if cast is int else "numbers"
         raise ValueError(f"{value!r} is not a number: {kind} values are {what}, e.g. {example}.") from None
 
@@ -98,7 +107,38 @@ def axis_values(kind: str, text: str) -> list[str]:
 
         values = [value.strip() for value in next(csv.reader([text], skipinitialspace=True), [])]
         return values if values and values[0] else []  # later values may be empty: the words taken out
-    return [value.strip() for value in text.split(";" if kind.strip() == "blocks" else ",") if value.strip()]
+    values = [value.strip() for value in text.split(";" if kind.strip() == "blocks" else ",") if value.strip()]
+    if kind.strip() not in NUMBER_KINDS:
+        return values
+    return [item for value in values for item in expand_range(kind.strip(), value)]
+
+
+def expand_range(kind: str, value: str) -> list[str]:
+    """One value of a number axis as A1111's X/Y plot reads it: `1-5` is 1,2,3,4,5; `1-10 (+2)` steps by 2 (up to
+    10, never past it); `0-1 [5]` is 5 values evenly spaced, both ends included; anything else is itself."""
+    match = RANGE.fullmatch(value)
+    if match is None:
+        return [value]
+    start, end = float(match.group(1)), float(match.group(2))
+    whole = kind in WHOLE_KINDS
+    if match.group(4) is not None:
+        count = int(match.group(4))
+        step = (end - start) / (count - 1) if count > 1 else 0.0
+    else:
+        step = float(match.group(3)) if match.group(3) is not None else (1.0 if end >= start else -1.0)
+        if step == 0 or (end - start) * step < 0:
+            raise ValueError(f"{value!r}: a step of {format_weight(step)} never gets from {format_weight(start)} to "
+                             f"{format_weight(end)}; write e.g. {kind}=1-10 (+2), or 10-1 (-2) to count down.")
+        count = math.floor((end - start) / step + 1e-9) + 1
+    if whole and not all(float(number).is_integer() for number in (start, end, step if match.group(3) else 0)):
+        raise ValueError(f"{value!r}: {kind} values are whole numbers, so a {kind} range is too, e.g. "
+                         f"{EXAMPLES[kind].split(' or ')[-1]}.")
+    if not 1 <= count <= MAX_RANGE_VALUES:
+        raise ValueError(f"{value!r} gives {count} values; a range gives 1 to {MAX_RANGE_VALUES}: use a larger step "
+                         f"(+N) or a count [N].")
+    numbers = (start + step * i for i in range(count))
+    # Whole kinds round down as A1111 does for [N]; others are rounded so 0.1 steps read 0.3, not 0.30000000000000004.
+    return [str(math.floor(n + 1e-9)) if whole else format_weight(round(n, 10)) for n in numbers]
 
 
 def _csv_row(values: tuple) -> str:
@@ -232,6 +272,14 @@ def grid_cells(x: XYAxis, y: XYAxis | None) -> list[list[tuple[XYAxis, Any]]]:
     return [[(x, xv)] + ([(y, yv)] if y is not None else []) for yv in rows for xv in x.values]
 
 
+def _fixed_seeds(axis: XYAxis | None) -> XYAxis | None:
+    """A seed axis's -1 values as random seeds, each its own, as A1111's X/Y plot fixes them: the label and the PNG
+    then say which seed drew each cell (a "seed -1" cell could not be drawn again)."""
+    if axis is None or axis.kind != "seed" or -1 not in axis.values:
+        return axis
+    return replace(axis, values=tuple(secrets.randbelow(MAX_SEED + 1) if v == -1 else v for v in axis.values))
+
+
 def has_adapters(request: GenerateRequest) -> bool:
     """Whether every cell has adapters before an adapter axis adds one (--lora flags or <lora:...> tags)."""
     from stylelora.generate.prompt_tags import parse_prompt
@@ -245,6 +293,7 @@ def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxi
     from stylelora.generate.pngmeta import save_png
     from stylelora.grid import make_grid
 
+    x, y = _fixed_seeds(x), _fixed_seeds(y)  # before the cells, labels and the PNG's "X Values" are made
     cells = grid_cells(x, y)
     if request.seed == -1:
         request = replace(request, seed=secrets.randbelow(MAX_SEED + 1))  # one seed for every cell
