@@ -104,13 +104,12 @@ def _format_metrics(metrics: dict) -> str:
 
 
 def _cmd_share(args: argparse.Namespace) -> int:
-    from .share import pack
+    from .share import default_out, pack
 
-    run_dir = Path(args.run_dir)
-    out = Path(args.out) if args.out else run_dir.parent / f"{run_dir.resolve().name}.zip"
+    source = Path(args.run_dir)
     try:
-        print(pack(run_dir, out))
-    except FileNotFoundError as error:
+        print(pack(source, Path(args.out) if args.out else default_out(source), overwrite=args.overwrite))
+    except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -190,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(handler=_cmd_evaluate)
 
     share = sub.add_parser("share", help="pack a run's adapter, preview, A1111 sidecar and model card into a zip")
-    share.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `stylelora train` (or a blend's)")
-    share.add_argument("--out", metavar="NAME.zip", help="the zip to write (default: RUN_DIR/../NAME.zip)")
+    share.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `stylelora train`, or an adapter "
+                       "file (a blend's NAME.safetensors)")
+    share.add_argument("--out", metavar="NAME.zip", help="the zip to write (default: NAME.zip beside RUN_DIR)")
+    share.add_argument("--overwrite", action="store_true", help="replace an existing --out zip")
     share.set_defaults(handler=_cmd_share)
 
     toy = sub.add_parser("toy", help="the toy world: datasets, judge, toy base")

@@ -115,7 +115,8 @@ def model_card(name: str, metadata: dict[str, str], *, grid: str | None, preview
     preview: whether NAME.preview.png is written beside the adapter (the card names only files that exist)."""
     triggers = trigger_words(metadata)
     trigger_text = ", ".join(triggers) or "(none: the adapter acts on every prompt)"
-    prompt = f"{triggers[0]}, " if triggers else ""
+    # Every trigger, not the first alone: a blend of a style and a character draws only what its prompt names.
+    prompt = f"{', '.join(triggers)}, " if triggers else ""
     beside = f" (with `{name}.preview.png` and `{name}.json`)" if preview else f" (with `{name}.json`)"
     lines = [
         f"# {metadata.get('modelspec.title', name)}",
@@ -264,22 +265,80 @@ def _is_card(path: Path) -> bool:
         return False
 
 
-def pack(run_dir: Path, out: Path) -> Path:
-    """Zip the bundle of the run in `run_dir` (adapter, preview, sidecar, README, newest sample grid) into `out`."""
-    run_dir = Path(run_dir)
-    adapters = sorted(p for p in run_dir.glob("*.safetensors"))
+class ShareError(ValueError):
+    """Input `stylelora share` cannot pack, said in one line with what to pass instead."""
+
+
+def _shared_adapter(source: Path) -> Path:
+    """The adapter a share packs: the .safetensors file given (a blend saved among other adapters), or the one
+    adapter at the top of a run folder (its checkpoints/ hold optimizer state and are never shared)."""
+    if not source.exists():
+        raise ShareError(f"{source} does not exist; pass a run folder written by `stylelora train` or an adapter "
+                         "file written by `stylelora blend` (NAME.safetensors)")
+    if source.is_file():
+        if source.suffix != ".safetensors":
+            raise ShareError(f"{source.name} is not an adapter; pass its run folder or the adapter's "
+                             f"NAME.safetensors file{_named_twin(source)}")
+        return source
+    adapters = sorted(source.glob("*.safetensors"))
     if len(adapters) != 1:
-        raise FileNotFoundError(f"{run_dir} must hold exactly one adapter .safetensors to share (found "
-                                f"{len(adapters)}); pass a run folder written by `stylelora train` or `blend`")
-    adapter = adapters[0]
+        found = f": {', '.join(p.name for p in adapters)}; pass the one to share as FILE.safetensors" if adapters \
+            else "; pass a run folder written by `stylelora train` or the adapter file of a blend"
+        raise ShareError(f"{source} must hold exactly one adapter .safetensors to share (found {len(adapters)}"
+                         f"{found})")
+    return adapters[0]
+
+
+def _named_twin(path: Path) -> str:
+    """", e.g. NAME.safetensors" where the file given is a sidecar, preview or card named after an adapter."""
+    twin = path.with_name(f"{path.name.split('.')[0]}.safetensors")
+    return f", e.g. {twin}" if twin.is_file() else ""
+
+
+def _checked_out(out: Path, overwrite: bool) -> Path:
+    """The zip to write: refused where it is not a .zip, or exists and `overwrite` is off, so a post's earlier
+    bundle (or any other file) is never replaced without the user's say."""
+    if out.suffix.lower() != ".zip":
+        raise ShareError(f"--out {out}: the bundle is a zip archive; name it NAME.zip")
+    if out.exists() and (not overwrite or not out.is_file()):
+        raise ShareError(f"--out {out} already exists; pass --overwrite to replace it, or another --out NAME.zip")
+    return out
+
+
+def _written_card(adapter: Path) -> list[Path]:
+    """The card stylelora wrote for this adapter, wherever it is: README.md when the adapter was alone in its folder,
+    NAME.md when other adapters were there. card_path says where the next card would go, and an adapter written
+    first into a folder that has gained others since still has its README.md."""
+    candidates = (card_path(adapter), adapter.with_name(f"{adapter.stem}.md"), adapter.with_name("README.md"))
+    return [path for path in dict.fromkeys(candidates)
+            if path.is_file() and _is_card(path) and _card_names(path, adapter.name)][:1]
+
+
+def default_out(source: Path) -> Path:
+    """NAME.zip beside a run folder, or beside an adapter file (the file's name without .safetensors)."""
+    source = Path(source)
+    name = source.stem if source.suffix == ".safetensors" else source.resolve().name
+    return source.parent / f"{name}.zip"
+
+
+def pack(source: Path, out: Path, *, overwrite: bool = False) -> Path:
+    """Zip the bundle of an adapter (adapter, preview, sidecar, card, newest sample grid) into `out`.
+
+    source: a run folder holding one adapter, or an adapter file (a blend beside other adapters). Members keep
+    their names relative to the adapter's folder, as A1111 finds them once unzipped into models/Lora."""
+    source = Path(source)
+    adapter = _shared_adapter(source)
+    out = _checked_out(Path(out), overwrite)
+    folder = adapter.parent
     members = [adapter] + [adapter.with_name(f"{adapter.stem}{suffix}") for suffix in (".preview.png", ".json")]
-    members += [card_path(adapter)] + sorted((run_dir / "samples").glob("step-*.png"))[-1:]
-    out = Path(out)
+    members += _written_card(adapter)
+    if source.is_dir():  # a run's sample grid; a blend file has none of its own
+        members += sorted((folder / "samples").glob("step-*.png"))[-1:]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for member in members:
             if member.is_file():
-                archive.write(member, member.relative_to(run_dir).as_posix())
+                archive.write(member, member.relative_to(folder).as_posix())
     os.replace(tmp, out)
     return out

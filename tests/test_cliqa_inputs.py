@@ -37,9 +37,9 @@ def test_generate_refuses_bad_numbers_before_the_base_loads(world, tmp_path, cap
     (["--x", "seed=1,2", "--y", "seed=3"], "error: Both grid axes are seed"),
     (["--x", "steps=0,2"], "error: Cannot generate: steps must be >= 1 (got 0)"),
     (["--x", "weight=0,a", "--lora", "STRIPES"],
-     "error: Grid axis 'weight=0,a': 'a' is not a number: weight values are numbers, e.g. weight=0,0.5,1."),
+     "error: Grid axis 'weight=0,a': 'a' is not a number: weight values are numbers, e.g. weight=0,0.5,1 or weight=0-1 [3]."),
     (["--x", "seed=1,x"],
-     "error: Grid axis 'seed=1,x': 'x' is not a number: seed values are whole numbers, e.g. seed=1,2,3."),
+     "error: Grid axis 'seed=1,x': 'x' is not a number: seed values are whole numbers, e.g. seed=1,2,3 or seed=1-5."),
 ])
 def test_grid_checks_every_cell_before_the_base_loads(world, tmp_path, capsys, no_base, axes, message):
     """A missing file in the third column used to fail only after the first two columns were drawn (a path typed

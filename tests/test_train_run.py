@@ -327,7 +327,7 @@ def test_bf16_keeps_lora_weights_fp32_and_v_prediction_base_trains(tmp_path, str
     base = build_tiny_base(tmp_path / "vbase", prediction_type="v_prediction")
     adapter = train(stripes_dataset, tmp_path / "run", base, **{"train.precision": "bf16", "train.sample_every": 2})
     assert {t.dtype for k, t in adapter_tensors(adapter).items()} == {torch.float32}
-    assert adapter_metadata(adapter)["modelspec.prediction_type"] == "v_prediction"
+    assert adapter_metadata(adapter)["modelspec.prediction_type"] == "v"  # the SAI spec's word, as sd-scripts
     assert adapter_metadata(adapter)["ss_mixed_precision"] == "bf16"
 
 

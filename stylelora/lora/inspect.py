@@ -144,8 +144,20 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "blend": _json(metadata.get(BLEND_METADATA_KEY), None),
         "hash": {"sshs_model_hash": stored, "computed": computed, "a1111_short": computed[:12],
                  "matches_metadata": None if stored is None else stored == computed,
-                 "sshs_legacy_hash": metadata.get("sshs_legacy_hash")},
+                 "sshs_legacy_hash": metadata.get("sshs_legacy_hash"), **_file_hashes(file.path)},
     }
+
+
+def _file_hashes(path: Path) -> dict[str, str]:
+    """sha256 of the whole file, header included: what CivitAI lists as SHA256 (and AutoV2, its first 10 digits)
+    beside the tensor hash above (its AutoV3), so an uploader can check the file they post is this one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"file_sha256": digest.hexdigest(), "civitai_autov2": digest.hexdigest()[:10].upper()}
 
 
 def _unsupported_kinds(state: dict) -> dict[str, int]:
@@ -206,7 +218,10 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         f"  dtypes         {', '.join(f'{k}×{n}' for k, n in info['dtypes'].items())}",
         f"  trigger words  {', '.join(info['trigger_words']) or 'none recorded'}",
         *_model_spec_lines(info["modelspec"]),
-        f"  hash           {hashes['a1111_short']} (sha256 {hashes['computed']}, {check[hashes['matches_metadata']]})",
+        # Which hash is which: A1111 and CivitAI's AutoV3 hash the tensors only, CivitAI's SHA256 the whole file.
+        f"  hash           {hashes['a1111_short']} (A1111's Lora hash, CivitAI AutoV3: sha256 of the tensors "
+        f"{hashes['computed']}, {check[hashes['matches_metadata']]})",
+        f"  file sha256    {hashes['file_sha256']} (CivitAI SHA256; AutoV2 {hashes['civitai_autov2']})",
     ]
     merged = info["modelspec"].get("merged_from")
     if info.get("blend"):

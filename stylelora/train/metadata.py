@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,31 +15,53 @@ from stylelora.lora.io import kohya_metadata
 
 PRECISION_NAMES = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # kohya's ss_mixed_precision values
 # What sd-scripts and the SAI model spec call each family: (ss_base_model_version, ss_v2, modelspec.architecture).
+# sd-scripts marks a v-prediction SD 2.x base "sd_v2_v" (model_util.get_model_version_str_for_sd1_sd2), which is
+# how model sites tell SD 2.x 768-v from 512.
 FAMILY_METADATA = {
     "toy": ("sd_v1", "False", "stable-diffusion-v1/lora"),
     "sd1": ("sd_v1", "False", "stable-diffusion-v1/lora"),
     "sd2": ("sd_v2", "True", "stable-diffusion-v2-512/lora"),
-    "sd2-v": ("sd_v2", "True", "stable-diffusion-v2-768-v/lora"),
+    "sd2-v": ("sd_v2_v", "True", "stable-diffusion-v2-768-v/lora"),
     "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora"),
 }
+# modelspec.implementation as sd-scripts writes it (sai_model_spec.build_metadata): an SDXL LoRA's keys follow
+# Stability's generative-models (SGM) names, an SD 1.x/2.x LoRA's follow diffusers.
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 
 
 # Options that hold a path on the training machine. The file is shared, so it names them as kohya names the base
 # (ss_sd_model_name: the file's name, not where it lay); OUTPUT/config.toml keeps the full paths for reruns.
-LOCAL_PATH_OPTIONS = (("data", "dir"), ("data", "reg_dir"), ("data", "cache_dir"), ("train", "base"),
-                      ("train", "base_config"), ("train", "output"), ("train", "resume"))
+# The first are always local; a base or its config folder may instead be a hub id ("owner/name"), kept as it is.
+ALWAYS_LOCAL_OPTIONS = (("data", "dir"), ("data", "reg_dir"), ("data", "cache_dir"), ("train", "output"),
+                        ("train", "resume"))
+LOCAL_PATH_OPTIONS = ALWAYS_LOCAL_OPTIONS + (("train", "base"), ("train", "base_config"))
 
 
-def shareable_path(value: str | None) -> str | None:
-    """A local file or folder as its name alone; anything else (toy, a hub id, unset) as it is."""
-    return Path(value).name if value and Path(value).exists() else value
+def shareable_path(value: str | None, *, local: bool = False) -> str | None:
+    """A local file or folder as its name alone; anything else (toy, a hub id, unset) as it is.
+
+    local: the option always names a path here. Existence alone is not enough to tell: a resumed-from checkpoint is
+    deleted by rotation before the final save, and `~/models/sd15` is expanded by the loader, not the shell."""
+    if not value:
+        return value
+    if local or Path(value).expanduser().exists() or _typed_as_path(value):
+        return re.split(r"[\\/]", value.rstrip("/\\"))[-1] or value  # a Windows path's name too, on any OS
+    return value
+
+
+def _typed_as_path(value: str) -> bool:
+    """Written as a path on this machine, not as a hub id `owner/name`: absolute, home- or dot-relative, with a
+    backslash, or deeper than owner/name."""
+    return Path(value).is_absolute() or value.startswith(("~", ".")) or "\\" in value or value.count("/") > 1
 
 
 def _shareable_settings(config: TrainConfig) -> dict:
     settings = config_to_dict(config)
     for section, key in LOCAL_PATH_OPTIONS:
         if key in settings.get(section, {}):
-            settings[section][key] = shareable_path(settings[section][key])
+            settings[section][key] = shareable_path(settings[section][key],
+                                                    local=(section, key) in ALWAYS_LOCAL_OPTIONS)
     return settings
 
 
@@ -130,7 +153,8 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_num_epochs": str(t.epochs or math.ceil(t.steps / math.ceil(max(1, facts.batches_per_epoch) / o.grad_accum))),
         "ss_training_finished_at": str(time.time()),
         "ss_network_unet_targets": n.unet_targets,
-        "modelspec.prediction_type": facts.prediction_type,
+        # The SAI model spec's words, as sd-scripts writes them: "epsilon" or "v" (the scheduler's is "v_prediction").
+        "modelspec.prediction_type": MODELSPEC_PREDICTION_TYPES.get(facts.prediction_type, facts.prediction_type),
     }
     return kohya_metadata(
         rank=n.rank, alpha=n.alpha, output_name=t.output_name,
@@ -139,4 +163,5 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         learning_rate=o.unet_lr, unet_lr=o.unet_lr, text_encoder_lr=o.text_encoder_lr if n.train_text_encoder else None,
         resolution=d.resolution, training_started_at=facts.started_at, title=t.output_name,
         trigger_phrase=facts.trigger or None, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha, extra=extra,
+        implementation=SGM_IMPLEMENTATION if t.family == "sdxl" else "diffusers",
     )
