@@ -324,8 +324,9 @@ def default_out(source: Path) -> Path:
 def pack(source: Path, out: Path, *, overwrite: bool = False) -> Path:
     """Zip the bundle of an adapter (adapter, preview, sidecar, card, newest sample grid) into `out`.
 
-    source: a run folder holding one adapter, or an adapter file (a blend beside other adapters). Members keep
-    their names relative to the adapter's folder, as A1111 finds them once unzipped into models/Lora."""
+    source: a run folder holding one adapter, or an adapter file (a blend beside other adapters). Members sit in a
+    NAME/ folder, under their names relative to the adapter's folder: unzipped into models/Lora (A1111 and ComfyUI
+    look in its subfolders), each bundle keeps its own README.md and samples/ instead of replacing another's."""
     source = Path(source)
     adapter = _shared_adapter(source)
     out = _checked_out(Path(out), overwrite)
@@ -339,6 +340,6 @@ def pack(source: Path, out: Path, *, overwrite: bool = False) -> Path:
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for member in members:
             if member.is_file():
-                archive.write(member, member.relative_to(folder).as_posix())
+                archive.write(member, f"{adapter.stem}/{member.relative_to(folder).as_posix()}")
     os.replace(tmp, out)
     return out

@@ -39,8 +39,8 @@ def test_share_packs_a_blend_file_that_lies_beside_other_adapters(blend_folder, 
     archive = zipfile.ZipFile(tmp_path / "ab.zip")
     # ab was written alone, so its card is README.md; `other` came later and got other.md. The card packed is the
     # one on disk, not the NAME.md that card_path would pick for a card written now (which was left out).
-    assert sorted(archive.namelist()) == ["README.md", "ab.json", "ab.safetensors"]
-    assert 'weight_name="ab.safetensors"' in archive.read("README.md").decode()
+    assert sorted(archive.namelist()) == ["ab/README.md", "ab/ab.json", "ab/ab.safetensors"]
+    assert 'weight_name="ab.safetensors"' in archive.read("ab/README.md").decode()
 
 
 @pytest.mark.parametrize("given, out, said", [
@@ -63,7 +63,7 @@ def test_share_replaces_an_existing_zip_only_with_overwrite(blend_folder, tmp_pa
     assert status == 2 and "already exists; pass --overwrite to replace it, or another --out" in err
     assert out.read_bytes() == b"an earlier upload"
     status, _ = share(capsys, blend_folder / "ab.safetensors", "--out", out, "--overwrite")
-    assert status == 0 and "ab.safetensors" in zipfile.ZipFile(out).namelist()
+    assert status == 0 and "ab/ab.safetensors" in zipfile.ZipFile(out).namelist()
 
 
 def test_a_blend_file_shares_to_its_name_zip_beside_it(blend_folder, capsys):

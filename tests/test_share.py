@@ -60,7 +60,9 @@ def test_share_packs_the_bundle(run_dir, tmp_path):
                             cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     names = set(zipfile.ZipFile(out).namelist())
-    assert {"run.safetensors", "run.preview.png", "run.json", "README.md", "samples/step-000004.png"} <= names
+    # In a run/ folder: two bundles unzipped into models/Lora keep their own README.md and samples/.
+    assert {f"run/{name}" for name in ("run.safetensors", "run.preview.png", "run.json", "README.md",
+                                       "samples/step-000004.png")} <= names
     empty = subprocess.run([sys.executable, "-m", "stylelora.cli", "share", str(tmp_path)], cwd=REPO,
                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert empty.returncode == 2 and "exactly one adapter" in empty.stderr
