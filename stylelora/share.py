@@ -231,9 +231,15 @@ def _drop_stale_card(adapter: Path, keep: Path) -> None:
     """Delete the card this adapter's previous version left at its other place: a file written over when its folder
     has since gained other adapters gets NAME.md, and README.md, which still described the old file, would
     contradict it. Only a card stylelora wrote for this very file goes; the user's own README stays."""
-    for other in (adapter.with_name("README.md"), adapter.with_name(f"{adapter.stem}.md")):
-        if other != keep and other.is_file() and _is_card(other) and _card_names(other, adapter.name):
+    for other in _cards_of(adapter):
+        if other != keep:
             other.unlink()
+
+
+def _cards_of(adapter: Path) -> list[Path]:
+    """The cards stylelora wrote for this very file, at either place a card goes (README.md, NAME.md)."""
+    return [path for path in (adapter.with_name("README.md"), adapter.with_name(f"{adapter.stem}.md"))
+            if path.is_file() and _is_card(path) and _card_names(path, adapter.name)]
 
 
 def _card_names(path: Path, file_name: str) -> bool:
@@ -277,8 +283,10 @@ def _shared_adapter(source: Path) -> Path:
                          "file written by `stylelora blend` (NAME.safetensors)")
     if source.is_file():
         if source.suffix != ".safetensors":
+            from stylelora.lora.io import adapter_beside
+
             raise ShareError(f"{source.name} is not an adapter; pass its run folder or the adapter's "
-                             f"NAME.safetensors file{_named_twin(source)}")
+                             f"NAME.safetensors file{adapter_beside(source)}")
         return source
     adapters = sorted(source.glob("*.safetensors"))
     if len(adapters) != 1:
@@ -287,12 +295,6 @@ def _shared_adapter(source: Path) -> Path:
         raise ShareError(f"{source} must hold exactly one adapter .safetensors to share (found {len(adapters)}"
                          f"{found})")
     return adapters[0]
-
-
-def _named_twin(path: Path) -> str:
-    """", e.g. NAME.safetensors" where the file given is a sidecar, preview or card named after an adapter."""
-    twin = path.with_name(f"{path.name.split('.')[0]}.safetensors")
-    return f", e.g. {twin}" if twin.is_file() else ""
 
 
 def _checked_out(out: Path, overwrite: bool) -> Path:
@@ -309,9 +311,8 @@ def _written_card(adapter: Path) -> list[Path]:
     """The card stylelora wrote for this adapter, wherever it is: README.md when the adapter was alone in its folder,
     NAME.md when other adapters were there. card_path says where the next card would go, and an adapter written
     first into a folder that has gained others since still has its README.md."""
-    candidates = (card_path(adapter), adapter.with_name(f"{adapter.stem}.md"), adapter.with_name("README.md"))
-    return [path for path in dict.fromkeys(candidates)
-            if path.is_file() and _is_card(path) and _card_names(path, adapter.name)][:1]
+    preferred = card_path(adapter)
+    return sorted(_cards_of(adapter), key=lambda path: path != preferred)[:1]
 
 
 def default_out(source: Path) -> Path:

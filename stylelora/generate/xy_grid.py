@@ -31,8 +31,9 @@ NO_BLOCKS = "none"
 LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "blocks": "lbw", "seed": "seed", "cfg": "cfg",
           "steps": "steps", "blend_mode": "mode", "dial": "dial", "clip_skip": "clip skip"}
 REPLACED_FIELDS = ("seed", "cfg", "steps", "blend_mode", "dial", "clip_skip", "sampler")  # replace one request field
-WHOLE_KINDS = ("seed", "steps", "clip_skip")
-NUMBER_KINDS = WHOLE_KINDS + ("weight", "unet_weight", "te_weight", "cfg")
+# The axes of numbers, each with its type: the values are cast with it, and ranges (below) expand only on them.
+NUMBER_CASTS = {"weight": float, "unet_weight": float, "te_weight": float, "cfg": float, "seed": int, "steps": int,
+                "clip_skip": int}
 # A1111's X/Y plot ranges: "1-5" (step 1), "1-10 (+2)" (a step), "0-1 [5]" (a count, evenly spaced, ends included).
 _NUMBER = r"[+-]?\d+(?:\.\d*)?"
 RANGE = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*(?:\(\s*({_NUMBER})\s*\)|\[\s*(\d+)\s*\])?\s*")
@@ -54,8 +55,8 @@ class XYAxis:
             raise ValueError(f"Unknown grid axis {self.kind!r}; choose one of {', '.join(AXIS_KINDS)}.")
         if not self.values:
             raise ValueError(f"Grid axis {self.kind} has no values.")
-        cast = {"seed": int, "steps": int, "clip_skip": int, "adapter": str, "blend_mode": _blend_mode,
-                "dial": check_dial, "blocks": _blocks, "sampler": _sampler, "prompt": str}.get(self.kind, float)
+        cast = NUMBER_CASTS.get(self.kind) or {"adapter": str, "blend_mode": _blend_mode, "dial": check_dial,
+                                                "blocks": _blocks, "sampler": _sampler, "prompt": str}[self.kind]
         object.__setattr__(self, "values", tuple(_cast(cast, v, self.kind) for v in self.values))
 
     def values_text(self) -> str:
@@ -108,7 +109,7 @@ def axis_values(kind: str, text: str) -> list[str]:
         values = [value.strip() for value in next(csv.reader([text], skipinitialspace=True), [])]
         return values if values and values[0] else []  # later values may be empty: the words taken out
     values = [value.strip() for value in text.split(";" if kind.strip() == "blocks" else ",") if value.strip()]
-    if kind.strip() not in NUMBER_KINDS:
+    if kind.strip() not in NUMBER_CASTS:
         return values
     return [item for value in values for item in expand_range(kind.strip(), value)]
 
@@ -120,7 +121,7 @@ def expand_range(kind: str, value: str) -> list[str]:
     if match is None:
         return [value]
     start, end = float(match.group(1)), float(match.group(2))
-    whole = kind in WHOLE_KINDS
+    whole = NUMBER_CASTS[kind] is int
     if match.group(4) is not None:
         count = int(match.group(4))
         step = (end - start) / (count - 1) if count > 1 else 0.0

@@ -115,11 +115,12 @@ def adapter_architecture(state: dict, metadata: dict[str, str]) -> str:
     differ) and the text encoder's width (its q_proj input); the file's modelspec.architecture as fallback."""
     modules = formats.group_kohya_modules(state).modules
     sd_text_encoder = any(name.startswith(formats.TEXT_ENCODER_PREFIX + "_") for name in modules)  # SDXL: te1/te2
+    sai_layout = _sai_layout(modules)
     if any(name.startswith(("lora_te1_", "lora_te2_")) for name in modules) or (
-            not sd_text_encoder and _sai_layout(modules) == "SDXL"):
+            not sd_text_encoder and sai_layout == "SDXL"):
         return SDXL_ARCHITECTURE
     q_proj = next((parts for name, parts in modules.items() if name.endswith("self_attn_q_proj")), None)
-    if q_proj is None and _sai_layout(modules) == "SD":  # a UNet-only SD file in SAI names: its context width
+    if q_proj is None and sai_layout == "SD":  # a UNet-only SD file in SAI names: its context width
         q_proj = next((parts for name, parts in modules.items() if name.endswith("attn2_to_k")), None)
         if q_proj is None:
             return SD_UNKNOWN_VERSION

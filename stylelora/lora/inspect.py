@@ -111,12 +111,12 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     from stylelora.lora.adapter_file import read_adapter_file
     from stylelora.lora.components import adapter_architecture
     from stylelora.lora.formats import module_component
-    from stylelora.lora.io import file_model_hash
+    from stylelora.lora.io import file_hashes
 
     file = read_adapter_file(path)
     metadata = file.metadata
     modules = _module_shapes(file.state)
-    computed = file_model_hash(file.path)
+    computed, file_sha256 = file_hashes(file.path)
     stored = metadata.get("sshs_model_hash")
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for k, t in file.state.items() if not k.endswith(".alpha"))
     return {
@@ -144,20 +144,9 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "blend": _json(metadata.get(BLEND_METADATA_KEY), None),
         "hash": {"sshs_model_hash": stored, "computed": computed, "a1111_short": computed[:12],
                  "matches_metadata": None if stored is None else stored == computed,
-                 "sshs_legacy_hash": metadata.get("sshs_legacy_hash"), **_file_hashes(file.path)},
+                 "sshs_legacy_hash": metadata.get("sshs_legacy_hash"), "file_sha256": file_sha256,
+                 "civitai_autov2": file_sha256[:10].upper()},
     }
-
-
-def _file_hashes(path: Path) -> dict[str, str]:
-    """sha256 of the whole file, header included: what CivitAI lists as SHA256 (and AutoV2, its first 10 digits)
-    beside the tensor hash above (its AutoV3), so an uploader can check the file they post is this one."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"file_sha256": digest.hexdigest(), "civitai_autov2": digest.hexdigest()[:10].upper()}
 
 
 def _unsupported_kinds(state: dict) -> dict[str, int]:

@@ -56,6 +56,19 @@ def file_model_hash(path: str | os.PathLike) -> str:
         return _hash_after_header(handle)
 
 
+def file_hashes(path: str | os.PathLike) -> tuple[str, str]:
+    """(sshs_model_hash, sha256 of the whole file) in one read: the tensor bytes' hash A1111 shows (CivitAI's
+    AutoV3), and the file's, header included, that CivitAI lists as SHA256 (AutoV2: its first 10 digits)."""
+    whole, tensors = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = handle.read(8)
+        whole.update(size + handle.read(int.from_bytes(size, "little")))
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            whole.update(chunk)
+            tensors.update(chunk)
+    return tensors.hexdigest(), whole.hexdigest()
+
+
 # ----------------------------------------------------------------------------- metadata
 
 
@@ -239,7 +252,7 @@ NOT_ADAPTER_SUFFIXES = {".png": "an image", ".jpg": "an image", ".jpeg": "an ima
                         ".txt": "a text file"}
 
 
-def _beside(path: Path) -> str:
+def adapter_beside(path: Path) -> str:
     """", e.g. NAME.safetensors beside it" when that file exists (a sidecar or preview named after its adapter)."""
     stem = path.name.split(".")[0]
     twin = path.with_name(f"{stem}.safetensors")
@@ -266,7 +279,7 @@ def _read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         elif path.suffix.lower() in NOT_ADAPTER_SUFFIXES:
             # An image or a sidecar, not a model: "convert it" would send the user looking for a converter.
             raise ValueError(f"{path.name} is not an adapter ({NOT_ADAPTER_SUFFIXES[path.suffix.lower()]}): give "
-                             f"the adapter's .safetensors file{_beside(path)}.")
+                             f"the adapter's .safetensors file{adapter_beside(path)}.")
         else:
             why = "only .safetensors files are read, because they hold plain tensors and cannot run code"
         raise ValueError(
