@@ -108,7 +108,9 @@ def _cmd_share(args: argparse.Namespace) -> int:
 
     source = Path(args.run_dir)
     try:
-        print(pack(source, Path(args.out) if args.out else default_out(source), overwrite=args.overwrite))
+        print(pack(source, Path(args.out) if args.out else default_out(source), overwrite=args.overwrite,
+                   preview=Path(args.preview) if args.preview else None, draw=not args.no_preview, base=args.base,
+                   say=lambda line: print(line, file=sys.stderr)))
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -193,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "file (a blend's NAME.safetensors)")
     share.add_argument("--out", metavar="NAME.zip", help="the zip to write (default: NAME.zip beside RUN_DIR)")
     share.add_argument("--overwrite", action="store_true", help="replace an existing --out zip")
+    shown = share.add_mutually_exclusive_group()
+    shown.add_argument("--preview", metavar="IMAGE.png", help="use this image as NAME.preview.png (default: the "
+                       "run's first sample; where it kept none, one drawn like `stylelora generate`: the card's "
+                       "prompt on the adapter's base, seed 0)")
+    shown.add_argument("--no-preview", action="store_true", help="draw no preview where the run kept none")
+    share.add_argument("--base", metavar="BASE", help="the base to draw the preview on (default: the one the run's "
+                       "config.toml or the adapter's metadata records): toy, hub id, diffusers folder or .safetensors")
     share.set_defaults(handler=_cmd_share)
 
     toy = sub.add_parser("toy", help="the toy world: datasets, judge, toy base")

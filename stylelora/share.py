@@ -7,7 +7,9 @@
                        license; NAME.md where README.md would replace another adapter's card or the user's own
 
 Everything is derived from the adapter file's own metadata (kohya ss_* and SAI modelspec.*), so a trained adapter
-and a saved blend get the same bundle. Files are written atomically.
+and a saved blend get the same bundle. Files are written atomically. Model sites want an image, so where training
+kept none (`--no-samples`), `stylelora share` draws one as `stylelora generate` would, on the base the adapter
+records, or takes the image given with --preview.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from stylelora.atomic import write_text_atomic
@@ -29,8 +33,8 @@ SD_VERSIONS = {"stable-diffusion-v1": "SD1", "stable-diffusion-v2-512": "SD2", "
                "stable-diffusion-xl-v1-base": "SDXL"}
 
 
-def thumbnail_data_uri(image_path: Path, side: int = THUMBNAIL_SIDE) -> str:
-    """A small JPEG of the image as a data URI (modelspec.thumbnail); tiny toy images are upscaled crisply."""
+def open_image(image_path: Path):
+    """The image at `image_path`, loaded (a PIL image), or a ValueError that says what to give instead."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -39,6 +43,14 @@ def thumbnail_data_uri(image_path: Path, side: int = THUMBNAIL_SIDE) -> str:
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{image_path} is not an image that can be read ({error}); give a PNG or JPEG, e.g. one "
                          "written by `stylelora generate`.") from None
+    return image
+
+
+def thumbnail_data_uri(image_path: Path, side: int = THUMBNAIL_SIDE) -> str:
+    """A small JPEG of the image as a data URI (modelspec.thumbnail); tiny toy images are upscaled crisply."""
+    from PIL import Image
+
+    image = open_image(image_path)
     with image:
         image = image.convert("RGB")
         scale = side / max(image.size)
@@ -58,6 +70,13 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
     from stylelora.lora.inspect import trigger_words as from_metadata
 
     return from_metadata(metadata)
+
+
+def card_prompt(metadata: dict[str, str]) -> str:
+    """The prompt the card tells users to start from: every trigger word ("" for an adapter without one, which acts on
+    every prompt). Every trigger, not the first alone: a blend of a style and a character draws only what its prompt
+    names."""
+    return ", ".join(trigger_words(metadata))
 
 
 def a1111_sidecar(metadata: dict[str, str]) -> dict[str, object]:
@@ -113,10 +132,9 @@ def model_card(name: str, metadata: dict[str, str], *, grid: str | None, preview
     """README.md for the bundle: what it is, how to use it everywhere, how it was trained or blended.
 
     preview: whether NAME.preview.png is written beside the adapter (the card names only files that exist)."""
-    triggers = trigger_words(metadata)
-    trigger_text = ", ".join(triggers) or "(none: the adapter acts on every prompt)"
-    # Every trigger, not the first alone: a blend of a style and a character draws only what its prompt names.
-    prompt = f"{', '.join(triggers)}, " if triggers else ""
+    triggers = card_prompt(metadata)
+    trigger_text = triggers or "(none: the adapter acts on every prompt)"
+    prompt = f"{triggers}, " if triggers else ""
     beside = f" (with `{name}.preview.png` and `{name}.json`)" if preview else f" (with `{name}.json`)"
     lines = [
         f"# {metadata.get('modelspec.title', name)}",
@@ -212,7 +230,7 @@ def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = Non
     _, metadata = read_header(adapter)
     written = []
     if preview is not None and preview.is_file():
-        target = adapter.with_name(f"{name}.preview.png")
+        target = preview_path(adapter)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(preview, tmp)
         os.replace(tmp, target)
@@ -322,18 +340,23 @@ def default_out(source: Path) -> Path:
     return source.parent / f"{name}.zip"
 
 
-def pack(source: Path, out: Path, *, overwrite: bool = False) -> Path:
+def pack(source: Path, out: Path, *, overwrite: bool = False, preview: Path | None = None, draw: bool = True,
+         base: str | None = None, say: Callable[[str], None] = lambda line: None) -> Path:
     """Zip the bundle of an adapter (adapter, preview, sidecar, card, newest sample grid) into `out`.
 
     source: a run folder holding one adapter, or an adapter file (a blend beside other adapters). Members sit in a
     NAME/ folder, under their names relative to the adapter's folder: unzipped into models/Lora (A1111 and ComfyUI
-    look in its subfolders), each bundle keeps its own README.md and samples/ instead of replacing another's."""
+    look in its subfolders), each bundle keeps its own README.md and samples/ instead of replacing another's.
+    preview: an image to use as NAME.preview.png; else, where there is none and `draw` is on, one is drawn (on
+    `base`, default the one the adapter records: add_preview). `say` gets a line for the user about the preview."""
     source = Path(source)
     adapter = _shared_adapter(source)
     out = _checked_out(Path(out), overwrite)
+    given = _checked_preview(preview) if preview is not None else None
+    if given is not None or (draw and not preview_path(adapter).is_file()):
+        add_preview(adapter, given, base=base, say=say)
     folder = adapter.parent
-    members = [adapter] + [adapter.with_name(f"{adapter.stem}{suffix}") for suffix in (".preview.png", ".json")]
-    members += _written_card(adapter)
+    members = [adapter, preview_path(adapter), adapter.with_name(f"{adapter.stem}.json")] + _written_card(adapter)
     if source.is_dir():  # a run's sample grid; a blend file has none of its own
         members += sorted((folder / "samples").glob("step-*.png"))[-1:]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -344,3 +367,129 @@ def pack(source: Path, out: Path, *, overwrite: bool = False) -> Path:
                 archive.write(member, f"{adapter.stem}/{member.relative_to(folder).as_posix()}")
     os.replace(tmp, out)
     return out
+
+
+def preview_path(adapter: Path) -> Path:
+    """NAME.preview.png beside NAME.safetensors: where A1111's and ComfyUI's LoRA browsers look for its image."""
+    return adapter.with_name(f"{adapter.stem}.preview.png")
+
+
+def _checked_preview(image: Path) -> Path:
+    """--preview's image, refused before any work where it is missing or no image."""
+    image = Path(image)
+    if not image.is_file():
+        raise ShareError(f"--preview {image}: no such image; make one with `stylelora generate ... --lora "
+                         "NAME.safetensors:1`, or leave --preview out to have one drawn")
+    open_image(image).close()  # its ValueError says what to give instead
+    return image
+
+
+PREVIEW_SEED = 0  # the same adapter shared twice gets the same drawn preview
+
+
+def add_preview(adapter: Path, image: Path | None, *, base: str | None = None,
+                say: Callable[[str], None] = lambda line: None) -> Path | None:
+    """Write NAME.preview.png beside the adapter, then its card again so that it names the image: `image` (a PNG
+    copied as it is, with its parameters; another format converted), else one drawn on `base` (default: the base the
+    adapter records, recorded_base). Where that base cannot be loaded, nothing is written and `say` is told why and
+    how to add one; returns the preview written, or None."""
+    target = preview_path(adapter)
+    if image is not None:
+        _copy_as_png(image, target)
+    elif not _drawn(adapter, target, base, say):
+        return None
+    card = _written_card(adapter)
+    write_bundle(adapter, preview=target, grid=_card_grid(card), card=card[0] if card else None)
+    return target
+
+
+def _drawn(adapter: Path, target: Path, base: str | None, say: Callable[[str], None]) -> bool:
+    """Whether the preview was drawn into `target`; where it could not be, `say` gets why and what to pass."""
+    from stylelora.lora.adapter_file import read_header
+    from stylelora.models.load import resolve_base_source
+
+    _, metadata = read_header(adapter)
+    found, config_dir, origin = (base, None, "given with --base") if base else recorded_base(adapter, metadata)
+    try:
+        if found is None:
+            raise ValueError("the adapter does not record the base it was trained on")
+        resolve_base_source(found)  # a path not on this machine fails here, in a moment, before anything loads
+        say(f"note: drawing {target.name} on the base {found} ({origin}), seed {PREVIEW_SEED}; pass --preview "
+            "IMAGE.png to use your own image, or --no-preview to skip it")
+        draw_preview(adapter, target, found, config_dir)
+    except _base_errors() as error:
+        say(_no_preview_warning(adapter, metadata, found, origin, error))
+        return False
+    return True
+
+
+def _base_errors() -> tuple[type[Exception], ...]:
+    """What a base that cannot be loaded or drawn with raises (not found, not cached, another family): the same
+    bad input `stylelora generate` reports in one line."""
+    from stylelora.generate.command import user_errors
+
+    return user_errors() + (OSError,)
+
+
+def _copy_as_png(image: Path, target: Path) -> None:
+    """`image` as `target` (a PNG): a PNG's bytes as they are (its generation parameters kept), another format
+    converted."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open_image(image) as opened:
+        if opened.format == "PNG":
+            shutil.copyfile(image, tmp)
+        else:
+            opened.save(tmp, format="PNG")
+    os.replace(tmp, target)
+
+
+def recorded_base(adapter: Path, metadata: dict[str, str]) -> tuple[str | None, str | None, str]:
+    """(base, its config folder, where they were read) of the adapter, to draw its preview on. The run's config.toml
+    beside it keeps the paths as the run was given them (a run shared on the machine that trained it); the file's
+    metadata names a local base by its name alone (ss_sd_model_name; toy and hub ids as given)."""
+    import tomllib
+
+    config = adapter.with_name("config.toml")
+    try:
+        train = tomllib.loads(config.read_text(encoding="utf-8")).get("train", {}) if config.is_file() else {}
+    except (OSError, ValueError):
+        train = {}
+    if train.get("output_name") == adapter.stem and train.get("base"):
+        return str(train["base"]), train.get("base_config") or None, f"recorded in {config.name}"
+    return metadata.get("ss_sd_model_name") or None, None, "recorded in the adapter's metadata"
+
+
+def draw_preview(adapter: Path, target: Path, base: str, config_dir: str | None = None) -> Path:
+    """Draw the adapter's preview as `stylelora generate` draws: the card's prompt with the adapter at weight 1 on
+    `base`, one image at the base's default steps and CFG, seed PREVIEW_SEED, at the clip skip it was trained at.
+    The PNG carries its A1111 parameters, as generate's images do."""
+    from stylelora.generate.generate import GenerateRequest, generate
+    from stylelora.lora.adapter_file import read_header
+    from stylelora.lora.spec import AdapterSpec
+    from stylelora.models.load import load_base
+    from stylelora.presets import base_sampling_defaults
+
+    _, metadata = read_header(adapter)
+    steps, cfg = base_sampling_defaults(base, config_dir=config_dir)
+    request = GenerateRequest(prompt=card_prompt(metadata), steps=steps, cfg=cfg, seed=PREVIEW_SEED,
+                              loras=(AdapterSpec(adapter),), clip_skip=_clip_skip(metadata))
+    return generate(load_base(base, config_dir=config_dir), None, request)[0].save(target)
+
+
+def _no_preview_warning(adapter: Path, metadata: dict[str, str], base: str | None, origin: str,
+                        error: Exception) -> str:
+    prompt = card_prompt(metadata) or "a prompt"
+    where = f"its base {base} ({origin}) cannot be drawn on: " if base else ""
+    return (f"warning: the bundle has no preview image ({preview_path(adapter).name}), which model sites want: "
+            f"{where}{str(error).rstrip('.')}. Add one with --preview IMAGE.png (e.g. made by `stylelora generate "
+            f"\"{prompt}\" --lora {adapter}:1 --base BASE --seed {PREVIEW_SEED}`), or pass --base PATH, the base "
+            "it was trained on as it lies on this machine, to have it drawn.")
+
+
+CARD_GRID = re.compile(r"!\[sample grid\]\(([^)]+)\)")
+
+
+def _card_grid(card: list[Path]) -> Path | None:
+    """The sample grid the adapter's card shows, to keep it when the card is written again."""
+    found = CARD_GRID.search(card[0].read_text(encoding="utf-8", errors="replace")) if card else None
+    return card[0].parent / found.group(1) if found else None

@@ -324,9 +324,9 @@ def blend(specs, out_path: str | os.PathLike, rank: int | None = None, exact: bo
 
 
 def _write(out_path, state, metadata) -> None:
-    from stylelora.lora.io import safetensors_hashes, write_safetensors_atomic
+    from stylelora.lora.io import hash_metadata, write_safetensors_atomic
 
-    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
+    metadata.update(hash_metadata(state, metadata))
     write_safetensors_atomic(out_path, state, metadata)
 
 

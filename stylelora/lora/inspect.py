@@ -117,7 +117,6 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     metadata = file.metadata
     modules = _module_shapes(file.state)
     computed, file_sha256 = file_hashes(file.path)
-    stored = metadata.get("sshs_model_hash")
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for k, t in file.state.items() if not k.endswith(".alpha"))
     return {
         "file": str(file.path),
@@ -142,11 +141,34 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "modelspec": {key.removeprefix("modelspec."): value for key, value in metadata.items()
                       if key.startswith("modelspec.")},
         "blend": _json(metadata.get(BLEND_METADATA_KEY), None),
-        "hash": {"sshs_model_hash": stored, "computed": computed, "a1111_short": computed[:12],
-                 "matches_metadata": None if stored is None else stored == computed,
-                 "sshs_legacy_hash": metadata.get("sshs_legacy_hash"), "file_sha256": file_sha256,
-                 "civitai_autov2": file_sha256[:10].upper()},
+        "hash": _hash_report(metadata, computed, file_sha256),
     }
+
+
+def _hash_report(metadata: dict[str, str], computed: str, file_sha256: str) -> dict[str, Any]:
+    """The file's hashes as computed, beside those its metadata states. The tensor-bytes hash is stated twice by
+    files stylelora and kohya write: sshs_model_hash (hex) and the SAI model spec's hash_sha256 ("0x" + hex);
+    matches_metadata says whether every one stated is the file's (None: neither is)."""
+    from stylelora.lora.io import MODELSPEC_HASH_KEY
+
+    stored = metadata.get("sshs_model_hash")
+    spec = metadata.get(MODELSPEC_HASH_KEY)
+    stated = {key: value for key, value in (("sshs_model_hash", stored), (MODELSPEC_HASH_KEY, spec))
+              if value is not None}
+    differing = [key for key, value in stated.items() if value.lower().removeprefix("0x") != computed]
+    return {"sshs_model_hash": stored, "modelspec_hash_sha256": spec, "computed": computed,
+            "a1111_short": computed[:12], "matches_metadata": None if not stated else not differing,
+            "differs": differing, "sshs_legacy_hash": metadata.get("sshs_legacy_hash"), "file_sha256": file_sha256,
+            "civitai_autov2": file_sha256[:10].upper()}
+
+
+def _hash_check(hashes: dict[str, Any]) -> str:
+    """How the computed tensor hash compares with the ones the metadata states, for the text report."""
+    if hashes["matches_metadata"] is None:
+        return "no sshs_model_hash or modelspec.hash_sha256 in metadata"
+    if hashes["matches_metadata"]:
+        return "matches metadata"
+    return f"DIFFERS from metadata's {' and '.join(hashes['differs'])} (changed since, or hashed another way)"
 
 
 def _unsupported_kinds(state: dict) -> dict[str, int]:
@@ -192,7 +214,6 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         counts = ", ".join(f"{pair}×{count}" for pair, count in info["rank_alpha_counts"].items())
         rank += f" (most modules; per module rank/alpha: {counts})"
     hashes = info["hash"]
-    check = {None: "no sshs_model_hash in metadata", True: "matches metadata", False: "DIFFERS from metadata"}
     lines = [
         f"{info['title']}  ({Path(info['file']).name}, {_human_size(info['file_size'])}, {info['format']} layout)",
         f"  architecture   {info['architecture']}",
@@ -209,7 +230,7 @@ def format_inspect(info: dict[str, Any], max_tags: int = 15) -> str:
         *_model_spec_lines(info["modelspec"]),
         # Which hash is which: A1111 and CivitAI's AutoV3 hash the tensors only, CivitAI's SHA256 the whole file.
         f"  hash           {hashes['a1111_short']} (A1111's Lora hash, CivitAI AutoV3: sha256 of the tensors "
-        f"{hashes['computed']}, {check[hashes['matches_metadata']]})",
+        f"{hashes['computed']}, {_hash_check(hashes)})",
         f"  file sha256    {hashes['file_sha256']} (CivitAI SHA256; AutoV2 {hashes['civitai_autov2']})",
     ]
     merged = info["modelspec"].get("merged_from")

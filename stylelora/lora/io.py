@@ -50,6 +50,26 @@ def safetensors_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str])
     return model_hash, legacy_hash
 
 
+MODELSPEC_HASH_KEY = "modelspec.hash_sha256"
+
+
+def hash_metadata(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """The hash keys of a file about to hold `state` with `metadata`, from one in-memory serialisation: kohya's
+    sshs_model_hash / sshs_legacy_hash, and, where the metadata follows the SAI model spec, modelspec.hash_sha256.
+
+    The model spec defines hash_sha256 as "0x" + lowercase sha256 of all tensor content after the header, which is
+    how sd-scripts' reference check (library/sai_model_spec.py) recomputes it from a file; sd-scripts leaves writing
+    it to a TODO, so files it saves lack the key. Those are the bytes sshs_model_hash covers (a safetensors file lays
+    out its tensors the same whatever its metadata), so both keys come from one pass over them: an SDXL-size adapter
+    is not hashed twice.
+    """
+    model_hash, legacy_hash = safetensors_hashes(state, metadata)
+    hashes = {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+    if any(key.startswith("modelspec.") for key in metadata):
+        hashes[MODELSPEC_HASH_KEY] = f"0x{model_hash}"
+    return hashes
+
+
 def file_model_hash(path: str | os.PathLike) -> str:
     """sshs_model_hash recomputed from a file on disk (what A1111 shows for the file)."""
     with open(path, "rb") as handle:
@@ -223,8 +243,8 @@ def save_adapter(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modu
     fmt "kohya": lora_unet_*/lora_te_* keys (SDXL: SAI UNet names, lora_te1_*/lora_te2_*) that A1111, ComfyUI,
     kohya and diffusers load. fmt "diffusers": peft keys under unet./text_encoder./text_encoder_2. with the
     LoraConfig in `lora_adapter_metadata`. Both get the
-    kohya sshs_model_hash / sshs_legacy_hash of the tensors actually written. dtype: e.g. torch.float16 to
-    halve the file (default: the adapter's own dtype, fp32).
+    kohya sshs_model_hash / sshs_legacy_hash and modelspec.hash_sha256 of the tensors actually written (hash_metadata).
+    dtype: e.g. torch.float16 to halve the file (default: the adapter's own dtype, fp32).
     """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown adapter format {fmt!r}; choose one of {', '.join(FORMATS)}.")
@@ -241,7 +261,7 @@ def save_adapter(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Modu
         state = _tensors_for_file(raw_state, dtype)
         metadata[DIFFUSERS_ADAPTER_METADATA_KEY] = json.dumps(adapter_config, indent=2, sort_keys=True)
     metadata.setdefault("format", "pt")
-    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
+    metadata.update(hash_metadata(state, metadata))
     return write_safetensors_atomic(path, state, metadata)
 
 
