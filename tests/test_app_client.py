@@ -225,7 +225,7 @@ def test_compare_tab_makes_a_grid(app):
     words = client.predict('prompt=red,"blue, striped"', "clip_skip=1,2", *generate_args([], [1.0] * 8, 3),
                            api_name="/grid")  # A1111's Prompt S/R and Clip skip axes
     extra = parse_parameters(read_png_parameters(words)).extra
-    assert (extra["X Type"], extra["X Values"], extra["Y Type"]) == ("prompt", 'red,"blue, striped"', "clip_skip")
+    assert (extra["X Type"], extra["X Values"], extra["Y Type"]) == ("Prompt S/R", 'red,"blue, striped"', "Clip skip")
 
 
 def test_endpoints_take_named_parameters(app):

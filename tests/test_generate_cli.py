@@ -50,8 +50,8 @@ def test_generate_writes_numbered_pngs_with_parameters(world, tmp_path, capsys):
     assert code == 0
     assert out == [str(tmp_path / "00000-7.png"), str(tmp_path / "00001-8.png")]
     params = parse_parameters(read_png_parameters(out[1]))
-    assert (params.seed, params.steps, params.sampler, params.prompt) == (8, 2, "Euler", "stripes, style, a red circle")
-    assert [(l.name, l.unet_weight, l.te_weight) for l in params.loras] == [("stripes", 0.8, 0.2), ("pastel", 0.5, 0.5)]
+    assert (params.seed, params.steps, params.sampler, params.prompt) == (8, 2, "Euler", "style, stripes, a red circle")
+    assert [(l.name, l.unet_weight, l.te_weight) for l in params.loras] == [("pastel", 0.5, 0.5), ("stripes", 0.8, 0.2)]
     code, out, _ = run(argv, capsys)  # numbering continues after the files already there
     assert out[0] == str(tmp_path / "00002-7.png")
 
@@ -64,7 +64,7 @@ def test_an_adapter_both_chosen_and_tagged_is_noted_in_one_line(world, tmp_path,
     assert [line for line in err.splitlines() if "stripes" in line and "A1111" in line] == [
         "warning: stripes is both chosen (weight 1.0) and tagged in the prompt (0.5): they add up to 1.5, as in "
         "A1111. Remove one to use the other's weight alone."]
-    assert parse_parameters(read_png_parameters(out[0])).loras[0].unet_weight == 1.5
+    assert sum(lora.unet_weight for lora in parse_parameters(read_png_parameters(out[0])).loras) == 1.5
 
 
 def test_generate_reports_bad_input_in_one_line(world, tmp_path, capsys):

@@ -127,4 +127,4 @@ def test_a_grid_compares_samplers_and_prompt_words_and_refuses_a_bad_one_before_
     assert not numpy.array_equal(pixels(result.images[0]), pixels(result.images[1]))
     assert not numpy.array_equal(pixels(result.images[0]), pixels(result.images[2]))
     extra = parse_parameters(read_png_parameters(result.path)).extra
-    assert (extra["X Type"], extra["Y Type"], extra["Y Values"]) == ("sampler", "prompt", "red,blue")
+    assert (extra["X Type"], extra["Y Type"], extra["Y Values"]) == ("Sampler", "Prompt S/R", "red,blue")

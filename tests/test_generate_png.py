@@ -89,7 +89,7 @@ def test_parses_a1111_text_with_fields_we_do_not_use():
             "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 12, Size: 512x768, "
             'Model hash: 529c72f6c3, Model: v1-5, Lora hashes: "detail: 0123456789ab, ink: ba9876543210", Version: v1.9.4')
     params = parse_parameters(text)
-    assert params.prompt == "masterpiece, a cat"
+    assert params.prompt == "masterpiece, <lora:detail:0.6>, a cat"  # tags in place; the last one's is after it
     assert params.sampler == "DPM++ 2M Karras" and resolve_sampler(params.sampler).key == "dpm++_2m_karras"
     # A1111 order: <lora:name:TE:UNET>
     assert params.loras == (LoraUse("detail", 0.6, 0.6, "0123456789ab"), LoraUse("ink", 0.5, 1.0, "ba9876543210"))
@@ -116,7 +116,7 @@ def test_generate_records_what_it_resolved(world, pipe):
     assert first.seed != -1 and second.seed == first.seed + 1
     assert (first.width, first.height) == (NATIVE_SIZE, NATIVE_SIZE)
     assert first.sampler == "DDIM"  # the base's own scheduler, by its A1111 name
-    assert first.prompt == "stripes style, a red circle"  # --add-triggers puts them in front
+    assert first.prompt == "stripes style, a red circle <lora:stripes:0.8>"  # --add-triggers puts them in front
     assert first.model == "base" and len(first.model_hash) == 10
     stack = AdapterStack.for_pipe(pipe)
     assert first.loras == (LoraUse("stripes", 0.8, 0.8, stack.load(world["stripes"]).short_hash),)
@@ -135,7 +135,9 @@ def test_an_adapter_both_chosen_and_tagged_adds_up_with_a_notice(world, pipe):
                               loras=(AdapterSpec(world["stripes"], 1.0),))
     assert precheck_request(request) == [DOUBLED]
     result = generate(pipe, None, request)[0]
-    assert [(lora.name, lora.unet_weight, lora.te_weight) for lora in result.params.loras] == [("stripes", 1.5, 1.5)]
+    # Recorded as given, the tag in the prompt and the chosen one after it: read back, they add up again.
+    assert [(lora.name, lora.unet_weight, lora.te_weight) for lora in result.params.loras] == [
+        ("stripes", 0.5, 0.5), ("stripes", 1.0, 1.0)]
 
 
 def test_the_doubled_notice_gives_both_weights_where_they_differ_and_is_silent_otherwise(world):

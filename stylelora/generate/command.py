@@ -24,7 +24,10 @@ IMAGE_NUMBER = re.compile(r"^(\d{5})-")
 def add_generate_parsers(subparsers) -> None:
     """Add generate and grid to the `stylelora` subcommands."""
     gen = subparsers.add_parser("generate", help="text-to-image with adapters fused at chosen weights")
-    _add_generation_args(gen)
+    _add_generation_args(gen, prompt_nargs="?")
+    gen.add_argument("--from-png", metavar="IMAGE.png",
+                     help="draw again the image a PNG records (its A1111 parameters, as PNG Info shows them; ours or "
+                          "A1111's): a prompt or flag given replaces the recorded one, --lora the recorded adapters")
     gen.add_argument("--batch", type=int, default=1, help="images per run, seeds SEED, SEED+1, ... (default 1)")
     gen.add_argument("--out", help=f"PNG file or folder (default {DEFAULT_IMAGES_DIR}/NNNNN-SEED.png)")
     gen.add_argument("--overwrite", action="store_true", help="replace the --out PNG file(s) if they exist")
@@ -35,27 +38,30 @@ def add_generate_parsers(subparsers) -> None:
     _add_generation_args(grid)
     grid.add_argument("--x", required=True, metavar="KIND=V1,V2",
                       help="columns; KIND: adapter|weight|unet_weight|te_weight|blocks|seed|cfg|steps|blend_mode|dial"
-                           "|clip_skip|sampler|prompt (numbers take A1111's ranges: steps=10-30 (+10), weight=0-1 [5], "
-                           "seed=1-4; seed=-1 draws a random seed, recorded; "
-                           "blocks: lbw= values separated by ';', e.g. blocks=none;OUTALL; "
-                           "prompt: A1111's Prompt S/R, the first value the words each value replaces, e.g. "
-                           "'prompt=red,blue,\"green, striped\"')")
+                           "|clip_skip|sampler|prompt in any case, or A1111's X/Y/Z plot label (Seed, Steps, "
+                           "'CFG Scale', Sampler, 'Prompt S/R', 'Clip skip'), which the grid PNG records; numbers "
+                           "take A1111's ranges: steps=10-30 (+10), weight=0-1 [5], seed=1-4; seed=-1 draws a random "
+                           "seed, recorded; blocks: lbw= values separated by ';', e.g. blocks=none;OUTALL; prompt: "
+                           "A1111's Prompt S/R, the first value the words each value replaces, e.g. "
+                           "'prompt=red,blue,\"green, striped\"'")
     grid.add_argument("--y", metavar="KIND=V1,V2", help="second axis (rows)")
     grid.add_argument("--out", help=f"grid PNG or folder (default {DEFAULT_GRIDS_DIR}/NNNNN-grid.png)")
     grid.add_argument("--overwrite", action="store_true", help="replace the --out PNG file if it exists")
     grid.set_defaults(handler=cmd_grid)
 
 
-def _add_generation_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help='prompt; may carry A1111 tags like "<lora:stripes:0.8>"')
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:TE_W]][:lbw=BLOCKS]",
+def _add_generation_args(parser: argparse.ArgumentParser, prompt_nargs: str | None = None) -> None:
+    """The flags generate and grid share. Those a PNG records default to None, so that --from-png tells the flags
+    given (which replace the recorded values) from those left out (request_from_args gives the defaults)."""
+    parser.add_argument("prompt", nargs=prompt_nargs, help='prompt; may carry A1111 tags like "<lora:stripes:0.8>"')
+    parser.add_argument("--lora", action="append", metavar="FILE[:W[:TE_W]][:lbw=BLOCKS]",
                         help="adapter and weights (UNet, then text encoder; default 1), and A1111 LoRA Block Weight "
                              "per-block weights (a preset such as OUTALL, or numbers BASE first); repeatable")
-    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--negative", help="negative prompt")
     parser.add_argument("--steps", type=int, help="sampling steps (default: 20, as in A1111)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the base's, 7 on SD "
                                                   "1.x/2.x and SDXL as in A1111, 5 on the toy base)")
-    parser.add_argument("--seed", type=int, default=-1, help="-1: random (the one used is recorded)")
+    parser.add_argument("--seed", type=int, help="-1: random, the default (the one used is recorded)")
     parser.add_argument("--sampler", help="ddim, euler, euler_a, dpm++_2m, dpm++_2m_karras, unipc, ... "
                                            "(default: the base's own)")
     parser.add_argument("--size", help="WxH or N (default: the base's native size)")
@@ -63,7 +69,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blend-mode", default=None, metavar="MODE",
                         help="how 2+ adapters combine where they share a layer: " + mode_help())
     parser.add_argument("--dial", default=None, metavar="DIAL", help=dial_help())
-    parser.add_argument("--clip-skip", type=int, default=1, metavar="N",
+    parser.add_argument("--clip-skip", type=int, metavar="N",
                         help="read the prompt from the text encoder's N-th layer from the end, as A1111's Clip skip "
                              "(default 1, the last; 2 for models and LoRAs trained with kohya's --clip_skip 2; SD "
                              "1.x/2.x, ignored on SDXL as A1111 does)")
@@ -87,19 +93,43 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
     return width, int(match.group(2) or width)
 
 
-def request_from_args(args: argparse.Namespace):
-    """The GenerateRequest these command-line arguments describe."""
-    from stylelora.generate.generate import GenerateRequest
+def request_from_args(args: argparse.Namespace, recorded: str | None = None):
+    """The GenerateRequest these command-line arguments describe; with `recorded` (the A1111 parameters of
+    --from-png), the request those record, with the prompt and the flags given in place of the recorded ones."""
+    from stylelora.generate.generate import GenerateRequest, request_from_parameters, with_overrides
+
+    given = _given_settings(args)
+    fixed = {"batch_size": getattr(args, "batch", 1), "adapters_dir": Path(args.adapters_dir),
+             "add_triggers": args.add_triggers}
+    if recorded is not None:
+        request = request_from_parameters(recorded, args.adapters_dir)
+        if args.prompt is not None:
+            given["prompt"] = args.prompt
+        elif "loras" in given:  # they replace the recorded adapters, which are the tags of the recorded prompt
+            from stylelora.generate.prompt_tags import parse_prompt
+
+            given["prompt"] = parse_prompt(request.prompt)[0]
+        return with_overrides(request, **given, **fixed)
+    if args.prompt is None:
+        raise ValueError('Give a prompt (stylelora generate "a red star"), or --from-png IMAGE.png to draw again the '
+                         "image a PNG records.")
+    steps, cfg = sampling_settings(args)
+    return GenerateRequest(prompt=args.prompt, **{**given, "steps": steps, "cfg": cfg}, **fixed)
+
+
+def _given_settings(args: argparse.Namespace) -> dict:
+    """The GenerateRequest fields of the flags given (flags left out are None: the request's default, or the
+    value --from-png's image records)."""
     from stylelora.lora.spec import parse_lora_arg
 
     width, height = parse_size(args.size)
-    steps, cfg = sampling_settings(args)
-    return GenerateRequest(
-        prompt=args.prompt, negative_prompt=args.negative, steps=steps, cfg=cfg, sampler=args.sampler,
-        seed=args.seed, width=width, height=height, batch_size=getattr(args, "batch", 1),
-        loras=tuple(parse_lora_arg(text) for text in args.lora), adapters_dir=Path(args.adapters_dir),
-        add_triggers=args.add_triggers, blend_mode=args.blend_mode, dial=args.dial, clip_skip=args.clip_skip,
-    )
+    settings = {
+        "negative_prompt": args.negative, "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler,
+        "seed": args.seed, "width": width, "height": height, "blend_mode": args.blend_mode, "dial": args.dial,
+        "clip_skip": args.clip_skip,
+        "loras": None if args.lora is None else tuple(parse_lora_arg(text) for text in args.lora),
+    }
+    return {field: value for field, value in settings.items() if value is not None}
 
 
 def sampling_settings(args: argparse.Namespace) -> tuple[int, float]:
@@ -184,17 +214,63 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ValueError, FileNotFoundError, BaseModelError)
 
 
+def read_from_png(path: str) -> str:
+    """The A1111 parameters text --from-png's image records (checked to read back), or a refusal that says what to
+    give instead: the file is missing, is not an image, or carries none."""
+    from stylelora.generate.pngmeta import parse_parameters, read_png_parameters
+
+    instead = "a PNG that stylelora or A1111 saved (its PNG Info shows the parameters)"
+    target = Path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"--from-png {path} {'is a folder' if target.is_dir() else 'does not exist'}: give "
+                                f"the path of {instead}.")
+    try:
+        text = read_png_parameters(target)
+    except OSError:  # PIL's "cannot identify image file" among them
+        raise ValueError(f"--from-png {path} is not an image that can be read: give {instead}.") from None
+    except ValueError:
+        raise ValueError(f"--from-png {path} carries no A1111 parameters (an editor or an upload may have stripped "
+                         f"them): give {instead}, or type the prompt and flags yourself.") from None
+    try:
+        parse_parameters(text)
+    except ValueError as error:
+        raise ValueError(f"--from-png {path}: {error} Type the prompt and flags yourself instead.") from None
+    return text
+
+
+def _recorded_base_notes(recorded: str, pipe, args: argparse.Namespace) -> list[str]:
+    """A note where --from-png's image was drawn on another base than --base (by its recorded Model hash)."""
+    from stylelora.generate.base_identity import base_identity
+    from stylelora.generate.pngmeta import parse_parameters
+
+    params, identity = parse_parameters(recorded), base_identity(pipe)
+    if not params.model_hash or not identity.hash or params.model_hash == identity.hash:
+        return []
+    return [f"{args.from_png} was drawn on {params.model or 'another base'} (Model hash {params.model_hash}), not on "
+            f"--base {args.base} ({identity.hash}): it will not come out the same; give --base that model to draw "
+            "it again."]
+
+
 @report_user_errors(user_errors)
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate, save PNGs with A1111 parameters, print their paths."""
-    from stylelora.generate.generate import generate, precheck_request
+    """Generate (or, with --from-png, draw a recorded image again), save PNGs with A1111 parameters, print their
+    paths."""
+    from stylelora.generate.generate import generate, precheck_request, request_from_parameters
+    from stylelora.generate.stack import AdapterStack
 
-    request = request_from_args(args)
+    recorded = read_from_png(args.from_png) if args.from_png else None
+    request = request_from_args(args, recorded)
     notes = precheck_request(request)
     check_output_target(args.out, args.overwrite, args.batch)
     _check_block_weights(args, request)
     _print_notes(notes)
-    results = generate(_load_pipe(args), None, request)
+    pipe = _load_pipe(args)
+    stack = AdapterStack.for_pipe(pipe)
+    if recorded is not None:
+        _print_notes(_recorded_base_notes(recorded, pipe, args))
+        if args.prompt is None and args.lora is None:  # the recorded adapters: the files it was drawn with?
+            request_from_parameters(recorded, args.adapters_dir, stack=stack)
+    results = generate(pipe, stack, request)
     paths = output_paths(args.out, [r.params.seed for r in results], DEFAULT_IMAGES_DIR)
     for result, path in zip(results, paths):
         result.save(path)

@@ -11,7 +11,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,9 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class ResolvedRequest:
-    """A request with nothing left to chance: cleaned prompt, specs, seed, size, sampler name."""
+    """A request with nothing left to chance: the prompt read (tags cut out), specs, seed, size; and what the PNG
+    records: the prompt as typed (tags in place) and each adapter use (the prompt's tags, then the adapters given
+    beside it) with the name its tag gives it."""
 
     prompt: str
     specs: tuple[AdapterSpec, ...]
@@ -82,7 +84,8 @@ class ResolvedRequest:
     width: int
     height: int
     request: GenerateRequest
-    lora_names: tuple[str, ...] = field(default=())
+    typed_prompt: str
+    uses: tuple[tuple[str, AdapterSpec], ...]
 
 
 def native_size(pipe: Any) -> int:
@@ -186,10 +189,14 @@ def doubled_adapter_notes(chosen: tuple[AdapterSpec, ...], tagged: list[AdapterS
     return notes
 
 
-def _add_triggers(prompt: str, adapters: list) -> str:
+def _add_triggers(typed: str, prompt: str, adapters: list) -> tuple[str, str]:
+    """(the prompt as typed, the prompt read) with the adapters' trigger words the prompt read lacks in front of
+    each: the PNG records the first, and the second is what reading it back gives."""
     from stylelora.lora.inspect import trigger_words, with_trigger_words
 
-    return with_trigger_words(prompt, [word for adapter in adapters for word in trigger_words(adapter.metadata)])
+    read = with_trigger_words(prompt, [word for adapter in adapters for word in trigger_words(adapter.metadata)])
+    added = read.removesuffix(prompt).removesuffix(", ") if prompt else read
+    return ", ".join(part for part in (added, typed) if part), read
 
 
 def precheck_request(request: GenerateRequest) -> list[str]:
@@ -231,18 +238,23 @@ def resolve_request(pipe: Any, stack: AdapterStack, request: GenerateRequest) ->
     from stylelora.generate.prompt_tags import adapter_name, list_adapters, parse_prompt, resolve_tags
 
     prompt, tags = parse_prompt(request.prompt)
-    specs = _merge_specs(list(request.loras) + resolve_tags(tags, request.adapters_dir))
+    # The prompt's tags first, as the PNG records them (the others' tags after the prompt): drawn again from it, the
+    # adapters fuse in the same order, which the image depends on bit for bit.
+    uses = resolve_tags(tags, request.adapters_dir) + list(request.loras)
+    specs = _merge_specs(uses)
     adapters = [stack.load(spec.path) for spec in specs]
+    typed = request.prompt.strip()
     if request.add_triggers:
-        prompt = _add_triggers(prompt, [a for a, s in zip(adapters, specs) if s.unet_weight or s.te_weight])
+        typed, prompt = _add_triggers(typed, prompt,
+                                      [a for a, s in zip(adapters, specs) if s.unet_weight or s.te_weight])
     size = native_size(pipe)
     width = size if request.width is None else request.width  # 0 is refused below, not read as "native"
     height = size if request.height is None else request.height
     _check_request(request, width, height, _size_multiple(pipe))
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
     adapters = list_adapters(request.adapters_dir) if specs and request.adapters_dir is not None else {}
-    names = tuple(adapter_name(spec.path, adapters) for spec in specs)
-    return ResolvedRequest(prompt, specs, seed, width, height, request, names)
+    named = tuple((adapter_name(spec.path, adapters), spec) for spec in uses)
+    return ResolvedRequest(prompt, specs, seed, width, height, request, typed, named)
 
 
 def _params(pipe: Any, stack: AdapterStack, resolved: ResolvedRequest, sampler: str) -> GenerationParams:
@@ -252,7 +264,7 @@ def _params(pipe: Any, stack: AdapterStack, resolved: ResolvedRequest, sampler: 
     loras = tuple(
         LoraUse(name, float(spec.unet_weight), spec.text_encoder_weight, stack.load(spec.path).short_hash,
                 spec.blocks)
-        for name, spec in zip(resolved.lora_names, resolved.specs)
+        for name, spec in resolved.uses
     )
     request = resolved.request
     used = len([spec for spec in resolved.specs if spec.unet_weight or spec.te_weight])
@@ -262,7 +274,7 @@ def _params(pipe: Any, stack: AdapterStack, resolved: ResolvedRequest, sampler: 
     if request.clip_skip > 1:
         extra[CLIP_SKIP_FIELD] = str(request.clip_skip)
     return GenerationParams(
-        prompt=resolved.prompt, negative_prompt=request.negative_prompt, steps=request.steps,
+        prompt=resolved.typed_prompt, negative_prompt=request.negative_prompt, steps=request.steps,
         cfg_scale=float(request.cfg), sampler=sampler, seed=resolved.seed, width=resolved.width,
         height=resolved.height, model=identity.name, model_hash=identity.hash, loras=loras, extra=extra,
     )
@@ -354,7 +366,8 @@ def _check_lora_hashes(params: GenerationParams, request: GenerateRequest, stack
     if changed:
         raise ValueError(
             "These adapters are not the files the image was made with, so it would not come out the same: "
-            + "; ".join(changed) + "."
+            + "; ".join(changed) + ". Put those files back in the adapters folder, or give the adapters to use "
+            "yourself (a prompt with their tags, or --lora)."
         )
 
 

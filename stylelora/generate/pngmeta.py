@@ -1,11 +1,12 @@
 """A1111 `parameters` text: the exact settings of one image, written into its PNG and parsed back.
 
 Format (what A1111, ComfyUI importers and civitai read):
-    <prompt> <lora:name:w> ...
+    <prompt as typed, its <lora:name:w> tags where they were typed> <lora:other:w> ...
     Negative prompt: <negative>
     Steps: 25, Sampler: DDIM, CFG scale: 5, Seed: 7, Size: 32x32, Model hash: 0123456789, Model: toy,
     Lora hashes: "name: 0123456789ab, other: ..."
-(the last two lines are one line). Numbers are written so they read back as the same values.
+(the last two lines are one line); the tags after the prompt are those of adapters given beside it (--lora, the
+app's list). Numbers are written so they read back as the same values.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stylelora.generate.prompt_tags import LoraTag, format_weight, parse_prompt, prompt_with_tags
+from stylelora.generate.prompt_tags import (LoraTag, format_weight, parse_prompt, prompt_with_tags,
+                                            without_trailing_tags)
 
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -41,7 +43,8 @@ class LoraUse:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Everything that decides one image (prompt without tags; adapters in `loras`), plus where it came from."""
+    """Everything that decides one image, plus where it came from. `prompt` is as typed, its <lora:...> tags where
+    they were typed: they are the first of `loras`, whose others' tags go after it (prompt_with_tags)."""
 
     prompt: str
     negative_prompt: str
@@ -101,7 +104,8 @@ def format_parameters(params: GenerationParams) -> str:
         fields["Model hash"] = params.model_hash
     if params.model:
         fields["Model"] = _clean_field(params.model)
-    hashes = [f"{_hash_name(lora.name)}: {lora.hash}" for lora in params.loras if lora.hash]
+    # Once per name: an adapter both tagged and given beside the prompt has two tags but one file.
+    hashes = list(dict.fromkeys(f"{_hash_name(lora.name)}: {lora.hash}" for lora in params.loras if lora.hash))
     if hashes:
         fields["Lora hashes"] = _quote_if_needed(", ".join(hashes))
     fields.update({key: _quote_if_needed(value) for key, value in params.extra.items()})
@@ -167,8 +171,10 @@ def parse_parameters(text: str) -> GenerationParams:
     prompt_text = "\n".join(body[:negative_at])
     negative = "\n".join(body[negative_at:])[len(NEGATIVE_PREFIX):].strip() if negative_at < len(body) else ""
     fields = _split_fields(settings_line)
-    prompt, tags = parse_prompt(prompt_text)
-    return _params_from_fields(fields, prompt, negative, tags)
+    _, tags = parse_prompt(prompt_text)
+    # Tags the prompt ends with are held in `loras` only, where format_parameters writes the tags that follow a
+    # prompt: parsing what it wrote gives back the same GenerationParams.
+    return _params_from_fields(fields, without_trailing_tags(prompt_text), negative, tags)
 
 
 def _params_from_fields(fields: dict[str, str], prompt: str, negative: str, tags: list[LoraTag]) -> GenerationParams:

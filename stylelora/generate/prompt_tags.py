@@ -119,8 +119,24 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraTag]]:
 
 
 def prompt_with_tags(prompt: str, tags: list[LoraTag]) -> str:
-    """The prompt as A1111 records it: the text, then the tags (parse_prompt gives back `prompt` and `tags`)."""
-    return " ".join([prompt, *(tag.to_text() for tag in tags)]).strip()
+    """The prompt as A1111 records it: as typed, its own tags where they were typed (the first of `tags`), then the
+    rest of `tags` after it (parse_prompt gives back the text and `tags`). A tag of its own is kept as written unless
+    `tags` says otherwise (a name resolved to the file's), then written anew where it stands."""
+    given = iter(tags)
+
+    def written(match: re.Match) -> str:
+        tag = next(given, None)
+        return match.group(0) if tag is None or _parse_tag(match.group(1)) == tag else tag.to_text()
+
+    text = TAG_PATTERN.sub(written, prompt)
+    return " ".join([text, *(tag.to_text() for tag in given)]).strip()
+
+
+def without_trailing_tags(prompt: str) -> str:
+    """`prompt` without the tags it ends with: what was typed before the tags the record puts after it (adapters
+    given beside the prompt, or every one in files written before tags kept their place)."""
+    trailing = re.search(rf"(?:\s*{TAG_PATTERN.pattern})+\s*\Z", prompt)
+    return prompt[:trailing.start()] if trailing else prompt
 
 
 # ----------------------------------------------------------------------------- name resolution

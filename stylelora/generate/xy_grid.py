@@ -8,6 +8,8 @@ weights (`lbw=` values, separated by `;` since a value holds commas; "none" for 
 turn), `clip_skip` and `sampler` replace the request's value; `prompt` is A1111's Prompt S/R (the first value is
 the words to find, each value what they become, in the prompt and the negative prompt). Every cell
 shares the request's (resolved) seed unless seed is an axis, so cells differ only by what the axes say.
+Kinds are read in any case, and by the labels of A1111's X/Y/Z plot too (`CFG Scale`, `Prompt S/R`), which the grid's
+PNG records as its `X Type` where A1111 has the kind.
 """
 from __future__ import annotations
 
@@ -26,6 +28,12 @@ from stylelora.lora.spec import AdapterSpec
 
 AXIS_KINDS = ("adapter", "weight", "unet_weight", "te_weight", "blocks", "seed", "cfg", "steps", "blend_mode",
               "dial", "clip_skip", "sampler", "prompt")
+# A1111's X/Y/Z plot labels of the kinds it has too: accepted as kind names, and the grid PNG's X Type / Y Type.
+A1111_LABELS = {"seed": "Seed", "steps": "Steps", "cfg": "CFG Scale", "sampler": "Sampler", "prompt": "Prompt S/R",
+                "clip_skip": "Clip skip"}
+# What a kind may be called, compared in lower case with "_" as a space: ours (clip_skip, clip skip), A1111's labels.
+KIND_NAMES = {**{kind.replace("_", " "): kind for kind in AXIS_KINDS},
+              **{label.lower(): kind for kind, label in A1111_LABELS.items()}}
 NO_ADAPTER = "none"
 NO_BLOCKS = "none"
 LABELS = {"weight": "w", "unet_weight": "unet", "te_weight": "te", "blocks": "lbw", "seed": "seed", "cfg": "cfg",
@@ -51,13 +59,17 @@ class XYAxis:
     target: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in AXIS_KINDS:
-            raise ValueError(f"Unknown grid axis {self.kind!r}; choose one of {', '.join(AXIS_KINDS)}.")
+        object.__setattr__(self, "kind", axis_kind(self.kind))
         if not self.values:
             raise ValueError(f"Grid axis {self.kind} has no values.")
         cast = NUMBER_CASTS.get(self.kind) or {"adapter": str, "blend_mode": _blend_mode, "dial": check_dial,
                                                 "blocks": _blocks, "sampler": _sampler, "prompt": str}[self.kind]
         object.__setattr__(self, "values", tuple(_cast(cast, v, self.kind) for v in self.values))
+
+    @property
+    def type_name(self) -> str:
+        """The kind as the grid's PNG records it (X Type): A1111's label where its X/Y/Z plot has the kind."""
+        return A1111_LABELS.get(self.kind, self.kind)
 
     def values_text(self) -> str:
         """The values as the grid's PNG records them: "; " between block-weight values, which hold commas, and
@@ -75,6 +87,23 @@ class XYAxis:
         if self.kind in ("prompt", "sampler"):
             return str(value) or "(removed)"  # A1111 labels a Prompt S/R cell with its words
         return f"{LABELS[self.kind]} {format_weight(value) if isinstance(value, float) else value}"
+
+
+def _kind_key(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+def axis_kind(name: str) -> str:
+    """The kind an axis name means: ours in any case (`seed`, `Seed`, `clip skip`), or A1111's label (`CFG Scale`)."""
+    kind = KIND_NAMES.get(_kind_key(name))
+    if kind is None:
+        raise ValueError(f"Unknown grid axis {name!r}; choose one of {accepted_kinds()}.")
+    return kind
+
+
+def accepted_kinds() -> str:
+    """The axis names a refusal lists."""
+    return f"{', '.join(AXIS_KINDS)} (any case), or A1111's {', '.join(A1111_LABELS.values())}"
 
 
 def _cast(cast, value: Any, kind: str) -> Any:
@@ -103,15 +132,16 @@ def _blocks(value: str) -> str:
 def axis_values(kind: str, text: str) -> list[str]:
     """The values of "KIND=..." after the "=": separated by commas, or for block weights (which hold commas) by
     semicolons; Prompt S/R values are one CSV row, as A1111 reads them, so a quoted value may hold commas."""
-    if kind.strip() == "prompt":
+    kind = KIND_NAMES.get(_kind_key(kind), kind.strip())  # an unknown kind is refused by whoever makes the axis
+    if kind == "prompt":
         import csv
 
         values = [value.strip() for value in next(csv.reader([text], skipinitialspace=True), [])]
         return values if values and values[0] else []  # later values may be empty: the words taken out
-    values = [value.strip() for value in text.split(";" if kind.strip() == "blocks" else ",") if value.strip()]
-    if kind.strip() not in NUMBER_CASTS:
+    values = [value.strip() for value in text.split(";" if kind == "blocks" else ",") if value.strip()]
+    if kind not in NUMBER_CASTS:
         return values
-    return [item for value in values for item in expand_range(kind.strip(), value)]
+    return [item for value in values for item in expand_range(kind, value)]
 
 
 def expand_range(kind: str, value: str) -> list[str]:
@@ -176,12 +206,12 @@ def _blend_mode(value: str) -> str:
 
 
 def parse_axis(text: str) -> XYAxis:
-    """"KIND=V1,V2,..." (e.g. "seed=1,2,3", "weight=0,0.5,1", "adapter=a.safetensors,none")."""
+    """"KIND=V1,V2,..." (e.g. "seed=1,2,3", "weight=0,0.5,1", "adapter=a.safetensors,none", "CFG Scale=3-7 [3]")."""
     kind, sep, values = text.partition("=")
     if not sep or not values.strip():
-        raise ValueError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {', '.join(AXIS_KINDS)}.")
+        raise ValueError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {accepted_kinds()}.")
     try:
-        return XYAxis(kind.strip(), tuple(axis_values(kind, values)))
+        return XYAxis(kind, tuple(axis_values(kind, values)))
     except ValueError as error:
         raise ValueError(f"Grid axis {text!r}: {error}") from error
 
@@ -310,8 +340,8 @@ def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxi
     path = None
     if out_path is not None:
         params = images[0].params
-        extra = {"Script": "X/Y plot", "X Type": x.kind, "X Values": x.values_text()}
+        extra = {"Script": "X/Y plot", "X Type": x.type_name, "X Values": x.values_text()}
         if y is not None:
-            extra.update({"Y Type": y.kind, "Y Values": y.values_text()})
+            extra.update({"Y Type": y.type_name, "Y Values": y.values_text()})
         path = save_png(grid, replace(params, extra={**params.extra, **extra}), out_path)
     return XYGridResult(images=images, grid=grid, path=path, columns=len(x.values))
