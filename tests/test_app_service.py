@@ -180,7 +180,8 @@ def test_an_adapter_chosen_and_tagged_is_noted_before_sampling_and_the_grid_says
     saved = service.generate(settings(("pastel", 1.0), prompt=PROMPT + " <lora:pastel:0.5>"), notify=notes.append)
     assert notes == ["pastel is both chosen (weight 1.0) and tagged in the prompt (0.5): they add up to 1.5, as in "
                      "A1111. Remove one to use the other's weight alone."]
-    assert "<lora:pastel:1.5>" in saved[0].parameters_text  # they do add up, as the note says
+    # The typed tag stays where it was and the chosen adapter's follows; read back, they add up as the note says.
+    assert saved[0].parameters_text.startswith(PROMPT + " <lora:pastel:0.5> <lora:pastel:1>\n")
     service.grid(settings(("pastel", 1.0), prompt=PROMPT + " <lora:pastel:0.5>", steps=1), "seed=1,2",
                  notify=grid_notes.append)
     assert grid_notes == notes
@@ -403,6 +404,7 @@ def test_grid_axes_are_held_to_the_limits_of_generate(service):
         "colour=1,2": "write KIND=V1,V2",
         "steps=": "write KIND=V1,V2",
         "adapter=none,../escape": "not allowed",
+        "Steps=4,1000": r"Grid axis steps: a value must be between 1 and 150",  # A1111's label, the same limit
     }
     grids_before = sorted(service.grids_dir.glob("*"))
     for axis, message in refused.items():
@@ -416,6 +418,14 @@ def test_grid_axes_are_held_to_the_limits_of_generate(service):
     reports = []
     service.grid(settings(), "steps=2,3", progress=lambda done, total: reports.append((done, total)))
     assert reports[-1] == (5, 5) and len(reports) >= 5  # sampling steps over the cells, not cells
+
+
+def test_grid_axes_in_the_app_read_any_case_and_a1111s_labels_as_the_cli_does(service):
+    axis = service.grid_axis("CFG Scale=3,5", settings())
+    assert (axis.kind, axis.values) == ("cfg", (3.0, 5.0))
+    assert service.grid_axis("SEED=1-3", settings()).values == (1, 2, 3)
+    with pytest.raises(AppError, match="any case"):
+        service.grid_axis("colour=1,2", settings())
 
 
 def test_an_adapter_with_nan_values_is_refused_before_it_is_used(service, tmp_path):

@@ -586,16 +586,19 @@ class AppService:
     def grid_axis(self, text: str | None, settings: GenerateSettings):
         """One grid axis ("KIND=V1,V2,..."), each value held to the limits Generate applies; None when empty."""
         from stylelora.generate.generate import MAX_SEED
-        from stylelora.generate.xy_grid import AXIS_KINDS, NO_ADAPTER, XYAxis, axis_values
+        from stylelora.generate.xy_grid import NO_ADAPTER, XYAxis, accepted_kinds, axis_kind, axis_values
 
         if not text or not text.strip():
             return None
         kind, sep, values = text.partition("=")
-        kind = kind.strip()
-        values = axis_values(kind, values)
-        if not sep or kind not in AXIS_KINDS or not values:
-            raise AppError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {', '.join(AXIS_KINDS)} "
-                           "(e.g. weight=0,0.5,1 or seed=1,2,3).")
+        try:  # any case, or A1111's label (CFG Scale), as the CLI reads it
+            kind = axis_kind(kind)
+        except ValueError:
+            kind = None
+        values = axis_values(kind, values) if kind else []
+        if not sep or not values:
+            raise AppError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {accepted_kinds()} "
+                           "(e.g. weight=0,0.5,1 or Seed=1,2,3).")
         checks = {
             "steps": lambda v: self.limits.check("Grid axis steps: a value", v, 1, "max_steps"),
             "seed": lambda v: self.limits.check("Grid axis seed: a value", v, 0, MAX_SEED),
