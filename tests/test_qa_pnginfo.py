@@ -206,4 +206,4 @@ def test_the_grid_png_records_a1111s_axis_labels_and_ours_where_a1111_has_none(w
                               str(tmp_path / "grid.png")], capsys)
     assert code == 0
     extra = parse_parameters(read_png_parameters(out)).extra
-    assert (extra["X Type"], extra["Y Type"]) == ("CFG Scale", "weight")
+    assert (extra["Script"], extra["X Type"], extra["Y Type"]) == ("X/Y/Z plot", "CFG Scale", "weight")  # A1111 1.x

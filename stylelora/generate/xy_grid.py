@@ -340,7 +340,7 @@ def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxi
     path = None
     if out_path is not None:
         params = images[0].params
-        extra = {"Script": "X/Y plot", "X Type": x.type_name, "X Values": x.values_text()}
+        extra = {"Script": "X/Y/Z plot", "X Type": x.type_name, "X Values": x.values_text()}
         if y is not None:
             extra.update({"Y Type": y.type_name, "Y Values": y.values_text()})
         path = save_png(grid, replace(params, extra={**params.extra, **extra}), out_path)
