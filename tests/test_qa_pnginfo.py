@@ -144,6 +144,21 @@ def test_generate_from_png_draws_the_recorded_image_bit_for_bit_and_flags_replac
     assert code == 0 and recorded(lora)[0] == "(red:1.1) a circle BREAK on white <lora:ink:0.5>"
 
 
+def test_generate_from_png_refuses_a_changed_adapter_before_the_base_loads(toy_world, tmp_path, capsys):
+    from test_app_fixtures import make_toy_adapter
+
+    adapters = tmp_path / "adapters"
+    make_toy_adapter(adapters / "ink.safetensors", 11, trigger="ink")
+    where = ["--adapters-dir", str(adapters), "--device", "cpu"]
+    code, first, _ = stylelora(["generate", "<lora:ink:1> a circle", "--steps", "1", "--seed", "1", "--out",
+                                str(tmp_path / "first.png"), *where], capsys)
+    assert code == 0
+    make_toy_adapter(adapters / "ink.safetensors", 12, trigger="ink")  # retrained since
+    # A base that cannot load: the refusal must come first (a real base takes minutes to load).
+    code, _, err = stylelora(["generate", "--from-png", first, "--base", str(tmp_path / "no-base"), *where], capsys)
+    assert code == 2 and "not the files the image was made with" in err and "Put those files back" in err, err
+
+
 def _image(path: str):
     from PIL import Image
 

@@ -256,21 +256,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate (or, with --from-png, draw a recorded image again), save PNGs with A1111 parameters, print their
     paths."""
     from stylelora.generate.generate import generate, precheck_request, request_from_parameters
-    from stylelora.generate.stack import AdapterStack
 
     recorded = read_from_png(args.from_png) if args.from_png else None
     request = request_from_args(args, recorded)
+    if recorded is not None and args.prompt is None and args.lora is None:
+        # The recorded adapters: are they the files it was drawn with? Asked before the base loads (minutes).
+        request_from_parameters(recorded, args.adapters_dir, check_files=True)
     notes = precheck_request(request)
     check_output_target(args.out, args.overwrite, args.batch)
     _check_block_weights(args, request)
     _print_notes(notes)
     pipe = _load_pipe(args)
-    stack = AdapterStack.for_pipe(pipe)
     if recorded is not None:
         _print_notes(_recorded_base_notes(recorded, pipe, args))
-        if args.prompt is None and args.lora is None:  # the recorded adapters: the files it was drawn with?
-            request_from_parameters(recorded, args.adapters_dir, stack=stack)
-    results = generate(pipe, stack, request)
+    results = generate(pipe, None, request)
     paths = output_paths(args.out, [r.params.seed for r in results], DEFAULT_IMAGES_DIR)
     for result, path in zip(results, paths):
         result.save(path)

@@ -321,10 +321,10 @@ def generate(pipe: Any, stack: AdapterStack | None, request: GenerateRequest, *,
 
 
 def request_from_parameters(text: str, adapters_dir: str | os.PathLike | None, *,
-                            stack: AdapterStack | None = None) -> GenerateRequest:
+                            stack: AdapterStack | None = None, check_files: bool = False) -> GenerateRequest:
     """The request that makes the image described by A1111 `parameters` text again (its tags resolved in
-    adapters_dir, a name two files share told apart by its recorded hash). With a stack, each adapter's hash is
-    checked against the recorded one."""
+    adapters_dir, a name two files share told apart by its recorded hash). With a stack, or with check_files (read
+    from the files, before any base loads), each adapter's hash is checked against the recorded one."""
     params = parse_parameters(text)
     if adapters_dir is not None and Path(adapters_dir).is_dir() and params.loras:
         from stylelora.generate.prompt_tags import list_adapters, resolve_by_hash
@@ -340,7 +340,7 @@ def request_from_parameters(text: str, adapters_dir: str | os.PathLike | None, *
         blend_mode=params.extra.get(BLEND_MODE_FIELD, "sum"), dial=params.extra.get(DIAL_FIELD),
         clip_skip=_clip_skip(params.extra.get(CLIP_SKIP_FIELD, "1")),
     )
-    if stack is not None:
+    if stack is not None or check_files:
         _check_lora_hashes(params, request, stack)
     return request
 
@@ -353,14 +353,19 @@ def _clip_skip(text: str) -> int:
                          ) from None
 
 
-def _check_lora_hashes(params: GenerationParams, request: GenerateRequest, stack: AdapterStack) -> None:
+def _check_lora_hashes(params: GenerationParams, request: GenerateRequest, stack: AdapterStack | None) -> None:
+    """Refuse where an adapter file is not the one the image records (by A1111's short hash; read from the file
+    where there is no stack)."""
     from stylelora.generate.prompt_tags import resolve_adapter_name
+    from stylelora.generate.stack import A1111_SHORT_HASH_LENGTH
+    from stylelora.lora.io import file_model_hash
 
     changed = []
     for lora in params.loras:
         if not lora.hash or request.adapters_dir is None:
             continue
-        found = stack.load(resolve_adapter_name(lora.name, request.adapters_dir)).short_hash
+        path = resolve_adapter_name(lora.name, request.adapters_dir)
+        found = stack.load(path).short_hash if stack else file_model_hash(path)[:A1111_SHORT_HASH_LENGTH]
         if not found.startswith(lora.hash) and not lora.hash.startswith(found):
             changed.append(f"{lora.name} (recorded {lora.hash}, file {found})")
     if changed:
