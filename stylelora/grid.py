@@ -1,4 +1,5 @@
-"""Image grids: tiling PIL images (optionally labelled, optionally upscaled for small toy images) into one PNG."""
+"""Image grids: tiling PIL images (optionally labelled, optionally upscaled for small toy images) into one PNG; with
+a Z axis, A1111's X/Y/Z plot layout: one labelled X/Y grid per Z value, side by side, each under its Z value."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 LABEL_FONT_SIZE = 10  # px: Pillow's default, legible on a toy grid's 96 px cells
+Z_MARGIN = 8  # px between two X/Y grids at 10 px text (growing with it): the sub-grids must not read as one
 
 
 def make_grid(images: list[Image.Image], columns: int, *, scale: int = 1, gap: int = 2,
@@ -39,6 +41,32 @@ def make_grid(images: list[Image.Image], columns: int, *, scale: int = 1, gap: i
         y = top + gap + r * (h + gap) + h // 2 - round(5 * grow)
         draw.text((2, y), _fitted(draw, label, left - 4, font), fill=(0, 0, 0), font=font)
     return grid
+
+
+def make_z_grid(images: list[Image.Image], columns: int, titles: list[str], *, scale: int = 1, gap: int = 2,
+                label_height: int = 14, **labels) -> Image.Image:
+    """One make_grid X/Y grid per title (a Z value), of len(images) / len(titles) images each in turn, laid side by
+    side with the title centred above each, as A1111's X/Y/Z plot lays out its Z axis; labels: make_grid's."""
+    if not titles or len(images) % len(titles):
+        raise ValueError(f"make_z_grid needs the same number of images for each of the {len(titles)} titles "
+                         f"(got {len(images)} images)")
+    per_grid = len(images) // len(titles)
+    grids = [make_grid(images[i * per_grid:(i + 1) * per_grid], columns, scale=scale, gap=gap,
+                       label_height=label_height, **labels) for i in range(len(titles))]
+    # The titles' text is the size of the sub-grids' labels, which grow with the cells.
+    font = label_font(max(image.width for image in images) * scale, max(image.height for image in images) * scale)
+    grow = getattr(font, "size", LABEL_FONT_SIZE) / LABEL_FONT_SIZE
+    top, margin = round(label_height * grow), round(Z_MARGIN * grow)
+    width = sum(grid.width for grid in grids) + margin * (len(grids) - 1)
+    canvas = Image.new("RGB", (width, top + max(grid.height for grid in grids)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    left = 0
+    for grid, title in zip(grids, titles):
+        canvas.paste(grid, (left, top))
+        shown = _fitted(draw, title, grid.width, font)
+        draw.text((left + (grid.width - draw.textlength(shown, font=font)) // 2, 1), shown, fill=(0, 0, 0), font=font)
+        left += grid.width + margin
+    return canvas
 
 
 def label_font(width: int, height: int):

@@ -216,13 +216,13 @@ def test_compare_tab_makes_a_grid(app):
     from stylelora.generate.pngmeta import parse_parameters, read_png_parameters
 
     _, service, client = app
-    path = client.predict("weight=0,1", "adapter=none,pastel", *generate_args(["styles/stripes"], [1.0] * 8, 3),
+    path = client.predict("weight=0,1", "adapter=none,pastel", "", *generate_args(["styles/stripes"], [1.0] * 8, 3),
                           api_name="/grid")
     assert "X Type: weight" in read_png_parameters(path) and "Y Type: adapter" in read_png_parameters(path)
     with Image.open(path) as grid:
         assert grid.width > 2 * 96 and grid.height > 2 * 96  # 2x2 cells of 32 px shown at 3x, with labels
     assert list(service.grids_dir.glob("*-grid.png"))
-    words = client.predict('prompt=red,"blue, striped"', "clip_skip=1,2", *generate_args([], [1.0] * 8, 3),
+    words = client.predict('prompt=red,"blue, striped"', "clip_skip=1,2", "", *generate_args([], [1.0] * 8, 3),
                            api_name="/grid")  # A1111's Prompt S/R and Clip skip axes
     extra = parse_parameters(read_png_parameters(words)).extra
     assert (extra["X Type"], extra["X Values"], extra["Y Type"]) == ("Prompt S/R", 'red,"blue, striped"', "Clip skip")
@@ -238,7 +238,7 @@ def test_endpoints_take_named_parameters(app):
     generate = names("/generate")
     assert generate[:2] == ["base", "adapters"] and "unet_weight_0" in generate and "te_weight_3" in generate
     assert {"prompt", "negative_prompt", "steps", "cfg", "sampler", "seed", "size", "batch_size"} <= set(generate)
-    assert names("/grid")[:2] == ["x_axis", "y_axis"] and "prompt" in names("/grid")
+    assert names("/grid")[:3] == ["x_axis", "y_axis", "z_axis"] and "prompt" in names("/grid")
     assert {"name", "mode", "rank", "fp16", "overwrite"} <= set(names("/blend"))
     # Generation blends 2+ adapters in split by default; a saved blend is a sum unless asked (split cannot be a file).
     defaults = {endpoint: {p["parameter_name"]: p.get("parameter_default") for p in endpoints[endpoint]["parameters"]}

@@ -326,12 +326,12 @@ def test_grid_of_weights_by_adapters_is_one_png(service):
     with pytest.raises(AppError, match="choose adapters first"):
         service.grid(settings(), "weight=0,1")
     blocks = service.grid(settings(("pastel", 1.0)), "blocks=none;1,0,0,0,1,1,1,1")
-    assert 'X Type: blocks, X Values: "none; 1,0,0,0,1,1,1,1"' in read_png_parameters(blocks)
+    assert 'X Type: blocks, X Values: "none;1,0,0,0,1,1,1,1"' in read_png_parameters(blocks)  # as typed
     with pytest.raises(AppError, match="choose adapters first"):
         service.grid(settings(), "blocks=none;OUTALL")
     two = settings(("pastel", 1.0), ("styles/stripes", 1.0))
     modes = service.grid(two, "blend_mode=sum,split", "dial=weights,reading")  # the axes the CLI's grid takes
-    assert "X Type: blend_mode, X Values: \"sum, split\"" in read_png_parameters(modes)
+    assert "X Type: blend_mode, X Values: \"sum,split\"" in read_png_parameters(modes)
     assert "Y Type: dial" in read_png_parameters(modes)
     with pytest.raises(ValueError, match="blend mode"):
         service.grid(two, "blend_mode=sum,average")

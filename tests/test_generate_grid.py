@@ -95,7 +95,9 @@ def test_long_labels_keep_their_distinguishing_end_inside_their_cell():
 def test_a_prompt_axis_is_a1111s_prompt_search_and_replace(world):
     axis = parse_axis('prompt=red, blue,"green, striped"')
     assert axis.values == ("red", "blue", "green, striped") and axis.label("green, striped") == "green, striped"
-    assert axis.values_text() == 'red,blue,"green, striped"'  # what the grid PNG records, read back the same
+    assert axis.values_text() == 'red, blue,"green, striped"'  # what the grid PNG records: as typed, as A1111 does
+    # Values not typed (made in code) are recorded as one CSV row, quoted where they hold commas, as A1111 writes them.
+    assert XYAxis("prompt", axis.values).values_text() == 'red,blue,"green, striped"'
     assert parse_axis(f"prompt={axis.values_text()}").values == axis.values
     request = GenerateRequest("a red circle, red sky", negative_prompt="red blur")
     cell = cell_request(request, [(axis, "green, striped")])

@@ -618,34 +618,22 @@ class AppService:
         if kind == "adapter" and len(settings.adapters) + 1 > MAX_ADAPTERS:
             raise AppError(f"An adapter axis adds one adapter to the {len(settings.adapters)} chosen: choose at most "
                            f"{MAX_ADAPTERS - 1} adapters for it.")
-        return XYAxis(kind, tuple(values))
+        return XYAxis(kind, tuple(values), typed=text.partition("=")[2].strip())
 
-    def grid(self, settings: GenerateSettings, x: str, y: str | None = None,
+    def grid(self, settings: GenerateSettings, x: str, y: str | None = None, z: str | None = None,
              progress: Progress | None = None, cancelled: Callable[[], bool] | None = None,
              notify: Callable[[str], None] | None = None) -> Path:
-        """An X/Y grid ("KIND=V1,V2,..." axes; adapter axes name adapters in the folder) saved in grids/.
+        """An X/Y grid ("KIND=V1,V2,..." axes; adapter axes name adapters in the folder) saved in grids/; with a Z
+        axis, one X/Y grid per Z value side by side in the one PNG, as A1111's X/Y/Z plot.
 
-        progress counts sampling steps over every cell; `cancelled` stops it between steps and `notify` is told
-        the request's notes, as for generate.
+        progress counts sampling steps over every cell of every X/Y grid; `cancelled` stops it between steps and
+        `notify` is told the request's notes, as for generate.
         """
         from stylelora.app.jobs import Watch, watching
         from stylelora.generate.command import output_paths
-        from stylelora.generate.xy_grid import precheck_grid, xy_grid
+        from stylelora.generate.xy_grid import grid_cells, precheck_grid, xy_grid
 
-        axes = [self.grid_axis(x, settings), self.grid_axis(y, settings)]
-        if axes[0] is None:
-            raise AppError("Give the X axis, e.g. weight=0,0.5,1 or seed=1,2,3.")
-        if axes[1] is not None and axes[1].kind == axes[0].kind:
-            raise AppError(f"Both grid axes are {axes[0].kind}: pick two different kinds.")
-        kinds = {axis.kind for axis in axes if axis is not None}
-        adapter_axes = {"weight", "unet_weight", "te_weight", "blocks"}
-        if kinds & adapter_axes and not settings.adapters and "adapter" not in kinds:
-            raise AppError("A weight axis sets the weights of the chosen adapters: choose adapters first "
-                           "(or add an adapter axis, e.g. adapter=none,NAME).")
-        cells = [len(axis.values) if axis is not None else 1 for axis in axes]
-        if cells[0] * cells[1] > self.limits.max_grid_cells:
-            raise AppError(f"A grid of {cells[0]}x{cells[1]} = {cells[0] * cells[1]} cells is over this server's "
-                           f"limit of {self.limits.max_grid_cells} cells (--max-grid-cells): use fewer values.")
+        axes = self._grid_axes(settings, x, y, z)
         request = self.request(settings)
         notes = precheck_grid(request, *axes)  # every cell, so a bad one fails before the first is drawn
         if settings.batch_size > 1:  # the Generate tab's Batch, which a grid does not use: said, not dropped unsaid
@@ -653,9 +641,9 @@ class AppService:
                              "not used here."]
         for note in notes if notify is not None else ():
             notify(note)
-        steps_axis = next((axis for axis in axes if axis is not None and axis.kind == "steps"), None)
-        total = (sum(steps_axis.values) * (cells[0] * cells[1] // len(steps_axis.values)) if steps_axis
-                 else request.steps * cells[0] * cells[1])
+        # Sampling steps over every cell: a cell's steps are the steps axis's value where steps is an axis.
+        total = sum(next((value for axis, value in cell if axis.kind == "steps"), request.steps)
+                    for cell in grid_cells(*axes))
         pipe = self.pipeline(settings.base)
         with self._save_lock:
             out = output_paths(None, [0], str(self.grids_dir), suffix="grid")[0]
@@ -663,13 +651,39 @@ class AppService:
             out.touch()  # reserve the number; the grid replaces it atomically
         try:
             with self.stack(pipe).pinned(), watching(Watch(cancelled, progress, total, "grid")):
-                path = xy_grid(pipe, None, request, axes[0], axes[1], out_path=out).path
+                path = xy_grid(pipe, None, request, *axes, out_path=out).path
         except BaseException:
             out.unlink(missing_ok=True)
             raise
         if progress is not None:
             progress(total, total)
         return path
+
+    def _grid_axes(self, settings: GenerateSettings, x: str, y: str | None, z: str | None) -> list:
+        """The X, Y and Z axes (None where not given), refused where they cannot make one grid, or where it would be
+        over this server's cell limit counting the cells of every X/Y grid."""
+        from stylelora.generate.xy_grid import check_axis_kinds
+
+        axes = [self.grid_axis(text, settings) for text in (x, y, z)]
+        if axes[0] is None:
+            raise AppError("Give the X axis, e.g. weight=0,0.5,1 or seed=1,2,3.")
+        try:
+            check_axis_kinds(*axes)
+        except ValueError as error:
+            raise AppError(str(error)) from None
+        kinds = {axis.kind for axis in axes if axis is not None}
+        adapter_axes = {"weight", "unet_weight", "te_weight", "blocks"}
+        if kinds & adapter_axes and not settings.adapters and "adapter" not in kinds:
+            raise AppError("A weight axis sets the weights of the chosen adapters: choose adapters first "
+                           "(or add an adapter axis, e.g. adapter=none,NAME).")
+        sizes = [len(axes[0].values), len(axes[1].values) if axes[1] else 1]  # "26x1 cells" with no Y axis
+        sizes += [len(axes[2].values)] if axes[2] else []
+        if math.prod(sizes) > self.limits.max_grid_cells:
+            grids = f" ({sizes[2]} X/Y grids of {sizes[0]}x{sizes[1]})" if len(sizes) == 3 else ""
+            raise AppError(f"A grid of {'x'.join(map(str, sizes))} = {math.prod(sizes)} cells{grids} is over this "
+                           f"server's limit of {self.limits.max_grid_cells} cells (--max-grid-cells): use fewer "
+                           "values.")
+        return axes
 
     # ------------------------------------------------------------------ blend
 

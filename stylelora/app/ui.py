@@ -497,7 +497,8 @@ def _generate_tab(service: AppService) -> SimpleNamespace:
 
 
 def _compare_tab() -> SimpleNamespace:
-    gr.Markdown("An X/Y grid of the Generate tab's settings. Axes: `KIND=V1,V2,...` with KIND one of "
+    gr.Markdown("An X/Y grid of the Generate tab's settings; with a Z axis, one X/Y grid per Z value, side by side "
+                "(A1111's X/Y/Z plot). Axes: `KIND=V1,V2,...` with KIND one of "
                 "adapter (names, or `none`), weight, unet_weight, te_weight, seed, cfg, steps, sampler, clip_skip, "
                 "blend_mode (sum, ties, split), dial (weights, reading); `blocks=V1;V2` takes lbw= block weights, "
                 "separated by `;`; `prompt=FIND,REPLACE,...` is A1111's Prompt S/R (quote a value that holds a "
@@ -505,13 +506,15 @@ def _compare_tab() -> SimpleNamespace:
     with gr.Row():
         x_axis = gr.Textbox(value="weight=0,0.5,1", label="X axis (columns)", elem_id="x-axis")
         y_axis = gr.Textbox(value="seed=1,2", label="Y axis (rows, optional)", elem_id="y-axis")
+        z_axis = gr.Textbox(value="", label="Z axis (one X/Y grid each, optional)", elem_id="z-axis",
+                            placeholder="e.g. blend_mode=sum,split")
     with gr.Row():
         button = gr.Button("Make grid", variant="primary", elem_id="make-grid", scale=3)
         stop = gr.Button("Stop", variant="stop", elem_id="stop-grid", scale=1, interactive=False)
     status = gr.Markdown(elem_id="grid-status", label="Status")
     image = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid")
-    return SimpleNamespace(x_axis=x_axis, y_axis=y_axis, button=button, stop=stop, status=status, image=image,
-                           run=gr.State(Run("grid")))
+    return SimpleNamespace(x_axis=x_axis, y_axis=y_axis, z_axis=z_axis, button=button, stop=stop, status=status,
+                           image=image, run=gr.State(Run("grid")))
 
 
 def _blend_tab() -> SimpleNamespace:
@@ -823,15 +826,16 @@ def _plain(text: str) -> str:
 
 
 def _wire_compare(service: AppService, inputs: GenerateInputs, tab: SimpleNamespace) -> None:
-    def on_grid(x_axis, y_axis, run: Run, progress=gr.Progress(), **values):
+    def on_grid(x_axis, y_axis, z_axis, run: Run, progress=gr.Progress(), **values):
         with run.running_request():
-            path = service.grid(GenerateInputs.settings(list(values.values())), x_axis, y_axis or None,
-                                _progress_callback(progress, "sampling (grid)", run), cancelled=_cancel_check(),
-                                notify=_warn)
+            path = service.grid(GenerateInputs.settings(list(values.values())), x_axis, y_axis or None, z_axis or None,
+                                progress=_progress_callback(progress, "sampling (grid)", run),
+                                cancelled=_cancel_check(), notify=_warn)
         return str(path)
 
     _stoppable(service, tab, lambda: tab.button.click(_shown(service, on_grid), inputs_kwargs={
-        "x_axis": tab.x_axis, "y_axis": tab.y_axis, "run": tab.run, **_named(inputs.settings_inputs)},
+        "x_axis": tab.x_axis, "y_axis": tab.y_axis, "z_axis": tab.z_axis, "run": tab.run,
+        **_named(inputs.settings_inputs)},
         outputs=tab.image, api_name="grid", concurrency_limit=service.limits.concurrency))
 
 

@@ -34,7 +34,8 @@ def add_generate_parsers(subparsers) -> None:
     gen.set_defaults(handler=cmd_generate)
 
     grid = subparsers.add_parser("grid",
-                                 help="X/Y grid: adapters x weights, or two of weight/seed/cfg/steps/sampler/prompt/...")
+                                 help="X/Y(/Z) grid: adapters x weights, or two or three of "
+                                      "weight/seed/cfg/steps/sampler/prompt/...")
     _add_generation_args(grid)
     grid.add_argument("--x", required=True, metavar="KIND=V1,V2",
                       help="columns; KIND: adapter|weight|unet_weight|te_weight|blocks|seed|cfg|steps|blend_mode|dial"
@@ -45,6 +46,9 @@ def add_generate_parsers(subparsers) -> None:
                            "A1111's Prompt S/R, the first value the words each value replaces, e.g. "
                            "'prompt=red,blue,\"green, striped\"'")
     grid.add_argument("--y", metavar="KIND=V1,V2", help="second axis (rows)")
+    grid.add_argument("--z", metavar="KIND=V1,V2",
+                      help="third axis, as A1111's X/Y/Z plot: one X/Y grid per value, side by side under its value "
+                           "(without --y, one row each; kinds as --x)")
     grid.add_argument("--out", help=f"grid PNG or folder (default {DEFAULT_GRIDS_DIR}/NNNNN-grid.png)")
     grid.add_argument("--overwrite", action="store_true", help="replace the --out PNG file if it exists")
     grid.set_defaults(handler=cmd_grid)
@@ -281,16 +285,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 @report_user_errors(user_errors)
 def cmd_grid(args: argparse.Namespace) -> int:
-    """Generate an X/Y grid into one labelled PNG, print its path."""
+    """Generate an X/Y grid (with --z, one per Z value side by side) into one labelled PNG, print its path."""
     from stylelora.generate.xy_grid import parse_axis, precheck_grid, xy_grid
 
     request = request_from_args(args)
-    x_axis, y_axis = parse_axis(args.x), parse_axis(args.y) if args.y else None
-    notes = precheck_grid(request, x_axis, y_axis)
+    axes = [parse_axis(args.x)] + [parse_axis(text) if text else None for text in (args.y, args.z)]
+    notes = precheck_grid(request, *axes)
     check_output_target(args.out, args.overwrite)
-    _check_block_weights(args, request, [axis for axis in (x_axis, y_axis) if axis is not None])
+    _check_block_weights(args, request, [axis for axis in axes if axis is not None])
     out = output_paths(args.out, [0], DEFAULT_GRIDS_DIR, suffix="grid")[0]
     _print_notes(notes)
-    result = xy_grid(_load_pipe(args), None, request, x_axis, y_axis, out_path=out)
+    result = xy_grid(_load_pipe(args), None, request, *axes, out_path=out)
     print(result.path)
     return 0

@@ -1,5 +1,5 @@
-"""X/Y grids: one request varied along two axes (adapter, weight, blocks, seed, cfg, steps, blend mode, dial, clip
-skip, sampler, prompt words) into one PNG.
+"""X/Y/Z grids: one request varied along two or three axes (adapter, weight, blocks, seed, cfg, steps, blend mode,
+dial, clip skip, sampler, prompt words) into one PNG.
 
 Axes: `adapter` adds one adapter per column/row ("none" for the base); `weight`, `unet_weight`, `te_weight` set
 the weight of the axis adapter, or of a named target, or of every adapter in the request, and `blocks` its block
@@ -9,7 +9,8 @@ turn), `clip_skip` and `sampler` replace the request's value; `prompt` is A1111'
 the words to find, each value what they become, in the prompt and the negative prompt). Every cell
 shares the request's (resolved) seed unless seed is an axis, so cells differ only by what the axes say.
 Kinds are read in any case, and by the labels of A1111's X/Y/Z plot too (`CFG Scale`, `Prompt S/R`), which the grid's
-PNG records as its `X Type` where A1111 has the kind.
+PNG records as its `X Type` where A1111 has the kind, beside the values as typed (`X Values`).
+A Z axis, as in A1111's X/Y/Z plot, draws one X/Y grid per Z value, side by side under their Z values.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import math
 import os
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,13 @@ EXAMPLES = {"seed": "seed=1,2,3 or seed=1-5", "steps": "steps=10,20,30 or steps=
 
 @dataclass(frozen=True)
 class XYAxis:
-    """One grid axis: its kind, the values along it, and (weight axes) which adapter file it sets."""
+    """One grid axis: its kind, the values along it, (weight axes) which adapter file it sets, and the values' text
+    as the user typed it (after "KIND="), which the grid's PNG records where it reads back as these values."""
 
     kind: str
     values: tuple
     target: Path | None = None
+    typed: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", axis_kind(self.kind))
@@ -72,11 +75,21 @@ class XYAxis:
         return A1111_LABELS.get(self.kind, self.kind)
 
     def values_text(self) -> str:
-        """The values as the grid's PNG records them: "; " between block-weight values, which hold commas, and
-        Prompt S/R values as one CSV row (quoted where they hold commas), as A1111 writes them."""
+        """The values as the grid's PNG records them: as typed, as A1111 records them (`CFG Scale=3,5` as "3,5", not
+        "3.0, 5.0"), where that text reads back as these values; else "; " between block-weight values, which hold
+        commas, and Prompt S/R values as one CSV row (quoted where they hold commas), as A1111 writes them."""
+        if self.typed is not None and self._reads_back(self.typed):
+            return self.typed
         if self.kind == "prompt":
             return _csv_row(self.values)
         return ("; " if self.kind == "blocks" else ", ").join(map(str, self.values))
+
+    def _reads_back(self, text: str) -> bool:
+        """Whether `text` parses as these values (not where they were changed since: seed -1 as the drawn seeds)."""
+        try:
+            return XYAxis(self.kind, tuple(axis_values(self.kind, text))).values == self.values
+        except ValueError:
+            return False
 
     def label(self, value: Any, *, added: bool = False) -> str:
         """The value's row or column label; added: the adapter axis adds to adapters every cell has already."""
@@ -211,14 +224,15 @@ def parse_axis(text: str) -> XYAxis:
     if not sep or not values.strip():
         raise ValueError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {accepted_kinds()}.")
     try:
-        return XYAxis(kind, tuple(axis_values(kind, values)))
+        return XYAxis(kind, tuple(axis_values(kind, values)), typed=values.strip())
     except ValueError as error:
         raise ValueError(f"Grid axis {text!r}: {error}") from error
 
 
 @dataclass(frozen=True)
 class XYGridResult:
-    """Every cell's image (row-major: y rows, x columns), the grid image and where it was saved."""
+    """Every cell's image (row-major: y rows, x columns; with a Z axis, one such X/Y grid per Z value in turn), the
+    grid image and where it was saved."""
 
     images: list[GeneratedImage]
     grid: Any  # PIL.Image.Image
@@ -281,34 +295,50 @@ def cell_request(request: GenerateRequest, axes: list[tuple[XYAxis, Any]]) -> Ge
     return replace(request, loras=tuple(specs), batch_size=1, **changes)
 
 
-def precheck_grid(request: GenerateRequest, x: XYAxis, y: XYAxis | None) -> list[str]:
+def precheck_grid(request: GenerateRequest, x: XYAxis, y: XYAxis | None, z: XYAxis | None = None) -> list[str]:
     """Every cell checked as `generate` checks a request, before a base loads: an adapter axis's missing file, a
     weight axis with no adapter to weigh or a steps value of 0 fails here, not after the cells before it were
     drawn. Returns the request's notes (precheck_request)."""
     from stylelora.generate.generate import precheck_request
 
-    cells = grid_cells(x, y)
+    cells = grid_cells(x, y, z)
     notes = precheck_request(request)
     for axes in cells:
         precheck_request(cell_request(request, axes))
     return notes
 
 
-def grid_cells(x: XYAxis, y: XYAxis | None) -> list[list[tuple[XYAxis, Any]]]:
-    """Each cell's (axis, value) pairs, row by row (rows: y values, columns: x values); two axes of one kind are
-    refused, as one would overwrite the other in every cell."""
-    if y is not None and x.kind == y.kind:
-        raise ValueError(f"Both grid axes are {x.kind}: pick two different kinds.")
+def check_axis_kinds(x: XYAxis, y: XYAxis | None, z: XYAxis | None = None) -> None:
+    """Refuse two axes of one kind: one would overwrite the other in every cell. A Z axis without a Y axis is one
+    row per Z value, as in A1111."""
+    if z is None:
+        if y is not None and x.kind == y.kind:
+            raise ValueError(f"Both grid axes are {x.kind}: pick two different kinds.")
+        return
+    axes = {name: axis for name, axis in (("X", x), ("Y", y), ("Z", z)) if axis is not None}
+    for first, second in (("X", "Y"), ("X", "Z"), ("Y", "Z")):
+        if first in axes and second in axes and axes[first].kind == axes[second].kind:
+            raise ValueError(f"The {first} and {second} axes are both {axes[first].kind}: pick a different kind for "
+                             "each axis, as one would overwrite the other in every cell.")
+
+
+def grid_cells(x: XYAxis, y: XYAxis | None, z: XYAxis | None = None) -> list[list[tuple[XYAxis, Any]]]:
+    """Each cell's (axis, value) pairs, row by row (rows: y values, columns: x values), one X/Y grid per z value in
+    turn; axes that cannot make one grid are refused (check_axis_kinds)."""
+    check_axis_kinds(x, y, z)
     rows = y.values if y is not None else (None,)
-    return [[(x, xv)] + ([(y, yv)] if y is not None else []) for yv in rows for xv in x.values]
+    grids = z.values if z is not None else (None,)
+    return [[(x, xv)] + ([(y, yv)] if y is not None else []) + ([(z, zv)] if z is not None else [])
+            for zv in grids for yv in rows for xv in x.values]
 
 
 def _fixed_seeds(axis: XYAxis | None) -> XYAxis | None:
     """A seed axis's -1 values as random seeds, each its own, as A1111's X/Y plot fixes them: the label and the PNG
-    then say which seed drew each cell (a "seed -1" cell could not be drawn again)."""
+    then say which seed drew each cell (a "seed -1" cell could not be drawn again, so the typed -1 is not kept)."""
     if axis is None or axis.kind != "seed" or -1 not in axis.values:
         return axis
-    return replace(axis, values=tuple(secrets.randbelow(MAX_SEED + 1) if v == -1 else v for v in axis.values))
+    drawn = tuple(secrets.randbelow(MAX_SEED + 1) if v == -1 else v for v in axis.values)
+    return replace(axis, values=drawn, typed=None)
 
 
 def has_adapters(request: GenerateRequest) -> bool:
@@ -318,14 +348,15 @@ def has_adapters(request: GenerateRequest) -> bool:
     return bool(request.loras) or bool(parse_prompt(request.prompt)[1])
 
 
-def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxis | None = None, *,
-            out_path: str | os.PathLike | None = None, progress: ProgressCallback | None = None) -> XYGridResult:
-    """Generate every cell (rows: y values, columns: x values) and tile them with labels into one PNG."""
+def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxis | None = None,
+            z: XYAxis | None = None, *, out_path: str | os.PathLike | None = None,
+            progress: ProgressCallback | None = None) -> XYGridResult:
+    """Generate every cell (rows: y values, columns: x values; one X/Y grid per z value) and tile them with labels
+    into one PNG; progress counts the cells of every X/Y grid."""
     from stylelora.generate.pngmeta import save_png
-    from stylelora.grid import make_grid
 
-    x, y = _fixed_seeds(x), _fixed_seeds(y)  # before the cells, labels and the PNG's "X Values" are made
-    cells = grid_cells(x, y)
+    x, y, z = _fixed_seeds(x), _fixed_seeds(y), _fixed_seeds(z)  # before the cells, labels and PNG's values are made
+    cells = grid_cells(x, y, z)
     if request.seed == -1:
         request = replace(request, seed=secrets.randbelow(MAX_SEED + 1))  # one seed for every cell
     images: list[GeneratedImage] = []
@@ -333,15 +364,26 @@ def xy_grid(pipe: Any, stack: Any, request: GenerateRequest, x: XYAxis, y: XYAxi
         images += generate(pipe, stack, cell_request(request, axes))
         if progress:
             progress(index + 1, len(cells))
-    scale, added = 3 if images[0].image.width <= 64 else 1, has_adapters(request)
-    grid = make_grid([g.image for g in images], len(x.values), scale=scale,
-                     column_labels=[x.label(v, added=added) for v in x.values],
-                     row_labels=[y.label(v, added=added) for v in y.values] if y is not None else None)
+    grid = _draw_grid(images, x, y, z, added=has_adapters(request))
     path = None
     if out_path is not None:
         params = images[0].params
-        extra = {"Script": "X/Y/Z plot", "X Type": x.type_name, "X Values": x.values_text()}
-        if y is not None:
-            extra.update({"Y Type": y.type_name, "Y Values": y.values_text()})
+        extra = {"Script": "X/Y/Z plot"}
+        for name, axis in (("X", x), ("Y", y), ("Z", z)):
+            if axis is not None:
+                extra.update({f"{name} Type": axis.type_name, f"{name} Values": axis.values_text()})
         path = save_png(grid, replace(params, extra={**params.extra, **extra}), out_path)
     return XYGridResult(images=images, grid=grid, path=path, columns=len(x.values))
+
+
+def _draw_grid(images: list[GeneratedImage], x: XYAxis, y: XYAxis | None, z: XYAxis | None, *, added: bool) -> Any:
+    """The labelled grid image: one X/Y grid, or with a Z axis one per Z value side by side under its Z value."""
+    from stylelora.grid import make_grid, make_z_grid
+
+    scale = 3 if images[0].image.width <= 64 else 1
+    labels = {"column_labels": [x.label(v, added=added) for v in x.values],
+              "row_labels": [y.label(v, added=added) for v in y.values] if y is not None else None}
+    pictures = [g.image for g in images]
+    if z is None:
+        return make_grid(pictures, len(x.values), scale=scale, **labels)
+    return make_z_grid(pictures, len(x.values), [z.label(v, added=added) for v in z.values], scale=scale, **labels)
