@@ -170,6 +170,26 @@ class SavedImage:
 
 
 @dataclass(frozen=True)
+class AdapterCard:
+    """One card of A1111's Lora cards (extra networks): what clicking it writes into the prompt, and what it shows.
+
+    From NAME.json (A1111's sidecar, stylelora.share.a1111_sidecar) where there is one; else weight 1 and the
+    trigger words the adapter's metadata records."""
+
+    name: str  # as a <lora:NAME:W> tag writes it (AppService.adapter_names)
+    preview: Path | None  # NAME.preview.png beside the adapter
+    weight: float  # the sidecar's "preferred weight"
+    activation_text: str  # the sidecar's "activation text": the trigger words clicking the card adds
+    description: str = ""
+
+    @property
+    def tag(self) -> str:
+        from stylelora.generate.prompt_tags import format_lora_tag
+
+        return format_lora_tag(self.name, self.weight)
+
+
+@dataclass(frozen=True)
 class BlendResult:
     name: str
     path: Path
@@ -382,6 +402,49 @@ class AppService:
         from stylelora.lora.inspect import adapter_trigger_words, with_trigger_words
 
         return with_trigger_words(prompt, [word for name in names for word in adapter_trigger_words(self.adapter_path(name))])
+
+    def adapter_cards(self) -> list[AdapterCard]:
+        """A1111's Lora cards of the finished adapters (adapter_names), in the order the adapter list has them."""
+        return [self.adapter_card(name) for name in self.adapter_names()]
+
+    def adapter_card(self, name: str) -> AdapterCard:
+        """The card of one adapter: its sidecar's preferred weight and activation text, else weight 1 and its trigger
+        words; its preview image where there is one. An unreadable file gets a card without trigger words: the page
+        stays usable, and generating with it says what is wrong with the file."""
+        from stylelora.lora.adapter_file import AdapterFileError
+        from stylelora.lora.inspect import adapter_trigger_words
+        from stylelora.share import preview_path
+
+        path = self.adapter_path(name)
+        sidecar = _read_card_sidecar(path)
+        activation = sidecar.get("activation text")
+        if not isinstance(activation, str):
+            try:
+                activation = ", ".join(adapter_trigger_words(path))
+            except AdapterFileError:
+                activation = ""
+        description = sidecar.get("description")
+        preview = preview_path(path)
+        return AdapterCard(name.strip(), preview if preview.is_file() else None, _preferred_weight(sidecar),
+                           activation.strip(), description.strip() if isinstance(description, str) else "")
+
+    def with_card(self, prompt: str, name: str) -> str:
+        """The prompt after a click on the adapter's card, as A1111 has it: its `<lora:NAME:W>` tag appended (after
+        a space) with its activation text put in front where the prompt lacks it (as `--add-triggers` does); or,
+        where a tag of that adapter is in the prompt already, the prompt without that tag (a second click undoes
+        the first; the trigger words stay, as they may have been typed)."""
+        from stylelora.generate.prompt_tags import TAG_PATTERN
+        from stylelora.lora.inspect import with_trigger_words
+
+        card, prompt = self.adapter_card(name), prompt or ""
+        own = [match.group(0) for match in TAG_PATTERN.finditer(prompt)
+               if match.group(1).split(":")[0].strip() == card.name]
+        if own:
+            for tag in own:  # each with the blanks before it, so that no double space is left where it was
+                prompt = re.sub(rf"[ \t]*{re.escape(tag)}", "", prompt, count=1)
+            return prompt.strip()
+        words = [word.strip() for word in card.activation_text.split(",") if word.strip()]
+        return f"{with_trigger_words(prompt, words)} {card.tag}".strip()
 
     def specs(self, adapters: Sequence[AdapterWeight]):
         """AdapterSpecs for the blend, every name resolved inside the adapters folder."""
@@ -846,6 +909,25 @@ class AppService:
     def training(self):
         """The current (or last) training run, or None."""
         return self._training
+
+
+def _read_card_sidecar(adapter: Path) -> dict:
+    """The adapter's NAME.json (A1111's card metadata), or {} where there is none or it cannot be read: a broken
+    sidecar costs its card the sidecar's values, not the page its list of cards."""
+    try:
+        found = json.loads(adapter.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _preferred_weight(sidecar: dict) -> float:
+    """The sidecar's "preferred weight"; 1 where it gives none, 0 (A1111: "use the default") or no finite number."""
+    try:
+        weight = float(sidecar.get("preferred weight") or 1.0)
+    except (TypeError, ValueError):
+        return 1.0
+    return weight if math.isfinite(weight) else 1.0
 
 
 def _sidecars(adapter: Path) -> list[Path]:

@@ -38,11 +38,13 @@ STOP_WAIT_SECONDS = 10.0
 # drawn at the width of its tab (gradio draws an image at most at its own size: a toy grid was a strip of stamps),
 # and no taller than the window; its download is the file itself. A slider's label keeps its words on one line
 # while it fits its column (gradio shrinks it first, to a word a line beside its number box): the box moves below.
+# The Lora cards' box is as high as its rows of cards (gradio gives a gallery a tall empty box by default).
 CSS = """
 .mono textarea { font-family: ui-monospace, monospace; font-size: 0.85em; }
-#gallery img, #grid img, #train-sample img { image-rendering: pixelated; }
+#gallery img, #grid img, #train-sample img, #lora-cards img { image-rendering: pixelated; }
 #grid .image-frame { width: 100%; }
 #grid img { width: 100%; height: auto; max-height: 85vh; object-fit: contain; }
+#lora-cards .grid-wrap { min-height: 0; height: auto; }
 .gradio-container .block .head > label { flex: 1 0 auto; max-width: 100%; }
 .clamp-note { color: var(--error-text-color, #b91c1c); font-size: var(--text-sm, 0.875em); margin-top: 4px; }
 """
@@ -95,6 +97,10 @@ CLAMP_NOTE = """() => {
 # and errors on their own report widget instead: a blend refused for its name hid the adapters chosen for Generate.
 BLOCK_WEIGHTS_INFO = ("empty: every block at 1. Else as A1111's LoRA Block Weight: a preset (OUTALL, INALL, MIDD, "
                       "...) or one weight per UNet block, BASE first: BASE,IN..,M..,OUT.. (17 on SD 1.x)")
+# A1111's Lora cards: each card's image is a copy at most this many pixels a side (the adapters folder is not served,
+# and a 1024 px preview per card would make the page heavy); an adapter without a preview gets a plain tile.
+CARD_SIDE = 256
+CARD_PLACEHOLDER_COLOR = "#d4d4d8"
 log = logging.getLogger(__name__)
 
 
@@ -248,6 +254,10 @@ class GenerateInputs:
                                  elem_id="prompt")
         with gr.Row():
             self.triggers = gr.Button("Add trigger words", size="sm", scale=0, min_width=160)
+        with gr.Accordion("Lora cards", open=False):
+            self.cards = gr.Gallery(**card_gallery(service), columns=4, fit_columns=False, height="auto",
+                                    object_fit="contain", allow_preview=False, interactive=False, format="png",
+                                    elem_id="lora-cards")
         self.negative = gr.Textbox("", label="Negative prompt", lines=1, elem_id="negative-prompt")
         with gr.Row():
             limits, (steps, cfg) = service.limits, service.sampling_defaults()
@@ -301,6 +311,32 @@ class GenerateInputs:
             blend_mode=mode or None, dial=dial or None,
             clip_skip=1 if clip_skip is None else _number(clip_skip, "Clip skip", whole=True),
         )
+
+
+def card_gallery(service: AppService) -> dict:
+    """The Lora cards gallery's value (each adapter's preview, or a plain tile, captioned with its name) and its
+    label, which says what a click does, or how to get a first adapter where there is none."""
+    cards = service.adapter_cards()
+    if not cards:
+        label = (f"No adapters in {service.adapters_dir.name}/ yet: train one (Train tab), or upload a .safetensors "
+                 "file above; its card appears here.")
+    else:
+        label = "Click a card to add its <lora:NAME:W> tag and trigger words to the prompt; again to remove the tag."
+    return {"value": [(_card_image(card.preview), card.name) for card in cards], "label": label}
+
+
+def _card_image(preview):
+    """A card's image: its preview, shrunk to CARD_SIDE; a plain tile where there is none or it cannot be read."""
+    from PIL import Image
+
+    if preview is not None:
+        try:
+            image = _read_image(str(preview))
+            image.thumbnail((CARD_SIDE, CARD_SIDE))
+            return image
+        except (OSError, ValueError):
+            log.warning("The preview %s cannot be read; its card shows a plain tile.", preview)
+    return Image.new("RGB", (CARD_SIDE // 4, CARD_SIDE // 4), CARD_PLACEHOLDER_COLOR)
 
 
 def size_box(service: AppService, base: str, current: str | None = "native") -> dict:
@@ -432,23 +468,33 @@ def build_ui(service: AppService, *, cache_seconds: int | None = 3600) -> gr.Blo
             adapters = _adapters_tab(service)
         with gr.Tab("Train"):
             train = _train_tab(service)
-        lists = AdapterLists(service, generate.inputs.chosen, adapters.name)
+        lists = AdapterLists(service, generate.inputs.chosen, adapters.name, generate.inputs.cards)
         _wire_generate(service, generate, lists)
         _wire_compare(service, generate.inputs, compare)
         _wire_blend(service, generate.inputs, blend, lists)
         _wire_adapters(service, adapters, lists, generate.previous_chosen)
         _wire_train(service, train, lists, demo)
+        # The Lora cards are refreshed on load by the training tick (_wire_train), which refreshes the lists too.
         demo.load(lists.refreshed, lists.widgets, lists.widgets, api_visibility="private")
         demo.load(None, None, None, js=CLAMP_NOTE, api_visibility="private")
     return demo
 
 
 class AdapterLists:
-    """The dropdowns that list the adapters folder, refreshed together: Generate's choice offers the finished
-    adapters, Adapters' inspect box the training checkpoints too, labelled (inspect_choices)."""
+    """The widgets that list the adapters folder, refreshed together: Generate's choice offers the finished
+    adapters, Adapters' inspect box the training checkpoints too, labelled (inspect_choices); Generate's Lora cards
+    show the finished adapters as cards (card_gallery)."""
 
-    def __init__(self, service: AppService, chosen, inspected) -> None:
-        self.service, self.widgets = service, [chosen, inspected]
+    def __init__(self, service: AppService, chosen, inspected, cards) -> None:
+        self.service, self.widgets, self.cards = service, [chosen, inspected], cards
+
+    def cards_now(self):
+        return gr.update(**card_gallery(self.service))
+
+    def follow(self, event) -> None:
+        """The Lora cards refreshed after `event` has refreshed the lists: a step of its own, not one more output of
+        the event, so that an API client of /upload or /blend does not receive every adapter's preview."""
+        event.success(self.cards_now, None, self.cards, api_visibility="private", show_progress="hidden")
 
     def refreshed(self, chosen: Sequence[str] | None = None, inspected: str | None = None,
                   renamed: dict[str, str] | None = None):
@@ -733,6 +779,14 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
     # A refusal is a toast; gradio's "Error" badge would cover the prompt itself (show_progress_on: OVERLAY_NOTE).
     inputs.triggers.click(_shown(service, on_triggers), [inputs.prompt, inputs.chosen], inputs.prompt,
                           api_name="add_triggers", show_progress_on=inputs.triggers)
+
+    def on_card(prompt, event: gr.SelectData):
+        # The card's caption is its adapter's name: the index would name another adapter once the folder changed.
+        name = event.value.get("caption") if isinstance(event.value, dict) else None
+        return service.with_card(prompt, name or "")
+
+    inputs.cards.select(_shown(service, on_card), inputs.prompt, inputs.prompt, api_visibility="private",
+                        show_progress_on=inputs.cards)  # OVERLAY_NOTE
     _wire_png_info(service, tab)
     inputs.random_seed.click(lambda: -1, None, inputs.seed, api_visibility="private")
     inputs.reuse_seed.click(lambda seed: seed, tab.last_seed, inputs.seed, api_visibility="private")
@@ -755,7 +809,8 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
         "file": inputs.upload, "adapters": inputs.chosen, "base": inputs.base}, outputs=[*lists.widgets, inputs.upload],
         api_name="upload", show_progress_on=inputs.upload)  # not on the adapter lists: OVERLAY_NOTE
     uploaded.failure(lambda: None, None, inputs.upload, api_visibility="private")  # the refused file leaves the box
-    inputs.refresh.click(lists.refreshed, lists.widgets, lists.widgets, api_name="adapters")
+    lists.follow(uploaded)
+    lists.follow(inputs.refresh.click(lists.refreshed, lists.widgets, lists.widgets, api_name="adapters"))
 
 
 def _wire_png_info(service: AppService, tab: SimpleNamespace) -> None:
@@ -890,9 +945,9 @@ def _wire_blend(service: AppService, inputs: GenerateInputs, tab: SimpleNamespac
 
     names = {id(widget): key for widget, key in zip(tab.options,
                                                     ["name", "mode", "rank", "fp16", "overwrite", "blend_mode"])}
-    tab.button.click(_shown(service, on_blend), inputs_kwargs=_named(
+    lists.follow(tab.button.click(_shown(service, on_blend), inputs_kwargs=_named(
         [inputs.chosen, *inputs.weights, *tab.options, inputs.dial, *inputs.blocks, inputs.base], names),
-        outputs=[tab.report, *lists.widgets], api_name="blend", show_progress_on=tab.report)  # OVERLAY_NOTE
+        outputs=[tab.report, *lists.widgets], api_name="blend", show_progress_on=tab.report))  # OVERLAY_NOTE
 
 
 def _wire_adapters(service: AppService, tab: SimpleNamespace, lists: AdapterLists, previous_chosen) -> None:
@@ -946,9 +1001,9 @@ def _wire_adapters(service: AppService, tab: SimpleNamespace, lists: AdapterList
         return (gr.update(visible=False), None, html.escape(message), *lists.refreshed(chosen, inspected, renamed),
                 previous)
 
-    tab.confirm.click(_shown(service, on_confirm), [tab.pending, *lists.widgets, previous_chosen],
-                      [tab.confirm_row, tab.pending, tab.done, *lists.widgets, previous_chosen],
-                      api_visibility="private", show_progress_on=tab.done)  # OVERLAY_NOTE
+    lists.follow(tab.confirm.click(_shown(service, on_confirm), [tab.pending, *lists.widgets, previous_chosen],
+                                   [tab.confirm_row, tab.pending, tab.done, *lists.widgets, previous_chosen],
+                                   api_visibility="private", show_progress_on=tab.done))  # OVERLAY_NOTE
     tab.cancel.click(lambda: (gr.update(visible=False), None), None, [tab.confirm_row, tab.pending],
                      api_visibility="private")
 
@@ -1011,13 +1066,15 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
         status = job.status() if job is not None else None
         shown = _training_view(service, status, shown_sample)
         if status is not None and status.running:
-            return *shown, gr.update(), gr.update(), gr.Timer(active=True), gr.update(interactive=True)
-        # The run ended: the last view, the new adapter in the lists, no more ticks, and nothing to stop.
-        return *shown, *lists.refreshed(chosen, inspected), gr.Timer(active=False), gr.update(interactive=False)
+            return *shown, gr.update(), gr.update(), gr.update(), gr.Timer(active=True), gr.update(interactive=True)
+        # The run ended: the last view, the new adapter in the lists and cards, no more ticks, and nothing to stop.
+        return (*shown, *lists.refreshed(chosen, inspected), lists.cards_now(), gr.Timer(active=False),
+                gr.update(interactive=False))
 
     # Every page (a reload, a second browser) follows the current run from its start or its first load.
     tick = dict(fn=on_tick, inputs=[tab.shown_sample, *lists.widgets],
-                outputs=[*view, tab.shown_sample, *lists.widgets, tab.timer, tab.stop], show_progress="hidden",
+                outputs=[*view, tab.shown_sample, *lists.widgets, lists.cards, tab.timer, tab.stop],
+                show_progress="hidden",
                 api_visibility="private", queue=False)
     tab.timer.tick(**tick)
     demo.load(**tick)
