@@ -22,8 +22,7 @@ def make_grid(images: list[Image.Image], columns: int, *, scale: int = 1, gap: i
         raise ValueError("make_grid needs at least one image")
     w, h = max(image.width for image in images) * scale, max(image.height for image in images) * scale
     rows = (len(images) + columns - 1) // columns
-    font = label_font(w, h)
-    grow = getattr(font, "size", LABEL_FONT_SIZE) / LABEL_FONT_SIZE
+    font, grow = scaled_font(w, h)
     widest = max((font.getlength(label) for label in row_labels or []), default=0)
     # Row labels take the room they need, up to a cell's width, so a long adapter name is not cut on a big cell.
     left = max(round(label_width * grow), min(round(widest) + 8, w)) if row_labels else 0
@@ -54,8 +53,8 @@ def make_z_grid(images: list[Image.Image], columns: int, titles: list[str], *, s
     grids = [make_grid(images[i * per_grid:(i + 1) * per_grid], columns, scale=scale, gap=gap,
                        label_height=label_height, **labels) for i in range(len(titles))]
     # The titles' text is the size of the sub-grids' labels, which grow with the cells.
-    font = label_font(max(image.width for image in images) * scale, max(image.height for image in images) * scale)
-    grow = getattr(font, "size", LABEL_FONT_SIZE) / LABEL_FONT_SIZE
+    cell = max(image.width for image in images) * scale, max(image.height for image in images) * scale
+    font, grow = scaled_font(*cell)
     top, margin = round(label_height * grow), round(Z_MARGIN * grow)
     width = sum(grid.width for grid in grids) + margin * (len(grids) - 1)
     canvas = Image.new("RGB", (width, top + max(grid.height for grid in grids)), (255, 255, 255))
@@ -67,6 +66,12 @@ def make_z_grid(images: list[Image.Image], columns: int, titles: list[str], *, s
         draw.text((left + (grid.width - draw.textlength(shown, font=font)) // 2, 1), shown, fill=(0, 0, 0), font=font)
         left += grid.width + margin
     return canvas
+
+
+def scaled_font(width: int, height: int):
+    """(label_font for a cell of this size, its size over the toy cell's 10 px): the factor the label bands grow by."""
+    font = label_font(width, height)
+    return font, getattr(font, "size", LABEL_FONT_SIZE) / LABEL_FONT_SIZE
 
 
 def label_font(width: int, height: int):

@@ -84,7 +84,7 @@ def a1111_sidecar(metadata: dict[str, str]) -> dict[str, object]:
     return {
         "description": metadata.get("modelspec.description", ""),
         "sd version": sd_version(metadata),
-        "activation text": ", ".join(trigger_words(metadata)),
+        "activation text": card_prompt(metadata),
         "preferred weight": 1.0,
         "negative text": "",
         "notes": f"{_origin(metadata)}{_clip_skip_note(metadata)} License: "

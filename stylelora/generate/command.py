@@ -106,7 +106,10 @@ def request_from_args(args: argparse.Namespace, recorded: str | None = None):
     fixed = {"batch_size": getattr(args, "batch", 1), "adapters_dir": Path(args.adapters_dir),
              "add_triggers": args.add_triggers}
     if recorded is not None:
-        request = request_from_parameters(recorded, args.adapters_dir)
+        # Drawn with the recorded adapters, are they the files it was drawn with? Read from the files, before the base
+        # loads (minutes on a real one).
+        keeps_adapters = args.prompt is None and args.lora is None
+        request = request_from_parameters(recorded, args.adapters_dir, check_files=keeps_adapters)
         if args.prompt is not None:
             given["prompt"] = args.prompt
         elif "loras" in given:  # they replace the recorded adapters, which are the tags of the recorded prompt
@@ -259,13 +262,10 @@ def _recorded_base_notes(recorded: str, pipe, args: argparse.Namespace) -> list[
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate (or, with --from-png, draw a recorded image again), save PNGs with A1111 parameters, print their
     paths."""
-    from stylelora.generate.generate import generate, precheck_request, request_from_parameters
+    from stylelora.generate.generate import generate, precheck_request
 
     recorded = read_from_png(args.from_png) if args.from_png else None
     request = request_from_args(args, recorded)
-    if recorded is not None and args.prompt is None and args.lora is None:
-        # The recorded adapters: are they the files it was drawn with? Asked before the base loads (minutes).
-        request_from_parameters(recorded, args.adapters_dir, check_files=True)
     notes = precheck_request(request)
     check_output_target(args.out, args.overwrite, args.batch)
     _check_block_weights(args, request)
