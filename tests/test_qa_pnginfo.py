@@ -159,6 +159,28 @@ def test_generate_from_png_refuses_a_changed_adapter_before_the_base_loads(toy_w
     assert code == 2 and "not the files the image was made with" in err and "Put those files back" in err, err
 
 
+def test_generate_from_png_warns_where_the_image_was_drawn_on_another_base(toy_world, tmp_path, capsys):
+    from stylelora.generate.pngmeta import save_png
+
+    where = ["--device", "cpu", "--steps", "1"]  # --base toy, the default
+    code, first, _ = stylelora(["generate", "a red circle", "--seed", "2", "--out", str(tmp_path / "first.png"),
+                                *where], capsys)
+    text = read_png_parameters(first)
+    assert code == 0 and "Model hash: " in text and "Model: toy" in text
+    code, _, err = stylelora(["generate", "--from-png", first, "--out", str(tmp_path / "same.png"), *where], capsys)
+    assert code == 0 and "warning" not in err, err  # the same base: nothing to say
+
+    # The same parameters as an image drawn on SD 1.5 would carry them: the redraw says it will not match.
+    hash_field = next(field for field in text.split(", ") if field.startswith("Model hash: "))
+    other = text.replace(hash_field, "Model hash: 6ce0161689").replace("Model: toy", "Model: v1-5-pruned-emaonly")
+    save_png(_image(first), other, tmp_path / "other.png")
+    code, _, err = stylelora(["generate", "--from-png", str(tmp_path / "other.png"), "--out",
+                              str(tmp_path / "again.png"), *where], capsys)
+    assert code == 0
+    assert "was drawn on v1-5-pruned-emaonly (Model hash 6ce0161689), not on --base toy" in err, err
+    assert "give --base that model to draw it again" in err
+
+
 def _image(path: str):
     from PIL import Image
 
