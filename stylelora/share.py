@@ -219,15 +219,17 @@ def _image_count(metadata: dict[str, str]) -> str:
         return "?"
 
 
-def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = None,
-                 card: Path | None = None) -> list[Path]:
+def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = None, card: Path | None = None,
+                 metadata: dict[str, str] | None = None, keep_sidecar: bool = False) -> list[Path]:
     """Write NAME.preview.png (when there is a preview), NAME.json and the model card (`card`, default
-    card_path(adapter)) beside the adapter."""
+    card_path(adapter)) beside the adapter. `metadata`: the adapter's, where the caller has read it already.
+    `keep_sidecar`: leave a NAME.json that is there as it is (the adapter is unchanged, and users edit NAME.json in
+    A1111's metadata editor)."""
     from stylelora.lora.adapter_file import read_header
 
     adapter = Path(adapter)
     name = adapter.stem
-    _, metadata = read_header(adapter)
+    metadata = read_header(adapter)[1] if metadata is None else metadata
     written = []
     if preview is not None and preview.is_file():
         target = preview_path(adapter)
@@ -236,7 +238,8 @@ def write_bundle(adapter: Path, *, preview: Path | None, grid: Path | None = Non
         os.replace(tmp, target)
         written.append(target)
     sidecar = adapter.with_name(f"{name}.json")
-    written.append(write_text_atomic(sidecar, json.dumps(a1111_sidecar(metadata), indent=4) + "\n"))
+    if not (keep_sidecar and sidecar.is_file()):
+        written.append(write_text_atomic(sidecar, json.dumps(a1111_sidecar(metadata), indent=4) + "\n"))
     grid_link = os.path.relpath(grid, adapter.parent) if grid is not None and grid.is_file() else None
     card_text = model_card(name, metadata, grid=grid_link, preview=preview is not None and preview.is_file())
     target = card or card_path(adapter)
@@ -393,22 +396,25 @@ def add_preview(adapter: Path, image: Path | None, *, base: str | None = None,
     copied as it is, with its parameters; another format converted), else one drawn on `base` (default: the base the
     adapter records, recorded_base). Where that base cannot be loaded, nothing is written and `say` is told why and
     how to add one; returns the preview written, or None."""
+    from stylelora.lora.adapter_file import read_header
+
     target = preview_path(adapter)
+    _, metadata = read_header(adapter)
     if image is not None:
         _copy_as_png(image, target)
-    elif not _drawn(adapter, target, base, say):
+    elif not _drawn(adapter, metadata, target, base, say):
         return None
     card = _written_card(adapter)
-    write_bundle(adapter, preview=target, grid=_card_grid(card), card=card[0] if card else None)
+    write_bundle(adapter, preview=target, grid=_card_grid(card), card=card[0] if card else None, metadata=metadata,
+                 keep_sidecar=True)
     return target
 
 
-def _drawn(adapter: Path, target: Path, base: str | None, say: Callable[[str], None]) -> bool:
+def _drawn(adapter: Path, metadata: dict[str, str], target: Path, base: str | None,
+           say: Callable[[str], None]) -> bool:
     """Whether the preview was drawn into `target`; where it could not be, `say` gets why and what to pass."""
-    from stylelora.lora.adapter_file import read_header
     from stylelora.models.load import resolve_base_source
 
-    _, metadata = read_header(adapter)
     found, config_dir, origin = (base, None, "given with --base") if base else recorded_base(adapter, metadata)
     try:
         if found is None:
@@ -416,7 +422,7 @@ def _drawn(adapter: Path, target: Path, base: str | None, say: Callable[[str], N
         resolve_base_source(found)  # a path not on this machine fails here, in a moment, before anything loads
         say(f"note: drawing {target.name} on the base {found} ({origin}), seed {PREVIEW_SEED}; pass --preview "
             "IMAGE.png to use your own image, or --no-preview to skip it")
-        draw_preview(adapter, target, found, config_dir)
+        draw_preview(adapter, target, found, config_dir, metadata=metadata)
     except _base_errors() as error:
         say(_no_preview_warning(adapter, metadata, found, origin, error))
         return False
@@ -459,17 +465,18 @@ def recorded_base(adapter: Path, metadata: dict[str, str]) -> tuple[str | None, 
     return metadata.get("ss_sd_model_name") or None, None, "recorded in the adapter's metadata"
 
 
-def draw_preview(adapter: Path, target: Path, base: str, config_dir: str | None = None) -> Path:
+def draw_preview(adapter: Path, target: Path, base: str, config_dir: str | None = None,
+                 metadata: dict[str, str] | None = None) -> Path:
     """Draw the adapter's preview as `stylelora generate` draws: the card's prompt with the adapter at weight 1 on
     `base`, one image at the base's default steps and CFG, seed PREVIEW_SEED, at the clip skip it was trained at.
-    The PNG carries its A1111 parameters, as generate's images do."""
+    The PNG carries its A1111 parameters, as generate's images do. `metadata`: the adapter's, where read already."""
     from stylelora.generate.generate import GenerateRequest, generate
     from stylelora.lora.adapter_file import read_header
     from stylelora.lora.spec import AdapterSpec
     from stylelora.models.load import load_base
     from stylelora.presets import base_sampling_defaults
 
-    _, metadata = read_header(adapter)
+    metadata = read_header(adapter)[1] if metadata is None else metadata
     steps, cfg = base_sampling_defaults(base, config_dir=config_dir)
     request = GenerateRequest(prompt=card_prompt(metadata), steps=steps, cfg=cfg, seed=PREVIEW_SEED,
                               loras=(AdapterSpec(adapter),), clip_skip=_clip_skip(metadata))

@@ -154,3 +154,25 @@ def test_a_preview_added_later_keeps_the_cards_sample_grid(tmp_path):
         assert written.format == "PNG"  # a JPEG given is converted: the file is what its name says
     card = (tmp_path / "README.md").read_text(encoding="utf-8")
     assert "![sample grid](samples/step-000004.png)" in card and "(with `ink.preview.png` and `ink.json`)" in card
+
+
+def test_a_preview_added_later_keeps_the_sidecar_the_user_edited(tmp_path):
+    """A1111's metadata editor writes NAME.json: adding a preview to the same adapter leaves the user's edits."""
+    import json
+
+    from gen_fixtures import make_adapter
+
+    from stylelora.share import add_preview, write_bundle
+
+    adapter = make_adapter(tmp_path / "ink.safetensors", 1, trigger="ink")
+    write_bundle(adapter, preview=None)
+    sidecar = tmp_path / "ink.json"
+    edited = dict(json.loads(sidecar.read_text(encoding="utf-8")), description="my ink", **{"preferred weight": 0.7})
+    sidecar.write_text(json.dumps(edited), encoding="utf-8")
+    Image.new("RGB", (32, 32), (0, 90, 200)).save(tmp_path / "mine.png")
+    assert add_preview(adapter, tmp_path / "mine.png") == tmp_path / "ink.preview.png"
+    assert json.loads(sidecar.read_text(encoding="utf-8")) == edited
+    assert "(with `ink.preview.png` and `ink.json`)" in (tmp_path / "README.md").read_text(encoding="utf-8")
+    sidecar.unlink()  # none there: the preview's card names one, so it is written
+    add_preview(adapter, tmp_path / "mine.png")
+    assert json.loads(sidecar.read_text(encoding="utf-8"))["activation text"] == "ink"
