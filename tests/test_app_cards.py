@@ -48,6 +48,16 @@ def test_the_cards_carry_the_sidecars_weight_and_activation_text_else_weight_1_a
                     "Bold stripes")]
 
 
+def test_a_card_shows_its_name_and_the_start_of_its_description_and_a_click_reads_the_name_back(service):
+    from stylelora.app.ui import card_caption, card_gallery, card_name
+
+    assert [caption for _, caption in card_gallery(service)["value"]] == ["pastel", "styles/stripes\nBold stripes"]
+    long = AdapterCard("ink", None, 1.0, "ink", "A wash of ink,\n  with dry-brush edges " + "and more " * 10)
+    caption = card_caption(long)
+    assert caption.startswith("ink\nA wash of ink, with dry-brush edges and more") and caption.endswith("…")
+    assert len(caption.split("\n")[1]) <= 60 and card_name(caption) == "ink" and card_name(None) == ""
+
+
 def test_a_click_appends_the_tag_with_the_preferred_weight_and_puts_the_activation_text_in_front(service):
     once = service.with_card(PROMPT, "styles/stripes")
     assert once == f"stripestyle, bold lines, {PROMPT} {STRIPES_TAG}"
@@ -128,6 +138,7 @@ def test_clicking_a_card_in_the_browser_puts_its_tag_into_the_prompt_and_a_secon
                 page.wait_for_selector("#generate", timeout=60_000)
                 page.get_by_role("button", name="Lora cards").click()
                 card = page.locator("#lora-cards .thumbnail-item", has_text="styles/stripes")
+                sync_api.expect(card).to_contain_text("Bold stripes")  # the sidecar's description
                 prompt = page.locator("#prompt textarea")
                 card.click()
                 sync_api.expect(prompt).to_have_value(f"stripestyle, bold lines, {PROMPT} {STRIPES_TAG}",

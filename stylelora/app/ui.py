@@ -45,6 +45,7 @@ CSS = """
 #grid .image-frame { width: 100%; }
 #grid img { width: 100%; height: auto; max-height: 85vh; object-fit: contain; }
 #lora-cards .grid-wrap { min-height: 0; height: auto; }
+#lora-cards .caption-label { white-space: pre-line; text-align: left; }
 .gradio-container .block .head > label { flex: 1 0 auto; max-width: 100%; }
 .clamp-note { color: var(--error-text-color, #b91c1c); font-size: var(--text-sm, 0.875em); margin-top: 4px; }
 """
@@ -322,7 +323,24 @@ def card_gallery(service: AppService) -> dict:
                  "file above; its card appears here.")
     else:
         label = "Click a card to add its <lora:NAME:W> tag and trigger words to the prompt; again to remove the tag."
-    return {"value": [(_card_image(card.preview), card.name) for card in cards], "label": label}
+    return {"value": [(_card_image(card.preview), card_caption(card)) for card in cards], "label": label}
+
+
+CARD_DESCRIPTION_CHARS = 60  # as much of a sidecar's description as a card's caption shows
+
+
+def card_caption(card) -> str:
+    """A card's caption: its adapter's name, then on a second line the start of its description (as A1111's cards
+    show it). The name comes first and alone on its line: a click reads it back (card_name)."""
+    description = " ".join(card.description.split())
+    if len(description) > CARD_DESCRIPTION_CHARS:
+        description = description[:CARD_DESCRIPTION_CHARS - 1].rstrip() + "…"
+    return f"{card.name}\n{description}" if description else card.name
+
+
+def card_name(caption: str | None) -> str:
+    """The adapter name a card's caption (card_caption) starts with: adapter names hold no line breaks."""
+    return (caption or "").split("\n", 1)[0]
 
 
 def _card_image(preview):
@@ -781,9 +799,10 @@ def _wire_generate(service: AppService, tab: SimpleNamespace, lists: AdapterList
                           api_name="add_triggers", show_progress_on=inputs.triggers)
 
     def on_card(prompt, event: gr.SelectData):
-        # The card's caption is its adapter's name: the index would name another adapter once the folder changed.
-        name = event.value.get("caption") if isinstance(event.value, dict) else None
-        return service.with_card(prompt, name or "")
+        # The card's caption starts with its adapter's name: the index would name another adapter once the folder
+        # changed.
+        caption = event.value.get("caption") if isinstance(event.value, dict) else None
+        return service.with_card(prompt, card_name(caption))
 
     inputs.cards.select(_shown(service, on_card), inputs.prompt, inputs.prompt, api_visibility="private",
                         show_progress_on=inputs.cards)  # OVERLAY_NOTE
