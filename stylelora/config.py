@@ -155,6 +155,10 @@ class OptimConfig:
     warmup_steps: int | None = option(None, "LR warmup steps (unset: a tenth of the steps, at most 50)", example="50")
     grad_accum: int = option(1, "gradient accumulation steps", example="1")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = no clipping)", example="1.0")
+    # sd-scripts' max-norm regularization: off by default there too (stylelora.lora.max_norm says why one uses it).
+    scale_weight_norms: float = option(0.0, "cap each LoRA module's weight change at this norm after every step "
+                                            "(kohya's --scale_weight_norms; 1 is its starting point; 0 = off)",
+                                       example="1.0")
 
 
 @dataclass(frozen=True)
@@ -612,6 +616,8 @@ def _optim_problems(o: OptimConfig, n: NetworkConfig) -> list[str | None]:
         _rule("optim.weight_decay", o.weight_decay >= 0, "must be 0 or more", o.weight_decay),
         _rule("optim.grad_accum", o.grad_accum >= 1, "must be at least 1 (1 = no accumulation)", o.grad_accum),
         _rule("optim.max_grad_norm", o.max_grad_norm >= 0, "must be 0 (no clipping) or more", o.max_grad_norm),
+        _rule("optim.scale_weight_norms", o.scale_weight_norms >= 0, "must be 0 (off) or more, e.g. 1.0",
+              o.scale_weight_norms),
     ]
     if o.unet_lr is not None:
         problems.append(_rule("optim.unet_lr", o.unet_lr > 0, "must be > 0", o.unet_lr))

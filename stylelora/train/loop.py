@@ -44,6 +44,7 @@ from stylelora.data.scan import ScanReport, TrainItem, scan_folder, trigger_patt
 from stylelora.generate.prompt_reading import skip_last_layers
 from stylelora.lora.components import text_encoders
 from stylelora.lora.inject import adapters_disabled
+from stylelora.lora.max_norm import cap_module_norms
 from stylelora.models.heap import return_freed_memory
 from stylelora.train import checkpoint
 from stylelora.train.logs import METRICS_FILE, RunLog
@@ -961,6 +962,8 @@ def optimizer_step(run: Run, batches: Iterator[dict], step: int) -> tuple[float,
                 grad_norm = _clip_gradients(run, step)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients and run.config.optim.scale_weight_norms:
+                cap_module_norms(run.models.unwrapped or run.trained_modules, run.config.optim.scale_weight_norms)
         losses.append(mean_loss)
     return sum(losses) / len(losses), grad_norm
 

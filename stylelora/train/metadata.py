@@ -122,6 +122,7 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_total_batch_size": str(samples_per_step),
         "ss_gradient_accumulation_steps": str(o.grad_accum),
         "ss_max_grad_norm": str(o.max_grad_norm),
+        "ss_scale_weight_norms": str(o.scale_weight_norms or None),  # kohya writes None when off
         "ss_min_snr_gamma": str(t.min_snr_gamma),
         "ss_noise_offset": str(t.noise_offset),
         "ss_preserve_base": str(t.preserve_base),
