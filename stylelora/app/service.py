@@ -433,12 +433,11 @@ class AppService:
         a space) with its activation text put in front where the prompt lacks it (as `--add-triggers` does); or,
         where a tag of that adapter is in the prompt already, the prompt without that tag (a second click undoes
         the first; the trigger words stay, as they may have been typed)."""
-        from stylelora.generate.prompt_tags import TAG_PATTERN
+        from stylelora.generate.prompt_tags import TAG_PATTERN, tag_name
         from stylelora.lora.inspect import with_trigger_words
 
         card, prompt = self.adapter_card(name), prompt or ""
-        own = [match.group(0) for match in TAG_PATTERN.finditer(prompt)
-               if match.group(1).split(":")[0].strip() == card.name]
+        own = [match.group(0) for match in TAG_PATTERN.finditer(prompt) if tag_name(match.group(1)) == card.name]
         if own:
             for tag in own:  # each with the blanks before it, so that no double space is left where it was
                 prompt = re.sub(rf"[ \t]*{re.escape(tag)}", "", prompt, count=1)
@@ -653,12 +652,12 @@ class AppService:
 
         if not text or not text.strip():
             return None
-        kind, sep, values = text.partition("=")
+        kind, sep, typed = text.partition("=")
         try:  # any case, or A1111's label (CFG Scale), as the CLI reads it
             kind = axis_kind(kind)
         except ValueError:
             kind = None
-        values = axis_values(kind, values) if kind else []
+        values = axis_values(kind, typed) if kind else []
         if not sep or not values:
             raise AppError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {accepted_kinds()} "
                            "(e.g. weight=0,0.5,1 or Seed=1,2,3).")
@@ -681,7 +680,7 @@ class AppService:
         if kind == "adapter" and len(settings.adapters) + 1 > MAX_ADAPTERS:
             raise AppError(f"An adapter axis adds one adapter to the {len(settings.adapters)} chosen: choose at most "
                            f"{MAX_ADAPTERS - 1} adapters for it.")
-        return XYAxis(kind, tuple(values), typed=text.partition("=")[2].strip())
+        return XYAxis(kind, tuple(values), typed=typed.strip())
 
     def grid(self, settings: GenerateSettings, x: str, y: str | None = None, z: str | None = None,
              progress: Progress | None = None, cancelled: Callable[[], bool] | None = None,

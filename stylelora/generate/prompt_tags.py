@@ -71,10 +71,16 @@ def _number(text: str, tag: str) -> float:
     return value
 
 
+def tag_name(body: str) -> str:
+    """The adapter name of a tag's body (what TAG_PATTERN captures): the text before its first ':', as A1111 reads
+    it; the weights after it are not read, so a tag with a bad weight still has its name."""
+    return body.split(":", 1)[0].strip()
+
+
 def _parse_tag(body: str) -> LoraTag:
     tag = f"<lora:{body}>"
-    name, *items = body.split(":")
-    if not name.strip():
+    name, items = tag_name(body), body.split(":")[1:]
+    if not name:
         raise PromptTagError(f"{tag} has no adapter name: write <lora:NAME:WEIGHT>.")
     positional = [_number(item, tag) for item in items if "=" not in item]
     named = dict(item.split("=", 1) for item in items if "=" in item)
@@ -94,7 +100,7 @@ def _parse_tag(body: str) -> LoraTag:
     te_weight = _number(named["te"], tag) if "te" in named else te_weight
     unet_weight = positional[1] if len(positional) > 1 else te_weight
     unet_weight = _number(named["unet"], tag) if "unet" in named else unet_weight
-    return LoraTag(name=name.strip(), unet_weight=unet_weight, te_weight=te_weight, blocks=blocks)
+    return LoraTag(name=name, unet_weight=unet_weight, te_weight=te_weight, blocks=blocks)
 
 
 def clean_prompt(prompt: str) -> str:
