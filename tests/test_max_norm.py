@@ -2,6 +2,7 @@
 the cap on Linear and 3x3 conv layers, and a trained file whose every module stays under the cap."""
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -94,3 +95,13 @@ def test_a_run_with_the_cap_writes_no_module_above_it_and_records_it(tmp_path, t
     assert any("conv1" in key for key in adapter_tensors(capped)) and max(norms) <= cap * (1 + 1e-4)
     assert adapter_metadata(capped)["ss_scale_weight_norms"] == str(cap)
     assert adapter_metadata(plain)["ss_scale_weight_norms"] == "None"  # as sd-scripts writes it when off
+    # metrics.csv shows what the cap did at each step, as kohya's progress bar does; nothing when it is off
+    capped_rows, plain_rows = metrics_rows(tmp_path / "capped"), metrics_rows(tmp_path / "plain")
+    assert sum(int(row["keys_scaled"]) for row in capped_rows) > 0
+    assert all(float(row["max_key_norm"]) <= cap * (1 + 1e-4) for row in capped_rows)
+    assert all(row["keys_scaled"] == row["max_key_norm"] == "" for row in plain_rows)
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))

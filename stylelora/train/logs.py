@@ -12,13 +12,18 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stylelora.atomic import write_bytes_atomic
 
+if TYPE_CHECKING:
+    from stylelora.lora.max_norm import NormReport
+
 METRICS_FILE = "metrics.csv"
 LOSS_PLOT_FILE = "loss.png"
+# The last three: what --scale-weight-norms did at the step (empty when it is off), under kohya's names.
 COLUMNS = ("step", "loss", "loss_smoothed", "lr_unet", "lr_text_encoder", "grad_norm", "step_seconds",
-           "elapsed_seconds")
+           "elapsed_seconds", "keys_scaled", "average_key_norm", "max_key_norm")
 SMOOTHING = 0.95  # exponential moving average of the loss for the bar and the plot
 CSV_EVERY = 25  # steps between metrics.csv rewrites (cheap: a few KB)
 CSV_SECONDS = 2.0  # ... or sooner when steps are slow, so a follower (the app) sees the loss within seconds
@@ -45,20 +50,28 @@ class RunLog:
         else:
             print(message, file=sys.stderr, flush=True)
 
-    def record(self, step: int, loss: float, lrs: list[float], grad_norm: float | None, step_seconds: float) -> None:
+    def record(self, step: int, loss: float, lrs: list[float], grad_norm: float | None, step_seconds: float,
+               norms: NormReport | None = None) -> None:
+        """One step's row; `norms` is what --scale-weight-norms did at it (None when the cap is off)."""
         if not self.enabled:
             return
         self.ema = SMOOTHING * self.ema + (1 - SMOOTHING) * loss
         smoothed = self.ema / (1 - SMOOTHING ** (len(self.rows) + 1))
         row = {"step": step, "loss": loss, "loss_smoothed": smoothed, "lr_unet": lrs[0],
                "lr_text_encoder": lrs[1] if len(lrs) > 1 else "", "grad_norm": "" if grad_norm is None else grad_norm,
-               "step_seconds": step_seconds, "elapsed_seconds": time.perf_counter() - self.started}
+               "step_seconds": step_seconds, "elapsed_seconds": time.perf_counter() - self.started,
+               **_norm_columns(norms)}
         self.rows.append(row)
-        self.bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lrs[0]:.1e}", refresh=False)
+        # As kohya's bar shows it: how many modules the cap scaled back at this step, and the largest norm left.
+        capped = {} if norms is None else {"scaled": norms.scaled, "max_norm": f"{norms.max_norm:.3g}"}
+        self.bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lrs[0]:.1e}", **capped, refresh=False)
         self.bar.update(1)
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, step)
             self.tensorboard.add_scalar("lr/unet", lrs[0], step)
+            for name, value in _norm_columns(norms).items():
+                if value != "":
+                    self.tensorboard.add_scalar(f"max_norm/{name}", value, step)
         if step % CSV_EVERY == 0 or time.perf_counter() - self.csv_written >= CSV_SECONDS:
             self.write_csv()
 
@@ -87,6 +100,12 @@ class RunLog:
             self.bar.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
+
+
+def _norm_columns(norms: NormReport | None) -> dict[str, float | int | str]:
+    if norms is None:
+        return {"keys_scaled": "", "average_key_norm": "", "max_key_norm": ""}
+    return {"keys_scaled": norms.scaled, "average_key_norm": norms.mean_norm, "max_key_norm": norms.max_norm}
 
 
 def _progress_bar(total: int, initial: int):

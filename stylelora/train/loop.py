@@ -44,7 +44,7 @@ from stylelora.data.scan import ScanReport, TrainItem, scan_folder, trigger_patt
 from stylelora.generate.prompt_reading import skip_last_layers
 from stylelora.lora.components import text_encoders
 from stylelora.lora.inject import adapters_disabled
-from stylelora.lora.max_norm import cap_module_norms
+from stylelora.lora.max_norm import NormReport, cap_module_norms
 from stylelora.models.heap import return_freed_memory
 from stylelora.train import checkpoint
 from stylelora.train.logs import METRICS_FILE, RunLog
@@ -886,9 +886,9 @@ def train(run: Run, start_step: int, stop_requested=lambda: False) -> None:
     for step in range(start_step + 1, t.steps + 1):
         started = time.perf_counter()
         lrs = [group["lr"] for group in run.optimizer.param_groups]
-        loss, grad_norm = optimizer_step(run, batches, step)
+        loss, grad_norm, norms = optimizer_step(run, batches, step)
         run.lr_scheduler.step()
-        run.log.record(step, loss, lrs, grad_norm, time.perf_counter() - started)
+        run.log.record(step, loss, lrs, grad_norm, time.perf_counter() - started, norms)
         if step == t.steps or (t.sample_every and step % t.sample_every == 0):
             write_samples(run, step)
         # The last step too (kohya's --save_state saves the state at the end): `--resume latest --steps N` then
@@ -945,9 +945,10 @@ def endless_batches(run: Run) -> Iterator[dict]:
         run.epoch, run.position = run.epoch + 1, 0
 
 
-def optimizer_step(run: Run, batches: Iterator[dict], step: int) -> tuple[float, float | None]:
-    """One optimizer step over `grad_accum` batches; returns (mean loss over processes, gradient norm)."""
-    acc, losses, grad_norm = run.accelerator, [], None
+def optimizer_step(run: Run, batches: Iterator[dict], step: int) -> tuple[float, float | None, NormReport | None]:
+    """One optimizer step over `grad_accum` batches; returns (mean loss over processes, gradient norm, what
+    --scale-weight-norms did, None when it is off)."""
+    acc, losses, grad_norm, norms = run.accelerator, [], None, None
     for _ in range(run.config.optim.grad_accum):
         batch = next(batches)
         with acc.accumulate(*run.trained_modules):
@@ -963,9 +964,10 @@ def optimizer_step(run: Run, batches: Iterator[dict], step: int) -> tuple[float,
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients and run.config.optim.scale_weight_norms:
-                cap_module_norms(run.models.unwrapped or run.trained_modules, run.config.optim.scale_weight_norms)
+                norms = cap_module_norms(run.models.unwrapped or run.trained_modules,
+                                         run.config.optim.scale_weight_norms)
         losses.append(mean_loss)
-    return sum(losses) / len(losses), grad_norm
+    return sum(losses) / len(losses), grad_norm, norms
 
 
 def _clip_gradients(run: Run, step: int) -> float:
