@@ -55,10 +55,9 @@ def _checked_evaluate_inputs(args: argparse.Namespace) -> tuple[tuple[str, ...],
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .generate.command import user_errors  # the same bad input as generate's: values, files, the base
-    from .user_errors import report_user_errors
+    from .user_errors import input_errors, report_user_errors
 
-    return report_user_errors(user_errors)(_evaluate)(args)
+    return report_user_errors(input_errors)(_evaluate)(args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

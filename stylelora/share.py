@@ -432,9 +432,9 @@ def _drawn(adapter: Path, metadata: dict[str, str], target: Path, base: str | No
 def _base_errors() -> tuple[type[Exception], ...]:
     """What a base that cannot be loaded or drawn with raises (not found, not cached, another family): the same
     bad input `stylelora generate` reports in one line."""
-    from stylelora.generate.command import user_errors
+    from stylelora.user_errors import input_errors
 
-    return user_errors() + (OSError,)
+    return input_errors() + (OSError,)
 
 
 def _copy_as_png(image: Path, target: Path) -> None:

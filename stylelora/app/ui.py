@@ -106,9 +106,9 @@ log = logging.getLogger(__name__)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from stylelora.generate.command import user_errors as library_user_errors
+    from stylelora.user_errors import input_errors
 
-    return (AppError, *library_user_errors())
+    return (AppError, *input_errors())
 
 
 def _from_browser() -> bool:

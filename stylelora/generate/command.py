@@ -13,7 +13,7 @@ from pathlib import Path
 from stylelora.atomic import check_file_target
 from stylelora.generate.reading_dial import dial_help
 from stylelora.lora.blend_modes import mode_help
-from stylelora.user_errors import report_user_errors
+from stylelora.user_errors import input_errors, report_user_errors
 
 DEFAULT_ADAPTERS_DIR = "outputs"
 DEFAULT_IMAGES_DIR = "outputs/images"
@@ -214,13 +214,6 @@ def _print_notes(notes: list[str]) -> None:
         print(f"warning: {note}", file=sys.stderr)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean bad input (reported in one line), not a bug (which keeps its traceback)."""
-    from stylelora.models.load import BaseModelError
-
-    return (ValueError, FileNotFoundError, BaseModelError)
-
-
 def read_from_png(path: str) -> str:
     """The A1111 parameters text --from-png's image records (checked to read back), or a refusal that says what to
     give instead: the file is missing, is not an image, or carries none."""
@@ -258,7 +251,7 @@ def _recorded_base_notes(recorded: str, pipe, args: argparse.Namespace) -> list[
             "it again."]
 
 
-@report_user_errors(user_errors)
+@report_user_errors(input_errors)
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate (or, with --from-png, draw a recorded image again), save PNGs with A1111 parameters, print their
     paths."""
@@ -283,7 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-@report_user_errors(user_errors)
+@report_user_errors(input_errors)
 def cmd_grid(args: argparse.Namespace) -> int:
     """Generate an X/Y grid (with --z, one per Z value side by side) into one labelled PNG, print its path."""
     from stylelora.generate.xy_grid import parse_axis, precheck_grid, xy_grid

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from stylelora.lora.blend_modes import mode_help
-from stylelora.user_errors import report_user_errors
+from stylelora.user_errors import input_errors, report_user_errors
 
 
 def add_lora_parsers(subparsers) -> None:
@@ -49,14 +49,7 @@ def add_lora_parsers(subparsers) -> None:
     inspect.set_defaults(handler=cmd_inspect)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean a bad adapter file or argument (reported in one line), not a bug."""
-    from stylelora.models.load import BaseModelError  # a --base that cannot be read; no heavy import
-
-    return (ValueError, FileNotFoundError, BaseModelError)
-
-
-@report_user_errors(user_errors)
+@report_user_errors(input_errors)
 def cmd_blend(args: argparse.Namespace) -> int:
     """Write the blend, print the error report and the new file's path."""
     import torch
@@ -105,7 +98,7 @@ def _blocks_config(args: argparse.Namespace, specs) -> dict | None:
     return config
 
 
-@report_user_errors(user_errors)
+@report_user_errors(input_errors)
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what an adapter file is."""
     from stylelora.lora.inspect import format_inspect, inspect_adapter
