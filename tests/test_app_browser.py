@@ -5,6 +5,7 @@ newest line."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +20,9 @@ if not CHROMIUM.is_file() and shutil.which("chromium") is None:
     pytest.skip("no Chromium at /usr/bin/chromium", allow_module_level=True)
 
 
+PASTEL_DESCRIPTION = "Soft pastel palette with feathered edges; " + "works best at 0.8 beside a character. " * 3
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The app served on a free port: (url, service)."""
@@ -27,6 +31,7 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
     make_toy_adapter(folder / "styles" / "stripes.safetensors", seed=1, trigger="stripestyle")
     make_toy_adapter(folder / "pastel.safetensors", seed=2, trigger="pastelstyle")
+    (folder / "pastel.json").write_text(json.dumps({"description": PASTEL_DESCRIPTION}))  # A1111's sidecar
     datasets = tmp_path_factory.mktemp("datasets")
     tiny_dataset(datasets / "tiny", count=2)
     demo, service = create_app(folder, datasets_dir=datasets)
@@ -126,6 +131,24 @@ def test_pick_two_adapters_set_weights_generate_and_see_the_image(app_url, page,
     screenshot = tmp_path / "generate-tab.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_lora_card_shows_the_first_line_of_its_description_and_the_rest_under_the_pointer(app_url, page):
+    page.goto(app_url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    page.get_by_text("Lora cards").click()
+    card = page.locator("#lora-cards .thumbnail-item").filter(has_text="pastel")
+    caption = card.locator(".caption-label")
+    sync_api.expect(caption).to_be_visible(timeout=30_000)
+    assert caption.inner_text().split("\n") == ["pastel", PASTEL_DESCRIPTION.strip()]
+    lines = caption.evaluate("""label => { const style = getComputedStyle(label);
+        return (label.clientHeight - parseFloat(style.paddingTop) - parseFloat(style.paddingBottom))
+            / parseFloat(style.lineHeight); }""")
+    page.locator("#prompt").hover()
+    shut = caption.evaluate("label => label.getBoundingClientRect().height")
+    card.hover()
+    opened = caption.evaluate("label => label.getBoundingClientRect().height")
+    assert round(lines) == 2 and opened > 2 * shut  # name and one line; the whole description under the pointer
 
 
 def test_an_error_quoting_a_lora_tag_shows_the_tag_as_typed(app_url, page):

@@ -52,10 +52,10 @@ def test_a_card_shows_its_name_and_the_start_of_its_description_and_a_click_read
     from stylelora.app.ui import card_caption, card_gallery, card_name
 
     assert [caption for _, caption in card_gallery(service)["value"]] == ["pastel", "styles/stripes\nBold stripes"]
-    long = AdapterCard("ink", None, 1.0, "ink", "A wash of ink,\n  with dry-brush edges " + "and more " * 10)
+    long = AdapterCard("ink", None, 1.0, "ink", "A wash of ink,\n  with dry-brush edges " + "and more " * 40)
     caption = card_caption(long)
     assert caption.startswith("ink\nA wash of ink, with dry-brush edges and more") and caption.endswith("…")
-    assert len(caption.split("\n")[1]) <= 60 and card_name(caption) == "ink" and card_name(None) == ""
+    assert len(caption.split("\n")[1]) <= 300 and card_name(caption) == "ink" and card_name(None) == ""
 
 
 def test_a_click_appends_the_tag_with_the_preferred_weight_and_puts_the_activation_text_in_front(service):

@@ -45,7 +45,9 @@ CSS = """
 #grid .image-frame { width: 100%; }
 #grid img { width: 100%; height: auto; max-height: 85vh; object-fit: contain; }
 #lora-cards .grid-wrap { min-height: 0; height: auto; }
-#lora-cards .caption-label { white-space: pre-line; text-align: left; }
+#lora-cards .caption-label { white-space: pre-line; text-align: left; display: -webkit-box; -webkit-box-orient: vertical;
+  -webkit-line-clamp: 2; }
+#lora-cards .thumbnail-item:hover .caption-label { -webkit-line-clamp: unset; max-width: 100%; opacity: 1; }
 .gradio-container .block .head > label { flex: 1 0 auto; max-width: 100%; }
 .clamp-note { color: var(--error-text-color, #b91c1c); font-size: var(--text-sm, 0.875em); margin-top: 4px; }
 """
@@ -326,12 +328,15 @@ def card_gallery(service: AppService) -> dict:
     return {"value": [(_card_image(card.preview), card_caption(card)) for card in cards], "label": label}
 
 
-CARD_DESCRIPTION_CHARS = 60  # as much of a sidecar's description as a card's caption shows
+# As much of a sidecar's description as a card holds: the card shows its first line (CSS line clamp) and the rest
+# while the pointer is over it; longer text would cover the card.
+CARD_DESCRIPTION_CHARS = 300
 
 
 def card_caption(card) -> str:
-    """A card's caption: its adapter's name, then on a second line the start of its description (as A1111's cards
-    show it). The name comes first and alone on its line: a click reads it back (card_name)."""
+    """A card's caption: its adapter's name, then its description (as A1111's cards show it), cut to one line on the
+    page until the pointer is over the card. The name comes first and alone on its line: a click reads it back
+    (card_name)."""
     description = " ".join(card.description.split())
     if len(description) > CARD_DESCRIPTION_CHARS:
         description = description[:CARD_DESCRIPTION_CHARS - 1].rstrip() + "…"
