@@ -23,7 +23,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -646,41 +646,41 @@ class AppService:
             return [SavedImage(item, item.save(path)) for item, path in zip(items, paths)]
 
     def grid_axis(self, text: str | None, settings: GenerateSettings):
-        """One grid axis ("KIND=V1,V2,..."), each value held to the limits Generate applies; None when empty."""
-        from stylelora.generate.generate import MAX_SEED
-        from stylelora.generate.xy_grid import NO_ADAPTER, XYAxis, accepted_kinds, axis_kind, axis_values
+        """One grid axis ("KIND=V1,V2,..."), read as the CLI reads it (xy_grid.parse_axis: any case, A1111's labels,
+        ranges) and each value held to the limits Generate applies; None when empty."""
+        from stylelora.generate.xy_grid import parse_axis
 
         if not text or not text.strip():
             return None
-        kind, sep, typed = text.partition("=")
-        try:  # any case, or A1111's label (CFG Scale), as the CLI reads it
-            kind = axis_kind(kind)
-        except ValueError:
-            kind = None
-        values = axis_values(kind, typed) if kind else []
-        if not sep or not values:
-            raise AppError(f"Grid axis {text!r}: write KIND=V1,V2,... with KIND one of {accepted_kinds()} "
-                           "(e.g. weight=0,0.5,1 or Seed=1,2,3).")
-        checks = {
-            "steps": lambda v: self.limits.check("Grid axis steps: a value", v, 1, "max_steps"),
-            "seed": lambda v: self.limits.check("Grid axis seed: a value", v, 0, MAX_SEED),
-            "cfg": lambda v: self.limits.check("Grid axis cfg: a value", v, 0, CFG_LIMIT, whole=False),
-            "adapter": lambda v: v if v == NO_ADAPTER else str(self.adapter_path(v)),
-            "blocks": lambda v: v,  # XYAxis checks each lbw= value
-            "blend_mode": lambda v: v,  # XYAxis checks each mode, dial and sampler by name
-            "dial": lambda v: v,
-            "sampler": lambda v: v,
-            "prompt": lambda v: v,  # words; the first must be in the prompt (xy_grid.replaced_words)
-            "clip_skip": lambda v: self.limits.check("Grid axis clip_skip: a value", v, 1, CLIP_SKIP_LIMIT),
-        }
-        def weight(value):
-            return self.limits.check(f"Grid axis {kind}: a weight", value, -WEIGHT_LIMIT, WEIGHT_LIMIT, whole=False)
-
-        values = [checks.get(kind, weight)(value) for value in values]
-        if kind == "adapter" and len(settings.adapters) + 1 > MAX_ADAPTERS:
+        try:
+            axis = parse_axis(text)
+        except ValueError as error:
+            raise AppError(f"{error} (e.g. weight=0,0.5,1 or Seed=1,2,3)") from None
+        if axis.kind == "adapter" and len(settings.adapters) + 1 > MAX_ADAPTERS:
             raise AppError(f"An adapter axis adds one adapter to the {len(settings.adapters)} chosen: choose at most "
                            f"{MAX_ADAPTERS - 1} adapters for it.")
-        return XYAxis(kind, tuple(values), typed=typed.strip())
+        held = self._axis_limit(axis.kind)
+        return replace(axis, values=tuple(held(value) for value in axis.values))
+
+    def _axis_limit(self, kind: str) -> Callable[[Any], Any]:
+        """What one value of a grid axis of this kind is held to: Generate's limits for numbers, the adapters folder
+        for adapter names (the path it resolves to); other kinds were checked by name when the axis was read."""
+        from stylelora.generate.generate import MAX_SEED
+        from stylelora.generate.xy_grid import NO_ADAPTER
+
+        label = f"Grid axis {kind}: a value"
+        held = {
+            "steps": lambda v: self.limits.check(label, v, 1, "max_steps"),
+            "seed": lambda v: self.limits.check(label, v, 0, MAX_SEED),
+            "cfg": lambda v: self.limits.check(label, v, 0, CFG_LIMIT, whole=False),
+            "clip_skip": lambda v: self.limits.check(label, v, 1, CLIP_SKIP_LIMIT),
+            "adapter": lambda v: v if v == NO_ADAPTER else str(self.adapter_path(v)),
+        }
+        weights = ("weight", "unet_weight", "te_weight")
+        if kind in weights:
+            return lambda v: self.limits.check(f"Grid axis {kind}: a weight", v, -WEIGHT_LIMIT, WEIGHT_LIMIT,
+                                               whole=False)
+        return held.get(kind, lambda v: v)
 
     def grid(self, settings: GenerateSettings, x: str, y: str | None = None, z: str | None = None,
              progress: Progress | None = None, cancelled: Callable[[], bool] | None = None,
