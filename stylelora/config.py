@@ -33,7 +33,7 @@ from stylelora.kohya_flags import KOHYA_FLAGS
 DATA_CACHES = ("ram", "disk", "none")
 UNET_TARGETS = ("attn", "kohya", "locon")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("fp32", "fp16", "bf16")
 FORMATS = ("kohya", "diffusers")
 FAMILIES = ("toy", "sd1", "sd2", "sd2-v", "sdxl")
@@ -152,6 +152,10 @@ class OptimConfig:
                                                    "family's)", example="5e-5", preset=True)
     weight_decay: float = option(1e-2, "AdamW weight decay", example="0.01")
     lr_scheduler: str = option("cosine", "learning-rate schedule", choices=LR_SCHEDULERS, example="cosine")
+    lr_scheduler_num_cycles: int = option(1, "hard restarts of cosine_with_restarts (kohya's "
+                                             "--lr_scheduler_num_cycles)", example="3")
+    lr_scheduler_power: float = option(1.0, "power of the polynomial schedule's decay (kohya's --lr_scheduler_power; "
+                                            "1 = linear)", example="2")
     warmup_steps: int | None = option(None, "LR warmup steps (unset: a tenth of the steps, at most 50)", example="50")
     grad_accum: int = option(1, "gradient accumulation steps", example="1")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = no clipping)", example="1.0")
@@ -190,6 +194,15 @@ class TrainSection:
     noise_offset: float = option(0.0, "noise offset (kohya's --noise_offset): each noise sample shifted by this "
                                       "times a random constant per channel, so the adapter can learn images darker "
                                       "or lighter overall than the base draws", example="0.05")
+    multires_noise_iterations: int = option(0, "multi-resolution noise (kohya's --multires_noise_iterations): this "
+                                               "many layers of ever coarser noise added to each noise sample, so the "
+                                               "adapter can change contrast and layout more (6-10 are usual; 0 = "
+                                               "off)", example="6")
+    multires_noise_discount: float = option(0.3, "weight of multi-resolution noise's coarser layers, raised to each "
+                                                 "layer's number (kohya's --multires_noise_discount)", example="0.3")
+    ip_noise_gamma: float = option(0.0, "input perturbation (kohya's --ip_noise_gamma): the latents are noised with "
+                                        "this much extra noise that the target leaves out (0.1 is usual; 0 = off)",
+                                   example="0.1")
     # See stylelora/train/preservation.py. On by default: a character or style should show up when asked for, not
     # everywhere.
     preserve_base: float = option(1.0, "weight of the loss that keeps the base model's output on captions with the "
@@ -618,7 +631,18 @@ def _optim_problems(o: OptimConfig, n: NetworkConfig) -> list[str | None]:
         _rule("optim.max_grad_norm", o.max_grad_norm >= 0, "must be 0 (no clipping) or more", o.max_grad_norm),
         _rule("optim.scale_weight_norms", o.scale_weight_norms >= 0, "must be 0 (off) or more, e.g. 1.0",
               o.scale_weight_norms),
+        _rule("optim.lr_scheduler_num_cycles", o.lr_scheduler_num_cycles >= 1, "must be at least 1",
+              o.lr_scheduler_num_cycles),
+        _rule("optim.lr_scheduler_power", o.lr_scheduler_power > 0, "must be > 0 (1 = linear decay)",
+              o.lr_scheduler_power),
     ]
+    # Said, not ignored as sd-scripts ignores them: a setting that changes nothing is a typo or a misunderstanding.
+    if o.lr_scheduler_num_cycles != 1 and o.lr_scheduler != "cosine_with_restarts":
+        problems.append(f"optim.lr_scheduler_num_cycles only applies to optim.lr_scheduler = 'cosine_with_restarts' "
+                        f"(got {o.lr_scheduler!r}); add --lr-scheduler cosine_with_restarts or drop it")
+    if o.lr_scheduler_power != 1 and o.lr_scheduler != "polynomial":
+        problems.append(f"optim.lr_scheduler_power only applies to optim.lr_scheduler = 'polynomial' "
+                        f"(got {o.lr_scheduler!r}); add --lr-scheduler polynomial or drop it")
     if o.unet_lr is not None:
         problems.append(_rule("optim.unet_lr", o.unet_lr > 0, "must be > 0", o.unet_lr))
     for key in ("text_encoder_lr", "text_encoder_2_lr"):  # SDXL's second encoder has its own
@@ -650,6 +674,12 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
               t.min_snr_gamma),
         _rule("train.noise_offset", 0 <= t.noise_offset < 1, "must be in [0, 1); 0.05 is typical",
               t.noise_offset),
+        _rule("train.multires_noise_iterations", t.multires_noise_iterations >= 0, "must be 0 (off) or more; 6 to "
+              "10 are usual", t.multires_noise_iterations),
+        _rule("train.multires_noise_discount", 0 < t.multires_noise_discount <= 1, "must be in (0, 1]; 0.3 is "
+              "kohya's default", t.multires_noise_discount),
+        _rule("train.ip_noise_gamma", 0 <= t.ip_noise_gamma < 1, "must be in [0, 1); 0.1 is usual",
+              t.ip_noise_gamma),
         _rule("train.preserve_base", t.preserve_base >= 0, "must be 0 (off) or more; 1 is the default",
               t.preserve_base),
         _rule("train.preserve_decoys", 0 <= t.preserve_decoys <= 1,
@@ -670,6 +700,9 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.sample_guidance", t.sample_guidance is None or t.sample_guidance >= 1,
               "must be 1 (no guidance) or more", t.sample_guidance),
     ]
+    if t.multires_noise_discount != TrainSection.multires_noise_discount and not t.multires_noise_iterations:
+        problems.append("train.multires_noise_discount only applies with train.multires_noise_iterations above 0; "
+                        "add e.g. --multires-noise-iterations 6 or drop it")
     if t.epochs is not None:
         problems.append(_rule("train.epochs", t.epochs >= 1, "must be at least 1", t.epochs))
     if o.warmup_steps is not None and t.epochs is None:  # with epochs, checked once the steps are known

@@ -70,6 +70,18 @@ def test_config_is_frozen():
     ({"train.precision": "fp8"}, ["train.precision must be one of fp32, fp16, bf16"]),
     ({"train.format": "ckpt"}, ["train.format must be one of kohya, diffusers"]),
     ({"train.noise_offset": 1.5}, ["train.noise_offset must be in [0, 1)"]),
+    ({"train.multires_noise_iterations": -1}, ["train.multires_noise_iterations must be 0 (off) or more"]),
+    ({"train.multires_noise_iterations": 6, "train.multires_noise_discount": 0},
+     ["train.multires_noise_discount must be in (0, 1]"]),
+    ({"train.multires_noise_discount": 0.5}, ["only applies with train.multires_noise_iterations above 0"]),
+    ({"train.ip_noise_gamma": 1.0}, ["train.ip_noise_gamma must be in [0, 1)", "--ip-noise-gamma 0.1"]),
+    ({"optim.lr_scheduler_num_cycles": 3}, ["optim.lr_scheduler_num_cycles only applies to optim.lr_scheduler = "
+                                            "'cosine_with_restarts' (got 'cosine')"]),
+    ({"optim.lr_scheduler": "cosine_with_restarts", "optim.lr_scheduler_num_cycles": 0},
+     ["optim.lr_scheduler_num_cycles must be at least 1"]),
+    ({"optim.lr_scheduler_power": 2.0}, ["optim.lr_scheduler_power only applies to optim.lr_scheduler = "
+                                         "'polynomial'"]),
+    ({"optim.lr_scheduler": "polynomial", "optim.lr_scheduler_power": 0}, ["optim.lr_scheduler_power must be > 0"]),
     ({"train.preserve_decoys": 1.2}, ["train.preserve_decoys is a share between 0", "--preserve-decoys 0.5"]),
     ({"train.text_noise": -0.1}, ["train.text_noise is a noise std between 0", "--text-noise 0.2"]),
     ({"train.output_name": "a/b"}, ["train.output_name must be a plain file name"]),

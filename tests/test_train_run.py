@@ -108,6 +108,7 @@ def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, stripes_dataset
     assert metadata["modelspec.prediction_type"] == "epsilon"
     assert metadata["ss_preserve_base"] == "1.0" and metadata["ss_preserve_decoys"] == "0.5"
     assert metadata["ss_text_noise"] == "0.2" and metadata["ss_decoy_company"] == "0.25"  # the toy family's recipe
+    assert metadata["ss_multires_noise_iterations"] == metadata["ss_ip_noise_gamma"] == "None"  # off, as kohya says
     company = json.loads(metadata["ss_stylelora_company_words"])  # what a split blend reads coined triggers as
     assert company and all(word.isalpha() and word != "stripestyle" for word in company)
     assert json.loads(metadata["ss_tag_frequency"])["2_stripestyle"]["stripestyle"] == 8
@@ -338,6 +339,19 @@ def test_gradient_accumulation_and_checkpointing_and_locon_run(tmp_path, tiny_ba
     tensors = adapter_tensors(adapter)
     assert all(k.startswith(("unet.", "text_encoder.")) for k in tensors)
     assert any("conv" in k for k in tensors)
+
+
+def test_kohyas_noise_and_schedule_options_train_and_are_recorded(tmp_path, tiny_base, stripes_dataset):
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{
+        "train.multires_noise_iterations": 6, "train.multires_noise_discount": 0.4, "train.ip_noise_gamma": 0.1,
+        "optim.lr_scheduler": "cosine_with_restarts", "optim.lr_scheduler_num_cycles": 2})
+    metadata = adapter_metadata(adapter)
+    assert (metadata["ss_multires_noise_iterations"], metadata["ss_multires_noise_discount"],
+            metadata["ss_ip_noise_gamma"], metadata["ss_lr_scheduler"]) == ("6", "0.4", "0.1", "cosine_with_restarts")
+    assert json.loads(metadata["ss_training_args"])["optim"]["lr_scheduler_num_cycles"] == 2
+    with (tmp_path / "run" / "metrics.csv").open(newline="") as handle:
+        rates = [float(row["lr_unet"]) for row in csv.DictReader(handle)]
+    assert rates[2] > rates[1]  # 4 steps in 2 cycles: the second cycle starts again from the top
 
 
 @pytest.mark.parametrize("optimizer, module, install", [("prodigy", "prodigyopt", "pip install 'prodigyopt"),

@@ -1,4 +1,5 @@
-"""The loss step: targets for epsilon and v-prediction, min-SNR weights, noise offset, determinism, gradients."""
+"""The loss step: targets for epsilon and v-prediction, min-SNR weights, noise offset, multi-resolution noise, input
+perturbation, determinism, gradients."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from stylelora.train.preservation import preserved_samples
 from stylelora.train.step import (
     loss_step,
     min_snr_weights,
+    multires_noise,
     prediction_target,
     sample_noise,
     snr,
@@ -114,6 +116,49 @@ def test_noise_offset_shifts_each_channel_by_a_constant():
     shift = offset - plain
     assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)
     assert 0 < shift.abs().max() < 1.0
+
+
+def coarse_share(noise: torch.Tensor) -> float:
+    """The share of the noise's variance in its 2x2-pixel block means (0.25 for white noise)."""
+    return float(torch.nn.functional.avg_pool2d(noise, 2).var() / noise.var())
+
+
+def test_multires_noise_adds_coarse_layers_at_unit_deviation():
+    plain = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    layered = multires_noise(plain, 6, 0.5, torch.Generator().manual_seed(1))
+    assert abs(layered.std().item() - 1) < 1e-5 and layered.shape == plain.shape
+    assert coarse_share(plain) == pytest.approx(0.25, abs=0.01) and coarse_share(layered) > 0.28
+    stronger = multires_noise(plain, 6, 0.8, torch.Generator().manual_seed(1))
+    assert coarse_share(stronger) > coarse_share(layered) + 0.1  # the discount weighs the coarse layers
+    again = multires_noise(plain, 6, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(layered, again)  # drawn from the generator alone: a resumed run draws the same
+    # On a 2x2 latent the layers stop at one value a channel instead of drawing zero-size noise.
+    assert multires_noise(torch.randn(1, 4, 2, 2), 10, 0.3, torch.Generator().manual_seed(0)).shape == (1, 4, 2, 2)
+
+
+def test_multires_noise_is_the_noise_and_the_target_of_the_step():
+    cfg, unet = config(**{"train.multires_noise_iterations": 4}), ZeroUNet()
+    loss = loss_step(batch(), fake_models(unet), scheduler(), cfg, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    noise = multires_noise(sample_noise(batch()["latents"], 0.0, generator), 4, 0.3, generator)
+    timesteps = torch.randint(0, 1000, (6,), generator=generator)
+    weights = min_snr_weights(scheduler(), timesteps, cfg.train.min_snr_gamma)
+    torch.testing.assert_close(loss, (noise.pow(2).mean(dim=(1, 2, 3)) * weights).mean())
+    torch.testing.assert_close(unet.calls[0][0], scheduler().add_noise(batch()["latents"], noise, timesteps))
+
+
+def test_input_perturbation_noises_the_input_more_than_the_target_asks():
+    cfg, unet = config(**{"train.ip_noise_gamma": 0.1}), ZeroUNet()
+    loss = loss_step(batch(), fake_models(unet), scheduler(), cfg, torch.Generator().manual_seed(3))
+    expected, noise, timesteps = expected_loss(batch(), scheduler(), cfg, seed=3)
+    torch.testing.assert_close(loss, expected)  # the target is the noise drawn, without the perturbation
+    generator = torch.Generator().manual_seed(3)
+    sample_noise(batch()["latents"], 0.0, generator)  # the noise and the timesteps, drawn before the perturbation
+    torch.randint(0, 1000, (6,), generator=generator)
+    fresh = torch.randn(noise.shape, generator=generator)
+    noised = unet.calls[0][0]
+    torch.testing.assert_close(noised, scheduler().add_noise(batch()["latents"], noise + 0.1 * fresh, timesteps))
+    assert not torch.allclose(noised, scheduler().add_noise(batch()["latents"], noise, timesteps))
 
 
 def test_same_generator_state_same_loss_and_gradients_reach_trainable_weights():

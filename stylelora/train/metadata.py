@@ -125,6 +125,10 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_scale_weight_norms": str(o.scale_weight_norms or None),  # kohya writes None when off
         "ss_min_snr_gamma": str(t.min_snr_gamma),
         "ss_noise_offset": str(t.noise_offset),
+        # kohya writes None for these when they are off
+        "ss_multires_noise_iterations": str(t.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(t.multires_noise_discount),
+        "ss_ip_noise_gamma": str(t.ip_noise_gamma or None),
         "ss_preserve_base": str(t.preserve_base),
         "ss_preserve_decoys": str(t.preserve_decoys),
         "ss_decoy_company": str(t.decoy_company),

@@ -56,8 +56,10 @@ def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
 
     from stylelora.config import warmup_steps
 
-    return get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(config),
-                         num_training_steps=config.train.steps)
+    o = config.optim
+    return get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(config),
+                         num_training_steps=config.train.steps, num_cycles=o.lr_scheduler_num_cycles,
+                         power=o.lr_scheduler_power)
 
 
 def load_with_new_learning_rates(optimizer: torch.optim.Optimizer, lr_scheduler, state: dict) -> None:

@@ -1,9 +1,11 @@
 """Owns the training step: one pure function from a batch to the diffusion loss.
 
     latents   cached (already scaled) or VAE-encoded from pixels now
-    noise     N(0, I), plus `noise_offset` × a per-channel constant (helps very dark / bright images)
+    noise     N(0, I), plus `noise_offset` × a per-channel constant (helps very dark / bright images); with
+              `multires_noise_iterations`, coarser noise layers added and the sum rescaled (multires_noise)
     t         uniform over the scheduler's training timesteps
-    noisy     scheduler.add_noise(latents, noise, t)
+    noisy     scheduler.add_noise(latents, noise, t); with `ip_noise_gamma`, of noise + γ × fresh noise, which the
+              target leaves out (input perturbation)
     text      cached text-encoder outputs (frozen TE, static captions) or TE(tokens) with gradients; SDXL: both
               encoders, pooled embeddings and add_time_ids (stylelora/train/models.py)
     target    noise for epsilon prediction, scheduler.get_velocity(...) for v_prediction (read from the scheduler)
@@ -40,11 +42,14 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainConfig,
               generator: torch.Generator) -> torch.Tensor:
     """The weighted diffusion loss of one batch (a scalar with gradients into the trainable LoRA weights)."""
+    t = config.train
     latents = models.batch_latents(batch)
-    noise = sample_noise(latents, config.train.noise_offset, generator)
+    noise = sample_noise(latents, t.noise_offset, generator)
+    if t.multires_noise_iterations:
+        noise = multires_noise(noise, t.multires_noise_iterations, t.multires_noise_discount, generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy = noise_scheduler.add_noise(latents, perturbed(noise, t.ip_noise_gamma, generator), timesteps)
     weights = min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma)
     preserved = preserved_samples(list(batch["caption"]), models.triggers, config.train.preserve_base, models.decoys,
                                   config.train.preserve_decoys, generator)
@@ -100,6 +105,38 @@ def sample_noise(latents: torch.Tensor, offset: float, generator: torch.Generato
         # A shift shared by every pixel of a channel: lets the model change an image's mean brightness.
         noise = noise + offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
     return noise.to(device=latents.device, dtype=latents.dtype)
+
+
+def multires_noise(noise: torch.Tensor, iterations: int, discount: float, generator: torch.Generator) -> torch.Tensor:
+    """`noise` plus `iterations` layers of noise drawn at ever coarser sizes and scaled up, layer i weighted
+    discount ** i, the sum rescaled to unit deviation: multi-resolution ("pyramid") noise, as kohya's
+    --multires_noise_iterations / --multires_noise_discount count them (layer 0 is drawn at full size).
+
+    Why: pure per-pixel noise leaves an image's coarse layout nearly intact at every timestep, so a model learns to
+    keep it; noise with low-frequency parts lets an adapter change overall contrast and composition (J. Whitaker,
+    "Multi-resolution noise for diffusion model training", 2023)."""
+    import torch.nn.functional as F
+
+    batch, channels, height, width = noise.shape
+    total = noise.float()
+    for level in range(iterations):
+        shrink = (2 + 2 * torch.rand((), generator=generator).item()) ** level  # each layer 2-4× coarser
+        rows, columns = max(1, int(height / shrink)), max(1, int(width / shrink))
+        layer = torch.randn((batch, channels, rows, columns), generator=generator).to(total.device)
+        total = total + F.interpolate(layer, size=(height, width), mode="bilinear") * discount ** level
+        if rows == 1 or columns == 1:
+            break  # a single value per channel: no coarser layer exists
+    return (total / total.std()).to(noise.dtype)
+
+
+def perturbed(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """The noise the latents are noised with: `noise` itself, or with input perturbation (Ning et al., arXiv
+    2301.11706; kohya's --ip_noise_gamma) `noise` + γ × fresh noise, while the target stays `noise`: training sees
+    inputs a little off the noise it is asked for, as sampling does after its own errors."""
+    if gamma <= 0:
+        return noise
+    fresh = torch.randn(noise.shape, generator=generator, dtype=torch.float32)
+    return noise + gamma * fresh.to(device=noise.device, dtype=noise.dtype)
 
 
 def prediction_type(noise_scheduler) -> str:
