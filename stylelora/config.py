@@ -137,6 +137,11 @@ class NetworkConfig:
                                       widget=Widget("Train the text encoder"))
     conv_rank: int | None = option(None, "rank of the conv layers with --unet-targets locon", example="8")
     conv_alpha: float | None = option(None, "alpha of the conv layers (unset: network.alpha)", example="4")
+    # kohya's --network_weights: stylelora.train.network_weights says how a file is fitted to this run's LoRA.
+    weights: str | None = option(None, "start from this LoRA file's weights instead of a fresh LoRA (kohya's "
+                                       "--network_weights): continue an adapter on more images or steps; its rank "
+                                       "and targets must match this run's", flag="--network-weights",
+                                 example="outputs/my-style/my-style.safetensors")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ RESUME_MAY_CHANGE = {
     "data": {"cache", "cache_dir"},
     # The warmup is past by the first checkpoint of any usual run; unset, it follows the steps (config.warmup_steps).
     "optim": {"unet_lr", "text_encoder_lr", "text_encoder_2_lr", "max_grad_norm", "warmup_steps"},
+    # The file a run started from (--network-weights) sets only the first step's weights, which a checkpoint replaces.
+    "network": {"weights"},
 }
 # The data folders are compared as the folders they name, not as typed: `data`, `./data/` and /abs/data are one.
 # A folder that moved (another disk, another machine, another working directory) resumes when it holds the very

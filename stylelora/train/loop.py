@@ -42,7 +42,8 @@ from stylelora.data.errors import DataError
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
 from stylelora.data.scan import ScanReport, TrainItem, scan_folder, trigger_pattern
 from stylelora.generate.prompt_reading import skip_last_layers
-from stylelora.lora.components import text_encoders
+from stylelora.lora.adapter_file import AdapterFile
+from stylelora.lora.components import pipeline_models, text_encoders
 from stylelora.lora.inject import adapters_disabled
 from stylelora.lora.max_norm import NormReport, cap_module_norms
 from stylelora.models.heap import return_freed_memory
@@ -50,6 +51,7 @@ from stylelora.train import checkpoint
 from stylelora.train.logs import METRICS_FILE, RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
+from stylelora.train.network_weights import copy_start_weights, read_start_weights
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, load_with_new_learning_rates, optimizer_class
 from stylelora.train.preservation import company_words, decoy_words, made_up_words, words_of
 from stylelora.train.sample_prompts import ignored_options_note
@@ -123,6 +125,7 @@ def run_training(config: TrainConfig) -> Path:
     resume_from = check_output_dir(config)  # before anything is written there
     data = prepare_data(config, run_dir, process, say)
     base_configs = check_base(config)  # what loading the base would refuse, from its config files alone
+    start = read_start_weights(config.network.weights)  # --network-weights: read and checked before the base loads
 
     # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
     config = with_family_preset(config, base_configs, data)
@@ -151,7 +154,7 @@ def run_training(config: TrainConfig) -> Path:
         except ValueError as error:
             raise ConfigError(f"train.clip_skip: {error}") from None
     set_seed(config.train.seed)  # identical LoRA initialisation on every process
-    lora = _add_lora(config, pipe)
+    lora = _add_lora(config, pipe, start, say)
 
     # 3. Batches: cached latents (and text embeddings for a frozen text encoder), one bucket per batch.
     dataset, text_cache = build_dataset(config, data, pipe, accelerator)
@@ -568,7 +571,8 @@ def model_geometry(pipe) -> dict[str, int]:
     return {"native_resolution": sample_size * vae_factor, "downsample_factor": vae_factor * unet_factor}
 
 
-def _add_lora(config: TrainConfig, pipe):
+def _add_lora(config: TrainConfig, pipe, start: AdapterFile | None = None, say=lambda message: None):
+    """The run's LoRA on the UNet (and the text encoders it trains): fresh, or with --network-weights the file's."""
     from stylelora.lora.inject import add_lora
 
     n = config.network
@@ -576,6 +580,8 @@ def _add_lora(config: TrainConfig, pipe):
     lora = add_lora(pipe.unet, pipe.text_encoder, rank=n.rank, alpha=n.alpha, unet_targets=n.unet_targets,
                     train_text_encoder=n.train_text_encoder, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha,
                     text_encoder_2=encoders.get("text_encoder_2"))
+    if start is not None:
+        say(copy_start_weights(start, pipeline_models(pipe), n))
     pipe.vae.requires_grad_(False).eval()
     pipe.unet.train()
     for encoder in encoders.values():

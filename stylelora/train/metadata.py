@@ -34,7 +34,7 @@ MODELSPEC_PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
 # (ss_sd_model_name: the file's name, not where it lay); OUTPUT/config.toml keeps the full paths for reruns.
 # The first are always local; a base or its config folder may instead be a hub id ("owner/name"), kept as it is.
 ALWAYS_LOCAL_OPTIONS = (("data", "dir"), ("data", "reg_dir"), ("data", "cache_dir"), ("train", "output"),
-                        ("train", "resume"))
+                        ("train", "resume"), ("network", "weights"))
 LOCAL_PATH_OPTIONS = ALWAYS_LOCAL_OPTIONS + (("train", "base"), ("train", "base_config"))
 
 

@@ -1,0 +1,90 @@
+"""--network-weights (kohya's --network_weights): a run that starts from an existing LoRA file continues it, at this
+run's alpha with the same weight change, and a file that does not fit the run is refused with the flags that fit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stylelora.config import ConfigError, load_config
+from stylelora.train import loop
+from stylelora.train.loop import run_training
+from train_fixtures import adapter_metadata, adapter_tensors, reset_accelerate, tiny_overrides
+
+STILL = {"optim.unet_lr": 1e-12, "optim.text_encoder_lr": 1e-12}  # four steps that move nothing measurable
+
+
+def train(tmp_path, dataset, base, name: str, **overrides):
+    try:
+        return run_training(load_config(None, tiny_overrides(dataset, tmp_path / name, base, **overrides)))
+    finally:
+        reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory, tiny_base, stripes_dataset):
+    """A finished rank-4 adapter (alpha 4), UNet and text encoder, to start from."""
+    return train(tmp_path_factory.mktemp("start"), stripes_dataset, tiny_base, "first")
+
+
+def test_a_run_starts_from_the_files_weights_and_says_so(tmp_path, tiny_base, stripes_dataset, started, capsys):
+    continued = train(tmp_path, stripes_dataset, tiny_base, "continued", **STILL, **{"network.weights": str(started)})
+    fresh = train(tmp_path, stripes_dataset, tiny_base, "fresh", **STILL)
+    before, after, new = adapter_tensors(started), adapter_tensors(continued), adapter_tensors(fresh)
+    assert after.keys() == before.keys()
+    assert all(torch.allclose(after[key], before[key], atol=1e-6) for key in before)
+    ups = [key for key in before if key.endswith("lora_up.weight")]
+    assert all(new[key].abs().max() < 1e-6 < before[key].abs().max() for key in ups)  # a fresh LoRA's up is zero
+    modules = len(ups)
+    assert f"starting from {started.name}: {modules} of this run's {modules} LoRA modules take its weights." in \
+        capsys.readouterr().err
+    assert adapter_metadata(continued)["ss_training_args"].count(started.name) == 1  # by its name, not its path
+
+
+def test_a_dry_run_reads_the_file_and_says_what_it_holds(tmp_path, tiny_base, stripes_dataset, started, capsys):
+    from stylelora.train.dry_run import dry_run
+
+    modules = sum(key.endswith("lora_up.weight") for key in adapter_tensors(started))
+    dry_run(load_config(None, tiny_overrides(stripes_dataset, tmp_path / "plan", tiny_base,
+                                             **{"network.weights": str(started)})))
+    assert f"starts from {started.name}: {modules} LoRA modules of rank 4" in capsys.readouterr().err
+
+
+def test_another_alpha_keeps_each_modules_weight_change(tmp_path, tiny_base, stripes_dataset, started):
+    halved = train(tmp_path, stripes_dataset, tiny_base, "alpha2", **STILL,
+                   **{"network.alpha": 2.0, "network.weights": str(started)})
+    before, after = adapter_tensors(started), adapter_tensors(halved)
+    for key in (key for key in before if key.endswith("lora_up.weight")):
+        module = key.removesuffix(".lora_up.weight")
+        assert float(after[f"{module}.alpha"]) == 2.0
+        change = before[key].flatten(1) @ before[f"{module}.lora_down.weight"].flatten(1) * 4.0 / 4
+        again = after[key].flatten(1) @ after[f"{module}.lora_down.weight"].flatten(1) * 2.0 / 4
+        torch.testing.assert_close(again, change, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"network.rank": 2, "network.alpha": 2.0}, r"has LoRA rank 4 where this run has 2 \(--rank 2\): train at the "
+                                                r"file's rank"),
+    ({"network.train_text_encoder": False}, "drop --no-text-encoder"),
+    ({"network.unet_targets": "attn"}, "are on layers this run does not train .*--unet-targets attn"),
+])
+def test_a_file_that_does_not_fit_the_run_is_refused_before_training(tmp_path, tiny_base, stripes_dataset, started,
+                                                                     overrides, message, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("the run trained")
+
+    monkeypatch.setattr(loop, "train", no_training)
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, stripes_dataset, tiny_base, "refused", **overrides, **{"network.weights": str(started)})
+
+
+def test_a_missing_file_is_refused_before_the_base_loads(tmp_path, tiny_base, stripes_dataset, monkeypatch):
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(loop, "_load_base", no_base)
+    with pytest.raises(ConfigError, match=r"network.weights \(--network-weights\): .*nothing.safetensors does not "
+                                          "exist; give the .safetensors LoRA file to start from"):
+        train(tmp_path, stripes_dataset, tiny_base, "missing", **{"network.weights": str(tmp_path / "nothing.safetensors")})
+    (tmp_path / "notes.safetensors").write_text("not a LoRA")
+    with pytest.raises(ConfigError, match="network.weights"):
+        train(tmp_path, stripes_dataset, tiny_base, "unreadable", **{"network.weights": str(tmp_path / "notes.safetensors")})
