@@ -34,6 +34,10 @@ DATA_CACHES = ("ram", "disk", "none")
 UNET_TARGETS = ("attn", "kohya", "locon")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
+# kohya's --loss_type; the last two read a scale c, set over the timesteps by a schedule (stylelora.train.losses).
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_LOSSES = ("huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 PRECISIONS = ("fp32", "fp16", "bf16")
 FORMATS = ("kohya", "diffusers")
 FAMILIES = ("toy", "sd1", "sd2", "sd2-v", "sdxl")
@@ -196,6 +200,15 @@ class TrainSection:
     precision: str | None = option(None, "frozen base weights and autocast; LoRA weights and optimizer state stay "
                                          "fp32", choices=PRECISIONS, example="bf16", preset=True)
     min_snr_gamma: float = option(5.0, "min-SNR loss weighting gamma (0 = plain MSE)", example="5")
+    debiased_estimation_loss: bool = option(False, "weight each sample by 1/sqrt(SNR) as well (kohya's "
+                                                   "--debiased_estimation_loss), so nearly clean timesteps count less")
+    loss_type: str = option("l2", "loss between prediction and target (kohya's --loss_type): l2 (squared), l1, or "
+                                  "huber / smooth_l1 (pseudo-Huber: outlier images pull less)", choices=LOSS_TYPES,
+                            example="huber")
+    huber_schedule: str = option("snr", "scale of the huber losses over the timesteps (kohya's --huber_schedule): "
+                                        "snr, exponential or constant", choices=HUBER_SCHEDULES, example="snr")
+    huber_c: float = option(0.1, "scale of the huber losses on the noisiest timesteps (kohya's --huber_c)",
+                            example="0.1")
     noise_offset: float = option(0.0, "noise offset (kohya's --noise_offset): each noise sample shifted by this "
                                       "times a random constant per channel, so the adapter can learn images darker "
                                       "or lighter overall than the base draws", example="0.05")
@@ -685,6 +698,9 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
               "kohya's default", t.multires_noise_discount),
         _rule("train.ip_noise_gamma", 0 <= t.ip_noise_gamma < 1, "must be in [0, 1); 0.1 is usual",
               t.ip_noise_gamma),
+        _choice("train.loss_type", t.loss_type, LOSS_TYPES),
+        _choice("train.huber_schedule", t.huber_schedule, HUBER_SCHEDULES),
+        _rule("train.huber_c", 0 < t.huber_c <= 1, "must be in (0, 1]; 0.1 is kohya's default", t.huber_c),
         _rule("train.preserve_base", t.preserve_base >= 0, "must be 0 (off) or more; 1 is the default",
               t.preserve_base),
         _rule("train.preserve_decoys", 0 <= t.preserve_decoys <= 1,
@@ -705,6 +721,10 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.sample_guidance", t.sample_guidance is None or t.sample_guidance >= 1,
               "must be 1 (no guidance) or more", t.sample_guidance),
     ]
+    huber_set = (t.huber_schedule, t.huber_c) != (TrainSection.huber_schedule, TrainSection.huber_c)
+    if huber_set and t.loss_type not in HUBER_LOSSES:
+        problems.append(f"train.huber_schedule / huber_c only apply to train.loss_type = 'huber' or 'smooth_l1' "
+                        f"(got {t.loss_type!r}); add --loss-type huber or drop them")
     if t.multires_noise_discount != TrainSection.multires_noise_discount and not t.multires_noise_iterations:
         problems.append("train.multires_noise_discount only applies with train.multires_noise_iterations above 0; "
                         "add e.g. --multires-noise-iterations 6 or drop it")

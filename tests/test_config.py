@@ -74,6 +74,11 @@ def test_config_is_frozen():
     ({"train.multires_noise_iterations": 6, "train.multires_noise_discount": 0},
      ["train.multires_noise_discount must be in (0, 1]"]),
     ({"train.multires_noise_discount": 0.5}, ["only applies with train.multires_noise_iterations above 0"]),
+    ({"train.loss_type": "mse"}, ["train.loss_type must be one of l2, l1, huber, smooth_l1"]),
+    ({"train.huber_c": 0.2}, ["train.huber_schedule / huber_c only apply to train.loss_type = 'huber' or "
+                              "'smooth_l1' (got 'l2')"]),
+    ({"train.loss_type": "huber", "train.huber_c": 0}, ["train.huber_c must be in (0, 1]"]),
+    ({"train.loss_type": "huber", "train.huber_schedule": "cosine"}, ["train.huber_schedule must be one of"]),
     ({"train.ip_noise_gamma": 1.0}, ["train.ip_noise_gamma must be in [0, 1)", "--ip-noise-gamma 0.1"]),
     ({"optim.lr_scheduler_num_cycles": 3}, ["optim.lr_scheduler_num_cycles only applies to optim.lr_scheduler = "
                                             "'cosine_with_restarts' (got 'cosine')"]),

@@ -109,6 +109,7 @@ def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, stripes_dataset
     assert metadata["ss_preserve_base"] == "1.0" and metadata["ss_preserve_decoys"] == "0.5"
     assert metadata["ss_text_noise"] == "0.2" and metadata["ss_decoy_company"] == "0.25"  # the toy family's recipe
     assert metadata["ss_multires_noise_iterations"] == metadata["ss_ip_noise_gamma"] == "None"  # off, as kohya says
+    assert (metadata["ss_loss_type"], metadata["ss_debiased_estimation"]) == ("l2", "False")
     company = json.loads(metadata["ss_stylelora_company_words"])  # what a split blend reads coined triggers as
     assert company and all(word.isalpha() and word != "stripestyle" for word in company)
     assert json.loads(metadata["ss_tag_frequency"])["2_stripestyle"]["stripestyle"] == 8
@@ -341,11 +342,14 @@ def test_gradient_accumulation_and_checkpointing_and_locon_run(tmp_path, tiny_ba
     assert any("conv" in k for k in tensors)
 
 
-def test_kohyas_noise_and_schedule_options_train_and_are_recorded(tmp_path, tiny_base, stripes_dataset):
+def test_kohyas_noise_loss_and_schedule_options_train_and_are_recorded(tmp_path, tiny_base, stripes_dataset):
     adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{
         "train.multires_noise_iterations": 6, "train.multires_noise_discount": 0.4, "train.ip_noise_gamma": 0.1,
-        "optim.lr_scheduler": "cosine_with_restarts", "optim.lr_scheduler_num_cycles": 2})
+        "optim.lr_scheduler": "cosine_with_restarts", "optim.lr_scheduler_num_cycles": 2,
+        "train.loss_type": "smooth_l1", "train.huber_c": 0.2, "train.debiased_estimation_loss": True})
     metadata = adapter_metadata(adapter)
+    assert (metadata["ss_loss_type"], metadata["ss_huber_schedule"], metadata["ss_huber_c"],
+            metadata["ss_debiased_estimation"]) == ("smooth_l1", "snr", "0.2", "True")
     assert (metadata["ss_multires_noise_iterations"], metadata["ss_multires_noise_discount"],
             metadata["ss_ip_noise_gamma"], metadata["ss_lr_scheduler"]) == ("6", "0.4", "0.1", "cosine_with_restarts")
     assert json.loads(metadata["ss_training_args"])["optim"]["lr_scheduler_num_cycles"] == 2

@@ -18,7 +18,7 @@ from stylelora.train.step import (
     prediction_target,
     sample_noise,
     snr,
-    weighted_mse,
+    weighted_loss,
     with_text_noise,
 )
 
@@ -264,9 +264,9 @@ def test_preservation_adds_the_gap_to_the_frozen_base_on_trigger_free_captions()
     timesteps = torch.randint(0, 1000, (5,), generator=generator)
     noisy = scheduler().add_noise(data["latents"], noise, timesteps)
     weights = min_snr_weights(scheduler(), timesteps, cfg.train.min_snr_gamma)
-    main = weighted_mse(noisy * 0.5, noise, weights)
+    main = weighted_loss(noisy * 0.5, noise, weights)
     index = torch.tensor([0, 2])
-    gap = weighted_mse(noisy[index] * 0.5, noisy[index] * 0.2, weights[index])
+    gap = weighted_loss(noisy[index] * 0.5, noisy[index] * 0.2, weights[index])
     torch.testing.assert_close(loss, main + 0.5 * gap)
     # One UNet pass with gradients over the batch + its 2 trigger-free copies, one frozen-base pass without.
     assert unet.calls == [{"batch": 2, "disabled": True, "grad": False}, {"batch": 7, "disabled": False, "grad": True}] \

@@ -124,6 +124,10 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_max_grad_norm": str(o.max_grad_norm),
         "ss_scale_weight_norms": str(o.scale_weight_norms or None),  # kohya writes None when off
         "ss_min_snr_gamma": str(t.min_snr_gamma),
+        "ss_debiased_estimation": str(t.debiased_estimation_loss),
+        "ss_loss_type": t.loss_type,
+        "ss_huber_schedule": t.huber_schedule,
+        "ss_huber_c": str(t.huber_c),
         "ss_noise_offset": str(t.noise_offset),
         # kohya writes None for these when they are off
         "ss_multires_noise_iterations": str(t.multires_noise_iterations or None),

@@ -9,7 +9,8 @@
     text      cached text-encoder outputs (frozen TE, static captions) or TE(tokens) with gradients; SDXL: both
               encoders, pooled embeddings and add_time_ids (stylelora/train/models.py)
     target    noise for epsilon prediction, scheduler.get_velocity(...) for v_prediction (read from the scheduler)
-    loss      per-sample MSE × min-SNR-γ weight (Hang et al. 2023), averaged
+    loss      per-sample MSE (or `loss_type`: stylelora/train/losses.py) × min-SNR-γ weight (Hang et al. 2023;
+              × 1/√SNR with `debiased_estimation_loss`), averaged
     preserve  + preserve_base × the same weighted MSE between the LoRA model and the frozen base, both given half
               of the batch's noisy latents with their trigger words removed or replaced by a decoy word
               (stylelora/train/preservation.py); with `decoy_company`, part of the samples keep their trigger
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from stylelora.config import HUBER_LOSSES
+from stylelora.train.losses import debiased_weights, huber_scales, per_sample_loss
 from stylelora.train.models import SdxlText
 from stylelora.train.preservation import (accompanied_captions, base_prediction, preserved_samples,
                                           with_made_up_company)
@@ -50,7 +53,9 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, perturbed(noise, t.ip_noise_gamma, generator), timesteps)
-    weights = min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma)
+    weights = loss_weights(noise_scheduler, timesteps, t)
+    scales = huber_scales(noise_scheduler, timesteps, t.huber_schedule, t.huber_c) if t.loss_type in HUBER_LOSSES \
+        else None
     preserved = preserved_samples(list(batch["caption"]), models.triggers, config.train.preserve_base, models.decoys,
                                   config.train.preserve_decoys, generator)
     captions = accompanied_captions(list(batch["caption"]), models.triggers, models.company,
@@ -67,11 +72,12 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
                                 text, None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
     prediction, preserved_prediction = prediction[:len(captions)], prediction[len(captions):]
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
-    loss = weighted_mse(prediction, target, weights)
+    loss = weighted_loss(prediction, target, weights, t.loss_type, scales)
     if preserved:
         base = base_prediction(models, noisy[index], timesteps[index], [caption for _, caption in preserved],
                                None if time_ids is None else time_ids[index])
-        loss = loss + config.train.preserve_base * weighted_mse(preserved_prediction, base, weights[index])
+        loss = loss + t.preserve_base * weighted_loss(preserved_prediction, base, weights[index], t.loss_type,
+                                                      None if scales is None else scales[index])
     return loss
 
 
@@ -93,9 +99,19 @@ def with_text_noise(text, count: int, std: float, generator: torch.Generator):
     return torch.cat([text[:count] + std * noise, text[count:]])
 
 
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
-    return (per_sample * weights).mean()
+def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, loss_type: str = "l2",
+                  scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's loss: each sample's (losses.per_sample_loss) times its weight, averaged."""
+    return (per_sample_loss(prediction, target, loss_type, scales) * weights).mean()
+
+
+def loss_weights(noise_scheduler, timesteps: torch.Tensor, train) -> torch.Tensor:
+    """Each sample's weight: min-SNR-γ's, times debiased estimation's with `debiased_estimation_loss`."""
+    weights = min_snr_weights(noise_scheduler, timesteps, train.min_snr_gamma)
+    if train.debiased_estimation_loss:
+        v_prediction = prediction_type(noise_scheduler) == "v_prediction"
+        weights = weights * debiased_weights(snr(noise_scheduler, timesteps), v_prediction)
+    return weights
 
 
 def sample_noise(latents: torch.Tensor, offset: float, generator: torch.Generator) -> torch.Tensor:
