@@ -277,6 +277,10 @@ class TrainSection:
     sample_guidance: float | None = option(None, "CFG scale of the sample grid", example="5.0", preset=True)
     resume: str | None = option(None, "continue a run exactly from a checkpoint folder, or latest", example="latest")
     format: str = option("kohya", "adapter key layout", choices=FORMATS, example="kohya")
+    # kohya's --save_precision: the file people share; the weights keep training (and checkpoints resume) in fp32.
+    save_precision: str = option("fp32", "precision of the adapter files written (kohya's --save_precision): fp16 "
+                                         "or bf16 halve them; training and resuming stay fp32", choices=PRECISIONS,
+                                 example="fp16")
     license: str = option("unspecified", "license named in the adapter's metadata and model card (e.g. "
                                          "CC-BY-4.0, openrail++)", example="CC-BY-4.0")
     description: str = option("", "one-line description in the adapter's metadata, sidecar and model card (\"\" = "
@@ -688,6 +692,7 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _choice("train.quantize_base", t.quantize_base, QUANTIZATIONS),
         _choice("train.family", t.family, FAMILIES) if t.family is not None else None,
         _choice("train.format", t.format, FORMATS),
+        _choice("train.save_precision", t.save_precision, PRECISIONS),
         _rule("train.min_snr_gamma", t.min_snr_gamma >= 0, "must be 0 (off) or more; 5 is the usual value",
               t.min_snr_gamma),
         _rule("train.noise_offset", 0 <= t.noise_offset < 1, "must be in [0, 1); 0.05 is typical",

@@ -358,6 +358,18 @@ def test_kohyas_noise_loss_and_schedule_options_train_and_are_recorded(tmp_path,
     assert rates[2] > rates[1]  # 4 steps in 2 cycles: the second cycle starts again from the top
 
 
+def test_save_precision_halves_the_file_and_keeps_the_trained_weights(tmp_path, tiny_base, stripes_dataset):
+    full = train(stripes_dataset, tmp_path / "fp32", tiny_base)
+    half = train(stripes_dataset, tmp_path / "fp16", tiny_base, **{"train.save_precision": "fp16"})
+    full_tensors, half_tensors = adapter_tensors(full), adapter_tensors(half)
+    for key, tensor in full_tensors.items():  # the same run, written in half precision; alphas stay exact
+        assert torch.equal(half_tensors[key], tensor if key.endswith(".alpha") else tensor.half())
+    weight_bytes = [sum(t.numel() * t.element_size() for t in tensors.values()) for tensors in (full_tensors,
+                                                                                                 half_tensors)]
+    assert weight_bytes[1] < 0.51 * weight_bytes[0]  # the tiny file's header (metadata, preview) does not shrink
+    assert full.stat().st_size - half.stat().st_size == pytest.approx(weight_bytes[0] - weight_bytes[1], abs=4096)
+
+
 @pytest.mark.parametrize("optimizer, module, install", [("prodigy", "prodigyopt", "pip install 'prodigyopt"),
                                                         ("adamw8bit", "bitsandbytes", "pip install 'bitsandbytes")])
 def test_optional_optimizer_trains_or_names_the_install(tmp_path, tiny_base, stripes_dataset, optimizer, module, install):

@@ -36,7 +36,8 @@ CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 # (optim.load_with_new_learning_rates).
 RESUME_MAY_CHANGE = {
     "train": {"steps", "epochs", "resume", "save_every", "keep_checkpoints", "sample_every", "samples", "sample_prompts",
-              "sample_seed", "sample_steps", "sample_guidance", "output", "overwrite", "format", "precision"},
+              "sample_seed", "sample_steps", "sample_guidance", "output", "overwrite", "format", "precision",
+              "save_precision"},
     "data": {"cache", "cache_dir"},
     # The warmup is past by the first checkpoint of any usual run; unset, it follows the steps (config.warmup_steps).
     "optim": {"unet_lr", "text_encoder_lr", "text_encoder_2_lr", "max_grad_norm", "warmup_steps"},

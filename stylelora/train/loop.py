@@ -1048,9 +1048,12 @@ def save(run: Run, step: int) -> None:
 
 def write_adapter(run: Run, path: Path, step: int) -> Path:
     from stylelora.lora.io import save_adapter
+    from stylelora.models.load import PRECISIONS
 
+    t = run.config.train
     metadata = adapter_metadata(run.config, run.facts, step)
-    return save_adapter(path, run.pipe.unet, run.pipe.text_encoder, metadata=metadata, fmt=run.config.train.format,
+    return save_adapter(path, run.pipe.unet, run.pipe.text_encoder, metadata=metadata, fmt=t.format,
+                        dtype=getattr(torch, PRECISIONS[t.save_precision]),
                         text_encoder_2=getattr(run.pipe, "text_encoder_2", None))
 
 
