@@ -212,6 +212,8 @@ class TrainSection:
     noise_offset: float = option(0.0, "noise offset (kohya's --noise_offset): each noise sample shifted by this "
                                       "times a random constant per channel, so the adapter can learn images darker "
                                       "or lighter overall than the base draws", example="0.05")
+    noise_offset_random_strength: bool = option(False, "draw each batch's noise offset evenly between 0 and "
+                                                       "train.noise_offset (kohya's --noise_offset_random_strength)")
     multires_noise_iterations: int = option(0, "multi-resolution noise (kohya's --multires_noise_iterations): this "
                                                "many layers of ever coarser noise added to each noise sample, so the "
                                                "adapter can change contrast and layout more (6-10 are usual; 0 = "
@@ -221,6 +223,9 @@ class TrainSection:
     ip_noise_gamma: float = option(0.0, "input perturbation (kohya's --ip_noise_gamma): the latents are noised with "
                                         "this much extra noise that the target leaves out (0.1 is usual; 0 = off)",
                                    example="0.1")
+    ip_noise_gamma_random_strength: bool = option(False, "draw each batch's input perturbation evenly between 0 and "
+                                                         "train.ip_noise_gamma (kohya's "
+                                                         "--ip_noise_gamma_random_strength)")
     # See stylelora/train/preservation.py. On by default: a character or style should show up when asked for, not
     # everywhere.
     preserve_base: float = option(1.0, "weight of the loss that keeps the base model's output on captions with the "
@@ -730,6 +735,10 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
     if huber_set and t.loss_type not in HUBER_LOSSES:
         problems.append(f"train.huber_schedule / huber_c only apply to train.loss_type = 'huber' or 'smooth_l1' "
                         f"(got {t.loss_type!r}); add --loss-type huber or drop them")
+    for flag, value in (("noise_offset", t.noise_offset), ("ip_noise_gamma", t.ip_noise_gamma)):
+        if getattr(t, f"{flag}_random_strength") and not value:
+            problems.append(f"train.{flag}_random_strength only applies with train.{flag} above 0; add e.g. "
+                            f"--{flag.replace('_', '-')} 0.1 or drop it")
     if t.multires_noise_discount != TrainSection.multires_noise_discount and not t.multires_noise_iterations:
         problems.append("train.multires_noise_discount only applies with train.multires_noise_iterations above 0; "
                         "add e.g. --multires-noise-iterations 6 or drop it")

@@ -74,6 +74,9 @@ def test_config_is_frozen():
     ({"train.multires_noise_iterations": 6, "train.multires_noise_discount": 0},
      ["train.multires_noise_discount must be in (0, 1]"]),
     ({"train.multires_noise_discount": 0.5}, ["only applies with train.multires_noise_iterations above 0"]),
+    ({"train.noise_offset_random_strength": True}, ["train.noise_offset_random_strength only applies with "
+                                                    "train.noise_offset above 0", "--noise-offset 0.1"]),
+    ({"train.ip_noise_gamma_random_strength": True}, ["train.ip_noise_gamma_random_strength only applies with"]),
     ({"train.loss_type": "mse"}, ["train.loss_type must be one of l2, l1, huber, smooth_l1"]),
     ({"train.huber_c": 0.2}, ["train.huber_schedule / huber_c only apply to train.loss_type = 'huber' or "
                               "'smooth_l1' (got 'l2')"]),

@@ -161,6 +161,22 @@ def test_input_perturbation_noises_the_input_more_than_the_target_asks():
     assert not torch.allclose(noised, scheduler().add_noise(batch()["latents"], noise, timesteps))
 
 
+def test_random_strengths_draw_each_batchs_offset_and_perturbation_up_to_the_value():
+    cfg = config(**{"train.noise_offset": 0.1, "train.noise_offset_random_strength": True,
+                    "train.ip_noise_gamma": 0.1, "train.ip_noise_gamma_random_strength": True})
+    unet = ZeroUNet()
+    loss_step(batch(), fake_models(unet), scheduler(), cfg, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    offset = 0.1 * torch.rand((), generator=generator).item()
+    noise = sample_noise(batch()["latents"], offset, generator)
+    timesteps = torch.randint(0, 1000, (6,), generator=generator)
+    gamma = 0.1 * torch.rand((), generator=generator).item()
+    fresh = torch.randn(noise.shape, generator=generator)
+    assert 0 < offset < 0.1 and 0 < gamma < 0.1
+    torch.testing.assert_close(unet.calls[0][0], scheduler().add_noise(batch()["latents"], noise + gamma * fresh,
+                                                                       timesteps))
+
+
 def test_same_generator_state_same_loss_and_gradients_reach_trainable_weights():
     cfg, unet = config(), ZeroUNet()
     unet.scale.data.fill_(0.5)

@@ -133,6 +133,8 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_multires_noise_iterations": str(t.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(t.multires_noise_discount),
         "ss_ip_noise_gamma": str(t.ip_noise_gamma or None),
+        "ss_noise_offset_random_strength": str(t.noise_offset_random_strength),
+        "ss_ip_noise_gamma_random_strength": str(t.ip_noise_gamma_random_strength),
         "ss_preserve_base": str(t.preserve_base),
         "ss_preserve_decoys": str(t.preserve_decoys),
         "ss_decoy_company": str(t.decoy_company),

@@ -47,12 +47,13 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     """The weighted diffusion loss of one batch (a scalar with gradients into the trainable LoRA weights)."""
     t = config.train
     latents = models.batch_latents(batch)
-    noise = sample_noise(latents, t.noise_offset, generator)
+    noise = sample_noise(latents, drawn(t.noise_offset, t.noise_offset_random_strength, generator), generator)
     if t.multires_noise_iterations:
         noise = multires_noise(noise, t.multires_noise_iterations, t.multires_noise_discount, generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=generator).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, perturbed(noise, t.ip_noise_gamma, generator), timesteps)
+    gamma = drawn(t.ip_noise_gamma, t.ip_noise_gamma_random_strength, generator)
+    noisy = noise_scheduler.add_noise(latents, perturbed(noise, gamma, generator), timesteps)
     weights = loss_weights(noise_scheduler, timesteps, t)
     scales = huber_scales(noise_scheduler, timesteps, t.huber_schedule, t.huber_c) if t.loss_type in HUBER_LOSSES \
         else None
@@ -143,6 +144,14 @@ def multires_noise(noise: torch.Tensor, iterations: int, discount: float, genera
         if rows == 1 or columns == 1:
             break  # a single value per channel: no coarser layer exists
     return (total / total.std()).to(noise.dtype)
+
+
+def drawn(strength: float, at_random: bool, generator: torch.Generator) -> float:
+    """`strength`, or with kohya's --noise_offset_random_strength / --ip_noise_gamma_random_strength a strength drawn
+    evenly between 0 and it for the batch: the adapter sees every amount up to it, not one fixed amount."""
+    if not at_random or strength <= 0:
+        return strength
+    return strength * torch.rand((), generator=generator).item()
 
 
 def perturbed(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
