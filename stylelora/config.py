@@ -167,6 +167,10 @@ class OptimConfig:
                                             "1 = linear)", example="2")
     warmup_steps: int | None = option(None, "LR warmup steps (unset: a tenth of the steps, at most 50)", example="50")
     grad_accum: int = option(1, "gradient accumulation steps", example="1")
+    # LoRA+ (Hayou et al., arXiv 2402.12354): the up factor starts at zero and needs a larger step than the down one.
+    loraplus_lr_ratio: float = option(0.0, "learning rate of each LoRA's up factor as a multiple of its down "
+                                           "factor's (LoRA+; kohya's network_args loraplus_lr_ratio; 16 is the "
+                                           "paper's; 0 = off)", example="16")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = no clipping)", example="1.0")
     # sd-scripts' max-norm regularization: off by default there too (stylelora.lora.max_norm says why one uses it).
     scale_weight_norms: float = option(0.0, "cap each LoRA module's weight change at this norm after every step "
@@ -658,6 +662,8 @@ def _optim_problems(o: OptimConfig, n: NetworkConfig) -> list[str | None]:
         _rule("optim.max_grad_norm", o.max_grad_norm >= 0, "must be 0 (no clipping) or more", o.max_grad_norm),
         _rule("optim.scale_weight_norms", o.scale_weight_norms >= 0, "must be 0 (off) or more, e.g. 1.0",
               o.scale_weight_norms),
+        _rule("optim.loraplus_lr_ratio", o.loraplus_lr_ratio == 0 or o.loraplus_lr_ratio >= 1,
+              "must be 0 (off) or at least 1; 16 is the LoRA+ paper's", o.loraplus_lr_ratio),
         _rule("optim.lr_scheduler_num_cycles", o.lr_scheduler_num_cycles >= 1, "must be at least 1",
               o.lr_scheduler_num_cycles),
         _rule("optim.lr_scheduler_power", o.lr_scheduler_power > 0, "must be > 0 (1 = linear decay)",

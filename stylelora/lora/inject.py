@@ -40,6 +40,7 @@ class LoraParameters:
     unet: list[nn.Parameter] = field(default_factory=list)
     text_encoder: list[nn.Parameter] = field(default_factory=list)
     text_encoder_2: list[nn.Parameter] = field(default_factory=list)  # SDXL's second (OpenCLIP bigG) encoder
+    up: set[int] = field(default_factory=set)  # id() of every up (lora_B) factor among them: LoRA+ steps them apart
 
 
 def _split_by_kernel(layers: dict[str, nn.Module]) -> LoraTargets:
@@ -223,6 +224,9 @@ def add_lora(unet: nn.Module, text_encoder: nn.Module | None, *, rank: int, alph
             setattr(params, name, attach_adapter(model, te_configs[name], adapter_name))
         else:
             model.requires_grad_(False)
+    for model in (unet, *(encoders[name] for name in te_configs)):
+        params.up.update(id(param) for _, layer in lora_layers(model, adapter_name)
+                         for param in layer.lora_B[adapter_name].parameters())
     return params
 
 

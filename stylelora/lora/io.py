@@ -97,11 +97,13 @@ def kohya_metadata(*, rank: int, alpha: float, output_name: str, tag_frequency: 
                    learning_rate: float, unet_lr: float | None, text_encoder_lr: float | None,
                    resolution: tuple[int, int] | int, training_started_at: float, title: str | None = None,
                    trigger_phrase: str | None = None, conv_rank: int | None = None, conv_alpha: float | None = None,
-                   implementation: str = "diffusers", extra: dict[str, str] | None = None) -> dict[str, str]:
+                   implementation: str = "diffusers", extra: dict[str, str] | None = None,
+                   network_args: dict[str, str] | None = None) -> dict[str, str]:
     """kohya sd-scripts' ss_* training metadata + Stability modelspec keys for an SD1.x LoRA, all as strings.
 
     tag_frequency: {dataset dir: {tag: count}}; dataset_dirs: {dataset dir: {"n_repeats": r, "img_count": n}}.
-    A text_encoder_lr of None means the text encoder was not trained.
+    A text_encoder_lr of None means the text encoder was not trained. network_args: more of kohya's network_args
+    (as strings), beside the conv_dim / conv_alpha a conv rank adds.
     """
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     date = datetime.datetime.fromtimestamp(int(training_started_at)).isoformat()
@@ -134,9 +136,12 @@ def kohya_metadata(*, rank: int, alpha: float, output_name: str, tag_frequency: 
     }
     if trigger_phrase:
         metadata["modelspec.trigger_phrase"] = trigger_phrase
+    args = dict(network_args or {})
     if conv_rank is not None:
         conv_alpha = alpha if conv_alpha is None else conv_alpha
-        metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})
+        args = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha)), **args}
+    if args:
+        metadata["ss_network_args"] = json.dumps(args)
     metadata.update(extra or {})
     return metadata
 

@@ -174,5 +174,6 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         learning_rate=o.unet_lr, unet_lr=o.unet_lr, text_encoder_lr=o.text_encoder_lr if n.train_text_encoder else None,
         resolution=d.resolution, training_started_at=facts.started_at, title=t.output_name,
         trigger_phrase=facts.trigger or None, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha, extra=extra,
+        network_args={"loraplus_lr_ratio": str(o.loraplus_lr_ratio)} if o.loraplus_lr_ratio else None,
         implementation=SGM_IMPLEMENTATION if t.family == "sdxl" else "diffusers",
     )

@@ -13,7 +13,9 @@ class OptimizerUnavailable(MissingPackage):
 
 
 def param_groups(config: TrainConfig, params: LoraParameters) -> list[dict]:
-    """One group per trained model, each with its own learning rate (text-encoder LoRAs want a lower one)."""
+    """One group per trained model, each with its own learning rate (text-encoder LoRAs want a lower one). With
+    LoRA+ (optim.loraplus_lr_ratio) each model's up factors get a group of their own at that multiple, after all
+    the others: the first groups stay the models' own rates, which the log and the progress bar report."""
     o = config.optim
     groups = [{"params": params.unet, "lr": o.unet_lr, "name": "unet"}]
     if params.text_encoder:
@@ -21,7 +23,12 @@ def param_groups(config: TrainConfig, params: LoraParameters) -> list[dict]:
     if params.text_encoder_2:  # SDXL's second encoder; without its own rate it follows the first's
         lr = o.text_encoder_2_lr if o.text_encoder_2_lr is not None else o.text_encoder_lr
         groups.append({"params": params.text_encoder_2, "lr": lr, "name": "text_encoder_2"})
-    return groups
+    if not o.loraplus_lr_ratio:
+        return groups
+    ups = [{"params": [p for p in group["params"] if id(p) in params.up], "lr": group["lr"] * o.loraplus_lr_ratio,
+            "name": f"{group['name']}_up"} for group in groups]
+    downs = [{**group, "params": [p for p in group["params"] if id(p) not in params.up]} for group in groups]
+    return downs + ups
 
 
 def build_optimizer(config: TrainConfig, params: LoraParameters) -> torch.optim.Optimizer:
