@@ -240,6 +240,10 @@ def test_endpoints_take_named_parameters(app):
     assert {"prompt", "negative_prompt", "steps", "cfg", "sampler", "seed", "size", "batch_size"} <= set(generate)
     assert names("/grid")[:3] == ["x_axis", "y_axis", "z_axis"] and "prompt" in names("/grid")
     assert {"name", "mode", "rank", "fp16", "overwrite"} <= set(names("/blend"))
+    # Start from: last, so positional calls written before it keep their places; empty is a new LoRA.
+    assert names("/train")[:4] == ["dataset", "name", "base", "overwrite"] and names("/train")[-1] == "start_from"
+    assert next(p for p in endpoints["/train"]["parameters"] if p["parameter_name"] == "start_from")[
+        "parameter_default"] == ""
     # Generation blends 2+ adapters in split by default; a saved blend is a sum unless asked (split cannot be a file).
     defaults = {endpoint: {p["parameter_name"]: p.get("parameter_default") for p in endpoints[endpoint]["parameters"]}
                 for endpoint in ("/generate", "/blend")}

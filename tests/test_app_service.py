@@ -673,6 +673,31 @@ def test_resume_of_a_finished_run_says_it_is_finished_instead_of_training_again(
     assert adapter.stat().st_mtime_ns == written and not service.training.running
 
 
+def test_a_run_continues_a_finished_adapter_chosen_in_start_from(service):
+    """The Train tab's "Start from" (kohya's --network_weights): a finished adapter of the folder, by its name."""
+    import json
+
+    from stylelora.app.training import TrainSettings
+    from stylelora.app.ui import start_choices
+    from stylelora.generate.prompt_tags import PromptTagError
+    from train_fixtures import adapter_metadata
+
+    options = {"train.steps": 1, "train.batch_size": 2, "network.rank": 2, "network.alpha": 2.0,
+               "train.save_every": 0, "train.sample_every": 0}
+    first = service.start_training(TrainSettings(data_dir="tiny", name="to-continue", options=options)).wait(180)
+    assert first.state == "done", first.message
+    name = next(name for label, name in start_choices(service) if name.endswith("to-continue"))
+    with pytest.raises((AppError, PromptTagError)):
+        service.start_training(TrainSettings(data_dir="tiny", name="x", options=options, start_from="../to-continue"))
+    final = service.start_training(TrainSettings(data_dir="tiny", name="continued", options=options,
+                                                 start_from=name)).wait(180)
+    assert final.state == "done", final.message
+    assert "starting from to-continue.safetensors" in final.log
+    args = json.loads(adapter_metadata(final.adapter)["ss_training_args"])
+    assert args["network"]["weights"] == "to-continue.safetensors"
+    assert start_choices(service)[0] == ("none: a new LoRA", "")
+
+
 def test_the_train_tab_trains_epochs_and_reads_caption_lines_as_alternatives(service):
     """Epochs and caption variants are Train-tab options: one epoch is as many steps as batches an epoch holds."""
     from stylelora.app.training import TrainSettings

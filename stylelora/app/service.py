@@ -887,7 +887,8 @@ class AppService:
         self._check_base(settings.base)
         self._check_idle()
         data = self.dataset_path(settings.data_dir)
-        self._training = TrainingJob.start(settings, self.adapters_dir, data)
+        start = self.adapter_path(settings.start_from) if settings.start_from else None  # inside the folder only
+        self._training = TrainingJob.start(settings, self.adapters_dir, data, start)
         return self._training
 
     def resume_training(self, name: str):

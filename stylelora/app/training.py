@@ -42,15 +42,19 @@ class TrainSettings:
     base: str = "toy"
     overwrite: bool = False
     options: dict = field(default_factory=dict)
+    start_from: str = ""  # an adapter of the adapters folder to continue (--network-weights); "" for a new LoRA
 
-    def overrides(self, adapters_dir: Path, data: Path) -> dict:
-        """Config overrides as `stylelora train` flags give them; the run folder is adapters_dir/NAME."""
+    def overrides(self, adapters_dir: Path, data: Path, start: Path | None = None) -> dict:
+        """Config overrides as `stylelora train` flags give them; the run folder is adapters_dir/NAME; `start`:
+        the file `start_from` names (AppService resolves it inside the adapters folder)."""
         name = plain_name(self.name, "Adapter name")
         overrides = {key: value for key, value in self.options.items() if value is not None and value != ""}
         if overrides.get("network.train_text_encoder") is False:
             overrides.pop("optim.text_encoder_lr", None)  # the box may still hold a value; the config would refuse it
         overrides.update({"data.dir": str(Path(data).absolute()), "train.base": self.base, "train.output_name": name,
                           "train.output": str(adapters_dir / name), "train.overwrite": bool(self.overwrite)})
+        if start is not None:
+            overrides["network.weights"] = str(start)
         return overrides
 
 
@@ -97,10 +101,10 @@ class TrainingJob:
             reader.start()
 
     @classmethod
-    def start(cls, settings: TrainSettings, adapters_dir: Path, data: Path) -> TrainingJob:
+    def start(cls, settings: TrainSettings, adapters_dir: Path, data: Path, start: Path | None = None) -> TrainingJob:
         from stylelora.config import load_config, save_config
 
-        config = load_config(None, settings.overrides(Path(adapters_dir), data))
+        config = load_config(None, settings.overrides(Path(adapters_dir), data, start))
         if config.adapter_path.exists() and not config.train.overwrite:
             raise AppError(f"{config.output_dir.name}/{config.adapter_path.name} exists already: choose another "
                            "name or tick 'overwrite'.")

@@ -664,6 +664,9 @@ def _train_tab(service: AppService) -> SimpleNamespace:
         name = gr.Textbox(value="my-style", label="Adapter name", elem_id="name", scale=2)
         base = gr.Dropdown(list(service.bases), value=service.bases[0], label="Base model", elem_id="base", scale=1)
         overwrite = gr.Checkbox(label="overwrite a run of that name", elem_id="overwrite", scale=1)
+    # kohya's --network_weights: continue a finished adapter (same rank and layers) on this data.
+    start_from = gr.Dropdown(start_choices(service), value="", label="Start from an adapter (optional: continue "
+                             "its training; same rank)", elem_id="start-from")
     with gr.Accordion("Upload a training folder: images + .txt captions", open=False):
         files = gr.File(file_count="directory", type="filepath", label="Folder of images and captions",
                         elem_id="dataset-files")
@@ -692,13 +695,18 @@ def _train_tab(service: AppService) -> SimpleNamespace:
     log_box = gr.Textbox(label=f"Trainer output (newest {LOG_LINES_SHOWN} lines)", lines=LOG_LINES_SHOWN,
                          max_lines=LOG_LINES_SHOWN, elem_classes="mono", elem_id="train-log")
     # In the order train_settings reads them.
-    settings = [data, name, base, overwrite, *options]
-    return SimpleNamespace(settings=settings, option_keys=[spec.dotted for spec in specs], specs=specs,
+    settings = [data, name, base, overwrite, *options, start_from]  # start_from last: API calls keep positions
+    return SimpleNamespace(settings=settings, start_from=start_from, option_keys=[spec.dotted for spec in specs], specs=specs,
                            button=button, stop=stop, resume=resume, status=status, loss_plot=loss_plot,
                            log=log_box, sample=sample, family=family, data=data, rescan=rescan, name=name, base=base,
                            files=files, dataset_name=dataset_name, trigger=trigger, repeats=repeats, add=add,
                            added=added, timer=gr.Timer(TRAIN_REFRESH_SECONDS, active=False),
                            shown_sample=gr.State(None))
+
+
+def start_choices(service: AppService) -> list[tuple[str, str]]:
+    """The Train tab's "Start from" choices: a new LoRA (""), then each finished adapter of the folder."""
+    return [("none: a new LoRA", ""), *((name, name) for name in service.adapter_names())]
 
 
 def _family_text(base: str) -> str:
@@ -729,9 +737,11 @@ def _family_text(base: str) -> str:
             + ", ".join(shown) + ". Other options: the CLI's defaults (the same as `stylelora train`).")
 
 
-def train_settings(data, name, base, overwrite, option_keys: Sequence[str], option_values: Sequence) -> TrainSettings:
+def train_settings(data, name, base, overwrite, option_keys: Sequence[str], option_values: Sequence,
+                   start_from: str | None = None) -> TrainSettings:
     """TrainSettings from the Train tab's values; text is stripped, an empty box means the option's default, and a
-    number typed in a text box (the options whose default is the base family's) is read as one, or refused by name."""
+    number typed in a text box (the options whose default is the base family's) is read as one, or refused by name.
+    start_from: the adapter chosen to continue, if any."""
     from stylelora.config import OPTION_SPECS
 
     specs = {spec.dotted: spec for spec in OPTION_SPECS}
@@ -742,7 +752,8 @@ def train_settings(data, name, base, overwrite, option_keys: Sequence[str], opti
         if isinstance(value, str) and value and spec is not None and spec.type in (int, float):
             value = _number(value, spec.option.widget.label.split(" (")[0], whole=spec.type is int)
         values[key] = value
-    return TrainSettings(data_dir=data, name=name, base=base, overwrite=bool(overwrite), options=values)
+    return TrainSettings(data_dir=data, name=name, base=base, overwrite=bool(overwrite), options=values,
+                         start_from=(start_from or "").strip())
 
 
 # ----------------------------------------------------------------------------- events
@@ -1062,8 +1073,9 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
     view = [tab.status, tab.loss_plot, tab.log, tab.sample]
 
     def on_train(**values):
-        data, name, base, overwrite, *option_values = list(values.values())[:count]
-        job = service.start_training(train_settings(data, name, base, overwrite, tab.option_keys, option_values))
+        data, name, base, overwrite, *option_values, start_from = list(values.values())[:count]
+        job = service.start_training(train_settings(data, name, base, overwrite, tab.option_keys, option_values,
+                                                    start_from))
         return f"**{html.escape(job.name)}**: starting…"
 
     def on_resume(name):
@@ -1077,8 +1089,9 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
         return f"Stopping {job.name} after its current step, with a checkpoint there…"
 
     follow = dict(fn=lambda: gr.Timer(active=True), inputs=None, outputs=tab.timer, api_visibility="private")
-    names = {id(tab.data): "dataset", id(tab.name): "name", id(tab.base): "base", id(tab.settings[3]): "overwrite"}
-    names.update({id(widget): spec.dotted for widget, spec in zip(tab.settings[4:], tab.specs)})
+    names = {id(tab.data): "dataset", id(tab.name): "name", id(tab.base): "base", id(tab.settings[3]): "overwrite",
+             id(tab.start_from): "start_from"}
+    names.update({id(widget): spec.dotted for widget, spec in zip(tab.settings[4:-1], tab.specs)})
     tab.button.click(_shown(service, on_train), inputs_kwargs=_named(tab.settings, names), outputs=tab.status,
                      api_name="train").success(**follow)
     tab.resume.click(_shown(service, on_resume), inputs_kwargs={"name": tab.name}, outputs=tab.status,
@@ -1090,14 +1103,16 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
         status = job.status() if job is not None else None
         shown = _training_view(service, status, shown_sample)
         if status is not None and status.running:
-            return *shown, gr.update(), gr.update(), gr.update(), gr.Timer(active=True), gr.update(interactive=True)
-        # The run ended: the last view, the new adapter in the lists and cards, no more ticks, and nothing to stop.
-        return (*shown, *lists.refreshed(chosen, inspected), lists.cards_now(), gr.Timer(active=False),
-                gr.update(interactive=False))
+            return *shown, gr.update(), gr.update(), gr.update(), gr.update(), gr.Timer(active=True), \
+                gr.update(interactive=True)
+        # The run ended: the last view, the new adapter in the lists and cards (and offered to start from), no more
+        # ticks, and nothing to stop.
+        return (*shown, *lists.refreshed(chosen, inspected), lists.cards_now(), gr.update(choices=start_choices(service)),
+                gr.Timer(active=False), gr.update(interactive=False))
 
     # Every page (a reload, a second browser) follows the current run from its start or its first load.
     tick = dict(fn=on_tick, inputs=[tab.shown_sample, *lists.widgets],
-                outputs=[*view, tab.shown_sample, *lists.widgets, lists.cards, tab.timer, tab.stop],
+                outputs=[*view, tab.shown_sample, *lists.widgets, lists.cards, tab.start_from, tab.timer, tab.stop],
                 show_progress="hidden",
                 api_visibility="private", queue=False)
     tab.timer.tick(**tick)
@@ -1120,6 +1135,8 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
     tab.base.change(_family_text, tab.base, tab.family, api_visibility="private")
     tab.rescan.click(lambda value: gr.update(choices=service.dataset_names(), value=value), tab.data, tab.data,
                      api_visibility="private")
+    tab.rescan.click(lambda value: gr.update(choices=start_choices(service), value=value), tab.start_from,
+                     tab.start_from, api_visibility="private")
 
     def add_dataset(files, dataset_name, trigger, repeats):
         from pathlib import Path
