@@ -65,7 +65,8 @@ def test_another_alpha_keeps_each_modules_weight_change(tmp_path, tiny_base, str
     ({"network.rank": 2, "network.alpha": 2.0}, r"has LoRA rank 4 where this run has 2 \(--rank 2\): train at the "
                                                 r"file's rank"),
     ({"network.train_text_encoder": False}, "drop --no-text-encoder"),
-    ({"network.unet_targets": "attn"}, "are on layers this run does not train .*--unet-targets attn"),
+    ({"network.unet_targets": "attn"}, "has LoRA modules on layers --unet-targets attn does not train: add "
+                                       "--unet-targets kohya"),
 ])
 def test_a_file_that_does_not_fit_the_run_is_refused_before_training(tmp_path, tiny_base, stripes_dataset, started,
                                                                      overrides, message, monkeypatch):

@@ -1133,6 +1133,11 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
     gr.api(training_status, api_name="training_status")
 
     tab.base.change(_family_text, tab.base, tab.family, api_visibility="private")
+    _wire_datasets(service, tab)
+
+
+def _wire_datasets(service: AppService, tab: SimpleNamespace) -> None:
+    """The Train tab's folder lists (Rescan: the datasets, and the adapters to start from) and dataset upload."""
     tab.rescan.click(lambda value: gr.update(choices=service.dataset_names(), value=value), tab.data, tab.data,
                      api_visibility="private")
     tab.rescan.click(lambda value: gr.update(choices=start_choices(service), value=value), tab.start_from,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylelora.lora import formats, lycoris
-from stylelora.lora.io import load_adapter_state
+from stylelora.lora.io import is_diffusers_peft_layout, load_adapter_state
 
 LAYOUTS = ("kohya", "diffusers", "peft")
 PEFT_KEY_PREFIX = "base_model.model."
@@ -57,12 +57,22 @@ def weights_path(path: str | os.PathLike) -> Path:
 
 def _files_in(folder: Path) -> str:
     """", such as FILE" naming the .safetensors files right in `folder`: a training run's folder holds its adapter
-    (OUTPUT/NAME.safetensors), which users pass the folder of, as they would to A1111's Lora folder."""
-    files = sorted(str(path) for path in folder.glob("*.safetensors") if not path.name.startswith("."))
+    (OUTPUT/NAME.safetensors), which users pass the folder of, as they would to A1111's Lora folder. Only files
+    that are adapters by their header: a checkpoint folder's training state is not one."""
+    files = sorted(str(path) for path in folder.glob("*.safetensors") if not path.name.startswith(".")
+                   and _is_adapter(path))
     if not files:
         return ""
-    more = f" (or one of {len(files) - 2} more)" if len(files) > 2 else ""
+    more = f" (or one of {len(files) - 2} more)" if len(files) > 3 else f" (or {files[2]})" if len(files) == 3 else ""
     return ", such as " + " or ".join(files[:2]) + more
+
+
+def _is_adapter(path: Path) -> bool:
+    try:
+        check_adapter_file(path)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def read_adapter_file(path: str | os.PathLike) -> AdapterFile:
@@ -112,7 +122,7 @@ def check_adapter_file(path: str | os.PathLike, max_bytes: int | None = None) ->
         return "peft"
     if keys and all(key.startswith(("lora_unet_", "lora_te")) for key in keys):
         return "kohya"
-    if keys and all(key.startswith(("unet.", "text_encoder.", "text_encoder_2.")) and ".lora_" in key for key in keys):
+    if is_diffusers_peft_layout(keys):
         return "diffusers"
     raise AdapterFileError(
         f"{path.name} is a safetensors file but not a LoRA adapter ({len(keys)} tensors, e.g. "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -164,13 +164,20 @@ def check_adapter_family(file_name: str, state: dict, metadata: dict[str, str],
                          models: Mapping[str, nn.Module | None]) -> None:
     """AdapterFamilyError, in one sentence naming both families, when the file is SDXL and the base not (or the
     reverse); a file whose family cannot be told (UNet-only, no metadata) is left to the key matching."""
+    refuse_other_family(file_name, state, metadata, is_sdxl(models), lambda: base_family_label(models))
+
+
+def refuse_other_family(file_name: str, state: dict, metadata: dict[str, str], base_sdxl: bool,
+                        base_label: Callable[[], str]) -> None:
+    """check_adapter_family for a base known only by whether it is SDXL (and `base_label()`, its family's name):
+    a run checks its --network-weights file this way before the base's weights load."""
     architecture = adapter_architecture(state, metadata)
     if architecture == UNKNOWN_ARCHITECTURE:
         return
     adapter_sdxl = architecture.startswith(SDXL_ARCHITECTURE)
-    if adapter_sdxl == is_sdxl(models):
+    if adapter_sdxl == base_sdxl:
         return
-    adapter, base = adapter_family_label(architecture), base_family_label(models)
+    adapter, base = adapter_family_label(architecture), base_label()
     raise AdapterFamilyError(
         f"{file_name} is an {adapter} LoRA and cannot be used with this {base} base model: use a LoRA trained "
         f"for {base}, or an {adapter} base."

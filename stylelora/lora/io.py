@@ -343,10 +343,13 @@ def _diffusers_to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str]
     return kohya
 
 
-def _is_diffusers_peft_layout(state: dict[str, torch.Tensor]) -> bool:
+def is_diffusers_peft_layout(keys) -> bool:
+    """Whether tensor names (a state dict's keys) are diffusers' peft layout: unet./text_encoder.… ending in
+    .lora_A.weight / .lora_B.weight (no adapter name: a peft model's own state names its adapter, `.default.`)."""
     prefixes = tuple(f"{prefix}." for prefix in DIFFUSERS_PREFIXES.values())
     suffixes = tuple(f".{suffix}" for suffix in formats.PEFT_TO_KOHYA_SUFFIX)
-    return bool(state) and all(key.startswith(prefixes) and key.endswith(suffixes) for key in state)
+    keys = list(keys)
+    return bool(keys) and all(key.startswith(prefixes) and key.endswith(suffixes) for key in keys)
 
 
 def load_adapter_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -362,7 +365,7 @@ def load_adapter_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
             except ValueError as error:  # an incomplete module: name the file, one of several --lora perhaps
                 raise ValueError(f"{Path(path).name}: {error}") from None
         return state, metadata
-    if _is_diffusers_peft_layout(state):
+    if is_diffusers_peft_layout(state):
         return _diffusers_to_kohya(state, metadata), metadata
     sample = ", ".join(sorted(state)[:3])
     raise ValueError(

@@ -27,7 +27,7 @@ RESUME_PLAN_FILE = "resume-plan.toml"  # a dry run's plan of a resume (the run's
 def dry_run(config: TrainConfig) -> Path:
     """Resolve and check everything for `config`; write OUTPUT/config.toml (OUTPUT/resume-plan.toml with --resume)
     and return its path."""
-    from stylelora.train.network_weights import describe_start, read_start_weights
+    from stylelora.train.network_weights import describe_start, start_weights
     from stylelora.train.sample_prompts import ignored_options_note
     from stylelora.train.loop import (CONFIG_FILE, check_base, check_output_dir, check_resume, describe_settings,
                                       preservation_off, prepare_data, report_data, with_family_preset,
@@ -43,10 +43,10 @@ def dry_run(config: TrainConfig) -> Path:
     process = SimpleNamespace(is_main_process=True)
     data = prepare_data(config, reports, process, say)
     base_configs = check_base(config)  # as the run does: the data first, then what loading the base would refuse
-    start = read_start_weights(config.network.weights)
     config = with_family_preset(config, base_configs, data)
     config, buckets, batches, processes = plan_batches(config, base_configs, data, say)
     state = check_resume(config, buckets, processes, data, resume_from)  # what the run refuses before loading
+    config, start = start_weights(config, state, say)
     report_data(config, reports, data, process, say)
     config = with_resumed_warmup(config, state)
     path = save_config(config, run_dir / (RESUME_PLAN_FILE if resume_from else CONFIG_FILE))

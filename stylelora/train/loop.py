@@ -51,7 +51,7 @@ from stylelora.train import checkpoint
 from stylelora.train.logs import METRICS_FILE, RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
-from stylelora.train.network_weights import copy_start_weights, read_start_weights
+from stylelora.train.network_weights import copy_start_weights, start_weights
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, load_with_new_learning_rates, optimizer_class
 from stylelora.train.preservation import company_words, decoy_words, made_up_words, words_of
 from stylelora.train.sample_prompts import ignored_options_note
@@ -125,7 +125,6 @@ def run_training(config: TrainConfig) -> Path:
     resume_from = check_output_dir(config)  # before anything is written there
     data = prepare_data(config, run_dir, process, say)
     base_configs = check_base(config)  # what loading the base would refuse, from its config files alone
-    start = read_start_weights(config.network.weights)  # --network-weights: read and checked before the base loads
 
     # The base family's preset fills what flags and file left unset (precision, batch, LRs, sample prompts).
     config = with_family_preset(config, base_configs, data)
@@ -136,6 +135,7 @@ def run_training(config: TrainConfig) -> Path:
     from stylelora.train.dry_run import plan_batches
     planned, buckets, _, processes = plan_batches(config, base_configs, data)
     resume_state = check_resume(planned, buckets, processes, data, resume_from)
+    config, start = start_weights(config, resume_state, say)  # --network-weights, fitted before the base loads
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
     report_data(planned, run_dir, data, process, say)

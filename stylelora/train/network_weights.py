@@ -9,24 +9,41 @@ with the file's exact weight change (up @ down × alpha / rank) and trains on at
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stylelora.config import ConfigError
+from stylelora.config import UNET_TARGETS, ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from stylelora.config import NetworkConfig
+    from stylelora.config import NetworkConfig, TrainConfig
     from stylelora.lora.adapter_file import AdapterFile
 
 OPTION = "network.weights (--network-weights)"
 
 
+def start_weights(config: TrainConfig, resume_state: dict | None, say) -> tuple[TrainConfig, AdapterFile | None]:
+    """The file --network-weights names, read and fitted to the run's settings before the base loads (None when
+    the option is not set). A resume does not read it: the checkpoint's weights continue the run, and the run
+    records the file it started from, as the checkpoint does."""
+    if resume_state is not None:
+        started_from = resume_state["config"].get("network", {}).get("weights")
+        if config.network.weights and config.network.weights != started_from:
+            say(f"{OPTION} is not read on a resume: the run continues from its checkpoint's weights.")
+        return dataclasses.replace(config, network=dataclasses.replace(config.network, weights=started_from)), None
+    start = read_start_weights(config.network.weights)
+    if start is not None:
+        check_start_fits(start, config)
+    return config, start
+
+
 def read_start_weights(path: str | None) -> AdapterFile | None:
-    """The file --network-weights names, read and checked as far as it can be without the base (it exists, is a
-    LoRA file of a layout we read, holds plain LoRA modules); None when the option is not set."""
-    if path is None:
+    """The file --network-weights names, read and checked as far as it can be alone (it exists, is a LoRA file of
+    a layout we read, holds plain LoRA modules); None when the option is not set (or empty)."""
+    if not path:
         return None
     from stylelora.lora import formats
     from stylelora.lora.adapter_file import read_adapter_file
@@ -40,6 +57,64 @@ def read_start_weights(path: str | None) -> AdapterFile | None:
     except (OSError, ValueError) as error:
         raise ConfigError(f"{OPTION}: {error}") from None
     return file
+
+
+def check_start_fits(start: AdapterFile, config: TrainConfig) -> None:
+    """Refuse, from the file and the settings alone (so a --dry-run refuses it too), a file of the other family,
+    with text-encoder modules for a run that trains none, on layers the run's --unet-targets leave out, or of
+    another rank; each refusal names the flags that fit."""
+    from stylelora.lora import components
+
+    name, n = start.path.name, config.network
+    try:
+        components.refuse_other_family(name, start.state, start.metadata, config.train.family == "sdxl",
+                                       lambda: "SDXL" if config.train.family == "sdxl" else components.OTHER_SD_LABEL)
+    except ValueError as error:
+        raise ConfigError(f"{OPTION}: {error}") from None
+    modules = file_modules(start)
+    if not n.train_text_encoder and any(kind == "text_encoder" for kind, _ in modules.values()):
+        raise ConfigError(f"{OPTION}: {name} trains the text encoder too: drop --no-text-encoder (the file trains "
+                          "the text encoder), or start from a UNet-only file.")
+    targets = file_targets(modules)
+    if UNET_TARGETS.index(targets) > UNET_TARGETS.index(n.unet_targets):  # each trains what the one before does
+        raise ConfigError(f"{OPTION}: {name} has LoRA modules on layers --unet-targets {n.unet_targets} does not "
+                          f"train: add --unet-targets {targets}.")
+    wanted = {"linear": n.rank, "conv": n.conv_rank or n.rank}
+    found = {kind: sorted({rank for module_kind, rank in modules.values() if module_kind == kind})
+             for kind in ("linear", "conv")}
+    if any(ranks and ranks != [wanted[kind]] for kind, ranks in found.items()):
+        theirs = " and ".join(str(rank) for kind in found for rank in found[kind])
+        flags = f"--rank {'/'.join(map(str, found['linear'])) or n.rank}" + (
+            f" --conv-rank {'/'.join(map(str, found['conv']))}" if found["conv"] else "")
+        ours = f"--rank {n.rank}" + (f", --conv-rank {n.conv_rank}" if n.conv_rank else "")
+        raise ConfigError(f"{OPTION}: {name} has LoRA rank {theirs} where this run has "
+                          f"{' and '.join(str(wanted[kind]) for kind in found if found[kind])} ({ours}): train at "
+                          f"the file's rank: {flags}.")
+
+
+def file_modules(start: AdapterFile) -> dict[str, tuple[str, int]]:
+    """{kohya module name: (kind, rank)}, kind "text_encoder", "conv" (a UNet 3x3 convolution) or "linear"."""
+    from stylelora.lora import formats
+
+    found = {}
+    for module, parts in formats.group_kohya_modules(start.state).modules.items():
+        down = parts.get("lora_down.weight")
+        if down is None:
+            continue
+        wide = down.ndim == 4 and tuple(down.shape[2:]) != (1, 1)
+        kind = "text_encoder" if formats.module_component(module) == "text_encoder" else "conv" if wide else "linear"
+        found[module] = (kind, int(down.shape[0]))
+    return found
+
+
+def file_targets(modules: dict[str, tuple[str, int]]) -> str:
+    """The --unet-targets a file's UNet modules need: locon with 3x3 convolutions, kohya with layers outside the
+    attention projections (feed-forward, proj_in / proj_out), else attn."""
+    unet = {name: kind for name, (kind, _) in modules.items() if kind != "text_encoder"}
+    if any(kind == "conv" for kind in unet.values()):
+        return "locon"
+    attention = re.compile(r"_attn[12]_to_(q|k|v|out_0)$")
+    return "kohya" if any(not attention.search(name) for name in unet) else "attn"
 
 
 def describe_start(start: AdapterFile | None) -> str:
@@ -73,11 +148,13 @@ def copy_start_weights(start: AdapterFile, models: dict[str, nn.Module | None], 
     trained = {component: module_ranks(models[component]) if _has_lora(models[component]) else {}
                for component in converted}
     _check_fit(name, converted, trained, network)
-    copied = sum(_copy(models[component], *converted[component], trained[component])
-                 for component in converted)
-    total = sum(len(ranks) for ranks in (module_ranks(model) for model in models.values() if _has_lora(model)))
-    return (f"starting from {name}: {copied} of this run's {total} LoRA modules take its weights"
-            + ("" if copied == total else "; the others start at zero, as in a new run") + ".")
+    copied = {component: _copy(models[component], *converted[component], trained[component])
+              for component in converted}
+    total = {component: len(module_ranks(model)) for component, model in models.items() if _has_lora(model)}
+    said = f"starting from {name}: {sum(copied.values())} of this run's {sum(total.values())} LoRA modules take its weights"
+    fresh = [f"the {component.replace('_', ' ')}'s {count - copied.get(component, 0)}" for component, count in
+             total.items() if count > copied.get(component, 0)]
+    return said + (f"; {' and '.join(fresh)} start at zero, as in a new run" if fresh else "") + "."
 
 
 def _has_lora(model: nn.Module | None) -> bool:
