@@ -205,7 +205,9 @@ class TrainSection:
                                          "fp32", choices=PRECISIONS, example="bf16", preset=True)
     min_snr_gamma: float = option(5.0, "min-SNR loss weighting gamma (0 = plain MSE)", example="5")
     debiased_estimation_loss: bool = option(False, "weight each sample by 1/sqrt(SNR) as well (kohya's "
-                                                   "--debiased_estimation_loss), so nearly clean timesteps count less")
+                                                   "--debiased_estimation_loss), so nearly clean timesteps count "
+                                                   "less; on top of min-SNR (--min-snr-gamma 0 for it alone, as "
+                                                   "kohya's defaults have it)")
     loss_type: str = option("l2", "loss between prediction and target (kohya's --loss_type): l2 (squared), l1, or "
                                   "huber / smooth_l1 (pseudo-Huber: outlier images pull less)", choices=LOSS_TYPES,
                             example="huber")

@@ -78,6 +78,29 @@ def test_a_file_that_does_not_fit_the_run_is_refused_before_training(tmp_path, t
         train(tmp_path, stripes_dataset, tiny_base, "refused", **overrides, **{"network.weights": str(started)})
 
 
+def test_a_loha_file_starts_as_the_plain_lora_of_its_weight_change_and_says_so(tmp_path, tiny_base, stripes_dataset,
+                                                                               started, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from test_lycoris import loha  # LyCORIS' tensors: a Hadamard product of two rank-2 pairs, read as rank 4
+
+    torch.manual_seed(0)
+    plain = load_file(str(started))
+    state = {}
+    for module in sorted({key.partition(".")[0] for key in plain}):
+        out, inp = plain[f"{module}.lora_up.weight"].shape[0], plain[f"{module}.lora_down.weight"].shape[1]
+        state.update({f"{module}.{suffix}": tensor for suffix, tensor in loha(out, inp).items()})
+    save_file(state, str(tmp_path / "loha.safetensors"), metadata={"ss_network_module": "lycoris.kohya"})
+    continued = train(tmp_path, stripes_dataset, tiny_base, "from-loha", **STILL,
+                      **{"network.weights": str(tmp_path / "loha.safetensors")})
+    err = capsys.readouterr().err
+    modules = len(state) // 5
+    assert f"loha.safetensors: its LyCORIS modules ({modules} LoHa) start as the plain LoRA of the same weight " \
+           "change; the run trains and writes plain LoRA." in err
+    assert f"{modules} of this run's {modules} LoRA modules take its weights" in err
+    assert all(key.endswith(("lora_up.weight", "lora_down.weight", "alpha")) for key in adapter_tensors(continued))
+
+
 def test_a_missing_file_is_refused_before_the_base_loads(tmp_path, tiny_base, stripes_dataset, monkeypatch):
     def no_base(*args, **kwargs):
         raise AssertionError("the base was loaded")

@@ -37,6 +37,10 @@ def start_weights(config: TrainConfig, resume_state: dict | None, say) -> tuple[
     start = read_start_weights(config.network.weights)
     if start is not None:
         check_start_fits(start, config)
+        if start.lycoris:  # as A1111 applies them: the same weight change, which plain LoRA then trains on
+            kinds = ", ".join(f"{count} {kind}" for kind, count in start.lycoris.items())
+            say(f"{start.path.name}: its LyCORIS modules ({kinds}) start as the plain LoRA of the same weight "
+                "change; the run trains and writes plain LoRA.")
     return config, start
 
 
