@@ -51,8 +51,8 @@ def patch_training(trigger: str, lr: float, lora_text: bool) -> None:
     add_lora, param_groups, write_adapter, build_dataset = (loop._add_lora, optim.param_groups, loop.write_adapter,
                                                             loop.build_dataset)
 
-    def _add_lora_with_rows(config, pipe):
-        lora = add_lora(config, pipe)
+    def _add_lora_with_rows(config, pipe, *start):  # start: --network-weights' file and the run's printer
+        lora = add_lora(config, pipe, *start)
         tokenizers = {"text_encoder": pipe.tokenizer, "text_encoder_2": getattr(pipe, "tokenizer_2", None)}
         for name, encoder in text_encoders(pipe).items():
             weight = encoder.get_input_embeddings().weight
