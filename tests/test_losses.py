@@ -10,7 +10,8 @@ from diffusers import DDPMScheduler
 
 from stylelora.config import load_config
 from stylelora.train.losses import debiased_weights, huber_scales, per_sample_loss
-from stylelora.train.step import loss_step, min_snr_weights, sample_noise
+from stylelora.train.noise import sample_noise
+from stylelora.train.step import loss_step, min_snr_weights
 from test_train_step import ZeroUNet, batch, fake_models, scheduler
 
 DIFFERENCES = torch.tensor([[0.0, 0.1, 3.0]])  # one sample, three elements: prediction − target

@@ -11,12 +11,11 @@ from diffusers import DDPMScheduler
 from stylelora.config import load_config
 from stylelora.train.models import TrainModels
 from stylelora.train.preservation import preserved_samples
+from stylelora.train.noise import multires_noise, sample_noise
 from stylelora.train.step import (
     loss_step,
     min_snr_weights,
-    multires_noise,
     prediction_target,
-    sample_noise,
     snr,
     weighted_loss,
     with_text_noise,
