@@ -146,6 +146,13 @@ class NetworkConfig:
                                        "--network_weights): continue an adapter on more images or steps; its rank "
                                        "and targets must match this run's", flag="--network-weights",
                                  example="outputs/my-style/my-style.safetensors")
+    dim_from_weights: bool = option(False, "take the rank, alpha, conv rank and alpha and --unet-targets from "
+                                           "--network-weights' file instead of --rank and the rest (kohya's "
+                                           "--dim_from_weights)")
+
+
+# What network.dim_from_weights takes from the --network-weights file (stylelora.train.network_weights).
+DIM_FROM_WEIGHTS_KEYS = ("rank", "alpha", "conv_rank", "conv_alpha", "unet_targets")
 
 
 @dataclass(frozen=True)
@@ -648,6 +655,9 @@ def _network_problems(n: NetworkConfig) -> list[str | None]:
     if (n.conv_rank is not None or n.conv_alpha is not None) and n.unet_targets != "locon":
         problems.append(f"network.conv_rank / conv_alpha only apply to network.unet_targets = 'locon' "
                         f"(got {n.unet_targets!r}); add --unet-targets locon or drop them")
+    if n.dim_from_weights and not n.weights:
+        problems.append("network.dim_from_weights takes the rank from network.weights' file, which is not set; add "
+                        "--network-weights FILE or drop it")
     if n.conv_rank is not None:
         problems.append(_rule("network.conv_rank", n.conv_rank >= 1, "must be at least 1", n.conv_rank))
     if n.conv_alpha is not None:

@@ -24,8 +24,7 @@ KOHYA_FLAGS = {
     "network-module": "no option: a LoRA is what trains (--unet-targets locon adds the 3x3 convolutions)",
     "network-train-unet-only": "--no-text-encoder",
     "network-weights": "--network-weights",  # the same flag; listed so that run.toml's network_weights finds it
-    "dim-from-weights": "no option: give the file's rank with --rank (and --conv-rank); --network-weights names it "
-                        "when they differ",
+    "dim-from-weights": "--dim-from-weights",
     "network-args": "a flag each: --conv-rank / --conv-alpha (conv_dim, conv_alpha, with --unet-targets locon), "
                     "--loraplus-lr-ratio (loraplus_lr_ratio)",
     "learning-rate": "--unet-lr (and --text-encoder-lr for the text encoder)",

@@ -689,12 +689,14 @@ def test_a_run_continues_a_finished_adapter_chosen_in_start_from(service):
     name = next(name for label, name in start_choices(service) if name.endswith("to-continue"))
     with pytest.raises((AppError, PromptTagError)):
         service.start_training(TrainSettings(data_dir="tiny", name="x", options=options, start_from="../to-continue"))
-    final = service.start_training(TrainSettings(data_dir="tiny", name="continued", options=options,
-                                                 start_from=name)).wait(180)
+    # The tab's Rank box does not apply: the run takes the adapter's own rank (--dim-from-weights).
+    final = service.start_training(TrainSettings(data_dir="tiny", name="continued", options={
+        **options, "network.rank": 8}, start_from=name)).wait(180)
     assert final.state == "done", final.message
     assert "starting from to-continue.safetensors" in final.log
     args = json.loads(adapter_metadata(final.adapter)["ss_training_args"])
     assert args["network"]["weights"] == "to-continue.safetensors"
+    assert adapter_metadata(final.adapter)["ss_network_dim"] == "2"
     assert start_choices(service)[0] == ("none: a new LoRA", "")
 
 

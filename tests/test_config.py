@@ -77,6 +77,8 @@ def test_config_is_frozen():
     ({"train.noise_offset_random_strength": True}, ["train.noise_offset_random_strength only applies with "
                                                     "train.noise_offset above 0", "--noise-offset 0.1"]),
     ({"train.ip_noise_gamma_random_strength": True}, ["train.ip_noise_gamma_random_strength only applies with"]),
+    ({"network.dim_from_weights": True}, ["network.dim_from_weights takes the rank from network.weights' file, "
+                                          "which is not set"]),
     ({"train.loss_type": "mse"}, ["train.loss_type must be one of l2, l1, huber, smooth_l1"]),
     ({"train.huber_c": 0.2}, ["train.huber_schedule / huber_c only apply to train.loss_type = 'huber' or "
                               "'smooth_l1' (got 'l2')"]),

@@ -101,6 +101,35 @@ def test_a_loha_file_starts_as_the_plain_lora_of_its_weight_change_and_says_so(t
     assert all(key.endswith(("lora_up.weight", "lora_down.weight", "alpha")) for key in adapter_tensors(continued))
 
 
+def test_dim_from_weights_takes_the_files_rank_alpha_and_targets_and_resumes(tmp_path, tiny_base, stripes_dataset,
+                                                                            started, capsys):
+    options = {"network.rank": 2, "network.alpha": 1.0, "network.unet_targets": "attn",  # not the file's
+               "network.weights": str(started), "network.dim_from_weights": True, "train.save_every": 2}
+    continued = train(tmp_path, stripes_dataset, tiny_base, "dims", **STILL, **options)
+    assert f"rank 4, alpha 4, --unet-targets kohya from {started.name} (--dim-from-weights)" in capsys.readouterr().err
+    metadata = adapter_metadata(continued)
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "4.0")
+    assert adapter_tensors(continued).keys() == adapter_tensors(started).keys()
+    # A resume typed as the run was started keeps the file's shapes, without reading the file.
+    resumed = train(tmp_path, stripes_dataset, tiny_base, "dims", **STILL, **{**options, "train.steps": 5,
+                                                                             "train.resume": "latest"})
+    assert adapter_metadata(resumed)["ss_steps"] == "5" and adapter_metadata(resumed)["ss_network_dim"] == "4"
+
+
+def test_dim_from_weights_refuses_a_file_of_several_ranks(tmp_path, tiny_base, stripes_dataset, started):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(started))
+    module = next(key for key in state if key.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    state[f"{module}.lora_down.weight"] = state[f"{module}.lora_down.weight"][:2].contiguous()
+    state[f"{module}.lora_up.weight"] = state[f"{module}.lora_up.weight"][:, :2].contiguous()
+    save_file(state, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(ConfigError, match=r"--dim-from-weights needs one rank and alpha for the layers of "
+                                          r"mixed.safetensors .* but it has linear: rank 2 alpha 4, rank 4 alpha 4"):
+        train(tmp_path, stripes_dataset, tiny_base, "mixed", **{"network.weights": str(tmp_path / "mixed.safetensors"),
+                                                                 "network.dim_from_weights": True})
+
+
 def test_a_missing_file_is_refused_before_the_base_loads(tmp_path, tiny_base, stripes_dataset, monkeypatch):
     def no_base(*args, **kwargs):
         raise AssertionError("the base was loaded")

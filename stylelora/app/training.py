@@ -53,8 +53,8 @@ class TrainSettings:
             overrides.pop("optim.text_encoder_lr", None)  # the box may still hold a value; the config would refuse it
         overrides.update({"data.dir": str(Path(data).absolute()), "train.base": self.base, "train.output_name": name,
                           "train.output": str(adapters_dir / name), "train.overwrite": bool(self.overwrite)})
-        if start is not None:
-            overrides["network.weights"] = str(start)
+        if start is not None:  # the adapter's own rank, alpha and layers: the tab's Rank box does not apply
+            overrides.update({"network.weights": str(start), "network.dim_from_weights": True})
         return overrides
 
 

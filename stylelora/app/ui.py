@@ -666,7 +666,7 @@ def _train_tab(service: AppService) -> SimpleNamespace:
         overwrite = gr.Checkbox(label="overwrite a run of that name", elem_id="overwrite", scale=1)
     # kohya's --network_weights: continue a finished adapter (same rank and layers) on this data.
     start_from = gr.Dropdown(start_choices(service), value="", label="Start from an adapter (optional: continue "
-                             "its training; same rank)", elem_id="start-from")
+                             "its training at its own rank)", elem_id="start-from")
     with gr.Accordion("Upload a training folder: images + .txt captions", open=False):
         files = gr.File(file_count="directory", type="filepath", label="Folder of images and captions",
                         elem_id="dataset-files")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from stylelora.config import ConfigError, TrainConfig, config_to_dict
+from stylelora.config import DIM_FROM_WEIGHTS_KEYS, ConfigError, TrainConfig, config_to_dict
 from stylelora.lora.io import write_safetensors_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -234,6 +234,8 @@ def check_resumable(saved: dict[str, dict[str, Any]], current: dict[str, dict[st
     for section in sorted(set(saved) | set(current)):
         allowed = RESUME_MAY_CHANGE.get(section, set())
         before, now = {**defaults.get(section, {}), **saved.get(section, {})}, current.get(section, {})
+        if section == "network" and before.get("dim_from_weights") and now.get("dim_from_weights"):
+            allowed = allowed | set(DIM_FROM_WEIGHTS_KEYS)  # the file's, which the resume takes from the checkpoint
         for key in sorted(set(before) | set(now)):
             if key in allowed or before.get(key) == now.get(key):
                 continue

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stylelora.config import UNET_TARGETS, ConfigError
+from stylelora.config import DIM_FROM_WEIGHTS_KEYS, UNET_TARGETS, ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -30,12 +30,21 @@ def start_weights(config: TrainConfig, resume_state: dict | None, say) -> tuple[
     the option is not set). A resume does not read it: the checkpoint's weights continue the run, and the run
     records the file it started from, as the checkpoint does."""
     if resume_state is not None:
-        started_from = resume_state["config"].get("network", {}).get("weights")
-        if config.network.weights and config.network.weights != started_from:
+        saved = resume_state["config"].get("network", {})
+        if config.network.weights and config.network.weights != saved.get("weights"):
             say(f"{OPTION} is not read on a resume: the run continues from its checkpoint's weights.")
-        return dataclasses.replace(config, network=dataclasses.replace(config.network, weights=started_from)), None
+        kept = {key: saved[key] for key in DIM_FROM_WEIGHTS_KEYS if key in saved} if config.network.dim_from_weights \
+            else {}  # the shapes the file gave the run's LoRA
+        return dataclasses.replace(config, network=dataclasses.replace(config.network, weights=saved.get("weights"),
+                                                                       **kept)), None
     start = read_start_weights(config.network.weights)
     if start is not None:
+        if config.network.dim_from_weights:
+            config = with_file_network(config, start)
+            n = config.network
+            say(f"{OPTION}: rank {n.rank}, alpha {n.alpha:g}, --unet-targets {n.unet_targets}"
+                + (f", conv rank {n.conv_rank}, conv alpha {n.conv_alpha:g}" if n.conv_rank else "")
+                + f" from {start.path.name} (--dim-from-weights)")
         check_start_fits(start, config)
         if start.lycoris:  # as A1111 applies them: the same weight change, which plain LoRA then trains on
             kinds = ", ".join(f"{count} {kind}" for kind, count in start.lycoris.items())
@@ -76,7 +85,7 @@ def check_start_fits(start: AdapterFile, config: TrainConfig) -> None:
     except ValueError as error:
         raise ConfigError(f"{OPTION}: {error}") from None
     modules = file_modules(start)
-    if not n.train_text_encoder and any(kind == "text_encoder" for kind, _ in modules.values()):
+    if not n.train_text_encoder and any(kind == "text_encoder" for kind, _, _ in modules.values()):
         raise ConfigError(f"{OPTION}: {name} trains the text encoder too: drop --no-text-encoder (the file trains "
                           "the text encoder), or start from a UNet-only file.")
     targets = file_targets(modules)
@@ -84,7 +93,7 @@ def check_start_fits(start: AdapterFile, config: TrainConfig) -> None:
         raise ConfigError(f"{OPTION}: {name} has LoRA modules on layers --unet-targets {n.unet_targets} does not "
                           f"train: add --unet-targets {targets}.")
     wanted = {"linear": n.rank, "conv": n.conv_rank or n.rank}
-    found = {kind: sorted({rank for module_kind, rank in modules.values() if module_kind == kind})
+    found = {kind: sorted({rank for module_kind, rank, _ in modules.values() if module_kind == kind})
              for kind in ("linear", "conv")}
     if any(ranks and ranks != [wanted[kind]] for kind, ranks in found.items()):
         theirs = " and ".join(str(rank) for kind in found for rank in found[kind])
@@ -96,8 +105,9 @@ def check_start_fits(start: AdapterFile, config: TrainConfig) -> None:
                           f"the file's rank: {flags}.")
 
 
-def file_modules(start: AdapterFile) -> dict[str, tuple[str, int]]:
-    """{kohya module name: (kind, rank)}, kind "text_encoder", "conv" (a UNet 3x3 convolution) or "linear"."""
+def file_modules(start: AdapterFile) -> dict[str, tuple[str, int, float]]:
+    """{kohya module name: (kind, rank, alpha)}, kind "text_encoder", "conv" (a UNet 3x3 convolution) or "linear";
+    a module without an alpha has alpha = rank, as kohya reads it."""
     from stylelora.lora import formats
 
     found = {}
@@ -107,14 +117,37 @@ def file_modules(start: AdapterFile) -> dict[str, tuple[str, int]]:
             continue
         wide = down.ndim == 4 and tuple(down.shape[2:]) != (1, 1)
         kind = "text_encoder" if formats.module_component(module) == "text_encoder" else "conv" if wide else "linear"
-        found[module] = (kind, int(down.shape[0]))
+        rank = int(down.shape[0])
+        found[module] = (kind, rank, float(parts["alpha"]) if "alpha" in parts else float(rank))
     return found
 
 
-def file_targets(modules: dict[str, tuple[str, int]]) -> str:
+def with_file_network(config: TrainConfig, start: AdapterFile) -> TrainConfig:
+    """kohya's --dim_from_weights: the run's rank, alpha, conv rank and alpha, and --unet-targets, from the file;
+    refused where its modules of one kind (3x3 convolutions, the other layers) have more than one rank or alpha."""
+    from stylelora.config import with_sources, with_values
+
+    modules = file_modules(start)
+    shapes = {kind: sorted({(rank, alpha) for module_kind, rank, alpha in modules.values()
+                            if (module_kind == "conv") == (kind == "conv")}) for kind in ("linear", "conv")}
+    mixed = {kind: pairs for kind, pairs in shapes.items() if len(pairs) > 1}
+    if mixed or not shapes["linear"]:
+        found = "; ".join(f"{kind}: {', '.join(f'rank {r} alpha {a:g}' for r, a in pairs)}"
+                          for kind, pairs in shapes.items() if pairs)
+        raise ConfigError(f"{OPTION}: --dim-from-weights needs one rank and alpha for the layers of "
+                          f"{start.path.name} (and one for its 3x3 convolutions), but it has {found}: give --rank, "
+                          "--alpha (and --conv-rank, --conv-alpha) instead.")
+    (rank, alpha), conv = shapes["linear"][0], (shapes["conv"] or [(None, None)])[0]
+    values = {"network.rank": rank, "network.alpha": alpha, "network.conv_rank": conv[0],
+              "network.conv_alpha": conv[1], "network.unet_targets": file_targets(modules)}
+    return with_sources(with_values(config, values), dict.fromkeys(values, f"file {start.path.name} "
+                                                                          "(--dim-from-weights)"))
+
+
+def file_targets(modules: dict[str, tuple[str, int, float]]) -> str:
     """The --unet-targets a file's UNet modules need: locon with 3x3 convolutions, kohya with layers outside the
     attention projections (feed-forward, proj_in / proj_out), else attn."""
-    unet = {name: kind for name, (kind, _) in modules.items() if kind != "text_encoder"}
+    unet = {name: kind for name, (kind, _, _) in modules.items() if kind != "text_encoder"}
     if any(kind == "conv" for kind in unet.values()):
         return "locon"
     attention = re.compile(r"_attn[12]_to_(q|k|v|out_0)$")
