@@ -137,7 +137,9 @@ def test_a_missing_file_is_refused_before_the_base_loads(tmp_path, tiny_base, st
     monkeypatch.setattr(loop, "_load_base", no_base)
     with pytest.raises(ConfigError, match=r"network.weights \(--network-weights\): .*nothing.safetensors does not "
                                           "exist; give the .safetensors LoRA file to start from"):
-        train(tmp_path, stripes_dataset, tiny_base, "missing", **{"network.weights": str(tmp_path / "nothing.safetensors")})
+        train(tmp_path, stripes_dataset, tiny_base, "missing",
+              **{"network.weights": str(tmp_path / "nothing.safetensors")})
     (tmp_path / "notes.safetensors").write_text("not a LoRA")
     with pytest.raises(ConfigError, match="network.weights"):
-        train(tmp_path, stripes_dataset, tiny_base, "unreadable", **{"network.weights": str(tmp_path / "notes.safetensors")})
+        train(tmp_path, stripes_dataset, tiny_base, "unreadable",
+              **{"network.weights": str(tmp_path / "notes.safetensors")})

@@ -45,8 +45,8 @@ CSS = """
 #grid .image-frame { width: 100%; }
 #grid img { width: 100%; height: auto; max-height: 85vh; object-fit: contain; }
 #lora-cards .grid-wrap { min-height: 0; height: auto; }
-#lora-cards .caption-label { white-space: pre-line; text-align: left; display: -webkit-box; -webkit-box-orient: vertical;
-  -webkit-line-clamp: 2; }
+#lora-cards .caption-label { white-space: pre-line; text-align: left; display: -webkit-box;
+  -webkit-box-orient: vertical; -webkit-line-clamp: 2; }
 #lora-cards .thumbnail-item:hover .caption-label { -webkit-line-clamp: unset; max-width: 100%; opacity: 1; }
 .gradio-container .block .head > label { flex: 1 0 auto; max-width: 100%; }
 .clamp-note { color: var(--error-text-color, #b91c1c); font-size: var(--text-sm, 0.875em); margin-top: 4px; }
@@ -696,8 +696,8 @@ def _train_tab(service: AppService) -> SimpleNamespace:
                          max_lines=LOG_LINES_SHOWN, elem_classes="mono", elem_id="train-log")
     # In the order train_settings reads them.
     settings = [data, name, base, overwrite, *options, start_from]  # start_from last: API calls keep positions
-    return SimpleNamespace(settings=settings, start_from=start_from, option_keys=[spec.dotted for spec in specs], specs=specs,
-                           button=button, stop=stop, resume=resume, status=status, loss_plot=loss_plot,
+    return SimpleNamespace(settings=settings, start_from=start_from, option_keys=[spec.dotted for spec in specs],
+                           specs=specs, button=button, stop=stop, resume=resume, status=status, loss_plot=loss_plot,
                            log=log_box, sample=sample, family=family, data=data, rescan=rescan, name=name, base=base,
                            files=files, dataset_name=dataset_name, trigger=trigger, repeats=repeats, add=add,
                            added=added, timer=gr.Timer(TRAIN_REFRESH_SECONDS, active=False),
@@ -1102,13 +1102,12 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
         job = service.training
         status = job.status() if job is not None else None
         shown = _training_view(service, status, shown_sample)
-        if status is not None and status.running:
-            return *shown, gr.update(), gr.update(), gr.update(), gr.update(), gr.Timer(active=True), \
-                gr.update(interactive=True)
+        if status is not None and status.running:  # the lists, cards and start choices stay as they are
+            return *shown, *[gr.update()] * 4, gr.Timer(active=True), gr.update(interactive=True)
         # The run ended: the last view, the new adapter in the lists and cards (and offered to start from), no more
         # ticks, and nothing to stop.
-        return (*shown, *lists.refreshed(chosen, inspected), lists.cards_now(), gr.update(choices=start_choices(service)),
-                gr.Timer(active=False), gr.update(interactive=False))
+        return (*shown, *lists.refreshed(chosen, inspected), lists.cards_now(),
+                gr.update(choices=start_choices(service)), gr.Timer(active=False), gr.update(interactive=False))
 
     # Every page (a reload, a second browser) follows the current run from its start or its first load.
     tick = dict(fn=on_tick, inputs=[tab.shown_sample, *lists.widgets],

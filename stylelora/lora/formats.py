@@ -191,7 +191,7 @@ def group_kohya_modules(kohya_state: dict[str, torch.Tensor]) -> KohyaModules:
     return KohyaModules(modules=modules, foreign_keys=tuple(foreign))
 
 
-def _module_rank_alpha(name: str, parts: dict[str, torch.Tensor]) -> tuple[int, float]:
+def module_rank_alpha(name: str, parts: dict[str, torch.Tensor]) -> tuple[int, float]:
     if set(KOHYA_TO_PEFT_SUFFIX) - set(parts):
         raise ValueError(f"LoRA module {name} has {sorted(parts)} but needs both lora_down.weight and lora_up.weight.")
     down, up = parts["lora_down.weight"], parts["lora_up.weight"]
@@ -249,7 +249,7 @@ def kohya_to_peft_matching(kohya_state: dict[str, torch.Tensor], names: KohyaNam
         if name in unmatched:
             continue
         path = names.by_name[name]
-        ranks[path] = _module_rank_alpha(name, parts)
+        ranks[path] = module_rank_alpha(name, parts)
         for kohya_suffix, peft_suffix in KOHYA_TO_PEFT_SUFFIX.items():
             peft_state[f"{path}.{peft_suffix}"] = fit_to_layer(parts[kohya_suffix], names.layers[path],
                                                                 is_down=peft_suffix == "lora_A.weight")

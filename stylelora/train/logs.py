@@ -55,12 +55,13 @@ class RunLog:
         """One step's row; `norms` is what --scale-weight-norms did at it (None when the cap is off)."""
         if not self.enabled:
             return
+        norm_columns = _norm_columns(norms)
         self.ema = SMOOTHING * self.ema + (1 - SMOOTHING) * loss
         smoothed = self.ema / (1 - SMOOTHING ** (len(self.rows) + 1))
         row = {"step": step, "loss": loss, "loss_smoothed": smoothed, "lr_unet": lrs[0],
                "lr_text_encoder": lrs[1] if len(lrs) > 1 else "", "grad_norm": "" if grad_norm is None else grad_norm,
                "step_seconds": step_seconds, "elapsed_seconds": time.perf_counter() - self.started,
-               **_norm_columns(norms)}
+               **norm_columns}
         self.rows.append(row)
         # As kohya's bar shows it: how many modules the cap scaled back at this step, and the largest norm left.
         capped = {} if norms is None else {"scaled": norms.scaled, "max_norm": f"{norms.max_norm:.3g}"}
@@ -69,7 +70,7 @@ class RunLog:
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, step)
             self.tensorboard.add_scalar("lr/unet", lrs[0], step)
-            for name, value in _norm_columns(norms).items():
+            for name, value in norm_columns.items():
                 if value != "":
                     self.tensorboard.add_scalar(f"max_norm/{name}", value, step)
         if step % CSV_EVERY == 0 or time.perf_counter() - self.csv_written >= CSV_SECONDS:

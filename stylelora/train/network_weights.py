@@ -93,8 +93,7 @@ def check_start_fits(start: AdapterFile, config: TrainConfig) -> None:
         raise ConfigError(f"{OPTION}: {name} has LoRA modules on layers --unet-targets {n.unet_targets} does not "
                           f"train: add --unet-targets {targets}.")
     wanted = {"linear": n.rank, "conv": n.conv_rank or n.rank}
-    found = {kind: sorted({rank for module_kind, rank, _ in modules.values() if module_kind == kind})
-             for kind in ("linear", "conv")}
+    found = {kind: sorted({rank for rank, _ in pairs}) for kind, pairs in shapes_by_kind(modules).items()}
     if any(ranks and ranks != [wanted[kind]] for kind, ranks in found.items()):
         theirs = " and ".join(str(rank) for kind in found for rank in found[kind])
         flags = f"--rank {'/'.join(map(str, found['linear'])) or n.rank}" + (
@@ -112,14 +111,18 @@ def file_modules(start: AdapterFile) -> dict[str, tuple[str, int, float]]:
 
     found = {}
     for module, parts in formats.group_kohya_modules(start.state).modules.items():
-        down = parts.get("lora_down.weight")
-        if down is None:
-            continue
+        down = parts["lora_down.weight"]
         wide = down.ndim == 4 and tuple(down.shape[2:]) != (1, 1)
         kind = "text_encoder" if formats.module_component(module) == "text_encoder" else "conv" if wide else "linear"
-        rank = int(down.shape[0])
-        found[module] = (kind, rank, float(parts["alpha"]) if "alpha" in parts else float(rank))
+        found[module] = (kind, *formats.module_rank_alpha(module, parts))
     return found
+
+
+def shapes_by_kind(modules: dict[str, tuple[str, int, float]]) -> dict[str, list[tuple[int, float]]]:
+    """The (rank, alpha) pairs of a file's modules (file_modules) as the run sets them: "conv" for the 3x3
+    convolutions (--conv-rank, --conv-alpha), "linear" for every other layer, the text encoders' too (--rank)."""
+    return {kind: sorted({(rank, alpha) for module_kind, rank, alpha in modules.values()
+                          if (module_kind == "conv") == (kind == "conv")}) for kind in ("linear", "conv")}
 
 
 def with_file_network(config: TrainConfig, start: AdapterFile) -> TrainConfig:
@@ -128,8 +131,7 @@ def with_file_network(config: TrainConfig, start: AdapterFile) -> TrainConfig:
     from stylelora.config import with_sources, with_values
 
     modules = file_modules(start)
-    shapes = {kind: sorted({(rank, alpha) for module_kind, rank, alpha in modules.values()
-                            if (module_kind == "conv") == (kind == "conv")}) for kind in ("linear", "conv")}
+    shapes = shapes_by_kind(modules)
     mixed = {kind: pairs for kind, pairs in shapes.items() if len(pairs) > 1}
     if mixed or not shapes["linear"]:
         found = "; ".join(f"{kind}: {', '.join(f'rank {r} alpha {a:g}' for r, a in pairs)}"
@@ -158,39 +160,33 @@ def describe_start(start: AdapterFile | None) -> str:
     """The dry run's line about the file a run starts from ("" without one)."""
     if start is None:
         return ""
-    from stylelora.lora import formats
-
-    modules = formats.group_kohya_modules(start.state).modules
-    ranks = sorted({int(parts["lora_down.weight"].shape[0]) for parts in modules.values()
-                    if "lora_down.weight" in parts})
+    modules = file_modules(start)
+    ranks = sorted({rank for _, rank, _ in modules.values()})
     return (f"starts from {start.path.name}: {len(modules)} LoRA modules of rank {' and '.join(map(str, ranks))} "
             "(matched to this run's layers once the base loads)")
 
 
 def copy_start_weights(start: AdapterFile, models: dict[str, nn.Module | None], network: NetworkConfig) -> str:
-    """Copy the file's LoRA into the run's adapter ("default") on `models` (components.models_dict); refuse
-    (ConfigError) a file of the other family, another rank, or modules on layers this run does not train. Returns
-    the line the run prints about it."""
+    """Copy the file's LoRA (checked by check_start_fits) into the run's adapter ("default") on `models`
+    (components.models_dict); refuse (ConfigError) modules on layers this run does not train, which the file's names
+    alone did not show. Returns the line the run prints about it."""
     from stylelora.lora import components, formats
     from stylelora.lora.inject import module_ranks
 
-    name = start.path.name
     try:
-        components.check_adapter_family(name, start.state, start.metadata, models)
         parts = formats.split_kohya_state(start.state, components.component_prefixes(models))
         converted = {component: formats.kohya_to_peft(parts[prefix], components.component_names(models, component))
                      for component, prefix in components.component_prefixes(models).items() if parts[prefix]}
     except ValueError as error:
         raise ConfigError(f"{OPTION}: {error}") from None
-    trained = {component: module_ranks(models[component]) if _has_lora(models[component]) else {}
-               for component in converted}
-    _check_fit(name, converted, trained, network)
+    trained = {component: module_ranks(model) for component, model in models.items() if _has_lora(model)}
+    _check_layers(start.path.name, converted, trained, network)
     copied = {component: _copy(models[component], *converted[component], trained[component])
               for component in converted}
-    total = {component: len(module_ranks(model)) for component, model in models.items() if _has_lora(model)}
-    said = f"starting from {name}: {sum(copied.values())} of this run's {sum(total.values())} LoRA modules take its weights"
-    fresh = [f"the {component.replace('_', ' ')}'s {count - copied.get(component, 0)}" for component, count in
-             total.items() if count > copied.get(component, 0)]
+    said = (f"starting from {start.path.name}: {sum(copied.values())} of this run's "
+            f"{sum(map(len, trained.values()))} LoRA modules take its weights")
+    fresh = [f"the {component.replace('_', ' ')}'s {len(ranks) - copied.get(component, 0)}"
+             for component, ranks in trained.items() if len(ranks) > copied.get(component, 0)]
     return said + (f"; {' and '.join(fresh)} start at zero, as in a new run" if fresh else "") + "."
 
 
@@ -198,29 +194,15 @@ def _has_lora(model: nn.Module | None) -> bool:
     return model is not None and "default" in (getattr(model, "peft_config", None) or {})
 
 
-def _check_fit(name: str, converted: dict, trained: dict, network: NetworkConfig) -> None:
-    """Refuse modules without a LoRA in this run, and ranks other than this run's, naming the flags that match."""
-    untrained = {component: [path for path in ranks if path not in trained[component]]
-                 for component, (_, ranks) in converted.items()}
-    examples = [f"{component}:{path}" for component, paths in untrained.items() for path in paths]
-    if examples:
-        hints = []
-        if any(paths and component != "unet" for component, paths in untrained.items()):
-            hints.append("drop --no-text-encoder (the file trains the text encoder)")
-        if untrained.get("unet"):
-            hints.append(f"train the UNet layers it trains (this run: --unet-targets {network.unet_targets}; locon "
-                         "adds the 3x3 convs)")
-        raise ConfigError(f"{OPTION}: {len(examples)} LoRA modules of {name} are on layers this run does not train "
-                          f"(e.g. {', '.join(examples[:3])}): {'; '.join(hints)}.")
-    pairs = {(converted[component][1][path][0], trained[component][path][0])
-             for component in converted for path in converted[component][1]}
-    if any(file_rank != run_rank for file_rank, run_rank in pairs):
-        file_ranks = sorted({file_rank for file_rank, _ in pairs})
-        conv = f", --conv-rank {network.conv_rank}" if network.conv_rank else ""
-        raise ConfigError(f"{OPTION}: {name} has LoRA rank {' and '.join(map(str, file_ranks))} where this run "
-                          f"has {' and '.join(map(str, sorted({run for _, run in pairs})))} (--rank {network.rank}"
-                          f"{conv}): train at the file's rank (--rank, and --conv-rank for 3x3 convs with --unet-"
-                          "targets locon).")
+def _check_layers(name: str, converted: dict, trained: dict, network: NetworkConfig) -> None:
+    """Refuse modules of the file on layers without a LoRA in this run (check_start_fits has refused other ranks
+    and text-encoder modules for a run that trains none)."""
+    untrained = [f"{component}:{path}" for component, (_, ranks) in converted.items() for path in ranks
+                 if path not in trained.get(component, {})]
+    if untrained:
+        raise ConfigError(f"{OPTION}: {len(untrained)} LoRA modules of {name} are on layers this run does not train "
+                          f"(e.g. {', '.join(untrained[:3])}): train the UNet layers it trains (this run: "
+                          f"--unet-targets {network.unet_targets}; locon adds the 3x3 convs).")
 
 
 def _copy(model: nn.Module, peft_state: dict, file_ranks: dict, run_ranks: dict) -> int:
