@@ -149,6 +149,19 @@ class NetworkConfig:
     dim_from_weights: bool = option(False, "take the rank, alpha, conv rank and alpha and --unet-targets from "
                                            "--network-weights' file instead of --rank and the rest (kohya's "
                                            "--dim_from_weights)")
+    # kohya's network_args block_dims & co. (stylelora.train.block_settings): one value per UNet block, in its order.
+    block_dims: str | None = option(None, "LoRA rank per UNet block, comma-separated in kohya's block order (25 "
+                                          "values on SD 1.x/2.x, 23 on SDXL; 0 = no LoRA there; kohya's network_args "
+                                          "block_dims)", example="2,4,4,4,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,4,4,4,4,2")
+    block_alphas: str | None = option(None, "LoRA alpha per UNet block, as --block-dims (kohya's block_alphas; "
+                                            "unset: --alpha)", example="1,2,2,2,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,2,2,"
+                                                                            "2,2,1")
+    conv_block_dims: str | None = option(None, "rank of the 3x3 convs per UNet block with --unet-targets locon, as "
+                                               "--block-dims (kohya's conv_block_dims; unset: --conv-rank)",
+                                         example="0,0,0,0,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,0")
+    conv_block_alphas: str | None = option(None, "alpha of the 3x3 convs per UNet block (kohya's conv_block_alphas; "
+                                                 "unset: --conv-alpha)", example="1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,"
+                                                                                 "1,1,1,1,1,1,1,1")
 
 
 # What network.dim_from_weights takes from the --network-weights file (stylelora.train.network_weights).
@@ -178,6 +191,17 @@ class OptimConfig:
     loraplus_lr_ratio: float = option(0.0, "learning rate of each LoRA's up factor as a multiple of its down "
                                            "factor's (LoRA+; kohya's network_args loraplus_lr_ratio; 16 is the "
                                            "paper's; 0 = off)", example="16")
+    # kohya's network_args down/mid/up_lr_weight (stylelora.train.block_settings): the UNet's rate per block.
+    down_lr_weight: str | None = option(None, "UNet learning-rate multiplier per input block, IN00 first (12 values "
+                                              "on SD 1.x/2.x, 9 on SDXL), or a curve: sine, cosine, linear, "
+                                              "reverse_linear, zeros, each with an optional +BASE; 0 = no LoRA there "
+                                              "(kohya's network_args down_lr_weight)", example="sine+0.5")
+    mid_lr_weight: str | None = option(None, "UNet learning-rate multiplier of the middle block (3 values on SDXL: "
+                                             "its resnet, attention, resnet; kohya's mid_lr_weight)", example="0.5")
+    up_lr_weight: str | None = option(None, "UNet learning-rate multiplier per output block, OUT00 first, as "
+                                            "--down-lr-weight (kohya's up_lr_weight)", example="1,1,1,1,1,1,1,1,1,1,1,1")
+    block_lr_zero_threshold: float = option(0.0, "block multipliers at or below this become 0: no LoRA in that block "
+                                                 "(kohya's block_lr_zero_threshold)", example="0.1")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = no clipping)", example="1.0")
     # sd-scripts' max-norm regularization: off by default there too (stylelora.lora.max_norm says why one uses it).
     scale_weight_norms: float = option(0.0, "cap each LoRA module's weight change at this norm after every step "
@@ -662,6 +686,24 @@ def _network_problems(n: NetworkConfig) -> list[str | None]:
         problems.append(_rule("network.conv_rank", n.conv_rank >= 1, "must be at least 1", n.conv_rank))
     if n.conv_alpha is not None:
         problems.append(_rule("network.conv_alpha", n.conv_alpha > 0, "must be > 0", n.conv_alpha))
+    return problems + _block_problems(n, "network", ("block_dims", "block_alphas", "conv_block_dims",
+                                                     "conv_block_alphas"))
+
+
+def _block_problems(section_values, section: str, keys: tuple[str, ...]) -> list[str | None]:
+    """kohya's block lists (stylelora.train.block_settings): their syntax here, their lengths once the base is known."""
+    from stylelora.train.block_settings import syntax_problem
+
+    problems = [syntax_problem(key, getattr(section_values, key)) for key in keys
+                if getattr(section_values, key) is not None]
+    if section == "network" and section_values.unet_targets != "locon":
+        problems += [f"network.{key} sets the 3x3 convs' LoRA, which only --unet-targets locon trains; add "
+                     "--unet-targets locon or drop it" for key in ("conv_block_dims", "conv_block_alphas")
+                     if getattr(section_values, key) is not None]
+    if section == "optim" and section_values.block_lr_zero_threshold and all(
+            getattr(section_values, key) is None for key in keys):
+        problems.append("optim.block_lr_zero_threshold applies to --down-lr-weight, --mid-lr-weight and "
+                        "--up-lr-weight, none of which is set; set one or drop it")
     return problems
 
 
@@ -688,6 +730,9 @@ def _optim_problems(o: OptimConfig, n: NetworkConfig) -> list[str | None]:
     if o.lr_scheduler_power != 1 and o.lr_scheduler != "polynomial":
         problems.append(f"optim.lr_scheduler_power only applies to optim.lr_scheduler = 'polynomial' "
                         f"(got {o.lr_scheduler!r}); add --lr-scheduler polynomial or drop it")
+    problems.append(_rule("optim.block_lr_zero_threshold", o.block_lr_zero_threshold >= 0, "must be 0 or more",
+                          o.block_lr_zero_threshold))
+    problems += _block_problems(o, "optim", ("down_lr_weight", "mid_lr_weight", "up_lr_weight"))
     if o.unet_lr is not None:
         problems.append(_rule("optim.unet_lr", o.unet_lr > 0, "must be > 0", o.unet_lr))
     for key in ("text_encoder_lr", "text_encoder_2_lr"):  # SDXL's second encoder has its own

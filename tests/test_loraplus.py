@@ -48,3 +48,12 @@ def test_a_ratio_below_one_is_refused():
 
     with pytest.raises(ConfigError, match=r"optim.loraplus_lr_ratio must be 0 \(off\) or at least 1"):
         load_config(None, {"data.dir": "d", "optim.loraplus_lr_ratio": 0.5})
+
+
+def test_the_log_keeps_the_unet_rate_without_a_text_encoder(tmp_path, tiny_base, stripes_dataset):
+    """The up factors' group comes second when no text encoder trains: the log still names no text-encoder rate."""
+    one_step(tmp_path, stripes_dataset, tiny_base, "unet-only", **{"optim.loraplus_lr_ratio": 16.0,
+                                                                   "network.train_text_encoder": False})
+    with (tmp_path / "unet-only" / "metrics.csv").open(newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert (float(row["lr_unet"]), row["lr_text_encoder"]) == (1e-3, "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ class LoraParameters:
     text_encoder: list[nn.Parameter] = field(default_factory=list)
     text_encoder_2: list[nn.Parameter] = field(default_factory=list)  # SDXL's second (OpenCLIP bigG) encoder
     up: set[int] = field(default_factory=set)  # id() of every up (lora_B) factor among them: LoRA+ steps them apart
+    # id() of a UNet factor -> its block's learning-rate multiplier, where it is not 1 (kohya's block-wise rates)
+    lr_weights: dict[int, float] = field(default_factory=dict)
 
 
 def _split_by_kernel(layers: dict[str, nn.Module]) -> LoraTargets:
@@ -199,20 +202,30 @@ def attach_adapter(model: nn.Module, config, adapter_name: str = "default") -> l
 def add_lora(unet: nn.Module, text_encoder: nn.Module | None, *, rank: int, alpha: float,
              unet_targets: str = "kohya", train_text_encoder: bool = True, conv_rank: int | None = None,
              conv_alpha: float | None = None, adapter_name: str = "default",
-             init_lora_weights: bool | str = True, text_encoder_2: nn.Module | None = None) -> LoraParameters:
+             init_lora_weights: bool | str = True, text_encoder_2: nn.Module | None = None,
+             unet_shape: Callable[[str, bool], tuple[int, float] | None] | None = None,
+             unet_lr_weight: Callable[[str], float] | None = None) -> LoraParameters:
     """Add a LoRA adapter to the UNet (and the text encoders unless train_text_encoder is False); bases stay frozen.
 
     text_encoder_2: SDXL's second text encoder, adapted like the first (same projections, rank and alpha).
     `init_lora_weights=True` is the usual zero-initialised up (B) matrix; False makes both matrices random
     (tests use it so the adapter changes outputs from the first step).
+    unet_shape: (UNet layer path, is a 3x3 conv) -> that layer's (rank, alpha), or None for no LoRA there (kohya's
+    block_dims); unet_lr_weight: path -> its learning-rate multiplier, recorded in LoraParameters.lr_weights.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
     if (conv_rank is not None or conv_alpha is not None) and unet_targets != "locon":
         raise ValueError(f"conv_rank/conv_alpha only apply to unet_targets='locon' (got {unet_targets!r}).")
     # Both configs are built before touching either model, so a bad argument leaves both models as they were.
-    unet_config = lora_config(unet_lora_targets(unet, unet_targets), rank=rank, alpha=alpha, conv_rank=conv_rank,
-                              conv_alpha=conv_alpha, init_lora_weights=init_lora_weights)
+    targets = unet_lora_targets(unet, unet_targets)
+    if unet_shape is None:
+        unet_config = lora_config(targets, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                                  init_lora_weights=init_lora_weights)
+    else:
+        shapes = {path: unet_shape(path, path in targets.conv) for path in targets.all}
+        unet_config = lora_config_for_modules({path: shape for path, shape in shapes.items() if shape is not None},
+                                              init_lora_weights=init_lora_weights)
     encoders = {name: model for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
                 if model is not None}
     te_configs = {name: lora_config(text_encoder_lora_targets(model), rank=rank, alpha=alpha,
@@ -227,6 +240,11 @@ def add_lora(unet: nn.Module, text_encoder: nn.Module | None, *, rank: int, alph
     for model in (unet, *(encoders[name] for name in te_configs)):
         params.up.update(id(param) for _, layer in lora_layers(model, adapter_name)
                          for param in layer.lora_B[adapter_name].parameters())
+    if unet_lr_weight is not None:
+        params.lr_weights = {id(param): weight for path, layer in lora_layers(unet, adapter_name)
+                             if (weight := unet_lr_weight(path)) != 1.0
+                             for param in (*layer.lora_A[adapter_name].parameters(),
+                                           *layer.lora_B[adapter_name].parameters())}
     return params
 
 

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -180,9 +181,32 @@ def kohya_state_from_models(unet: nn.Module, text_encoder: nn.Module | None, ada
     kohya: dict[str, torch.Tensor] = {}
     for component, model in models.items():
         if _has_adapter(model, adapter_name):
-            kohya.update(formats.peft_to_kohya(_peft_state(model, adapter_name), module_ranks(model, adapter_name),
-                                               components.component_names(models, component)))
+            state, ranks = _one_linear_alpha(model, _peft_state(model, adapter_name), module_ranks(model, adapter_name))
+            kohya.update(formats.peft_to_kohya(state, ranks, components.component_names(models, component)))
     return kohya
+
+
+def _one_linear_alpha(model: nn.Module, state: dict[str, torch.Tensor], ranks: dict[str, tuple[int, float]]):
+    """The state and ranks with every linear module at the alpha most of them have: a module trained at another
+    (kohya's block_alphas) keeps its exact weight change, its up factor scaled by its alpha / that alpha.
+
+    Why: diffusers (0.42) reads a kohya file's attention alphas under names no module has (…attn1.processor.to_k_lora…),
+    so those modules load at the file's most common alpha, and a file with several linear alphas draws another image
+    there than in A1111 or ComfyUI. Convolutions keep their own alpha (kohya's conv_alpha), which diffusers reads."""
+    from stylelora.lora.layers import is_wide_conv
+
+    layers = dict(model.named_modules())
+    linear = {path: shape for path, shape in ranks.items() if not is_wide_conv(layers[path].get_base_layer())}
+    if len({alpha for _, alpha in linear.values()}) < 2:
+        return state, ranks
+    (common, _), = Counter(alpha for _, alpha in linear.values()).most_common(1)
+    state, ranks = dict(state), dict(ranks)
+    for path, (rank, alpha) in linear.items():
+        if alpha != common:
+            key = f"{path}.lora_B.weight"
+            state[key] = state[key] * (alpha / common)
+            ranks[path] = (rank, common)
+    return state, ranks
 
 
 def _portable_lora_config(ranks: dict[str, tuple[int, float]], model: nn.Module, adapter_name: str) -> dict:

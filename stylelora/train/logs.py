@@ -50,26 +50,27 @@ class RunLog:
         else:
             print(message, file=sys.stderr, flush=True)
 
-    def record(self, step: int, loss: float, lrs: list[float], grad_norm: float | None, step_seconds: float,
+    def record(self, step: int, loss: float, lrs: dict[str, float], grad_norm: float | None, step_seconds: float,
                norms: NormReport | None = None) -> None:
-        """One step's row; `norms` is what --scale-weight-norms did at it (None when the cap is off)."""
+        """One step's row; `lrs`: the optimizer's rates by group name (train.optim.param_groups), of which the log
+        keeps the models' own; `norms`: what --scale-weight-norms did at the step (None when the cap is off)."""
         if not self.enabled:
             return
         norm_columns = _norm_columns(norms)
         self.ema = SMOOTHING * self.ema + (1 - SMOOTHING) * loss
         smoothed = self.ema / (1 - SMOOTHING ** (len(self.rows) + 1))
-        row = {"step": step, "loss": loss, "loss_smoothed": smoothed, "lr_unet": lrs[0],
-               "lr_text_encoder": lrs[1] if len(lrs) > 1 else "", "grad_norm": "" if grad_norm is None else grad_norm,
+        row = {"step": step, "loss": loss, "loss_smoothed": smoothed, "lr_unet": lrs["unet"],
+               "lr_text_encoder": lrs.get("text_encoder", ""), "grad_norm": "" if grad_norm is None else grad_norm,
                "step_seconds": step_seconds, "elapsed_seconds": time.perf_counter() - self.started,
                **norm_columns}
         self.rows.append(row)
         # As kohya's bar shows it: how many modules the cap scaled back at this step, and the largest norm left.
         capped = {} if norms is None else {"scaled": norms.scaled, "max_norm": f"{norms.max_norm:.3g}"}
-        self.bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lrs[0]:.1e}", **capped, refresh=False)
+        self.bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lrs['unet']:.1e}", **capped, refresh=False)
         self.bar.update(1)
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, step)
-            self.tensorboard.add_scalar("lr/unet", lrs[0], step)
+            self.tensorboard.add_scalar("lr/unet", lrs["unet"], step)
             for name, value in norm_columns.items():
                 if value != "":
                     self.tensorboard.add_scalar(f"max_norm/{name}", value, step)

@@ -48,6 +48,8 @@ from stylelora.lora.inject import adapters_disabled
 from stylelora.lora.max_norm import NormReport, cap_module_norms
 from stylelora.models.heap import return_freed_memory
 from stylelora.train import checkpoint
+from stylelora.train.block_settings import block_plan, check_against_base
+from stylelora.train.block_settings import describe as describe_blocks
 from stylelora.train.logs import METRICS_FILE, RunLog
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
@@ -136,6 +138,7 @@ def run_training(config: TrainConfig) -> Path:
     planned, buckets, _, processes = plan_batches(config, base_configs, data)
     resume_state = check_resume(planned, buckets, processes, data, resume_from)
     config, start = start_weights(config, resume_state, say)  # --network-weights, fitted before the base loads
+    check_against_base(config, base_configs)  # kohya's block lists, against the UNet's blocks
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
     report_data(planned, run_dir, data, process, say)
@@ -577,9 +580,12 @@ def _add_lora(config: TrainConfig, pipe, start: AdapterFile | None = None, say=l
 
     n = config.network
     encoders = text_encoders(pipe)
+    blocks = block_plan(config, pipe.unet.config, config.train.family == "sdxl")  # kohya's block lists, if set
+    say(describe_blocks(blocks))
     lora = add_lora(pipe.unet, pipe.text_encoder, rank=n.rank, alpha=n.alpha, unet_targets=n.unet_targets,
                     train_text_encoder=n.train_text_encoder, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha,
-                    text_encoder_2=encoders.get("text_encoder_2"))
+                    text_encoder_2=encoders.get("text_encoder_2"), unet_shape=blocks and blocks.shape,
+                    unet_lr_weight=blocks and blocks.lr_weight)
     if start is not None:
         say(copy_start_weights(start, pipeline_models(pipe), n))
     pipe.vae.requires_grad_(False).eval()
@@ -891,7 +897,7 @@ def train(run: Run, start_step: int, stop_requested=lambda: False) -> None:
     t = run.config.train
     for step in range(start_step + 1, t.steps + 1):
         started = time.perf_counter()
-        lrs = [group["lr"] for group in run.optimizer.param_groups]
+        lrs = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
         loss, grad_norm, norms = optimizer_step(run, batches, step)
         run.lr_scheduler.step()
         run.log.record(step, loss, lrs, grad_norm, time.perf_counter() - started, norms)

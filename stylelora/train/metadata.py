@@ -174,6 +174,19 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         learning_rate=o.unet_lr, unet_lr=o.unet_lr, text_encoder_lr=o.text_encoder_lr if n.train_text_encoder else None,
         resolution=d.resolution, training_started_at=facts.started_at, title=t.output_name,
         trigger_phrase=facts.trigger or None, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha, extra=extra,
-        network_args={"loraplus_lr_ratio": str(o.loraplus_lr_ratio)} if o.loraplus_lr_ratio else None,
+        network_args=_network_args(config),
         implementation=SGM_IMPLEMENTATION if t.family == "sdxl" else "diffusers",
     )
+
+
+def _network_args(config: TrainConfig) -> dict[str, str] | None:
+    """kohya's ss_network_args beyond conv_dim / conv_alpha: LoRA+ and the block lists, written as given."""
+    from stylelora.train.block_settings import DIM_KEYS, LR_WEIGHT_KEYS
+
+    o, n = config.optim, config.network
+    args = {"loraplus_lr_ratio": str(o.loraplus_lr_ratio)} if o.loraplus_lr_ratio else {}
+    args |= {key: getattr(o, key) for key in LR_WEIGHT_KEYS if getattr(o, key) is not None}
+    if any(getattr(o, key) is not None for key in LR_WEIGHT_KEYS) and o.block_lr_zero_threshold:
+        args["block_lr_zero_threshold"] = str(o.block_lr_zero_threshold)
+    args |= {key: getattr(n, key) for key in DIM_KEYS if getattr(n, key) is not None}
+    return args or None

@@ -13,22 +13,32 @@ class OptimizerUnavailable(MissingPackage):
 
 
 def param_groups(config: TrainConfig, params: LoraParameters) -> list[dict]:
-    """One group per trained model, each with its own learning rate (text-encoder LoRAs want a lower one). With
-    LoRA+ (optim.loraplus_lr_ratio) each model's up factors get a group of their own at that multiple, after all
-    the others: the first groups stay the models' own rates, which the log and the progress bar report."""
+    """One group per trained model, each with its own learning rate (text-encoder LoRAs want a lower one), and one
+    per UNet block multiplier other than 1 (params.lr_weights). With LoRA+ (optim.loraplus_lr_ratio) each group's up
+    factors get a group of their own at that multiple, after all the others: the first groups stay the models' own
+    rates, which the log and the progress bar report by name."""
     o = config.optim
-    groups = [{"params": params.unet, "lr": o.unet_lr, "name": "unet"}]
+    groups = [{"params": [p for p in params.unet if id(p) not in params.lr_weights], "lr": o.unet_lr, "name": "unet"}]
     if params.text_encoder:
         groups.append({"params": params.text_encoder, "lr": o.text_encoder_lr, "name": "text_encoder"})
     if params.text_encoder_2:  # SDXL's second encoder; without its own rate it follows the first's
         lr = o.text_encoder_2_lr if o.text_encoder_2_lr is not None else o.text_encoder_lr
         groups.append({"params": params.text_encoder_2, "lr": lr, "name": "text_encoder_2"})
+    groups += _unet_block_groups(params, o.unet_lr)
     if not o.loraplus_lr_ratio:
         return groups
     ups = [{"params": [p for p in group["params"] if id(p) in params.up], "lr": group["lr"] * o.loraplus_lr_ratio,
             "name": f"{group['name']}_up"} for group in groups]
     downs = [{**group, "params": [p for p in group["params"] if id(p) not in params.up]} for group in groups]
     return downs + ups
+
+
+def _unet_block_groups(params: LoraParameters, unet_lr: float) -> list[dict]:
+    """A group per block learning-rate multiplier other than 1 (kohya's down/mid/up_lr_weight), after the models'
+    own groups, so that the log's first groups stay the models' rates; the "unet" group may then be empty."""
+    weights = sorted({params.lr_weights[id(p)] for p in params.unet if id(p) in params.lr_weights})
+    return [{"params": [p for p in params.unet if params.lr_weights.get(id(p)) == weight], "lr": unet_lr * weight,
+             "name": f"unet_x{weight:g}"} for weight in weights]
 
 
 def build_optimizer(config: TrainConfig, params: LoraParameters) -> torch.optim.Optimizer:
