@@ -149,6 +149,14 @@ class NetworkConfig:
     dim_from_weights: bool = option(False, "take the rank, alpha, conv rank and alpha and --unet-targets from "
                                            "--network-weights' file instead of --rank and the rest (kohya's "
                                            "--dim_from_weights)")
+    # sd-scripts' LoRA dropouts (stylelora.train.lora_dropout): off by default there too.
+    dropout: float = option(0.0, "while training, drop each element of a LoRA module's down-factor output with this "
+                                 "probability (kohya's --network_dropout; 0.1 is a common value; 0 = off)",
+                            flag="--network-dropout", example="0.1")
+    rank_dropout: float = option(0.0, "while training, drop each rank of a LoRA module per sample with this "
+                                      "probability (kohya's network_args rank_dropout; 0 = off)", example="0.1")
+    module_dropout: float = option(0.0, "while training, skip a whole LoRA module in a forward pass with this "
+                                        "probability (kohya's network_args module_dropout; 0 = off)", example="0.1")
     # kohya's network_args block_dims & co. (stylelora.train.block_settings): one value per UNet block, in its order.
     block_dims: str | None = option(None, "LoRA rank per UNet block, comma-separated in kohya's block order (25 "
                                           "values on SD 1.x/2.x, 23 on SDXL; 0 = no LoRA there; kohya's network_args "
@@ -686,6 +694,8 @@ def _network_problems(n: NetworkConfig) -> list[str | None]:
         problems.append(_rule("network.conv_rank", n.conv_rank >= 1, "must be at least 1", n.conv_rank))
     if n.conv_alpha is not None:
         problems.append(_rule("network.conv_alpha", n.conv_alpha > 0, "must be > 0", n.conv_alpha))
+    problems += [_rule(f"network.{key}", 0 <= getattr(n, key) < 1, "must be at least 0 (off) and below 1",
+                       getattr(n, key)) for key in ("dropout", "rank_dropout", "module_dropout")]
     return problems + _block_problems(n, "network", ("block_dims", "block_alphas", "conv_block_dims",
                                                      "conv_block_alphas"))
 

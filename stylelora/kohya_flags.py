@@ -25,8 +25,9 @@ KOHYA_FLAGS = {
     "network-train-unet-only": "--no-text-encoder",
     "network-weights": "--network-weights",  # the same flag; listed so that run.toml's network_weights finds it
     "dim-from-weights": "--dim-from-weights",
+    "network-dropout": "--network-dropout",
     "network-args": "a flag each: --conv-rank / --conv-alpha (conv_dim, conv_alpha, with --unet-targets locon), "
-                    "--loraplus-lr-ratio (loraplus_lr_ratio), --down-lr-weight / --mid-lr-weight / --up-lr-weight / "
+                    "--loraplus-lr-ratio (loraplus_lr_ratio), --rank-dropout / --module-dropout, --down-lr-weight / --mid-lr-weight / --up-lr-weight / "
                     "--block-lr-zero-threshold, --block-dims / --block-alphas / --conv-block-dims / "
                     "--conv-block-alphas (the same names)",
     "learning-rate": "--unet-lr (and --text-encoder-lr for the text encoder)",

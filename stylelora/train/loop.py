@@ -51,6 +51,7 @@ from stylelora.train import checkpoint
 from stylelora.train.block_settings import block_plan, check_against_base
 from stylelora.train.block_settings import describe as describe_blocks
 from stylelora.train.logs import METRICS_FILE, RunLog
+from stylelora.train.lora_dropout import add_lora_dropout
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.network_weights import copy_start_weights, start_weights
@@ -163,7 +164,10 @@ def run_training(config: TrainConfig) -> Path:
     dataset, text_cache = build_dataset(config, data, pipe, accelerator)
     sampler = BucketBatchSampler(dataset.buckets, config.train.batch_size, seed=config.train.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=0)
+    # Its own generator: a loader draws a seed each time it starts an epoch, and drawn from torch's global one it
+    # would move the state that LoRA dropout draws from (a resume starts its epoch at another step than the run did).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples, num_workers=0,
+                                         generator=torch.Generator().manual_seed(config.train.seed))
     config = with_epoch_steps(config, len(sampler))  # --epochs: the steps they take, known once images are bucketed
     config = with_resumed_warmup(config, resume_state)
 
@@ -588,6 +592,7 @@ def _add_lora(config: TrainConfig, pipe, start: AdapterFile | None = None, say=l
                     unet_lr_weight=blocks and blocks.lr_weight)
     if start is not None:
         say(copy_start_weights(start, pipeline_models(pipe), n))
+    add_lora_dropout([pipe.unet, *encoders.values()], n)  # hooks that act only while the modules train
     pipe.vae.requires_grad_(False).eval()
     pipe.unet.train()
     for encoder in encoders.values():

@@ -164,6 +164,7 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_num_epochs": str(t.epochs or math.ceil(t.steps / math.ceil(max(1, facts.batches_per_epoch) / o.grad_accum))),
         "ss_training_finished_at": str(time.time()),
         "ss_network_unet_targets": n.unet_targets,
+        **({"ss_network_dropout": str(n.dropout)} if n.dropout else {}),  # sd-scripts' key for --network_dropout
         # The SAI model spec's words, as sd-scripts writes them: "epsilon" or "v" (the scheduler's is "v_prediction").
         "modelspec.prediction_type": MODELSPEC_PREDICTION_TYPES.get(facts.prediction_type, facts.prediction_type),
     }
@@ -189,4 +190,5 @@ def _network_args(config: TrainConfig) -> dict[str, str] | None:
     if any(getattr(o, key) is not None for key in LR_WEIGHT_KEYS) and o.block_lr_zero_threshold:
         args["block_lr_zero_threshold"] = str(o.block_lr_zero_threshold)
     args |= {key: getattr(n, key) for key in DIM_KEYS if getattr(n, key) is not None}
+    args |= {key: str(getattr(n, key)) for key in ("rank_dropout", "module_dropout") if getattr(n, key)}
     return args or None

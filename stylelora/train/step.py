@@ -20,7 +20,8 @@
               adapter still reads its trigger after another adapter's text encoder has moved it (with_text_noise)
 
 All randomness comes from the `generator` argument, so a (state, batch) pair always gives the same loss, which is
-what makes resuming exact. The loop owns everything else (optimizer, accumulation, autocast, logging).
+what makes resuming exact; kohya's LoRA dropouts, when on, draw inside the model from torch's generator, which
+checkpoints save too (stylelora/train/lora_dropout.py says why). The loop owns everything else (optimizer, accumulation, autocast, logging).
 """
 from __future__ import annotations
 
