@@ -243,6 +243,10 @@ class TrainSection:
     precision: str | None = option(None, "frozen base weights and autocast; LoRA weights and optimizer state stay "
                                          "fp32", choices=PRECISIONS, example="bf16", preset=True)
     min_snr_gamma: float = option(5.0, "min-SNR loss weighting gamma (0 = plain MSE)", example="5")
+    # Lin et al., arXiv 2305.08891: a schedule whose last step is pure noise, for bases fine-tuned on one (most are
+    # v-prediction); sd-scripts' --zero_terminal_snr, off there too.
+    zero_terminal_snr: bool = option(False, "rescale the training noise schedule so that its last timestep is pure "
+                                            "noise (kohya's --zero_terminal_snr), for a base fine-tuned with it")
     debiased_estimation_loss: bool = option(False, "weight each sample by 1/sqrt(SNR) as well (kohya's "
                                                    "--debiased_estimation_loss), so nearly clean timesteps count "
                                                    "less; on top of min-SNR (--min-snr-gamma 0 for it alone, as "

@@ -28,6 +28,7 @@ def dry_run(config: TrainConfig) -> Path:
     """Resolve and check everything for `config`; write OUTPUT/config.toml (OUTPUT/resume-plan.toml with --resume)
     and return its path."""
     from stylelora.train.block_settings import check_against_base
+    from stylelora.train.losses import check_schedule
     from stylelora.train.block_settings import describe as describe_blocks
     from stylelora.train.network_weights import describe_start, start_weights
     from stylelora.train.sample_prompts import ignored_options_note
@@ -50,6 +51,7 @@ def dry_run(config: TrainConfig) -> Path:
     state = check_resume(config, buckets, processes, data, resume_from)  # what the run refuses before loading
     config, start = start_weights(config, state, say)
     blocks = check_against_base(config, base_configs)
+    check_schedule(config, base_configs)
     report_data(config, reports, data, process, say)
     config = with_resumed_warmup(config, state)
     path = save_config(config, run_dir / (RESUME_PLAN_FILE if resume_from else CONFIG_FILE))

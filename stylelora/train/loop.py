@@ -51,10 +51,12 @@ from stylelora.train import checkpoint
 from stylelora.train.block_settings import block_plan, check_against_base
 from stylelora.train.block_settings import describe as describe_blocks
 from stylelora.train.logs import METRICS_FILE, RunLog
+from stylelora.train.losses import check_schedule
 from stylelora.train.lora_dropout import add_lora_dropout
 from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.network_weights import copy_start_weights, start_weights
+from stylelora.train.noise import zero_terminal_snr
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, load_with_new_learning_rates, optimizer_class
 from stylelora.train.preservation import company_words, decoy_words, made_up_words, words_of
 from stylelora.train.sample_prompts import ignored_options_note
@@ -140,6 +142,7 @@ def run_training(config: TrainConfig) -> Path:
     resume_state = check_resume(planned, buckets, processes, data, resume_from)
     config, start = start_weights(config, resume_state, say)  # --network-weights, fitted before the base loads
     check_against_base(config, base_configs)  # kohya's block lists, against the UNet's blocks
+    check_schedule(config, base_configs)
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
     report_data(planned, run_dir, data, process, say)
@@ -690,7 +693,8 @@ def _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sam
                          unwrapped=(pipe.unet, *encoders.values()), sdxl="text_encoder_2" in encoders,
                          text_encoder_2=wrapped.get("text_encoder_2"), tokenizer_2=getattr(pipe, "tokenizer_2", None),
                          max_tokens=config.data.max_token_length)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same noise schedule as the base's sampler
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config,  # the base sampler's noise schedule
+                                                **zero_terminal_snr(config.train.zero_terminal_snr))
     # Each process draws its own noise; the seed makes every run (and every resume) draw the same.
     generator = torch.Generator().manual_seed(config.train.seed * 1009 + accelerator.process_index)
     trainable = checkpoint.trainable_tensors({"unet": pipe.unet, **encoders})

@@ -9,9 +9,16 @@ c on the noisy ones.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
-from stylelora.config import HUBER_LOSSES, LOSS_TYPES
+from stylelora.config import HUBER_LOSSES, LOSS_TYPES, ConfigError
+
+if TYPE_CHECKING:
+    from stylelora.config import TrainConfig
 
 SNR_CLAMP = 1000.0  # debiased estimation: nearly clean timesteps would otherwise weigh next to nothing
 
@@ -54,3 +61,15 @@ def debiased_weights(snr: torch.Tensor, v_prediction: bool) -> torch.Tensor:
     timesteps."""
     capped = snr.clamp(max=SNR_CLAMP)
     return 1 / (capped + 1).sqrt() if v_prediction else 1 / capped.sqrt()
+
+
+def check_schedule(config: TrainConfig, base_configs: Path) -> None:
+    """Refuse, from the base's scheduler config (no weights), debiased estimation on an epsilon base whose last
+    timestep is pure noise: it weighs a sample 1/√SNR, and that SNR is 0."""
+    path = base_configs / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    zero = config.train.zero_terminal_snr or scheduler.get("rescale_betas_zero_snr", False)
+    if zero and config.train.debiased_estimation_loss and scheduler.get("prediction_type", "epsilon") == "epsilon":
+        source = "--zero-terminal-snr" if config.train.zero_terminal_snr else "the base's scheduler"
+        raise ConfigError(f"train.debiased_estimation_loss weighs each sample 1/sqrt(SNR), and with {source} the "
+                          "last timestep's SNR is 0 on this epsilon-prediction base: drop one of them.")

@@ -165,6 +165,7 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_training_finished_at": str(time.time()),
         "ss_network_unet_targets": n.unet_targets,
         **({"ss_network_dropout": str(n.dropout)} if n.dropout else {}),  # sd-scripts' key for --network_dropout
+        "ss_zero_terminal_snr": str(t.zero_terminal_snr),
         # The SAI model spec's words, as sd-scripts writes them: "epsilon" or "v" (the scheduler's is "v_prediction").
         "modelspec.prediction_type": MODELSPEC_PREDICTION_TYPES.get(facts.prediction_type, facts.prediction_type),
     }

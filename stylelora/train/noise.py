@@ -1,5 +1,5 @@
 """Owns the noise a training step draws: Gaussian noise with kohya's noise offset and multi-resolution layers, and
-the input perturbation the noisy latents get on top of it. Every draw comes from the step's generator, in a fixed
+the input perturbation the noisy latents get on top of it; and the schedule's zero terminal SNR. Every draw comes from the step's generator, in a fixed
 order, so a resumed run draws the same noise; an option that is off draws nothing, so a run without it draws the
 numbers it drew before the option existed.
 """
@@ -55,3 +55,9 @@ def perturbed(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> 
         return noise
     fresh = torch.randn(noise.shape, generator=generator, dtype=torch.float32)
     return noise + gamma * fresh.to(device=noise.device, dtype=noise.dtype)
+
+
+def zero_terminal_snr(on: bool) -> dict:
+    """What the training scheduler is built with for train.zero_terminal_snr (diffusers' own rescale); a base whose
+    scheduler already rescales keeps it either way."""
+    return {"rescale_betas_zero_snr": True} if on else {}

@@ -150,7 +150,7 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     if gamma <= 0:
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
     ratio = snr(noise_scheduler, timesteps)
-    capped = ratio.clamp(max=gamma)
     if prediction_type(noise_scheduler) == "epsilon":
-        return capped / ratio
-    return capped / (ratio + 1.0)
+        # a zero SNR (the last timestep with --zero-terminal-snr) weighs min(SNR, γ)/SNR's limit, 1
+        return torch.where(ratio > 0, ratio.clamp(max=gamma) / ratio, torch.ones_like(ratio))
+    return ratio.clamp(max=gamma) / (ratio + 1.0)
