@@ -34,3 +34,17 @@ def factors(**optim) -> list[float]:
 ])
 def test_each_schedule_gives_its_curve(optim, expected):
     assert factors(**optim) == pytest.approx([expected(step) for step in range(STEPS)], abs=1e-6)
+
+
+def test_the_file_says_how_its_schedule_restarted(tmp_path, tiny_base, stripes_dataset):
+    from stylelora.train.loop import run_training
+    from train_fixtures import adapter_metadata, reset_accelerate, tiny_overrides
+
+    try:
+        adapter = run_training(load_config(None, tiny_overrides(stripes_dataset, tmp_path / "r", tiny_base, **{
+            "train.steps": 1, "optim.lr_scheduler": "cosine_with_restarts", "optim.lr_scheduler_num_cycles": 3})))
+    finally:
+        reset_accelerate()
+    metadata = adapter_metadata(adapter)
+    assert (metadata["ss_lr_scheduler"], metadata["ss_lr_scheduler_num_cycles"]) == ("cosine_with_restarts", "3")
+    assert "ss_lr_scheduler_power" not in metadata

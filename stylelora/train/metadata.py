@@ -117,6 +117,10 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_seed": str(t.seed),
         "ss_optimizer": o.optimizer,
         "ss_lr_scheduler": o.lr_scheduler,
+        # kohya's argument names; sd-scripts keeps them out of its metadata, so a file would not say how it restarted
+        **({"ss_lr_scheduler_num_cycles": str(o.lr_scheduler_num_cycles)}
+           if o.lr_scheduler == "cosine_with_restarts" else {}),
+        **({"ss_lr_scheduler_power": str(o.lr_scheduler_power)} if o.lr_scheduler == "polynomial" else {}),
         "ss_lr_warmup_steps": str(warmup_steps(config)),
         "ss_batch_size_per_device": str(t.batch_size),
         "ss_total_batch_size": str(samples_per_step),
