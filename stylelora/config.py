@@ -77,6 +77,7 @@ class Option:
     widget: Widget | None = None  # shown in the app's Train tab when set
     cli: bool = True  # False: set in the TOML file only
     preset: bool = False  # unset, it takes its base family's value (stylelora.presets)
+    nargs: str | None = None  # a list option given as several words on the command line (argparse's nargs)
 
 
 def option(default: Any, help: str, **details: Any) -> Any:
@@ -188,6 +189,11 @@ class OptimConfig:
                                                    "text-encoder learning rate when one is given, else the base "
                                                    "family's)", example="5e-5", preset=True)
     weight_decay: float = option(1e-2, "AdamW weight decay", example="0.01")
+    # kohya's --optimizer_args, read as sd-scripts reads them (stylelora.train.optim.optimizer_arguments).
+    optimizer_args: tuple[str, ...] = option((), "more of the optimizer's own arguments, KEY=VALUE each (kohya's "
+                                                 "--optimizer_args: Prodigy's d_coef=2 use_bias_correction=True "
+                                                 "safeguard_warmup=True, AdamW's betas=0.9,0.99)", nargs="+",
+                                             example="betas=0.9,0.99")
     lr_scheduler: str = option("cosine", "learning-rate schedule", choices=LR_SCHEDULERS, example="cosine")
     lr_scheduler_num_cycles: int = option(1, "hard restarts of cosine_with_restarts (kohya's "
                                              "--lr_scheduler_num_cycles)", example="3")
@@ -242,6 +248,10 @@ class TrainSection:
     seed: int = option(0, "seed for LoRA init, batch order and noise", example="0", widget=Widget("Seed", minimum=0))
     precision: str | None = option(None, "frozen base weights and autocast; LoRA weights and optimizer state stay "
                                          "fp32", choices=PRECISIONS, example="bf16", preset=True)
+    # sd-scripts' --min_timestep / --max_timestep: train only part of the schedule (e.g. the late, detailed steps).
+    min_timestep: int = option(0, "smallest training timestep drawn (kohya's --min_timestep)", example="0")
+    max_timestep: int | None = option(None, "training timesteps drawn stay below this (kohya's --max_timestep; unset: "
+                                            "the schedule's length, 1000)", example="1000")
     min_snr_gamma: float = option(5.0, "min-SNR loss weighting gamma (0 = plain MSE)", example="5")
     # Lin et al., arXiv 2305.08891: a schedule whose last step is pure noise, for bases fine-tuned on one (most are
     # v-prediction); sd-scripts' --zero_terminal_snr, off there too.
@@ -704,6 +714,16 @@ def _network_problems(n: NetworkConfig) -> list[str | None]:
                                                      "conv_block_alphas"))
 
 
+def _optimizer_argument_problem(text: str) -> str | None:
+    from stylelora.train.optim import optimizer_argument
+
+    try:
+        optimizer_argument(text)
+    except ValueError as error:
+        return f"optim.optimizer_args: {error}"
+    return None
+
+
 def _block_problems(section_values, section: str, keys: tuple[str, ...]) -> list[str | None]:
     """kohya's block lists (stylelora.train.block_settings): their syntax here, their lengths once the base is known."""
     from stylelora.train.block_settings import syntax_problem
@@ -744,6 +764,7 @@ def _optim_problems(o: OptimConfig, n: NetworkConfig) -> list[str | None]:
     if o.lr_scheduler_power != 1 and o.lr_scheduler != "polynomial":
         problems.append(f"optim.lr_scheduler_power only applies to optim.lr_scheduler = 'polynomial' "
                         f"(got {o.lr_scheduler!r}); add --lr-scheduler polynomial or drop it")
+    problems += [_optimizer_argument_problem(text) for text in o.optimizer_args]
     problems.append(_rule("optim.block_lr_zero_threshold", o.block_lr_zero_threshold >= 0, "must be 0 or more",
                           o.block_lr_zero_threshold))
     problems += _block_problems(o, "optim", ("down_lr_weight", "mid_lr_weight", "up_lr_weight"))
@@ -775,6 +796,10 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _choice("train.family", t.family, FAMILIES) if t.family is not None else None,
         _choice("train.format", t.format, FORMATS),
         _choice("train.save_precision", t.save_precision, PRECISIONS),
+        _rule("train.min_timestep", t.min_timestep >= 0, "must be 0 or more", t.min_timestep),
+        _rule("train.max_timestep", t.max_timestep is None or t.max_timestep > t.min_timestep,
+              f"must be above train.min_timestep ({t.min_timestep}): timesteps are drawn from min up to below max",
+              t.max_timestep),
         _rule("train.min_snr_gamma", t.min_snr_gamma >= 0, "must be 0 (off) or more; 5 is the usual value",
               t.min_snr_gamma),
         _rule("train.noise_offset", 0 <= t.noise_offset < 1, "must be in [0, 1); 0.05 is typical",

@@ -34,6 +34,7 @@ KOHYA_FLAGS = {
     "lr": "--unet-lr (and --text-encoder-lr for the text encoder)",
     "lr-warmup-steps": "--warmup-steps",
     "optimizer-type": "--optimizer",
+    "optimizer-args": "--optimizer-args",  # the same flag; listed so that run.toml's optimizer_args finds it
     "gradient-accumulation-steps": "--grad-accum",
     "max-train-steps": "--steps",
     "max-steps": "--steps",

@@ -31,6 +31,8 @@ def _argument(spec: OptionSpec) -> dict[str, Any]:
     elif spec.type is bool:
         # A flag switches its option away from the default: --flip sets True, --no-text-encoder sets False.
         kwargs.update(action="store_const", const=not spec.default, help=_flag_help(spec))
+    elif spec.option.nargs:
+        kwargs.update(nargs=spec.option.nargs, metavar="KEY=VALUE")
     elif spec.type is tuple or typing.get_origin(spec.type) is tuple:
         kwargs["metavar"] = "FILE"  # one prompt per line; read in overrides_from_args
     else:

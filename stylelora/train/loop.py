@@ -57,7 +57,8 @@ from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.network_weights import copy_start_weights, start_weights
 from stylelora.train.noise import zero_terminal_snr
-from stylelora.train.optim import build_lr_scheduler, build_optimizer, load_with_new_learning_rates, optimizer_class
+from stylelora.train.optim import (build_lr_scheduler, build_optimizer, load_with_new_learning_rates, optimizer_arguments,
+                                   optimizer_class)
 from stylelora.train.preservation import company_words, decoy_words, made_up_words, words_of
 from stylelora.train.sample_prompts import ignored_options_note
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
@@ -241,7 +242,7 @@ def check_base(config: TrainConfig) -> Path:
 
     t = config.train
     check_quantization(t.quantize_base)
-    optimizer_class(config.optim.optimizer)
+    optimizer_arguments(config.optim.optimizer_args, optimizer_class(config.optim.optimizer))
     folder = pipeline_config_folder(t.base, config_dir=t.base_config, allow_pickle=t.allow_pickle)
     if t.family is not None:  # a detected family is read from this same folder
         check_family(config, weightless_pipeline(folder))

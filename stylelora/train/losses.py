@@ -64,10 +64,14 @@ def debiased_weights(snr: torch.Tensor, v_prediction: bool) -> torch.Tensor:
 
 
 def check_schedule(config: TrainConfig, base_configs: Path) -> None:
-    """Refuse, from the base's scheduler config (no weights), debiased estimation on an epsilon base whose last
-    timestep is pure noise: it weighs a sample 1/√SNR, and that SNR is 0."""
+    """Refuse, from the base's scheduler config (no weights), timestep bounds outside its schedule, and debiased
+    estimation on an epsilon base whose last timestep is pure noise: it weighs a sample 1/√SNR, and that SNR is 0."""
     path = base_configs / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    length, t = scheduler.get("num_train_timesteps", 1000), config.train
+    if (t.max_timestep or length) > length or t.min_timestep >= length:
+        raise ConfigError(f"train.min_timestep / max_timestep ({t.min_timestep} / {t.max_timestep}) must lie within "
+                          f"the base's {length} training timesteps: max_timestep at most {length}.")
     zero = config.train.zero_terminal_snr or scheduler.get("rescale_betas_zero_snr", False)
     if zero and config.train.debiased_estimation_loss and scheduler.get("prediction_type", "epsilon") == "epsilon":
         source = "--zero-terminal-snr" if config.train.zero_terminal_snr else "the base's scheduler"

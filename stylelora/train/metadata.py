@@ -115,7 +115,8 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_sd_model_name": shareable_path(t.base),
         **dict(facts.base_hashes),
         "ss_seed": str(t.seed),
-        "ss_optimizer": o.optimizer,
+        # as sd-scripts writes it: the optimizer, then its --optimizer_args in parentheses
+        "ss_optimizer": o.optimizer + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else ""),
         "ss_lr_scheduler": o.lr_scheduler,
         # kohya's argument names; sd-scripts keeps them out of its metadata, so a file would not say how it restarted
         **({"ss_lr_scheduler_num_cycles": str(o.lr_scheduler_num_cycles)}
@@ -170,6 +171,8 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_network_unet_targets": n.unet_targets,
         **({"ss_network_dropout": str(n.dropout)} if n.dropout else {}),  # sd-scripts' key for --network_dropout
         "ss_zero_terminal_snr": str(t.zero_terminal_snr),
+        **({"ss_min_timestep": str(t.min_timestep), "ss_max_timestep": str(t.max_timestep)}
+           if t.min_timestep or t.max_timestep else {}),  # kohya's argument names, written when they bound the draw
         # The SAI model spec's words, as sd-scripts writes them: "epsilon" or "v" (the scheduler's is "v_prediction").
         "modelspec.prediction_type": MODELSPEC_PREDICTION_TYPES.get(facts.prediction_type, facts.prediction_type),
     }

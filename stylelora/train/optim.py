@@ -1,6 +1,9 @@
 """Owns building the optimizer (AdamW, 8-bit AdamW, Prodigy) with per-model learning rates, and the LR schedule."""
 from __future__ import annotations
 
+import ast
+import inspect
+
 import torch
 
 from stylelora.config import TrainConfig
@@ -43,7 +46,41 @@ def _unet_block_groups(params: LoraParameters, unet_lr: float) -> list[dict]:
 
 def build_optimizer(config: TrainConfig, params: LoraParameters) -> torch.optim.Optimizer:
     optimizer = optimizer_class(config.optim.optimizer)
-    return optimizer(param_groups(config, params), weight_decay=config.optim.weight_decay)
+    return optimizer(param_groups(config, params), weight_decay=config.optim.weight_decay,
+                     **optimizer_arguments(config.optim.optimizer_args, optimizer))
+
+
+# Set by the run's own options: in --optimizer-args they would be a second, conflicting home.
+OWN_ARGUMENTS = {"lr": "--unet-lr / --text-encoder-lr", "weight_decay": "--weight-decay", "params": None}
+
+
+def optimizer_argument(text: str) -> tuple[str, object]:
+    """KEY=VALUE read as sd-scripts reads --optimizer_args: the value is a Python literal, and "0.9,0.99" a tuple."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip().isidentifier():
+        raise ValueError(f"{text!r} is not KEY=VALUE; e.g. betas=0.9,0.99 or d_coef=2")
+    try:
+        return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        raise ValueError(f"{text!r}: {value.strip()!r} is not a number, True/False, a tuple such as 0.9,0.99 or a "
+                         "quoted string") from None
+
+
+def optimizer_arguments(texts: tuple[str, ...], optimizer: type) -> dict[str, object]:
+    """The --optimizer-args for `optimizer`'s constructor; ConfigError for one it does not take or one the run's own
+    options set."""
+    from stylelora.config import ConfigError
+
+    accepted = inspect.signature(optimizer).parameters
+    arguments = dict(optimizer_argument(text) for text in texts)
+    for key in arguments:
+        if key in OWN_ARGUMENTS:
+            raise ConfigError(f"optim.optimizer_args: {key} is set by {OWN_ARGUMENTS[key] or 'the run'}; use that "
+                              "instead of --optimizer-args.")
+        if key not in accepted:
+            raise ConfigError(f"optim.optimizer_args: {optimizer.__name__} takes no {key!r}; it takes "
+                              f"{', '.join(name for name in accepted if name not in OWN_ARGUMENTS)}.")
+    return arguments
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:

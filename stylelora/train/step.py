@@ -3,7 +3,7 @@
     latents   cached (already scaled) or VAE-encoded from pixels now
     noise     N(0, I), plus `noise_offset` × a per-channel constant (helps very dark / bright images); with
               `multires_noise_iterations`, coarser noise layers added and the sum rescaled (multires_noise)
-    t         uniform over the scheduler's training timesteps
+    t         uniform over the scheduler's training timesteps (or kohya's min_timestep to max_timestep)
     noisy     scheduler.add_noise(latents, noise, t); with `ip_noise_gamma`, of noise + γ × fresh noise, which the
               target leaves out (input perturbation)
     text      cached text-encoder outputs (frozen TE, static captions) or TE(tokens) with gradients; SDXL: both
@@ -52,8 +52,8 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     noise = sample_noise(latents, drawn(t.noise_offset, t.noise_offset_random_strength, generator), generator)
     if t.multires_noise_iterations:
         noise = multires_noise(noise, t.multires_noise_iterations, t.multires_noise_discount, generator)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator).to(latents.device)
+    timesteps = torch.randint(t.min_timestep, t.max_timestep or noise_scheduler.config.num_train_timesteps,
+                              (latents.shape[0],), generator=generator).to(latents.device)
     gamma = drawn(t.ip_noise_gamma, t.ip_noise_gamma_random_strength, generator)
     noisy = noise_scheduler.add_noise(latents, perturbed(noise, gamma, generator), timesteps)
     weights = loss_weights(noise_scheduler, timesteps, t)

@@ -1,5 +1,6 @@
-"""--zero-terminal-snr (kohya's --zero_terminal_snr): the training schedule's last timestep is pure noise, min-SNR
-weighs it by its limit instead of dividing by zero, and debiased estimation, which cannot, is refused for it."""
+"""The training schedule: --zero-terminal-snr (kohya's --zero_terminal_snr) makes its last timestep pure noise,
+min-SNR weighs that step by its limit instead of dividing by zero, and debiased estimation, which cannot, is refused
+for it; --min-timestep / --max-timestep bound the timesteps drawn."""
 from __future__ import annotations
 
 import math
@@ -52,3 +53,36 @@ def test_debiased_estimation_on_an_epsilon_base_is_refused_before_it_loads(tmp_p
     with pytest.raises(ConfigError, match=r"weighs each sample 1/sqrt\(SNR\), and with --zero-terminal-snr the last "
                                           r"timestep's SNR is 0 on this epsilon-prediction base"):
         dry_run(config)
+
+
+def test_timesteps_are_drawn_between_the_bounds(tmp_path, tiny_base, stripes_dataset, monkeypatch):
+    """kohya's --min_timestep / --max_timestep: the step draws from min up to below max."""
+    from stylelora.train.loop import run_training
+
+    seen = []
+    real_add_noise = DDPMScheduler.add_noise
+
+    def recording(self, latents, noise, timesteps):
+        seen.extend(timesteps.tolist())
+        return real_add_noise(self, latents, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording)
+    try:
+        adapter = run_training(load_config(None, tiny_overrides(stripes_dataset, tmp_path / "t", tiny_base, **{
+            "train.steps": 6, "train.min_timestep": 500, "train.max_timestep": 600})))
+    finally:
+        reset_accelerate()
+    assert len(seen) >= 24 and all(500 <= t < 600 for t in seen)
+    assert (adapter_metadata(adapter)["ss_min_timestep"], adapter_metadata(adapter)["ss_max_timestep"]) == ("500",
+                                                                                                          "600")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"train.min_timestep": 600, "train.max_timestep": 600}, r"train.max_timestep must be above train.min_timestep"),
+    ({"train.max_timestep": 1001}, r"must lie within the base's 1000 training timesteps"),
+])
+def test_bounds_outside_the_schedule_are_refused(tmp_path, tiny_base, stripes_dataset, values, message):
+    from stylelora.train.dry_run import dry_run
+
+    with pytest.raises(ConfigError, match=message):
+        dry_run(load_config(None, tiny_overrides(stripes_dataset, tmp_path / "dry", tiny_base, **values)))
