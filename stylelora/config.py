@@ -325,6 +325,11 @@ class TrainSection:
     gradient_checkpointing: bool | None = option(None, "trade compute for memory", preset=True)
     save_every: int = option(250, "checkpoint every N steps (0 = none; the final adapter is always written)",
                              example="250", widget=Widget("Checkpoint every N steps (0 = none)", minimum=0))
+    # kohya's --save_every_n_epochs / --sample_every_n_epochs: turned into steps once the epoch's batches are known.
+    save_every_n_epochs: int | None = option(None, "checkpoint every N epochs instead of --save-every's steps "
+                                                   "(kohya's --save_every_n_epochs)", example="1")
+    sample_every_n_epochs: int | None = option(None, "sample grid every N epochs instead of --sample-every's steps "
+                                                     "(kohya's --sample_every_n_epochs)", example="1")
     keep_checkpoints: int = option(3, "keep the last K checkpoints", example="3")
     sample_every: int = option(250, "sample grid every N steps (0 = only at the end)", example="250",
                                widget=Widget("Sample grid every N steps (0 = at the end)", minimum=0))
@@ -826,6 +831,8 @@ def _train_problems(t: TrainSection, o: OptimConfig) -> list[str | None]:
         _rule("train.text_noise", t.text_noise is None or 0 <= t.text_noise <= 1,
               "is a noise std between 0 (off) and 1; 0.2 is the toy base's default", t.text_noise),
         _rule("train.save_every", t.save_every >= 0, "must be 0 (no checkpoints) or more", t.save_every),
+        *[_rule(f"train.{key}", getattr(t, key) is None or getattr(t, key) >= 1, "must be at least 1 (one epoch)",
+                getattr(t, key)) for key in ("save_every_n_epochs", "sample_every_n_epochs")],
         _rule("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be at least 1", t.keep_checkpoints),
         _rule("train.sample_every", t.sample_every >= 0, "must be 0 (only at the end) or more", t.sample_every),
         _rule("train.sample_steps", t.sample_steps is None or t.sample_steps >= 1, "must be at least 1",
@@ -882,7 +889,9 @@ def warmup_steps(config: TrainConfig) -> int:
 
 def with_epoch_steps(config: TrainConfig, batches_per_epoch: int) -> TrainConfig:
     """With train.epochs, the steps those epochs take at `batches_per_epoch` (one process's); ConfigError when a
-    given warmup is not shorter than that."""
+    given warmup is not shorter than that. Checkpoints and sample grids every N epochs become every N × an epoch's
+    steps."""
+    config = _with_epoch_intervals(config, batches_per_epoch)
     epochs, accumulation = config.train.epochs, config.optim.grad_accum
     if epochs is None:
         return config
@@ -897,6 +906,19 @@ def with_epoch_steps(config: TrainConfig, batches_per_epoch: int) -> TrainConfig
     if given and "epochs" not in given:  # --epochs wins over --steps, as in kohya: say so where the steps are listed
         source += f"; the {config.train.steps} steps given ({given}) are not used"
     return with_sources(with_values(config, {"train.steps": steps}), {"train.steps": source})
+
+
+def _with_epoch_intervals(config: TrainConfig, batches_per_epoch: int) -> TrainConfig:
+    per_epoch = max(1, math.ceil(batches_per_epoch / config.optim.grad_accum))
+    values, sources = {}, {}
+    for every, epochs in (("save_every", "save_every_n_epochs"), ("sample_every", "sample_every_n_epochs")):
+        count = getattr(config.train, epochs)
+        if count is not None:
+            values[f"train.{every}"] = count * per_epoch
+            given = dict(config.sources).get(f"train.{every}")
+            sources[f"train.{every}"] = f"train.{epochs} = {count} × {per_epoch} steps an epoch" + (
+                f"; the {getattr(config.train, every)} given ({given}) is not used" if given else "")
+    return with_sources(with_values(config, values), sources) if values else config
 
 
 def _with_derived_defaults(config: TrainConfig) -> TrainConfig:

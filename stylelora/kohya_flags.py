@@ -55,4 +55,35 @@ KOHYA_FLAGS = {
     "v2": "no option: the base family is read from the model (--family overrides it)",
     "v-parameterization": "no option: the base family is read from the model (--family overrides it)",
     "training-comment": "--description",
+    "caption-prefix": "--trigger (words put in front of every caption)",
+    "caption-extention": "no option: an image's caption is the file of its name ending in "  # sd-scripts' old spelling
+                         + " or ".join(CAPTION_EXTENSIONS) + " (the first found)",
+    "use-8bit-adam": "--optimizer adamw8bit",
+    "use-lion-optimizer": "no option: --optimizer adamw, adamw8bit or prodigy",
+    "save-last-n-steps": "--keep-checkpoints",
+    "save-last-n-epochs": "--keep-checkpoints (with --save-every-n-epochs)",
+    "save-last-n-epochs-state": "--keep-checkpoints (with --save-every-n-epochs)",
+    "save-state": "no option: every checkpoint (--save-every, --save-every-n-epochs) holds the training state that "
+                  "--resume continues from",
+    "save-model-as": "no option: adapters are .safetensors files (--format kohya, the default, or diffusers)",
+    "use-safetensors": "no option: adapters are .safetensors files",
+    "xformers": "no option: diffusers runs PyTorch's scaled-dot-product attention, with its memory-efficient "
+                "kernels, by itself",
+    "sdpa": "no option: diffusers runs PyTorch's scaled-dot-product attention by itself",
+    "mem-eff-attn": "no option: diffusers runs PyTorch's scaled-dot-product attention, with its memory-efficient "
+                    "kernels, by itself",
+    "full-fp16": "--precision fp16 (the frozen base in fp16; the LoRA trains in fp32, where its small updates last)",
+    "full-bf16": "--precision bf16 (the frozen base in bf16; the LoRA trains in fp32, where its small updates last)",
+    "fp8-base": "--quantize-base nf4 or int8 (bitsandbytes)",
+    "no-half-vae": "no option: an fp16 SDXL VAE whose config says force_upcast encodes in fp32",
+    "max-data-loader-n-workers": "no option: latents are cached (--cache ram or disk), so batches come from memory",
+    "persistent-data-loader-workers": "no option: latents are cached (--cache ram or disk), so batches come from "
+                                      "memory",
+    "cache-text-encoder-outputs": "--no-text-encoder (a frozen text encoder's outputs are cached with --cache ram)",
+    "log-with": "no option: metrics.csv, loss.png and TensorBoard's logs (when tensorboard is installed) are in "
+                "the run folder",
+    "logging-dir": "no option: metrics.csv, loss.png and TensorBoard's logs are in the run folder (--output)",
+    "prior-loss-weight": "no option: regularization images (--reg-dir) weigh as much as training images, kohya's "
+                         "default of 1",
+    "dataset-config": "no option: DATA_DIR (kohya <repeats>_<name> folders) and --reg-dir, one run each",
 }

@@ -36,6 +36,7 @@ CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 # (optim.load_with_new_learning_rates).
 RESUME_MAY_CHANGE = {
     "train": {"steps", "epochs", "resume", "save_every", "keep_checkpoints", "sample_every", "samples", "sample_prompts",
+              "save_every_n_epochs", "sample_every_n_epochs",
               "sample_seed", "sample_steps", "sample_guidance", "output", "overwrite", "format", "precision",
               "save_precision"},
     "data": {"cache", "cache_dir"},
