@@ -156,11 +156,7 @@ def run_training(config: TrainConfig) -> Path:
     config = with_coined_trigger_rules(run_settings(with_model_defaults(config, **model_geometry(pipe))),
                                        pipe.tokenizer, data.triggers)
     say(long_captions_note(data.items, pipe.tokenizer, config.data.caption_variants, config.data.max_token_length))
-    if config.train.clip_skip > 1:  # for the whole run: training, preservation, company words and sample grids
-        try:
-            skip_last_layers(pipe.text_encoder, config.train.clip_skip - 1)
-        except ValueError as error:
-            raise ConfigError(f"train.clip_skip: {error}") from None
+    _skip_clip_layers(config, pipe)
     set_seed(config.train.seed)  # identical LoRA initialisation on every process
     lora = _add_lora(config, pipe, start, say)
 
@@ -580,6 +576,15 @@ def model_geometry(pipe) -> dict[str, int]:
     sample_size = sample_size if isinstance(sample_size, int) else min(sample_size)
     unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
     return {"native_resolution": sample_size * vae_factor, "downsample_factor": vae_factor * unet_factor}
+
+
+def _skip_clip_layers(config: TrainConfig, pipe) -> None:
+    """--clip-skip, for the whole run: training, preservation, company words and sample grids."""
+    if config.train.clip_skip > 1:
+        try:
+            skip_last_layers(pipe.text_encoder, config.train.clip_skip - 1)
+        except ValueError as error:
+            raise ConfigError(f"train.clip_skip: {error}") from None
 
 
 def _add_lora(config: TrainConfig, pipe, start: AdapterFile | None = None, say=lambda message: None):

@@ -115,31 +115,10 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_sd_model_name": shareable_path(t.base),
         **dict(facts.base_hashes),
         "ss_seed": str(t.seed),
-        # as sd-scripts writes it: the optimizer, then its --optimizer_args in parentheses
-        "ss_optimizer": o.optimizer + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else ""),
-        "ss_lr_scheduler": o.lr_scheduler,
-        # kohya's argument names; sd-scripts keeps them out of its metadata, so a file would not say how it restarted
-        **({"ss_lr_scheduler_num_cycles": str(o.lr_scheduler_num_cycles)}
-           if o.lr_scheduler == "cosine_with_restarts" else {}),
-        **({"ss_lr_scheduler_power": str(o.lr_scheduler_power)} if o.lr_scheduler == "polynomial" else {}),
-        "ss_lr_warmup_steps": str(warmup_steps(config)),
+        **_optimization_metadata(config),
         "ss_batch_size_per_device": str(t.batch_size),
         "ss_total_batch_size": str(samples_per_step),
         "ss_gradient_accumulation_steps": str(o.grad_accum),
-        "ss_max_grad_norm": str(o.max_grad_norm),
-        "ss_scale_weight_norms": str(o.scale_weight_norms or None),  # kohya writes None when off
-        "ss_min_snr_gamma": str(t.min_snr_gamma),
-        "ss_debiased_estimation": str(t.debiased_estimation_loss),
-        "ss_loss_type": t.loss_type,
-        "ss_huber_schedule": t.huber_schedule,
-        "ss_huber_c": str(t.huber_c),
-        "ss_noise_offset": str(t.noise_offset),
-        # kohya writes None for these when they are off
-        "ss_multires_noise_iterations": str(t.multires_noise_iterations or None),
-        "ss_multires_noise_discount": str(t.multires_noise_discount),
-        "ss_ip_noise_gamma": str(t.ip_noise_gamma or None),
-        "ss_noise_offset_random_strength": str(t.noise_offset_random_strength),
-        "ss_ip_noise_gamma_random_strength": str(t.ip_noise_gamma_random_strength),
         "ss_preserve_base": str(t.preserve_base),
         "ss_preserve_decoys": str(t.preserve_decoys),
         "ss_decoy_company": str(t.decoy_company),
@@ -169,10 +148,6 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         "ss_num_epochs": str(t.epochs or math.ceil(t.steps / math.ceil(max(1, facts.batches_per_epoch) / o.grad_accum))),
         "ss_training_finished_at": str(time.time()),
         "ss_network_unet_targets": n.unet_targets,
-        **({"ss_network_dropout": str(n.dropout)} if n.dropout else {}),  # sd-scripts' key for --network_dropout
-        "ss_zero_terminal_snr": str(t.zero_terminal_snr),
-        **({"ss_min_timestep": str(t.min_timestep), "ss_max_timestep": str(t.max_timestep)}
-           if t.min_timestep or t.max_timestep else {}),  # kohya's argument names, written when they bound the draw
         # The SAI model spec's words, as sd-scripts writes them: "epsilon" or "v" (the scheduler's is "v_prediction").
         "modelspec.prediction_type": MODELSPEC_PREDICTION_TYPES.get(facts.prediction_type, facts.prediction_type),
     }
@@ -186,6 +161,39 @@ def adapter_metadata(config: TrainConfig, facts: RunFacts, step: int) -> dict[st
         network_args=_network_args(config),
         implementation=SGM_IMPLEMENTATION if t.family == "sdxl" else "diffusers",
     )
+
+
+def _optimization_metadata(config: TrainConfig) -> dict[str, str]:
+    """sd-scripts' ss_ keys for how the run optimized: optimizer, schedule, loss, noise and dropout."""
+    n, o, t = config.network, config.optim, config.train
+    return {
+        # as sd-scripts writes it: the optimizer, then its --optimizer_args in parentheses
+        "ss_optimizer": o.optimizer + (f"({','.join(o.optimizer_args)})" if o.optimizer_args else ""),
+        "ss_lr_scheduler": o.lr_scheduler,
+        # kohya's argument names; sd-scripts keeps them out of its metadata, so a file would not say how it restarted
+        **({"ss_lr_scheduler_num_cycles": str(o.lr_scheduler_num_cycles)}
+           if o.lr_scheduler == "cosine_with_restarts" else {}),
+        **({"ss_lr_scheduler_power": str(o.lr_scheduler_power)} if o.lr_scheduler == "polynomial" else {}),
+        "ss_lr_warmup_steps": str(warmup_steps(config)),
+        "ss_max_grad_norm": str(o.max_grad_norm),
+        "ss_scale_weight_norms": str(o.scale_weight_norms or None),  # kohya writes None when off
+        "ss_min_snr_gamma": str(t.min_snr_gamma),
+        "ss_debiased_estimation": str(t.debiased_estimation_loss),
+        "ss_loss_type": t.loss_type,
+        "ss_huber_schedule": t.huber_schedule,
+        "ss_huber_c": str(t.huber_c),
+        "ss_noise_offset": str(t.noise_offset),
+        # kohya writes None for these when they are off
+        "ss_multires_noise_iterations": str(t.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(t.multires_noise_discount),
+        "ss_ip_noise_gamma": str(t.ip_noise_gamma or None),
+        "ss_noise_offset_random_strength": str(t.noise_offset_random_strength),
+        "ss_ip_noise_gamma_random_strength": str(t.ip_noise_gamma_random_strength),
+        **({"ss_network_dropout": str(n.dropout)} if n.dropout else {}),  # sd-scripts' key for --network_dropout
+        "ss_zero_terminal_snr": str(t.zero_terminal_snr),
+        **({"ss_min_timestep": str(t.min_timestep), "ss_max_timestep": str(t.max_timestep)}
+           if t.min_timestep or t.max_timestep else {}),  # kohya's argument names, written when they bound the draw
+    }
 
 
 def _network_args(config: TrainConfig) -> dict[str, str] | None:
