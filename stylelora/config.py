@@ -78,6 +78,7 @@ class Option:
     cli: bool = True  # False: set in the TOML file only
     preset: bool = False  # unset, it takes its base family's value (stylelora.presets)
     nargs: str | None = None  # a list option given as several words on the command line (argparse's nargs)
+    comma_list: bool = False  # text of comma-separated numbers, which run.toml may also give as a number or an array
 
 
 def option(default: Any, help: str, **details: Any) -> Any:
@@ -161,16 +162,15 @@ class NetworkConfig:
     # kohya's network_args block_dims & co. (stylelora.train.block_settings): one value per UNet block, in its order.
     block_dims: str | None = option(None, "LoRA rank per UNet block, comma-separated in kohya's block order (25 "
                                           "values on SD 1.x/2.x, 23 on SDXL; 0 = no LoRA there; kohya's network_args "
-                                          "block_dims)", example="2,4,4,4,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,8,4,4,4,4,2")
+                                          "block_dims)", comma_list=True, example=",".join("2444" + "8" * 16 + "44442"))
     block_alphas: str | None = option(None, "LoRA alpha per UNet block, as --block-dims (kohya's block_alphas; "
-                                            "unset: --alpha)", example="1,2,2,2,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,2,2,"
-                                                                            "2,2,1")
+                                            "unset: --alpha)", comma_list=True,
+                                      example=",".join("1222" + "4" * 16 + "22221"))
     conv_block_dims: str | None = option(None, "rank of the 3x3 convs per UNet block with --unet-targets locon, as "
                                                "--block-dims (kohya's conv_block_dims; unset: --conv-rank)",
-                                         example="0,0,0,0,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,4,0")
+                                         comma_list=True, example=",".join("0000" + "4" * 20 + "0"))
     conv_block_alphas: str | None = option(None, "alpha of the 3x3 convs per UNet block (kohya's conv_block_alphas; "
-                                                 "unset: --conv-alpha)", example="1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,"
-                                                                                 "1,1,1,1,1,1,1,1")
+                                                 "unset: --conv-alpha)", comma_list=True, example=",".join("1" * 25))
 
 
 # What network.dim_from_weights takes from the --network-weights file (stylelora.train.network_weights).
@@ -209,11 +209,14 @@ class OptimConfig:
     down_lr_weight: str | None = option(None, "UNet learning-rate multiplier per input block, IN00 first (12 values "
                                               "on SD 1.x/2.x, 9 on SDXL), or a curve: sine, cosine, linear, "
                                               "reverse_linear, zeros, each with an optional +BASE; 0 = no LoRA there "
-                                              "(kohya's network_args down_lr_weight)", example="sine+0.5")
+                                              "(kohya's network_args down_lr_weight)", comma_list=True,
+                                        example="sine+0.5")
     mid_lr_weight: str | None = option(None, "UNet learning-rate multiplier of the middle block (3 values on SDXL: "
-                                             "its resnet, attention, resnet; kohya's mid_lr_weight)", example="0.5")
+                                             "its resnet, attention, resnet; kohya's mid_lr_weight)", comma_list=True,
+                                       example="0.5")
     up_lr_weight: str | None = option(None, "UNet learning-rate multiplier per output block, OUT00 first, as "
-                                            "--down-lr-weight (kohya's up_lr_weight)", example="1,1,1,1,1,1,1,1,1,1,1,1")
+                                            "--down-lr-weight (kohya's up_lr_weight)", comma_list=True,
+                                      example=",".join("1" * 12))
     block_lr_zero_threshold: float = option(0.0, "block multipliers at or below this become 0: no LoRA in that block "
                                                  "(kohya's block_lr_zero_threshold)", example="0.1")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = no clipping)", example="1.0")
@@ -577,11 +580,26 @@ def _typed(section: str, key: str, value: Any, problems: list[str]) -> Any:
     base, optional = spec.type, spec.optional
     if value is None and optional:
         return None
+    if spec.option.comma_list:
+        value = _comma_text(value)
     converted = _convert(base, value)
     if converted is _INVALID:
         problems.append(f"{section}.{key} must be {_type_name(base)}{' (or left out)' if optional else ''} "
                         f"(got {value!r}){_example(f'{section}.{key}')}")
     return converted
+
+
+def _comma_text(value: Any) -> Any:
+    """A run.toml number or array of numbers as the comma-separated text the option takes (0.5 → "0.5", [1, 0] →
+    "1,0", as kohya's network_args write them); anything else as it is, for the type check to refuse."""
+    def number(item: Any) -> bool:
+        return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+    if number(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, list) and value and all(number(item) for item in value):
+        return ",".join(_comma_text(item) for item in value)
+    return value
 
 
 def _convert(base: Any, value: Any) -> Any:

@@ -27,9 +27,9 @@ KOHYA_FLAGS = {
     "dim-from-weights": "--dim-from-weights",
     "network-dropout": "--network-dropout",
     "network-args": "a flag each: --conv-rank / --conv-alpha (conv_dim, conv_alpha, with --unet-targets locon), "
-                    "--loraplus-lr-ratio (loraplus_lr_ratio), --rank-dropout / --module-dropout, --down-lr-weight / --mid-lr-weight / --up-lr-weight / "
-                    "--block-lr-zero-threshold, --block-dims / --block-alphas / --conv-block-dims / "
-                    "--conv-block-alphas (the same names)",
+                    "--loraplus-lr-ratio (loraplus_lr_ratio), --rank-dropout / --module-dropout, --down-lr-weight / "
+                    "--mid-lr-weight / --up-lr-weight / --block-lr-zero-threshold, --block-dims / --block-alphas / "
+                    "--conv-block-dims / --conv-block-alphas (the same names)",
     "learning-rate": "--unet-lr (and --text-encoder-lr for the text encoder)",
     "lr": "--unet-lr (and --text-encoder-lr for the text encoder)",
     "lr-warmup-steps": "--warmup-steps",

@@ -22,7 +22,7 @@ def _default(spec: OptionSpec) -> str:
     if spec.type is bool and spec.default is not None:
         return "on" if spec.default else "off"
     if isinstance(spec.default, tuple):
-        return f"{len(spec.default)} prompts"
+        return "none" if spec.option.nargs and not spec.default else f"{len(spec.default)} prompts"
     return f"`{default_text(spec)}`" if default_text(spec) else "unset"
 
 

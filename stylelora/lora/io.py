@@ -190,9 +190,10 @@ def _one_linear_alpha(model: nn.Module, state: dict[str, torch.Tensor], ranks: d
     """The state and ranks with every linear module at the alpha most of them have: a module trained at another
     (kohya's block_alphas) keeps its exact weight change, its up factor scaled by its alpha / that alpha.
 
-    Why: diffusers (0.42) reads a kohya file's attention alphas under names no module has (…attn1.processor.to_k_lora…),
-    so those modules load at the file's most common alpha, and a file with several linear alphas draws another image
-    there than in A1111 or ComfyUI. Convolutions keep their own alpha (kohya's conv_alpha), which diffusers reads."""
+    Why: diffusers (0.42) reads a kohya file's attention alphas under names no module has
+    (…attn1.processor.to_k_lora…), so those modules load at the file's most common alpha, and a file with several
+    linear alphas draws another image there than in A1111 or ComfyUI.
+    Convolutions keep their own alpha (kohya's conv_alpha), which diffusers reads."""
     from stylelora.lora.layers import is_wide_conv
 
     layers = dict(model.named_modules())

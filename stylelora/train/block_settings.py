@@ -181,43 +181,73 @@ def _fit(values: tuple[float, ...] | None, key: str, text: str, blocks: list[str
     return values
 
 
-def describe(plan: BlockPlan | None) -> str:
-    """One line a run and its dry run print: the blocks' multipliers and ranks where they are not uniform."""
+def unet_targets_of(unet_config: Mapping, preset: str):
+    """The layers `preset` (--unet-targets) adapts in a UNet of this config, read from the model built on the meta
+    device: what a block holds, without loading or allocating any weight."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from stylelora.lora.inject import unet_lora_targets
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(dict(unet_config))
+    return unet_lora_targets(unet, preset)
+
+
+def modules_by_block(plan: BlockPlan, targets) -> dict[str, list[tuple[int, float] | None]]:
+    """{block: the (rank, alpha) each adapted layer in it gets, None where it gets no LoRA}, blocks in list order."""
+    found: dict[str, list] = {name: [] for name in plan.names}
+    for path in targets.all:
+        index = plan.index(path)
+        if index is not None:
+            found[plan.names[index]].append(plan.shape(path, path in targets.conv))
+    return {name: shapes for name, shapes in found.items() if shapes}
+
+
+def describe(plan: BlockPlan | None, targets) -> str:
+    """One line a run and its dry run print: each block's multiplier where they differ, the blocks left without a
+    LoRA, and each block's ranks/alphas where they differ (`targets`: the layers --unet-targets adapts)."""
     if plan is None:
         return ""
+    blocks = modules_by_block(plan, targets)
     parts = []
     if len(set(plan.lr)) > 1:
         parts.append("learning rate × " + ", ".join(f"{name} {weight:g}" for name, weight in zip(plan.names, plan.lr)
                                                      if name not in ("time_embed", "out")))
-    skipped = [name for name, weight, dim in zip(plan.names, plan.lr, plan.dims)
-               if (weight == 0 or dim == 0) and name not in ("time_embed", "out")]
+    skipped = [name for name, shapes in blocks.items() if not any(shapes)]
     if skipped:
         parts.append(f"no LoRA in {', '.join(skipped)}")
-    if len(set(plan.dims)) > 1 or len(set(plan.alphas)) > 1:
-        parts.append("rank/alpha " + ", ".join(f"{name} {dim}/{alpha:g}" for name, dim, alpha
-                                               in zip(plan.names, plan.dims, plan.alphas)
-                                               if name not in ("time_embed", "out")))
+    shapes = {name: sorted({shape for shape in found if shape}) for name, found in blocks.items()}
+    if len({shape for found in shapes.values() for shape in found}) > 1:
+        parts.append("rank/alpha " + ", ".join(f"{name} {' '.join(f'{r}/{a:g}' for r, a in found)}"
+                                               for name, found in shapes.items() if found))
     return "UNet blocks: " + "; ".join(parts) if parts else ""
 
 
-def check_against_base(config: TrainConfig, base_configs: Path) -> BlockPlan | None:
+def check_against_base(config: TrainConfig, base_configs: Path) -> str:
     """The run's plan read against the base's UNet config (no weights), so that a run and its dry run refuse a list
-    of the wrong length, or one that leaves no UNet block a LoRA, before the base loads; None when no block option
-    is set."""
+    of the wrong length, or one that leaves every adapted layer without a LoRA, before the base loads. Returns the
+    line that describes it ("" when no block option is set)."""
     from stylelora.models.family import weightless_pipeline
 
     if not is_set(config):
-        return None
-    plan = block_plan(config, weightless_pipeline(base_configs).unet.config, config.train.family == "sdxl")
-    blocks = [i for i, name in enumerate(plan.names) if name not in ("time_embed", "out")]
-    convs = config.network.unet_targets == "locon"
-    trained = [i for i in blocks if plan.lr[i] > 0 and (plan.dims[i] > 0 or (convs and plan.conv_dims[i] > 0))]
-    if not trained:
-        raise ConfigError("The block settings leave every UNet block without a LoRA (each has a learning-rate "
-                          "multiplier or a rank of 0); give at least one block a multiplier and a rank above 0.")
+        return ""
+    unet_config = weightless_pipeline(base_configs).unet.config
+    plan = block_plan(config, unet_config, config.train.family == "sdxl")
     n = config.network
-    if n.weights and (n.block_dims or n.conv_block_dims or len(trained) < len(blocks)):
+    targets = unet_targets_of(unet_config, n.unet_targets)
+    blocks = modules_by_block(plan, targets)
+    if not any(shape for shapes in blocks.values() for shape in shapes):
+        given = [name for i, name in enumerate(plan.names) if name not in blocks and plan.lr[i] > 0
+                 and (plan.dims[i] or plan.conv_dims[i]) and name not in ("time_embed", "out")]
+        raise ConfigError(f"The block settings leave every layer --unet-targets {n.unet_targets} adapts without a "
+                          f"LoRA: each block that holds one ({', '.join(blocks)}) has a multiplier or a rank of 0"
+                          + (f", and {', '.join(given)} hold none" if given else "")
+                          + "; give one of those blocks a multiplier and a rank above 0.")
+    emptied = [name for name, shapes in blocks.items() if not all(shapes)]
+    if n.weights and not n.dim_from_weights and (n.block_dims or n.conv_block_dims or emptied):
         raise ConfigError("--network-weights starts every module from its file, at the file's rank: drop "
-                          "--block-dims / --conv-block-dims and the block multipliers of 0 (a block's multiplier "
-                          "may change its rate, not its modules).")
-    return plan
+                          "--block-dims / --conv-block-dims" + (f" and the multipliers of 0 in {', '.join(emptied)}"
+                                                                if emptied else "")
+                          + " (a block's multiplier may change its rate, not its modules).")
+    return describe(plan, targets)

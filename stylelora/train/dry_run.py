@@ -29,7 +29,6 @@ def dry_run(config: TrainConfig) -> Path:
     and return its path."""
     from stylelora.train.block_settings import check_against_base
     from stylelora.train.losses import check_schedule
-    from stylelora.train.block_settings import describe as describe_blocks
     from stylelora.train.network_weights import describe_start, start_weights
     from stylelora.train.sample_prompts import ignored_options_note
     from stylelora.train.loop import (CONFIG_FILE, check_base, check_output_dir, check_resume, describe_settings,
@@ -51,7 +50,7 @@ def dry_run(config: TrainConfig) -> Path:
     state = check_resume(config, buckets, processes, data, resume_from)  # what the run refuses before loading
     config, start = start_weights(config, state, say)
     blocks = check_against_base(config, base_configs)
-    check_schedule(config, base_configs)
+    schedule_note = check_schedule(config, base_configs)
     report_data(config, reports, data, process, say)
     config = with_resumed_warmup(config, state)
     path = save_config(config, run_dir / (RESUME_PLAN_FILE if resume_from else CONFIG_FILE))
@@ -60,7 +59,8 @@ def dry_run(config: TrainConfig) -> Path:
     say(summary(config, buckets, batches, len(data.items), processes))
     say(preservation_off(config, data.triggers) or "")  # `say` skips an empty line
     say(describe_start(start))
-    say(describe_blocks(blocks))
+    say(blocks)
+    say(schedule_note)
     say(f"dry run: nothing trained, no adapter written; the settings are in {path}")
     return path
 

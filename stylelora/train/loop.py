@@ -49,7 +49,6 @@ from stylelora.lora.max_norm import NormReport, cap_module_norms
 from stylelora.models.heap import return_freed_memory
 from stylelora.train import checkpoint
 from stylelora.train.block_settings import block_plan, check_against_base
-from stylelora.train.block_settings import describe as describe_blocks
 from stylelora.train.logs import METRICS_FILE, RunLog
 from stylelora.train.losses import check_schedule
 from stylelora.train.lora_dropout import add_lora_dropout
@@ -57,8 +56,8 @@ from stylelora.train.metadata import RunFacts, adapter_metadata
 from stylelora.train.models import TrainModels, encode_pixels, text_encode_fn
 from stylelora.train.network_weights import copy_start_weights, start_weights
 from stylelora.train.noise import zero_terminal_snr
-from stylelora.train.optim import (build_lr_scheduler, build_optimizer, load_with_new_learning_rates, optimizer_arguments,
-                                   optimizer_class)
+from stylelora.train.optim import (build_lr_scheduler, build_optimizer, load_with_new_learning_rates,
+                                   optimizer_arguments, optimizer_class)
 from stylelora.train.preservation import company_words, decoy_words, made_up_words, words_of
 from stylelora.train.sample_prompts import ignored_options_note
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
@@ -142,8 +141,8 @@ def run_training(config: TrainConfig) -> Path:
     planned, buckets, _, processes = plan_batches(config, base_configs, data)
     resume_state = check_resume(planned, buckets, processes, data, resume_from)
     config, start = start_weights(config, resume_state, say)  # --network-weights, fitted before the base loads
-    check_against_base(config, base_configs)  # kohya's block lists, against the UNet's blocks
-    check_schedule(config, base_configs)
+    say(check_against_base(config, base_configs))  # kohya's block lists, against the UNet's blocks
+    say(check_schedule(config, base_configs))
     say(describe_settings(config))
     say(ignored_options_note(config.train.sample_prompts or ()))
     report_data(planned, run_dir, data, process, say)
@@ -594,7 +593,6 @@ def _add_lora(config: TrainConfig, pipe, start: AdapterFile | None = None, say=l
     n = config.network
     encoders = text_encoders(pipe)
     blocks = block_plan(config, pipe.unet.config, config.train.family == "sdxl")  # kohya's block lists, if set
-    say(describe_blocks(blocks))
     lora = add_lora(pipe.unet, pipe.text_encoder, rank=n.rank, alpha=n.alpha, unet_targets=n.unet_targets,
                     train_text_encoder=n.train_text_encoder, conv_rank=n.conv_rank, conv_alpha=n.conv_alpha,
                     text_encoder_2=encoders.get("text_encoder_2"), unet_shape=blocks and blocks.shape,

@@ -63,9 +63,10 @@ def debiased_weights(snr: torch.Tensor, v_prediction: bool) -> torch.Tensor:
     return 1 / (capped + 1).sqrt() if v_prediction else 1 / capped.sqrt()
 
 
-def check_schedule(config: TrainConfig, base_configs: Path) -> None:
+def check_schedule(config: TrainConfig, base_configs: Path) -> str:
     """Refuse, from the base's scheduler config (no weights), timestep bounds outside its schedule, and debiased
-    estimation on an epsilon base whose last timestep is pure noise: it weighs a sample 1/√SNR, and that SNR is 0."""
+    estimation on an epsilon base whose last timestep is pure noise: it weighs a sample 1/√SNR, and that SNR is 0.
+    Returns a note for --zero-terminal-snr on an epsilon base ("" otherwise)."""
     path = base_configs / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     length, t = scheduler.get("num_train_timesteps", 1000), config.train
@@ -77,3 +78,9 @@ def check_schedule(config: TrainConfig, base_configs: Path) -> None:
         source = "--zero-terminal-snr" if config.train.zero_terminal_snr else "the base's scheduler"
         raise ConfigError(f"train.debiased_estimation_loss weighs each sample 1/sqrt(SNR), and with {source} the "
                           "last timestep's SNR is 0 on this epsilon-prediction base: drop one of them.")
+    if config.train.zero_terminal_snr and scheduler.get("prediction_type", "epsilon") == "epsilon":
+        # As sd-scripts warns: its last step asks the model for the noise it was given, which teaches nothing there.
+        return ("note: --zero-terminal-snr on an epsilon-prediction base: its last timestep is pure noise, which an "
+                "epsilon model returns as it is; the schedule is meant for v-prediction bases fine-tuned with it, "
+                "and images may come out other than the base's sampler expects.")
+    return ""

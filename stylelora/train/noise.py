@@ -1,7 +1,7 @@
 """Owns the noise a training step draws: Gaussian noise with kohya's noise offset and multi-resolution layers, and
-the input perturbation the noisy latents get on top of it; and the schedule's zero terminal SNR. Every draw comes from the step's generator, in a fixed
-order, so a resumed run draws the same noise; an option that is off draws nothing, so a run without it draws the
-numbers it drew before the option existed.
+the input perturbation the noisy latents get on top of it; and the schedule's zero terminal SNR. Every draw comes
+from the step's generator, in a fixed order, so a resumed run draws the same noise; an option that is off draws
+nothing, so a run without it draws the numbers it drew before the option existed.
 """
 from __future__ import annotations
 

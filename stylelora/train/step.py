@@ -21,7 +21,8 @@
 
 All randomness comes from the `generator` argument, so a (state, batch) pair always gives the same loss, which is
 what makes resuming exact; kohya's LoRA dropouts, when on, draw inside the model from torch's generator, which
-checkpoints save too (stylelora/train/lora_dropout.py says why). The loop owns everything else (optimizer, accumulation, autocast, logging).
+checkpoints save too (stylelora/train/lora_dropout.py says why). The loop owns everything else (optimizer,
+accumulation, autocast, logging).
 """
 from __future__ import annotations
 
