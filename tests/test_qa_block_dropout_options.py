@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stylelora.cli import main
-from train_fixtures import adapter_metadata, adapter_tensors, reset_accelerate
+from train_fixtures import adapter_metadata, adapter_tensors, cli_output, cli_status, reset_accelerate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,21 +32,8 @@ def fresh_accelerate():
     reset_accelerate()
 
 
-def run(*argv) -> int:
-    """`stylelora ARGV` in this process; argparse's exit becomes the exit status."""
-    try:
-        return main([str(arg) for arg in argv])
-    except SystemExit as stop:
-        return stop.code
-    finally:
-        reset_accelerate()
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = run(*argv)
-    out, err = capsys.readouterr()
-    return status, out, err
+run = cli_status
+cli = cli_output
 
 
 def train(data: Path, base: Path, output: Path, *extra) -> list:

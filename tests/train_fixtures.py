@@ -192,3 +192,23 @@ def adapter_metadata(path: Path) -> dict:
 
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
+
+
+def cli_status(*argv) -> int:
+    """`stylelora ARGV` in this process; argparse's exit becomes the exit status."""
+    from stylelora.cli import main
+
+    try:
+        return main([str(arg) for arg in argv])
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        reset_accelerate()
+
+
+def cli_output(capsys, *argv) -> tuple[int, str, str]:
+    """`stylelora ARGV` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    status = cli_status(*argv)
+    out, err = capsys.readouterr()
+    return status, out, err
