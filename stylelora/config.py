@@ -174,7 +174,8 @@ class NetworkConfig:
 
 
 # What network.dim_from_weights takes from the --network-weights file (stylelora.train.network_weights).
-DIM_FROM_WEIGHTS_KEYS = ("rank", "alpha", "conv_rank", "conv_alpha", "unet_targets")
+DIM_FROM_WEIGHTS_KEYS = ("rank", "alpha", "conv_rank", "conv_alpha", "unet_targets", "block_dims", "block_alphas",
+                         "conv_block_dims", "conv_block_alphas")
 
 
 @dataclass(frozen=True)

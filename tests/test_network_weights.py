@@ -124,8 +124,9 @@ def test_dim_from_weights_refuses_a_file_of_several_ranks(tmp_path, tiny_base, s
     state[f"{module}.lora_down.weight"] = state[f"{module}.lora_down.weight"][:2].contiguous()
     state[f"{module}.lora_up.weight"] = state[f"{module}.lora_up.weight"][:, :2].contiguous()
     save_file(state, str(tmp_path / "mixed.safetensors"))
-    with pytest.raises(ConfigError, match=r"--dim-from-weights needs one rank and alpha for the layers of "
-                                          r"mixed.safetensors .* but it has linear: rank 2 alpha 4, rank 4 alpha 4"):
+    with pytest.raises(ConfigError, match=r"--dim-from-weights reads one rank and alpha per UNet block \(kohya's "
+                                          r"block_dims\), but mixed.safetensors has several in (the text encoders|"
+                                          r"[A-Z]+\d\d) \(2/4, 4/4\)"):
         train(tmp_path, stripes_dataset, tiny_base, "mixed", **{"network.weights": str(tmp_path / "mixed.safetensors"),
                                                                  "network.dim_from_weights": True})
 
@@ -143,3 +144,17 @@ def test_a_missing_file_is_refused_before_the_base_loads(tmp_path, tiny_base, st
     with pytest.raises(ConfigError, match="network.weights"):
         train(tmp_path, stripes_dataset, tiny_base, "unreadable",
               **{"network.weights": str(tmp_path / "notes.safetensors")})
+
+
+def test_dim_from_weights_continues_a_file_trained_with_block_dims(tmp_path, tiny_base, stripes_dataset, capsys):
+    """A file of kohya's block_dims (a rank per UNet block) is continued with each module at its own rank."""
+    blocks = {"network.block_dims": "4,2,4,4,8,8,4,4,2", "network.block_alphas": "4,2,4,4,8,8,4,4,2"}
+    first = train(tmp_path, stripes_dataset, tiny_base, "blocks", **blocks)
+    continued = train(tmp_path, stripes_dataset, tiny_base, "more", **STILL, **{
+        "network.weights": str(first), "network.dim_from_weights": True})
+    # IN00 and IN02 hold no attention layer, so the file has no module there; linear alphas are one in the file
+    assert f"--block-dims 0,2,0,4,8,8,4,4,2 from {first.name} (--dim-from-weights)" in capsys.readouterr().err
+    before, after = adapter_tensors(first), adapter_tensors(continued)
+    assert after.keys() == before.keys()
+    assert all(after[key].shape == before[key].shape for key in before)
+    assert all(torch.allclose(after[key], before[key], atol=1e-6) for key in before)

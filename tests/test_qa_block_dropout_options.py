@@ -265,10 +265,6 @@ def test_network_weights_accepts_the_sine_curve_whose_zero_falls_on_a_block_with
     assert status == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason="a file written with --block-dims cannot be continued: --dim-from-weights "
-                                       "refuses its several ranks and says to give --rank/--alpha, and with those "
-                                       "the refusal suggests '--rank 2/4/8/16' (not a valid value); sd-scripts' "
-                                       "dim_from_weights takes each module's own rank and alpha")
 def test_dim_from_weights_continues_a_file_trained_with_block_dims(files, tmp_path, capsys, tiny_base,
                                                                     stripes_dataset):
     status, _, err = cli(capsys, *train(stripes_dataset, tiny_base, tmp_path / "more", "--unet-targets", "locon",

@@ -96,14 +96,7 @@ class BlockPlan:
 
     def index(self, path: str) -> int | None:
         """The position in the block lists of a UNet layer (diffusers path or kohya/SAI name); None outside them."""
-        block = self.layout.block_of(path)
-        if block == "M00" and self.sdxl:  # kohya numbers SDXL's middle block's parts: resnet, attention, resnet
-            found = _SDXL_MID_PART.search(path)
-            if found:
-                part = 2 * int(found.group(2)) + (found.group(1) == "attentions") if found.group(1) \
-                    else int(found.group(3))
-                block = f"M{part:02d}"
-        return self.names.index(block) if block in self.names else None
+        return list_index(self.layout, self.sdxl, self.names, path)
 
     def lr_weight(self, path: str) -> float:
         index = self.index(path)
@@ -117,6 +110,27 @@ class BlockPlan:
         rank, alpha = (self.conv_dims[index], self.conv_alphas[index]) if conv else (self.dims[index],
                                                                                      self.alphas[index])
         return (rank, alpha) if rank > 0 and self.lr[index] > 0 else None
+
+
+def list_index(layout: BlockLayout, sdxl: bool, names: tuple[str, ...], path: str) -> int | None:
+    """The position in kohya's block lists (`names`, from list_names) of a UNet layer (diffusers path or kohya/SAI
+    name); None outside them."""
+    block = layout.block_of(path)
+    if block == "M00" and sdxl:  # kohya numbers SDXL's middle block's parts: resnet, attention, resnet
+        found = _SDXL_MID_PART.search(path)
+        if found:
+            part = 2 * int(found.group(2)) + (found.group(1) == "attentions") if found.group(1) \
+                else int(found.group(3))
+            block = f"M{part:02d}"
+    return names.index(block) if block in names else None
+
+
+def list_names(unet_config: Mapping, sdxl: bool) -> tuple[BlockLayout, tuple[str, ...]]:
+    """The UNet's layout, and the blocks of kohya's block_dims list for it, in order."""
+    layout = BlockLayout.from_config(unet_config)
+    down, mid, up = block_names(layout, sdxl)
+    ends = ["time_embed"], ["out"]  # SDXL's block_dims hold these two; no LoRA lives there
+    return layout, tuple((ends[0] if sdxl else []) + down + mid + up + (ends[1] if sdxl else []))
 
 
 def block_names(layout: BlockLayout, sdxl: bool) -> tuple[list[str], list[str], list[str]]:
@@ -137,10 +151,8 @@ def block_plan(config: TrainConfig, unet_config: Mapping, sdxl: bool) -> BlockPl
     wrong length, naming the blocks it must cover."""
     if not is_set(config):
         return None
-    layout = BlockLayout.from_config(unet_config)
+    layout, names = list_names(unet_config, sdxl)
     down, mid, up = block_names(layout, sdxl)
-    ends = ["time_embed"], ["out"]  # SDXL's block_dims hold these two; no LoRA lives there
-    names = tuple((ends[0] if sdxl else []) + down + mid + up + (ends[1] if sdxl else []))
     o, n = config.optim, config.network
     lr = [*_lr_list(o.down_lr_weight, "down_lr_weight", down, o.block_lr_zero_threshold),
           *_lr_list(o.mid_lr_weight, "mid_lr_weight", mid, o.block_lr_zero_threshold),
@@ -246,8 +258,8 @@ def check_against_base(config: TrainConfig, base_configs: Path) -> str:
                           + "; give one of those blocks a multiplier and a rank above 0.")
     emptied = [name for name, shapes in blocks.items() if not all(shapes)]
     if n.weights and not n.dim_from_weights and (n.block_dims or n.conv_block_dims or emptied):
+        zeros = f" and the multipliers of 0 in {', '.join(emptied)}" if emptied else ""
         raise ConfigError("--network-weights starts every module from its file, at the file's rank: drop "
-                          "--block-dims / --conv-block-dims" + (f" and the multipliers of 0 in {', '.join(emptied)}"
-                                                                if emptied else "")
-                          + " (a block's multiplier may change its rate, not its modules).")
+                          f"--block-dims / --conv-block-dims (--dim-from-weights takes the file's){zeros} (a block's "
+                          "multiplier may change its rate, not its modules).")
     return describe(plan, targets)

@@ -48,7 +48,7 @@ def dry_run(config: TrainConfig) -> Path:
     config = with_family_preset(config, base_configs, data)
     config, buckets, batches, processes = plan_batches(config, base_configs, data, say)
     state = check_resume(config, buckets, processes, data, resume_from)  # what the run refuses before loading
-    config, start = start_weights(config, state, say)
+    config, start = start_weights(config, state, say, base_configs)
     blocks = check_against_base(config, base_configs)
     schedule_note = check_schedule(config, base_configs)
     report_data(config, reports, data, process, say)

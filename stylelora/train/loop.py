@@ -140,7 +140,7 @@ def run_training(config: TrainConfig) -> Path:
     from stylelora.train.dry_run import plan_batches
     planned, buckets, _, processes = plan_batches(config, base_configs, data)
     resume_state = check_resume(planned, buckets, processes, data, resume_from)
-    config, start = start_weights(config, resume_state, say)  # --network-weights, fitted before the base loads
+    config, start = start_weights(config, resume_state, say, base_configs)  # --network-weights, before the base
     say(check_against_base(config, base_configs))  # kohya's block lists, against the UNet's blocks
     say(check_schedule(config, base_configs))
     say(describe_settings(config))

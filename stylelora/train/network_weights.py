@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 OPTION = "network.weights (--network-weights)"
 
 
-def start_weights(config: TrainConfig, resume_state: dict | None, say) -> tuple[TrainConfig, AdapterFile | None]:
+def start_weights(config: TrainConfig, resume_state: dict | None, say,
+                  base_configs: Path | None = None) -> tuple[TrainConfig, AdapterFile | None]:
     """The file --network-weights names, read and fitted to the run's settings before the base loads (None when
     the option is not set). A resume does not read it: the checkpoint's weights continue the run, and the run
     records the file it started from, as the checkpoint does."""
@@ -39,13 +41,16 @@ def start_weights(config: TrainConfig, resume_state: dict | None, say) -> tuple[
                                                                        **kept)), None
     start = read_start_weights(config.network.weights)
     if start is not None:
+        unet_config = _unet_config(base_configs)
         if config.network.dim_from_weights:
-            config = with_file_network(config, start)
+            config = with_file_network(config, start, unet_config)
             n = config.network
             say(f"{OPTION}: rank {n.rank}, alpha {n.alpha:g}, --unet-targets {n.unet_targets}"
                 + (f", conv rank {n.conv_rank}, conv alpha {n.conv_alpha:g}" if n.conv_rank else "")
+                + (f", --block-dims {n.block_dims}" if n.block_dims else "")
+                + (f", --conv-block-dims {n.conv_block_dims}" if n.conv_block_dims else "")
                 + f" from {start.path.name} (--dim-from-weights)")
-        check_start_fits(start, config)
+        check_start_fits(start, config, unet_config)
         if start.lycoris:  # as A1111 applies them: the same weight change, which plain LoRA then trains on
             kinds = ", ".join(f"{count} {kind}" for kind, count in start.lycoris.items())
             say(f"{start.path.name}: its LyCORIS modules ({kinds}) start as the plain LoRA of the same weight "
@@ -72,7 +77,13 @@ def read_start_weights(path: str | None) -> AdapterFile | None:
     return file
 
 
-def check_start_fits(start: AdapterFile, config: TrainConfig) -> None:
+def _unet_config(base_configs: Path | None):
+    from stylelora.models.family import weightless_pipeline
+
+    return weightless_pipeline(base_configs).unet.config if base_configs is not None else None
+
+
+def check_start_fits(start: AdapterFile, config: TrainConfig, unet_config=None) -> None:
     """Refuse, from the file and the settings alone (so a --dry-run refuses it too), a file of the other family,
     with text-encoder modules for a run that trains none, on layers the run's --unet-targets leave out, or of
     another rank; each refusal names the flags that fit."""
@@ -92,6 +103,9 @@ def check_start_fits(start: AdapterFile, config: TrainConfig) -> None:
     if UNET_TARGETS.index(targets) > UNET_TARGETS.index(n.unet_targets):  # each trains what the one before does
         raise ConfigError(f"{OPTION}: {name} has LoRA modules on layers --unet-targets {n.unet_targets} does not "
                           f"train: add --unet-targets {targets}.")
+    if unet_config is not None and (n.block_dims or n.conv_block_dims):
+        _check_block_ranks(name, modules, config, unet_config)
+        return
     wanted = {"linear": n.rank, "conv": n.conv_rank or n.rank}
     found = {kind: sorted({rank for rank, _ in pairs}) for kind, pairs in shapes_by_kind(modules).items()}
     if any(ranks and ranks != [wanted[kind]] for kind, ranks in found.items()):
@@ -125,14 +139,19 @@ def shapes_by_kind(modules: dict[str, tuple[str, int, float]]) -> dict[str, list
                           if (module_kind == "conv") == (kind == "conv")}) for kind in ("linear", "conv")}
 
 
-def with_file_network(config: TrainConfig, start: AdapterFile) -> TrainConfig:
-    """kohya's --dim_from_weights: the run's rank, alpha, conv rank and alpha, and --unet-targets, from the file;
-    refused where its modules of one kind (3x3 convolutions, the other layers) have more than one rank or alpha."""
+def with_file_network(config: TrainConfig, start: AdapterFile, unet_config=None) -> TrainConfig:
+    """kohya's --dim_from_weights: the run's rank, alpha, conv rank and alpha, and --unet-targets, from the file; a
+    file whose UNet modules differ by block (kohya's block_dims, as stylelora and sd-scripts write it) gives the run
+    those block lists too. Refused where one block's modules of one kind have more than one rank or alpha."""
     from stylelora.config import with_sources, with_values
 
     modules = file_modules(start)
     shapes = shapes_by_kind(modules)
     mixed = {kind: pairs for kind, pairs in shapes.items() if len(pairs) > 1}
+    if mixed and unet_config is not None:
+        values = _file_block_lists(start, modules, unet_config, config.train.family == "sdxl")
+        return with_sources(with_values(config, values), dict.fromkeys(values, f"file {start.path.name} "
+                                                                              "(--dim-from-weights)"))
     if mixed or not shapes["linear"]:
         found = "; ".join(f"{kind}: {', '.join(f'rank {r} alpha {a:g}' for r, a in pairs)}"
                           for kind, pairs in shapes.items() if pairs)
@@ -144,6 +163,55 @@ def with_file_network(config: TrainConfig, start: AdapterFile) -> TrainConfig:
               "network.conv_alpha": conv[1], "network.unet_targets": file_targets(modules)}
     return with_sources(with_values(config, values), dict.fromkeys(values, f"file {start.path.name} "
                                                                           "(--dim-from-weights)"))
+
+
+def _file_block_lists(start: AdapterFile, modules: dict, unet_config, sdxl: bool) -> dict:
+    """The network settings that give each module of the file its own rank and alpha: kohya's block lists for the
+    UNet, --rank / --alpha for the text encoders (one shape), --unet-targets."""
+    from stylelora.train.block_settings import list_index, list_names
+
+    layout, names = list_names(unet_config, sdxl)
+    found = {kind: {name: set() for name in names} for kind in ("linear", "conv")}
+    text = {(rank, alpha) for kind, rank, alpha in modules.values() if kind == "text_encoder"}
+    for module, (kind, rank, alpha) in modules.items():
+        index = list_index(layout, sdxl, names, module) if kind != "text_encoder" else None
+        if index is not None:
+            found[kind][names[index]].add((rank, alpha))
+    mixed = [f"{name} ({', '.join(f'{r}/{a:g}' for r, a in sorted(pairs))})" for kind in found
+             for name, pairs in found[kind].items() if len(pairs) > 1] + (
+        [f"the text encoders ({', '.join(f'{r}/{a:g}' for r, a in sorted(text))})"] if len(text) > 1 else [])
+    if mixed:
+        raise ConfigError(f"{OPTION}: --dim-from-weights reads one rank and alpha per UNet block (kohya's "
+                          f"block_dims), but {start.path.name} has several in {'; '.join(mixed)}: give the network "
+                          "settings instead.")
+    linear = [pair for pairs in found["linear"].values() for pair in pairs]
+    rank, alpha = next(iter(text)) if text else Counter(linear).most_common(1)[0][0]
+
+    def lists(kind: str) -> tuple[str, str]:
+        shapes = [next(iter(pairs), (0, alpha)) for pairs in found[kind].values()]
+        return ",".join(str(r) for r, _ in shapes), ",".join(f"{a:g}" for _, a in shapes)
+
+    values = {"network.rank": rank, "network.alpha": alpha, "network.unet_targets": file_targets(modules)}
+    values["network.block_dims"], values["network.block_alphas"] = lists("linear")
+    if any(found["conv"].values()):
+        values["network.conv_block_dims"], values["network.conv_block_alphas"] = lists("conv")
+    return values
+
+
+def _check_block_ranks(name: str, modules: dict, config: TrainConfig, unet_config) -> None:
+    """With block lists, each UNet module of the file must have its block's rank, and each text-encoder module
+    --rank: otherwise refused, naming a few."""
+    from stylelora.train.block_settings import block_plan
+
+    plan, n = block_plan(config, unet_config, config.train.family == "sdxl"), config.network
+    wrong = []
+    for module, (kind, rank, _) in modules.items():
+        wanted = n.rank if kind == "text_encoder" else (plan.shape(module, kind == "conv") or (0, 0))[0]
+        if rank != wanted:
+            wrong.append(f"{module} has rank {rank}, this run {wanted}")
+    if wrong:
+        raise ConfigError(f"{OPTION}: {len(wrong)} LoRA modules of {name} do not have this run's block ranks (e.g. "
+                          f"{'; '.join(wrong[:3])}): add --dim-from-weights to take the file's.")
 
 
 def file_targets(modules: dict[str, tuple[str, int, float]]) -> str:
