@@ -1,7 +1,7 @@
 """Owns kohya's block-wise training settings: per UNet block, a learning-rate multiplier (sd-scripts' network_args
 down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold) and the rank and alpha of its LoRA modules
-(block_dims, block_alphas, conv_block_dims, conv_block_alphas). Torch-free, so the lists are checked against the
-base's config files before its weights load.
+(block_dims, block_alphas, conv_block_dims, conv_block_alphas). The lists are checked against the base's config files
+and the layers of a weightless (meta-device) UNet built from them, before its weights load.
 
 Why: users train a style on the output blocks only, or give the blocks near the image a larger rank, and share
 sd-scripts configs that say so. The lists are kohya's, block for block. Blocks are numbered as A1111 and the LoRA
