@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from stylelora.data.scan import CAPTION_EXTENSIONS
 
+CAPTION_FILES = ("no option: an image's caption is the file of its name ending in " + " or ".join(CAPTION_EXTENSIONS)
+                 + " (the first found)")
+
 # kohya sd-scripts train_network.py flags (keys with '-' for '_', as either spelling is typed) and what to use here.
 # Named in the error, not accepted silently: an alias would take a value in kohya's sense where ours differs (kohya's
 # --learning_rate sets both networks' rates, --resolution takes "512,512"), and the user should learn our flag.
@@ -14,8 +17,7 @@ KOHYA_FLAGS = {
     "output-dir": "--output",
     "config-file": "--config run.toml (this tool's own keys; see docs/training.md)",
     "shuffle-caption": "--shuffle-tags",
-    "caption-extension": "no option: an image's caption is the file of its name ending in "
-                         + " or ".join(CAPTION_EXTENSIONS) + " (the first found)",
+    "caption-extension": CAPTION_FILES,
     "caption-dropout-rate": "--caption-dropout",
     "caption-tag-dropout-rate": "--tag-dropout",
     "enable-wildcard": "--caption-variants",
@@ -56,8 +58,7 @@ KOHYA_FLAGS = {
     "v-parameterization": "no option: the base family is read from the model (--family overrides it)",
     "training-comment": "--description",
     "caption-prefix": "--trigger (words put in front of every caption)",
-    "caption-extention": "no option: an image's caption is the file of its name ending in "  # sd-scripts' old spelling
-                         + " or ".join(CAPTION_EXTENSIONS) + " (the first found)",
+    "caption-extention": CAPTION_FILES,  # sd-scripts' old spelling, which it still takes
     "use-8bit-adam": "--optimizer adamw8bit",
     "use-lion-optimizer": "no option: --optimizer adamw, adamw8bit or prodigy",
     "save-last-n-steps": "--keep-checkpoints",

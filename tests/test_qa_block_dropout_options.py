@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import adapter_metadata, adapter_tensors, cli_output, cli_status, reset_accelerate
+from train_fixtures import adapter_metadata, adapter_tensors, reset_accelerate
+from train_fixtures import cli_output as cli
+from train_fixtures import cli_status as run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,10 +34,6 @@ DROPOUTS = ["--network-dropout", "0.2", "--rank-dropout", "0.3", "--module-dropo
 def fresh_accelerate():
     yield
     reset_accelerate()
-
-
-run = cli_status
-cli = cli_output
 
 
 def train(data: Path, base: Path, output: Path, *extra) -> list:

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import adapter_metadata, adapter_tensors, cli_output, cli_status, reset_accelerate
+from train_fixtures import adapter_metadata, adapter_tensors, reset_accelerate
+from train_fixtures import cli_output as cli
+from train_fixtures import cli_status as run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,10 +33,6 @@ KOHYA_EXTRAS = ["--loss-type", "huber", "--huber-schedule", "exponential", "--hu
 def fresh_accelerate():
     yield
     reset_accelerate()
-
-
-run = cli_status
-cli = cli_output
 
 
 def train_args(data: Path, base: Path, output: Path, *extra) -> list:

@@ -39,7 +39,7 @@ def family_from_configs(unet: dict, scheduler: dict, *, has_second_text_encoder:
 
 def folder_family(folder: Path) -> str:
     """The family of a diffusers folder (model_index.json, unet/config.json, scheduler/scheduler_config.json)."""
-    configs = _folder_configs(folder)
+    configs = folder_configs(folder)
     return family_from_configs(configs["unet"], configs["scheduler"],
                                has_second_text_encoder="text_encoder_2" in configs["index"],
                                is_toy=folder.resolve() == TOY_BASE_DIR.resolve())
@@ -47,7 +47,7 @@ def folder_family(folder: Path) -> str:
 
 def folder_geometry(folder: Path) -> dict[str, int]:
     """Native image size and downsampling factor (as train.loop.model_geometry gives them), from config files."""
-    configs = _folder_configs(folder)
+    configs = folder_configs(folder)
     vae_factor = 2 ** (len(configs["vae"].get("block_out_channels", (0, 0, 0, 0))) - 1)
     sample_size = configs["unet"].get("sample_size", 64)
     sample_size = sample_size if isinstance(sample_size, int) else min(sample_size)
@@ -55,7 +55,8 @@ def folder_geometry(folder: Path) -> dict[str, int]:
     return {"native_resolution": sample_size * vae_factor, "downsample_factor": vae_factor * unet_factor}
 
 
-def _folder_configs(folder: Path) -> dict[str, dict]:
+def folder_configs(folder: Path) -> dict[str, dict]:
+    """A diffusers folder's model_index.json and its UNet, VAE and scheduler configs, as dicts ({} where absent)."""
     def read(name: str) -> dict:
         path = folder / name
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -98,7 +99,7 @@ def base_unet_config(spec: str, *, config_dir: str | None = None, allow_pickle: 
     folder = config_folder(spec, config_dir=config_dir, allow_pickle=allow_pickle)
     if folder is None and cached:
         folder = _cached_single_file_configs(spec, allow_pickle)
-    return None if folder is None else _folder_configs(folder)["unet"] or None
+    return None if folder is None else folder_configs(folder)["unet"] or None
 
 
 def _cached_single_file_configs(spec: str, allow_pickle: bool) -> Path | None:
@@ -120,7 +121,7 @@ def weightless_pipeline(folder: Path) -> SimpleNamespace:
     from diffusers.configuration_utils import FrozenDict
     from transformers import AutoConfig
 
-    configs = _folder_configs(folder)
+    configs = folder_configs(folder)
     models = dict.fromkeys(PIPELINE_MODELS)
     for name in PIPELINE_MODELS:
         if (configs["index"].get(name) or [None])[0] is None or not (folder / name / "config.json").is_file():

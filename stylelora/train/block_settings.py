@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from stylelora.config import ConfigError, TrainConfig
+from stylelora.config import OPTIONS_BY_KEY, ConfigError, TrainConfig
 from stylelora.lora.block_weights import BlockLayout
 
 # sd-scripts' named curves for down_lr_weight / up_lr_weight, each optionally "+BASE" (networks/lora.py,
@@ -32,7 +32,8 @@ _SDXL_MID_PART = re.compile(r"(?:mid_block[._](resnets|attentions)[._](\d+))|(?:
 
 
 def flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
+    """The command-line flag of a block option (stylelora.config declares it)."""
+    return OPTIONS_BY_KEY[key].flag
 
 
 def parse_numbers(text: str, key: str, *, integers: bool = False) -> tuple[float, ...]:
@@ -240,11 +241,11 @@ def check_against_base(config: TrainConfig, base_configs: Path) -> str:
     """The run's plan read against the base's UNet config (no weights), so that a run and its dry run refuse a list
     of the wrong length, or one that leaves every adapted layer without a LoRA, before the base loads. Returns the
     line that describes it ("" when no block option is set)."""
-    from stylelora.models.family import weightless_pipeline
+    from stylelora.models.family import folder_configs
 
     if not is_set(config):
         return ""
-    unet_config = weightless_pipeline(base_configs).unet.config
+    unet_config = folder_configs(base_configs)["unet"]
     plan = block_plan(config, unet_config, config.train.family == "sdxl")
     n = config.network
     targets = unet_targets_of(unet_config, n.unet_targets)

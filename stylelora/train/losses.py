@@ -9,7 +9,6 @@ c on the noisy ones.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,18 +66,20 @@ def check_schedule(config: TrainConfig, base_configs: Path) -> str:
     """Refuse, from the base's scheduler config (no weights), timestep bounds outside its schedule, and debiased
     estimation on an epsilon base whose last timestep is pure noise: it weighs a sample 1/√SNR, and that SNR is 0.
     Returns a note for --zero-terminal-snr on an epsilon base ("" otherwise)."""
-    path = base_configs / "scheduler" / "scheduler_config.json"
-    scheduler = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    from stylelora.models.family import folder_configs
+
+    scheduler = folder_configs(base_configs)["scheduler"]
     length, t = scheduler.get("num_train_timesteps", 1000), config.train
     if (t.max_timestep or length) > length or t.min_timestep >= length:
         raise ConfigError(f"train.min_timestep / max_timestep ({t.min_timestep} / {t.max_timestep}) must lie within "
                           f"the base's {length} training timesteps: max_timestep at most {length}.")
-    zero = config.train.zero_terminal_snr or scheduler.get("rescale_betas_zero_snr", False)
-    if zero and config.train.debiased_estimation_loss and scheduler.get("prediction_type", "epsilon") == "epsilon":
-        source = "--zero-terminal-snr" if config.train.zero_terminal_snr else "the base's scheduler"
+    epsilon = scheduler.get("prediction_type", "epsilon") == "epsilon"
+    zero = t.zero_terminal_snr or scheduler.get("rescale_betas_zero_snr", False)
+    if zero and t.debiased_estimation_loss and epsilon:
+        source = "--zero-terminal-snr" if t.zero_terminal_snr else "the base's scheduler"
         raise ConfigError(f"train.debiased_estimation_loss weighs each sample 1/sqrt(SNR), and with {source} the "
                           "last timestep's SNR is 0 on this epsilon-prediction base: drop one of them.")
-    if config.train.zero_terminal_snr and scheduler.get("prediction_type", "epsilon") == "epsilon":
+    if t.zero_terminal_snr and epsilon:
         # As sd-scripts warns: its last step asks the model for the noise it was given, which teaches nothing there.
         return ("note: --zero-terminal-snr on an epsilon-prediction base: its last timestep is pure noise, which an "
                 "epsilon model returns as it is; the schedule is meant for v-prediction bases fine-tuned with it, "

@@ -78,9 +78,9 @@ def read_start_weights(path: str | None) -> AdapterFile | None:
 
 
 def _unet_config(base_configs: Path | None):
-    from stylelora.models.family import weightless_pipeline
+    from stylelora.models.family import folder_configs
 
-    return weightless_pipeline(base_configs).unet.config if base_configs is not None else None
+    return folder_configs(base_configs)["unet"] if base_configs is not None else None
 
 
 def check_start_fits(start: AdapterFile, config: TrainConfig, unet_config=None) -> None:
