@@ -190,7 +190,11 @@ def test_short_training_run_reports_progress_and_its_adapter_appears(app):
                                 "train.save_every": 0, "train.sample_every": 0})
     with pytest.raises(gradio_client.exceptions.AppError, match="No training data folder named '../tiny'"):
         client.predict("../tiny", "tiny-run", "toy", False, *options, api_name="/train")
-    started = client.predict("tiny", "tiny-run", "toy", False, *options, api_name="/train")
+    with pytest.raises(gradio_client.exceptions.AppError, match="--noise_offset: --noise-offset"):
+        client.predict("tiny", "tiny-run", "toy", False, *options, "", "--noise_offset 0.05", api_name="/train")
+    # More options: any other `stylelora train` flags, as on the command line
+    started = client.predict("tiny", "tiny-run", "toy", False, *options, "", "--noise-offset 0.05 --lr-scheduler "
+                             "cosine", api_name="/train")
     assert "tiny-run" in started and "starting" in started
     deadline, seen = time.time() + 240, []
     while time.time() < deadline:
@@ -208,6 +212,10 @@ def test_short_training_run_reports_progress_and_its_adapter_appears(app):
     assert "tiny-run/tiny-run" in service.adapter_names()
     text = client.predict("tiny-run/tiny-run", False, api_name="/inspect")
     assert "stripestyle" in text and "rank 2" in text
+    from stylelora.lora.adapter_file import read_header
+
+    _, metadata = read_header(adapter)
+    assert (metadata["ss_noise_offset"], metadata["ss_lr_scheduler"]) == ("0.05", "cosine")
 
 
 def test_compare_tab_makes_a_grid(app):
@@ -240,10 +248,11 @@ def test_endpoints_take_named_parameters(app):
     assert {"prompt", "negative_prompt", "steps", "cfg", "sampler", "seed", "size", "batch_size"} <= set(generate)
     assert names("/grid")[:3] == ["x_axis", "y_axis", "z_axis"] and "prompt" in names("/grid")
     assert {"name", "mode", "rank", "fp16", "overwrite"} <= set(names("/blend"))
-    # Start from: last, so positional calls written before it keep their places; empty is a new LoRA.
-    assert names("/train")[:4] == ["dataset", "name", "base", "overwrite"] and names("/train")[-1] == "start_from"
-    assert next(p for p in endpoints["/train"]["parameters"] if p["parameter_name"] == "start_from")[
-        "parameter_default"] == ""
+    # Start from, then More options: last, so positional calls written before them keep their places; empty is a
+    # new LoRA with no other flags.
+    assert names("/train")[:4] == ["dataset", "name", "base", "overwrite"]
+    assert names("/train")[-2:] == ["start_from", "more_options"]
+    assert [p["parameter_default"] for p in endpoints["/train"]["parameters"][-2:]] == ["", ""]
     # Generation blends 2+ adapters in split by default; a saved blend is a sum unless asked (split cannot be a file).
     defaults = {endpoint: {p["parameter_name"]: p.get("parameter_default") for p in endpoints[endpoint]["parameters"]}
                 for endpoint in ("/generate", "/blend")}

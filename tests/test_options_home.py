@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import typing
 
 import pytest
 
 from stylelora.config import OPTION_SPECS, OPTIONS_BY_NAME, load_config
 from stylelora.options_doc import DOC, options_table, with_table
-from stylelora.train.command import build_parser, overrides_from_args
+from stylelora.train.command import build_parser, overrides_from_args, parse_args
 
 WIDGET_SPECS = [spec for spec in OPTION_SPECS if spec.option.widget is not None]
 
@@ -106,3 +107,43 @@ def test_the_train_tab_sets_kohyas_clip_skip_and_caption_length(tmp_path):
     settings = ui.train_settings(str(tmp_path), "style", "toy", False, keys, [2, 150])
     config = load_config(None, settings.overrides(tmp_path / "adapters", tmp_path))
     assert (config.train.clip_skip, config.data.max_token_length) == (2, 150)
+
+
+@pytest.mark.parametrize("typed, expected", [
+    ("", {}),
+    ("--noise-offset 0.05 --lr-scheduler cosine", {"train.noise_offset": 0.05, "optim.lr_scheduler": "cosine"}),
+    ("--optimizer-args weight_decay=0.1 'betas=0.9,0.99' --flip",
+     {"optim.optimizer_args": ["weight_decay=0.1", "betas=0.9,0.99"], "data.flip": True}),
+    ("--up-lr-weight cosine+0.5 --network-dropout 0.1", {"optim.up_lr_weight": "cosine+0.5",
+                                                         "network.dropout": 0.1}),
+])
+def test_more_options_reads_any_train_flag_as_the_cli_does(tmp_path, typed, expected):
+    """The Train tab's More options box reaches every option without a box of its own, with the CLI's meaning."""
+    from stylelora.app.training import TrainSettings
+
+    settings = TrainSettings(data_dir="d", name="style", more_options=typed)
+    assert settings.more_overrides() == expected
+    from_cli = overrides_from_args(parse_args(build_parser(), ["train", str(tmp_path), *shlex.split(typed)]))
+    from_app = settings.overrides(tmp_path / "adapters", tmp_path)
+    assert {key: from_app[key] for key in expected} == {key: from_cli[key] for key in expected}
+    assert load_config(None, from_app).train.output_name == "style"
+
+
+@pytest.mark.parametrize("typed, message", [
+    ("--noise_offset 0.05", "--noise_offset: --noise-offset"),  # kohya's spelling: the flag to use
+    ("--stesp 3", "--stesp: --steps"),
+    ("--rank 4", r"--rank \(its box 'Rank'\)"),  # a box of its own would win without a word
+    ("--base sd15 --output elsewhere", "--base \\(the Base model box\\); --output"),
+    ("--network-weights a.safetensors", "Start from an adapter"),
+    ("--resume latest", "the Resume button"),
+    ("--config run.toml", "--config belongs to the command line"),
+    ("--help", "--help belongs to the command line"),
+    ("--lr-scheduler 'cosine", "cannot read the flags: No closing quotation"),
+    ("--steps", "--steps: expected one argument"),
+])
+def test_more_options_refuses_what_it_cannot_take_and_says_what_to_use(typed, message):
+    from stylelora.app.errors import AppError
+    from stylelora.app.training import TrainSettings
+
+    with pytest.raises(AppError, match=f"(?s)More options: .*{message}"):
+        TrainSettings(data_dir="d", name="style", more_options=typed).more_overrides()

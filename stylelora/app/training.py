@@ -43,12 +43,14 @@ class TrainSettings:
     overwrite: bool = False
     options: dict = field(default_factory=dict)
     start_from: str = ""  # an adapter of the adapters folder to continue (--network-weights); "" for a new LoRA
+    more_options: str = ""  # any other `stylelora train` flags, as typed on the command line
 
     def overrides(self, adapters_dir: Path, data: Path, start: Path | None = None) -> dict:
         """Config overrides as `stylelora train` flags give them; the run folder is adapters_dir/NAME; `start`:
         the file `start_from` names (AppService resolves it inside the adapters folder)."""
         name = plain_name(self.name, "Adapter name")
         overrides = {key: value for key, value in self.options.items() if value is not None and value != ""}
+        overrides.update(self.more_overrides())
         if overrides.get("network.train_text_encoder") is False:
             overrides.pop("optim.text_encoder_lr", None)  # the box may still hold a value; the config would refuse it
         overrides.update({"data.dir": str(Path(data).absolute()), "train.base": self.base, "train.output_name": name,
@@ -56,6 +58,39 @@ class TrainSettings:
         if start is not None:  # the adapter's own rank, alpha and layers: the tab's Rank box does not apply
             overrides.update({"network.weights": str(start), "network.dim_from_weights": True})
         return overrides
+
+
+    def more_overrides(self) -> dict:
+        """The overrides `more_options` gives, read by `stylelora train`'s own parser; a flag for something the tab
+        sets itself (a box of its own, the data folder, the name) is refused, naming the box, as the box would
+        otherwise win without a word."""
+        from stylelora.config import OPTION_SPECS
+        from stylelora.train.command import flag_overrides
+
+        try:
+            overrides, not_options = flag_overrides(self.more_options)
+        except ValueError as error:
+            raise AppError(f"More options: {error}") from None
+        if not_options:
+            raise AppError(f"More options: {', '.join(not_options)} belongs to the command line, not to a run's "
+                           "settings; type training flags here (`stylelora train --help` and docs/training.md list "
+                           "them).")
+        specs = {spec.dotted: spec for spec in OPTION_SPECS}
+        boxes = {**TAB_SETS, **{key: f"its box {spec.option.widget.label.split(' (')[0]!r}"
+                                for key, spec in specs.items() if spec.option.widget is not None}}
+        taken = [f"{specs[key].flag} ({boxes[key]})" for key in overrides if key in boxes]
+        if taken:
+            raise AppError(f"More options: the tab has its own control for {'; '.join(taken)}: use that instead.")
+        return overrides
+
+
+# What the Train tab sets itself, besides the option boxes: More options may not (TrainSettings.more_overrides).
+TAB_SETS = {"data.dir": "the Training data folder box", "train.base": "the Base model box",
+            "train.output_name": "the Adapter name box",
+            "train.output": "the Adapter name box: runs are saved in the adapters folder as NAME/",
+            "train.overwrite": "the overwrite box", "network.weights": "Start from an adapter",
+            "network.dim_from_weights": "Start from an adapter",
+            "train.resume": "the Resume button, which continues the run named in the Adapter name box"}
 
 
 @dataclass(frozen=True)

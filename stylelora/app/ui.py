@@ -682,6 +682,11 @@ def _train_tab(service: AppService) -> SimpleNamespace:
     with gr.Row():
         widgets.update({spec.dotted: _option_widget(spec) for spec in specs if spec.type is bool})
     options = [widgets[spec.dotted] for spec in specs]  # in the order train_settings reads them
+    # Every other option of `stylelora train`, typed as its flags: the app reaches what the CLI does.
+    more = gr.Textbox(value="", label="More options (stylelora train flags)", elem_id="more-options",
+                      placeholder="e.g. --noise-offset 0.05 --lr-scheduler cosine --network-dropout 0.1",
+                      info="Any flag of `stylelora train` (docs/training.md lists them), read as the command line "
+                           "reads it; the boxes above set their own options.")
     family = gr.Markdown(_family_text(service.bases[0]), elem_id="family-defaults")
     with gr.Row():
         button = gr.Button("Start training", variant="primary", elem_id="train")
@@ -695,10 +700,11 @@ def _train_tab(service: AppService) -> SimpleNamespace:
     log_box = gr.Textbox(label=f"Trainer output (newest {LOG_LINES_SHOWN} lines)", lines=LOG_LINES_SHOWN,
                          max_lines=LOG_LINES_SHOWN, elem_classes="mono", elem_id="train-log")
     # In the order train_settings reads them.
-    settings = [data, name, base, overwrite, *options, start_from]  # start_from last: API calls keep positions
-    return SimpleNamespace(settings=settings, start_from=start_from, option_keys=[spec.dotted for spec in specs],
-                           specs=specs, button=button, stop=stop, resume=resume, status=status, loss_plot=loss_plot,
-                           log=log_box, sample=sample, family=family, data=data, rescan=rescan, name=name, base=base,
+    # start_from, then more: added last, so API calls written before them keep their positions.
+    settings = [data, name, base, overwrite, *options, start_from, more]
+    return SimpleNamespace(settings=settings, start_from=start_from, more=more,
+                           option_keys=[spec.dotted for spec in specs], specs=specs, button=button, stop=stop,
+                           resume=resume, status=status, loss_plot=loss_plot, log=log_box, sample=sample, family=family, data=data, rescan=rescan, name=name, base=base,
                            files=files, dataset_name=dataset_name, trigger=trigger, repeats=repeats, add=add,
                            added=added, timer=gr.Timer(TRAIN_REFRESH_SECONDS, active=False),
                            shown_sample=gr.State(None))
@@ -734,14 +740,15 @@ def _family_text(base: str) -> str:
             text = "native size" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
             shown.append(f"{labels[dotted]} {text}")
     return (f"**Base family: {FAMILY_NAMES.get(family, family)}** ({family}). Empty boxes take its preset: "
-            + ", ".join(shown) + ". Other options: the CLI's defaults (the same as `stylelora train`).")
+            + ", ".join(shown) + ". Other options: the CLI's defaults (the same as `stylelora train`), or as set in "
+            "More options.")
 
 
 def train_settings(data, name, base, overwrite, option_keys: Sequence[str], option_values: Sequence,
-                   start_from: str | None = None) -> TrainSettings:
+                   start_from: str | None = None, more_options: str | None = None) -> TrainSettings:
     """TrainSettings from the Train tab's values; text is stripped, an empty box means the option's default, and a
     number typed in a text box (the options whose default is the base family's) is read as one, or refused by name.
-    start_from: the adapter chosen to continue, if any."""
+    start_from: the adapter chosen to continue, if any; more_options: other `stylelora train` flags."""
     from stylelora.config import OPTION_SPECS
 
     specs = {spec.dotted: spec for spec in OPTION_SPECS}
@@ -753,7 +760,7 @@ def train_settings(data, name, base, overwrite, option_keys: Sequence[str], opti
             value = _number(value, spec.option.widget.label.split(" (")[0], whole=spec.type is int)
         values[key] = value
     return TrainSettings(data_dir=data, name=name, base=base, overwrite=bool(overwrite), options=values,
-                         start_from=(start_from or "").strip())
+                         start_from=(start_from or "").strip(), more_options=(more_options or "").strip())
 
 
 # ----------------------------------------------------------------------------- events
@@ -1073,9 +1080,9 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
     view = [tab.status, tab.loss_plot, tab.log, tab.sample]
 
     def on_train(**values):
-        data, name, base, overwrite, *option_values, start_from = list(values.values())[:count]
+        data, name, base, overwrite, *option_values, start_from, more = list(values.values())[:count]
         job = service.start_training(train_settings(data, name, base, overwrite, tab.option_keys, option_values,
-                                                    start_from))
+                                                    start_from, more))
         return f"**{html.escape(job.name)}**: starting…"
 
     def on_resume(name):
@@ -1090,8 +1097,8 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
 
     follow = dict(fn=lambda: gr.Timer(active=True), inputs=None, outputs=tab.timer, api_visibility="private")
     names = {id(tab.data): "dataset", id(tab.name): "name", id(tab.base): "base", id(tab.settings[3]): "overwrite",
-             id(tab.start_from): "start_from"}
-    names.update({id(widget): spec.dotted for widget, spec in zip(tab.settings[4:-1], tab.specs)})
+             id(tab.start_from): "start_from", id(tab.more): "more_options"}
+    names.update({id(widget): spec.dotted for widget, spec in zip(tab.settings[4:-2], tab.specs)})
     tab.button.click(_shown(service, on_train), inputs_kwargs=_named(tab.settings, names), outputs=tab.status,
                      api_name="train").success(**follow)
     tab.resume.click(_shown(service, on_resume), inputs_kwargs={"name": tab.name}, outputs=tab.status,

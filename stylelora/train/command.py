@@ -157,6 +157,35 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+class _RefusingParser(argparse.ArgumentParser):
+    """A parser whose errors are raised, not printed with an exit: flag_overrides runs inside the app's server."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def flag_overrides(text: str) -> tuple[dict[str, Any], list[str]]:
+    """The config overrides a line of `stylelora train` flags gives (the app's "More options" box), read by the
+    CLI's own parser so that each flag means what it means on the command line, and the flags given that are not
+    options (--config, --dry-run, --help), which the caller refuses. A bad flag raises ValueError with the CLI's
+    message, naming the flag to use for a kohya or mistyped one."""
+    import shlex
+
+    try:
+        words = shlex.split(text or "")
+    except ValueError as error:  # an unclosed quote
+        raise ValueError(f"cannot read the flags: {error}") from None
+    not_options = [word for word in words if word.split("=", 1)[0] in ("-h", "--help", "--config", "--dry-run")]
+    if not_options:
+        return {}, not_options
+    parser = _RefusingParser(prog="stylelora")
+    add_train_parser(parser.add_subparsers(dest="command", required=True, parser_class=_RefusingParser))
+    args = parse_args(parser, ["train", "DATA_DIR", *words])
+    overrides = overrides_from_args(args)
+    overrides.pop("data.dir")
+    return overrides, []
+
+
 def read_prompts(path: str) -> tuple[str, ...]:
     """One prompt per non-empty line of a text file (--sample-prompts FILE); lines starting with '#' are comments,
     as in sd-scripts' prompt files."""
