@@ -97,6 +97,9 @@ class DataConfig:
     reg_dir: str = option("", "regularization images (kohya reg folder, same layouts): as many reg samples per "
                               "epoch as training samples, so prompts without the trigger keep the base's look",
                           example="datasets/toy-plain")
+    # kohya's --prior_loss_weight (DreamBooth's λ): below 1 the reg images pull less against the style.
+    prior_loss_weight: float = option(1.0, "loss weight of the --reg-dir images against the training images' 1 "
+                                           "(kohya's --prior_loss_weight)", example="0.5")
     shuffle_tags: bool = option(False, "shuffle comma-separated caption tags")
     keep_tokens: int = option(1, "leading comma-separated tags that shuffling and tag dropout leave alone",
                               example="1")
@@ -703,7 +706,12 @@ def _data_problems(d: DataConfig) -> list[str | None]:
         _rule("data.max_token_length", d.max_token_length in (75, 150, 225), "is 75, 150 or 225 tokens (one, two "
               "or three windows of 75, as kohya's --max_token_length)", d.max_token_length),
         _choice("data.cache", d.cache, DATA_CACHES),
+        _rule("data.prior_loss_weight", d.prior_loss_weight >= 0, "must be 0 or more; 1 weighs a reg image as a "
+              "training image", d.prior_loss_weight),
     ]
+    if d.prior_loss_weight != 1 and not d.reg_dir:
+        problems.append(f"data.prior_loss_weight ({d.prior_loss_weight:g}) weighs the regularization images, and "
+                        "there are none: give --reg-dir FOLDER, or leave --prior-loss-weight out")
     for name in ("resolution", "bucket_step", "min_side", "max_side"):
         value = getattr(d, name)
         problems.append(_rule(f"data.{name}", value is None or value > 0, positive_or_auto, value))

@@ -84,7 +84,5 @@ KOHYA_FLAGS = {
     "log-with": "no option: metrics.csv, loss.png and TensorBoard's logs (when tensorboard is installed) are in "
                 "the run folder",
     "logging-dir": "no option: metrics.csv, loss.png and TensorBoard's logs are in the run folder (--output)",
-    "prior-loss-weight": "no option: regularization images (--reg-dir) weigh as much as training images, kohya's "
-                         "default of 1",
     "dataset-config": "no option: DATA_DIR (kohya <repeats>_<name> folders) and --reg-dir, one run each",
 }

@@ -546,6 +546,49 @@ def test_reg_images_fill_as_many_samples_per_epoch_as_the_training_images(tmp_pa
     assert "regularization: " in captured.err + captured.out
 
 
+def test_prior_loss_weight_weighs_each_reg_sample_and_is_recorded(tmp_path, tiny_base, stripes_dataset, monkeypatch):
+    """kohya's --prior_loss_weight: each regularization sample's loss counts that much against a training sample's
+    1 (on top of min-SNR's weight), and the file says so as sd-scripts' files do."""
+    from stylelora.train import step
+
+    reg = tmp_path / "reg" / "1_shapes"
+    reg.mkdir(parents=True)
+    for image in sorted((stripes_dataset / "2_stripestyle").glob("*.png"))[:3]:
+        shutil.copy(image, reg / image.name)
+        (reg / image.name).with_suffix(".txt").write_text("a red circle on a white background\n")
+    seen = []
+    snr_weights, weighted_loss = step.loss_weights, step.weighted_loss
+
+    def loss_weights(*args):
+        seen.append({"snr": snr_weights(*args)})
+        return seen[-1]["snr"]
+
+    def spy_loss(prediction, target, weights, *args):
+        seen[-1].setdefault("weights", weights)  # the first call: the samples trained toward the data
+        return weighted_loss(prediction, target, weights, *args)
+
+    original_step = loop.loss_step
+
+    def spy_step(batch, *args):
+        loss = original_step(batch, *args)
+        seen[-1]["reg"] = [key.startswith("1_shapes/") for key in batch["key"]]
+        return loss
+
+    monkeypatch.setattr(step, "loss_weights", loss_weights)
+    monkeypatch.setattr(step, "weighted_loss", spy_loss)
+    monkeypatch.setattr(loop, "loss_step", spy_step)
+    adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{
+        "data.reg_dir": str(tmp_path / "reg"), "data.prior_loss_weight": 0.25, "train.steps": 4,
+        "train.batch_size": 4})
+    assert adapter_metadata(adapter)["ss_prior_loss_weight"] == "0.25"
+    assert any(any(call["reg"]) and not all(call["reg"]) for call in seen)  # batches mix both kinds
+    for call in seen:
+        expected = call["snr"] * torch.tensor([0.25 if is_reg else 1.0 for is_reg in call["reg"]])
+        assert torch.equal(call["weights"], expected)
+    with pytest.raises(ConfigError, match="prior_loss_weight .* give --reg-dir FOLDER"):
+        load_config(None, {"data.dir": str(stripes_dataset), "data.prior_loss_weight": 0.5})
+
+
 def test_reg_dir_without_usable_images_fails_before_training(tmp_path, tiny_base, stripes_dataset):
     (tmp_path / "reg" / "1_shapes").mkdir(parents=True)
     (tmp_path / "reg" / "1_shapes" / "a.png").write_bytes(b"not a png")

@@ -4,6 +4,7 @@ Index i is one (image, repeat) pair; `buckets` gives each index's bucket for `Bu
 is a dict:
     pixels (3,H,W) float in [-1, 1]   — or `latents` when a LatentCache is attached
     caption str (after shuffle/dropout for this epoch), key str (stable image id: "folder/name"), index int
+    loss_weight float: 1 for a training image, prior_loss_weight for a regularization image
     bucket (width, height), flipped bool,
     original_size (h, w), crops_coords_top_left (top, left), target_size (h, w)  — SDXL-style bookkeeping
 Every random choice (flip, random crop, caption) comes from a generator private to (seed, epoch, index),
@@ -39,19 +40,24 @@ class Sample:
     image: CheckedImage
     repeat: int  # 0 .. repeats-1
     bucket: tuple[int, int]  # (width, height)
+    loss_weight: float = 1.0
 
 
 class TrainingDataset(Dataset):
     def __init__(self, images: Sequence[CheckedImage], options: DatasetOptions = DatasetOptions(), *,
-                 latent_cache: LatentCache | None = None):
+                 latent_cache: LatentCache | None = None, reg_images: Sequence[CheckedImage] = (),
+                 prior_loss_weight: float = 1.0):
+        """images, then reg_images (kohya's regularization set), each `repeats` times; a reg sample's loss weighs
+        prior_loss_weight."""
         if latent_cache is not None and options.random_crop:
             raise ValueError("random crops cannot use the latent cache: every epoch would need a new encode. "
                              "Turn off random_crop (center crops) or turn off latent caching.")
         self.options, self.latent_cache, self.epoch = options, latent_cache, 0
         bucket_sizes = make_buckets(options.buckets)
         self.samples = [
-            Sample(image, repeat, select_bucket(image.width, image.height, options.buckets, bucket_sizes))
-            for image in images for repeat in range(image.item.repeats)
+            Sample(image, repeat, select_bucket(image.width, image.height, options.buckets, bucket_sizes), weight)
+            for group, weight in ((images, 1.0), (reg_images, prior_loss_weight))
+            for image in group for repeat in range(image.item.repeats)
         ]
 
     @property
@@ -73,6 +79,7 @@ class TrainingDataset(Dataset):
             "caption": process_caption(sample.image.item.caption, self.options.captions, caption_rng,
                                        sample.image.item.variants),
             "key": sample.image.item.key, "index": index, "bucket": sample.bucket, "flipped": flipped,
+            "loss_weight": sample.loss_weight,
             **_sdxl_sizes(plan, flipped),
         }
         if self.latent_cache is not None:

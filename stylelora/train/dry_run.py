@@ -83,7 +83,7 @@ def plan_batches(config: TrainConfig, base_configs: Path, data,
     if tokenizer is not None:  # without one the run decides when it loads the base
         config = with_coined_trigger_rules(config, tokenizer, data.triggers)
         say(long_captions_note(data.items, tokenizer, config.data.caption_variants, config.data.max_token_length))
-    dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), dataset_options(config))
+    dataset = TrainingDataset(data.checked.kept, dataset_options(config), reg_images=data.reg)
     # Under `accelerate launch` each process gets its share of the batches, as in the run.
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     batches = len(BucketBatchSampler(dataset.buckets, t.batch_size, seed=t.seed, num_replicas=processes, rank=0))

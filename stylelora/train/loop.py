@@ -647,7 +647,8 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
         latent_cache = LatentCache(lambda pixels: encode_pixels(pipe.vae, pixels.to(device), upcast=sdxl),
                                    model_identity("vae", pipe.vae),
                                    cache_root / "latents" if d.cache == "disk" else None)
-    dataset = TrainingDataset(list(data.checked.kept) + list(data.reg), options, latent_cache=latent_cache)
+    dataset = TrainingDataset(data.checked.kept, options, latent_cache=latent_cache, reg_images=data.reg,
+                              prior_loss_weight=d.prior_loss_weight)
     if latent_cache is not None:
         # With a shared disk cache the main process encodes and the others then find every entry.
         with accelerator.main_process_first() if d.cache == "disk" else contextlib.nullcontext():

@@ -10,7 +10,7 @@
               encoders, pooled embeddings and add_time_ids (stylelora/train/models.py)
     target    noise for epsilon prediction, scheduler.get_velocity(...) for v_prediction (read from the scheduler)
     loss      per-sample MSE (or `loss_type`: stylelora/train/losses.py) × min-SNR-γ weight (Hang et al. 2023;
-              × 1/√SNR with `debiased_estimation_loss`), averaged
+              × 1/√SNR with `debiased_estimation_loss`; × `prior_loss_weight` on regularization samples), averaged
     preserve  + preserve_base × the same weighted MSE between the LoRA model and the frozen base, both given half
               of the batch's noisy latents with their trigger words removed or replaced by a decoy word
               (stylelora/train/preservation.py); with `decoy_company`, part of the samples keep their trigger
@@ -58,6 +58,8 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     gamma = drawn(t.ip_noise_gamma, t.ip_noise_gamma_random_strength, generator)
     noisy = noise_scheduler.add_noise(latents, perturbed(noise, gamma, generator), timesteps)
     weights = loss_weights(noise_scheduler, timesteps, t)
+    if config.data.prior_loss_weight != 1:  # kohya's --prior_loss_weight on the reg samples
+        weights = weights * torch.tensor(batch["loss_weight"], dtype=weights.dtype, device=weights.device)
     scales = huber_scales(noise_scheduler, timesteps, t.huber_schedule, t.huber_c) if t.loss_type in HUBER_LOSSES \
         else None
     preserved = preserved_samples(list(batch["caption"]), models.triggers, config.train.preserve_base, models.decoys,
