@@ -97,6 +97,9 @@ class DataConfig:
     reg_dir: str = option("", "regularization images (kohya reg folder, same layouts): as many reg samples per "
                               "epoch as training samples, so prompts without the trigger keep the base's look",
                           example="datasets/toy-plain")
+    alpha_mask: bool = option(False, "weigh each pixel's loss by the image's alpha channel, so transparent parts "
+                                     "(a cut-out character's background) are not learned (kohya's --alpha_mask "
+                                     "with --masked_loss); images without alpha count whole")
     # kohya's --prior_loss_weight (DreamBooth's λ): below 1 the reg images pull less against the style.
     prior_loss_weight: float = option(1.0, "loss weight of the --reg-dir images against the training images' 1 "
                                            "(kohya's --prior_loss_weight)", example="0.5")

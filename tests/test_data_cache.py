@@ -235,3 +235,32 @@ def test_caption_variants_give_an_image_each_of_its_lines_across_epochs(tmp_path
         seen[variants] = captions
     assert seen[False] == {"zorb, a red zorb on a beige background, zorb, a red zorb"}
     assert seen[True] == {"zorb, a red zorb on a beige background", "zorb, a red zorb"}
+
+
+def test_alpha_masks_follow_the_pixels_through_crop_and_flip(tmp_path):
+    """--alpha-mask: each item's mask is its image's alpha where its pixels came from (the transparent right half
+    of a cut-out, mirrored when the image is), 1 everywhere in an image without alpha; batches stack them."""
+    root = _folder(tmp_path)
+    cutout = Image.new("RGBA", (40, 40), (255, 0, 0, 255))
+    cutout.paste((0, 0, 0, 0), (20, 0, 40, 40))
+    cutout.save(root / "2_zorb" / "a.png")  # replaces the opaque a.png
+    dataset = _dataset(root, flip=True, alpha_mask=True)
+    seen = set()
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            item = dataset[index]
+            mask = item["alpha_mask"]
+            assert mask.shape == item["pixels"].shape[1:]
+            if not item["key"].endswith("a.png"):
+                assert torch.equal(mask, torch.ones_like(mask))
+                continue
+            left, right = mask[:, :mask.shape[1] // 2 - 1], mask[:, mask.shape[1] // 2 + 1:]
+            opaque, clear = (right, left) if item["flipped"] else (left, right)
+            assert opaque.min() > 0.99 and clear.max() < 0.01
+            assert (item["pixels"][:, mask < 0.01] > 0.99).all()  # the transparent part trains as white
+            seen.add(item["flipped"])
+    assert seen == {True, False}
+    batch = collate_samples([dataset[0], dataset[1]])
+    assert batch["alpha_mask"].shape == (2, *dataset[0]["alpha_mask"].shape)
+    assert "alpha_mask" not in _dataset(root)[0]  # only when asked

@@ -37,6 +37,20 @@ def test_an_outlier_pulls_the_huber_loss_linearly_not_quadratically():
         pytest.approx(10, rel=0.02)
 
 
+def test_an_alpha_mask_weighs_each_latent_element_by_the_pixels_it_covers():
+    """sd-scripts' masked loss: the mask area-averaged to the latent's size, times each element's loss, averaged
+    over all elements (so a half-transparent image's loss is about half)."""
+    difference = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # one sample, one channel, a 2×2 latent
+    mask = torch.tensor([[[1.0, 1.0, 0.0, 0.0],   # 4×4 pixels: the left half opaque,
+                          [1.0, 1.0, 0.0, 0.0],   # the bottom-right quarter half transparent
+                          [1.0, 1.0, 0.5, 0.5],
+                          [1.0, 1.0, 0.5, 0.5]]])
+    loss = per_sample_loss(difference, torch.zeros_like(difference), "l2", mask=mask)
+    assert loss.item() == pytest.approx((1 * 1 + 4 * 0 + 9 * 1 + 16 * 0.5) / 4)
+    assert per_sample_loss(difference, torch.zeros_like(difference), "l2", mask=torch.ones(1, 4, 4)).item() == \
+        per_sample_loss(difference, torch.zeros_like(difference), "l2").item()
+
+
 def test_huber_scales_follow_their_schedule():
     noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     timesteps = torch.tensor([0, 500, 999])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from stylelora.config import ConfigError, load_config
 from stylelora.data.errors import DataError
@@ -587,6 +588,38 @@ def test_prior_loss_weight_weighs_each_reg_sample_and_is_recorded(tmp_path, tiny
         assert torch.equal(call["weights"], expected)
     with pytest.raises(ConfigError, match="prior_loss_weight .* give --reg-dir FOLDER"):
         load_config(None, {"data.dir": str(stripes_dataset), "data.prior_loss_weight": 0.5})
+
+
+@pytest.mark.parametrize("opacity, learned", [(0, False), (255, True)])
+def test_alpha_mask_learns_nothing_where_the_images_are_transparent(tmp_path, tiny_base, stripes_dataset, capsys,
+                                                                    opacity, learned):
+    """kohya's --alpha_mask with --masked_loss: a fully transparent image teaches the LoRA nothing (its factors stay
+    at their start, zero up factors), an opaque one trains as without the mask; the run says how many images carry
+    alpha, and the file records the masked loss as sd-scripts' files do."""
+    data = tmp_path / "data" / "2_stripestyle"
+    data.mkdir(parents=True)
+    for image in sorted((stripes_dataset / "2_stripestyle").glob("*.png")):
+        with Image.open(image) as rgb:
+            cutout = rgb.convert("RGBA")
+        cutout.putalpha(opacity)
+        cutout.save(data / image.name)
+        shutil.copy(image.with_suffix(".txt"), data / image.with_suffix(".txt").name)
+    # Without base preservation, whose copies of the batch are not masked: its target is the base's own prediction,
+    # which the LoRA model matches only to rounding at the start, and Adam turns even that into full steps.
+    adapter = train(data.parent, tmp_path / "run", tiny_base, **{"data.alpha_mask": True, "train.steps": 3,
+                                                                   "train.preserve_base": 0.0})
+    ups = [tensor for key, tensor in adapter_tensors(adapter).items() if "lora_up" in key]
+    assert ups and any(tensor.any() for tensor in ups) == learned
+    assert adapter_metadata(adapter)["ss_masked_loss"] == "True"
+    assert "alpha mask: 8 of 8 images have transparency" in capsys.readouterr().err
+
+
+def test_alpha_mask_on_images_without_alpha_warns_that_every_pixel_is_learned(tmp_path, stripes_dataset, capsys):
+    from stylelora.data.checks import alpha_mask_note, check_items
+    from stylelora.data.scan import scan_folder
+
+    assert alpha_mask_note(check_items(scan_folder(stripes_dataset)[0]).kept).startswith(
+        "warning: --alpha-mask is on, but none of the 8 images has transparency, so every pixel is learned")
 
 
 def test_reg_dir_without_usable_images_fails_before_training(tmp_path, tiny_base, stripes_dataset):

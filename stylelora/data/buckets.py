@@ -108,7 +108,7 @@ def plan_crop(image_size: Size, bucket: Size, *, random_crop: bool = False, rng:
 
 
 def resize_and_crop(image: Image.Image, plan: CropPlan, *, flip: bool = False) -> Image.Image:
-    """Apply a CropPlan (and an optional horizontal flip, after cropping) to an RGB image."""
+    """Apply a CropPlan (and an optional horizontal flip, after cropping) to an image (RGB pixels, or its alpha)."""
     if image.size != plan.original_size:
         raise ValueError(f"crop plan made for a {plan.original_size} image, got {image.size}")
     if plan.resized_size != image.size:

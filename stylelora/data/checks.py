@@ -116,6 +116,38 @@ def load_rgb_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise DataError(f"{path}: {refused}; it passed the checks before training, so it changed since") from None
 
 
+def load_alpha_mask(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The file's alpha channel as an 8-bit "L" image, EXIF-upright as its pixels are (255 where it is opaque, and
+    everywhere in an image without transparency); raises DataError as load_rgb_image does."""
+    try:
+        image = _upright(_open_checked(_read_bytes(Path(path)), max_pixels))
+        if has_transparency(image):
+            return image.convert("RGBA").getchannel("A")
+        return Image.new("L", image.size, 255)
+    except _Refused as refused:
+        raise DataError(f"{path}: {refused}; it passed the checks before training, so it changed since") from None
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether an image carries alpha (or a transparent colour key), which to_rgb composites on white."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def alpha_mask_note(images: Sequence[CheckedImage]) -> str:
+    """What --alpha-mask will mask: how many images carry transparency, or a warning that none does."""
+    with_alpha = sum(_file_has_transparency(image.path) for image in images)
+    if not with_alpha:
+        return (f"warning: --alpha-mask is on, but none of the {len(images)} images has transparency, so every "
+                "pixel is learned: save cut-outs as PNG or WebP with an alpha channel")
+    return (f"alpha mask: {with_alpha} of {len(images)} images have transparency, whose transparent pixels are not "
+            "learned; the others count whole")
+
+
+def _file_has_transparency(path: Path) -> bool:
+    with Image.open(path) as image:  # the header only: mode and a PNG's tRNS colour key
+        return has_transparency(image)
+
+
 def _upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation, as every viewer does, so the model trains on what the user saw."""
     try:
@@ -130,7 +162,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return Image.fromarray(_scale_to_uint8(np.asarray(image), image.mode), mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if has_transparency(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, WHITE + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")

@@ -5,6 +5,7 @@ is a dict:
     pixels (3,H,W) float in [-1, 1]   — or `latents` when a LatentCache is attached
     caption str (after shuffle/dropout for this epoch), key str (stable image id: "folder/name"), index int
     loss_weight float: 1 for a training image, prior_loss_weight for a regularization image
+    alpha_mask (H,W) float in [0, 1]   — with `alpha_mask`: the image's alpha, cropped and flipped as its pixels
     bucket (width, height), flipped bool,
     original_size (h, w), crops_coords_top_left (top, left), target_size (h, w)  — SDXL-style bookkeeping
 Every random choice (flip, random crop, caption) comes from a generator private to (seed, epoch, index),
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from stylelora.data.buckets import BucketConfig, CropPlan, make_buckets, plan_crop, resize_and_crop, select_bucket
 from stylelora.data.captions import CaptionOptions, process_caption, sample_rng
-from stylelora.data.checks import CheckedImage, load_rgb_image
+from stylelora.data.checks import CheckedImage, load_alpha_mask, load_rgb_image
 from stylelora.data.latent_cache import LatentCache, LatentKey
 
 
@@ -32,6 +33,7 @@ class DatasetOptions:
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     random_crop: bool = False  # False: center crop (required with a latent cache)
     flip: bool = False  # horizontal flip with probability 1/2 per sample and epoch
+    alpha_mask: bool = False  # each item carries its image's alpha, for a masked loss
     seed: int = 0
 
 
@@ -82,6 +84,8 @@ class TrainingDataset(Dataset):
             "loss_weight": sample.loss_weight,
             **_sdxl_sizes(plan, flipped),
         }
+        if self.options.alpha_mask:
+            item["alpha_mask"] = self.alpha_mask(index, plan, flipped)
         if self.latent_cache is not None:
             key = self.latent_key(index)
             if get_worker_info() is not None and key not in self.latent_cache:
@@ -109,6 +113,11 @@ class TrainingDataset(Dataset):
         image = resize_and_crop(load_rgb_image(self.samples[index].image.path), plan, flip=flipped)
         array = np.asarray(image, dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+    def alpha_mask(self, index: int, plan: CropPlan, flipped: bool) -> torch.Tensor:
+        """(H,W) float32 in [0, 1] at the bucket size: the alpha under each of `pixels`' pixels."""
+        mask = resize_and_crop(load_alpha_mask(self.samples[index].image.path), plan, flip=flipped)
+        return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
 
     def latent_key(self, index: int, flipped: bool | None = None) -> LatentKey:
         if self.latent_cache is None:
@@ -139,7 +148,7 @@ class TrainingDataset(Dataset):
 def collate_samples(items: list[dict]) -> dict:
     """Stack one bucket's items into a batch (tensors stacked, everything else as lists)."""
     batch = {name: [item[name] for item in items] for name in items[0]}
-    for name in ("pixels", "latents"):
+    for name in ("pixels", "latents", "alpha_mask"):
         if name in batch:
             batch[name] = torch.stack(batch[name])
     return batch

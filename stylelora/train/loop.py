@@ -35,8 +35,8 @@ from stylelora.config import (ConfigError, TrainConfig, config_to_dict, save_con
                               with_epoch_steps, with_model_defaults, with_sources, with_values)
 from stylelora.data.buckets import BucketBatchSampler, BucketConfig
 from stylelora.data.captions import CaptionOptions, caption_forms, caption_variants_note, long_captions_note
-from stylelora.data.checks import (CheckedImage, CheckResult, check_items, skip_summary, upscale_warning,
-                                   upscaled_images, upscaled_notes, write_skip_report)
+from stylelora.data.checks import (CheckedImage, CheckResult, alpha_mask_note, check_items, skip_summary,
+                                   upscale_warning, upscaled_images, upscaled_notes, write_skip_report)
 from stylelora.data.dataset import DatasetOptions, TrainingDataset, collate_samples
 from stylelora.data.errors import DataError
 from stylelora.data.latent_cache import LatentCache, TextEmbeddingCache, model_identity
@@ -407,6 +407,8 @@ def prepare_data(config: TrainConfig, run_dir: Path | None, accelerator, say) ->
     say(report.summary(left_out=frozenset(skipped.path for skipped in checked.skipped)))
     say(ignored_files_note(report, run_dir))
     say(caption_variants_note(items, config.data.caption_variants))
+    if config.data.alpha_mask:
+        say(alpha_mask_note(checked.kept))
     report_path = run_dir / SKIP_REPORT if run_dir is not None and checked.skipped else None
     if accelerator.is_main_process:
         say(skip_summary(checked.skipped, checked.total, report_path))
@@ -633,7 +635,7 @@ def dataset_options(config: TrainConfig) -> DatasetOptions:
                               caption_dropout=d.caption_dropout, tag_dropout=d.tag_dropout,
                               variants=d.caption_variants)
     return DatasetOptions(buckets=buckets, captions=captions, random_crop=d.random_crop, flip=d.flip,
-                          seed=config.train.seed)
+                          seed=config.train.seed, alpha_mask=d.alpha_mask)
 
 
 def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):

@@ -37,9 +37,11 @@ def huber_scales(noise_scheduler, timesteps: torch.Tensor, schedule: str, c: flo
 
 
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
-                    scales: torch.Tensor | None = None) -> torch.Tensor:
+                    scales: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of each sample, averaged over its elements. huber: 2c(√(d² + c²) − c), which is d² near 0 and 2c|d|
-    far from it; smooth_l1: the same divided by c (|d|-like, 2|d| far from 0); `scales` holds each sample's c."""
+    far from it; smooth_l1: the same divided by c (|d|-like, 2|d| far from 0); `scales` holds each sample's c.
+    `mask` (B,H,W) in [0, 1] at pixel size: each latent element's loss times the mask's mean over the pixels it
+    covers, still averaged over all elements, as sd-scripts' masked loss (a half-transparent image weighs half)."""
     difference = prediction.float() - target.float()
     if loss_type == "l2":
         elements = difference.pow(2)
@@ -51,6 +53,9 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: s
         elements = elements * c if loss_type == "huber" else elements
     else:
         raise ValueError(f"unknown loss type {loss_type!r}; one of {', '.join(LOSS_TYPES)}")
+    if mask is not None:
+        mask = torch.nn.functional.interpolate(mask.unsqueeze(1).to(elements), size=elements.shape[2:], mode="area")
+        elements = elements * mask
     return elements.mean(dim=tuple(range(1, difference.ndim)))
 
 

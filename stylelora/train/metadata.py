@@ -184,6 +184,7 @@ def _optimization_metadata(config: TrainConfig) -> dict[str, str]:
         "ss_huber_c": str(t.huber_c),
         "ss_noise_offset": str(t.noise_offset),
         "ss_prior_loss_weight": str(config.data.prior_loss_weight),
+        "ss_masked_loss": str(config.data.alpha_mask),  # sd-scripts' key: its masks here come from the alpha
         # kohya writes None for these when they are off
         "ss_multires_noise_iterations": str(t.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(t.multires_noise_discount),

@@ -10,7 +10,8 @@
               encoders, pooled embeddings and add_time_ids (stylelora/train/models.py)
     target    noise for epsilon prediction, scheduler.get_velocity(...) for v_prediction (read from the scheduler)
     loss      per-sample MSE (or `loss_type`: stylelora/train/losses.py) × min-SNR-γ weight (Hang et al. 2023;
-              × 1/√SNR with `debiased_estimation_loss`; × `prior_loss_weight` on regularization samples), averaged
+              × 1/√SNR with `debiased_estimation_loss`; × `prior_loss_weight` on regularization samples), averaged;
+              with `alpha_mask`, each element's loss × the image's alpha over it first (sd-scripts' masked loss)
     preserve  + preserve_base × the same weighted MSE between the LoRA model and the frozen base, both given half
               of the batch's noisy latents with their trigger words removed or replaced by a decoy word
               (stylelora/train/preservation.py); with `decoy_company`, part of the samples keep their trigger
@@ -78,7 +79,7 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
                                 text, None if time_ids is None else torch.cat([time_ids, time_ids[index]]))
     prediction, preserved_prediction = prediction[:len(captions)], prediction[len(captions):]
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
-    loss = weighted_loss(prediction, target, weights, t.loss_type, scales)
+    loss = weighted_loss(prediction, target, weights, t.loss_type, scales, batch.get("alpha_mask"))
     if preserved:
         base = base_prediction(models, noisy[index], timesteps[index], [caption for _, caption in preserved],
                                None if time_ids is None else time_ids[index])
@@ -106,9 +107,10 @@ def with_text_noise(text, count: int, std: float, generator: torch.Generator):
 
 
 def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, loss_type: str = "l2",
-                  scales: torch.Tensor | None = None) -> torch.Tensor:
-    """The batch's loss: each sample's (losses.per_sample_loss) times its weight, averaged."""
-    return (per_sample_loss(prediction, target, loss_type, scales) * weights).mean()
+                  scales: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's loss: each sample's (losses.per_sample_loss, masked by its alpha with `mask`) times its weight,
+    averaged."""
+    return (per_sample_loss(prediction, target, loss_type, scales, mask) * weights).mean()
 
 
 def loss_weights(noise_scheduler, timesteps: torch.Tensor, train) -> torch.Tensor:
