@@ -100,6 +100,11 @@ class DataConfig:
     alpha_mask: bool = option(False, "weigh each pixel's loss by the image's alpha channel, so transparent parts "
                                      "(a cut-out character's background) are not learned (kohya's --alpha_mask "
                                      "with --masked_loss); images without alpha count whole")
+    # kohya's --validation_split / --validation_seed (stylelora.train.validation): images held out to score.
+    validation_split: float = option(0.0, "fraction of the training images held out to measure a validation loss "
+                                          "on, never trained (kohya's --validation_split)", example="0.1")
+    validation_seed: int | None = option(None, "seed that picks the held-out images and their noise (unset: "
+                                               "--seed)", example="0")
     # kohya's --prior_loss_weight (DreamBooth's λ): below 1 the reg images pull less against the style.
     prior_loss_weight: float = option(1.0, "loss weight of the --reg-dir images against the training images' 1 "
                                            "(kohya's --prior_loss_weight)", example="0.5")
@@ -341,6 +346,13 @@ class TrainSection:
     sample_every_n_epochs: int | None = option(None, "sample grid every N epochs instead of --sample-every's steps "
                                                      "(kohya's --sample_every_n_epochs)", example="1")
     keep_checkpoints: int = option(3, "keep the last K checkpoints", example="3")
+    validate_every: int | None = option(None, "validation loss every N steps, with --validation-split (kohya's "
+                                              "--validate_every_n_steps; unset: at each epoch's end)", example="100")
+    validate_every_n_epochs: int | None = option(None, "validation loss every N epochs instead (kohya's "
+                                                       "--validate_every_n_epochs)", example="1")
+    max_validation_steps: int | None = option(None, "batches one validation loss takes at most (kohya's "
+                                                    "--max_validation_steps; unset: every held-out image)",
+                                              example="4")
     sample_every: int = option(250, "sample grid every N steps (0 = only at the end)", example="250",
                                widget=Widget("Sample grid every N steps (0 = at the end)", minimum=0))
     samples: bool = option(True, "sample grids during and at the end of the run (--no-samples: no sample grids)",
@@ -671,7 +683,23 @@ def _rule(dotted: str, ok: bool, requirement: str, value: Any) -> str | None:
 def _value_problems(config: TrainConfig) -> list[str]:
     problems = _data_problems(config.data) + _network_problems(config.network)
     problems += _optim_problems(config.optim, config.network) + _train_problems(config.train, config.optim)
+    problems += _validation_problems(config.data, config.train)
     return [p for p in problems if p] + _not_utf8_problems(config)
+
+
+def _validation_problems(d: DataConfig, t: TrainSection) -> list[str | None]:
+    keys = ("validate_every", "validate_every_n_epochs", "max_validation_steps")
+    problems = [_rule(f"train.{key}", getattr(t, key) is None or getattr(t, key) >= 1, "must be at least 1",
+                      getattr(t, key)) for key in keys]
+    given = [f"train.{key}" for key in keys if getattr(t, key) is not None]
+    if d.validation_seed is not None:
+        given.append("data.validation_seed")
+    if given and not d.validation_split:
+        problems.append(f"{', '.join(given)} only apply to the validation loss, and no images are held out for "
+                        "one: give --validation-split 0.1 (a tenth of the images), or leave them out")
+    if t.validate_every is not None and t.validate_every_n_epochs is not None:
+        problems.append("train.validate_every and train.validate_every_n_epochs both say when to validate: keep one")
+    return problems
 
 
 def _not_utf8_problems(config: TrainConfig) -> list[str]:
@@ -709,6 +737,10 @@ def _data_problems(d: DataConfig) -> list[str | None]:
         _rule("data.max_token_length", d.max_token_length in (75, 150, 225), "is 75, 150 or 225 tokens (one, two "
               "or three windows of 75, as kohya's --max_token_length)", d.max_token_length),
         _choice("data.cache", d.cache, DATA_CACHES),
+        _rule("data.validation_split", 0 <= d.validation_split < 1, "is a fraction from 0 (off) to below 1; 0.1 "
+              "holds out a tenth of the images", d.validation_split),
+        _rule("data.validation_seed", d.validation_seed is None or 0 <= d.validation_seed < SEED_LIMIT,
+              "must be 0 or more and below 2**63", d.validation_seed),
         _rule("data.prior_loss_weight", d.prior_loss_weight >= 0, "must be 0 or more; 1 weighs a reg image as a "
               "training image", d.prior_loss_weight),
     ]
@@ -941,8 +973,12 @@ def with_epoch_steps(config: TrainConfig, batches_per_epoch: int) -> TrainConfig
 def _with_epoch_intervals(config: TrainConfig, batches_per_epoch: int) -> TrainConfig:
     per_epoch = max(1, math.ceil(batches_per_epoch / config.optim.grad_accum))
     values, sources = {}, {}
-    for every, epochs in (("save_every", "save_every_n_epochs"), ("sample_every", "sample_every_n_epochs")):
+    for every, epochs in (("save_every", "save_every_n_epochs"), ("sample_every", "sample_every_n_epochs"),
+                          ("validate_every", "validate_every_n_epochs")):
         count = getattr(config.train, epochs)
+        if every == "validate_every" and count is None and config.train.validate_every is None \
+                and config.data.validation_split > 0:
+            count = 1  # kohya's default: a validation loss at the end of each epoch
         if count is not None:
             values[f"train.{every}"] = count * per_epoch
             given = dict(config.sources).get(f"train.{every}")

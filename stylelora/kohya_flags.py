@@ -85,5 +85,6 @@ KOHYA_FLAGS = {
                 "the run folder",
     "logging-dir": "no option: metrics.csv, loss.png and TensorBoard's logs are in the run folder (--output)",
     "dataset-config": "no option: DATA_DIR (kohya <repeats>_<name> folders) and --reg-dir, one run each",
+    "validate-every-n-steps": "--validate-every",
     "masked-loss": "--alpha-mask (the masks are each image's alpha channel; a folder of mask images is not read)",
 }

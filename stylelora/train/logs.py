@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 METRICS_FILE = "metrics.csv"
 LOSS_PLOT_FILE = "loss.png"
-# The last three: what --scale-weight-norms did at the step (empty when it is off), under kohya's names.
+# keys_scaled to max_key_norm: what --scale-weight-norms did at the step (empty when it is off), under kohya's names;
+# val_loss: the held-out images' loss, at the steps it was measured (--validation-split).
 COLUMNS = ("step", "loss", "loss_smoothed", "lr_unet", "lr_text_encoder", "grad_norm", "step_seconds",
-           "elapsed_seconds", "keys_scaled", "average_key_norm", "max_key_norm")
+           "elapsed_seconds", "keys_scaled", "average_key_norm", "max_key_norm", "val_loss")
 SMOOTHING = 0.95  # exponential moving average of the loss for the bar and the plot
 CSV_EVERY = 25  # steps between metrics.csv rewrites (cheap: a few KB)
 CSV_SECONDS = 2.0  # ... or sooner when steps are slow, so a follower (the app) sees the loss within seconds
@@ -77,10 +78,20 @@ class RunLog:
         if step % CSV_EVERY == 0 or time.perf_counter() - self.csv_written >= CSV_SECONDS:
             self.write_csv()
 
+    def record_validation(self, step: int, loss: float) -> None:
+        """The held-out images' loss at `step` (recorded just before), in its row, the plot and TensorBoard."""
+        if not self.enabled:
+            return
+        self.rows[-1]["val_loss"] = loss
+        self.say(f"step {step}: validation loss {loss:.4f}")
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("loss/validation", loss, step)
+        self.write_csv()
+
     def write_csv(self) -> None:
         if self.enabled:
             buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+            writer = csv.DictWriter(buffer, fieldnames=COLUMNS)  # a row without val_loss leaves it empty
             writer.writeheader()
             writer.writerows(self.rows)
             write_bytes_atomic(self.run_dir / METRICS_FILE, buffer.getvalue().encode())
@@ -151,6 +162,9 @@ def loss_figure(rows: list[dict]):
     axis = figure.subplots()
     axis.plot(steps, [float(r["loss"]) for r in rows], alpha=0.3, linewidth=0.8, label="loss")
     axis.plot(steps, [float(r["loss_smoothed"]) for r in rows], linewidth=1.6, label="moving average")
+    measured = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss") not in (None, "")]
+    if measured:
+        axis.plot(*zip(*measured), marker="o", markersize=3, linewidth=1.4, label="validation loss (held out)")
     losses = [float(r["loss"]) for r in rows if math.isfinite(float(r["loss"])) and float(r["loss"]) > 0]
     if losses and max(losses) / min(losses) > 20:
         axis.set_yscale("log")  # a few huge early losses would flatten the rest

@@ -62,6 +62,8 @@ from stylelora.train.preservation import company_words, decoy_words, made_up_wor
 from stylelora.train.sample_prompts import ignored_options_note
 from stylelora.train.samples import fill_trigger, sample_path, save_samples
 from stylelora.train.step import loss_step, prediction_type
+from stylelora.train.validation import (Validation, build_validation, measure, split_validation, validation_dataset,
+                                        validation_note, validation_seed)
 
 CONFIG_FILE = "config.toml"
 SKIP_REPORT = "skipped.txt"
@@ -93,6 +95,7 @@ class DataPlan:
     reg: tuple[CheckedImage, ...] = ()  # regularization images, repeats balanced against the training samples
     reg_checked: CheckResult | None = None  # with --reg-dir: what its checks kept and skipped
     reg_report: ScanReport | None = None  # with --reg-dir: what its scan found and ignored
+    validation: tuple[CheckedImage, ...] = ()  # with --validation-split: the held-out images, never trained
 
 
 @dataclass
@@ -119,6 +122,7 @@ class Run:
     last_checkpoint: Path | None = None
     trained_modules: list = field(default_factory=list)
     images: dict = field(default_factory=dict)  # data_identity: what a checkpoint records of the images trained
+    validation: Validation | None = None  # with --validation-split: the held-out images' loader
 
 
 def run_training(config: TrainConfig) -> Path:
@@ -160,7 +164,7 @@ def run_training(config: TrainConfig) -> Path:
     lora = _add_lora(config, pipe, start, say)
 
     # 3. Batches: cached latents (and text embeddings for a frozen text encoder), one bucket per batch.
-    dataset, text_cache = build_dataset(config, data, pipe, accelerator)
+    dataset, text_cache, validation = build_datasets(config, data, pipe, accelerator)
     sampler = BucketBatchSampler(dataset.buckets, config.train.batch_size, seed=config.train.seed,
                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     # Its own generator: a loader draws a seed each time it starts an epoch, and drawn from torch's global one it
@@ -172,6 +176,7 @@ def run_training(config: TrainConfig) -> Path:
 
     # 4. Optimizer and schedule; accelerate wraps what trains (DDP when launched with several processes).
     run = _assemble(config, accelerator, run_dir, pipe, lora, dataset, text_cache, sampler, loader, data)
+    run.validation = validation
 
     # 5. Resume exactly where a checkpoint left off.
     start_step = restore(run, resume_from, resume_state) if resume_from else 0
@@ -412,6 +417,9 @@ def prepare_data(config: TrainConfig, run_dir: Path | None, accelerator, say) ->
     report_path = run_dir / SKIP_REPORT if run_dir is not None and checked.skipped else None
     if accelerator.is_main_process:
         say(skip_summary(checked.skipped, checked.total, report_path))
+    kept, held = split_validation(checked.kept, config.data.validation_split, validation_seed(config))
+    checked = CheckResult(kept=kept, skipped=checked.skipped)
+    say(validation_note(held, len(kept) + len(held), config.train))
     reg_checked, reg_report = (prepare_reg_data(config, run_dir, say) if config.data.reg_dir else (None, None))
     reg = balanced_reg_images(reg_checked, checked.kept) if reg_checked else ()
     kept = tuple(c.item for c in checked.kept)
@@ -421,7 +429,7 @@ def prepare_data(config: TrainConfig, run_dir: Path | None, accelerator, say) ->
     if reg_checked is not None:
         say(reg_conflicts_note(config, checked, reg_checked, triggers))
     return DataPlan(items=kept, checked=checked, report=report, triggers=triggers, reg=reg, reg_checked=reg_checked,
-                    reg_report=reg_report)
+                    reg_report=reg_report, validation=tuple(held))
 
 
 def ignored_files_note(report: ScanReport, run_dir: Path | None, file_name: str = SKIP_REPORT) -> str | None:
@@ -655,8 +663,6 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
         # With a shared disk cache the main process encodes and the others then find every entry.
         with accelerator.main_process_first() if d.cache == "disk" else contextlib.nullcontext():
             dataset.cache_latents(batch_size=CACHE_ENCODE_BATCH, max_pixels=CACHE_ENCODE_PIXELS)
-        if not config.train.samples:
-            release_vae(pipe)
     text_cache = None
     if not config.network.train_text_encoder and options.captions.is_static and d.cache != "none":
         # Frozen encoders (both of SDXL's, as kohya's sdxl_train_network caches them): each caption encoded once.
@@ -670,6 +676,28 @@ def build_dataset(config: TrainConfig, data: DataPlan, pipe, accelerator):
                                                        d.max_token_length),
                                         identity, cache_root / "text" if d.cache == "disk" else None)
     return dataset, text_cache
+
+
+def build_datasets(config: TrainConfig, data: DataPlan, pipe, accelerator):
+    """(training dataset, text cache, held-out images' Validation or None), every latent cached; the VAE is freed
+    after when nothing decodes again."""
+    dataset, text_cache = build_dataset(config, data, pipe, accelerator)
+    validation = held_out(config, data, dataset, accelerator)
+    if dataset.latent_cache is not None and not config.train.samples:
+        release_vae(pipe)
+    return dataset, text_cache, validation
+
+
+def held_out(config: TrainConfig, data: DataPlan, dataset: TrainingDataset, accelerator) -> Validation | None:
+    """The validation loader over the held-out images (None without --validation-split), their latents cached
+    beside the training images' while the VAE is loaded."""
+    if not data.validation:
+        return None
+    held = validation_dataset(data.validation, dataset.options, dataset.latent_cache)
+    if held.latent_cache is not None:
+        with accelerator.main_process_first() if config.data.cache == "disk" else contextlib.nullcontext():
+            held.cache_latents(batch_size=CACHE_ENCODE_BATCH, max_pixels=CACHE_ENCODE_PIXELS)
+    return build_validation(config, held, accelerator)
 
 
 def release_vae(pipe) -> None:
@@ -917,6 +945,9 @@ def train(run: Run, start_step: int, stop_requested=lambda: False) -> None:
         loss, grad_norm, norms = optimizer_step(run, batches, step)
         run.lr_scheduler.step()
         run.log.record(step, loss, lrs, grad_norm, time.perf_counter() - started, norms)
+        if run.validation is not None and (step == t.steps or step % t.validate_every == 0):
+            run.log.record_validation(step, measure(run.validation, run.models, run.noise_scheduler, run.config,
+                                                    run.accelerator, run.trained_modules))
         if step == t.steps or (t.sample_every and step % t.sample_every == 0):
             write_samples(run, step)
         # The last step too (kohya's --save_state saves the state at the end): `--resume latest --steps N` then

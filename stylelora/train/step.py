@@ -88,6 +88,30 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     return loss
 
 
+def validation_losses(batch: dict, models: TrainModels, noise_scheduler, config: TrainConfig,
+                      generator: torch.Generator, fractions: tuple[float, ...]) -> torch.Tensor:
+    """Each sample's loss (B,), averaged over the timesteps at `fractions` of the run's timestep range, with the
+    training loss's weighting and none of its augmentations (stylelora/train/validation.py says why)."""
+    t = config.train
+    latents = models.batch_latents(batch)
+    text = models.encode_captions(list(batch["caption"]))
+    time_ids = models.time_ids(batch)
+    low, high = t.min_timestep, (t.max_timestep or noise_scheduler.config.num_train_timesteps) - 1
+    losses = []
+    for fraction in fractions:
+        timesteps = torch.full((latents.shape[0],), round(low + fraction * (high - low)), dtype=torch.long,
+                               device=latents.device)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        prediction = models.denoise(models.unet, noise_scheduler.add_noise(latents, noise, timesteps), timesteps,
+                                    text, time_ids)
+        scales = huber_scales(noise_scheduler, timesteps, t.huber_schedule, t.huber_c) if t.loss_type in \
+            HUBER_LOSSES else None
+        losses.append(per_sample_loss(prediction, prediction_target(noise_scheduler, latents, noise, timesteps),
+                                      t.loss_type, scales, batch.get("alpha_mask"))
+                      * loss_weights(noise_scheduler, timesteps, t))
+    return torch.stack(losses).mean(dim=0)
+
+
 def with_text_noise(text, count: int, std: float, generator: torch.Generator):
     """`text` with N(0, std²) added to the hidden states of its first `count` samples (those trained toward the
     data; the preservation copies after them keep the exact text the base's target was computed from). SDXL: to
