@@ -194,7 +194,7 @@ def test_short_training_run_reports_progress_and_its_adapter_appears(app):
         client.predict("tiny", "tiny-run", "toy", False, *options, "", "--noise_offset 0.05", api_name="/train")
     # More options: any other `stylelora train` flags, as on the command line
     started = client.predict("tiny", "tiny-run", "toy", False, *options, "", "--noise-offset 0.05 --lr-scheduler "
-                             "cosine", api_name="/train")
+                             "cosine --validation-split 0.25 --validate-every 2", api_name="/train")
     assert "tiny-run" in started and "starting" in started
     deadline, seen = time.time() + 240, []
     while time.time() < deadline:
@@ -205,6 +205,8 @@ def test_short_training_run_reports_progress_and_its_adapter_appears(app):
         time.sleep(0.5)
     assert status["state"] == "done", status
     assert status["step"] == status["total"] == 3 and status["loss"] is not None
+    # the held-out images' loss, at steps 2 and 3 (the last), in the status and on the tab's plot
+    assert status["val_loss"] > 0 and [step for step, _ in service.training.status().validation] == [2, 3]
     assert "adapter written: tiny-run/tiny-run.safetensors" in status["message"]  # relative to the adapters folder
     assert "%|" not in status["log"]  # the trainer's lines, without its progress bars
     adapter = service.adapters_dir / "tiny-run" / "tiny-run.safetensors"

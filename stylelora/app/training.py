@@ -107,6 +107,7 @@ class TrainingStatus:
     message: str
     sample: Path | None = None
     checkpoint: int | None = None  # the step of the newest complete checkpoint
+    validation: tuple[tuple[int, float], ...] = ()  # (step, loss) of the held-out images (--validation-split)
 
     @property
     def running(self) -> bool:
@@ -128,7 +129,7 @@ class TrainingJob:
         self.stdout: list[str] = []
         self.stopped = False
         self._lock = threading.Lock()
-        self._metrics: tuple[tuple[int, int] | None, tuple[tuple[int, float], ...]] = (None, ())
+        self._metrics: tuple = (None, (), ())  # (file signature, smoothed losses, validation losses)
         self._log = (config.output_dir / LOG_FILE).open("a" if resumed else "w", encoding="utf-8")
         self._readers = [threading.Thread(target=self._read, args=(process.stderr, self._on_stderr), daemon=True),
                          threading.Thread(target=self._read, args=(process.stdout, self.stdout.append), daemon=True)]
@@ -211,22 +212,31 @@ class TrainingJob:
 
     def metrics(self) -> tuple[tuple[int, float], ...]:
         """(step, smoothed loss) of every step the run's metrics.csv holds (re-read only when it changed)."""
+        return self._read_metrics()[1]
+
+    def validation_metrics(self) -> tuple[tuple[int, float], ...]:
+        """(step, validation loss) of the steps where metrics.csv has one (--validation-split)."""
+        return self._read_metrics()[2]
+
+    def _read_metrics(self) -> tuple:
         from stylelora.train.logs import METRICS_FILE
 
         path = self.config.output_dir / METRICS_FILE
         try:
             stat = path.stat()
         except OSError:
-            return self._metrics[1]
+            return self._metrics
         signature = (stat.st_mtime_ns, stat.st_size)
         if signature != self._metrics[0]:
             try:
                 with path.open(newline="", encoding="utf-8") as handle:
-                    rows = tuple((int(row["step"]), float(row["loss_smoothed"])) for row in csv.DictReader(handle))
+                    rows = list(csv.DictReader(handle))
+                losses = tuple((int(row["step"]), float(row["loss_smoothed"])) for row in rows)
+                validation = tuple((int(row["step"]), float(row["val_loss"])) for row in rows if row.get("val_loss"))
             except (OSError, ValueError, KeyError):
-                return self._metrics[1]  # written atomically, so this is rare: keep the last good read
-            self._metrics = (signature, rows)
-        return self._metrics[1]
+                return self._metrics  # written atomically, so this is rare: keep the last good read
+            self._metrics = (signature, losses, validation)
+        return self._metrics
 
     def latest_sample(self) -> Path | None:
         from stylelora.train.samples import SAMPLES_DIR
@@ -293,7 +303,7 @@ class TrainingJob:
         else:
             state, message = "failed", f"{_last_error(log) or f'the trainer exited with code {code}'} ({kept})"
         return TrainingStatus(self.name, state, step, self.total, losses, log, self.adapter, message,
-                              self.latest_sample(), checkpoint)
+                              self.latest_sample(), checkpoint, self.validation_metrics())
 
     def follow(self, interval: float = 0.5):
         """TrainingStatus every `interval` seconds while the run lasts, then the final one."""

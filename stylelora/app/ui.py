@@ -464,10 +464,14 @@ class Run:
         return f"The {self.what} had finished before Stop reached it."
 
 
-def _loss_table(losses):
+def _loss_table(losses, validation=()):
+    """The Train tab's plot: the smoothed training loss, and the held-out images' loss where it was measured."""
     import pandas
 
-    return pandas.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
+    series = [("training (smoothed)", losses), ("validation (held out)", validation)]
+    return pandas.DataFrame({"step": [s for _, points in series for s, _ in points],
+                             "loss": [v for _, points in series for _, v in points],
+                             "series": [name for name, points in series for _ in points]})
 
 
 def build_ui(service: AppService, *, cache_seconds: int | None = 3600) -> gr.Blocks:
@@ -694,7 +698,7 @@ def _train_tab(service: AppService) -> SimpleNamespace:
         resume = gr.Button("Resume", elem_id="resume-training")
     status = gr.Markdown("No training run yet.", elem_id="train-status", label="Training status")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", title="loss (smoothed)", height=240, scale=2)
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="loss", height=240, scale=2)
         sample = gr.Image(label="Latest sample grid", type="filepath", format="png", height=240, scale=1,
                           elem_id="train-sample", interactive=False)
     log_box = gr.Textbox(label=f"Trainer output (newest {LOG_LINES_SHOWN} lines)", lines=LOG_LINES_SHOWN,
@@ -1065,7 +1069,7 @@ def _training_view(service: AppService, status, shown_sample: str | None = None)
     if path != shown_sample:
         # The run folder is not served (adapters are not downloadable): the grid goes out as an image.
         sample = _read_image(path) if path else None
-    return text, _loss_table(status.losses), tail, sample, path
+    return text, _loss_table(status.losses, status.validation), tail, sample, path
 
 
 def _read_image(path: str):
@@ -1132,7 +1136,8 @@ def _wire_train(service: AppService, tab: SimpleNamespace, lists: AdapterLists, 
             return {"state": "none"}
         status = job.status()
         return {"name": status.name, "state": status.state, "step": status.step, "total": status.total,
-                "loss": status.loss, "checkpoint": status.checkpoint, "message": service.shown(status.message),
+                "loss": status.loss, "val_loss": status.validation[-1][1] if status.validation else None,
+                "checkpoint": status.checkpoint, "message": service.shown(status.message),
                 "log": "\n".join(service.shown(status.log).splitlines()[-LOG_LINES_SHOWN:]),
                 "sample": bool(status.sample)}
 
