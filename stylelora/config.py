@@ -376,6 +376,10 @@ class TrainSection:
                                          "CC-BY-4.0, openrail++)", example="CC-BY-4.0")
     description: str = option("", "one-line description in the adapter's metadata, sidecar and model card (\"\" = "
                                    "written from the family, trigger words and dataset size)")
+    # kohya's --metadata_author / --metadata_tags: the SAI model spec's author and tags, which model sites read.
+    author: str = option("", "author named in the adapter's metadata (modelspec.author)", example="jane")
+    tags: str = option("", "comma-separated tags in the adapter's metadata (modelspec.tags)",
+                       example="style, watercolor")
     overwrite: bool = option(False, "start a new run in a folder that already holds one")
 
 

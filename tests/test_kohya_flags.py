@@ -32,6 +32,9 @@ def test_each_advice_names_an_option_we_have_or_says_there_is_none(kohya):
     (["--save_every_n_epochs", "1"], "--save_every_n_epochs: --save-every-n-epochs"),
     (["--network_dropout", "0.1"], "--network_dropout: --network-dropout"),
     (["--use_8bit_adam"], "--use_8bit_adam: --optimizer adamw8bit"),
+    (["--metadata_author", "jane"], "--metadata_author: --author"),
+    (["--masked_loss"], "--masked_loss: --alpha-mask"),
+    (["--validation_split", "0.1"], "--validation_split: --validation-split"),
 ])
 def test_a_kohya_flag_is_answered_with_ours(typed, answer):
     done = subprocess.run([sys.executable, "-m", "stylelora.cli", "train", "data", *typed], cwd=REPO,

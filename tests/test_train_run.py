@@ -97,7 +97,8 @@ def test_cli_run_writes_every_artifact_and_the_adapter_loads_in_diffusers(tmp_pa
 
 def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, stripes_dataset):
     adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.output_name": "meta", "train.save_every": 1,
-                                                            "train.keep_checkpoints": 2})
+                                                            "train.keep_checkpoints": 2, "train.author": "jane",
+                                                            "train.tags": "style, stripes"})
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-000003", "step-000004"]  # last K
     assert adapter_metadata(tmp_path / "run/checkpoints/step-000003/meta-step000003.safetensors")["ss_steps"] == "3"
     metadata = adapter_metadata(adapter)
@@ -107,6 +108,8 @@ def test_adapter_metadata_describes_the_run(tmp_path, tiny_base, stripes_dataset
     assert metadata["ss_resolution"] == "(32, 32)" and metadata["modelspec.resolution"] == "32x32"
     assert metadata["modelspec.trigger_phrase"] == "stripestyle"
     assert metadata["modelspec.prediction_type"] == "epsilon"
+    assert (metadata["modelspec.author"], metadata["modelspec.tags"]) == ("jane", "style, stripes")  # kohya's --metadata_*
+    assert metadata["ss_prior_loss_weight"] == "1.0" and metadata["ss_masked_loss"] == "False"
     assert metadata["ss_preserve_base"] == "1.0" and metadata["ss_preserve_decoys"] == "0.5"
     assert metadata["ss_text_noise"] == "0.2" and metadata["ss_decoy_company"] == "0.25"  # the toy family's recipe
     assert metadata["ss_multires_noise_iterations"] == metadata["ss_ip_noise_gamma"] == "None"  # off, as kohya says

@@ -93,7 +93,8 @@ def share_fields(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
     trigger = f", trigger '{facts.trigger}'" if facts.trigger else ""
     description = t.description or (f"{FAMILY_NAMES[t.family]} LoRA{trigger}, trained with stylelora "
                                     f"on {len(facts.items)} images.")
-    fields = {"modelspec.description": description, "modelspec.license": t.license}
+    fields = {"modelspec.description": description, "modelspec.license": t.license,
+              **({"modelspec.author": t.author} if t.author else {}), **({"modelspec.tags": t.tags} if t.tags else {})}
     preview = config.output_dir / SAMPLES_DIR / PREVIEW_NAME
     if t.samples and preview.is_file():
         fields["modelspec.thumbnail"] = thumbnail_data_uri(preview)
