@@ -357,6 +357,9 @@ class TrainSection:
                                widget=Widget("Sample grid every N steps (0 = at the end)", minimum=0))
     samples: bool = option(True, "sample grids during and at the end of the run (--no-samples: no sample grids)",
                            flag="--no-samples")
+    sample_at_first: bool = option(False, "a sample grid before the first step too, to compare the others with: "
+                                          "the base's own drawing of the prompts, or the --network-weights file's "
+                                          "(kohya's --sample_at_first)")
     sample_prompts: tuple[str, ...] | None = option(None, "sample grid prompts, one a line of FILE in kohya's syntax "
                                                           "(`PROMPT --n NEGATIVE --w 512 --h 768 --d SEED --l CFG "
                                                           "--s STEPS`; # starts a comment); {trigger} is replaced by "

@@ -644,6 +644,16 @@ def test_reg_dir_errors_name_the_regularization_folder(tmp_path, tiny_base, stri
     assert str(raised.value).startswith(message.format(reg=reg))
 
 
+def test_sample_at_first_draws_the_base_before_the_first_step(tiny_base, stripes_dataset, tmp_path):
+    train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.sample_at_first": True, "train.sample_every": 2})
+    grids = sorted(path.name for path in (tmp_path / "run" / "samples").glob("step-*.png"))
+    assert grids == ["step-000000.png", "step-000002.png", "step-000004.png"]
+    train(stripes_dataset, tmp_path / "plain", tiny_base, **{"train.sample_every": 2})
+    with Image.open(tmp_path / "run/samples/step-000004.png") as first, \
+            Image.open(tmp_path / "plain/samples/step-000004.png") as second:
+        assert first.tobytes() == second.tobytes()  # drawing first changes nothing the run trains
+
+
 def test_no_samples_writes_no_sample_grid(tiny_base, stripes_dataset, tmp_path):
     adapter = train(stripes_dataset, tmp_path / "run", tiny_base, **{"train.samples": False})
     assert adapter.is_file() and not (tmp_path / "run" / "samples").exists()

@@ -939,6 +939,8 @@ def restore(run: Run, path: Path, state: dict) -> int:
 def train(run: Run, start_step: int, stop_requested=lambda: False) -> None:
     batches = endless_batches(run)
     t = run.config.train
+    if t.sample_at_first and start_step == 0:
+        write_samples(run, 0)  # the base's own drawing of the prompts, to compare the grids after with
     for step in range(start_step + 1, t.steps + 1):
         started = time.perf_counter()
         lrs = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
