@@ -704,8 +704,6 @@ def _validation_problems(d: DataConfig, t: TrainSection) -> list[str | None]:
     if given and not d.validation_split:
         problems.append(f"{', '.join(given)} only apply to the validation loss, and no images are held out for "
                         "one: give --validation-split 0.1 (a tenth of the images), or leave them out")
-    if t.validate_every is not None and t.validate_every_n_epochs is not None:
-        problems.append("train.validate_every and train.validate_every_n_epochs both say when to validate: keep one")
     return problems
 
 

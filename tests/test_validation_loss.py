@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,27 +22,39 @@ def fresh_accelerate():
     reset_accelerate()
 
 
-@pytest.mark.parametrize("images, fraction, held", [(30, 0.0, 0), (30, 0.1, 3), (5, 0.01, 1), (2, 0.9, 1),
-                                                    (10, 0.95, 9)])
-def test_the_split_holds_out_that_fraction_with_at_least_one_image_each_side(images, fraction, held):
-    kept = list(range(images))
+def images(**folders: int) -> list:
+    """Stand-ins for checked images: `count` in each kohya folder, as split_validation reads them."""
+    return [SimpleNamespace(item=SimpleNamespace(folder=folder, key=f"{folder}/{i}.png"))
+            for folder, count in folders.items() for i in range(count)]
+
+
+@pytest.mark.parametrize("folders, fraction, held", [
+    ({"10_a": 30}, 0.0, {}), ({"10_a": 30}, 0.1, {"10_a": 3}), ({"10_a": 5}, 0.01, {"10_a": 1}),
+    ({"10_a": 2}, 0.9, {"10_a": 1}), ({"10_a": 10}, 0.95, {"10_a": 9}),
+    # each folder apart, never its last image: a one-image concept still trains
+    ({"10_a": 20, "5_b": 10, "1_c": 1}, 0.1, {"10_a": 2, "5_b": 1}),
+    ({"10_a": 4, "5_b": 3}, 0.1, {"10_a": 1}),  # rounding holds out none: one from the largest folder
+])
+def test_the_split_holds_out_that_fraction_of_each_folder_keeping_one_of_each_to_train(folders, fraction, held):
+    kept = images(**folders)
     train, validation = split_validation(kept, fraction, seed=0)
-    assert len(validation) == held and len(train) == images - held and sorted(train + validation) == kept
+    counts = {folder: sum(image.item.folder == folder for image in validation) for folder in folders}
+    assert {folder: count for folder, count in counts.items() if count} == held
+    assert len(train) + len(validation) == len(kept) and {image.item.folder for image in train} == set(folders)
     assert split_validation(kept, fraction, seed=0) == (train, validation)  # the same images on every run
 
 
-def test_the_seed_picks_the_images_and_one_image_cannot_be_split():
-    assert split_validation(list(range(30)), 0.1, 0)[1] != split_validation(list(range(30)), 0.1, 1)[1]
-    with pytest.raises(DataError, match="only 1: a split needs at least 2"):
-        split_validation([0], 0.1, 0)
+def test_the_seed_picks_the_images_and_one_image_a_folder_cannot_be_split():
+    kept = images(a=30)
+    assert split_validation(kept, 0.1, 0)[1] != split_validation(kept, 0.1, 1)[1]
+    with pytest.raises(DataError, match="no folder has 2 \\(each folder keeps one to train\\)"):
+        split_validation(images(a=1, b=1), 0.1, 0)
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"train.validate_every": 10}, "train.validate_every only apply to the validation loss, and no images are held "
                                    "out for one: give --validation-split 0.1"),
     ({"data.validation_split": 1.0}, "data.validation_split is a fraction from 0 \\(off\\) to below 1"),
-    ({"data.validation_split": 0.1, "train.validate_every": 5, "train.validate_every_n_epochs": 1},
-     "both say when to validate"),
     ({"data.validation_split": 0.1, "train.max_validation_steps": 0}, "train.max_validation_steps .* at least 1"),
 ])
 def test_validation_settings_that_cannot_work_are_refused(tmp_path, overrides, message):

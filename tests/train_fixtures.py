@@ -113,6 +113,14 @@ def tiny_overrides(data_dir: Path, output: Path, base: Path, **extra) -> dict:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def train_tiny(data_dir: Path, output: Path, base: Path, **extra) -> Path:
+    """A seconds-long run on the tiny base (tiny_overrides), in this process; the adapter's path."""
+    from stylelora.config import load_config
+    from stylelora.train.loop import run_training
+
+    return run_training(load_config(None, tiny_overrides(data_dir, output, base, **extra)))
+
+
 def load_benchmark(name: str):
     """benchmarks/NAME.py imported as a module, registered in sys.modules (its dataclasses resolve their
     annotations there)."""

@@ -38,7 +38,8 @@ RESUME_MAY_CHANGE = {
     "train": {"steps", "epochs", "resume", "save_every", "keep_checkpoints", "sample_every", "samples", "sample_prompts",
               "save_every_n_epochs", "sample_every_n_epochs",
               "sample_seed", "sample_steps", "sample_guidance", "output", "overwrite", "format", "precision",
-              "save_precision"},
+              "save_precision", "validate_every", "validate_every_n_epochs", "max_validation_steps", "sample_at_first",
+              "author", "tags", "license", "description"},
     "data": {"cache", "cache_dir"},
     # The warmup is past by the first checkpoint of any usual run; unset, it follows the steps (config.warmup_steps).
     "optim": {"unet_lr", "text_encoder_lr", "text_encoder_2_lr", "max_grad_norm", "warmup_steps"},

@@ -172,7 +172,8 @@ def flag_overrides(text: str) -> tuple[dict[str, Any], list[str]]:
     import shlex
 
     try:
-        words = shlex.split(text or "")
+        # A no-break space pasted from a web page separates words, as the shell's own spaces do.
+        words = shlex.split((text or "").replace("\u00a0", " "))
     except ValueError as error:  # an unclosed quote
         raise ValueError(f"cannot read the flags: {error}") from None
     not_options = [word for word in words if word.split("=", 1)[0] in ("-h", "--help", "--config", "--dry-run")]

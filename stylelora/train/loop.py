@@ -425,7 +425,7 @@ def prepare_data(config: TrainConfig, run_dir: Path | None, accelerator, say) ->
     kept = tuple(c.item for c in checked.kept)
     unused = unused_folder_triggers(report, kept)
     say(unused_folder_triggers_note(unused))
-    triggers = trigger_phrases(config, report, unused)
+    triggers = trigger_phrases(config, report, unused, kept)
     if reg_checked is not None:
         say(reg_conflicts_note(config, checked, reg_checked, triggers))
     return DataPlan(items=kept, checked=checked, report=report, triggers=triggers, reg=reg, reg_checked=reg_checked,
@@ -455,12 +455,15 @@ def report_data(planned: TrainConfig, run_dir: Path | None, data: DataPlan, acce
                           ignored=data.reg_report.ignored)
 
 
-def trigger_phrases(config: TrainConfig, report: ScanReport, unused: list[tuple[str, str]]) -> tuple[str, ...]:
+def trigger_phrases(config: TrainConfig, report: ScanReport, unused: list[tuple[str, str]],
+                    items: tuple[TrainItem, ...]) -> tuple[str, ...]:
     """--trigger and the kohya folders' trigger words, each once, in that order, but for the `unused` ones
     (unused_folder_triggers): captions win over the folder name (as in kohya), so the adapter never learns such a
     word, and the file's trigger words (A1111's activation text) must not ask users to type it."""
     left_out = {trigger for _, trigger in unused}
-    triggers = [config.data.trigger] + [f.trigger for f in report.folders if f.trigger.strip() not in left_out]
+    trained = {item.folder for item in items}  # a folder whose images were all skipped or held out trains nothing
+    triggers = [config.data.trigger] + [f.trigger for f in report.folders
+                                        if f.trigger.strip() not in left_out and f.name in trained]
     return tuple(dict.fromkeys(t.strip() for t in triggers if t and t.strip()))
 
 

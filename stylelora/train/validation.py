@@ -31,17 +31,25 @@ NAMED = 5  # held-out images named in the run's opening lines
 
 def split_validation(kept: Sequence[CheckedImage], fraction: float, seed: int
                      ) -> tuple[list[CheckedImage], list[CheckedImage]]:
-    """(training images, held-out images): round(fraction × images), at least one each, drawn by `seed`."""
+    """(training images, held-out images), drawn by `seed` in each kohya folder apart: round(fraction × its images)
+    of each, but never its last one, so every folder (each concept, with its trigger) still trains; at least one
+    image in all (from the largest folder) when rounding holds out none."""
     kept = list(kept)
     if fraction <= 0:
         return kept, []
-    if len(kept) < 2:
-        raise DataError(f"--validation-split {fraction:g} holds out images, and there is only {len(kept)}: a split "
-                        "needs at least 2 (one to train, one to measure); add images or leave the option out")
-    count = min(len(kept) - 1, max(1, round(len(kept) * fraction)))
-    held = set(random.Random(seed).sample(range(len(kept)), count))
-    return ([image for i, image in enumerate(kept) if i not in held],
-            [image for i, image in enumerate(kept) if i in held])
+    folders: dict[str, list[int]] = {}
+    for index, image in enumerate(kept):
+        folders.setdefault(image.item.folder, []).append(index)
+    rng, held = random.Random(seed), set()
+    for indices in folders.values():
+        held.update(rng.sample(indices, min(len(indices) - 1, round(len(indices) * fraction))))
+    largest = max(folders.values(), key=len)
+    if not held and len(largest) >= 2:
+        held.add(rng.choice(largest))
+    if not held:
+        raise DataError(f"--validation-split {fraction:g} holds out images, and no folder has 2 (each folder keeps "
+                        "one to train): add images or leave the option out")
+    return [image for i, image in enumerate(kept) if i not in held], [image for i, image in enumerate(kept) if i in held]
 
 
 def validation_note(held: Sequence[CheckedImage], total: int, train) -> str | None:
@@ -50,7 +58,8 @@ def validation_note(held: Sequence[CheckedImage], total: int, train) -> str | No
         return None
     names = ", ".join(image.item.key for image in held[:NAMED]) + (", …" if len(held) > NAMED else "")
     epochs = train.validate_every_n_epochs
-    when = (f"every {train.validate_every} steps" if train.validate_every else
+    when = (f"every {train.validate_every} steps" if train.validate_every and train.validate_every > 1 else
+            "at every step" if train.validate_every else
             f"every {epochs} epochs" if epochs and epochs > 1 else "at the end of each epoch")
     return (f"validation: {len(held)} of {total} images held out ({names}); they never train, and their loss is "
             f"measured {when} and at the last step (metrics.csv val_loss, loss.png)")
