@@ -49,7 +49,8 @@ def split_validation(kept: Sequence[CheckedImage], fraction: float, seed: int
     if not held:
         raise DataError(f"--validation-split {fraction:g} holds out images, and no folder has 2 (each folder keeps "
                         "one to train): add images or leave the option out")
-    return [image for i, image in enumerate(kept) if i not in held], [image for i, image in enumerate(kept) if i in held]
+    return ([image for i, image in enumerate(kept) if i not in held],
+            [image for i, image in enumerate(kept) if i in held])
 
 
 def validation_note(held: Sequence[CheckedImage], total: int, train) -> str | None:
@@ -57,10 +58,9 @@ def validation_note(held: Sequence[CheckedImage], total: int, train) -> str | No
     if not held:
         return None
     names = ", ".join(image.item.key for image in held[:NAMED]) + (", …" if len(held) > NAMED else "")
-    epochs = train.validate_every_n_epochs
-    when = (f"every {train.validate_every} steps" if train.validate_every and train.validate_every > 1 else
-            "at every step" if train.validate_every else
-            f"every {epochs} epochs" if epochs and epochs > 1 else "at the end of each epoch")
+    epochs, steps = train.validate_every_n_epochs, train.validate_every  # epochs win, as with --save-every
+    when = (f"every {epochs} epochs" if epochs and epochs > 1 else "at the end of each epoch" if epochs else
+            f"every {steps} steps" if steps and steps > 1 else "at every step" if steps else "at the end of each epoch")
     return (f"validation: {len(held)} of {total} images held out ({names}); they never train, and their loss is "
             f"measured {when} and at the last step (metrics.csv val_loss, loss.png)")
 
