@@ -110,7 +110,8 @@ def test_alpha_mask_covers_exactly_what_the_composite_shows_as_white_in_every_ki
         assert (mask == 0).sum() == 16 * 32, name  # a third of the image, however it is stored
         assert (rgb[mask == 0] == 255).all(), name  # composited on white, the hidden blue never shows
         assert not (rgb[mask == 255] == 255).all(axis=-1).any(), name
-    assert alpha_mask_note([SimpleNamespace(path=path) for path in files.values()]).startswith("alpha mask: 7 of 7 images have transparency")
+    note = alpha_mask_note([SimpleNamespace(path=path) for path in files.values()])
+    assert note.startswith("alpha mask: 7 of 7 images have transparency")
 
 
 @pytest.mark.parametrize("options", [{}, {"flip": True}, {"random_crop": True}, {"random_crop": True, "flip": True}])
@@ -327,7 +328,8 @@ def test_a_folder_with_no_image_left_to_train_names_no_trigger():
 
 
 @pytest.mark.parametrize("toml, message", [
-    ("[train]\nvalidation_split = 0.1\n", "unknown key 'validation_split' in \\[train\\] \\(it belongs under \\[data\\]\\)"),
+    ("[train]\nvalidation_split = 0.1\n",
+     "unknown key 'validation_split' in \\[train\\] \\(it belongs under \\[data\\]\\)"),
     ("[data]\nvalidate_every = 5\nvalidation_split = 0.1\n",
      "unknown key 'validate_every' in \\[data\\] \\(it belongs under \\[train\\]\\)"),
     ("[train]\nprior_loss_weight = 0.5\n", "'prior_loss_weight' in \\[train\\] \\(it belongs under \\[data\\]\\)"),

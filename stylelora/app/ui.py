@@ -708,7 +708,8 @@ def _train_tab(service: AppService) -> SimpleNamespace:
     settings = [data, name, base, overwrite, *options, start_from, more]
     return SimpleNamespace(settings=settings, start_from=start_from, more=more,
                            option_keys=[spec.dotted for spec in specs], specs=specs, button=button, stop=stop,
-                           resume=resume, status=status, loss_plot=loss_plot, log=log_box, sample=sample, family=family, data=data, rescan=rescan, name=name, base=base,
+                           resume=resume, status=status, loss_plot=loss_plot, log=log_box, sample=sample,
+                           family=family, data=data, rescan=rescan, name=name, base=base,
                            files=files, dataset_name=dataset_name, trigger=trigger, repeats=repeats, add=add,
                            added=added, timer=gr.Timer(TRAIN_REFRESH_SECONDS, active=False),
                            shown_sample=gr.State(None))
