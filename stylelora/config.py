@@ -976,14 +976,14 @@ def with_epoch_steps(config: TrainConfig, batches_per_epoch: int) -> TrainConfig
 
 
 def _with_epoch_intervals(config: TrainConfig, batches_per_epoch: int) -> TrainConfig:
-    per_epoch = max(1, math.ceil(batches_per_epoch / config.optim.grad_accum))
+    t, per_epoch = config.train, max(1, math.ceil(batches_per_epoch / config.optim.grad_accum))
+    validate_epochs = t.validate_every_n_epochs
+    if validate_epochs is None and t.validate_every is None and config.data.validation_split > 0:
+        validate_epochs = 1  # kohya's default: a validation loss at the end of each epoch
     values, sources = {}, {}
-    for every, epochs in (("save_every", "save_every_n_epochs"), ("sample_every", "sample_every_n_epochs"),
-                          ("validate_every", "validate_every_n_epochs")):
-        count = getattr(config.train, epochs)
-        if every == "validate_every" and count is None and config.train.validate_every is None \
-                and config.data.validation_split > 0:
-            count = 1  # kohya's default: a validation loss at the end of each epoch
+    for every, epochs, count in (("save_every", "save_every_n_epochs", t.save_every_n_epochs),
+                                 ("sample_every", "sample_every_n_epochs", t.sample_every_n_epochs),
+                                 ("validate_every", "validate_every_n_epochs", validate_epochs)):
         if count is not None:
             values[f"train.{every}"] = count * per_epoch
             given = dict(config.sources).get(f"train.{every}")

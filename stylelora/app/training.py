@@ -64,7 +64,7 @@ class TrainSettings:
         """The overrides `more_options` gives, read by `stylelora train`'s own parser; a flag for something the tab
         sets itself (a box of its own, the data folder, the name) is refused, naming the box, as the box would
         otherwise win without a word."""
-        from stylelora.config import OPTION_SPECS
+        from stylelora.config import OPTIONS_BY_NAME as specs
         from stylelora.train.command import flag_overrides
 
         try:
@@ -75,7 +75,6 @@ class TrainSettings:
             raise AppError(f"More options: {', '.join(not_options)} belongs to the command line, not to a run's "
                            "settings; type training flags here (`stylelora train --help` and docs/training.md list "
                            "them).")
-        specs = {spec.dotted: spec for spec in OPTION_SPECS}
         boxes = {**TAB_SETS, **{key: f"its box {spec.option.widget.label.split(' (')[0]!r}"
                                 for key, spec in specs.items() if spec.option.widget is not None}}
         taken = [f"{specs[key].flag} ({boxes[key]})" for key in overrides if key in boxes]

@@ -754,9 +754,8 @@ def train_settings(data, name, base, overwrite, option_keys: Sequence[str], opti
     """TrainSettings from the Train tab's values; text is stripped, an empty box means the option's default, and a
     number typed in a text box (the options whose default is the base family's) is read as one, or refused by name.
     start_from: the adapter chosen to continue, if any; more_options: other `stylelora train` flags."""
-    from stylelora.config import OPTION_SPECS
+    from stylelora.config import OPTIONS_BY_NAME as specs
 
-    specs = {spec.dotted: spec for spec in OPTION_SPECS}
     values = {}
     for key, value in zip(option_keys, option_values):
         value = value.strip() if isinstance(value, str) else value

@@ -144,10 +144,9 @@ def alpha_mask_note(images: Sequence[CheckedImage]) -> str:
 
 
 def _file_has_transparency(path: Path) -> bool:
-    """Whether any pixel is less than opaque: an alpha channel that is 255 everywhere (a flattened export) masks
-    nothing. The header says when there is no alpha at all, without decoding."""
-    with Image.open(path) as image:
-        return has_transparency(image) and image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    """Whether any pixel of the mask training reads (load_alpha_mask) is less than opaque: an alpha channel that is
+    255 everywhere (a flattened export) masks nothing."""
+    return load_alpha_mask(path).getextrema()[0] < 255
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -61,8 +61,7 @@ def loss_step(batch: dict, models: TrainModels, noise_scheduler, config: TrainCo
     weights = loss_weights(noise_scheduler, timesteps, t)
     if config.data.prior_loss_weight != 1:  # kohya's --prior_loss_weight on the reg samples
         weights = weights * torch.tensor(batch["loss_weight"], dtype=weights.dtype, device=weights.device)
-    scales = huber_scales(noise_scheduler, timesteps, t.huber_schedule, t.huber_c) if t.loss_type in HUBER_LOSSES \
-        else None
+    scales = loss_scales(noise_scheduler, timesteps, t)
     preserved = preserved_samples(list(batch["caption"]), models.triggers, config.train.preserve_base, models.decoys,
                                   config.train.preserve_decoys, generator)
     captions = accompanied_captions(list(batch["caption"]), models.triggers, models.company,
@@ -104,10 +103,8 @@ def validation_losses(batch: dict, models: TrainModels, noise_scheduler, config:
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         prediction = models.denoise(models.unet, noise_scheduler.add_noise(latents, noise, timesteps), timesteps,
                                     text, time_ids)
-        scales = huber_scales(noise_scheduler, timesteps, t.huber_schedule, t.huber_c) if t.loss_type in \
-            HUBER_LOSSES else None
         losses.append(per_sample_loss(prediction, prediction_target(noise_scheduler, latents, noise, timesteps),
-                                      t.loss_type, scales, batch.get("alpha_mask"))
+                                      t.loss_type, loss_scales(noise_scheduler, timesteps, t), batch.get("alpha_mask"))
                       * loss_weights(noise_scheduler, timesteps, t))
     return torch.stack(losses).mean(dim=0)
 
@@ -135,6 +132,13 @@ def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch
     """The batch's loss: each sample's (losses.per_sample_loss, masked by its alpha with `mask`) times its weight,
     averaged."""
     return (per_sample_loss(prediction, target, loss_type, scales, mask) * weights).mean()
+
+
+def loss_scales(noise_scheduler, timesteps: torch.Tensor, train) -> torch.Tensor | None:
+    """Each sample's c for the huber and smooth_l1 losses (losses.huber_scales); None for the others."""
+    if train.loss_type not in HUBER_LOSSES:
+        return None
+    return huber_scales(noise_scheduler, timesteps, train.huber_schedule, train.huber_c)
 
 
 def loss_weights(noise_scheduler, timesteps: torch.Tensor, train) -> torch.Tensor:
